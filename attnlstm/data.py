@@ -1,0 +1,87 @@
+"""Named data sources for training and evaluation: the article's sine, many sines, CSV.
+
+A data spec is a short string: ``sine``, ``sines`` or ``csv:PATH``. Every source
+yields a list of named 1-D float arrays, each series in its own units.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attnlstm.synthetic import SineSpec, article_sine, make_sines
+
+
+class DataError(Exception):
+    """Data that cannot be read or used, with a message that says where and why."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    names: list[str]
+    series: list[np.ndarray]  # one 1-D float64 array per name
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.series]
+
+
+def load_dataset(
+    spec: str, *, n_series: int = 50, columns: Sequence[str] = (), seed: int = 0
+) -> Dataset:
+    if spec == "sine":
+        return Dataset(["sine"], [article_sine()])
+    if spec == "sines":
+        if n_series < 1:
+            raise DataError(f"--series must be >= 1, got {n_series}")
+        sines = make_sines(SineSpec(n_series=n_series), seed=seed)
+        return Dataset([f"sine-{i}" for i in range(n_series)], list(sines.values))
+    if spec.startswith("csv:") and len(spec) > 4:
+        return load_csv(Path(spec[4:]), columns)
+    raise DataError(f"unknown data {spec!r}: use sine, sines or csv:PATH")
+
+
+def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
+    """Value columns of a CSV file with a header row, each one series.
+
+    Without ``columns``, every column but the first (taken to be the time) is used.
+    Empty cells are gaps and are skipped; anything else that is not a finite number
+    is an error naming its line.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    if len(rows) < 2:
+        raise DataError(f"{path}: needs a header row and at least one data row")
+    header = rows[0]
+    wanted = list(columns) or header[1:]
+    missing = [c for c in wanted if c not in header]
+    if missing or not wanted:
+        raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
+    series = [_column(path, rows, header.index(name), name) for name in wanted]
+    return Dataset(wanted, series)
+
+
+def _column(path: Path, rows: list[list[str]], index: int, name: str) -> np.ndarray:
+    values: list[float] = []
+    for line, row in enumerate(rows[1:], start=2):
+        cell = row[index].strip() if index < len(row) else ""
+        if not cell:
+            continue
+        try:
+            value = float(cell)
+        except ValueError:
+            raise DataError(f"{path}:{line}: {name}={cell!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{path}:{line}: {name}={cell!r} is not finite")
+        values.append(value)
+    if not values:
+        raise DataError(f"{path}: column {name!r} has no values")
+    return np.asarray(values, dtype=np.float64)

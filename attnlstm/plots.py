@@ -1,0 +1,88 @@
+"""The article's two figures (truth vs forecast; attention heatmap) and the loss curves.
+
+matplotlib is imported when a figure is drawn, never at package import, and always
+with the Agg backend: the worker runs on servers without a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_forecast(
+    truth: np.ndarray,
+    forecast: np.ndarray,
+    path: str | Path,
+    *,
+    x: np.ndarray | None = None,
+    naive: np.ndarray | None = None,
+    title: str = "True vs predicted",
+    split: float | None = None,
+) -> Path:
+    """The series and the forecasts over it, and below them the absolute errors (with
+    the naive forecast's for scale, when given); ``split`` marks the held-out tail."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    xs = np.arange(len(truth)) if x is None else x
+    top.plot(xs, truth, label="true", color="tab:blue", linewidth=2.0)
+    top.plot(xs, forecast, label="predicted", color="tab:orange", linewidth=1.0, linestyle="--")
+    bottom.semilogy(xs, np.abs(forecast - truth), color="tab:orange", label="|model error|")
+    if naive is not None:
+        bottom.semilogy(xs, np.abs(naive - truth), color="grey", label="|naive error|")
+    for ax in (top, bottom):
+        if split is not None:
+            ax.axvline(split, color="grey", linestyle=":")
+        ax.legend(loc="upper right", fontsize="small")
+    top.set_title(title)
+    top.set_ylabel("value")
+    bottom.set_ylabel("abs. error")
+    bottom.set_xlabel("step (dotted line: held-out tail starts)")
+    return _save(plt, fig, path)
+
+
+def plot_attention(weights: np.ndarray, path: str | Path, *, title: str = "Attention") -> Path:
+    """Heatmap of attention weights: one row per forecast, one column per window step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    image = ax.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel("window position (oldest left, newest right)")
+    ax.set_ylabel("sample")
+    fig.colorbar(image, ax=ax, label="weight")
+    return _save(plt, fig, path)
+
+
+def plot_losses(train_loss: list[float], val_loss: list[float], path: str | Path) -> Path:
+    """Training and validation loss per epoch, on a log scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    epochs = np.arange(1, len(train_loss) + 1)
+    ax.semilogy(epochs, train_loss, label="train")
+    ax.semilogy(epochs, val_loss, label="validation")
+    ax.set_title("Loss (MSE in window-standardised units)")
+    ax.set_xlabel("epoch")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,177 @@
+"""Mini-batch training: Adam, cosine learning-rate decay, early stopping on the
+time-ordered validation tail, gradient clipping. Knows nothing of where data comes
+from: it takes windows.
+
+The loss is measured in each window's standardised units (error divided by the
+window's standard deviation), so series of any amplitude weigh the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.windows import Windows
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None  # None: enough for about 3,000 optimiser steps (3 to 300)
+    batch_size: int = 64
+    lr: float = 1e-2  # peak Adam learning rate, decayed by a cosine to lr * 1e-2
+    weight_decay: float = 0.0
+    patience: int = 40  # epochs without a better validation loss before stopping
+    clip_norm: float = 1.0  # max global gradient norm
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.patience < 1:
+            raise ValueError("patience must be >= 1")
+        if not self.lr > 0 or not self.clip_norm > 0:
+            raise ValueError("lr and clip_norm must be > 0")
+
+
+TARGET_STEPS = 3000  # optimiser steps that an automatic epoch count aims for
+
+
+def auto_epochs(n_windows: int, batch_size: int, *, lo: int = 3, hi: int = 300) -> int:
+    """Epochs for about TARGET_STEPS optimiser steps: many on small data, few on large."""
+    steps_per_epoch = math.ceil(n_windows / batch_size)
+    return max(lo, min(hi, math.ceil(TARGET_STEPS / steps_per_epoch)))
+
+
+@dataclass
+class TrainResult:
+    epochs_planned: int  # the cosine schedule's length
+    best_epoch: int  # 1-based epoch whose weights were kept
+    epochs_run: int
+    seconds: float
+    train_loss: list[float] = field(default_factory=list)  # per epoch
+    val_loss: list[float] = field(default_factory=list)  # per epoch
+
+
+def new_model(config: ModelConfig, seed: int = 0) -> AttentionLSTM:
+    """A freshly initialised model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    return AttentionLSTM(config)
+
+
+def scaled_mse(model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE in window-standardised units; ``y`` must match the forecasts' shape."""
+    yhat, _ = model(x)
+    if yhat.shape != y.shape:  # the article's bug: (N, 1) against (N, 1, 1)
+        raise ValueError(f"targets {tuple(y.shape)} do not match forecasts {tuple(yhat.shape)}")
+    if model.config.scaling == "none":
+        return torch.mean((yhat - y) ** 2)
+    std = x.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
+    scale = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.mean(((yhat - y) / scale) ** 2)
+
+
+def predict(
+    model: AttentionLSTM, x: np.ndarray, *, batch_size: int = 4096, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forecasts (N, horizon) and attention (N, window) for windows (N, window)."""
+    model.eval()
+    ys, attns = [], []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
+            yhat, attn = model(xb)
+            ys.append(yhat.double().cpu().numpy())
+            attns.append(attn.double().cpu().numpy())
+    horizon, window = model.config.horizon, model.config.window
+    if not ys:
+        return np.empty((0, horizon)), np.empty((0, window))
+    return np.concatenate(ys), np.concatenate(attns)
+
+
+def fit(
+    model: AttentionLSTM,
+    train: Windows,
+    val: Windows,
+    config: TrainConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place; on return it holds the best validation weights."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(
+            f"need training and validation windows, got {len(train)} and {len(val)}: "
+            "the series is too short for this window and horizon"
+        )
+    torch.manual_seed(config.seed)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    model.to(device)
+    xt, yt = _tensors(train, device)
+    xv, yv = _tensors(val, device)
+    epochs = config.epochs or auto_epochs(len(train), config.batch_size)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimiser, T_max=epochs, eta_min=config.lr * 1e-2
+    )
+    result = TrainResult(epochs_planned=epochs, best_epoch=0, epochs_run=0, seconds=0.0)
+    best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
+    started = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        result.train_loss.append(_epoch(model, optimiser, xt, yt, config, shuffle))
+        schedule.step()
+        result.val_loss.append(_evaluate(model, xv, yv))
+        result.epochs_run = epoch
+        if result.val_loss[-1] < best_loss:
+            best_loss, result.best_epoch = result.val_loss[-1], epoch
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(train=f"{result.train_loss[-1]:.2e}", val=f"{result.val_loss[-1]:.2e}")
+        if epoch - result.best_epoch >= config.patience:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _tensors(windows: Windows, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.as_tensor(windows.x, dtype=torch.float32, device=device)
+    y = torch.as_tensor(windows.y, dtype=torch.float32, device=device)
+    return x, y
+
+
+def _epoch(
+    model: AttentionLSTM,
+    optimiser: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    shuffle: torch.Generator,
+) -> float:
+    model.train()
+    order = torch.randperm(x.shape[0], generator=shuffle).to(x.device)
+    total = 0.0
+    for i in range(0, x.shape[0], config.batch_size):
+        idx = order[i : i + config.batch_size]
+        optimiser.zero_grad(set_to_none=True)
+        loss = scaled_mse(model, x[idx], y[idx])
+        loss.backward()  # type: ignore[no-untyped-call]
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimiser.step()
+        total += loss.item() * idx.shape[0]
+    return total / x.shape[0]
+
+
+def _evaluate(model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        return float(scaled_mse(model, x, y).item())

@@ -1,0 +1,146 @@
+"""Checkpoints round-trip exactly and refuse anything corrupt, altered or pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from attnlstm.checkpoint import (
+    CheckpointError,
+    _digest,
+    dumps,
+    load,
+    loads,
+    save,
+    version_of,
+)
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.synthetic import article_sine
+from attnlstm.train import new_model
+from attnlstm.windows import sliding_windows
+
+
+def _windows() -> torch.Tensor:
+    return torch.as_tensor(sliding_windows(article_sine(), 20).x, dtype=torch.float32)
+
+
+def test_save_then_load_gives_bit_identical_predictions(
+    trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    path = tmp_path / "m.safetensors"
+    version = save(path, trained_sines, {"note": "hello", "losses": [1.0, 0.5]})
+    loaded = load(path)
+    assert loaded.version == version == version_of(trained_sines)
+    assert loaded.config == trained_sines.config
+    assert loaded.meta == {"note": "hello", "losses": [1.0, 0.5]}
+    with torch.inference_mode():
+        a, attn_a = trained_sines.eval()(_windows())
+        b, attn_b = loaded.model(_windows())
+    assert torch.equal(a, b)
+    assert torch.equal(attn_a, attn_b)
+
+
+def test_version_names_the_weights_not_the_metadata(trained_sines: AttentionLSTM) -> None:
+    assert dumps(trained_sines, {"seconds": 1})[1] == dumps(trained_sines, {"seconds": 2})[1]
+    other = new_model(trained_sines.config, seed=99)
+    assert version_of(other) != version_of(trained_sines)
+
+
+def test_every_flipped_byte_is_refused(trained_sines: AttentionLSTM) -> None:
+    data, _ = dumps(trained_sines)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    # every header byte (where a flip could change meaning), and a spread of tensor bytes
+    positions = list(range(header_end)) + list(range(header_end, len(data), 37))
+    for pos in positions:
+        corrupt = bytearray(data)
+        corrupt[pos] ^= 0xFF
+        with pytest.raises(CheckpointError):
+            loads(bytes(corrupt))
+
+
+def test_flipped_byte_in_a_file_names_the_file_and_the_reason(
+    trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    path = tmp_path / "m.safetensors"
+    save(path, trained_sines)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # a weight's low bit: a valid file in every other respect
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: content hash mismatch"):
+        load(path)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_with_a_payload_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_a_torch_save_file_is_refused(trained_sines: AttentionLSTM, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(trained_sines.state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        load(path)
+
+
+def test_a_plain_safetensors_file_without_our_metadata_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        loads(st_save({"w": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match="content hash mismatch"):
+        loads(st_save({"w": torch.zeros(3)}, metadata={"format": "attnlstm-checkpoint"}))
+
+
+def test_an_unknown_format_version_is_refused_even_when_its_hash_is_right(
+    trained_sines: AttentionLSTM,
+) -> None:
+    tensors = {k: v.contiguous() for k, v in trained_sines.state_dict().items()}
+    header = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "99",
+        "config": json.dumps(trained_sines.config.to_dict(), sort_keys=True),
+        "meta": "{}",
+    }
+    data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+    with pytest.raises(CheckpointError, match=r"unsupported format.*'99'"):
+        loads(data)
+
+
+def test_truncated_empty_and_missing_files_are_refused(tmp_path: Path) -> None:
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    data, _ = dumps(model)
+    for bad in (b"", data[:6], data[:100], data[: len(data) // 2]):
+        with pytest.raises(CheckpointError):
+            loads(bad)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load(tmp_path / "absent.safetensors")
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    path = tmp_path / "m.safetensors"
+    first = save(path, model)
+    # Replacing a directory fails at the rename: the old state must survive intact.
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*dir\.safetensors"):
+        save(tmp_path / "dir.safetensors", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "m.safetensors"]
+    assert load(path).version == first

@@ -1,0 +1,138 @@
+"""The `attnlstm` command line, run as a user runs it: in a child process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CLI, DATA
+
+REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
+
+
+def run(*args: str, cwd: Path, threads: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args, "--threads", str(threads)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def small_model(workdir: Path) -> dict[str, Any]:
+    """A quick checkpoint on the article's sine, and train's report of it."""
+    return last_json(
+        run("train", "--data", "sine", "--epochs", "30", "--json", "--out", "m.st", cwd=workdir)
+    )
+
+
+def test_train_with_defaults_forecasts_the_article_sine(tmp_path: Path) -> None:
+    report = last_json(run("train", "--data", "sine", "--json", cwd=tmp_path, threads=2))
+    assert set(report) >= REPORT_KEYS
+    assert report["val_mse"] <= 1e-5  # naive last value: about 1.3e-3; the article: 0.507
+    assert report["naive_mse"] == pytest.approx(1.28e-3, rel=0.01)
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_train_on_fifty_sines_beats_naive_five_times_over(tmp_path: Path) -> None:
+    report = last_json(
+        run("train", "--data", "sines", "--series", "50", "--json", cwd=tmp_path, threads=2)
+    )
+    assert report["mase"] <= 0.2
+
+
+def test_evaluate_agrees_with_train(small_model: dict[str, Any], workdir: Path) -> None:
+    report = last_json(run("evaluate", "--model", "m.st", "--json", cwd=workdir))
+    assert set(report) >= REPORT_KEYS
+    assert report["version"] == small_model["version"]
+    assert report["val_mse"] == pytest.approx(small_model["val_mse"], rel=1e-9)
+    assert report["val_mse"] < report["naive_mse"]
+
+
+def test_evaluate_against_seasonal_naive(small_model: dict[str, Any], workdir: Path) -> None:
+    # The article's sine has a period of 2 * pi / 0.05 = 125.66 steps.
+    report = last_json(run("evaluate", "--model", "m.st", "--period", "126", "--json", cwd=workdir))
+    assert report["seasonal_naive_mae"] > 0
+    assert "mase_seasonal" in report
+
+
+def test_plot_writes_the_figures(small_model: dict[str, Any], workdir: Path) -> None:
+    report = last_json(run("plot", "--model", "m.st", "--out", "figs", "--json", cwd=workdir))
+    names = sorted(Path(p).name for p in report["written"])
+    assert names == ["attention.png", "forecast.png", "loss.png"]
+    for name in names:
+        data = (workdir / "figs" / name).read_bytes()
+        assert data.startswith(b"\x89PNG")
+        assert len(data) > 10_000
+
+
+def test_human_output_without_json(small_model: dict[str, Any], workdir: Path) -> None:
+    proc = run("evaluate", "--model", "m.st", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "val_mse" in proc.stdout
+    assert "{" not in proc.stdout
+
+
+def test_train_on_a_real_recording(tmp_path: Path) -> None:
+    data = f"csv:{DATA / 'water_flow.csv'}"
+    report = last_json(
+        run(
+            "train",
+            "--data",
+            data,
+            "--column",
+            "Water flow [l/s]",
+            "--epochs",
+            "5",
+            "--json",
+            cwd=tmp_path,
+        )
+    )
+    assert report["val_mae"] > 0
+    assert report["naive_mae"] > 0
+
+
+BAD_RUNS = [
+    (["train", "--window", "x"], 2, "argument --window: expected a whole number, got 'x'"),
+    (["train", "--window", "0"], 2, "must be >= 1, got 0"),
+    (["train", "--val-fraction", "1.5"], 2, "must be between 0 and 1"),
+    (["launch"], 2, "invalid choice: 'launch'"),
+    (["train", "--data", "csv:/no/such.csv"], 1, "cannot read /no/such.csv"),
+    (["train", "--data", "cosine"], 1, "unknown data 'cosine'"),
+    (["train", "--data", "sine", "--window", "990"], 1, "too little data"),
+    (["train", "--device", "tpu"], 1, "unknown device 'tpu'"),
+    (["evaluate", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
+    (["evaluate", "--model", "junk.st"], 1, "junk.st: not a safetensors checkpoint"),
+    (["train", "--epochs", "1", "--out", "/proc/m.st"], 1, "cannot write checkpoint /proc/m.st"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), BAD_RUNS)
+def test_user_errors_are_one_line_and_a_nonzero_exit(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    (tmp_path / "junk.st").write_bytes(b"\x00" * 64)
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == code
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]

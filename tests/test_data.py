@@ -1,0 +1,71 @@
+"""Data sources by name, and CSV files read with errors that say where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attnlstm.data import DataError, load_csv, load_dataset
+from tests.conftest import DATA
+
+
+def test_named_sources() -> None:
+    assert load_dataset("sine").names == ["sine"]
+    sines = load_dataset("sines", n_series=3, seed=1)
+    assert sines.names == ["sine-0", "sine-1", "sine-2"]
+    assert sines.lengths == [1000, 1000, 1000]
+    with pytest.raises(DataError, match="unknown data 'cosine'"):
+        load_dataset("cosine")
+    with pytest.raises(DataError, match="unknown data 'csv:'"):
+        load_dataset("csv:")
+
+
+def test_real_recordings_load_by_column() -> None:
+    sst = load_dataset(f"csv:{DATA / 'sea_surface_temperature.csv'}")
+    assert sst.names == ["temperature"]
+    assert sst.lengths == [19226]
+    flow = load_dataset(f"csv:{DATA / 'water_flow.csv'}", columns=["Water flow [l/s]"])
+    assert flow.lengths == [1268]
+    assert 50 < flow.series[0].mean() < 150
+
+
+def _csv(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    return path
+
+
+def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "t,a,b\n1,1.5,2\n2,,3\n3,2.5,4\n")
+    data = load_csv(path)
+    assert data.names == ["a", "b"]
+    assert data.series[0].tolist() == [1.5, 2.5]
+    assert load_csv(path, ["b"]).series[0].tolist() == [2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "columns", "message"),
+    [
+        ("t,a\n1,2\n2,x\n", (), r"d\.csv:3: a='x' is not a number"),
+        ("t,a\n1,2\n2,inf\n", (), r"d\.csv:3: a='inf' is not finite"),
+        ("t,a\n1,2\n", ("b",), r"no column b; it has \['t', 'a'\]"),
+        ("t,a\n", (), "needs a header row and at least one data row"),
+        ("t,a\n1,\n", (), "column 'a' has no values"),
+        ("t\n1\n", (), r"no column \(none\)"),
+    ],
+)
+def test_bad_csv_says_where_and_why(
+    tmp_path: Path, text: str, columns: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        load_csv(_csv(tmp_path, text), columns)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot read"):
+        load_csv(tmp_path / "absent.csv")
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        load_csv(binary)

@@ -1,0 +1,1 @@
+"""The streaming forecasting service around the attnlstm model library."""

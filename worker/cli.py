@@ -1,0 +1,192 @@
+"""``attnlstm``: the one command line. This module only parses and wires.
+
+Errors a user can cause (bad arguments, unreadable data, a bad checkpoint) end in one
+line on stderr and a non-zero exit, never a traceback. With ``--json`` the last line
+on stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from attnlstm.checkpoint import CheckpointError
+from attnlstm.data import DataError, load_dataset
+from attnlstm.device import resolve_device
+from attnlstm.model import ModelConfig
+from attnlstm.train import TrainConfig
+from worker import offline
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as for every other user error, pointing at --help.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default="sine",
+        help="sine (the article's series), sines (many), or csv:PATH (default: sine)",
+    )
+    p.add_argument("--series", type=_positive, default=50, help="series count for --data sines")
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        help="CSV value column (repeatable; default: every column but the first)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        help="held-out tail of each series, in time order (default 0.2)",
+    )
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attnlstm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a model offline and save a checkpoint")
+    _data_args(train)
+    train.add_argument("--window", type=_positive, default=20, help="input steps (default 20)")
+    train.add_argument("--horizon", type=_positive, default=1, help="forecast steps (default 1)")
+    train.add_argument("--hidden", type=_positive, default=32, help="LSTM units (default 32)")
+    train.add_argument("--layers", type=_positive, default=1, help="LSTM layers (default 1)")
+    train.add_argument(
+        "--epochs",
+        type=_positive,
+        default=None,
+        help="epochs (default: enough for about 3,000 optimiser steps, 3 to 300)",
+    )
+    train.add_argument("--batch-size", type=_positive, default=64, help="(default 64)")
+    train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    train.add_argument(
+        "--out", type=Path, default=Path("model.safetensors"), help="checkpoint path"
+    )
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint against naive baselines")
+    _data_args(evaluate)
+    evaluate.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    evaluate.add_argument(
+        "--period", type=_positive, default=None, help="season length for seasonal naive"
+    )
+
+    plot = sub.add_parser("plot", help="true vs predicted, attention heatmap, loss curves")
+    _data_args(plot)
+    plot.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    plot.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dataset = load_dataset(args.data, n_series=args.series, columns=args.column, seed=args.seed)
+    if args.command == "train":
+        return offline.run_train(
+            dataset,
+            data_spec=args.data,
+            model_config=ModelConfig(
+                window=args.window,
+                horizon=args.horizon,
+                hidden_size=args.hidden,
+                attention_size=args.hidden,
+                num_layers=args.layers,
+            ),
+            train_config=TrainConfig(
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+            ),
+            out=args.out,
+            val_fraction=args.val_fraction,
+            device=device,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+    if args.command == "evaluate":
+        return offline.run_evaluate(
+            dataset,
+            model_path=args.model,
+            val_fraction=args.val_fraction,
+            period=args.period,
+            device=device,
+        )
+    return offline.run_plot(
+        dataset,
+        model_path=args.model,
+        out_dir=args.out,
+        val_fraction=args.val_fraction,
+        device=device,
+    )
+
+
+def _print_human(report: dict[str, Any]) -> None:
+    for key, value in report.items():
+        if isinstance(value, float):
+            print(f"{key:>20}  {value:.6g}")
+        elif isinstance(value, list):
+            print(f"{key:>20}  {', '.join(map(str, value))}")
+        else:
+            print(f"{key:>20}  {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = _run(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:  # writing a checkpoint or a plot
+        where = f" {e.filename}" if e.filename else ""
+        print(f"attnlstm {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"attnlstm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_human(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
