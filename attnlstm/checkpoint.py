@@ -132,11 +132,11 @@ def _header(data: bytes, source: str) -> dict[str, str]:
         raise CheckpointError(f"{source}: not a safetensors checkpoint (bad header length)")
     try:
         parsed = json.loads(data[8 : 8 + size])
-        meta = parsed["__metadata__"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{source}: not a safetensors checkpoint (bad header)") from e
+    meta = parsed.get("__metadata__") if isinstance(parsed, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{source}: not an attnlstm checkpoint (bad metadata)")
+        raise CheckpointError(f"{source}: not an attnlstm checkpoint (no valid metadata)")
     return dict(meta)
 
 

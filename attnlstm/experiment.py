@@ -14,7 +14,7 @@ from attnlstm.data import Dataset
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
-from attnlstm.windows import Windows, sliding_windows_many, time_split
+from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def series_forecast(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-step forecasts along a whole series: (index of each forecast step, forecasts,
     attention) with the forecast of step ``start`` made from the window before it."""
-    windows = sliding_windows_many([values], model.config.window, model.config.horizon)
+    windows = sliding_windows(values, model.config.window, model.config.horizon)
     yhat, attn = predict(model, windows.x, device=device)
     return windows.start, yhat[:, 0], attn
 

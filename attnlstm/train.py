@@ -73,7 +73,8 @@ def scaled_mse(model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor) -> torch.
         raise ValueError(f"targets {tuple(y.shape)} do not match forecasts {tuple(yhat.shape)}")
     if model.config.scaling == "none":
         return torch.mean((yhat - y) ** 2)
-    std = x.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
+    target = x if x.dim() == 2 else x[..., 0]  # (B, T): forecasts are of feature 0
+    std = target.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
     scale = torch.where(std > 0, std, torch.ones_like(std))
     return torch.mean(((yhat - y) / scale) ** 2)
 
@@ -86,7 +87,7 @@ def predict(
     ys, attns = [], []
     with torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):
-            xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float32, device=device)
+            xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float64, device=device)
             yhat, attn = model(xb)
             ys.append(yhat.double().cpu().numpy())
             attns.append(attn.double().cpu().numpy())
@@ -124,19 +125,19 @@ def fit(
     result = TrainResult(epochs_planned=epochs, best_epoch=0, epochs_run=0, seconds=0.0)
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
-    for epoch in bar:
-        result.train_loss.append(_epoch(model, optimiser, xt, yt, config, shuffle))
-        schedule.step()
-        result.val_loss.append(_evaluate(model, xv, yv))
-        result.epochs_run = epoch
-        if result.val_loss[-1] < best_loss:
-            best_loss, result.best_epoch = result.val_loss[-1], epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(train=f"{result.train_loss[-1]:.2e}", val=f"{result.val_loss[-1]:.2e}")
-        if epoch - result.best_epoch >= config.patience:
-            break
-    bar.close()
+    with tqdm(total=epochs, desc="train", unit="epoch", disable=not progress) as bar:
+        for epoch in range(1, epochs + 1):
+            result.train_loss.append(_epoch(model, optimiser, xt, yt, config, shuffle))
+            schedule.step()
+            result.val_loss.append(_evaluate(model, xv, yv))
+            result.epochs_run = epoch
+            if result.val_loss[-1] < best_loss:
+                best_loss, result.best_epoch = result.val_loss[-1], epoch
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(train=f"{result.train_loss[-1]:.2e}", val=f"{best_loss:.2e}")
+            bar.update()
+            if epoch - result.best_epoch >= config.patience:
+                break
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
@@ -144,8 +145,10 @@ def fit(
 
 
 def _tensors(windows: Windows, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.as_tensor(windows.x, dtype=torch.float32, device=device)
-    y = torch.as_tensor(windows.y, dtype=torch.float32, device=device)
+    # float64 on purpose: a float32 copy of 1e6 + 0.001 has already lost the 0.001
+    # before the model's own float64 standardisation could keep it.
+    x = torch.as_tensor(windows.x, dtype=torch.float64, device=device)
+    y = torch.as_tensor(windows.y, dtype=torch.float64, device=device)
     return x, y
 
 

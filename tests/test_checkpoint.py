@@ -103,7 +103,7 @@ def test_a_torch_save_file_is_refused(trained_sines: AttentionLSTM, tmp_path: Pa
 
 
 def test_a_plain_safetensors_file_without_our_metadata_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"not an attnlstm checkpoint \(no valid metadata\)"):
         loads(st_save({"w": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match="content hash mismatch"):
         loads(st_save({"w": torch.zeros(3)}, metadata={"format": "attnlstm-checkpoint"}))

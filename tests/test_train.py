@@ -8,10 +8,10 @@ import torch
 
 from attnlstm.data import load_dataset
 from attnlstm.experiment import split_dataset, train_model
-from attnlstm.model import ModelConfig
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_mse
-from attnlstm.windows import Windows, sliding_windows_many, time_split
+from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
 
 
 def test_loss_refuses_the_articles_broadcasting_shapes() -> None:
@@ -89,3 +89,12 @@ def test_no_validation_windows_is_a_clear_error() -> None:
     dataset.series[0] = dataset.series[0][:22]
     with pytest.raises(ValueError, match="too little data"):
         split_dataset(dataset, 20, 1, 0.2)
+
+
+def test_a_high_level_series_keeps_its_small_swing(trained_sines: AttentionLSTM) -> None:
+    # float32 windows would round 1e6 + sin(t) to steps of 0.0625 before the model
+    # ever saw them.
+    x = sliding_windows(article_sine(), 20).x[::5]
+    yhat, _ = predict(trained_sines, x)
+    yhat_high, _ = predict(trained_sines, x + 1e6)
+    np.testing.assert_allclose(yhat_high - 1e6, yhat, atol=1e-6)
