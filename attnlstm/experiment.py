@@ -5,7 +5,7 @@ The command line and (later) the fine-tuner call these; neither repeats the step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,7 @@ def train_model(
     split = split_dataset(dataset, model_config.window, model_config.horizon, val_fraction)
     model = new_model(model_config, seed=train_config.seed)
     result = fit(model, split.train, split.val, train_config, device=device, progress=progress)
-    metrics = evaluate_model(model, dataset, val_fraction=val_fraction, device=device)
-    return model, result, metrics
+    return model, result, _score(model, split.val, dataset, None, device)
 
 
 def evaluate_model(
@@ -64,6 +63,12 @@ def evaluate_model(
     """Every metric on each series' held-out tail, against naive baselines."""
     config = model.config
     val = split_dataset(dataset, config.window, config.horizon, val_fraction).val
+    return _score(model, val, dataset, period, device)
+
+
+def _score(
+    model: AttentionLSTM, val: Windows, dataset: Dataset, period: int | None, device: str
+) -> dict[str, float]:
     yhat, _ = predict(model, val.x, device=device)
     return score(val, yhat, dataset.series, period)
 
@@ -84,7 +89,7 @@ def training_meta(
     """What a checkpoint records about how its model was made."""
     return {
         "data": dataset_spec,
-        "train_config": {k: getattr(train_config, k) for k in train_config.__dataclass_fields__},
+        "train_config": asdict(train_config),
         "epochs_planned": result.epochs_planned,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

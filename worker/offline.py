@@ -10,6 +10,7 @@ from attnlstm.checkpoint import Checkpoint, CheckpointError, load, save
 from attnlstm.data import Dataset
 from attnlstm.experiment import evaluate_model, series_forecast, train_model, training_meta
 from attnlstm.model import ModelConfig
+from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
 
@@ -77,8 +78,6 @@ def run_plot(
     dataset: Dataset, *, model_path: Path, out_dir: Path, val_fraction: float, device: str
 ) -> dict[str, Any]:
     """The article's figures for the dataset's first series, and the loss curves."""
-    from attnlstm.plots import plot_attention, plot_forecast, plot_losses
-
     checkpoint = open_checkpoint(model_path)
     checkpoint.model.to(device)
     name, values = dataset.names[0], dataset.series[0]
