@@ -49,22 +49,20 @@ class Checkpoint:
 
 def dumps(model: AttentionLSTM, meta: dict[str, Any] | None = None) -> tuple[bytes, str]:
     """The checkpoint as bytes, and its version."""
-    tensors = _tensors(model)
+    tensors, config = _tensors(model), _config_json(model)
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "config": config,
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
     data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
-    return data, version_of(model)
+    return data, _version(config, tensors)
 
 
 def version_of(model: AttentionLSTM) -> str:
     """The model's version: a hash of its config and weights, nothing else."""
-    tensors = _tensors(model)
-    config = json.dumps(model.config.to_dict(), sort_keys=True)
-    return _digest({"config": config}, tensors)[:VERSION_HEX]
+    return _version(_config_json(model), _tensors(model))
 
 
 def save(path: str | Path, model: AttentionLSTM, meta: dict[str, Any] | None = None) -> str:
@@ -111,7 +109,7 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
     model.eval()
-    return Checkpoint(model=model, version=version_of(model), meta=meta)
+    return Checkpoint(model=model, version=_version(header["config"], tensors), meta=meta)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -138,6 +136,14 @@ def _header(data: bytes, source: str) -> dict[str, str]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{source}: not an attnlstm checkpoint (no valid metadata)")
     return dict(meta)
+
+
+def _config_json(model: AttentionLSTM) -> str:
+    return json.dumps(model.config.to_dict(), sort_keys=True)
+
+
+def _version(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    return _digest({"config": config_json}, tensors)[:VERSION_HEX]
 
 
 def _tensors(model: AttentionLSTM) -> dict[str, torch.Tensor]:
