@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from pydantic import ValidationError
 
 from attnlstm.checkpoint import CheckpointError
 from attnlstm.data import DataError, load_dataset
@@ -22,9 +24,13 @@ from attnlstm.device import resolve_device
 from attnlstm.model import ModelConfig
 from attnlstm.train import TrainConfig
 from worker import offline
+from worker.app import run_worker
+from worker.embedded import EmbeddedServerError
+from worker.settings import Settings
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,10 +119,62 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(plot)
     plot.add_argument("--model", type=Path, default=Path("model.safetensors"))
     plot.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
+
+    work = sub.add_parser(
+        "worker",
+        help="the long-running worker: sensor stream in, forecasts out",
+        description="Flags override ATTNLSTM_* environment variables and .env; "
+        "see the README for every setting.",
+    )
+    _worker_args(work)
     return parser
 
 
+# Worker flags: (flag, settings field, type, help). Unset flags leave the setting alone.
+_WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--redis-url", "redis_url", str, "redis://, rediss:// or unix:// (unset: embedded server)"),
+    ("--input-stream", "input_stream", str, "stream to read (default sensors)"),
+    ("--output-stream", "output_stream", str, "stream for forecasts (default forecasts)"),
+    ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),
+    ("--group", "group", str, "consumer group (default forecasters)"),
+    ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
+    ("--model", "model", Path, "checkpoint from attnlstm train (default model.safetensors)"),
+    ("--device", "device", str, "auto, cpu or cuda (default auto)"),
+    ("--threads", "torch_threads", _positive, "torch CPU threads (default: torch's)"),
+    ("--max-batch", "max_batch", _positive, "entries per batch, at most (default 1024)"),
+    ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (default 5)"),
+    ("--block-ms", "block_ms", _positive, "one blocking read's longest wait (default 1000)"),
+    ("--output-maxlen", "output_maxlen", _positive, "approximate cap on the output stream"),
+    ("--max-series", "max_series", _positive, "series with a window, at most (default 100000)"),
+    ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
+    ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
+)
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    for flag, name, kind, text in _WORKER_FLAGS:
+        p.add_argument(flag, dest=name, type=kind, default=None, help=text)
+    p.add_argument("--burst", action="store_true", help="exit once the stream is drained")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def worker_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and .env, with the flags that were given on top."""
+    given = {name: getattr(args, name) for _, name, _, _ in _WORKER_FLAGS}
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"bad settings: {problems}") from None
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "worker":
+        logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+        return run_worker(worker_settings(args), burst=args.burst)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -171,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = _run(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot

@@ -1,0 +1,119 @@
+"""Helpers for the tests that run the worker against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import redis
+
+from attnlstm.model import AttentionLSTM
+from attnlstm.train import predict
+from tests.conftest import CLI, ROOT
+
+
+def sine_values(n_series: int, n_points: int, seed: int = 0) -> np.ndarray:
+    """(n_points, n_series) sines with their own frequency, level and amplitude."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_points)[:, None]
+    freq = rng.uniform(0.05, 0.4, n_series)
+    amp = rng.uniform(0.5, 5.0, n_series)
+    level = rng.uniform(-10.0, 10.0, n_series)
+    return level + amp * np.sin(freq * t + rng.uniform(0, 6.28, n_series))
+
+
+def fill(client: redis.Redis, stream: str, values: np.ndarray, *, chunk: int = 5000) -> list[bytes]:
+    """XADD values (T, S) time step by time step, series ``s{j}``; the ids in order."""
+    ids: list[bytes] = []
+    pipe = client.pipeline(transaction=False)
+    n_points, n_series = values.shape
+    for t in range(n_points):
+        for j in range(n_series):
+            pipe.xadd(stream, {"series": f"s{j}", "value": repr(float(values[t, j]))})
+        if len(pipe) >= chunk or t == n_points - 1:
+            ids.extend(pipe.execute())
+    return ids
+
+
+def entries(client: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of a stream, typed (redis-py's own annotations are loose)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))
+
+
+def by_src(client: redis.Redis, stream: str) -> dict[bytes, dict[bytes, bytes]]:
+    """A dead stream's entries, keyed by the input entry they came from."""
+    return {fields[b"src"]: fields for _, fields in entries(client, stream)}
+
+
+def forecasts_by_src(client: redis.Redis, stream: str) -> dict[bytes, dict[bytes, bytes]]:
+    """Every forecast entry, keyed by its ``src``; fails on a duplicate."""
+    out: dict[bytes, dict[bytes, bytes]] = {}
+    for _, fields in entries(client, stream):
+        assert fields[b"src"] not in out, f"two forecasts for {fields[b'src']!r}"
+        out[fields[b"src"]] = fields
+    return out
+
+
+def expected(
+    model: AttentionLSTM, values: np.ndarray, ids: Sequence[bytes]
+) -> dict[bytes, np.ndarray]:
+    """The offline model's forecast for every input whose window is full, by input id."""
+    window = model.config.window
+    n_points, n_series = values.shape
+    windows = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # (T-W+1, S, W)
+    yhat, _ = predict(model, np.ascontiguousarray(windows.reshape(-1, window)))
+    yhat = yhat.reshape(n_points - window + 1, n_series, -1)
+    id_grid = np.asarray(ids, dtype=object).reshape(n_points, n_series)[window - 1 :]
+    return {i: y for i, y in zip(id_grid.ravel(), yhat.reshape(-1, yhat.shape[-1]), strict=True)}
+
+
+def worker_cmd(model: Path, url: str, prefix: str, *extra: str) -> list[str]:
+    return [
+        *CLI,
+        "worker",
+        "--redis-url",
+        url,
+        "--model",
+        str(model),
+        "--input-stream",
+        f"{prefix}sensors",
+        "--output-stream",
+        f"{prefix}forecasts",
+        "--dead-stream",
+        f"{prefix}sensors:dead",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--metrics-port",
+        "0",
+        *extra,
+    ]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for a worker child: no stray ATTNLSTM_* settings, no .env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run_worker(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, float]:
+    """Run a --burst worker to the end; its --json report."""
+    done = subprocess.run(
+        [*cmd, "--burst", "--json"],
+        cwd=cwd,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report

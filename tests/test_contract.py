@@ -1,0 +1,200 @@
+"""The stream contract: which entries are readings, why the others are not, and the
+forecast entry's fields."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from worker.contract import (
+    Reading,
+    dead_fields,
+    entry_ms,
+    forecast_fields,
+    json_rows,
+    parse,
+    reason_kind,
+)
+
+ID = b"1700000000123-4"
+ID_MS = 1_700_000_000_123
+
+
+def _reason(fields: dict[bytes, bytes]) -> str:
+    result = parse(ID, fields)
+    assert isinstance(result, str), f"{fields!r} parsed as {result!r}"
+    return result
+
+
+def test_entry_ms_is_the_id_before_the_dash() -> None:
+    assert entry_ms(ID) == 1_700_000_000_123
+    assert entry_ms(b"5-0") == 5
+
+
+def test_valid_entry_with_ts() -> None:
+    fields = {b"series": b"plant-1/boiler:temp_2.c", b"value": b"21.5", b"ts": b"1699999999000"}
+    assert parse(ID, fields) == Reading("plant-1/boiler:temp_2.c", 21.5, 1_699_999_999_000)
+
+
+def test_ts_defaults_to_the_entry_ids_milliseconds() -> None:
+    assert parse(ID, {b"series": b"s", b"value": b"1"}) == Reading("s", 1.0, ID_MS)
+
+
+def test_ts_of_sixteen_digits_is_accepted() -> None:
+    result = parse(ID, {b"series": b"s", b"value": b"1", b"ts": b"9" * 16})
+    assert isinstance(result, Reading)
+    assert result.ts == 9_999_999_999_999_999
+
+
+def test_other_fields_are_ignored() -> None:
+    assert parse(ID, {b"series": b"s", b"value": b"2", b"unit": b"C"}) == Reading("s", 2.0, ID_MS)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"1", 1.0),
+        (b"-2.5", -2.5),
+        (b"1e-3", 0.001),
+        (b".5", 0.5),
+        (b"+3.", 3.0),
+        (b"0", 0.0),
+        (b"-0.0", -0.0),
+        (b"6.02E+23", 6.02e23),
+        (b"1" * 64, float("1" * 64)),  # 64 characters is the longest allowed
+    ],
+)
+def test_decimal_values_parse_to_their_float(raw: bytes, expected: float) -> None:
+    result = parse(ID, {b"series": b"s", b"value": raw})
+    assert isinstance(result, Reading)
+    assert result.value == expected
+
+
+def test_series_of_128_characters_is_accepted() -> None:
+    result = parse(ID, {b"series": b"a" * 128, b"value": b"1"})
+    assert isinstance(result, Reading)
+    assert result.series == "a" * 128
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({b"value": b"1"}, ["missing", "series"]),
+        ({b"series": b"", b"value": b"1"}, ["series", "empty"]),
+        ({b"series": b"a" * 129, b"value": b"1"}, ["series", "longer", "128"]),
+        ({b"series": b"a b", b"value": b"1"}, ["series", "characters", "'a b'"]),
+        ({b"series": "é".encode(), b"value": b"1"}, ["series", "characters"]),
+        ({b"series": b"\xff\xfe", b"value": b"1"}, ["series", "UTF-8"]),
+        ({b"series": b"s"}, ["missing", "value"]),
+    ],
+)
+def test_bad_series_or_missing_field_gives_a_reason(
+    fields: dict[bytes, bytes], words: list[str]
+) -> None:
+    reason = _reason(fields)
+    for word in words:
+        assert word in reason
+
+
+@pytest.mark.parametrize(
+    "raw", [b"abc", b"nan", b"NaN", b"inf", b"-Infinity", b"", b" 1", b"1 ", b"1_000", b"0x10"]
+)
+def test_value_that_is_not_a_decimal_number(raw: bytes) -> None:
+    reason = _reason({b"series": b"s", b"value": raw})
+    assert reason.startswith("value is not a decimal number")
+    assert repr(raw.decode()) in reason  # the offending text, quoted
+
+
+def test_value_longer_than_64_characters_is_refused_and_shown_shortened() -> None:
+    reason = _reason({b"series": b"s", b"value": b"1" * 65})
+    assert reason.startswith("value is not a decimal number")
+    assert "1" * 40 + "..." in reason
+    assert "1" * 41 not in reason
+
+
+@pytest.mark.parametrize("raw", [b"1e999", b"-1e999", b"2e308"])
+def test_value_overflowing_a_float_is_out_of_range(raw: bytes) -> None:
+    reason = _reason({b"series": b"s", b"value": raw})
+    assert reason == f"value is out of range: {raw.decode()!r}"
+
+
+def test_largest_float_is_in_range() -> None:
+    result = parse(ID, {b"series": b"s", b"value": b"1.7976931348623157e308"})
+    assert isinstance(result, Reading)
+    assert result.value == np.finfo(np.float64).max
+
+
+@pytest.mark.parametrize("raw", [b"yesterday", b"-5", b"1.5", b"1" * 17, b"", b"1e3", b" 5"])
+def test_ts_that_is_not_whole_ms_since_the_epoch(raw: bytes) -> None:
+    reason = _reason({b"series": b"s", b"value": b"1", b"ts": raw})
+    assert reason.startswith("ts is not a whole number")
+    assert repr(raw.decode()) in reason
+
+
+def test_non_utf8_bytes_in_a_reason_never_raise() -> None:
+    reason = _reason({b"series": b"s", b"value": b"\xff1"})
+    assert "\\xff1" in reason
+
+
+def test_dead_fields_keep_the_original_and_add_src_and_error() -> None:
+    fields = {b"series": b"s", b"value": b"abc", b"extra": b"\x00\xff"}
+    dead = dead_fields(fields, b"1-0", "value is not a decimal number: 'abc'")
+    assert dead == {**fields, b"src": b"1-0", b"error": b"value is not a decimal number: 'abc'"}
+    assert fields == {b"series": b"s", b"value": b"abc", b"extra": b"\x00\xff"}  # not mutated
+
+
+def test_json_rows_read_back_exactly_without_rounding() -> None:
+    matrix = np.random.default_rng(0).normal(scale=1e3, size=(5, 3))
+    matrix[0, 0] = 0.1 + 0.2  # needs 17 significant digits
+    matrix[1, 1] = -0.0
+    rows = json_rows(matrix)
+    assert len(rows) == 5
+    for row, text in zip(matrix, rows, strict=True):
+        assert json.loads(text) == row.tolist()  # float == float: exact
+
+
+def test_json_rows_rounded_attention_still_sums_to_one() -> None:
+    logits = np.random.default_rng(1).normal(scale=3.0, size=(64, 24))
+    weights = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    rows = [json.loads(text) for text in json_rows(weights, decimals=7)]
+    back = np.array(rows)
+    assert back.shape == weights.shape
+    np.testing.assert_allclose(back, weights, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(back.sum(axis=1), 1.0, rtol=0, atol=1e-6)
+    assert all(v == round(v, 7) for row in rows for v in row)  # 7 decimals, not 17 digits
+
+
+def test_json_rows_of_one_column_and_of_no_rows() -> None:
+    assert json_rows(np.array([[1.5], [-2.0], [3.25]])) == ["[1.5]", "[-2.0]", "[3.25]"]
+    assert json_rows(np.array([[7.0]])) == ["[7.0]"]
+    assert json_rows(np.empty((0, 4))) == []
+    assert json_rows(np.empty((0, 1)), decimals=7) == []
+
+
+def test_forecast_fields_are_the_six_fields_in_order() -> None:
+    flat = forecast_fields("s1", b"17-0", 1_700_000_000_000, "[1.0]", "[0.5, 0.5]", "m1")
+    assert flat[0::2] == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
+    assert flat[1::2] == (b"s1", b"17-0", b"1700000000000", b"[1.0]", b"[0.5, 0.5]", b"m1")
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind"),
+    [
+        ({b"value": b"1"}, "missing_series"),
+        ({b"series": b"s"}, "missing_value"),
+        ({b"series": b"s", b"value": b"abc"}, "value"),
+        ({b"series": b"s", b"value": b"1e999"}, "value"),
+        ({b"series": b"", b"value": b"1"}, "series"),
+        ({b"series": b"a b", b"value": b"1"}, "series"),
+        ({b"series": b"\xff", b"value": b"1"}, "series"),
+        ({b"series": b"s", b"value": b"1", b"ts": b"-5"}, "ts"),
+    ],
+)
+def test_reason_kind_is_a_short_label(fields: dict[bytes, bytes], kind: str) -> None:
+    assert reason_kind(_reason(fields)) == kind
+
+
+def test_reason_kind_of_an_empty_reason() -> None:
+    assert reason_kind("") == "unknown"

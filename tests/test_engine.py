@@ -1,0 +1,92 @@
+"""The inference engine: the offline model's numbers, batch-invariant, and on CUDA
+through pinned buffers with one transfer each way per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnlstm.checkpoint import Checkpoint, version_of
+from attnlstm.model import AttentionLSTM
+from attnlstm.train import predict
+from worker.engine import PAD_ROWS, Engine
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def _engine(model: AttentionLSTM, device: str = "cpu", max_batch: int = 1024) -> Engine:
+    checkpoint = Checkpoint(model=model, version=version_of(model))
+    return Engine(checkpoint, device=device, max_batch=max_batch)
+
+
+def _windows(n: int, window: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, window)).cumsum(axis=1) + rng.uniform(-50, 50, size=(n, 1))
+
+
+def test_forecasts_match_the_offline_model(trained_sines: AttentionLSTM) -> None:
+    x = _windows(300, trained_sines.config.window)
+    yhat, attn = _engine(trained_sines).forecast(x)
+    want_y, want_a = predict(trained_sines, x)
+    np.testing.assert_allclose(yhat, want_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(attn, want_a, atol=1e-6)
+    np.testing.assert_allclose(attn.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_a_window_gets_the_same_bits_in_any_batch(trained_sines: AttentionLSTM) -> None:
+    """What lets a run with crashes publish exactly what a run without does."""
+    engine = _engine(trained_sines)
+    x = _windows(1024, trained_sines.config.window, seed=1)
+    all_y, all_a = engine.forecast(x)
+    rng = np.random.default_rng(2)
+    for _ in range(60):
+        start = int(rng.integers(0, 1000))
+        size = int(rng.integers(1, 1024 - start))
+        y, a = engine.forecast(x[start : start + size])
+        assert np.array_equal(y, all_y[start : start + size]), (start, size)
+        assert np.array_equal(a, all_a[start : start + size]), (start, size)
+
+
+def test_more_windows_than_one_call_takes_are_split(trained_sines: AttentionLSTM) -> None:
+    engine = _engine(trained_sines, max_batch=10)
+    assert engine.rows == PAD_ROWS
+    x = _windows(100, trained_sines.config.window, seed=3)
+    y, _ = engine.forecast(x)
+    np.testing.assert_array_equal(y, _engine(trained_sines).forecast(x)[0])
+
+
+def test_an_empty_batch(trained_sines: AttentionLSTM) -> None:
+    y, a = _engine(trained_sines).forecast(np.empty((0, trained_sines.config.window)))
+    assert y.shape == (0, 1)
+    assert a.shape == (0, trained_sines.config.window)
+
+
+@CUDA
+def test_cuda_agrees_with_the_cpu(trained_sines: AttentionLSTM) -> None:
+    x = _windows(777, trained_sines.config.window, seed=4)
+    cpu_y, cpu_a = _engine(trained_sines).forecast(x)
+    model = AttentionLSTM(trained_sines.config)
+    model.load_state_dict(trained_sines.state_dict())
+    gpu_y, gpu_a = _engine(model, "cuda").forecast(x)
+    np.testing.assert_allclose(gpu_y, cpu_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gpu_a, cpu_a, atol=1e-5)
+
+
+@CUDA
+def test_cuda_uses_pinned_buffers_and_one_copy_each_way(trained_sines: AttentionLSTM) -> None:
+    model = AttentionLSTM(trained_sines.config)
+    model.load_state_dict(trained_sines.state_dict())
+    engine = _engine(model, "cuda", max_batch=512)
+    assert engine._x.is_pinned()
+    assert engine._y.is_pinned()
+    assert engine._a.is_pinned()
+    x = _windows(500, trained_sines.config.window, seed=5)
+    engine.forecast(x)  # warm up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.forecast(x)
+    names = [event.name for event in prof.events()]
+    host_to_device = [n for n in names if "HtoD" in n]
+    device_to_host = [n for n in names if "DtoH" in n]
+    assert len(host_to_device) == 1, host_to_device  # the whole batch at once
+    assert len(device_to_host) == 2, device_to_host  # forecasts and attention

@@ -1,0 +1,150 @@
+"""Settings: defaults, ATTNLSTM_* variables, a .env file, keyword overrides, the checks,
+and a Redis URL that never reaches the logs with its password."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from worker.settings import Settings, redact
+
+
+@pytest.fixture(autouse=True)
+def _no_attnlstm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables of the machine running the tests must not leak into them."""
+    for name in list(os.environ):
+        if name.upper().startswith("ATTNLSTM_"):
+            monkeypatch.delenv(name)
+
+
+def _settings(**values: Any) -> Settings:
+    """Settings from the environment and ``values``, never from a ``.env`` file. (The
+    dict keeps mypy, which sees only the fields in ``__init__``, from refusing _env_file.)"""
+    return Settings(**{"_env_file": None, **values})
+
+
+def test_defaults() -> None:
+    s = _settings()
+    assert s.redis_url is None
+    assert s.url() is None
+    assert (s.input_stream, s.output_stream, s.dead_stream) == (
+        "sensors",
+        "forecasts",
+        "sensors:dead",
+    )
+    assert s.group == "forecasters"
+    assert s.max_batch == 1024
+    assert s.output_maxlen == 1_000_000
+    assert s.consumer.endswith(f"-{os.getpid()}")
+    assert s.url_for_logs() == "(embedded)"
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNLSTM_INPUT_STREAM", "plant:in")
+    monkeypatch.setenv("ATTNLSTM_MAX_BATCH", "64")
+    monkeypatch.setenv("ATTNLSTM_MAX_WAIT_MS", "2.5")
+    monkeypatch.setenv("ATTNLSTM_REDIS_URL", "redis://redis.internal:6380/2")
+    s = _settings()
+    assert s.input_stream == "plant:in"
+    assert s.max_batch == 64
+    assert s.max_wait_ms == 2.5
+    assert s.url() == "redis://redis.internal:6380/2"
+
+
+def test_keyword_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNLSTM_GROUP", "from-env")
+    monkeypatch.setenv("ATTNLSTM_MAX_BATCH", "64")
+    s = _settings(group="from-flag")
+    assert s.group == "from-flag"
+    assert s.max_batch == 64  # the others still come from the environment
+
+
+def test_dot_env_in_the_working_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text(
+        "ATTNLSTM_OUTPUT_STREAM=plant:out\nATTNLSTM_MAX_SERIES=7\nATTNLSTM_GROUP=from-file\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATTNLSTM_GROUP", "from-env")
+    s = Settings()
+    assert s.output_stream == "plant:out"
+    assert s.max_series == 7
+    assert s.group == "from-env"  # the environment beats the file
+    assert _settings().output_stream == "forecasts"
+
+
+@pytest.mark.parametrize("url", ["http://host:6379", "host:6379", "redis+sentinel://host"])
+def test_unknown_url_scheme_is_rejected(url: str) -> None:
+    with pytest.raises(ValidationError, match="redis_url"):
+        _settings(redis_url=url)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://h:6380", "unix:///tmp/redis.sock"]
+)
+def test_known_url_schemes_are_accepted(url: str) -> None:
+    assert _settings(redis_url=url).url() == url
+
+
+def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
+    _settings(block_ms=5000, socket_timeout_s=10.0)  # exactly half: fine
+    with pytest.raises(ValidationError, match="block_ms"):
+        _settings(block_ms=5001, socket_timeout_s=10.0)
+    with pytest.raises(ValidationError, match="block_ms"):
+        _settings(socket_timeout_s=1.5)  # the default block_ms is 1000
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_batch", 0), ("max_series", 0), ("block_ms", 0), ("lease_ttl_ms", 999)],
+)
+def test_out_of_range_numbers_are_rejected(field: str, value: int) -> None:
+    with pytest.raises(ValidationError, match=field):
+        _settings(**{field: value})
+
+
+def test_redact_hides_the_password() -> None:
+    assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact("rediss://:secret@host") == "rediss://:***@host"
+    assert redact("redis://u:p%40ss@host") == "redis://u:***@host"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://host:6379/0", "redis://user@host", "unix:///tmp/redis.sock"]
+)
+def test_redact_leaves_a_url_without_password_alone(url: str) -> None:
+    assert redact(url) == url
+
+
+def test_url_for_logs_never_holds_the_password() -> None:
+    s = _settings(redis_url="rediss://admin:hunter2@cache.example:6380/1")
+    assert s.url_for_logs() == "rediss://admin:***@cache.example:6380/1"
+    assert "hunter2" not in repr(s)
+    assert "hunter2" not in str(s.model_dump())
+    assert s.url() == "rediss://admin:hunter2@cache.example:6380/1"
+
+
+@pytest.mark.parametrize(
+    "url", ["unix:///run/redis.sock?db=0&password=hunter2", "redis://host:6379/0?password=hunter2"]
+)
+def test_url_for_logs_hides_a_password_in_the_query_string(url: str) -> None:
+    assert "hunter2" not in _settings(redis_url=url).url_for_logs()
+
+
+def test_keys_follow_the_stream_and_group_names() -> None:
+    s = _settings(input_stream="in", output_stream="out", dead_stream="bad")
+    keys = _settings(input_stream="in", group="g").keys
+    assert (s.keys.input, s.keys.output, s.keys.dead, s.keys.group) == (
+        "in",
+        "out",
+        "bad",
+        "forecasters",
+    )
+    assert keys.state == "in:state:g"
+    assert keys.lease == "in:lease:g"
+    assert _settings().keys.state == "sensors:state:forecasters"

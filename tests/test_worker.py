@@ -1,0 +1,220 @@
+"""The worker end to end, against a real server: the stream contract and its guarantees."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+import redis
+
+from attnlstm.checkpoint import load
+from attnlstm.model import AttentionLSTM
+from tests.helpers import (
+    by_src,
+    entries,
+    expected,
+    fill,
+    forecasts_by_src,
+    run_worker,
+    sine_values,
+    worker_cmd,
+    worker_env,
+)
+
+
+def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    values = sine_values(200, 100, seed=1)
+    ids = fill(redis_client, f"{stream_prefix}sensors", values)
+    report = run_worker(worker_cmd(model_file, redis_url, stream_prefix), cwd=tmp_path)
+
+    want = expected(trained_sines, values, ids)
+    got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")
+    assert set(got) == set(want)  # exactly the inputs whose window is full, once each
+    assert len(got) == 200 * (100 - trained_sines.config.window + 1)
+    version = load(model_file).version
+    index = {entry_id: k for k, entry_id in enumerate(ids)}
+    for src, fields in got.items():
+        yhat = np.array(json.loads(fields[b"yhat"]))
+        np.testing.assert_allclose(yhat, want[src], rtol=1e-5, atol=1e-5)
+        attn = json.loads(fields[b"attn"])
+        assert len(attn) == trained_sines.config.window
+        assert abs(sum(attn) - 1) < 1e-5
+        assert fields[b"model"].decode() == version
+        assert fields[b"series"] == f"s{index[src] % 200}".encode()
+        assert int(fields[b"ts"]) == int(src.split(b"-")[0])
+    assert report["forecasts"] == len(want)
+    assert report["warming"] == 200 * (trained_sines.config.window - 1)
+    assert report["dead"] == 0
+    assert redis_client.xlen(f"{stream_prefix}sensors") == len(ids)  # input never trimmed
+    assert redis_client.xpending(f"{stream_prefix}sensors", "forecasters")["pending"] == 0
+
+
+BAD_ENTRIES: list[tuple[dict[str, bytes], str]] = [
+    ({"value": b"1.0"}, "missing field: series"),
+    ({"series": b"", "value": b"1.0"}, "series is empty"),
+    ({"series": b"x" * 129, "value": b"1.0"}, "longer than 128"),
+    ({"series": b"has space", "value": b"1.0"}, "characters outside"),
+    ({"series": b"\xff\xfe", "value": b"1.0"}, "not UTF-8"),
+    ({"series": b"s0"}, "missing field: value"),
+    ({"series": b"s0", "value": b"abc"}, "not a decimal number"),
+    ({"series": b"s0", "value": b"nan"}, "not a decimal number"),
+    ({"series": b"s0", "value": b"1e999"}, "out of range"),
+    ({"series": b"s0", "value": b"\xff"}, "not a decimal number"),
+    ({"series": b"s0", "value": b"1.0", "ts": b"yesterday"}, "ts is not"),
+    ({"series": b"s0", "value": b"1.0", "ts": b"-5"}, "ts is not"),
+]
+
+
+def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    sensors, window = f"{stream_prefix}sensors", load(model_file).config.window
+    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        values = sine_values(3, window + 10, seed=2)
+        bad_ids: dict[bytes, str] = {}
+        for t in range(values.shape[0]):  # bad entries mixed among good ones
+            for j in range(3):
+                redis_client.xadd(sensors, {"series": f"s{j}", "value": repr(float(values[t, j]))})
+            if t < len(BAD_ENTRIES):
+                fields, reason = BAD_ENTRIES[t]
+                bad_ids[cast(bytes, redis_client.xadd(sensors, fields))] = reason  # type: ignore[arg-type]
+        good = 3 * (values.shape[0] - window + 1)
+        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= good, proc)
+        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") >= len(bad_ids), proc)
+        assert proc.poll() is None, "the worker died"
+        dead = by_src(redis_client, f"{stream_prefix}sensors:dead")
+        assert set(dead) == set(bad_ids)
+        inputs = dict(entries(redis_client, sensors))
+        for src, reason in bad_ids.items():
+            assert reason in dead[src][b"error"].decode(), (reason, dead[src])
+            original = inputs[src]
+            assert {k: dead[src][k] for k in original} == original  # the fields, unchanged
+        assert redis_client.xlen(f"{stream_prefix}forecasts") == good
+        assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped: saved windows of 3 series" in err
+
+
+def test_metrics_and_health_endpoints(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    port = _free_port()
+    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
+    cmd[cmd.index("--metrics-port") + 1] = str(port)
+    fill(redis_client, f"{stream_prefix}sensors", sine_values(5, 30))
+    redis_client.xadd(f"{stream_prefix}sensors", {"series": "s0", "value": "oops"})
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") == 1, proc)
+        _wait_for(lambda: _get(port, "/healthz")[0] == 200, proc)
+        _, body = _get(port, "/healthz")
+        assert json.loads(body)["redis"] is True
+        _, text = _get(port, "/metrics")
+        samples = _samples(text)
+        assert samples["attnlstm_entries_read_total"] == 151
+        assert samples["attnlstm_forecasts_published_total"] == 5 * (30 - 20 + 1)
+        assert samples['attnlstm_dead_lettered_total{reason="value"}'] == 1
+        assert samples["attnlstm_end_to_end_latency_seconds_count"] == 55
+        assert samples["attnlstm_batch_size_count"] >= 1
+        # The lag gauge is refreshed on a timer: it drops to 0 once that has run.
+        _wait_for(lambda: _samples(_get(port, "/metrics")[1])["attnlstm_group_lag"] == 0, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def test_a_second_worker_waits_for_the_lease(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    """Two workers on one stream would each see half of every series' values."""
+    first = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "a")
+    second = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "b")
+    proc_a = subprocess.Popen(first, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE)
+    try:
+        _wait_for(
+            lambda: redis_client.get(f"{stream_prefix}sensors:lease:forecasters") == b"a", proc_a
+        )
+        proc_b = subprocess.Popen(
+            second, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(4)
+        proc_b.send_signal(signal.SIGTERM)
+        _, err = proc_b.communicate(timeout=30)
+        assert proc_b.returncode == 0
+        assert "waiting: a holds the lease" in err
+    finally:
+        proc_a.send_signal(signal.SIGTERM)
+        proc_a.communicate(timeout=30)
+    assert redis_client.get(f"{stream_prefix}sensors:lease:forecasters") is None  # released
+
+
+def _wait_for(
+    condition: object, proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout: float = 60
+) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the worker exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for the worker")
+        time.sleep(0.05)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out

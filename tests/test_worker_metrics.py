@@ -1,0 +1,140 @@
+"""The worker's metrics: the bulk histogram counts like prometheus_client's own, health
+follows Redis and the heartbeat, and the HTTP server answers /metrics and /healthz."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from worker.metrics import LATENCY_BUCKETS_S, BulkHistogram, Metrics, serve
+
+NAME = "test_latency_seconds"
+
+
+def _both(values: list[np.ndarray]) -> tuple[CollectorRegistry, CollectorRegistry]:
+    """The same values in a BulkHistogram (by array) and a Histogram (one by one)."""
+    bulk_registry, ref_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram(NAME, "doc", LATENCY_BUCKETS_S)
+    bulk_registry.register(bulk)
+    ref = Histogram(NAME, "doc", buckets=LATENCY_BUCKETS_S, registry=ref_registry)
+    for batch in values:
+        bulk.observe_many(batch)
+        for value in batch.ravel():
+            ref.observe(float(value))
+    return bulk_registry, ref_registry
+
+
+def _buckets(registry: CollectorRegistry) -> dict[str, float | None]:
+    les = [*(str(e) for e in LATENCY_BUCKETS_S), "+Inf"]
+    return {le: registry.get_sample_value(f"{NAME}_bucket", {"le": le}) for le in les}
+
+
+def _assert_same(bulk: CollectorRegistry, ref: CollectorRegistry) -> None:
+    assert _buckets(bulk) == _buckets(ref)
+    assert None not in _buckets(bulk).values()
+    assert bulk.get_sample_value(f"{NAME}_count") == ref.get_sample_value(f"{NAME}_count")
+    assert bulk.get_sample_value(f"{NAME}_sum") == pytest.approx(
+        ref.get_sample_value(f"{NAME}_sum"), rel=1e-12
+    )
+
+
+def test_bulk_histogram_counts_like_prometheus_histogram() -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.lognormal(mean=-4, sigma=2, size=n) for n in (1, 0, 50, 300)]
+    bulk, ref = _both(batches)
+    _assert_same(bulk, ref)
+    assert bulk.get_sample_value(f"{NAME}_count") == 351
+
+
+def test_values_on_a_bucket_edge_fall_in_that_bucket() -> None:
+    edges = np.array(LATENCY_BUCKETS_S)
+    bulk, ref = _both([edges, np.array([0.0, -0.5, 10.0, 10.000001, 1e9])])
+    _assert_same(bulk, ref)
+    assert bulk.get_sample_value(f"{NAME}_bucket", {"le": "0.001"}) == 3  # 0, -0.5, 0.001
+    assert bulk.get_sample_value(f"{NAME}_bucket", {"le": "10.0"}) == 13 + 3
+    assert bulk.get_sample_value(f"{NAME}_bucket", {"le": "+Inf"}) == 13 + 5
+
+
+def test_empty_bulk_histogram_is_all_zero() -> None:
+    bulk, ref = _both([np.array([])])
+    _assert_same(bulk, ref)
+    assert bulk.get_sample_value(f"{NAME}_bucket", {"le": "+Inf"}) == 0
+
+
+def test_health_needs_redis_and_a_fresh_heartbeat() -> None:
+    metrics = Metrics()
+    ok, body = metrics.health(stale_after_s=10)
+    assert not ok  # not connected yet
+    assert body["redis"] is False
+    metrics.connected = True
+    ok, body = metrics.health(stale_after_s=10)
+    assert ok
+    assert body["ok"] is True
+    metrics.heartbeat = time.monotonic() - 30
+    ok, body = metrics.health(stale_after_s=10)
+    assert not ok
+    assert isinstance(body["loop_age_s"], float)
+    assert body["loop_age_s"] >= 30
+    metrics.beat()
+    assert metrics.health(stale_after_s=10)[0]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Metrics, str]]:
+    """One server for the module (shutting one down takes half a second)."""
+    metrics = Metrics()
+    server: ThreadingHTTPServer = serve(metrics, port=0, stale_after_s=10)
+    try:
+        port = server.server_address[1]
+        assert port != 0  # port 0 asked the OS for a free one
+        yield metrics, f"http://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def test_metrics_endpoint(served: tuple[Metrics, str]) -> None:
+    metrics, base = served
+    metrics.entries_read.inc(7)
+    metrics.latency.observe_many(np.array([0.003, 0.004]))
+    status, content_type, body = _get(base + "/metrics")
+    assert status == 200
+    assert content_type.startswith("text/plain")
+    text = body.decode()
+    assert "attnlstm_entries_read_total 7.0" in text
+    assert 'attnlstm_end_to_end_latency_seconds_bucket{le="0.005"} 2.0' in text
+
+
+def test_healthz_follows_the_connection(served: tuple[Metrics, str]) -> None:
+    metrics, base = served
+    metrics.connected = False
+    status, content_type, body = _get(base + "/healthz")
+    assert (status, content_type) == (503, "application/json")
+    assert json.loads(body)["redis"] is False
+    metrics.connected = True
+    metrics.beat()
+    status, _, body = _get(base + "/healthz")
+    assert status == 200
+    assert json.loads(body)["ok"] is True
+
+
+def test_unknown_path_is_404(served: tuple[Metrics, str]) -> None:
+    status, _, body = _get(served[1] + "/nope")
+    assert status == 404
+    assert b"/metrics" in body

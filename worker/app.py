@@ -1,0 +1,86 @@
+"""``attnlstm worker``: wire the settings, Redis, the model and the loop together."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import torch
+
+from attnlstm.device import resolve_device
+from worker.embedded import EmbeddedServer
+from worker.engine import Engine
+from worker.metrics import Metrics, serve
+from worker.offline import open_checkpoint
+from worker.service import Worker
+from worker.settings import Settings
+from worker.streams import connect
+
+log = logging.getLogger("attnlstm.worker")
+
+
+@contextlib.contextmanager
+def redis_url(settings: Settings) -> Iterator[str]:
+    """The configured Redis, or an embedded server for as long as the block runs."""
+    url = settings.url()
+    if url is not None:
+        log.info("Redis at %s", settings.url_for_logs())
+        yield url
+        return
+    with EmbeddedServer() as server:
+        log.info("no ATTNLSTM_REDIS_URL set: started %s", server.describe())
+        yield server.url
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The model from ``settings.model`` on its device (CheckpointError when missing)."""
+    checkpoint = open_checkpoint(settings.model)
+    device = resolve_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    engine = Engine(checkpoint, device=device, max_batch=settings.max_batch)
+    log.info(
+        "model %s (window %d, horizon %d) from %s on %s",
+        engine.version,
+        engine.window,
+        engine.horizon,
+        settings.model,
+        device,
+    )
+    return engine
+
+
+def run_worker(settings: Settings, *, burst: bool) -> dict[str, float]:
+    engine = build_engine(settings)
+    metrics = Metrics()
+    server = None
+    if settings.metrics_port:
+        stale_after_s = max(3 * settings.block_ms / 1000, 10.0)
+        server = serve(metrics, port=settings.metrics_port, stale_after_s=stale_after_s)
+        log.info("metrics on :%d/metrics, health on :%d/healthz", *(settings.metrics_port,) * 2)
+    try:
+        with redis_url(settings) as url:
+            client = connect(
+                url, socket_timeout_s=settings.socket_timeout_s, client_name=settings.consumer
+            )
+            worker = Worker(client, engine=engine, settings=settings, metrics=metrics, burst=burst)
+            previous = {s: signal.signal(s, worker.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            log.info(
+                "consumer %s of group %s on %s -> %s (dead: %s)",
+                settings.consumer,
+                settings.group,
+                settings.input_stream,
+                settings.output_stream,
+                settings.dead_stream,
+            )
+            try:
+                return worker.run()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                client.close()
+    finally:
+        if server is not None:
+            server.shutdown()

