@@ -99,7 +99,7 @@ def worker_cmd(model: Path, url: str, prefix: str, *extra: str) -> list[str]:
 def worker_env() -> dict[str, str]:
     """The environment for a worker child: no stray ATTNLSTM_* settings, no .env."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 

@@ -13,6 +13,7 @@ from worker.contract import (
     dead_fields,
     entry_ms,
     forecast_fields,
+    fraction_rows,
     json_rows,
     parse,
     reason_kind,
@@ -155,26 +156,33 @@ def test_json_rows_read_back_exactly_without_rounding() -> None:
         assert json.loads(text) == row.tolist()  # float == float: exact
 
 
-def test_json_rows_rounded_attention_still_sums_to_one() -> None:
+def test_fraction_rows_are_json_with_seven_decimals_that_sum_to_one() -> None:
     logits = np.random.default_rng(1).normal(scale=3.0, size=(64, 24))
     weights = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
-    rows = [json.loads(text) for text in json_rows(weights, decimals=7)]
+    rows = [json.loads(text) for text in fraction_rows(weights)]
     back = np.array(rows)
     assert back.shape == weights.shape
-    np.testing.assert_allclose(back, weights, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(back, weights, rtol=0, atol=5e-8 + 1e-9)
     np.testing.assert_allclose(back.sum(axis=1), 1.0, rtol=0, atol=1e-6)
-    assert all(v == round(v, 7) for row in rows for v in row)  # 7 decimals, not 17 digits
+
+
+def test_fraction_rows_format_the_edges() -> None:
+    rows = fraction_rows(np.array([[0.0, 1.0, 0.05000004, 0.99999996], [0.5, 0.25, 1e-9, 0.1]]))
+    assert rows == [
+        b"[0.0000000, 1.0000000, 0.0500000, 1.0000000]",
+        b"[0.5000000, 0.2500000, 0.0000000, 0.1000000]",
+    ]
+    assert fraction_rows(np.empty((0, 4))) == []
 
 
 def test_json_rows_of_one_column_and_of_no_rows() -> None:
-    assert json_rows(np.array([[1.5], [-2.0], [3.25]])) == ["[1.5]", "[-2.0]", "[3.25]"]
-    assert json_rows(np.array([[7.0]])) == ["[7.0]"]
+    assert json_rows(np.array([[1.5], [-2.0], [3.25]])) == [b"[1.5]", b"[-2.0]", b"[3.25]"]
+    assert json_rows(np.array([[7.0]])) == [b"[7.0]"]
     assert json_rows(np.empty((0, 4))) == []
-    assert json_rows(np.empty((0, 1)), decimals=7) == []
 
 
 def test_forecast_fields_are_the_six_fields_in_order() -> None:
-    flat = forecast_fields("s1", b"17-0", 1_700_000_000_000, "[1.0]", "[0.5, 0.5]", "m1")
+    flat = forecast_fields("s1", b"17-0", 1_700_000_000_000, b"[1.0]", b"[0.5, 0.5]", b"m1")
     assert flat[0::2] == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
     assert flat[1::2] == (b"s1", b"17-0", b"1700000000000", b"[1.0]", b"[0.5, 0.5]", b"m1")
 
@@ -198,3 +206,13 @@ def test_reason_kind_is_a_short_label(fields: dict[bytes, bytes], kind: str) -> 
 
 def test_reason_kind_of_an_empty_reason() -> None:
     assert reason_kind("") == "unknown"
+
+
+def test_known_series_are_learned_and_bad_ones_are_not() -> None:
+    known: dict[bytes, str] = {}
+    assert parse(ID, {b"series": b"s-1", b"value": b"1"}, known) == Reading("s-1", 1.0, ID_MS)
+    assert known == {b"s-1": "s-1"}
+    assert isinstance(parse(ID, {b"series": b"bad one", b"value": b"1"}, known), str)
+    assert known == {b"s-1": "s-1"}
+    # A known series still gets its value checked.
+    assert isinstance(parse(ID, {b"series": b"s-1", b"value": b"nan"}, known), str)

@@ -13,6 +13,7 @@ from typing import cast
 import numpy as np
 import pytest
 import redis
+import torch
 
 from attnlstm.checkpoint import load
 from attnlstm.model import AttentionLSTM
@@ -29,7 +30,18 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+        ),
+    ],
+)
 def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
+    device: str,
     redis_client: redis.Redis,
     redis_url: str,
     stream_prefix: str,
@@ -39,7 +51,9 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
 ) -> None:
     values = sine_values(200, 100, seed=1)
     ids = fill(redis_client, f"{stream_prefix}sensors", values)
-    report = run_worker(worker_cmd(model_file, redis_url, stream_prefix), cwd=tmp_path)
+    cmd = worker_cmd(model_file, redis_url, stream_prefix)
+    cmd[cmd.index("--device") + 1] = device
+    report = run_worker(cmd, cwd=tmp_path)
 
     want = expected(trained_sines, values, ids)
     got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")

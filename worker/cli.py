@@ -25,6 +25,7 @@ from attnlstm.model import ModelConfig
 from attnlstm.train import TrainConfig
 from worker import offline
 from worker.app import run_worker
+from worker.bench import BenchPlan, format_report, run_bench
 from worker.embedded import EmbeddedServerError
 from worker.settings import Settings
 
@@ -127,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
         "see the README for every setting.",
     )
     _worker_args(work)
+
+    bench = sub.add_parser(
+        "bench", help="worker throughput and latency beside raw Redis and per-entry serving"
+    )
+    bench.add_argument("--model", type=Path, default=None, help="(default: an untrained model)")
+    bench.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    bench.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
+    bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
+    bench.add_argument("--entries", type=_positive, default=100_000, help="(default 100000)")
+    bench.add_argument("--series", type=_positive, default=1_000, help="(default 1000)")
+    bench.add_argument(
+        "--per-entry-entries", type=_positive, default=20_000, help="(default 20000)"
+    )
+    bench.add_argument("--rate", type=_positive, default=2_000, help="entries/s (default 2000)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
 
 
@@ -175,6 +192,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "worker":
         logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
         return run_worker(worker_settings(args), burst=args.burst)
+    if args.command == "bench":
+        logging.basicConfig(level="INFO", format=LOG_FORMAT)
+        torch.set_num_threads(args.threads)
+        plan = BenchPlan(
+            entries=args.entries,
+            series=args.series,
+            per_entry_entries=args.per_entry_entries,
+            rate=args.rate,
+            seconds=args.seconds,
+        )
+        model = offline.open_checkpoint(args.model).model if args.model else None
+        return run_bench(
+            plan=plan, device=resolve_device(args.device), url=args.redis_url, model=model
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -241,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(report))
+    elif args.command == "bench":
+        print(format_report(report))
     else:
         _print_human(report)
     return 0

@@ -15,8 +15,9 @@ import numpy as np
 
 SERIES_MAX_CHARS = 128
 _SERIES = re.compile(rb"[A-Za-z0-9_.:/-]{1,128}")
-# Decimal numbers only: Python's float() would also take "nan", "1_000" and " 1 ".
-_NUMBER = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# Decimal numbers only. Python's float() also takes "nan", "inf", "1_000" and " 1 ";
+# with these characters alone, what float() takes is a decimal number.
+_NUMBER_CHARS = b"0123456789+-.eE"
 _VALUE_MAX_CHARS = 64
 _INT = re.compile(rb"\d{1,16}")  # ms since the epoch; 16 digits is past year 300,000
 
@@ -35,27 +36,45 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-def parse(entry_id: bytes, fields: Fields) -> Reading | str:
-    """A valid reading, or a short reason why the entry is not one."""
+def parse(entry_id: bytes, fields: Fields, known: dict[bytes, str] | None = None) -> Reading | str:
+    """A valid reading, or a short reason why the entry is not one.
+
+    ``known`` maps series ids already validated to their names, and learns new ones: a
+    dict lookup instead of a regex for every entry of a known series.
+    """
     series = fields.get(b"series")
     if series is None:
         return "missing field: series"
-    if not _SERIES.fullmatch(series):
-        return _bad_series(series)
+    name = None if known is None else known.get(series)
+    if name is None:
+        if not _SERIES.fullmatch(series):
+            return _bad_series(series)
+        name = series.decode("ascii")
+        if known is not None:
+            known[series] = name
     value = fields.get(b"value")
     if value is None:
         return "missing field: value"
-    if len(value) > _VALUE_MAX_CHARS or not _NUMBER.fullmatch(value):
+    number = _decimal(value)
+    if number is None:
         return f"value is not a decimal number: {_show(value)}"
-    number = float(value)
     if not math.isfinite(number):
         return f"value is out of range: {_show(value)}"
     ts = fields.get(b"ts")
     if ts is None:
-        return Reading(series.decode("ascii"), number, entry_ms(entry_id))
+        return Reading(name, number, entry_ms(entry_id))
     if not _INT.fullmatch(ts):
         return f"ts is not a whole number of ms since the epoch: {_show(ts)}"
-    return Reading(series.decode("ascii"), number, int(ts))
+    return Reading(name, number, int(ts))
+
+
+def _decimal(value: bytes) -> float | None:
+    if len(value) > _VALUE_MAX_CHARS or value.translate(None, _NUMBER_CHARS):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _bad_series(series: bytes) -> str:
@@ -81,32 +100,64 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
     return {**fields, b"src": src, b"error": error.encode()}
 
 
-def json_rows(matrix: np.ndarray, decimals: int | None = None) -> list[str]:
-    """Each row of a 2-D array as a JSON list, formatted in one call for the batch.
-
-    ``decimals`` rounds first (attention weights need 7 decimals, not 17 digits);
-    None keeps float64's shortest round-trip form, so a value reads back exactly.
-    """
+def json_rows(matrix: np.ndarray) -> list[bytes]:
+    """Each row of a 2-D array as a JSON list, in float64's shortest round-trip form (a
+    value reads back exactly), formatted in one call for the whole batch."""
     if matrix.shape[0] == 0:
         return []
-    values = matrix.astype(np.float64, copy=False)
-    if decimals is not None:
-        values = np.round(values, decimals)
-    text = json.dumps(values.tolist())  # "[[a, b], [c, d]]"
-    return [f"[{row}]" for row in text[2:-2].split("], [")]
+    text = json.dumps(matrix.astype(np.float64, copy=False).tolist()).encode()
+    return [b"[" + row + b"]" for row in text[2:-2].split(b"], [")]  # "[[a, b], [c, d]]"
+
+
+def _digit_table(width: int) -> np.ndarray:
+    """ASCII digits of 0 .. 10**width - 1, zero-padded: (10**width, width) uint8."""
+    numbers = np.arange(10**width)[:, None] // 10 ** np.arange(width - 1, -1, -1) % 10
+    return (numbers + ord("0")).astype(np.uint8)
+
+
+_HIGH, _LOW = _digit_table(3), _digit_table(4)  # 7 decimals = 3 + 4 digits
+
+
+def fraction_rows(matrix: np.ndarray) -> list[bytes]:
+    """Each row of an array of values in [0, 1] (attention weights) as a JSON list of
+    7-decimal fixed-point numbers, ``0.0500001``.
+
+    Built as one array of ASCII bytes for the whole batch, from digit tables: json.dumps
+    spends most of its time in float repr, and weights need 7 decimals, not 17 digits.
+    """
+    n, width = matrix.shape
+    if n == 0:
+        return []
+    scaled = np.rint(np.clip(matrix.astype(np.float64), 0.0, 1.0) * 1e7).astype(np.int32)
+    whole, fraction = np.divmod(scaled, 10_000_000)
+    high, low = np.divmod(fraction, 10_000)
+    cells = np.empty((n, width, 11), dtype=np.uint8)  # "0.1234567, "
+    cells[..., 0] = whole + ord("0")
+    cells[..., 1] = ord(".")
+    cells[..., 2:5] = _HIGH[high]
+    cells[..., 5:9] = _LOW[low]
+    cells[..., 9] = ord(",")
+    cells[..., 10] = ord(" ")
+    line = np.empty((n, width * 11), dtype=np.uint8)  # "[" + cells without the last ", " + "]"
+    line[:, 0] = ord("[")
+    line[:, 1:-1] = cells.reshape(n, -1)[:, :-2]
+    line[:, -1] = ord("]")
+    size = line.shape[1]
+    data = line.tobytes()
+    return [data[k : k + size] for k in range(0, n * size, size)]
 
 
 def forecast_fields(
-    series: str, src: bytes, ts: int, yhat: str, attn: str, model: str
+    series: str, src: bytes, ts: int, yhat: bytes, attn: bytes, model: bytes
 ) -> tuple[bytes, ...]:
     """A forecast entry's fields and values, flat, in XADD's argument order."""
     return (
         b"series", series.encode(),
         b"src", src,
         b"ts", b"%d" % ts,
-        b"yhat", yhat.encode(),
-        b"attn", attn.encode(),
-        b"model", model.encode(),
+        b"yhat", yhat,
+        b"attn", attn,
+        b"model", model,
     )  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from worker.contract import (
     dead_fields,
     entry_ms,
     forecast_fields,
+    fraction_rows,
     json_rows,
     parse,
     reason_kind,
@@ -36,6 +37,7 @@ from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.state import NO_SLOT, StateError, WindowState
 from worker.streams import (
+    Command,
     Entry,
     Lease,
     ensure_group,
@@ -43,13 +45,12 @@ from worker.streams import (
     group_info,
     id_key,
     pending_deliveries,
-    queue,
     stream_range,
+    transaction,
 )
 
 log = logging.getLogger("attnlstm.worker")
 
-ATTN_DECIMALS = 7  # weights sum to 1 within window * 5e-8
 AUDIT_INTERVAL_S = 2.0  # pending-entry audit and lag gauge
 BURST_BLOCK_MS = 200  # in --burst mode, an empty read this long means drained
 
@@ -107,6 +108,7 @@ class Worker:
         self.lease = Lease(
             client, key=self.keys.lease, owner=settings.consumer, ttl_ms=settings.lease_ttl_ms
         )
+        self._known: dict[bytes, str] = {}  # series ids already validated
         self._ready = False  # state restored and in step with the group
         self._stopping = False
         self._had_group = False
@@ -381,18 +383,21 @@ class Worker:
 
     def _sort_out(self, entries: list[Entry], pending: dict[bytes, int] | None) -> _Batch:
         batch = _Batch()
-        last = id_key(self.state.last_id)
-        for entry_id, fields in entries:
+        if len(self._known) > 2 * self.settings.max_series:  # bounded, like the windows
+            self._known.clear()
+        handled = self._handled_before(entries)
+        max_deliveries = self.settings.max_deliveries
+        for k, (entry_id, fields) in enumerate(entries):
             ours = pending is None or entry_id in pending
             if ours:
                 batch.acks.append(entry_id)
-            if fields is None or id_key(entry_id) <= last:
+            if fields is None or k < handled:
                 continue  # deleted, or handled before the state was saved
-            if pending is not None and pending.get(entry_id, 0) > self.settings.max_deliveries:
+            if pending is not None and pending.get(entry_id, 0) > max_deliveries:
                 reason = f"delivered {pending[entry_id]} times without being handled"
                 batch.dead.append((entry_id, fields, reason))
                 continue
-            reading = parse(entry_id, fields)
+            reading = parse(entry_id, fields, self._known)
             if isinstance(reading, str):
                 if ours:
                     batch.dead.append((entry_id, fields, reading))
@@ -405,6 +410,17 @@ class Worker:
             batch.publish.append(ours)
         return batch
 
+    def _handled_before(self, entries: list[Entry]) -> int:
+        """How many leading entries the state already reflects (reads come in id order,
+        so only a batch that starts at or before the state's entry needs looking at)."""
+        last = id_key(self.state.last_id)
+        if not entries or id_key(entries[0][0]) > last:
+            return 0
+        return next(
+            (k for k, (entry_id, _) in enumerate(entries) if id_key(entry_id) > last),
+            len(entries),
+        )
+
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if windows.shape[0] == 0:
             return np.empty((0, self.engine.horizon)), np.empty((0, self.engine.window))
@@ -414,29 +430,28 @@ class Worker:
         return yhat, attn
 
     def _publish(self, batch: _Batch, rows: np.ndarray, yhat: np.ndarray, attn: np.ndarray) -> None:
-        finite = np.isfinite(yhat).all(axis=1)
+        finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
         for i in rows[~finite]:
             reason = "the model's forecast is not finite"
             batch.dead.append((batch.ids[i], batch.fields[i], reason))
         rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
         s, keys = self.settings, self.keys
-        pipe = self.client.pipeline(transaction=True)
-        version = self.engine.version
+        version = self.engine.version.encode()
         output = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % s.output_maxlen, b"*")
-        for i, y, a in zip(
-            rows.tolist(), json_rows(yhat), json_rows(attn, ATTN_DECIMALS), strict=True
-        ):
-            fields = forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version)
-            queue(pipe, *output, *fields)
+        commands: list[Command] = [
+            (*output, *forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version))
+            for i, y, a in zip(rows.tolist(), json_rows(yhat), fraction_rows(attn), strict=True)
+        ]
         dead = (b"XADD", keys.dead.encode(), b"MAXLEN", b"~", b"%d" % s.output_maxlen, b"*")
         for entry_id, fields_in, reason in batch.dead:
-            queue(pipe, *dead, *_flat(dead_fields(fields_in, entry_id, reason)))
+            commands.append((*dead, *_flat(dead_fields(fields_in, entry_id, reason))))
         if batch.acks:
-            pipe.xack(keys.input, keys.group, *batch.acks)
+            commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *batch.acks))
         checkpoint = time.monotonic() >= self._next_checkpoint
         if checkpoint:
-            pipe.set(keys.state, self.state.to_bytes())
-        pipe.execute()
+            commands.append((b"SET", keys.state.encode(), self.state.to_bytes()))
+        if commands:
+            transaction(self.client, commands)
         now_ms = time.time() * 1000
         if checkpoint:
             self._next_checkpoint = time.monotonic() + s.checkpoint_interval_s

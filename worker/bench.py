@@ -1,0 +1,349 @@
+"""``attnlstm bench``: the worker's throughput and latency, beside baselines measured in
+the same run on the same server.
+
+- worker: ``attnlstm worker --burst`` draining pre-filled entries (in-process).
+- raw: the same reads, publishes and acks with no validation, windows or model: the
+  ceiling Redis and redis-py put on any worker written this way.
+- per-entry: the worker with one model call per entry (the article's way of calling
+  the model), its Redis I/O still batched; and one-at-a-time: the same with max_batch 1,
+  read one entry, forecast it, publish it, the way a naive consumer serves.
+- latency: a producer process writing at a steady rate while the worker runs; the
+  end-to-end latency of each forecast is its entry id's time minus its input's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import platform
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import redis
+import torch
+from pydantic import SecretStr
+from redis.utils import HIREDIS_AVAILABLE
+
+from attnlstm.checkpoint import Checkpoint, version_of
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.train import new_model
+from worker.contract import entry_ms
+from worker.embedded import EmbeddedServer
+from worker.engine import Engine
+from worker.service import BURST_BLOCK_MS, Worker
+from worker.settings import Settings
+from worker.streams import Command, connect, ensure_group, entries_of, transaction
+
+log = logging.getLogger("attnlstm.bench")
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    entries: int = 100_000  # pre-filled entries for the drain runs
+    series: int = 1_000  # series they are spread over
+    per_entry_entries: int = 20_000  # the per-entry baseline is slow: fewer entries
+    rate: int = 2_000  # entries/s offered in the latency run
+    seconds: float = 20.0  # length of the latency run
+    max_batch: int = 1024
+    max_wait_ms: float = 5.0
+
+
+class PerEntryEngine(Engine):
+    """The article's way of serving: the model called once for every entry."""
+
+    def forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ys, attns = [], []
+        with torch.inference_mode():
+            for row in windows:
+                x = torch.as_tensor(row[None], dtype=torch.float64, device=self.device)
+                yhat, attn = self.model(x)
+                ys.append(yhat.cpu().numpy())
+                attns.append(attn.cpu().numpy())
+        if not ys:
+            return np.empty((0, self.horizon)), np.empty((0, self.window), dtype=np.float32)
+        return np.concatenate(ys), np.concatenate(attns)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    out: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "redis_py": redis.__version__,
+        "hiredis": HIREDIS_AVAILABLE,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+@contextlib.contextmanager
+def _server(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with EmbeddedServer() as server:
+        log.info("started %s", server.describe())
+        yield server.url
+
+
+def _values(n_series: int, n_points: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    t = np.arange(n_points)[:, None]
+    return 5 * np.sin(rng.uniform(0.05, 0.4, n_series) * t) + rng.uniform(-10, 10, n_series)
+
+
+def prefill(client: redis.Redis, stream: str, n_entries: int, n_series: int) -> None:
+    """n_entries sine values, round-robin over n_series, pipelined."""
+    values = _values(n_series, -(-n_entries // n_series)).ravel()[:n_entries]
+    for start in range(0, n_entries, 10_000):
+        pipe = client.pipeline(transaction=False)
+        for k in range(start, min(start + 10_000, n_entries)):
+            pipe.xadd(stream, {"series": f"s{k % n_series}", "value": repr(float(values[k]))})
+        pipe.execute()
+
+
+def _settings(
+    url: str, prefix: str, plan: BenchPlan, device: str, max_batch: int | None = None
+) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=SecretStr(url),
+        input_stream=f"{prefix}:sensors",
+        output_stream=f"{prefix}:forecasts",
+        dead_stream=f"{prefix}:dead",
+        consumer="bench",
+        device=device,
+        max_batch=max_batch or plan.max_batch,
+        max_wait_ms=plan.max_wait_ms,
+        max_series=max(plan.series, 1),
+        metrics_port=0,
+    )
+
+
+def _drain(
+    client: redis.Redis, settings: Settings, engine: Engine, n_entries: int, n_series: int
+) -> dict[str, float]:
+    """Fill every window first (untimed), then time the drain of n_entries, each of
+    which is forecast."""
+    prefill(client, settings.input_stream, n_series * engine.window, n_series)
+    Worker(client, engine=engine, settings=settings, burst=True).run()
+    prefill(client, settings.input_stream, n_entries, n_series)
+    report = Worker(client, engine=engine, settings=settings, burst=True).run()
+    seconds = report["seconds"] - BURST_BLOCK_MS / 1000  # the last, empty read's wait
+    return {
+        "entries": report["read"],
+        "forecasts": report["forecasts"],
+        "seconds": round(seconds, 3),
+        "entries_per_s": round(report["read"] / seconds, 1),
+    }
+
+
+def drain_raw(client: redis.Redis, settings: Settings, attn_width: int) -> dict[str, float]:
+    """The same reads, publishes (same field sizes) and acks, and nothing else."""
+    keys = settings.keys
+    ensure_group(client, keys)
+    yhat = b"[1.2345678901234567]"
+    attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
+    out = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % settings.output_maxlen, b"*")
+    started, n = time.perf_counter(), 0
+    while True:
+        reply = client.xreadgroup(
+            keys.group,
+            settings.consumer,
+            {keys.input: ">"},
+            count=settings.max_batch,
+            block=BURST_BLOCK_MS,
+        )
+        entries = entries_of(reply)
+        if not entries:
+            break
+        commands: list[Command] = []
+        for entry_id, fields in entries:
+            assert fields is not None  # nothing deletes from the bench's streams
+            ts = b"%d" % entry_ms(entry_id)
+            head = (*out, b"series", fields[b"series"], b"src", entry_id, b"ts", ts)
+            commands.append((*head, b"yhat", yhat, b"attn", attn, b"model", b"0" * 16))
+        commands.append(
+            (b"XACK", keys.input.encode(), keys.group.encode(), *(e for e, _ in entries))
+        )
+        transaction(client, commands)
+        n += len(entries)
+    seconds = time.perf_counter() - started - BURST_BLOCK_MS / 1000  # the last, empty read
+    return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
+
+
+def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float) -> None:
+    """A steady producer (its own process): entry k goes out at start + k / rate."""
+    client = redis.Redis.from_url(url)
+    total = int(rate * seconds)
+    values = _values(n_series, 20 + total // n_series + 1)  # steps 0-19 were the prefill
+    started, sent = time.perf_counter(), 0
+    while sent < total:
+        due = min(total, int((time.perf_counter() - started) * rate) + 1)
+        if due > sent:
+            pipe = client.pipeline(transaction=False)
+            for k in range(sent, due):
+                value = repr(float(values[20 + k // n_series, k % n_series]))
+                pipe.xadd(stream, {"series": f"s{k % n_series}", "value": value})
+            pipe.execute()
+            sent = due
+        time.sleep(0.0005)
+    client.close()
+
+
+def latency_run(
+    client: redis.Redis, url: str, settings: Settings, engine: Engine, plan: BenchPlan
+) -> dict[str, float]:
+    """p50/p99 end-to-end latency at a steady offered load, windows already full."""
+    keys = settings.keys
+    prefill(client, keys.input, plan.series * 20, plan.series)  # fill every window first
+    worker = Worker(client, engine=engine, settings=settings, burst=False)
+    thread = threading.Thread(target=worker.run, name="worker")
+    thread.start()
+    while client.xlen(keys.output) < plan.series:  # warmed up: every series forecast once
+        time.sleep(0.05)
+    warm = client.xlen(keys.output)
+    context = multiprocessing.get_context("spawn")
+    producer = context.Process(
+        target=_produce, args=(url, keys.input, plan.series, plan.rate, plan.seconds)
+    )
+    producer.start()
+    producer.join()
+    if producer.exitcode != 0:
+        worker.stop()
+        thread.join()
+        raise RuntimeError(f"the bench's producer process failed (exit code {producer.exitcode})")
+    expected = warm + int(plan.rate * plan.seconds)
+    deadline = time.monotonic() + 30
+    while client.xlen(keys.output) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop()
+    thread.join()
+    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.output))[warm:]
+    latency = np.array([entry_ms(i) - entry_ms(f[b"src"]) for i, f in rows], dtype=np.float64)
+    sent_ms = np.array([entry_ms(f[b"src"]) for _, f in rows], dtype=np.float64)
+    span = (sent_ms.max() - sent_ms.min()) / 1000 if rows else 0.0
+    return {
+        "offered_per_s": plan.rate,
+        "forecasts": len(rows),
+        "achieved_per_s": round(float(len(rows) / span), 1) if span else 0.0,
+        "p50_ms": float(np.percentile(latency, 50)),
+        "p99_ms": float(np.percentile(latency, 99)),
+        "max_ms": float(latency.max()),
+    }
+
+
+def run_bench(
+    *, plan: BenchPlan, device: str, url: str | None, model: AttentionLSTM | None
+) -> dict[str, Any]:
+    model = model or new_model(ModelConfig(), seed=0)
+    checkpoint = Checkpoint(model=model, version=version_of(model))
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "device": device,
+        "model": model.config.to_dict(),
+    }
+    report["model"]["params"] = model.num_params()
+    with _server(url) as server_url:
+        client = connect(server_url, socket_timeout_s=30, client_name="bench")
+        run_id = f"bench-{os.getpid()}-{int(time.time())}"
+        try:
+            report.update(_runs(client, server_url, run_id, checkpoint, plan, device))
+        finally:
+            for key in client.scan_iter(match=f"{run_id}*"):
+                client.delete(key)
+            client.close()
+    report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def _runs(
+    client: redis.Redis,
+    url: str,
+    run_id: str,
+    checkpoint: Checkpoint,
+    plan: BenchPlan,
+    device: str,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    window = checkpoint.config.window
+    log.info("raw Redis I/O: %d entries over %d series", plan.entries, plan.series)
+    s = _settings(url, f"{run_id}:raw", plan, device)
+    prefill(client, s.input_stream, plan.entries, plan.series)
+    out["raw"] = drain_raw(client, s, window)
+
+    log.info("worker: %d entries", plan.entries)
+    s = _settings(url, f"{run_id}:worker", plan, device)
+    engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
+    out["worker"] = _drain(client, s, engine, plan.entries, plan.series)
+
+    log.info("per-entry model calls: %d entries", plan.per_entry_entries)
+    s = _settings(url, f"{run_id}:per-entry", plan, device)
+    per_entry = PerEntryEngine(checkpoint, device=device, max_batch=plan.max_batch)
+    out["per_entry"] = _drain(client, s, per_entry, plan.per_entry_entries, plan.series)
+
+    log.info("one entry at a time (max_batch 1): %d entries", plan.per_entry_entries)
+    s = _settings(url, f"{run_id}:one-at-a-time", plan, device, max_batch=1)
+    one = PerEntryEngine(checkpoint, device=device, max_batch=1)
+    out["one_at_a_time"] = _drain(client, s, one, plan.per_entry_entries, plan.series)
+
+    log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
+    s = _settings(url, f"{run_id}:latency", plan, device)
+    out["latency"] = latency_run(client, url, s, engine, plan)
+
+    worker_rate = out["worker"]["entries_per_s"]
+    out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
+    out["worker_vs_per_entry"] = round(worker_rate / out["per_entry"]["entries_per_s"], 1)
+    out["worker_vs_one_at_a_time"] = round(worker_rate / out["one_at_a_time"]["entries_per_s"], 1)
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The figures as Markdown, ready for BENCHMARKS.md."""
+    m, lat = report["machine"], report["latency"]
+    rows = [
+        ("worker (batched)", report["worker"]),
+        ("raw Redis I/O, no model", report["raw"]),
+        ("one model call per entry, batched Redis I/O", report["per_entry"]),
+        ("one entry at a time: read, model call, publish", report["one_at_a_time"]),
+    ]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), redis-py {m['redis_py']}, hiredis {m['hiredis']}.",
+        f"Model: window {report['model']['window']}, hidden {report['model']['hidden_size']}, "
+        f"{report['model']['params']} parameters. Peak RSS {report['max_rss_mb']} MB.",
+        "",
+        "| run | entries | seconds | entries/s |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {name} | {r['entries']:,} | {r['seconds']:.2f} | {r['entries_per_s']:,.0f} |"
+            for name, r in rows
+        ),
+        "",
+        f"Worker / raw ceiling: {report['worker_vs_raw']:.0%}. "
+        f"Worker / one model call per entry: {report['worker_vs_per_entry']:.1f}x. "
+        f"Worker / one entry at a time: {report['worker_vs_one_at_a_time']:.1f}x.",
+        "",
+        f"Steady load {lat['offered_per_s']:,} entries/s offered ({lat['achieved_per_s']:,.0f} "
+        f"forecast/s, {lat['forecasts']:,} forecasts): end-to-end latency p50 "
+        f"{lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms.",
+    ]
+    return "\n".join(lines)
