@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -60,13 +61,15 @@ def forecasts_by_src(client: redis.Redis, stream: str) -> dict[bytes, dict[bytes
 
 
 def expected(
-    model: AttentionLSTM, values: np.ndarray, ids: Sequence[bytes]
+    model: AttentionLSTM, values: np.ndarray, ids: Sequence[bytes], device: str = "cpu"
 ) -> dict[bytes, np.ndarray]:
-    """The offline model's forecast for every input whose window is full, by input id."""
+    """The offline model's forecast (on ``device``) for every input whose window is full,
+    by input id."""
     window = model.config.window
     n_points, n_series = values.shape
     windows = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # (T-W+1, S, W)
-    yhat, _ = predict(model, np.ascontiguousarray(windows.reshape(-1, window)))
+    on_device = copy.deepcopy(model).to(device)
+    yhat, _ = predict(on_device, np.ascontiguousarray(windows.reshape(-1, window)), device=device)
     yhat = yhat.reshape(n_points - window + 1, n_series, -1)
     id_grid = np.asarray(ids, dtype=object).reshape(n_points, n_series)[window - 1 :]
     return {i: y for i, y in zip(id_grid.ravel(), yhat.reshape(-1, yhat.shape[-1]), strict=True)}

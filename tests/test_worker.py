@@ -55,7 +55,7 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
     cmd[cmd.index("--device") + 1] = device
     report = run_worker(cmd, cwd=tmp_path)
 
-    want = expected(trained_sines, values, ids)
+    want = expected(trained_sines, values, ids, device)  # the same model on the same device
     got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")
     assert set(got) == set(want)  # exactly the inputs whose window is full, once each
     assert len(got) == 200 * (100 - trained_sines.config.window + 1)

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--rate", type=_positive, default=2_000, help="entries/s (default 2000)")
     bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
+    bench.add_argument(
+        "--repeats", type=_positive, default=3, help="rounds of the fast drains (default 3)"
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
 
@@ -201,6 +204,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             per_entry_entries=args.per_entry_entries,
             rate=args.rate,
             seconds=args.seconds,
+            repeats=args.repeats,
         )
         model = offline.open_checkpoint(args.model).model if args.model else None
         return run_bench(

@@ -119,9 +119,10 @@ class Worker:
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish the batch in flight and exit (a signal handler)."""
-        if not self._stopping:
+        # The flag first: a second signal can land while the first one is logging.
+        first, self._stopping = not self._stopping, True
+        if first:
             log.info("stopping: finishing the batch in flight")
-        self._stopping = True
 
     def run(self) -> dict[str, float]:
         delay = 0.0

@@ -1,0 +1,34 @@
+"""``attnlstm bench`` runs end to end. Its figures are measurements, not assertions:
+this only checks that every run drained what it should and the report holds up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from attnlstm.checkpoint import load
+from worker.bench import BenchPlan, format_report, run_bench
+
+
+def test_a_small_bench_drains_everything_and_reports(
+    redis_url: str, redis_client: redis.Redis, model_file: Path
+) -> None:
+    plan = BenchPlan(
+        entries=3_000, series=50, per_entry_entries=300, rate=500, seconds=1.0, repeats=2
+    )
+    keys_before = set(redis_client.scan_iter())
+    report = run_bench(plan=plan, device="cpu", url=redis_url, model=load(model_file).model)
+    for run in ("worker", "raw", "raw_pipeline"):
+        assert report[run]["entries"] == 3_000, run
+        assert len(report[run]["rounds"]) == 2
+        assert report[run]["entries_per_s"] > 0
+    assert report["worker"]["forecasts"] == 3_000  # windows were full before the clock ran
+    assert report["per_entry"]["forecasts"] == report["one_at_a_time"]["forecasts"] == 300
+    assert report["latency"]["forecasts"] == 500
+    assert 0 <= report["latency"]["p50_ms"] <= report["latency"]["p99_ms"]
+    assert report["machine"]["hiredis"] is True
+    text = format_report(report)
+    assert "| worker (batched) | 3,000 |" in text
+    assert "p99" in text
+    assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself
