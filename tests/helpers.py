@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
 import numpy as np
+import pytest
 import redis
 
 from attnlstm.model import AttentionLSTM
@@ -104,6 +107,40 @@ def worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+class RunningWorker:
+    """``attnlstm worker`` as a child process for the length of a ``with`` block, then
+    stopped with SIGTERM; ``stderr`` and ``returncode`` are there after the block."""
+
+    def __init__(self, cmd: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=worker_env(), stderr=subprocess.PIPE, text=True
+        )
+        self.stderr = ""
+        self.returncode: int | None = None
+
+    def __enter__(self) -> RunningWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            _, self.stderr = self.proc.communicate(timeout=30)
+            self.returncode = self.proc.returncode
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = 60) -> None:
+        """Until ``condition()`` is true; fails if the worker exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the worker exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                pytest.fail("timed out waiting for the worker")
+            time.sleep(0.02)
 
 
 def run_worker(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, float]:

@@ -15,6 +15,7 @@ import redis
 
 from attnlstm.model import AttentionLSTM
 from tests.helpers import (
+    RunningWorker,
     by_src,
     expected,
     fill,
@@ -112,13 +113,8 @@ def test_entries_delivered_but_never_received_are_still_forecast(
     values = sine_values(4, 60, seed=7)
     ids = fill(redis_client, sensors, values[:30])
     cmd = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "w", "--block-ms", "100")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while redis_client.xlen(f"{stream_prefix}forecasts") < 4 * 11:
-            assert time.monotonic() < deadline
-            assert proc.poll() is None
-            time.sleep(0.05)
+    with RunningWorker(cmd, tmp_path) as worker:
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 4 * 11)
         # Added and read in the worker's name in one transaction, so the worker's own
         # blocked read cannot take them first.
         pipe = redis_client.pipeline(transaction=True)
@@ -128,15 +124,9 @@ def test_entries_delivered_but_never_received_are_still_forecast(
         pipe.xreadgroup("forecasters", "w", {sensors: ">"}, count=40)  # the lost reply
         ids += pipe.execute()[:-1]
         ids += fill(redis_client, sensors, values[40:])
-        while redis_client.xlen(f"{stream_prefix}forecasts") < 4 * 41:
-            assert time.monotonic() < deadline
-            assert proc.poll() is None
-            time.sleep(0.05)
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 4 * 41)
         time.sleep(0.5)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert "never reached it" in err
+    assert "never reached it" in worker.stderr  # the gap was seen, not papered over
     got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")
     want = expected(trained_sines, values, ids)
     assert set(got) == set(want)
@@ -196,22 +186,44 @@ def test_a_vanished_group_is_recreated_loudly(
     """What a Redis restarted without persistence looks like: NOGROUP, not a crash loop."""
     sensors = f"{stream_prefix}sensors"
     cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while redis_client.get(f"{sensors}:lease:forecasters") is None:
-            assert time.monotonic() < deadline
-            assert proc.poll() is None
-            time.sleep(0.05)
+    with RunningWorker(cmd, tmp_path) as worker:
+        worker.wait_for(lambda: redis_client.get(f"{sensors}:lease:forecasters") is not None)
         time.sleep(0.5)
         redis_client.delete(sensors, f"{sensors}:state:forecasters")
         fill(redis_client, sensors, sine_values(2, 30, seed=10))
-        while redis_client.xlen(f"{stream_prefix}forecasts") < 2 * 11:
-            assert time.monotonic() < deadline
-            assert proc.poll() is None
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0
-    assert "had vanished" in err
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 2 * 11)
+    assert worker.returncode == 0
+    assert "had vanished" in worker.stderr
+
+
+def test_a_group_reset_under_a_saved_state_repeats_nothing(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """The group is destroyed but the stream and the window state are not: the group
+    comes back from the start of the stream, and the entries the state already holds
+    must be acked, not forecast a second time."""
+    sensors = f"{stream_prefix}sensors"
+    values = sine_values(3, 60, seed=12)
+    ids = fill(redis_client, sensors, values[:40])
+    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
+    with RunningWorker(cmd, tmp_path) as worker:
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 3 * 21)
+        time.sleep(0.3)
+        redis_client.xgroup_destroy(sensors, "forecasters")
+        ids += fill(redis_client, sensors, values[40:])
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 3 * 41)
+        time.sleep(0.5)
+    assert worker.returncode == 0
+    assert "had vanished" in worker.stderr
+    assert "or the group was reset; re-syncing" in worker.stderr
+    got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")  # fails on a duplicate
+    want = expected(trained_sines, values, ids)
+    assert set(got) == set(want)
+    for src, fields in got.items():
+        assert np.allclose(np.fromstring(fields[b"yhat"][1:-1], sep=","), want[src], atol=1e-5)
+    assert redis_client.xpending(sensors, "forecasters")["pending"] == 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from attnlstm.checkpoint import load
 from attnlstm.model import AttentionLSTM
 from tests.helpers import (
+    RunningWorker,
     by_src,
     entries,
     expected,
@@ -26,7 +25,6 @@ from tests.helpers import (
     run_worker,
     sine_values,
     worker_cmd,
-    worker_env,
 )
 
 
@@ -102,8 +100,7 @@ def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
 ) -> None:
     sensors, window = f"{stream_prefix}sensors", load(model_file).config.window
     cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
-    try:
+    with RunningWorker(cmd, tmp_path) as worker:
         values = sine_values(3, window + 10, seed=2)
         bad_ids: dict[bytes, str] = {}
         for t in range(values.shape[0]):  # bad entries mixed among good ones
@@ -113,9 +110,9 @@ def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
                 fields, reason = BAD_ENTRIES[t]
                 bad_ids[cast(bytes, redis_client.xadd(sensors, fields))] = reason  # type: ignore[arg-type]
         good = 3 * (values.shape[0] - window + 1)
-        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= good, proc)
-        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") >= len(bad_ids), proc)
-        assert proc.poll() is None, "the worker died"
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= good)
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") >= len(bad_ids))
+        assert worker.proc.poll() is None, "the worker died"
         dead = by_src(redis_client, f"{stream_prefix}sensors:dead")
         assert set(dead) == set(bad_ids)
         inputs = dict(entries(redis_client, sensors))
@@ -125,11 +122,8 @@ def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
             assert {k: dead[src][k] for k in original} == original  # the fields, unchanged
         assert redis_client.xlen(f"{stream_prefix}forecasts") == good
         assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopped: saved windows of 3 series" in err
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    assert "stopped: saved windows of 3 series" in worker.stderr
 
 
 def test_metrics_and_health_endpoints(
@@ -144,10 +138,9 @@ def test_metrics_and_health_endpoints(
     cmd[cmd.index("--metrics-port") + 1] = str(port)
     fill(redis_client, f"{stream_prefix}sensors", sine_values(5, 30))
     redis_client.xadd(f"{stream_prefix}sensors", {"series": "s0", "value": "oops"})
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") == 1, proc)
-        _wait_for(lambda: _get(port, "/healthz")[0] == 200, proc)
+    with RunningWorker(cmd, tmp_path) as worker:
+        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") == 1)
+        worker.wait_for(lambda: _get(port, "/healthz")[0] == 200)
         _, body = _get(port, "/healthz")
         assert json.loads(body)["redis"] is True
         _, text = _get(port, "/metrics")
@@ -158,13 +151,10 @@ def test_metrics_and_health_endpoints(
         assert samples["attnlstm_end_to_end_latency_seconds_count"] == 55
         assert samples["attnlstm_batch_size_count"] >= 1
         # The lag gauge is refreshed on a timer: it drops to 0 once that has run.
-        _wait_for(lambda: _samples(_get(port, "/metrics")[1])["attnlstm_group_lag"] == 0, proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        worker.wait_for(lambda: _samples(_get(port, "/metrics")[1])["attnlstm_group_lag"] == 0)
 
 
-def test_a_second_worker_waits_for_the_lease(
+def test_a_second_worker_waits_for_the_lease_and_takes_over(
     redis_client: redis.Redis,
     redis_url: str,
     stream_prefix: str,
@@ -172,38 +162,21 @@ def test_a_second_worker_waits_for_the_lease(
     tmp_path: Path,
 ) -> None:
     """Two workers on one stream would each see half of every series' values."""
+    lease = f"{stream_prefix}sensors:lease:forecasters"
     first = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "a")
     second = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "b")
-    proc_a = subprocess.Popen(first, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE)
-    try:
-        _wait_for(
-            lambda: redis_client.get(f"{stream_prefix}sensors:lease:forecasters") == b"a", proc_a
-        )
-        proc_b = subprocess.Popen(
-            second, cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True
-        )
-        time.sleep(4)
-        proc_b.send_signal(signal.SIGTERM)
-        _, err = proc_b.communicate(timeout=30)
-        assert proc_b.returncode == 0
-        assert "waiting: a holds the lease" in err
-    finally:
-        proc_a.send_signal(signal.SIGTERM)
-        proc_a.communicate(timeout=30)
-    assert redis_client.get(f"{stream_prefix}sensors:lease:forecasters") is None  # released
-
-
-def _wait_for(
-    condition: object, proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout: float = 60
-) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the worker exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for the worker")
-        time.sleep(0.05)
+    with RunningWorker(first, tmp_path) as active:
+        active.wait_for(lambda: redis_client.get(lease) == b"a")
+        standby = RunningWorker(second, tmp_path)
+        time.sleep(2)  # b starts and finds the lease taken
+    assert active.returncode == 0
+    with standby:
+        fill(redis_client, f"{stream_prefix}sensors", sine_values(2, 25))
+        standby.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") == 2 * 6)
+        assert redis_client.get(lease) == b"b"
+    assert standby.returncode == 0
+    assert "waiting: a holds the lease" in standby.stderr
+    assert redis_client.get(lease) is None  # released at exit
 
 
 def _free_port() -> int:

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -110,7 +117,6 @@ class Metrics:
 
 def serve(metrics: Metrics, *, port: int, stale_after_s: float) -> ThreadingHTTPServer:
     """``/metrics`` and ``/healthz`` on 0.0.0.0:port, in a daemon thread."""
-    from prometheus_client import generate_latest
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -209,21 +209,20 @@ class Worker:
         pending on the way and replaying what was acked."""
         delivered = group_info(self.client, self.keys)["last-delivered-id"]
         pending = self._claim_pending()
-        met = 0
+        met: set[bytes] = set()
         replayed = 0
         after = self.state.last_id
         while page := stream_range(
             self.client, self.keys.input, after=after, upto=delivered, count=self.settings.max_batch
         ):
-            met += sum(1 for entry_id, _ in page if entry_id in pending)
+            met.update(entry_id for entry_id, _ in page if entry_id in pending)
             self._handle(page, pending=pending)
             replayed += len(page)
             after = page[-1][0]
-        if met < len(pending):
+        if unmet := [entry_id for entry_id in pending if entry_id not in met]:
             # Deleted from the stream, or at or before the restored state's entry (handled
             # before the crash): nothing left to do but the ack.
-            seen = {i for i in pending if id_key(i) > id_key(self.state.last_id)}
-            self.client.xack(self.keys.input, self.keys.group, *(set(pending) - seen))
+            self.client.xack(self.keys.input, self.keys.group, *unmet)
         if replayed or pending:
             log.info(
                 "re-synced to %s: %d entries re-read, %d were pending",
@@ -311,11 +310,13 @@ class Worker:
         entries = entries_of(reply)
         if entries and not following:  # all arrived while the read blocked: check now
             following = self.client.xrange(self.keys.input, min=b"(" + after, count=1)
-        if entries and entries[0][0] != following[0][0]:
+        if entries and (not following or entries[0][0] != following[0][0]):
             log.warning(
-                "entries from %s on were delivered to this consumer but never reached it "
-                "(a lost reply?); re-syncing",
-                following[0][0].decode(),
+                "a read for entries after %s started at %s: entries were delivered to this "
+                "consumer and never reached it (a lost reply?), or the group was reset; "
+                "re-syncing",
+                after.decode(),
+                entries[0][0].decode(),
             )
             return None
         return entries
@@ -376,8 +377,9 @@ class Worker:
         full, windows = self.state.push(slots[kept], values[kept], gather=bool(publish.any()))
         rows = np.flatnonzero(kept)[full & publish[kept]]  # batch positions to forecast
         yhat, attn = self._forecast(windows[publish[kept][full]] if publish.any() else windows)
-        self.totals.warming += int((~full & publish[kept]).sum())
-        self.metrics.warming.inc(int((~full & publish[kept]).sum()))
+        warming = int((~full & publish[kept]).sum())
+        self.totals.warming += warming
+        self.metrics.warming.inc(warming)
         if id_key(entries[-1][0]) > id_key(self.state.last_id):
             self.state.last_id = entries[-1][0]
         self._publish(batch, rows, yhat, attn)

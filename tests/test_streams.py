@@ -1,0 +1,78 @@
+"""Redis plumbing against a real server: reply shapes, the transaction, the lease."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from worker.keys import Keys
+from worker.streams import (
+    Lease,
+    connect,
+    ensure_group,
+    entries_of,
+    group_info,
+    id_key,
+    pending_deliveries,
+    transaction,
+)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_read_replies_look_the_same_in_resp2_and_resp3(
+    redis_url: str, stream_prefix: str, protocol: int
+) -> None:
+    sep = "&" if "?" in redis_url else "?"
+    client = connect(f"{redis_url}{sep}protocol={protocol}", socket_timeout_s=5, client_name="t")
+    keys = Keys(input=f"{stream_prefix}in")
+    assert ensure_group(client, keys) is True
+    assert ensure_group(client, keys) is False  # already there: no error
+    first = client.xadd(keys.input, {"series": "a", "value": "1"})
+    client.xadd(keys.input, {"series": "b", "value": "2"})
+    got = entries_of(client.xreadgroup(keys.group, "c", {keys.input: ">"}, count=10))
+    assert [fields for _, fields in got] == [
+        {b"series": b"a", b"value": b"1"},
+        {b"series": b"b", b"value": b"2"},
+    ]
+    assert got[0][0] == first
+    assert entries_of(client.xreadgroup(keys.group, "c", {keys.input: ">"}, count=10)) == []
+    assert pending_deliveries(client, keys, "c") == {got[0][0]: 1, got[1][0]: 1}
+    assert group_info(client, keys)["last-delivered-id"] == got[1][0]
+    client.close()
+
+
+def test_a_transaction_returns_every_reply_and_surfaces_errors(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    client = connect(redis_url, socket_timeout_s=5, client_name="t")
+    key = f"{stream_prefix}s".encode()
+    replies = transaction(client, [(b"XADD", key, b"*", b"f", b"1"), (b"XLEN", key)])
+    assert replies[1] == 1
+    with pytest.raises(redis.ResponseError):  # refused at queue time: nothing runs
+        transaction(client, [(b"XADD", key, b"*", b"f", b"2"), (b"NOSUCHCOMMAND",)])
+    assert redis_client.xlen(key) == 1
+    redis_client.set(f"{stream_prefix}str", "x")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # fails when it runs
+        transaction(client, [(b"XADD", f"{stream_prefix}str".encode(), b"*", b"f", b"3")])
+    assert transaction(client, [(b"XLEN", key)]) == [1]  # the connection is still good
+    client.close()
+
+
+def test_the_lease_has_one_holder_until_it_is_released(
+    redis_client: redis.Redis, stream_prefix: str
+) -> None:
+    key = f"{stream_prefix}lease"
+    a = Lease(redis_client, key=key, owner="a", ttl_ms=5000)
+    b = Lease(redis_client, key=key, owner="b", ttl_ms=5000)
+    assert a.acquire() == "a"
+    assert b.acquire() == "a"  # b is told who holds it
+    assert a.acquire() == "a"  # renewing
+    b.release()  # not b's to release
+    assert redis_client.get(key) == b"a"
+    a.release()
+    assert b.acquire() == "b"
+
+
+def test_entry_ids_sort_like_the_stream() -> None:
+    ids = [b"10-2", b"9-5", b"10-10", b"100-0", b"10-0"]
+    assert sorted(ids, key=id_key) == [b"9-5", b"10-0", b"10-2", b"10-10", b"100-0"]
