@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,11 @@ BAD_RUNS = [
     (["evaluate", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["evaluate", "--model", "junk.st"], 1, "junk.st: not a safetensors checkpoint"),
     (["train", "--epochs", "1", "--out", "/proc/m.st"], 1, "cannot write checkpoint /proc/m.st"),
+    (["worker", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
+    (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
+    (["worker", "--redis-url", "http://h"], 1, "bad settings: redis_url: Value error, must start"),
+    (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
+    (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
 ]
 
 
@@ -136,3 +142,26 @@ def test_user_errors_are_one_line_and_a_nonzero_exit(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
+
+
+def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path) -> None:
+    env = {**os.environ, "ATTNLSTM_MAX_BATCH": "0"}
+    proc = subprocess.run(
+        [*CLI, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm worker: error: bad settings: max_batch: Input should be greater than or "
+        "equal to 1"
+    )
+    # The flag overrides the bad variable; what stops the worker now is the missing model.
+    proc = subprocess.run(
+        [*CLI, "worker", "--max-batch", "8"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "no model at model.safetensors" in proc.stderr

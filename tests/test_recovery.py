@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -227,3 +228,29 @@ def test_a_group_reset_under_a_saved_state_repeats_nothing(
     for src, fields in got.items():
         assert np.allclose(np.fromstring(fields[b"yhat"][1:-1], sep=","), want[src], atol=1e-5)
     assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
+
+
+def test_redis_unreachable_at_start_is_waited_for(
+    model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    with RunningWorker(worker_cmd(model_file, url, "", "--block-ms", "100"), tmp_path) as worker:
+        time.sleep(2)  # nothing listens there yet
+        assert worker.proc.poll() is None
+        with EmbeddedServer(port=port) as server:
+            client = redis.Redis.from_url(server.tcp_url)
+            values = sine_values(2, 30, seed=13)
+            ids = fill(client, "sensors", values)
+            worker.wait_for(lambda: client.xlen("forecasts") == 2 * 11)
+            assert set(forecasts_by_src(client, "forecasts")) == set(
+                expected(trained_sines, values, ids)
+            )
+            worker.stop()
+            client.close()
+    assert worker.returncode == 0
+    assert "Connection refused" in worker.stderr
+    assert "retrying in" in worker.stderr
+    assert "Traceback" not in worker.stderr

@@ -263,7 +263,9 @@ class EmbeddedServer:
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    start_new_session=False,
+                    # Its own session: Ctrl-C in a terminal signals the whole foreground
+                    # group, and the server must outlive the worker's last batch.
+                    start_new_session=True,
                     preexec_fn=_pdeathsig_preexec(),
                 )
             except OSError as error:
