@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import cast
@@ -165,15 +164,19 @@ def test_a_second_worker_waits_for_the_lease_and_takes_over(
     lease = f"{stream_prefix}sensors:lease:forecasters"
     first = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "a")
     second = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "b")
+    port = _free_port()
+    second[second.index("--metrics-port") + 1] = str(port)
     with RunningWorker(first, tmp_path) as active:
         active.wait_for(lambda: redis_client.get(lease) == b"a")
         standby = RunningWorker(second, tmp_path)
-        time.sleep(2)  # b starts and finds the lease taken
+        standby.wait_for(lambda: _get(port, "/healthz")[0] == 200)
+        assert json.loads(_get(port, "/healthz")[1])["role"] == "standby"  # healthy, waiting
     assert active.returncode == 0
     with standby:
         fill(redis_client, f"{stream_prefix}sensors", sine_values(2, 25))
         standby.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") == 2 * 6)
         assert redis_client.get(lease) == b"b"
+        assert json.loads(_get(port, "/healthz")[1])["role"] == "active"
     assert standby.returncode == 0
     assert "waiting: a holds the lease" in standby.stderr
     assert redis_client.get(lease) is None  # released at exit

@@ -105,6 +105,7 @@ class Metrics:
         )
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
+        self.role = "starting"  # starting, active, or standby (another worker holds the lease)
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -112,7 +113,8 @@ class Metrics:
     def health(self, stale_after_s: float) -> tuple[bool, dict[str, object]]:
         age = time.monotonic() - self.heartbeat
         ok = self.connected and age <= stale_after_s
-        return ok, {"ok": ok, "redis": self.connected, "loop_age_s": round(age, 3)}
+        body = {"ok": ok, "role": self.role, "redis": self.connected, "loop_age_s": round(age, 3)}
+        return ok, body
 
 
 def serve(metrics: Metrics, *, port: int, stale_after_s: float) -> ThreadingHTTPServer:

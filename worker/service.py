@@ -151,7 +151,10 @@ class Worker:
 
     def _start(self) -> None:
         holder = self.lease.acquire()
+        self.metrics.connected = True
+        self.metrics.beat()  # a standby is healthy: alive, and Redis answers
         if holder != self.settings.consumer:
+            self.metrics.role = "standby"
             if holder != self._waiting_for:
                 log.info(
                     "waiting: %s holds the lease on %s (one worker per stream and group)",
@@ -178,7 +181,7 @@ class Worker:
         self._restore()
         self._resync()
         self._ready = True
-        self.metrics.connected = True
+        self.metrics.role = "active"
         self.totals.recoveries += 1
         self.metrics.recoveries.inc()
 
