@@ -78,6 +78,18 @@ def expected(
     return {i: y for i, y in zip(id_grid.ravel(), yhat.reshape(-1, yhat.shape[-1]), strict=True)}
 
 
+def assert_forecasts(
+    client: redis.Redis, stream: str, want: dict[bytes, np.ndarray], atol: float = 1e-5
+) -> dict[bytes, dict[bytes, bytes]]:
+    """The stream holds exactly one forecast per input in ``want`` (by ``src``), each
+    equal to it within ``atol``; returns the forecasts."""
+    got = forecasts_by_src(client, stream)  # fails on a duplicate
+    assert set(got) == set(want)
+    for src, fields in got.items():
+        np.testing.assert_allclose(json.loads(fields[b"yhat"]), want[src], rtol=0, atol=atol)
+    return got
+
+
 def worker_cmd(model: Path, url: str, prefix: str, *extra: str) -> list[str]:
     return [
         *CLI,
