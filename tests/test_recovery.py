@@ -245,3 +245,24 @@ def test_redis_unreachable_at_start_is_waited_for(
     assert "Connection refused" in worker.stderr
     assert "retrying in" in worker.stderr
     assert "Traceback" not in worker.stderr
+
+
+def test_a_lost_state_is_rebuilt_from_the_stream_without_publishing_again(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    sensors = f"{stream_prefix}sensors"
+    values = sine_values(3, 50, seed=14)
+    ids = fill(redis_client, sensors, values[:40])
+    cmd = worker_cmd(model_file, redis_url, stream_prefix)
+    run_worker(cmd, cwd=tmp_path)
+    assert redis_client.delete(f"{sensors}:state:forecasters") == 1
+    ids += fill(redis_client, sensors, values[40:])
+    report = run_worker(cmd, cwd=tmp_path)
+    assert report["forecasts"] == 3 * 10  # only the new entries
+    want = expected(trained_sines, values, ids)
+    assert_forecasts(redis_client, f"{stream_prefix}forecasts", want)  # windows were whole
