@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,16 @@ def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path)
     )
     assert proc.returncode == 1
     assert "no model at model.safetensors" in proc.stderr
+
+
+def test_a_taken_metrics_port_is_a_one_line_error(tmp_path: Path, model_file: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run("worker", "--model", str(model_file), "--metrics-port", str(port), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        f"cannot serve metrics on port {port}: Address already in use; choose another with "
+        "--metrics-port (0 turns them off)"
+    )

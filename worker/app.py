@@ -58,7 +58,13 @@ def run_worker(settings: Settings, *, burst: bool) -> dict[str, float]:
     server = None
     if settings.metrics_port:
         stale_after_s = max(3 * settings.block_ms / 1000, 10.0)
-        server = serve(metrics, port=settings.metrics_port, stale_after_s=stale_after_s)
+        try:
+            server = serve(metrics, port=settings.metrics_port, stale_after_s=stale_after_s)
+        except OSError as e:
+            raise ValueError(
+                f"cannot serve metrics on port {settings.metrics_port}: {e.strerror or e}; "
+                "choose another with --metrics-port (0 turns them off)"
+            ) from None
         log.info("metrics on :%d/metrics, health on :%d/healthz", *(settings.metrics_port,) * 2)
     try:
         with redis_url(settings) as url:
