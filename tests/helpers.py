@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -17,18 +18,23 @@ import pytest
 import redis
 
 from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import SineSpec, make_sines
 from attnlstm.train import predict
 from tests.conftest import CLI, ROOT
 
 
 def sine_values(n_series: int, n_points: int, seed: int = 0) -> np.ndarray:
-    """(n_points, n_series) sines with their own frequency, level and amplitude."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_points)[:, None]
-    freq = rng.uniform(0.05, 0.4, n_series)
-    amp = rng.uniform(0.5, 5.0, n_series)
-    level = rng.uniform(-10.0, 10.0, n_series)
-    return level + amp * np.sin(freq * t + rng.uniform(0, 6.28, n_series))
+    """(n_points, n_series) sines with their own frequency, phase, level and amplitude,
+    laid out as they are written to the stream: one time step after another."""
+    return make_sines(SineSpec(n_series=n_series, n_points=n_points), seed).values.T
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def fill(client: redis.Redis, stream: str, values: np.ndarray, *, chunk: int = 5000) -> list[bytes]:

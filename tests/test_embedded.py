@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import pytest
 import redis
 
 from tests.conftest import ROOT
+from tests.helpers import free_port
 from worker import embedded
 from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _gone(pid: int) -> bool:
@@ -82,7 +75,7 @@ def test_restart_keeps_appendonly_data() -> None:
 
 
 def test_tcp_port_and_caller_data_dir_kept(tmp_path: Path) -> None:
-    with EmbeddedServer(port=_free_port(), data_dir=tmp_path / "data") as server:
+    with EmbeddedServer(port=free_port(), data_dir=tmp_path / "data") as server:
         client = redis.Redis.from_url(server.tcp_url)
         try:
             assert client.ping() is True

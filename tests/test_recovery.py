@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.helpers import (
     expected,
     fill,
     forecasts_by_src,
+    free_port,
     run_worker,
     sine_values,
     worker_cmd,
@@ -226,9 +226,7 @@ def test_a_group_reset_under_a_saved_state_repeats_nothing(
 def test_redis_unreachable_at_start_is_waited_for(
     model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     with RunningWorker(worker_cmd(model_file, url, "", "--block-ms", "100"), tmp_path) as worker:
         time.sleep(2)  # nothing listens there yet

@@ -21,6 +21,7 @@ from tests.helpers import (
     expected,
     fill,
     forecasts_by_src,
+    free_port,
     run_worker,
     sine_values,
     worker_cmd,
@@ -132,7 +133,7 @@ def test_metrics_and_health_endpoints(
     model_file: Path,
     tmp_path: Path,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
     cmd[cmd.index("--metrics-port") + 1] = str(port)
     fill(redis_client, f"{stream_prefix}sensors", sine_values(5, 30))
@@ -164,7 +165,7 @@ def test_a_second_worker_waits_for_the_lease_and_takes_over(
     lease = f"{stream_prefix}sensors:lease:forecasters"
     first = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "a")
     second = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "b")
-    port = _free_port()
+    port = free_port()
     second[second.index("--metrics-port") + 1] = str(port)
     with RunningWorker(first, tmp_path) as active:
         active.wait_for(lambda: redis_client.get(lease) == b"a")
@@ -180,15 +181,6 @@ def test_a_second_worker_waits_for_the_lease_and_takes_over(
     assert standby.returncode == 0
     assert "waiting: a holds the lease" in standby.stderr
     assert redis_client.get(lease) is None  # released at exit
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -34,6 +34,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.synthetic import SineSpec, make_sines
 from attnlstm.train import new_model
 from worker.contract import entry_ms
 from worker.embedded import EmbeddedServer
@@ -105,9 +106,9 @@ def _server(url: str | None) -> Iterator[str]:
 
 
 def _values(n_series: int, n_points: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    t = np.arange(n_points)[:, None]
-    return 5 * np.sin(rng.uniform(0.05, 0.4, n_series) * t) + rng.uniform(-10, 10, n_series)
+    """(n_points, n_series) sines, one time step after another, as they are written."""
+    spec = SineSpec(n_series=n_series, n_points=max(n_points, 2))
+    return make_sines(spec, seed=0).values.T
 
 
 def prefill(client: redis.Redis, stream: str, n_entries: int, n_series: int) -> None:

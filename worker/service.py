@@ -377,10 +377,11 @@ class Worker:
             batch.dead.append((batch.ids[i], batch.fields[i], reason))
         kept = slots != NO_SLOT
         values = np.asarray(batch.values, dtype=np.float64)
-        full, windows = self.state.push(slots[kept], values[kept], gather=bool(publish.any()))
-        rows = np.flatnonzero(kept)[full & publish[kept]]  # batch positions to forecast
-        yhat, attn = self._forecast(windows[publish[kept][full]] if publish.any() else windows)
-        warming = int((~full & publish[kept]).sum())
+        wanted = publish[kept]  # of the kept entries, those to forecast once full
+        full, windows = self.state.push(slots[kept], values[kept], gather=bool(wanted.any()))
+        rows = np.flatnonzero(kept)[full & wanted]  # batch positions to forecast
+        yhat, attn = self._forecast(windows[wanted[full]] if wanted.any() else windows)
+        warming = int((~full & wanted).sum())
         self.totals.warming += warming
         self.metrics.warming.inc(warming)
         if id_key(entries[-1][0]) > id_key(self.state.last_id):
