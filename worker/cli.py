@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import redis
 import torch
 from pydantic import ValidationError
 
@@ -22,12 +24,15 @@ from attnlstm.checkpoint import CheckpointError
 from attnlstm.data import DataError, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.model import ModelConfig
+from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from worker import offline
 from worker.app import run_worker
 from worker.bench import BenchPlan, format_report, run_bench
 from worker.embedded import EmbeddedServerError
+from worker.replay import CsvLayout, Fields, csv_entries, replay, sine_entries
 from worker.settings import Settings
+from worker.streams import connect
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -129,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _worker_args(work)
 
+    _replay_args(
+        sub.add_parser(
+            "replay",
+            help="write sine-wave or CSV test streams into the input stream",
+            description="Sines (default) or --csv PATH, paced by --rate or --fast.",
+        )
+    )
+
     bench = sub.add_parser(
         "bench", help="worker throughput and latency beside raw Redis and per-entry serving"
     )
@@ -179,9 +192,125 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def worker_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment and .env, with the flags that were given on top."""
-    given = {name: getattr(args, name) for _, name, _, _ in _WORKER_FLAGS}
+def _pair(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+    p.add_argument("--stream", default=None, help="(default: ATTNLSTM_INPUT_STREAM or sensors)")
+    pace = p.add_mutually_exclusive_group(required=True)
+    pace.add_argument("--rate", type=float, help="entries per second, steady")
+    pace.add_argument("--fast", action="store_true", help="as fast as Redis takes them")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--maxlen", type=_positive, default=None, help="approximate cap (XADD MAXLEN ~)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    sines = p.add_argument_group("sines (the default source)")
+    spec = SineSpec()
+    sines.add_argument("--series", type=_positive, default=spec.n_series, help="(default 50)")
+    sines.add_argument(
+        "--points",
+        type=_positive,
+        default=None,
+        help="per series (default: enough for --seconds at --rate, else 1000)",
+    )
+    sines.add_argument("--seed", type=int, default=0, help="same seed, same entries (default 0)")
+    sines.add_argument("--prefix", default="sine-", help="series ids are PREFIX0.. (sine-)")
+    for flag, name, what in (
+        ("--freq", "freq", "angular step, radians per point"),
+        ("--amplitude", "amplitude", "amplitude"),
+        ("--offset", "offset", "level"),
+        ("--drift-factor", "drift_factor", "multiplier at --drift-at"),
+    ):
+        lo, hi = getattr(spec, name)
+        sines.add_argument(
+            flag, nargs=2, type=_pair, metavar=("LO", "HI"), help=f"{what} (default {lo} {hi})"
+        )
+    sines.add_argument("--noise", type=float, default=0.0, help="std, in amplitudes (default 0)")
+    sines.add_argument("--drift-at", type=_positive, default=None, help="step where drift starts")
+    sines.add_argument(
+        "--drift-kind", choices=["frequency", "amplitude"], default="frequency", help="(frequency)"
+    )
+    sines.add_argument("--anomaly-rate", type=float, default=0.0, help="share of spikes (0)")
+    sines.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed entries (0)")
+    table = p.add_argument_group("CSV")
+    table.add_argument("--csv", type=Path, default=None, help="replay this file instead of sines")
+    table.add_argument("--time-column", default=None, help="(default: the first column)")
+    table.add_argument(
+        "--column", action="append", default=[], help="value column, repeatable (default: all)"
+    )
+    table.add_argument("--series-column", default=None, help="long format: the series id column")
+    table.add_argument("--value-column", default="value", help="long format (default value)")
+
+
+def _replay_source(args: argparse.Namespace) -> tuple[Iterable[Fields], int | None]:
+    """The entries to write, and how many there are when that is known."""
+    if args.csv is not None:
+        layout = CsvLayout(
+            time_column=args.time_column,
+            value_columns=tuple(args.column),
+            series_column=args.series_column,
+            value_column=args.value_column,
+        )
+        return csv_entries(args.csv, layout), None
+    points = args.points
+    if points is None and args.seconds is not None:
+        if args.rate is None:
+            raise ValueError("--seconds with --fast needs --points: how many to write")
+        points = max(2, math.ceil(args.seconds * args.rate / args.series))
+    default = SineSpec()
+    spec = SineSpec(
+        n_series=args.series,
+        n_points=points or 1000,
+        freq=args.freq or default.freq,
+        amplitude=args.amplitude or default.amplitude,
+        offset=args.offset or default.offset,
+        noise=args.noise,
+        drift_at=args.drift_at,
+        drift_kind=args.drift_kind,
+        drift_factor=args.drift_factor or default.drift_factor,
+        anomaly_rate=args.anomaly_rate,
+    )
+    if not 0.0 <= args.bad_rate <= 1.0:
+        raise ValueError(f"--bad-rate must be in [0, 1], got {args.bad_rate}")
+    entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
+    return entries, None if args.bad_rate else spec.n_series * spec.n_points
+
+
+def _replay(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rate is not None and not (0 < args.rate < math.inf):
+        raise ValueError(f"--rate must be a positive number, got {args.rate}")
+    entries, total = _replay_source(args)
+    settings = _settings(redis_url=args.redis_url, input_stream=args.stream)
+    url = settings.url()
+    if url is None:
+        raise ValueError(
+            "replay needs a Redis: set ATTNLSTM_REDIS_URL or pass --redis-url "
+            "(`attnlstm demo` runs an embedded one with a worker and a replay)"
+        )
+    client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="replay")
+    try:
+        return replay(
+            client,
+            settings.input_stream,
+            entries,
+            rate=args.rate,
+            seconds=args.seconds,
+            maxlen=args.maxlen,
+            total=total,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+    finally:
+        client.close()
+
+
+def _settings(**given: Any) -> Settings:
+    """Settings from the environment and .env, with the given values on top."""
     try:
         return Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -191,10 +320,17 @@ def worker_settings(args: argparse.Namespace) -> Settings:
         raise ValueError(f"bad settings: {problems}") from None
 
 
+def worker_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and .env, with the flags that were given on top."""
+    return _settings(**{name: getattr(args, name) for _, name, _, _ in _WORKER_FLAGS})
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "worker":
         logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
         return run_worker(worker_settings(args), burst=args.burst)
+    if args.command == "replay":
+        return _replay(args)
     if args.command == "bench":
         logging.basicConfig(level="INFO", format=LOG_FORMAT)
         torch.set_num_threads(args.threads)

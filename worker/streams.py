@@ -80,37 +80,62 @@ def _pack(command: Command) -> bytes:
     return packed
 
 
-def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """MULTI, the commands, EXEC, in one write; the EXEC reply.
+def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """Send the commands in one write and read one reply each; an error reply is
+    returned in its place as a ResponseError, not raised.
 
-    The hot path: a batch's forecasts, dead letters and acks. hiredis packs every
-    command in C and the replies are read straight off the connection, which is 2-3x
-    faster than redis-py's pipeline with its per-command Python bookkeeping. Any error
-    drops the connection, so nothing half-read is left on it for the next command.
+    hiredis packs every command in C and the replies are read straight off the
+    connection, which is 2-3x faster than redis-py's pipeline with its per-command
+    Python bookkeeping. Any other error drops the connection, so nothing half-read is
+    left on it for the next command.
     """
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        packed = b"".join(_pack(c) for c in [(b"MULTI",), *commands, (b"EXEC",)])
-        conn.send_packed_command([packed], check_health=False)  # type: ignore[no-untyped-call]
-        queued_error: redis.ResponseError | None = None
-        for _ in range(len(commands) + 1):  # +OK for MULTI, +QUEUED for each command
+        conn.send_packed_command(  # type: ignore[no-untyped-call]
+            [b"".join(_pack(c) for c in commands)], check_health=False
+        )
+        replies: list[Any] = []
+        for _ in commands:
             try:
-                conn.read_response()
-            except redis.ResponseError as e:  # refused at queue time: EXEC will abort
-                queued_error = queued_error or e
-        replies = cast(list[Any], conn.read_response())
+                replies.append(conn.read_response())
+            except redis.ResponseError as e:
+                replies.append(e)
+        return replies
     except BaseException:
         conn.disconnect()  # type: ignore[no-untyped-call]
         raise
     finally:
         pool.release(conn)
-    if queued_error is not None:
-        raise queued_error
+
+
+def _raise_first_error(replies: Sequence[Any]) -> None:
     for reply in replies:
         if isinstance(reply, redis.ResponseError):
             raise reply
+
+
+def pipeline(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """The commands in one round trip, not atomic; their replies (the first error is
+    raised, after every reply was read)."""
+    replies = _exchange(client, commands)
+    _raise_first_error(replies)
     return replies
+
+
+def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """MULTI, the commands, EXEC, in one round trip; the EXEC reply.
+
+    The hot path: a batch's forecasts, dead letters and acks. A command refused at
+    queue time aborts the EXEC; either way the first error is raised.
+    """
+    replies = _exchange(client, [(b"MULTI",), *commands, (b"EXEC",)])
+    _raise_first_error(replies[:-1])  # +OK for MULTI, +QUEUED for each command
+    executed = replies[-1]
+    if isinstance(executed, redis.ResponseError):
+        raise executed
+    _raise_first_error(executed)
+    return cast(list[Any], executed)
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> bool:

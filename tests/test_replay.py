@@ -1,0 +1,171 @@
+"""`attnlstm replay` against a real server: what it writes, in which order."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from attnlstm.synthetic import SineSpec, make_sines
+from tests.conftest import CLI, DATA
+from tests.helpers import entries
+from worker.contract import parse
+from worker.replay import MALFORMED, CsvLayout, csv_entries, series_id
+
+
+def replay(redis_url: str, stream: str, *args: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
+
+
+def fields_of(client: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in entries(client, stream)]
+
+
+def test_the_same_seed_gives_the_same_entries_in_the_same_order(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    args = ["--fast", "--seed", "7", "--series", "20", "--points", "50", "--bad-rate", "0.05"]
+    args += ["--noise", "0.1", "--anomaly-rate", "0.01", "--drift-at", "25"]
+    for name in ("a", "b"):
+        report = replay(redis_url, f"{stream_prefix}{name}", *args)
+        assert report["entries"] == redis_client.xlen(f"{stream_prefix}{name}")
+    first = fields_of(redis_client, f"{stream_prefix}a")
+    assert first == fields_of(redis_client, f"{stream_prefix}b")
+    replay(redis_url, f"{stream_prefix}c", *args[:2], "8", *args[3:])
+    assert fields_of(redis_client, f"{stream_prefix}c") != first
+
+    good = [f for f in first if f.get(b"series", b"").startswith(b"sine-")]
+    assert len(good) == 20 * 50
+    assert 0 < len(first) - len(good) < 200  # about 5% malformed, inserted among the good
+    # The good entries are the library's sines, time step after time step.
+    spec = SineSpec(n_series=20, n_points=50, noise=0.1, anomaly_rate=0.01, drift_at=25)
+    values = make_sines(spec, seed=7).values
+    assert [f[b"series"] for f in good[:21]] == [f"sine-{j % 20}".encode() for j in range(21)]
+    np.testing.assert_array_equal(
+        np.array([float(f[b"value"]) for f in good]).reshape(50, 20), values.T
+    )
+
+
+def test_every_malformed_kind_is_refused_by_the_contract() -> None:
+    reasons = set()
+    for fields in MALFORMED:
+        reason = parse(b"1-0", dict(zip(fields[::2], fields[1::2], strict=True)))
+        assert isinstance(reason, str), fields
+        reasons.add(reason.split(":")[0])
+    assert len(MALFORMED) >= 10
+    assert len(reasons) >= 8
+
+
+def test_csv_is_replayed_as_written_gaps_and_repeated_times_kept(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "two.csv"
+    path.write_text(
+        "time,Water flow [l/s],b\n"
+        "2024-01-01T00:00:00Z,1.5,10\n"
+        "2024-01-01T00:00:00Z,1.6,\n"  # the same time again, and a gap in b
+        "2024-01-01T01:00:00+01:00,,12\n"  # a gap in the first column; the same instant
+        "\n"
+        "1704070800000,oops,13\n"  # ms since the epoch; a bad value is passed on as is
+    )
+    report = replay(redis_url, f"{stream_prefix}in", "--csv", str(path), "--fast")
+    assert report["entries"] == 6
+    got = [
+        (f[b"series"].decode(), f[b"value"].decode(), int(f[b"ts"]))
+        for f in fields_of(redis_client, f"{stream_prefix}in")
+    ]
+    t0 = 1704067200000
+    assert got == [
+        ("Water_flow_l/s", "1.5", t0),
+        ("b", "10", t0),
+        ("Water_flow_l/s", "1.6", t0),
+        ("b", "12", t0),
+        ("Water_flow_l/s", "oops", t0 + 3_600_000),
+        ("b", "13", t0 + 3_600_000),
+    ]
+
+
+def test_long_format_csv_names_its_series_in_a_column(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text("ts,sensor,reading\n1000,a,1\n1000,b,2\n2000,a,3\n")
+    layout = CsvLayout(series_column="sensor", value_column="reading")
+    assert list(csv_entries(path, layout)) == [
+        (b"series", b"a", b"value", b"1", b"ts", b"1000"),
+        (b"series", b"b", b"value", b"2", b"ts", b"1000"),
+        (b"series", b"a", b"value", b"3", b"ts", b"2000"),
+    ]
+
+
+def test_the_sea_temperature_file_replays_every_point(tmp_path: Path) -> None:
+    rows = list(csv_entries(DATA / "sea_surface_temperature.csv"))
+    assert len(rows) == 19_226
+    assert {r[1] for r in rows} == {b"temperature"}
+    times = [int(r[5]) for r in rows]
+    assert sum(b == a for a, b in itertools.pairwise(times)) == 1  # one repeated time
+    assert max(b - a for a, b in itertools.pairwise(times)) == 12 * 3_600_000  # a 12-hour gap
+
+
+def test_maxlen_caps_the_stream(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    args = ("--fast", "--series", "10", "--points", "1000", "--maxlen", "500")
+    assert replay(redis_url, f"{stream_prefix}in", *args)["entries"] == 10_000
+    assert 500 <= redis_client.xlen(f"{stream_prefix}in") < 1_000  # approximate trimming
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fast", "--csv", "missing.csv"], "cannot read missing.csv"),
+        (["--fast", "--csv", "bad.csv"], "bad.csv:2: time 'noon' is neither ISO 8601"),
+        (["--fast", "--csv", "bad.csv", "--column", "nope"], "no column 'nope'"),
+        (["--fast", "--seconds", "5"], "--seconds with --fast needs --points"),
+        (["--fast", "--freq", "2", "1"], "freq range is empty"),
+        (["--rate", "0"], "--rate must be a positive number"),
+        (["--fast", "--bad-rate", "2"], "--bad-rate must be in [0, 1]"),
+        (["--series", "3"], "one of the arguments --rate --fast is required"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(
+    args: list[str], message: str, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "bad.csv").write_text("time,v\nnoon,1\n")
+    proc = subprocess.run(
+        [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_without_a_redis_url_replay_says_how_to_get_one(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [*CLI, "replay", "--fast"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert proc.returncode == 1
+    assert "replay needs a Redis: set ATTNLSTM_REDIS_URL or pass --redis-url" in proc.stderr
+
+
+def test_series_ids_from_column_names() -> None:
+    assert series_id("Water flow [l/s]") == "Water_flow_l/s"
+    assert series_id("temperature") == "temperature"

@@ -1,0 +1,208 @@
+"""``attnlstm replay``: test streams for the worker, from sines or a CSV file.
+
+Sources yield entries (their fields, in stream order) and know nothing of Redis;
+:func:`replay` writes them, paced to a steady rate or as fast as Redis takes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from tqdm import tqdm
+
+from attnlstm.data import DataError
+from attnlstm.synthetic import SineSpec, make_sines
+from worker.streams import Command, pipeline
+
+Fields = tuple[bytes, ...]  # field, value, field, value, ...
+
+# Entries the contract refuses, one of each kind: what --bad-rate draws from.
+MALFORMED: tuple[Fields, ...] = (
+    (b"value", b"1.0"),  # no series
+    (b"series", b"", b"value", b"1.0"),
+    (b"series", b"x" * 129, b"value", b"1.0"),
+    (b"series", b"has space", b"value", b"1.0"),
+    (b"series", b"\xff\xfe", b"value", b"1.0"),
+    (b"series", b"bad"),  # no value
+    (b"series", b"bad", b"value", b"abc"),
+    (b"series", b"bad", b"value", b"nan"),
+    (b"series", b"bad", b"value", b"1e999"),
+    (b"series", b"bad", b"value", b"\xff"),
+    (b"series", b"bad", b"value", b"1.0", b"ts", b"yesterday"),
+    (b"series", b"bad", b"value", b"1.0", b"ts", b"-5"),
+)
+
+_SEND_MAX = 5_000  # entries per round trip, at most
+_TICK_S = 0.001  # a paced replay sends what is due about this often
+
+
+def sine_entries(
+    spec: SineSpec, *, seed: int, bad_rate: float = 0.0, prefix: str = "sine-"
+) -> Iterator[Fields]:
+    """Sines one time step after another (``{prefix}0`` .. ``{prefix}N-1`` each step),
+    with a malformed entry of a random kind after each value with ``bad_rate``
+    probability. The same arguments give the same entries in the same order."""
+    values = make_sines(spec, seed=seed).values  # (series, points)
+    names = [f"{prefix}{j}".encode() for j in range(spec.n_series)]
+    bad = np.random.default_rng([seed, 1])  # its own stream: the sines do not change
+    for t in range(spec.n_points):
+        for j, name in enumerate(names):
+            yield (b"series", name, b"value", repr(float(values[j, t])).encode())
+            if bad_rate and bad.random() < bad_rate:
+                yield MALFORMED[int(bad.integers(len(MALFORMED)))]
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """Which columns of a CSV file hold what.
+
+    Wide (no ``series_column``): every value column is a series named after it.
+    Long: each row names its series in ``series_column`` and its value in
+    ``value_column``.
+    """
+
+    time_column: str | None = None  # default: the first column
+    value_columns: tuple[str, ...] = ()  # wide; default: every column but the time
+    series_column: str | None = None  # long
+    value_column: str = "value"  # long
+
+
+def series_id(column: str) -> str:
+    """A column name as a series id the contract accepts ("Water flow [l/s]" ->
+    "Water_flow_l/s")."""
+    name = re.sub(r"[^A-Za-z0-9_.:/-]+", "_", column).strip("_")[:128]
+    if not name:
+        raise DataError(f"column {column!r} has no characters a series id can use")
+    return name
+
+
+def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[Fields]:
+    """The file's rows in file order, one entry per non-empty value cell, with ``ts``
+    from the time column. Gaps and repeated times stay as they are; a value cell is
+    passed on as written, so the worker judges it like any producer's."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if not header:
+                raise DataError(f"{path}: empty file, expected a header row")
+            time_at, picks = _columns(path, header, layout)
+            for line, row in enumerate(rows, start=2):
+                if not any(cell.strip() for cell in row):
+                    continue
+                ts = b"%d" % _ms(path, line, _cell(row, time_at))
+                for series, at in picks(row):
+                    value = _cell(row, at)
+                    if value:
+                        yield (b"series", series, b"value", value.encode(), b"ts", ts)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _cell(row: Sequence[str], at: int) -> str:
+    return row[at].strip() if at < len(row) else ""
+
+
+# A row's (series id, column index) pairs.
+_Picker = Callable[[list[str]], list[tuple[bytes, int]]]
+
+
+def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Picker]:
+    def index(name: str) -> int:
+        if name not in header:
+            raise DataError(f"{path}: no column {name!r}; it has {header}")
+        return header.index(name)
+
+    time_at = index(layout.time_column) if layout.time_column else 0
+    if layout.series_column is not None:
+        series_at, value_at = index(layout.series_column), index(layout.value_column)
+
+        return time_at, lambda row: [(_cell(row, series_at).encode(), value_at)]
+    wanted = list(layout.value_columns) or [h for k, h in enumerate(header) if k != time_at]
+    if not wanted:
+        raise DataError(f"{path}: no value columns besides the time column")
+    wide = [(series_id(name).encode(), index(name)) for name in wanted]
+    return time_at, lambda row: wide
+
+
+def _ms(path: Path, line: int, text: str) -> int:
+    """ISO 8601 (a zone-less time is taken as UTC) or integer ms since the epoch."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise DataError(
+            f"{path}:{line}: time {text!r} is neither ISO 8601 nor ms since the epoch"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = math.floor(moment.timestamp() * 1000)
+    if ms < 0:
+        raise DataError(f"{path}:{line}: time {text!r} is before 1970")
+    return ms
+
+
+def replay(
+    client: redis.Redis,
+    stream: str,
+    entries: Iterable[Fields],
+    *,
+    rate: float | None,
+    seconds: float | None = None,
+    maxlen: int | None = None,
+    total: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """XADD the entries to ``stream``: entry k at ``start + k / rate`` (a schedule
+    fixed at the start, so a slow round trip is caught up and never drifts), or with
+    no ``rate`` as fast as Redis takes them, pipelined. Stops after ``seconds`` when
+    given; Ctrl-C stops it too, with the report so far."""
+    head: Command = (b"XADD", stream.encode())
+    if maxlen is not None:
+        head += (b"MAXLEN", b"~", b"%d" % maxlen)
+    head += (b"*",)
+    source = iter(entries)
+    paced_total = None if rate is None or seconds is None else round(seconds * rate)
+    sent, done, interrupted = 0, False, False
+    started = time.perf_counter()
+    with tqdm(total=total, desc="replay", unit=" entries", disable=not progress) as bar:
+        try:
+            while not done and sent != paced_total:
+                elapsed = time.perf_counter() - started
+                if rate is None:
+                    if seconds is not None and elapsed >= seconds:
+                        break
+                    due = _SEND_MAX
+                else:  # entries due by now, never past seconds x rate
+                    due = min(int(elapsed * rate) + 1, paced_total or sys.maxsize) - sent
+                    due = min(due, _SEND_MAX)
+                batch = [head + fields for _, fields in zip(range(due), source, strict=False)]
+                done = len(batch) < due
+                if batch:
+                    pipeline(client, batch)
+                    sent += len(batch)
+                    bar.update(len(batch))
+                if rate is not None and not done:
+                    time.sleep(max(started + sent / rate - time.perf_counter(), _TICK_S))
+        except KeyboardInterrupt:
+            interrupted = True
+    took = time.perf_counter() - started
+    return {
+        "stream": stream,
+        "entries": sent,
+        "seconds": round(took, 3),
+        "entries_per_s": round(sent / took, 1) if took > 0 else 0.0,
+        "interrupted": interrupted,
+    }
