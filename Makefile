@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/attnlstm train --data sine --out demo-out/model.safetensors
-	$(BIN)/attnlstm plot --data sine --model demo-out/model.safetensors --out demo-out
+	$(BIN)/attnlstm demo
 
 test: $(STAMP) lint
 	$(BIN)/pytest

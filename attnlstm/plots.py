@@ -6,6 +6,7 @@ with the Agg backend: the worker runs on servers without a display.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,44 @@ def plot_attention(weights: np.ndarray, path: str | Path, *, title: str = "Atten
     ax.set_xlabel("window position (oldest left, newest right)")
     ax.set_ylabel("sample")
     fig.colorbar(image, ax=ax, label="weight")
+    return _save(plt, fig, path)
+
+
+def plot_series_forecasts(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    path: str | Path,
+    *,
+    title: str,
+) -> Path:
+    """One panel per series, ``(name, time, actual, forecast)``: the values that arrived
+    and the one-step forecasts made for them, by time (``datetime64``)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, 2.4 * len(panels) + 0.6), squeeze=False, sharex=False
+    )
+    for ax, (name, when, actual, forecast) in zip(axes[:, 0], panels, strict=True):
+        ax.plot(when, actual, color="tab:blue", linewidth=2.0, label="actual")
+        ax.plot(when, forecast, color="tab:orange", linewidth=1.0, linestyle="--", label="forecast")
+        ax.set_title(name, fontsize="medium", loc="left")
+        ax.set_ylabel("value")
+        ax.legend(loc="upper right", fontsize="small")
+    fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def plot_latency(latency_ms: np.ndarray, path: str | Path, *, title: str) -> Path:
+    """Histogram of end-to-end latencies, with p50 and p99 marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    p50, p99 = np.percentile(latency_ms, [50, 99])
+    ax.hist(latency_ms, bins=np.arange(0, max(float(latency_ms.max()), 1.0) + 2) - 0.5)
+    for value, name, style in ((p50, "p50", "--"), (p99, "p99", ":")):
+        ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.0f} ms")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("end-to-end latency (ms): forecast written - input written")
+    ax.set_ylabel("forecasts")
+    ax.legend()
     return _save(plt, fig, path)
 
 

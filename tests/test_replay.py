@@ -135,7 +135,7 @@ def test_maxlen_caps_the_stream(
         (["--fast", "--csv", "bad.csv", "--column", "nope"], "no column 'nope'"),
         (["--fast", "--seconds", "5"], "--seconds with --fast needs --points"),
         (["--fast", "--freq", "2", "1"], "freq range is empty"),
-        (["--rate", "0"], "--rate must be a positive number"),
+        (["--rate", "0"], "--rate: must be a positive number"),
         (["--fast", "--bad-rate", "2"], "--bad-rate must be in [0, 1]"),
         (["--series", "3"], "one of the arguments --rate --fast is required"),
     ],

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.keys import Keys
@@ -81,6 +82,18 @@ class Settings(BaseSettings):
 
     def url_for_logs(self) -> str:
         return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
+
+
+def from_flags(**given: Any) -> Settings:
+    """Settings from the environment and .env, with the given (not None) values on top;
+    a ValueError with every problem in one line when they do not validate."""
+    try:
+        return Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"bad settings: {problems}") from None
 
 
 def redact(url: str) -> str:

@@ -1,0 +1,226 @@
+"""``attnlstm demo``: the whole product in one command.
+
+A Redis (embedded unless a URL is set), a model (trained on sines, or the cached one),
+the worker in a thread and a replay in its own process for ``seconds``; then the
+forecasts are read back from the output stream, drawn and summed up.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from tqdm import tqdm
+
+from attnlstm.checkpoint import CheckpointError, load
+from attnlstm.data import load_csv, load_dataset
+from attnlstm.model import ModelConfig
+from attnlstm.synthetic import SineSpec
+from attnlstm.train import TrainConfig
+from attnlstm.windows import split_point
+from worker import offline
+from worker.app import build_engine, redis_url
+from worker.metrics import Metrics
+from worker.readback import SeriesView, draw, read_views, summary
+from worker.replay import csv_entries, replay, series_id, sine_entries
+from worker.service import Worker
+from worker.settings import Settings
+from worker.streams import connect, group_info
+
+log = logging.getLogger("attnlstm.demo")
+
+DEMO_STREAMS = {
+    "input_stream": "demo:sensors",
+    "output_stream": "demo:forecasts",
+    "dead_stream": "demo:sensors:dead",
+    "group": "demo",
+}
+SHOWN = 3  # series drawn in forecasts.png
+CATCH_UP_S = 60.0  # longest wait for the worker to finish after the replay
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    seconds: float = 60.0  # replay length
+    series: int = 50  # sine series
+    rate: float | None = 500.0  # entries/s; None: as fast as Redis takes them
+    bad_rate: float = 0.002  # malformed entries among the sines, for the dead stream
+    seed: int = 1  # the replayed sines' seed (the model trains on seed 0's)
+    csv: Path | None = None  # replay this file instead, with a model trained on it
+    points: int = 200  # forecasts drawn per series
+
+
+def run_demo(
+    settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool
+) -> dict[str, Any]:
+    settings = settings.model_copy(
+        update={**DEMO_STREAMS, "model": _model(out_dir, plan, progress), "metrics_port": 0}
+    )
+    engine = build_engine(settings)
+    with redis_url(settings) as url:
+        client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="demo")
+        try:
+            keys = settings.keys
+            client.delete(keys.input, keys.output, keys.dead, keys.state, keys.lease)
+            worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
+            report = _run(client, url, worker, settings, plan, progress)
+            views = read_views(client, keys)
+            report |= summary(views)
+            report["entries"] = client.xlen(keys.input)
+            report["dead"] = client.xlen(keys.dead)
+        finally:
+            client.close()
+    report["model"] = engine.version
+    if not views:
+        return report | {"written": []}
+    shown = sorted(views, key=_natural)[:SHOWN]
+    label = f"demo ({plan.csv.name if plan.csv else 'sines'}, model {engine.version})"
+    written = draw(views, out_dir, shown=shown, points=plan.points, label=label)
+    report["written"] = [str(p) for p in written]
+    if plan.csv is not None:
+        report |= _held_out(views, plan.csv)
+    return report
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """sine-2 before sine-10."""
+    head, _, tail = name.rpartition("-")
+    return (head, int(tail)) if tail.isdigit() else (name, -1)
+
+
+def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
+    """The cached demo model for this data, or a new one trained on it."""
+    spec = f"csv:{plan.csv}" if plan.csv else "sines"
+    path = out_dir / (
+        "model.safetensors" if plan.csv is None else f"model-{plan.csv.stem}.safetensors"
+    )
+    try:
+        if load(path).meta.get("data") == spec:
+            log.info("reusing the demo model %s", path)
+            return path
+    except (CheckpointError, OSError):
+        pass
+    log.info("training a model on %s for the demo (about 15 s)", spec)
+    dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
+    offline.run_train(
+        dataset,
+        data_spec=spec,
+        model_config=ModelConfig(),
+        train_config=TrainConfig(),
+        out=path,
+        val_fraction=0.2,
+        device="cpu",
+        progress=progress,
+    )
+    return path
+
+
+def _replay_child(url: str, stream: str, plan: DemoPlan) -> None:
+    """The demo's producer, in its own process, as a real producer would be. Ctrl-C is
+    the parent's to handle: it stops this process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    client = redis.Redis.from_url(url)
+    if plan.csv is not None:
+        entries = csv_entries(plan.csv)
+    else:
+        points = int(plan.seconds * (plan.rate or 1000.0) / plan.series) + 1
+        spec = SineSpec(n_series=plan.series, n_points=max(points, 2))
+        entries = sine_entries(spec, seed=plan.seed, bad_rate=plan.bad_rate)
+    seconds = None if plan.csv is not None else plan.seconds
+    replay(client, stream, entries, rate=plan.rate, seconds=seconds)
+    client.close()
+
+
+def _run(
+    client: redis.Redis,
+    url: str,
+    worker: Worker,
+    settings: Settings,
+    plan: DemoPlan,
+    progress: bool,
+) -> dict[str, Any]:
+    """The worker (a thread) and the replay (a process) until the replay is done and
+    the worker has caught up, or Ctrl-C."""
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            worker.run()
+        except BaseException as e:  # surfaced in the main thread below
+            failure.append(e)
+
+    thread = threading.Thread(target=serve, name="worker")
+    producer = multiprocessing.get_context("spawn").Process(
+        target=_replay_child, args=(url, settings.input_stream, plan), name="replay"
+    )
+    started = time.monotonic()
+    interrupted = False
+    thread.start()
+    producer.start()
+    try:
+        _wait(client, settings, producer, plan, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.info("interrupted: stopping the replay and the worker")
+    finally:
+        if producer.is_alive():
+            producer.terminate()
+        producer.join()
+        worker.stop()
+        thread.join()
+    if failure:
+        raise failure[0]
+    if producer.exitcode not in (0, -15) and not interrupted:
+        raise RuntimeError(f"the demo's replay process failed (exit code {producer.exitcode})")
+    return {"seconds": round(time.monotonic() - started, 1), "interrupted": interrupted}
+
+
+def _wait(
+    client: redis.Redis,
+    settings: Settings,
+    producer: multiprocessing.process.BaseProcess,
+    plan: DemoPlan,
+    progress: bool,
+) -> None:
+    keys = settings.keys
+    total = None if plan.csv is not None else plan.seconds
+    with tqdm(total=total, desc="demo", unit=" s", disable=not progress) as bar:
+        started = time.monotonic()
+        while producer.is_alive():
+            time.sleep(0.5)
+            bar.n = round(time.monotonic() - started, 1)
+            bar.set_postfix(forecasts=client.xlen(keys.output), dead=client.xlen(keys.dead))
+    deadline = time.monotonic() + CATCH_UP_S
+    while time.monotonic() < deadline:
+        info = group_info(client, keys) if client.exists(keys.input) else {}
+        if info.get("lag") == 0 and info.get("pending") == 0:
+            return
+        time.sleep(0.1)
+    log.warning("the worker had not caught up %.0f s after the replay ended", CATCH_UP_S)
+
+
+def _held_out(views: dict[str, SeriesView], path: Path) -> dict[str, Any]:
+    """MAE against naive on the forecasts for each series' held-out tail: the points the
+    model was not fitted to (its early-stopping validation slice)."""
+    dataset = load_csv(path)
+    out: dict[str, Any] = {}
+    for column, values in zip(dataset.names, dataset.series, strict=True):
+        view = views.get(series_id(column))
+        if view is None:
+            continue
+        keep = view.scored & (view.position >= split_point(len(values), 0.2))
+        out[f"held_out_{view.name}"] = {
+            "points": int(keep.sum()),
+            "mae": float(abs(view.forecast[keep] - view.actual[keep]).mean()),
+            "naive_mae": float(abs(view.naive[keep] - view.actual[keep]).mean()),
+        }
+    return out

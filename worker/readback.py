@@ -1,0 +1,207 @@
+"""Forecasts read back from a live system and set beside the values that followed them.
+
+Used by ``attnlstm demo`` and ``attnlstm plot --from-stream``: everything comes from
+the streams themselves (the forecast's ``src`` names its input entry), so it works on
+any running system, not only on one this process started.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import redis
+
+from attnlstm.plots import plot_attention, plot_latency, plot_series_forecasts
+from worker.contract import Reading, entry_ms, parse
+from worker.keys import Keys
+from worker.streams import Entry, id_key
+
+_PAGE = 10_000  # entries per XRANGE / XREVRANGE
+
+
+@dataclass(frozen=True)
+class SeriesView:
+    """One series' forecasts (one-step), each beside the value that came next.
+
+    ``actual`` and ``naive`` are NaN where the next value has not arrived yet.
+    """
+
+    name: str
+    target_ms: np.ndarray  # (n,) time of the value each forecast was for (NaN: not yet)
+    forecast: np.ndarray  # (n,) yhat's first step
+    actual: np.ndarray  # (n,) the series' next valid value
+    naive: np.ndarray  # (n,) the last value in the window: what naive would forecast
+    attention: np.ndarray  # (n, window)
+    latency_ms: np.ndarray  # (n,) forecast entry time - input entry time
+    position: np.ndarray  # (n,) index of the target among the series' values read
+
+    @property
+    def scored(self) -> np.ndarray:
+        arrived: np.ndarray = ~np.isnan(self.actual)
+        return arrived
+
+    def mae(self) -> tuple[float, float]:
+        """(model MAE, naive MAE) on the forecasts whose actual has arrived."""
+        ok = self.scored
+        return (
+            float(np.mean(np.abs(self.forecast[ok] - self.actual[ok]))),
+            float(np.mean(np.abs(self.naive[ok] - self.actual[ok]))),
+        )
+
+
+def _pages(client: redis.Redis, key: str, *, newest: int | None) -> Iterator[list[Entry]]:
+    """The stream oldest first, a page at a time; only the last ``newest`` entries
+    when given."""
+    if newest is None:
+        start = b"-"
+        while page := cast(list[Entry], client.xrange(key, min=start, count=_PAGE)):
+            yield page
+            start = b"(" + page[-1][0]
+        return
+    pages: list[list[Entry]] = []
+    end, left = b"+", newest
+    while left > 0:
+        page = cast(list[Entry], client.xrevrange(key, max=end, count=min(left, _PAGE)))
+        if not page:
+            break
+        pages.append(page[::-1])
+        left -= len(page)
+        end = b"(" + page[-1][0]
+    yield from reversed(pages)
+
+
+def read_views(
+    client: redis.Redis,
+    keys: Keys,
+    *,
+    series: set[str] | None = None,
+    newest: int | None = None,
+) -> dict[str, SeriesView]:
+    """Forecasts for ``series`` (all when None) among the output stream's last
+    ``newest`` entries, joined with the input stream. With ``newest`` None both streams
+    are read whole, and a view's ``position`` is the index in its whole series."""
+    forecasts: dict[str, list[dict[bytes, bytes]]] = {}
+    first_src: bytes | None = None
+    for page in _pages(client, keys.output, newest=newest):
+        for entry_id, fields in page:
+            if fields is None:
+                continue
+            name = fields[b"series"].decode()
+            if series is None or name in series:
+                forecasts.setdefault(name, []).append({**fields, b"id": entry_id})
+                src = fields[b"src"]
+                first_src = (
+                    src if first_src is None or id_key(src) < id_key(first_src) else first_src
+                )
+    if first_src is None:
+        return {}
+    start = b"-" if newest is None else first_src
+    values = _inputs(client, keys.input, set(forecasts), start=start)
+    return {
+        name: _view(name, rows, *values.get(name, ([], []))) for name, rows in forecasts.items()
+    }
+
+
+def _inputs(
+    client: redis.Redis, key: str, names: set[str], *, start: bytes
+) -> dict[str, tuple[list[bytes], list[float]]]:
+    """Each series' valid entries from ``start`` (included) on: ids and values."""
+    out: dict[str, tuple[list[bytes], list[float]]] = {}
+    known: dict[bytes, str] = {}
+    while page := cast(list[Entry], client.xrange(key, min=start, count=_PAGE)):
+        for entry_id, fields in page:
+            reading = parse(entry_id, fields, known) if fields is not None else None
+            if isinstance(reading, Reading) and reading.series in names:
+                ids, values = out.setdefault(reading.series, ([], []))
+                ids.append(entry_id)
+                values.append(reading.value)
+        start = b"(" + page[-1][0]
+    return out
+
+
+def _view(
+    name: str, rows: list[dict[bytes, bytes]], ids: list[bytes], values: list[float]
+) -> SeriesView:
+    at = {entry_id: k for k, entry_id in enumerate(ids)}
+    value = np.asarray([*values, np.nan], dtype=np.float64)  # index len(ids): not yet
+    times = np.asarray([entry_ms(i) for i in ids] + [np.nan], dtype=np.float64)
+    src = np.array([at.get(r[b"src"], len(ids)) for r in rows])
+    target = np.where(src < len(ids), src + 1, len(ids))
+    return SeriesView(
+        name=name,
+        target_ms=times[target],
+        forecast=np.array([json.loads(r[b"yhat"])[0] for r in rows], dtype=np.float64),
+        actual=value[target],
+        naive=value[src],
+        attention=np.array([json.loads(r[b"attn"]) for r in rows], dtype=np.float64),
+        latency_ms=np.array(
+            [entry_ms(r[b"id"]) - entry_ms(r[b"src"]) for r in rows], dtype=np.float64
+        ),
+        position=target,
+    )
+
+
+def summary(views: dict[str, SeriesView]) -> dict[str, Any]:
+    """Figures over every view: forecasts, scored ones, MAE against naive, latency."""
+    if not views:
+        return {"forecasts": 0}
+    every = list(views.values())
+    latency = np.concatenate([v.latency_ms for v in every])
+    ok = [v.scored for v in every]
+    error = np.concatenate(
+        [np.abs(v.forecast - v.actual)[s] for v, s in zip(every, ok, strict=True)]
+    )
+    naive = np.concatenate([np.abs(v.naive - v.actual)[s] for v, s in zip(every, ok, strict=True)])
+    out: dict[str, Any] = {
+        "forecasts": int(latency.size),
+        "scored": int(error.size),
+        "p50_latency_ms": float(np.percentile(latency, 50)),
+        "p99_latency_ms": float(np.percentile(latency, 99)),
+    }
+    if error.size:
+        out |= {"mae": float(error.mean()), "naive_mae": float(naive.mean())}
+        out["mae_vs_naive"] = out["mae"] / out["naive_mae"] if out["naive_mae"] else None
+    return out
+
+
+def draw(
+    views: dict[str, SeriesView], out_dir: Path, *, shown: list[str], points: int, label: str
+) -> list[Path]:
+    """forecasts.png (the ``shown`` series, their last ``points`` forecasts that have an
+    actual), attention.png (the first shown series) and latency.png (every view)."""
+    panels = []
+    for name in shown:
+        view = views[name]
+        ok = np.flatnonzero(view.scored)[-points:]
+        model, naive = view.mae()
+        panels.append(
+            (
+                f"{name}: MAE {model:.4g}, naive last value {naive:.4g}",
+                view.target_ms[ok].astype("datetime64[ms]"),
+                view.actual[ok],
+                view.forecast[ok],
+            )
+        )
+    first = views[shown[0]]
+    latency = np.concatenate([v.latency_ms for v in views.values()])
+    return [
+        plot_series_forecasts(
+            panels, out_dir / "forecasts.png", title=f"{label}: one-step forecasts read back"
+        ),
+        plot_attention(
+            first.attention[-points:],
+            out_dir / "attention.png",
+            title=f"{first.name}: attention of its last {min(points, len(first.attention))} "
+            "forecasts (one row each)",
+        ),
+        plot_latency(
+            latency,
+            out_dir / "latency.png",
+            title=f"{label}: end-to-end latency of {latency.size:,} forecasts",
+        ),
+    ]
