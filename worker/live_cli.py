@@ -148,6 +148,7 @@ def add_demo_args(demo: argparse.ArgumentParser) -> None:
     pace.add_argument("--fast", action="store_true", help="replay as fast as Redis takes it")
     demo.add_argument("--csv", type=Path, default=None, help="replay this file, not sines")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="(default demo-out)")
+    demo.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
     demo.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -155,7 +156,9 @@ def add_demo_args(demo: argparse.ArgumentParser) -> None:
 def run_demo_command(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # the worker's; Redis and the replay have the other cores
     pace = None if args.fast or (args.csv and args.rate is None) else args.rate or 500.0
-    plan = DemoPlan(seconds=args.seconds, series=args.series, rate=pace, csv=args.csv)
+    plan = DemoPlan(
+        seconds=args.seconds, series=args.series, rate=pace, csv=args.csv, points=args.points
+    )
     settings = from_flags(device=args.device)
     progress = not args.json and sys.stderr.isatty()
     try:

@@ -32,7 +32,7 @@ class SeriesView:
     """
 
     name: str
-    target_ms: np.ndarray  # (n,) time of the value each forecast was for (NaN: not yet)
+    target_ms: np.ndarray  # (n,) ``ts`` of the value each forecast was for (NaN: not yet)
     forecast: np.ndarray  # (n,) yhat's first step
     actual: np.ndarray  # (n,) the series' next valid value
     naive: np.ndarray  # (n,) the last value in the window: what naive would forecast
@@ -102,36 +102,33 @@ def read_views(
         return {}
     start = b"-" if newest is None else first_src
     values = _inputs(client, keys.input, set(forecasts), start=start)
-    return {
-        name: _view(name, rows, *values.get(name, ([], []))) for name, rows in forecasts.items()
-    }
+    return {name: _view(name, rows, values.get(name, [])) for name, rows in forecasts.items()}
 
 
 def _inputs(
     client: redis.Redis, key: str, names: set[str], *, start: bytes
-) -> dict[str, tuple[list[bytes], list[float]]]:
-    """Each series' valid entries from ``start`` (included) on: ids and values."""
-    out: dict[str, tuple[list[bytes], list[float]]] = {}
+) -> dict[str, list[tuple[bytes, Reading]]]:
+    """Each series' valid entries from ``start`` (included) on: ids and readings."""
+    out: dict[str, list[tuple[bytes, Reading]]] = {}
     known: dict[bytes, str] = {}
     while page := cast(list[Entry], client.xrange(key, min=start, count=_PAGE)):
         for entry_id, fields in page:
             reading = parse(entry_id, fields, known) if fields is not None else None
             if isinstance(reading, Reading) and reading.series in names:
-                ids, values = out.setdefault(reading.series, ([], []))
-                ids.append(entry_id)
-                values.append(reading.value)
+                out.setdefault(reading.series, []).append((entry_id, reading))
         start = b"(" + page[-1][0]
     return out
 
 
 def _view(
-    name: str, rows: list[dict[bytes, bytes]], ids: list[bytes], values: list[float]
+    name: str, rows: list[dict[bytes, bytes]], inputs: list[tuple[bytes, Reading]]
 ) -> SeriesView:
-    at = {entry_id: k for k, entry_id in enumerate(ids)}
-    value = np.asarray([*values, np.nan], dtype=np.float64)  # index len(ids): not yet
-    times = np.asarray([entry_ms(i) for i in ids] + [np.nan], dtype=np.float64)
-    src = np.array([at.get(r[b"src"], len(ids)) for r in rows])
-    target = np.where(src < len(ids), src + 1, len(ids))
+    at = {entry_id: k for k, (entry_id, _) in enumerate(inputs)}
+    n = len(inputs)
+    value = np.asarray([r.value for _, r in inputs] + [np.nan], dtype=np.float64)  # n: not yet
+    times = np.asarray([r.ts for _, r in inputs] + [np.nan], dtype=np.float64)
+    src = np.array([at.get(r[b"src"], n) for r in rows])
+    target = np.where(src < n, src + 1, n)
     return SeriesView(
         name=name,
         target_ms=times[target],
