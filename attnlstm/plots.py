@@ -89,6 +89,41 @@ def plot_series_forecasts(
     return _save(plt, fig, path)
 
 
+def plot_error_over_time(
+    when: np.ndarray,
+    mae: np.ndarray,
+    naive: np.ndarray,
+    path: str | Path,
+    *,
+    title: str,
+    marks: Sequence[tuple[np.datetime64, str]] = (),
+) -> Path:
+    """One-step MAE (and the naive forecast's) over time (``datetime64``), log scale,
+    with vertical lines at ``marks`` (time, label): model promotions, a drift."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.semilogy(when, naive, color="grey", linewidth=1.0, label="naive (last value)")
+    ax.semilogy(when, mae, color="tab:orange", linewidth=1.5, label="model")
+    styles = {"drift": ("tab:red", "--")}
+    for at, label in marks:
+        color, style = styles.get(label, ("tab:green", ":"))
+        ax.axvline(at, color=color, linestyle=style, linewidth=1.2)
+        ax.annotate(
+            label,
+            (at, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize="small",
+            color=color,
+        )
+    ax.set_title(title)
+    ax.set_ylabel("MAE per second, every series")
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(plt, fig, path)
+
+
 def plot_latency(latency_ms: np.ndarray, path: str | Path, *, title: str) -> Path:
     """Histogram of end-to-end latencies, with p50 and p99 marked."""
     plt = _pyplot()

@@ -116,6 +116,10 @@ def worker_cmd(model: Path, url: str, prefix: str, *extra: str) -> list[str]:
         "1",
         "--metrics-port",
         "0",
+        "--models-stream",
+        f"{prefix}models",
+        "--finetune-interval-s",
+        "0",
         *extra,
     ]
 

@@ -157,7 +157,7 @@ def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path)
     )
     # The flag overrides the bad variable; what stops the worker now is the missing model.
     proc = subprocess.run(
-        [*CLI, "worker", "--max-batch", "8"],
+        [*CLI, "worker", "--max-batch", "8", "--model", "model.safetensors"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -34,12 +34,15 @@ def redis_url(settings: Settings) -> Iterator[str]:
         yield server.url
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The model from ``settings.model`` on its device (CheckpointError when missing)."""
-    checkpoint = open_checkpoint(settings.model)
-    device = resolve_device(settings.device)
+def build_engine(settings: Settings) -> Engine | None:
+    """The model file's engine on its device (CheckpointError when the file is
+    missing); None when no file is set: the model comes from the store, or a cold start."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.model is None:
+        return None
+    checkpoint = open_checkpoint(settings.model)
+    device = resolve_device(settings.device)
     engine = Engine(checkpoint, device=device, max_batch=settings.max_batch)
     log.info(
         "model %s (window %d, horizon %d) from %s on %s",

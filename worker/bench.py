@@ -122,7 +122,12 @@ def prefill(client: redis.Redis, stream: str, n_entries: int, n_series: int) -> 
 
 
 def _settings(
-    url: str, prefix: str, plan: BenchPlan, device: str, max_batch: int | None = None
+    url: str,
+    prefix: str,
+    plan: BenchPlan,
+    device: str,
+    max_batch: int | None = None,
+    finetune_interval_s: float = 0.0,
 ) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -130,6 +135,8 @@ def _settings(
         input_stream=f"{prefix}:sensors",
         output_stream=f"{prefix}:forecasts",
         dead_stream=f"{prefix}:dead",
+        models_stream=f"{prefix}:models",
+        finetune_interval_s=finetune_interval_s,
         consumer="bench",
         device=device,
         max_batch=max_batch or plan.max_batch,
@@ -209,18 +216,19 @@ def _median(results: list[dict[str, float]]) -> dict[str, Any]:
     return {**ordered[len(ordered) // 2], "rounds": [r["entries_per_s"] for r in results]}
 
 
-def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float) -> None:
-    """A steady producer (its own process): entry k goes out at start + k / rate."""
+def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float, first: int) -> None:
+    """A steady producer (its own process): entry k goes out at start + k / rate, the
+    sines going on from step ``first`` (the steps before were the prefill)."""
     client = redis.Redis.from_url(url)
     total = int(rate * seconds)
-    values = _values(n_series, 20 + total // n_series + 1)  # steps 0-19 were the prefill
+    values = _values(n_series, first + total // n_series + 1)
     started, sent = time.perf_counter(), 0
     while sent < total:
         due = min(total, int((time.perf_counter() - started) * rate) + 1)
         if due > sent:
             pipe = client.pipeline(transaction=False)
             for k in range(sent, due):
-                value = repr(float(values[20 + k // n_series, k % n_series]))
+                value = repr(float(values[first + k // n_series, k % n_series]))
                 pipe.xadd(stream, {"series": f"s{k % n_series}", "value": value})
             pipe.execute()
             sent = due
@@ -229,20 +237,28 @@ def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float) ->
 
 
 def latency_run(
-    client: redis.Redis, url: str, settings: Settings, engine: Engine, plan: BenchPlan
+    client: redis.Redis,
+    url: str,
+    settings: Settings,
+    engine: Engine,
+    plan: BenchPlan,
+    *,
+    warm_steps: int = 20,
 ) -> dict[str, float]:
-    """p50/p99 end-to-end latency at a steady offered load, windows already full."""
+    """p50/p99 end-to-end latency at a steady offered load, after ``warm_steps`` values
+    of every series (at least a window) were drained."""
     keys = settings.keys
-    prefill(client, keys.input, plan.series * 20, plan.series)  # fill every window first
+    prefill(client, keys.input, plan.series * warm_steps, plan.series)
     worker = Worker(client, engine=engine, settings=settings, burst=False)
     thread = threading.Thread(target=worker.run, name="worker")
     thread.start()
-    while client.xlen(keys.output) < plan.series:  # warmed up: every series forecast once
+    warm = plan.series * (warm_steps - engine.window + 1)  # every prefilled full window
+    while client.xlen(keys.output) < warm:
         time.sleep(0.05)
-    warm = client.xlen(keys.output)
     context = multiprocessing.get_context("spawn")
     producer = context.Process(
-        target=_produce, args=(url, keys.input, plan.series, plan.rate, plan.seconds)
+        target=_produce,
+        args=(url, keys.input, plan.series, plan.rate, plan.seconds, warm_steps),
     )
     producer.start()
     producer.join()
@@ -262,11 +278,14 @@ def latency_run(
     span = (sent_ms.max() - sent_ms.min()) / 1000 if rows else 0.0
     return {
         "offered_per_s": plan.rate,
+        "seconds": plan.seconds,
         "forecasts": len(rows),
         "achieved_per_s": round(float(len(rows) / span), 1) if span else 0.0,
         "p50_ms": float(np.percentile(latency, 50)),
         "p99_ms": float(np.percentile(latency, 99)),
         "max_ms": float(latency.max()),
+        "finetunes": worker.tuner.cycles,
+        "finetune_busy_s": round(worker.tuner.busy_s, 1),
     }
 
 
@@ -329,9 +348,17 @@ def _runs(
     one = PerEntryEngine(checkpoint, device=device, max_batch=1)
     out["one_at_a_time"] = _drain(client, s, one, plan.per_entry_entries, plan.series)
 
+    # Both latency runs start from a full history, so that fine-tuning has data at once.
+    history = Settings.model_fields["history_len"].default
     log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
     s = _settings(url, f"{run_id}:latency", plan, device)
-    out["latency"] = latency_run(client, url, s, engine, plan)
+    out["latency"] = latency_run(client, url, s, engine, plan, warm_steps=history)
+    log.info("latency with fine-tunes back to back: %d entries/s", plan.rate)
+    s = _settings(url, f"{run_id}:latency-finetune", plan, device, finetune_interval_s=1.0)
+    out["latency_finetune"] = latency_run(client, url, s, engine, plan, warm_steps=history)
+    out["finetune_p99_ratio"] = round(
+        out["latency_finetune"]["p99_ms"] / out["latency"]["p99_ms"], 2
+    )
 
     worker_rate = out["worker"]["entries_per_s"]
     out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
@@ -342,7 +369,7 @@ def _runs(
 
 def format_report(report: dict[str, Any]) -> str:
     """The figures as Markdown, ready for BENCHMARKS.md."""
-    m, lat = report["machine"], report["latency"]
+    m, lat, ft = report["machine"], report["latency"], report["latency_finetune"]
     rows = [
         ("worker (batched)", report["worker"]),
         ("raw Redis I/O, no model", report["raw"]),
@@ -372,5 +399,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"Steady load {lat['offered_per_s']:,} entries/s offered ({lat['achieved_per_s']:,.0f} "
         f"forecast/s, {lat['forecasts']:,} forecasts): end-to-end latency p50 "
         f"{lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms.",
+        f"The same with fine-tunes back to back ({ft['finetunes']} finished, "
+        f"{ft['finetune_busy_s']:.0f} s of training in the {ft['seconds']:.0f} s): p50 "
+        f"{ft['p50_ms']:.0f} ms, p99 {ft['p99_ms']:.0f} ms, max {ft['max_ms']:.0f} ms; "
+        f"p99 {report['finetune_p99_ratio']:.2f}x that without.",
     ]
     return "\n".join(lines)

@@ -30,9 +30,11 @@ from worker.embedded import EmbeddedServerError
 from worker.live_cli import (
     add_demo_args,
     add_live_plot_args,
+    add_models_args,
     add_replay_args,
     run_demo_command,
     run_live_plot,
+    run_models,
     run_replay,
     series_count,
 )
@@ -145,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
 
+    add_models_args(
+        sub.add_parser(
+            "models",
+            help="the model store: list versions and events, roll back",
+            description="Versions stored by the workers' fine-tuning, in Redis.",
+        )
+    )
+
     bench = sub.add_parser(
         "bench", help="worker throughput and latency beside raw Redis and per-entry serving"
     )
@@ -172,7 +182,7 @@ _WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),
     ("--group", "group", str, "consumer group (default forecasters)"),
     ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
-    ("--model", "model", Path, "checkpoint from attnlstm train (default model.safetensors)"),
+    ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
     ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
@@ -182,6 +192,13 @@ _WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
     ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
     ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
+    ("--history-len", "history_len", positive, "values kept per series (default 200)"),
+    ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
+    ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),
+    ("--finetune-steps", "finetune_steps", positive, "optimiser steps a fine-tune (300)"),
+    ("--promote-margin", "promote_margin", float, "MASE drop a candidate needs (0.02)"),
+    ("--models-stream", "models_stream", str, "model events and store (default models)"),
+    ("--keep-models", "keep_models", positive, "stored model versions kept (default 5)"),
 )
 
 
@@ -204,6 +221,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         return run_worker(worker_settings(args), burst=args.burst)
     if args.command == "replay":
         return run_replay(args)
+    if args.command == "models":
+        return run_models(args)
     if args.command == "demo":
         logging.basicConfig(level="INFO", format=LOG_FORMAT)
         return run_demo_command(args)
@@ -269,6 +288,10 @@ def _print_human(report: dict[str, Any]) -> None:
     for key, value in report.items():
         if isinstance(value, float):
             print(f"{key:>20}  {value:.6g}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{key:>20}")
+            for row in value:
+                print(" " * 22 + "  ".join(f"{k}={v}" for k, v in row.items()))
         elif isinstance(value, list):
             print(f"{key:>20}  {', '.join(map(str, value))}")
         else:

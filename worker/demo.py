@@ -8,6 +8,7 @@ forecasts are read back from the output stream, drawn and summed up.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import signal
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 import torch
 from tqdm import tqdm
@@ -23,13 +25,16 @@ from tqdm import tqdm
 from attnlstm.checkpoint import CheckpointError, load
 from attnlstm.data import load_csv, load_dataset
 from attnlstm.model import ModelConfig
+from attnlstm.plots import plot_error_over_time
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
 from worker import offline
 from worker.app import build_engine, redis_url
+from worker.contract import Fields
 from worker.metrics import Metrics
-from worker.readback import SeriesView, draw, read_views, summary
+from worker.models import ModelStore
+from worker.readback import SeriesView, draw, errors_by_time, read_views, summary
 from worker.replay import csv_entries, replay, series_id, sine_entries
 from worker.service import Worker
 from worker.settings import Settings
@@ -42,6 +47,7 @@ DEMO_STREAMS = {
     "output_stream": "demo:forecasts",
     "dead_stream": "demo:sensors:dead",
     "group": "demo",
+    "models_stream": "demo:models",
 }
 SHOWN = 3  # series drawn in forecasts.png
 CATCH_UP_S = 60.0  # longest wait for the worker to finish after the replay
@@ -56,6 +62,8 @@ class DemoPlan:
     seed: int = 1  # the replayed sines' seed (the model trains on seed 0's)
     csv: Path | None = None  # replay this file instead, with a model trained on it
     points: int = 200  # forecasts drawn per series
+    noise: float = 0.0  # sine noise std, in amplitudes
+    drift_at: int | None = None  # step where every sine's frequency changes
 
 
 def run_demo(
@@ -65,29 +73,108 @@ def run_demo(
         update={**DEMO_STREAMS, "model": _model(out_dir, plan, progress), "metrics_port": 0}
     )
     engine = build_engine(settings)
+    assert engine is not None  # the demo always has its model file
+    first_version = engine.version
     with redis_url(settings) as url:
         client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="demo")
         try:
             keys = settings.keys
             client.delete(keys.input, keys.output, keys.dead, keys.state, keys.lease)
+            client.delete(keys.models, keys.versions, keys.serving, keys.finetune_lock)
             worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
             report = _run(client, url, worker, settings, plan, progress)
             views = read_views(client, keys)
             report |= summary(views)
             report["entries"] = client.xlen(keys.input)
             report["dead"] = client.xlen(keys.dead)
+            events = [f for _, f in ModelStore(client, keys, keep=1, source="demo").events()]
         finally:
             client.close()
-    report["model"] = engine.version
+    report |= _online(worker, events)
     if not views:
         return report | {"written": []}
     shown = sorted(views, key=_natural)[:SHOWN]
-    label = f"demo ({plan.csv.name if plan.csv else 'sines'}, model {engine.version})"
+    label = f"demo ({plan.csv.name if plan.csv else 'sines'}, model {first_version})"
     written = draw(views, out_dir, shown=shown, points=plan.points, label=label)
+    written.append(_draw_errors(views, events, report, plan, out_dir))
     report["written"] = [str(p) for p in written]
     if plan.csv is not None:
         report |= _held_out(views, plan.csv)
     return report
+
+
+def _online(worker: Worker, events: list[Fields | None]) -> dict[str, Any]:
+    """What the worker scored as it went, and what its fine-tuning did."""
+    kinds = [f[b"event"].decode() for f in events if f is not None]
+    return {
+        "model": worker.engine.version if worker.engine else None,
+        "rolling_mae": _finite(worker.scorer.mae),
+        "rolling_naive_mae": _finite(worker.scorer.naive_mae),
+        "finetunes": worker.tuner.cycles,
+        "promoted": max(kinds.count("promoted") - 1, 0),  # the first: the model file
+        "rejected": kinds.count("rejected"),
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _draw_errors(
+    views: dict[str, SeriesView],
+    events: list[Fields | None],
+    report: dict[str, Any],
+    plan: DemoPlan,
+    out_dir: Path,
+) -> Path:
+    """mae.png: the one-step MAE per second over the run, promotions (and the drift)
+    marked; with a drift, its figures go in the report."""
+    errors = errors_by_time(views, bucket_ms=1000.0)
+    when = errors["t_ms"].astype("datetime64[ms]")
+    marks = [
+        (np.datetime64(int(f[b"ts"]), "ms"), f"promoted {f[b'version'].decode()[:8]}")
+        for f in events[1:]  # the first promotion is the model file's, at the start
+        if f is not None and f[b"event"] == b"promoted"
+    ]
+    if plan.drift_at is not None:
+        # When the sines changed: the median time of each series' value at drift_at.
+        at = np.concatenate([v.target_ms[v.position == plan.drift_at] for v in views.values()])
+        if at.size:  # else the run stopped before the drift
+            drift_ms = float(np.median(at))
+            marks.append((np.datetime64(int(drift_ms), "ms"), "drift"))
+            trained = [int(f[b"ts"]) for f in events if f is not None and f[b"event"] == b"trained"]
+            report |= _drift_figures(errors, drift_ms, trained)
+    title = f"one-step MAE per second, {len(views)} series; {len(marks)} marks"
+    return plot_error_over_time(
+        when, errors["mae"], errors["naive_mae"], out_dir / "mae.png", title=title, marks=marks
+    )
+
+
+def _drift_figures(
+    errors: dict[str, np.ndarray], drift_ms: float, trained_ms: list[int]
+) -> dict[str, Any]:
+    """MAE in the 10 s before the drift, its worst second after, when (seconds after
+    the drift) it first came back within 1.5x of before, and how many fine-tunes had
+    finished after the drift by then."""
+    t, mae = errors["t_ms"], errors["mae"]
+    before = mae[(t < drift_ms) & (t >= drift_ms - 10_000)]
+    after_t, after = t[t >= drift_ms + 1000], mae[t >= drift_ms + 1000]
+    if not before.size or not after.size:
+        return {}
+    level = float(before.mean())
+    back = np.flatnonzero(after <= 1.5 * level)
+    back_ms = float(after_t[back[0]]) if back.size else None
+    return {
+        "mae_before_drift": level,
+        "mae_worst_after_drift": float(after.max()),
+        "mae_last_10s": float(mae[t >= t[-1] - 10_000].mean()),
+        "back_within_1_5x_after_s": (
+            round((back_ms - drift_ms) / 1000, 1) if back_ms is not None else None
+        ),
+        "finetunes_until_back": (
+            sum(drift_ms < ts <= back_ms for ts in trained_ms) if back_ms is not None else None
+        ),
+    }
 
 
 def _natural(name: str) -> tuple[str, int]:
@@ -133,7 +220,9 @@ def _replay_child(url: str, stream: str, plan: DemoPlan) -> None:
         entries = csv_entries(plan.csv)
     else:
         points = int(plan.seconds * (plan.rate or 1000.0) / plan.series) + 1
-        spec = SineSpec(n_series=plan.series, n_points=max(points, 2))
+        spec = SineSpec(
+            n_series=plan.series, n_points=max(points, 2), noise=plan.noise, drift_at=plan.drift_at
+        )
         entries = sine_entries(spec, seed=plan.seed, bad_rate=plan.bad_rate)
     seconds = None if plan.csv is not None else plan.seconds
     replay(client, stream, entries, rate=plan.rate, seconds=seconds)

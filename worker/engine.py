@@ -27,6 +27,7 @@ def padded_rows(n: int) -> int:
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, *, device: str, max_batch: int) -> None:
+        self.checkpoint = checkpoint
         self.version = checkpoint.version
         self.window = checkpoint.config.window
         self.horizon = checkpoint.config.horizon
@@ -38,6 +39,17 @@ class Engine:
         if pin:
             self._y = torch.empty((self.rows, self.horizon), dtype=torch.float64, pin_memory=True)
             self._a = torch.empty((self.rows, self.window), dtype=torch.float32, pin_memory=True)
+
+    def swap(self, checkpoint: Checkpoint) -> None:
+        """Serve another model of the same window and horizon from the next call on."""
+        config = checkpoint.config
+        if (config.window, config.horizon) != (self.window, self.horizon):
+            raise ValueError(
+                f"model {checkpoint.version} has window {config.window} and horizon "
+                f"{config.horizon}; the worker runs {self.window} and {self.horizon}"
+            )
+        self.model = checkpoint.model.to(self.device).eval()
+        self.checkpoint, self.version = checkpoint, checkpoint.version
 
     def forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Forecasts (N, horizon) float64 and attention (N, window) for windows (N, window)."""

@@ -19,6 +19,7 @@ import torch
 from attnlstm.synthetic import SineSpec
 from worker.argtypes import number, positive, rate
 from worker.demo import DemoPlan, run_demo
+from worker.models import ModelStore
 from worker.readback import draw, read_views, summary
 from worker.replay import CsvLayout, Fields, csv_entries, replay, sine_entries
 from worker.settings import Settings, from_flags
@@ -149,6 +150,14 @@ def add_demo_args(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--csv", type=Path, default=None, help="replay this file, not sines")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="(default demo-out)")
     demo.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
+    demo.add_argument("--noise", type=float, default=0.0, help="sine noise, in amplitudes (0)")
+    demo.add_argument("--drift-at", type=positive, default=None, help="step where sines drift")
+    demo.add_argument(
+        "--finetune-interval-s",
+        type=float,
+        default=None,
+        help="(default: ATTNLSTM_FINETUNE_INTERVAL_S or 300; 0: off)",
+    )
     demo.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -157,9 +166,15 @@ def run_demo_command(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # the worker's; Redis and the replay have the other cores
     pace = None if args.fast or (args.csv and args.rate is None) else args.rate or 500.0
     plan = DemoPlan(
-        seconds=args.seconds, series=args.series, rate=pace, csv=args.csv, points=args.points
+        seconds=args.seconds,
+        series=args.series,
+        rate=pace,
+        csv=args.csv,
+        points=args.points,
+        noise=args.noise,
+        drift_at=args.drift_at,
     )
-    settings = from_flags(device=args.device)
+    settings = from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
     progress = not args.json and sys.stderr.isatty()
     try:
         return run_demo(settings, plan, args.out, progress=progress)
@@ -197,3 +212,34 @@ def run_live_plot(args: argparse.Namespace) -> dict[str, Any]:
         )
     written = draw(views, args.out, shown=[args.series], points=args.points, label=args.series)
     return summary(views) | {"series": args.series, "written": [str(w) for w in written]}
+
+
+def add_models_args(models: argparse.ArgumentParser) -> None:
+    what = models.add_subparsers(dest="action", required=True, parser_class=type(models))
+    listing = what.add_parser("list", help="stored versions, the serving one, recent events")
+    listing.add_argument("--events", type=positive, default=10, help="events shown (default 10)")
+    back = what.add_parser("rollback", help="serve a stored version again, from the next batch")
+    back.add_argument("version", help="a version from `attnlstm models list`")
+    for action in (listing, back):
+        action.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+        action.add_argument(
+            "--models-stream", default=None, help="(default: ATTNLSTM_MODELS_STREAM or models)"
+        )
+        action.add_argument("--json", action="store_true", help="one JSON object, last line")
+
+
+def run_models(args: argparse.Namespace) -> dict[str, Any]:
+    settings = from_flags(redis_url=args.redis_url, models_stream=args.models_stream)
+    with _redis(settings, "models") as client:
+        store = ModelStore(client, settings.keys, keep=settings.keep_models, source="cli")
+        if args.action == "rollback":
+            checkpoint = store.get(args.version)  # refuses a missing or damaged version
+            before = store.serving()
+            store.switch(checkpoint.version, "rolled_back", previous=before)
+            return {"serving": checkpoint.version, "previous": before}
+        events = [
+            {k.decode(): v.decode() for k, v in fields.items()} | {"id": entry_id.decode()}
+            for entry_id, fields in reversed(store.recent_events(args.events))
+            if fields is not None
+        ]
+        return {"serving": store.serving(), "versions": store.versions(), "events": events}

@@ -26,6 +26,7 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+SERIES_GAUGES = 100  # series with a rolling-MAE gauge of their own: bounded cardinality
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -103,9 +104,46 @@ class Metrics:
         self.redis_errors = Counter(
             "attnlstm_redis_errors", "Redis errors the worker waited out", registry=r
         )
+        self.scored = Counter(
+            "attnlstm_forecasts_scored",
+            "One-step forecasts whose actual value has arrived and been scored",
+            registry=r,
+        )
+        self.rolling_mae = Gauge(
+            "attnlstm_rolling_mae", "Rolling one-step MAE over every series", registry=r
+        )
+        self.rolling_naive_mae = Gauge(
+            "attnlstm_rolling_naive_mae",
+            "The same for the naive forecast (the last value)",
+            registry=r,
+        )
+        self.mae_level = Gauge(
+            "attnlstm_rolling_mae_level",
+            "The rolling MAE's slow average: drift is the rolling MAE far above it",
+            registry=r,
+        )
+        self.series_mae = Gauge(
+            "attnlstm_series_rolling_mae",
+            f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series",
+            ["series"],
+            registry=r,
+        )
+        self.finetunes = Counter(
+            "attnlstm_finetunes",
+            "Fine-tunes finished, by outcome (promoted, rejected, failed, skipped)",
+            ["outcome"],
+            registry=r,
+        )
+        self.model = Gauge(
+            "attnlstm_model", "1 for the model version this worker serves", ["version"], registry=r
+        )
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
+
+    def model_version(self, version: str) -> None:
+        self.model.clear()
+        self.model.labels(version).set(1)
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()

@@ -166,6 +166,25 @@ def summary(views: dict[str, SeriesView]) -> dict[str, Any]:
     return out
 
 
+def errors_by_time(views: dict[str, SeriesView], *, bucket_ms: float) -> dict[str, np.ndarray]:
+    """Every series' absolute one-step errors (model and naive), averaged per time
+    bucket of their targets' ``ts``: ``t_ms`` (bucket starts), ``mae``, ``naive_mae``."""
+    scored = [v for v in views.values() if v.scored.any()]
+    if not scored:
+        return {"t_ms": np.empty(0), "mae": np.empty(0), "naive_mae": np.empty(0)}
+    t = np.concatenate([v.target_ms[v.scored] for v in scored])
+    err = np.concatenate([np.abs(v.forecast - v.actual)[v.scored] for v in scored])
+    naive = np.concatenate([np.abs(v.naive - v.actual)[v.scored] for v in scored])
+    bucket = ((t - t.min()) // bucket_ms).astype(np.int64)
+    count = np.bincount(bucket)
+    has = count > 0
+    return {
+        "t_ms": (t.min() + np.flatnonzero(has) * bucket_ms),
+        "mae": np.bincount(bucket, weights=err)[has] / count[has],
+        "naive_mae": np.bincount(bucket, weights=naive)[has] / count[has],
+    }
+
+
 def draw(
     views: dict[str, SeriesView], out_dir: Path, *, shown: list[str], points: int, label: str
 ) -> list[Path]:

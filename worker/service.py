@@ -21,6 +21,9 @@ from typing import cast
 import numpy as np
 import redis
 
+from attnlstm.checkpoint import Checkpoint
+from attnlstm.device import resolve_device
+from attnlstm.model import ModelConfig
 from worker.batcher import BatchWindow
 from worker.contract import (
     Fields,
@@ -33,7 +36,9 @@ from worker.contract import (
     reason_kind,
 )
 from worker.engine import Engine
-from worker.metrics import Metrics
+from worker.metrics import SERIES_GAUGES, Metrics
+from worker.models import ModelStore
+from worker.scoring import Scorer
 from worker.settings import Settings
 from worker.state import NO_SLOT, StateError, WindowState
 from worker.streams import (
@@ -48,6 +53,7 @@ from worker.streams import (
     stream_range,
     transaction,
 )
+from worker.tuner import Tuner
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -92,19 +98,26 @@ class Worker:
         self,
         client: redis.Redis,
         *,
-        engine: Engine,
+        engine: Engine | None,
         settings: Settings,
         metrics: Metrics | None = None,
         burst: bool = False,
     ) -> None:
+        """``engine`` None: no model yet; the worker keeps values and trains a first one
+        (a cold start) once it has enough."""
         self.client = client
         self.engine = engine
+        config = engine.checkpoint.config if engine is not None else ModelConfig()
+        self.window, self.horizon = config.window, config.horizon
         self.settings = settings
         self.keys = settings.keys
         self.metrics = metrics or Metrics()
         self.burst = burst
         self.totals = Totals()
         self.state = self._empty_state()
+        self.scorer = Scorer(halflife_s=settings.mae_halflife_s)
+        store = ModelStore(client, self.keys, keep=settings.keep_models, source=settings.consumer)
+        self.tuner = Tuner(client, settings=settings, store=store, metrics=self.metrics)
         self.lease = Lease(
             client, key=self.keys.lease, owner=settings.consumer, ttl_ms=settings.lease_ttl_ms
         )
@@ -178,6 +191,12 @@ class Worker:
             else:
                 log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
         self._had_group = True
+        self._switch(self.tuner.start(self.engine.checkpoint if self.engine else None))
+        if self.engine is None:
+            log.info(
+                "no model yet: keeping values, a first model is trained once there are "
+                "enough (cold start)"
+            )
         self._restore()
         self._resync()
         self._ready = True
@@ -186,7 +205,9 @@ class Worker:
         self.metrics.recoveries.inc()
 
     def _empty_state(self) -> WindowState:
-        return WindowState(window=self.engine.window, max_series=self.settings.max_series)
+        s = self.settings
+        length = max(s.history_len, self.window)
+        return WindowState(window=self.window, length=length, max_series=s.max_series)
 
     def _restore(self) -> None:
         blob = cast(bytes | None, self.client.get(self.keys.state))
@@ -195,7 +216,10 @@ class Worker:
             return
         try:
             self.state = WindowState.from_bytes(
-                blob, window=self.engine.window, max_series=self.settings.max_series
+                blob,
+                window=self.window,
+                length=max(self.settings.history_len, self.window),
+                max_series=self.settings.max_series,
             )
         except StateError as e:
             log.error("%s; rebuilding the windows from the stream instead", e)
@@ -264,13 +288,39 @@ class Worker:
             self._ready = False
             return False
         if not entries:
+            self._switch(self.tuner.tick(self.state, self.scorer))
             return True
+        self._switch(self.tuner.sync())  # a promotion or rollback counts from this batch
         self.totals.read += len(entries)
         self.totals.batches += 1
         self.metrics.entries_read.inc(len(entries))
         self.metrics.batch_size.observe(len(entries))
         self._handle(entries, pending=None)
+        self._switch(self.tuner.tick(self.state, self.scorer))
         return False
+
+    def _switch(self, checkpoint: Checkpoint | None) -> None:
+        """Serve ``checkpoint`` from the next batch on (None: no change)."""
+        if checkpoint is None:
+            return
+        config = checkpoint.config
+        if (config.window, config.horizon) != (self.window, self.horizon):
+            log.error(
+                "model %s has window %d and horizon %d, the worker runs %d and %d: not served",
+                checkpoint.version,
+                config.window,
+                config.horizon,
+                self.window,
+                self.horizon,
+            )
+            return
+        if self.engine is None:
+            device = resolve_device(self.settings.device)
+            self.engine = Engine(checkpoint, device=device, max_batch=self.settings.max_batch)
+            log.info("forecasting with model %s on %s", checkpoint.version, device)
+        else:
+            self.engine.swap(checkpoint)
+        self.metrics.model_version(checkpoint.version)
 
     def _read_batch(self) -> list[Entry] | None:
         """Up to max_batch entries: the first read blocks; then more are gathered until
@@ -339,10 +389,17 @@ class Worker:
             info = group_info(self.client, self.keys)
             if info.get("lag") is not None:
                 self.metrics.lag.set(info["lag"])
+            self._series_gauges()
             if self._stray_pending():
                 self._ready = False
                 return False
         return True
+
+    def _series_gauges(self) -> None:
+        names = self.state.names()[:SERIES_GAUGES]
+        for slot, name in enumerate(names):
+            if slot < self.scorer.series_mae.size and np.isfinite(self.scorer.series_mae[slot]):
+                self.metrics.series_mae.labels(name).set(self.scorer.series_mae[slot])
 
     def _stray_pending(self) -> bool:
         """Entries pending between batches: a read whose reply was lost (ours), or a
@@ -378,10 +435,16 @@ class Worker:
         kept = slots != NO_SLOT
         values = np.asarray(batch.values, dtype=np.float64)
         wanted = publish[kept]  # of the kept entries, those to forecast once full
-        full, windows = self.state.push(slots[kept], values[kept], gather=bool(wanted.any()))
-        rows = np.flatnonzero(kept)[full & wanted]  # batch positions to forecast
-        yhat, attn = self._forecast(windows[wanted[full]] if wanted.any() else windows)
-        warming = int((~full & wanted).sum())
+        serving = self.engine is not None
+        gather = serving and bool(wanted.any())
+        full, windows = self.state.push(slots[kept], values[kept], gather=gather)
+        forecast = full & wanted if serving else np.zeros_like(wanted)
+        rows = np.flatnonzero(kept)[forecast]  # batch positions to forecast
+        yhat, attn = self._forecast(windows[wanted[full]] if gather else windows[:0])
+        pending_forecasts = np.full(forecast.size, np.nan)
+        pending_forecasts[forecast] = yhat[:, 0]
+        self._score(slots[kept], values[kept], pending_forecasts)
+        warming = int((~forecast & wanted).sum())
         self.totals.warming += warming
         self.metrics.warming.inc(warming)
         if id_key(entries[-1][0]) > id_key(self.state.last_id):
@@ -428,9 +491,17 @@ class Worker:
             len(entries),
         )
 
+    def _score(self, slots: np.ndarray, values: np.ndarray, forecasts: np.ndarray) -> None:
+        scored = self.scorer.update(slots, values, forecasts, time.monotonic())
+        if scored:
+            self.metrics.scored.inc(scored)
+            self.metrics.rolling_mae.set(self.scorer.mae)
+            self.metrics.rolling_naive_mae.set(self.scorer.naive_mae)
+            self.metrics.mae_level.set(self.scorer.level)
+
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if windows.shape[0] == 0:
-            return np.empty((0, self.engine.horizon)), np.empty((0, self.engine.window))
+        if self.engine is None or windows.shape[0] == 0:
+            return np.empty((0, self.horizon)), np.empty((0, self.window))
         started = time.perf_counter()
         yhat, attn = self.engine.forecast(windows)
         self.metrics.inference.observe(time.perf_counter() - started)
@@ -443,7 +514,7 @@ class Worker:
             batch.dead.append((batch.ids[i], batch.fields[i], reason))
         rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
         s, keys = self.settings, self.keys
-        version = self.engine.version.encode()
+        version = self.engine.version.encode() if self.engine is not None else b""
         output = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % s.output_maxlen, b"*")
         commands: list[Command] = [
             (*output, *forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version))
@@ -478,6 +549,7 @@ class Worker:
     # -- the way out --------------------------------------------------------------
 
     def _close(self) -> None:
+        self.tuner.close()
         if not self._ready:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
             return

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     group: str = "forecasters"
     consumer: str = Field(default_factory=default_consumer)  # this worker's name in the group
 
-    model: Path = Path("model.safetensors")  # a checkpoint from `attnlstm train`
+    # A checkpoint from `attnlstm train`. Unset: the store's serving version, else a
+    # cold start (a first model trained from the stream; needs fine-tuning on).
+    model: Path | None = None
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
 
@@ -51,6 +53,18 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)  # then the entry goes to the dead stream
     lease_ttl_ms: int = Field(default=10_000, ge=1000)  # one worker per stream and group
     metrics_port: int = Field(default=9108, ge=0, le=65535)  # /metrics, /healthz; 0: off
+
+    history_len: int = Field(default=200, ge=2)  # values kept per series, for fine-tuning
+    mae_halflife_s: float = Field(default=30.0, gt=0)  # the rolling MAE's half-life
+    finetune_interval_s: float = Field(default=300.0, ge=0)  # between fine-tunes; 0: off
+    drift_ratio: float = Field(default=1.5, ge=0)  # rolling MAE / its level: fine-tune now
+    finetune_steps: int = Field(default=300, ge=1)  # optimiser steps per fine-tune
+    finetune_lr: float = Field(default=1e-3, gt=0)  # peak learning rate of a fine-tune
+    finetune_holdout: float = Field(default=0.2, gt=0, lt=0.5)  # newest share: the gate
+    promote_margin: float = Field(default=0.02, ge=0, lt=1)  # MASE must drop this much
+    finetune_threads: int = Field(default=1, ge=1)  # torch threads of the fine-tuner
+    models_stream: str = "models"  # model events; versions are stored under this name
+    keep_models: int = Field(default=5, ge=1)  # stored versions kept
 
     @field_validator("redis_url")
     @classmethod
@@ -75,6 +89,7 @@ class Settings(BaseSettings):
             output=self.output_stream,
             dead=self.dead_stream,
             group=self.group,
+            models=self.models_stream,
         )
 
     def url(self) -> str | None:

@@ -85,7 +85,7 @@ class WindowState:
         n = slots.shape[0]
         full = np.zeros(n, dtype=bool)
         windows = np.empty((n if gather else 0, self.window), dtype=np.float64)
-        for idx in _rounds(slots):
+        for idx in rounds(slots):
             s = slots[idx]  # distinct slots within a round
             self._ring[s, self._count[s] % self.length] = values[idx]
             self._count[s] += 1
@@ -102,6 +102,17 @@ class WindowState:
         out: np.ndarray = self._ring[s[:, None], cols]
         out[self._count[s] < self.window] = np.nan
         return out
+
+    def histories(self) -> tuple[list[str], list[np.ndarray]]:
+        """Every series' kept values (up to ``length``, oldest first): what fine-tuning
+        learns from."""
+        n = len(self._names)
+        kept = np.minimum(self._count[:n], self.length)
+        out = []
+        for slot in range(n):
+            cols = (self._count[slot] + np.arange(-kept[slot], 0)) % self.length
+            out.append(self._ring[slot, cols].copy())
+        return list(self._names), out
 
     def to_bytes(self) -> bytes:
         n = len(self._names)
@@ -162,7 +173,7 @@ def _check_shapes(names: object, values: np.ndarray, count: np.ndarray) -> None:
         raise ValueError(f"{len(names)} series but values {values.shape} and counts {count.shape}")
 
 
-def _rounds(slots: np.ndarray) -> list[np.ndarray]:
+def rounds(slots: np.ndarray) -> list[np.ndarray]:
     """Indices of the 1st, 2nd, ... occurrence of each slot, each in input order."""
     n = slots.shape[0]
     if n == 0:

@@ -1,0 +1,62 @@
+"""One fine-tune and its gate, without Redis: promoted when it helps, rejected when not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnlstm.checkpoint import dumps, loads
+from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import SineSpec, make_sines
+from worker.finetune import FinetuneConfig, Job, NotEnoughDataError, run_job
+
+SPEC = SineSpec(n_series=40, n_points=200, noise=0.02)
+
+
+def job(model: AttentionLSTM | None, histories: list[np.ndarray]) -> Job:
+    serving = dumps(model)[0] if model is not None else None
+    names = [f"s{i}" for i in range(len(histories))]
+    return Job(names=names, histories=histories, config=FinetuneConfig(), serving=serving)
+
+
+def test_after_a_drift_the_candidate_wins_and_is_promoted(trained_sines: AttentionLSTM) -> None:
+    drifted = SineSpec(**{**SPEC.__dict__, "drift_at": 1, "drift_factor": (2.0, 2.5)})
+    outcome = run_job(job(trained_sines, list(make_sines(drifted, seed=11).values)))
+    assert outcome.promote, outcome.reason
+    assert outcome.scores["mase"] < 0.98 * outcome.scores["serving_mase"]
+    candidate = loads(outcome.candidate)
+    assert candidate.version == outcome.version
+    assert candidate.meta["parent"] == loads(dumps(trained_sines)[0]).version
+
+
+@pytest.mark.parametrize("corruption", ["noise", "shuffled", "negated"])
+def test_a_candidate_trained_on_corrupted_data_is_rejected(
+    trained_sines: AttentionLSTM, corruption: str
+) -> None:
+    """A sensor glitch over most of the recent history; the newest values (the gate
+    slice the candidate never trains on) are clean again."""
+    histories = list(make_sines(SPEC, seed=12).values)
+    rng = np.random.default_rng(0)
+    for h in histories:
+        bad = h[:120]
+        if corruption == "noise":
+            h[:120] = rng.normal(0.0, 5.0, bad.size)
+        elif corruption == "shuffled":
+            h[:120] = rng.permutation(bad)
+        else:
+            h[:120] = -bad
+    outcome = run_job(job(trained_sines, histories))
+    assert not outcome.promote, outcome.reason
+    assert outcome.scores["mase"] > outcome.scores["serving_mase"]
+
+
+def test_a_cold_start_model_must_beat_the_naive_forecast() -> None:
+    outcome = run_job(job(None, list(make_sines(SPEC, seed=13).values)))
+    assert outcome.promote, outcome.reason
+    assert outcome.scores["serving_mase"] == 1.0  # the naive forecast is the incumbent
+    assert outcome.scores["mase"] < 0.5
+
+
+def test_too_little_history_is_said_so(trained_sines: AttentionLSTM) -> None:
+    with pytest.raises(NotEnoughDataError, match="no series has the"):
+        run_job(job(trained_sines, [np.arange(30.0)]))

@@ -1,0 +1,152 @@
+"""One fine-tune: train a candidate on recent history, then gate it.
+
+Pure computation (numpy and torch, no Redis), run in a child process beside the
+serving path: :func:`run_job` takes the serving checkpoint's bytes (None for a cold
+start) and every series' recent values, and returns the candidate with its scores and
+the gate's decision.
+
+Each series' history is split by time: the newest ``holdout`` share is the gate
+slice, which the candidate never trains on; the rest trains it (its own newest 20%
+picking the best epoch). On the gate slice the candidate must beat the serving model
+(or, at a cold start, the naive forecast) by ``margin`` in MASE, the mean over
+series of MAE over the naive forecast's MAE, so that every series counts alike
+whatever its units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnlstm.checkpoint import dumps, loads
+from attnlstm.data import Dataset
+from attnlstm.experiment import split_dataset
+from attnlstm.metrics import mase, naive_last
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.train import TrainConfig, fit, new_model, predict
+from attnlstm.windows import Windows, sliding_windows_many, split_point, time_split
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 300  # optimiser steps per fine-tune, about
+    lr: float = 1e-3  # peak learning rate (cold start: 10x this)
+    batch_size: int = 64
+    holdout: float = 0.2  # newest share of each series' history: the gate slice
+    margin: float = 0.02  # the candidate's MASE must be this much (relative) lower
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    names: list[str]
+    histories: list[np.ndarray]  # per series, oldest first
+    config: FinetuneConfig
+    serving: bytes | None = None  # the serving checkpoint; None: a cold start
+    model_config: dict[str, Any] = field(default_factory=dict)  # cold start only
+
+
+@dataclass(frozen=True)
+class Outcome:
+    candidate: bytes  # checkpoint bytes
+    version: str
+    promote: bool
+    reason: str
+    scores: dict[str, float]
+
+
+class NotEnoughDataError(ValueError):
+    """Too little history for training and a gate slice."""
+
+
+def min_points(window: int, horizon: int, holdout: float) -> int:
+    """The shortest history that gives training, validation and gate windows."""
+    return math.ceil((window + horizon + 4) / (1 - holdout) ** 2) + 2
+
+
+def init_process(threads: int) -> None:
+    """The fine-tuning process: few threads, and below the serving path in priority."""
+    torch.set_num_threads(threads)
+    os.nice(10)
+
+
+def run_job(job: Job) -> Outcome:
+    started = time.perf_counter()
+    cfg = job.config
+    serving = loads(job.serving, source="serving model") if job.serving is not None else None
+    config = serving.config if serving else ModelConfig.from_dict(job.model_config)
+    usable = min_points(config.window, config.horizon, cfg.holdout)
+    pairs = [(n, h) for n, h in zip(job.names, job.histories, strict=True) if len(h) >= usable]
+    if not pairs:
+        raise NotEnoughDataError(f"no series has the {usable} values a fine-tune needs")
+    names, series = [n for n, _ in pairs], [h for _, h in pairs]
+    gate = _gate_windows(series, config, cfg.holdout)
+    early = [s[: split_point(len(s), cfg.holdout)] for s in series]
+    split = split_dataset(Dataset(names, early), config.window, config.horizon, 0.2)
+
+    train = _at_most(split.train, cfg.steps * cfg.batch_size, cfg.seed)  # bounded time
+    model = new_model(config, seed=cfg.seed)
+    if serving is not None:
+        model.load_state_dict(serving.model.state_dict())
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    lr = cfg.lr if serving is not None else 10 * cfg.lr
+    train_config = TrainConfig(
+        epochs=max(1, math.ceil(cfg.steps / steps_per_epoch)),
+        batch_size=cfg.batch_size,
+        lr=lr,
+        patience=10,
+        seed=cfg.seed,
+    )
+    fit(model, train, split.val, train_config)
+
+    candidate = _mase(model, gate)
+    incumbent = _mase(serving.model, gate) if serving is not None else 1.0
+    promote = candidate < incumbent * (1 - cfg.margin)
+    against = "the serving model" if serving is not None else "the naive forecast"
+    verdict = "beats" if promote else "does not beat"
+    reason = (
+        f"MASE {candidate:.4f} {verdict} {against}'s {incumbent:.4f} by {cfg.margin:.0%} "
+        f"on the newest {cfg.holdout:.0%} of {len(series)} series ({len(gate)} windows)"
+    )
+    scores = {
+        "mase": candidate,
+        "serving_mase": incumbent,
+        "mae": _mae(model, gate),
+        "serving_mae": _mae(serving.model, gate) if serving is not None else math.nan,
+        "naive_mae": float(np.mean(np.abs(naive_last(gate) - gate.y))),
+        "train_windows": float(len(train)),
+        "gate_windows": float(len(gate)),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    meta = {"data": "finetune", "parent": serving.version if serving else None, "scores": scores}
+    blob, version = dumps(model, meta)
+    return Outcome(blob, version, promote, reason, scores)
+
+
+def _at_most(windows: Windows, n: int, seed: int) -> Windows:
+    """A random ``n`` of the windows (all when there are fewer)."""
+    if len(windows) <= n:
+        return windows
+    keep = np.random.default_rng(seed).choice(len(windows), size=n, replace=False)
+    return windows.take(np.sort(keep))
+
+
+def _gate_windows(series: list[np.ndarray], config: ModelConfig, holdout: float) -> Windows:
+    windows = sliding_windows_many(series, config.window, config.horizon)
+    return time_split(windows, [len(s) for s in series], holdout)[1]
+
+
+def _mase(model: AttentionLSTM, gate: Windows) -> float:
+    yhat, _ = predict(model, gate.x)
+    return mase(gate.y, yhat, naive_last(gate), gate.series)
+
+
+def _mae(model: AttentionLSTM, gate: Windows) -> float:
+    yhat, _ = predict(model, gate.x)
+    return float(np.mean(np.abs(yhat - gate.y)))

@@ -1,0 +1,228 @@
+"""Fine-tuning on a schedule beside the serving path, and keeping every worker on the
+serving version.
+
+The worker's main loop calls :meth:`Tuner.sync` before each batch (a promotion or a
+rollback by anyone takes effect on the next batch) and :meth:`Tuner.tick` between
+batches (start a fine-tune when one is due, collect a finished one). A fine-tune runs
+in one child process at a lower priority with ``finetune_threads`` torch threads, so
+inference keeps its cores and never waits for it. One worker fine-tunes at a time: a
+lock with a TTL in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from multiprocessing import get_context
+from multiprocessing.pool import AsyncResult, Pool
+
+import redis
+
+from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
+from attnlstm.model import ModelConfig
+from worker.finetune import (
+    FinetuneConfig,
+    Job,
+    NotEnoughDataError,
+    Outcome,
+    init_process,
+    min_points,
+    run_job,
+)
+from worker.metrics import Metrics
+from worker.models import SWITCHES, ModelStore
+from worker.scoring import Scorer
+from worker.settings import Settings
+from worker.state import WindowState
+from worker.streams import Lease
+
+log = logging.getLogger("attnlstm.worker")
+
+LOCK_TTL_MS = 600_000  # a fine-tune that takes longer than this loses the lock
+COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
+
+
+class Tuner:
+    def __init__(
+        self, client: redis.Redis, *, settings: Settings, store: ModelStore, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.enabled = settings.finetune_interval_s > 0
+        self.config = FinetuneConfig(
+            steps=settings.finetune_steps,
+            lr=settings.finetune_lr,
+            holdout=settings.finetune_holdout,
+            margin=settings.promote_margin,
+        )
+        self.lock = Lease(
+            client, key=settings.keys.finetune_lock, owner=settings.consumer, ttl_ms=LOCK_TTL_MS
+        )
+        self.version: str | None = None  # what this worker serves
+        self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
+        self._seen = b"0-0"  # the last models event looked at
+        self._pool: Pool | None = None
+        self._job: AsyncResult[Outcome] | None = None
+        self._job_started = 0.0
+        self._due = time.monotonic() + settings.finetune_interval_s
+        self.cycles = 0  # fine-tunes finished
+        self.busy_s = 0.0  # their training time, summed
+        self._due_check = 0.0  # cold start: when to look at the history again
+
+    # -- which model serves --------------------------------------------------------
+
+    def start(self, file_model: Checkpoint | None) -> Checkpoint | None:
+        """The model to serve at start: a model file not seen by the store before (it
+        was just deployed), else the store's serving version, else the file; None:
+        nothing yet (a cold start)."""
+        self._seen = self.store.last_event_id()
+        stored = set(self.store.versions())
+        serving = self.store.serving()
+        if file_model is not None and (serving is None or file_model.version not in stored):
+            blob, _ = dumps(file_model.model, file_model.meta)
+            self.store.put(blob, file_model.version)
+            self.store.switch(file_model.version, "promoted", reason="model file")
+            self._seen = self.store.last_event_id()
+            return self._adopt(file_model, blob)
+        if serving is not None and serving != self.version:
+            try:
+                return self._adopt(self.store.get(serving))
+            except CheckpointError as e:
+                self._refuse(serving, e)
+        return self._adopt(file_model) if file_model and self.version is None else None
+
+    def sync(self) -> Checkpoint | None:
+        """A model to switch to, when someone promoted or rolled back to another."""
+        events = self.store.events(after=self._seen)
+        if not events:
+            return None
+        self._seen = events[-1][0]
+        switches = [f for _, f in events if f is not None and f.get(b"event") in SWITCHES]
+        if not switches or (version := switches[-1][b"version"].decode()) == self.version:
+            return None
+        try:
+            checkpoint = self.store.get(version)
+        except CheckpointError as e:
+            self._refuse(version, e)
+            return None
+        log.info("switching to model %s (%s)", version, switches[-1][b"event"].decode())
+        return self._adopt(checkpoint)
+
+    def _adopt(self, checkpoint: Checkpoint | None, blob: bytes | None = None) -> Checkpoint | None:
+        if checkpoint is not None:
+            self.version = checkpoint.version
+            self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
+        return checkpoint
+
+    def _refuse(self, version: str, error: CheckpointError) -> None:
+        log.error("refused model %s: %s; serving %s unchanged", version, error, self.version)
+        self.store.event(version, "refused", reason=str(error))
+
+    # -- fine-tuning ---------------------------------------------------------------
+
+    def tick(self, state: WindowState, scorer: Scorer) -> Checkpoint | None:
+        """Collect a finished fine-tune (the candidate, when promoted), or start one
+        when it is due."""
+        if not self.enabled:
+            return None
+        now = time.monotonic()
+        if self._job is not None:
+            if self._job.ready():
+                return self._collect()
+            if now - self._job_started > LOCK_TTL_MS / 1000:
+                log.error("fine-tune still running after %.0f s: stopped", LOCK_TTL_MS / 1000)
+                self.metrics.finetunes.labels("failed").inc()
+                self.close()
+                self._due = now + self.settings.finetune_interval_s
+            return None
+        cold = self.version is None
+        drift = not cold and scorer.drifting(self.settings.drift_ratio, now)
+        if cold and (now < self._due_check or not _enough_for_first_model(state, self.config)):
+            self._due_check = max(self._due_check, now + 1.0)
+            return None
+        if not (cold or drift or now >= self._due):
+            return None
+        if self.lock.acquire() != self.settings.consumer:
+            self._due = now + self.settings.finetune_interval_s  # someone else's turn
+            return None
+        if drift:
+            log.info(
+                "drift: rolling MAE %.4g is over %.1fx its level %.4g; fine-tuning now",
+                scorer.mae,
+                self.settings.drift_ratio,
+                scorer.level,
+            )
+            scorer.settle()
+        self._submit(state, cold)
+        return None
+
+    def _submit(self, state: WindowState, cold: bool) -> None:
+        names, histories = state.histories()
+        job = Job(
+            names=names,
+            histories=histories,
+            config=self.config,
+            serving=self._serving,
+            model_config=ModelConfig().to_dict(),
+        )
+        if self._pool is None:
+            self._pool = get_context("spawn").Pool(
+                1, initializer=init_process, initargs=(self.settings.finetune_threads,)
+            )
+        what = "training a first model (cold start)" if cold else "fine-tuning"
+        log.info("%s on the recent history of %d series", what, len(names))
+        self._job = self._pool.apply_async(run_job, (job,))
+        self._job_started = time.monotonic()
+
+    def _collect(self) -> Checkpoint | None:
+        assert self._job is not None
+        job, self._job = self._job, None
+        self._due = time.monotonic() + self.settings.finetune_interval_s
+        self.cycles += 1
+        try:
+            outcome = job.get()
+        except NotEnoughDataError as e:
+            log.info("fine-tune skipped: %s", e)
+            self.metrics.finetunes.labels("skipped").inc()
+            return None
+        except Exception as e:  # the child's failure must not stop the serving path
+            log.error("fine-tune failed: %s: %s", type(e).__name__, e)
+            self.metrics.finetunes.labels("failed").inc()
+            return None
+        finally:
+            self.lock.release()
+        self.busy_s += outcome.scores["seconds"]
+        scores = {k: _round(v) for k, v in outcome.scores.items()}
+        self.store.put(outcome.candidate, outcome.version)
+        self.store.event(outcome.version, "trained", parent=self.version, **scores)
+        if not outcome.promote:
+            log.info("candidate %s rejected: %s", outcome.version, outcome.reason)
+            self.metrics.finetunes.labels("rejected").inc()
+            self.store.event(outcome.version, "rejected", reason=outcome.reason, **scores)
+            return None
+        log.info("candidate %s promoted: %s", outcome.version, outcome.reason)
+        self.metrics.finetunes.labels("promoted").inc()
+        self.store.switch(outcome.version, "promoted", reason=outcome.reason, **scores)
+        self._seen = self.store.last_event_id()
+        return self._adopt(loads(outcome.candidate), outcome.candidate)
+
+    def close(self) -> None:
+        if self._pool is not None:  # a fine-tune in flight is dropped: it was not promoted
+            self._pool.terminate()
+            self._pool = None
+        if self._job is not None:
+            self._job = None
+            self.lock.release()
+
+
+def _enough_for_first_model(state: WindowState, config: FinetuneConfig) -> bool:
+    model = ModelConfig()
+    usable = min_points(model.window, model.horizon, config.holdout)
+    _, histories = state.histories()
+    return sum(len(h) for h in histories if len(h) >= usable) >= COLD_START_VALUES
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)
