@@ -179,3 +179,17 @@ def test_a_taken_metrics_port_is_a_one_line_error(tmp_path: Path, model_file: Pa
         f"cannot serve metrics on port {port}: Address already in use; choose another with "
         "--metrics-port (0 turns them off)"
     )
+
+
+def test_a_worker_with_no_model_anywhere_and_no_fine_tuning_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """On the embedded server: nothing in its store, so nothing to serve."""
+    proc = run("worker", "--finetune-interval-s", "0", "--metrics-port", "0", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "attnlstm worker: error: no model: none in the store (models), none given; pass "
+        "--model PATH (train one with: attnlstm train), or set a finetune interval for a "
+        "cold start"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,18 @@ import pytest
 import redis
 import torch
 
-from attnlstm.checkpoint import dumps, load
+from attnlstm.checkpoint import dumps, load, loads
 from attnlstm.model import AttentionLSTM
 from tests.conftest import CLI
 from tests.helpers import RunningWorker, entries, fill, sine_values, worker_cmd, worker_env
 from worker.keys import Keys
+from worker.metrics import Metrics
 from worker.models import ModelStore
 from worker.readback import errors_by_time, read_views
+from worker.scoring import Scorer
+from worker.settings import Settings
+from worker.state import WindowState
+from worker.tuner import Tuner
 
 
 def keys_for(prefix: str) -> Keys:
@@ -194,3 +200,32 @@ def test_after_a_drift_fine_tuning_brings_the_error_back_and_without_it_it_stays
     else:
         assert len(promoted) == 1  # the model file only
         assert last > 1.5 * before, (before, worst, last)
+
+
+def test_one_worker_fine_tunes_at_a_time(
+    redis_client: redis.Redis, stream_prefix: str, trained_sines: AttentionLSTM
+) -> None:
+    """While another worker holds the fine-tune lock, a due fine-tune is skipped."""
+
+    def tuner(consumer: str) -> Tuner:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            models_stream=f"{stream_prefix}models",
+            consumer=consumer,
+            finetune_interval_s=1e-3,
+        )
+        store = ModelStore(redis_client, settings.keys, keep=5, source=consumer)
+        return Tuner(redis_client, settings=settings, store=store, metrics=Metrics())
+
+    first, second = tuner("first"), tuner("second")
+    checkpoint = loads(dumps(trained_sines)[0])
+    assert first.start(checkpoint) is not None
+    assert second.start(None) is not None  # the store's serving version
+    assert first.lock.acquire() == "first"  # first is fine-tuning
+    state = WindowState(window=20, length=200, max_series=10)
+    state.push(np.zeros(200, dtype=np.int64), np.sin(np.arange(200.0)), gather=False)
+    time.sleep(0.01)
+    assert second.tick(state, Scorer(halflife_s=30)) is None
+    assert not second.running  # due, but not its turn
+    first.lock.release()
+    assert redis_client.get(second.settings.keys.finetune_lock) is None

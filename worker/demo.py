@@ -157,7 +157,7 @@ def _drift_figures(
     the drift) it first came back within 1.5x of before, and how many fine-tunes had
     finished after the drift by then."""
     t, mae = errors["t_ms"], errors["mae"]
-    before = mae[(t < drift_ms) & (t >= drift_ms - 10_000)]
+    before = mae[(t + 1000 <= drift_ms) & (t >= drift_ms - 11_000)]  # whole seconds
     after_t, after = t[t >= drift_ms + 1000], mae[t >= drift_ms + 1000]
     if not before.size or not after.size:
         return {}

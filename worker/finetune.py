@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from attnlstm.checkpoint import dumps, loads
 from attnlstm.data import Dataset
@@ -71,7 +74,12 @@ def min_points(window: int, horizon: int, holdout: float) -> int:
 
 
 def init_process(threads: int) -> None:
-    """The fine-tuning process: few threads, and below the serving path in priority."""
+    """The fine-tuning process: few threads, below the serving path in priority, and
+    deaf to Ctrl-C (it reaches the whole process group; the worker stops this process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, which a terminated process
+    # leaves behind (and Python warns of at exit); one process needs a thread lock.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     os.nice(10)
 

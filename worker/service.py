@@ -192,6 +192,12 @@ class Worker:
                 log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
         self._had_group = True
         self._switch(self.tuner.start(self.engine.checkpoint if self.engine else None))
+        if self.engine is None and not self.tuner.enabled:
+            self.lease.release()
+            raise ValueError(
+                f"no model: none in the store ({self.keys.models}), none given; pass --model "
+                "PATH (train one with: attnlstm train), or set a finetune interval for a cold start"
+            )
         if self.engine is None:
             log.info(
                 "no model yet: keeping values, a first model is trained once there are "

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from multiprocessing import get_context
-from multiprocessing.pool import AsyncResult, Pool
+from multiprocessing.connection import Connection
 
 import redis
 
@@ -61,11 +61,11 @@ class Tuner:
             client, key=settings.keys.finetune_lock, owner=settings.consumer, ttl_ms=LOCK_TTL_MS
         )
         self.version: str | None = None  # what this worker serves
+        self.window, self.horizon = ModelConfig().window, ModelConfig().horizon  # serving
         self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
         self._seen = b"0-0"  # the last models event looked at
-        self._pool: Pool | None = None
-        self._job: AsyncResult[Outcome] | None = None
-        self._job_started = 0.0
+        self._trainer: _Trainer | None = None
+        self._job_started: float | None = None  # a fine-tune is running
         self._due = time.monotonic() + settings.finetune_interval_s
         self.cycles = 0  # fine-tunes finished
         self.busy_s = 0.0  # their training time, summed
@@ -113,6 +113,7 @@ class Tuner:
     def _adopt(self, checkpoint: Checkpoint | None, blob: bytes | None = None) -> Checkpoint | None:
         if checkpoint is not None:
             self.version = checkpoint.version
+            self.window, self.horizon = checkpoint.config.window, checkpoint.config.horizon
             self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
         return checkpoint
 
@@ -128,21 +129,16 @@ class Tuner:
         if not self.enabled:
             return None
         now = time.monotonic()
-        if self._job is not None:
-            if self._job.ready():
-                return self._collect()
-            if now - self._job_started > LOCK_TTL_MS / 1000:
-                log.error("fine-tune still running after %.0f s: stopped", LOCK_TTL_MS / 1000)
-                self.metrics.finetunes.labels("failed").inc()
-                self.close()
-                self._due = now + self.settings.finetune_interval_s
-            return None
+        if self.running:
+            return self._poll(now)
         cold = self.version is None
         drift = not cold and scorer.drifting(self.settings.drift_ratio, now)
-        if cold and (now < self._due_check or not _enough_for_first_model(state, self.config)):
-            self._due_check = max(self._due_check, now + 1.0)
+        if cold and not self._first_model_due(state, now):
             return None
         if not (cold or drift or now >= self._due):
+            return None
+        if not cold and not _usable_values(state, self._min_points()):
+            self._due = now + self.settings.finetune_interval_s  # too little history yet
             return None
         if self.lock.acquire() != self.settings.consumer:
             self._due = now + self.settings.finetune_interval_s  # someone else's turn
@@ -158,6 +154,31 @@ class Tuner:
         self._submit(state, cold)
         return None
 
+    @property
+    def running(self) -> bool:
+        return self._job_started is not None
+
+    def _poll(self, now: float) -> Checkpoint | None:
+        assert self._trainer is not None
+        assert self._job_started is not None
+        if self._trainer.ready():
+            return self._collect()
+        if now - self._job_started > LOCK_TTL_MS / 1000:
+            log.error("fine-tune still running after %.0f s: stopped", LOCK_TTL_MS / 1000)
+            self.metrics.finetunes.labels("failed").inc()
+            self.close()
+            self._due = now + self.settings.finetune_interval_s
+        return None
+
+    def _first_model_due(self, state: WindowState, now: float) -> bool:
+        if now < self._due_check:
+            return False
+        self._due_check = now + 1.0  # looking at every history costs: once a second
+        return _usable_values(state, self._min_points()) >= COLD_START_VALUES
+
+    def _min_points(self) -> int:
+        return min_points(self.window, self.horizon, self.config.holdout)
+
     def _submit(self, state: WindowState, cold: bool) -> None:
         names, histories = state.histories()
         job = Job(
@@ -167,25 +188,29 @@ class Tuner:
             serving=self._serving,
             model_config=ModelConfig().to_dict(),
         )
-        if self._pool is None:
-            self._pool = get_context("spawn").Pool(
-                1, initializer=init_process, initargs=(self.settings.finetune_threads,)
-            )
+        if self._trainer is None:
+            self._trainer = _Trainer(self.settings.finetune_threads)
         what = "training a first model (cold start)" if cold else "fine-tuning"
         log.info("%s on the recent history of %d series", what, len(names))
-        self._job = self._pool.apply_async(run_job, (job,))
+        self._trainer.submit(job)
         self._job_started = time.monotonic()
 
     def _collect(self) -> Checkpoint | None:
-        assert self._job is not None
-        job, self._job = self._job, None
+        assert self._trainer is not None
+        self._job_started = None
         self._due = time.monotonic() + self.settings.finetune_interval_s
         self.cycles += 1
         try:
-            outcome = job.get()
+            outcome = self._trainer.result()
         except NotEnoughDataError as e:
             log.info("fine-tune skipped: %s", e)
             self.metrics.finetunes.labels("skipped").inc()
+            return None
+        except EOFError:
+            log.error("the fine-tuning process died; a new one starts with the next fine-tune")
+            self.metrics.finetunes.labels("failed").inc()
+            self._trainer.stop()
+            self._trainer = None
             return None
         except Exception as e:  # the child's failure must not stop the serving path
             log.error("fine-tune failed: %s: %s", type(e).__name__, e)
@@ -209,20 +234,65 @@ class Tuner:
         return self._adopt(loads(outcome.candidate), outcome.candidate)
 
     def close(self) -> None:
-        if self._pool is not None:  # a fine-tune in flight is dropped: it was not promoted
-            self._pool.terminate()
-            self._pool = None
-        if self._job is not None:
-            self._job = None
+        if self._trainer is not None:  # a fine-tune in flight is dropped: it was not promoted
+            self._trainer.stop()
+            self._trainer = None
+        if self._job_started is not None:
+            self._job_started = None
             self.lock.release()
 
 
-def _enough_for_first_model(state: WindowState, config: FinetuneConfig) -> bool:
-    model = ModelConfig()
-    usable = min_points(model.window, model.horizon, config.holdout)
-    _, histories = state.histories()
-    return sum(len(h) for h in histories if len(h) >= usable) >= COLD_START_VALUES
+def _usable_values(state: WindowState, usable: int) -> int:
+    """Values in the series whose history (at least ``usable`` long) a fine-tune uses."""
+    return sum(len(h) for h in state.histories()[1] if len(h) >= usable)
 
 
 def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
+
+
+class _Trainer:
+    """One child process that runs fine-tunes sent over a pipe, for as long as the
+    worker runs. (A multiprocessing Pool terminated in the middle of a job leaks a
+    semaphore and says so at exit; a pipe has none.)"""
+
+    def __init__(self, threads: int) -> None:
+        context = get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(
+            target=_serve, args=(child, threads), name="attnlstm-finetune", daemon=True
+        )
+        self._proc.start()
+        child.close()
+
+    def submit(self, job: Job) -> None:
+        self._conn.send(job)
+
+    def ready(self) -> bool:
+        """A result is waiting (or the process died: then result() raises EOFError)."""
+        return self._conn.poll()
+
+    def result(self) -> Outcome:
+        ok, value = self._conn.recv()
+        if not ok:
+            raise value
+        outcome: Outcome = value
+        return outcome
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.join()
+        self._conn.close()
+
+
+def _serve(conn: Connection, threads: int) -> None:
+    init_process(threads)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the worker has gone
+            return
+        try:
+            conn.send((True, run_job(job)))
+        except Exception as e:  # sent back, to be logged by the worker
+            conn.send((False, e))
