@@ -19,7 +19,7 @@ def test_a_small_bench_drains_everything_and_reports(
     )
     keys_before = set(redis_client.scan_iter())
     report = run_bench(plan=plan, device="cpu", url=redis_url, model=load(model_file).model)
-    for run in ("worker", "raw", "raw_pipeline"):
+    for run in ("worker", "raw", "raw_ahead", "raw_pipeline"):
         assert report[run]["entries"] == 3_000, run
         assert len(report[run]["rounds"]) == 2
         assert report[run]["entries_per_s"] > 0

@@ -73,6 +73,31 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     assert redis_client.xpending(f"{crash}sensors", "forecasters")["pending"] == 0
 
 
+def test_a_stop_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """While draining, the next read goes out before the batch in hand is published:
+    SIGTERM must handle those entries too, not leave them pending."""
+    values = sine_values(300, 60, seed=8)  # 18,000 entries
+    sensors, forecasts = f"{stream_prefix}sensors", f"{stream_prefix}forecasts"
+    ids = fill(redis_client, sensors, values)
+    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--max-batch", "50")
+    with RunningWorker(cmd, tmp_path) as worker:
+        worker.wait_for(lambda: redis_client.xlen(forecasts) >= 2000)
+        worker.stop()
+        assert worker.returncode == 0, worker.stderr[-3000:]
+    stopped_at = redis_client.xlen(forecasts)
+    assert stopped_at < 300 * (60 - 19)  # it stopped mid-drain
+    assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
+    run_worker(cmd, tmp_path)
+    assert_forecasts(redis_client, forecasts, expected(trained_sines, values, ids))
+
+
 def test_a_redis_restart_mid_run_loses_and_repeats_nothing(
     model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
 ) -> None:

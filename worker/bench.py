@@ -14,6 +14,7 @@ the same run on the same server.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import platform
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -41,7 +42,17 @@ from worker.embedded import EmbeddedServer
 from worker.engine import Engine
 from worker.service import BURST_BLOCK_MS, Worker
 from worker.settings import Settings
-from worker.streams import Command, connect, ensure_group, entries_of, transaction
+from worker.streams import (
+    Command,
+    Entry,
+    Wire,
+    connect,
+    ensure_group,
+    entries_of,
+    executed,
+    multi_exec,
+    read_entries,
+)
 
 log = logging.getLogger("attnlstm.bench")
 
@@ -167,47 +178,98 @@ def _drain(
 def drain_raw(
     client: redis.Redis, settings: Settings, attn_width: int, *, pipeline: bool = False
 ) -> dict[str, float]:
-    """The same reads, publishes (same field sizes) and acks, and nothing else.
+    """The same reads, publishes (same field sizes) and acks, and nothing else, each
+    waited for in turn.
 
-    ``pipeline`` sends the transaction through redis-py's own pipeline instead of the
-    worker's hiredis-packed one: what a loop written with stock redis-py gets.
+    Reads and transactions go over a :class:`Wire`, the worker's own path; ``pipeline``
+    uses redis-py's own commands and pipeline instead: what a loop written with stock
+    redis-py gets.
     """
     keys = settings.keys
     ensure_group(client, keys)
-    yhat = b"[1.2345678901234567]"
-    attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
-    out = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % settings.output_maxlen, b"*")
+    wire = Wire(client)
     started, n = time.perf_counter(), 0
     while True:
-        reply = client.xreadgroup(
-            keys.group,
-            settings.consumer,
-            {keys.input: ">"},
-            count=settings.max_batch,
-            block=BURST_BLOCK_MS,
-        )
-        entries = entries_of(reply)
+        if pipeline:
+            reply = client.xreadgroup(
+                keys.group, settings.consumer, {keys.input: ">"}, settings.max_batch, BURST_BLOCK_MS
+            )
+            entries = entries_of(reply)
+        else:
+            wire.send([_xreadgroup(settings, BURST_BLOCK_MS)])
+            entries = read_entries(wire.receive()[0])
         if not entries:
             break
-        commands: list[Command] = []
-        for entry_id, fields in entries:
-            assert fields is not None  # nothing deletes from the bench's streams
-            ts = b"%d" % entry_ms(entry_id)
-            head = (*out, b"series", fields[b"series"], b"src", entry_id, b"ts", ts)
-            commands.append((*head, b"yhat", yhat, b"attn", attn, b"model", b"0" * 16))
-        commands.append(
-            (b"XACK", keys.input.encode(), keys.group.encode(), *(e for e, _ in entries))
-        )
+        commands = _raw_commands(settings, entries, attn_width)
         if pipeline:
             pipe = client.pipeline(transaction=True)
             for command in commands:
                 pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.execute()
         else:
-            transaction(client, commands)
+            wire.send(multi_exec(commands))
+            executed(wire.receive())
         n += len(entries)
+    wire.close()
+    return _rate(n, started)
+
+
+def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) -> dict[str, float]:
+    """:func:`drain_raw` reading ahead as the worker does: each read goes out, without
+    blocking, before the batch in hand is published, and the transaction's reply is
+    read a batch later."""
+    ensure_group(client, settings.keys)
+    wire = Wire(client)
+    started, n, held = time.perf_counter(), 0, False
+    entries: list[Entry] = []
+    while True:
+        if not entries:  # a read that blocks: an empty one means drained
+            if held:
+                executed(wire.receive())
+                held = False
+            wire.send([_xreadgroup(settings, BURST_BLOCK_MS)])
+            entries = read_entries(wire.receive()[0])
+            if not entries:
+                break
+        wire.send([_xreadgroup(settings, None)])  # cannot block: answered at once
+        commands = _raw_commands(settings, entries, attn_width)
+        n += len(entries)
+        if held:
+            executed(wire.receive())
+        entries = read_entries(wire.receive()[0])
+        wire.send(multi_exec(commands))
+        held = True
+    wire.close()
+    return _rate(n, started)
+
+
+def _rate(n: int, started: float) -> dict[str, float]:
     seconds = time.perf_counter() - started - BURST_BLOCK_MS / 1000  # the last, empty read
     return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
+
+
+def _xreadgroup(settings: Settings, block_ms: int | None) -> Command:
+    keys = settings.keys
+    block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
+    return (b"XREADGROUP", b"GROUP", keys.group.encode(), settings.consumer.encode(),
+            b"COUNT", b"%d" % settings.max_batch, *block, b"STREAMS", keys.input.encode(),
+            b">")  # fmt: skip
+
+
+def _raw_commands(settings: Settings, entries: list[Entry], attn_width: int) -> list[Command]:
+    """A forecast entry per input entry (the worker's field sizes) and the ack."""
+    keys = settings.keys
+    yhat = b"[1.2345678901234567]"
+    attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
+    out = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % settings.output_maxlen, b"*")
+    commands: list[Command] = []
+    for entry_id, fields in entries:
+        assert fields is not None  # nothing deletes from the bench's streams
+        ts = b"%d" % entry_ms(entry_id)
+        head = (*out, b"series", fields[b"series"], b"src", entry_id, b"ts", ts)
+        commands.append((*head, b"yhat", yhat, b"attn", attn, b"model", b"0" * 16))
+    commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *(e for e, _ in entries)))
+    return commands
 
 
 def _median(results: list[dict[str, float]]) -> dict[str, Any]:
@@ -324,15 +386,18 @@ def _runs(
     out: dict[str, Any] = {}
     window = checkpoint.config.window
     engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
-    runs: dict[str, list[dict[str, float]]] = {"raw": [], "raw_pipeline": [], "worker": []}
-    for rep in range(plan.repeats):  # interleaved, so that noise hits all three alike
-        log.info("round %d of %d: raw, raw through the pipeline, worker", rep + 1, plan.repeats)
-        s = _settings(url, f"{run_id}:raw{rep}", plan, device)
-        prefill(client, s.input_stream, plan.entries, plan.series)
-        runs["raw"].append(drain_raw(client, s, window))
-        s = _settings(url, f"{run_id}:raw-pipeline{rep}", plan, device)
-        prefill(client, s.input_stream, plan.entries, plan.series)
-        runs["raw_pipeline"].append(drain_raw(client, s, window, pipeline=True))
+    raws: dict[str, Callable[[redis.Redis, Settings, int], dict[str, float]]] = {
+        "raw": drain_raw,
+        "raw_ahead": drain_raw_ahead,
+        "raw_pipeline": functools.partial(drain_raw, pipeline=True),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*raws, "worker"]}
+    for rep in range(plan.repeats):  # interleaved, so that noise hits them all alike
+        log.info("round %d of %d: the raw loops, the worker", rep + 1, plan.repeats)
+        for name, drain in raws.items():
+            s = _settings(url, f"{run_id}:{name}{rep}", plan, device)
+            prefill(client, s.input_stream, plan.entries, plan.series)
+            runs[name].append(drain(client, s, window))
         s = _settings(url, f"{run_id}:worker{rep}", plan, device)
         runs["worker"].append(_drain(client, s, engine, plan.entries, plan.series))
     for name, results in runs.items():
@@ -362,6 +427,7 @@ def _runs(
 
     worker_rate = out["worker"]["entries_per_s"]
     out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
+    out["worker_vs_raw_ahead"] = round(worker_rate / out["raw_ahead"]["entries_per_s"], 3)
     out["worker_vs_per_entry"] = round(worker_rate / out["per_entry"]["entries_per_s"], 1)
     out["worker_vs_one_at_a_time"] = round(worker_rate / out["one_at_a_time"]["entries_per_s"], 1)
     return out
@@ -373,6 +439,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [
         ("worker (batched)", report["worker"]),
         ("raw Redis I/O, no model", report["raw"]),
+        ("raw Redis I/O, reading ahead like the worker", report["raw_ahead"]),
         ("raw Redis I/O through redis-py's pipeline", report["raw_pipeline"]),
         ("one model call per entry, batched Redis I/O", report["per_entry"]),
         ("one entry at a time: read, model call, publish", report["one_at_a_time"]),
@@ -392,7 +459,8 @@ def format_report(report: dict[str, Any]) -> str:
             for name, r in rows
         ),
         "",
-        f"Worker / raw ceiling: {report['worker_vs_raw']:.0%}. "
+        f"Worker / raw ceiling: {report['worker_vs_raw']:.0%} "
+        f"({report['worker_vs_raw_ahead']:.0%} of the raw loop reading ahead). "
         f"Worker / one model call per entry: {report['worker_vs_per_entry']:.1f}x. "
         f"Worker / one entry at a time: {report['worker_vs_one_at_a_time']:.1f}x.",
         "",

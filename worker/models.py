@@ -16,7 +16,7 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
-from worker.streams import Entry, transaction
+from worker.streams import Command, Entry, pipeline, range_entries, transaction
 
 EVENTS_MAXLEN = 10_000  # approximate cap on the models stream
 SWITCHES = (b"promoted", b"rolled_back")  # events that change the serving version
@@ -89,9 +89,15 @@ class ModelStore:
         head = (b"XADD", self.keys.models.encode(), b"MAXLEN", b"~", b"%d" % EVENTS_MAXLEN, b"*")
         return (*head, *flat)
 
-    def events(self, *, after: bytes = b"-", count: int = 100) -> list[Entry]:
+    def events_query(self, *, after: bytes = b"-", count: int = 100) -> Command:
+        """The XRANGE of up to ``count`` events after ``after``, to send on a wire."""
         start = after if after == b"-" else b"(" + after
-        return cast(list[Entry], self.client.xrange(self.keys.models, min=start, count=count))
+        return (b"XRANGE", self.keys.models.encode(), start, b"+", b"COUNT", b"%d" % count)
+
+    def events(self, *, after: bytes = b"-", count: int = 100) -> list[Entry]:
+        return range_entries(
+            pipeline(self.client, [self.events_query(after=after, count=count)])[0]
+        )
 
     def recent_events(self, count: int) -> list[Entry]:
         """The newest ``count`` events, newest first."""

@@ -8,10 +8,16 @@ checkpoint from Redis and re-syncs: it re-reads the stream from the checkpoint's
 replaying acked entries into the windows without publishing them again, and handles
 the entries still pending. Publishing and acking in one MULTI/EXEC makes "handled"
 and "acked" the same thing, so a crash at any point loses nothing and repeats nothing.
+
+Redis and the model work at the same time: while a batch is forecast, the next read
+(one that cannot block) is already out, and a batch's transaction reply is read during
+the next batch. A stop handles the batch read ahead; a re-sync first reads every reply
+still due.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -45,13 +51,17 @@ from worker.streams import (
     Command,
     Entry,
     Lease,
+    Wire,
     ensure_group,
-    entries_of,
+    executed,
     group_info,
     id_key,
+    multi_exec,
     pending_deliveries,
+    raise_first_error,
+    range_entries,
+    read_entries,
     stream_range,
-    transaction,
 )
 from worker.tuner import Tuner
 
@@ -93,6 +103,17 @@ class _Batch:
     publish: list[bool] = field(default_factory=list)
 
 
+@dataclass
+class _Sent:
+    """A batch whose transaction was sent and whose reply is still to be read."""
+
+    batch: _Batch
+    rows: np.ndarray  # the batch positions forecast
+    transaction: bool  # False: the batch had nothing to write
+    checkpoint: bool  # the window state went with it
+    sent_ms: float  # when it went out: its forecasts' publish time, for the latency
+
+
 class Worker:
     def __init__(
         self,
@@ -106,6 +127,7 @@ class Worker:
         """``engine`` None: no model yet; the worker keeps values and trains a first one
         (a cold start) once it has enough."""
         self.client = client
+        self.wire = Wire(client)  # reads, and the batches' transactions
         self.engine = engine
         config = engine.checkpoint.config if engine is not None else ModelConfig()
         self.window, self.horizon = config.window, config.horizon
@@ -129,6 +151,9 @@ class Worker:
         self._next_checkpoint = 0.0
         self._next_lease = 0.0
         self._next_audit = 0.0
+        self._sent: _Sent | None = None  # the last batch, its reply not read yet
+        self._ahead = False  # a read went out before the batch in hand was forecast
+        self._early: list[Entry] = []  # that read's entries: the next batch's start
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish the batch in flight and exit (a signal handler)."""
@@ -157,12 +182,14 @@ class Worker:
                 delay = min(max(2 * delay, 0.2), 5.0)
                 log.warning("Redis: %s; retrying in %.1f s", _describe(e), delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
+        self._finish()
         self._close()
         return self.totals.report()
 
     # -- start and recovery -------------------------------------------------------
 
     def _start(self) -> None:
+        self._quiet_wire()
         holder = self.lease.acquire()
         self.metrics.connected = True
         self.metrics.beat()  # a standby is healthy: alive, and Redis answers
@@ -296,12 +323,16 @@ class Worker:
         if not entries:
             self._switch(self.tuner.tick(self.state, self.scorer))
             return True
-        self._switch(self.tuner.sync())  # a promotion or rollback counts from this batch
+        if not self._stopping and time.monotonic() < self._next_audit:
+            # The next read goes out now, without blocking: Redis answers it while this
+            # batch is forecast. Not when the pending audit is due: it must find none.
+            self._send_read(self.settings.max_batch, None, after=entries[-1][0])
+            self._ahead = True
         self.totals.read += len(entries)
         self.totals.batches += 1
         self.metrics.entries_read.inc(len(entries))
         self.metrics.batch_size.observe(len(entries))
-        self._handle(entries, pending=None)
+        self._handle(entries, pending=None, hold=True)
         self._switch(self.tuner.tick(self.state, self.scorer))
         return False
 
@@ -329,12 +360,14 @@ class Worker:
         self.metrics.model_version(checkpoint.version)
 
     def _read_batch(self) -> list[Entry] | None:
-        """Up to max_batch entries: the first read blocks; then more are gathered until
-        the batch is full or max_wait_ms has passed since the first arrived. None: the
-        reads skipped entries, re-sync first."""
+        """Up to max_batch entries: those read ahead, or else a read that blocks; then
+        more are gathered until the batch is full or max_wait_ms has passed since the
+        first arrived. None: the reads skipped entries, re-sync first."""
         s = self.settings
-        block_ms = min(s.block_ms, BURST_BLOCK_MS) if self.burst else s.block_ms
-        entries = self._read(s.max_batch, block_ms, after=self.state.last_id)
+        entries: list[Entry] | None = self._early
+        self._early = []
+        if not entries:
+            entries = self._read(s.max_batch, self._block_ms(), after=self.state.last_id)
         if not entries:
             return entries
         window = BatchWindow(max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
@@ -347,26 +380,49 @@ class Worker:
             entries += more
         return entries
 
-    def _read(self, count: int, block_ms: int, *, after: bytes) -> list[Entry] | None:
-        """New entries for this consumer, checked to start right after ``after``.
+    def _block_ms(self) -> int:
+        return min(self.settings.block_ms, BURST_BLOCK_MS) if self.burst else self.settings.block_ms
 
-        The first entry of the stream after ``after`` is fetched in the same round trip,
-        before the blocking read (or after it, when the stream had nothing new). If the
-        read starts elsewhere, entries between were
+    def _read(self, count: int, block_ms: int, *, after: bytes) -> list[Entry] | None:
+        self._settle()  # the last batch's reply is due on the wire before this read's
+        self._send_read(count, block_ms, after=after)
+        return self._take_read(after=after)
+
+    def _send_read(self, count: int, block_ms: int | None, *, after: bytes) -> None:
+        """Ask for up to ``count`` new entries for this consumer, waiting up to
+        ``block_ms`` for one (None: not at all); :meth:`_take_read` reads them. The
+        first entry of the stream after ``after``, and the models events not seen yet,
+        are asked for in the same write.
+
+        Only a read that cannot block may go out ahead of a transaction: Redis runs
+        nothing more from a connection while a read on it is blocked.
+        """
+        stream = self.keys.input.encode()
+        block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
+        self.wire.send(
+            [
+                (b"XRANGE", stream, b"(" + after, b"+", b"COUNT", b"1"),
+                (b"XREADGROUP", b"GROUP", self.keys.group.encode(),
+                 self.settings.consumer.encode(), b"COUNT", b"%d" % count,
+                 *block, b"STREAMS", stream, b">"),
+                self.tuner.watch(),
+            ]
+        )  # fmt: skip
+
+    def _take_read(self, *, after: bytes) -> list[Entry] | None:
+        """The entries of the read sent last, checked to start right after ``after``.
+
+        When the stream had nothing new before the read blocked, the first entry after
+        ``after`` is fetched again. If the read starts elsewhere, entries between were
         delivered to this consumer and never reached us (a reply lost on the way): they
         are pending on us, and the windows must see them first, so re-sync.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xrange(self.keys.input, min=b"(" + after, count=1)
-        pipe.xreadgroup(
-            self.keys.group,
-            self.settings.consumer,
-            {self.keys.input: ">"},
-            count=count,
-            block=block_ms,
-        )
-        following, reply = pipe.execute()
-        entries = entries_of(reply)
+        replies = self.wire.receive()
+        raise_first_error(replies)
+        following, reply, events = replies
+        # A promotion or rollback counts from the batch this read starts.
+        self._switch(self.tuner.sync(range_entries(events)))
+        entries = read_entries(reply)
         if entries and not following:  # all arrived while the read blocked: check now
             following = self.client.xrange(self.keys.input, min=b"(" + after, count=1)
         if entries and (not following or entries[0][0] != following[0][0]):
@@ -390,7 +446,8 @@ class Worker:
                 self._ready = False
                 return False
             self._next_lease = now + self.settings.lease_ttl_ms / 3000
-        if now >= self._next_audit:
+        if now >= self._next_audit and not self._early:
+            self._settle()  # the audit must not find the last batch's entries pending
             self._next_audit = now + AUDIT_INTERVAL_S
             info = group_info(self.client, self.keys)
             if info.get("lag") is not None:
@@ -425,12 +482,15 @@ class Worker:
 
     # -- one batch ----------------------------------------------------------------
 
-    def _handle(self, entries: list[Entry], *, pending: dict[bytes, int] | None) -> None:
+    def _handle(
+        self, entries: list[Entry], *, pending: dict[bytes, int] | None, hold: bool = False
+    ) -> None:
         """Validate, update the windows, forecast, publish with the acks, in one EXEC.
 
         ``pending`` is None for a live read (every entry is new to us). While re-syncing
         it maps the entries still pending to their delivery counts; the others were
-        acked before and are only replayed into the windows.
+        acked before and are only replayed into the windows. ``hold``: leave the
+        transaction's reply to be read during the next batch.
         """
         batch = self._sort_out(entries, pending)
         slots = self.state.slots_for(batch.names)
@@ -455,7 +515,7 @@ class Worker:
         self.metrics.warming.inc(warming)
         if id_key(entries[-1][0]) > id_key(self.state.last_id):
             self.state.last_id = entries[-1][0]
-        self._publish(batch, rows, yhat, attn)
+        self._publish(batch, rows, yhat, attn, hold=hold)
 
     def _sort_out(self, entries: list[Entry], pending: dict[bytes, int] | None) -> _Batch:
         batch = _Batch()
@@ -513,7 +573,9 @@ class Worker:
         self.metrics.inference.observe(time.perf_counter() - started)
         return yhat, attn
 
-    def _publish(self, batch: _Batch, rows: np.ndarray, yhat: np.ndarray, attn: np.ndarray) -> None:
+    def _publish(
+        self, batch: _Batch, rows: np.ndarray, yhat: np.ndarray, attn: np.ndarray, *, hold: bool
+    ) -> None:
         finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
         for i in rows[~finite]:
             reason = "the model's forecast is not finite"
@@ -534,27 +596,79 @@ class Worker:
         checkpoint = time.monotonic() >= self._next_checkpoint
         if checkpoint:
             commands.append((b"SET", keys.state.encode(), self.state.to_bytes()))
+        self._settle()  # the batch before this one: its reply is due first
+        if self._ahead:
+            # Taken before the transaction goes out: a reply too big for the socket's
+            # buffer would otherwise wait behind the transaction's execution.
+            self._ahead = False
+            early = self._take_read(after=self.state.last_id)
+            if early is None:
+                self._ready = False  # re-sync after this batch
+            else:
+                self._early = early
         if commands:
-            transaction(self.client, commands)
-        now_ms = time.time() * 1000
-        if checkpoint:
-            self._next_checkpoint = time.monotonic() + s.checkpoint_interval_s
-        self._count(batch, rows, now_ms)
+            self.wire.send(multi_exec(commands))
+        sent_ms = time.time() * 1000
+        self._sent = _Sent(batch, rows, bool(commands), checkpoint, sent_ms)
+        if not hold:
+            self._settle()
 
-    def _count(self, batch: _Batch, rows: np.ndarray, now_ms: float) -> None:
+    def _settle(self) -> None:
+        """Read the reply to the last batch's transaction, and count the batch."""
+        sent, self._sent = self._sent, None
+        if sent is None:
+            return
+        if sent.transaction:
+            executed(self.wire.receive())
+        if sent.checkpoint:
+            self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+        self._count(sent.batch, sent.rows, sent.sent_ms)
+
+    def _quiet_wire(self) -> None:
+        """Before a re-sync: read every reply still due, so that a transaction sent is
+        known to be applied (or not, if it failed), or drop the connection. Entries of a
+        read ahead stay pending on us: the re-sync claims and handles them."""
+        try:
+            with contextlib.suppress(redis.ResponseError):
+                self._settle()
+            while self.wire.waiting:
+                self.wire.receive()
+        except redis.RedisError:
+            self.wire.drop()
+        finally:
+            self._sent, self._ahead, self._early = None, False, []
+
+    def _count(self, batch: _Batch, rows: np.ndarray, published_ms: float) -> None:
         self.totals.forecasts += rows.size
         self.totals.dead += len(batch.dead)
         self.metrics.forecasts.inc(rows.size)
         for _, _, reason in batch.dead:
             self.metrics.dead.labels(reason_kind(reason)).inc()
         if rows.size:
-            sent_ms = np.fromiter((entry_ms(batch.ids[i]) for i in rows), np.float64, rows.size)
-            self.metrics.latency.observe_many((now_ms - sent_ms) / 1000)
+            entered_ms = np.fromiter((entry_ms(batch.ids[i]) for i in rows), np.float64, rows.size)
+            self.metrics.latency.observe_many((published_ms - entered_ms) / 1000)
         self.metrics.series.set(self.state.series_count)
 
     # -- the way out --------------------------------------------------------------
 
+    def _finish(self) -> None:
+        """At a stop: handle the entries read ahead, the batch still in flight."""
+        if not (self._ready and self._early):
+            return
+        try:
+            self._turn()
+        except redis.RedisError as e:
+            self._ready = False
+            log.warning("Redis: %s; the entries read ahead are handled at the next start", e)
+
     def _close(self) -> None:
+        try:
+            self._settle()  # the state to save is true only once its last batch is applied
+        except redis.RedisError as e:
+            self._ready = False
+            log.warning("Redis: %s", _describe(e))
+        self._quiet_wire()
+        self.wire.close()
         self.tuner.close()
         if not self._ready:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")

@@ -5,6 +5,7 @@ Reply shapes differ between RESP2 and RESP3; they are normalised here and nowher
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -52,6 +53,28 @@ def entries_of(reply: Any) -> list[Entry]:
     return list(reply[0][1])  # RESP2: [[stream, [entries]]]
 
 
+def _entry(raw: Any) -> Entry:
+    entry_id, flat = raw
+    if flat is None:
+        return entry_id, None
+    pairs = iter(flat)
+    return entry_id, dict(zip(pairs, pairs, strict=True))
+
+
+def range_entries(reply: Any) -> list[Entry]:
+    """The entries of an XRANGE reply read straight off a connection (a :class:`Wire`)."""
+    return [_entry(raw) for raw in reply or ()]
+
+
+def read_entries(reply: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply for one stream read straight off a connection:
+    ``[[stream, entries]]`` in RESP2, ``{stream: entries}`` in RESP3, nil when none came."""
+    if not reply:
+        return []
+    (raw,) = reply.values() if isinstance(reply, dict) else (reply[0][1],)
+    return range_entries(raw)
+
+
 def stream_range(
     client: redis.Redis, key: str, *, after: bytes, upto: bytes, count: int
 ) -> list[Entry]:
@@ -80,36 +103,84 @@ def _pack(command: Command) -> bytes:
     return packed
 
 
-def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """Send the commands in one write and read one reply each; an error reply is
-    returned in its place as a ResponseError, not raised.
+class Wire:
+    """One connection on which commands are sent now and their replies read later, in
+    the order sent.
 
     hiredis packs every command in C and the replies are read straight off the
     connection, which is 2-3x faster than redis-py's pipeline with its per-command
-    Python bookkeeping. Any other error drops the connection, so nothing half-read is
-    left on it for the next command.
+    Python bookkeeping. The worker sends the next read before it forecasts the batch in
+    hand, and reads a transaction's reply during the next batch, so that Redis works
+    while the model does. Any error drops the connection, so nothing half-read is left
+    on it; the next send takes a new one.
     """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command(  # type: ignore[no-untyped-call]
-            [b"".join(_pack(c) for c in commands)], check_health=False
-        )
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._sent: deque[int] = deque()  # replies due, per send, oldest first
+
+    @property
+    def waiting(self) -> int:
+        """Sends whose replies are not read yet."""
+        return len(self._sent)
+
+    def send(self, commands: Sequence[Command]) -> None:
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        try:
+            self._conn.send_packed_command(
+                [b"".join(_pack(c) for c in commands)], check_health=False
+            )
+        except BaseException:
+            self.drop()
+            raise
+        self._sent.append(len(commands))
+
+    def receive(self) -> list[Any]:
+        """The replies to the oldest send not read yet; an error reply is returned in
+        its place as a ResponseError, not raised."""
+        due = self._sent.popleft()
         replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as e:
-                replies.append(e)
+        try:
+            for _ in range(due):
+                try:
+                    replies.append(self._conn.read_response())
+                except redis.ResponseError as e:
+                    replies.append(e)
+        except BaseException:
+            self.drop()
+            raise
         return replies
-    except BaseException:
-        conn.disconnect()  # type: ignore[no-untyped-call]
-        raise
+
+    def drop(self) -> None:
+        """Disconnect, forgetting every reply still due."""
+        self._sent.clear()
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._pool.release(self._conn)
+            self._conn = None
+
+    def close(self) -> None:
+        """Give the connection back to the pool (dropped if replies are still due)."""
+        if self._sent:
+            self.drop()
+        elif self._conn is not None:
+            self._pool.release(self._conn)
+            self._conn = None
+
+
+def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """Send the commands in one write and read one reply each (see :class:`Wire`)."""
+    wire = Wire(client)
+    try:
+        wire.send(commands)
+        return wire.receive()
     finally:
-        pool.release(conn)
+        wire.close()
 
 
-def _raise_first_error(replies: Sequence[Any]) -> None:
+def raise_first_error(replies: Sequence[Any]) -> None:
     for reply in replies:
         if isinstance(reply, redis.ResponseError):
             raise reply
@@ -119,23 +190,29 @@ def pipeline(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """The commands in one round trip, not atomic; their replies (the first error is
     raised, after every reply was read)."""
     replies = _exchange(client, commands)
-    _raise_first_error(replies)
+    raise_first_error(replies)
     return replies
 
 
-def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """MULTI, the commands, EXEC, in one round trip; the EXEC reply.
+def multi_exec(commands: Sequence[Command]) -> list[Command]:
+    """The commands wrapped in MULTI and EXEC; :func:`executed` reads the replies."""
+    return [(b"MULTI",), *commands, (b"EXEC",)]
 
-    The hot path: a batch's forecasts, dead letters and acks. A command refused at
-    queue time aborts the EXEC; either way the first error is raised.
-    """
-    replies = _exchange(client, [(b"MULTI",), *commands, (b"EXEC",)])
-    _raise_first_error(replies[:-1])  # +OK for MULTI, +QUEUED for each command
-    executed = replies[-1]
-    if isinstance(executed, redis.ResponseError):
-        raise executed
-    _raise_first_error(executed)
-    return cast(list[Any], executed)
+
+def executed(replies: Sequence[Any]) -> list[Any]:
+    """The EXEC reply of a :func:`multi_exec`'s replies. A command refused at queue
+    time aborts the EXEC; either way the first error is raised."""
+    raise_first_error(replies[:-1])  # +OK for MULTI, +QUEUED for each command
+    result = replies[-1]
+    if isinstance(result, redis.ResponseError):
+        raise result
+    raise_first_error(result)
+    return cast(list[Any], result)
+
+
+def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """MULTI, the commands, EXEC, in one round trip; the EXEC reply."""
+    return executed(_exchange(client, multi_exec(commands)))
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> bool:

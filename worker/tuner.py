@@ -35,7 +35,7 @@ from worker.models import SWITCHES, ModelStore
 from worker.scoring import Scorer
 from worker.settings import Settings
 from worker.state import WindowState
-from worker.streams import Lease
+from worker.streams import Command, Entry, Lease
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -93,9 +93,14 @@ class Tuner:
                 self._refuse(serving, e)
         return self._adopt(file_model) if file_model and self.version is None else None
 
-    def sync(self) -> Checkpoint | None:
-        """A model to switch to, when someone promoted or rolled back to another."""
-        events = self.store.events(after=self._seen)
+    def watch(self) -> Command:
+        """The query for the models events not seen yet, sent with every read of the
+        input; its reply goes to :meth:`sync`."""
+        return self.store.events_query(after=self._seen)
+
+    def sync(self, events: list[Entry]) -> Checkpoint | None:
+        """A model to switch to, when one of ``events`` (read by :meth:`watch`'s query)
+        promoted or rolled back to another."""
         if not events:
             return None
         self._seen = events[-1][0]
