@@ -4,13 +4,16 @@ and a Redis URL that never reaches the logs with its password."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import Settings, redact
+from worker.settings import Settings, from_flags, redact
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +151,65 @@ def test_keys_follow_the_stream_and_group_names() -> None:
     assert keys.state == "in:state:g"
     assert keys.lease == "in:lease:g"
     assert _settings().keys.state == "sensors:state:forecasters"
+
+
+def test_a_password_file_fills_in_the_urls_password(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p@ss:/word\n")  # the trailing newline is not part of it
+    s = _settings(redis_url="redis://worker@redis:6379/0", redis_password_file=secret)
+    assert s.url() == "redis://worker:p%40ss%3A%2Fword@redis:6379/0"
+    assert s.url_for_logs() == "redis://worker@redis:6379/0"
+    assert "p@ss" not in repr(s)
+    unix = _settings(redis_url="unix:///run/redis.sock", redis_password_file=secret)
+    assert unix.url() == "unix://:p%40ss%3A%2Fword@/run/redis.sock"
+
+
+def test_a_ca_file_goes_to_redis_py_with_the_url(tmp_path: Path) -> None:
+    ca = _ca_file(tmp_path)
+    s = _settings(redis_url="rediss://redis:6379/0?db=1", redis_ca_file=ca)
+    assert s.url() == f"rediss://redis:6379/0?db=1&ssl_ca_certs={quote(str(ca), safe='')}"
+
+
+@pytest.mark.parametrize(
+    ("url", "ca", "password", "message"),
+    [
+        ("redis://h", "ca.pem", None, "a CA file is for TLS: set a rediss:// redis_url"),
+        (None, "ca.pem", None, "a CA file is for TLS"),
+        ("rediss://h", "missing.pem", None, "no CA file at missing.pem"),
+        ("rediss://h", "password", None, "password holds no usable CA certificate"),
+        (None, None, "password", "a password file needs a redis_url"),
+        ("redis://u:p@h", None, "password", "redis_url has a password already"),
+        ("redis://u@h", None, "missing", "cannot read missing: No such file or directory"),
+        ("redis://u@h", None, "empty", "empty holds no password"),
+    ],
+)
+def test_unusable_tls_and_password_files_are_one_line_errors(
+    url: str | None,
+    ca: str | None,
+    password: str | None,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _ca_file(tmp_path)
+    Path("password").write_text("secret\n")
+    Path("empty").write_text("\n")
+    with pytest.raises(ValueError, match="bad settings: ") as raised:
+        from_flags(redis_url=url, redis_ca_file=ca, redis_password_file=password)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def _ca_file(directory: Path) -> Path:
+    """A self-signed CA certificate, ca.pem (openssl makes it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    ca = directory / "ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=test CA", "-keyout", str(directory / "ca.key"), "-out", str(ca)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return ca

@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Worker flags: (flag, settings field, type, help). Unset flags leave the setting alone.
 _WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--redis-url", "redis_url", str, "redis://, rediss:// or unix:// (unset: embedded server)"),
+    ("--redis-ca-file", "redis_ca_file", Path, "CA file to verify a rediss:// server with"),
+    ("--redis-password-file", "redis_password_file", Path, "the URL user's password, in a file"),
     ("--input-stream", "input_stream", str, "stream to read (default sensors)"),
     ("--output-stream", "output_stream", str, "stream for forecasts (default forecasts)"),
     ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),

@@ -175,6 +175,15 @@ class Worker:
                 if drained and self.burst:
                     log.info("stream drained (--burst)")
                     break
+            except redis.exceptions.NoPermissionError as e:
+                # An ACL that lacks a right: retrying cannot help, and a worker that
+                # retries forever looks hung. Exit with what to fix.
+                self._ready = False
+                self._close()
+                raise ValueError(
+                    f"Redis refused this worker's user a command ({e}); give the user the "
+                    "rights deploy/users.acl.template grants the worker user"
+                ) from None
             except redis.RedisError as e:
                 self._ready = False
                 self.metrics.connected = False

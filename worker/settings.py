@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.keys import Keys
@@ -30,6 +38,11 @@ class Settings(BaseSettings):
     # Where Redis is: redis://[user:password@]host:port/db, rediss:// for TLS, or
     # unix:///path/to/socket. Unset: start the embedded server.
     redis_url: SecretStr | None = None
+    # TLS (rediss://): the CA certificate(s) to verify the server with. Unset: the system's.
+    redis_ca_file: Path | None = None
+    # A file holding the password of the URL's user (a docker secret, say), for a URL
+    # that has none. Like a password in the URL, it never reaches the logs.
+    redis_password_file: Path | None = None
     input_stream: str = "sensors"
     output_stream: str = "forecasts"
     dead_stream: str = "sensors:dead"
@@ -73,6 +86,35 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
         return value
 
+    @field_validator("redis_ca_file")
+    @classmethod
+    def _usable_ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        url = info.data.get("redis_url")
+        if url is None or urlsplit(url.get_secret_value()).scheme != "rediss":
+            raise ValueError("a CA file is for TLS: set a rediss:// redis_url")
+        try:
+            ssl.create_default_context(cafile=value)
+        except FileNotFoundError:
+            raise ValueError(f"no CA file at {value}") from None
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"{value} holds no usable CA certificate: {e}") from None
+        return value
+
+    @field_validator("redis_password_file")
+    @classmethod
+    def _usable_password_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        url = info.data.get("redis_url")
+        if url is None:
+            raise ValueError("a password file needs a redis_url")
+        if urlsplit(url.get_secret_value()).password is not None:
+            raise ValueError("redis_url has a password already: keep one of the two")
+        _read_password(value)
+        return value
+
     @model_validator(mode="after")
     def _block_below_timeout(self) -> Settings:
         if self.block_ms / 1000 * 2 > self.socket_timeout_s:
@@ -93,7 +135,26 @@ class Settings(BaseSettings):
         )
 
     def url(self) -> str | None:
-        return None if self.redis_url is None else self.redis_url.get_secret_value()
+        """The URL to connect with (it holds the password): ``redis_url``, with the
+        password of ``redis_password_file`` and the CA file (as redis-py's
+        ``ssl_ca_certs`` option, which ``from_url`` takes from the query) put in."""
+        if self.redis_url is None:
+            return None
+        url = self.redis_url.get_secret_value()
+        if self.redis_password_file is None and self.redis_ca_file is None:
+            return url
+        parts = urlsplit(url)
+        if self.redis_password_file is not None:
+            user, _, host = parts.netloc.rpartition("@")
+            password = quote(_read_password(self.redis_password_file), safe="")
+            parts = parts._replace(netloc=f"{user}:{password}@{host}")
+        if self.redis_ca_file is not None:
+            query = [
+                *parse_qsl(parts.query, keep_blank_values=True),
+                ("ssl_ca_certs", str(self.redis_ca_file)),
+            ]
+            parts = parts._replace(query=urlencode(query))
+        return urlunsplit(parts)
 
     def url_for_logs(self) -> str:
         return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
@@ -109,6 +170,17 @@ def from_flags(**given: Any) -> Settings:
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
         raise ValueError(f"bad settings: {problems}") from None
+
+
+def _read_password(path: Path) -> str:
+    """The password in a secret file: its text without the trailing newlines."""
+    try:
+        password = path.read_text().rstrip("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not password:
+        raise ValueError(f"{path} holds no password")
+    return password
 
 
 def redact(url: str) -> str:

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Entrypoint of the Redis (Valkey) container: renders the ACL file from its template
+# with the hash of each user's password, then runs the command it was given (the image's
+# own entrypoint and the server). The passwords come from secret files at start: the
+# image and the compose file hold none, the rendered file only their SHA-256.
+set -eu
+
+template=${ACL_TEMPLATE:-/etc/attnlstm/users.acl.template}
+rendered=${ACL_FILE:-/run/attnlstm/users.acl}
+worker_file=${WORKER_PASSWORD_FILE:-/run/secrets/redis_worker_password}
+producer_file=${PRODUCER_PASSWORD_FILE:-/run/secrets/redis_producer_password}
+
+# The SHA-256 of the password in file $1: its content without the trailing newlines.
+hash_of() {
+    password=$(cat "$1")
+    if [ -z "$password" ]; then
+        echo "redis-entrypoint: $1 holds no password" >&2
+        exit 1
+    fi
+    printf %s "$password" | sha256sum | cut -d ' ' -f 1
+}
+
+worker_hash=$(hash_of "$worker_file")
+producer_hash=$(hash_of "$producer_file")
+mkdir -p "$(dirname "$rendered")"
+sed -e '/^#/d' -e '/^[[:space:]]*$/d' \
+    -e "s/@WORKER_PASSWORD_SHA256@/$worker_hash/" \
+    -e "s/@PRODUCER_PASSWORD_SHA256@/$producer_hash/" \
+    "$template" >"$rendered"
+chmod 644 "$rendered" # read by the server after it drops root; hashes only
+exec "$@"

@@ -1,0 +1,459 @@
+"""Deployment: the compose files validate, the shipped ACL gives each Redis user exactly
+what it needs (a whole worker session on a real server, and the refusals), the worker
+speaks TLS, and the README's metric names are the ones the worker exports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from attnlstm.checkpoint import CheckpointError, dumps
+from attnlstm.model import AttentionLSTM, ModelConfig
+from tests.conftest import ROOT
+from tests.helpers import (
+    assert_forecasts,
+    entries,
+    expected,
+    fill,
+    free_port,
+    run_worker,
+    sine_values,
+    worker_cmd,
+    worker_env,
+)
+from worker.cli import main
+from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
+from worker.keys import Keys
+from worker.metrics import Metrics
+from worker.models import ModelStore
+from worker.streams import Lease
+
+DEPLOY = ROOT / "deploy"
+DEBIAN_REDIS = Path("/usr/bin/redis-server")  # Debian's is built with TLS
+KEYS = Keys()  # the ACL file is written for the default names
+NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try again
+
+# -- docker-compose -----------------------------------------------------------------
+
+
+def _compose_tool() -> list[str] | None:
+    """Debian's docker-compose (v1) or the v2 plugin; both run `config` with no engine."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+        if plugin.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+COMPOSE = _compose_tool()
+
+
+def _services(config: str) -> set[str]:
+    """The service names of a `docker-compose config` output."""
+    block = config.split("\nservices:\n", 1)[1]
+    return set(re.findall(r"^  ([\w-]+):$", re.split(r"\n\S", block, maxsplit=1)[0], re.MULTILINE))
+
+
+@pytest.mark.skipif(COMPOSE is None, reason="no docker-compose: .ci/run installs Debian's")
+@pytest.mark.parametrize(
+    ("override", "wanted"),
+    [
+        (None, ["condition: service_healthy", "redis://worker@redis:6379/0", "valkey-cli"]),
+        ("docker-compose.gpu.yml", ["driver: nvidia", "- gpu", "image: attnlstm:cuda"]),
+        ("docker-compose.tls.yml", ["rediss://worker@redis:6379/0", "--tls-port", "--cacert"]),
+    ],
+)
+def test_compose_accepts_the_file_and_each_override(
+    override: str | None, wanted: list[str]
+) -> None:
+    assert COMPOSE is not None
+    files = ["-f", "docker-compose.yml"] + (["-f", f"deploy/{override}"] if override else [])
+    done = subprocess.run(
+        [*COMPOSE, *files, "--profile", "replay", "--profile", "monitoring", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert _services(done.stdout) == {"redis", "worker", "replay", "prometheus"}
+    for text in wanted:
+        assert text in done.stdout
+    # Passwords come from secret files: no URL in the configuration holds one.
+    assert not re.search(r"rediss?://[^@\s/]*:[^@\s/]*@", done.stdout)
+
+
+def test_the_image_is_built_from_the_code_alone() -> None:
+    """No .env, secret, checkpoint or local environment can reach the image."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*"  # everything out, then the few things the build needs
+    assert {r for r in rules[1:] if r.startswith("!")} == {
+        "!pyproject.toml",
+        "!README.md",
+        "!attnlstm/",
+        "!worker/",
+    }
+
+
+# -- the ACL file, on a real server -------------------------------------------------
+
+
+def _server_binaries() -> list[Any]:
+    """The embedded server's binary and Debian's redis-server, where present."""
+    found: dict[Path, Path] = {}
+    with contextlib.suppress(EmbeddedServerError):
+        binary = find_server_binary()
+        found[binary.resolve()] = binary
+    if DEBIAN_REDIS.exists():
+        found.setdefault(DEBIAN_REDIS.resolve(), DEBIAN_REDIS)
+    if not found:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no Redis server binary"))]
+    return [pytest.param(b, id=b.name) for b in found.values()]
+
+
+def make_secrets(directory: Path) -> Path:
+    """deploy/make-secrets.sh, as a user runs it: passwords, a CA, a server certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("deploy/make-secrets.sh needs openssl")
+    secrets = directory / "secrets"
+    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(secrets)], check=True, timeout=60)
+    return secrets
+
+
+@dataclass
+class AclServer:
+    """A server running with the shipped redis.conf and the rendered ACL file."""
+
+    binary: Path
+    directory: Path
+    acl_file: Path
+    secrets: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    def password_file(self, user: str) -> Path:
+        return self.secrets / f"redis-{user}-password"
+
+    def url(self, user: str) -> str:
+        return f"redis://{user}@127.0.0.1:{self.port}/0"
+
+    def client(self, user: str) -> redis.Redis:
+        password = "admin" if user == "admin" else self.password_file(user).read_text().strip()
+        return redis.Redis(port=self.port, username=user, password=password, client_name=user)
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [
+                str(self.binary),
+                "--include", str(DEPLOY / "redis.conf"),
+                "--aclfile", str(self.acl_file),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.directory),
+                "--logfile", str(self.directory / "server.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        with contextlib.closing(self.client("admin")) as admin:
+            while True:
+                try:
+                    admin.ping()
+                    return
+                except redis.ConnectionError:  # not listening yet, or loading its AOF
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        log = (self.directory / "server.log").read_text(errors="replace")
+                        pytest.fail(f"{self.binary} did not start:\n{log[-2000:]}")
+                    time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # SIGTERM: a clean shutdown, the AOF written out
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture(params=_server_binaries())
+def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclServer]:
+    """The ACL file rendered by the container's entrypoint script from the shipped
+    template and secrets made by make-secrets.sh, plus an `admin` user (tests only) to
+    look at what the others did."""
+    secrets = make_secrets(tmp_path)
+    acl_file = tmp_path / "users.acl"
+    env = {
+        "PATH": os.environ["PATH"],
+        "ACL_TEMPLATE": str(DEPLOY / "users.acl.template"),
+        "ACL_FILE": str(acl_file),
+        "WORKER_PASSWORD_FILE": str(secrets / "redis-worker-password"),
+        "PRODUCER_PASSWORD_FILE": str(secrets / "redis-producer-password"),
+    }
+    # The entrypoint renders, then runs its arguments: the server in the container.
+    subprocess.run(["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"], env=env, check=True)
+    with acl_file.open("a") as f:
+        f.write("user admin on >admin ~* &* +@all\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    server = AclServer(request.param, data, acl_file, secrets)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _denials(admin: redis.Redis) -> set[tuple[str, str]]:
+    """(user, what) for every refusal in the ACL log."""
+    return {(str(e["username"]), str(e["object"])) for e in admin.acl_log()}
+
+
+# redis-py sends CLIENT SETINFO on connect and ignores its refusal (users.acl.template).
+SETINFO = "client|setinfo"
+
+
+def test_the_worker_user_runs_a_whole_session(
+    acl_server: AclServer, model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    values = sine_values(3, 30)
+    with contextlib.closing(acl_server.client("producer")) as producer:
+        ids = fill(producer, KEYS.input, values)
+    cmd = worker_cmd(model_file, acl_server.url("worker"), "")
+    pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
+    report = run_worker([*cmd, *pw], tmp_path, timeout=60)
+    assert report["forecasts"] == 3 * (30 - trained_sines.config.window + 1)
+
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        assert_forecasts(admin, KEYS.output, expected(trained_sines, values, ids))
+        assert _denials(admin) <= {("worker", SETINFO), ("producer", SETINFO)}
+        published, state = entries(admin, KEYS.output), admin.get(KEYS.state)
+        assert state is not None
+    # The AOF is replayed as the default user, which the ACL disables but leaves its
+    # rights: every MULTI/EXEC (each batch with its acks) survives a restart.
+    acl_server.stop()
+    acl_server.start()
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        assert entries(admin, KEYS.output) == published
+        assert admin.get(KEYS.state) == state
+        assert admin.xpending(KEYS.input, KEYS.group)["pending"] == 0
+
+
+def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
+    acl_server: AclServer, model_file: Path, tmp_path: Path
+) -> None:
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        admin.execute_command("ACL", "SETUSER", "worker", "-multi")  # type: ignore[no-untyped-call]
+    with contextlib.closing(acl_server.client("producer")) as producer:
+        fill(producer, KEYS.input, sine_values(3, 30))
+    cmd = worker_cmd(model_file, acl_server.url("worker"), "")
+    pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
+    done = subprocess.run(
+        [*cmd, *pw, "--burst"],
+        cwd=tmp_path,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "refused this worker's user a command" in last, last
+    assert "multi" in last, last
+    assert "Traceback" not in done.stderr
+
+
+def _refused(client: redis.Redis, *command: str) -> None:
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.execute_command(*command)  # type: ignore[no-untyped-call]
+
+
+def test_the_worker_user_is_refused_everything_else(acl_server: AclServer) -> None:
+    with contextlib.closing(acl_server.client("worker")) as worker:
+        _refused(worker, "FLUSHALL")
+        _refused(worker, "CONFIG", "GET", "maxmemory")
+        _refused(worker, "KEYS", "*")
+        _refused(worker, "GET", "elsewhere")
+        _refused(worker, "SET", "elsewhere", "1")
+        _refused(worker, "SET", "sensors:stateX", "1")  # exact names, not prefixes
+        _refused(worker, "XADD", KEYS.input, "*", "series", "s", "value", "1")  # producers'
+        _refused(worker, "DEL", KEYS.input)
+        _refused(worker, "XGROUP", "DESTROY", KEYS.input, KEYS.group)
+        _refused(worker, "XTRIM", KEYS.output, "MAXLEN", "0")
+        _refused(worker, "XRANGE", KEYS.output, "-", "+")  # write-only
+        _refused(worker, "SET", KEYS.output, "overwritten")  # XADD only
+        _refused(worker, "DEL", KEYS.state)
+        _refused(worker, "EVAL", "return 1", "0")
+
+
+def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:
+    """Stored versions and their pruning, the serving one and its events, the fine-tune
+    lock: what a fine-tune or a rollback does."""
+    blobs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        blobs.append(dumps(AttentionLSTM(ModelConfig(hidden_size=4, attention_size=4))))
+    (first, v1), (second, v2) = blobs
+    with contextlib.closing(acl_server.client("worker")) as worker:
+        store = ModelStore(worker, KEYS, keep=1, source="test")
+        store.put(first, v1)
+        store.switch(v1, "promoted")
+        store.put(second, v2)  # keep=1: v1 stays, as it serves
+        store.switch(v2, "promoted")
+        store.put(second, v2)  # v1 no longer serves: deleted
+        assert store.versions() == [v2]
+        with pytest.raises(CheckpointError, match="not in the store"):
+            store.get(v1)
+        assert store.get(v2).version == v2
+        assert [f[b"event"] for _, f in store.events() if f] == [b"promoted", b"promoted"]
+        lock = Lease(worker, key=KEYS.finetune_lock, owner="test", ttl_ms=5000)
+        assert lock.acquire() == "test"
+        lock.release()
+        with contextlib.closing(acl_server.client("admin")) as admin:
+            assert _denials(admin) <= {("worker", SETINFO)}
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+    report: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return report
+
+
+def test_the_cli_logs_in_with_a_password_file(
+    acl_server: AclServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """`attnlstm replay` as the producer, `attnlstm models` as the worker, each with
+    ATTNLSTM_REDIS_PASSWORD_FILE as docker-compose.yml sets it."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name in [n for n in os.environ if n.upper().startswith("ATTNLSTM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ATTNLSTM_REDIS_PASSWORD_FILE", str(acl_server.password_file("producer")))
+    url = acl_server.url("producer")
+    fast = ("--fast", "--series", "2", "--points", "5", "--maxlen", "1000")
+    assert _main(capsys, "replay", "--redis-url", url, *fast)["entries"] == 10
+    monkeypatch.setenv("ATTNLSTM_REDIS_PASSWORD_FILE", str(acl_server.password_file("worker")))
+    assert _main(capsys, "models", "list", "--redis-url", acl_server.url("worker")) == {
+        "serving": None,
+        "versions": [],
+        "events": [],
+    }
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        assert admin.xlen(KEYS.input) == 10
+        assert _denials(admin) <= {("worker", SETINFO), ("producer", SETINFO)}
+
+
+def test_the_producer_can_only_add_to_the_input_stream(acl_server: AclServer) -> None:
+    with contextlib.closing(acl_server.client("producer")) as producer:
+        producer.xadd(KEYS.input, {"series": "s", "value": "1"})
+        producer.xadd(KEYS.input, {"series": "s", "value": "2"}, maxlen=1000, approximate=True)
+        _refused(producer, "XADD", KEYS.output, "*", "series", "s", "value", "1")
+        _refused(producer, "XADD", "elsewhere", "*", "series", "s", "value", "1")
+        _refused(producer, "XRANGE", KEYS.input, "-", "+")
+        _refused(producer, "XREAD", "STREAMS", KEYS.input, "0")
+        _refused(producer, "XLEN", KEYS.input)
+        _refused(producer, "XTRIM", KEYS.input, "MAXLEN", "0")
+        _refused(producer, "XGROUP", "DESTROY", KEYS.input, KEYS.group)
+        _refused(producer, "DEL", KEYS.input)
+        _refused(producer, "GET", KEYS.state)
+        _refused(producer, "FLUSHALL")
+        _refused(producer, "PING")
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        assert admin.xlen(KEYS.input) == 2
+
+
+def test_nobody_gets_in_without_a_password(acl_server: AclServer) -> None:
+    """The default user is off: no command before AUTH, and no AUTH as it."""
+    for username, password in ((None, None), (None, "admin"), ("worker", "not-it")):
+        client = redis.Redis(
+            port=acl_server.port, username=username, password=password, retry=NO_RETRY
+        )
+        with contextlib.closing(client), pytest.raises(redis.AuthenticationError):
+            client.ping()
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+def test_the_worker_connects_over_tls_only_with_the_ca(
+    tmp_path: Path, model_file: Path, trained_sines: AttentionLSTM
+) -> None:
+    if not DEBIAN_REDIS.exists():
+        pytest.skip(
+            f"needs {DEBIAN_REDIS}, built with TLS (Debian's redis-server package: .ci/run "
+            "installs it); the embedded valkey-server has no TLS"
+        )
+    secrets = make_secrets(tmp_path)
+    port = free_port()
+    tls = (
+        "--tls-port", str(port),
+        "--tls-cert-file", str(secrets / "redis.crt"),
+        "--tls-key-file", str(secrets / "redis.key"),
+        "--tls-ca-cert-file", str(secrets / "redis-ca.crt"),
+        "--tls-auth-clients", "no",
+    )  # fmt: skip
+    server = EmbeddedServer(binary=DEBIAN_REDIS, extra_args=tls)  # TCP: TLS only
+    try:
+        server.start()
+    except EmbeddedServerError as e:
+        if "tls" in str(e).lower():
+            pytest.skip(f"{DEBIAN_REDIS} was built without TLS: {e}")
+        raise
+    url = f"rediss://127.0.0.1:{port}/0"
+    ca = secrets / "redis-ca.crt"
+    try:
+        values = sine_values(2, 25)
+        with contextlib.closing(redis.Redis.from_url(url, ssl_ca_certs=str(ca))) as producer:
+            ids = fill(producer, KEYS.input, values)
+        cmd = worker_cmd(model_file, url, "", "--redis-ca-file", str(ca))
+        report = run_worker(cmd, tmp_path)
+        assert report["forecasts"] == 2 * (25 - trained_sines.config.window + 1)
+        with contextlib.closing(redis.Redis.from_url(server.url)) as local:
+            assert_forecasts(local, KEYS.output, expected(trained_sines, values, ids))
+
+        plain = redis.Redis(port=port, socket_timeout=2, retry=NO_RETRY)
+        with contextlib.closing(plain), pytest.raises(redis.ConnectionError):
+            plain.ping()
+        unverified = redis.Redis.from_url(url, socket_timeout=2, retry=NO_RETRY)
+        with (
+            contextlib.closing(unverified),
+            pytest.raises(redis.ConnectionError, match="certificate verify failed"),
+        ):
+            unverified.ping()
+    finally:
+        server.stop()
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def test_the_readme_names_every_metric_the_worker_exports() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Metrics and health\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(attnlstm_\w+)", section))
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in Metrics().registry.collect()
+    }
+    assert documented == exported
