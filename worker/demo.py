@@ -144,7 +144,8 @@ def _draw_errors(
             marks.append((np.datetime64(int(drift_ms), "ms"), "drift"))
             trained = [int(f[b"ts"]) for f in events if f is not None and f[b"event"] == b"trained"]
             report |= _drift_figures(errors, drift_ms, trained)
-    title = f"one-step MAE per second, {len(views)} series; {len(marks)} marks"
+    promoted = sum(label.startswith("promoted") for _, label in marks)
+    title = f"one-step MAE per second, {len(views)} series; {promoted} models promoted"
     return plot_error_over_time(
         when, errors["mae"], errors["naive_mae"], out_dir / "mae.png", title=title, marks=marks
     )
