@@ -30,17 +30,9 @@ import redis
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.model import ModelConfig
+from worker.batch import Batch, batch_commands, sort_out
 from worker.batcher import BatchWindow
-from worker.contract import (
-    Fields,
-    dead_fields,
-    entry_ms,
-    forecast_fields,
-    fraction_rows,
-    json_rows,
-    parse,
-    reason_kind,
-)
+from worker.contract import entry_ms, reason_kind
 from worker.engine import Engine
 from worker.metrics import SERIES_GAUGES, Metrics
 from worker.models import ModelStore
@@ -48,7 +40,6 @@ from worker.scoring import Scorer
 from worker.settings import Settings
 from worker.state import NO_SLOT, StateError, WindowState
 from worker.streams import (
-    Command,
     Entry,
     Lease,
     Wire,
@@ -90,24 +81,10 @@ class Totals:
 
 
 @dataclass
-class _Batch:
-    """One read's entries, sorted out: what to ack, dead-letter, and forecast."""
-
-    acks: list[bytes] = field(default_factory=list)
-    dead: list[tuple[bytes, Fields, str]] = field(default_factory=list)
-    ids: list[bytes] = field(default_factory=list)
-    fields: list[Fields] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    ts: list[int] = field(default_factory=list)
-    publish: list[bool] = field(default_factory=list)
-
-
-@dataclass
 class _Sent:
     """A batch whose transaction was sent and whose reply is still to be read."""
 
-    batch: _Batch
+    batch: Batch
     rows: np.ndarray  # the batch positions forecast
     transaction: bool  # False: the batch had nothing to write
     checkpoint: bool  # the window state went with it
@@ -501,7 +478,15 @@ class Worker:
         acked before and are only replayed into the windows. ``hold``: leave the
         transaction's reply to be read during the next batch.
         """
-        batch = self._sort_out(entries, pending)
+        if len(self._known) > 2 * self.settings.max_series:  # bounded, like the windows
+            self._known.clear()
+        batch = sort_out(
+            entries,
+            pending=pending,
+            known=self._known,
+            last_id=self.state.last_id,
+            max_deliveries=self.settings.max_deliveries,
+        )
         slots = self.state.slots_for(batch.names)
         publish = np.asarray(batch.publish, dtype=bool)
         for i in np.flatnonzero((slots == NO_SLOT) & publish):
@@ -526,46 +511,6 @@ class Worker:
             self.state.last_id = entries[-1][0]
         self._publish(batch, rows, yhat, attn, hold=hold)
 
-    def _sort_out(self, entries: list[Entry], pending: dict[bytes, int] | None) -> _Batch:
-        batch = _Batch()
-        if len(self._known) > 2 * self.settings.max_series:  # bounded, like the windows
-            self._known.clear()
-        handled = self._handled_before(entries)
-        max_deliveries = self.settings.max_deliveries
-        for k, (entry_id, fields) in enumerate(entries):
-            ours = pending is None or entry_id in pending
-            if ours:
-                batch.acks.append(entry_id)
-            if fields is None or k < handled:
-                continue  # deleted, or handled before the state was saved
-            if pending is not None and pending.get(entry_id, 0) > max_deliveries:
-                reason = f"delivered {pending[entry_id]} times without being handled"
-                batch.dead.append((entry_id, fields, reason))
-                continue
-            reading = parse(entry_id, fields, self._known)
-            if isinstance(reading, str):
-                if ours:
-                    batch.dead.append((entry_id, fields, reading))
-                continue
-            batch.ids.append(entry_id)
-            batch.fields.append(fields)
-            batch.names.append(reading.series)
-            batch.values.append(reading.value)
-            batch.ts.append(reading.ts)
-            batch.publish.append(ours)
-        return batch
-
-    def _handled_before(self, entries: list[Entry]) -> int:
-        """How many leading entries the state already reflects (reads come in id order,
-        so only a batch that starts at or before the state's entry needs looking at)."""
-        last = id_key(self.state.last_id)
-        if not entries or id_key(entries[0][0]) > last:
-            return 0
-        return next(
-            (k for k, (entry_id, _) in enumerate(entries) if id_key(entry_id) > last),
-            len(entries),
-        )
-
     def _score(self, slots: np.ndarray, values: np.ndarray, forecasts: np.ndarray) -> None:
         scored = self.scorer.update(slots, values, forecasts, time.monotonic())
         if scored:
@@ -583,28 +528,20 @@ class Worker:
         return yhat, attn
 
     def _publish(
-        self, batch: _Batch, rows: np.ndarray, yhat: np.ndarray, attn: np.ndarray, *, hold: bool
+        self, batch: Batch, rows: np.ndarray, yhat: np.ndarray, attn: np.ndarray, *, hold: bool
     ) -> None:
         finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
         for i in rows[~finite]:
             reason = "the model's forecast is not finite"
             batch.dead.append((batch.ids[i], batch.fields[i], reason))
         rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
-        s, keys = self.settings, self.keys
         version = self.engine.version.encode() if self.engine is not None else b""
-        output = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % s.output_maxlen, b"*")
-        commands: list[Command] = [
-            (*output, *forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version))
-            for i, y, a in zip(rows.tolist(), json_rows(yhat), fraction_rows(attn), strict=True)
-        ]
-        dead = (b"XADD", keys.dead.encode(), b"MAXLEN", b"~", b"%d" % s.output_maxlen, b"*")
-        for entry_id, fields_in, reason in batch.dead:
-            commands.append((*dead, *_flat(dead_fields(fields_in, entry_id, reason))))
-        if batch.acks:
-            commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *batch.acks))
+        commands = batch_commands(
+            batch, rows, yhat, attn, self.keys, maxlen=self.settings.output_maxlen, version=version
+        )
         checkpoint = time.monotonic() >= self._next_checkpoint
         if checkpoint:
-            commands.append((b"SET", keys.state.encode(), self.state.to_bytes()))
+            commands.append((b"SET", self.keys.state.encode(), self.state.to_bytes()))
         self._settle()  # the batch before this one: its reply is due first
         if self._ahead:
             # Taken before the transaction goes out: a reply too big for the socket's
@@ -647,7 +584,7 @@ class Worker:
         finally:
             self._sent, self._ahead, self._early = None, False, []
 
-    def _count(self, batch: _Batch, rows: np.ndarray, published_ms: float) -> None:
+    def _count(self, batch: Batch, rows: np.ndarray, published_ms: float) -> None:
         self.totals.forecasts += rows.size
         self.totals.dead += len(batch.dead)
         self.metrics.forecasts.inc(rows.size)
@@ -698,10 +635,6 @@ class Worker:
         deadline = time.monotonic() + seconds
         while not self._stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
-
-
-def _flat(fields: Fields) -> list[bytes]:
-    return [part for pair in fields.items() for part in pair]
 
 
 def _describe(e: redis.RedisError) -> str:
