@@ -52,6 +52,7 @@ from worker.streams import (
     executed,
     multi_exec,
     read_entries,
+    read_group,
 )
 
 log = logging.getLogger("attnlstm.bench")
@@ -188,6 +189,7 @@ def drain_raw(
     keys = settings.keys
     ensure_group(client, keys)
     wire = Wire(client)
+    read = read_group(keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
     started, n = time.perf_counter(), 0
     while True:
         if pipeline:
@@ -196,7 +198,7 @@ def drain_raw(
             )
             entries = entries_of(reply)
         else:
-            wire.send([_xreadgroup(settings, BURST_BLOCK_MS)])
+            wire.send([read])
             entries = read_entries(wire.receive()[0])
         if not entries:
             break
@@ -220,6 +222,8 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) ->
     read a batch later."""
     ensure_group(client, settings.keys)
     wire = Wire(client)
+    wait = read_group(settings.keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
+    ahead = read_group(settings.keys, settings.consumer, settings.max_batch, None)
     started, n, held = time.perf_counter(), 0, False
     entries: list[Entry] = []
     while True:
@@ -227,11 +231,11 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) ->
             if held:
                 executed(wire.receive())
                 held = False
-            wire.send([_xreadgroup(settings, BURST_BLOCK_MS)])
+            wire.send([wait])
             entries = read_entries(wire.receive()[0])
             if not entries:
                 break
-        wire.send([_xreadgroup(settings, None)])  # cannot block: answered at once
+        wire.send([ahead])  # cannot block: answered at once
         commands = _raw_commands(settings, entries, attn_width)
         n += len(entries)
         if held:
@@ -246,14 +250,6 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) ->
 def _rate(n: int, started: float) -> dict[str, float]:
     seconds = time.perf_counter() - started - BURST_BLOCK_MS / 1000  # the last, empty read
     return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
-
-
-def _xreadgroup(settings: Settings, block_ms: int | None) -> Command:
-    keys = settings.keys
-    block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
-    return (b"XREADGROUP", b"GROUP", keys.group.encode(), settings.consumer.encode(),
-            b"COUNT", b"%d" % settings.max_batch, *block, b"STREAMS", keys.input.encode(),
-            b">")  # fmt: skip
 
 
 def _raw_commands(settings: Settings, entries: list[Entry], attn_width: int) -> list[Command]:

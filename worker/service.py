@@ -52,6 +52,7 @@ from worker.streams import (
     raise_first_error,
     range_entries,
     read_entries,
+    read_group,
     stream_range,
 )
 from worker.tuner import Tuner
@@ -383,17 +384,13 @@ class Worker:
         Only a read that cannot block may go out ahead of a transaction: Redis runs
         nothing more from a connection while a read on it is blocked.
         """
-        stream = self.keys.input.encode()
-        block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
         self.wire.send(
             [
-                (b"XRANGE", stream, b"(" + after, b"+", b"COUNT", b"1"),
-                (b"XREADGROUP", b"GROUP", self.keys.group.encode(),
-                 self.settings.consumer.encode(), b"COUNT", b"%d" % count,
-                 *block, b"STREAMS", stream, b">"),
+                (b"XRANGE", self.keys.input.encode(), b"(" + after, b"+", b"COUNT", b"1"),
+                read_group(self.keys, self.settings.consumer, count, block_ms),
                 self.tuner.watch(),
             ]
-        )  # fmt: skip
+        )
 
     def _take_read(self, *, after: bytes) -> list[Entry] | None:
         """The entries of the read sent last, checked to start right after ``after``.

@@ -53,6 +53,14 @@ def entries_of(reply: Any) -> list[Entry]:
     return list(reply[0][1])  # RESP2: [[stream, [entries]]]
 
 
+def read_group(keys: Keys, consumer: str, count: int, block_ms: int | None) -> Command:
+    """XREADGROUP of up to ``count`` new entries for ``consumer``, waiting up to
+    ``block_ms`` for one (None: not at all), to send on a :class:`Wire`."""
+    block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
+    return (b"XREADGROUP", b"GROUP", keys.group.encode(), consumer.encode(),
+            b"COUNT", b"%d" % count, *block, b"STREAMS", keys.input.encode(), b">")  # fmt: skip
+
+
 def _entry(raw: Any) -> Entry:
     entry_id, flat = raw
     if flat is None:
