@@ -121,6 +121,13 @@ def load(path: str | Path) -> Checkpoint:
     return loads(data, source=str(path))
 
 
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """:func:`load`, with a hint of how to make one when there is no file at ``path``."""
+    if not Path(path).exists():
+        raise CheckpointError(f"no model at {path}: train one with: attnlstm train --out PATH")
+    return load(path)
+
+
 def _header(data: bytes, source: str) -> dict[str, str]:
     """The safetensors header's metadata, checked for shape before any tensor is read."""
     if len(data) < 8:

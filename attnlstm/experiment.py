@@ -1,6 +1,6 @@
 """Offline train and evaluate on a dataset: windowing, split, fit, score, in one place.
 
-The command line and (later) the fine-tuner call these; neither repeats the steps.
+The command line and the fine-tuner call these; neither repeats the steps.
 """
 
 from __future__ import annotations

@@ -76,6 +76,13 @@ def make_sines(spec: SineSpec, seed: int = 0) -> SineSet:
     return SineSet(values, freq, phase, amplitude, offset, anomalies)
 
 
+def sine_steps(n_series: int, n_points: int, seed: int = 0) -> np.ndarray:
+    """(n_points, n_series) sines of the default spec, one time step after another: the
+    order a producer writes them in."""
+    spec = SineSpec(n_series=n_series, n_points=max(n_points, 2))
+    return make_sines(spec, seed).values.T[:n_points]
+
+
 def _validate(spec: SineSpec) -> None:
     if spec.n_series < 1 or spec.n_points < 2:
         raise ValueError("need at least one series of at least two points")

@@ -19,6 +19,7 @@ from attnlstm.experiment import train_model
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig
 from worker.embedded import EmbeddedServer
+from worker.keys import Keys
 
 torch.set_num_threads(1)
 
@@ -85,10 +86,31 @@ def redis_url(redis_server_url: str) -> str:
 
 
 @pytest.fixture
-def stream_prefix() -> str:
+def stream_prefix(redis_server_url: str) -> Iterator[str]:
     """A prefix unique to this test, like ``t-1a2b3c4d:``. Tests must start every stream
-    and key name with it, so that tests never see each other's data on a shared server."""
-    return f"t-{uuid.uuid4().hex[:8]}:"
+    and key name with it, so that tests never see each other's data on a shared server;
+    every key under it is deleted after the test."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_server_url)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def keys(stream_prefix: str) -> Keys:
+    """The default key names under this test's ``stream_prefix``."""
+    return Keys.prefixed(stream_prefix)
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's ATTNLSTM_* variables must not change what a test runs."""
+    for name in [n for n in os.environ if n.startswith("ATTNLSTM_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Helpers for the tests that run the worker against a real server."""
+"""Helpers for the tests that run the worker against a real server: in this process
+(most of them), or as a child process where the process itself is the point (kill -9,
+signals, the command line)."""
 
 from __future__ import annotations
 
@@ -8,25 +10,27 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import redis
+from pydantic import SecretStr
 
+from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM
-from attnlstm.synthetic import SineSpec, make_sines
 from attnlstm.train import predict
 from tests.conftest import CLI, ROOT
-
-
-def sine_values(n_series: int, n_points: int, seed: int = 0) -> np.ndarray:
-    """(n_points, n_series) sines with their own frequency, phase, level and amplitude,
-    laid out as they are written to the stream: one time step after another."""
-    return make_sines(SineSpec(n_series=n_series, n_points=n_points), seed).values.T
+from worker.engine import Engine
+from worker.keys import Keys
+from worker.loop import Worker
+from worker.metrics import Metrics
+from worker.settings import Settings
+from worker.streams import connect
 
 
 def free_port() -> int:
@@ -35,6 +39,15 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def wait_for(condition: Callable[[], object], *, timeout: float = 60, what: str = "") -> None:
+    """Until ``condition()`` is true; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(0.02)
 
 
 def fill(client: redis.Redis, stream: str, values: np.ndarray, *, chunk: int = 5000) -> list[bytes]:
@@ -96,32 +109,121 @@ def assert_forecasts(
     return got
 
 
-def worker_cmd(model: Path, url: str, prefix: str, *extra: str) -> list[str]:
+# -- the worker in this process -----------------------------------------------------
+
+
+def settings_for(url: str, keys: Keys, **overrides: Any) -> Settings:
+    """Worker settings for a test: ``keys`` on the server at ``url``, the CPU, consumer
+    ``w``, no metrics port, no fine-tuning; ``overrides`` on top. No .env is read."""
+    values: dict[str, Any] = {
+        "redis_url": SecretStr(url),
+        "consumer": "w",
+        "device": "cpu",
+        "metrics_port": 0,
+        "finetune_interval_s": 0.0,
+    }
+    settings = Settings(_env_file=None, **(values | overrides))  # type: ignore[call-arg]
+    return settings.with_keys(keys)
+
+
+def engine_for(model: AttentionLSTM, settings: Settings) -> Engine:
+    checkpoint = Checkpoint(model=model, version=version_of(model))
+    return Engine(checkpoint, device=settings.device, max_batch=settings.max_batch)
+
+
+def new_worker(
+    settings: Settings,
+    model: AttentionLSTM | None,
+    *,
+    burst: bool = False,
+    metrics: Metrics | None = None,
+    finetune_clock: Callable[[], float] = time.monotonic,
+) -> Worker:
+    """A worker on a connection of its own, as ``attnlstm worker`` makes one."""
+    url = settings.url()
+    assert url is not None
+    client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="test-worker")
+    engine = engine_for(model, settings) if model is not None else None
+    return Worker(
+        client,
+        engine=engine,
+        settings=settings,
+        metrics=metrics,
+        burst=burst,
+        finetune_clock=finetune_clock,
+    )
+
+
+def drain(settings: Settings, model: AttentionLSTM | None) -> dict[str, float]:
+    """A worker run in this process until the stream is drained (``--burst``); its report."""
+    return new_worker(settings, model, burst=True).run()
+
+
+class WorkerThread:
+    """A worker running in a thread of this process for the length of a ``with`` block,
+    then stopped as SIGTERM stops it. ``report`` holds its report after the block; an
+    error it raised fails the test."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.report: dict[str, float] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.report = self.worker.run()
+        except BaseException as e:  # surfaced in the test's thread
+            self.error = e
+
+    def start(self) -> WorkerThread:
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> WorkerThread:
+        return self if self._thread.ident is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self._thread.join(timeout=60)
+        assert not self._thread.is_alive(), "the worker did not stop within 60 s"
+        if self.error is not None:
+            raise self.error
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = 60) -> None:
+        """Until ``condition()`` is true; fails if the worker stops or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if not self._thread.is_alive():
+                pytest.fail(f"the worker stopped: {self.error!r}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout:g} s waiting for the worker")
+            time.sleep(0.02)
+
+
+# -- the worker as a child process ----------------------------------------------------
+
+
+def worker_cmd(model: Path, url: str, keys: Keys, *extra: str) -> list[str]:
+    """``attnlstm worker`` on ``keys``, as a user runs it."""
     return [
         *CLI,
         "worker",
-        "--redis-url",
-        url,
-        "--model",
-        str(model),
-        "--input-stream",
-        f"{prefix}sensors",
-        "--output-stream",
-        f"{prefix}forecasts",
-        "--dead-stream",
-        f"{prefix}sensors:dead",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--metrics-port",
-        "0",
-        "--models-stream",
-        f"{prefix}models",
-        "--finetune-interval-s",
-        "0",
+        "--redis-url", url,
+        "--model", str(model),
+        "--input-stream", keys.input,
+        "--output-stream", keys.output,
+        "--dead-stream", keys.dead,
+        "--models-stream", keys.models,
+        "--device", "cpu",
+        "--threads", "1",
+        "--metrics-port", "0",
+        "--finetune-interval-s", "0",
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 def worker_env() -> dict[str, str]:
@@ -131,7 +233,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-class RunningWorker:
+class WorkerProcess:
     """``attnlstm worker`` as a child process for the length of a ``with`` block, then
     stopped with SIGTERM; ``stderr`` and ``returncode`` are there after the block."""
 
@@ -142,7 +244,7 @@ class RunningWorker:
         self.stderr = ""
         self.returncode: int | None = None
 
-    def __enter__(self) -> RunningWorker:
+    def __enter__(self) -> WorkerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -165,8 +267,8 @@ class RunningWorker:
             time.sleep(0.02)
 
 
-def run_worker(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, float]:
-    """Run a --burst worker to the end; its --json report."""
+def burst_cli(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, float]:
+    """Run ``attnlstm worker --burst --json`` to the end in a child process; its report."""
     done = subprocess.run(
         [*cmd, "--burst", "--json"],
         cwd=cwd,

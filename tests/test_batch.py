@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.batch import batch_commands, handled_before, sort_out
+from worker.batch import batch_commands, handled_before, triage
 from worker.keys import Keys
 
 GOOD = {b"series": b"s1", b"value": b"1.5"}
@@ -15,7 +15,7 @@ BAD = {b"series": b"s1", b"value": b"abc"}
 def test_a_live_read_acks_everything_and_dead_letters_the_bad() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", None), (b"8-0", {**GOOD, b"ts": b"42"})]
     known: dict[bytes, str] = {}
-    batch = sort_out(entries, pending=None, known=known, last_id=b"4-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids=known, last_id=b"4-0", max_deliveries=5)
     assert batch.acks == [b"5-0", b"6-0", b"7-0", b"8-0"]  # the deleted one too
     assert [(i, r) for i, _, r in batch.dead] == [(b"6-0", "value is not a decimal number: 'abc'")]
     assert batch.ids == [b"5-0", b"8-0"]
@@ -28,7 +28,7 @@ def test_a_live_read_acks_everything_and_dead_letters_the_bad() -> None:
 def test_a_resync_replays_what_was_acked_and_handles_what_is_pending() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", GOOD), (b"8-0", GOOD), (b"9-0", GOOD)]
     pending = {b"7-0": 1, b"8-0": 6}  # 8-0 has been delivered more than max_deliveries
-    batch = sort_out(entries, pending=pending, known={}, last_id=b"4-0", max_deliveries=5)
+    batch = triage(entries, pending=pending, series_ids={}, last_id=b"4-0", max_deliveries=5)
     assert batch.acks == [b"7-0", b"8-0"]  # only what is pending
     assert [(i, r) for i, _, r in batch.dead] == [
         (b"8-0", "delivered 6 times without being handled")
@@ -42,19 +42,19 @@ def test_entries_the_state_already_reflects_are_only_acked() -> None:
     assert handled_before(entries, b"4-0") == 2
     assert handled_before(entries, b"2-5") == 0
     assert handled_before(entries, b"9-0") == 3
-    batch = sort_out(entries, pending=None, known={}, last_id=b"4-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"4-0", max_deliveries=5)
     assert batch.acks == [b"3-0", b"4-0", b"4-1"]
     assert batch.ids == [b"4-1"]
 
 
 def test_the_transaction_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
-    batch = sort_out(entries, pending=None, known={}, last_id=b"0-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
     keys = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
     yhat = np.array([[2.25]])
     attn = np.array([[0.25, 0.75]])
     rows = np.array([1])  # only the second valid reading had a full window
-    commands = batch_commands(batch, rows, yhat, attn, keys, maxlen=1000, version=b"v1")
+    commands, receipt = batch_commands(batch, rows, yhat, attn, keys, maxlen=1000, version=b"v1")
     forecast, dead, ack = commands
     assert forecast == (
         b"XADD", b"out", b"MAXLEN", b"~", b"1000", b"*",
@@ -67,3 +67,23 @@ def test_the_transaction_holds_the_forecasts_the_dead_letters_and_the_ack() -> N
         b"src", b"6-0", b"error", b"value is not a decimal number: 'abc'",
     )  # fmt: skip
     assert ack == (b"XACK", b"in", b"g", b"5-0", b"6-0", b"7-0")
+    assert receipt.entered_ms.tolist() == [7.0]  # the forecast's input entered at 7 ms
+    assert receipt.dead_reasons == ["value is not a decimal number: 'abc'"]
+
+
+def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
+    entries = [(b"5-0", GOOD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
+    keys = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
+    yhat = np.array([[np.nan], [1.5]])
+    attn = np.array([[0.5, 0.5], [0.5, 0.5]])
+    commands, receipt = batch_commands(
+        batch, np.array([0, 1]), yhat, attn, keys, maxlen=10, version=b"v1"
+    )
+    forecast, dead, ack = commands
+    assert forecast[forecast.index(b"src") + 1] == b"7-0"
+    assert dead[dead.index(b"src") + 1] == b"5-0"
+    assert dead[dead.index(b"error") + 1] == b"the model's forecast is not finite"
+    assert ack == (b"XACK", b"in", b"g", b"5-0", b"7-0")
+    assert receipt.entered_ms.tolist() == [7.0]
+    assert receipt.dead_reasons == ["the model's forecast is not finite"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from worker.batcher import BatchWindow
+from worker.batch import BatchWindow
 
 
 def _clock(start: float = 100.0) -> tuple[list[float], Callable[[], float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 
 from attnlstm.checkpoint import load
-from worker.bench import BenchPlan, format_report, run_bench
+from worker.tools.bench import BenchPlan, format_report, run_bench
 
 
 def test_a_small_bench_drains_everything_and_reports(

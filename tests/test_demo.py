@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,12 @@ import redis
 
 from attnlstm.checkpoint import save
 from attnlstm.model import AttentionLSTM
-from attnlstm.synthetic import SineSpec
+from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
-from tests.helpers import fill, run_worker, sine_values, worker_cmd, worker_env
-from worker.replay import sine_entries
+from tests.helpers import drain, fill, settings_for, wait_for, worker_env
+from worker.keys import Keys
+from worker.tools.demo import DEMO_KEYS
+from worker.tools.replay import sine_entries
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -76,10 +78,12 @@ def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
     )
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:  # the worker is up; let it forecast for a while
-            if "created consumer group" in line:
+        for line in proc.stderr:  # the embedded server's address, once it is up
+            if found := re.search(r"started embedded .* at (unix://\S+)", line):
                 break
-        time.sleep(4)
+        assert found, "the demo never said where its server is"
+        with redis.Redis.from_url(found[1]) as server:  # forecasts are flowing
+            wait_for(lambda: server.xlen(DEMO_KEYS.output) >= 500, what="the demo's forecasts")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -87,7 +91,7 @@ def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
     assert proc.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
     assert report["interrupted"] is True
-    assert 0 < report["forecasts"] < 120 * 500
+    assert 500 <= report["forecasts"] < 120 * 500
     assert "Traceback" not in err
     assert (demo_dir / "forecasts.png").is_file()
 
@@ -95,17 +99,16 @@ def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
 def test_plot_from_stream_draws_one_series_of_a_running_system(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
 ) -> None:
-    values = sine_values(5, 80, seed=4)
-    fill(redis_client, f"{stream_prefix}sensors", values)
-    run_worker(worker_cmd(model_file, redis_url, stream_prefix), cwd=tmp_path)
+    values = sine_steps(5, 80, seed=4)
+    fill(redis_client, keys.input, values)
+    drain(settings_for(redis_url, keys), trained_sines)
     env = worker_env() | {
-        "ATTNLSTM_INPUT_STREAM": f"{stream_prefix}sensors",
-        "ATTNLSTM_OUTPUT_STREAM": f"{stream_prefix}forecasts",
+        "ATTNLSTM_INPUT_STREAM": keys.input,
+        "ATTNLSTM_OUTPUT_STREAM": keys.output,
     }
     base = [*CLI, "plot", "--from-stream", "--redis-url", redis_url, "--out", str(tmp_path)]
     proc = subprocess.run(
@@ -127,5 +130,5 @@ def test_plot_from_stream_draws_one_series_of_a_running_system(
     assert missing.returncode == 1
     assert missing.stderr.strip() == (
         "attnlstm plot: error: no forecast for series 'nope' among the last 100,000 entries "
-        f"of {stream_prefix}forecasts"
+        f"of {keys.output}"
     )

@@ -24,15 +24,15 @@ from redis.retry import Retry
 
 from attnlstm.checkpoint import CheckpointError, dumps
 from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.synthetic import sine_steps
 from tests.conftest import ROOT
 from tests.helpers import (
     assert_forecasts,
+    burst_cli,
     entries,
     expected,
     fill,
     free_port,
-    run_worker,
-    sine_values,
     worker_cmd,
     worker_env,
 )
@@ -40,7 +40,7 @@ from worker.cli import main
 from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
 from worker.keys import Keys
 from worker.metrics import Metrics
-from worker.models import ModelStore
+from worker.online.store import ModelStore
 from worker.streams import Lease
 
 DEPLOY = ROOT / "deploy"
@@ -234,12 +234,12 @@ SETINFO = "client|setinfo"
 def test_the_worker_user_runs_a_whole_session(
     acl_server: AclServer, model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
 ) -> None:
-    values = sine_values(3, 30)
+    values = sine_steps(3, 30)
     with contextlib.closing(acl_server.client("producer")) as producer:
         ids = fill(producer, KEYS.input, values)
-    cmd = worker_cmd(model_file, acl_server.url("worker"), "")
+    cmd = worker_cmd(model_file, acl_server.url("worker"), KEYS)
     pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
-    report = run_worker([*cmd, *pw], tmp_path, timeout=60)
+    report = burst_cli([*cmd, *pw], tmp_path, timeout=60)
     assert report["forecasts"] == 3 * (30 - trained_sines.config.window + 1)
 
     with contextlib.closing(acl_server.client("admin")) as admin:
@@ -263,8 +263,8 @@ def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
     with contextlib.closing(acl_server.client("admin")) as admin:
         admin.execute_command("ACL", "SETUSER", "worker", "-multi")  # type: ignore[no-untyped-call]
     with contextlib.closing(acl_server.client("producer")) as producer:
-        fill(producer, KEYS.input, sine_values(3, 30))
-    cmd = worker_cmd(model_file, acl_server.url("worker"), "")
+        fill(producer, KEYS.input, sine_steps(3, 30))
+    cmd = worker_cmd(model_file, acl_server.url("worker"), KEYS)
     pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
     done = subprocess.run(
         [*cmd, *pw, "--burst"],
@@ -316,9 +316,9 @@ def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:
     with contextlib.closing(acl_server.client("worker")) as worker:
         store = ModelStore(worker, KEYS, keep=1, source="test")
         store.put(first, v1)
-        store.switch(v1, "promoted")
+        store.set_serving(v1, "promoted")
         store.put(second, v2)  # keep=1: v1 stays, as it serves
-        store.switch(v2, "promoted")
+        store.set_serving(v2, "promoted")
         store.put(second, v2)  # v1 no longer serves: deleted
         assert store.versions() == [v2]
         with pytest.raises(CheckpointError, match="not in the store"):
@@ -347,8 +347,6 @@ def test_the_cli_logs_in_with_a_password_file(
     """`attnlstm replay` as the producer, `attnlstm models` as the worker, each with
     ATTNLSTM_REDIS_PASSWORD_FILE as docker-compose.yml sets it."""
     monkeypatch.chdir(tmp_path)  # no .env
-    for name in [n for n in os.environ if n.upper().startswith("ATTNLSTM_")]:
-        monkeypatch.delenv(name)
     monkeypatch.setenv("ATTNLSTM_REDIS_PASSWORD_FILE", str(acl_server.password_file("producer")))
     url = acl_server.url("producer")
     fast = ("--fast", "--series", "2", "--points", "5", "--maxlen", "1000")
@@ -423,11 +421,11 @@ def test_the_worker_connects_over_tls_only_with_the_ca(
     url = f"rediss://127.0.0.1:{port}/0"
     ca = secrets / "redis-ca.crt"
     try:
-        values = sine_values(2, 25)
+        values = sine_steps(2, 25)
         with contextlib.closing(redis.Redis.from_url(url, ssl_ca_certs=str(ca))) as producer:
             ids = fill(producer, KEYS.input, values)
-        cmd = worker_cmd(model_file, url, "", "--redis-ca-file", str(ca))
-        report = run_worker(cmd, tmp_path)
+        cmd = worker_cmd(model_file, url, KEYS, "--redis-ca-file", str(ca))
+        report = burst_cli(cmd, tmp_path)
         assert report["forecasts"] == 2 * (25 - trained_sines.config.window + 1)
         with contextlib.closing(redis.Redis.from_url(server.url)) as local:
             assert_forecasts(local, KEYS.output, expected(trained_sines, values, ids))

@@ -8,7 +8,7 @@ import pytest
 from attnlstm.checkpoint import dumps, loads
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines
-from worker.finetune import FinetuneConfig, Job, NotEnoughDataError, run_job
+from worker.online.finetune import FinetuneConfig, Job, NotEnoughDataError, run_job
 
 SPEC = SineSpec(n_series=40, n_points=200, noise=0.02)
 

@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import time
-from pathlib import Path
+import logging
 
 import numpy as np
 import pytest
 import redis
 import torch
 
-from attnlstm.checkpoint import dumps, load, loads
+from attnlstm.checkpoint import dumps, loads, version_of
 from attnlstm.model import AttentionLSTM
-from tests.conftest import CLI
-from tests.helpers import RunningWorker, entries, fill, sine_values, worker_cmd, worker_env
+from attnlstm.synthetic import SineSpec, make_sines, sine_steps
+from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for
+from worker.cli import main
 from worker.keys import Keys
 from worker.metrics import Metrics
-from worker.models import ModelStore
-from worker.readback import errors_by_time, read_views
-from worker.scoring import Scorer
-from worker.settings import Settings
+from worker.online.scoring import Scorer
+from worker.online.store import ModelStore
+from worker.online.tuner import Tuner
 from worker.state import WindowState
-from worker.tuner import Tuner
+from worker.tools.readback import read_views
 
 
-def keys_for(prefix: str) -> Keys:
-    return Keys(
-        input=f"{prefix}sensors",
-        output=f"{prefix}forecasts",
-        dead=f"{prefix}sensors:dead",
-        models=f"{prefix}models",
-    )
+@pytest.fixture(autouse=True)
+def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+class FakeClock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
@@ -53,9 +57,8 @@ def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:
 
 
 def test_the_store_keeps_the_last_versions_and_never_drops_the_serving_one(
-    redis_client: redis.Redis, stream_prefix: str, trained_sines: AttentionLSTM
+    redis_client: redis.Redis, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    keys = keys_for(stream_prefix)
     store = ModelStore(redis_client, keys, keep=3, source="test")
     versions = []
     for k in range(5):
@@ -63,7 +66,7 @@ def test_the_store_keeps_the_last_versions_and_never_drops_the_serving_one(
         store.put(blob, version)
         versions.append(version)
         if k == 0:
-            store.switch(version, "promoted")
+            store.set_serving(version, "promoted")
     assert store.versions() == [versions[4], versions[3], versions[2], versions[0]]
     assert store.get(versions[0]).version == versions[0]  # serving: kept
     assert redis_client.get(keys.model(versions[1])) is None  # dropped
@@ -73,43 +76,29 @@ def test_the_store_keeps_the_last_versions_and_never_drops_the_serving_one(
 def test_rollback_takes_effect_on_the_next_batch(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    keys = keys_for(stream_prefix)
-    first = load(model_file).version
+    first = version_of(trained_sines)
     earlier_blob, earlier = dumps(other_model(trained_sines, 0.05))
     ModelStore(redis_client, keys, keep=5, source="test").put(earlier_blob, earlier)
-    values = sine_values(5, 60, seed=6)
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
+    values = sine_steps(5, 60, seed=6)
+    settings = settings_for(redis_url, keys, block_ms=100)
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
         before = fill(redis_client, keys.input, values[:30])
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
-        flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
-        back = subprocess.run(
-            [*CLI, "models", "rollback", earlier, *flags],
-            capture_output=True,
-            text=True,
-            env=worker_env(),
-            check=False,
-        )
-        assert back.returncode == 0, back.stderr
-        assert json.loads(back.stdout.splitlines()[-1]) == {"serving": earlier, "previous": first}
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
+        assert main(["models", "rollback", earlier, *flags]) == 0
+        back = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert back == {"serving": earlier, "previous": first}
         after = fill(redis_client, keys.input, values[30:])
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
     versions = forecast_versions(redis_client, keys)
     assert {versions[i] for i in before if i in versions} == {first}
     assert {versions[i] for i in after} == {earlier}  # every batch after the rollback
-    listing = subprocess.run(
-        [*CLI, "models", "list", *flags],
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-        check=False,
-    )
-    report = json.loads(listing.stdout.splitlines()[-1])
+    assert main(["models", "list", *flags]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert report["serving"] == earlier
     assert [e["event"] for e in report["events"]] == ["promoted", "rolled_back"]  # oldest first
 
@@ -117,49 +106,45 @@ def test_rollback_takes_effect_on_the_next_batch(
 def test_a_tampered_stored_model_is_refused_and_the_serving_one_stays(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    keys = keys_for(stream_prefix)
-    first = load(model_file).version
+    first = version_of(trained_sines)
     blob, version = dumps(other_model(trained_sines, 0.05))
     tampered = bytearray(blob)
     tampered[-7] ^= 0x01  # one bit of one weight
-    values = sine_values(5, 60, seed=7)
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
+    values = sine_steps(5, 60, seed=7)
+    settings = settings_for(redis_url, keys, block_ms=100)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
         fill(redis_client, keys.input, values[:30])
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
         redis_client.set(keys.model(version), bytes(tampered))
-        ModelStore(redis_client, keys, keep=5, source="another-worker").switch(version, "promoted")
+        ModelStore(redis_client, keys, keep=5, source="another-worker").set_serving(
+            version, "promoted"
+        )
         after = fill(redis_client, keys.input, values[30:])
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
-        assert worker.proc.poll() is None
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
     versions = forecast_versions(redis_client, keys)
     assert {versions[i] for i in after} == {first}
     refused = [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
     assert len(refused) == 1
     assert refused[0]["version"] == version
     assert "content hash mismatch" in refused[0]["reason"]
-    assert f"refused model {version}" in worker.stderr
+    assert f"refused model {version}" in caplog.text
 
 
 def test_from_no_model_at_all_forecasts_begin_on_their_own_and_beat_naive(
-    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    keys = keys_for(stream_prefix)
-    cmd = worker_cmd(Path("unused"), redis_url, stream_prefix, "--finetune-interval-s", "60")
-    at = cmd.index("--model")
-    del cmd[at : at + 2]  # no model: a cold start
-    values = sine_values(20, 200, seed=8)
-    with RunningWorker(cmd, tmp_path) as worker:
+    settings = settings_for(redis_url, keys, finetune_interval_s=60)
+    values = sine_steps(20, 200, seed=8)
+    with WorkerThread(new_worker(settings, None)) as running:  # no model: a cold start
         fill(redis_client, keys.input, values[:150])  # 3,000 values, no forecasts
-        worker.wait_for(lambda: redis_client.exists(keys.serving), timeout=120)
+        running.wait_for(lambda: redis_client.exists(keys.serving), timeout=120)
         fill(redis_client, keys.input, values[150:])
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 20 * 50)
-    assert "no model yet: keeping values" in worker.stderr
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 20 * 50)
+    assert "no model yet: keeping values" in caplog.text
     kinds = [(e["event"], e["version"]) for e in events(redis_client, keys.models)]
     assert [k for k, _ in kinds] == ["trained", "promoted"]
     assert kinds[0][1] == kinds[1][1]
@@ -169,33 +154,58 @@ def test_from_no_model_at_all_forecasts_begin_on_their_own_and_beat_naive(
     assert model_mae < naive_mae / 3
 
 
+DRIFT_AT, STEPS, CHUNK = 200, 600, 50  # a fine-tune after each chunk of steps past the drift
+
+
+def _mae_by_step(client: redis.Redis, keys: Keys, lo: int, hi: int) -> float:
+    """The one-step MAE of the forecasts for steps lo..hi-1 of every series."""
+    views = read_views(client, keys).values()
+    errors = [
+        np.abs(v.forecast - v.actual)[v.scored & (v.position >= lo) & (v.position < hi)]
+        for v in views
+    ]
+    return float(np.concatenate(errors).mean())
+
+
 @pytest.mark.parametrize("finetune", [True, False])
 def test_after_a_drift_fine_tuning_brings_the_error_back_and_without_it_it_stays(
     finetune: bool,
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
 ) -> None:
-    """20 noisy sines at 500 entries/s (25 steps a second); at step 200 (8 s in) every
-    frequency changes by 1.5-2.5x. Fine-tuning every 4 s on the last 100 values."""
-    keys = keys_for(stream_prefix)
-    interval = "4" if finetune else "0"
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--finetune-interval-s", interval)
-    cmd += ["--history-len", "100", "--block-ms", "100"]
-    replay = [*CLI, "replay", "--redis-url", redis_url, "--stream", keys.input, "--rate", "500"]
-    replay += ["--series", "20", "--points", "600", "--noise", "0.05", "--drift-at", "200"]
-    with RunningWorker(cmd, tmp_path) as worker:
-        subprocess.run(replay, env=worker_env(), check=True, capture_output=True, timeout=120)
-        worker.wait_for(lambda: redis_client.xlen(keys.output) >= 20 * 580)
-    errors = errors_by_time(read_views(redis_client, keys), bucket_ms=1000.0)
-    mae = errors["mae"]
-    before, worst, last = float(mae[4:7].mean()), float(mae[8:12].max()), float(mae[-4:].mean())
+    """20 noisy sines; at step 200 every frequency changes by 1.5-2.5x. The fine-tune
+    clock is the test's: a fine-tune on the last 100 values is due after each 50 steps
+    past the drift, once the worker has forecast them (drift detection is off, so
+    nothing else starts one)."""
+    spec = SineSpec(n_series=20, n_points=STEPS, noise=0.05, drift_at=DRIFT_AT)
+    values = make_sines(spec, seed=0).values.T
+    interval = 10.0 if finetune else 0.0
+    settings = settings_for(
+        redis_url, keys, finetune_interval_s=interval, history_len=100, drift_ratio=0, block_ms=100
+    )
+    clock = FakeClock()
+    worker = new_worker(settings, trained_sines, finetune_clock=clock)
+    window = trained_sines.config.window
+    with WorkerThread(worker) as running:
+        for start in [0, *range(DRIFT_AT, STEPS, CHUNK)]:
+            end = DRIFT_AT if start == 0 else start + CHUNK
+            fill(redis_client, keys.input, values[start:end])
+            # Each wait ends before the loop moves on: the lambdas see this turn's values.
+            forecasts = 20 * (end - window + 1)
+            running.wait_for(lambda: redis_client.xlen(keys.output) == forecasts)  # noqa: B023
+            if finetune and start >= DRIFT_AT:
+                finished = worker.tuner.cycles
+                clock.now += interval
+                running.wait_for(lambda: worker.tuner.cycles > finished, timeout=120)  # noqa: B023
+    before = _mae_by_step(redis_client, keys, DRIFT_AT - 50, DRIFT_AT)
+    worst = _mae_by_step(redis_client, keys, DRIFT_AT, DRIFT_AT + CHUNK)
+    last = _mae_by_step(redis_client, keys, STEPS - CHUNK, STEPS)
     promoted = [e for e in events(redis_client, keys.models) if e["event"] == "promoted"]
     assert worst > 1.5 * before  # the drift hurts
     if finetune:
-        assert len(promoted) >= 2, worker.stderr  # the model file, then fine-tuned ones
+        assert len(promoted) >= 2  # the model file, then fine-tuned ones
         assert last <= 1.5 * before, (before, worst, last)
     else:
         assert len(promoted) == 1  # the model file only
@@ -203,29 +213,43 @@ def test_after_a_drift_fine_tuning_brings_the_error_back_and_without_it_it_stays
 
 
 def test_one_worker_fine_tunes_at_a_time(
-    redis_client: redis.Redis, stream_prefix: str, trained_sines: AttentionLSTM
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    """While another worker holds the fine-tune lock, a due fine-tune is skipped."""
+    """While another worker holds the fine-tune lock, a due fine-tune is skipped; once
+    the lock is free, the next due one starts."""
+    clock = FakeClock()
 
     def tuner(consumer: str) -> Tuner:
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            models_stream=f"{stream_prefix}models",
-            consumer=consumer,
-            finetune_interval_s=1e-3,
-        )
-        store = ModelStore(redis_client, settings.keys, keep=5, source=consumer)
-        return Tuner(redis_client, settings=settings, store=store, metrics=Metrics())
+        settings = settings_for(redis_url, keys, consumer=consumer, finetune_interval_s=10)
+        store = ModelStore(redis_client, keys, keep=5, source=consumer)
+        return Tuner(redis_client, settings=settings, store=store, metrics=Metrics(), clock=clock)
 
     first, second = tuner("first"), tuner("second")
-    checkpoint = loads(dumps(trained_sines)[0])
-    assert first.start(checkpoint) is not None
+    assert first.start(loads(dumps(trained_sines)[0])) is not None
     assert second.start(None) is not None  # the store's serving version
-    assert first.lock.acquire() == "first"  # first is fine-tuning
     state = WindowState(window=20, length=200, max_series=10)
-    state.push(np.zeros(200, dtype=np.int64), np.sin(np.arange(200.0)), gather=False)
-    time.sleep(0.01)
+    slots = np.repeat(state.slots_for(["s0"]), 200)  # one series, 200 values: enough
+    state.push(slots, np.sin(np.arange(200.0)), gather=False)
+    assert first.lock.acquire() == "first"  # first is fine-tuning
+    clock.now += 10  # a fine-tune is due
     assert second.tick(state, Scorer(halflife_s=30)) is None
     assert not second.running  # due, but not its turn
     first.lock.release()
-    assert redis_client.get(second.settings.keys.finetune_lock) is None
+    clock.now += 10  # due again
+    assert second.tick(state, Scorer(halflife_s=30)) is None
+    assert second.running  # its turn: started
+    assert redis_client.get(keys.finetune_lock) == b"second"
+    second.close()  # the fine-tune in flight is dropped, and the lock with it
+    assert redis_client.get(keys.finetune_lock) is None
+
+
+def test_a_drained_worker_reports_what_it_scored(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Every one-step forecast whose actual value arrived is scored online."""
+    fill(redis_client, keys.input, sine_steps(4, 30, seed=9))
+    worker = new_worker(settings_for(redis_url, keys), trained_sines, burst=True)
+    worker.run()
+    scored = worker.metrics.registry.get_sample_value("attnlstm_forecasts_scored_total")
+    assert scored == 4 * (30 - 20)  # each series' last forecast has no actual yet
+    assert worker.scorer.mae < worker.scorer.naive_mae

@@ -3,30 +3,45 @@ the same one an uninterrupted run publishes."""
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import cast
 
+import pytest
 import redis
 
 from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import sine_steps
 from tests.helpers import (
-    RunningWorker,
+    WorkerProcess,
+    WorkerThread,
     assert_forecasts,
     by_src,
+    drain,
     expected,
     fill,
     forecasts_by_src,
     free_port,
-    run_worker,
-    sine_values,
+    new_worker,
+    settings_for,
+    wait_for,
     worker_cmd,
     worker_env,
 )
 from worker.embedded import EmbeddedServer
+from worker.keys import Keys
+
+
+@pytest.fixture(autouse=True)
+def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+def _pending(client: redis.Redis, keys: Keys) -> int:
+    return int(client.xpending(keys.input, keys.group)["pending"])
 
 
 def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
@@ -34,258 +49,225 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     redis_url: str,
     stream_prefix: str,
     model_file: Path,
+    trained_sines: AttentionLSTM,
     tmp_path: Path,
 ) -> None:
-    values = sine_values(500, 100, seed=5)  # 50,000 entries
-    ref, crash = f"{stream_prefix}ref:", f"{stream_prefix}crash:"
-    ref_ids = fill(redis_client, f"{ref}sensors", values)
-    crash_ids = fill(redis_client, f"{crash}sensors", values)
-    run_worker(worker_cmd(model_file, redis_url, ref), cwd=tmp_path)
+    """The worker as a process, killed with SIGKILL at five random moments of a drain."""
+    values = sine_steps(500, 100, seed=5)  # 50,000 entries
+    ref, crash = Keys.prefixed(f"{stream_prefix}ref:"), Keys.prefixed(f"{stream_prefix}crash:")
+    ref_ids = fill(redis_client, ref.input, values)
+    crash_ids = fill(redis_client, crash.input, values)
+    drain(settings_for(redis_url, ref), trained_sines)
 
     # Small batches and frequent state checkpoints, so the kills land everywhere:
     # mid-batch, between a checkpoint and the next, during a re-sync.
-    cmd = worker_cmd(
-        model_file, redis_url, crash, "--consumer", "w", "--max-batch", "37",
-        "--checkpoint-interval-s", "0.3",
-    )  # fmt: skip
-    output = f"{crash}forecasts"
+    flags = ("--consumer", "w", "--max-batch", "37", "--checkpoint-interval-s", "0.3")
+    cmd = worker_cmd(model_file, redis_url, crash, *flags)
     total = 500 * (100 - 20 + 1)
     # Five random moments during the drain, as points in its progress.
     moments = sorted(random.Random(11).sample(range(total // 20, total * 9 // 10), 5))
     for moment in moments:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.DEVNULL)
-        while redis_client.xlen(output) < moment:
-            assert proc.poll() is None, "the worker exited before it was killed"
-            time.sleep(0.002)
+        # The wait ends before the loop moves on: the lambda sees this turn's values.
+        wait_for(
+            lambda: redis_client.xlen(crash.output) >= moment or proc.poll() is not None,  # noqa: B023
+            what=f"{moment} forecasts",
+        )
+        assert proc.poll() is None, "the worker exited before it was killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert redis_client.xlen(output) < total  # work was left for the last run
-    run_worker(cmd, cwd=tmp_path)
+    assert redis_client.xlen(crash.output) < total  # work was left for the last run
+    drain(settings_for(redis_url, crash, max_batch=37, checkpoint_interval_s=0.3), trained_sines)
 
-    want = forecasts_by_src(redis_client, f"{ref}forecasts")
-    got = forecasts_by_src(redis_client, output)  # fails on a duplicate
-    assert len(got) == len(want) == 500 * (100 - 20 + 1)
+    want = forecasts_by_src(redis_client, ref.output)
+    got = forecasts_by_src(redis_client, crash.output)  # fails on a duplicate
+    assert len(got) == len(want) == total
     to_ref = dict(zip(crash_ids, ref_ids, strict=True))
     for src, fields in got.items():
         reference = want[to_ref[src]]
         assert fields[b"yhat"] == reference[b"yhat"], src  # value for value, to the bit
         assert fields[b"attn"] == reference[b"attn"], src
-    assert redis_client.xpending(f"{crash}sensors", "forecasters")["pending"] == 0
+    assert _pending(redis_client, crash) == 0
 
 
-def test_a_stop_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
+def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
+    keys: Keys,
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
 ) -> None:
     """While draining, the next read goes out before the batch in hand is published:
     SIGTERM must handle those entries too, not leave them pending."""
-    values = sine_values(300, 60, seed=8)  # 18,000 entries
-    sensors, forecasts = f"{stream_prefix}sensors", f"{stream_prefix}forecasts"
-    ids = fill(redis_client, sensors, values)
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--max-batch", "50")
-    with RunningWorker(cmd, tmp_path) as worker:
-        worker.wait_for(lambda: redis_client.xlen(forecasts) >= 2000)
-        worker.stop()
-        assert worker.returncode == 0, worker.stderr[-3000:]
-    stopped_at = redis_client.xlen(forecasts)
-    assert stopped_at < 300 * (60 - 19)  # it stopped mid-drain
-    assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
-    run_worker(cmd, tmp_path)
-    assert_forecasts(redis_client, forecasts, expected(trained_sines, values, ids))
+    values = sine_steps(300, 60, seed=8)  # 18,000 entries
+    ids = fill(redis_client, keys.input, values)
+    with WorkerProcess(worker_cmd(model_file, redis_url, keys, "--max-batch", "50"), tmp_path) as w:
+        w.wait_for(lambda: redis_client.xlen(keys.output) >= 2000)
+        w.stop()
+        assert w.returncode == 0, w.stderr[-3000:]
+    assert redis_client.xlen(keys.output) < 300 * (60 - 19)  # it stopped mid-drain
+    assert _pending(redis_client, keys) == 0
+    drain(settings_for(redis_url, keys, max_batch=50), trained_sines)
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
 def test_a_redis_restart_mid_run_loses_and_repeats_nothing(
-    model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
+    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
 ) -> None:
+    keys = Keys()
     with EmbeddedServer(appendonly=True) as server:
         client = redis.Redis.from_url(server.url)
-        values = sine_values(300, 100, seed=6)
-        ids = fill(client, "sensors", values)
-        cmd = worker_cmd(model_file, server.url, "", "--max-batch", "50")
-        proc = subprocess.Popen(
-            [*cmd, "--burst"], cwd=tmp_path, env=worker_env(), stderr=subprocess.PIPE, text=True
-        )
-        while client.xlen("forecasts") < 2000:
-            time.sleep(0.01)
-        client.close()
-        server.restart()  # SHUTDOWN flushes the AOF; the worker sees its connection drop
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
-        assert "retrying" in err
-        client = redis.Redis.from_url(server.url)
-        assert_forecasts(client, "forecasts", expected(trained_sines, values, ids))
+        values = sine_steps(300, 100, seed=6)
+        ids = fill(client, keys.input, values)
+        settings = settings_for(server.url, keys, max_batch=50)
+        with WorkerThread(new_worker(settings, trained_sines, burst=True)) as running:
+            running.wait_for(lambda: client.xlen(keys.output) >= 2000)
+            client.close()
+            server.restart()  # SHUTDOWN flushes the AOF; the worker sees its connection drop
+            client = redis.Redis.from_url(server.url)
+            running.wait_for(lambda: running.report is not None, timeout=120)  # drained
+        assert "retrying" in caplog.text
+        assert_forecasts(client, keys.output, expected(trained_sines, values, ids))
         client.close()
 
 
 def test_entries_delivered_but_never_received_are_still_forecast(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The redis-py trap: a lost XREADGROUP reply leaves entries pending on this consumer
     while the next read returns later ones. Here a read in the worker's name takes them."""
-    sensors = f"{stream_prefix}sensors"
-    values = sine_values(4, 60, seed=7)
-    ids = fill(redis_client, sensors, values[:30])
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "w", "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 4 * 11)
+    values = sine_steps(4, 60, seed=7)
+    ids = fill(redis_client, keys.input, values[:30])
+    settings = settings_for(redis_url, keys, block_ms=100)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 4 * 11)
         # Added and read in the worker's name in one transaction, so the worker's own
         # blocked read cannot take them first.
         pipe = redis_client.pipeline(transaction=True)
         for t in range(30, 40):
             for j in range(4):
-                pipe.xadd(sensors, {"series": f"s{j}", "value": repr(float(values[t, j]))})
-        pipe.xreadgroup("forecasters", "w", {sensors: ">"}, count=40)  # the lost reply
+                pipe.xadd(keys.input, {"series": f"s{j}", "value": repr(float(values[t, j]))})
+        pipe.xreadgroup(keys.group, "w", {keys.input: ">"}, count=40)  # the lost reply
         ids += pipe.execute()[:-1]
-        ids += fill(redis_client, sensors, values[40:])
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 4 * 41)
-        time.sleep(0.5)
-    assert "never reached it" in worker.stderr  # the gap was seen, not papered over
+        ids += fill(redis_client, keys.input, values[40:])
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 4 * 41)
+        running.wait_for(lambda: _pending(redis_client, keys) == 0)
+    assert "never reached it" in caplog.text  # the gap was seen, not papered over
     # Equal to the offline model: the windows saw every value, in stream order.
-    assert_forecasts(
-        redis_client, f"{stream_prefix}forecasts", expected(trained_sines, values, ids)
-    )
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
 def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(
-    redis_client: redis.Redis,
-    redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    sensors = f"{stream_prefix}sensors"
-    values = sine_values(3, 40, seed=8)
-    ids = fill(redis_client, sensors, values)
-    redis_client.xgroup_create(sensors, "forecasters", id="0")
-    redis_client.xreadgroup("forecasters", "ghost", {sensors: ">"}, count=50)  # then it died
-    redis_client.set(f"{sensors}:lease:forecasters", "ghost", px=1500)
-    report = run_worker(worker_cmd(model_file, redis_url, stream_prefix), cwd=tmp_path)
+    values = sine_steps(3, 40, seed=8)
+    ids = fill(redis_client, keys.input, values)
+    redis_client.xgroup_create(keys.input, keys.group, id="0")
+    redis_client.xreadgroup(keys.group, "ghost", {keys.input: ">"}, count=50)  # then it died
+    redis_client.set(keys.lease, "ghost", px=1500)
+    report = drain(settings_for(redis_url, keys), trained_sines)
     want = expected(trained_sines, values, ids)
-    assert_forecasts(redis_client, f"{stream_prefix}forecasts", want)
+    assert_forecasts(redis_client, keys.output, want)
     assert report["forecasts"] == len(want)
-    assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
+    assert _pending(redis_client, keys) == 0
 
 
 def test_an_entry_that_keeps_failing_goes_to_the_dead_stream(
-    redis_client: redis.Redis,
-    redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    sensors = f"{stream_prefix}sensors"
-    fill(redis_client, sensors, sine_values(2, 25, seed=9))
-    redis_client.xgroup_create(sensors, "forecasters", id="0")
-    poison = cast(bytes, redis_client.xadd(sensors, {"series": "s0", "value": "1.0"}))
-    redis_client.xreadgroup("forecasters", "w", {sensors: ">"}, count=100)
+    fill(redis_client, keys.input, sine_steps(2, 25, seed=9))
+    redis_client.xgroup_create(keys.input, keys.group, id="0")
+    poison = cast(bytes, redis_client.xadd(keys.input, {"series": "s0", "value": "1.0"}))
+    redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=100)
     for _ in range(5):  # five workers died holding it
-        redis_client.xclaim(sensors, "forecasters", "w", 0, [poison])
-    run_worker(worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "w"), cwd=tmp_path)
-    dead = by_src(redis_client, f"{stream_prefix}sensors:dead")
+        redis_client.xclaim(keys.input, keys.group, "w", 0, [poison])
+    drain(settings_for(redis_url, keys), trained_sines)
+    dead = by_src(redis_client, keys.dead)
     assert list(dead) == [poison]
     assert b"delivered 7 times" in dead[poison][b"error"]
-    assert redis_client.xlen(f"{stream_prefix}forecasts") == 2 * (25 - 20 + 1)
+    assert redis_client.xlen(keys.output) == 2 * (25 - 20 + 1)
 
 
 def test_a_vanished_group_is_recreated_loudly(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """What a Redis restarted without persistence looks like: NOGROUP, not a crash loop."""
-    sensors = f"{stream_prefix}sensors"
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
-        worker.wait_for(lambda: redis_client.get(f"{sensors}:lease:forecasters") is not None)
-        time.sleep(0.5)
-        redis_client.delete(sensors, f"{sensors}:state:forecasters")
-        fill(redis_client, sensors, sine_values(2, 30, seed=10))
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 2 * 11)
-    assert worker.returncode == 0
-    assert "had vanished" in worker.stderr
+    worker = new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: worker.metrics.role == "active")
+        redis_client.delete(keys.input, keys.state)
+        fill(redis_client, keys.input, sine_steps(2, 30, seed=10))
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 2 * 11)
+    assert "had vanished" in caplog.text
 
 
 def test_a_group_reset_under_a_saved_state_repeats_nothing(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The group is destroyed but the stream and the window state are not: the group
     comes back from the start of the stream, and the entries the state already holds
     must be acked, not forecast a second time."""
-    sensors = f"{stream_prefix}sensors"
-    values = sine_values(3, 60, seed=12)
-    ids = fill(redis_client, sensors, values[:40])
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 3 * 21)
-        time.sleep(0.3)
-        redis_client.xgroup_destroy(sensors, "forecasters")
-        ids += fill(redis_client, sensors, values[40:])
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= 3 * 41)
-        time.sleep(0.5)
-    assert worker.returncode == 0
-    assert "had vanished" in worker.stderr
-    assert "or the group was reset; re-syncing" in worker.stderr
-    assert_forecasts(
-        redis_client, f"{stream_prefix}forecasts", expected(trained_sines, values, ids)
-    )
-    assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
+    values = sine_steps(3, 60, seed=12)
+    ids = fill(redis_client, keys.input, values[:40])
+    with WorkerThread(
+        new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)
+    ) as running:
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 3 * 21)
+        running.wait_for(lambda: _pending(redis_client, keys) == 0)
+        assert redis_client.exists(keys.state)
+        redis_client.xgroup_destroy(keys.input, keys.group)
+        ids += fill(redis_client, keys.input, values[40:])
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 3 * 41)
+        running.wait_for(lambda: _pending(redis_client, keys) == 0)
+    assert "had vanished" in caplog.text
+    assert "or the group was reset; re-syncing" in caplog.text
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
 def test_redis_unreachable_at_start_is_waited_for(
-    model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
+    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    with RunningWorker(worker_cmd(model_file, url, "", "--block-ms", "100"), tmp_path) as worker:
-        time.sleep(2)  # nothing listens there yet
-        assert worker.proc.poll() is None
-        with EmbeddedServer(port=port) as server:
+    keys, port = Keys(), free_port()
+    settings = settings_for(f"redis://127.0.0.1:{port}/0", keys, block_ms=100)
+    worker = new_worker(settings, trained_sines)
+    with WorkerThread(worker) as running:
+        errors = worker.metrics.registry
+        running.wait_for(lambda: errors.get_sample_value("attnlstm_redis_errors_total") or 0)
+        with EmbeddedServer(port=port) as server:  # only now does anything listen there
             client = redis.Redis.from_url(server.tcp_url)
-            values = sine_values(2, 30, seed=13)
-            ids = fill(client, "sensors", values)
-            worker.wait_for(lambda: client.xlen("forecasts") == 2 * 11)
-            assert_forecasts(client, "forecasts", expected(trained_sines, values, ids))
-            worker.stop()
+            values = sine_steps(2, 30, seed=13)
+            ids = fill(client, keys.input, values)
+            running.wait_for(lambda: client.xlen(keys.output) == 2 * 11)
+            assert_forecasts(client, keys.output, expected(trained_sines, values, ids))
+            running.stop()
             client.close()
-    assert worker.returncode == 0
-    assert "Connection refused" in worker.stderr
-    assert "retrying in" in worker.stderr
-    assert "Traceback" not in worker.stderr
+    assert "Connection refused" in caplog.text
+    assert "retrying in" in caplog.text
 
 
 def test_a_lost_state_is_rebuilt_from_the_stream_without_publishing_again(
-    redis_client: redis.Redis,
-    redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    trained_sines: AttentionLSTM,
-    tmp_path: Path,
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    sensors = f"{stream_prefix}sensors"
-    values = sine_values(3, 50, seed=14)
-    ids = fill(redis_client, sensors, values[:40])
-    cmd = worker_cmd(model_file, redis_url, stream_prefix)
-    run_worker(cmd, cwd=tmp_path)
-    assert redis_client.delete(f"{sensors}:state:forecasters") == 1
-    ids += fill(redis_client, sensors, values[40:])
-    report = run_worker(cmd, cwd=tmp_path)
+    values = sine_steps(3, 50, seed=14)
+    ids = fill(redis_client, keys.input, values[:40])
+    settings = settings_for(redis_url, keys)
+    drain(settings, trained_sines)
+    assert redis_client.delete(keys.state) == 1
+    ids += fill(redis_client, keys.input, values[40:])
+    report = drain(settings, trained_sines)
     assert report["forecasts"] == 3 * 10  # only the new entries
     want = expected(trained_sines, values, ids)
-    assert_forecasts(redis_client, f"{stream_prefix}forecasts", want)  # windows were whole
+    assert_forecasts(redis_client, keys.output, want)  # windows were whole

@@ -15,7 +15,7 @@ from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
 from tests.helpers import entries
 from worker.contract import parse
-from worker.replay import MALFORMED, CsvLayout, csv_entries, series_id
+from worker.tools.replay import MALFORMED, CsvLayout, csv_entries, series_id
 
 
 def replay(redis_url: str, stream: str, *args: str) -> dict[str, object]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.scoring import Scorer
+from worker.online.scoring import Scorer
 
 
 def test_each_value_is_scored_against_its_series_last_forecast() -> None:
@@ -38,10 +38,10 @@ def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
         now = step * 0.05  # a batch every 50 ms, one value per series
         error = 0.1 if now < 40 else 0.4
         scorer.update(slots, values, values + error, now)
-        if scorer.drifting(1.5, now):
+        if scorer.drifting(1.5):
             drifted_at = now if drifted_at is None else drifted_at
             scorer.settle()
     assert scorer.mae == pytest.approx(0.4, rel=0.05)
     assert drifted_at is not None
     assert 40 < drifted_at < 45  # not before the change; within a second or so of it
-    assert not scorer.drifting(1.5, 60.0)  # settled: the new errors are the new usual
+    assert not scorer.drifting(1.5)  # settled: the new errors are the new usual

@@ -16,14 +16,6 @@ from pydantic import ValidationError
 from worker.settings import Settings, from_flags, redact
 
 
-@pytest.fixture(autouse=True)
-def _no_attnlstm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Variables of the machine running the tests must not leak into them."""
-    for name in list(os.environ):
-        if name.upper().startswith("ATTNLSTM_"):
-            monkeypatch.delenv(name)
-
-
 def _settings(**values: Any) -> Settings:
     """Settings from the environment and ``values``, never from a ``.env`` file. (The
     dict keeps mypy, which sees only the fields in ``__init__``, from refusing _env_file.)"""

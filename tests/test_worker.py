@@ -1,10 +1,12 @@
-"""The worker end to end, against a real server: the stream contract and its guarantees."""
+"""The worker end to end, in this process, against a real server: the stream contract
+and its guarantees."""
 
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 from typing import cast
 
 import numpy as np
@@ -12,20 +14,27 @@ import pytest
 import redis
 import torch
 
-from attnlstm.checkpoint import load
+from attnlstm.checkpoint import version_of
 from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import sine_steps
 from tests.helpers import (
-    RunningWorker,
+    WorkerThread,
     by_src,
+    drain,
     entries,
     expected,
     fill,
     forecasts_by_src,
-    free_port,
-    run_worker,
-    sine_values,
-    worker_cmd,
+    new_worker,
+    settings_for,
 )
+from worker.keys import Keys
+from worker.metrics import Metrics, serve
+
+
+@pytest.fixture(autouse=True)
+def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="attnlstm")
 
 
 @pytest.mark.parametrize(
@@ -42,22 +51,18 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
     device: str,
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
+    keys: Keys,
     trained_sines: AttentionLSTM,
-    tmp_path: Path,
 ) -> None:
-    values = sine_values(200, 100, seed=1)
-    ids = fill(redis_client, f"{stream_prefix}sensors", values)
-    cmd = worker_cmd(model_file, redis_url, stream_prefix)
-    cmd[cmd.index("--device") + 1] = device
-    report = run_worker(cmd, cwd=tmp_path)
+    values = sine_steps(200, 100, seed=1)
+    ids = fill(redis_client, keys.input, values)
+    report = drain(settings_for(redis_url, keys, device=device), trained_sines)
 
     want = expected(trained_sines, values, ids, device)  # the same model on the same device
-    got = forecasts_by_src(redis_client, f"{stream_prefix}forecasts")
+    got = forecasts_by_src(redis_client, keys.output)
     assert set(got) == set(want)  # exactly the inputs whose window is full, once each
     assert len(got) == 200 * (100 - trained_sines.config.window + 1)
-    version = load(model_file).version
+    version = version_of(trained_sines)
     index = {entry_id: k for k, entry_id in enumerate(ids)}
     for src, fields in got.items():
         yhat = np.array(json.loads(fields[b"yhat"]))
@@ -68,11 +73,25 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
         assert fields[b"model"].decode() == version
         assert fields[b"series"] == f"s{index[src] % 200}".encode()
         assert int(fields[b"ts"]) == int(src.split(b"-")[0])
+    assert report["read"] == len(ids)
     assert report["forecasts"] == len(want)
     assert report["warming"] == 200 * (trained_sines.config.window - 1)
     assert report["dead"] == 0
-    assert redis_client.xlen(f"{stream_prefix}sensors") == len(ids)  # input never trimmed
-    assert redis_client.xpending(f"{stream_prefix}sensors", "forecasters")["pending"] == 0
+    assert redis_client.xlen(keys.input) == len(ids)  # input never trimmed
+    assert redis_client.xpending(keys.input, "forecasters")["pending"] == 0
+
+
+def test_the_exit_report_counts_this_run(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """What ``attnlstm worker --burst --json`` prints, from the worker's own counters."""
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=10))
+    redis_client.xadd(keys.input, {"series": "s0", "value": "oops"})
+    report = drain(settings_for(redis_url, keys), trained_sines)
+    assert (report["read"], report["forecasts"], report["warming"]) == (76, 18, 57)
+    assert report["dead"] == 1
+    assert report["batches"] >= 1
+    assert report["recoveries"] == 1
 
 
 BAD_ENTRIES: list[tuple[dict[str, bytes], str]] = [
@@ -94,93 +113,109 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str]] = [
 def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sensors, window = f"{stream_prefix}sensors", load(model_file).config.window
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    with RunningWorker(cmd, tmp_path) as worker:
-        values = sine_values(3, window + 10, seed=2)
+    window = trained_sines.config.window
+    settings = settings_for(redis_url, keys, block_ms=100)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        values = sine_steps(3, window + 10, seed=2)
         bad_ids: dict[bytes, str] = {}
-        for t in range(values.shape[0]):  # bad entries mixed among good ones
+        for t in range(values.shape[0]):  # bad entries mixed among good ones, as they come
             for j in range(3):
-                redis_client.xadd(sensors, {"series": f"s{j}", "value": repr(float(values[t, j]))})
+                redis_client.xadd(
+                    keys.input, {"series": f"s{j}", "value": repr(float(values[t, j]))}
+                )
             if t < len(BAD_ENTRIES):
                 fields, reason = BAD_ENTRIES[t]
-                bad_ids[cast(bytes, redis_client.xadd(sensors, fields))] = reason  # type: ignore[arg-type]
+                bad_ids[cast(bytes, redis_client.xadd(keys.input, fields))] = reason  # type: ignore[arg-type]
         good = 3 * (values.shape[0] - window + 1)
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") >= good)
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") >= len(bad_ids))
-        assert worker.proc.poll() is None, "the worker died"
-        dead = by_src(redis_client, f"{stream_prefix}sensors:dead")
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= good)
+        running.wait_for(lambda: redis_client.xlen(keys.dead) >= len(bad_ids))
+        dead = by_src(redis_client, keys.dead)
         assert set(dead) == set(bad_ids)
-        inputs = dict(entries(redis_client, sensors))
+        inputs = dict(entries(redis_client, keys.input))
         for src, reason in bad_ids.items():
             assert reason in dead[src][b"error"].decode(), (reason, dead[src])
             original = inputs[src]
             assert {k: dead[src][k] for k in original} == original  # the fields, unchanged
-        assert redis_client.xlen(f"{stream_prefix}forecasts") == good
-        assert redis_client.xpending(sensors, "forecasters")["pending"] == 0
-    assert worker.returncode == 0, worker.stderr[-2000:]
-    assert "stopped: saved windows of 3 series" in worker.stderr
+        assert redis_client.xlen(keys.output) == good
+        running.wait_for(lambda: redis_client.xpending(keys.input, "forecasters")["pending"] == 0)
+    assert running.report is not None
+    assert running.report["dead"] == len(BAD_ENTRIES)
+    assert "stopped: saved windows of 3 series" in caplog.text
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[Metrics, int]]:
+    metrics = Metrics()
+    server = serve(metrics, port=0, stale_after_s=10)
+    try:
+        yield metrics, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_metrics_and_health_endpoints(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    metrics_server: tuple[Metrics, int],
 ) -> None:
-    port = free_port()
-    cmd = worker_cmd(model_file, redis_url, stream_prefix, "--block-ms", "100")
-    cmd[cmd.index("--metrics-port") + 1] = str(port)
-    fill(redis_client, f"{stream_prefix}sensors", sine_values(5, 30))
-    redis_client.xadd(f"{stream_prefix}sensors", {"series": "s0", "value": "oops"})
-    with RunningWorker(cmd, tmp_path) as worker:
-        worker.wait_for(lambda: redis_client.xlen(f"{stream_prefix}sensors:dead") == 1)
-        worker.wait_for(lambda: _get(port, "/healthz")[0] == 200)
+    metrics, port = metrics_server
+    fill(redis_client, keys.input, sine_steps(5, 30))
+    redis_client.xadd(keys.input, {"series": "s0", "value": "oops"})
+    settings = settings_for(redis_url, keys, block_ms=100)
+    with WorkerThread(new_worker(settings, trained_sines, metrics=metrics)) as running:
+        running.wait_for(lambda: redis_client.xlen(keys.dead) == 1)
+        running.wait_for(lambda: _get(port, "/healthz")[0] == 200)
         _, body = _get(port, "/healthz")
-        assert json.loads(body)["redis"] is True
-        _, text = _get(port, "/metrics")
-        samples = _samples(text)
+        assert json.loads(body) | {"loop_age_s": 0} == {
+            "ok": True,
+            "role": "active",
+            "redis": True,
+            "loop_age_s": 0,
+        }
+        # Counted once each batch's transaction is applied: wait for the last one.
+        running.wait_for(lambda: _samples(port)["attnlstm_forecasts_published_total"] == 55)
+        samples = _samples(port)
         assert samples["attnlstm_entries_read_total"] == 151
-        assert samples["attnlstm_forecasts_published_total"] == 5 * (30 - 20 + 1)
         assert samples['attnlstm_dead_lettered_total{reason="value"}'] == 1
         assert samples["attnlstm_end_to_end_latency_seconds_count"] == 55
         assert samples["attnlstm_batch_size_count"] >= 1
+        assert samples["attnlstm_series"] == 5
         # The lag gauge is refreshed on a timer: it drops to 0 once that has run.
-        worker.wait_for(lambda: _samples(_get(port, "/metrics")[1])["attnlstm_group_lag"] == 0)
+        running.wait_for(lambda: _samples(port)["attnlstm_group_lag"] == 0)
 
 
 def test_a_second_worker_waits_for_the_lease_and_takes_over(
     redis_client: redis.Redis,
     redis_url: str,
-    stream_prefix: str,
-    model_file: Path,
-    tmp_path: Path,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two workers on one stream would each see half of every series' values."""
-    lease = f"{stream_prefix}sensors:lease:forecasters"
-    first = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "a")
-    second = worker_cmd(model_file, redis_url, stream_prefix, "--consumer", "b")
-    port = free_port()
-    second[second.index("--metrics-port") + 1] = str(port)
-    with RunningWorker(first, tmp_path) as active:
-        active.wait_for(lambda: redis_client.get(lease) == b"a")
-        standby = RunningWorker(second, tmp_path)
-        standby.wait_for(lambda: _get(port, "/healthz")[0] == 200)
-        assert json.loads(_get(port, "/healthz")[1])["role"] == "standby"  # healthy, waiting
-    assert active.returncode == 0
+    standby_metrics = Metrics()
+    first = new_worker(settings_for(redis_url, keys, consumer="a"), trained_sines)
+    second = new_worker(
+        settings_for(redis_url, keys, consumer="b"), trained_sines, metrics=standby_metrics
+    )
+    with WorkerThread(first) as active:
+        active.wait_for(lambda: redis_client.get(keys.lease) == b"a")
+        standby = WorkerThread(second).start()
+        standby.wait_for(lambda: standby_metrics.role == "standby")
+        assert standby_metrics.health(stale_after_s=10)[0]  # healthy, waiting
     with standby:
-        fill(redis_client, f"{stream_prefix}sensors", sine_values(2, 25))
-        standby.wait_for(lambda: redis_client.xlen(f"{stream_prefix}forecasts") == 2 * 6)
-        assert redis_client.get(lease) == b"b"
-        assert json.loads(_get(port, "/healthz")[1])["role"] == "active"
-    assert standby.returncode == 0
-    assert "waiting: a holds the lease" in standby.stderr
-    assert redis_client.get(lease) is None  # released at exit
+        fill(redis_client, keys.input, sine_steps(2, 25))
+        standby.wait_for(lambda: redis_client.xlen(keys.output) == 2 * 6)
+        assert redis_client.get(keys.lease) == b"b"
+        assert standby_metrics.role == "active"
+    assert "waiting: a holds the lease" in caplog.text
+    assert redis_client.get(keys.lease) is None  # released at exit
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -193,9 +228,9 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _samples(text: str) -> dict[str, float]:
+def _samples(port: int) -> dict[str, float]:
     out = {}
-    for line in text.splitlines():
+    for line in _get(port, "/metrics")[1].splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)

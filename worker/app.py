@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
-from collections.abc import Iterator
 
 import torch
 
+from attnlstm.checkpoint import open_checkpoint
 from attnlstm.device import resolve_device
-from worker.embedded import EmbeddedServer
+from worker.embedded import url_or_embedded
 from worker.engine import Engine
+from worker.loop import Worker
 from worker.metrics import Metrics, serve
-from worker.offline import open_checkpoint
-from worker.service import Worker
 from worker.settings import Settings
 from worker.streams import connect
 
 log = logging.getLogger("attnlstm.worker")
-
-
-@contextlib.contextmanager
-def redis_url(settings: Settings) -> Iterator[str]:
-    """The configured Redis, or an embedded server for as long as the block runs."""
-    url = settings.url()
-    if url is not None:
-        log.info("Redis at %s", settings.url_for_logs())
-        yield url
-        return
-    with EmbeddedServer() as server:
-        log.info("no ATTNLSTM_REDIS_URL set: started %s", server.describe())
-        yield server.url
 
 
 def build_engine(settings: Settings) -> Engine | None:
@@ -55,7 +40,9 @@ def build_engine(settings: Settings) -> Engine | None:
     return engine
 
 
-def run_worker(settings: Settings, *, burst: bool) -> dict[str, float]:
+def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
+    """The worker, with its metrics server, until SIGTERM or Ctrl-C (or, with ``burst``,
+    until the stream is drained); the counts of the run."""
     engine = build_engine(settings)
     metrics = Metrics()
     server = None
@@ -69,8 +56,10 @@ def run_worker(settings: Settings, *, burst: bool) -> dict[str, float]:
                 "choose another with --metrics-port (0 turns them off)"
             ) from None
         log.info("metrics on :%d/metrics, health on :%d/healthz", *(settings.metrics_port,) * 2)
+    if settings.redis_url is not None:
+        log.info("Redis at %s", settings.url_for_logs())
     try:
-        with redis_url(settings) as url:
+        with url_or_embedded(settings.url()) as url:
             client = connect(
                 url, socket_timeout_s=settings.socket_timeout_s, client_name=settings.consumer
             )

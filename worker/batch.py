@@ -1,13 +1,15 @@
-"""One read's entries sorted out, and the commands that publish them: pure, no I/O.
+"""One batch, pure (no I/O): when to cut it, what each of its entries becomes, and the
+commands of its transaction.
 
-The loop in worker/service.py reads, forecasts and sends; this decides what each entry
+The loop in :mod:`worker.loop` reads, forecasts and sends; this decides what each entry
 becomes (a forecast, a dead letter, only an ack, or nothing at all) and spells out the
-commands of the batch's transaction.
+commands that publish the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,18 +17,54 @@ import numpy as np
 from worker.contract import (
     Fields,
     dead_fields,
+    entry_ms,
     forecast_fields,
     fraction_rows,
     json_rows,
     parse,
 )
 from worker.keys import Keys
-from worker.streams import Command, Entry, id_key
+from worker.streams import Command, Entry, id_key, xadd
+
+
+class BatchWindow:
+    """When to cut a batch: at ``max_batch`` entries, or ``max_wait_ms`` after the
+    first entry arrived, whichever comes first (Triton's dynamic batcher, RedisAI's
+    MINBATCHTIMEOUT). The loop asks it how long the next read may block."""
+
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_batch = max_batch
+        self.size = 0
+        self._clock = clock
+        self._deadline = clock() + max_wait_ms / 1000  # the first entry is here now
+
+    @property
+    def room(self) -> int:
+        return self.max_batch - self.size
+
+    def add(self, n: int) -> None:
+        self.size += n
+
+    def block_ms(self) -> int | None:
+        """How long the next read may wait for more, or None: cut the batch now.
+
+        A blocking read takes whole milliseconds and BLOCK 0 means forever, so less
+        than a millisecond left means cut."""
+        if self.size >= self.max_batch:
+            return None
+        left_ms = int((self._deadline - self._clock()) * 1000)
+        return left_ms if left_ms >= 1 else None
 
 
 @dataclass
 class Batch:
-    """One read's entries, sorted out: what to ack, dead-letter, and forecast."""
+    """One read's entries, triaged: what to ack, dead-letter, and forecast."""
 
     acks: list[bytes] = field(default_factory=list)
     dead: list[tuple[bytes, Fields, str]] = field(default_factory=list)  # id, fields, reason
@@ -38,19 +76,31 @@ class Batch:
     ts: list[int] = field(default_factory=list)
     publish: list[bool] = field(default_factory=list)  # False: acked before, replay only
 
+    def reject(self, rows: np.ndarray, reason: str) -> None:
+        """Dead-letter the valid readings at ``rows`` (batch positions) after all."""
+        self.dead.extend((self.ids[i], self.fields[i], reason) for i in rows.tolist())
 
-def sort_out(
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a batch's transaction publishes, for the metrics once it is applied."""
+
+    entered_ms: np.ndarray  # (forecasts,) when each forecast's input entered the stream
+    dead_reasons: list[str]
+
+
+def triage(
     entries: Sequence[Entry],
     *,
     pending: dict[bytes, int] | None,
-    known: dict[bytes, str],
+    series_ids: dict[bytes, str],
     last_id: bytes,
     max_deliveries: int,
 ) -> Batch:
     """``pending`` None: a live read, every entry new to us. Otherwise the entries
     still pending, with their delivery counts: the others were acked before and only go
     back into the windows. Entries at or before ``last_id`` (the windows' state) are
-    acked and nothing else; ``known`` caches series ids already validated."""
+    acked and nothing else; ``series_ids`` caches series ids already validated."""
     batch = Batch()
     handled = handled_before(entries, last_id)
     for k, (entry_id, fields) in enumerate(entries):
@@ -63,7 +113,7 @@ def sort_out(
             reason = f"delivered {pending[entry_id]} times without being handled"
             batch.dead.append((entry_id, fields, reason))
             continue
-        reading = parse(entry_id, fields, known)
+        reading = parse(entry_id, fields, series_ids)
         if isinstance(reading, str):
             if ours:
                 batch.dead.append((entry_id, fields, reading))
@@ -98,18 +148,24 @@ def batch_commands(
     *,
     maxlen: int,
     version: bytes,
-) -> list[Command]:
+) -> tuple[list[Command], Receipt]:
     """The forecasts of the batch positions ``rows`` (with their ``yhat`` and ``attn``),
-    the dead letters and the ack, as the commands of one transaction."""
-    output = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % maxlen, b"*")
+    the dead letters and the ack, as the commands of one transaction; and its receipt.
+
+    A forecast that is not finite is dead-lettered instead."""
+    finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
+    batch.reject(rows[~finite], "the model's forecast is not finite")
+    rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
+    output = xadd(keys.output, maxlen=maxlen)
     commands: list[Command] = [
         (*output, *forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version))
         for i, y, a in zip(rows.tolist(), json_rows(yhat), fraction_rows(attn), strict=True)
     ]
-    dead = (b"XADD", keys.dead.encode(), b"MAXLEN", b"~", b"%d" % maxlen, b"*")
+    dead = xadd(keys.dead, maxlen=maxlen)
     for entry_id, fields, reason in batch.dead:
         flat = [part for pair in dead_fields(fields, entry_id, reason).items() for part in pair]
         commands.append((*dead, *flat))
     if batch.acks:
         commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *batch.acks))
-    return commands
+    entered_ms = np.fromiter((entry_ms(batch.ids[i]) for i in rows), np.float64, rows.size)
+    return commands, Receipt(entered_ms, [reason for _, _, reason in batch.dead])

@@ -36,22 +36,24 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-def parse(entry_id: bytes, fields: Fields, known: dict[bytes, str] | None = None) -> Reading | str:
+def parse(
+    entry_id: bytes, fields: Fields, series_ids: dict[bytes, str] | None = None
+) -> Reading | str:
     """A valid reading, or a short reason why the entry is not one.
 
-    ``known`` maps series ids already validated to their names, and learns new ones: a
-    dict lookup instead of a regex for every entry of a known series.
+    ``series_ids`` maps series ids already validated to their names, and learns new
+    ones: a dict lookup instead of a regex for every entry of a known series.
     """
     series = fields.get(b"series")
     if series is None:
         return "missing field: series"
-    name = None if known is None else known.get(series)
+    name = None if series_ids is None else series_ids.get(series)
     if name is None:
         if not _SERIES.fullmatch(series):
             return _bad_series(series)
         name = series.decode("ascii")
-        if known is not None:
-            known[series] = name
+        if series_ids is not None:
+            series_ids[series] = name
     value = fields.get(b"value")
     if value is None:
         return "missing field: value"

@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import ctypes
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,7 +44,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_server_binary"]
+__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_server_binary", "url_or_embedded"]
+
+log = logging.getLogger("attnlstm")
 
 _HOW_TO_FIX = (
     "Set ATTNLSTM_REDIS_URL (or REDIS_URL for the tests) to the URL of a Redis you run, "
@@ -424,3 +427,15 @@ class EmbeddedServer:
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else "stopped"
         return f"EmbeddedServer(binary={str(self.binary)!r}, {state})"
+
+
+@contextlib.contextmanager
+def url_or_embedded(url: str | None) -> Iterator[str]:
+    """``url``; or, when None, the URL of an embedded server started for as long as the
+    block runs."""
+    if url is not None:
+        yield url
+        return
+    with EmbeddedServer() as server:
+        log.info("no Redis URL set: started %s", server.describe())
+        yield server.url

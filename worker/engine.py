@@ -25,6 +25,17 @@ def padded_rows(n: int) -> int:
     return -(-n // PAD_ROWS) * PAD_ROWS
 
 
+def check_fits(checkpoint: Checkpoint, *, window: int, horizon: int) -> None:
+    """ValueError unless the checkpoint's model reads ``window`` values and forecasts
+    ``horizon`` steps: the windows the worker keeps, and the forecasts it publishes."""
+    config = checkpoint.config
+    if (config.window, config.horizon) != (window, horizon):
+        raise ValueError(
+            f"model {checkpoint.version} has window {config.window} and horizon "
+            f"{config.horizon}; the worker runs {window} and {horizon}"
+        )
+
+
 class Engine:
     def __init__(self, checkpoint: Checkpoint, *, device: str, max_batch: int) -> None:
         self.checkpoint = checkpoint
@@ -42,12 +53,7 @@ class Engine:
 
     def swap(self, checkpoint: Checkpoint) -> None:
         """Serve another model of the same window and horizon from the next call on."""
-        config = checkpoint.config
-        if (config.window, config.horizon) != (self.window, self.horizon):
-            raise ValueError(
-                f"model {checkpoint.version} has window {config.window} and horizon "
-                f"{config.horizon}; the worker runs {self.window} and {self.horizon}"
-            )
+        check_fits(checkpoint, window=self.window, horizon=self.horizon)
         self.model = checkpoint.model.to(self.device).eval()
         self.checkpoint, self.version = checkpoint, checkpoint.version
 

@@ -2,42 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Keys:
+    # Named by the settings:
     input: str = "sensors"  # producers XADD here; the worker never trims it
     output: str = "forecasts"  # one entry per forecast
     dead: str = "sensors:dead"  # bad input, with a reason
     group: str = "forecasters"  # the consumer group on `input`
     models: str = "models"  # model events; stored versions are keyed under this name
+    # Derived from those:
+    state: str = field(init=False)  # window state checkpoint and the last input id it reflects
+    lease: str = field(init=False)  # held by the one worker that consumes `input` for `group`
+    versions: str = field(init=False)  # the stored model versions, newest first (a list)
+    serving: str = field(init=False)  # the version every worker should serve
+    finetune_lock: str = field(init=False)  # held by the one worker fine-tuning now
 
-    @property
-    def state(self) -> str:
-        """Window state checkpoint and the last input id it reflects."""
-        return f"{self.input}:state:{self.group}"
-
-    @property
-    def lease(self) -> str:
-        """Held by the one worker that consumes `input` for `group`."""
-        return f"{self.input}:lease:{self.group}"
+    def __post_init__(self) -> None:
+        derived = {
+            "state": f"{self.input}:state:{self.group}",
+            "lease": f"{self.input}:lease:{self.group}",
+            "versions": f"{self.models}:versions",
+            "serving": f"{self.models}:serving",
+            "finetune_lock": f"{self.models}:finetune-lock",
+        }
+        for name, key in derived.items():
+            object.__setattr__(self, name, key)  # frozen: set once, here
 
     def model(self, version: str) -> str:
         """One stored model version's checkpoint bytes."""
         return f"{self.models}:v:{version}"
 
-    @property
-    def versions(self) -> str:
-        """The stored versions, newest first (a list)."""
-        return f"{self.models}:versions"
-
-    @property
-    def serving(self) -> str:
-        """The version every worker should serve."""
-        return f"{self.models}:serving"
-
-    @property
-    def finetune_lock(self) -> str:
-        """Held by the one worker fine-tuning now."""
-        return f"{self.models}:finetune-lock"
+    @classmethod
+    def prefixed(cls, prefix: str) -> Keys:
+        """The default names with ``prefix`` in front of each stream's: the demo's
+        (``demo:``), the bench's and the tests', beside a live system on one server."""
+        default = cls()
+        return cls(
+            input=prefix + default.input,
+            output=prefix + default.output,
+            dead=prefix + default.dead,
+            models=prefix + default.models,
+        )

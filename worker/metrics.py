@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -24,6 +25,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from worker.batch import Receipt
+from worker.contract import reason_kind
+from worker.online.scoring import Scorer
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 SERIES_GAUGES = 100  # series with a rolling-MAE gauge of their own: bounded cardinality
@@ -65,20 +70,20 @@ class BulkHistogram(Collector):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.entries_read = Counter(
-            "attnlstm_entries_read", "Input entries read from the stream", registry=r
-        )
-        self.forecasts = Counter(
-            "attnlstm_forecasts_published", "Forecast entries published", registry=r
-        )
-        self.dead = Counter(
-            "attnlstm_dead_lettered", "Entries sent to the dead stream", ["reason"], registry=r
-        )
-        self.warming = Counter(
+        counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
+        # What the worker did:
+        self.entries_read = counter("attnlstm_entries_read", "Input entries read from the stream")
+        self.forecasts = counter("attnlstm_forecasts_published", "Forecast entries published")
+        self.dead = counter("attnlstm_dead_lettered", "Entries sent to the dead stream", ["reason"])
+        self.warming = counter(
             "attnlstm_entries_warming",
             "Valid entries kept but not forecast: their series' window is not full yet",
-            registry=r,
         )
+        self.recoveries = counter(
+            "attnlstm_recoveries", "Restores of the window state and re-syncs"
+        )
+        self.redis_errors = counter("attnlstm_redis_errors", "Redis errors the worker waited out")
+        # How fast:
         self.batch_size = Histogram(
             "attnlstm_batch_size", "Entries per batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -94,52 +99,80 @@ class Metrics:
             LATENCY_BUCKETS_S,
         )
         r.register(self.latency)
-        self.lag = Gauge(
-            "attnlstm_group_lag", "Input entries not yet delivered to the group", registry=r
-        )
-        self.series = Gauge("attnlstm_series", "Series with a window slot", registry=r)
-        self.recoveries = Counter(
-            "attnlstm_recoveries", "Restores of the window state and re-syncs", registry=r
-        )
-        self.redis_errors = Counter(
-            "attnlstm_redis_errors", "Redis errors the worker waited out", registry=r
-        )
-        self.scored = Counter(
+        self.lag = gauge("attnlstm_group_lag", "Input entries not yet delivered to the group")
+        self.series = gauge("attnlstm_series", "Series with a window slot")
+        # How well, and with which model:
+        self.scored = counter(
             "attnlstm_forecasts_scored",
             "One-step forecasts whose actual value has arrived and been scored",
-            registry=r,
         )
-        self.rolling_mae = Gauge(
-            "attnlstm_rolling_mae", "Rolling one-step MAE over every series", registry=r
+        self.rolling_mae = gauge("attnlstm_rolling_mae", "Rolling one-step MAE over every series")
+        self.rolling_naive_mae = gauge(
+            "attnlstm_rolling_naive_mae", "The same for the naive forecast (the last value)"
         )
-        self.rolling_naive_mae = Gauge(
-            "attnlstm_rolling_naive_mae",
-            "The same for the naive forecast (the last value)",
-            registry=r,
-        )
-        self.mae_level = Gauge(
+        self.mae_level = gauge(
             "attnlstm_rolling_mae_level",
             "The rolling MAE's slow average: drift is the rolling MAE far above it",
-            registry=r,
         )
-        self.series_mae = Gauge(
+        self.series_mae = gauge(
             "attnlstm_series_rolling_mae",
             f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series",
             ["series"],
-            registry=r,
         )
-        self.finetunes = Counter(
+        self.finetunes = counter(
             "attnlstm_finetunes",
             "Fine-tunes finished, by outcome (promoted, rejected, failed, skipped)",
             ["outcome"],
-            registry=r,
         )
-        self.model = Gauge(
-            "attnlstm_model", "1 for the model version this worker serves", ["version"], registry=r
+        self.model = gauge(
+            "attnlstm_model", "1 for the model version this worker serves", ["version"]
         )
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
+
+    def batch_read(self, entries: int) -> None:
+        self.entries_read.inc(entries)
+        self.batch_size.observe(entries)
+
+    def published(self, receipt: Receipt, sent_ms: float) -> None:
+        """A batch's transaction is applied; it went out at ``sent_ms`` (epoch ms)."""
+        self.forecasts.inc(receipt.entered_ms.size)
+        for reason in receipt.dead_reasons:
+            self.dead.labels(reason_kind(reason)).inc()
+        self.latency.observe_many((sent_ms - receipt.entered_ms) / 1000)
+
+    def scored_forecasts(self, scored: int, scorer: Scorer) -> None:
+        """``scored`` forecasts met their actual value; the scorer's averages now."""
+        if scored:
+            self.scored.inc(scored)
+            self.rolling_mae.set(scorer.mae)
+            self.rolling_naive_mae.set(scorer.naive_mae)
+            self.mae_level.set(scorer.level)
+
+    def series_maes(self, names: list[str], maes: np.ndarray) -> None:
+        """The rolling MAE of the first series (``maes`` by slot, NaN: none yet)."""
+        for name, mae in zip(names[:SERIES_GAUGES], maes, strict=False):
+            if np.isfinite(mae):
+                self.series_mae.labels(name).set(mae)
+
+    def totals(self, seconds: float) -> dict[str, float]:
+        """This worker's counts since it started, over ``seconds``: its exit report."""
+        sums: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        read = int(sums["attnlstm_entries_read_total"])
+        return {
+            "read": read,
+            "forecasts": int(sums["attnlstm_forecasts_published_total"]),
+            "dead": int(sums.get("attnlstm_dead_lettered_total", 0)),
+            "warming": int(sums["attnlstm_entries_warming_total"]),
+            "batches": int(sums["attnlstm_batch_size_count"]),
+            "recoveries": int(sums["attnlstm_recoveries_total"]),
+            "seconds": round(seconds, 3),
+            "entries_per_s": round(read / seconds, 1) if seconds > 0 else 0.0,
+        }
 
     def model_version(self, version: str) -> None:
         self.model.clear()

@@ -11,7 +11,7 @@ import socket
 import ssl
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -89,28 +89,27 @@ class Settings(BaseSettings):
     @field_validator("redis_ca_file")
     @classmethod
     def _usable_ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        url = info.data.get("redis_url")
-        if url is None or urlsplit(url.get_secret_value()).scheme != "rediss":
-            raise ValueError("a CA file is for TLS: set a rediss:// redis_url")
-        try:
-            ssl.create_default_context(cafile=value)
-        except FileNotFoundError:
-            raise ValueError(f"no CA file at {value}") from None
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"{value} holds no usable CA certificate: {e}") from None
+        if value is not None:
+            url = _given_url(info)
+            if url is None or url.scheme != "rediss":
+                raise ValueError("a CA file is for TLS: set a rediss:// redis_url")
+            try:
+                ssl.create_default_context(cafile=value)
+            except FileNotFoundError:
+                raise ValueError(f"no CA file at {value}") from None
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"{value} holds no usable CA certificate: {e}") from None
         return value
 
     @field_validator("redis_password_file")
     @classmethod
     def _usable_password_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        url = _given_url(info)
         if value is None:
-            return None
-        url = info.data.get("redis_url")
+            return value
         if url is None:
             raise ValueError("a password file needs a redis_url")
-        if urlsplit(url.get_secret_value()).password is not None:
+        if url.password is not None:
             raise ValueError("redis_url has a password already: keep one of the two")
         _read_password(value)
         return value
@@ -132,6 +131,18 @@ class Settings(BaseSettings):
             dead=self.dead_stream,
             group=self.group,
             models=self.models_stream,
+        )
+
+    def with_keys(self, keys: Keys) -> Settings:
+        """These settings, reading and writing the streams of ``keys``."""
+        return self.model_copy(
+            update={
+                "input_stream": keys.input,
+                "output_stream": keys.output,
+                "dead_stream": keys.dead,
+                "group": keys.group,
+                "models_stream": keys.models,
+            }
         )
 
     def url(self) -> str | None:
@@ -170,6 +181,12 @@ def from_flags(**given: Any) -> Settings:
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
         raise ValueError(f"bad settings: {problems}") from None
+
+
+def _given_url(info: ValidationInfo) -> SplitResult | None:
+    """The redis_url validated before the field at hand, split into its parts."""
+    url: SecretStr | None = info.data.get("redis_url")
+    return None if url is None else urlsplit(url.get_secret_value())
 
 
 def _read_password(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Redis plumbing: the connection, consumer-group setup, reply shapes, the lease.
+"""Redis plumbing: the connection, consumer-group setup, reply shapes, paging, the lease.
 
 Reply shapes differ between RESP2 and RESP3; they are normalised here and nowhere else.
 """
@@ -6,7 +6,7 @@ Reply shapes differ between RESP2 and RESP3; they are normalised here and nowher
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -18,6 +18,11 @@ from worker.keys import Keys
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]  # fields None: deleted from the stream
 Command = tuple[bytes, ...]
+
+
+class OutOfStepError(Exception):
+    """The worker's windows no longer match the consumer group (a lost reply, a reset
+    group, a lost lease, entries pending outside any batch): re-sync before going on."""
 
 
 def connect(url: str, *, socket_timeout_s: float, client_name: str) -> redis.Redis:
@@ -83,11 +88,37 @@ def read_entries(reply: Any) -> list[Entry]:
     return range_entries(raw)
 
 
-def stream_range(
-    client: redis.Redis, key: str, *, after: bytes, upto: bytes, count: int
-) -> list[Entry]:
-    """Entries with ids in (after, upto], oldest first."""
-    return cast(list[Entry], client.xrange(key, min=b"(" + after, max=upto, count=count))
+def xadd(key: str, *, maxlen: int | None) -> Command:
+    """The head of an XADD to ``key``, capped at about ``maxlen`` entries when given;
+    the fields follow it."""
+    cap = () if maxlen is None else (b"MAXLEN", b"~", b"%d" % maxlen)
+    return (b"XADD", key.encode(), *cap, b"*")
+
+
+def pages(
+    client: redis.Redis,
+    key: str,
+    *,
+    first: bytes = b"-",
+    last: bytes = b"+",
+    count: int = 10_000,
+    newest_first: bool = False,
+) -> Iterator[list[Entry]]:
+    """The stream's entries from ``first`` to ``last`` (XRANGE bounds: an id, ``(id``
+    to leave it out, ``-`` or ``+``), ``count`` at a time, oldest first; with
+    ``newest_first``, from ``last`` back to ``first``."""
+    while True:
+        if newest_first:
+            page = cast(list[Entry], client.xrevrange(key, max=last, min=first, count=count))
+        else:
+            page = cast(list[Entry], client.xrange(key, min=first, max=last, count=count))
+        if not page:
+            return
+        yield page
+        if newest_first:
+            last = b"(" + page[-1][0]
+        else:
+            first = b"(" + page[-1][0]
 
 
 def pending_deliveries(client: redis.Redis, keys: Keys, consumer: str) -> dict[bytes, int]:
@@ -194,7 +225,7 @@ def raise_first_error(replies: Sequence[Any]) -> None:
             raise reply
 
 
-def pipeline(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """The commands in one round trip, not atomic; their replies (the first error is
     raised, after every reply was read)."""
     replies = _exchange(client, commands)

@@ -16,7 +16,7 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
-from worker.streams import Command, Entry, pipeline, range_entries, transaction
+from worker.streams import Command, Entry, range_entries, round_trip, transaction, xadd
 
 EVENTS_MAXLEN = 10_000  # approximate cap on the models stream
 SWITCHES = (b"promoted", b"rolled_back")  # events that change the serving version
@@ -64,8 +64,8 @@ class ModelStore:
         version = cast(bytes | None, self.client.get(self.keys.serving))
         return version.decode() if version is not None else None
 
-    def switch(self, version: str, event: str, **fields: object) -> None:
-        """Make ``version`` the serving one, with its event, in one transaction."""
+    def set_serving(self, version: str, event: str, **fields: object) -> None:
+        """Point every worker at ``version``, with its event, in one transaction."""
         transaction(
             self.client,
             [
@@ -86,8 +86,7 @@ class ModelStore:
         }
         body |= {k: v for k, v in fields.items() if v is not None}
         flat = [str(part).encode() for pair in body.items() for part in pair]
-        head = (b"XADD", self.keys.models.encode(), b"MAXLEN", b"~", b"%d" % EVENTS_MAXLEN, b"*")
-        return (*head, *flat)
+        return (*xadd(self.keys.models, maxlen=EVENTS_MAXLEN), *flat)
 
     def events_query(self, *, after: bytes = b"-", count: int = 100) -> Command:
         """The XRANGE of up to ``count`` events after ``after``, to send on a wire."""
@@ -96,7 +95,7 @@ class ModelStore:
 
     def events(self, *, after: bytes = b"-", count: int = 100) -> list[Entry]:
         return range_entries(
-            pipeline(self.client, [self.events_query(after=after, count=count)])[0]
+            round_trip(self.client, [self.events_query(after=after, count=count)])[0]
         )
 
     def recent_events(self, count: int) -> list[Entry]:

@@ -85,10 +85,10 @@ class Scorer:
         self.naive_mae += fast * (naive - self.naive_mae)
         self.level += slow * (err - self.level)
 
-    def drifting(self, ratio: float, now: float) -> bool:
+    def drifting(self, ratio: float) -> bool:
         """The rolling MAE is ``ratio`` times its recent level, after at least one
         half-life of scores."""
-        warmed = now - self._started >= self.halflife_s
+        warmed = self._since - self._started >= self.halflife_s
         return bool(ratio > 0 and warmed and self.mae > ratio * self.level)
 
     def settle(self) -> None:

@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from attnlstm.data import DataError
 from attnlstm.synthetic import SineSpec, make_sines
-from worker.streams import Command, pipeline
+from worker.streams import round_trip, xadd
 
-Fields = tuple[bytes, ...]  # field, value, field, value, ...
+FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
 
 # Entries the contract refuses, one of each kind: what --bad-rate draws from.
-MALFORMED: tuple[Fields, ...] = (
+MALFORMED: tuple[FlatFields, ...] = (
     (b"value", b"1.0"),  # no series
     (b"series", b"", b"value", b"1.0"),
     (b"series", b"x" * 129, b"value", b"1.0"),
@@ -49,7 +49,7 @@ _TICK_S = 0.001  # a paced replay sends what is due about this often
 
 def sine_entries(
     spec: SineSpec, *, seed: int, bad_rate: float = 0.0, prefix: str = "sine-"
-) -> Iterator[Fields]:
+) -> Iterator[FlatFields]:
     """Sines one time step after another (``{prefix}0`` .. ``{prefix}N-1`` each step),
     with a malformed entry of a random kind after each value with ``bad_rate``
     probability. The same arguments give the same entries in the same order."""
@@ -87,7 +87,7 @@ def series_id(column: str) -> str:
     return name
 
 
-def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[Fields]:
+def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFields]:
     """The file's rows in file order, one entry per non-empty value cell, with ``ts``
     from the time column. Gaps and repeated times stay as they are; a value cell is
     passed on as written, so the worker judges it like any producer's."""
@@ -157,7 +157,7 @@ def _ms(path: Path, line: int, text: str) -> int:
 def replay(
     client: redis.Redis,
     stream: str,
-    entries: Iterable[Fields],
+    entries: Iterable[FlatFields],
     *,
     rate: float | None,
     seconds: float | None = None,
@@ -169,10 +169,7 @@ def replay(
     fixed at the start, so a slow round trip is caught up and never drifts), or with
     no ``rate`` as fast as Redis takes them, pipelined. Stops after ``seconds`` when
     given; Ctrl-C stops it too, with the report so far."""
-    head: Command = (b"XADD", stream.encode())
-    if maxlen is not None:
-        head += (b"MAXLEN", b"~", b"%d" % maxlen)
-    head += (b"*",)
+    head = xadd(stream, maxlen=maxlen)
     source = iter(entries)
     paced_total = None if rate is None or seconds is None else round(seconds * rate)
     sent, done, interrupted = 0, False, False
@@ -191,7 +188,7 @@ def replay(
                 batch = [head + fields for _, fields in zip(range(due), source, strict=False)]
                 done = len(batch) < due
                 if batch:
-                    pipeline(client, batch)
+                    round_trip(client, batch)
                     sent += len(batch)
                     bar.update(len(batch))
                 if rate is not None and not done:

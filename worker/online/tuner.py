@@ -1,10 +1,11 @@
 """Fine-tuning on a schedule beside the serving path, and keeping every worker on the
 serving version.
 
-The worker's main loop calls :meth:`Tuner.sync` before each batch (a promotion or a
-rollback by anyone takes effect on the next batch) and :meth:`Tuner.tick` between
-batches (start a fine-tune when one is due, collect a finished one). A fine-tune runs
-in one child process at a lower priority with ``finetune_threads`` torch threads, so
+The worker's main loop sends :meth:`Tuner.events_query` with every read of the input
+and hands each batch's events to :meth:`Tuner.sync` (a promotion or a rollback by
+anyone takes effect on the next batch), and calls :meth:`Tuner.tick` between batches
+(start a fine-tune when one is due, collect a finished one). A fine-tune runs in one
+child process at a lower priority with ``finetune_threads`` torch threads, so
 inference keeps its cores and never waits for it. One worker fine-tunes at a time: a
 lock with a TTL in Redis.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 
@@ -21,7 +23,8 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
 from attnlstm.model import ModelConfig
-from worker.finetune import (
+from worker.metrics import Metrics
+from worker.online.finetune import (
     FinetuneConfig,
     Job,
     NotEnoughDataError,
@@ -30,9 +33,8 @@ from worker.finetune import (
     min_points,
     run_job,
 )
-from worker.metrics import Metrics
-from worker.models import SWITCHES, ModelStore
-from worker.scoring import Scorer
+from worker.online.scoring import Scorer
+from worker.online.store import SWITCHES, ModelStore
 from worker.settings import Settings
 from worker.state import WindowState
 from worker.streams import Command, Entry, Lease
@@ -41,12 +43,20 @@ log = logging.getLogger("attnlstm.worker")
 
 LOCK_TTL_MS = 600_000  # a fine-tune that takes longer than this loses the lock
 COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
+COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it keeps
 
 
 class Tuner:
     def __init__(
-        self, client: redis.Redis, *, settings: Settings, store: ModelStore, metrics: Metrics
+        self,
+        client: redis.Redis,
+        *,
+        settings: Settings,
+        store: ModelStore,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` times the schedule: when fine-tunes are due, and how long one runs."""
         self.settings = settings
         self.metrics = metrics
         self.store = store
@@ -61,12 +71,13 @@ class Tuner:
             client, key=settings.keys.finetune_lock, owner=settings.consumer, ttl_ms=LOCK_TTL_MS
         )
         self.version: str | None = None  # what this worker serves
-        self.window, self.horizon = ModelConfig().window, ModelConfig().horizon  # serving
+        self.window, self.horizon = COLD_START_MODEL.window, COLD_START_MODEL.horizon  # serving
         self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
         self._seen = b"0-0"  # the last models event looked at
         self._trainer: _Trainer | None = None
         self._job_started: float | None = None  # a fine-tune is running
-        self._due = time.monotonic() + settings.finetune_interval_s
+        self._clock = clock
+        self._due = clock() + settings.finetune_interval_s
         self.cycles = 0  # fine-tunes finished
         self.busy_s = 0.0  # their training time, summed
         self._due_check = 0.0  # cold start: when to look at the history again
@@ -75,15 +86,16 @@ class Tuner:
 
     def start(self, file_model: Checkpoint | None) -> Checkpoint | None:
         """The model to serve at start: a model file not seen by the store before (it
-        was just deployed), else the store's serving version, else the file; None:
-        nothing yet (a cold start)."""
+        was just deployed), else the store's serving version, else the file; None: no
+        change, or nothing yet (a cold start). ValueError when there is nothing to
+        serve and fine-tuning is off, so nothing ever will be."""
         self._seen = self.store.last_event_id()
         stored = set(self.store.versions())
         serving = self.store.serving()
         if file_model is not None and (serving is None or file_model.version not in stored):
             blob, _ = dumps(file_model.model, file_model.meta)
             self.store.put(blob, file_model.version)
-            self.store.switch(file_model.version, "promoted", reason="model file")
+            self.store.set_serving(file_model.version, "promoted", reason="model file")
             self._seen = self.store.last_event_id()
             return self._adopt(file_model, blob)
         if serving is not None and serving != self.version:
@@ -91,15 +103,28 @@ class Tuner:
                 return self._adopt(self.store.get(serving))
             except CheckpointError as e:
                 self._refuse(serving, e)
-        return self._adopt(file_model) if file_model and self.version is None else None
+        if file_model is not None and self.version is None:
+            return self._adopt(file_model)
+        if self.version is None and not self.enabled:
+            raise ValueError(
+                f"no model: none in the store ({self.store.keys.models}), none given; pass "
+                "--model PATH (train one with: attnlstm train), or set a finetune interval "
+                "for a cold start"
+            )
+        if self.version is None:
+            log.info(
+                "no model yet: keeping values, a first model is trained once there are "
+                "enough (cold start)"
+            )
+        return None
 
-    def watch(self) -> Command:
-        """The query for the models events not seen yet, sent with every read of the
-        input; its reply goes to :meth:`sync`."""
-        return self.store.events_query(after=self._seen)
+    def events_query(self, after: bytes | None = None) -> Command:
+        """The read of the models events after ``after`` (None: those not seen yet),
+        sent with every read of the input; the events go to :meth:`sync`."""
+        return self.store.events_query(after=after or self._seen)
 
     def sync(self, events: list[Entry]) -> Checkpoint | None:
-        """A model to switch to, when one of ``events`` (read by :meth:`watch`'s query)
+        """A model to switch to, when one of ``events`` (read by :meth:`events_query`)
         promoted or rolled back to another."""
         if not events:
             return None
@@ -133,11 +158,11 @@ class Tuner:
         when it is due."""
         if not self.enabled:
             return None
-        now = time.monotonic()
+        now = self._clock()
         if self.running:
             return self._poll(now)
         cold = self.version is None
-        drift = not cold and scorer.drifting(self.settings.drift_ratio, now)
+        drift = not cold and scorer.drifting(self.settings.drift_ratio)
         if cold and not self._first_model_due(state, now):
             return None
         if not (cold or drift or now >= self._due):
@@ -191,19 +216,19 @@ class Tuner:
             histories=histories,
             config=self.config,
             serving=self._serving,
-            model_config=ModelConfig().to_dict(),
+            model_config=COLD_START_MODEL.to_dict(),
         )
         if self._trainer is None:
             self._trainer = _Trainer(self.settings.finetune_threads)
         what = "training a first model (cold start)" if cold else "fine-tuning"
         log.info("%s on the recent history of %d series", what, len(names))
         self._trainer.submit(job)
-        self._job_started = time.monotonic()
+        self._job_started = self._clock()
 
     def _collect(self) -> Checkpoint | None:
         assert self._trainer is not None
         self._job_started = None
-        self._due = time.monotonic() + self.settings.finetune_interval_s
+        self._due = self._clock() + self.settings.finetune_interval_s
         self.cycles += 1
         try:
             outcome = self._trainer.result()
@@ -234,7 +259,7 @@ class Tuner:
             return None
         log.info("candidate %s promoted: %s", outcome.version, outcome.reason)
         self.metrics.finetunes.labels("promoted").inc()
-        self.store.switch(outcome.version, "promoted", reason=outcome.reason, **scores)
+        self.store.set_serving(outcome.version, "promoted", reason=outcome.reason, **scores)
         self._seen = self.store.last_event_id()
         return self._adopt(loads(outcome.candidate), outcome.candidate)
 

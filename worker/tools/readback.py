@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import redis
@@ -19,9 +19,7 @@ import redis
 from attnlstm.plots import plot_attention, plot_latency, plot_series_forecasts
 from worker.contract import Reading, entry_ms, parse
 from worker.keys import Keys
-from worker.streams import Entry, id_key
-
-_PAGE = 10_000  # entries per XRANGE / XREVRANGE
+from worker.streams import Entry, id_key, pages
 
 
 @dataclass(frozen=True)
@@ -54,27 +52,6 @@ class SeriesView:
         )
 
 
-def _pages(client: redis.Redis, key: str, *, newest: int | None) -> Iterator[list[Entry]]:
-    """The stream oldest first, a page at a time; only the last ``newest`` entries
-    when given."""
-    if newest is None:
-        start = b"-"
-        while page := cast(list[Entry], client.xrange(key, min=start, count=_PAGE)):
-            yield page
-            start = b"(" + page[-1][0]
-        return
-    pages: list[list[Entry]] = []
-    end, left = b"+", newest
-    while left > 0:
-        page = cast(list[Entry], client.xrevrange(key, max=end, count=min(left, _PAGE)))
-        if not page:
-            break
-        pages.append(page[::-1])
-        left -= len(page)
-        end = b"(" + page[-1][0]
-    yield from reversed(pages)
-
-
 def read_views(
     client: redis.Redis,
     keys: Keys,
@@ -87,17 +64,14 @@ def read_views(
     are read whole, and a view's ``position`` is the index in its whole series."""
     forecasts: dict[str, list[dict[bytes, bytes]]] = {}
     first_src: bytes | None = None
-    for page in _pages(client, keys.output, newest=newest):
-        for entry_id, fields in page:
-            if fields is None:
-                continue
-            name = fields[b"series"].decode()
-            if series is None or name in series:
-                forecasts.setdefault(name, []).append({**fields, b"id": entry_id})
-                src = fields[b"src"]
-                first_src = (
-                    src if first_src is None or id_key(src) < id_key(first_src) else first_src
-                )
+    for entry_id, fields in _entries(client, keys.output, newest=newest):
+        if fields is None:
+            continue
+        name = fields[b"series"].decode()
+        if series is None or name in series:
+            forecasts.setdefault(name, []).append({**fields, b"id": entry_id})
+            src = fields[b"src"]
+            first_src = src if first_src is None or id_key(src) < id_key(first_src) else first_src
     if first_src is None:
         return {}
     start = b"-" if newest is None else first_src
@@ -110,14 +84,27 @@ def _inputs(
 ) -> dict[str, list[tuple[bytes, Reading]]]:
     """Each series' valid entries from ``start`` (included) on: ids and readings."""
     out: dict[str, list[tuple[bytes, Reading]]] = {}
-    known: dict[bytes, str] = {}
-    while page := cast(list[Entry], client.xrange(key, min=start, count=_PAGE)):
+    series_ids: dict[bytes, str] = {}
+    for page in pages(client, key, first=start):
         for entry_id, fields in page:
-            reading = parse(entry_id, fields, known) if fields is not None else None
+            reading = parse(entry_id, fields, series_ids) if fields is not None else None
             if isinstance(reading, Reading) and reading.series in names:
                 out.setdefault(reading.series, []).append((entry_id, reading))
-        start = b"(" + page[-1][0]
     return out
+
+
+def _entries(client: redis.Redis, key: str, *, newest: int | None) -> Iterator[Entry]:
+    """The stream, oldest first; only its last ``newest`` entries when given."""
+    if newest is None:
+        for page in pages(client, key):
+            yield from page
+        return
+    taken: list[Entry] = []
+    for page in pages(client, key, count=min(newest, 10_000), newest_first=True):
+        taken += page[: newest - len(taken)]
+        if len(taken) == newest:
+            break
+    yield from reversed(taken)
 
 
 def _view(

@@ -22,33 +22,29 @@ import redis
 import torch
 from tqdm import tqdm
 
-from attnlstm.checkpoint import CheckpointError, load
+from attnlstm.checkpoint import CheckpointError, load, save
 from attnlstm.data import load_csv, load_dataset
+from attnlstm.experiment import train_model, training_meta
 from attnlstm.model import ModelConfig
 from attnlstm.plots import plot_error_over_time
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
-from worker import offline
-from worker.app import build_engine, redis_url
+from worker.app import build_engine
 from worker.contract import Fields
+from worker.embedded import url_or_embedded
+from worker.keys import Keys
+from worker.loop import Worker
 from worker.metrics import Metrics
-from worker.models import ModelStore
-from worker.readback import SeriesView, draw, errors_by_time, read_views, summary
-from worker.replay import csv_entries, replay, series_id, sine_entries
-from worker.service import Worker
+from worker.online.store import ModelStore
 from worker.settings import Settings
 from worker.streams import connect, group_info
+from worker.tools.readback import SeriesView, draw, errors_by_time, read_views, summary
+from worker.tools.replay import csv_entries, replay, series_id, sine_entries
 
 log = logging.getLogger("attnlstm.demo")
 
-DEMO_STREAMS = {
-    "input_stream": "demo:sensors",
-    "output_stream": "demo:forecasts",
-    "dead_stream": "demo:sensors:dead",
-    "group": "demo",
-    "models_stream": "demo:models",
-}
+DEMO_KEYS = Keys.prefixed("demo:")  # beside a live system's, on a server given by URL
 SHOWN = 3  # series drawn in forecasts.png
 CATCH_UP_S = 60.0  # longest wait for the worker to finish after the replay
 
@@ -69,13 +65,13 @@ class DemoPlan:
 def run_demo(
     settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool
 ) -> dict[str, Any]:
-    settings = settings.model_copy(
-        update={**DEMO_STREAMS, "model": _model(out_dir, plan, progress), "metrics_port": 0}
+    settings = settings.with_keys(DEMO_KEYS).model_copy(
+        update={"model": _model(out_dir, plan, progress), "metrics_port": 0}
     )
     engine = build_engine(settings)
     assert engine is not None  # the demo always has its model file
     first_version = engine.version
-    with redis_url(settings) as url:
+    with url_or_embedded(settings.url()) as url:
         client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="demo")
         try:
             keys = settings.keys
@@ -198,16 +194,9 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
         pass
     log.info("training a model on %s for the demo (about 15 s)", spec)
     dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
-    offline.run_train(
-        dataset,
-        data_spec=spec,
-        model_config=ModelConfig(),
-        train_config=TrainConfig(),
-        out=path,
-        val_fraction=0.2,
-        device="cpu",
-        progress=progress,
-    )
+    config = TrainConfig()
+    model, result, metrics = train_model(dataset, ModelConfig(), config, progress=progress)
+    save(path, model, training_meta(spec, config, result, metrics))
     return path
 
 

@@ -22,7 +22,7 @@ import platform
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,12 +35,13 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
-from attnlstm.synthetic import SineSpec, make_sines
+from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
 from worker.contract import entry_ms
-from worker.embedded import EmbeddedServer
+from worker.embedded import url_or_embedded
 from worker.engine import Engine
-from worker.service import BURST_BLOCK_MS, Worker
+from worker.keys import Keys
+from worker.loop import BURST_BLOCK_MS, Worker
 from worker.settings import Settings
 from worker.streams import (
     Command,
@@ -53,6 +54,7 @@ from worker.streams import (
     multi_exec,
     read_entries,
     read_group,
+    xadd,
 )
 
 log = logging.getLogger("attnlstm.bench")
@@ -107,25 +109,9 @@ def machine() -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _server(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    with EmbeddedServer() as server:
-        log.info("started %s", server.describe())
-        yield server.url
-
-
-def _values(n_series: int, n_points: int) -> np.ndarray:
-    """(n_points, n_series) sines, one time step after another, as they are written."""
-    spec = SineSpec(n_series=n_series, n_points=max(n_points, 2))
-    return make_sines(spec, seed=0).values.T
-
-
 def prefill(client: redis.Redis, stream: str, n_entries: int, n_series: int) -> None:
     """n_entries sine values, round-robin over n_series, pipelined."""
-    values = _values(n_series, -(-n_entries // n_series)).ravel()[:n_entries]
+    values = sine_steps(n_series, -(-n_entries // n_series)).ravel()[:n_entries]
     for start in range(0, n_entries, 10_000):
         pipe = client.pipeline(transaction=False)
         for k in range(start, min(start + 10_000, n_entries)):
@@ -141,13 +127,9 @@ def _settings(
     max_batch: int | None = None,
     finetune_interval_s: float = 0.0,
 ) -> Settings:
-    return Settings(
+    settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         redis_url=SecretStr(url),
-        input_stream=f"{prefix}:sensors",
-        output_stream=f"{prefix}:forecasts",
-        dead_stream=f"{prefix}:dead",
-        models_stream=f"{prefix}:models",
         finetune_interval_s=finetune_interval_s,
         consumer="bench",
         device=device,
@@ -156,6 +138,7 @@ def _settings(
         max_series=max(plan.series, 1),
         metrics_port=0,
     )
+    return settings.with_keys(Keys.prefixed(prefix))
 
 
 def _drain(
@@ -257,7 +240,7 @@ def _raw_commands(settings: Settings, entries: list[Entry], attn_width: int) -> 
     keys = settings.keys
     yhat = b"[1.2345678901234567]"
     attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
-    out = (b"XADD", keys.output.encode(), b"MAXLEN", b"~", b"%d" % settings.output_maxlen, b"*")
+    out = xadd(keys.output, maxlen=settings.output_maxlen)
     commands: list[Command] = []
     for entry_id, fields in entries:
         assert fields is not None  # nothing deletes from the bench's streams
@@ -279,7 +262,7 @@ def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float, fi
     sines going on from step ``first`` (the steps before were the prefill)."""
     client = redis.Redis.from_url(url)
     total = int(rate * seconds)
-    values = _values(n_series, first + total // n_series + 1)
+    values = sine_steps(n_series, first + total // n_series + 1)
     started, sent = time.perf_counter(), 0
     while sent < total:
         due = min(total, int((time.perf_counter() - started) * rate) + 1)
@@ -358,7 +341,7 @@ def run_bench(
         "model": model.config.to_dict(),
     }
     report["model"]["params"] = model.num_params()
-    with _server(url) as server_url:
+    with url_or_embedded(url) as server_url:
         client = connect(server_url, socket_timeout_s=30, client_name="bench")
         run_id = f"bench-{os.getpid()}-{int(time.time())}"
         try:
@@ -391,31 +374,31 @@ def _runs(
     for rep in range(plan.repeats):  # interleaved, so that noise hits them all alike
         log.info("round %d of %d: the raw loops, the worker", rep + 1, plan.repeats)
         for name, drain in raws.items():
-            s = _settings(url, f"{run_id}:{name}{rep}", plan, device)
+            s = _settings(url, f"{run_id}:{name}{rep}:", plan, device)
             prefill(client, s.input_stream, plan.entries, plan.series)
             runs[name].append(drain(client, s, window))
-        s = _settings(url, f"{run_id}:worker{rep}", plan, device)
+        s = _settings(url, f"{run_id}:worker{rep}:", plan, device)
         runs["worker"].append(_drain(client, s, engine, plan.entries, plan.series))
     for name, results in runs.items():
         out[name] = _median(results)
 
     log.info("per-entry model calls: %d entries", plan.per_entry_entries)
-    s = _settings(url, f"{run_id}:per-entry", plan, device)
+    s = _settings(url, f"{run_id}:per-entry:", plan, device)
     per_entry = PerEntryEngine(checkpoint, device=device, max_batch=plan.max_batch)
     out["per_entry"] = _drain(client, s, per_entry, plan.per_entry_entries, plan.series)
 
     log.info("one entry at a time (max_batch 1): %d entries", plan.per_entry_entries)
-    s = _settings(url, f"{run_id}:one-at-a-time", plan, device, max_batch=1)
+    s = _settings(url, f"{run_id}:one-at-a-time:", plan, device, max_batch=1)
     one = PerEntryEngine(checkpoint, device=device, max_batch=1)
     out["one_at_a_time"] = _drain(client, s, one, plan.per_entry_entries, plan.series)
 
     # Both latency runs start from a full history, so that fine-tuning has data at once.
     history = Settings.model_fields["history_len"].default
     log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
-    s = _settings(url, f"{run_id}:latency", plan, device)
+    s = _settings(url, f"{run_id}:latency:", plan, device)
     out["latency"] = latency_run(client, url, s, engine, plan, warm_steps=history)
     log.info("latency with fine-tunes back to back: %d entries/s", plan.rate)
-    s = _settings(url, f"{run_id}:latency-finetune", plan, device, finetune_interval_s=1.0)
+    s = _settings(url, f"{run_id}:latency-finetune:", plan, device, finetune_interval_s=1.0)
     out["latency_finetune"] = latency_run(client, url, s, engine, plan, warm_steps=history)
     out["finetune_p99_ratio"] = round(
         out["latency_finetune"]["p99_ms"] / out["latency"]["p99_ms"], 2

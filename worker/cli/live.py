@@ -1,0 +1,173 @@
+"""The commands that talk to a live system: ``worker``, ``replay``, ``demo``,
+``plot --from-stream``, ``models`` and ``bench``. Each takes the parsed arguments and
+returns the figures it reports; :mod:`worker.cli` dispatches to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
+from typing import Any
+
+import redis
+import torch
+
+from attnlstm.checkpoint import open_checkpoint
+from attnlstm.device import resolve_device
+from attnlstm.synthetic import SineSpec
+from worker.app import run_service
+from worker.cli.parser import WORKER_FLAGS
+from worker.online.store import ModelStore
+from worker.settings import Settings, from_flags
+from worker.streams import connect
+from worker.tools.bench import BenchPlan, run_bench
+from worker.tools.demo import DemoPlan, run_demo
+from worker.tools.readback import draw, read_views, summary
+from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine_entries
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def worker_command(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    return run_service(worker_settings(args), burst=args.burst)
+
+
+def worker_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and .env, with the flags that were given on top."""
+    return from_flags(**{name: getattr(args, name) for _, name, _, _ in WORKER_FLAGS})
+
+
+def bench_command(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level="INFO", format=LOG_FORMAT)
+    torch.set_num_threads(args.threads)
+    flags = vars(args)  # named after the plan's fields
+    plan = BenchPlan(**{f.name: flags[f.name] for f in fields(BenchPlan) if f.name in flags})
+    model = open_checkpoint(args.model).model if args.model else None
+    return run_bench(plan=plan, device=resolve_device(args.device), url=args.redis_url, model=model)
+
+
+def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:
+    """The entries to write, and how many there are when that is known."""
+    if args.csv is not None:
+        layout = CsvLayout(
+            time_column=args.time_column,
+            value_columns=tuple(args.column),
+            series_column=args.series_column,
+            value_column=args.value_column,
+        )
+        return csv_entries(args.csv, layout), None
+    points = args.points
+    if points is None and args.seconds is not None:
+        if args.rate is None:
+            raise ValueError("--seconds with --fast needs --points: how many to write")
+        points = max(2, math.ceil(args.seconds * args.rate / args.series))
+    default = SineSpec()
+    spec = SineSpec(
+        n_series=args.series,
+        n_points=points or 1000,
+        freq=args.freq or default.freq,
+        amplitude=args.amplitude or default.amplitude,
+        offset=args.offset or default.offset,
+        noise=args.noise,
+        drift_at=args.drift_at,
+        drift_kind=args.drift_kind,
+        drift_factor=args.drift_factor or default.drift_factor,
+        anomaly_rate=args.anomaly_rate,
+    )
+    if not 0.0 <= args.bad_rate <= 1.0:
+        raise ValueError(f"--bad-rate must be in [0, 1], got {args.bad_rate}")
+    entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
+    return entries, None if args.bad_rate else spec.n_series * spec.n_points
+
+
+@contextlib.contextmanager
+def _redis(settings: Settings, command: str) -> Iterator[redis.Redis]:
+    """A client for the configured Redis; a lost connection is a one-line error."""
+    url = settings.url()
+    if url is None:
+        raise ValueError(
+            f"{command} needs a Redis: set ATTNLSTM_REDIS_URL or pass --redis-url "
+            "(`attnlstm demo` runs an embedded one with a worker and a replay)"
+        )
+    client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name=command)
+    try:
+        yield client
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+    finally:
+        client.close()
+
+
+def replay_command(args: argparse.Namespace) -> dict[str, Any]:
+    entries, total = _replay_source(args)
+    settings = from_flags(redis_url=args.redis_url, input_stream=args.stream)
+    with _redis(settings, "replay") as client:
+        return replay(
+            client,
+            settings.input_stream,
+            entries,
+            rate=args.rate,
+            seconds=args.seconds,
+            maxlen=args.maxlen,
+            total=total,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+
+
+def demo_command(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level="INFO", format=LOG_FORMAT)
+    torch.set_num_threads(1)  # the worker's; Redis and the replay have the other cores
+    pace = None if args.fast or (args.csv and args.rate is None) else args.rate or 500.0
+    plan = DemoPlan(
+        seconds=args.seconds,
+        series=args.series,
+        rate=pace,
+        csv=args.csv,
+        points=args.points,
+        noise=args.noise,
+        drift_at=args.drift_at,
+    )
+    settings = from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
+    progress = not args.json and sys.stderr.isatty()
+    try:
+        return run_demo(settings, plan, args.out, progress=progress)
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+
+
+def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
+    if isinstance(args.series, int):
+        raise ValueError("plot --from-stream needs --series ID: the series to draw")
+    settings = from_flags(redis_url=args.redis_url)
+    with _redis(settings, "plot") as client:
+        views = read_views(client, settings.keys, series={args.series}, newest=args.last)
+    if args.series not in views:
+        raise ValueError(
+            f"no forecast for series {args.series!r} among the last {args.last:,} entries "
+            f"of {settings.output_stream}"
+        )
+    written = draw(views, args.out, shown=[args.series], points=args.points, label=args.series)
+    return summary(views) | {"series": args.series, "written": [str(w) for w in written]}
+
+
+def models_command(args: argparse.Namespace) -> dict[str, Any]:
+    settings = from_flags(redis_url=args.redis_url, models_stream=args.models_stream)
+    with _redis(settings, "models") as client:
+        store = ModelStore(client, settings.keys, keep=settings.keep_models, source="cli")
+        if args.action == "rollback":
+            checkpoint = store.get(args.version)  # refuses a missing or damaged version
+            before = store.serving()
+            store.set_serving(checkpoint.version, "rolled_back", previous=before)
+            return {"serving": checkpoint.version, "previous": before}
+        events = [
+            {k.decode(): v.decode() for k, v in fields.items()} | {"id": entry_id.decode()}
+            for entry_id, fields in reversed(store.recent_events(args.events))
+            if fields is not None
+        ]
+        return {"serving": store.serving(), "versions": store.versions(), "events": events}

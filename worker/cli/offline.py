@@ -1,0 +1,123 @@
+"""The offline commands: ``train``, ``evaluate`` and ``plot``, on data in files, with no
+Redis. Each takes the parsed arguments and returns the figures it reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from attnlstm.checkpoint import open_checkpoint, save
+from attnlstm.data import Dataset, load_dataset
+from attnlstm.device import resolve_device
+from attnlstm.experiment import evaluate_model, series_forecast, train_model, training_meta
+from attnlstm.model import ModelConfig
+from attnlstm.plots import plot_attention, plot_forecast, plot_losses
+from attnlstm.train import TrainConfig
+from attnlstm.windows import split_point
+from worker.cli.argtypes import positive
+
+
+def train_command(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    dataset, device = _prepare(args)
+    model_config = ModelConfig(
+        window=args.window,
+        horizon=args.horizon,
+        hidden_size=args.hidden,
+        attention_size=args.hidden,
+        num_layers=args.layers,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    model, result, metrics = train_model(
+        dataset,
+        model_config,
+        train_config,
+        val_fraction=args.val_fraction,
+        device=device,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    version = save(args.out, model, training_meta(args.data, train_config, result, metrics))
+    return {
+        **metrics,
+        "seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(result.seconds, 3),
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "params": model.num_params(),
+        "model": str(args.out),
+        "version": version,
+    }
+
+
+def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    dataset, device = _prepare(args)
+    checkpoint = open_checkpoint(args.model)
+    checkpoint.model.to(device)
+    metrics = evaluate_model(
+        checkpoint.model,
+        dataset,
+        val_fraction=args.val_fraction,
+        period=args.period,
+        device=device,
+    )
+    return {
+        **metrics,
+        "seconds": round(time.perf_counter() - started, 3),
+        "params": checkpoint.model.num_params(),
+        "model": str(args.model),
+        "version": checkpoint.version,
+    }
+
+
+def plot_command(args: argparse.Namespace) -> dict[str, Any]:
+    """The article's figures for the data's first series, and the loss curves."""
+    dataset, device = _prepare(args)
+    checkpoint = open_checkpoint(args.model)
+    checkpoint.model.to(device)
+    name, values = dataset.names[0], dataset.series[0]
+    steps, forecast, attention = series_forecast(checkpoint.model, values, device=device)
+    cut = split_point(len(values), args.val_fraction)
+    written = [
+        plot_forecast(
+            values[steps],
+            forecast,
+            args.out / "forecast.png",
+            x=steps,
+            naive=values[steps - 1],
+            title=f"{name}: true vs predicted (one step ahead, model {checkpoint.version})",
+            split=cut,
+        ),
+        plot_attention(
+            attention[steps >= cut],
+            args.out / "attention.png",
+            title=f"{name}: attention over the window, held-out forecasts",
+        ),
+    ]
+    train_loss, val_loss = checkpoint.meta.get("train_loss"), checkpoint.meta.get("val_loss")
+    if train_loss and val_loss:
+        written.append(plot_losses(train_loss, val_loss, args.out / "loss.png"))
+    return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
+    """The data the flags name, and the device; torch's threads set."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    n_series = args.series if isinstance(args.series, int) else _series_count(args.series)
+    return load_dataset(args.data, n_series=n_series, columns=args.column, seed=args.seed), device
+
+
+def _series_count(text: str) -> int:
+    """``plot --series`` without --from-stream: a count, as for train and evaluate."""
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--series: {e} (a series id needs --from-stream)") from None

@@ -1,0 +1,280 @@
+"""The ``attnlstm`` command line's arguments: every command, its flags and their help.
+
+Argument types refuse bad text with a one-line reason (:mod:`worker.cli.argtypes`), and
+a usage error is one line that points at ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, NoReturn
+
+from attnlstm.synthetic import SineSpec
+from worker.cli.argtypes import fraction, number, positive, rate
+
+EXIT_USAGE = 2
+DESCRIPTION = (
+    "Streaming forecasts with an Attention-LSTM: train and score models offline, run the "
+    "worker on a Redis stream, feed it, watch it, measure it. Errors a user can cause end "
+    "in one line on stderr and a non-zero exit; with --json the last line on stdout is "
+    "one JSON object."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as for every other user error, pointing at --help.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _data_args(p: argparse.ArgumentParser, *, live: bool = False) -> None:
+    p.add_argument(
+        "--data",
+        default="sine",
+        help="sine (the article's series), sines (many), or csv:PATH (default: sine)",
+    )
+    p.add_argument(
+        "--series",
+        type=str if live else positive,
+        default=50,
+        help="series count for --data sines" + (", or the series id with --from-stream" * live),
+    )
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        help="CSV value column (repeatable; default: every column but the first)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+    p.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.2,
+        help="held-out tail of each series, in time order (default 0.2)",
+    )
+    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument(
+        "--threads", type=positive, default=None, help="torch CPU threads (default: torch's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attnlstm", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_args(sub.add_parser("train", help="train a model offline and save a checkpoint"))
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint against naive baselines")
+    _data_args(evaluate)
+    evaluate.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    evaluate.add_argument(
+        "--period", type=positive, default=None, help="season length for seasonal naive"
+    )
+    plot = sub.add_parser(
+        "plot",
+        help="true vs predicted, attention heatmap, loss curves; or --from-stream",
+        description="From a checkpoint and data (default), or with --from-stream --series ID "
+        "from a running system's output and input streams.",
+    )
+    _data_args(plot, live=True)
+    plot.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    plot.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
+    _live_plot_args(plot)
+    _demo_args(
+        sub.add_parser(
+            "demo",
+            help="embedded server + worker + replay + plots, in one go",
+            description="Runs on the embedded server unless ATTNLSTM_REDIS_URL is set; then "
+            "it uses (and first empties) the streams demo:sensors, demo:forecasts, "
+            "demo:sensors:dead.",
+        )
+    )
+    _worker_args(
+        sub.add_parser(
+            "worker",
+            help="the long-running worker: sensor stream in, forecasts out",
+            description="Flags override ATTNLSTM_* environment variables and .env; "
+            "see the README for every setting.",
+        )
+    )
+    _replay_args(
+        sub.add_parser(
+            "replay",
+            help="write sine-wave or CSV test streams into the input stream",
+            description="Sines (default) or --csv PATH, paced by --rate or --fast.",
+        )
+    )
+    _models_args(
+        sub.add_parser(
+            "models",
+            help="the model store: list versions and events, roll back",
+            description="Versions stored by the workers' fine-tuning, in Redis.",
+        )
+    )
+    _bench_args(
+        sub.add_parser(
+            "bench", help="worker throughput and latency beside raw Redis and per-entry serving"
+        )
+    )
+    return parser
+
+
+def _train_args(train: argparse.ArgumentParser) -> None:
+    _data_args(train)
+    train.add_argument("--window", type=positive, default=20, help="input steps (default 20)")
+    train.add_argument("--horizon", type=positive, default=1, help="forecast steps (default 1)")
+    train.add_argument("--hidden", type=positive, default=32, help="LSTM units (default 32)")
+    train.add_argument("--layers", type=positive, default=1, help="LSTM layers (default 1)")
+    epochs = "epochs (default: enough for about 3,000 optimiser steps, 3 to 300)"
+    train.add_argument("--epochs", type=positive, default=None, help=epochs)
+    train.add_argument("--batch-size", type=positive, default=64, help="(default 64)")
+    train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    train.add_argument(
+        "--out", type=Path, default=Path("model.safetensors"), help="checkpoint path"
+    )
+
+
+def _bench_args(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--model", type=Path, default=None, help="(default: an untrained model)")
+    bench.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    bench.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
+    bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
+    bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")
+    bench.add_argument("--series", type=positive, default=1_000, help="(default 1000)")
+    bench.add_argument("--per-entry-entries", type=positive, default=20_000, help="(default 20000)")
+    bench.add_argument("--rate", type=positive, default=2_000, help="entries/s (default 2000)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
+    bench.add_argument(
+        "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+# Worker flags: (flag, settings field, type, help). Unset flags leave the setting alone.
+WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--redis-url", "redis_url", str, "redis://, rediss:// or unix:// (unset: embedded server)"),
+    ("--redis-ca-file", "redis_ca_file", Path, "CA file to verify a rediss:// server with"),
+    ("--redis-password-file", "redis_password_file", Path, "the URL user's password, in a file"),
+    ("--input-stream", "input_stream", str, "stream to read (default sensors)"),
+    ("--output-stream", "output_stream", str, "stream for forecasts (default forecasts)"),
+    ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),
+    ("--group", "group", str, "consumer group (default forecasters)"),
+    ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
+    ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
+    ("--device", "device", str, "auto, cpu or cuda (default auto)"),
+    ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
+    ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
+    ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (default 5)"),
+    ("--block-ms", "block_ms", positive, "one blocking read's longest wait (default 1000)"),
+    ("--output-maxlen", "output_maxlen", positive, "approximate cap on the output stream"),
+    ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
+    ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
+    ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
+    ("--history-len", "history_len", positive, "values kept per series (default 200)"),
+    ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
+    ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),
+    ("--finetune-steps", "finetune_steps", positive, "optimiser steps a fine-tune (300)"),
+    ("--promote-margin", "promote_margin", float, "MASE drop a candidate needs (0.02)"),
+    ("--models-stream", "models_stream", str, "model events and store (default models)"),
+    ("--keep-models", "keep_models", positive, "stored model versions kept (default 5)"),
+)
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    for flag, name, kind, text in WORKER_FLAGS:
+        p.add_argument(flag, dest=name, type=kind, default=None, help=text)
+    p.add_argument("--burst", action="store_true", help="exit once the stream is drained")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+    p.add_argument("--stream", default=None, help="(default: ATTNLSTM_INPUT_STREAM or sensors)")
+    pace = p.add_mutually_exclusive_group(required=True)
+    pace.add_argument("--rate", type=rate, help="entries per second, steady")
+    pace.add_argument("--fast", action="store_true", help="as fast as Redis takes them")
+    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--maxlen", type=positive, default=None, help="approximate cap (XADD MAXLEN ~)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    sines = p.add_argument_group("sines (the default source)")
+    spec = SineSpec()
+    sines.add_argument("--series", type=positive, default=spec.n_series, help="(default 50)")
+    sines.add_argument(
+        "--points",
+        type=positive,
+        default=None,
+        help="per series (default: enough for --seconds at --rate, else 1000)",
+    )
+    sines.add_argument("--seed", type=int, default=0, help="same seed, same entries (default 0)")
+    sines.add_argument("--prefix", default="sine-", help="series ids are PREFIX0.. (sine-)")
+    for flag, name, what in (
+        ("--freq", "freq", "angular step, radians per point"),
+        ("--amplitude", "amplitude", "amplitude"),
+        ("--offset", "offset", "level"),
+        ("--drift-factor", "drift_factor", "multiplier at --drift-at"),
+    ):
+        lo, hi = getattr(spec, name)
+        sines.add_argument(
+            flag, nargs=2, type=number, metavar=("LO", "HI"), help=f"{what} (default {lo} {hi})"
+        )
+    sines.add_argument("--noise", type=float, default=0.0, help="std, in amplitudes (default 0)")
+    sines.add_argument("--drift-at", type=positive, default=None, help="step where drift starts")
+    sines.add_argument(
+        "--drift-kind", choices=["frequency", "amplitude"], default="frequency", help="(frequency)"
+    )
+    sines.add_argument("--anomaly-rate", type=float, default=0.0, help="share of spikes (0)")
+    sines.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed entries (0)")
+    table = p.add_argument_group("CSV")
+    table.add_argument("--csv", type=Path, default=None, help="replay this file instead of sines")
+    table.add_argument("--time-column", default=None, help="(default: the first column)")
+    table.add_argument(
+        "--column", action="append", default=[], help="value column, repeatable (default: all)"
+    )
+    table.add_argument("--series-column", default=None, help="long format: the series id column")
+    table.add_argument("--value-column", default="value", help="long format (default value)")
+
+
+def _demo_args(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--seconds", type=float, default=60.0, help="replay length (default 60)")
+    demo.add_argument("--series", type=positive, default=50, help="sine series (default 50)")
+    pace = demo.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=rate, default=None, help="entries/s (default 500 for sines)")
+    pace.add_argument("--fast", action="store_true", help="replay as fast as Redis takes it")
+    demo.add_argument("--csv", type=Path, default=None, help="replay this file, not sines")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="(default demo-out)")
+    demo.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
+    demo.add_argument("--noise", type=float, default=0.0, help="sine noise, in amplitudes (0)")
+    demo.add_argument("--drift-at", type=positive, default=None, help="step where sines drift")
+    demo.add_argument(
+        "--finetune-interval-s",
+        type=float,
+        default=None,
+        help="(default: ATTNLSTM_FINETUNE_INTERVAL_S or 300; 0: off)",
+    )
+    demo.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
+    demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _live_plot_args(plot: argparse.ArgumentParser) -> None:
+    live = plot.add_argument_group("--from-stream")
+    live.add_argument("--from-stream", action="store_true", help="read the live streams")
+    live.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+    live.add_argument(
+        "--last", type=positive, default=100_000, help="output entries to search (100000)"
+    )
+    live.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
+
+
+def _models_args(models: argparse.ArgumentParser) -> None:
+    what = models.add_subparsers(dest="action", required=True, parser_class=type(models))
+    listing = what.add_parser("list", help="stored versions, the serving one, recent events")
+    listing.add_argument("--events", type=positive, default=10, help="events shown (default 10)")
+    back = what.add_parser("rollback", help="serve a stored version again, from the next batch")
+    back.add_argument("version", help="a version from `attnlstm models list`")
+    for action in (listing, back):
+        action.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+        action.add_argument(
+            "--models-stream", default=None, help="(default: ATTNLSTM_MODELS_STREAM or models)"
+        )
+        action.add_argument("--json", action="store_true", help="one JSON object, last line")

@@ -1,0 +1,201 @@
+"""The read-ahead pipeline: the worker's reads and batch transactions on one connection,
+sent early and answered late, so that Redis works while the model does.
+
+While the loop forecasts a batch, Redis answers the read for the next one (a read that
+cannot block: Redis runs nothing more from a connection while a read on it is blocked)
+and applies the transaction of the batch before. The loop sees three calls:
+
+- :meth:`Pipeline.next_batch`: the entries read ahead, or else a read that waits for
+  one; then more, until the batch is full or ``max_wait_ms`` has passed;
+- :meth:`Pipeline.read_ahead`: ask for the batch after this one now;
+- :meth:`Pipeline.publish`: send this batch's transaction; its reply is read while the
+  next batch is worked on, and :meth:`Pipeline.drain` reads it at once.
+
+Every read also fetches the first entry of the stream after the last one the windows
+saw, so that a read that skips entries (a lost reply, a reset group) is caught, and the
+``models`` events not seen yet: a promotion or a rollback counts from the batch it
+arrives with, so every entry added after it is forecast by the model it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from worker.batch import BatchWindow, Receipt
+from worker.settings import Settings
+from worker.streams import (
+    Command,
+    Entry,
+    OutOfStepError,
+    Wire,
+    executed,
+    multi_exec,
+    raise_first_error,
+    range_entries,
+    read_entries,
+    read_group,
+)
+
+
+@dataclass
+class Read:
+    entries: list[Entry] = field(default_factory=list)
+    events: list[Entry] = field(default_factory=list)  # of the models stream, not seen yet
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A transaction whose reply is still to be read."""
+
+    receipt: Receipt
+    sent_ms: float  # when it went out: its forecasts' publish time, for the latency
+
+
+class Pipeline:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        settings: Settings,
+        events_query: Callable[[bytes | None], Command],
+        on_applied: Callable[[Receipt, float], None],
+    ) -> None:
+        """``events_query(after)``: the read of the models events after ``after`` (None:
+        those not seen yet). ``on_applied(receipt, sent_ms)``: a transaction's reply
+        said it was applied."""
+        self._client = client
+        self._wire = Wire(client)
+        self._keys, self._consumer = settings.keys, settings.consumer
+        self._max_batch, self._max_wait_ms = settings.max_batch, settings.max_wait_ms
+        self._events_query, self._on_applied = events_query, on_applied
+        self._unsettled: _Sent | None = None  # the last transaction, its reply not read
+        self._ahead: bytes | None = None  # a read ahead went out for entries after this id
+        self._next: Read | OutOfStepError | None = None  # its reply: the next batch's start
+
+    @property
+    def holds_next(self) -> bool:
+        """Entries of the next batch are read ahead (pending on us, not yet handled)."""
+        return self._ahead is not None or self._next is not None
+
+    def next_batch(self, after: bytes, *, block_ms: int) -> Read:
+        """Up to ``max_batch`` entries after ``after``, in stream order: those read ahead,
+        or else a read that waits up to ``block_ms`` for one; then more, until the batch
+        is full or ``max_wait_ms`` has passed since the first arrived. OutOfStepError when the
+        reads skipped entries."""
+        read = self._take_next()
+        if read is None or not read.entries:  # nothing read ahead: wait for the first
+            read = self._read(after, block_ms, count=self._max_batch, events_after=None)
+        if not read.entries:
+            return read
+        window = BatchWindow(max_batch=self._max_batch, max_wait_ms=self._max_wait_ms)
+        window.add(len(read.entries))
+        while (block := window.block_ms()) is not None:
+            seen = read.events[-1][0] if read.events else None
+            more = self._read(read.entries[-1][0], block, count=window.room, events_after=seen)
+            window.add(len(more.entries))
+            read.entries += more.entries
+            read.events += more.events
+        return read
+
+    def read_ahead(self, after: bytes) -> None:
+        """Ask now for the batch after the one in hand (whose last entry is ``after``)."""
+        self._send_read(after, None, count=self._max_batch, events_after=None)
+        self._ahead = after
+
+    def publish(self, commands: list[Command], receipt: Receipt) -> None:
+        """Send a batch's transaction (nothing when it has no commands). The reply to the
+        one before, and the entries read ahead, are read first."""
+        self._settle()
+        if self._ahead is not None:
+            # Taken before the transaction goes out: a reply too big for the socket's
+            # buffer would otherwise wait behind the transaction's execution.
+            after, self._ahead = self._ahead, None
+            try:
+                self._next = self._take_read(after)
+            except OutOfStepError as gap:  # this batch still goes out; the next re-syncs
+                self._next = gap
+        if not commands:
+            self._on_applied(receipt, time.time() * 1000)
+            return
+        self._wire.send(multi_exec(commands))
+        self._unsettled = _Sent(receipt, time.time() * 1000)
+
+    def drain(self) -> None:
+        """Read the last transaction's reply: everything published is applied."""
+        self._settle()
+
+    def reset(self) -> None:
+        """Before a re-sync: read every reply still due, so that a transaction sent is
+        known to be applied (or not, if it failed), or drop the connection. Entries read
+        ahead stay pending on us: the re-sync claims and handles them."""
+        try:
+            with contextlib.suppress(redis.ResponseError):
+                self._settle()
+            while self._wire.waiting:
+                self._wire.receive()
+        except redis.RedisError:
+            self._wire.drop()
+        finally:
+            self._unsettled, self._ahead, self._next = None, None, None
+
+    def close(self) -> None:
+        self.reset()
+        self._wire.close()
+
+    def _settle(self) -> None:
+        sent, self._unsettled = self._unsettled, None
+        if sent is not None:
+            executed(self._wire.receive())
+            self._on_applied(sent.receipt, sent.sent_ms)
+
+    def _take_next(self) -> Read | None:
+        ahead, self._next = self._next, None
+        if isinstance(ahead, OutOfStepError):
+            raise ahead
+        return ahead
+
+    def _read(self, after: bytes, block_ms: int, *, count: int, events_after: bytes | None) -> Read:
+        self._settle()  # the last transaction's reply is due on the wire before this read's
+        self._send_read(after, block_ms, count=count, events_after=events_after)
+        return self._take_read(after)
+
+    def _send_read(
+        self, after: bytes, block_ms: int | None, *, count: int, events_after: bytes | None
+    ) -> None:
+        """Up to ``count`` new entries for this consumer, waiting up to ``block_ms`` for
+        one (None: not at all); with them the first entry of the stream after ``after``,
+        and the models events after ``events_after``, read once the entries are in."""
+        self._wire.send(
+            [
+                (b"XRANGE", self._keys.input.encode(), b"(" + after, b"+", b"COUNT", b"1"),
+                read_group(self._keys, self._consumer, count, block_ms),
+                self._events_query(events_after),
+            ]
+        )
+
+    def _take_read(self, after: bytes) -> Read:
+        """The entries of the read sent last, checked to start right after ``after``.
+
+        When the stream had nothing new before the read blocked, the first entry after
+        ``after`` is fetched again. If the read starts elsewhere, entries between were
+        delivered to this consumer and never reached us (a reply lost on the way): they
+        are pending on us, and the windows must see them first.
+        """
+        replies = self._wire.receive()
+        raise_first_error(replies)
+        following, reply, events = replies
+        entries = read_entries(reply)
+        if entries and not following:  # all arrived while the read blocked: check now
+            following = self._client.xrange(self._keys.input, min=b"(" + after, count=1)
+        if entries and (not following or entries[0][0] != following[0][0]):
+            raise OutOfStepError(
+                f"a read for entries after {after.decode()} started at "
+                f"{entries[0][0].decode()}: entries were delivered to this consumer and "
+                "never reached it (a lost reply?), or the group was reset"
+            )
+        return Read(entries, range_entries(events))

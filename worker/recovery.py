@@ -1,0 +1,190 @@
+"""Getting in step with the consumer group, and leaving it in step.
+
+At start, after any Redis error, and whenever the loop finds it is no longer sure its
+windows match the group, the worker: takes the lease (one worker per stream and
+group), makes sure the group exists, restores the window state checkpoint, and
+re-syncs: it claims every pending entry and re-reads the stream from the checkpoint's
+id up to the group's last delivered entry, replaying acked entries into the windows
+and handling the pending ones. At a stop it saves the state and hands the lease back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+import redis
+
+from worker.metrics import Metrics
+from worker.settings import Settings
+from worker.state import StateError, WindowState
+from worker.streams import (
+    Entry,
+    Lease,
+    OutOfStepError,
+    ensure_group,
+    group_info,
+    pages,
+    pending_deliveries,
+)
+
+log = logging.getLogger("attnlstm.worker")
+
+# Handles entries in stream order: those in ``pending`` (with their delivery counts)
+# are forecast and acked; the others were acked before and only refill the windows.
+Handler = Callable[[list[Entry], dict[bytes, int]], None]
+
+
+class Recovery:
+    def __init__(self, client: redis.Redis, *, settings: Settings, metrics: Metrics) -> None:
+        self.client, self.settings, self.metrics = client, settings, metrics
+        self.keys = settings.keys
+        self.lease = Lease(
+            client, key=self.keys.lease, owner=settings.consumer, ttl_ms=settings.lease_ttl_ms
+        )
+        self._renew_at = 0.0
+        self._waiting_for: str | None = None  # the holder last logged, while on standby
+        self._had_group = False
+
+    def take_lease(self) -> bool:
+        """Take the lease; False while another worker holds it (a standby)."""
+        holder = self.lease.acquire()
+        self.metrics.connected = True
+        self.metrics.beat()  # a standby is healthy: alive, and Redis answers
+        if holder != self.settings.consumer:
+            self.metrics.role = "standby"
+            if holder != self._waiting_for:
+                log.info(
+                    "waiting: %s holds the lease on %s (one worker per stream and group)",
+                    holder,
+                    self.keys.input,
+                )
+                self._waiting_for = holder
+            return False
+        self._waiting_for = None
+        self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
+        return True
+
+    def renew_lease(self) -> None:
+        """Renew the lease when due; OutOfStepError when another worker has taken it."""
+        if time.monotonic() < self._renew_at:
+            return
+        holder = self.lease.acquire()
+        if holder != self.settings.consumer:
+            raise OutOfStepError(f"lost the lease on {self.keys.input} to {holder}")
+        self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
+
+    def ensure_group(self) -> None:
+        """Create the group if missing: loudly when it was there before."""
+        created = ensure_group(self.client, self.keys)
+        if created and self._had_group:
+            log.error(
+                "consumer group %r on %r had vanished (Redis restarted without persistence, "
+                "or the stream was deleted): created it again from the start of the stream",
+                self.keys.group,
+                self.keys.input,
+            )
+        elif created:
+            log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
+        self._had_group = True
+
+    def restore(self, empty: WindowState) -> WindowState:
+        """The saved windows, reshaped like ``empty``; ``empty`` when there are none."""
+        blob = cast(bytes | None, self.client.get(self.keys.state))
+        if blob is None:
+            return empty
+        try:
+            state = WindowState.from_bytes(
+                blob, window=empty.window, length=empty.length, max_series=empty.max_series
+            )
+        except StateError as e:
+            log.error("%s; rebuilding the windows from the stream instead", e)
+            return empty
+        log.info(
+            "restored windows of %d series at entry %s",
+            state.series_count,
+            state.last_id.decode(),
+        )
+        return state
+
+    def resync(self, state: WindowState, handle: Handler) -> None:
+        """Bring ``state`` up to the group's last delivered entry, handling what is
+        pending on the way and replaying what was acked."""
+        delivered = group_info(self.client, self.keys)["last-delivered-id"]
+        pending = self._claim_pending()
+        met: set[bytes] = set()
+        replayed = 0
+        for page in pages(
+            self.client,
+            self.keys.input,
+            first=b"(" + state.last_id,
+            last=delivered,
+            count=self.settings.max_batch,
+        ):
+            met.update(entry_id for entry_id, _ in page if entry_id in pending)
+            handle(page, pending)
+            replayed += len(page)
+        if unmet := [entry_id for entry_id in pending if entry_id not in met]:
+            # Deleted from the stream, or at or before the restored state's entry (handled
+            # before the crash): nothing left to do but the ack.
+            self.client.xack(self.keys.input, self.keys.group, *unmet)
+        if replayed or pending:
+            log.info(
+                "re-synced to %s: %d entries re-read, %d were pending",
+                state.last_id.decode(),
+                replayed,
+                len(pending),
+            )
+
+    def _claim_pending(self) -> dict[bytes, int]:
+        """Take over every pending entry of the group (we hold the lease, so their
+        consumers are gone) and return how often each has been delivered."""
+        cursor = b"0-0"
+        while True:
+            reply = self.client.xautoclaim(
+                self.keys.input,
+                self.keys.group,
+                self.settings.consumer,
+                min_idle_time=0,
+                start_id=cursor,
+                count=1000,
+            )
+            cursor = reply[0]
+            if cursor in (b"0-0", "0-0"):
+                break
+        return pending_deliveries(self.client, self.keys, self.settings.consumer)
+
+    def audit(self) -> None:
+        """Between batches: the lag gauge, and OutOfStepError when entries are pending outside
+        any batch (a read whose reply was lost: ours; or a consumer that died holding
+        them: theirs, once idle for ``claim_idle_ms``)."""
+        keys, s = self.keys, self.settings
+        lag = group_info(self.client, keys).get("lag")
+        if lag is not None:
+            self.metrics.lag.set(lag)
+        ours = self.client.xpending_range(
+            keys.input, keys.group, min="-", max="+", count=1, consumername=s.consumer
+        )
+        idle = self.client.xpending_range(
+            keys.input, keys.group, min="-", max="+", count=1, idle=s.claim_idle_ms
+        )
+        if ours or idle:
+            raise OutOfStepError(
+                "entries pending outside any batch (a lost reply or a dead consumer)"
+            )
+
+    def save(self, state: WindowState) -> None:
+        """At a stop, in step: save the windows and hand the lease back."""
+        try:
+            self.client.set(self.keys.state, state.to_bytes())
+            self.lease.release()
+        except redis.RedisError as e:
+            log.warning("could not save the window state at exit (%s); the last one stands", e)
+            return
+        log.info(
+            "stopped: saved windows of %d series at entry %s",
+            state.series_count,
+            state.last_id.decode(),
+        )
