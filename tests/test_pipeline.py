@@ -1,0 +1,110 @@
+"""The read-ahead pipeline on its own, against a real server: batches in stream order,
+the read ahead, transactions applied (and counted) in order, gaps caught."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+
+from attnlstm.synthetic import sine_steps
+from tests.helpers import fill, settings_for
+from worker.batch import Receipt
+from worker.keys import Keys
+from worker.online.store import ModelStore
+from worker.pipeline import Pipeline
+from worker.streams import Command, OutOfStepError, connect, ensure_group
+
+
+@pytest.fixture
+def applied() -> list[Receipt]:
+    return []
+
+
+@pytest.fixture
+def pipeline(redis_url: str, keys: Keys, applied: list[Receipt]) -> Iterator[Pipeline]:
+    settings = settings_for(redis_url, keys, max_batch=10, max_wait_ms=0)
+    client = connect(redis_url, socket_timeout_s=5, client_name="test-pipeline")
+    ensure_group(client, keys)
+    store = ModelStore(client, keys, keep=1, source="test")
+    pipe = Pipeline(
+        client,
+        settings=settings,
+        events_query=lambda after: store.events_query(after=after or b"-"),
+        on_applied=lambda receipt, _: applied.append(receipt),
+    )
+    yield pipe
+    pipe.close()
+    client.close()
+
+
+def _ack(keys: Keys, ids: list[bytes]) -> tuple[list[Command], Receipt]:
+    ack = (b"XACK", keys.input.encode(), keys.group.encode(), *ids)
+    return [ack], Receipt(np.zeros(len(ids)), [])
+
+
+def test_batches_come_in_order_and_are_counted_once_applied(
+    pipeline: Pipeline, applied: list[Receipt], redis_client: redis.Redis, keys: Keys
+) -> None:
+    ids = fill(redis_client, keys.input, sine_steps(5, 5))  # 25 entries
+    first = pipeline.next_batch(b"0-0", block_ms=100)
+    assert [i for i, _ in first.entries] == ids[:10]  # max_batch
+    pipeline.read_ahead(first.entries[-1][0])
+    assert pipeline.holds_next
+    pipeline.publish(*_ack(keys, ids[:10]))
+    assert applied == []  # its reply is read while the next batch is worked on
+    second = pipeline.next_batch(ids[9], block_ms=100)  # the read ahead's entries
+    assert not pipeline.holds_next
+    assert [i for i, _ in second.entries] == ids[10:20]
+    assert len(applied) == 0
+    pipeline.publish(*_ack(keys, ids[10:20]))
+    assert len(applied) == 1  # the first, read before the second went out
+    pipeline.drain()
+    assert len(applied) == 2
+    assert redis_client.xpending(keys.input, keys.group)["pending"] == 0
+    third = pipeline.next_batch(ids[19], block_ms=100)
+    assert [i for i, _ in third.entries] == ids[20:]
+    pipeline.publish(*_ack(keys, ids[20:]))
+    pipeline.drain()
+    assert pipeline.next_batch(ids[-1], block_ms=50).entries == []  # drained: waited, none
+
+
+def test_models_events_come_back_with_the_batch_they_arrive_with(
+    pipeline: Pipeline, redis_client: redis.Redis, keys: Keys
+) -> None:
+    store = ModelStore(redis_client, keys, keep=1, source="test")
+    store.event("v1", "promoted")
+    ids = fill(redis_client, keys.input, sine_steps(1, 3))
+    read = pipeline.next_batch(b"0-0", block_ms=100)
+    assert [i for i, _ in read.entries] == ids
+    assert [f[b"version"] for _, f in read.events if f is not None] == [b"v1"]
+
+
+def test_a_read_that_skips_entries_is_out_of_step(
+    pipeline: Pipeline, redis_client: redis.Redis, keys: Keys
+) -> None:
+    ids = fill(redis_client, keys.input, sine_steps(2, 10))  # 20 entries
+    first = pipeline.next_batch(b"0-0", block_ms=100)
+    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))
+    # A read in the worker's name whose reply never reached it (a lost reply).
+    redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=5)
+    with pytest.raises(OutOfStepError, match=f"entries after {ids[9].decode()} started at"):
+        pipeline.next_batch(ids[9], block_ms=100)
+
+
+def test_a_gap_in_the_read_ahead_is_raised_by_the_next_batch_after_the_publish(
+    pipeline: Pipeline, applied: list[Receipt], redis_client: redis.Redis, keys: Keys
+) -> None:
+    ids = fill(redis_client, keys.input, sine_steps(2, 10))
+    first = pipeline.next_batch(b"0-0", block_ms=100)
+    redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=5)  # lost
+    pipeline.read_ahead(ids[9])
+    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))  # still goes out
+    with pytest.raises(OutOfStepError):
+        pipeline.next_batch(ids[9], block_ms=100)
+    pipeline.reset()
+    assert len(applied) == 1  # the reset read the publish's reply
+    pending = redis_client.xpending_range(keys.input, keys.group, "-", "+", 100)
+    assert [p["message_id"] for p in pending] == ids[10:]  # for the re-sync to claim
