@@ -81,7 +81,7 @@ class Worker:
             on_applied=self.metrics.published,
         )
         self._series_ids: dict[bytes, str] = {}  # series ids already validated
-        self._in_step = False  # the windows match the group: set by run() alone
+        self._in_step = False  # the windows match the group (see the module docstring)
         self._stopping = False
         self._next_checkpoint = 0.0
         self._next_audit = 0.0
@@ -114,7 +114,7 @@ class Worker:
                 # An ACL that lacks a right: retrying cannot help, and a worker that
                 # retries forever looks hung. Exit with what to fix.
                 self._in_step = False
-                self._close()
+                self._close(save=False)
                 raise ValueError(
                     f"Redis refused this worker's user a command ({e}); give the user the "
                     "rights deploy/users.acl.template grants the worker user"
@@ -126,8 +126,7 @@ class Worker:
                 delay = min(max(2 * delay, 0.2), 5.0)
                 log.warning("Redis: %s; retrying in %.1f s", _describe(e), delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
-        self._finish()
-        self._close()
+        self._close(save=self._in_step and self._finish())
         return self.metrics.totals(time.monotonic() - self._started)
 
     def _handle_next_batch(self) -> bool:
@@ -256,25 +255,23 @@ class Worker:
         length = max(self.settings.history_len, self.window)
         return WindowState(window=self.window, length=length, max_series=self.settings.max_series)
 
-    def _finish(self) -> None:
-        """At a stop: handle the entries read ahead."""
-        if not (self._in_step and self.pipeline.holds_next):
-            return
+    def _finish(self) -> bool:
+        """At a stop, in step: handle the entries read ahead, and read the last reply
+        (the state saved is true only once its last batch is applied). True when the
+        windows are still in step with the group."""
         try:
-            self._handle_next_batch()
+            if self.pipeline.holds_next:
+                self._handle_next_batch()
+            self.pipeline.drain()
         except (OutOfStepError, redis.RedisError) as e:
-            self._in_step = False
-            log.warning("%s; the entries read ahead are handled at the next start", e)
+            log.warning("%s; what is left is handled at the next start", e)
+            return False
+        return True
 
-    def _close(self) -> None:
-        try:
-            self.pipeline.drain()  # the state saved is true only once its last batch applied
-        except redis.RedisError as e:
-            self._in_step = False
-            log.warning("Redis: %s", _describe(e))
+    def _close(self, *, save: bool) -> None:
         self.pipeline.close()
         self.tuner.close()
-        if self._in_step:
+        if save:
             self.recovery.save(self.state)
         else:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")

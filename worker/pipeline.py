@@ -3,7 +3,7 @@ sent early and answered late, so that Redis works while the model does.
 
 While the loop forecasts a batch, Redis answers the read for the next one (a read that
 cannot block: Redis runs nothing more from a connection while a read on it is blocked)
-and applies the transaction of the batch before. The loop sees three calls:
+and applies the transaction of the batch before. What the loop calls:
 
 - :meth:`Pipeline.next_batch`: the entries read ahead, or else a read that waits for
   one; then more, until the batch is full or ``max_wait_ms`` has passed;
@@ -79,14 +79,17 @@ class Pipeline:
 
     @property
     def holds_next(self) -> bool:
-        """Entries of the next batch are read ahead (pending on us, not yet handled)."""
-        return self._ahead is not None or self._next is not None
+        """Entries of the next batch were read ahead (pending on us, not yet handled),
+        or may have been: the reply is not read yet, or it showed a gap."""
+        if self._ahead is not None or isinstance(self._next, OutOfStepError):
+            return True
+        return self._next is not None and bool(self._next.entries)
 
     def next_batch(self, after: bytes, *, block_ms: int) -> Read:
         """Up to ``max_batch`` entries after ``after``, in stream order: those read ahead,
         or else a read that waits up to ``block_ms`` for one; then more, until the batch
-        is full or ``max_wait_ms`` has passed since the first arrived. OutOfStepError when the
-        reads skipped entries."""
+        is full or ``max_wait_ms`` has passed since the first arrived. OutOfStepError
+        when the reads skipped entries."""
         read = self._take_next()
         if read is None or not read.entries:  # nothing read ahead: wait for the first
             read = self._read(after, block_ms, count=self._max_batch, events_after=None)

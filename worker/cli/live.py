@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import fields
 from typing import Any
 
 import redis
@@ -47,7 +47,8 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
     torch.set_num_threads(args.threads)
     flags = vars(args)  # named after the plan's fields
-    plan = BenchPlan(**{f.name: flags[f.name] for f in fields(BenchPlan) if f.name in flags})
+    names = [f.name for f in dataclasses.fields(BenchPlan) if f.name in flags]
+    plan = BenchPlan(**{name: flags[name] for name in names})
     model = open_checkpoint(args.model).model if args.model else None
     return run_bench(plan=plan, device=resolve_device(args.device), url=args.redis_url, model=model)
 
