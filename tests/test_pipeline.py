@@ -3,6 +3,7 @@ the read ahead, transactions applied (and counted) in order, gaps caught."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -108,3 +109,26 @@ def test_a_gap_in_the_read_ahead_is_raised_by_the_next_batch_after_the_publish(
     assert len(applied) == 1  # the reset read the publish's reply
     pending = redis_client.xpending_range(keys.input, keys.group, "-", "+", 100)
     assert [p["message_id"] for p in pending] == ids[10:]  # for the re-sync to claim
+
+
+def test_a_dropped_connection_takes_what_was_due_on_it_along(
+    pipeline: Pipeline, applied: list[Receipt], redis_client: redis.Redis, keys: Keys
+) -> None:
+    """A transaction in flight when the connection goes: the pipeline must not wait for
+    its reply on the next connection (it used to pop an empty queue, and the worker
+    died)."""
+    ids = fill(redis_client, keys.input, sine_steps(2, 10))
+    first = pipeline.next_batch(b"0-0", block_ms=100)
+    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))  # its reply not read
+    for client in redis_client.client_list():
+        if client["name"] == "test-pipeline":
+            redis_client.client_kill_filter(_id=client["id"])
+    # On the embedded server's unix socket this write fails at once (broken pipe); over
+    # TCP the failure shows at the next read instead. Either way the reply is gone.
+    with contextlib.suppress(redis.ConnectionError):
+        pipeline.read_ahead(ids[9])
+    pipeline.reset()
+    assert not pipeline.holds_next
+    assert applied == []  # unknown: the re-sync finds out from the stream
+    again = pipeline.next_batch(ids[9], block_ms=100)  # on a new connection
+    assert [i for i, _ in again.entries] == ids[10:]

@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -125,7 +126,7 @@ class Pipeline:
         if not commands:
             self._on_applied(receipt, time.time() * 1000)
             return
-        self._wire.send(multi_exec(commands))
+        self._send(multi_exec(commands))
         self._unsettled = _Sent(receipt, time.time() * 1000)
 
     def drain(self) -> None:
@@ -144,16 +145,36 @@ class Pipeline:
         except redis.RedisError:
             self._wire.drop()
         finally:
-            self._unsettled, self._ahead, self._next = None, None, None
+            self._forget()
 
     def close(self) -> None:
         self.reset()
         self._wire.close()
 
+    def _send(self, commands: list[Command]) -> None:
+        try:
+            self._wire.send(commands)
+        except BaseException:
+            self._forget()
+            raise
+
+    def _receive(self) -> list[Any]:
+        try:
+            return self._wire.receive()
+        except BaseException:
+            self._forget()
+            raise
+
+    def _forget(self) -> None:
+        """Nothing is due any more: every reply was read, or the wire dropped its
+        connection and the replies with it (any error does). What this pipeline knew of
+        them goes too: a transaction unsettled, a read ahead."""
+        self._unsettled, self._ahead, self._next = None, None, None
+
     def _settle(self) -> None:
         sent, self._unsettled = self._unsettled, None
         if sent is not None:
-            executed(self._wire.receive())
+            executed(self._receive())
             self._on_applied(sent.receipt, sent.sent_ms)
 
     def _take_next(self) -> Read | None:
@@ -173,7 +194,7 @@ class Pipeline:
         """Up to ``count`` new entries for this consumer, waiting up to ``block_ms`` for
         one (None: not at all); with them the first entry of the stream after ``after``,
         and the models events after ``events_after``, read once the entries are in."""
-        self._wire.send(
+        self._send(
             [
                 (b"XRANGE", self._keys.input.encode(), b"(" + after, b"+", b"COUNT", b"1"),
                 read_group(self._keys, self._consumer, count, block_ms),
@@ -189,7 +210,7 @@ class Pipeline:
         delivered to this consumer and never reached us (a reply lost on the way): they
         are pending on us, and the windows must see them first.
         """
-        replies = self._wire.receive()
+        replies = self._receive()
         raise_first_error(replies)
         following, reply, events = replies
         entries = read_entries(reply)
