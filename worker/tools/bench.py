@@ -426,7 +426,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
         f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
-        f"({m['torch_threads']} threads), redis-py {m['redis_py']}, hiredis {m['hiredis']}.",
+        f"({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), redis-py "
+        f"{m['redis_py']}, hiredis {m['hiredis']}.",
         f"Model: window {report['model']['window']}, hidden {report['model']['hidden_size']}, "
         f"{report['model']['params']} parameters. Peak RSS {report['max_rss_mb']} MB.",
         "",
