@@ -12,7 +12,7 @@ chmod 700 "$dir"
 cd "$dir"
 umask 022
 
-for user in worker producer; do
+for user in worker producer loader; do
     [ -s "redis-$user-password" ] || openssl rand -hex 32 >"redis-$user-password"
 done
 

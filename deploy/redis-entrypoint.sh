@@ -9,6 +9,7 @@ template=${ACL_TEMPLATE:-/etc/attnlstm/users.acl.template}
 rendered=${ACL_FILE:-/run/attnlstm/users.acl}
 worker_file=${WORKER_PASSWORD_FILE:-/run/secrets/redis_worker_password}
 producer_file=${PRODUCER_PASSWORD_FILE:-/run/secrets/redis_producer_password}
+loader_file=${LOADER_PASSWORD_FILE:-/run/secrets/redis_loader_password}
 
 # The SHA-256 of the password in file $1: its content without the trailing newlines.
 hash_of() {
@@ -22,10 +23,12 @@ hash_of() {
 
 worker_hash=$(hash_of "$worker_file")
 producer_hash=$(hash_of "$producer_file")
+loader_hash=$(hash_of "$loader_file")
 mkdir -p "$(dirname "$rendered")"
 sed -e '/^#/d' -e '/^[[:space:]]*$/d' \
     -e "s/@WORKER_PASSWORD_SHA256@/$worker_hash/" \
     -e "s/@PRODUCER_PASSWORD_SHA256@/$producer_hash/" \
+    -e "s/@LOADER_PASSWORD_SHA256@/$loader_hash/" \
     "$template" >"$rendered"
 chmod 644 "$rendered" # read by the server after it drops root; hashes only
 exec "$@"

@@ -1,13 +1,16 @@
-"""What each entry of a read becomes, and the commands of its transaction (pure code:
-the worker tests run the same through a real server)."""
+"""What each entry of a read becomes, and the fenced call that publishes it (pure code:
+the worker tests run the same through a real server, test_lease the call itself)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from worker.batch import batch_commands, handled_before, triage
+from worker.batch import batch_call, handled_before, triage
 from worker.keys import Keys
+from worker.lease import Fence
 
+KEYS = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
+FENCE = Fence(KEYS, "w#1a2b3c4d", 7, 10_000)
 GOOD = {b"series": b"s1", b"value": b"1.5"}
 BAD = {b"series": b"s1", b"value": b"abc"}
 
@@ -47,43 +50,51 @@ def test_entries_the_state_already_reflects_are_only_acked() -> None:
     assert batch.ids == [b"4-1"]
 
 
-def test_the_transaction_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
+def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
     batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
-    keys = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
     yhat = np.array([[2.25]])
     attn = np.array([[0.25, 0.75]])
     rows = np.array([1])  # only the second valid reading had a full window
-    commands, receipt = batch_commands(batch, rows, yhat, attn, keys, maxlen=1000, version=b"v1")
-    forecast, dead, ack = commands
-    assert forecast == (
-        b"XADD", b"out", b"MAXLEN", b"~", b"1000", b"*",
-        b"series", b"s2", b"src", b"7-0", b"ts", b"7",
-        b"yhat", b"[2.25]", b"attn", b"[0.2500000, 0.7500000]", b"model", b"v1",
-    )  # fmt: skip
-    assert dead == (
-        b"XADD", b"in:dead", b"MAXLEN", b"~", b"1000", b"*",
-        b"series", b"s1", b"value", b"abc",
+    call, receipt = batch_call(batch, rows, yhat, attn, FENCE, maxlen=1000, version=b"v1")
+    assert call == (
+        b"FCALL", b"attnlstm_publish", b"6",
+        b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:state:g",
+        b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
+        b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
+        b"s2", b"7-0", b"7", b"[2.25]", b"[0.2500000, 0.7500000]", b"v1",
+        b"8", b"series", b"s1", b"value", b"abc",
         b"src", b"6-0", b"error", b"value is not a decimal number: 'abc'",
+        b"5-0", b"6-0", b"7-0",
     )  # fmt: skip
-    assert ack == (b"XACK", b"in", b"g", b"5-0", b"6-0", b"7-0")
     assert receipt.entered_ms.tolist() == [7.0]  # the forecast's input entered at 7 ms
     assert receipt.dead_reasons == ["value is not a decimal number: 'abc'"]
+
+
+def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
+    batch = triage([(b"5-0", GOOD)], pending={}, series_ids={}, last_id=b"9-0", max_deliveries=5)
+    no_rows, no_yhat, no_attn = np.empty(0, dtype=np.int64), np.empty((0, 1)), np.empty((0, 2))
+    call, _ = batch_call(batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1")
+    assert call is None  # replayed only: nothing to write
+    call, _ = batch_call(
+        batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1", state=b"STATE"
+    )
+    assert call is not None
+    assert call[-5:] == (b"0", b"0", b"0", b"1", b"STATE")
 
 
 def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
     entries = [(b"5-0", GOOD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
     batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
-    keys = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
     yhat = np.array([[np.nan], [1.5]])
     attn = np.array([[0.5, 0.5], [0.5, 0.5]])
-    commands, receipt = batch_commands(
-        batch, np.array([0, 1]), yhat, attn, keys, maxlen=10, version=b"v1"
-    )
-    forecast, dead, ack = commands
-    assert forecast[forecast.index(b"src") + 1] == b"7-0"
-    assert dead[dead.index(b"src") + 1] == b"5-0"
+    call, receipt = batch_call(batch, np.array([0, 1]), yhat, attn, FENCE, maxlen=10, version=b"v")
+    assert call is not None
+    assert call[14:18] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
+    assert call[18:20] == (b"s2", b"7-0")
+    dead = call[25 : 25 + int(call[24])]
     assert dead[dead.index(b"error") + 1] == b"the model's forecast is not finite"
-    assert ack == (b"XACK", b"in", b"g", b"5-0", b"7-0")
+    assert dead[dead.index(b"src") + 1] == b"5-0"
+    assert call[-2:] == (b"5-0", b"7-0")
     assert receipt.entered_ms.tolist() == [7.0]
     assert receipt.dead_reasons == ["the model's forecast is not finite"]

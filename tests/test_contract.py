@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from worker.contract import (
+    DEAD_MAX_FIELDS,
+    FORECAST_FIELDS,
     Reading,
     dead_fields,
     entry_ms,
-    forecast_fields,
+    forecast_values,
     fraction_rows,
     json_rows,
     parse,
@@ -181,10 +183,18 @@ def test_json_rows_of_one_column_and_of_no_rows() -> None:
     assert json_rows(np.empty((0, 4))) == []
 
 
-def test_forecast_fields_are_the_six_fields_in_order() -> None:
-    flat = forecast_fields("s1", b"17-0", 1_700_000_000_000, b"[1.0]", b"[0.5, 0.5]", b"m1")
-    assert flat[0::2] == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
-    assert flat[1::2] == (b"s1", b"17-0", b"1700000000000", b"[1.0]", b"[0.5, 0.5]", b"m1")
+def test_forecast_values_are_the_six_fields_in_order() -> None:
+    values = forecast_values("s1", b"17-0", 1_700_000_000_000, b"[1.0]", b"[0.5, 0.5]", b"m1")
+    assert FORECAST_FIELDS == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
+    assert values == (b"s1", b"17-0", b"1700000000000", b"[1.0]", b"[0.5, 0.5]", b"m1")
+
+
+def test_a_dead_letter_of_thousands_of_fields_keeps_the_first_and_counts_the_rest() -> None:
+    fields = {b"f%d" % k: b"v" for k in range(DEAD_MAX_FIELDS + 234)}
+    dead = dead_fields(fields, b"1-0", "missing field: series")
+    assert list(dead)[:DEAD_MAX_FIELDS] == list(fields)[:DEAD_MAX_FIELDS]
+    assert dead[b"fields_dropped"] == b"234"
+    assert (dead[b"src"], len(dead)) == (b"1-0", DEAD_MAX_FIELDS + 3)
 
 
 @pytest.mark.parametrize(

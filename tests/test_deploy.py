@@ -39,9 +39,9 @@ from tests.helpers import (
 from worker.cli import main
 from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
 from worker.keys import Keys
+from worker.lease import Lease
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
-from worker.streams import Lease
 
 DEPLOY = ROOT / "deploy"
 DEBIAN_REDIS = Path("/usr/bin/redis-server")  # Debian's is built with TLS
@@ -75,7 +75,16 @@ def _services(config: str) -> set[str]:
 @pytest.mark.parametrize(
     ("override", "wanted"),
     [
-        (None, ["condition: service_healthy", "redis://worker@redis:6379/0", "valkey-cli"]),
+        (
+            None,
+            [
+                "condition: service_healthy",
+                "condition: service_completed_successfully",
+                "load-functions.sh",
+                "redis://worker@redis:6379/0",
+                "valkey-cli",
+            ],
+        ),
         ("docker-compose.gpu.yml", ["driver: nvidia", "- gpu", "image: attnlstm:cuda"]),
         ("docker-compose.tls.yml", ["rediss://worker@redis:6379/0", "--tls-port", "--cacert"]),
     ],
@@ -94,7 +103,7 @@ def test_compose_accepts_the_file_and_each_override(
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert _services(done.stdout) == {"redis", "worker", "replay", "prometheus"}
+    assert _services(done.stdout) == {"redis", "functions", "worker", "replay", "prometheus"}
     for text in wanted:
         assert text in done.stdout
     # Passwords come from secret files: no URL in the configuration holds one.
@@ -187,6 +196,27 @@ class AclServer:
                         pytest.fail(f"{self.binary} did not start:\n{log[-2000:]}")
                     time.sleep(0.02)
 
+    def load_functions(self) -> None:
+        """What the `functions` service does once Redis is up: deploy/load-functions.sh,
+        as the `loader` user, with the CLI that comes with the server."""
+        env = {
+            "PATH": f"{self.binary.parent}{os.pathsep}{os.environ['PATH']}",
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(self.port),
+            "LOADER_PASSWORD_FILE": str(self.password_file("loader")),
+            "FUNCTIONS_FILE": str(ROOT / "worker" / "functions.lua"),
+        }
+        done = subprocess.run(
+            ["sh", str(DEPLOY / "load-functions.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "loaded the attnlstm functions" in done.stdout
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()  # SIGTERM: a clean shutdown, the AOF written out
@@ -207,6 +237,7 @@ def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclSe
         "ACL_FILE": str(acl_file),
         "WORKER_PASSWORD_FILE": str(secrets / "redis-worker-password"),
         "PRODUCER_PASSWORD_FILE": str(secrets / "redis-producer-password"),
+        "LOADER_PASSWORD_FILE": str(secrets / "redis-loader-password"),
     }
     # The entrypoint renders, then runs its arguments: the server in the container.
     subprocess.run(["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"], env=env, check=True)
@@ -217,6 +248,7 @@ def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclSe
     server = AclServer(request.param, data, acl_file, secrets)
     server.start()
     try:
+        server.load_functions()
         yield server
     finally:
         server.stop()
@@ -257,16 +289,13 @@ def test_the_worker_user_runs_a_whole_session(
         assert admin.xpending(KEYS.input, KEYS.group)["pending"] == 0
 
 
-def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
+def _burst_as_worker(
     acl_server: AclServer, model_file: Path, tmp_path: Path
-) -> None:
-    with contextlib.closing(acl_server.client("admin")) as admin:
-        admin.execute_command("ACL", "SETUSER", "worker", "-multi")  # type: ignore[no-untyped-call]
-    with contextlib.closing(acl_server.client("producer")) as producer:
-        fill(producer, KEYS.input, sine_steps(3, 30))
+) -> subprocess.CompletedProcess[str]:
+    """``attnlstm worker --burst`` as the worker user, with its password file."""
     cmd = worker_cmd(model_file, acl_server.url("worker"), KEYS)
     pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
-    done = subprocess.run(
+    return subprocess.run(
         [*cmd, *pw, "--burst"],
         cwd=tmp_path,
         env=worker_env(),
@@ -275,6 +304,16 @@ def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
         timeout=60,
         check=False,
     )
+
+
+def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
+    acl_server: AclServer, model_file: Path, tmp_path: Path
+) -> None:
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        admin.execute_command("ACL", "SETUSER", "worker", "-multi")  # type: ignore[no-untyped-call]
+    with contextlib.closing(acl_server.client("producer")) as producer:
+        fill(producer, KEYS.input, sine_steps(3, 30))
+    done = _burst_as_worker(acl_server, model_file, tmp_path)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert "refused this worker's user a command" in last, last
@@ -303,6 +342,13 @@ def test_the_worker_user_is_refused_everything_else(acl_server: AclServer) -> No
         _refused(worker, "SET", KEYS.output, "overwritten")  # XADD only
         _refused(worker, "DEL", KEYS.state)
         _refused(worker, "EVAL", "return 1", "0")
+        _refused(worker, "EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0")
+        _refused(worker, "SCRIPT", "LOAD", "while true do end")
+        _refused(worker, "FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', f)")
+        _refused(worker, "FUNCTION", "DELETE", "attnlstm")
+        _refused(worker, "FUNCTION", "FLUSH")
+        # Its functions, but on keys of its choosing: refused before they run.
+        _refused(worker, "FCALL", "attnlstm_lease", "2", "elsewhere", "other", "t", "1000")
 
 
 def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:
@@ -325,8 +371,14 @@ def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:
             store.get(v1)
         assert store.get(v2).version == v2
         assert [f[b"event"] for _, f in store.events() if f] == [b"promoted", b"promoted"]
-        lock = Lease(worker, key=KEYS.finetune_lock, owner="test", ttl_ms=5000)
-        assert lock.acquire() == "test"
+        lock = Lease(
+            worker,
+            key=KEYS.finetune_lock,
+            fence_key=KEYS.finetune_fence,
+            owner="test",
+            ttl_ms=5000,
+        )
+        assert lock.acquire() == (lock.token, 1)
         lock.release()
         with contextlib.closing(acl_server.client("admin")) as admin:
             assert _denials(admin) <= {("worker", SETINFO)}
@@ -379,6 +431,33 @@ def test_the_producer_can_only_add_to_the_input_stream(acl_server: AclServer) ->
         _refused(producer, "PING")
     with contextlib.closing(acl_server.client("admin")) as admin:
         assert admin.xlen(KEYS.input) == 2
+
+
+def test_the_loader_can_only_load_functions(acl_server: AclServer) -> None:
+    with contextlib.closing(acl_server.client("loader")) as loader:
+        _refused(loader, "FCALL", "attnlstm_version", "0")
+        _refused(loader, "FUNCTION", "DELETE", "attnlstm")
+        _refused(loader, "EVAL", "return 1", "0")
+        _refused(loader, "GET", KEYS.state)
+        _refused(loader, "XADD", KEYS.input, "*", "series", "s", "value", "1")
+        _refused(loader, "PING")
+
+
+def test_a_worker_whose_server_lacks_the_functions_says_who_must_load_them(
+    acl_server: AclServer, model_file: Path, tmp_path: Path
+) -> None:
+    """A Redis restarted without its data, say: the worker may not load them itself."""
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        admin.function_delete("attnlstm")
+    done = _burst_as_worker(acl_server, model_file, tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "attnlstm worker: error: Redis lacks version 1 of the attnlstm functions, and this "
+        "user may not load them: load worker/functions.lua as an admin "
+        "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
+    )
+    acl_server.load_functions()  # what the deployment does: deploy/load-functions.sh
+    assert _burst_as_worker(acl_server, model_file, tmp_path).returncode == 0
 
 
 def test_nobody_gets_in_without_a_password(acl_server: AclServer) -> None:

@@ -230,7 +230,7 @@ def test_one_worker_fine_tunes_at_a_time(
     state = WindowState(window=20, length=200, max_series=10)
     slots = np.repeat(state.slots_for(["s0"]), 200)  # one series, 200 values: enough
     state.push(slots, np.sin(np.arange(200.0)), gather=False)
-    assert first.lock.acquire() == "first"  # first is fine-tuning
+    assert first.lock.acquire()[0] == first.lock.token  # first is fine-tuning
     clock.now += 10  # a fine-tune is due
     assert second.tick(state, Scorer(halflife_s=30)) is None
     assert not second.running  # due, but not its turn
@@ -238,7 +238,7 @@ def test_one_worker_fine_tunes_at_a_time(
     clock.now += 10  # due again
     assert second.tick(state, Scorer(halflife_s=30)) is None
     assert second.running  # its turn: started
-    assert redis_client.get(keys.finetune_lock) == b"second"
+    assert redis_client.get(keys.finetune_lock) == second.lock.token.encode()
     second.close()  # the fine-tune in flight is dropped, and the lock with it
     assert redis_client.get(keys.finetune_lock) is None
 

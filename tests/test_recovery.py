@@ -7,6 +7,7 @@ import logging
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import cast
 
@@ -271,3 +272,82 @@ def test_a_lost_state_is_rebuilt_from_the_stream_without_publishing_again(
     assert report["forecasts"] == 3 * 10  # only the new entries
     want = expected(trained_sines, values, ids)
     assert_forecasts(redis_client, keys.output, want)  # windows were whole
+
+
+# -- fenced ownership: one writer, whatever happens to the others ---------------------
+
+
+def test_two_workers_with_one_consumer_name_publish_each_input_once(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A consumer name is a role, not a process: two processes started with one name
+    (ATTNLSTM_CONSUMER set for both) must not both write."""
+    values = sine_steps(200, 60, seed=15)  # 12,000 entries
+    ids = fill(redis_client, keys.input, values)
+    settings = settings_for(redis_url, keys, consumer="same", max_batch=64, block_ms=100)
+    workers = [new_worker(settings, trained_sines) for _ in range(2)]
+    with WorkerThread(workers[0]) as first, WorkerThread(workers[1]):
+        first.wait_for(lambda: redis_client.xlen(keys.output) >= 200 * 41)
+        first.wait_for(lambda: _pending(redis_client, keys) == 0)
+    assert sorted(w.metrics.role for w in workers) == ["active", "standby"]
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGSTOP mid-drain, a second worker takes over once the lease expires, SIGCONT:
+    the first one's next write is refused by Redis, and it steps back."""
+    values = sine_steps(300, 80, seed=16)  # 24,000 entries
+    ids = fill(redis_client, keys.input, values)
+    flags = ("--max-batch", "50", "--lease-ttl-ms", "1000", "--block-ms", "100")
+    frozen = WorkerProcess(worker_cmd(model_file, redis_url, keys, *flags), tmp_path)
+    with frozen:
+        frozen.wait_for(lambda: redis_client.xlen(keys.output) >= 3000)
+        frozen.proc.send_signal(signal.SIGSTOP)
+        settings = settings_for(redis_url, keys, max_batch=50, lease_ttl_ms=1000, block_ms=100)
+        successor = new_worker(settings, trained_sines)
+        with WorkerThread(successor) as running:
+            running.wait_for(lambda: successor.metrics.role == "active")
+            frozen.proc.send_signal(signal.SIGCONT)  # it wakes up believing it is active
+            running.wait_for(lambda: redis_client.xlen(keys.output) >= 300 * 61)
+            running.wait_for(lambda: _pending(redis_client, keys) == 0)
+            assert frozen.proc.poll() is None  # stepped back, still running
+    log = frozen.stderr
+    refused = [line for line in log.splitlines() if "re-syncing" in line and "fence" in line]
+    assert refused, log[-3000:]  # its write (or its renewal) was refused: fenced
+    assert "waiting:" in log.split(refused[0])[1]  # then a standby
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_a_resync_longer_than_the_lease_keeps_it(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """No state key, and a stream whose entries were all handled: a start re-reads them
+    all, page by page (pages of max_batch 4 here), publishing nothing, for longer than
+    the lease lives. It renews the lease as it goes, so a second worker started
+    meanwhile waits instead of taking over and publishing what was published."""
+    values = sine_steps(400, 100, seed=17)  # 40,000 entries
+    fill(redis_client, keys.input, values)
+    redis_client.xgroup_create(keys.input, keys.group, id="$")  # all delivered, none pending
+    settings = settings_for(redis_url, keys, lease_ttl_ms=1000, block_ms=100, max_batch=4)
+    first, second = new_worker(settings, trained_sines), new_worker(settings, trained_sines)
+    with WorkerThread(first) as running:
+        running.wait_for(lambda: redis_client.get(keys.lease) is not None)
+        started = time.monotonic()
+        with WorkerThread(second):
+            running.wait_for(lambda: first.metrics.role == "active")  # re-synced
+            resync_s = time.monotonic() - started
+            assert second.metrics.role == "standby"
+            assert redis_client.get(keys.fence) == b"1"  # one holder all along
+            assert resync_s > 1.5, f"the re-sync took {resync_s:.1f} s: not past the lease"
+            more = fill(redis_client, keys.input, sine_steps(400, 101, seed=17)[100:])
+            running.wait_for(lambda: redis_client.xlen(keys.output) == len(more))
+            running.wait_for(lambda: _pending(redis_client, keys) == 0)
+    assert redis_client.xlen(keys.output) == 400  # only the new entries: one forecast each

@@ -1,4 +1,4 @@
-"""Redis plumbing against a real server: reply shapes, the transaction, the lease."""
+"""Redis plumbing against a real server: reply shapes, the transaction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import redis
 
 from worker.keys import Keys
 from worker.streams import (
-    Lease,
     connect,
     ensure_group,
     entries_of,
@@ -56,21 +55,6 @@ def test_a_transaction_returns_every_reply_and_surfaces_errors(
         transaction(client, [(b"XADD", f"{stream_prefix}str".encode(), b"*", b"f", b"3")])
     assert transaction(client, [(b"XLEN", key)]) == [1]  # the connection is still good
     client.close()
-
-
-def test_the_lease_has_one_holder_until_it_is_released(
-    redis_client: redis.Redis, stream_prefix: str
-) -> None:
-    key = f"{stream_prefix}lease"
-    a = Lease(redis_client, key=key, owner="a", ttl_ms=5000)
-    b = Lease(redis_client, key=key, owner="b", ttl_ms=5000)
-    assert a.acquire() == "a"
-    assert b.acquire() == "a"  # b is told who holds it
-    assert a.acquire() == "a"  # renewing
-    b.release()  # not b's to release
-    assert redis_client.get(key) == b"a"
-    a.release()
-    assert b.acquire() == "b"
 
 
 def test_entry_ids_sort_like_the_stream() -> None:

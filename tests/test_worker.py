@@ -205,16 +205,17 @@ def test_a_second_worker_waits_for_the_lease_and_takes_over(
         settings_for(redis_url, keys, consumer="b"), trained_sines, metrics=standby_metrics
     )
     with WorkerThread(first) as active:
-        active.wait_for(lambda: redis_client.get(keys.lease) == b"a")
+        a_token, b_token = first.recovery.lease.token, second.recovery.lease.token
+        active.wait_for(lambda: redis_client.get(keys.lease) == a_token.encode())
         standby = WorkerThread(second).start()
         standby.wait_for(lambda: standby_metrics.role == "standby")
         assert standby_metrics.health(stale_after_s=10)[0]  # healthy, waiting
     with standby:
         fill(redis_client, keys.input, sine_steps(2, 25))
         standby.wait_for(lambda: redis_client.xlen(keys.output) == 2 * 6)
-        assert redis_client.get(keys.lease) == b"b"
+        assert redis_client.get(keys.lease) == b_token.encode()
         assert standby_metrics.role == "active"
-    assert "waiting: a holds the lease" in caplog.text
+    assert f"waiting: {a_token} holds the lease" in caplog.text
     assert redis_client.get(keys.lease) is None  # released at exit
 
 

@@ -1,9 +1,9 @@
 """One batch, pure (no I/O): when to cut it, what each of its entries becomes, and the
-commands of its transaction.
+call that publishes it.
 
 The loop in :mod:`worker.loop` reads, forecasts and sends; this decides what each entry
 becomes (a forecast, a dead letter, only an ack, or nothing at all) and spells out the
-commands that publish the batch.
+one fenced call (:mod:`worker.lease`) that publishes the batch with its acks.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from worker.contract import (
     Fields,
     dead_fields,
     entry_ms,
-    forecast_fields,
+    forecast_values,
     fraction_rows,
     json_rows,
     parse,
 )
-from worker.keys import Keys
-from worker.streams import Command, Entry, id_key, xadd
+from worker.lease import Fence
+from worker.streams import Command, Entry, id_key
 
 
 class BatchWindow:
@@ -139,33 +139,38 @@ def handled_before(entries: Sequence[Entry], last_id: bytes) -> int:
     )
 
 
-def batch_commands(
+def batch_call(
     batch: Batch,
     rows: np.ndarray,
     yhat: np.ndarray,
     attn: np.ndarray,
-    keys: Keys,
+    fence: Fence,
     *,
     maxlen: int,
     version: bytes,
-) -> tuple[list[Command], Receipt]:
+    state: bytes | None = None,
+) -> tuple[Command | None, Receipt]:
     """The forecasts of the batch positions ``rows`` (with their ``yhat`` and ``attn``),
-    the dead letters and the ack, as the commands of one transaction; and its receipt.
+    the dead letters, the ack and ``state`` as one fenced call, and its receipt; None
+    when there is nothing to write.
 
     A forecast that is not finite is dead-lettered instead."""
     finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
     batch.reject(rows[~finite], "the model's forecast is not finite")
     rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
-    output = xadd(keys.output, maxlen=maxlen)
-    commands: list[Command] = [
-        (*output, *forecast_fields(batch.names[i], batch.ids[i], batch.ts[i], y, a, version))
+    forecasts = [
+        forecast_values(batch.names[i], batch.ids[i], batch.ts[i], y, a, version)
         for i, y, a in zip(rows.tolist(), json_rows(yhat), fraction_rows(attn), strict=True)
     ]
-    dead = xadd(keys.dead, maxlen=maxlen)
-    for entry_id, fields, reason in batch.dead:
-        flat = [part for pair in dead_fields(fields, entry_id, reason).items() for part in pair]
-        commands.append((*dead, *flat))
-    if batch.acks:
-        commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *batch.acks))
+    dead = [
+        [part for pair in dead_fields(fields, entry_id, reason).items() for part in pair]
+        for entry_id, fields, reason in batch.dead
+    ]
     entered_ms = np.fromiter((entry_ms(batch.ids[i]) for i in rows), np.float64, rows.size)
-    return commands, Receipt(entered_ms, [reason for _, _, reason in batch.dead])
+    receipt = Receipt(entered_ms, [reason for _, _, reason in batch.dead])
+    if not (forecasts or dead or batch.acks or state is not None):
+        return None, receipt
+    call = fence.publish(
+        maxlen=maxlen, forecasts=forecasts, dead=dead, acks=batch.acks, state=state
+    )
+    return call, receipt

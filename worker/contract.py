@@ -98,7 +98,12 @@ def _show(raw: bytes, limit: int = 40) -> str:
 
 
 def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
-    """The original fields, unchanged, plus where they came from and what was wrong."""
+    """The original fields, unchanged, plus where they came from and what was wrong.
+    Past DEAD_MAX_FIELDS fields, the first ones and ``fields_dropped``: how many not."""
+    if len(fields) > DEAD_MAX_FIELDS:
+        kept = dict(list(fields.items())[:DEAD_MAX_FIELDS])
+        kept[b"fields_dropped"] = b"%d" % (len(fields) - DEAD_MAX_FIELDS)
+        fields = kept
     return {**fields, b"src": src, b"error": error.encode()}
 
 
@@ -149,18 +154,15 @@ def fraction_rows(matrix: np.ndarray) -> list[bytes]:
     return [data[k : k + size] for k in range(0, n * size, size)]
 
 
-def forecast_fields(
+FORECAST_FIELDS = (b"series", b"src", b"ts", b"yhat", b"attn", b"model")  # in this order
+DEAD_MAX_FIELDS = 1_000  # fields copied into a dead letter, at most
+
+
+def forecast_values(
     series: str, src: bytes, ts: int, yhat: bytes, attn: bytes, model: bytes
 ) -> tuple[bytes, ...]:
-    """A forecast entry's fields and values, flat, in XADD's argument order."""
-    return (
-        b"series", series.encode(),
-        b"src", src,
-        b"ts", b"%d" % ts,
-        b"yhat", yhat,
-        b"attn", attn,
-        b"model", model,
-    )  # fmt: skip
+    """A forecast entry's values, in the order of FORECAST_FIELDS."""
+    return (series.encode(), src, b"%d" % ts, yhat, attn, model)
 
 
 def reason_kind(reason: str) -> str:

@@ -16,17 +16,21 @@ class Keys:
     # Derived from those:
     state: str = field(init=False)  # window state checkpoint and the last input id it reflects
     lease: str = field(init=False)  # held by the one worker that consumes `input` for `group`
+    fence: str = field(init=False)  # the lease's fence number: grows on every takeover
     versions: str = field(init=False)  # the stored model versions, newest first (a list)
     serving: str = field(init=False)  # the version every worker should serve
     finetune_lock: str = field(init=False)  # held by the one worker fine-tuning now
+    finetune_fence: str = field(init=False)  # the fine-tune lock's fence number
 
     def __post_init__(self) -> None:
         derived = {
             "state": f"{self.input}:state:{self.group}",
             "lease": f"{self.input}:lease:{self.group}",
+            "fence": f"{self.input}:fence:{self.group}",
             "versions": f"{self.models}:versions",
             "serving": f"{self.models}:serving",
             "finetune_lock": f"{self.models}:finetune-lock",
+            "finetune_fence": f"{self.models}:finetune-fence",
         }
         for name, key in derived.items():
             object.__setattr__(self, name, key)  # frozen: set once, here

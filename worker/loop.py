@@ -28,7 +28,7 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
-from worker.batch import batch_commands, triage
+from worker.batch import batch_call, triage
 from worker.engine import Engine, check_fits
 from worker.metrics import Metrics
 from worker.online.scoring import Scorer
@@ -157,7 +157,7 @@ class Worker:
         self.recovery.audit()
 
     def _handle(self, entries: list[Entry], *, pending: dict[bytes, int] | None) -> None:
-        """Validate, update the windows, forecast; publish with the acks, in one EXEC.
+        """Validate, update the windows, forecast; publish with the acks, in one call.
 
         ``pending`` is None for a live read (every entry is new to us). While re-syncing
         it maps the entries still pending to their delivery counts; the others were
@@ -195,13 +195,15 @@ class Worker:
             self.state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
         rows = np.flatnonzero(kept)[forecast]  # batch positions forecast
-        commands, receipt = batch_commands(
-            batch, rows, yhat, attn, self.keys, maxlen=self.settings.output_maxlen, version=version
-        )
+        state = None
         if time.monotonic() >= self._next_checkpoint:
             self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
-            commands.append((b"SET", self.keys.state.encode(), self.state.to_bytes()))
-        self.pipeline.publish(commands, receipt)
+            state = self.state.to_bytes()
+        fence, maxlen = self.recovery.fence, self.settings.output_maxlen
+        call, receipt = batch_call(
+            batch, rows, yhat, attn, fence, maxlen=maxlen, version=version, state=state
+        )
+        self.pipeline.publish(call, receipt)
 
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.engine is None or windows.shape[0] == 0:

@@ -1,15 +1,17 @@
-"""The read-ahead pipeline: the worker's reads and batch transactions on one connection,
+"""The read-ahead pipeline: the worker's reads and batch publishes on one connection,
 sent early and answered late, so that Redis works while the model does.
 
 While the loop forecasts a batch, Redis answers the read for the next one (a read that
 cannot block: Redis runs nothing more from a connection while a read on it is blocked)
-and applies the transaction of the batch before. What the loop calls:
+and applies the publish of the batch before. What the loop calls:
 
 - :meth:`Pipeline.next_batch`: the entries read ahead, or else a read that waits for
   one; then more, until the batch is full or ``max_wait_ms`` has passed;
 - :meth:`Pipeline.read_ahead`: ask for the batch after this one now;
-- :meth:`Pipeline.publish`: send this batch's transaction; its reply is read while the
-  next batch is worked on, and :meth:`Pipeline.drain` reads it at once.
+- :meth:`Pipeline.publish`: send this batch's fenced call (its forecasts, dead letters
+  and acks, in one atomic step); its reply is read while the next batch is worked on,
+  and :meth:`Pipeline.drain` reads it at once. A refused call (another worker holds the
+  lease) raises FencedError there.
 
 Every read also fetches the first entry of the stream after the last one the windows
 saw, so that a read that skips entries (a lost reply, a reset group) is caught, and the
@@ -28,14 +30,13 @@ from typing import Any
 import redis
 
 from worker.batch import BatchWindow, Receipt
+from worker.lease import fenced
 from worker.settings import Settings
 from worker.streams import (
     Command,
     Entry,
     OutOfStepError,
     Wire,
-    executed,
-    multi_exec,
     raise_first_error,
     range_entries,
     read_entries,
@@ -51,7 +52,7 @@ class Read:
 
 @dataclass(frozen=True)
 class _Sent:
-    """A transaction whose reply is still to be read."""
+    """A publish whose reply is still to be read."""
 
     receipt: Receipt
     sent_ms: float  # when it went out: its forecasts' publish time, for the latency
@@ -67,14 +68,14 @@ class Pipeline:
         on_applied: Callable[[Receipt, float], None],
     ) -> None:
         """``events_query(after)``: the read of the models events after ``after`` (None:
-        those not seen yet). ``on_applied(receipt, sent_ms)``: a transaction's reply
+        those not seen yet). ``on_applied(receipt, sent_ms)``: a publish's reply
         said it was applied."""
         self._client = client
         self._wire = Wire(client)
         self._keys, self._consumer = settings.keys, settings.consumer
         self._max_batch, self._max_wait_ms = settings.max_batch, settings.max_wait_ms
         self._events_query, self._on_applied = events_query, on_applied
-        self._unsettled: _Sent | None = None  # the last transaction, its reply not read
+        self._unsettled: _Sent | None = None  # the last publish, its reply not read
         self._ahead: bytes | None = None  # a read ahead went out for entries after this id
         self._next: Read | OutOfStepError | None = None  # its reply: the next batch's start
 
@@ -111,34 +112,34 @@ class Pipeline:
         self._send_read(after, None, count=self._max_batch, events_after=None)
         self._ahead = after
 
-    def publish(self, commands: list[Command], receipt: Receipt) -> None:
-        """Send a batch's transaction (nothing when it has no commands). The reply to the
-        one before, and the entries read ahead, are read first."""
+    def publish(self, call: Command | None, receipt: Receipt) -> None:
+        """Send a batch's call (None: it has nothing to write). The reply to the one
+        before, and the entries read ahead, are read first."""
         self._settle()
         if self._ahead is not None:
-            # Taken before the transaction goes out: a reply too big for the socket's
-            # buffer would otherwise wait behind the transaction's execution.
+            # Taken before the call goes out: a reply too big for the socket's buffer
+            # would otherwise wait behind the call's execution.
             after, self._ahead = self._ahead, None
             try:
                 self._next = self._take_read(after)
             except OutOfStepError as gap:  # this batch still goes out; the next re-syncs
                 self._next = gap
-        if not commands:
+        if call is None:
             self._on_applied(receipt, time.time() * 1000)
             return
-        self._send(multi_exec(commands))
+        self._send([call])
         self._unsettled = _Sent(receipt, time.time() * 1000)
 
     def drain(self) -> None:
-        """Read the last transaction's reply: everything published is applied."""
+        """Read the last publish's reply: everything published is applied."""
         self._settle()
 
     def reset(self) -> None:
-        """Before a re-sync: read every reply still due, so that a transaction sent is
-        known to be applied (or not, if it failed), or drop the connection. Entries read
+        """Before a re-sync: read every reply still due, so that a publish sent is known
+        to be applied (or not: refused, or failed), or drop the connection. Entries read
         ahead stay pending on us: the re-sync claims and handles them."""
         try:
-            with contextlib.suppress(redis.ResponseError):
+            with contextlib.suppress(redis.ResponseError, OutOfStepError):
                 self._settle()
             while self._wire.waiting:
                 self._wire.receive()
@@ -168,14 +169,17 @@ class Pipeline:
     def _forget(self) -> None:
         """Nothing is due any more: every reply was read, or the wire dropped its
         connection and the replies with it (any error does). What this pipeline knew of
-        them goes too: a transaction unsettled, a read ahead."""
+        them goes too: a publish unsettled, a read ahead."""
         self._unsettled, self._ahead, self._next = None, None, None
 
     def _settle(self) -> None:
         sent, self._unsettled = self._unsettled, None
-        if sent is not None:
-            executed(self._receive())
-            self._on_applied(sent.receipt, sent.sent_ms)
+        if sent is None:
+            return
+        (reply,) = self._receive()
+        if isinstance(reply, redis.ResponseError):
+            raise fenced(reply) or reply
+        self._on_applied(sent.receipt, sent.sent_ms)
 
     def _take_next(self) -> Read | None:
         ahead, self._next = self._next, None
@@ -184,7 +188,7 @@ class Pipeline:
         return ahead
 
     def _read(self, after: bytes, block_ms: int, *, count: int, events_after: bytes | None) -> Read:
-        self._settle()  # the last transaction's reply is due on the wire before this read's
+        self._settle()  # the last publish's reply is due on the wire before this read's
         self._send_read(after, block_ms, count=count, events_after=events_after)
         return self._take_read(after)
 

@@ -1,11 +1,12 @@
 """Getting in step with the consumer group, and leaving it in step.
 
 At start, after any Redis error, and whenever the loop finds it is no longer sure its
-windows match the group, the worker: takes the lease (one worker per stream and
-group), makes sure the group exists, restores the window state checkpoint, and
-re-syncs: it claims every pending entry and re-reads the stream from the checkpoint's
-id up to the group's last delivered entry, replaying acked entries into the windows
-and handling the pending ones. At a stop it saves the state and hands the lease back.
+windows match the group, the worker: takes the lease (one worker per stream and group,
+fenced: :mod:`worker.lease`), makes sure the group exists, restores the window state
+checkpoint, and re-syncs: it claims every pending entry and re-reads the stream from
+the checkpoint's id up to the group's last delivered entry, replaying acked entries
+into the windows and handling the pending ones, renewing the lease as it goes. At a
+stop it saves the state and hands the lease back.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from typing import cast
 
 import redis
 
+from worker.lease import Fence, FencedError, Lease, ensure_library, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.state import StateError, WindowState
 from worker.streams import (
+    Command,
     Entry,
-    Lease,
     OutOfStepError,
     ensure_group,
     group_info,
     pages,
     pending_deliveries,
+    round_trip,
 )
 
 log = logging.getLogger("attnlstm.worker")
@@ -40,20 +43,28 @@ Handler = Callable[[list[Entry], dict[bytes, int]], None]
 class Recovery:
     def __init__(self, client: redis.Redis, *, settings: Settings, metrics: Metrics) -> None:
         self.client, self.settings, self.metrics = client, settings, metrics
-        self.keys = settings.keys
+        self.keys = keys = settings.keys
         self.lease = Lease(
-            client, key=self.keys.lease, owner=settings.consumer, ttl_ms=settings.lease_ttl_ms
+            client,
+            key=keys.lease,
+            fence_key=keys.fence,
+            owner=settings.consumer,
+            ttl_ms=settings.lease_ttl_ms,
         )
+        # The lease as held, for every write; a placeholder the server refuses until
+        # take_lease() has taken it.
+        self.fence = Fence(keys, self.lease.token, 0, settings.lease_ttl_ms)
         self._renew_at = 0.0
         self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._had_group = False
 
     def take_lease(self) -> bool:
         """Take the lease; False while another worker holds it (a standby)."""
-        holder = self.lease.acquire()
+        ensure_library(self.client)
+        holder, number = self.lease.acquire()
         self.metrics.connected = True
         self.metrics.beat()  # a standby is healthy: alive, and Redis answers
-        if holder != self.settings.consumer:
+        if holder != self.lease.token:
             self.metrics.role = "standby"
             if holder != self._waiting_for:
                 log.info(
@@ -63,17 +74,23 @@ class Recovery:
                 )
                 self._waiting_for = holder
             return False
+        if number != self.fence.number:
+            log.info("took the lease on %s (fence %d)", self.keys.input, number)
         self._waiting_for = None
+        self.fence = Fence(self.keys, self.lease.token, number, self.settings.lease_ttl_ms)
         self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
         return True
 
     def renew_lease(self) -> None:
-        """Renew the lease when due; OutOfStepError when another worker has taken it."""
+        """Renew the lease when due; FencedError when it is no longer ours as taken."""
         if time.monotonic() < self._renew_at:
             return
-        holder = self.lease.acquire()
-        if holder != self.settings.consumer:
-            raise OutOfStepError(f"lost the lease on {self.keys.input} to {holder}")
+        holder, number = self.lease.acquire()
+        if (holder, number) != (self.fence.token, self.fence.number):
+            raise FencedError(
+                f"lost the lease on {self.keys.input} (fence {self.fence.number}) to "
+                f"{holder} (fence {number})"
+            )
         self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
 
     def ensure_group(self) -> None:
@@ -123,13 +140,14 @@ class Recovery:
             last=delivered,
             count=self.settings.max_batch,
         ):
+            self.renew_lease()  # a long re-sync keeps the lease
             met.update(entry_id for entry_id, _ in page if entry_id in pending)
             handle(page, pending)
             replayed += len(page)
         if unmet := [entry_id for entry_id in pending if entry_id not in met]:
             # Deleted from the stream, or at or before the restored state's entry (handled
             # before the crash): nothing left to do but the ack.
-            self.client.xack(self.keys.input, self.keys.group, *unmet)
+            self._write(self.fence.publish(forecasts=[], dead=[], acks=unmet))
         if replayed or pending:
             log.info(
                 "re-synced to %s: %d entries re-read, %d were pending",
@@ -178,9 +196,9 @@ class Recovery:
     def save(self, state: WindowState) -> None:
         """At a stop, in step: save the windows and hand the lease back."""
         try:
-            self.client.set(self.keys.state, state.to_bytes())
+            self._write(self.fence.publish(forecasts=[], dead=[], acks=[], state=state.to_bytes()))
             self.lease.release()
-        except redis.RedisError as e:
+        except (FencedError, redis.RedisError) as e:
             log.warning("could not save the window state at exit (%s); the last one stands", e)
             return
         log.info(
@@ -188,3 +206,10 @@ class Recovery:
             state.series_count,
             state.last_id.decode(),
         )
+
+    def _write(self, call: Command) -> None:
+        """One fenced call, now: FencedError when the lease is no longer ours."""
+        try:
+            round_trip(self.client, [call])
+        except redis.ResponseError as e:
+            raise fenced(e) or e from None

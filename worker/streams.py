@@ -1,4 +1,4 @@
-"""Redis plumbing: the connection, consumer-group setup, reply shapes, paging, the lease.
+"""Redis plumbing: the connection, consumer-group setup, reply shapes, paging.
 
 Reply shapes differ between RESP2 and RESP3; they are normalised here and nowhere else.
 """
@@ -273,36 +273,3 @@ def group_info(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         if (name.decode() if isinstance(name, bytes) else name) == keys.group:
             return info
     raise redis.ResponseError(f"NOGROUP no group {keys.group!r} on stream {keys.input!r}")
-
-
-# Take the lease if it is free or already ours, and extend it; answer who holds it.
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
-end
-return holder
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-class Lease:
-    """One worker per input stream and group: the windows must see every entry."""
-
-    def __init__(self, client: redis.Redis, *, key: str, owner: str, ttl_ms: int) -> None:
-        self.key, self.owner, self.ttl_ms = key, owner, ttl_ms
-        self._take = client.register_script(_LEASE)
-        self._release = client.register_script(_RELEASE)
-
-    def acquire(self) -> str:
-        """Take or renew the lease; returns the holder (ours when it equals ``owner``)."""
-        holder = self._take(keys=[self.key], args=[self.owner, self.ttl_ms])
-        return holder.decode() if isinstance(holder, bytes) else str(holder)
-
-    def release(self) -> None:
-        self._release(keys=[self.key], args=[self.owner])

@@ -169,6 +169,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--output-maxlen", "output_maxlen", positive, "approximate cap on the output stream"),
     ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
     ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
+    ("--lease-ttl-ms", "lease_ttl_ms", positive, "the lease's time to live (default 10000)"),
     ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
     ("--history-len", "history_len", positive, "values kept per series (default 200)"),
     ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),

@@ -23,6 +23,7 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
 from attnlstm.model import ModelConfig
+from worker.lease import Lease
 from worker.metrics import Metrics
 from worker.online.finetune import (
     FinetuneConfig,
@@ -37,7 +38,7 @@ from worker.online.scoring import Scorer
 from worker.online.store import SWITCHES, ModelStore
 from worker.settings import Settings
 from worker.state import WindowState
-from worker.streams import Command, Entry, Lease
+from worker.streams import Command, Entry
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -68,7 +69,11 @@ class Tuner:
             margin=settings.promote_margin,
         )
         self.lock = Lease(
-            client, key=settings.keys.finetune_lock, owner=settings.consumer, ttl_ms=LOCK_TTL_MS
+            client,
+            key=settings.keys.finetune_lock,
+            fence_key=settings.keys.finetune_fence,
+            owner=settings.consumer,
+            ttl_ms=LOCK_TTL_MS,
         )
         self.version: str | None = None  # what this worker serves
         self.window, self.horizon = COLD_START_MODEL.window, COLD_START_MODEL.horizon  # serving
@@ -170,7 +175,7 @@ class Tuner:
         if not cold and not _usable_values(state, self._min_points()):
             self._due = now + self.settings.finetune_interval_s  # too little history yet
             return None
-        if self.lock.acquire() != self.settings.consumer:
+        if self.lock.acquire()[0] != self.lock.token:
             self._due = now + self.settings.finetune_interval_s  # someone else's turn
             return None
         if drift:

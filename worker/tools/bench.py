@@ -37,10 +37,11 @@ from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
-from worker.contract import entry_ms
+from worker.contract import FORECAST_FIELDS, entry_ms
 from worker.embedded import url_or_embedded
 from worker.engine import Engine
 from worker.keys import Keys
+from worker.lease import Fence, Lease, ensure_library
 from worker.loop import BURST_BLOCK_MS, Worker
 from worker.settings import Settings
 from worker.streams import (
@@ -50,11 +51,9 @@ from worker.streams import (
     connect,
     ensure_group,
     entries_of,
-    executed,
-    multi_exec,
+    raise_first_error,
     read_entries,
     read_group,
-    xadd,
 )
 
 log = logging.getLogger("attnlstm.bench")
@@ -165,11 +164,11 @@ def drain_raw(
     """The same reads, publishes (same field sizes) and acks, and nothing else, each
     waited for in turn.
 
-    Reads and transactions go over a :class:`Wire`, the worker's own path; ``pipeline``
-    uses redis-py's own commands and pipeline instead: what a loop written with stock
-    redis-py gets.
+    Reads and publishes go over a :class:`Wire`, the worker's own path (its fenced
+    call); ``pipeline`` uses redis-py's own commands and a MULTI/EXEC pipeline instead:
+    what a loop written with stock redis-py gets.
     """
-    keys = settings.keys
+    keys, fence = settings.keys, _take_lease(client, settings)
     ensure_group(client, keys)
     wire = Wire(client)
     read = read_group(keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
@@ -185,15 +184,17 @@ def drain_raw(
             entries = read_entries(wire.receive()[0])
         if not entries:
             break
-        commands = _raw_commands(settings, entries, attn_width)
+        forecasts = _raw_forecasts(entries, attn_width)
         if pipeline:
             pipe = client.pipeline(transaction=True)
-            for command in commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            for values in forecasts:
+                fields = dict(zip(FORECAST_FIELDS, values, strict=True))
+                pipe.xadd(keys.output, fields, maxlen=settings.output_maxlen)  # type: ignore[arg-type]
+            pipe.xack(keys.input, keys.group, *(e for e, _ in entries))
             pipe.execute()
         else:
-            wire.send(multi_exec(commands))
-            executed(wire.receive())
+            wire.send([_raw_call(settings, fence, entries, forecasts)])
+            raise_first_error(wire.receive())
         n += len(entries)
     wire.close()
     return _rate(n, started)
@@ -201,33 +202,46 @@ def drain_raw(
 
 def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) -> dict[str, float]:
     """:func:`drain_raw` reading ahead as the worker does: each read goes out, without
-    blocking, before the batch in hand is published, and the transaction's reply is
-    read a batch later."""
-    ensure_group(client, settings.keys)
+    blocking, before the batch in hand is published, and the publish's reply is read a
+    batch later."""
+    keys, fence = settings.keys, _take_lease(client, settings)
+    ensure_group(client, keys)
     wire = Wire(client)
-    wait = read_group(settings.keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
-    ahead = read_group(settings.keys, settings.consumer, settings.max_batch, None)
+    wait = read_group(keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
+    ahead = read_group(keys, settings.consumer, settings.max_batch, None)
     started, n, held = time.perf_counter(), 0, False
     entries: list[Entry] = []
     while True:
         if not entries:  # a read that blocks: an empty one means drained
             if held:
-                executed(wire.receive())
+                raise_first_error(wire.receive())
                 held = False
             wire.send([wait])
             entries = read_entries(wire.receive()[0])
             if not entries:
                 break
         wire.send([ahead])  # cannot block: answered at once
-        commands = _raw_commands(settings, entries, attn_width)
+        call = _raw_call(settings, fence, entries, _raw_forecasts(entries, attn_width))
         n += len(entries)
         if held:
-            executed(wire.receive())
+            raise_first_error(wire.receive())
         entries = read_entries(wire.receive()[0])
-        wire.send(multi_exec(commands))
+        wire.send([call])
         held = True
     wire.close()
     return _rate(n, started)
+
+
+def _take_lease(client: redis.Redis, settings: Settings) -> Fence:
+    """The lease on the raw loop's stream, as the worker takes it."""
+    ensure_library(client)
+    keys = settings.keys
+    lease = Lease(
+        client, key=keys.lease, fence_key=keys.fence, owner="bench", ttl_ms=settings.lease_ttl_ms
+    )
+    holder, number = lease.acquire()
+    assert holder == lease.token, f"{holder} holds the bench's lease"
+    return Fence(keys, lease.token, number, settings.lease_ttl_ms)
 
 
 def _rate(n: int, started: float) -> dict[str, float]:
@@ -235,20 +249,24 @@ def _rate(n: int, started: float) -> dict[str, float]:
     return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
 
 
-def _raw_commands(settings: Settings, entries: list[Entry], attn_width: int) -> list[Command]:
-    """A forecast entry per input entry (the worker's field sizes) and the ack."""
-    keys = settings.keys
+def _raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, ...]]:
+    """A forecast's values per input entry, of the worker's sizes."""
     yhat = b"[1.2345678901234567]"
     attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
-    out = xadd(keys.output, maxlen=settings.output_maxlen)
-    commands: list[Command] = []
+    forecasts: list[tuple[bytes, ...]] = []
     for entry_id, fields in entries:
         assert fields is not None  # nothing deletes from the bench's streams
         ts = b"%d" % entry_ms(entry_id)
-        head = (*out, b"series", fields[b"series"], b"src", entry_id, b"ts", ts)
-        commands.append((*head, b"yhat", yhat, b"attn", attn, b"model", b"0" * 16))
-    commands.append((b"XACK", keys.input.encode(), keys.group.encode(), *(e for e, _ in entries)))
-    return commands
+        forecasts.append((fields[b"series"], entry_id, ts, yhat, attn, b"0" * 16))
+    return forecasts
+
+
+def _raw_call(
+    settings: Settings, fence: Fence, entries: list[Entry], forecasts: list[tuple[bytes, ...]]
+) -> Command:
+    """The forecasts and the ack as the worker publishes them: one fenced call."""
+    acks = [entry_id for entry_id, _ in entries]
+    return fence.publish(forecasts=forecasts, dead=[], acks=acks, maxlen=settings.output_maxlen)
 
 
 def _median(results: list[dict[str, float]]) -> dict[str, Any]:

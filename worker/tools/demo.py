@@ -75,8 +75,9 @@ def run_demo(
         client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="demo")
         try:
             keys = settings.keys
-            client.delete(keys.input, keys.output, keys.dead, keys.state, keys.lease)
+            client.delete(keys.input, keys.output, keys.dead, keys.state, keys.lease, keys.fence)
             client.delete(keys.models, keys.versions, keys.serving, keys.finetune_lock)
+            client.delete(keys.finetune_fence)
             worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
             report = _run(client, url, worker, settings, plan, progress)
             views = read_views(client, keys)

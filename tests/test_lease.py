@@ -1,0 +1,117 @@
+"""Fenced ownership against a real server: the lease and its fence number, and the
+publish that writes nothing unless its process holds the lease at that fence."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+import redis
+
+from tests.helpers import entries, wait_for
+from worker.contract import FORECAST_FIELDS
+from worker.keys import Keys
+from worker.lease import LIBRARY, VERSION, Fence, FencedError, Lease, ensure_library, fenced
+from worker.streams import ensure_group, entries_of, round_trip
+
+
+@pytest.fixture
+def client(redis_client: redis.Redis) -> redis.Redis:
+    ensure_library(redis_client)
+    return redis_client
+
+
+def lease(client: redis.Redis, keys: Keys, owner: str, ttl_ms: int = 5000) -> Lease:
+    return Lease(client, key=keys.lease, fence_key=keys.fence, owner=owner, ttl_ms=ttl_ms)
+
+
+def test_one_holder_at_a_time_and_the_fence_grows_with_every_takeover(
+    client: redis.Redis, keys: Keys
+) -> None:
+    a, b = lease(client, keys, "a"), lease(client, keys, "b")
+    assert a.acquire() == (a.token, 1)
+    assert b.acquire() == (a.token, 1)  # b is told who holds it
+    assert a.acquire() == (a.token, 1)  # renewing: the same fence
+    b.release()  # not b's to release
+    assert client.get(keys.lease) == a.token.encode()
+    a.release()
+    assert b.acquire() == (b.token, 2)  # a new holder: the fence grows
+    b.release()
+    assert a.acquire() == (a.token, 3)  # again, even for a holder from before
+
+
+def test_one_consumer_name_in_two_processes_is_two_holders(client: redis.Redis, keys: Keys) -> None:
+    first, second = lease(client, keys, "w"), lease(client, keys, "w")
+    assert first.token != second.token
+    assert first.token.startswith("w#")
+    assert first.acquire()[0] == first.token
+    assert second.acquire()[0] == first.token  # the same name does not share the lease
+
+
+def test_a_lease_not_renewed_expires(client: redis.Redis, keys: Keys) -> None:
+    a, b = lease(client, keys, "a", ttl_ms=200), lease(client, keys, "b")
+    a.acquire()
+    wait_for(lambda: b.acquire() == (b.token, 2), timeout=10, what="a's lease to expire")
+
+
+def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: Keys) -> None:
+    ensure_group(client, keys)
+    entry = cast(bytes, client.xadd(keys.input, {"series": "s", "value": "1"}))
+    client.xreadgroup(keys.group, "w", {keys.input: ">"})  # pending, as the worker reads
+    a, b = lease(client, keys, "a"), lease(client, keys, "b")
+    fence = Fence(keys, a.token, a.acquire()[1], 5000)
+    forecast = (b"s", entry, b"1", b"[1.0]", b"[1.0]", b"v1")
+
+    a.release()
+    b.acquire()  # a lost its lease (a pause past its TTL), and b took it
+    with pytest.raises(redis.ResponseError) as refused:
+        round_trip(client, [fence.publish(forecasts=[forecast], dead=[], acks=[entry])])
+    error = fenced(refused.value)
+    assert isinstance(error, FencedError)
+    assert f"held by {b.token} at fence 2, not by {a.token} at fence 1" in str(error)
+    assert client.xlen(keys.output) == 0  # nothing written, nothing acked
+    assert client.xpending(keys.input, keys.group)["pending"] == 1
+
+    b.release()
+    assert a.acquire() == (a.token, 3)  # a has the lease again, but not at its old fence
+    with pytest.raises(redis.ResponseError, match="FENCED"):
+        round_trip(client, [fence.publish(forecasts=[forecast], dead=[], acks=[entry])])
+    now = Fence(keys, a.token, 3, 5000)
+    dead = [[b"series", b"x y", b"src", b"9-9", b"error", b"series has characters"]]
+    state = b"\x00state\xff"
+    call = now.publish(forecasts=[forecast], dead=dead, acks=[entry], state=state, maxlen=100)
+    assert round_trip(client, [call]) == [1]
+    ((_, written),) = entries(client, keys.output)
+    assert written == dict(zip(FORECAST_FIELDS, forecast, strict=True))
+    assert entries(client, keys.dead)[0][1][b"series"] == b"x y"
+    assert client.xpending(keys.input, keys.group)["pending"] == 0
+    assert client.get(keys.state) == state
+    assert client.pttl(keys.lease) > 0  # renewed with the writes
+
+
+def test_a_publish_acks_more_ids_than_one_command_takes(client: redis.Redis, keys: Keys) -> None:
+    ensure_group(client, keys)
+    pipe = client.pipeline(transaction=False)
+    for k in range(2500):
+        pipe.xadd(keys.input, {"series": "s", "value": str(k)})
+    pipe.execute()
+    read = entries_of(client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=2500))
+    ids = [entry_id for entry_id, _ in read]
+    a = lease(client, keys, "a")
+    _, number = a.acquire()
+    round_trip(
+        client, [Fence(keys, a.token, number, 5000).publish(forecasts=[], dead=[], acks=ids)]
+    )
+    assert client.xpending(keys.input, keys.group)["pending"] == 0
+
+
+def test_the_library_is_loaded_once_and_replaced_when_its_version_differs(
+    redis_client: redis.Redis,
+) -> None:
+    ensure_library(redis_client)
+    assert redis_client.fcall("attnlstm_version", 0) == VERSION.encode()
+    older = LIBRARY.replace(f"local VERSION = '{VERSION}'", "local VERSION = '0'")
+    redis_client.function_load(older, replace=True)
+    assert redis_client.fcall("attnlstm_version", 0) == b"0"
+    ensure_library(redis_client)
+    assert redis_client.fcall("attnlstm_version", 0) == VERSION.encode()

@@ -1,0 +1,79 @@
+#!lua name=attnlstm
+-- attnlstm's functions on the Redis server: a fenced lease, and a batch published only
+-- while its worker holds that lease, checked in the same atomic step as the writes.
+-- Loaded once per server (by the worker when its user may, by the deployment's Redis
+-- entrypoint otherwise); workers only FCALL them. VERSION must match worker/lease.py.
+
+local VERSION = '1'
+
+-- KEYS: lease, fence. ARGV: token, ttl_ms.
+-- A free lease goes to the token, and the fence number grows by one: a new holder. The
+-- holder's own call renews it. Reply: {fence number, holder's token}.
+local function lease(keys, args)
+  local holder = redis.call('GET', keys[1])
+  if not holder then
+    local fence = redis.call('INCR', keys[2])
+    redis.call('SET', keys[1], args[1], 'PX', args[2])
+    return {fence, args[1]}
+  end
+  if holder == args[1] then
+    redis.call('PEXPIRE', keys[1], args[2])
+  end
+  return {tonumber(redis.call('GET', keys[2])) or 0, holder}
+end
+
+-- KEYS: lease. ARGV: token. The lease back, if the token holds it.
+local function release(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then
+    return redis.call('DEL', keys[1])
+  end
+  return 0
+end
+
+-- KEYS: lease, fence, input, output, dead, state.
+-- ARGV: token, fence number, ttl_ms, group, maxlen, then how many forecasts, dead
+-- letters and acks, and 1 when the state follows (else 0); then each forecast's series,
+-- src, ts, yhat, attn, model; each dead letter's field count and its fields, values;
+-- the ids to ack; the state's bytes.
+-- Nothing is written unless the token holds the lease at that fence number; the lease
+-- is renewed with the writes.
+local ACK_CHUNK = 1000 -- ids per XACK: unpack() takes a few thousand values at most
+
+local function publish(keys, args)
+  local holder, fence = redis.call('GET', keys[1]), redis.call('GET', keys[2])
+  if holder ~= args[1] or fence ~= args[2] then
+    return redis.error_reply(string.format(
+      'FENCED the lease on %s is held by %s at fence %s, not by %s at fence %s',
+      keys[1], tostring(holder), tostring(fence), args[1], args[2]))
+  end
+  redis.call('PEXPIRE', keys[1], args[3])
+  local group, maxlen = args[4], args[5]
+  local forecasts, dead, acks = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])
+  local i = 10
+  for _ = 1, forecasts do
+    redis.call('XADD', keys[4], 'MAXLEN', '~', maxlen, '*',
+      'series', args[i], 'src', args[i + 1], 'ts', args[i + 2],
+      'yhat', args[i + 3], 'attn', args[i + 4], 'model', args[i + 5])
+    i = i + 6
+  end
+  for _ = 1, dead do
+    local n = tonumber(args[i])
+    redis.call('XADD', keys[5], 'MAXLEN', '~', maxlen, '*', unpack(args, i + 1, i + n))
+    i = i + n + 1
+  end
+  local last = i + acks - 1
+  while i <= last do
+    local stop = math.min(i + ACK_CHUNK - 1, last)
+    redis.call('XACK', keys[3], group, unpack(args, i, stop))
+    i = stop + 1
+  end
+  if args[9] == '1' then
+    redis.call('SET', keys[6], args[i])
+  end
+  return forecasts
+end
+
+redis.register_function('attnlstm_version', function() return VERSION end)
+redis.register_function('attnlstm_lease', lease)
+redis.register_function('attnlstm_release', release)
+redis.register_function('attnlstm_publish', publish)

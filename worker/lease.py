@@ -1,0 +1,129 @@
+"""Fenced ownership: one worker at a time may write, and Redis itself enforces it.
+
+A lease is held by a token unique to the process (a consumer name identifies a role;
+two processes started with one name still hold different tokens) and carries a fence
+number that grows on every takeover. Every publish + ack is one call of a function on
+the server (``worker/functions.lua``) that first checks the lease is still this token's
+at this fence number, in the same atomic step as the writes. A worker that was frozen
+past its lease, or that shares its name with the worker now holding it, can write
+nothing: its call is refused with FENCED, and it steps back.
+
+Functions need Redis 7.0 or newer (or Valkey). The worker loads the library itself when
+its user may (FUNCTION LOAD); a deployment whose worker user may only FCALL loads it
+beforehand (``deploy/redis-entrypoint.sh`` does).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from importlib.resources import files
+
+import redis
+
+from worker.keys import Keys
+from worker.streams import Command, OutOfStepError
+
+VERSION = "1"  # the library's, in functions.lua
+LIBRARY = files("worker").joinpath("functions.lua").read_text()
+
+
+class FencedError(OutOfStepError):
+    """A write refused by Redis: another process holds the lease (or took it and gave
+    it back) since this one took it. The worker drops what it was writing and steps
+    back: re-syncs, or waits as a standby."""
+
+
+def ensure_library(client: redis.Redis) -> None:
+    """Make sure the server has this version of the functions, loading them if it may."""
+    try:
+        if _version(client) == VERSION:
+            return
+    except redis.ResponseError as e:
+        if "unknown command" in str(e).lower():
+            raise ValueError(
+                f"this Redis has no functions ({e}): the worker needs Redis 7.0 or newer, or Valkey"
+            ) from None
+    try:
+        client.function_load(LIBRARY, replace=True)
+    except redis.exceptions.NoPermissionError:
+        raise ValueError(
+            f"Redis lacks version {VERSION} of the attnlstm functions, and this user may not "
+            "load them: load worker/functions.lua as an admin "
+            "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
+        ) from None
+
+
+def _version(client: redis.Redis) -> str | None:
+    try:
+        reply = client.fcall("attnlstm_version", 0)
+    except redis.ResponseError as e:
+        if "function not found" in str(e).lower():
+            return None
+        raise
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def fenced(error: redis.ResponseError) -> FencedError | None:
+    """The FencedError an error reply of attnlstm_publish stands for, if it is one."""
+    text = str(error)
+    return FencedError(text.removeprefix("FENCED ")) if text.startswith("FENCED") else None
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease as one process holds it: its token and the fence number it took it at.
+    Writes made through it are refused once either has changed."""
+
+    keys: Keys
+    token: str
+    number: int
+    ttl_ms: int
+
+    def publish(
+        self,
+        *,
+        forecasts: list[tuple[bytes, ...]],
+        dead: list[list[bytes]],
+        acks: list[bytes],
+        state: bytes | None = None,
+        maxlen: int = 0,
+    ) -> Command:
+        """One ``FCALL attnlstm_publish``: the forecasts (series, src, ts, yhat, attn,
+        model each), the dead letters (their flat fields and values each), the acks
+        and the state, written only while this lease holds; the streams written to are
+        capped at about ``maxlen`` entries. The lease is renewed."""
+        k = self.keys
+        head = (b"FCALL", b"attnlstm_publish", b"6", k.lease.encode(), k.fence.encode(),
+                k.input.encode(), k.output.encode(), k.dead.encode(), k.state.encode(),
+                self.token.encode(), b"%d" % self.number, b"%d" % self.ttl_ms,
+                k.group.encode(), b"%d" % maxlen, b"%d" % len(forecasts), b"%d" % len(dead),
+                b"%d" % len(acks), b"1" if state is not None else b"0")  # fmt: skip
+        flat_dead = [part for fields in dead for part in (b"%d" % len(fields), *fields)]
+        tail = () if state is None else (state,)
+        return (*head, *(v for f in forecasts for v in f), *flat_dead, *acks, *tail)
+
+
+class Lease:
+    """One holder at a time for ``key``, with a fence number (in ``fence_key``) that
+    grows on every takeover."""
+
+    def __init__(
+        self, client: redis.Redis, *, key: str, fence_key: str, owner: str, ttl_ms: int
+    ) -> None:
+        self.client, self.key, self.fence_key, self.ttl_ms = client, key, fence_key, ttl_ms
+        self.token = f"{owner}#{secrets.token_hex(4)}"  # this process, not only its name
+
+    def acquire(self) -> tuple[str, int]:
+        """Take the lease if it is free, renew it if it is ours: (its holder's token,
+        the fence number). Ours when the holder is ``self.token``."""
+        args = (self.key, self.fence_key, self.token, self.ttl_ms)
+        fence, holder = self.client.fcall("attnlstm_lease", 2, *args)
+        return _text(holder), int(fence)
+
+    def release(self) -> None:
+        self.client.fcall("attnlstm_release", 1, self.key, self.token)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
