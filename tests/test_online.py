@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -14,13 +15,14 @@ import torch
 from attnlstm.checkpoint import dumps, loads, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines, sine_steps
-from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for
+from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for, wait_for
 from worker.cli import main
 from worker.keys import Keys
+from worker.lease import ensure_library
 from worker.metrics import Metrics
 from worker.online.scoring import Scorer
 from worker.online.store import ModelStore
-from worker.online.tuner import Tuner
+from worker.online.tuner import JOB_TIMEOUT_S, Tuner
 from worker.state import WindowState
 from worker.tools.readback import read_views
 
@@ -218,6 +220,7 @@ def test_one_worker_fine_tunes_at_a_time(
     """While another worker holds the fine-tune lock, a due fine-tune is skipped; once
     the lock is free, the next due one starts."""
     clock = FakeClock()
+    ensure_library(redis_client)  # the worker does it at start; these tuners have none
 
     def tuner(consumer: str) -> Tuner:
         settings = settings_for(redis_url, keys, consumer=consumer, finetune_interval_s=10)
@@ -253,3 +256,62 @@ def test_a_drained_worker_reports_what_it_scored(
     scored = worker.metrics.registry.get_sample_value("attnlstm_forecasts_scored_total")
     assert scored == 4 * (30 - 20)  # each series' last forecast has no actual yet
     assert worker.scorer.mae < worker.scorer.naive_mae
+
+
+def _finetune_process() -> multiprocessing.process.BaseProcess:
+    (process,) = [p for p in multiprocessing.active_children() if p.name == "attnlstm-finetune"]
+    return process
+
+
+def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Killed while idle (the OOM killer, an operator), killed mid-job, hung: each time
+    the fine-tune fails with an event and a metric, the lock is released, and the next
+    fine-tune gets a new process."""
+    clock, metrics = FakeClock(), Metrics()
+    ensure_library(redis_client)  # the worker does it at start; this tuner has none
+    settings = settings_for(redis_url, keys, finetune_interval_s=10, finetune_steps=20)
+    store = ModelStore(redis_client, keys, keep=5, source="w")
+    tuner = Tuner(redis_client, settings=settings, store=store, metrics=metrics, clock=clock)
+    tuner.start(loads(dumps(trained_sines)[0]))
+    state = WindowState(window=20, length=200, max_series=10)
+    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
+    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
+    scorer = Scorer(halflife_s=30)
+
+    def next_finetune() -> None:
+        clock.now += 10
+        tuner.tick(state, scorer)
+        assert tuner.running
+
+    def outcome() -> str:
+        wait_for(lambda: tuner.tick(state, scorer) or not tuner.running, what="its end")
+        assert redis_client.get(keys.finetune_lock) is None  # released, whatever happened
+        return events(redis_client, keys.models)[-1]["event"]
+
+    try:
+        next_finetune()
+        assert outcome() in {"promoted", "rejected"}
+        idle = _finetune_process()
+        idle.kill()  # SIGKILL, while it waits for a job
+        wait_for(lambda: not idle.is_alive(), what="the kill")
+        next_finetune()  # used to raise BrokenPipeError: the worker exited 1
+        assert _finetune_process().pid != idle.pid
+        assert outcome() in {"promoted", "rejected"}
+
+        next_finetune()
+        _finetune_process().kill()  # mid-job
+        assert outcome() == "failed"
+        assert "the fine-tuning process died" in events(redis_client, keys.models)[-1]["reason"]
+
+        next_finetune()
+        clock.now += JOB_TIMEOUT_S + 1  # hung: still running past the timeout
+        tuner.tick(state, scorer)
+        assert not tuner.running
+        assert events(redis_client, keys.models)[-1]["reason"].startswith("still running")
+        assert redis_client.get(keys.finetune_lock) is None
+    finally:
+        tuner.close()
+    failed = metrics.registry.get_sample_value("attnlstm_finetunes_total", {"outcome": "failed"})
+    assert failed == 2

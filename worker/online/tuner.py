@@ -42,7 +42,8 @@ from worker.streams import Command, Entry
 
 log = logging.getLogger("attnlstm.worker")
 
-LOCK_TTL_MS = 600_000  # a fine-tune that takes longer than this loses the lock
+LOCK_TTL_MS = 600_000  # the fine-tune lock's time to live
+JOB_TIMEOUT_S = 300.0  # a fine-tune still running after this is stopped (a hung child)
 COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
 COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it keeps
 
@@ -198,9 +199,8 @@ class Tuner:
         assert self._job_started is not None
         if self._trainer.ready():
             return self._collect()
-        if now - self._job_started > LOCK_TTL_MS / 1000:
-            log.error("fine-tune still running after %.0f s: stopped", LOCK_TTL_MS / 1000)
-            self.metrics.finetunes.labels("failed").inc()
+        if now - self._job_started > JOB_TIMEOUT_S:
+            self._failed(f"still running after {JOB_TIMEOUT_S:.0f} s: stopped")
             self.close()
             self._due = now + self.settings.finetune_interval_s
         return None
@@ -223,11 +223,23 @@ class Tuner:
             serving=self._serving,
             model_config=COLD_START_MODEL.to_dict(),
         )
+        if self._trainer is not None and not self._trainer.alive:
+            log.warning("the fine-tuning process had died (%s): starting a new one", self._trainer)
+            self._trainer.stop()
+            self._trainer = None
         if self._trainer is None:
             self._trainer = _Trainer(self.settings.finetune_threads)
         what = "training a first model (cold start)" if cold else "fine-tuning"
         log.info("%s on the recent history of %d series", what, len(names))
-        self._trainer.submit(job)
+        try:
+            self._trainer.submit(job)
+        except OSError as e:  # it died just now: this one fails, the next gets a new one
+            self._failed(f"could not hand the job to the fine-tuning process: {e}")
+            self._trainer.stop()
+            self._trainer = None
+            self.lock.release()
+            self._due = self._clock() + self.settings.finetune_interval_s
+            return
         self._job_started = self._clock()
 
     def _collect(self) -> Checkpoint | None:
@@ -242,14 +254,12 @@ class Tuner:
             self.metrics.finetunes.labels("skipped").inc()
             return None
         except EOFError:
-            log.error("the fine-tuning process died; a new one starts with the next fine-tune")
-            self.metrics.finetunes.labels("failed").inc()
+            self._failed(f"the fine-tuning process died ({self._trainer}); a new one starts")
             self._trainer.stop()
             self._trainer = None
             return None
         except Exception as e:  # the child's failure must not stop the serving path
-            log.error("fine-tune failed: %s: %s", type(e).__name__, e)
-            self.metrics.finetunes.labels("failed").inc()
+            self._failed(f"{type(e).__name__}: {e}")
             return None
         finally:
             self.lock.release()
@@ -267,6 +277,12 @@ class Tuner:
         self.store.set_serving(outcome.version, "promoted", reason=outcome.reason, **scores)
         self._seen = self.store.last_event_id()
         return self._adopt(loads(outcome.candidate), outcome.candidate)
+
+    def _failed(self, reason: str) -> None:
+        """A fine-tune that failed: logged, counted, and an event on the models stream."""
+        log.error("fine-tune failed: %s", reason)
+        self.metrics.finetunes.labels("failed").inc()
+        self.store.event(self.version or "", "failed", reason=reason)
 
     def close(self) -> None:
         if self._trainer is not None:  # a fine-tune in flight is dropped: it was not promoted
@@ -302,6 +318,14 @@ class _Trainer:
 
     def submit(self, job: Job) -> None:
         self._conn.send(job)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def __str__(self) -> str:
+        code = self._proc.exitcode
+        return f"pid {self._proc.pid}, " + ("running" if code is None else f"exit code {code}")
 
     def ready(self) -> bool:
         """A result is waiting (or the process died: then result() raises EOFError)."""
