@@ -34,6 +34,7 @@ from tests.helpers import (
 )
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.state import WindowState
 
 
 @pytest.fixture(autouse=True)
@@ -351,3 +352,35 @@ def test_a_resync_longer_than_the_lease_keeps_it(
             running.wait_for(lambda: redis_client.xlen(keys.output) == len(more))
             running.wait_for(lambda: _pending(redis_client, keys) == 0)
     assert redis_client.xlen(keys.output) == 400  # only the new entries: one forecast each
+
+
+@pytest.mark.parametrize(
+    ("last_id", "logged"),
+    [
+        (b"99999999999999-0", "past the stream's last"),  # would ack new entries unforecast
+        (b"yesterday", "is not a stream entry id"),  # was retried forever
+    ],
+)
+def test_a_tampered_state_key_is_refused_and_the_windows_rebuilt(
+    last_id: bytes,
+    logged: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    values = sine_steps(3, 40, seed=18)
+    ids = fill(redis_client, keys.input, values[:30])
+    settings = settings_for(redis_url, keys)
+    drain(settings, trained_sines)
+    saved = WindowState.from_bytes(
+        cast(bytes, redis_client.get(keys.state)), window=20, length=200, max_series=100
+    )
+    saved.last_id = last_id
+    redis_client.set(keys.state, saved.to_bytes())
+    ids += fill(redis_client, keys.input, values[30:])
+    report = drain(settings, trained_sines)
+    assert logged in caplog.text
+    assert report["forecasts"] == 3 * 10  # the new entries, each forecast
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))

@@ -4,6 +4,8 @@ follows Redis and the heartbeat, and the HTTP server answers /metrics and /healt
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -138,3 +140,45 @@ def test_unknown_path_is_404(served: tuple[Metrics, str]) -> None:
     status, _, body = _get(served[1] + "/nope")
     assert status == 404
     assert b"/metrics" in body
+
+
+def test_the_endpoint_listens_on_loopback_unless_told_otherwise() -> None:
+    server = serve(Metrics(), port=0, stale_after_s=10)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_half_sent_requests_time_out_and_cannot_pile_up_threads() -> None:
+    """300 connections that never finish their request: before, 302 threads."""
+    metrics = Metrics()
+    metrics.connected = True
+    server = serve(metrics, port=0, stale_after_s=60, request_timeout_s=0.5, max_threads=4)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    before = threading.active_count()
+    stalled = []
+    try:
+        for _ in range(300):
+            conn = socket.create_connection(("127.0.0.1", server.server_address[1]))
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+            stalled.append(conn)
+        assert threading.active_count() <= before + 4
+        # Each stalled request is dropped after its timeout, and the endpoint answers.
+        deadline = time.monotonic() + 20
+        while _status(base + "/healthz") != 200:
+            assert time.monotonic() < deadline, "the endpoint never answered again"
+            time.sleep(0.05)
+    finally:
+        for conn in stalled:
+            conn.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _status(url: str) -> int:
+    try:
+        return _get(url)[0]
+    except OSError:  # hung up on: every thread busy
+        return 0

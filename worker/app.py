@@ -49,13 +49,19 @@ def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
     if settings.metrics_port:
         stale_after_s = max(3 * settings.block_ms / 1000, 10.0)
         try:
-            server = serve(metrics, port=settings.metrics_port, stale_after_s=stale_after_s)
+            server = serve(
+                metrics,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+                stale_after_s=stale_after_s,
+            )
         except OSError as e:
             raise ValueError(
                 f"cannot serve metrics on port {settings.metrics_port}: {e.strerror or e}; "
                 "choose another with --metrics-port (0 turns them off)"
             ) from None
-        log.info("metrics on :%d/metrics, health on :%d/healthz", *(settings.metrics_port,) * 2)
+        where = f"{settings.metrics_host}:{settings.metrics_port}"
+        log.info("metrics on %s/metrics, health on %s/healthz", where, where)
     if settings.redis_url is not None:
         log.info("Redis at %s", settings.url_for_logs())
     try:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -188,10 +189,22 @@ class Metrics:
         return ok, body
 
 
-def serve(metrics: Metrics, *, port: int, stale_after_s: float) -> ThreadingHTTPServer:
-    """``/metrics`` and ``/healthz`` on 0.0.0.0:port, in a daemon thread."""
+def serve(
+    metrics: Metrics,
+    *,
+    port: int,
+    stale_after_s: float,
+    host: str = "127.0.0.1",
+    request_timeout_s: float = 5.0,
+    max_threads: int = 8,
+) -> ThreadingHTTPServer:
+    """``/metrics`` and ``/healthz`` on host:port, in a daemon thread. A client gets
+    ``request_timeout_s`` to send its request, and at most ``max_threads`` are served
+    at once (more are hung up on), so slow or many clients cannot pile up threads."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = request_timeout_s  # the socket's: a half-sent request is dropped
+
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
@@ -211,7 +224,31 @@ def serve(metrics: Metrics, *, port: int, stale_after_s: float) -> ThreadingHTTP
         def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
             pass
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True
+    server = _BoundedServer((host, port), Handler, max_threads=max_threads)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per request, up to a bound; past it, new connections are closed."""
+
+    daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (and hung up on)
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, max_threads: int
+    ) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

@@ -28,6 +28,7 @@ from worker.streams import (
     OutOfStepError,
     ensure_group,
     group_info,
+    id_key,
     pages,
     pending_deliveries,
     round_trip,
@@ -119,12 +120,33 @@ class Recovery:
         except StateError as e:
             log.error("%s; rebuilding the windows from the stream instead", e)
             return empty
+        last = self._last_entry()
+        if id_key(state.last_id) > id_key(last):
+            log.error(
+                "the saved window state claims entry %s, past the stream's last, %s (a "
+                "tampered or foreign state key): refused; rebuilding the windows from the "
+                "stream instead",
+                state.last_id.decode(),
+                last.decode(),
+            )
+            return empty
         log.info(
             "restored windows of %d series at entry %s",
             state.series_count,
             state.last_id.decode(),
         )
         return state
+
+    def _last_entry(self) -> bytes:
+        """The id of the last entry ever added to the input (0-0: none)."""
+        try:
+            info = self.client.xinfo_stream(self.keys.input)
+        except redis.ResponseError as e:
+            if "no such key" in str(e).lower():
+                return b"0-0"
+            raise
+        last = info["last-generated-id"]
+        return last if isinstance(last, bytes) else str(last).encode()
 
     def resync(self, state: WindowState, handle: Handler) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is

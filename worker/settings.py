@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)  # then the entry goes to the dead stream
     lease_ttl_ms: int = Field(default=10_000, ge=1000)  # one worker per stream and group
     metrics_port: int = Field(default=9108, ge=0, le=65535)  # /metrics, /healthz; 0: off
+    metrics_host: str = "127.0.0.1"  # the address they listen on; 0.0.0.0: every interface
 
     history_len: int = Field(default=200, ge=2)  # values kept per series, for fine-tuning
     mae_halflife_s: float = Field(default=30.0, gt=0)  # the rolling MAE's half-life

@@ -10,6 +10,7 @@ it reflects; that pair is the worker's recovery point.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.numpy import save as st_save
 FORMAT = "attnlstm-state"
 FORMAT_VERSION = "1"
 NO_SLOT = -1  # a new series past max_series
+_ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
 
 
 class StateError(Exception):
@@ -139,6 +141,8 @@ class WindowState:
             names = json.loads(meta["series"])
             values, count = tensors["values"], tensors["count"]
             last_id = meta["last_id"].encode()
+            if not _ENTRY_ID.fullmatch(last_id):
+                raise ValueError(f"last_id {meta['last_id']!r} is not a stream entry id")
             _check_shapes(names, values, count)
         except (SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise StateError(f"unreadable state checkpoint: {e}") from e

@@ -171,6 +171,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
     ("--lease-ttl-ms", "lease_ttl_ms", positive, "the lease's time to live (default 10000)"),
     ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
+    ("--metrics-host", "metrics_host", str, "their address (default 127.0.0.1; 0.0.0.0: all)"),
     ("--history-len", "history_len", positive, "values kept per series (default 200)"),
     ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
     ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),

@@ -253,7 +253,7 @@ class Tuner:
             log.info("fine-tune skipped: %s", e)
             self.metrics.finetunes.labels("skipped").inc()
             return None
-        except EOFError:
+        except (EOFError, OSError):  # its end of the pipe closed, or was reset
             self._failed(f"the fine-tuning process died ({self._trainer}); a new one starts")
             self._trainer.stop()
             self._trainer = None
@@ -328,7 +328,8 @@ class _Trainer:
         return f"pid {self._proc.pid}, " + ("running" if code is None else f"exit code {code}")
 
     def ready(self) -> bool:
-        """A result is waiting (or the process died: then result() raises EOFError)."""
+        """A result is waiting (or the process died: then result() raises EOFError or
+        ConnectionResetError)."""
         return self._conn.poll()
 
     def result(self) -> Outcome:
