@@ -1,8 +1,9 @@
 #!lua name=attnlstm
 -- attnlstm's functions on the Redis server: a fenced lease, and a batch published only
 -- while its worker holds that lease, checked in the same atomic step as the writes.
--- Loaded once per server (by the worker when its user may, by the deployment's Redis
--- entrypoint otherwise); workers only FCALL them. VERSION must match worker/lease.py.
+-- Loaded once per server (by the worker when its user may; otherwise beforehand, as
+-- docker-compose's `functions` service does with deploy/load-functions.sh); workers
+-- only FCALL them. VERSION must match worker/lease.py.
 
 local VERSION = '1'
 

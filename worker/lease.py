@@ -10,7 +10,7 @@ nothing: its call is refused with FENCED, and it steps back.
 
 Functions need Redis 7.0 or newer (or Valkey). The worker loads the library itself when
 its user may (FUNCTION LOAD); a deployment whose worker user may only FCALL loads it
-beforehand (``deploy/redis-entrypoint.sh`` does).
+beforehand (docker-compose's ``functions`` service runs ``deploy/load-functions.sh``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ def ensure_library(client: redis.Redis) -> None:
         if _version(client) == VERSION:
             return
     except redis.ResponseError as e:
-        if "unknown command" in str(e).lower():
-            raise ValueError(
-                f"this Redis has no functions ({e}): the worker needs Redis 7.0 or newer, or Valkey"
-            ) from None
+        if "unknown command" not in str(e).lower():
+            raise  # a refusal (NOPERM) says what is missing itself
+        raise ValueError(
+            f"this Redis has no functions ({e}): the worker needs Redis 7.0 or newer, or Valkey"
+        ) from None
     try:
         client.function_load(LIBRARY, replace=True)
     except redis.exceptions.NoPermissionError:
