@@ -54,7 +54,7 @@ class Recovery:
         )
         # The lease as held, for every write; a placeholder the server refuses until
         # take_lease() has taken it.
-        self.fence = Fence(keys, self.lease.token, 0, settings.lease_ttl_ms)
+        self.fence = Fence(keys, self.lease.token, 0, self.lease.ttl_ms)
         self._renew_at = 0.0
         self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._had_group = False
@@ -78,8 +78,8 @@ class Recovery:
         if number != self.fence.number:
             log.info("took the lease on %s (fence %d)", self.keys.input, number)
         self._waiting_for = None
-        self.fence = Fence(self.keys, self.lease.token, number, self.settings.lease_ttl_ms)
-        self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
+        self.fence = Fence(self.keys, self.lease.token, number, self.lease.ttl_ms)
+        self._renew_later()
         return True
 
     def renew_lease(self) -> None:
@@ -92,7 +92,11 @@ class Recovery:
                 f"lost the lease on {self.keys.input} (fence {self.fence.number}) to "
                 f"{holder} (fence {number})"
             )
-        self._renew_at = time.monotonic() + self.settings.lease_ttl_ms / 3000
+        self._renew_later()
+
+    def _renew_later(self) -> None:
+        """A third of the lease's life from now: two renewals may fail before it ends."""
+        self._renew_at = time.monotonic() + self.lease.ttl_ms / 3000
 
     def ensure_group(self) -> None:
         """Create the group if missing: loudly when it was there before."""
