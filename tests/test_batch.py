@@ -18,7 +18,7 @@ BAD = {b"series": b"s1", b"value": b"abc"}
 def test_a_live_read_acks_everything_and_dead_letters_the_bad() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", None), (b"8-0", {**GOOD, b"ts": b"42"})]
     known: dict[bytes, str] = {}
-    batch = triage(entries, pending=None, series_ids=known, last_id=b"4-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids=known, last_id=b"4-0", max_attempts=5)
     assert batch.acks == [b"5-0", b"6-0", b"7-0", b"8-0"]  # the deleted one too
     assert [(i, r) for i, _, r in batch.dead] == [(b"6-0", "value is not a decimal number: 'abc'")]
     assert batch.ids == [b"5-0", b"8-0"]
@@ -30,11 +30,11 @@ def test_a_live_read_acks_everything_and_dead_letters_the_bad() -> None:
 
 def test_a_resync_replays_what_was_acked_and_handles_what_is_pending() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", GOOD), (b"8-0", GOOD), (b"9-0", GOOD)]
-    pending = {b"7-0": 1, b"8-0": 6}  # 8-0 has been delivered more than max_deliveries
-    batch = triage(entries, pending=pending, series_ids={}, last_id=b"4-0", max_deliveries=5)
+    pending = {b"7-0": 1, b"8-0": 5}  # handling 8-0 was cut short max_attempts times
+    batch = triage(entries, pending=pending, series_ids={}, last_id=b"4-0", max_attempts=5)
     assert batch.acks == [b"7-0", b"8-0"]  # only what is pending
     assert [(i, r) for i, _, r in batch.dead] == [
-        (b"8-0", "delivered 6 times without being handled")
+        (b"8-0", "the worker stopped while handling it, 5 times")
     ]  # and not 6-0: it was dead-lettered when it was first handled
     assert batch.ids == [b"5-0", b"7-0", b"9-0"]
     assert batch.publish == [False, True, False]  # acked before: into the windows only
@@ -45,23 +45,26 @@ def test_entries_the_state_already_reflects_are_only_acked() -> None:
     assert handled_before(entries, b"4-0") == 2
     assert handled_before(entries, b"2-5") == 0
     assert handled_before(entries, b"9-0") == 3
-    batch = triage(entries, pending=None, series_ids={}, last_id=b"4-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"4-0", max_attempts=5)
     assert batch.acks == [b"3-0", b"4-0", b"4-1"]
     assert batch.ids == [b"4-1"]
 
 
 def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
-    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
     yhat = np.array([[2.25]])
     attn = np.array([[0.25, 0.75]])
     rows = np.array([1])  # only the second valid reading had a full window
-    call, receipt = batch_call(batch, rows, yhat, attn, FENCE, maxlen=1000, version=b"v1")
+    call, receipt = batch_call(
+        batch, rows, yhat, attn, FENCE, maxlen=1000, version=b"v1", handled=b"7-0"
+    )
     assert call == (
-        b"FCALL", b"attnlstm_publish", b"6",
+        b"FCALL", b"attnlstm_publish", b"7",
         b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:state:g",
-        b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
+        b"in:handling:g", b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
         b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
+        b"7-0 + 0 w#1a2b3c4d",  # handled up to 7-0, by this token: the handling mark
         b"s2", b"7-0", b"7", b"[2.25]", b"[0.2500000, 0.7500000]", b"v1",
         b"8", b"series", b"s1", b"value", b"abc",
         b"src", b"6-0", b"error", b"value is not a decimal number: 'abc'",
@@ -72,27 +75,40 @@ def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
 
 
 def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
-    batch = triage([(b"5-0", GOOD)], pending={}, series_ids={}, last_id=b"9-0", max_deliveries=5)
+    batch = triage([(b"5-0", GOOD)], pending={}, series_ids={}, last_id=b"9-0", max_attempts=5)
     no_rows, no_yhat, no_attn = np.empty(0, dtype=np.int64), np.empty((0, 1)), np.empty((0, 2))
-    call, _ = batch_call(batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1")
+    call, _ = batch_call(
+        batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1", handled=b"9-0"
+    )
     assert call is None  # replayed only: nothing to write
     call, _ = batch_call(
-        batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1", state=b"STATE"
+        batch,
+        no_rows,
+        no_yhat,
+        no_attn,
+        FENCE,
+        maxlen=10,
+        version=b"v1",
+        state=b"STATE",
+        handled=b"9-0",
     )
     assert call is not None
-    assert call[-5:] == (b"0", b"0", b"0", b"1", b"STATE")
+    assert call[-6:] == (b"0", b"0", b"0", b"1", b"", b"STATE")  # no acks: the mark stays
 
 
 def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
     entries = [(b"5-0", GOOD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
-    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_deliveries=5)
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
     yhat = np.array([[np.nan], [1.5]])
     attn = np.array([[0.5, 0.5], [0.5, 0.5]])
-    call, receipt = batch_call(batch, np.array([0, 1]), yhat, attn, FENCE, maxlen=10, version=b"v")
+    call, receipt = batch_call(
+        batch, np.array([0, 1]), yhat, attn, FENCE, maxlen=10, version=b"v", handled=b"7-0"
+    )
     assert call is not None
-    assert call[14:18] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
-    assert call[18:20] == (b"s2", b"7-0")
-    dead = call[25 : 25 + int(call[24])]
+    assert call[15:19] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
+    assert call[19] == b"7-0 + 0 " + FENCE.token.encode()  # handled up to 7-0: the mark moves
+    assert call[20:22] == (b"s2", b"7-0")
+    dead = call[27 : 27 + int(call[26])]
     assert dead[dead.index(b"error") + 1] == b"the model's forecast is not finite"
     assert dead[dead.index(b"src") + 1] == b"5-0"
     assert call[-2:] == (b"5-0", b"7-0")

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -22,6 +22,7 @@ from tests.helpers import (
     assert_forecasts,
     by_src,
     drain,
+    entries,
     expected,
     fill,
     forecasts_by_src,
@@ -32,9 +33,13 @@ from tests.helpers import (
     worker_cmd,
     worker_env,
 )
+from worker import loop
+from worker.batch import Batch, triage
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.metrics import Metrics
 from worker.state import WindowState
+from worker.streams import Entry, group_info
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +49,21 @@ def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 def _pending(client: redis.Redis, keys: Keys) -> int:
     return int(client.xpending(keys.input, keys.group)["pending"])
+
+
+def _samples(metrics: Metrics, name: str) -> list[Any]:
+    return [
+        s
+        for family in metrics.registry.collect()
+        if family.name == name
+        for s in family.samples
+        if s.name.endswith("_total")
+    ]
+
+
+def _drained(client: redis.Redis, keys: Keys) -> bool:
+    """The group has read every entry, and none is pending."""
+    return group_info(client, keys).get("lag") == 0 and _pending(client, keys) == 0
 
 
 def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
@@ -179,20 +199,119 @@ def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(
     assert _pending(redis_client, keys) == 0
 
 
-def test_an_entry_that_keeps_failing_goes_to_the_dead_stream(
-    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+def test_an_entry_whose_handling_keeps_crashing_the_worker_goes_to_the_dead_stream(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    fill(redis_client, keys.input, sine_steps(2, 25, seed=9))
-    redis_client.xgroup_create(keys.input, keys.group, id="0")
-    poison = cast(bytes, redis_client.xadd(keys.input, {"series": "s0", "value": "1.0"}))
-    redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=100)
-    for _ in range(5):  # five workers died holding it
-        redis_client.xclaim(keys.input, keys.group, "w", 0, [poison])
-    drain(settings_for(redis_url, keys), trained_sines)
+    """A poison entry: handling it takes the worker down, every time. Each new worker
+    counts one more attempt; from the second, suspects are handled alone, and at
+    max_attempts the poison goes to the dead stream while its batch's others are served."""
+    values = sine_steps(2, 40, seed=9)
+    ids = fill(redis_client, keys.input, values[:25])
+    poison = cast(bytes, redis_client.xadd(keys.input, {"series": "p", "value": "1.0"}))
+    ids += fill(redis_client, keys.input, values[25:])
+    handle_batch = triage
+
+    def crashing(entries: list[Entry], **kwargs: Any) -> Batch:
+        batch = handle_batch(entries, **kwargs)
+        if poison in batch.ids:
+            raise RuntimeError("handling the poison entry crashed the worker")
+        return batch
+
+    monkeypatch.setattr(loop, "triage", crashing)
+    settings = settings_for(redis_url, keys, max_batch=8, lease_ttl_ms=1000, max_attempts=3)
+    crashes = 0
+    while True:  # a supervisor restarting the worker: a new process (token) each time
+        try:
+            drain(settings, trained_sines)
+            break
+        except RuntimeError:
+            crashes += 1
+            assert crashes <= 3, "the poison entry was never put aside"
+    assert crashes == 3
     dead = by_src(redis_client, keys.dead)
     assert list(dead) == [poison]
-    assert b"delivered 7 times" in dead[poison][b"error"]
-    assert redis_client.xlen(keys.output) == 2 * (25 - 20 + 1)
+    assert dead[poison][b"error"] == b"the worker stopped while handling it, 3 times"
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    assert _pending(redis_client, keys) == 0
+
+
+def test_entries_delivered_many_times_but_never_cut_short_are_forecast(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Redis's delivery count grows with every read and claim (a worker whose connection
+    keeps dropping claims its entries at every re-sync); it decides nothing here."""
+    values = sine_steps(2, 25, seed=10)
+    ids = fill(redis_client, keys.input, values)
+    redis_client.xgroup_create(keys.input, keys.group, id="0")
+    redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=100)
+    for _ in range(8):
+        redis_client.xclaim(keys.input, keys.group, "w", 0, cast(list[Any], ids))
+    drain(settings_for(redis_url, keys), trained_sines)
+    assert redis_client.xlen(keys.dead) == 0
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_input_trimmed_while_pending_or_unread_is_accounted_for(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    values = sine_steps(2, 40, seed=12)
+    ids = fill(redis_client, keys.input, values)  # 80 entries
+    redis_client.xgroup_create(keys.input, keys.group, id="0")
+    redis_client.xreadgroup(keys.group, "ghost", {keys.input: ">"}, count=30)  # then it died
+    redis_client.xtrim(keys.input, maxlen=40, approximate=False)  # 30 pending, 10 unread gone
+    metrics = Metrics()
+    worker = new_worker(settings_for(redis_url, keys), trained_sines, burst=True, metrics=metrics)
+    report = worker.run()
+    assert report["lost"] == 40
+    by_reason = {s.labels["reason"]: s.value for s in _samples(metrics, "attnlstm_entries_lost")}
+    assert by_reason == {"pending": 30, "unread": 10}
+    records = {fields[b"reason"]: fields for _, fields in entries(redis_client, keys.dead)}
+    assert records[b"pending"][b"lost"] == b"30"
+    assert records[b"pending"][b"src"] == ids[0]  # the first of them
+    assert records[b"unread"][b"lost"] == b"10"
+    assert records[b"unread"][b"src"] == ids[-1]  # where the worker was when it noticed
+    assert "30 input entries lost (pending" in caplog.text
+    assert "10 input entries lost (unread" in caplog.text
+    assert report["forecasts"] == redis_client.xlen(keys.output) > 0  # the rest is served
+    assert _drained(redis_client, keys)  # Redis's lag counts them as read: no false lag
+    assert drain(settings_for(redis_url, keys), trained_sines)["lost"] == 0  # counted once
+
+
+def test_connection_churn_never_dead_letters_valid_input(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every connection of the worker killed every 20-50 ms for 4 s of a drain: Redis's
+    delivery count of the pending entries grows at every re-sync's claim, but the same
+    process never counts an attempt against them."""
+    values = sine_steps(100, 300, seed=11)
+    ids = fill(redis_client, keys.input, values)
+    want = expected(trained_sines, values, ids)
+    settings = settings_for(redis_url, keys, max_batch=500)
+    kills, rng = 0, random.Random(11)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            for client in redis_client.client_list():
+                if client.get("name") == "test-worker":
+                    kills += redis_client.client_kill_filter(_id=client["id"])
+            time.sleep(rng.uniform(0.02, 0.05))  # the fault's pace, not a wait
+        running.wait_for(lambda: _drained(redis_client, keys), timeout=120)
+    assert redis_client.xlen(keys.dead) == 0
+    assert kills >= 10
+    assert caplog.text.count("retrying") >= 3  # backing off between them
+    assert_forecasts(redis_client, keys.output, want)
 
 
 def test_a_vanished_group_is_recreated_loudly(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker.attempts import Mark
 from worker.contract import (
     Fields,
     dead_fields,
@@ -95,12 +96,14 @@ def triage(
     pending: dict[bytes, int] | None,
     series_ids: dict[bytes, str],
     last_id: bytes,
-    max_deliveries: int,
+    max_attempts: int,
 ) -> Batch:
     """``pending`` None: a live read, every entry new to us. Otherwise the entries
-    still pending, with their delivery counts: the others were acked before and only go
-    back into the windows. Entries at or before ``last_id`` (the windows' state) are
-    acked and nothing else; ``series_ids`` caches series ids already validated."""
+    still pending, with their handling attempts so far (:mod:`worker.attempts`): the
+    others were acked before and only go back into the windows; one with
+    ``max_attempts`` goes to the dead stream unhandled. Entries at or before
+    ``last_id`` (the windows' state) are acked and nothing else; ``series_ids`` caches
+    series ids already validated."""
     batch = Batch()
     handled = handled_before(entries, last_id)
     for k, (entry_id, fields) in enumerate(entries):
@@ -109,8 +112,8 @@ def triage(
             batch.acks.append(entry_id)
         if fields is None or k < handled:
             continue  # deleted, or handled before the state was saved
-        if pending is not None and pending.get(entry_id, 0) > max_deliveries:
-            reason = f"delivered {pending[entry_id]} times without being handled"
+        if pending is not None and pending.get(entry_id, 0) >= max_attempts:
+            reason = f"the worker stopped while handling it, {pending[entry_id]} times"
             batch.dead.append((entry_id, fields, reason))
             continue
         reading = parse(entry_id, fields, series_ids)
@@ -149,10 +152,12 @@ def batch_call(
     maxlen: int,
     version: bytes,
     state: bytes | None = None,
+    handled: bytes,
 ) -> tuple[Command | None, Receipt]:
     """The forecasts of the batch positions ``rows`` (with their ``yhat`` and ``attn``),
-    the dead letters, the ack and ``state`` as one fenced call, and its receipt; None
-    when there is nothing to write.
+    the dead letters, the acks and ``state`` as one fenced call, and its receipt; None
+    when there is nothing to write. With acks, the call moves the handling mark past
+    ``handled``, the last entry this batch handles.
 
     A forecast that is not finite is dead-lettered instead."""
     finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
@@ -170,7 +175,8 @@ def batch_call(
     receipt = Receipt(entered_ms, [reason for _, _, reason in batch.dead])
     if not (forecasts or dead or batch.acks or state is not None):
         return None, receipt
+    mark = Mark(handled, 0, fence.token) if batch.acks else None
     call = fence.publish(
-        maxlen=maxlen, forecasts=forecasts, dead=dead, acks=batch.acks, state=state
+        maxlen=maxlen, forecasts=forecasts, dead=dead, acks=batch.acks, state=state, mark=mark
     )
     return call, receipt

@@ -5,7 +5,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '1'
+local VERSION = '2'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -31,26 +31,40 @@ local function release(keys, args)
   return 0
 end
 
--- KEYS: lease, fence, input, output, dead, state.
+-- KEYS: lease, fence, input, output, dead, state, handling.
 -- ARGV: token, fence number, ttl_ms, group, maxlen, then how many forecasts, dead
--- letters and acks, and 1 when the state follows (else 0); then each forecast's series,
--- src, ts, yhat, attn, model; each dead letter's field count and its fields, values;
--- the ids to ack; the state's bytes.
+-- letters and acks, 1 when the state follows (else 0), and the handling mark (empty:
+-- unchanged); then each forecast's series, src, ts, yhat, attn, model; each dead
+-- letter's field count and its fields, values; the ids to ack; the state's bytes.
 -- Nothing is written unless the token holds the lease at that fence number; the lease
--- is renewed with the writes.
+-- is renewed with the writes. The mark says which entries the worker handles next
+-- (worker/attempts.py).
 local ACK_CHUNK = 1000 -- ids per XACK: unpack() takes a few thousand values at most
 
-local function publish(keys, args)
+-- KEYS: lease, fence. ARGV: token, fence number. An error reply, unless the token holds
+-- the lease at that fence number.
+local function refusal(keys, args)
   local holder, fence = redis.call('GET', keys[1]), redis.call('GET', keys[2])
   if holder ~= args[1] or fence ~= args[2] then
     return redis.error_reply(string.format(
       'FENCED the lease on %s is held by %s at fence %s, not by %s at fence %s',
       keys[1], tostring(holder), tostring(fence), args[1], args[2]))
   end
+  return nil
+end
+
+local function publish(keys, args)
+  local refused = refusal(keys, args)
+  if refused then
+    return refused
+  end
   redis.call('PEXPIRE', keys[1], args[3])
   local group, maxlen = args[4], args[5]
   local forecasts, dead, acks = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])
-  local i = 10
+  if args[10] ~= '' then
+    redis.call('SET', keys[7], args[10])
+  end
+  local i = 11
   for _ = 1, forecasts do
     redis.call('XADD', keys[4], 'MAXLEN', '~', maxlen, '*',
       'series', args[i], 'src', args[i + 1], 'ts', args[i + 2],
@@ -74,7 +88,31 @@ local function publish(keys, args)
   return forecasts
 end
 
+-- KEYS: lease, fence, input. ARGV: token, fence number, group, last delivered id,
+-- entries read. Once entries lost unread are accounted for (worker/recovery.py), the
+-- group's read counter counts them as read, so that they are counted once and Redis's
+-- lag stays true; only while the group's last delivered entry is still that id.
+-- Reply: 1 when set, 0 when the group had moved on.
+local function skip(keys, args)
+  local refused = refusal(keys, args)
+  if refused then
+    return refused
+  end
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', keys[3])) do
+    local info = {}
+    for j = 1, #group, 2 do
+      info[group[j]] = group[j + 1]
+    end
+    if info['name'] == args[3] and info['last-delivered-id'] == args[4] then
+      redis.call('XGROUP', 'SETID', keys[3], args[3], args[4], 'ENTRIESREAD', args[5])
+      return 1
+    end
+  end
+  return 0
+end
+
 redis.register_function('attnlstm_version', function() return VERSION end)
 redis.register_function('attnlstm_lease', lease)
 redis.register_function('attnlstm_release', release)
 redis.register_function('attnlstm_publish', publish)
+redis.register_function('attnlstm_skip', skip)

@@ -17,6 +17,7 @@ class Keys:
     state: str = field(init=False)  # window state checkpoint and the last input id it reflects
     lease: str = field(init=False)  # held by the one worker that consumes `input` for `group`
     fence: str = field(init=False)  # the lease's fence number: grows on every takeover
+    handling: str = field(init=False)  # what the lease holder handles next, and its attempts
     versions: str = field(init=False)  # the stored model versions, newest first (a list)
     serving: str = field(init=False)  # the version every worker should serve
     finetune_lock: str = field(init=False)  # held by the one worker fine-tuning now
@@ -27,6 +28,7 @@ class Keys:
             "state": f"{self.input}:state:{self.group}",
             "lease": f"{self.input}:lease:{self.group}",
             "fence": f"{self.input}:fence:{self.group}",
+            "handling": f"{self.input}:handling:{self.group}",
             "versions": f"{self.models}:versions",
             "serving": f"{self.models}:serving",
             "finetune_lock": f"{self.models}:finetune-lock",

@@ -16,15 +16,17 @@ beforehand (docker-compose's ``functions`` service runs ``deploy/load-functions.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 
 import redis
 
+from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError
 
-VERSION = "1"  # the library's, in functions.lua
+VERSION = "2"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -84,25 +86,37 @@ class Fence:
     def publish(
         self,
         *,
-        forecasts: list[tuple[bytes, ...]],
-        dead: list[list[bytes]],
-        acks: list[bytes],
+        forecasts: Sequence[tuple[bytes, ...]] = (),
+        dead: Sequence[list[bytes]] = (),
+        acks: Sequence[bytes] = (),
         state: bytes | None = None,
+        mark: Mark | None = None,
         maxlen: int = 0,
     ) -> Command:
         """One ``FCALL attnlstm_publish``: the forecasts (series, src, ts, yhat, attn,
-        model each), the dead letters (their flat fields and values each), the acks
-        and the state, written only while this lease holds; the streams written to are
-        capped at about ``maxlen`` entries. The lease is renewed."""
+        model each), the dead letters (their flat fields and values each), the acks,
+        the state and the handling mark (:mod:`worker.attempts`), written only while
+        this lease holds; the streams written to are capped at about ``maxlen``
+        entries. The lease is renewed."""
         k = self.keys
-        head = (b"FCALL", b"attnlstm_publish", b"6", k.lease.encode(), k.fence.encode(),
+        head = (b"FCALL", b"attnlstm_publish", b"7", k.lease.encode(), k.fence.encode(),
                 k.input.encode(), k.output.encode(), k.dead.encode(), k.state.encode(),
-                self.token.encode(), b"%d" % self.number, b"%d" % self.ttl_ms,
-                k.group.encode(), b"%d" % maxlen, b"%d" % len(forecasts), b"%d" % len(dead),
-                b"%d" % len(acks), b"1" if state is not None else b"0")  # fmt: skip
+                k.handling.encode(), self.token.encode(), b"%d" % self.number,
+                b"%d" % self.ttl_ms, k.group.encode(), b"%d" % maxlen,
+                b"%d" % len(forecasts), b"%d" % len(dead), b"%d" % len(acks),
+                b"1" if state is not None else b"0", mark.encode() if mark else b"")  # fmt: skip
         flat_dead = [part for fields in dead for part in (b"%d" % len(fields), *fields)]
         tail = () if state is None else (state,)
         return (*head, *(v for f in forecasts for v in f), *flat_dead, *acks, *tail)
+
+    def skip(self, *, last_delivered: bytes, entries_read: int) -> Command:
+        """``FCALL attnlstm_skip``: the group's read counter set to ``entries_read``
+        while its last delivered entry is ``last_delivered``, only while this lease
+        holds."""
+        k = self.keys
+        return (b"FCALL", b"attnlstm_skip", b"3", k.lease.encode(), k.fence.encode(),
+                k.input.encode(), self.token.encode(), b"%d" % self.number, k.group.encode(),
+                last_delivered, b"%d" % entries_read)  # fmt: skip
 
 
 class Lease:

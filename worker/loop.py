@@ -141,6 +141,7 @@ class Worker:
                 # audit is due: it must find nothing pending.
                 self.pipeline.read_ahead(read.entries[-1][0])
             self.metrics.batch_read(len(read.entries))
+            self.recovery.delivered(len(read.entries))
             self._handle(read.entries, pending=None)
         self._serve(self.tuner.tick(self.state, self.scorer))
         return not read.entries
@@ -160,7 +161,7 @@ class Worker:
         """Validate, update the windows, forecast; publish with the acks, in one call.
 
         ``pending`` is None for a live read (every entry is new to us). While re-syncing
-        it maps the entries still pending to their delivery counts; the others were
+        it maps the entries still pending to their handling attempts so far; the others were
         acked before and are only replayed into the windows.
         """
         if len(self._series_ids) > 2 * self.settings.max_series:  # bounded, like the windows
@@ -170,7 +171,7 @@ class Worker:
             pending=pending,
             series_ids=self._series_ids,
             last_id=self.state.last_id,
-            max_deliveries=self.settings.max_deliveries,
+            max_attempts=self.settings.max_attempts,
         )
         slots = self.state.slots_for(batch.names)
         self.metrics.series.set(self.state.series_count)
@@ -201,7 +202,15 @@ class Worker:
             state = self.state.to_bytes()
         fence, maxlen = self.recovery.fence, self.settings.output_maxlen
         call, receipt = batch_call(
-            batch, rows, yhat, attn, fence, maxlen=maxlen, version=version, state=state
+            batch,
+            rows,
+            yhat,
+            attn,
+            fence,
+            maxlen=maxlen,
+            version=version,
+            state=state,
+            handled=self.state.last_id,
         )
         self.pipeline.publish(call, receipt)
 
@@ -265,6 +274,7 @@ class Worker:
             if self.pipeline.holds_next:
                 self._handle_next_batch()
             self.pipeline.drain()
+            self.recovery.account_unread()
         except (OutOfStepError, redis.RedisError) as e:
             log.warning("%s; what is left is handled at the next start", e)
             return False

@@ -76,6 +76,12 @@ class Metrics:
         self.entries_read = counter("attnlstm_entries_read", "Input entries read from the stream")
         self.forecasts = counter("attnlstm_forecasts_published", "Forecast entries published")
         self.dead = counter("attnlstm_dead_lettered", "Entries sent to the dead stream", ["reason"])
+        self.lost = counter(
+            "attnlstm_entries_lost",
+            "Input entries removed from the stream (trimmed or deleted) before the worker "
+            "handled them: while pending on it, or unread",
+            ["reason"],
+        )
         self.warming = counter(
             "attnlstm_entries_warming",
             "Valid entries kept but not forecast: their series' window is not full yet",
@@ -168,6 +174,7 @@ class Metrics:
             "read": read,
             "forecasts": int(sums["attnlstm_forecasts_published_total"]),
             "dead": int(sums.get("attnlstm_dead_lettered_total", 0)),
+            "lost": int(sums.get("attnlstm_entries_lost_total", 0)),
             "warming": int(sums["attnlstm_entries_warming_total"]),
             "batches": int(sums["attnlstm_batch_size_count"]),
             "recoveries": int(sums["attnlstm_recoveries_total"]),

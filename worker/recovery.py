@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import redis
 
+from worker.attempts import ALONE_FROM, Mark, attempts_of, chunks
 from worker.lease import Fence, FencedError, Lease, ensure_library, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -30,14 +31,13 @@ from worker.streams import (
     group_info,
     id_key,
     pages,
-    pending_deliveries,
     round_trip,
 )
 
 log = logging.getLogger("attnlstm.worker")
 
-# Handles entries in stream order: those in ``pending`` (with their delivery counts)
-# are forecast and acked; the others were acked before and only refill the windows.
+# Handles entries in stream order: those in ``pending`` (with their handling attempts
+# so far) are forecast and acked; the others were acked before and only refill the windows.
 Handler = Callable[[list[Entry], dict[bytes, int]], None]
 
 
@@ -58,6 +58,9 @@ class Recovery:
         self._renew_at = 0.0
         self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._had_group = False
+        # How many entries the group has read, as far as this worker knows (the
+        # logical number of its last delivered entry); None: unknown.
+        self._read: int | None = None
 
     def take_lease(self) -> bool:
         """Take the lease; False while another worker holds it (a standby)."""
@@ -149,14 +152,17 @@ class Recovery:
             if "no such key" in str(e).lower():
                 return b"0-0"
             raise
-        last = info["last-generated-id"]
-        return last if isinstance(last, bytes) else str(last).encode()
+        return _id(info["last-generated-id"])
 
     def resync(self, state: WindowState, handle: Handler) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is
-        pending on the way and replaying what was acked."""
-        delivered = group_info(self.client, self.keys)["last-delivered-id"]
+        pending on the way (counting attempts: :mod:`worker.attempts`) and replaying
+        what was acked."""
+        group = group_info(self.client, self.keys)
+        delivered, restored = group["last-delivered-id"], state.last_id
         pending = self._claim_pending()
+        mark = Mark.decode(cast(bytes | None, self.client.get(self.keys.handling)))
+        attempts = attempts_of(mark, pending, self.fence.token)
         met: set[bytes] = set()
         replayed = 0
         for page in pages(
@@ -167,13 +173,22 @@ class Recovery:
             count=self.settings.max_batch,
         ):
             self.renew_lease()  # a long re-sync keeps the lease
-            met.update(entry_id for entry_id, _ in page if entry_id in pending)
-            handle(page, pending)
+            met.update(entry_id for entry_id, _ in page if entry_id in attempts)
+            for piece, tries in chunks(page, attempts):
+                if tries:  # this attempt counts from now: written before it starts
+                    alone = piece[0][0] if tries >= ALONE_FROM else None
+                    mark = Mark(state.last_id, tries, self.fence.token, until=alone)
+                    self._write(self.fence.publish(mark=mark))
+                handle(piece, attempts)
             replayed += len(page)
         if unmet := [entry_id for entry_id in pending if entry_id not in met]:
-            # Deleted from the stream, or at or before the restored state's entry (handled
-            # before the crash): nothing left to do but the ack.
-            self._write(self.fence.publish(forecasts=[], dead=[], acks=unmet))
+            # At or before the restored state's entry: handled before the crash, only
+            # the ack is left. After it: deleted from the stream while pending.
+            self._write(self.fence.publish(acks=unmet))
+            if deleted := [i for i in unmet if id_key(i) > id_key(restored)]:
+                self._lost(deleted, "pending", "deleted from the stream while pending")
+        # Counting on from the group's own count, taken before any read moves it on.
+        self._read = group.get("entries-read")
         if replayed or pending:
             log.info(
                 "re-synced to %s: %d entries re-read, %d were pending",
@@ -182,10 +197,11 @@ class Recovery:
                 len(pending),
             )
 
-    def _claim_pending(self) -> dict[bytes, int]:
+    def _claim_pending(self) -> list[bytes]:
         """Take over every pending entry of the group (we hold the lease, so their
-        consumers are gone) and return how often each has been delivered."""
-        cursor = b"0-0"
+        consumers are gone): their ids. Those deleted from the stream meanwhile are
+        dropped from the group by the claim, and accounted for as lost."""
+        cursor, claimed, deleted = b"0-0", [], []
         while True:
             reply = self.client.xautoclaim(
                 self.keys.input,
@@ -196,18 +212,28 @@ class Recovery:
                 count=1000,
             )
             cursor = reply[0]
+            claimed += [entry_id for entry_id, _ in reply[1]]
+            deleted += reply[2]
             if cursor in (b"0-0", "0-0"):
                 break
-        return pending_deliveries(self.client, self.keys, self.settings.consumer)
+        if deleted:
+            self._lost(deleted, "pending", "deleted from the stream while pending")
+        return claimed
+
+    def delivered(self, entries: int) -> None:
+        """A live read delivered ``entries`` to the group."""
+        if self._read is not None:
+            self._read += entries
 
     def audit(self) -> None:
-        """Between batches: the lag gauge, and OutOfStepError when entries are pending outside
-        any batch (a read whose reply was lost: ours; or a consumer that died holding
-        them: theirs, once idle for ``claim_idle_ms``)."""
+        """Between batches: the lag gauge; input lost unread (accounted for); and
+        OutOfStepError when entries are pending outside any batch (a read whose reply
+        was lost: ours; or a consumer that died holding them: theirs, once idle for
+        ``claim_idle_ms``)."""
         keys, s = self.keys, self.settings
-        lag = group_info(self.client, keys).get("lag")
-        if lag is not None:
-            self.metrics.lag.set(lag)
+        group = group_info(self.client, keys)
+        if group.get("lag") is not None:
+            self.metrics.lag.set(group["lag"])
         ours = self.client.xpending_range(
             keys.input, keys.group, min="-", max="+", count=1, consumername=s.consumer
         )
@@ -218,11 +244,41 @@ class Recovery:
             raise OutOfStepError(
                 "entries pending outside any batch (a lost reply or a dead consumer)"
             )
+        self.account_unread(group)
+
+    def account_unread(self, group: dict[str, Any] | None = None) -> None:
+        """Once the group has read the whole stream, every entry ever added was read, or
+        removed before it could be: the difference is input lost unread. ``group``: its
+        XINFO GROUPS entry, when at hand."""
+        if self._read is None:
+            return
+        delivered = (group or group_info(self.client, self.keys))["last-delivered-id"]
+        stream = self.client.xinfo_stream(self.keys.input)
+        if delivered != _id(stream["last-generated-id"]):
+            return  # not caught up: counted once it is
+        added = int(stream["entries-added"])
+        if added > self._read:
+            what = "removed from the stream (trimmed or deleted) before it was read"
+            self._lost_count(added - self._read, "unread", what, first=delivered)
+            self._write(self.fence.skip(last_delivered=delivered, entries_read=added))
+        self._read = added
+
+    def _lost(self, ids: list[bytes], reason: str, what: str) -> None:
+        self._lost_count(len(ids), reason, what, first=min(ids, key=id_key))
+
+    def _lost_count(self, count: int, reason: str, what: str, *, first: bytes) -> None:
+        """Input lost: a log line, the metric, and a record in the dead stream (``lost``:
+        how many, ``reason``, ``src``: the first, or the last read before them)."""
+        log.error("%d input entries lost (%s: %s), at %s", count, reason, what, first.decode())
+        self.metrics.lost.labels(reason=reason).inc(count)
+        record = [b"lost", b"%d" % count, b"reason", reason.encode(), b"src", first,
+                  b"error", f"{count} input entries {what}".encode()]  # fmt: skip
+        self._write(self.fence.publish(dead=[record], maxlen=self.settings.output_maxlen))
 
     def save(self, state: WindowState) -> None:
         """At a stop, in step: save the windows and hand the lease back."""
         try:
-            self._write(self.fence.publish(forecasts=[], dead=[], acks=[], state=state.to_bytes()))
+            self._write(self.fence.publish(state=state.to_bytes()))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:
             log.warning("could not save the window state at exit (%s); the last one stands", e)
@@ -239,3 +295,7 @@ class Recovery:
             round_trip(self.client, [call])
         except redis.ResponseError as e:
             raise fenced(e) or e from None
+
+
+def _id(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

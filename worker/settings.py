@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_series: int = Field(default=100_000, ge=1)  # bounds memory: series x window
     checkpoint_interval_s: float = Field(default=5.0, gt=0)  # window state to Redis
     claim_idle_ms: int = Field(default=30_000, ge=0)  # a dead consumer's entries, after
-    max_deliveries: int = Field(default=5, ge=1)  # then the entry goes to the dead stream
+    max_attempts: int = Field(default=5, ge=1)  # handlings cut short, then the dead stream
     lease_ttl_ms: int = Field(default=10_000, ge=1000)  # one worker per stream and group
     metrics_port: int = Field(default=9108, ge=0, le=65535)  # /metrics, /healthz; 0: off
     metrics_host: str = "127.0.0.1"  # the address they listen on; 0.0.0.0: every interface

@@ -121,21 +121,6 @@ def pages(
             first = b"(" + page[-1][0]
 
 
-def pending_deliveries(client: redis.Redis, keys: Keys, consumer: str) -> dict[bytes, int]:
-    """Every entry pending on ``consumer``, with how often it has been delivered."""
-    deliveries: dict[bytes, int] = {}
-    start = b"-"
-    while True:
-        page: list[dict[str, Any]] = client.xpending_range(
-            keys.input, keys.group, min=start, max="+", count=1000, consumername=consumer
-        )
-        if not page:
-            return deliveries
-        for item in page:
-            deliveries[item["message_id"]] = int(item["times_delivered"])
-        start = b"(" + page[-1]["message_id"]
-
-
 def _pack(command: Command) -> bytes:
     # hiredis's stub names a one-element tuple where it takes any length.
     packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
+from worker.attempts import Mark
 from worker.contract import FORECAST_FIELDS, entry_ms
 from worker.embedded import url_or_embedded
 from worker.engine import Engine
@@ -264,9 +265,11 @@ def _raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, .
 def _raw_call(
     settings: Settings, fence: Fence, entries: list[Entry], forecasts: list[tuple[bytes, ...]]
 ) -> Command:
-    """The forecasts and the ack as the worker publishes them: one fenced call."""
+    """The forecasts, the acks and the handling mark as the worker publishes them: one
+    fenced call."""
     acks = [entry_id for entry_id, _ in entries]
-    return fence.publish(forecasts=forecasts, dead=[], acks=acks, maxlen=settings.output_maxlen)
+    mark = Mark(acks[-1], 0, fence.token)
+    return fence.publish(forecasts=forecasts, acks=acks, mark=mark, maxlen=settings.output_maxlen)
 
 
 def _median(results: list[dict[str, float]]) -> dict[str, Any]:
