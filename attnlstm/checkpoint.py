@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -30,6 +31,17 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 FORMAT = "attnlstm-checkpoint"
 FORMAT_VERSION = 1
 VERSION_HEX = 16  # hex digits of the content hash used as the model version
+# Upper bounds on a stored config: far above what this project trains (hidden 32,
+# window 20), far below what a forecaster of one value per step could use.
+CONFIG_BOUNDS = {
+    "window": 10_000,
+    "horizon": 1_000,
+    "input_size": 1_024,
+    "hidden_size": 4_096,
+    "num_layers": 16,
+    "attention_size": 4_096,
+}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # the dtypes a model may load from
 
 
 class CheckpointError(Exception):
@@ -88,7 +100,14 @@ def save(path: str | Path, model: AttentionLSTM, meta: dict[str, Any] | None = N
 
 def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     """Rebuild the model from checkpoint bytes, refusing anything that does not verify."""
-    header = _header(data, source)
+    header, declared = _header(data, source)
+    if header.get("format") != FORMAT or header.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{source}: unsupported format {header.get('format')!r} "
+            f"version {header.get('format_version')!r} (this build reads version {FORMAT_VERSION})"
+        )
+    config = _config(header, source)
+    _check_layout(declared, config, source)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -96,13 +115,7 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     expected = header.pop("sha256", None)
     if expected != _digest(header, tensors):
         raise CheckpointError(f"{source}: content hash mismatch, the file is corrupt or altered")
-    if header.get("format") != FORMAT or header.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(
-            f"{source}: unsupported format {header.get('format')!r} "
-            f"version {header.get('format_version')!r} (this build reads version {FORMAT_VERSION})"
-        )
     try:
-        config = ModelConfig.from_dict(json.loads(header["config"]))
         meta = json.loads(header["meta"])
         model = AttentionLSTM(config)
         model.load_state_dict(tensors, strict=True)
@@ -128,8 +141,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return load(path)
 
 
-def _header(data: bytes, source: str) -> dict[str, str]:
-    """The safetensors header's metadata, checked for shape before any tensor is read."""
+# A tensor as the safetensors header declares it: dtype, shape, [start, end) of its bytes.
+Declared = tuple[str, list[int], tuple[int, int]]
+
+
+def _header(data: bytes, source: str) -> tuple[dict[str, str], dict[str, Declared]]:
+    """The safetensors header's metadata and its tensor declarations, checked for shape
+    before any tensor is read."""
     if len(data) < 8:
         raise CheckpointError(f"{source}: not a safetensors checkpoint (too short)")
     (size,) = struct.unpack("<Q", data[:8])
@@ -139,10 +157,60 @@ def _header(data: bytes, source: str) -> dict[str, str]:
         parsed = json.loads(data[8 : 8 + size])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{source}: not a safetensors checkpoint (bad header)") from e
-    meta = parsed.get("__metadata__") if isinstance(parsed, dict) else None
+    meta = parsed.pop("__metadata__", None) if isinstance(parsed, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{source}: not an attnlstm checkpoint (no valid metadata)")
-    return dict(meta)
+    declared = {name: _declaration(name, entry, source) for name, entry in parsed.items()}
+    if sum(end - start for _, _, (start, end) in declared.values()) != len(data) - 8 - size:
+        raise CheckpointError(f"{source}: its tensors' byte lengths do not add up to the file's")
+    return dict(meta), declared
+
+
+def _declaration(name: str, entry: Any, source: str) -> Declared:
+    """One tensor's entry in the header, checked for types."""
+    try:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: bad declaration of tensor {name!r}") from e
+    listed = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+    if not listed or not all(type(n) is int and n >= 0 for n in [*shape, *offsets]):
+        raise CheckpointError(f"{source}: bad declaration of tensor {name!r}")
+    if not isinstance(dtype, str) or offsets[1] < offsets[0]:
+        raise CheckpointError(f"{source}: bad declaration of tensor {name!r}")
+    return dtype, shape, (offsets[0], offsets[1])
+
+
+def _config(header: dict[str, str], source: str) -> ModelConfig:
+    """The model config of a header, within :data:`CONFIG_BOUNDS`."""
+    try:
+        config = ModelConfig.from_dict(json.loads(header["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
+    for name, bound in CONFIG_BOUNDS.items():
+        value = getattr(config, name)
+        if type(value) is not int or value > bound:
+            raise CheckpointError(
+                f"{source}: {name} {value!r} is out of bounds (a whole number up to {bound})"
+            )
+    return config
+
+
+def _check_layout(declared: dict[str, Declared], config: ModelConfig, source: str) -> None:
+    """The tensors declared are those of the config's model, shape for shape, each of
+    a float dtype and of the byte length its shape and dtype imply. The model is built
+    on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        shapes = {k: list(v.shape) for k, v in AttentionLSTM(config).state_dict().items()}
+    if set(declared) != set(shapes):
+        raise CheckpointError(f"{source}: its tensors are not those of the model its config names")
+    for name, (dtype, shape, (start, end)) in declared.items():
+        if shape != shapes[name] or dtype not in DTYPE_BYTES:
+            raise CheckpointError(
+                f"{source}: tensor {name} is {dtype} {shape}; its config needs a float "
+                f"{shapes[name]}"
+            )
+        if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{source}: tensor {name} has the wrong byte length")
 
 
 def _config_json(model: AttentionLSTM) -> str:

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The secret files docker-compose.yml and docker-compose.tls.yml read, in DIR (default
-# ./secrets): a random password for each Redis user, and for TLS a private CA with a
-# certificate for the server (names `redis`, `localhost`, 127.0.0.1) that it signed.
+# ./secrets): a random password for each Redis user, the key that signs the worker's
+# models (model-key), and for TLS a private CA with a certificate for the server
+# (names `redis`, `localhost`, 127.0.0.1) that it signed.
 # Files already there are kept. The folder is for its owner only; the files in it are
 # readable by all, because the containers read them as users of their own.
 set -eu
@@ -15,6 +16,7 @@ umask 022
 for user in worker producer loader; do
     [ -s "redis-$user-password" ] || openssl rand -hex 32 >"redis-$user-password"
 done
+[ -s model-key ] || openssl rand -hex 32 >model-key
 
 if [ ! -s redis-ca.crt ]; then
     # The CA's key is never mounted anywhere: owner only.

@@ -61,7 +61,7 @@ def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     )
     assert call == (
         b"FCALL", b"attnlstm_publish", b"7",
-        b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:state:g",
+        b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:windows:g",
         b"in:handling:g", b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
         b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
         b"7-0 + 0 w#1a2b3c4d",  # handled up to 7-0, by this token: the handling mark
@@ -89,11 +89,11 @@ def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
         FENCE,
         maxlen=10,
         version=b"v1",
-        state=b"STATE",
+        state={b"meta": b"STATE"},
         handled=b"9-0",
     )
     assert call is not None
-    assert call[-6:] == (b"0", b"0", b"0", b"1", b"", b"STATE")  # no acks: the mark stays
+    assert call[-7:] == (b"0", b"0", b"0", b"1", b"", b"meta", b"STATE")  # no acks: no mark
 
 
 def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:

@@ -15,7 +15,13 @@ def test_a_small_bench_drains_everything_and_reports(
     redis_url: str, redis_client: redis.Redis, model_file: Path
 ) -> None:
     plan = BenchPlan(
-        entries=3_000, series=50, per_entry_entries=300, rate=500, seconds=1.0, repeats=2
+        entries=3_000,
+        series=50,
+        per_entry_entries=300,
+        rate=500,
+        seconds=1.0,
+        repeats=2,
+        scale_series=600,
     )
     keys_before = set(redis_client.scan_iter())
     report = run_bench(plan=plan, device="cpu", url=redis_url, model=load(model_file).model)
@@ -27,6 +33,9 @@ def test_a_small_bench_drains_everything_and_reports(
     assert report["per_entry"]["forecasts"] == report["one_at_a_time"]["forecasts"] == 300
     assert report["latency"]["forecasts"] == 500
     assert 0 <= report["latency"]["p50_ms"] <= report["latency"]["p99_ms"]
+    assert report["latency_scale"]["forecasts"] == 500
+    assert report["latency_scale"]["series"] == 600
+    assert report["latency_scale"]["checkpoint_longest_ms"] > 0  # its chunks were saved
     assert report["machine"]["hiredis"] is True
     text = format_report(report)
     assert "| worker (batched) | 3,000 |" in text

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,8 +109,18 @@ def test_a_torch_save_file_is_refused(trained_sines: AttentionLSTM, tmp_path: Pa
 def test_a_plain_safetensors_file_without_our_metadata_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"not an attnlstm checkpoint \(no valid metadata\)"):
         loads(st_save({"w": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match="content hash mismatch"):
+    with pytest.raises(CheckpointError, match="unsupported format 'attnlstm-checkpoint'"):
         loads(st_save({"w": torch.zeros(3)}, metadata={"format": "attnlstm-checkpoint"}))
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    unhashed = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "1",
+        "config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "meta": "{}",
+    }
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="content hash mismatch"):
+        loads(st_save(tensors, metadata=unhashed))
 
 
 def test_an_unknown_format_version_is_refused_even_when_its_hash_is_right(
@@ -144,3 +158,90 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
         save(tmp_path / "dir.safetensors", model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "m.safetensors"]
     assert load(path).version == first
+
+
+def _forged(hidden_size: int) -> bytes:
+    """A checkpoint of one tiny tensor whose config claims ``hidden_size``, its hash right."""
+    tensors = {"head.bias": torch.zeros(1)}
+    header = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "1",
+        "config": json.dumps(ModelConfig(hidden_size=hidden_size).to_dict(), sort_keys=True),
+        "meta": "{}",
+    }
+    return st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+
+
+# Loads each file named in argv, after a real one (torch's lazy setup is done by then);
+# prints each refusal, then the seconds and the peak memory growth (KiB) of them all.
+PROBE = """
+import resource, sys, time
+from attnlstm.checkpoint import CheckpointError, dumps, loads
+from attnlstm.model import AttentionLSTM, ModelConfig
+loads(dumps(AttentionLSTM(ModelConfig(hidden_size=4, attention_size=4)))[0])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+for path in sys.argv[1:]:
+    try:
+        loads(open(path, "rb").read())
+    except CheckpointError as e:
+        print(e)
+print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_small_file_claiming_a_huge_model_is_refused_before_anything_is_allocated(
+    tmp_path: Path,
+) -> None:
+    """A 400-byte file claiming hidden_size 6000 (over the bound) used to build the model
+    first: 550 MB and 1.6 s here. One within the bounds (4000) whose tensors are not that
+    model's is refused on its declared shapes, also without building it."""
+    paths = []
+    for hidden in (6000, 4000):
+        data = _forged(hidden_size=hidden)
+        assert len(data) < 500
+        paths.append(tmp_path / f"hidden-{hidden}.safetensors")
+        paths[-1].write_bytes(data)
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    *refusals, figures = probe.stdout.strip().splitlines()
+    assert refusals == [
+        "checkpoint: hidden_size 6000 is out of bounds (a whole number up to 4096)",
+        "checkpoint: its tensors are not those of the model its config names",
+    ]
+    seconds, grown_kib = map(float, figures.split())
+    assert seconds < 0.5
+    assert grown_kib < 20_000  # 550 MB before
+
+
+def test_declared_shapes_and_byte_lengths_must_be_the_configs(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Every tensor of the config's model, of its shape and a float dtype, with the byte
+    length those imply: checked on the header, before the tensors are read."""
+    data, _ = dumps(trained_sines)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+
+    def forged(**entry: object) -> bytes:
+        changed = copy.deepcopy(header)
+        changed["head.bias"] |= entry
+        text = json.dumps(changed).encode()
+        return struct.pack("<Q", len(text)) + text + data[8 + size :]
+
+    with pytest.raises(CheckpointError, match=r"tensor head\.bias is F32 \[2\]"):
+        loads(forged(shape=[2]))
+    with pytest.raises(CheckpointError, match=r"tensor head\.bias is I32 \[1\]"):
+        loads(forged(dtype="I32"))
+    with pytest.raises(CheckpointError, match=r"tensor head\.bias has the wrong byte length"):
+        loads(forged(dtype="F64"))  # 8 bytes for its one value; 4 declared
+    start, end = header["head.bias"]["data_offsets"]
+    with pytest.raises(CheckpointError, match="do not add up to the file's"):
+        loads(forged(data_offsets=[start, end + 4]))
+    with pytest.raises(CheckpointError, match=r"bad declaration of tensor 'head\.bias'"):
+        loads(forged(shape=[-1]))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from worker.contract import (
+    DEAD_MAX_BYTES,
     DEAD_MAX_FIELDS,
     FORECAST_FIELDS,
     Reading,
@@ -226,3 +227,13 @@ def test_known_series_are_learned_and_bad_ones_are_not() -> None:
     assert known == {b"s-1": "s-1"}
     # A known series still gets its value checked.
     assert isinstance(parse(ID, {b"series": b"s-1", b"value": b"nan"}, known), str)
+
+
+def test_a_dead_letter_cuts_long_names_and_values_and_says_how_long_they_were() -> None:
+    big, name = b"x" * (20 << 20), b"n" * 5000  # a 20 MiB value; a 5,000-byte name
+    dead = dead_fields({b"series": b"s", b"value": big, name: b"1"}, b"1-0", "too big")
+    assert dead[b"series"] == b"s"
+    assert dead[b"value"] == big[:DEAD_MAX_BYTES]
+    assert dead[name[:DEAD_MAX_BYTES]] == b"1"
+    assert json.loads(dead[b"truncated"]) == {"value": 20 << 20, "n" * DEAD_MAX_BYTES: 1}
+    assert sum(len(k) + len(v) for k, v in dead.items()) < 4 * DEAD_MAX_BYTES

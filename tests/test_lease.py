@@ -78,14 +78,14 @@ def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: 
         round_trip(client, [fence.publish(forecasts=[forecast], dead=[], acks=[entry])])
     now = Fence(keys, a.token, 3, 5000)
     dead = [[b"series", b"x y", b"src", b"9-9", b"error", b"series has characters"]]
-    state = b"\x00state\xff"
+    state = {b"meta": b"\x00state\xff", b"chunk:0": b"c"}
     call = now.publish(forecasts=[forecast], dead=dead, acks=[entry], state=state, maxlen=100)
     assert round_trip(client, [call]) == [1]
     ((_, written),) = entries(client, keys.output)
     assert written == dict(zip(FORECAST_FIELDS, forecast, strict=True))
     assert entries(client, keys.dead)[0][1][b"series"] == b"x y"
     assert client.xpending(keys.input, keys.group)["pending"] == 0
-    assert client.get(keys.state) == state
+    assert client.hgetall(keys.state) == state
     assert client.pttl(keys.lease) > 0  # renewed with the writes
 
 

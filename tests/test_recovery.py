@@ -3,6 +3,7 @@ the same one an uninterrupted run publishes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
@@ -38,7 +39,7 @@ from worker.batch import Batch, triage
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import Metrics
-from worker.state import WindowState
+from worker.state import META
 from worker.streams import Entry, group_info
 
 
@@ -476,12 +477,13 @@ def test_a_resync_longer_than_the_lease_keeps_it(
 @pytest.mark.parametrize(
     ("last_id", "logged"),
     [
-        (b"99999999999999-0", "past the stream's last"),  # would ack new entries unforecast
-        (b"yesterday", "is not a stream entry id"),  # was retried forever
+        ("99999999999999-0", "past the stream's last"),  # would ack new entries unforecast
+        ("yesterday", "is not a stream entry id"),  # was retried forever
+        (None, "is a string, not a state hash"),  # an older format's key, or junk
     ],
 )
 def test_a_tampered_state_key_is_refused_and_the_windows_rebuilt(
-    last_id: bytes,
+    last_id: str | None,
     logged: str,
     redis_client: redis.Redis,
     redis_url: str,
@@ -493,11 +495,14 @@ def test_a_tampered_state_key_is_refused_and_the_windows_rebuilt(
     ids = fill(redis_client, keys.input, values[:30])
     settings = settings_for(redis_url, keys)
     drain(settings, trained_sines)
-    saved = WindowState.from_bytes(
-        cast(bytes, redis_client.get(keys.state)), window=20, length=200, max_series=100
-    )
-    saved.last_id = last_id
-    redis_client.set(keys.state, saved.to_bytes())
+    if last_id is None:
+        redis_client.delete(keys.state)
+        redis_client.set(keys.state, b"junk")
+    else:
+        meta = json.loads(cast(bytes, redis_client.hget(keys.state, META)))
+        meta["last_id"] = last_id
+        meta["stamps"] = dict.fromkeys(meta["stamps"], last_id)
+        redis_client.hset(keys.state, META, json.dumps(meta))
     ids += fill(redis_client, keys.input, values[30:])
     report = drain(settings, trained_sines)
     assert logged in caplog.text

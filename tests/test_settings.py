@@ -140,9 +140,9 @@ def test_keys_follow_the_stream_and_group_names() -> None:
         "bad",
         "forecasters",
     )
-    assert keys.state == "in:state:g"
+    assert keys.state == "in:windows:g"
     assert keys.lease == "in:lease:g"
-    assert _settings().keys.state == "sensors:state:forecasters"
+    assert _settings().keys.state == "sensors:windows:forecasters"
 
 
 def test_a_password_file_fills_in_the_urls_password(tmp_path: Path) -> None:
@@ -191,6 +191,22 @@ def test_unusable_tls_and_password_files_are_one_line_errors(
         from_flags(redis_url=url, redis_ca_file=ca, redis_password_file=password)
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_a_model_key_file_holds_the_key_and_a_short_one_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "model-key"
+    key.write_text("0123456789abcdef" * 4 + "\n")  # as make-secrets.sh writes it
+    monkeypatch.setenv("ATTNLSTM_MODEL_KEY_FILE", str(key))
+    assert _settings().model_key() == b"0123456789abcdef" * 4
+    assert _settings(model_key_file=None).model_key() is None
+    key.write_text("too short\n")
+    with pytest.raises(ValueError, match="bad settings: ") as raised:
+        from_flags()
+    assert "holds a model key of 9 characters; it needs at least 32" in str(raised.value)
+    with pytest.raises(ValueError, match="cannot read missing: No such file or directory"):
+        from_flags(model_key_file="missing")
 
 
 def _ca_file(directory: Path) -> Path:

@@ -1,5 +1,6 @@
-"""The rolling windows match per-series Python lists, grow without losing data, and
-survive a checkpoint round trip, including one to a different window or length."""
+"""The rolling windows match per-series Python lists, grow without losing data, free
+idle series, and survive a checkpoint round trip (chunk by chunk), including one to a
+different window or length."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from worker.state import NO_SLOT, StateError, WindowState
+from worker.state import CHUNK, META, NO_SLOT, StateError, WindowState, chunk_field
 
 History = dict[str, list[float]]
 
@@ -61,8 +62,8 @@ def test_push_matches_the_reference_with_repeats_in_a_batch(window: int, length:
     history: History = {}
     for names, values in _random_batches(seed=window + length, n_batches=60, pool=6):
         _assert_push_matches(state, history, names, values)
-    assert sorted(state.names()) == sorted(history)
-    names = state.names()
+    names = [name for name in state.names() if name is not None]
+    assert sorted(names) == sorted(history)
     np.testing.assert_array_equal(
         state.windows(names), np.array([history[n][-window:] for n in names])
     )
@@ -158,12 +159,26 @@ def _filled(window: int, length: int, *, max_series: int = 10) -> tuple[WindowSt
     return state, history
 
 
+def _save(state: WindowState, into: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """What the worker writes at a stop: every changed chunk, one at a time, then meta."""
+    fields = {} if into is None else into
+    while (k := state.due_chunk(0.0, 0)) is not None:
+        fields.update(state.save_chunk(k, 0.0))
+    fields[META] = state.meta()
+    return fields
+
+
+def _restore(fields: dict[bytes, bytes], **kwargs: int) -> WindowState:
+    return WindowState.restore(fields.get, **kwargs)
+
+
 def test_checkpoint_round_trip() -> None:
     state, _ = _filled(window=3, length=5)
-    restored = WindowState.from_bytes(state.to_bytes(), window=3, length=5, max_series=10)
+    restored = _restore(_save(state), window=3, length=5, max_series=10)
     assert restored.names() == ["long", "short", "empty"]
     assert restored.last_id == b"1700000000000-7"
-    np.testing.assert_array_equal(restored.windows(state.names()), state.windows(state.names()))
+    names = ["long", "short", "empty"]
+    np.testing.assert_array_equal(restored.windows(names), state.windows(names))
     for names, values in _random_batches(seed=3, n_batches=10, pool=4):
         full, windows = _push(state, names, values)
         full_r, windows_r = _push(restored, names, values)
@@ -172,16 +187,75 @@ def test_checkpoint_round_trip() -> None:
 
 
 def test_empty_state_round_trip() -> None:
-    restored = WindowState.from_bytes(
-        WindowState(window=2, max_series=5).to_bytes(), window=2, max_series=5
-    )
+    restored = _restore(_save(WindowState(window=2, max_series=5)), window=2, max_series=5)
     assert restored.names() == []
     assert restored.last_id == b"0-0"
 
 
+def test_only_changed_chunks_are_saved_each_in_its_turn() -> None:
+    """The cost of a checkpoint follows what changed: one chunk at a time, the one
+    saved longest ago first, and only once ``interval_s`` has passed since its save."""
+    state = WindowState(window=2, max_series=4 * CHUNK)
+    slots = state.slots_for([f"s{i}" for i in range(3 * CHUNK)])  # chunks 0, 1, 2
+    state.push(slots, np.zeros(slots.size))
+    state.last_id = b"10-0"
+    saved = []
+    while (k := state.due_chunk(0.0, 5.0)) is not None:
+        state.save_chunk(k, 0.0)
+        saved.append(k)
+    assert saved == [0, 1, 2]
+    assert state.due_chunk(100.0, 5.0) is None  # nothing changed since
+    state.push(state.slots_for(["s300"]), np.ones(1))  # chunk 1 only
+    state.last_id = b"11-0"
+    assert state.due_chunk(1.0, 5.0) is None  # saved 1 s ago: not yet
+    assert state.due_chunk(5.0, 5.0) == 1
+    fields = state.save_chunk(1, 5.0)
+    assert set(fields) == {chunk_field(1), META}
+    # One chunk's bytes: per series 2 values, count, last_ms, position; and its name.
+    assert len(fields[chunk_field(1)]) < CHUNK * (5 * 8 + 10) + 1024
+
+
+def test_a_restore_re_reads_from_the_oldest_unsaved_change_and_skips_what_chunks_hold() -> None:
+    """Chunk 0 saved at entry 5-0, then changed at 6-0 and not saved again; chunk 1
+    saved at 6-0. A restore re-reads from 5-0: series of chunk 1 skip the entries up to
+    6-0 (they hold them), those of chunk 0 take them."""
+    state = WindowState(window=2, length=3, max_series=2 * CHUNK)
+    names = [f"s{i}" for i in range(CHUNK + 1)]  # s0 .. in chunk 0, s256 in chunk 1
+    fields: dict[bytes, bytes] = {}
+    state.push(state.slots_for(names), np.zeros(len(names)))
+    state.last_id = b"5-0"
+    _save(state, fields)
+    state.push(state.slots_for(["s0", "s256"]), np.array([1.0, 1.0]))  # entries 6-0, 6-1
+    state.last_id = b"6-1"
+    fields.update(state.save_chunk(1, 0.0))  # chunk 1 only
+    restored = _restore(fields, window=2, length=3, max_series=2 * CHUNK)
+    assert restored.last_id == b"5-0"
+    slots = restored.slots_for(["s0", "s256", "new"])
+    held = restored.holds(slots, [b"6-0", b"6-1", b"6-2"])
+    assert held.tolist() == [False, True, False]
+    restored.reread_done()
+    assert not restored.holds(slots, [b"6-0", b"6-1", b"6-2"]).any()
+
+
+def test_a_series_idle_past_idle_ms_starts_afresh_and_its_slot_is_freed() -> None:
+    state = WindowState(window=2, length=3, max_series=2, idle_ms=1000)
+    a, b = state.slots_for(["a", "b"]).tolist()
+    state.push(np.array([a, a, b]), np.array([1.0, 2.0, 9.0]), ms=np.array([0, 100, 100]))
+    full, _ = state.push(np.array([a]), np.array([3.0]), ms=np.array([2000]))  # a: idle 1.9 s
+    assert full.tolist() == [False]  # a fresh start: one value
+    assert state.slots_for(["c"]).tolist() == [NO_SLOT]  # full up
+    assert state.sweep(now_ms=2000) == 1  # b: idle since 100
+    assert state.names() == ["a", None]
+    assert state.slots_for(["c"]).tolist() == [b]  # junk names cannot hold slots for ever
+    full, windows = state.push(np.array([b, b]), np.array([5.0, 6.0]), ms=np.array([2001, 2002]))
+    assert windows.tolist() == [[5.0, 6.0]]  # c does not inherit b's values
+    restored = _restore(_save(state), window=2, length=3, max_series=2, idle_ms=1000)
+    assert restored.names() == ["a", "c"]
+
+
 def test_restore_with_a_smaller_window_keeps_the_latest_values() -> None:
     state, history = _filled(window=5, length=5)
-    restored = WindowState.from_bytes(state.to_bytes(), window=3, max_series=10)
+    restored = _restore(_save(state), window=3, max_series=10)
     assert (restored.window, restored.length) == (3, 3)
     assert restored.windows(["long"]).tolist() == [[97.0, 98.0, 99.0]]
     for names, values in _random_batches(seed=4, n_batches=10, pool=4):
@@ -191,7 +265,7 @@ def test_restore_with_a_smaller_window_keeps_the_latest_values() -> None:
 
 def test_restore_with_a_larger_length_is_full_only_where_history_reaches() -> None:
     state, _ = _filled(window=3, length=8)
-    restored = WindowState.from_bytes(state.to_bytes(), window=6, length=10, max_series=10)
+    restored = _restore(_save(state), window=6, length=10, max_series=10)
     windows = restored.windows(["long", "short", "empty"])
     assert windows[0].tolist() == [94.0, 95.0, 96.0, 97.0, 98.0, 99.0]
     assert np.isnan(windows[1:]).all()
@@ -202,7 +276,7 @@ def test_restore_with_a_larger_length_is_full_only_where_history_reaches() -> No
 
 def test_restore_with_a_window_longer_than_the_kept_history_is_not_full() -> None:
     state, _ = _filled(window=3, length=3)  # only 3 values of "long" were kept
-    restored = WindowState.from_bytes(state.to_bytes(), window=4, max_series=10)
+    restored = _restore(_save(state), window=4, max_series=10)
     assert np.isnan(restored.windows(["long"])).all()
     full, out = _push(restored, ["long"], [100.0])
     assert full.tolist() == [True]
@@ -213,57 +287,80 @@ def _other_format() -> bytes:
     return bytes(st_save({"weight": np.zeros((2, 2), dtype=np.float32)}, metadata={"f": "pt"}))
 
 
-def _other_version() -> bytes:
-    meta = {"format": "attnlstm-state", "format_version": "2", "last_id": "1-0", "series": "[]"}
-    tensors = {"values": np.zeros((0, 3)), "count": np.zeros(0, dtype=np.int64)}
+def _chunk(series: str, values: np.ndarray, count: np.ndarray, *, version: str = "2") -> bytes:
+    n = values.shape[0]
+    meta = {"format": "attnlstm-state", "format_version": version, "series": series}
+    tensors = {"values": values, "count": count, "last_ms": np.zeros(n, dtype=np.int64),
+               "pos": np.arange(n, dtype=np.int64)}  # fmt: skip
     return bytes(st_save(tensors, metadata=meta))
 
 
+def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
+    def make(good: bytes) -> bytes:
+        return json.dumps({**json.loads(good), **changes}).encode()
+
+    return make
+
+
 @pytest.mark.parametrize(
-    "make",
+    ("field", "make"),
     [
-        lambda good: b"",
-        lambda good: b"not a checkpoint at all",
-        lambda good: np.random.default_rng(0).bytes(500),
-        lambda good: good[:4],
-        lambda good: good[:40],
-        lambda good: good[:-8],
-        lambda good: _other_format(),
-        lambda good: _other_version(),
+        (chunk_field(0), lambda good: b""),
+        (chunk_field(0), lambda good: b"not a checkpoint at all"),
+        (chunk_field(0), lambda good: np.random.default_rng(0).bytes(500)),
+        (chunk_field(0), lambda good: good[:4]),
+        (chunk_field(0), lambda good: good[:40]),
+        (chunk_field(0), lambda good: good[:-8]),
+        (chunk_field(0), lambda good: _other_format()),
+        (chunk_field(0), lambda good: _chunk("[]", np.zeros((0, 3)), np.zeros(0), version="1")),
+        (chunk_field(0), lambda good: (2).to_bytes(8, "little") + b"[]"),
+        (chunk_field(0), lambda good: _chunk("5", np.zeros((1, 3)), np.zeros(1, dtype=np.int64))),
+        (chunk_field(0), lambda good: _chunk('["a"]', np.zeros((1, 3)), np.zeros(2, np.int64))),
+        (chunk_field(0), lambda good: _chunk('["a"]', np.zeros((1, 3)), -np.ones(1, np.int64))),
+        (META, lambda good: b"{}"),
+        (META, lambda good: b"[1, 2]"),
+        (META, _with_meta(format_version="1")),
+        (META, _with_meta(chunk=CHUNK // 2)),
+        (META, _with_meta(last_id="yesterday")),
+        (META, _with_meta(stamps={"0": "1-0", "1": "1-0"})),  # chunk 1 is missing
+        (META, _with_meta(last_id="99999999999999-0")),  # after its chunks' stamps
     ],
-    ids=["empty", "text", "random", "len-cut", "header-cut", "data-cut", "other", "version"],
+    ids=[
+        "empty",
+        "text",
+        "random",
+        "len-cut",
+        "header-cut",
+        "data-cut",
+        "other",
+        "version",
+        "header-list",
+        "series-not-a-list",
+        "count-too-long",
+        "negative-count",
+        "meta-empty",
+        "meta-list",
+        "meta-version",
+        "meta-chunk",
+        "meta-id",
+        "meta-missing-chunk",
+        "meta-late",
+    ],
 )
-def test_unreadable_bytes_raise_state_error(make: Callable[[bytes], bytes]) -> None:
-    good = _filled(window=3, length=5)[0].to_bytes()
+def test_unreadable_checkpoints_raise_state_error(
+    field: bytes, make: Callable[[bytes], bytes]
+) -> None:
+    fields = _save(_filled(window=3, length=5)[0])
+    fields[field] = make(fields[field])
     with pytest.raises(StateError):
-        WindowState.from_bytes(make(good), window=3, length=5, max_series=10)
+        _restore(fields, window=3, length=5, max_series=10)
 
 
 def test_more_series_than_the_new_max_series_raise_state_error() -> None:
-    data = _filled(window=3, length=5)[0].to_bytes()
-    WindowState.from_bytes(data, window=3, max_series=3)  # exactly enough
-    with pytest.raises(StateError, match="3 series"):
-        WindowState.from_bytes(data, window=3, max_series=2)
-
-
-def _labelled(series: str, values: np.ndarray, count: np.ndarray) -> bytes:
-    meta = {"format": "attnlstm-state", "format_version": "1", "last_id": "1-0", "series": series}
-    return bytes(st_save({"values": values, "count": count}, metadata=meta))
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        (2).to_bytes(8, "little") + b"[]",
-        (1).to_bytes(8, "little") + b"5",
-        _labelled("5", np.zeros((1, 3)), np.zeros(1, dtype=np.int64)),
-        _labelled(json.dumps(["a"]), np.zeros((1, 3)), np.zeros(2, dtype=np.int64)),
-    ],
-    ids=["header-list", "header-number", "series-not-a-list", "count-too-long"],
-)
-def test_corrupt_checkpoint_with_a_readable_header_raises_state_error(data: bytes) -> None:
-    with pytest.raises(StateError):
-        WindowState.from_bytes(data, window=2, length=3, max_series=5)
+    fields = _save(_filled(window=3, length=5)[0])
+    _restore(fields, window=3, max_series=3)  # exactly enough
+    with pytest.raises(StateError, match="max_series"):
+        _restore(fields, window=3, max_series=2)
 
 
 def test_window_longer_than_length_is_refused() -> None:

@@ -9,7 +9,7 @@ one fenced call (:mod:`worker.lease`) that publishes the batch with its acks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,7 +151,7 @@ def batch_call(
     *,
     maxlen: int,
     version: bytes,
-    state: bytes | None = None,
+    state: Mapping[bytes, bytes] | None = None,
     handled: bytes,
 ) -> tuple[Command | None, Receipt]:
     """The forecasts of the batch positions ``rows`` (with their ``yhat`` and ``attn``),

@@ -98,13 +98,21 @@ def _show(raw: bytes, limit: int = 40) -> str:
 
 
 def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
-    """The original fields, unchanged, plus where they came from and what was wrong.
-    Past DEAD_MAX_FIELDS fields, the first ones and ``fields_dropped``: how many not."""
+    """The original fields, plus where they came from and what was wrong, bounded: past
+    DEAD_MAX_FIELDS fields, the first ones and ``fields_dropped`` (how many not); a
+    name or value longer than DEAD_MAX_BYTES, its first bytes, with the original
+    length of every value cut short in ``truncated`` (a JSON object, by field name)."""
+    kept: Fields = {}
+    cut: dict[str, int] = {}
+    for name, value in list(fields.items())[:DEAD_MAX_FIELDS]:
+        if len(name) > DEAD_MAX_BYTES or len(value) > DEAD_MAX_BYTES:
+            cut[name[:DEAD_MAX_BYTES].decode(errors="backslashreplace")] = len(value)
+        kept[name[:DEAD_MAX_BYTES]] = value[:DEAD_MAX_BYTES]
     if len(fields) > DEAD_MAX_FIELDS:
-        kept = dict(list(fields.items())[:DEAD_MAX_FIELDS])
         kept[b"fields_dropped"] = b"%d" % (len(fields) - DEAD_MAX_FIELDS)
-        fields = kept
-    return {**fields, b"src": src, b"error": error.encode()}
+    if cut:
+        kept[b"truncated"] = json.dumps(cut).encode()
+    return {**kept, b"src": src, b"error": error.encode()}
 
 
 def json_rows(matrix: np.ndarray) -> list[bytes]:
@@ -156,6 +164,7 @@ def fraction_rows(matrix: np.ndarray) -> list[bytes]:
 
 FORECAST_FIELDS = (b"series", b"src", b"ts", b"yhat", b"attn", b"model")  # in this order
 DEAD_MAX_FIELDS = 1_000  # fields copied into a dead letter, at most
+DEAD_MAX_BYTES = 1_024  # of a field's name, and of its value, copied into a dead letter
 
 
 def forecast_values(

@@ -5,7 +5,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '2'
+local VERSION = '3'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -33,9 +33,10 @@ end
 
 -- KEYS: lease, fence, input, output, dead, state, handling.
 -- ARGV: token, fence number, ttl_ms, group, maxlen, then how many forecasts, dead
--- letters and acks, 1 when the state follows (else 0), and the handling mark (empty:
--- unchanged); then each forecast's series, src, ts, yhat, attn, model; each dead
--- letter's field count and its fields, values; the ids to ack; the state's bytes.
+-- letters and acks, how many fields of the state hash follow, and the handling mark
+-- (empty: unchanged); then each forecast's series, src, ts, yhat, attn, model; each
+-- dead letter's field count and its fields, values; the ids to ack; the state's fields
+-- and values (worker/state.py: a chunk of the windows, and the meta field).
 -- Nothing is written unless the token holds the lease at that fence number; the lease
 -- is renewed with the writes. The mark says which entries the worker handles next
 -- (worker/attempts.py).
@@ -82,8 +83,10 @@ local function publish(keys, args)
     redis.call('XACK', keys[3], group, unpack(args, i, stop))
     i = stop + 1
   end
-  if args[9] == '1' then
-    redis.call('SET', keys[6], args[i])
+  local state, kind = tonumber(args[9]), redis.call('TYPE', keys[6]).ok
+  if state > 0 and (kind == 'hash' or kind == 'none') then
+    -- Another kind is not the worker's: left for an admin (the worker logs it at start).
+    redis.call('HSET', keys[6], unpack(args, i, i + 2 * state - 1))
   end
   return forecasts
 end

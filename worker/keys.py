@@ -25,7 +25,7 @@ class Keys:
 
     def __post_init__(self) -> None:
         derived = {
-            "state": f"{self.input}:state:{self.group}",
+            "state": f"{self.input}:windows:{self.group}",
             "lease": f"{self.input}:lease:{self.group}",
             "fence": f"{self.input}:fence:{self.group}",
             "handling": f"{self.input}:handling:{self.group}",
@@ -40,6 +40,11 @@ class Keys:
     def model(self, version: str) -> str:
         """One stored model version's checkpoint bytes."""
         return f"{self.models}:v:{version}"
+
+    def model_signature(self, version: str) -> str:
+        """Its HMAC-SHA256 signature, hex (under the same ``models:v:*`` pattern, which
+        the worker's ACL user may read and write)."""
+        return f"{self.models}:v:{version}:sig"
 
     @classmethod
     def prefixed(cls, prefix: str) -> Keys:

@@ -16,7 +16,7 @@ beforehand (docker-compose's ``functions`` service runs ``deploy/load-functions.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -26,7 +26,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError
 
-VERSION = "2"  # the library's, in functions.lua
+VERSION = "3"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -89,7 +89,7 @@ class Fence:
         forecasts: Sequence[tuple[bytes, ...]] = (),
         dead: Sequence[list[bytes]] = (),
         acks: Sequence[bytes] = (),
-        state: bytes | None = None,
+        state: Mapping[bytes, bytes] | None = None,
         mark: Mark | None = None,
         maxlen: int = 0,
     ) -> Command:
@@ -104,9 +104,9 @@ class Fence:
                 k.handling.encode(), self.token.encode(), b"%d" % self.number,
                 b"%d" % self.ttl_ms, k.group.encode(), b"%d" % maxlen,
                 b"%d" % len(forecasts), b"%d" % len(dead), b"%d" % len(acks),
-                b"1" if state is not None else b"0", mark.encode() if mark else b"")  # fmt: skip
+                b"%d" % len(state or {}), mark.encode() if mark else b"")  # fmt: skip
         flat_dead = [part for fields in dead for part in (b"%d" % len(fields), *fields)]
-        tail = () if state is None else (state,)
+        tail = [part for pair in (state or {}).items() for part in pair]
         return (*head, *(v for f in forecasts for v in f), *flat_dead, *acks, *tail)
 
     def skip(self, *, last_delivered: bytes, entries_read: int) -> Command:

@@ -29,6 +29,7 @@ import redis
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
 from worker.batch import batch_call, triage
+from worker.contract import entry_ms
 from worker.engine import Engine, check_fits
 from worker.metrics import Metrics
 from worker.online.scoring import Scorer
@@ -69,7 +70,13 @@ class Worker:
         self.window, self.horizon = config.window, config.horizon
         self.state = self._empty_state()
         self.scorer = Scorer(halflife_s=settings.mae_halflife_s)
-        store = ModelStore(client, self.keys, keep=settings.keep_models, source=settings.consumer)
+        store = ModelStore(
+            client,
+            self.keys,
+            keep=settings.keep_models,
+            source=settings.consumer,
+            key=settings.model_key(),
+        )
         self.tuner = Tuner(
             client, settings=settings, store=store, metrics=self.metrics, clock=finetune_clock
         )
@@ -83,7 +90,6 @@ class Worker:
         self._series_ids: dict[bytes, str] = {}  # series ids already validated
         self._in_step = False  # the windows match the group (see the module docstring)
         self._stopping = False
-        self._next_checkpoint = 0.0
         self._next_audit = 0.0
         self._started = time.monotonic()
 
@@ -155,6 +161,7 @@ class Worker:
         self.pipeline.drain()  # the audit must not find the last batch's entries pending
         self._next_audit = now + AUDIT_INTERVAL_S
         self.metrics.series_maes(self.state.names(), self.scorer.series_mae)
+        self.state.sweep(self.state.newest_ms())
         self.recovery.audit()
 
     def _handle(self, entries: list[Entry], *, pending: dict[bytes, int] | None) -> None:
@@ -176,15 +183,16 @@ class Worker:
         slots = self.state.slots_for(batch.names)
         self.metrics.series.set(self.state.series_count)
         publish = np.asarray(batch.publish, dtype=bool)
-        batch.reject(
-            np.flatnonzero((slots == NO_SLOT) & publish),
-            f"series limit reached (max_series={self.state.max_series})",
-        )
-        kept = slots != NO_SLOT
+        refused = np.flatnonzero((slots == NO_SLOT) & publish)
+        self.metrics.series_refused.inc(refused.size)
+        batch.reject(refused, f"series limit reached (max_series={self.state.max_series})")
+        # After a restore, entries the saved windows already hold are only acked.
+        kept = (slots != NO_SLOT) & ~self.state.holds(slots, batch.ids)
         values = np.asarray(batch.values, dtype=np.float64)[kept]
+        ms = np.fromiter(map(entry_ms, batch.ids), np.int64, len(batch.ids))[kept]
         wanted = publish[kept]  # of the kept entries, those to forecast once full
         gather = self.engine is not None and bool(wanted.any())
-        full, windows = self.state.push(slots[kept], values, gather=gather)
+        full, windows = self.state.push(slots[kept], values, ms=ms, gather=gather)
         forecast = full & wanted if gather else np.zeros_like(wanted)
         yhat, attn = self._forecast(windows[wanted[full]] if gather else windows[:0])
         one_step = np.full(forecast.size, np.nan)
@@ -196,10 +204,11 @@ class Worker:
             self.state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
         rows = np.flatnonzero(kept)[forecast]  # batch positions forecast
-        state = None
-        if time.monotonic() >= self._next_checkpoint:
-            self._next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
-            state = self.state.to_bytes()
+        # A piece of the window checkpoint, when one is due (worker.state).
+        now, state = time.monotonic(), None
+        if (due := self.state.due_chunk(now, self.settings.checkpoint_interval_s)) is not None:
+            state = self.state.save_chunk(due, now)
+            self.metrics.checkpointed(time.monotonic() - now)
         fence, maxlen = self.recovery.fence, self.settings.output_maxlen
         call, receipt = batch_call(
             batch,
@@ -254,6 +263,7 @@ class Worker:
             raise
         self.state = self.recovery.restore(self._empty_state())
         self.recovery.resync(self.state, self._handle_at_once)
+        self.state.reread_done()
         self.metrics.role = "active"
         self.metrics.recoveries.inc()
         return True
@@ -264,7 +274,12 @@ class Worker:
 
     def _empty_state(self) -> WindowState:
         length = max(self.settings.history_len, self.window)
-        return WindowState(window=self.window, length=length, max_series=self.settings.max_series)
+        return WindowState(
+            window=self.window,
+            length=length,
+            max_series=self.settings.max_series,
+            idle_ms=int(self.settings.series_idle_s * 1000),
+        )
 
     def _finish(self) -> bool:
         """At a stop, in step: handle the entries read ahead, and read the last reply

@@ -106,8 +106,19 @@ class Metrics:
             LATENCY_BUCKETS_S,
         )
         r.register(self.latency)
+        self.checkpoint = Histogram(
+            "attnlstm_checkpoint_seconds",
+            "Main-loop time to serialise one piece (chunk) of the window checkpoint",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.checkpoint_longest_s = 0.0  # the longest of them (the bench reports it)
         self.lag = gauge("attnlstm_group_lag", "Input entries not yet delivered to the group")
         self.series = gauge("attnlstm_series", "Series with a window slot")
+        self.series_refused = counter(
+            "attnlstm_series_refused",
+            "Entries of new series dead-lettered because max_series series hold slots",
+        )
         # How well, and with which model:
         self.scored = counter(
             "attnlstm_forecasts_scored",
@@ -138,6 +149,10 @@ class Metrics:
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
 
+    def checkpointed(self, seconds: float) -> None:
+        self.checkpoint.observe(seconds)
+        self.checkpoint_longest_s = max(self.checkpoint_longest_s, seconds)
+
     def batch_read(self, entries: int) -> None:
         self.entries_read.inc(entries)
         self.batch_size.observe(entries)
@@ -157,10 +172,11 @@ class Metrics:
             self.rolling_naive_mae.set(scorer.naive_mae)
             self.mae_level.set(scorer.level)
 
-    def series_maes(self, names: list[str], maes: np.ndarray) -> None:
-        """The rolling MAE of the first series (``maes`` by slot, NaN: none yet)."""
+    def series_maes(self, names: list[str | None], maes: np.ndarray) -> None:
+        """The rolling MAE of the series in the first slots (``names`` and ``maes`` by
+        slot; None: a free slot, NaN: none yet)."""
         for name, mae in zip(names[:SERIES_GAUGES], maes, strict=False):
-            if np.isfinite(mae):
+            if name is not None and np.isfinite(mae):
                 self.series_mae.labels(name).set(mae)
 
     def totals(self, seconds: float) -> dict[str, float]:

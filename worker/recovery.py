@@ -22,7 +22,7 @@ from worker.attempts import ALONE_FROM, Mark, attempts_of, chunks
 from worker.lease import Fence, FencedError, Lease, ensure_library, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.state import StateError, WindowState
+from worker.state import META, StateError, WindowState
 from worker.streams import (
     Command,
     Entry,
@@ -116,24 +116,38 @@ class Recovery:
         self._had_group = True
 
     def restore(self, empty: WindowState) -> WindowState:
-        """The saved windows, reshaped like ``empty``; ``empty`` when there are none."""
-        blob = cast(bytes | None, self.client.get(self.keys.state))
-        if blob is None:
+        """The saved windows (:mod:`worker.state`), reshaped like ``empty``; ``empty``
+        when there are none, or they are refused (logged)."""
+        key = self.keys.state
+        kind = _text(self.client.type(key))
+        if kind == "none":
+            return empty
+        if kind != "hash":
+            log.error(
+                "the window state key %s is a %s, not a state hash (an older version's "
+                "format, or not the worker's): rebuilding the windows from the stream",
+                key,
+                kind,
+            )
             return empty
         try:
-            state = WindowState.from_bytes(
-                blob, window=empty.window, length=empty.length, max_series=empty.max_series
+            state = WindowState.restore(
+                lambda field: cast(bytes | None, self.client.hget(key, field)),  # one by one
+                window=empty.window,
+                length=empty.length,
+                max_series=empty.max_series,
+                idle_ms=empty.idle_ms,
             )
         except StateError as e:
             log.error("%s; rebuilding the windows from the stream instead", e)
             return empty
-        last = self._last_entry()
-        if id_key(state.last_id) > id_key(last):
+        last, claimed = self._last_entry(), state.latest_stamp()
+        if id_key(claimed) > id_key(last):
             log.error(
                 "the saved window state claims entry %s, past the stream's last, %s (a "
                 "tampered or foreign state key): refused; rebuilding the windows from the "
                 "stream instead",
-                state.last_id.decode(),
+                claimed.decode(),
                 last.decode(),
             )
             return empty
@@ -152,7 +166,7 @@ class Recovery:
             if "no such key" in str(e).lower():
                 return b"0-0"
             raise
-        return _id(info["last-generated-id"])
+        return _text(info["last-generated-id"]).encode()
 
     def resync(self, state: WindowState, handle: Handler) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is
@@ -254,7 +268,7 @@ class Recovery:
             return
         delivered = (group or group_info(self.client, self.keys))["last-delivered-id"]
         stream = self.client.xinfo_stream(self.keys.input)
-        if delivered != _id(stream["last-generated-id"]):
+        if _text(delivered) != _text(stream["last-generated-id"]):
             return  # not caught up: counted once it is
         added = int(stream["entries-added"])
         if added > self._read:
@@ -276,9 +290,12 @@ class Recovery:
         self._write(self.fence.publish(dead=[record], maxlen=self.settings.output_maxlen))
 
     def save(self, state: WindowState) -> None:
-        """At a stop, in step: save the windows and hand the lease back."""
+        """At a stop, in step: save the windows (a chunk per call: bounded) and hand the
+        lease back."""
         try:
-            self._write(self.fence.publish(state=state.to_bytes()))
+            while (k := state.due_chunk(time.monotonic(), 0)) is not None:
+                self._write(self.fence.publish(state=state.save_chunk(k, time.monotonic())))
+            self._write(self.fence.publish(state={META: state.meta()}))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:
             log.warning("could not save the window state at exit (%s); the last one stands", e)
@@ -297,5 +314,5 @@ class Recovery:
             raise fenced(e) or e from None
 
 
-def _id(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.keys import Keys
 
 URL_SCHEMES = ("redis", "rediss", "unix")
+MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
 
 
 def default_consumer() -> str:
@@ -52,6 +53,10 @@ class Settings(BaseSettings):
     # A checkpoint from `attnlstm train`. Unset: the store's serving version, else a
     # cold start (a first model trained from the stream; needs fine-tuning on).
     model: Path | None = None
+    # A file holding the key that signs the models this worker stores and verifies the
+    # ones it loads from the store (a docker secret; Redis never sees it). Unset: the
+    # store is unauthenticated, as anyone who can write to the Redis may change the model.
+    model_key_file: Path | None = None
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
 
@@ -69,6 +74,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"  # the address they listen on; 0.0.0.0: every interface
 
     history_len: int = Field(default=200, ge=2)  # values kept per series, for fine-tuning
+    series_idle_s: float = Field(default=7 * 86400, ge=0)  # then its slot is freed; 0: never
     mae_halflife_s: float = Field(default=30.0, gt=0)  # the rolling MAE's half-life
     finetune_interval_s: float = Field(default=300.0, ge=0)  # between fine-tunes; 0: off
     drift_ratio: float = Field(default=1.5, ge=0)  # rolling MAE / its level: fine-tune now
@@ -112,7 +118,14 @@ class Settings(BaseSettings):
             raise ValueError("a password file needs a redis_url")
         if url.password is not None:
             raise ValueError("redis_url has a password already: keep one of the two")
-        _read_password(value)
+        _read_secret(value, "password")
+        return value
+
+    @field_validator("model_key_file")
+    @classmethod
+    def _usable_model_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _read_model_key(value)
         return value
 
     @model_validator(mode="after")
@@ -146,6 +159,10 @@ class Settings(BaseSettings):
             }
         )
 
+    def model_key(self) -> bytes | None:
+        """The model key in ``model_key_file``; None when there is none."""
+        return None if self.model_key_file is None else _read_model_key(self.model_key_file)
+
     def url(self) -> str | None:
         """The URL to connect with (it holds the password): ``redis_url``, with the
         password of ``redis_password_file`` and the CA file (as redis-py's
@@ -158,7 +175,7 @@ class Settings(BaseSettings):
         parts = urlsplit(url)
         if self.redis_password_file is not None:
             user, _, host = parts.netloc.rpartition("@")
-            password = quote(_read_password(self.redis_password_file), safe="")
+            password = quote(_read_secret(self.redis_password_file, "password"), safe="")
             parts = parts._replace(netloc=f"{user}:{password}@{host}")
         if self.redis_ca_file is not None:
             query = [
@@ -190,15 +207,25 @@ def _given_url(info: ValidationInfo) -> SplitResult | None:
     return None if url is None else urlsplit(url.get_secret_value())
 
 
-def _read_password(path: Path) -> str:
-    """The password in a secret file: its text without the trailing newlines."""
+def _read_secret(path: Path, what: str) -> str:
+    """A secret file's text without the trailing newlines."""
     try:
-        password = path.read_text().rstrip("\n")
+        secret = path.read_text().rstrip("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not password:
-        raise ValueError(f"{path} holds no password")
-    return password
+    if not secret:
+        raise ValueError(f"{path} holds no {what}")
+    return secret
+
+
+def _read_model_key(path: Path) -> bytes:
+    key = _read_secret(path, "model key")
+    if len(key) < MIN_MODEL_KEY_CHARS:
+        raise ValueError(
+            f"{path} holds a model key of {len(key)} characters; it needs at least "
+            f"{MIN_MODEL_KEY_CHARS} (deploy/make-secrets.sh writes one)"
+        )
+    return key.encode()
 
 
 def redact(url: str) -> str:

@@ -3,15 +3,29 @@
 Value number ``i`` of a series (counting from 0, ever) lives at ``ring[slot, i % length]``,
 so appending a batch and gathering the windows that end at each new value are a few
 numpy calls per *round* (the k-th value of each series in the batch), never a Python
-loop per value. The state serialises to safetensors bytes with the last input entry id
-it reflects; that pair is the worker's recovery point.
+loop per value.
+
+A series whose last value is older than ``idle_ms`` (by entry time) starts afresh when
+its next value comes, and :meth:`WindowState.sweep` frees its slot for another series:
+junk names cannot hold slots for ever. Both follow from the entries alone, so a replay
+builds the same windows.
+
+The checkpoint is saved in pieces: slots in chunks of ``CHUNK``, each saved (as
+safetensors bytes) once it has changed and its last save is old enough, one chunk at a
+time with a batch's publish, so its cost follows what changed and no single write is
+large. Each chunk records the last input entry it reflects (its stamp); a chunk
+unchanged since its save holds at every later entry too. The ``meta`` field lists the
+stamps and the entry to re-read the stream from: the oldest stamp of a chunk changed
+since its save. Restored, a series skips the entries its chunk already holds.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from safetensors import SafetensorError
@@ -19,40 +33,70 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 FORMAT = "attnlstm-state"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+CHUNK = 256  # slots per saved chunk: 256 x 200 values x 8 bytes = 400 KB by default
 NO_SLOT = -1  # a new series past max_series
-_ENTRY_ID = re.compile(rb"\d{1,20}-\d{1,20}")
+META = b"meta"
+_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 class StateError(Exception):
     """A state checkpoint that cannot be read back."""
 
 
+def chunk_field(k: int) -> bytes:
+    return b"chunk:%d" % k
+
+
+def id_pair(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class WindowState:
-    def __init__(self, *, window: int, length: int | None = None, max_series: int) -> None:
+    def __init__(
+        self,
+        *,
+        window: int,
+        length: int | None = None,
+        max_series: int,
+        idle_ms: int = 0,
+    ) -> None:
         length = window if length is None else length
         if not 1 <= window <= length:
             raise ValueError(f"need 1 <= window <= length, got window={window}, length={length}")
         self.window = window  # values a forecast sees
         self.length = length  # values kept per series (the history)
         self.max_series = max_series
+        self.idle_ms = idle_ms  # 0: a series keeps its slot for ever
         self.last_id = b"0-0"  # the last input entry these windows reflect
         self._slots: dict[str, int] = {}
-        self._names: list[str] = []
+        self._names: list[str | None] = []  # by slot; None: free
+        self._free: list[int] = []  # a heap of free slots below len(_names)
         capacity = min(1024, max_series)
         self._ring = np.zeros((capacity, length), dtype=np.float64)  # (S, L)
         self._count = np.zeros(capacity, dtype=np.int64)  # values seen per slot
+        self._last_ms = np.zeros(capacity, dtype=np.int64)  # entry time of the last value
         self._window_cols = np.arange(-window, 0)  # (W,) offsets from the newest value
+        # Saving: the chunks changed since their save, each with the entry the stream
+        # must be re-read from for it; their stamps; when each was saved (monotonic s).
+        self._dirty: dict[int, bytes] = {}
+        self._stamps: dict[int, bytes] = {}
+        self._saved_at: dict[int, float] = {}
+        # Restored and re-reading the stream: per slot, the last entry its windows hold.
+        self._holds: np.ndarray | None = None  # (S, 2): ms, seq
 
     @property
     def series_count(self) -> int:
-        return len(self._names)
+        return len(self._slots)
 
-    def names(self) -> list[str]:
+    def names(self) -> list[str | None]:
+        """The series of each slot (None: a free slot)."""
         return list(self._names)
 
     def slots_for(self, names: Sequence[str]) -> np.ndarray:
-        """Slot per name, new names getting the next free one; NO_SLOT past max_series."""
+        """Slot per name, new names getting a free one; NO_SLOT past max_series."""
         slots = self._slots
         out = np.empty(len(names), dtype=np.int64)
         for i, name in enumerate(names):
@@ -61,41 +105,106 @@ class WindowState:
         return out
 
     def _new_slot(self, name: str) -> int:
-        if len(self._names) >= self.max_series:
+        if len(self._slots) >= self.max_series:
             return NO_SLOT
-        slot = len(self._names)
-        if slot == self._ring.shape[0]:
-            self._grow()
+        if self._free:
+            slot = heapq.heappop(self._free)
+            self._names[slot] = name
+        else:
+            slot = len(self._names)
+            if slot == self._ring.shape[0]:
+                self._grow()
+            self._names.append(name)
         self._slots[name] = slot
-        self._names.append(name)
+        self._count[slot] = 0
+        if self._holds is not None:  # new since the checkpoint: every value counts
+            self._holds[slot] = id_pair(self.last_id)
+        self._touch(np.array([slot]))
         return slot
 
     def _grow(self) -> None:
         capacity = min(2 * self._ring.shape[0], self.max_series)
-        ring = np.zeros((capacity, self.length), dtype=np.float64)
-        ring[: self._ring.shape[0]] = self._ring
-        count = np.zeros(capacity, dtype=np.int64)
-        count[: self._count.shape[0]] = self._count
-        self._ring, self._count = ring, count
+        self._ring = _grown(self._ring, capacity)
+        self._count = _grown(self._count, capacity)
+        self._last_ms = _grown(self._last_ms, capacity)
+        if self._holds is not None:
+            self._holds = _grown(self._holds, capacity)
+
+    def _touch(self, slots: np.ndarray) -> None:
+        """The chunks of ``slots`` change now, before the windows take in entries past
+        ``last_id``: until saved, each is re-read from its stamp or from here."""
+        for k in np.unique(slots // CHUNK).tolist():
+            if k not in self._dirty:
+                stamp = self._stamps.get(k, self.last_id)
+                self._dirty[k] = min(stamp, self.last_id, key=id_pair)
 
     def push(
-        self, slots: np.ndarray, values: np.ndarray, *, gather: bool = True
+        self,
+        slots: np.ndarray,
+        values: np.ndarray,
+        *,
+        ms: np.ndarray | None = None,
+        gather: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Append values in order (a slot may repeat). Returns a mask of the values whose
-        window is full, and those windows (n_full, window), oldest step first, in input
-        order. ``gather=False`` only appends (replaying history) and returns no windows."""
+        """Append values in order (a slot may repeat), each at entry time ``ms`` (None:
+        0, no idle reset). Returns a mask of the values whose window is full, and those
+        windows (n_full, window), oldest step first, in input order. ``gather=False``
+        only appends (replaying history) and returns no windows."""
         n = slots.shape[0]
+        ms = np.zeros(n, dtype=np.int64) if ms is None else ms
         full = np.zeros(n, dtype=bool)
         windows = np.empty((n if gather else 0, self.window), dtype=np.float64)
         for idx in rounds(slots):
             s = slots[idx]  # distinct slots within a round
+            if self.idle_ms:
+                stale = ms[idx] - self._last_ms[s] > self.idle_ms
+                self._count[s[stale]] = 0  # idle too long: a fresh start
             self._ring[s, self._count[s] % self.length] = values[idx]
             self._count[s] += 1
+            self._last_ms[s] = ms[idx]
             full[idx] = self._count[s] >= self.window
             if gather:
                 cols = (self._count[s, None] + self._window_cols) % self.length  # (n_r, W)
                 windows[idx] = self._ring[s[:, None], cols]
+        self._touch(slots)
         return full, windows[full] if gather else windows
+
+    def holds(self, slots: np.ndarray, ids: Sequence[bytes]) -> np.ndarray:
+        """Restored and re-reading: which of these entries (of these slots) the
+        restored windows already hold. All False once the re-read is over."""
+        if self._holds is None or not ids:
+            return np.zeros(len(ids), dtype=bool)
+        pairs = np.array([id_pair(i) for i in ids], dtype=np.int64)
+        held = self._holds[slots]
+        older: np.ndarray = (pairs[:, 0] < held[:, 0]) | (
+            (pairs[:, 0] == held[:, 0]) & (pairs[:, 1] <= held[:, 1])
+        )
+        return older
+
+    def reread_done(self) -> None:
+        self._holds = None
+
+    def sweep(self, now_ms: int) -> int:
+        """Free the slots of series idle for longer than ``idle_ms``; how many."""
+        if not self.idle_ms or not self._slots:
+            return 0
+        n = len(self._names)
+        used = np.array([name is not None for name in self._names], dtype=bool)
+        idle = np.flatnonzero(used & (now_ms - self._last_ms[:n] > self.idle_ms))
+        for slot in idle.tolist():
+            name = self._names[slot]
+            assert name is not None
+            del self._slots[name]
+            self._names[slot] = None
+            self._count[slot] = 0
+            heapq.heappush(self._free, slot)
+        self._touch(idle)
+        return int(idle.size)
+
+    def newest_ms(self) -> int:
+        """The entry time of the newest value held (0: none)."""
+        n = len(self._names)
+        return int(self._last_ms[:n].max()) if n else 0
 
     def windows(self, names: Sequence[str]) -> np.ndarray:
         """The current window (window,) of each named, known series; NaN where not full."""
@@ -108,56 +217,153 @@ class WindowState:
     def histories(self) -> tuple[list[str], list[np.ndarray]]:
         """Every series' kept values (up to ``length``, oldest first): what fine-tuning
         learns from."""
-        n = len(self._names)
-        kept = np.minimum(self._count[:n], self.length)
-        out = []
-        for slot in range(n):
-            cols = (self._count[slot] + np.arange(-kept[slot], 0)) % self.length
+        names, out = [], []
+        for name, slot in self._slots.items():
+            kept = min(int(self._count[slot]), self.length)
+            cols = (self._count[slot] + np.arange(-kept, 0)) % self.length
+            names.append(name)
             out.append(self._ring[slot, cols].copy())
-        return list(self._names), out
+        return names, out
 
-    def to_bytes(self) -> bytes:
-        n = len(self._names)
-        cols = (self._count[:n, None] + np.arange(-self.length, 0)) % self.length
+    # -- saving ------------------------------------------------------------------------
+
+    def due_chunk(self, now: float, interval_s: float) -> int | None:
+        """The changed chunk saved longest ago, if that was ``interval_s`` or more
+        before ``now``; None when none is due."""
+        due = [k for k in self._dirty if now - self._saved_at.get(k, -math.inf) >= interval_s]
+        return min(due, key=lambda k: self._saved_at.get(k, -math.inf)) if due else None
+
+    def save_chunk(self, k: int, now: float) -> dict[bytes, bytes]:
+        """Chunk ``k`` and the meta field, to write to the state hash now."""
+        self._dirty.pop(k, None)
+        self._stamps[k] = self.last_id
+        self._saved_at[k] = now
+        return {chunk_field(k): self._chunk_bytes(k), META: self.meta()}
+
+    def _chunk_bytes(self, k: int) -> bytes:
+        lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(self._names))
+        pos = [s - lo for s in range(lo, hi) if self._names[s] is not None]
+        slots = np.asarray(pos, dtype=np.int64) + lo
+        cols = (self._count[slots, None] + np.arange(-self.length, 0)) % self.length
         tensors = {
-            "values": np.ascontiguousarray(self._ring[np.arange(n)[:, None], cols]),  # (n, L)
-            "count": self._count[:n].copy(),
+            "values": np.ascontiguousarray(self._ring[slots[:, None], cols]),  # (n, L)
+            "count": self._count[slots].copy(),
+            "last_ms": self._last_ms[slots].copy(),
+            "pos": np.asarray(pos, dtype=np.int64),
         }
+        names = [self._names[s] for s in slots.tolist()]
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "series": json.dumps(names)}
+        return bytes(st_save(tensors, metadata=meta))
+
+    def meta(self) -> bytes:
+        """The stamps, and the entry to re-read from: every chunk holds the windows up
+        to its stamp, or (unchanged since saved) up to the last entry."""
+        reread_from = min([self.last_id, *self._dirty.values()], key=id_pair)
+        stamps = {str(k): (self.last_id if k not in self._dirty else s).decode()
+                  for k, s in self._stamps.items()}  # fmt: skip
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "last_id": self.last_id.decode(),
-            "series": json.dumps(self._names),
+            "chunk": CHUNK,
+            "last_id": reread_from.decode(),
+            "stamps": stamps,
         }
-        return bytes(st_save(tensors, metadata=meta))
+        return json.dumps(meta).encode()
+
+    def latest_stamp(self) -> bytes:
+        """The newest entry any saved chunk claims to hold."""
+        return max([self.last_id, *self._stamps.values()], key=id_pair)
 
     @classmethod
-    def from_bytes(
-        cls, data: bytes, *, window: int, length: int | None = None, max_series: int
+    def restore(
+        cls,
+        read: Callable[[bytes], bytes | None],
+        *,
+        window: int,
+        length: int | None = None,
+        max_series: int,
+        idle_ms: int = 0,
     ) -> WindowState:
-        """Restore, keeping the most recent values when the window or length changed."""
+        """Restore from the state hash, reading one field at a time (``read(field)``,
+        None: missing), keeping the most recent values when the window or length
+        changed; StateError when it is not a whole, valid checkpoint. The windows then
+        skip what each chunk holds: :meth:`holds`."""
+        state = cls(window=window, length=length, max_series=max_series, idle_ms=idle_ms)
         try:
-            meta, tensors = _read(data)
-            names = json.loads(meta["series"])
-            values, count = tensors["values"], tensors["count"]
-            last_id = meta["last_id"].encode()
-            if not _ENTRY_ID.fullmatch(last_id):
-                raise ValueError(f"last_id {meta['last_id']!r} is not a stream entry id")
-            _check_shapes(names, values, count)
+            meta = json.loads(_field(read, META))
+            if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+            if meta["chunk"] != CHUNK:
+                raise ValueError(f"chunks of {meta['chunk']} slots, not {CHUNK}")
+            last_id = _entry_id(meta["last_id"])
+            stamps = {int(k): _entry_id(v) for k, v in meta["stamps"].items()}
+            holds: list[tuple[int, tuple[int, int]]] = []
+            for k, stamp in sorted(stamps.items()):
+                for slot in state._restore_chunk(k, _field(read, chunk_field(k))):
+                    holds.append((slot, id_pair(stamp)))
         except (SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise StateError(f"unreadable state checkpoint: {e}") from e
-        if len(names) > max_series:
-            raise StateError(f"state holds {len(names)} series, max_series is {max_series}")
-        state = cls(window=window, length=length, max_series=max_series)
-        for name in names:
-            state._new_slot(name)
-        n, old_length = values.shape
-        kept = min(old_length, state.length)
-        state._count[:n] = np.minimum(count, old_length)
-        cols = (state._count[:n, None] + np.arange(-kept, 0)) % state.length
-        state._ring[np.arange(n)[:, None], cols] = values[:, old_length - kept :]
+        if any(id_pair(s) < id_pair(last_id) for s in stamps.values()):
+            raise StateError("unreadable state checkpoint: a chunk older than its re-read")
         state.last_id = last_id
+        state._holds = np.zeros((state._ring.shape[0], 2), dtype=np.int64)
+        state._holds[:] = id_pair(last_id)
+        for slot, held in holds:
+            state._holds[slot] = held
+        state._stamps = stamps
+        state._free = [slot for slot, name in enumerate(state._names) if name is None]
+        heapq.heapify(state._free)
         return state
+
+    def _restore_chunk(self, k: int, data: bytes) -> list[int]:
+        """Place a chunk's series in their slots; the slots."""
+        meta, tensors = _read(data)
+        names = json.loads(meta["series"])
+        values, count, last_ms, pos = (
+            tensors["values"], tensors["count"], tensors["last_ms"], tensors["pos"]
+        )  # fmt: skip
+        _check_chunk(names, values, count, last_ms, pos)
+        slots: list[int] = (k * CHUNK + pos).tolist()
+        if len(self._slots) + len(names) > self.max_series:
+            raise ValueError(f"more series than max_series ({self.max_series})")
+        while self._ring.shape[0] <= max(slots, default=-1):
+            if self._ring.shape[0] == self.max_series:
+                raise ValueError(f"slot {max(slots)} is past max_series ({self.max_series})")
+            self._grow()
+        while len(self._names) <= max(slots, default=-1):
+            self._names.append(None)
+        for name, slot in zip(names, slots, strict=True):
+            if name in self._slots or self._names[slot] is not None:
+                raise ValueError(f"series {name!r} or its slot {slot} is saved twice")
+            self._slots[name] = slot
+            self._names[slot] = name
+        old_length = values.shape[1]
+        kept = min(old_length, self.length)
+        s = np.asarray(slots, dtype=np.int64)
+        self._count[s] = np.minimum(count, old_length)
+        self._last_ms[s] = last_ms
+        cols = (self._count[s, None] + np.arange(-kept, 0)) % self.length
+        self._ring[s[:, None], cols] = values[:, old_length - kept :]
+        return slots
+
+
+def _field(read: Callable[[bytes], bytes | None], name: bytes) -> bytes:
+    value = read(name)
+    if value is None:
+        raise ValueError(f"the {name.decode()} field is missing")
+    return value
+
+
+def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
+    out = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+def _entry_id(text: object) -> bytes:
+    if not isinstance(text, str) or not _ENTRY_ID.fullmatch(text):
+        raise ValueError(f"{text!r} is not a stream entry id")
+    return text.encode()
 
 
 def _read(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -165,16 +371,21 @@ def _read(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     header = json.loads(data[8 : 8 + header_len])
     meta = header.get("__metadata__", {})
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+        raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} chunk")
     tensors: dict[str, np.ndarray] = st_load(data)
     return meta, tensors
 
 
-def _check_shapes(names: object, values: np.ndarray, count: np.ndarray) -> None:
+def _check_chunk(
+    names: object, values: np.ndarray, count: np.ndarray, last_ms: np.ndarray, pos: np.ndarray
+) -> None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError("the series names are not a list of strings")
-    if values.ndim != 2 or values.shape[0] != len(names) or count.shape != (len(names),):
-        raise ValueError(f"{len(names)} series but values {values.shape} and counts {count.shape}")
+    n = len(names)
+    if values.ndim != 2 or values.shape[0] != n or any(a.shape != (n,) for a in (count, last_ms)):
+        raise ValueError(f"{n} series but values {values.shape} and counts {count.shape}")
+    if pos.shape != (n,) or (n and (pos.min() < 0 or pos.max() >= CHUNK)) or (count < 0).any():
+        raise ValueError("slot positions or counts out of range")
 
 
 def rounds(slots: np.ndarray) -> list[np.ndarray]:

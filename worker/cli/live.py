@@ -17,7 +17,7 @@ from typing import Any
 import redis
 import torch
 
-from attnlstm.checkpoint import open_checkpoint
+from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.synthetic import SineSpec
 from worker.app import run_service
@@ -158,14 +158,26 @@ def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def models_command(args: argparse.Namespace) -> dict[str, Any]:
-    settings = from_flags(redis_url=args.redis_url, models_stream=args.models_stream)
+    settings = from_flags(
+        redis_url=args.redis_url,
+        models_stream=args.models_stream,
+        model_key_file=args.model_key_file,
+    )
     with _redis(settings, "models") as client:
-        store = ModelStore(client, settings.keys, keep=settings.keep_models, source="cli")
+        store = ModelStore(
+            client, settings.keys, keep=settings.keep_models, source="cli", key=settings.model_key()
+        )
         if args.action == "rollback":
-            checkpoint = store.get(args.version)  # refuses a missing or damaged version
+            checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()
             store.set_serving(checkpoint.version, "rolled_back", previous=before)
             return {"serving": checkpoint.version, "previous": before}
+        if args.action == "promote":
+            checkpoint = open_checkpoint(args.path)
+            before = store.serving()
+            store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
+            store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
+            return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
         events = [
             {k.decode(): v.decode() for k, v in fields.items()} | {"id": entry_id.decode()}
             for entry_id, fields in reversed(store.recent_events(args.events))

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _models_args(
         sub.add_parser(
             "models",
-            help="the model store: list versions and events, roll back",
+            help="the model store: list versions and events, roll back, promote a file",
             description="Versions stored by the workers' fine-tuning, in Redis.",
         )
     )
@@ -143,6 +143,9 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--series", type=positive, default=1_000, help="(default 1000)")
     bench.add_argument("--per-entry-entries", type=positive, default=20_000, help="(default 20000)")
     bench.add_argument("--rate", type=positive, default=2_000, help="entries/s (default 2000)")
+    bench.add_argument(
+        "--scale-series", type=positive, default=100_000, help="series at scale (default 100000)"
+    )
     bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
     bench.add_argument(
         "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
@@ -161,6 +164,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--group", "group", str, "consumer group (default forecasters)"),
     ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
     ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
+    ("--model-key-file", "model_key_file", Path, "key that signs and verifies stored models"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
     ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
@@ -173,6 +177,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
     ("--metrics-host", "metrics_host", str, "their address (default 127.0.0.1; 0.0.0.0: all)"),
     ("--history-len", "history_len", positive, "values kept per series (default 200)"),
+    ("--series-idle-s", "series_idle_s", float, "idle series free their slot, 0: never (7 d)"),
     ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
     ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),
     ("--finetune-steps", "finetune_steps", positive, "optimiser steps a fine-tune (300)"),
@@ -274,9 +279,19 @@ def _models_args(models: argparse.ArgumentParser) -> None:
     listing.add_argument("--events", type=positive, default=10, help="events shown (default 10)")
     back = what.add_parser("rollback", help="serve a stored version again, from the next batch")
     back.add_argument("version", help="a version from `attnlstm models list`")
-    for action in (listing, back):
+    promote = what.add_parser(
+        "promote", help="store a model file (signed, with a key) and serve it on every worker"
+    )
+    promote.add_argument("path", type=Path, help="a checkpoint from `attnlstm train`")
+    for action in (listing, back, promote):
         action.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
         action.add_argument(
             "--models-stream", default=None, help="(default: ATTNLSTM_MODELS_STREAM or models)"
+        )
+        action.add_argument(
+            "--model-key-file",
+            type=Path,
+            default=None,
+            help="key that signs and verifies stored models (default: ATTNLSTM_MODEL_KEY_FILE)",
         )
         action.add_argument("--json", action="store_true", help="one JSON object, last line")

@@ -5,10 +5,18 @@ and carry a SHA-256 that is checked on every load) under ``models:v:<version>``;
 last ``keep`` versions stay, and the serving one is never deleted. Every change is an
 event on the ``models`` stream (``trained``, ``promoted``, ``rejected``,
 ``rolled_back``, ``refused``), which is also how other workers learn of it.
+
+The SHA-256 catches damage, not forgery: anyone who can write to the store can store
+a model with a hash that matches. A store with a model key (a secret file; Redis never
+holds it) signs each version it stores with an HMAC-SHA256 over the version and its
+exact bytes, under ``models:v:<version>:sig``, and refuses a version that is unsigned
+or signed with another key before reading a byte of it as a checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import cast
 
@@ -20,21 +28,35 @@ from worker.streams import Command, Entry, range_entries, round_trip, transactio
 
 EVENTS_MAXLEN = 10_000  # approximate cap on the models stream
 SWITCHES = (b"promoted", b"rolled_back")  # events that change the serving version
+SIGNED = b"attnlstm model\0"  # what a signature is of, ahead of the version and the bytes
 
 
 class ModelStore:
-    def __init__(self, client: redis.Redis, keys: Keys, *, keep: int, source: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        keep: int,
+        source: str,
+        key: bytes | None = None,
+    ) -> None:
         self.client, self.keys, self.keep = client, keys, keep
         self.source = source  # who writes the events (a consumer name, or the CLI)
+        self.key = key  # signs what is stored, verifies what is read; None: unauthenticated
 
     def put(self, data: bytes, version: str) -> None:
-        """Store a version (again: it becomes the newest), dropping the oldest past
-        ``keep`` unless it is serving."""
+        """Store a version (again: it becomes the newest), signed when the store has a
+        key, dropping the oldest past ``keep`` unless it is serving."""
         k = self.keys
+        signature = k.model_signature(version).encode()
         transaction(
             self.client,
             [
                 (b"SET", k.model(version).encode(), data),
+                (b"DEL", signature)
+                if self.key is None
+                else (b"SET", signature, self._sign(version, data)),
                 (b"LREM", k.versions.encode(), b"0", version.encode()),
                 (b"LPUSH", k.versions.encode(), version.encode()),
             ],
@@ -42,18 +64,40 @@ class ModelStore:
         serving = self.serving()
         for old in cast(list[bytes], self.client.lrange(k.versions, self.keep, -1)):
             if old.decode() != serving:
-                self.client.delete(k.model(old.decode()))
+                self.client.delete(k.model(old.decode()), k.model_signature(old.decode()))
                 self.client.lrem(k.versions, 0, old.decode())
 
     def get(self, version: str) -> Checkpoint:
-        """The stored version, verified; CheckpointError when missing or not intact."""
-        data = cast(bytes | None, self.client.get(self.keys.model(version)))
+        """The stored version, verified; CheckpointError when missing or not intact, or
+        (with a key) unsigned or signed with another key."""
+        k = self.keys
+        data, signature = round_trip(
+            self.client,
+            [(b"GET", k.model(version).encode()), (b"GET", k.model_signature(version).encode())],
+        )
         if data is None:
             raise CheckpointError(f"model {version} is not in the store")
+        self._verify(version, data, signature)
         checkpoint = loads(data, source=f"stored model {version}")
         if checkpoint.version != version:
             raise CheckpointError(f"stored model {version} holds model {checkpoint.version}")
         return checkpoint
+
+    def _sign(self, version: str, data: bytes) -> bytes:
+        assert self.key is not None
+        mac = hmac.new(self.key, SIGNED + version.encode() + b"\0", hashlib.sha256)
+        mac.update(data)
+        return mac.hexdigest().encode()
+
+    def _verify(self, version: str, data: bytes, signature: bytes | None) -> None:
+        if self.key is None:
+            return
+        if signature is None:
+            raise CheckpointError(f"stored model {version} is not signed (this store has a key)")
+        if not hmac.compare_digest(signature, self._sign(version, data)):
+            raise CheckpointError(
+                f"stored model {version}: bad signature (another key signed it, or it was altered)"
+            )
 
     def versions(self) -> list[str]:
         return [

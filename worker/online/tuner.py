@@ -62,6 +62,11 @@ class Tuner:
         self.settings = settings
         self.metrics = metrics
         self.store = store
+        if store.key is None:
+            log.warning(
+                "no model key (model_key_file): the model store is unauthenticated, and "
+                "anyone who can write to its Redis can change the model every worker serves"
+            )
         self.enabled = settings.finetune_interval_s > 0
         self.config = FinetuneConfig(
             steps=settings.finetune_steps,
@@ -91,20 +96,32 @@ class Tuner:
     # -- which model serves --------------------------------------------------------
 
     def start(self, file_model: Checkpoint | None) -> Checkpoint | None:
-        """The model to serve at start: a model file not seen by the store before (it
-        was just deployed), else the store's serving version, else the file; None: no
-        change, or nothing yet (a cold start). ValueError when there is nothing to
-        serve and fine-tuning is off, so nothing ever will be."""
+        """The model to serve at start: the store's serving version. A model file is
+        promoted (stored, signed with a key, served by every worker) only when the store
+        serves none yet, and served here alone while the store's is refused; a restart
+        never undoes a promotion, nor does a worker with another file. None: no change,
+        or nothing yet (a cold start). ValueError when there is nothing to serve and
+        fine-tuning is off, so nothing ever will be."""
         self._seen = self.store.last_event_id()
-        stored = set(self.store.versions())
         serving = self.store.serving()
-        if file_model is not None and (serving is None or file_model.version not in stored):
+        if serving is None and file_model is not None:
             blob, _ = dumps(file_model.model, file_model.meta)
             self.store.put(blob, file_model.version)
             self.store.set_serving(file_model.version, "promoted", reason="model file")
             self._seen = self.store.last_event_id()
             return self._adopt(file_model, blob)
         if serving is not None and serving != self.version:
+            if file_model is not None and self.version is None and file_model.version != serving:
+                path = self.settings.model or "PATH"
+                log.warning(
+                    "--model %s (model %s) is not served: the store serves %s, promoted "
+                    "before this start; to serve the file on every worker: attnlstm models "
+                    "promote %s",
+                    path,
+                    file_model.version,
+                    serving,
+                    path,
+                )
             try:
                 return self._adopt(self.store.get(serving))
             except CheckpointError as e:

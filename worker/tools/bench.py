@@ -14,6 +14,7 @@ the same run on the same server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -67,6 +68,7 @@ class BenchPlan:
     per_entry_entries: int = 20_000  # the per-entry baselines are slow: fewer entries
     repeats: int = 3  # rounds of the fast drains; the median is reported
     rate: int = 2_000  # entries/s offered in the latency run
+    scale_series: int = 100_000  # series in the latency run at scale (window state size)
     seconds: float = 20.0  # length of the latency run
     max_batch: int = 1024
     max_wait_ms: float = 5.0
@@ -346,6 +348,8 @@ def latency_run(
         "p50_ms": float(np.percentile(latency, 50)),
         "p99_ms": float(np.percentile(latency, 99)),
         "max_ms": float(latency.max()),
+        "series": plan.series,
+        "checkpoint_longest_ms": round(worker.metrics.checkpoint_longest_s * 1000, 2),
         "finetunes": worker.tuner.cycles,
         "finetune_busy_s": round(worker.tuner.busy_s, 1),
     }
@@ -424,6 +428,10 @@ def _runs(
     out["finetune_p99_ratio"] = round(
         out["latency_finetune"]["p99_ms"] / out["latency"]["p99_ms"], 2
     )
+    scaled = dataclasses.replace(plan, series=plan.scale_series)
+    log.info("latency with %d series: %d entries/s", scaled.series, plan.rate)
+    s = _settings(url, f"{run_id}:latency-scale:", scaled, device)
+    out["latency_scale"] = latency_run(client, url, s, engine, scaled, warm_steps=window)
 
     worker_rate = out["worker"]["entries_per_s"]
     out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
@@ -472,5 +480,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"ran, {ft['finetune_busy_s']:.0f} s of training in all): p50 "
         f"{ft['p50_ms']:.0f} ms, p99 {ft['p99_ms']:.0f} ms, max {ft['max_ms']:.0f} ms; "
         f"p99 {report['finetune_p99_ratio']:.2f}x that without.",
+        "",
+        "| series (window state) | p50 ms | p99 ms | max ms | longest checkpoint piece ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {r['series']:,} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} "
+            f"| {r['checkpoint_longest_ms']:.2f} |"
+            for r in (lat, report["latency_scale"])
+        ),
     ]
     return "\n".join(lines)

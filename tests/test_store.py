@@ -1,0 +1,216 @@
+"""The signed model store: a keyed worker serves only what its key signed, and which
+model serves when a worker starts with a model file and the store already serves one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import secrets
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from attnlstm.checkpoint import CheckpointError, dumps, save, version_of
+from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import sine_steps
+from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for
+from worker.cli import main
+from worker.keys import Keys
+from worker.online.store import ModelStore
+
+UNAUTHENTICATED = "the model store is unauthenticated"
+
+
+@pytest.fixture(autouse=True)
+def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+def key_file(folder: Path, name: str = "model-key") -> Path:
+    """A model key as deploy/make-secrets.sh writes one."""
+    path = folder / name
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
+    """``model`` with a planted head bias: every forecast moves by ``shift``."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.head.bias.add_(shift)
+    return twin
+
+
+def events(client: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries(client, keys.models)]
+
+
+def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:
+    """The model version of each forecast, by its input entry id."""
+    return {f[b"src"]: f[b"model"].decode() for _, f in entries(client, keys.output)}
+
+
+def test_a_keyed_store_signs_what_it_stores_and_refuses_anything_else(
+    redis_client: redis.Redis, keys: Keys, trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    """The signature is checked before a byte is parsed, and a version pruned takes its
+    signature with it."""
+    key, other = (key_file(tmp_path, n).read_bytes().strip() for n in ("a", "b"))
+    keyed = ModelStore(redis_client, keys, keep=1, source="test", key=key)
+    blob, version = dumps(trained_sines)
+    keyed.put(blob, version)
+    assert keyed.get(version).version == version
+    assert ModelStore(redis_client, keys, keep=1, source="test").get(version).version == version
+    with pytest.raises(CheckpointError, match="bad signature"):
+        ModelStore(redis_client, keys, keep=1, source="test", key=other).get(version)
+    redis_client.set(keys.model(version), b"not a checkpoint at all")  # signature kept
+    with pytest.raises(CheckpointError, match="bad signature"):  # not "not a safetensors"
+        keyed.get(version)
+    ModelStore(redis_client, keys, keep=1, source="test").put(blob, version)  # no key
+    with pytest.raises(CheckpointError, match="is not signed"):
+        keyed.get(version)
+    keyed.put(blob, version)
+    newer_blob, newer = dumps(other_model(trained_sines, 0.05))
+    keyed.put(newer_blob, newer)  # keep=1, nothing serving: the first is dropped
+    assert redis_client.exists(keys.model(version), keys.model_signature(version)) == 0
+    assert redis_client.exists(keys.model(newer), keys.model_signature(newer)) == 2
+
+
+@pytest.mark.parametrize("planted", ["unsigned", "another key"])
+def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
+    planted: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the worker's own Redis rights, an attacker stores a model with a planted
+    head bias and a `promoted` event: the worker refuses it and serves what it served;
+    so does a worker started after it."""
+    first = version_of(trained_sines)
+    settings = settings_for(redis_url, keys, block_ms=100, model_key_file=key_file(tmp_path))
+    attacker_key = key_file(tmp_path, "attacker").read_bytes() if planted == "another key" else None
+    attacker = ModelStore(redis_client, keys, keep=5, source="attacker", key=attacker_key)
+    blob, version = dumps(other_model(trained_sines, 100.0))
+    values = sine_steps(5, 60, seed=11)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        fill(redis_client, keys.input, values[:30])
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
+        attacker.put(blob, version)
+        attacker.set_serving(version, "promoted")
+        after = fill(redis_client, keys.input, values[30:])
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
+        running.wait_for(lambda: any(e["event"] == "refused" for e in events(redis_client, keys)))
+    versions = forecast_versions(redis_client, keys)
+    assert {versions[i] for i in after} == {first}
+    refused = [e for e in events(redis_client, keys) if e["event"] == "refused"]
+    reason = "is not signed" if planted == "unsigned" else "bad signature"
+    assert [(e["version"], reason in e["reason"]) for e in refused] == [(version, True)]
+    assert f"refused model {version}" in caplog.text
+    assert UNAUTHENTICATED not in caplog.text
+
+    fill(redis_client, keys.input, sine_steps(5, 5, seed=12))  # a restart: still refused
+    new_worker(settings, trained_sines, burst=True).run()
+    assert set(list(forecast_versions(redis_client, keys).values())[-25:]) == {first}
+    assert [e["event"] for e in events(redis_client, keys)][-1] == "refused"
+    assert redis_client.get(keys.serving) == version.encode()  # refused, not overwritten
+
+
+def test_a_second_worker_with_another_model_file_serves_the_stores_version(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings_for(redis_url, keys, model_key_file=key_file(tmp_path))
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=13))
+    new_worker(settings, trained_sines, burst=True).run()  # the first: its file is promoted
+    first = version_of(trained_sines)
+    assert redis_client.get(keys.serving) == first.encode()
+    second_file = other_model(trained_sines, 1.0)
+    fill(redis_client, keys.input, sine_steps(3, 10, seed=14))
+    new_worker(settings, second_file, burst=True).run()
+    assert set(forecast_versions(redis_client, keys).values()) == {first}
+    assert [e["event"] for e in events(redis_client, keys)] == ["promoted"]  # the first's only
+    assert redis_client.get(keys.serving) == first.encode()
+    assert f"(model {version_of(second_file)}) is not served: the store serves {first}" in (
+        caplog.text
+    )
+
+
+def test_a_restart_with_the_original_file_keeps_the_version_promoted_since(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """The file's version is pruned from the kept list by later fine-tunes; a restart
+    with it used to promote it again, silently undoing the promotion."""
+    settings = settings_for(redis_url, keys, keep_models=2, model_key_file=key_file(tmp_path))
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=15))
+    new_worker(settings, trained_sines, burst=True).run()
+    store = ModelStore(redis_client, keys, keep=2, source="finetune", key=settings.model_key())
+    tuned_blob, tuned = dumps(other_model(trained_sines, 0.01))  # as a fine-tune promotes
+    store.put(tuned_blob, tuned)
+    store.set_serving(tuned, "promoted")
+    for shift in (0.02, 0.03):  # rejected candidates: the file's version is dropped
+        store.put(*dumps(other_model(trained_sines, shift)))
+    assert version_of(trained_sines) not in store.versions()
+    before = len(events(redis_client, keys))
+    restart = fill(redis_client, keys.input, sine_steps(3, 10, seed=16))
+    new_worker(settings, trained_sines, burst=True).run()
+    versions = forecast_versions(redis_client, keys)
+    assert {versions[i] for i in restart} == {tuned}
+    assert redis_client.get(keys.serving) == tuned.encode()
+    assert len(events(redis_client, keys)) == before  # nothing promoted at the restart
+
+
+def test_without_a_key_the_store_is_unauthenticated_as_before(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A warning, once, at start; an unsigned stored model is served as it always was."""
+    blob, version = dumps(other_model(trained_sines, 0.05))
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    store.put(blob, version)
+    store.set_serving(version, "promoted")
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=17))
+    new_worker(settings_for(redis_url, keys), None, burst=True).run()
+    assert set(forecast_versions(redis_client, keys).values()) == {version}
+    warnings = [r for r in caplog.records if UNAUTHENTICATED in r.getMessage()]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+
+
+def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    key = key_file(tmp_path)
+    path = tmp_path / "model.safetensors"
+    version = save(path, trained_sines)
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    assert main(["models", "promote", str(path), "--model-key-file", str(key), *flags]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report == {"serving": version, "previous": None, "signed": True}
+    keyed = ModelStore(redis_client, keys, keep=5, source="test", key=key.read_bytes().strip())
+    assert keyed.get(version).version == version
+    blob, unsigned = dumps(other_model(trained_sines, 0.05))
+    ModelStore(redis_client, keys, keep=5, source="test").put(blob, unsigned)
+    assert main(["models", "rollback", unsigned, "--model-key-file", str(key), *flags]) == 1
+    assert f"stored model {unsigned} is not signed" in capsys.readouterr().err
+    assert redis_client.get(keys.serving) == version.encode()
