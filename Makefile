@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test chaos lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ demo: $(STAMP)
 	$(BIN)/attnlstm demo
 
 test: $(STAMP) lint
-	$(BIN)/pytest
+	$(BIN)/pytest --ignore=tests/chaos
+
+# Faults against a real server, each scenario judged on every input; a table at the end.
+chaos: $(STAMP)
+	$(BIN)/pytest tests/chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

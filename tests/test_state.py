@@ -233,7 +233,10 @@ def test_a_restore_re_reads_from_the_oldest_unsaved_change_and_skips_what_chunks
     slots = restored.slots_for(["s0", "s256", "new"])
     held = restored.holds(slots, [b"6-0", b"6-1", b"6-2"])
     assert held.tolist() == [False, True, False]
+    restored.push(slots[[0, 2]], np.array([1.0, 2.0]))  # what the re-read takes in
+    assert restored.due_chunk(0.0, 0) is None  # not saved while series differ in age
     restored.reread_done()
+    assert restored.due_chunk(0.0, 0) is not None
     assert not restored.holds(slots, [b"6-0", b"6-1", b"6-2"]).any()
 
 

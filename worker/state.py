@@ -78,10 +78,11 @@ class WindowState:
         self._ring = np.zeros((capacity, length), dtype=np.float64)  # (S, L)
         self._count = np.zeros(capacity, dtype=np.int64)  # values seen per slot
         self._last_ms = np.zeros(capacity, dtype=np.int64)  # entry time of the last value
+        self._used = np.zeros(capacity, dtype=bool)  # slots that hold a series
         self._window_cols = np.arange(-window, 0)  # (W,) offsets from the newest value
         # Saving: the chunks changed since their save, each with the entry the stream
         # must be re-read from for it; their stamps; when each was saved (monotonic s).
-        self._dirty: dict[int, bytes] = {}
+        self._dirty: dict[int, tuple[tuple[int, int], bytes]] = {}  # id, parsed first
         self._stamps: dict[int, bytes] = {}
         self._saved_at: dict[int, float] = {}
         # Restored and re-reading the stream: per slot, the last entry its windows hold.
@@ -117,6 +118,7 @@ class WindowState:
             self._names.append(name)
         self._slots[name] = slot
         self._count[slot] = 0
+        self._used[slot] = True
         if self._holds is not None:  # new since the checkpoint: every value counts
             self._holds[slot] = id_pair(self.last_id)
         self._touch(np.array([slot]))
@@ -127,6 +129,7 @@ class WindowState:
         self._ring = _grown(self._ring, capacity)
         self._count = _grown(self._count, capacity)
         self._last_ms = _grown(self._last_ms, capacity)
+        self._used = _grown(self._used, capacity)
         if self._holds is not None:
             self._holds = _grown(self._holds, capacity)
 
@@ -135,8 +138,8 @@ class WindowState:
         ``last_id``: until saved, each is re-read from its stamp or from here."""
         for k in np.unique(slots // CHUNK).tolist():
             if k not in self._dirty:
-                stamp = self._stamps.get(k, self.last_id)
-                self._dirty[k] = min(stamp, self.last_id, key=id_pair)
+                stamp = min(self._stamps.get(k, self.last_id), self.last_id, key=id_pair)
+                self._dirty[k] = (id_pair(stamp), stamp)
 
     def push(
         self,
@@ -189,14 +192,14 @@ class WindowState:
         if not self.idle_ms or not self._slots:
             return 0
         n = len(self._names)
-        used = np.array([name is not None for name in self._names], dtype=bool)
-        idle = np.flatnonzero(used & (now_ms - self._last_ms[:n] > self.idle_ms))
+        idle = np.flatnonzero(self._used[:n] & (now_ms - self._last_ms[:n] > self.idle_ms))
         for slot in idle.tolist():
             name = self._names[slot]
             assert name is not None
             del self._slots[name]
             self._names[slot] = None
             self._count[slot] = 0
+            self._used[slot] = False
             heapq.heappush(self._free, slot)
         self._touch(idle)
         return int(idle.size)
@@ -229,7 +232,10 @@ class WindowState:
 
     def due_chunk(self, now: float, interval_s: float) -> int | None:
         """The changed chunk saved longest ago, if that was ``interval_s`` or more
-        before ``now``; None when none is due."""
+        before ``now``; None when none is due, and while re-reading after a restore (a
+        chunk then holds series at different entries: no one stamp says what it holds)."""
+        if self._holds is not None:
+            return None
         due = [k for k in self._dirty if now - self._saved_at.get(k, -math.inf) >= interval_s]
         return min(due, key=lambda k: self._saved_at.get(k, -math.inf)) if due else None
 
@@ -257,16 +263,19 @@ class WindowState:
 
     def meta(self) -> bytes:
         """The stamps, and the entry to re-read from: every chunk holds the windows up
-        to its stamp, or (unchanged since saved) up to the last entry."""
-        reread_from = min([self.last_id, *self._dirty.values()], key=id_pair)
-        stamps = {str(k): (self.last_id if k not in self._dirty else s).decode()
-                  for k, s in self._stamps.items()}  # fmt: skip
+        to its stamp, or (unchanged since saved) up to the last entry, or its stamp if
+        later (restored, and not re-read that far yet)."""
+        reread_from = min([(id_pair(self.last_id), self.last_id), *self._dirty.values()])[1]
+        stamps = {
+            str(k): (stamp if k in self._dirty else max(stamp, self.last_id, key=id_pair))
+            for k, stamp in self._stamps.items()
+        }
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "chunk": CHUNK,
             "last_id": reread_from.decode(),
-            "stamps": stamps,
+            "stamps": {k: v.decode() for k, v in stamps.items()},
         }
         return json.dumps(meta).encode()
 
@@ -337,6 +346,7 @@ class WindowState:
                 raise ValueError(f"series {name!r} or its slot {slot} is saved twice")
             self._slots[name] = slot
             self._names[slot] = name
+            self._used[slot] = True
         old_length = values.shape[1]
         kept = min(old_length, self.length)
         s = np.asarray(slots, dtype=np.int64)
