@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from worker.keys import Keys
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.streams import connect
+from worker.streams import connect, group_info
 
 
 def free_port() -> int:
@@ -48,6 +49,27 @@ def wait_for(condition: Callable[[], object], *, timeout: float = 60, what: str 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what or condition}")
         time.sleep(0.02)
+
+
+def drained(client: redis.Redis, keys: Keys) -> bool:
+    """The group has read every entry, and none is pending (False: no group yet)."""
+    try:
+        info = group_info(client, keys)
+    except redis.ResponseError:
+        return False
+    return info.get("lag") == 0 and int(info["pending"]) == 0
+
+
+def kill_connections(client: redis.Redis, name: str, *, seconds: float, seed: int) -> int:
+    """Kill every connection named ``name`` every 20-50 ms for ``seconds``: how many."""
+    kills, rng = 0, random.Random(seed)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for other in client.client_list():
+            if other.get("name") == name:
+                kills += client.client_kill_filter(_id=other["id"])
+        time.sleep(rng.uniform(0.02, 0.05))  # the fault's pace, not a wait
+    return kills
 
 
 def fill(client: redis.Redis, stream: str, values: np.ndarray, *, chunk: int = 5000) -> list[bytes]:

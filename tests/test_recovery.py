@@ -23,11 +23,13 @@ from tests.helpers import (
     assert_forecasts,
     by_src,
     drain,
+    drained,
     entries,
     expected,
     fill,
     forecasts_by_src,
     free_port,
+    kill_connections,
     new_worker,
     settings_for,
     wait_for,
@@ -40,7 +42,7 @@ from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import Metrics
 from worker.state import META
-from worker.streams import Entry, group_info
+from worker.streams import Entry
 
 
 @pytest.fixture(autouse=True)
@@ -60,11 +62,6 @@ def _samples(metrics: Metrics, name: str) -> list[Any]:
         for s in family.samples
         if s.name.endswith("_total")
     ]
-
-
-def _drained(client: redis.Redis, keys: Keys) -> bool:
-    """The group has read every entry, and none is pending."""
-    return group_info(client, keys).get("lag") == 0 and _pending(client, keys) == 0
 
 
 def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
@@ -282,7 +279,7 @@ def test_input_trimmed_while_pending_or_unread_is_accounted_for(
     assert "30 input entries lost (pending" in caplog.text
     assert "10 input entries lost (unread" in caplog.text
     assert report["forecasts"] == redis_client.xlen(keys.output) > 0  # the rest is served
-    assert _drained(redis_client, keys)  # Redis's lag counts them as read: no false lag
+    assert drained(redis_client, keys)  # Redis's lag counts them as read: no false lag
     assert drain(settings_for(redis_url, keys), trained_sines)["lost"] == 0  # counted once
 
 
@@ -300,15 +297,9 @@ def test_connection_churn_never_dead_letters_valid_input(
     ids = fill(redis_client, keys.input, values)
     want = expected(trained_sines, values, ids)
     settings = settings_for(redis_url, keys, max_batch=500)
-    kills, rng = 0, random.Random(11)
     with WorkerThread(new_worker(settings, trained_sines)) as running:
-        end = time.monotonic() + 4
-        while time.monotonic() < end:
-            for client in redis_client.client_list():
-                if client.get("name") == "test-worker":
-                    kills += redis_client.client_kill_filter(_id=client["id"])
-            time.sleep(rng.uniform(0.02, 0.05))  # the fault's pace, not a wait
-        running.wait_for(lambda: _drained(redis_client, keys), timeout=120)
+        kills = kill_connections(redis_client, "test-worker", seconds=4, seed=11)
+        running.wait_for(lambda: drained(redis_client, keys), timeout=120)
     assert redis_client.xlen(keys.dead) == 0
     assert kills >= 10
     assert caplog.text.count("retrying") >= 3  # backing off between them

@@ -3,21 +3,34 @@ server and records what came out; the table of every scenario is printed at the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pytest
+import redis
 
-from tests.chaos.judge import Outcome
+from tests.chaos.judge import Outcome, judge
+from worker.keys import Keys
 
 OUTCOMES: list[Outcome] = []
 
 
+class Judged:
+    """Judges a scenario (:func:`tests.chaos.judge.judge`), keeps its outcome for the
+    table at the end of the run, and fails the scenario unless it passed."""
+
+    def __call__(
+        self, client: redis.Redis, keys: Keys, want: dict[bytes, np.ndarray], **how: Any
+    ) -> Outcome:
+        outcome = judge(client, keys, want, **how)
+        OUTCOMES.append(outcome)
+        assert outcome.passed, outcome
+        return outcome
+
+
 @pytest.fixture
-def record() -> Iterator[list[Outcome]]:
-    """Where a scenario puts its outcome: printed in the table at the end of the run."""
-    mine: list[Outcome] = []
-    yield mine
-    OUTCOMES.extend(mine)
+def judged() -> Judged:
+    return Judged()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

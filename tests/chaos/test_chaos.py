@@ -18,14 +18,16 @@ import redis
 
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
-from tests.chaos.judge import Outcome, judge
+from tests.chaos.conftest import Judged
 from tests.helpers import (
     WorkerThread,
     burst_cli,
     drain,
+    drained,
     entries,
     expected,
     fill,
+    kill_connections,
     new_worker,
     settings_for,
     wait_for,
@@ -33,7 +35,6 @@ from tests.helpers import (
     worker_env,
 )
 from worker.keys import Keys
-from worker.streams import group_info
 
 
 @contextlib.contextmanager
@@ -49,15 +50,6 @@ def _worker(cmd: list[str], cwd: Path, name: str) -> Iterator[subprocess.Popen[b
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
             proc.wait()
-
-
-def _drained(client: redis.Redis, keys: Keys) -> bool:
-    """The group has read every entry, and none is pending (False: no group yet)."""
-    try:
-        info = group_info(client, keys)
-    except redis.ResponseError:
-        return False
-    return info.get("lag") == 0 and int(info["pending"]) == 0
 
 
 def _stopped(pid: int) -> bool:
@@ -78,7 +70,7 @@ def test_kill_9_twenty_times_at_random_moments(
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     values = sine_steps(200, 120, seed=21)  # 24,000 entries
     ids = fill(redis_client, keys.input, values)
@@ -95,16 +87,13 @@ def test_kill_9_twenty_times_at_random_moments(
             assert proc.poll() is None, "the worker exited before it was killed"
             proc.kill()
     burst_cli(cmd, tmp_path)
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            scenario="kill -9, 20 times",
-            does="the worker killed at 20 random points of a 24,000-entry drain, restarted",
-        )
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="kill -9, 20 times",
+        does="the worker killed at 20 random points of a 24,000-entry drain, restarted",
     )
-    assert outcome.passed, outcome
 
 
 def test_every_connection_killed_every_20_to_50_ms_for_15_s(
@@ -112,31 +101,22 @@ def test_every_connection_killed_every_20_to_50_ms_for_15_s(
     redis_url: str,
     keys: Keys,
     trained_sines: AttentionLSTM,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     values = sine_steps(300, 100, seed=22)  # 30,000 entries
     ids = fill(redis_client, keys.input, values)
     want = expected(trained_sines, values, ids)
-    rng, kills = random.Random(22), 0
     with WorkerThread(new_worker(settings_for(redis_url, keys, max_batch=50), trained_sines)) as w:
-        end = time.monotonic() + 15
-        while time.monotonic() < end:
-            for client in redis_client.client_list():
-                if client.get("name") == "test-worker":
-                    kills += redis_client.client_kill_filter(_id=client["id"])
-            time.sleep(rng.uniform(0.02, 0.05))  # the fault's pace, not a wait
-        w.wait_for(lambda: _drained(redis_client, keys), timeout=120)
+        kills = kill_connections(redis_client, "test-worker", seconds=15, seed=22)
+        w.wait_for(lambda: drained(redis_client, keys), timeout=120)
     assert kills > 20
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            scenario="connection storm",
-            does=f"every worker connection killed every 20-50 ms for 15 s ({kills} kills)",
-        )
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="connection storm",
+        does=f"every worker connection killed every 20-50 ms for 15 s ({kills} kills)",
     )
-    assert outcome.passed, outcome
 
 
 def test_two_workers_with_one_consumer_name(
@@ -146,7 +126,7 @@ def test_two_workers_with_one_consumer_name(
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     values = sine_steps(300, 100, seed=23)
     cmd = worker_cmd(model_file, redis_url, keys, "--consumer", "same", "--max-batch", "64")
@@ -155,17 +135,14 @@ def test_two_workers_with_one_consumer_name(
         for part in np.array_split(values, 10):  # while both run
             ids += fill(redis_client, keys.input, part)
         want = expected(trained_sines, values, ids)
-        wait_for(lambda: _drained(redis_client, keys), timeout=120)
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            scenario="two workers, one name",
-            does="two worker processes with the same ATTNLSTM_CONSUMER, 30,000 entries",
-        )
+        wait_for(lambda: drained(redis_client, keys), timeout=120)
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="two workers, one name",
+        does="two worker processes with the same ATTNLSTM_CONSUMER, 30,000 entries",
     )
-    assert outcome.passed, outcome
 
 
 def test_the_active_worker_frozen_past_its_lease_at_random_moments(
@@ -175,7 +152,7 @@ def test_the_active_worker_frozen_past_its_lease_at_random_moments(
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     values = sine_steps(300, 100, seed=24)
     ids = fill(redis_client, keys.input, values)
@@ -195,18 +172,15 @@ def test_the_active_worker_frozen_past_its_lease_at_random_moments(
             wait_for(lambda: _holder(redis_client, keys) not in (None, frozen), timeout=30)  # noqa: B023
             wait_for(lambda: redis_client.xlen(keys.output) > published + 100, timeout=30)  # noqa: B023
             procs[frozen].send_signal(signal.SIGCONT)
-        wait_for(lambda: _drained(redis_client, keys), timeout=120)
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            scenario="frozen past the lease",
-            does="the active worker of two SIGSTOPped for its lease's life and more at 3 "
-            "random points, then resumed",
-        )
+        wait_for(lambda: drained(redis_client, keys), timeout=120)
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="frozen past the lease",
+        does="the active worker of two SIGSTOPped for its lease's life and more at 3 "
+        "random points, then resumed",
     )
-    assert outcome.passed, outcome
 
 
 def test_input_trimmed_under_pending_entries(
@@ -216,7 +190,7 @@ def test_input_trimmed_under_pending_entries(
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     """Frozen holding pending entries while the input is trimmed past them and into the
     unread: what no worker can forecast is exactly what it reports lost."""
@@ -238,21 +212,18 @@ def test_input_trimmed_under_pending_entries(
         assert last_pending + 300 < len(ids), "the worker was frozen too late"
         redis_client.xtrim(keys.input, minid=ids[last_pending + 300], approximate=False)
         proc.send_signal(signal.SIGCONT)
-        wait_for(lambda: _drained(redis_client, keys), timeout=120)
+        wait_for(lambda: drained(redis_client, keys), timeout=120)
         wait_for(lambda: redis_client.xlen(keys.dead) > 0, timeout=30)  # the audit's report
     want = dict.fromkeys(ids, np.zeros(0))  # the values after the gap differ: counts only
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            compare=False,
-            scenario="input trimmed under pending entries",
-            does="XTRIM MINID past the pending entries and 300 unread ones, the worker frozen",
-        )
+    outcome = judged(
+        redis_client,
+        keys,
+        want,
+        compare=False,
+        scenario="input trimmed under pending entries",
+        does="XTRIM MINID past the pending entries and 300 unread ones, the worker frozen",
     )
     assert outcome.lost >= 299  # at least the unread ones
-    assert outcome.passed, outcome
 
 
 def test_poison_entries(
@@ -260,7 +231,7 @@ def test_poison_entries(
     redis_url: str,
     keys: Keys,
     trained_sines: AttentionLSTM,
-    record: list[Outcome],
+    judged: Judged,
 ) -> None:
     """Huge values, thousands of fields, non-UTF-8: each dead-lettered, bounded, and the
     valid entries around them all served."""
@@ -280,13 +251,10 @@ def test_poison_entries(
     dead = [fields for _, fields in entries(redis_client, keys.dead)]
     assert len(dead) == len(poison)
     assert max(sum(len(k) + len(v) for k, v in f.items()) for f in dead) < 1 << 20
-    record.append(
-        outcome := judge(
-            redis_client,
-            keys,
-            want,
-            scenario="poison entries",
-            does="a 20 MiB value, 5,000 fields, non-UTF-8 names and values among 1,200 valid",
-        )
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="poison entries",
+        does="a 20 MiB value, 5,000 fields, non-UTF-8 names and values among 1,200 valid",
     )
-    assert outcome.passed, outcome
