@@ -3,7 +3,6 @@ the same one an uninterrupted run publishes."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import signal
@@ -41,7 +40,6 @@ from worker.batch import Batch, triage
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import Metrics
-from worker.state import META
 from worker.streams import Entry
 
 
@@ -130,26 +128,6 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     assert _pending(redis_client, keys) == 0
     drain(settings_for(redis_url, keys, max_batch=50), trained_sines)
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
-
-
-def test_a_redis_restart_mid_run_loses_and_repeats_nothing(
-    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
-) -> None:
-    keys = Keys()
-    with EmbeddedServer(appendonly=True) as server:
-        client = redis.Redis.from_url(server.url)
-        values = sine_steps(300, 100, seed=6)
-        ids = fill(client, keys.input, values)
-        settings = settings_for(server.url, keys, max_batch=50)
-        with WorkerThread(new_worker(settings, trained_sines, burst=True)) as running:
-            running.wait_for(lambda: client.xlen(keys.output) >= 2000)
-            client.close()
-            server.restart()  # SHUTDOWN flushes the AOF; the worker sees its connection drop
-            client = redis.Redis.from_url(server.url)
-            running.wait_for(lambda: running.report is not None, timeout=120)  # drained
-        assert "retrying" in caplog.text
-        assert_forecasts(client, keys.output, expected(trained_sines, values, ids))
-        client.close()
 
 
 def test_entries_delivered_but_never_received_are_still_forecast(
@@ -463,39 +441,3 @@ def test_a_resync_longer_than_the_lease_keeps_it(
             running.wait_for(lambda: redis_client.xlen(keys.output) == len(more))
             running.wait_for(lambda: _pending(redis_client, keys) == 0)
     assert redis_client.xlen(keys.output) == 400  # only the new entries: one forecast each
-
-
-@pytest.mark.parametrize(
-    ("last_id", "logged"),
-    [
-        ("99999999999999-0", "past the stream's last"),  # would ack new entries unforecast
-        ("yesterday", "is not a stream entry id"),  # was retried forever
-        (None, "is a string, not a state hash"),  # an older format's key, or junk
-    ],
-)
-def test_a_tampered_state_key_is_refused_and_the_windows_rebuilt(
-    last_id: str | None,
-    logged: str,
-    redis_client: redis.Redis,
-    redis_url: str,
-    keys: Keys,
-    trained_sines: AttentionLSTM,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    values = sine_steps(3, 40, seed=18)
-    ids = fill(redis_client, keys.input, values[:30])
-    settings = settings_for(redis_url, keys)
-    drain(settings, trained_sines)
-    if last_id is None:
-        redis_client.delete(keys.state)
-        redis_client.set(keys.state, b"junk")
-    else:
-        meta = json.loads(cast(bytes, redis_client.hget(keys.state, META)))
-        meta["last_id"] = last_id
-        meta["stamps"] = dict.fromkeys(meta["stamps"], last_id)
-        redis_client.hset(keys.state, META, json.dumps(meta))
-    ids += fill(redis_client, keys.input, values[30:])
-    report = drain(settings, trained_sines)
-    assert logged in caplog.text
-    assert report["forecasts"] == 3 * 10  # the new entries, each forecast
-    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))

@@ -5,6 +5,7 @@ run's, nothing lost that is not accounted for, no valid input dead-lettered."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+import pytest
 import redis
 
 from attnlstm.model import AttentionLSTM
@@ -34,7 +36,9 @@ from tests.helpers import (
     worker_cmd,
     worker_env,
 )
+from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.state import META
 
 
 @contextlib.contextmanager
@@ -257,4 +261,84 @@ def test_poison_entries(
         want,
         scenario="poison entries",
         does="a 20 MiB value, 5,000 fields, non-UTF-8 names and values among 1,200 valid",
+    )
+
+
+@pytest.mark.parametrize("aof", [True, False], ids=["with AOF", "without persistence"])
+def test_redis_restarted_mid_drain(aof: bool, trained_sines: AttentionLSTM, judged: Judged) -> None:
+    """With AOF nothing is lost or repeated. Without persistence the server forgets
+    everything, the worker included: it recreates its group (loudly) and serves what
+    comes next as a fresh start."""
+    keys, values = Keys(), sine_steps(300, 100, seed=27)
+    with EmbeddedServer(appendonly=aof) as server:
+        client = redis.Redis.from_url(server.url)
+        before = fill(client, keys.input, values[:50])
+        settings = settings_for(server.url, keys, max_batch=50)
+        with WorkerThread(new_worker(settings, trained_sines)) as running:
+            running.wait_for(lambda: client.xlen(keys.output) >= 2000)
+            client.close()
+            server.restart()  # the worker sees its connection drop
+            client = redis.Redis.from_url(server.url)
+            after = fill(client, keys.input, values[50:])
+            running.wait_for(lambda: drained(client, keys), timeout=120)
+        if aof:
+            want = expected(trained_sines, values, before + after)
+        else:  # only what came after exists, and the windows start again
+            want = expected(trained_sines, values[50:], after)
+        how = "with AOF" if aof else "without persistence"
+        judged(
+            client,
+            keys,
+            want,
+            scenario=f"Redis restarted, {how}",
+            does=f"the server restarted ({how}) after 2,000 of 15,000 forecasts; 15,000 more "
+            "entries after",
+        )
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("last_id", "logged"),
+    [
+        ("99999999999999-0", "past the stream's last"),  # would ack new entries unforecast
+        ("yesterday", "is not a stream entry id"),  # was retried forever
+        (None, "is a string, not a state hash"),  # an older format's key, or junk
+    ],
+    ids=["far future", "malformed", "not a hash"],
+)
+def test_a_tampered_state_key(
+    last_id: str | None,
+    logged: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+    judged: Judged,
+) -> None:
+    """Written with the worker's own rights between two runs: refused, logged, and the
+    windows rebuilt from the stream."""
+    values = sine_steps(100, 60, seed=18)
+    ids = fill(redis_client, keys.input, values[:30])
+    settings = settings_for(redis_url, keys)
+    drain(settings, trained_sines)
+    if last_id is None:
+        redis_client.delete(keys.state)
+        redis_client.set(keys.state, b"junk")
+    else:
+        meta = json.loads(cast(bytes, redis_client.hget(keys.state, META)))
+        meta["last_id"] = last_id
+        meta["stamps"] = dict.fromkeys(meta["stamps"], last_id)
+        redis_client.hset(keys.state, META, json.dumps(meta))
+    ids += fill(redis_client, keys.input, values[30:])
+    drain(settings, trained_sines)
+    assert logged in caplog.text
+    what = {"99999999999999-0": "in the far future", "yesterday": "malformed"}
+    judged(
+        redis_client,
+        keys,
+        expected(trained_sines, values, ids),
+        scenario="tampered state key",
+        does=f"the saved windows' entry id {what.get(last_id or '', 'a string, not a hash')}, "
+        "between two runs",
     )
