@@ -45,3 +45,13 @@ def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
     assert drifted_at is not None
     assert 40 < drifted_at < 45  # not before the change; within a second or so of it
     assert not scorer.drifting(1.5)  # settled: the new errors are the new usual
+
+
+def test_a_freed_slot_starts_unscored_for_the_series_that_takes_it() -> None:
+    scorer = Scorer(halflife_s=10)
+    scorer.update(np.array([0, 0]), np.array([1.0, 2.0]), np.array([5.0, 9.0]), now=0.0)
+    assert np.isfinite(scorer.series_mae[0])
+    scorer.forget(np.array([0, 10_000]))  # a slot past the scorer's arrays is nothing to it
+    assert np.isnan(scorer.series_mae[0])
+    # The next series in slot 0 is not scored against the old one's forecast (9.0).
+    assert scorer.update(np.array([0]), np.array([100.0]), np.array([101.0]), now=1.0) == 0

@@ -247,7 +247,7 @@ def test_a_series_idle_past_idle_ms_starts_afresh_and_its_slot_is_freed() -> Non
     full, _ = state.push(np.array([a]), np.array([3.0]), ms=np.array([2000]))  # a: idle 1.9 s
     assert full.tolist() == [False]  # a fresh start: one value
     assert state.slots_for(["c"]).tolist() == [NO_SLOT]  # full up
-    assert state.sweep(now_ms=2000) == 1  # b: idle since 100
+    assert state.sweep(now_ms=2000).tolist() == [b]  # b: idle since 100
     assert state.names() == ["a", None]
     assert state.slots_for(["c"]).tolist() == [b]  # junk names cannot hold slots for ever
     full, windows = state.push(np.array([b, b]), np.array([5.0, 6.0]), ms=np.array([2001, 2002]))

@@ -161,7 +161,7 @@ class Worker:
         self.pipeline.drain()  # the audit must not find the last batch's entries pending
         self._next_audit = now + AUDIT_INTERVAL_S
         self.metrics.series_maes(self.state.names(), self.scorer.series_mae)
-        self.state.sweep(self.state.newest_ms())
+        self.scorer.forget(self.state.sweep(self.state.newest_ms()))
         self.recovery.audit()
 
     def _handle(self, entries: list[Entry], *, pending: dict[bytes, int] | None) -> None:

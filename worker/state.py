@@ -187,10 +187,10 @@ class WindowState:
     def reread_done(self) -> None:
         self._holds = None
 
-    def sweep(self, now_ms: int) -> int:
-        """Free the slots of series idle for longer than ``idle_ms``; how many."""
+    def sweep(self, now_ms: int) -> np.ndarray:
+        """Free the slots of series idle for longer than ``idle_ms``; those slots."""
         if not self.idle_ms or not self._slots:
-            return 0
+            return np.empty(0, dtype=np.int64)
         n = len(self._names)
         idle = np.flatnonzero(self._used[:n] & (now_ms - self._last_ms[:n] > self.idle_ms))
         for slot in idle.tolist():
@@ -202,7 +202,7 @@ class WindowState:
             self._used[slot] = False
             heapq.heappush(self._free, slot)
         self._touch(idle)
-        return int(idle.size)
+        return idle
 
     def newest_ms(self) -> int:
         """The entry time of the newest value held (0: none)."""

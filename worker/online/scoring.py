@@ -42,6 +42,12 @@ class Scorer:
         self.series_mae = np.r_[self.series_mae, pad]
         self.series_naive_mae = np.r_[self.series_naive_mae, pad]
 
+    def forget(self, slots: np.ndarray) -> None:
+        """Slots freed (their series idle): whoever takes one next starts unscored."""
+        slots = slots[slots < self._forecast.size]
+        for per_slot in (self._forecast, self._last, self.series_mae, self.series_naive_mae):
+            per_slot[slots] = np.nan
+
     def update(
         self, slots: np.ndarray, values: np.ndarray, forecasts: np.ndarray, now: float
     ) -> int:
