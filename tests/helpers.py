@@ -20,6 +20,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import redis
+import torch
 from pydantic import SecretStr
 
 from attnlstm.checkpoint import Checkpoint, version_of
@@ -70,6 +71,19 @@ def kill_connections(client: redis.Redis, name: str, *, seconds: float, seed: in
                 kills += client.client_kill_filter(_id=other["id"])
         time.sleep(rng.uniform(0.02, 0.05))  # the fault's pace, not a wait
     return kills
+
+
+def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
+    """``model`` with a planted head bias: every forecast moves by ``shift``."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.head.bias.add_(shift)
+    return twin
+
+
+def events(client: redis.Redis, key: str) -> list[dict[str, str]]:
+    """A models stream's events, as text."""
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries(client, key)]
 
 
 def fill(client: redis.Redis, stream: str, values: np.ndarray, *, chunk: int = 5000) -> list[bytes]:

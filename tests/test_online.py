@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import multiprocessing
@@ -10,12 +9,20 @@ import multiprocessing
 import numpy as np
 import pytest
 import redis
-import torch
 
 from attnlstm.checkpoint import dumps, loads, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines, sine_steps
-from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for, wait_for
+from tests.helpers import (
+    WorkerThread,
+    entries,
+    events,
+    fill,
+    new_worker,
+    other_model,
+    settings_for,
+    wait_for,
+)
 from worker.cli import main
 from worker.keys import Keys
 from worker.lease import ensure_library
@@ -40,17 +47,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin.head.bias.add_(shift)
-    return twin
-
-
-def events(client: redis.Redis, key: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries(client, key)]
 
 
 def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:

@@ -3,7 +3,6 @@ model serves when a worker starts with a model file and the store already serves
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import secrets
@@ -11,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
 
 from attnlstm.checkpoint import CheckpointError, dumps, save, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
-from tests.helpers import WorkerThread, entries, fill, new_worker, settings_for
+from tests.helpers import WorkerThread, entries, events, fill, new_worker, other_model, settings_for
 from worker.cli import main
 from worker.keys import Keys
 from worker.online.store import ModelStore
@@ -34,18 +32,6 @@ def key_file(folder: Path, name: str = "model-key") -> Path:
     path = folder / name
     path.write_text(secrets.token_hex(32) + "\n")
     return path
-
-
-def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
-    """``model`` with a planted head bias: every forecast moves by ``shift``."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        twin.head.bias.add_(shift)
-    return twin
-
-
-def events(client: redis.Redis, keys: Keys) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries(client, keys.models)]
 
 
 def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:
@@ -105,10 +91,12 @@ def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
         attacker.set_serving(version, "promoted")
         after = fill(redis_client, keys.input, values[30:])
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
-        running.wait_for(lambda: any(e["event"] == "refused" for e in events(redis_client, keys)))
+        running.wait_for(
+            lambda: any(e["event"] == "refused" for e in events(redis_client, keys.models))
+        )
     versions = forecast_versions(redis_client, keys)
     assert {versions[i] for i in after} == {first}
-    refused = [e for e in events(redis_client, keys) if e["event"] == "refused"]
+    refused = [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
     reason = "is not signed" if planted == "unsigned" else "bad signature"
     assert [(e["version"], reason in e["reason"]) for e in refused] == [(version, True)]
     assert f"refused model {version}" in caplog.text
@@ -117,7 +105,7 @@ def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
     fill(redis_client, keys.input, sine_steps(5, 5, seed=12))  # a restart: still refused
     new_worker(settings, trained_sines, burst=True).run()
     assert set(list(forecast_versions(redis_client, keys).values())[-25:]) == {first}
-    assert [e["event"] for e in events(redis_client, keys)][-1] == "refused"
+    assert [e["event"] for e in events(redis_client, keys.models)][-1] == "refused"
     assert redis_client.get(keys.serving) == version.encode()  # refused, not overwritten
 
 
@@ -138,7 +126,9 @@ def test_a_second_worker_with_another_model_file_serves_the_stores_version(
     fill(redis_client, keys.input, sine_steps(3, 10, seed=14))
     new_worker(settings, second_file, burst=True).run()
     assert set(forecast_versions(redis_client, keys).values()) == {first}
-    assert [e["event"] for e in events(redis_client, keys)] == ["promoted"]  # the first's only
+    assert [e["event"] for e in events(redis_client, keys.models)] == [
+        "promoted"
+    ]  # the first's only
     assert redis_client.get(keys.serving) == first.encode()
     assert f"(model {version_of(second_file)}) is not served: the store serves {first}" in (
         caplog.text
@@ -164,13 +154,13 @@ def test_a_restart_with_the_original_file_keeps_the_version_promoted_since(
     for shift in (0.02, 0.03):  # rejected candidates: the file's version is dropped
         store.put(*dumps(other_model(trained_sines, shift)))
     assert version_of(trained_sines) not in store.versions()
-    before = len(events(redis_client, keys))
+    before = len(events(redis_client, keys.models))
     restart = fill(redis_client, keys.input, sine_steps(3, 10, seed=16))
     new_worker(settings, trained_sines, burst=True).run()
     versions = forecast_versions(redis_client, keys)
     assert {versions[i] for i in restart} == {tuned}
     assert redis_client.get(keys.serving) == tuned.encode()
-    assert len(events(redis_client, keys)) == before  # nothing promoted at the restart
+    assert len(events(redis_client, keys.models)) == before  # nothing promoted at the restart
 
 
 def test_without_a_key_the_store_is_unauthenticated_as_before(
