@@ -205,7 +205,7 @@ def test_only_changed_chunks_are_saved_each_in_its_turn() -> None:
         saved.append(k)
     assert saved == [0, 1, 2]
     assert state.due_chunk(100.0, 5.0) is None  # nothing changed since
-    state.push(state.slots_for(["s300"]), np.ones(1))  # chunk 1 only
+    state.push(state.slots_for([f"s{CHUNK + 1}"]), np.ones(1))  # chunk 1 only
     state.last_id = b"11-0"
     assert state.due_chunk(1.0, 5.0) is None  # saved 1 s ago: not yet
     assert state.due_chunk(5.0, 5.0) == 1
@@ -220,17 +220,17 @@ def test_a_restore_re_reads_from_the_oldest_unsaved_change_and_skips_what_chunks
     saved at 6-0. A restore re-reads from 5-0: series of chunk 1 skip the entries up to
     6-0 (they hold them), those of chunk 0 take them."""
     state = WindowState(window=2, length=3, max_series=2 * CHUNK)
-    names = [f"s{i}" for i in range(CHUNK + 1)]  # s0 .. in chunk 0, s256 in chunk 1
+    names = [f"s{i}" for i in range(CHUNK + 1)]  # s0 .. in chunk 0, the last in chunk 1
     fields: dict[bytes, bytes] = {}
     state.push(state.slots_for(names), np.zeros(len(names)))
     state.last_id = b"5-0"
     _save(state, fields)
-    state.push(state.slots_for(["s0", "s256"]), np.array([1.0, 1.0]))  # entries 6-0, 6-1
+    state.push(state.slots_for(["s0", f"s{CHUNK}"]), np.array([1.0, 1.0]))  # entries 6-0, 6-1
     state.last_id = b"6-1"
     fields.update(state.save_chunk(1, 0.0))  # chunk 1 only
     restored = _restore(fields, window=2, length=3, max_series=2 * CHUNK)
     assert restored.last_id == b"5-0"
-    slots = restored.slots_for(["s0", "s256", "new"])
+    slots = restored.slots_for(["s0", f"s{CHUNK}", "new"])
     held = restored.holds(slots, [b"6-0", b"6-1", b"6-2"])
     assert held.tolist() == [False, True, False]
     restored.push(slots[[0, 2]], np.array([1.0, 2.0]))  # what the re-read takes in
@@ -238,6 +238,27 @@ def test_a_restore_re_reads_from_the_oldest_unsaved_change_and_skips_what_chunks
     restored.reread_done()
     assert restored.due_chunk(0.0, 0) is not None
     assert not restored.holds(slots, [b"6-0", b"6-1", b"6-2"]).any()
+
+
+def test_a_chunk_unchanged_since_its_save_holds_up_to_the_re_read_entry() -> None:
+    """Both chunks saved at 5-0; only chunk 1 changes (at 6-0) and is saved again. The
+    re-read starts after 6-0, and chunk 0's series hold up to there though its stamp
+    says 5-0: the meta field, not a stamp per chunk, carries that."""
+    state = WindowState(window=2, length=3, max_series=2 * CHUNK)
+    names = [f"s{i}" for i in range(CHUNK + 1)]
+    state.push(state.slots_for(names * 2), np.zeros(2 * len(names)))
+    state.last_id = b"5-0"
+    fields = _save(state)
+    state.push(state.slots_for([f"s{CHUNK}"]), np.ones(1))
+    state.last_id = b"6-0"
+    fields.update(state.save_chunk(1, 0.0))
+    assert len(fields[META]) < 200  # whatever the number of chunks
+    restored = _restore(fields, window=2, length=3, max_series=2 * CHUNK)
+    assert restored.last_id == b"6-0"
+    slots = restored.slots_for(["s0", f"s{CHUNK}"])
+    assert restored.holds(slots, [b"6-0", b"6-0"]).tolist() == [True, True]
+    assert restored.holds(slots, [b"6-1", b"6-1"]).tolist() == [False, False]
+    assert restored.windows(["s0", f"s{CHUNK}"]).tolist() == [[0.0, 0.0], [0.0, 1.0]]
 
 
 def test_a_series_idle_past_idle_ms_starts_afresh_and_its_slot_is_freed() -> None:
@@ -290,9 +311,10 @@ def _other_format() -> bytes:
     return bytes(st_save({"weight": np.zeros((2, 2), dtype=np.float32)}, metadata={"f": "pt"}))
 
 
-def _chunk(series: str, values: np.ndarray, count: np.ndarray, *, version: str = "2") -> bytes:
+def _chunk(series: str, values: np.ndarray, count: np.ndarray, *, version: str = "3") -> bytes:
     n = values.shape[0]
-    meta = {"format": "attnlstm-state", "format_version": version, "series": series}
+    meta = {"format": "attnlstm-state", "format_version": version, "series": series,
+            "stamp": "1-0"}  # fmt: skip
     tensors = {"values": values, "count": count, "last_ms": np.zeros(n, dtype=np.int64),
                "pos": np.arange(n, dtype=np.int64)}  # fmt: skip
     return bytes(st_save(tensors, metadata=meta))
@@ -325,8 +347,10 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         (META, _with_meta(format_version="1")),
         (META, _with_meta(chunk=CHUNK // 2)),
         (META, _with_meta(last_id="yesterday")),
-        (META, _with_meta(stamps={"0": "1-0", "1": "1-0"})),  # chunk 1 is missing
-        (META, _with_meta(last_id="99999999999999-0")),  # after its chunks' stamps
+        (META, _with_meta(chunks=[[0, 1]])),  # chunk 1 is missing
+        (META, _with_meta(chunks=[[0, 10**12]])),  # past max_series: not a long loop
+        (META, _with_meta(chunks=[[0, 0], [0, 0]])),  # chunk 0 twice
+        (META, _with_meta(chunks={"0": 0})),
     ],
     ids=[
         "empty",
@@ -347,7 +371,9 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         "meta-chunk",
         "meta-id",
         "meta-missing-chunk",
-        "meta-late",
+        "meta-chunks-past-max-series",
+        "meta-chunk-twice",
+        "meta-chunks-not-a-list",
     ],
 )
 def test_unreadable_checkpoints_raise_state_error(

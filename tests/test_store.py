@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -204,3 +205,60 @@ def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_one
     assert main(["models", "rollback", unsigned, "--model-key-file", str(key), *flags]) == 1
     assert f"stored model {unsigned} is not signed" in capsys.readouterr().err
     assert redis_client.get(keys.serving) == version.encode()
+
+
+def test_a_worker_or_the_cli_without_the_key_refuses_a_signed_store(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its peers serve only what the key signed; without the key it would serve (or
+    store) what anyone wrote: it stops at start, before it takes the lease, with what to
+    fix. The command line says the same in one line."""
+    keyed = settings_for(redis_url, keys, model_key_file=key_file(tmp_path))
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=18))
+    new_worker(keyed, trained_sines, burst=True).run()
+    published = redis_client.xlen(keys.output)
+    fill(redis_client, keys.input, sine_steps(3, 5, seed=19))
+    keyless = new_worker(settings_for(redis_url, keys), other_model(trained_sines, 1.0))
+    with pytest.raises(ValueError, match=r"1 of the 1 models in the store \(.*\) are signed"):
+        keyless.run()
+    assert redis_client.xlen(keys.output) == published
+    assert redis_client.get(keys.lease) is None
+    path = tmp_path / "other.safetensors"
+    save(path, other_model(trained_sines, 1.0))
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    assert main(["models", "promote", str(path), *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "give it the key the other workers use" in err[0]
+    assert redis_client.get(keys.serving) == version_of(trained_sines).encode()
+
+
+def test_of_two_workers_starting_on_an_empty_store_one_promotes_its_file(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both read "nothing serving"; the first promotes its file; the second's promotion
+    finds a version there and it serves that one, not its own file."""
+    first = version_of(trained_sines)
+    settings = settings_for(redis_url, keys)
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=20))
+    new_worker(settings, trained_sines, burst=True).run()
+    looks = [None]  # the second worker's first look: before the first's promotion
+
+    def serving(store: ModelStore) -> str | None:
+        return looks.pop() if looks else cast(bytes, redis_client.get(keys.serving)).decode()
+
+    monkeypatch.setattr(ModelStore, "serving", serving)
+    fill(redis_client, keys.input, sine_steps(3, 10, seed=21))
+    new_worker(settings, other_model(trained_sines, 1.0), burst=True).run()
+    assert set(forecast_versions(redis_client, keys).values()) == {first}
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+    assert redis_client.get(keys.serving) == first.encode()

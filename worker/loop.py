@@ -38,7 +38,7 @@ from worker.online.tuner import COLD_START_MODEL, Tuner
 from worker.pipeline import Pipeline
 from worker.recovery import Recovery
 from worker.settings import Settings
-from worker.state import NO_SLOT, WindowState
+from worker.state import CHUNK, NO_SLOT, WindowState
 from worker.streams import Entry, OutOfStepError, id_key
 
 log = logging.getLogger("attnlstm.worker")
@@ -204,10 +204,14 @@ class Worker:
             self.state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
         rows = np.flatnonzero(kept)[forecast]  # batch positions forecast
-        # A piece of the window checkpoint, when one is due (worker.state).
-        now, state = time.monotonic(), None
-        if (due := self.state.due_chunk(now, self.settings.checkpoint_interval_s)) is not None:
-            state = self.state.save_chunk(due, now)
+        # Pieces of the window checkpoint, when due (worker.state): one, or more with a
+        # large batch, so that the checkpoint's work follows the batch's own.
+        now, state = time.monotonic(), dict[bytes, bytes]()
+        for _ in range(1 + len(entries) // (2 * CHUNK)):
+            if (due := self.state.due_chunk(now, self.settings.checkpoint_interval_s)) is None:
+                break
+            state |= self.state.save_chunk(due, now)
+        if state:
             self.metrics.checkpointed(time.monotonic() - now)
         fence, maxlen = self.recovery.fence, self.settings.output_maxlen
         call, receipt = batch_call(
@@ -218,7 +222,7 @@ class Worker:
             fence,
             maxlen=maxlen,
             version=version,
-            state=state,
+            state=state or None,
             handled=self.state.last_id,
         )
         self.pipeline.publish(call, receipt)
@@ -252,6 +256,7 @@ class Worker:
         """Take the lease, restore the windows, re-sync with the group (see
         :mod:`worker.recovery`). False while another worker holds the lease."""
         self.pipeline.reset()
+        self.tuner.store.check_key()
         if not self.recovery.take_lease():
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
             return False

@@ -108,7 +108,8 @@ class Metrics:
         r.register(self.latency)
         self.checkpoint = Histogram(
             "attnlstm_checkpoint_seconds",
-            "Main-loop time to serialise one piece (chunk) of the window checkpoint",
+            "Main-loop time to serialise the pieces (chunks) of the window checkpoint that a "
+            "batch carries",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )

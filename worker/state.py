@@ -13,10 +13,12 @@ builds the same windows.
 The checkpoint is saved in pieces: slots in chunks of ``CHUNK``, each saved (as
 safetensors bytes) once it has changed and its last save is old enough, one chunk at a
 time with a batch's publish, so its cost follows what changed and no single write is
-large. Each chunk records the last input entry it reflects (its stamp); a chunk
-unchanged since its save holds at every later entry too. The ``meta`` field lists the
-stamps and the entry to re-read the stream from: the oldest stamp of a chunk changed
-since its save. Restored, a series skips the entries its chunk already holds.
+large. Each chunk records the last input entry it reflects (its stamp). The ``meta``
+field, a few bytes written with every chunk, names the saved chunks and the entry to
+re-read the stream from: the oldest stamp of a chunk changed since its save. A chunk
+unchanged since its save holds its series up to every later entry, so restored, a
+series skips the entries up to its chunk's stamp or the re-read entry, whichever is
+later.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 FORMAT = "attnlstm-state"
-FORMAT_VERSION = "2"
-CHUNK = 256  # slots per saved chunk: 256 x 200 values x 8 bytes = 400 KB by default
+FORMAT_VERSION = "3"
+CHUNK = 128  # slots per saved chunk: 128 x 200 values x 8 bytes = 200 KB by default
 NO_SLOT = -1  # a new series past max_series
 META = b"meta"
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -258,24 +260,25 @@ class WindowState:
             "pos": np.asarray(pos, dtype=np.int64),
         }
         names = [self._names[s] for s in slots.tolist()]
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "series": json.dumps(names)}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "series": json.dumps(names),
+            "stamp": self._stamps[k].decode(),
+        }
         return bytes(st_save(tensors, metadata=meta))
 
     def meta(self) -> bytes:
-        """The stamps, and the entry to re-read from: every chunk holds the windows up
-        to its stamp, or (unchanged since saved) up to the last entry, or its stamp if
-        later (restored, and not re-read that far yet)."""
+        """The saved chunks (as runs of numbers: [first, last] pairs), and the entry to
+        re-read from: the oldest stamp of a chunk changed since its save, or the last
+        entry."""
         reread_from = min([(id_pair(self.last_id), self.last_id), *self._dirty.values()])[1]
-        stamps = {
-            str(k): (stamp if k in self._dirty else max(stamp, self.last_id, key=id_pair))
-            for k, stamp in self._stamps.items()
-        }
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "chunk": CHUNK,
             "last_id": reread_from.decode(),
-            "stamps": {k: v.decode() for k, v in stamps.items()},
+            "chunks": _runs(sorted(self._stamps)),
         }
         return json.dumps(meta).encode()
 
@@ -305,15 +308,14 @@ class WindowState:
             if meta["chunk"] != CHUNK:
                 raise ValueError(f"chunks of {meta['chunk']} slots, not {CHUNK}")
             last_id = _entry_id(meta["last_id"])
-            stamps = {int(k): _entry_id(v) for k, v in meta["stamps"].items()}
+            stamps: dict[int, bytes] = {}
             holds: list[tuple[int, tuple[int, int]]] = []
-            for k, stamp in sorted(stamps.items()):
-                for slot in state._restore_chunk(k, _field(read, chunk_field(k))):
-                    holds.append((slot, id_pair(stamp)))
+            for k in _chunks(meta["chunks"], -(-max_series // CHUNK)):
+                slots, stamps[k] = state._restore_chunk(k, _field(read, chunk_field(k)))
+                held = max(id_pair(stamps[k]), id_pair(last_id))
+                holds += [(slot, held) for slot in slots]
         except (SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise StateError(f"unreadable state checkpoint: {e}") from e
-        if any(id_pair(s) < id_pair(last_id) for s in stamps.values()):
-            raise StateError("unreadable state checkpoint: a chunk older than its re-read")
         state.last_id = last_id
         state._holds = np.zeros((state._ring.shape[0], 2), dtype=np.int64)
         state._holds[:] = id_pair(last_id)
@@ -324,10 +326,10 @@ class WindowState:
         heapq.heapify(state._free)
         return state
 
-    def _restore_chunk(self, k: int, data: bytes) -> list[int]:
-        """Place a chunk's series in their slots; the slots."""
+    def _restore_chunk(self, k: int, data: bytes) -> tuple[list[int], bytes]:
+        """Place a chunk's series in their slots; the slots, and the chunk's stamp."""
         meta, tensors = _read(data)
-        names = json.loads(meta["series"])
+        names, stamp = json.loads(meta["series"]), _entry_id(meta["stamp"])
         values, count, last_ms, pos = (
             tensors["values"], tensors["count"], tensors["last_ms"], tensors["pos"]
         )  # fmt: skip
@@ -354,7 +356,7 @@ class WindowState:
         self._last_ms[s] = last_ms
         cols = (self._count[s, None] + np.arange(-kept, 0)) % self.length
         self._ring[s[:, None], cols] = values[:, old_length - kept :]
-        return slots
+        return slots, stamp
 
 
 def _field(read: Callable[[bytes], bytes | None], name: bytes) -> bytes:
@@ -362,6 +364,34 @@ def _field(read: Callable[[bytes], bytes | None], name: bytes) -> bytes:
     if value is None:
         raise ValueError(f"the {name.decode()} field is missing")
     return value
+
+
+def _runs(numbers: list[int]) -> list[list[int]]:
+    """Sorted numbers as [first, last] pairs of consecutive runs."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return runs
+
+
+def _chunks(runs: object, limit: int) -> list[int]:
+    """The chunk numbers of :func:`_runs` pairs, checked: each below ``limit``."""
+    if not isinstance(runs, list):
+        raise ValueError("the saved chunks are not a list")
+    out: list[int] = []
+    for run in runs:
+        first, last = run
+        if not (isinstance(first, int) and isinstance(last, int) and 0 <= first <= last):
+            raise ValueError(f"{run!r} is not a run of chunk numbers")
+        if last >= limit:
+            raise ValueError(f"chunk {last} is past max_series ({limit} chunks)")
+        if out and first <= out[-1]:
+            raise ValueError("the saved chunks are out of order")
+        out += range(first, last + 1)
+    return out
 
 
 def _grown(array: np.ndarray, capacity: int) -> np.ndarray:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import random
+import secrets
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import redis
 
+from attnlstm.checkpoint import dumps, save
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
 from tests.chaos.conftest import Judged
@@ -27,10 +30,12 @@ from tests.helpers import (
     drain,
     drained,
     entries,
+    events,
     expected,
     fill,
     kill_connections,
     new_worker,
+    other_model,
     settings_for,
     wait_for,
     worker_cmd,
@@ -38,6 +43,7 @@ from tests.helpers import (
 )
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.online.store import ModelStore
 from worker.state import META
 
 
@@ -328,7 +334,6 @@ def test_a_tampered_state_key(
     else:
         meta = json.loads(cast(bytes, redis_client.hget(keys.state, META)))
         meta["last_id"] = last_id
-        meta["stamps"] = dict.fromkeys(meta["stamps"], last_id)
         redis_client.hset(keys.state, META, json.dumps(meta))
     ids += fill(redis_client, keys.input, values[30:])
     drain(settings, trained_sines)
@@ -341,4 +346,170 @@ def test_a_tampered_state_key(
         scenario="tampered state key",
         does=f"the saved windows' entry id {what.get(last_id or '', 'a string, not a hash')}, "
         "between two runs",
+    )
+
+
+def test_a_re_sync_longer_than_the_lease_with_a_second_worker_starting(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    judged: Judged,
+) -> None:
+    """No state key and a long stream whose last 10,000 entries a consumer took and died
+    with: the worker that starts re-reads 30,000 handled entries a few at a time for
+    longer than its lease lives before it reaches them. A second worker started
+    meanwhile must wait, not take over and publish them too."""
+    values = sine_steps(400, 100, seed=28)  # 40,000 entries
+    ids = fill(redis_client, keys.input, values[:75])
+    drain(settings_for(redis_url, keys), trained_sines)
+    ids += fill(redis_client, keys.input, values[75:])
+    redis_client.xreadgroup(keys.group, "gone", {keys.input: ">"}, count=len(ids))
+    redis_client.delete(keys.state)
+    handled = redis_client.xlen(keys.output)
+    want = expected(trained_sines, values, ids)
+    common = ("--max-batch", "2", "--lease-ttl-ms", "1000")
+    cmds = {n: worker_cmd(model_file, redis_url, keys, "--consumer", n, *common) for n in "ab"}
+    with _worker(cmds["a"], tmp_path, "a"):
+        wait_for(lambda: _holder(redis_client, keys) == "a", timeout=60)
+        started, fence = time.monotonic(), redis_client.get(keys.fence)
+        with _worker(cmds["b"], tmp_path, "b"):
+            wait_for(lambda: redis_client.xlen(keys.output) > handled, timeout=120)
+            resync_s = time.monotonic() - started
+            wait_for(lambda: drained(redis_client, keys), timeout=120)
+            assert _holder(redis_client, keys) == "a"
+            assert redis_client.get(keys.fence) == fence  # no takeover, all along
+    assert resync_s > 2, f"the re-sync took {resync_s:.1f} s: not past the lease"
+    judged(
+        redis_client,
+        keys,
+        want,
+        scenario="re-sync longer than the lease",
+        does=f"no state key, 30,000 handled entries re-read ({resync_s:.1f} s, lease 1 s) "
+        "before 10,000 pending ones, a second worker started meanwhile",
+    )
+
+
+def _finetune_child() -> multiprocessing.process.BaseProcess | None:
+    children = [p for p in multiprocessing.active_children() if p.name == "attnlstm-finetune"]
+    return children[0] if children else None
+
+
+def test_the_fine_tune_child_killed_idle_and_mid_job(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    judged: Judged,
+) -> None:
+    """Fine-tunes back to back beside a drain, their child process SIGKILLed while it
+    waits for a job (the OOM killer, an operator) and while it trains one. No candidate
+    can pass the promotion gate (margin 0.999), so every forecast stays the served
+    model's: equal to an uninterrupted run's."""
+    values = sine_steps(200, 150, seed=29)  # 30,000 entries
+    ids = fill(redis_client, keys.input, values[:60])
+    settings = settings_for(
+        redis_url,
+        keys,
+        max_batch=50,
+        finetune_interval_s=0.5,
+        finetune_steps=100,
+        promote_margin=0.999,
+    )
+
+    def outcomes() -> list[str]:  # of the fine-tunes: none can be promoted
+        done = ("rejected", "failed")
+        return [e["event"] for e in events(redis_client, keys.models) if e["event"] in done]
+
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        running.wait_for(lambda: outcomes(), timeout=120)  # one done: the child waits
+        idle = _finetune_child()
+        assert idle is not None
+        idle.kill()
+        ids += fill(redis_client, keys.input, values[60:100])
+        after_idle = len(outcomes())
+        running.wait_for(lambda: len(outcomes()) > after_idle, timeout=120)
+        assert outcomes()[after_idle] == "rejected"  # the next one, in a new process
+        for _ in range(5):  # a job can end between the look and the kill: look again
+            before = len(outcomes())
+            running.wait_for(
+                lambda: redis_client.get(keys.finetune_lock) is not None and _finetune_child(),
+                timeout=120,
+            )
+            child = _finetune_child()
+            assert child is not None
+            child.kill()
+            running.wait_for(lambda: len(outcomes()) > before, timeout=120)  # noqa: B023
+            if outcomes()[before] == "failed":
+                break
+        assert outcomes()[-1] == "failed"
+        after_kill = len(outcomes())
+        ids += fill(redis_client, keys.input, values[100:])
+        running.wait_for(lambda: "rejected" in outcomes()[after_kill:], timeout=120)
+        running.wait_for(lambda: drained(redis_client, keys), timeout=120)
+    assert [e["event"] for e in events(redis_client, keys.models)].count("promoted") == 1
+    judged(
+        redis_client,
+        keys,
+        expected(trained_sines, values, ids),
+        scenario="fine-tune child killed",
+        does="fine-tunes back to back during a 30,000-entry drain, their process killed "
+        "idle and mid-job",
+    )
+
+
+def test_a_planted_model_and_a_second_worker_with_another_file_and_no_key(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    judged: Judged,
+) -> None:
+    """A keyed worker serves; someone with the worker's own Redis rights stores a model
+    with a planted head bias (+100) and promotes it; a second worker is started with
+    another model file and no key; the keyed worker is killed -9 and restarted. Every
+    forecast stays the keyed worker's model's."""
+    key = tmp_path / "model-key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    values = sine_steps(200, 100, seed=30)  # 20,000 entries
+    ids = fill(redis_client, keys.input, values[:30])
+    keyed = worker_cmd(
+        model_file, redis_url, keys, "--max-batch", "37", "--model-key-file", str(key)
+    )
+    with _worker(keyed, tmp_path, "keyed") as proc:
+        wait_for(lambda: redis_client.xlen(keys.output) >= 2000, timeout=120)
+        attacker = ModelStore(redis_client, keys, keep=5, source="attacker")
+        blob, planted = dumps(other_model(trained_sines, 100.0))
+        attacker.put(blob, planted)
+        attacker.set_serving(planted, "promoted")
+        ids += fill(redis_client, keys.input, values[30:60])
+        other = tmp_path / "other.safetensors"
+        save(other, other_model(trained_sines, 1.0))
+        second = subprocess.run(
+            worker_cmd(other, redis_url, keys, "--consumer", "second"),
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert "are signed with a model key, and this process has none" in second.stderr
+        wait_for(lambda: redis_client.xlen(keys.output) >= 200 * 41, timeout=120)
+        proc.kill()
+    ids += fill(redis_client, keys.input, values[60:])
+    burst_cli(keyed, tmp_path)
+    refused = [e["version"] for e in events(redis_client, keys.models) if e["event"] == "refused"]
+    assert set(refused) == {planted}
+    judged(
+        redis_client,
+        keys,
+        expected(trained_sines, values, ids),
+        scenario="planted model, keyless second worker",
+        does="a model with a +100 bias stored and promoted with the worker's rights; a "
+        "second worker with another file and no key; the keyed one killed -9 and restarted",
     )

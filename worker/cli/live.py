@@ -167,6 +167,8 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         store = ModelStore(
             client, settings.keys, keep=settings.keep_models, source="cli", key=settings.model_key()
         )
+        if args.action in ("rollback", "promote"):
+            store.check_key()
         if args.action == "rollback":
             checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()

@@ -99,6 +99,31 @@ class ModelStore:
                 f"stored model {version}: bad signature (another key signed it, or it was altered)"
             )
 
+    def check_key(self) -> None:
+        """ValueError when this store has no key and the stored versions are signed:
+        the workers that hold the key serve only what it signed, and a worker without
+        it would serve, or store, models that nobody signed. A misconfiguration to fix
+        before it serves a batch."""
+        if self.key is not None or not (versions := self.versions()):
+            return
+        commands = [(b"GET", self.keys.model_signature(v).encode()) for v in versions]
+        signed = sum(signature is not None for signature in round_trip(self.client, commands))
+        if signed:
+            raise ValueError(
+                f"{signed} of the {len(versions)} models in the store ({self.keys.versions}) "
+                "are signed with a model key, and this process has none: give it the key "
+                "the other workers use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
+            )
+
+    def claim_serving(self, version: str, event: str, **fields: object) -> bool:
+        """Point every worker at ``version`` only if the store serves none yet (two
+        workers starting on an empty store: one wins), with its event; False when
+        another version was there first."""
+        if not self.client.set(self.keys.serving, version, nx=True):
+            return False
+        self.event(version, event, **fields)
+        return True
+
     def versions(self) -> list[str]:
         return [
             v.decode() for v in cast(list[bytes], self.client.lrange(self.keys.versions, 0, -1))

@@ -107,9 +107,10 @@ class Tuner:
         if serving is None and file_model is not None:
             blob, _ = dumps(file_model.model, file_model.meta)
             self.store.put(blob, file_model.version)
-            self.store.set_serving(file_model.version, "promoted", reason="model file")
-            self._seen = self.store.last_event_id()
-            return self._adopt(file_model, blob)
+            if self.store.claim_serving(file_model.version, "promoted", reason="model file"):
+                self._seen = self.store.last_event_id()
+                return self._adopt(file_model, blob)
+            serving = self.store.serving()  # another worker's file, promoted first
         if serving is not None and serving != self.version:
             if file_model is not None and self.version is None and file_model.version != serving:
                 path = self.settings.model or "PATH"
