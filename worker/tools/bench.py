@@ -481,7 +481,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{ft['p50_ms']:.0f} ms, p99 {ft['p99_ms']:.0f} ms, max {ft['max_ms']:.0f} ms; "
         f"p99 {report['finetune_p99_ratio']:.2f}x that without.",
         "",
-        "| series (window state) | p50 ms | p99 ms | max ms | longest checkpoint piece ms |",
+        "| series (window state) | p50 ms | p99 ms | max ms "
+        "| longest checkpoint work of one batch, ms |",
         "| ---: | ---: | ---: | ---: | ---: |",
         *(
             f"| {r['series']:,} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} "
