@@ -66,6 +66,13 @@ def test_demo_runs_the_whole_product_and_reports_what_it_saw(
         assert (demo_dir / name).read_bytes()[:8] == PNG
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default action, as a process started from a shell prompt has it. A
+    test run started in the background by a shell without job control (a CI script's
+    `&`) ignores SIGINT, and its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
     cmd = [*CLI, "demo", "--seconds", "120", "--series", "10", "--json", "--out", str(demo_dir)]
     proc = subprocess.Popen(
@@ -75,6 +82,7 @@ def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
         text=True,
         env=worker_env(),
         cwd=demo_dir,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         assert proc.stderr is not None
