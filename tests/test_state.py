@@ -395,3 +395,17 @@ def test_more_series_than_the_new_max_series_raise_state_error() -> None:
 def test_window_longer_than_length_is_refused() -> None:
     with pytest.raises(ValueError, match="window <= length"):
         WindowState(window=5, length=4, max_series=1)
+
+
+def test_a_chunk_quiet_since_an_old_save_is_re_read_from_its_change_not_its_save() -> None:
+    """Chunk 0 saved at 5-0, untouched until 900-0: its saved copy holds its series up
+    to there, so the re-read starts there, not at 5-0 (a day of stream, in life)."""
+    state = WindowState(window=2, length=3, max_series=2 * CHUNK)
+    state.push(state.slots_for(["a", "a"]), np.zeros(2))
+    state.last_id = b"5-0"
+    fields = _save(state)
+    state.last_id = b"900-0"  # other chunks' entries went by
+    state.push(state.slots_for(["a"]), np.ones(1))
+    assert json.loads(state.meta())["last_id"] == "900-0"
+    restored = _restore(fields | {META: state.meta()}, window=2, length=3, max_series=2 * CHUNK)
+    assert restored.windows(["a"]).tolist() == [[0.0, 0.0]]  # the value at 900-1 comes again

@@ -11,8 +11,8 @@ junk names cannot hold slots for ever. Both follow from the entries alone, so a 
 builds the same windows.
 
 The checkpoint is saved in pieces: slots in chunks of ``CHUNK``, each saved (as
-safetensors bytes) once it has changed and its last save is old enough, one chunk at a
-time with a batch's publish, so its cost follows what changed and no single write is
+safetensors bytes) once it has changed and its last save is old enough, a chunk or a
+few with a batch's publish, so its cost follows what changed and no single write is
 large. Each chunk records the last input entry it reflects (its stamp). The ``meta``
 field, a few bytes written with every chunk, names the saved chunks and the entry to
 re-read the stream from: the oldest stamp of a chunk changed since its save. A chunk
@@ -137,10 +137,15 @@ class WindowState:
 
     def _touch(self, slots: np.ndarray) -> None:
         """The chunks of ``slots`` change now, before the windows take in entries past
-        ``last_id``: until saved, each is re-read from its stamp or from here."""
+        ``last_id``: until saved, each is re-read from here, where its saved copy
+        holds every series it had (unchanged since saved, in step). While re-reading
+        after a restore, from its stamp if earlier: a series it gains now may have
+        values before ``last_id`` that its saved copy lacks."""
         for k in np.unique(slots // CHUNK).tolist():
             if k not in self._dirty:
-                stamp = min(self._stamps.get(k, self.last_id), self.last_id, key=id_pair)
+                stamp = self.last_id
+                if self._holds is not None:
+                    stamp = min(self._stamps.get(k, stamp), stamp, key=id_pair)
                 self._dirty[k] = (id_pair(stamp), stamp)
 
     def push(
