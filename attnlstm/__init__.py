@@ -14,6 +14,7 @@ imported lazily by :mod:`attnlstm.plots`). It never imports redis or the worker.
 from attnlstm.checkpoint import Checkpoint, CheckpointError, load, loads, save, version_of
 from attnlstm.data import DataError, Dataset, load_dataset
 from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.partition import partition_of
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
 from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
 
@@ -32,6 +33,7 @@ __all__ = [
     "load_dataset",
     "loads",
     "new_model",
+    "partition_of",
     "predict",
     "save",
     "sliding_windows",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
 from tests.helpers import entries
@@ -125,6 +126,30 @@ def test_maxlen_caps_the_stream(
     args = ("--fast", "--series", "10", "--points", "1000", "--maxlen", "500")
     assert replay(redis_url, f"{stream_prefix}in", *args)["entries"] == 10_000
     assert 500 <= redis_client.xlen(f"{stream_prefix}in") < 1_000  # approximate trimming
+
+
+def test_with_partitions_each_entry_goes_to_its_series_partition(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    args = ("--fast", "--series", "40", "--points", "10", "--bad-rate", "0.1", "--partitions", "4")
+    report = replay(redis_url, f"{stream_prefix}in", *args)
+    assert report["partitions"] == 4
+    routed = {k: fields_of(redis_client, f"{stream_prefix}in{{{k}}}") for k in range(4)}
+    for k, written in routed.items():
+        assert written, f"partition {k} got nothing"
+        assert {partition_of(f.get(b"series", b""), 4) for f in written} == {k}
+    assert sum(map(len, routed.values())) == report["entries"]
+    assert report["entries"] != 400  # the malformed ones went too
+    assert redis_client.exists(f"{stream_prefix}in") == 0
+    proc = subprocess.run(
+        [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in{{x}}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("with partitions, the worker adds the hash tag {k} itself")
 
 
 @pytest.mark.parametrize(

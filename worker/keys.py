@@ -46,6 +46,31 @@ class Keys:
         the worker's ACL user may read and write)."""
         return f"{self.models}:v:{version}:sig"
 
+    def partition(self, k: int, partitions: int) -> Keys:
+        """The keys of partition ``k`` of ``partitions``: each stream's name with the hash
+        tag ``{k}`` after it (``sensors{3}``, ``forecasts{3}``, ``sensors:dead{3}``, and
+        from those ``sensors{3}:windows:forecasters``, ...), so that a partition's keys
+        share one Redis Cluster slot and one function call can write them all. The
+        models keys are shared by every partition. One partition: these keys, as named."""
+        if partitions == 1 and k == 0:
+            return self
+        if not 0 <= k < partitions:
+            raise ValueError(f"partition {k} is not one of 0 .. {partitions - 1}")
+        for name in (self.input, self.output, self.dead):
+            if "{" in name or "}" in name:
+                raise ValueError(
+                    f"stream name {name!r} has a brace: with partitions, the worker adds the "
+                    "hash tag {k} itself"
+                )
+        tag = f"{{{k}}}"
+        return Keys(
+            input=self.input + tag,
+            output=self.output + tag,
+            dead=self.dead + tag,
+            group=self.group,
+            models=self.models,
+        )
+
     @classmethod
     def prefixed(cls, prefix: str) -> Keys:
         """The default names with ``prefix`` in front of each stream's: the demo's

@@ -118,6 +118,7 @@ def replay_command(args: argparse.Namespace) -> dict[str, Any]:
             maxlen=args.maxlen,
             total=total,
             progress=not args.json and sys.stderr.isatty(),
+            partitions=args.partitions,
         )
 
 

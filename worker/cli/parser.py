@@ -203,6 +203,12 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--fast", action="store_true", help="as fast as Redis takes them")
     p.add_argument("--seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--maxlen", type=positive, default=None, help="approximate cap (XADD MAXLEN ~)")
+    p.add_argument(
+        "--partitions",
+        type=positive,
+        default=1,
+        help="P > 1: each entry to its series' partition, STREAM{crc32(series) mod P} (1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sines = p.add_argument_group("sines (the default source)")
     spec = SineSpec()

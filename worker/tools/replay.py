@@ -22,7 +22,9 @@ import redis
 from tqdm import tqdm
 
 from attnlstm.data import DataError
+from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
+from worker.keys import Keys
 from worker.streams import round_trip, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
@@ -154,6 +156,12 @@ def _ms(path: Path, line: int, text: str) -> int:
     return ms
 
 
+def _series(fields: FlatFields) -> bytes:
+    """An entry's series id (empty: none)."""
+    names = fields[0::2]
+    return fields[2 * names.index(b"series") + 1] if b"series" in names else b""
+
+
 def replay(
     client: redis.Redis,
     stream: str,
@@ -164,12 +172,18 @@ def replay(
     maxlen: int | None = None,
     total: int | None = None,
     progress: bool = False,
+    partitions: int = 1,
 ) -> dict[str, Any]:
     """XADD the entries to ``stream``: entry k at ``start + k / rate`` (a schedule
     fixed at the start, so a slow round trip is caught up and never drifts), or with
     no ``rate`` as fast as Redis takes them, pipelined. Stops after ``seconds`` when
-    given; Ctrl-C stops it too, with the report so far."""
-    head = xadd(stream, maxlen=maxlen)
+    given; Ctrl-C stops it too, with the report so far. With ``partitions`` P > 1 each
+    entry goes to its series' partition of ``stream`` (:func:`partition_of`, and the
+    names of :meth:`Keys.partition`); an entry with no series, to partition 0's."""
+    heads = [
+        xadd(Keys(input=stream).partition(k, partitions).input, maxlen=maxlen)
+        for k in range(partitions)
+    ]
     source = iter(entries)
     paced_total = None if rate is None or seconds is None else round(seconds * rate)
     sent, done, interrupted = 0, False, False
@@ -185,7 +199,10 @@ def replay(
                 else:  # entries due by now, never past seconds x rate
                     due = min(int(elapsed * rate) + 1, paced_total or sys.maxsize) - sent
                     due = min(due, _SEND_MAX)
-                batch = [head + fields for _, fields in zip(range(due), source, strict=False)]
+                batch = [
+                    heads[partition_of(_series(fields), partitions)] + fields
+                    for _, fields in zip(range(due), source, strict=False)
+                ]
                 done = len(batch) < due
                 if batch:
                     round_trip(client, batch)
@@ -198,6 +215,7 @@ def replay(
     took = time.perf_counter() - started
     return {
         "stream": stream,
+        "partitions": partitions,
         "entries": sent,
         "seconds": round(took, 3),
         "entries_per_s": round(sent / took, 1) if took > 0 else 0.0,
