@@ -200,7 +200,8 @@ def replay(
                     due = min(int(elapsed * rate) + 1, paced_total or sys.maxsize) - sent
                     due = min(due, _SEND_MAX)
                 batch = [
-                    heads[partition_of(_series(fields), partitions)] + fields
+                    heads[partition_of(_series(fields), partitions) if partitions > 1 else 0]
+                    + fields
                     for _, fields in zip(range(due), source, strict=False)
                 ]
                 done = len(batch) < due
