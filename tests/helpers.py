@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -79,6 +80,11 @@ def other_model(model: AttentionLSTM, shift: float) -> AttentionLSTM:
     with torch.no_grad():
         twin.head.bias.add_(shift)
     return twin
+
+
+def finetune_processes() -> list[multiprocessing.process.BaseProcess]:
+    """The fine-tuning child processes of this process's workers, alive."""
+    return [p for p in multiprocessing.active_children() if p.name == "attnlstm-finetune"]
 
 
 def events(client: redis.Redis, key: str) -> list[dict[str, str]]:

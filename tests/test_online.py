@@ -18,6 +18,7 @@ from tests.helpers import (
     entries,
     events,
     fill,
+    finetune_processes,
     new_worker,
     other_model,
     settings_for,
@@ -255,7 +256,7 @@ def test_a_drained_worker_reports_what_it_scored(
 
 
 def _finetune_process() -> multiprocessing.process.BaseProcess:
-    (process,) = [p for p in multiprocessing.active_children() if p.name == "attnlstm-finetune"]
+    (process,) = finetune_processes()
     return process
 
 

@@ -33,6 +33,7 @@ from tests.helpers import (
     events,
     expected,
     fill,
+    finetune_processes,
     kill_connections,
     new_worker,
     other_model,
@@ -393,7 +394,7 @@ def test_a_re_sync_longer_than_the_lease_with_a_second_worker_starting(
 
 
 def _finetune_child() -> multiprocessing.process.BaseProcess | None:
-    children = [p for p in multiprocessing.active_children() if p.name == "attnlstm-finetune"]
+    children = finetune_processes()
     return children[0] if children else None
 
 
