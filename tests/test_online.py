@@ -28,7 +28,7 @@ from worker.cli import main
 from worker.keys import Keys
 from worker.lease import ensure_library
 from worker.metrics import Metrics
-from worker.online.scoring import Scorer
+from worker.online.scoring import Overall
 from worker.online.store import ModelStore
 from worker.online.tuner import JOB_TIMEOUT_S, Tuner
 from worker.state import WindowState
@@ -232,11 +232,11 @@ def test_one_worker_fine_tunes_at_a_time(
     state.push(slots, np.sin(np.arange(200.0)), gather=False)
     assert first.lock.acquire()[0] == first.lock.token  # first is fine-tuning
     clock.now += 10  # a fine-tune is due
-    assert second.tick(state, Scorer(halflife_s=30)) is None
+    assert second.tick(state.histories, Overall(halflife_s=30)) is None
     assert not second.running  # due, but not its turn
     first.lock.release()
     clock.now += 10  # due again
-    assert second.tick(state, Scorer(halflife_s=30)) is None
+    assert second.tick(state.histories, Overall(halflife_s=30)) is None
     assert second.running  # its turn: started
     assert redis_client.get(keys.finetune_lock) == second.lock.token.encode()
     second.close()  # the fine-tune in flight is dropped, and the lock with it
@@ -252,7 +252,7 @@ def test_a_drained_worker_reports_what_it_scored(
     worker.run()
     scored = worker.metrics.registry.get_sample_value("attnlstm_forecasts_scored_total")
     assert scored == 4 * (30 - 20)  # each series' last forecast has no actual yet
-    assert worker.scorer.mae < worker.scorer.naive_mae
+    assert worker.scores.mae < worker.scores.naive_mae
 
 
 def _finetune_process() -> multiprocessing.process.BaseProcess:
@@ -275,15 +275,15 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
     state = WindowState(window=20, length=200, max_series=10)
     values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
     state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
-    scorer = Scorer(halflife_s=30)
+    scores = Overall(halflife_s=30)
 
     def next_finetune() -> None:
         clock.now += 10
-        tuner.tick(state, scorer)
+        tuner.tick(state.histories, scores)
         assert tuner.running
 
     def outcome() -> str:
-        wait_for(lambda: tuner.tick(state, scorer) or not tuner.running, what="its end")
+        wait_for(lambda: tuner.tick(state.histories, scores) or not tuner.running, what="its end")
         assert redis_client.get(keys.finetune_lock) is None  # released, whatever happened
         return events(redis_client, keys.models)[-1]["event"]
 
@@ -304,7 +304,7 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
 
         next_finetune()
         clock.now += JOB_TIMEOUT_S + 1  # hung: still running past the timeout
-        tuner.tick(state, scorer)
+        tuner.tick(state.histories, scores)
         assert not tuner.running
         assert events(redis_client, keys.models)[-1]["reason"].startswith("still running")
         assert redis_client.get(keys.finetune_lock) is None

@@ -1,29 +1,15 @@
-"""Partitions: the hash a producer computes, the keys of one partition, and a worker on
-each partition's streams."""
+"""Partitions: the hash a producer computes, and the keys of one partition (the pool of
+workers that serves them: tests/test_pool.py)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import pytest
-import redis
 from redis.crc import key_slot
 
-from attnlstm.model import AttentionLSTM
 from attnlstm.partition import partition_of
-from attnlstm.synthetic import sine_steps
-from tests.helpers import (
-    WorkerThread,
-    assert_forecasts,
-    drained,
-    entries,
-    expected,
-    new_worker,
-    settings_for,
-)
 from worker.keys import Keys
-from worker.tools.replay import replay
 
 
 def test_the_partition_of_a_series_is_the_crc32_of_its_utf8_id_mod_p() -> None:
@@ -64,39 +50,3 @@ def test_the_keys_of_a_partition_share_one_cluster_slot() -> None:
 def test_a_partition_that_cannot_be_is_refused(keys: Keys, k: int, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         keys.partition(k, 12)
-
-
-def test_a_worker_on_each_partition_forecasts_every_series_once(
-    redis_client: redis.Redis, redis_url: str, stream_prefix: str, trained_sines: AttentionLSTM
-) -> None:
-    """P streams, one worker on each (its partition's stream names), all at once; the
-    models keys are shared. Each partition's output is the offline model's forecast of
-    its series, one per input."""
-    partitions, values = 3, sine_steps(30, 40, seed=31)  # (steps, series)
-    names = [f"s{j}" for j in range(values.shape[1])]
-    flat = [
-        (b"series", name.encode(), b"value", repr(float(v)).encode())
-        for row in values
-        for name, v in zip(names, row, strict=True)
-    ]
-    base = Keys.prefixed(stream_prefix)
-    replay(redis_client, base.input, flat, rate=None, partitions=partitions)
-    with contextlib.ExitStack() as running:
-        workers = [
-            running.enter_context(
-                WorkerThread(
-                    new_worker(
-                        settings_for(redis_url, base.partition(k, partitions), consumer=f"w{k}"),
-                        trained_sines,
-                    )
-                )
-            )
-            for k in range(partitions)
-        ]
-        for k, worker in enumerate(workers):
-            worker.wait_for(lambda: drained(redis_client, base.partition(k, partitions)))  # noqa: B023
-    for k in range(partitions):
-        keys = base.partition(k, partitions)
-        mine = [j for j, name in enumerate(names) if partition_of(name, partitions) == k]
-        ids = [entry_id for entry_id, _ in entries(redis_client, keys.input)]
-        assert_forecasts(redis_client, keys.output, expected(trained_sines, values[:, mine], ids))

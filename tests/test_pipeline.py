@@ -3,6 +3,7 @@ the read ahead, transactions applied (and counted) in order, gaps caught."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,6 +36,7 @@ def pipeline(redis_url: str, keys: Keys, applied: list[Receipt]) -> Iterator[Pip
         events_query=lambda after: store.events_query(after=after or b"-"),
         on_applied=lambda receipt, _: applied.append(receipt),
     )
+    pipe.serve({0: keys})
     yield pipe
     pipe.close()
     client.close()
@@ -50,26 +52,26 @@ def test_batches_come_in_order_and_are_counted_once_applied(
     pipeline: Pipeline, applied: list[Receipt], redis_client: redis.Redis, keys: Keys
 ) -> None:
     ids = fill(redis_client, keys.input, sine_steps(5, 5))  # 25 entries
-    first = pipeline.next_batch(b"0-0", block_ms=100)
-    assert [i for i, _ in first.entries] == ids[:10]  # max_batch
-    pipeline.read_ahead(first.entries[-1][0])
+    first = pipeline.next_batch({0: b"0-0"}, block_ms=100)
+    assert [i for i, _ in first.entries[0]] == ids[:10]  # max_batch
+    pipeline.read_ahead(first.last({}))
     assert pipeline.holds_next
-    pipeline.publish(*_ack(keys, ids[:10]))
+    pipeline.publish([_ack(keys, ids[:10])])
     assert applied == []  # its reply is read while the next batch is worked on
-    second = pipeline.next_batch(ids[9], block_ms=100)  # the read ahead's entries
+    second = pipeline.next_batch({0: ids[9]}, block_ms=100)  # the read ahead's entries
     assert not pipeline.holds_next
-    assert [i for i, _ in second.entries] == ids[10:20]
+    assert [i for i, _ in second.entries[0]] == ids[10:20]
     assert len(applied) == 0
-    pipeline.publish(*_ack(keys, ids[10:20]))
+    pipeline.publish([_ack(keys, ids[10:20])])
     assert len(applied) == 1  # the first, read before the second went out
     pipeline.drain()
     assert len(applied) == 2
     assert redis_client.xpending(keys.input, keys.group)["pending"] == 0
-    third = pipeline.next_batch(ids[19], block_ms=100)
-    assert [i for i, _ in third.entries] == ids[20:]
-    pipeline.publish(*_ack(keys, ids[20:]))
+    third = pipeline.next_batch({0: ids[19]}, block_ms=100)
+    assert [i for i, _ in third.entries[0]] == ids[20:]
+    pipeline.publish([_ack(keys, ids[20:])])
     pipeline.drain()
-    assert pipeline.next_batch(ids[-1], block_ms=50).entries == []  # drained: waited, none
+    assert pipeline.next_batch({0: ids[-1]}, block_ms=50).entries == {}  # drained: waited, none
 
 
 def test_models_events_come_back_with_the_batch_they_arrive_with(
@@ -78,8 +80,8 @@ def test_models_events_come_back_with_the_batch_they_arrive_with(
     store = ModelStore(redis_client, keys, keep=1, source="test")
     store.event("v1", "promoted")
     ids = fill(redis_client, keys.input, sine_steps(1, 3))
-    read = pipeline.next_batch(b"0-0", block_ms=100)
-    assert [i for i, _ in read.entries] == ids
+    read = pipeline.next_batch({0: b"0-0"}, block_ms=100)
+    assert [i for i, _ in read.entries[0]] == ids
     assert [f[b"version"] for _, f in read.events if f is not None] == [b"v1"]
 
 
@@ -87,24 +89,24 @@ def test_a_read_that_skips_entries_is_out_of_step(
     pipeline: Pipeline, redis_client: redis.Redis, keys: Keys
 ) -> None:
     ids = fill(redis_client, keys.input, sine_steps(2, 10))  # 20 entries
-    first = pipeline.next_batch(b"0-0", block_ms=100)
-    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))
+    first = pipeline.next_batch({0: b"0-0"}, block_ms=100)
+    pipeline.publish([_ack(keys, [i for i, _ in first.entries[0]])])
     # A read in the worker's name whose reply never reached it (a lost reply).
     redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=5)
     with pytest.raises(OutOfStepError, match=f"entries after {ids[9].decode()} started at"):
-        pipeline.next_batch(ids[9], block_ms=100)
+        pipeline.next_batch({0: ids[9]}, block_ms=100)
 
 
 def test_a_gap_in_the_read_ahead_is_raised_by_the_next_batch_after_the_publish(
     pipeline: Pipeline, applied: list[Receipt], redis_client: redis.Redis, keys: Keys
 ) -> None:
     ids = fill(redis_client, keys.input, sine_steps(2, 10))
-    first = pipeline.next_batch(b"0-0", block_ms=100)
+    first = pipeline.next_batch({0: b"0-0"}, block_ms=100)
     redis_client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=5)  # lost
-    pipeline.read_ahead(ids[9])
-    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))  # still goes out
+    pipeline.read_ahead({0: ids[9]})
+    pipeline.publish([_ack(keys, [i for i, _ in first.entries[0]])])  # still goes out
     with pytest.raises(OutOfStepError):
-        pipeline.next_batch(ids[9], block_ms=100)
+        pipeline.next_batch({0: ids[9]}, block_ms=100)
     pipeline.reset()
     assert len(applied) == 1  # the reset read the publish's reply
     pending = redis_client.xpending_range(keys.input, keys.group, "-", "+", 100)
@@ -118,8 +120,8 @@ def test_a_dropped_connection_takes_what_was_due_on_it_along(
     its reply on the next connection (it used to pop an empty queue, and the worker
     died)."""
     ids = fill(redis_client, keys.input, sine_steps(2, 10))
-    first = pipeline.next_batch(b"0-0", block_ms=100)
-    pipeline.publish(*_ack(keys, [i for i, _ in first.entries]))  # its reply not read
+    first = pipeline.next_batch({0: b"0-0"}, block_ms=100)
+    pipeline.publish([_ack(keys, [i for i, _ in first.entries[0]])])  # its reply not read
     for client in redis_client.client_list():
         if client["name"] == "test-pipeline":
             redis_client.client_kill_filter(_id=client["id"])
@@ -127,12 +129,58 @@ def test_a_dropped_connection_takes_what_was_due_on_it_along(
     # the wire drops the reply due with the connection; over TCP the write goes into the
     # socket's buffer and the failure shows at the next read instead.
     try:
-        pipeline.read_ahead(ids[9])
+        pipeline.read_ahead({0: ids[9]})
     except redis.ConnectionError:
         pipeline.reset()  # used to raise IndexError: a reply expected on no connection
         assert applied == []  # unknown: a re-sync finds out from the stream
     else:
         pipeline.reset()
     assert not pipeline.holds_next
-    again = pipeline.next_batch(ids[9], block_ms=100)  # on a new connection
-    assert [i for i, _ in again.entries] == ids[10:]
+    again = pipeline.next_batch({0: ids[9]}, block_ms=100)  # on a new connection
+    assert [i for i, _ in again.entries[0]] == ids[10:]
+
+
+def test_one_read_serves_several_partitions_and_checks_each_for_gaps(
+    redis_url: str, redis_client: redis.Redis, keys: Keys, applied: list[Receipt]
+) -> None:
+    """Partitions 0 and 1 of 2 on one connection: a read waits until either has an
+    entry, takes both partitions' entries in one batch, and a lost reply in one of them
+    is caught."""
+    settings = settings_for(redis_url, keys, max_batch=10, max_wait_ms=0)
+    parts = {k: keys.partition(k, 2) for k in (0, 1)}
+    client = connect(redis_url, socket_timeout_s=5, client_name="test-pipeline")
+    for part in parts.values():
+        ensure_group(client, part)
+    store = ModelStore(client, keys, keep=1, source="test")
+    pipe = Pipeline(
+        client,
+        settings=settings,
+        events_query=lambda after: store.events_query(after=after or b"-"),
+        on_applied=lambda receipt, _: applied.append(receipt),
+    )
+    pipe.serve(parts)
+    try:
+        start = {0: b"0-0", 1: b"0-0"}
+        assert pipe.next_batch(start, block_ms=20).entries == {}
+        only_1 = fill(redis_client, parts[1].input, sine_steps(1, 3))
+        read = pipe.next_batch(start, block_ms=1000)
+        assert read.entries == {1: [(i, read.entries[1][k][1]) for k, i in enumerate(only_1)]}
+        both = {k: fill(redis_client, part.input, sine_steps(2, 2)) for k, part in parts.items()}
+        after = read.last(start)
+        assert after == {0: b"0-0", 1: only_1[-1]}
+        read = pipe.next_batch(after, block_ms=100)
+        assert {k: [i for i, _ in e] for k, e in read.entries.items()} == both
+        assert read.count == 8
+        pipe.publish([_ack(parts[k], ids) for k, ids in both.items()])
+        pipe.drain()
+        assert len(applied) == 2  # one call per partition, both applied
+        later = fill(redis_client, parts[0].input, sine_steps(1, 4))
+        redis_client.xreadgroup(keys.group, "w", {parts[0].input: ">"}, count=1)  # lost
+        gap = re.escape(f"read of {parts[0].input} for entries")
+        with pytest.raises(OutOfStepError, match=gap):
+            pipe.next_batch(read.last(after), block_ms=100)
+        pending = redis_client.xpending_range(parts[0].input, keys.group, "-", "+", 10)
+        assert [p["message_id"] for p in pending] == later  # for the re-sync to claim
+    finally:
+        pipe.close()
+        client.close()

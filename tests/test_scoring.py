@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.online.scoring import Scorer
+from worker.online.scoring import Overall, Scorer
 
 
 def test_each_value_is_scored_against_its_series_last_forecast() -> None:
-    scorer = Scorer(halflife_s=10)
+    scorer = Scorer(Overall(halflife_s=10))
     nan = np.nan
     # Series 0 and 1; series 0 twice in one batch: its second value is scored against
     # the forecast made for its first, within the batch.
@@ -26,11 +26,11 @@ def test_each_value_is_scored_against_its_series_last_forecast() -> None:
     assert scorer.update(np.array([1, 0]), np.array([6.0, 3.0]), np.array([nan, nan]), 1.0) == 2
     assert scorer.series_mae[1] == pytest.approx(0.5)  # |6.0 - 5.5|
     assert scorer.update(np.array([1]), np.array([7.0]), np.array([8.0]), 2.0) == 0
-    assert scorer.scored == 3
+    assert scorer.overall.scored == 3
 
 
 def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
-    scorer = Scorer(halflife_s=5)
+    scorer = Scorer(Overall(halflife_s=5))
     slots = np.arange(50)
     values = np.zeros(50)
     drifted_at = None
@@ -38,17 +38,17 @@ def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
         now = step * 0.05  # a batch every 50 ms, one value per series
         error = 0.1 if now < 40 else 0.4
         scorer.update(slots, values, values + error, now)
-        if scorer.drifting(1.5):
+        if scorer.overall.drifting(1.5):
             drifted_at = now if drifted_at is None else drifted_at
-            scorer.settle()
-    assert scorer.mae == pytest.approx(0.4, rel=0.05)
+            scorer.overall.settle()
+    assert scorer.overall.mae == pytest.approx(0.4, rel=0.05)
     assert drifted_at is not None
     assert 40 < drifted_at < 45  # not before the change; within a second or so of it
-    assert not scorer.drifting(1.5)  # settled: the new errors are the new usual
+    assert not scorer.overall.drifting(1.5)  # settled: the new errors are the new usual
 
 
 def test_a_freed_slot_starts_unscored_for_the_series_that_takes_it() -> None:
-    scorer = Scorer(halflife_s=10)
+    scorer = Scorer(Overall(halflife_s=10))
     scorer.update(np.array([0, 0]), np.array([1.0, 2.0]), np.array([5.0, 9.0]), now=0.0)
     assert np.isfinite(scorer.series_mae[0])
     scorer.forget(np.array([0, 10_000]))  # a slot past the scorer's arrays is nothing to it

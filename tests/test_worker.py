@@ -205,7 +205,7 @@ def test_a_second_worker_waits_for_the_lease_and_takes_over(
         settings_for(redis_url, keys, consumer="b"), trained_sines, metrics=standby_metrics
     )
     with WorkerThread(first) as active:
-        a_token, b_token = first.recovery.lease.token, second.recovery.lease.token
+        a_token, b_token = first.token, second.token
         active.wait_for(lambda: redis_client.get(keys.lease) == a_token.encode())
         standby = WorkerThread(second).start()
         standby.wait_for(lambda: standby_metrics.role == "standby")

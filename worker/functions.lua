@@ -5,7 +5,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '3'
+local VERSION = '4'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -114,7 +114,39 @@ local function skip(keys, args)
   return 0
 end
 
+-- KEYS: the pool. ARGV: token, ttl_ms (0: leaving). The workers that share a stream's
+-- partitions: each announces itself with its lease renewals, and one not heard from
+-- for ttl_ms is gone. Reply: the tokens of those in the pool.
+local function pool(keys, args)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
+  local ttl = tonumber(args[2])
+  if ttl > 0 then
+    redis.call('ZADD', keys[1], now + ttl, args[1])
+  else
+    redis.call('ZREM', keys[1], args[1])
+  end
+  return redis.call('ZRANGE', keys[1], 0, -1)
+end
+
+-- KEYS: the partitions mark. ARGV: P. How many partitions the stream's data is written
+-- with: the mark, once set; else P, marked from now on when P > 1 (one partition leaves
+-- no mark, as before partitions existed).
+local function partitions(keys, args)
+  local mark = redis.call('GET', keys[1])
+  if mark then
+    return mark
+  end
+  if args[1] ~= '1' then
+    redis.call('SET', keys[1], args[1])
+  end
+  return args[1]
+end
+
 redis.register_function('attnlstm_version', function() return VERSION end)
+redis.register_function('attnlstm_pool', pool)
+redis.register_function('attnlstm_partitions', partitions)
 redis.register_function('attnlstm_lease', lease)
 redis.register_function('attnlstm_release', release)
 redis.register_function('attnlstm_publish', publish)

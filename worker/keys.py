@@ -18,6 +18,8 @@ class Keys:
     lease: str = field(init=False)  # held by the one worker that consumes `input` for `group`
     fence: str = field(init=False)  # the lease's fence number: grows on every takeover
     handling: str = field(init=False)  # what the lease holder handles next, and its attempts
+    pool: str = field(init=False)  # the workers that share the partitions of `input`
+    partitions: str = field(init=False)  # how many partitions `input` is written in (P > 1)
     versions: str = field(init=False)  # the stored model versions, newest first (a list)
     serving: str = field(init=False)  # the version every worker should serve
     finetune_lock: str = field(init=False)  # held by the one worker fine-tuning now
@@ -29,6 +31,8 @@ class Keys:
             "lease": f"{self.input}:lease:{self.group}",
             "fence": f"{self.input}:fence:{self.group}",
             "handling": f"{self.input}:handling:{self.group}",
+            "pool": f"{self.input}:pool:{self.group}",
+            "partitions": f"{self.input}:partitions",
             "versions": f"{self.models}:versions",
             "serving": f"{self.models}:serving",
             "finetune_lock": f"{self.models}:finetune-lock",

@@ -26,7 +26,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError
 
-VERSION = "3"  # the library's, in functions.lua
+VERSION = "4"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -124,10 +124,18 @@ class Lease:
     grows on every takeover."""
 
     def __init__(
-        self, client: redis.Redis, *, key: str, fence_key: str, owner: str, ttl_ms: int
+        self,
+        client: redis.Redis,
+        *,
+        key: str,
+        fence_key: str,
+        owner: str,
+        ttl_ms: int,
+        token: str | None = None,
     ) -> None:
+        """``token``: this process's (:func:`process_token`), when it holds several."""
         self.client, self.key, self.fence_key, self.ttl_ms = client, key, fence_key, ttl_ms
-        self.token = f"{owner}#{secrets.token_hex(4)}"  # this process, not only its name
+        self.token = token or process_token(owner)
 
     def acquire(self) -> tuple[str, int]:
         """Take the lease if it is free, renew it if it is ours: (its holder's token,
@@ -138,6 +146,11 @@ class Lease:
 
     def release(self) -> None:
         self.client.fcall("attnlstm_release", 1, self.key, self.token)
+
+
+def process_token(owner: str) -> str:
+    """A token for this process: its name (a role) and a random part (not only its name)."""
+    return f"{owner}#{secrets.token_hex(4)}"
 
 
 def _text(value: bytes | str) -> str:

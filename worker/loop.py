@@ -10,6 +10,11 @@ publishing them again, and handling the entries still pending. Publishing and ac
 one MULTI/EXEC makes "handled" and "acked" the same thing, so a crash at any point loses
 nothing and repeats nothing.
 
+With P partitions (:mod:`worker.pool`) the worker serves its share of them from this
+one loop: a batch holds the entries of every partition it serves, read together and
+forecast in one model call, and each partition's part is published with its acks by
+that partition's own fenced call, so everything above holds per partition.
+
 Redis and the model work at the same time (:mod:`worker.pipeline`): while a batch is
 forecast, the read for the next one is already out, and a batch's transaction reply is
 read during the next batch. A stop handles the batch read ahead; a re-sync first reads
@@ -18,33 +23,63 @@ every reply still due.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
-from worker.batch import batch_call, triage
+from worker.batch import Batch, Receipt, batch_call, triage
 from worker.contract import entry_ms
 from worker.engine import Engine, check_fits
+from worker.keys import Keys
+from worker.lease import ensure_library, process_token
 from worker.metrics import Metrics
-from worker.online.scoring import Scorer
+from worker.online.scoring import Overall, Scorer
 from worker.online.store import ModelStore
 from worker.online.tuner import COLD_START_MODEL, Tuner
 from worker.pipeline import Pipeline
+from worker.pool import Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, NO_SLOT, WindowState
-from worker.streams import Entry, OutOfStepError, id_key
+from worker.streams import Command, Entry, OutOfStepError, id_key
 
 log = logging.getLogger("attnlstm.worker")
 
 AUDIT_INTERVAL_S = 2.0  # pending-entry audit, lag and per-series gauges
 BURST_BLOCK_MS = 200  # in --burst mode, an empty read this long means drained
+
+
+@dataclass
+class Lane:
+    """One partition this worker serves: its keys, lease and windows."""
+
+    k: int
+    keys: Keys
+    recovery: Recovery
+    state: WindowState
+    scorer: Scorer
+
+
+@dataclass
+class _Part:
+    """One partition's entries of a batch, up to the model call."""
+
+    lane: Lane
+    entries: list[Entry]
+    batch: Batch
+    slots: np.ndarray  # of the kept entries
+    kept: np.ndarray  # (entries triaged,) bool: in the windows from now on
+    values: np.ndarray  # of the kept entries
+    forecast: np.ndarray  # (kept,) bool: forecast now
+    windows: np.ndarray  # (forecast,) their windows
 
 
 class Worker:
@@ -61,6 +96,7 @@ class Worker:
         """``engine`` None: no model yet; the worker keeps values and trains a first one
         (a cold start) once it has enough. ``burst``: stop once the stream is drained.
         ``finetune_clock`` times the fine-tune schedule (tests move it by hand)."""
+        self.client = client
         self.settings, self.keys = settings, settings.keys
         self.metrics = metrics or Metrics()
         self.burst = burst
@@ -68,8 +104,16 @@ class Worker:
         self.engine = engine
         config = engine.checkpoint.config if engine is not None else COLD_START_MODEL
         self.window, self.horizon = config.window, config.horizon
-        self.state = self._empty_state()
-        self.scorer = Scorer(halflife_s=settings.mae_halflife_s)
+        self.token = process_token(settings.consumer)  # in every lease this worker holds
+        self.pool = Pool(
+            client,
+            self.keys,
+            token=self.token,
+            ttl_ms=settings.lease_ttl_ms,
+            partitions=settings.partitions,
+        )
+        self.lanes: dict[int, Lane] = {}  # the partitions served, by number
+        self.scores = Overall(halflife_s=settings.mae_halflife_s)
         store = ModelStore(
             client,
             self.keys,
@@ -80,7 +124,6 @@ class Worker:
         self.tuner = Tuner(
             client, settings=settings, store=store, metrics=self.metrics, clock=finetune_clock
         )
-        self.recovery = Recovery(client, settings=settings, metrics=self.metrics)
         self.pipeline = Pipeline(
             client,
             settings=settings,
@@ -91,6 +134,8 @@ class Worker:
         self._in_step = False  # the windows match the group (see the module docstring)
         self._stopping = False
         self._next_audit = 0.0
+        self._next_balance = 0.0
+        self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._started = time.monotonic()
 
     def stop(self, *_: object) -> None:
@@ -136,36 +181,105 @@ class Worker:
         return self.metrics.totals(time.monotonic() - self._started)
 
     def _handle_next_batch(self) -> bool:
-        """Read one batch, forecast it, publish it. True when the stream had nothing new."""
+        """Read one batch, forecast it, publish it. True when the streams had nothing new."""
         self._housekeeping()
-        read = self.pipeline.next_batch(self.state.last_id, block_ms=self._block_ms)
+        if not self._in_step:  # gave back every partition it served
+            return False
+        handled = {k: lane.state.last_id for k, lane in self.lanes.items()}
+        read = self.pipeline.next_batch(handled, block_ms=self._block_ms)
         self.metrics.beat()
         self._serve(self.tuner.sync(read.events))
         if read.entries:
-            if not self._stopping and time.monotonic() < self._next_audit:
+            if not self._stopping and time.monotonic() < self._quiet_due:
                 # Redis answers the next read while this batch is forecast. Not when the
-                # audit is due: it must find nothing pending.
-                self.pipeline.read_ahead(read.entries[-1][0])
-            self.metrics.batch_read(len(read.entries))
-            self.recovery.delivered(len(read.entries))
+                # audit or the pool's turn is due: that must find nothing pending.
+                self.pipeline.read_ahead(read.last(handled))
+            self.metrics.batch_read(read.count)
+            for k, entries in read.entries.items():
+                self.lanes[k].recovery.delivered(len(entries))
             self._handle(read.entries, pending=None)
-        self._serve(self.tuner.tick(self.state, self.scorer))
+        self._serve(self.tuner.tick(self._histories, self.scores))
         return not read.entries
 
+    @property
+    def _quiet_due(self) -> float:
+        """When the next turn with nothing read ahead is due: the audit's, the pool's."""
+        return min(self._next_audit, self._next_balance)
+
     def _housekeeping(self) -> None:
-        """The lease, and the audit of what is pending, each on its timer."""
-        self.recovery.renew_lease()
+        """The leases; the audit of what is pending, and the pool's share, each on its
+        timer."""
+        for lane in self.lanes.values():
+            lane.recovery.renew_lease()
         now = time.monotonic()
-        if now < self._next_audit or self.pipeline.holds_next:
+        if now < self._quiet_due or self.pipeline.holds_next:
             return
         self.pipeline.drain()  # the audit must not find the last batch's entries pending
-        self._next_audit = now + AUDIT_INTERVAL_S
-        self.metrics.series_maes(self.state.names(), self.scorer.series_mae)
-        self.scorer.forget(self.state.sweep(self.state.newest_ms()))
-        self.recovery.audit()
+        if now >= self._next_balance:
+            self._balance()
+        if now >= self._next_audit:
+            self._next_audit = now + AUDIT_INTERVAL_S
+            lags = []
+            for lane in self.lanes.values():
+                self.metrics.series_maes(lane.state.names(), lane.scorer.series_mae)
+                lane.scorer.forget(lane.state.sweep(lane.state.newest_ms()))
+                lane.recovery.audit()
+                lags.append(lane.recovery.lag)
+            if lags and None not in lags:
+                self.metrics.lag.set(sum(lag for lag in lags if lag is not None))
 
-    def _handle(self, entries: list[Entry], *, pending: dict[bytes, int] | None) -> None:
-        """Validate, update the windows, forecast; publish with the acks, in one call.
+    def _balance(self) -> None:
+        """Serve this worker's share of the partitions (:mod:`worker.pool`): give some
+        back, or take free ones. Nothing may be read ahead."""
+        share = self.pool.share()
+        for k in sorted(self.lanes)[share:]:
+            self._give_back(self.lanes.pop(k))
+        taken = self._take(share)
+        for lane in taken:
+            self._get_lane_in_step(lane)
+        self.lanes |= {lane.k: lane for lane in taken}
+        self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
+        interval_s = self.settings.lease_ttl_ms / 1000 / (3 if len(self.lanes) >= share else 10)
+        self._next_balance = time.monotonic() + interval_s
+        self.metrics.role = "active" if self.lanes else "standby"
+        if not self.lanes:
+            self._in_step = False  # a standby again: waits in _get_in_step
+
+    def _take(self, share: int) -> list[Lane]:
+        """Free partitions, their leases taken, until this worker serves ``share``."""
+        taken: list[Lane] = []
+        for k in self.pool.candidates(set(self.lanes)):
+            if len(self.lanes) + len(taken) >= share:
+                break
+            lane = self._lane(k)
+            holder = lane.recovery.take_lease()
+            if holder == self.token:
+                taken.append(lane)
+            elif self.settings.partitions == 1 and holder != self._waiting_for:
+                log.info(
+                    "waiting: %s holds the lease on %s (one worker per stream and group)",
+                    holder,
+                    lane.keys.input,
+                )
+                self._waiting_for = holder
+        return taken
+
+    def _give_back(self, lane: Lane) -> None:
+        """Save a partition's windows and hand its lease back, for the worker whose
+        share it is now."""
+        log.info("giving partition %d back (%s) to the pool", lane.k, lane.keys.input)
+        lane.recovery.save(lane.state)
+
+    def _lane(self, k: int) -> Lane:
+        keys = self.keys.partition(k, self.settings.partitions)
+        recovery = Recovery(
+            self.client, keys=keys, token=self.token, settings=self.settings, metrics=self.metrics
+        )
+        return Lane(k, keys, recovery, self._empty_state(), Scorer(self.scores))
+
+    def _handle(self, entries: dict[int, list[Entry]], *, pending: dict[bytes, int] | None) -> None:
+        """Validate, update the windows, forecast (every partition's entries in one model
+        call); publish each partition's part with its acks, in one call each.
 
         ``pending`` is None for a live read (every entry is new to us). While re-syncing
         it maps the entries still pending to their handling attempts so far; the others were
@@ -173,59 +287,76 @@ class Worker:
         """
         if len(self._series_ids) > 2 * self.settings.max_series:  # bounded, like the windows
             self._series_ids.clear()
+        parts = [self._prepare(self.lanes[k], part, pending) for k, part in entries.items()]
+        self.metrics.series.set(sum(lane.state.series_count for lane in self.lanes.values()))
+        yhat, attn = self._forecast(np.concatenate([part.windows for part in parts]))
+        calls, start = [], 0
+        for part in parts:
+            end = start + int(part.forecast.sum())
+            calls.append(self._call(part, yhat[start:end], attn[start:end]))
+            start = end
+        self.pipeline.publish(calls)
+
+    def _prepare(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int] | None) -> _Part:
+        """One partition's entries into its windows: the windows to forecast."""
+        state = lane.state
         batch = triage(
             entries,
             pending=pending,
             series_ids=self._series_ids,
-            last_id=self.state.last_id,
+            last_id=state.last_id,
             max_attempts=self.settings.max_attempts,
         )
-        slots = self.state.slots_for(batch.names)
-        self.metrics.series.set(self.state.series_count)
+        slots = state.slots_for(batch.names)
         publish = np.asarray(batch.publish, dtype=bool)
         refused = np.flatnonzero((slots == NO_SLOT) & publish)
         self.metrics.series_refused.inc(refused.size)
-        batch.reject(refused, f"series limit reached (max_series={self.state.max_series})")
+        batch.reject(refused, f"series limit reached (max_series={state.max_series})")
         # After a restore, entries the saved windows already hold are only acked.
-        kept = (slots != NO_SLOT) & ~self.state.holds(slots, batch.ids)
+        kept = (slots != NO_SLOT) & ~state.holds(slots, batch.ids)
         values = np.asarray(batch.values, dtype=np.float64)[kept]
         ms = np.fromiter(map(entry_ms, batch.ids), np.int64, len(batch.ids))[kept]
         wanted = publish[kept]  # of the kept entries, those to forecast once full
         gather = self.engine is not None and bool(wanted.any())
-        full, windows = self.state.push(slots[kept], values, ms=ms, gather=gather)
+        full, windows = state.push(slots[kept], values, ms=ms, gather=gather)
         forecast = full & wanted if gather else np.zeros_like(wanted)
-        yhat, attn = self._forecast(windows[wanted[full]] if gather else windows[:0])
-        one_step = np.full(forecast.size, np.nan)
-        one_step[forecast] = yhat[:, 0]
-        scored = self.scorer.update(slots[kept], values, one_step, time.monotonic())
-        self.metrics.scored_forecasts(scored, self.scorer)
+        chosen = windows[wanted[full]] if gather else np.empty((0, self.window))
         self.metrics.warming.inc(int((~forecast & wanted).sum()))
-        if id_key(entries[-1][0]) > id_key(self.state.last_id):
-            self.state.last_id = entries[-1][0]
+        return _Part(lane, entries, batch, slots[kept], kept, values, forecast, chosen)
+
+    def _call(
+        self, part: _Part, yhat: np.ndarray, attn: np.ndarray
+    ) -> tuple[Command | None, Receipt]:
+        """One partition's part of a batch, forecast: scored, and its fenced call."""
+        lane, state, entries = part.lane, part.lane.state, part.entries
+        one_step = np.full(part.forecast.size, np.nan)
+        one_step[part.forecast] = yhat[:, 0]
+        scored = lane.scorer.update(part.slots, part.values, one_step, time.monotonic())
+        self.metrics.scored_forecasts(scored, self.scores)
+        if id_key(entries[-1][0]) > id_key(state.last_id):
+            state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
-        rows = np.flatnonzero(kept)[forecast]  # batch positions forecast
+        rows = np.flatnonzero(part.kept)[part.forecast]  # batch positions forecast
         # Pieces of the window checkpoint, when due (worker.state): one, or more with a
         # large batch, so that the checkpoint's work follows the batch's own.
-        now, state = time.monotonic(), dict[bytes, bytes]()
+        now, saved = time.monotonic(), dict[bytes, bytes]()
         for _ in range(1 + len(entries) // (2 * CHUNK)):
-            if (due := self.state.due_chunk(now, self.settings.checkpoint_interval_s)) is None:
+            if (due := state.due_chunk(now, self.settings.checkpoint_interval_s)) is None:
                 break
-            state |= self.state.save_chunk(due, now)
-        if state:
+            saved |= state.save_chunk(due, now)
+        if saved:
             self.metrics.checkpointed(time.monotonic() - now)
-        fence, maxlen = self.recovery.fence, self.settings.output_maxlen
-        call, receipt = batch_call(
-            batch,
+        return batch_call(
+            part.batch,
             rows,
             yhat,
             attn,
-            fence,
-            maxlen=maxlen,
+            lane.recovery.fence,
+            maxlen=self.settings.output_maxlen,
             version=version,
-            state=state or None,
-            handled=self.state.last_id,
+            state=saved or None,
+            handled=state.last_id,
         )
-        self.pipeline.publish(call, receipt)
 
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.engine is None or windows.shape[0] == 0:
@@ -234,6 +365,16 @@ class Worker:
         yhat, attn = self.engine.forecast(windows)
         self.metrics.inference.observe(time.perf_counter() - started)
         return yhat, attn
+
+    def _histories(self) -> tuple[list[str], list[np.ndarray]]:
+        """Every served series' recent values (what a fine-tune learns from)."""
+        names: list[str] = []
+        values: list[np.ndarray] = []
+        for lane in self.lanes.values():
+            n, v = lane.state.histories()
+            names += n
+            values += v
+        return names, values
 
     def _serve(self, checkpoint: Checkpoint | None) -> None:
         """Forecast with ``checkpoint`` from the next batch on (None: no change)."""
@@ -253,28 +394,52 @@ class Worker:
         self.metrics.model_version(checkpoint.version)
 
     def _get_in_step(self) -> bool:
-        """Take the lease, restore the windows, re-sync with the group (see
-        :mod:`worker.recovery`). False while another worker holds the lease."""
+        """Take the leases of this worker's share of the partitions, restore their
+        windows, re-sync with their groups (see :mod:`worker.recovery`). False while
+        other workers hold them all."""
         self.pipeline.reset()
         self.tuner.store.check_key()
-        if not self.recovery.take_lease():
+        ensure_library(self.client)
+        self.pool.check_partitions()
+        share = self.pool.share()
+        held, self.lanes = self.lanes, {}  # before an error: still ours, if still leased
+        for lane in held.values():
+            if lane.recovery.take_lease() == self.token:
+                self.lanes[lane.k] = lane
+            else:
+                log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
+        self.lanes |= {lane.k: lane for lane in self._take(share)}
+        if not self.lanes:
+            self.metrics.role = "standby"
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
             return False
-        self.recovery.ensure_group()
+        self._waiting_for = None
         try:
             self._serve(self.tuner.start(self.engine.checkpoint if self.engine else None))
-        except ValueError:  # no model, and none to come: the lease is not ours to keep
-            self.recovery.lease.release()
+        except ValueError:  # no model, and none to come: the leases are not ours to keep
+            for lane in self.lanes.values():
+                lane.recovery.lease.release()
             raise
-        self.state = self.recovery.restore(self._empty_state())
-        self.recovery.resync(self.state, self._handle_at_once)
-        self.state.reread_done()
+        for lane in self.lanes.values():
+            self._get_lane_in_step(lane)
+        self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
+        self._next_balance = time.monotonic() + self.settings.lease_ttl_ms / 3000
         self.metrics.role = "active"
-        self.metrics.recoveries.inc()
         return True
 
-    def _handle_at_once(self, entries: list[Entry], pending: dict[bytes, int]) -> None:
-        self._handle(entries, pending=pending)
+    def _get_lane_in_step(self, lane: Lane) -> None:
+        """A partition whose lease was just taken: its windows restored, and re-synced."""
+        recovery = lane.recovery
+        recovery.ensure_group()
+        lane.state = recovery.restore(self._empty_state())
+        lane.scorer = Scorer(self.scores)
+        recovery.resync(lane.state, lambda entries, pending: self._at_once(lane, entries, pending))
+        lane.state.reread_done()
+        self.metrics.recoveries.inc()
+
+    def _at_once(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int]) -> None:
+        self.lanes.setdefault(lane.k, lane)  # served from now on, if not yet
+        self._handle({lane.k: entries}, pending=pending)
         self.pipeline.drain()
 
     def _empty_state(self) -> WindowState:
@@ -287,14 +452,15 @@ class Worker:
         )
 
     def _finish(self) -> bool:
-        """At a stop, in step: handle the entries read ahead, and read the last reply
+        """At a stop, in step: handle the entries read ahead, and read the last replies
         (the state saved is true only once its last batch is applied). True when the
-        windows are still in step with the group."""
+        windows are still in step with the groups."""
         try:
             if self.pipeline.holds_next:
                 self._handle_next_batch()
             self.pipeline.drain()
-            self.recovery.account_unread()
+            for lane in self.lanes.values():
+                lane.recovery.account_unread()
         except (OutOfStepError, redis.RedisError) as e:
             log.warning("%s; what is left is handled at the next start", e)
             return False
@@ -304,9 +470,12 @@ class Worker:
         self.pipeline.close()
         self.tuner.close()
         if save:
-            self.recovery.save(self.state)
+            for lane in self.lanes.values():
+                lane.recovery.save(lane.state)
         else:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
+        with contextlib.suppress(redis.RedisError):
+            self.pool.leave()
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

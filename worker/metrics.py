@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from worker.batch import Receipt
 from worker.contract import reason_kind
-from worker.online.scoring import Scorer
+from worker.online.scoring import Overall
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 SERIES_GAUGES = 100  # series with a rolling-MAE gauge of their own: bounded cardinality
@@ -165,13 +165,13 @@ class Metrics:
             self.dead.labels(reason_kind(reason)).inc()
         self.latency.observe_many((sent_ms - receipt.entered_ms) / 1000)
 
-    def scored_forecasts(self, scored: int, scorer: Scorer) -> None:
-        """``scored`` forecasts met their actual value; the scorer's averages now."""
+    def scored_forecasts(self, scored: int, scores: Overall) -> None:
+        """``scored`` forecasts met their actual value; the averages now."""
         if scored:
             self.scored.inc(scored)
-            self.rolling_mae.set(scorer.mae)
-            self.rolling_naive_mae.set(scorer.naive_mae)
-            self.mae_level.set(scorer.level)
+            self.rolling_mae.set(scores.mae)
+            self.rolling_naive_mae.set(scores.naive_mae)
+            self.mae_level.set(scores.level)
 
     def series_maes(self, names: list[str | None], maes: np.ndarray) -> None:
         """The rolling MAE of the series in the first slots (``names`` and ``maes`` by

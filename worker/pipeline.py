@@ -5,16 +5,19 @@ While the loop forecasts a batch, Redis answers the read for the next one (a rea
 cannot block: Redis runs nothing more from a connection while a read on it is blocked)
 and applies the publish of the batch before. What the loop calls:
 
+- :meth:`Pipeline.serve`: the partitions to read (their input streams, one read for
+  all of them);
 - :meth:`Pipeline.next_batch`: the entries read ahead, or else a read that waits for
   one; then more, until the batch is full or ``max_wait_ms`` has passed;
 - :meth:`Pipeline.read_ahead`: ask for the batch after this one now;
-- :meth:`Pipeline.publish`: send this batch's fenced call (its forecasts, dead letters
-  and acks, in one atomic step); its reply is read while the next batch is worked on,
-  and :meth:`Pipeline.drain` reads it at once. A refused call (another worker holds the
-  lease) raises FencedError there.
+- :meth:`Pipeline.publish`: send this batch's fenced calls (one per partition: its
+  forecasts, dead letters and acks, in one atomic step); their replies are read while
+  the next batch is worked on, and :meth:`Pipeline.drain` reads them at once. A refused
+  call (another worker holds that partition's lease) raises FencedError there.
 
-Every read also fetches the first entry of the stream after the last one the windows
-saw, so that a read that skips entries (a lost reply, a reset group) is caught, and the
+Every read also fetches, per partition, the first entry of the stream after the last
+one the windows saw, so that a read that skips entries (a lost reply, a reset group) is
+caught, and the
 ``models`` events not seen yet: a promotion or a rollback counts from the batch it
 arrives with, so every entry added after it is forecast by the model it names.
 """
@@ -30,6 +33,7 @@ from typing import Any
 import redis
 
 from worker.batch import BatchWindow, Receipt
+from worker.keys import Keys
 from worker.lease import fenced
 from worker.settings import Settings
 from worker.streams import (
@@ -39,22 +43,37 @@ from worker.streams import (
     Wire,
     raise_first_error,
     range_entries,
-    read_entries,
-    read_group,
+    read_groups,
+    read_streams,
 )
+
+Positions = dict[int, bytes]  # per partition, the last entry read (or handled) so far
 
 
 @dataclass
 class Read:
-    entries: list[Entry] = field(default_factory=list)
+    entries: dict[int, list[Entry]] = field(default_factory=dict)  # per partition, if any
     events: list[Entry] = field(default_factory=list)  # of the models stream, not seen yet
+
+    @property
+    def count(self) -> int:
+        return sum(map(len, self.entries.values()))
+
+    def last(self, after: Positions) -> Positions:
+        """Per partition, the last entry of this read, or else ``after``'s."""
+        return after | {k: entries[-1][0] for k, entries in self.entries.items()}
+
+    def extend(self, more: Read) -> None:
+        for k, entries in more.entries.items():
+            self.entries.setdefault(k, []).extend(entries)
+        self.events += more.events
 
 
 @dataclass(frozen=True)
 class _Sent:
-    """A publish whose reply is still to be read."""
+    """A publish whose replies are still to be read."""
 
-    receipt: Receipt
+    receipts: list[Receipt]  # one per call sent
     sent_ms: float  # when it went out: its forecasts' publish time, for the latency
 
 
@@ -72,12 +91,23 @@ class Pipeline:
         said it was applied."""
         self._client = client
         self._wire = Wire(client)
-        self._keys, self._consumer = settings.keys, settings.consumer
+        self._group, self._consumer = settings.group, settings.consumer
         self._max_batch, self._max_wait_ms = settings.max_batch, settings.max_wait_ms
         self._events_query, self._on_applied = events_query, on_applied
-        self._unsettled: _Sent | None = None  # the last publish, its reply not read
-        self._ahead: bytes | None = None  # a read ahead went out for entries after this id
+        self._partitions: dict[int, Keys] = {}  # those read, with their keys
+        self._names: dict[bytes, int] = {}  # their input streams' names
+        self._unsettled: _Sent | None = None  # the last publish, its replies not read
+        self._ahead: Positions | None = None  # a read ahead went out for entries after these
         self._next: Read | OutOfStepError | None = None  # its reply: the next batch's start
+
+    def serve(self, partitions: dict[int, Keys]) -> None:
+        """Read these partitions from now on (nothing may be due: after :meth:`reset`,
+        or a :meth:`drain` with nothing read ahead)."""
+        assert not self.holds_next, "entries were read ahead"
+        assert self._unsettled is None, "a publish is due"
+        self._next = None  # a read ahead that found no entries: its events come again
+        self._partitions = dict(sorted(partitions.items()))
+        self._names = {keys.input.encode(): k for k, keys in self._partitions.items()}
 
     @property
     def holds_next(self) -> bool:
@@ -87,48 +117,51 @@ class Pipeline:
             return True
         return self._next is not None and bool(self._next.entries)
 
-    def next_batch(self, after: bytes, *, block_ms: int) -> Read:
-        """Up to ``max_batch`` entries after ``after``, in stream order: those read ahead,
-        or else a read that waits up to ``block_ms`` for one; then more, until the batch
-        is full or ``max_wait_ms`` has passed since the first arrived. OutOfStepError
-        when the reads skipped entries."""
+    def next_batch(self, after: Positions, *, block_ms: int) -> Read:
+        """Up to about ``max_batch`` entries after ``after`` (per partition), in stream
+        order: those read ahead, or else a read that waits up to ``block_ms`` for one;
+        then more, until the batch is full or ``max_wait_ms`` has passed since the first
+        arrived. OutOfStepError when the reads skipped entries."""
         read = self._take_next()
         if read is None or not read.entries:  # nothing read ahead: wait for the first
             read = self._read(after, block_ms, count=self._max_batch, events_after=None)
         if not read.entries:
             return read
         window = BatchWindow(max_batch=self._max_batch, max_wait_ms=self._max_wait_ms)
-        window.add(len(read.entries))
+        window.add(read.count)
         while (block := window.block_ms()) is not None:
             seen = read.events[-1][0] if read.events else None
-            more = self._read(read.entries[-1][0], block, count=window.room, events_after=seen)
-            window.add(len(more.entries))
-            read.entries += more.entries
-            read.events += more.events
+            more = self._read(read.last(after), block, count=window.room, events_after=seen)
+            window.add(more.count)
+            read.extend(more)
         return read
 
-    def read_ahead(self, after: bytes) -> None:
-        """Ask now for the batch after the one in hand (whose last entry is ``after``)."""
+    def read_ahead(self, after: Positions) -> None:
+        """Ask now for the batch after the one in hand (``after``: per partition, its
+        last entry, or the last one handled)."""
         self._send_read(after, None, count=self._max_batch, events_after=None)
         self._ahead = after
 
-    def publish(self, call: Command | None, receipt: Receipt) -> None:
-        """Send a batch's call (None: it has nothing to write). The reply to the one
-        before, and the entries read ahead, are read first."""
+    def publish(self, calls: list[tuple[Command | None, Receipt]]) -> None:
+        """Send a batch's calls, one per partition (None: it has nothing to write). The
+        replies to those before, and the entries read ahead, are read first."""
         self._settle()
         if self._ahead is not None:
-            # Taken before the call goes out: a reply too big for the socket's buffer
-            # would otherwise wait behind the call's execution.
+            # Taken before the calls go out: a reply too big for the socket's buffer
+            # would otherwise wait behind the calls' execution.
             after, self._ahead = self._ahead, None
             try:
                 self._next = self._take_read(after)
             except OutOfStepError as gap:  # this batch still goes out; the next re-syncs
                 self._next = gap
-        if call is None:
-            self._on_applied(receipt, time.time() * 1000)
-            return
-        self._send([call])
-        self._unsettled = _Sent(receipt, time.time() * 1000)
+        now_ms = time.time() * 1000
+        for call, receipt in calls:
+            if call is None:
+                self._on_applied(receipt, now_ms)
+        sent = [(call, receipt) for call, receipt in calls if call is not None]
+        if sent:
+            self._send([call for call, _ in sent])
+            self._unsettled = _Sent([receipt for _, receipt in sent], now_ms)
 
     def drain(self) -> None:
         """Read the last publish's reply: everything published is applied."""
@@ -176,10 +209,13 @@ class Pipeline:
         sent, self._unsettled = self._unsettled, None
         if sent is None:
             return
-        (reply,) = self._receive()
-        if isinstance(reply, redis.ResponseError):
-            raise fenced(reply) or reply
-        self._on_applied(sent.receipt, sent.sent_ms)
+        replies = self._receive()
+        for reply, receipt in zip(replies, sent.receipts, strict=True):
+            if not isinstance(reply, redis.ResponseError):
+                self._on_applied(receipt, sent.sent_ms)
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise fenced(reply) or reply
 
     def _take_next(self) -> Read | None:
         ahead, self._next = self._next, None
@@ -187,43 +223,57 @@ class Pipeline:
             raise ahead
         return ahead
 
-    def _read(self, after: bytes, block_ms: int, *, count: int, events_after: bytes | None) -> Read:
-        self._settle()  # the last publish's reply is due on the wire before this read's
+    def _read(
+        self, after: Positions, block_ms: int, *, count: int, events_after: bytes | None
+    ) -> Read:
+        self._settle()  # the last publish's replies are due on the wire before this read's
         self._send_read(after, block_ms, count=count, events_after=events_after)
         return self._take_read(after)
 
     def _send_read(
-        self, after: bytes, block_ms: int | None, *, count: int, events_after: bytes | None
+        self, after: Positions, block_ms: int | None, *, count: int, events_after: bytes | None
     ) -> None:
-        """Up to ``count`` new entries for this consumer, waiting up to ``block_ms`` for
-        one (None: not at all); with them the first entry of the stream after ``after``,
-        and the models events after ``events_after``, read once the entries are in."""
+        """Up to ``count`` new entries for this consumer in all, waiting up to
+        ``block_ms`` for one (None: not at all); with them the first entry of each
+        stream after ``after``'s, and the models events after ``events_after``, read
+        once the entries are in."""
+        each = -(-count // len(self._partitions))
+        inputs = [keys.input for keys in self._partitions.values()]
         self._send(
             [
-                (b"XRANGE", self._keys.input.encode(), b"(" + after, b"+", b"COUNT", b"1"),
-                read_group(self._keys, self._consumer, count, block_ms),
+                *(
+                    (b"XRANGE", keys.input.encode(), b"(" + after[k], b"+", b"COUNT", b"1")
+                    for k, keys in self._partitions.items()
+                ),
+                read_groups(self._group, self._consumer, inputs, each, block_ms),
                 self._events_query(events_after),
             ]
         )
 
-    def _take_read(self, after: bytes) -> Read:
+    def _take_read(self, after: Positions) -> Read:
         """The entries of the read sent last, checked to start right after ``after``.
 
-        When the stream had nothing new before the read blocked, the first entry after
+        When a stream had nothing new before the read blocked, the first entry after
         ``after`` is fetched again. If the read starts elsewhere, entries between were
         delivered to this consumer and never reached us (a reply lost on the way): they
         are pending on us, and the windows must see them first.
         """
         replies = self._receive()
         raise_first_error(replies)
-        following, reply, events = replies
-        entries = read_entries(reply)
-        if entries and not following:  # all arrived while the read blocked: check now
-            following = self._client.xrange(self._keys.input, min=b"(" + after, count=1)
-        if entries and (not following or entries[0][0] != following[0][0]):
-            raise OutOfStepError(
-                f"a read for entries after {after.decode()} started at "
-                f"{entries[0][0].decode()}: entries were delivered to this consumer and "
-                "never reached it (a lost reply?), or the group was reset"
-            )
-        return Read(entries, range_entries(events))
+        *following, reply, events = replies
+        first = dict(zip(self._partitions, following, strict=True))
+        read = Read(events=range_entries(events))
+        for name, entries in read_streams(reply).items():
+            if not entries:
+                continue
+            k = self._names[name]
+            keys, since = self._partitions[k], b"(" + after[k]
+            next_one = first[k] or self._client.xrange(keys.input, min=since, count=1)
+            if not next_one or entries[0][0] != next_one[0][0]:
+                raise OutOfStepError(
+                    f"a read of {keys.input} for entries after {after[k].decode()} started "
+                    f"at {entries[0][0].decode()}: entries were delivered to this consumer "
+                    "and never reached it (a lost reply?), or the group was reset"
+                )
+            read.entries[k] = entries
+        return read

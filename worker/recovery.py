@@ -19,6 +19,7 @@ from typing import Any, cast
 import redis
 
 from worker.attempts import ALONE_FROM, Mark, attempts_of, chunks
+from worker.keys import Keys
 from worker.lease import Fence, FencedError, Lease, ensure_library, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -42,48 +43,52 @@ Handler = Callable[[list[Entry], dict[bytes, int]], None]
 
 
 class Recovery:
-    def __init__(self, client: redis.Redis, *, settings: Settings, metrics: Metrics) -> None:
+    """One partition's (``keys``: those of :meth:`Keys.partition`)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        keys: Keys,
+        token: str,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        """``token``: this process's (:func:`worker.lease.process_token`)."""
         self.client, self.settings, self.metrics = client, settings, metrics
-        self.keys = keys = settings.keys
+        self.keys = keys
         self.lease = Lease(
             client,
             key=keys.lease,
             fence_key=keys.fence,
             owner=settings.consumer,
             ttl_ms=settings.lease_ttl_ms,
+            token=token,
         )
         # The lease as held, for every write; a placeholder the server refuses until
         # take_lease() has taken it.
         self.fence = Fence(keys, self.lease.token, 0, self.lease.ttl_ms)
         self._renew_at = 0.0
-        self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._had_group = False
+        self.lag: int | None = None  # the group's, at the last audit
         # How many entries the group has read, as far as this worker knows (the
         # logical number of its last delivered entry); None: unknown.
         self._read: int | None = None
 
-    def take_lease(self) -> bool:
-        """Take the lease; False while another worker holds it (a standby)."""
+    def take_lease(self) -> str:
+        """Take the lease if it is free (renew it if ours): the holder's token, ours
+        (``lease.token``) or another worker's."""
         ensure_library(self.client)
         holder, number = self.lease.acquire()
         self.metrics.connected = True
         self.metrics.beat()  # a standby is healthy: alive, and Redis answers
         if holder != self.lease.token:
-            self.metrics.role = "standby"
-            if holder != self._waiting_for:
-                log.info(
-                    "waiting: %s holds the lease on %s (one worker per stream and group)",
-                    holder,
-                    self.keys.input,
-                )
-                self._waiting_for = holder
-            return False
+            return holder
         if number != self.fence.number:
             log.info("took the lease on %s (fence %d)", self.keys.input, number)
-        self._waiting_for = None
         self.fence = Fence(self.keys, self.lease.token, number, self.lease.ttl_ms)
         self._renew_later()
-        return True
+        return holder
 
     def renew_lease(self) -> None:
         """Renew the lease when due; FencedError when it is no longer ours as taken."""
@@ -240,14 +245,13 @@ class Recovery:
             self._read += entries
 
     def audit(self) -> None:
-        """Between batches: the lag gauge; input lost unread (accounted for); and
+        """Between batches: the group's lag; input lost unread (accounted for); and
         OutOfStepError when entries are pending outside any batch (a read whose reply
         was lost: ours; or a consumer that died holding them: theirs, once idle for
         ``claim_idle_ms``)."""
         keys, s = self.keys, self.settings
         group = group_info(self.client, keys)
-        if group.get("lag") is not None:
-            self.metrics.lag.set(group["lag"])
+        self.lag = group.get("lag")
         ours = self.client.xpending_range(
             keys.input, keys.group, min="-", max="+", count=1, consumername=s.consumer
         )

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     dead_stream: str = "sensors:dead"
     group: str = "forecasters"
     consumer: str = Field(default_factory=default_consumer)  # this worker's name in the group
+    # P > 1: the input is P streams, INPUT{k} (attnlstm.partition_of), shared by a pool of
+    # workers. Fixed for a deployment's life: a worker refuses data written with another.
+    partitions: int = Field(default=1, ge=1, le=4096)
 
     # A checkpoint from `attnlstm train`. Unset: the store's serving version, else a
     # cold start (a first model trained from the stream; needs fine-tuning on).

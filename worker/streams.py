@@ -61,9 +61,19 @@ def entries_of(reply: Any) -> list[Entry]:
 def read_group(keys: Keys, consumer: str, count: int, block_ms: int | None) -> Command:
     """XREADGROUP of up to ``count`` new entries for ``consumer``, waiting up to
     ``block_ms`` for one (None: not at all), to send on a :class:`Wire`."""
+    return read_groups(keys.group, consumer, [keys.input], count, block_ms)
+
+
+def read_groups(
+    group: str, consumer: str, inputs: Sequence[str], count: int, block_ms: int | None
+) -> Command:
+    """:func:`read_group` on several streams at once (one server's, or one slot's in a
+    cluster): up to ``count`` entries from each, and a blocked read returns once any
+    of them has one."""
     block = () if block_ms is None else (b"BLOCK", b"%d" % block_ms)
-    return (b"XREADGROUP", b"GROUP", keys.group.encode(), consumer.encode(),
-            b"COUNT", b"%d" % count, *block, b"STREAMS", keys.input.encode(), b">")  # fmt: skip
+    return (b"XREADGROUP", b"GROUP", group.encode(), consumer.encode(), b"COUNT",
+            b"%d" % count, *block, b"STREAMS", *(name.encode() for name in inputs),
+            *(b">" for _ in inputs))  # fmt: skip
 
 
 def _entry(raw: Any) -> Entry:
@@ -86,6 +96,15 @@ def read_entries(reply: Any) -> list[Entry]:
         return []
     (raw,) = reply.values() if isinstance(reply, dict) else (reply[0][1],)
     return range_entries(raw)
+
+
+def read_streams(reply: Any) -> dict[bytes, list[Entry]]:
+    """The entries of an XREADGROUP reply for several streams read straight off a
+    connection, by stream name: only the streams that had some."""
+    if not reply:
+        return {}
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return {name: range_entries(raw) for name, raw in pairs}
 
 
 def xadd(key: str, *, maxlen: int | None) -> Command:

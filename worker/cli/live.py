@@ -19,6 +19,7 @@ import torch
 
 from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
+from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec
 from worker.app import run_service
 from worker.cli.parser import WORKER_FLAGS
@@ -107,7 +108,9 @@ def _redis(settings: Settings, command: str) -> Iterator[redis.Redis]:
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
     entries, total = _replay_source(args)
-    settings = from_flags(redis_url=args.redis_url, input_stream=args.stream)
+    settings = from_flags(
+        redis_url=args.redis_url, input_stream=args.stream, partitions=args.partitions
+    )
     with _redis(settings, "replay") as client:
         return replay(
             client,
@@ -118,7 +121,7 @@ def replay_command(args: argparse.Namespace) -> dict[str, Any]:
             maxlen=args.maxlen,
             total=total,
             progress=not args.json and sys.stderr.isatty(),
-            partitions=args.partitions,
+            partitions=settings.partitions,
         )
 
 
@@ -146,13 +149,20 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
 def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(args.series, int):
         raise ValueError("plot --from-stream needs --series ID: the series to draw")
-    settings = from_flags(redis_url=args.redis_url)
+    settings = from_flags(redis_url=args.redis_url, partitions=args.partitions)
     with _redis(settings, "plot") as client:
-        views = read_views(client, settings.keys, series={args.series}, newest=args.last)
+        views = read_views(
+            client,
+            settings.keys,
+            partitions=settings.partitions,
+            series={args.series},
+            newest=args.last,
+        )
     if args.series not in views:
+        k = partition_of(args.series, settings.partitions)
         raise ValueError(
             f"no forecast for series {args.series!r} among the last {args.last:,} entries "
-            f"of {settings.output_stream}"
+            f"of {settings.keys.partition(k, settings.partitions).output}"
         )
     written = draw(views, args.out, shown=[args.series], points=args.points, label=args.series)
     return summary(views) | {"series": args.series, "written": [str(w) for w in written]}

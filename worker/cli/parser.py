@@ -163,6 +163,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),
     ("--group", "group", str, "consumer group (default forecasters)"),
     ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
+    ("--partitions", "partitions", positive, "P input streams STREAM{k}, a pool shares (1)"),
     ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
     ("--model-key-file", "model_key_file", Path, "key that signs and verifies stored models"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
@@ -206,8 +207,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--partitions",
         type=positive,
-        default=1,
-        help="P > 1: each entry to its series' partition, STREAM{crc32(series) mod P} (1)",
+        default=None,
+        help="P > 1: each entry to its series' partition, STREAM{crc32(series) mod P} "
+        "(default: ATTNLSTM_PARTITIONS or 1)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sines = p.add_argument_group("sines (the default source)")
@@ -273,6 +275,9 @@ def _live_plot_args(plot: argparse.ArgumentParser) -> None:
     live = plot.add_argument_group("--from-stream")
     live.add_argument("--from-stream", action="store_true", help="read the live streams")
     live.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
+    live.add_argument(
+        "--partitions", type=positive, default=None, help="(default: ATTNLSTM_PARTITIONS or 1)"
+    )
     live.add_argument(
         "--last", type=positive, default=100_000, help="output entries to search (100000)"
     )

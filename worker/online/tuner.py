@@ -19,6 +19,7 @@ from collections.abc import Callable
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 
+import numpy as np
 import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
@@ -34,10 +35,9 @@ from worker.online.finetune import (
     min_points,
     run_job,
 )
-from worker.online.scoring import Scorer
+from worker.online.scoring import Overall
 from worker.online.store import SWITCHES, ModelStore
 from worker.settings import Settings
-from worker.state import WindowState
 from worker.streams import Command, Entry
 
 log = logging.getLogger("attnlstm.worker")
@@ -46,6 +46,10 @@ LOCK_TTL_MS = 600_000  # the fine-tune lock's time to live
 JOB_TIMEOUT_S = 300.0  # a fine-tune still running after this is stopped (a hung child)
 COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
 COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it keeps
+
+# The series served and each one's recent values (WindowState.histories, of every
+# partition the worker serves).
+Histories = Callable[[], tuple[list[str], list[np.ndarray]]]
 
 
 class Tuner:
@@ -177,21 +181,21 @@ class Tuner:
 
     # -- fine-tuning ---------------------------------------------------------------
 
-    def tick(self, state: WindowState, scorer: Scorer) -> Checkpoint | None:
+    def tick(self, histories: Histories, scores: Overall) -> Checkpoint | None:
         """Collect a finished fine-tune (the candidate, when promoted), or start one
-        when it is due."""
+        when it is due. ``histories()``: the recent values of every series served."""
         if not self.enabled:
             return None
         now = self._clock()
         if self.running:
             return self._poll(now)
         cold = self.version is None
-        drift = not cold and scorer.drifting(self.settings.drift_ratio)
-        if cold and not self._first_model_due(state, now):
+        drift = not cold and scores.drifting(self.settings.drift_ratio)
+        if cold and not self._first_model_due(histories, now):
             return None
         if not (cold or drift or now >= self._due):
             return None
-        if not cold and not _usable_values(state, self._min_points()):
+        if not cold and not _usable_values(histories, self._min_points()):
             self._due = now + self.settings.finetune_interval_s  # too little history yet
             return None
         if self.lock.acquire()[0] != self.lock.token:
@@ -200,12 +204,12 @@ class Tuner:
         if drift:
             log.info(
                 "drift: rolling MAE %.4g is over %.1fx its level %.4g; fine-tuning now",
-                scorer.mae,
+                scores.mae,
                 self.settings.drift_ratio,
-                scorer.level,
+                scores.level,
             )
-            scorer.settle()
-        self._submit(state, cold)
+            scores.settle()
+        self._submit(histories, cold)
         return None
 
     @property
@@ -223,20 +227,20 @@ class Tuner:
             self._due = now + self.settings.finetune_interval_s
         return None
 
-    def _first_model_due(self, state: WindowState, now: float) -> bool:
+    def _first_model_due(self, histories: Histories, now: float) -> bool:
         if now < self._due_check:
             return False
         self._due_check = now + 1.0  # looking at every history costs: once a second
-        return _usable_values(state, self._min_points()) >= COLD_START_VALUES
+        return _usable_values(histories, self._min_points()) >= COLD_START_VALUES
 
     def _min_points(self) -> int:
         return min_points(self.window, self.horizon, self.config.holdout)
 
-    def _submit(self, state: WindowState, cold: bool) -> None:
-        names, histories = state.histories()
+    def _submit(self, histories: Histories, cold: bool) -> None:
+        names, values = histories()
         job = Job(
             names=names,
-            histories=histories,
+            histories=values,
             config=self.config,
             serving=self._serving,
             model_config=COLD_START_MODEL.to_dict(),
@@ -311,9 +315,9 @@ class Tuner:
             self.lock.release()
 
 
-def _usable_values(state: WindowState, usable: int) -> int:
+def _usable_values(histories: Histories, usable: int) -> int:
     """Values in the series whose history (at least ``usable`` long) a fine-tune uses."""
-    return sum(len(h) for h in state.histories()[1] if len(h) >= usable)
+    return sum(len(h) for h in histories()[1] if len(h) >= usable)
 
 
 def _round(value: float) -> float | None:

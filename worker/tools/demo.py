@@ -105,8 +105,8 @@ def _online(worker: Worker, events: list[Fields | None]) -> dict[str, Any]:
     kinds = [f[b"event"].decode() for f in events if f is not None]
     return {
         "model": worker.engine.version if worker.engine else None,
-        "rolling_mae": _finite(worker.scorer.mae),
-        "rolling_naive_mae": _finite(worker.scorer.naive_mae),
+        "rolling_mae": _finite(worker.scores.mae),
+        "rolling_naive_mae": _finite(worker.scores.naive_mae),
         "finetunes": worker.tuner.cycles,
         "promoted": max(kinds.count("promoted") - 1, 0),  # the first: the model file
         "rejected": kinds.count("rejected"),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import redis
 
+from attnlstm.partition import partition_of
 from attnlstm.plots import plot_attention, plot_latency, plot_series_forecasts
 from worker.contract import Reading, entry_ms, parse
 from worker.keys import Keys
@@ -56,12 +57,26 @@ def read_views(
     client: redis.Redis,
     keys: Keys,
     *,
+    partitions: int = 1,
     series: set[str] | None = None,
     newest: int | None = None,
 ) -> dict[str, SeriesView]:
     """Forecasts for ``series`` (all when None) among the output stream's last
     ``newest`` entries, joined with the input stream. With ``newest`` None both streams
-    are read whole, and a view's ``position`` is the index in its whole series."""
+    are read whole, and a view's ``position`` is the index in its whole series. With P
+    ``partitions``, from the partitions that hold ``series`` (each its last ``newest``)."""
+    wanted = list(range(partitions))
+    if series is not None:
+        wanted = sorted({partition_of(name, partitions) for name in series})
+    views: dict[str, SeriesView] = {}
+    for k in wanted:
+        views |= _read_views(client, keys.partition(k, partitions), series, newest)
+    return views
+
+
+def _read_views(
+    client: redis.Redis, keys: Keys, series: set[str] | None, newest: int | None
+) -> dict[str, SeriesView]:
     forecasts: dict[str, list[dict[bytes, bytes]]] = {}
     first_src: bytes | None = None
     for entry_id, fields in _entries(client, keys.output, newest=newest):

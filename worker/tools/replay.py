@@ -25,6 +25,7 @@ from attnlstm.data import DataError
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.keys import Keys
+from worker.pool import mark_partitions
 from worker.streams import round_trip, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
@@ -179,7 +180,9 @@ def replay(
     no ``rate`` as fast as Redis takes them, pipelined. Stops after ``seconds`` when
     given; Ctrl-C stops it too, with the report so far. With ``partitions`` P > 1 each
     entry goes to its series' partition of ``stream`` (:func:`partition_of`, and the
-    names of :meth:`Keys.partition`); an entry with no series, to partition 0's."""
+    names of :meth:`Keys.partition`); an entry with no series, to partition 0's.
+    PartitionsError when the streams are written in another number of partitions."""
+    mark_partitions(client, Keys(input=stream), partitions)
     heads = [
         xadd(Keys(input=stream).partition(k, partitions).input, maxlen=maxlen)
         for k in range(partitions)

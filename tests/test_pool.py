@@ -1,0 +1,218 @@
+"""A pool of workers sharing P partitions: a fair share each through fenced leases,
+takeover when one dies, rebalancing when one joins; every input forecast once, equal
+to what one worker publishes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+import redis
+
+from attnlstm.model import AttentionLSTM
+from attnlstm.partition import partition_of
+from attnlstm.synthetic import sine_steps
+from tests.conftest import CLI
+from tests.helpers import (
+    WorkerProcess,
+    WorkerThread,
+    assert_forecasts,
+    drained,
+    entries,
+    expected,
+    new_worker,
+    settings_for,
+    worker_cmd,
+    worker_env,
+)
+from worker.keys import Keys
+from worker.lease import ensure_library, process_token
+from worker.pool import PartitionsError, Pool
+from worker.settings import Settings
+from worker.tools.readback import read_views
+from worker.tools.replay import replay
+
+
+def _replay(client: redis.Redis, base: Keys, values: np.ndarray, partitions: int) -> list[str]:
+    """``values`` (steps, series) into the partitions of ``base``, series ``s{j}``, as
+    ``attnlstm replay --partitions`` writes them; the series names."""
+    names = [f"s{j}" for j in range(values.shape[1])]
+    flat = [
+        (b"series", name.encode(), b"value", repr(float(v)).encode())
+        for row in values
+        for name, v in zip(names, row, strict=True)
+    ]
+    replay(client, base.input, flat, rate=None, partitions=partitions)
+    return names
+
+
+def _all_drained(client: redis.Redis, base: Keys, partitions: int) -> bool:
+    return all(drained(client, base.partition(k, partitions)) for k in range(partitions))
+
+
+def _assert_every_input_once(
+    client: redis.Redis,
+    base: Keys,
+    partitions: int,
+    model: AttentionLSTM,
+    values: np.ndarray,
+    names: list[str],
+) -> None:
+    """Each partition's output holds one forecast per input whose window is full, equal
+    to the offline model's (which one worker's run publishes: tests/test_worker.py)."""
+    for k in range(partitions):
+        keys = base.partition(k, partitions)
+        mine = [j for j, name in enumerate(names) if partition_of(name, partitions) == k]
+        ids = [entry_id for entry_id, _ in entries(client, keys.input)]
+        assert_forecasts(client, keys.output, expected(model, values[:, mine], ids))
+
+
+def _holders(client: redis.Redis, base: Keys, partitions: int) -> list[str | None]:
+    """Per partition, the consumer name of the worker holding its lease."""
+    leases = [base.partition(k, partitions).lease for k in range(partitions)]
+    held = cast(list[bytes | None], client.mget(leases))
+    return [h.decode().rpartition("#")[0] if h else None for h in held]
+
+
+def test_each_worker_s_share_is_p_over_n_and_they_add_up_to_p(
+    redis_client: redis.Redis, keys: Keys
+) -> None:
+    ensure_library(redis_client)
+    tokens = [process_token(f"w{i}") for i in range(5)]
+    pools = [Pool(redis_client, keys, token=t, ttl_ms=5000, partitions=12) for t in tokens]
+    for pool in pools:
+        pool.share()  # each announces itself
+    shares = [pool.share() for pool in pools]
+    assert sorted(shares) == [2, 2, 2, 3, 3]
+    pools[0].leave()
+    assert sum(pool.share() for pool in pools[1:]) == 12  # 4 workers: 3 each
+    assert {pool.share() for pool in pools[1:]} == {3}
+    alone = Pool(redis_client, keys, token=tokens[0], ttl_ms=5000, partitions=1)
+    assert alone.share() == 1  # one partition: no pool, a standby waits for the lease
+
+
+def _streams(keys: Keys) -> dict[str, str]:
+    return {"INPUT": keys.input, "OUTPUT": keys.output, "DEAD": keys.dead}
+
+
+def test_three_workers_share_twelve_partitions_and_forecast_every_input_once(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    partitions, values = 12, sine_steps(40, 60, seed=31)  # 40 series, 60 values each
+    base = Keys.prefixed(stream_prefix)
+    names = _replay(redis_client, base, values, partitions)
+    workers = [
+        new_worker(
+            settings_for(redis_url, base, partitions=partitions, lease_ttl_ms=1500, consumer=c),
+            trained_sines,
+        )
+        for c in ("a", "b", "c")
+    ]
+    with contextlib.ExitStack() as running:
+        threads = [running.enter_context(WorkerThread(w)) for w in workers]
+        threads[0].wait_for(lambda: _all_drained(redis_client, base, partitions))
+        threads[0].wait_for(lambda: sorted(len(w.lanes) for w in workers) == [4, 4, 4])
+        served = [set(w.lanes) for w in workers]
+    assert set().union(*served) == set(range(partitions))  # each one by one worker
+    assert sum(map(len, served)) == partitions
+    _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
+    assert redis_client.exists(base.pool) == 0  # each left the pool at exit
+    # Read back across the partitions, as `attnlstm plot --from-stream` does.
+    views = read_views(redis_client, base, partitions=partitions)
+    assert sorted(views) == sorted(names)
+    assert {len(view.forecast) for view in views.values()} == {60 - 20 + 1}
+    env = worker_env() | {f"ATTNLSTM_{k}_STREAM": v for k, v in _streams(base).items()}
+    plot = [*CLI, "plot", "--from-stream", "--redis-url", redis_url, "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*plot, "--partitions", str(partitions), "--series", "s7", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["forecasts"] == 60 - 20 + 1
+
+
+def test_a_worker_joining_mid_drain_takes_its_share_and_nothing_is_lost_or_repeated(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, trained_sines: AttentionLSTM
+) -> None:
+    partitions, values = 6, sine_steps(100, 240, seed=32)  # 100 series, 24,000 entries
+    base = Keys.prefixed(stream_prefix)
+    names = _replay(redis_client, base, values, partitions)
+
+    def settings(consumer: str) -> Settings:
+        return settings_for(
+            redis_url, base, partitions=partitions, lease_ttl_ms=1500, max_batch=50,
+            consumer=consumer,
+        )  # fmt: skip
+
+    first, second, late = (new_worker(settings(c), trained_sines) for c in ("a", "b", "c"))
+    with WorkerThread(first) as a, WorkerThread(second):
+        a.wait_for(lambda: sum(redis_client.xlen(base.partition(k, partitions).output)
+                               for k in range(partitions)) >= 2000)  # fmt: skip
+        assert not _all_drained(redis_client, base, partitions)  # mid-drain
+        with WorkerThread(late) as c:
+            c.wait_for(lambda: len(late.lanes) == 2, timeout=60)
+            c.wait_for(lambda: _all_drained(redis_client, base, partitions), timeout=120)
+            assert sorted(len(w.lanes) for w in (first, second, late)) == [2, 2, 2]
+    _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
+
+
+def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    trained_sines: AttentionLSTM,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    """kill -9 of one of three worker processes: the others take its partitions once
+    their leases lapse; nothing lost, nothing repeated."""
+    partitions, values = 6, sine_steps(100, 240, seed=33)  # 100 series, 24,000 entries
+    base = Keys.prefixed(stream_prefix)
+    names = _replay(redis_client, base, values, partitions)
+    flags = ("--partitions", str(partitions), "--lease-ttl-ms", "1500", "--max-batch", "50",
+             "--block-ms", "100")  # fmt: skip
+    procs = [
+        WorkerProcess(worker_cmd(model_file, redis_url, base, *flags, "--consumer", c), tmp_path)
+        for c in ("a", "b", "c")
+    ]
+    with procs[0] as a, procs[1], procs[2] as c:
+        a.wait_for(lambda: sorted(map(str, _holders(redis_client, base, partitions)))
+                   == ["a", "a", "b", "b", "c", "c"], timeout=90)  # fmt: skip
+        assert not _all_drained(redis_client, base, partitions)  # mid-drain
+        c.proc.send_signal(signal.SIGKILL)
+        c.proc.wait(timeout=10)
+        a.wait_for(lambda: "c" not in _holders(redis_client, base, partitions), timeout=60)
+        a.wait_for(lambda: _all_drained(redis_client, base, partitions), timeout=120)
+        assert sorted(map(str, _holders(redis_client, base, partitions))) == ["a"] * 3 + ["b"] * 3
+    _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
+
+
+def test_a_worker_refuses_streams_written_with_another_number_of_partitions(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, trained_sines: AttentionLSTM
+) -> None:
+    base = Keys.prefixed(stream_prefix)
+    _replay(redis_client, base, sine_steps(3, 8), partitions=4)
+    assert redis_client.get(base.partitions) == b"4"  # replay marked it
+    for count in (1, 12):
+        worker = new_worker(settings_for(redis_url, base, partitions=count), trained_sines)
+        with pytest.raises(PartitionsError, match=f"written in 4 partitions .* reads {count}"):
+            worker.run()
+    other = Keys.prefixed(stream_prefix + "one:")
+    _replay(redis_client, other, sine_steps(3, 8), partitions=1)  # today's single stream
+    worker = new_worker(settings_for(redis_url, other, partitions=4), trained_sines)
+    with pytest.raises(PartitionsError, match="written with one partition"):
+        worker.run()
+    assert redis_client.get(other.partitions) is None  # refused before marking anything

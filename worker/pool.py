@@ -1,0 +1,106 @@
+"""Which partitions this worker serves: its fair share of P among the workers in the pool.
+
+Every worker announces itself in the pool with its lease renewals (``attnlstm_pool``,
+one sorted set per stream and group) and works out its share from the tokens of those
+in it, in sorted order: P // N each, and one more for the first P mod N. A worker over
+its share gives partitions back, saving their windows first; one under it takes free
+ones, whose leases were given back or lapsed (a worker that died). Partitions change
+hands only through their fenced leases (:mod:`worker.lease`), so there are never two
+owners at once, whatever each worker thinks of the pool for a while.
+
+One partition (the default) has no pool: its worker holds the one lease, and any other
+waits as a hot standby, as before partitions existed.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import redis
+
+from worker.keys import Keys
+
+
+class PartitionsError(ValueError):
+    """The streams were written with another number of partitions than this worker's."""
+
+
+class Pool:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, token: str, ttl_ms: int, partitions: int
+    ) -> None:
+        self.client, self.keys, self.token = client, keys, token
+        self.ttl_ms, self.partitions = ttl_ms, partitions
+
+    def check_partitions(self) -> None:
+        """PartitionsError unless the input is written in this worker's P partitions (the
+        first worker with P > 1 marks it so; P = 1 leaves it unmarked)."""
+        count = self.partitions
+        if count > 1 and _stream_exists(self.client, self.keys.input):
+            raise PartitionsError(
+                f"stream {self.keys.input} holds entries written with one partition; this "
+                f"worker reads {count} ({self.keys.input}{{0}} ..): P is fixed for a "
+                "deployment's life"
+            )
+        mark = int(self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count))
+        if mark != count:
+            raise _another(self.keys, mark, count, "this worker reads")
+
+    def share(self) -> int:
+        """Announce this worker; how many partitions it should serve now."""
+        if self.partitions == 1:
+            return 1
+        members = sorted(map(_text, self._call(self.ttl_ms)))
+        if self.token not in members:  # announced just now, so only a clock jump
+            members = sorted([*members, self.token])
+        rank = members.index(self.token)
+        base, extra = divmod(self.partitions, len(members))
+        return base + (rank < extra)
+
+    def leave(self) -> None:
+        if self.partitions > 1:
+            self._call(0)
+
+    def candidates(self, held: set[int]) -> list[int]:
+        """The partitions this worker does not hold, in an order of its own (workers
+        starting together try different ones first)."""
+        start = zlib.crc32(self.token.encode()) % self.partitions
+        order = [(start + i) % self.partitions for i in range(self.partitions)]
+        return [k for k in order if k not in held]
+
+    def _call(self, ttl_ms: int) -> list[bytes | str]:
+        reply: list[bytes | str] = self.client.fcall(
+            "attnlstm_pool", 1, self.keys.pool, self.token, ttl_ms
+        )
+        return reply
+
+
+def mark_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
+    """A producer's check before it writes ``partitions`` streams: PartitionsError when
+    the mark says another number; the first with P > 1 sets it."""
+    if partitions > 1:
+        client.set(keys.partitions, partitions, nx=True)
+    mark = client.get(keys.partitions)
+    if (written := int(mark) if mark else 1) != partitions:
+        raise _another(keys, written, partitions, "this writes")
+
+
+def _another(keys: Keys, written: int, count: int, who: str) -> PartitionsError:
+    return PartitionsError(
+        f"the streams of {keys.input} are written in {written} partitions "
+        f"({keys.partitions}); {who} {count}: P is fixed for a deployment's life"
+    )
+
+
+def _stream_exists(client: redis.Redis, key: str) -> bool:
+    try:
+        client.xinfo_stream(key)
+    except redis.ResponseError as e:
+        if "no such key" in str(e).lower():
+            return False
+        raise
+    return True
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
