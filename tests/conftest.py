@@ -18,6 +18,7 @@ from attnlstm.data import load_dataset
 from attnlstm.experiment import train_model
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig
+from tests.cluster import LocalCluster, local_cluster
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 
@@ -76,6 +77,21 @@ def redis_server_url() -> Iterator[str]:
         return
     with EmbeddedServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of three primaries on loopback (:mod:`tests.cluster`), for the whole
+    session; skips the test when no redis-server/redis-cli (or valkey) pair is found.
+
+    Session scope: joining a cluster takes about 3 s (``--cluster create`` waits, then the
+    gossip settles), more than most tests that use it, and nothing a test does to it
+    (keys, the function library, which every test may load again) needs a fresh one.
+    Fixtures start lazily, so sessions that never ask for it start no cluster. Tests
+    must name their keys under a prefix of their own, as on the shared server.
+    """
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

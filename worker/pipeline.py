@@ -118,10 +118,11 @@ class Pipeline:
         return self._next is not None and bool(self._next.entries)
 
     def next_batch(self, after: Positions, *, block_ms: int) -> Read:
-        """Up to about ``max_batch`` entries after ``after`` (per partition), in stream
-        order: those read ahead, or else a read that waits up to ``block_ms`` for one;
-        then more, until the batch is full or ``max_wait_ms`` has passed since the first
-        arrived. OutOfStepError when the reads skipped entries."""
+        """Up to ``max_batch`` entries (or one per partition, if more) after ``after``
+        (per partition), in stream order: those read ahead, or else a read that waits up
+        to ``block_ms`` for one; then more, until the batch is full or ``max_wait_ms``
+        has passed since the first arrived. OutOfStepError when the reads skipped
+        entries."""
         read = self._take_next()
         if read is None or not read.entries:  # nothing read ahead: wait for the first
             read = self._read(after, block_ms, count=self._max_batch, events_after=None)
@@ -129,7 +130,9 @@ class Pipeline:
             return read
         window = BatchWindow(max_batch=self._max_batch, max_wait_ms=self._max_wait_ms)
         window.add(read.count)
-        while (block := window.block_ms()) is not None:
+        # Each stream's read asks for an equal part of the room left: at least one entry
+        # each, so less room than streams means the batch is full.
+        while window.room >= len(self._partitions) and (block := window.block_ms()) is not None:
             seen = read.events[-1][0] if read.events else None
             more = self._read(read.last(after), block, count=window.room, events_after=seen)
             window.add(more.count)
@@ -233,11 +236,12 @@ class Pipeline:
     def _send_read(
         self, after: Positions, block_ms: int | None, *, count: int, events_after: bytes | None
     ) -> None:
-        """Up to ``count`` new entries for this consumer in all, waiting up to
+        """Up to ``count`` new entries for this consumer in all (at least one per
+        partition), waiting up to
         ``block_ms`` for one (None: not at all); with them the first entry of each
         stream after ``after``'s, and the models events after ``events_after``, read
         once the entries are in."""
-        each = -(-count // len(self._partitions))
+        each = max(count // len(self._partitions), 1)
         inputs = [keys.input for keys in self._partitions.values()]
         self._send(
             [

@@ -19,6 +19,7 @@ from worker.cli import live, offline
 from worker.cli.parser import build_parser
 from worker.embedded import EmbeddedServerError
 from worker.tools.bench import format_report
+from worker.tools.poolbench import format_pool_report
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
     elif args.command == "bench":
-        print(format_report(report))
+        print((format_pool_report if args.workers else format_report)(report))
     else:
         _print_human(report)
     return 0

@@ -38,3 +38,8 @@ def rate(text: str) -> float:
     if not 0.0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def counts(text: str) -> tuple[int, ...]:
+    """Whole numbers >= 1, comma-separated: ``1,2,4``."""
+    return tuple(positive(part.strip()) for part in text.split(","))

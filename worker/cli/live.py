@@ -28,6 +28,7 @@ from worker.settings import Settings, from_flags
 from worker.streams import connect
 from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
+from worker.tools.poolbench import PoolPlan, run_pool_bench
 from worker.tools.readback import draw, read_views, summary
 from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine_entries
 
@@ -51,7 +52,16 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     names = [f.name for f in dataclasses.fields(BenchPlan) if f.name in flags]
     plan = BenchPlan(**{name: flags[name] for name in names})
     model = open_checkpoint(args.model).model if args.model else None
-    return run_bench(plan=plan, device=resolve_device(args.device), url=args.redis_url, model=model)
+    device = resolve_device(args.device)
+    if args.workers:
+        pool = PoolPlan(
+            workers=args.workers,
+            partitions=args.partitions,
+            entries=args.entries,
+            series=args.series,
+        )
+        return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
+    return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
 
 
 def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import fraction, number, positive, rate
+from worker.cli.argtypes import counts, fraction, number, positive, rate
 
 EXIT_USAGE = 2
 DESCRIPTION = (
@@ -149,6 +149,16 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
     bench.add_argument(
         "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
+    )
+    pool = bench.add_argument_group("a pool of workers (instead of the runs above)")
+    pool.add_argument(
+        "--workers",
+        type=counts,
+        default=None,
+        help="pool sizes to run, e.g. 1,2,4: each beside as many raw clients",
+    )
+    pool.add_argument(
+        "--partitions", type=positive, default=12, help="partitions they share (default 12)"
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 

@@ -187,7 +187,7 @@ def drain_raw(
             entries = read_entries(wire.receive()[0])
         if not entries:
             break
-        forecasts = _raw_forecasts(entries, attn_width)
+        forecasts = raw_forecasts(entries, attn_width)
         if pipeline:
             pipe = client.pipeline(transaction=True)
             for values in forecasts:
@@ -196,7 +196,7 @@ def drain_raw(
             pipe.xack(keys.input, keys.group, *(e for e, _ in entries))
             pipe.execute()
         else:
-            wire.send([_raw_call(settings, fence, entries, forecasts)])
+            wire.send([raw_call(settings.output_maxlen, fence, entries, forecasts)])
             raise_first_error(wire.receive())
         n += len(entries)
     wire.close()
@@ -224,7 +224,7 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) ->
             if not entries:
                 break
         wire.send([ahead])  # cannot block: answered at once
-        call = _raw_call(settings, fence, entries, _raw_forecasts(entries, attn_width))
+        call = raw_call(settings.output_maxlen, fence, entries, raw_forecasts(entries, attn_width))
         n += len(entries)
         if held:
             raise_first_error(wire.receive())
@@ -252,7 +252,7 @@ def _rate(n: int, started: float) -> dict[str, float]:
     return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
 
 
-def _raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, ...]]:
+def raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, ...]]:
     """A forecast's values per input entry, of the worker's sizes."""
     yhat = b"[1.2345678901234567]"
     attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
@@ -264,14 +264,14 @@ def _raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, .
     return forecasts
 
 
-def _raw_call(
-    settings: Settings, fence: Fence, entries: list[Entry], forecasts: list[tuple[bytes, ...]]
+def raw_call(
+    maxlen: int, fence: Fence, entries: list[Entry], forecasts: list[tuple[bytes, ...]]
 ) -> Command:
     """The forecasts, the acks and the handling mark as the worker publishes them: one
     fenced call."""
     acks = [entry_id for entry_id, _ in entries]
     mark = Mark(acks[-1], 0, fence.token)
-    return fence.publish(forecasts=forecasts, acks=acks, mark=mark, maxlen=settings.output_maxlen)
+    return fence.publish(forecasts=forecasts, acks=acks, mark=mark, maxlen=maxlen)
 
 
 def _median(results: list[dict[str, float]]) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""``attnlstm bench --workers 1,2,4 --partitions P``: what a pool of workers drains
+together, beside as many raw clients on the same partitions, in the same run.
+
+- pool of N: N ``attnlstm worker`` processes sharing P partitions (worker/pool.py);
+- raw, N clients: N processes, each reading its share of the partitions with one
+  XREADGROUP and publishing each partition's forecasts (fixed values of the worker's
+  sizes) and acks through the same fenced call, with no validation, windows or model:
+  the ceiling the server puts on a pool of that size.
+
+Each run starts its processes on empty streams whose consumer groups begin past any
+entry, waits until every partition is held (the pool balanced), writes the entries,
+then moves every group back to the start in one round trip: the clock runs from there
+until every group has read and acked everything. Process start, imports and the
+pool's first rebalancing stay off the clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from attnlstm.checkpoint import save
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.partition import partition_of
+from attnlstm.synthetic import sine_steps
+from attnlstm.train import new_model
+from worker.embedded import url_or_embedded
+from worker.keys import Keys
+from worker.lease import Fence, Lease, ensure_library, process_token
+from worker.streams import Wire, connect, group_info, raise_first_error, read_groups, read_streams
+from worker.tools.bench import machine, raw_call, raw_forecasts
+
+log = logging.getLogger("attnlstm.bench")
+
+PAST_EVERY_ENTRY = b"99999999999999-0"  # a group starting here delivers nothing yet
+LEASE_TTL_MS = 5_000
+BLOCK_MS = 50
+MAXLEN = 1_000_000  # the output streams' cap, as the worker's default
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    workers: tuple[int, ...] = (1, 2, 4)
+    partitions: int = 12
+    entries: int = 100_000
+    series: int = 1_000
+    max_batch: int = 1024
+
+
+def run_pool_bench(
+    *, plan: PoolPlan, device: str, url: str | None, model: AttentionLSTM | None
+) -> dict[str, Any]:
+    model = model or new_model(ModelConfig(), seed=0)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "device": device,
+        "partitions": plan.partitions,
+        "entries": plan.entries,
+        "series": plan.series,
+        "runs": [],
+    }
+    with (
+        url_or_embedded(url) as server_url,
+        tempfile.TemporaryDirectory(prefix="attnlstm-bench-") as tmp,
+    ):
+        model_file = Path(tmp) / "model.safetensors"
+        save(model_file, model)
+        client = connect(server_url, socket_timeout_s=30, client_name="bench")
+        run_id = f"bench-pool-{os.getpid()}-{int(time.time())}"
+        try:
+            for n in plan.workers:
+                log.info("%d raw client(s) over %d partitions", n, plan.partitions)
+                base = Keys.prefixed(f"{run_id}:raw{n}:")
+                raw = _timed(client, base, plan, _raw_clients(server_url, base, plan, n))
+                log.info("a pool of %d worker(s) over %d partitions", n, plan.partitions)
+                base = Keys.prefixed(f"{run_id}:pool{n}:")
+                workers = _workers(server_url, base, plan, n, model_file, device)
+                pool = _timed(client, base, plan, workers)
+                report["runs"].append({"workers": n, "pool": pool, "raw": raw})
+        finally:
+            for key in client.scan_iter(match=f"{run_id}*"):
+                client.delete(key)
+            client.close()
+    one = report["runs"][0]["pool"]["entries_per_s"]
+    for run in report["runs"]:
+        run["pool_vs_raw"] = round(run["pool"]["entries_per_s"] / run["raw"]["entries_per_s"], 3)
+        run["pool_vs_one"] = round(run["pool"]["entries_per_s"] / one, 2)
+    return report
+
+
+@contextlib.contextmanager
+def _workers(
+    url: str, base: Keys, plan: PoolPlan, n: int, model_file: Path, device: str
+) -> Iterator[list[int]]:
+    """N ``attnlstm worker`` processes on ``base``'s partitions: their pids."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
+    flags = [
+        "--redis-url", url, "--model", str(model_file), "--device", device,
+        "--threads", "1", "--metrics-port", "0", "--finetune-interval-s", "0",
+        "--partitions", str(plan.partitions), "--max-batch", str(plan.max_batch),
+        "--max-series", str(plan.series), "--lease-ttl-ms", str(LEASE_TTL_MS),
+        "--block-ms", str(BLOCK_MS), "--input-stream", base.input,
+        "--output-stream", base.output, "--dead-stream", base.dead,
+        "--models-stream", base.models, "--log-level", "WARNING",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", *flags, "--consumer", f"bench{i}"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # each one's exit report
+        )
+        for i in range(n)
+    ]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[int]]:
+    """N raw client processes, each on its share of ``base``'s partitions: their pids."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    shares = [list(range(i, plan.partitions, n)) for i in range(n)]
+    procs = [
+        context.Process(target=_raw_client, args=(url, base, plan, share, stop), daemon=True)
+        for share in shares
+    ]
+    for p in procs:
+        p.start()
+    try:
+        yield [cast(int, p.pid) for p in procs]
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=60)
+
+
+def _raw_client(url: str, base: Keys, plan: PoolPlan, share: list[int], stop: Any) -> None:
+    """Read the partitions of ``share`` together and publish each one's part through
+    its fenced call, until ``stop`` is set."""
+    client = connect(url, socket_timeout_s=30, client_name="bench-raw")
+    ensure_library(client)
+    parts = {k: base.partition(k, plan.partitions) for k in share}
+    token = process_token("bench-raw")
+    fences = {k: _fence(client, keys, token) for k, keys in parts.items()}
+    names = {keys.input.encode(): k for k, keys in parts.items()}
+    each = -(-plan.max_batch // len(share))
+    read = read_groups(
+        base.group, "bench-raw", [keys.input for keys in parts.values()], each, BLOCK_MS
+    )
+    wire = Wire(client)
+    attn_width = ModelConfig().window
+    while not stop.is_set():
+        wire.send([read])
+        (reply,) = wire.receive()
+        calls = [
+            raw_call(MAXLEN, fences[names[name]], entries, raw_forecasts(entries, attn_width))
+            for name, entries in read_streams(reply).items()
+        ]
+        if calls:
+            wire.send(calls)
+            raise_first_error(wire.receive())
+    wire.close()
+    client.close()
+
+
+def _fence(client: redis.Redis, keys: Keys, token: str) -> Fence:
+    lease = Lease(
+        client, key=keys.lease, fence_key=keys.fence, owner="", ttl_ms=600_000, token=token
+    )
+    holder, number = lease.acquire()
+    assert holder == lease.token, f"{holder} holds the bench's lease on {keys.input}"
+    return Fence(keys, lease.token, number, lease.ttl_ms)
+
+
+def _timed(
+    client: redis.Redis,
+    base: Keys,
+    plan: PoolPlan,
+    processes: contextlib.AbstractContextManager[list[int]],
+) -> dict[str, Any]:
+    """Start ``processes`` on empty partitions, write the entries once every partition
+    is held, release them all at once and time the drain."""
+    parts = [base.partition(k, plan.partitions) for k in range(plan.partitions)]
+    for keys in parts:
+        client.xgroup_create(keys.input, keys.group, id=PAST_EVERY_ENTRY, mkstream=True)
+    with processes as pids:
+        _wait(lambda: _balanced(client, parts, len(pids)), "every process to hold its share")
+        _fill(client, parts, plan)
+        started = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for keys in parts:
+            pipe.xgroup_setid(keys.input, keys.group, id="0", entries_read=0)
+        pipe.execute()
+        _wait(lambda: all(_drained(client, keys) for keys in parts), "the drain", poll_s=0.01)
+        seconds = time.perf_counter() - started
+        rss = [_rss_mb(pid) for pid in pids]
+    return {
+        "entries": plan.entries,
+        "seconds": round(seconds, 3),
+        "entries_per_s": round(plan.entries / seconds, 1),
+        "rss_mb": rss,
+    }
+
+
+def _balanced(client: redis.Redis, parts: list[Keys], n: int) -> bool:
+    """Every partition held, and the holders' shares those of a balanced pool of ``n``."""
+    holders = cast(list[bytes | None], client.mget([keys.lease for keys in parts]))
+    if None in holders:
+        return False
+    base, extra = divmod(len(parts), n)
+    fair = sorted([base + 1] * extra + [base] * (n - extra))
+    return sorted(Counter(holders).values()) == fair
+
+
+def _fill(client: redis.Redis, parts: list[Keys], plan: PoolPlan) -> None:
+    """``plan.entries`` sine values over ``plan.series`` series, each to its partition."""
+    values = sine_steps(plan.series, -(-plan.entries // plan.series)).ravel()
+    streams = [partition_of(f"s{j}", plan.partitions) for j in range(plan.series)]
+    for start in range(0, plan.entries, 10_000):
+        pipe = client.pipeline(transaction=False)
+        for k in range(start, min(start + 10_000, plan.entries)):
+            j = k % plan.series
+            pipe.xadd(parts[streams[j]].input, {"series": f"s{j}", "value": repr(float(values[k]))})
+        pipe.execute()
+
+
+def _drained(client: redis.Redis, keys: Keys) -> bool:
+    info = group_info(client, keys)
+    return info.get("lag") == 0 and int(info["pending"]) == 0
+
+
+def _wait(condition: Any, what: str, *, poll_s: float = 0.05, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def _rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def format_pool_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"device {report['device']}. {report['entries']:,} entries over {report['series']:,} "
+        f"series in {report['partitions']} partitions.",
+        "",
+        "| workers | pool entries/s | raw clients entries/s | pool / raw | pool / one worker "
+        "| worker RSS, MB each |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+        *(
+            f"| {r['workers']} | {r['pool']['entries_per_s']:,.0f} "
+            f"| {r['raw']['entries_per_s']:,.0f} | {r['pool_vs_raw']:.0%} "
+            f"| {r['pool_vs_one']:.2f}x | {', '.join(f'{x:.0f}' for x in r['pool']['rss_mb'])} |"
+            for r in report["runs"]
+        ),
+    ]
+    return "\n".join(lines)
