@@ -123,6 +123,12 @@ def test_three_workers_share_twelve_partitions_and_forecast_every_input_once(
         threads[0].wait_for(lambda: _all_drained(redis_client, base, partitions))
         threads[0].wait_for(lambda: sorted(len(w.lanes) for w in workers) == [4, 4, 4])
         served = [set(w.lanes) for w in workers]
+        for worker, mine in zip(workers, served, strict=True):
+            sample = worker.metrics.registry.get_sample_value
+            assert sample("attnlstm_partitions_served") == 4
+            for k in mine:  # the lag per partition, refreshed by each audit
+                lag = {"partition": str(k)}
+                threads[0].wait_for(lambda: sample("attnlstm_partition_lag", lag) == 0)  # noqa: B023
     assert set().union(*served) == set(range(partitions))  # each one by one worker
     assert sum(map(len, served)) == partitions
     _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)

@@ -219,14 +219,21 @@ class Worker:
             self._balance()
         if now >= self._next_audit:
             self._next_audit = now + AUDIT_INTERVAL_S
-            lags = []
-            for lane in self.lanes.values():
-                self.metrics.series_maes(lane.state.names(), lane.scorer.series_mae)
-                lane.scorer.forget(lane.state.sweep(lane.state.newest_ms()))
-                lane.recovery.audit()
-                lags.append(lane.recovery.lag)
-            if lags and None not in lags:
-                self.metrics.lag.set(sum(lag for lag in lags if lag is not None))
+            self._audit()
+
+    def _audit(self) -> None:
+        """Every partition's: what is pending, idle series, and the lag gauges."""
+        lags = []
+        self.metrics.partition_lag.clear()  # those given back or lost go with it
+        for k, lane in self.lanes.items():
+            self.metrics.series_maes(lane.state.names(), lane.scorer.series_mae)
+            lane.scorer.forget(lane.state.sweep(lane.state.newest_ms()))
+            lane.recovery.audit()
+            if (lag := lane.recovery.lag) is not None and self.settings.partitions > 1:
+                self.metrics.partition_lag.labels(str(k)).set(lag)
+            lags.append(lag)
+        if lags and None not in lags:
+            self.metrics.lag.set(sum(lag for lag in lags if lag is not None))
 
     def _balance(self) -> None:
         """Serve this worker's share of the partitions (:mod:`worker.pool`): give some
@@ -242,6 +249,7 @@ class Worker:
         interval_s = self.settings.lease_ttl_ms / 1000 / (3 if len(self.lanes) >= share else 10)
         self._next_balance = time.monotonic() + interval_s
         self.metrics.role = "active" if self.lanes else "standby"
+        self.metrics.partitions.set(len(self.lanes))
         if not self.lanes:
             self._in_step = False  # a standby again: waits in _get_in_step
 
@@ -411,6 +419,7 @@ class Worker:
         self.lanes |= {lane.k: lane for lane in self._take(share)}
         if not self.lanes:
             self.metrics.role = "standby"
+            self.metrics.partitions.set(0)
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
             return False
         self._waiting_for = None
@@ -425,6 +434,7 @@ class Worker:
         self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
         self._next_balance = time.monotonic() + self.settings.lease_ttl_ms / 3000
         self.metrics.role = "active"
+        self.metrics.partitions.set(len(self.lanes))
         return True
 
     def _get_lane_in_step(self, lane: Lane) -> None:

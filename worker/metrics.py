@@ -115,6 +115,15 @@ class Metrics:
         )
         self.checkpoint_longest_s = 0.0  # the longest of them (the bench reports it)
         self.lag = gauge("attnlstm_group_lag", "Input entries not yet delivered to the group")
+        self.partitions = gauge(
+            "attnlstm_partitions_served", "Partitions of the input this worker serves"
+        )
+        self.partition_lag = gauge(
+            "attnlstm_partition_lag",
+            "Input entries not yet delivered to the group, per partition this worker serves "
+            "(with more than one partition)",
+            ["partition"],
+        )
         self.series = gauge("attnlstm_series", "Series with a window slot")
         self.series_refused = counter(
             "attnlstm_series_refused",
