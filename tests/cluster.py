@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.retry import Retry
 
-from worker.embedded import _bundled_binary, _pdeathsig_preexec
+from worker.embedded import _bundled_binary, _pdeathsig_preexec, log_tail
 
 __all__ = [
     "SLOTS",
@@ -50,7 +50,6 @@ SLOTS = 16384
 _START_TIMEOUT = 10.0  # each node answering PING
 _JOIN_TIMEOUT = 30.0  # `--cluster create`, then every node at cluster_state:ok
 _STOP_TIMEOUT = 10.0
-_LOG_TAIL_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -104,14 +103,6 @@ def _node_client(port: int, timeout: float = 2.0) -> redis.Redis:
     )
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 @dataclass
 class _Node:
     port: int
@@ -150,7 +141,7 @@ class _Node:
             )
 
     def problem(self, what: str) -> str:
-        out, log = _tail(self.directory / "server.out"), _tail(self.log)
+        out, log = log_tail(self.directory / "server.out"), log_tail(self.log)
         tail = "\n".join(part for part in (out, log) if part) or "(empty)"
         return f"node 127.0.0.1:{self.port} {what}\n--- its output and log ---\n{tail}"
 

@@ -3,6 +3,7 @@ the read ahead, transactions applied (and counted) in order, gaps caught."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 
@@ -24,11 +25,17 @@ def applied() -> list[Receipt]:
     return []
 
 
-@pytest.fixture
-def pipeline(redis_url: str, keys: Keys, applied: list[Receipt]) -> Iterator[Pipeline]:
+@contextlib.contextmanager
+def _pipeline(
+    redis_url: str, keys: Keys, parts: dict[int, Keys], applied: list[Receipt]
+) -> Iterator[Pipeline]:
+    """A pipeline reading ``parts`` (partitions of ``keys``'s streams, their groups made),
+    on a connection of its own, 10 entries a batch at most; ``applied`` gets the receipts
+    of the publishes applied."""
     settings = settings_for(redis_url, keys, max_batch=10, max_wait_ms=0)
     client = connect(redis_url, socket_timeout_s=5, client_name="test-pipeline")
-    ensure_group(client, keys)
+    for part in parts.values():
+        ensure_group(client, part)
     store = ModelStore(client, keys, keep=1, source="test")
     pipe = Pipeline(
         client,
@@ -36,10 +43,18 @@ def pipeline(redis_url: str, keys: Keys, applied: list[Receipt]) -> Iterator[Pip
         events_query=lambda after: store.events_query(after=after or b"-"),
         on_applied=lambda receipt, _: applied.append(receipt),
     )
-    pipe.serve({0: keys})
-    yield pipe
-    pipe.close()
-    client.close()
+    pipe.serve(parts)
+    try:
+        yield pipe
+    finally:
+        pipe.close()
+        client.close()
+
+
+@pytest.fixture
+def pipeline(redis_url: str, keys: Keys, applied: list[Receipt]) -> Iterator[Pipeline]:
+    with _pipeline(redis_url, keys, {0: keys}, applied) as pipe:
+        yield pipe
 
 
 def _ack(keys: Keys, ids: list[bytes]) -> tuple[Command, Receipt]:
@@ -146,20 +161,8 @@ def test_one_read_serves_several_partitions_and_checks_each_for_gaps(
     """Partitions 0 and 1 of 2 on one connection: a read waits until either has an
     entry, takes both partitions' entries in one batch, and a lost reply in one of them
     is caught."""
-    settings = settings_for(redis_url, keys, max_batch=10, max_wait_ms=0)
     parts = {k: keys.partition(k, 2) for k in (0, 1)}
-    client = connect(redis_url, socket_timeout_s=5, client_name="test-pipeline")
-    for part in parts.values():
-        ensure_group(client, part)
-    store = ModelStore(client, keys, keep=1, source="test")
-    pipe = Pipeline(
-        client,
-        settings=settings,
-        events_query=lambda after: store.events_query(after=after or b"-"),
-        on_applied=lambda receipt, _: applied.append(receipt),
-    )
-    pipe.serve(parts)
-    try:
+    with _pipeline(redis_url, keys, parts, applied) as pipe:
         start = {0: b"0-0", 1: b"0-0"}
         assert pipe.next_batch(start, block_ms=20).entries == {}
         only_1 = fill(redis_client, parts[1].input, sine_steps(1, 3))
@@ -181,6 +184,3 @@ def test_one_read_serves_several_partitions_and_checks_each_for_gaps(
             pipe.next_batch(read.last(after), block_ms=100)
         pending = redis_client.xpending_range(parts[0].input, keys.group, "-", "+", 10)
         assert [p["message_id"] for p in pending] == later  # for the re-sync to claim
-    finally:
-        pipe.close()
-        client.close()

@@ -379,7 +379,9 @@ def test_two_workers_with_one_consumer_name_publish_each_input_once(
     with WorkerThread(workers[0]) as first, WorkerThread(workers[1]):
         first.wait_for(lambda: redis_client.xlen(keys.output) >= 200 * 41)
         first.wait_for(lambda: _pending(redis_client, keys) == 0)
-    assert sorted(w.metrics.role for w in workers) == ["active", "standby"]
+        # While both run: at exit the one stopped second may take the lease the first
+        # gave back, and end active too.
+        assert sorted(w.metrics.role for w in workers) == ["active", "standby"]
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 

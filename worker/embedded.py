@@ -122,7 +122,8 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last ``lines`` of a server's log file (empty when it cannot be read)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -326,7 +327,7 @@ class EmbeddedServer:
 
     def _start_error(self, what: str) -> EmbeddedServerError:
         data_dir = self.data_dir
-        parts = (_tail(data_dir / "server.out"), _tail(data_dir / "server.log"))
+        parts = (log_tail(data_dir / "server.out"), log_tail(data_dir / "server.log"))
         tail = "\n".join(part for part in parts if part)
         return EmbeddedServerError(
             f"{self.binary} {what}.\n--- last lines of its output and log ---\n{tail or '(empty)'}"
