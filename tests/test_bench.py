@@ -8,6 +8,7 @@ from pathlib import Path
 import redis
 
 from attnlstm.checkpoint import load
+from tests.cluster import LocalCluster
 from worker.tools.bench import BenchPlan, format_report, run_bench
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
@@ -45,19 +46,28 @@ def test_a_small_bench_drains_everything_and_reports(
 
 
 def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(
-    redis_url: str, redis_client: redis.Redis, model_file: Path
+    redis_url: str, redis_client: redis.Redis, redis_cluster: LocalCluster, model_file: Path
 ) -> None:
     """Pools of 1 and 2 worker processes on 4 partitions, and as many raw clients: each
-    run drains every entry (timed until every group has read and acked them all)."""
+    run drains every entry (timed until every group has read and acked them all), on
+    one server and on a 3-master cluster."""
     plan = PoolPlan(workers=(1, 2), partitions=4, entries=4_000, series=40)
+    model = load(model_file).model
     keys_before = set(redis_client.scan_iter())
-    report = run_pool_bench(plan=plan, device="cpu", url=redis_url, model=load(model_file).model)
-    assert [run["workers"] for run in report["runs"]] == [1, 2]
-    for run in report["runs"]:
-        for side in ("pool", "raw"):
-            assert run[side]["entries"] == 4_000
-            assert run[side]["entries_per_s"] > 0
-        assert len(run["pool"]["rss_mb"]) == run["workers"]
-    assert report["runs"][0]["pool_vs_one"] == 1.0
-    assert "| 2 |" in format_pool_report(report)
+    report = run_pool_bench(plan=plan, device="cpu", url=redis_url, model=model)
+    cluster = run_pool_bench(plan=plan, device="cpu", url=redis_cluster.url, model=model)
+    report["targets"] += cluster["targets"]
+    assert [t["redis"] for t in report["targets"]] == ["one server", "3-master cluster"]
+    for target in report["targets"]:
+        assert [run["workers"] for run in target["runs"]] == [1, 2]
+        for run in target["runs"]:
+            for side in ("pool", "raw"):
+                assert run[side]["entries"] == 4_000
+                assert run[side]["entries_per_s"] > 0
+            assert len(run["pool"]["rss_mb"]) == run["workers"]
+        assert target["runs"][0]["pool_vs_one"] == 1.0
+    text = format_pool_report(report)
+    assert "| one server | 2 |" in text
+    assert "| 3-master cluster | 2 |" in text
     assert set(redis_client.scan_iter()) == keys_before  # the bench's keys are gone
+    assert not list(redis_cluster.client().scan_iter(match="bench-pool-*"))

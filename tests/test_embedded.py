@@ -107,7 +107,7 @@ def test_missing_binary_says_how_to_fix(tmp_path: Path) -> None:
 
 
 def test_no_server_anywhere_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded, "_bundled_binary", lambda: None)
+    monkeypatch.setattr(embedded, "bundled_binary", lambda: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(EmbeddedServerError, match="ATTNLSTM_REDIS_URL") as raised:
         find_server_binary()

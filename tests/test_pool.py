@@ -8,6 +8,8 @@ import contextlib
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -18,6 +20,7 @@ import redis
 from attnlstm.model import AttentionLSTM
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
+from tests.cluster import LocalCluster
 from tests.conftest import CLI
 from tests.helpers import (
     WorkerProcess,
@@ -35,6 +38,7 @@ from worker.keys import Keys
 from worker.lease import ensure_library, process_token
 from worker.pool import PartitionsError, Pool
 from worker.settings import Settings
+from worker.streams import connect
 from worker.tools.readback import read_views
 from worker.tools.replay import replay
 
@@ -76,8 +80,33 @@ def _assert_every_input_once(
 def _holders(client: redis.Redis, base: Keys, partitions: int) -> list[str | None]:
     """Per partition, the consumer name of the worker holding its lease."""
     leases = [base.partition(k, partitions).lease for k in range(partitions)]
-    held = cast(list[bytes | None], client.mget(leases))
+    held = [cast(bytes | None, client.get(lease)) for lease in leases]
     return [h.decode().rpartition("#")[0] if h else None for h in held]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a pool runs: one server, or a Redis Cluster (keys tagged for it)."""
+
+    client: redis.Redis
+    url: str
+    base: Keys
+
+
+@pytest.fixture(params=["server", "cluster"])
+def target(request: pytest.FixtureRequest, stream_prefix: str) -> Iterator[Target]:
+    base = Keys.prefixed(stream_prefix)
+    if request.param == "server":
+        yield Target(
+            request.getfixturevalue("redis_client"), request.getfixturevalue("redis_url"), base
+        )
+        return
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    client = connect(cluster.url, socket_timeout_s=10, client_name="test")
+    try:
+        yield Target(client, cluster.url, base.clustered())
+    finally:
+        client.close()
 
 
 def test_each_worker_s_share_is_p_over_n_and_they_add_up_to_p(
@@ -151,10 +180,10 @@ def test_three_workers_share_twelve_partitions_and_forecast_every_input_once(
 
 
 def test_a_worker_joining_mid_drain_takes_its_share_and_nothing_is_lost_or_repeated(
-    redis_client: redis.Redis, redis_url: str, stream_prefix: str, trained_sines: AttentionLSTM
+    target: Target, trained_sines: AttentionLSTM
 ) -> None:
     partitions, values = 6, sine_steps(100, 240, seed=32)  # 100 series, 24,000 entries
-    base = Keys.prefixed(stream_prefix)
+    redis_client, redis_url, base = target.client, target.url, target.base
     names = _replay(redis_client, base, values, partitions)
 
     def settings(consumer: str) -> Settings:
@@ -176,17 +205,12 @@ def test_a_worker_joining_mid_drain_takes_its_share_and_nothing_is_lost_or_repea
 
 
 def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
-    redis_client: redis.Redis,
-    redis_url: str,
-    stream_prefix: str,
-    trained_sines: AttentionLSTM,
-    model_file: Path,
-    tmp_path: Path,
+    target: Target, trained_sines: AttentionLSTM, model_file: Path, tmp_path: Path
 ) -> None:
     """kill -9 of one of three worker processes: the others take its partitions once
     their leases lapse; nothing lost, nothing repeated."""
     partitions, values = 6, sine_steps(100, 240, seed=33)  # 100 series, 24,000 entries
-    base = Keys.prefixed(stream_prefix)
+    redis_client, redis_url, base = target.client, target.url, target.base
     names = _replay(redis_client, base, values, partitions)
     flags = ("--partitions", str(partitions), "--lease-ttl-ms", "1500", "--max-batch", "50",
              "--block-ms", "100")  # fmt: skip
@@ -222,3 +246,40 @@ def test_a_worker_refuses_streams_written_with_another_number_of_partitions(
     with pytest.raises(PartitionsError, match="written with one partition"):
         worker.run()
     assert redis_client.get(other.partitions) is None  # refused before marking anything
+
+
+def test_a_pool_on_a_cluster_forecasts_100k_entries_once_each_as_a_fourth_worker_joins(
+    redis_cluster: LocalCluster,
+    stream_prefix: str,
+    trained_sines: AttentionLSTM,
+    model_file: Path,
+    tmp_path: Path,
+) -> None:
+    """P = 12 on a 3-master cluster, 100,000 entries over 1,000 series, three worker
+    processes, and a fourth started mid-drain: the partitions move to it (3 each), and
+    every input is forecast once, equal to the offline model's forecast (which is what
+    one worker publishes: tests/test_worker.py)."""
+    partitions, values = 12, sine_steps(1000, 100, seed=34)
+    client = connect(redis_cluster.url, socket_timeout_s=10, client_name="test")
+    base = Keys.prefixed(stream_prefix).clustered()
+    names = _replay(client, base, values, partitions)
+    flags = ("--partitions", str(partitions), "--lease-ttl-ms", "1500", "--max-batch", "100",
+             "--block-ms", "100")  # fmt: skip
+
+    def started(consumer: str) -> WorkerProcess:
+        cmd = worker_cmd(model_file, redis_cluster.url, base, *flags, "--consumer", consumer)
+        return WorkerProcess(cmd, tmp_path)
+
+    try:
+        with started("a") as a, started("b"), started("c"):
+            a.wait_for(lambda: sorted(map(str, _holders(client, base, partitions)))
+                       == ["a"] * 4 + ["b"] * 4 + ["c"] * 4, timeout=90)  # fmt: skip
+            assert not _all_drained(client, base, partitions)  # mid-drain
+            with started("d") as d:
+                d.wait_for(lambda: _holders(client, base, partitions).count("d") == 3, timeout=60)
+                d.wait_for(lambda: _all_drained(client, base, partitions), timeout=180)
+                held = sorted(map(str, _holders(client, base, partitions)))
+                assert held == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3
+        _assert_every_input_once(client, base, partitions, trained_sines, values, names)
+    finally:
+        client.close()

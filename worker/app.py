@@ -14,7 +14,7 @@ from worker.engine import Engine
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
 from worker.settings import Settings
-from worker.streams import connect
+from worker.streams import cluster_of, connect, primaries
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -67,10 +67,15 @@ def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
     try:
         with url_or_embedded(settings.url()) as url:
             client = connect(
-                url, socket_timeout_s=settings.socket_timeout_s, client_name=settings.consumer
+                url,
+                socket_timeout_s=settings.socket_timeout_s,
+                client_name=settings.consumer,
+                cluster=settings.cluster,
             )
             worker = Worker(client, engine=engine, settings=settings, metrics=metrics, burst=burst)
             previous = {s: signal.signal(s, worker.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            if (nodes := cluster_of(client)) is not None:
+                log.info("a Redis Cluster of %d primaries", len(primaries(nodes)))
             log.info(
                 "consumer %s of group %s on %s -> %s (dead: %s)",
                 settings.consumer,

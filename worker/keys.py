@@ -13,6 +13,7 @@ class Keys:
     dead: str = "sensors:dead"  # bad input, with a reason
     group: str = "forecasters"  # the consumer group on `input`
     models: str = "models"  # model events; stored versions are keyed under this name
+    cluster: bool = False  # on a Redis Cluster: see clustered()
     # Derived from those:
     state: str = field(init=False)  # window state checkpoint and the last input id it reflects
     lease: str = field(init=False)  # held by the one worker that consumes `input` for `group`
@@ -55,8 +56,9 @@ class Keys:
         tag ``{k}`` after it (``sensors{3}``, ``forecasts{3}``, ``sensors:dead{3}``, and
         from those ``sensors{3}:windows:forecasters``, ...), so that a partition's keys
         share one Redis Cluster slot and one function call can write them all. The
-        models keys are shared by every partition. One partition: these keys, as named."""
-        if partitions == 1 and k == 0:
+        models keys are shared by every partition. One partition on one server: these
+        keys, as named; on a cluster it is tagged ``{0}`` like any other."""
+        if partitions == 1 and k == 0 and not self.cluster:
             return self
         if not 0 <= k < partitions:
             raise ValueError(f"partition {k} is not one of 0 .. {partitions - 1}")
@@ -73,6 +75,24 @@ class Keys:
             dead=self.dead + tag,
             group=self.group,
             models=self.models,
+            cluster=self.cluster,
+        )
+
+    def clustered(self) -> Keys:
+        """These keys on a Redis Cluster, where the keys of one transaction or one
+        function call must share a slot: the models keys under the hash tag of their
+        name (``{models}``, ``{models}:versions``, ``{models}:v:<version>``, ...), and
+        every partition tagged, even the one of a single partition (``sensors{0}``)."""
+        if self.cluster:
+            return self
+        tagged = "{" in self.models  # named with its tag already (these keys' settings')
+        return Keys(
+            input=self.input,
+            output=self.output,
+            dead=self.dead,
+            group=self.group,
+            models=self.models if tagged else f"{{{self.models}}}",
+            cluster=True,
         )
 
     @classmethod

@@ -97,6 +97,7 @@ class Worker:
         (a cold start) once it has enough. ``burst``: stop once the stream is drained.
         ``finetune_clock`` times the fine-tune schedule (tests move it by hand)."""
         self.client = client
+        settings = settings.on(client)
         self.settings, self.keys = settings, settings.keys
         self.metrics = metrics or Metrics()
         self.burst = burst

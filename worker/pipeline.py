@@ -17,9 +17,15 @@ and applies the publish of the batch before. What the loop calls:
 
 Every read also fetches, per partition, the first entry of the stream after the last
 one the windows saw, so that a read that skips entries (a lost reply, a reset group) is
-caught, and the
-``models`` events not seen yet: a promotion or a rollback counts from the batch it
-arrives with, so every entry added after it is forecast by the model it names.
+caught, and the ``models`` events not seen yet: a promotion or a rollback counts from
+the batch it arrives with, so every entry added after it is forecast by the model it
+names.
+
+On one server all of this is one write and one XREADGROUP for every partition, which
+may block. On a Redis Cluster each command goes to its partition's node
+(:class:`worker.streams.Wires`), each partition has its own XREADGROUP (one command's
+keys must share a slot), and none blocks: a read that found nothing is asked again
+every ``CLUSTER_POLL_S`` until ``block_ms`` has passed.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from worker.streams import (
     Command,
     Entry,
     OutOfStepError,
-    Wire,
+    Wires,
+    cluster_of,
     raise_first_error,
     range_entries,
     read_groups,
@@ -48,6 +55,7 @@ from worker.streams import (
 )
 
 Positions = dict[int, bytes]  # per partition, the last entry read (or handled) so far
+CLUSTER_POLL_S = 0.01  # on a cluster, how often a read that found nothing asks again
 
 
 @dataclass
@@ -90,7 +98,11 @@ class Pipeline:
         those not seen yet). ``on_applied(receipt, sent_ms)``: a publish's reply
         said it was applied."""
         self._client = client
-        self._wire = Wire(client)
+        self._wires = Wires(client)
+        # A cluster refuses a read of several partitions' streams (their slots differ), and
+        # a blocked read on one node would hold the others' entries back: there each
+        # partition has its own read, none blocks, and an empty one is asked again.
+        self._cluster = cluster_of(client) is not None
         self._group, self._consumer = settings.group, settings.consumer
         self._max_batch, self._max_wait_ms = settings.max_batch, settings.max_wait_ms
         self._events_query, self._on_applied = events_query, on_applied
@@ -177,27 +189,27 @@ class Pipeline:
         try:
             with contextlib.suppress(redis.ResponseError, OutOfStepError):
                 self._settle()
-            while self._wire.waiting:
-                self._wire.receive()
+            while self._wires.waiting:
+                self._wires.receive()
         except redis.RedisError:
-            self._wire.drop()
+            self._wires.drop()
         finally:
             self._forget()
 
     def close(self) -> None:
         self.reset()
-        self._wire.close()
+        self._wires.close()
 
     def _send(self, commands: list[Command]) -> None:
         try:
-            self._wire.send(commands)
+            self._wires.send(commands)
         except BaseException:
             self._forget()
             raise
 
     def _receive(self) -> list[Any]:
         try:
-            return self._wire.receive()
+            return self._wires.receive()
         except BaseException:
             self._forget()
             raise
@@ -230,8 +242,17 @@ class Pipeline:
         self, after: Positions, block_ms: int, *, count: int, events_after: bytes | None
     ) -> Read:
         self._settle()  # the last publish's replies are due on the wire before this read's
-        self._send_read(after, block_ms, count=count, events_after=events_after)
-        return self._take_read(after)
+        if not self._cluster:
+            self._send_read(after, block_ms, count=count, events_after=events_after)
+            return self._take_read(after)
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            self._send_read(after, None, count=count, events_after=events_after)
+            read = self._take_read(after)
+            left = deadline - time.monotonic()
+            if read.entries or read.events or left <= 0:
+                return read
+            time.sleep(min(CLUSTER_POLL_S, left))
 
     def _send_read(
         self, after: Positions, block_ms: int | None, *, count: int, events_after: bytes | None
@@ -243,13 +264,14 @@ class Pipeline:
         once the entries are in."""
         each = max(count // len(self._partitions), 1)
         inputs = [keys.input for keys in self._partitions.values()]
+        groups = [inputs] if not self._cluster else [[name] for name in inputs]
         self._send(
             [
                 *(
                     (b"XRANGE", keys.input.encode(), b"(" + after[k], b"+", b"COUNT", b"1")
                     for k, keys in self._partitions.items()
                 ),
-                read_groups(self._group, self._consumer, inputs, each, block_ms),
+                *(read_groups(self._group, self._consumer, g, each, block_ms) for g in groups),
                 self._events_query(events_after),
             ]
         )
@@ -264,10 +286,11 @@ class Pipeline:
         """
         replies = self._receive()
         raise_first_error(replies)
-        *following, reply, events = replies
-        first = dict(zip(self._partitions, following, strict=True))
-        read = Read(events=range_entries(events))
-        for name, entries in read_streams(reply).items():
+        n = len(self._partitions)
+        first = dict(zip(self._partitions, replies[:n], strict=True))
+        read = Read(events=range_entries(replies[-1]))
+        streams = {name: e for reply in replies[n:-1] for name, e in read_streams(reply).items()}
+        for name, entries in streams.items():
             if not entries:
                 continue
             k = self._names[name]

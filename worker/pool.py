@@ -35,12 +35,13 @@ class Pool:
     def check_partitions(self) -> None:
         """PartitionsError unless the input is written in this worker's P partitions (the
         first worker with P > 1 marks it so; P = 1 leaves it unmarked)."""
-        count = self.partitions
-        if count > 1 and _stream_exists(self.client, self.keys.input):
+        count, first = self.partitions, self.keys.partition(0, self.partitions).input
+        if first != self.keys.input and _stream_exists(self.client, self.keys.input):
+            where = "a Redis Cluster, " if self.keys.cluster else ""
             raise PartitionsError(
-                f"stream {self.keys.input} holds entries written with one partition; this "
-                f"worker reads {count} ({self.keys.input}{{0}} ..): P is fixed for a "
-                "deployment's life"
+                f"stream {self.keys.input} holds entries written with one partition on one "
+                f"server; this worker reads {where}{count} partition(s) ({first} ..): P is "
+                "fixed for a deployment's life"
             )
         mark = int(self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count))
         if mark != count:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import redis
 from pydantic import (
     Field,
     SecretStr,
@@ -24,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.keys import Keys
+from worker.streams import cluster_of
 
 URL_SCHEMES = ("redis", "rediss", "unix")
 MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
@@ -52,6 +54,9 @@ class Settings(BaseSettings):
     # P > 1: the input is P streams, INPUT{k} (attnlstm.partition_of), shared by a pool of
     # workers. Fixed for a deployment's life: a worker refuses data written with another.
     partitions: int = Field(default=1, ge=1, le=4096)
+    # Whether Redis is a Redis Cluster (keys tagged, commands routed per node). Unset: ask
+    # it (the mode HELLO replies with); set it when a cluster is down as the worker starts.
+    cluster: bool | None = None
 
     # A checkpoint from `attnlstm train`. Unset: the store's serving version, else a
     # cold start (a first model trained from the stream; needs fine-tuning on).
@@ -142,13 +147,19 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(
+        keys = Keys(
             input=self.input_stream,
             output=self.output_stream,
             dead=self.dead_stream,
             group=self.group,
             models=self.models_stream,
         )
+        return keys.clustered() if self.cluster else keys
+
+    def on(self, client: redis.Redis) -> Settings:
+        """These settings for ``client``'s Redis (from :func:`worker.streams.connect`,
+        given ``cluster``): a cluster's keys when it is one."""
+        return self.model_copy(update={"cluster": cluster_of(client) is not None})
 
     def with_keys(self, keys: Keys) -> Settings:
         """These settings, reading and writing the streams of ``keys``."""
@@ -159,6 +170,7 @@ class Settings(BaseSettings):
                 "dead_stream": keys.dead,
                 "group": keys.group,
                 "models_stream": keys.models,
+                "cluster": True if keys.cluster else self.cluster,
             }
         )
 

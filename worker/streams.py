@@ -12,6 +12,7 @@ from typing import Any, cast
 import hiredis
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from worker.keys import Keys
@@ -25,21 +26,68 @@ class OutOfStepError(Exception):
     group, a lost lease, entries pending outside any batch): re-sync before going on."""
 
 
-def connect(url: str, *, socket_timeout_s: float, client_name: str) -> redis.Redis:
+def connect(
+    url: str, *, socket_timeout_s: float, client_name: str, cluster: bool | None = None
+) -> redis.Redis:
     """A client that never retries behind our back.
 
     redis-py retries a command silently after a connection error; for XREADGROUP ``>``
     that hands the first reply's entries to this consumer and throws them away. The
     worker handles every connection error itself and then re-syncs with the group.
+
+    A Redis Cluster (``cluster``: True; None: ask the server, ``HELLO``) gets
+    redis-py's cluster client, found from the one node in ``url``. It has the same
+    commands, each routed to its key's node, and is typed here as the plain client
+    (redis-py leaves its own class untyped); :func:`cluster_of` tells them apart.
     """
-    return redis.Redis.from_url(
-        url,
-        decode_responses=False,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=min(socket_timeout_s, 5.0),
-        retry=Retry(NoBackoff(), 0),
-        client_name=client_name,
-    )
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": min(socket_timeout_s, 5.0),
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": client_name,
+    }
+    if cluster is None:
+        cluster = _cluster_enabled(redis.Redis.from_url(url, **options))
+    if not cluster:
+        return redis.Redis.from_url(url, **options)
+    try:
+        nodes = RedisCluster.from_url(url, **options)
+    except redis.exceptions.RedisClusterException as e:  # none of its nodes answered
+        raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
+    return cast(redis.Redis, nodes)
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """What HELLO says the server's mode is (a command every user may run, unlike INFO),
+    on a connection of its own (HELLO 2 sets the protocol it speaks), closed after."""
+    try:
+        reply = client.execute_command("HELLO", "2")  # type: ignore[no-untyped-call]
+    except redis.ConnectionError:
+        return False  # not up yet (the worker waits for it): one server, unless told
+    except redis.ResponseError:
+        return False  # no HELLO: older than Redis 6, so no cluster the worker could use
+    finally:
+        client.close()
+    pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+    mode = {_str(k): v for k, v in pairs}.get("mode")
+    return _str(mode) == "cluster" if mode is not None else False
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def cluster_of(client: redis.Redis) -> RedisCluster | None:
+    """The cluster client ``client`` is (see :func:`connect`), or None: one server."""
+    some: object = client
+    return some if isinstance(some, RedisCluster) else None
+
+
+def primaries(client: RedisCluster) -> list[ClusterNode]:
+    """Every primary; ``node.redis_connection`` is a plain :class:`redis.Redis` to it."""
+    nodes: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
+    return nodes
 
 
 def id_key(entry_id: bytes) -> tuple[int, int]:
@@ -213,14 +261,143 @@ class Wire:
             self._conn = None
 
 
+def routing_key(command: Command) -> bytes | None:
+    """The key that decides which cluster node runs ``command`` (all of its keys share
+    one slot, or the node refuses it), or None: it has none (MULTI, EXEC, a function
+    called with no keys)."""
+    name = command[0].upper()
+    if name in (b"FCALL", b"FCALL_RO", b"EVALSHA", b"EVAL"):
+        return command[3] if int(command[2]) else None
+    if name in (b"XREADGROUP", b"XREAD"):
+        return command[command.index(b"STREAMS") + 1]
+    if name in (b"MULTI", b"EXEC", b"PING", b"TIME") or len(command) < 2:
+        return None
+    return command[1]
+
+
+class Wires:
+    """:class:`Wire` for a single server or a Redis Cluster: commands sent now, their
+    replies read later, in the order sent.
+
+    In a cluster each command goes on a connection to the primary of its key's slot; a
+    command with no key goes with its neighbours (MULTI with the command after it,
+    EXEC with the one before), so a transaction stays on one node. Each node gets one
+    send, and a send's replies are put back in the order of its commands. A MOVED or
+    ASK reply (slots moved between nodes) refreshes the client's slot table for the
+    next send; the reply itself stays an error, as every error does.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._cluster = cluster_of(client)
+        self._single = None if self._cluster else Wire(client)
+        self._nodes: dict[str, Wire] = {}
+        self._plans: deque[list[tuple[Wire, list[int]]]] = deque()  # per send, oldest first
+
+    @property
+    def waiting(self) -> int:
+        """Sends whose replies are not read yet."""
+        return self._single.waiting if self._single else len(self._plans)
+
+    def send(self, commands: Sequence[Command]) -> None:
+        if self._single:
+            self._single.send(commands)
+            return
+        plan: dict[int, tuple[Wire, list[int]]] = {}
+        for index, wire in enumerate(self._route(commands)):
+            plan.setdefault(id(wire), (wire, []))[1].append(index)
+        try:
+            for wire, indices in plan.values():
+                wire.send([commands[i] for i in indices])
+        except BaseException:
+            self.drop()
+            raise
+        self._plans.append(list(plan.values()))
+
+    def receive(self) -> list[Any]:
+        """As :meth:`Wire.receive`."""
+        if self._single:
+            return self._single.receive()
+        replies: list[Any] = []
+        try:
+            plan = self._plans.popleft()
+            replies = [None] * sum(len(indices) for _, indices in plan)
+            for wire, indices in plan:
+                for index, reply in zip(indices, wire.receive(), strict=True):
+                    replies[index] = reply
+        except BaseException:
+            self.drop()
+            raise
+        if any(_moved(reply) for reply in replies):
+            self._refresh()
+        return replies
+
+    def drop(self) -> None:
+        """Disconnect, forgetting every reply still due."""
+        for wire in self._wires():
+            wire.drop()
+        self._plans.clear()
+
+    def close(self) -> None:
+        """Give the connections back (dropped if replies are still due)."""
+        if self._plans:
+            self.drop()
+        for wire in self._wires():
+            wire.close()
+
+    def _wires(self) -> list[Wire]:
+        return [self._single] if self._single else list(self._nodes.values())
+
+    def _route(self, commands: Sequence[Command]) -> list[Wire]:
+        assert self._cluster is not None
+        keys = [routing_key(command) for command in commands]
+        nodes: list[Wire | None] = [None if key is None else self._wire(key) for key in keys]
+        for i, command in enumerate(commands):  # the keyless go with their neighbours
+            if nodes[i] is None:
+                before = [n for n in reversed(nodes[:i]) if n is not None]
+                after = [n for n in nodes[i + 1 :] if n is not None]
+                first, second = (
+                    (after, before) if command[0].upper() == b"MULTI" else (before, after)
+                )
+                nodes[i] = (first or second or [self._default()])[0]
+        return [node for node in nodes if node is not None]
+
+    def _wire(self, key: bytes) -> Wire:
+        assert self._cluster is not None
+        node: ClusterNode = self._cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        return self._node_wire(node)
+
+    def _default(self) -> Wire:
+        assert self._cluster is not None
+        node: ClusterNode = self._cluster.get_default_node()  # type: ignore[no-untyped-call]
+        return self._node_wire(node)
+
+    def _node_wire(self, node: ClusterNode) -> Wire:
+        wire = self._nodes.get(node.name)
+        if wire is None:
+            if node.redis_connection is None:
+                assert self._cluster is not None
+                self._cluster.nodes_manager.create_redis_connections([node])  # type: ignore[no-untyped-call]
+            wire = self._nodes[node.name] = Wire(node.redis_connection)
+        return wire
+
+    def _refresh(self) -> None:
+        assert self._cluster is not None
+        self._cluster.nodes_manager.initialize()
+
+
+def _moved(reply: Any) -> bool:
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK"))
+
+
 def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """Send the commands in one write and read one reply each (see :class:`Wire`)."""
-    wire = Wire(client)
+    """Send the commands in one write (one per node, in a cluster) and read one reply
+    each (see :class:`Wires`)."""
+    wires = Wires(client)
     try:
-        wire.send(commands)
-        return wire.receive()
+        wires.send(commands)
+        return wires.receive()
     finally:
-        wire.close()
+        wires.close()
 
 
 def raise_first_error(replies: Sequence[Any]) -> None:

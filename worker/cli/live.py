@@ -59,6 +59,7 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
             partitions=args.partitions,
             entries=args.entries,
             series=args.series,
+            cluster=not args.no_cluster,
         )
         return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
     return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
@@ -99,17 +100,26 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
 
 
 @contextlib.contextmanager
-def _redis(settings: Settings, command: str) -> Iterator[redis.Redis]:
-    """A client for the configured Redis; a lost connection is a one-line error."""
+def _redis(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, Settings]]:
+    """A client for the configured Redis, and the settings for it (a cluster's keys on a
+    Redis Cluster); a lost connection is a one-line error."""
     url = settings.url()
     if url is None:
         raise ValueError(
             f"{command} needs a Redis: set ATTNLSTM_REDIS_URL or pass --redis-url "
             "(`attnlstm demo` runs an embedded one with a worker and a replay)"
         )
-    client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name=command)
     try:
-        yield client
+        client = connect(
+            url,
+            socket_timeout_s=settings.socket_timeout_s,
+            client_name=command,
+            cluster=settings.cluster,
+        )
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+    try:
+        yield client, settings.on(client)
     except redis.ConnectionError as e:
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
     finally:
@@ -121,7 +131,7 @@ def replay_command(args: argparse.Namespace) -> dict[str, Any]:
     settings = from_flags(
         redis_url=args.redis_url, input_stream=args.stream, partitions=args.partitions
     )
-    with _redis(settings, "replay") as client:
+    with _redis(settings, "replay") as (client, settings):
         return replay(
             client,
             settings.input_stream,
@@ -160,7 +170,7 @@ def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(args.series, int):
         raise ValueError("plot --from-stream needs --series ID: the series to draw")
     settings = from_flags(redis_url=args.redis_url, partitions=args.partitions)
-    with _redis(settings, "plot") as client:
+    with _redis(settings, "plot") as (client, settings):
         views = read_views(
             client,
             settings.keys,
@@ -184,7 +194,7 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         models_stream=args.models_stream,
         model_key_file=args.model_key_file,
     )
-    with _redis(settings, "models") as client:
+    with _redis(settings, "models") as (client, settings):
         store = ModelStore(
             client, settings.keys, keep=settings.keep_models, source="cli", key=settings.model_key()
         )

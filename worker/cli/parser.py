@@ -160,6 +160,11 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     pool.add_argument(
         "--partitions", type=positive, default=12, help="partitions they share (default 12)"
     )
+    pool.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="with no --redis-url: one embedded server only, no local 3-master cluster",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 

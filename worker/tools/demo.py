@@ -72,18 +72,26 @@ def run_demo(
     assert engine is not None  # the demo always has its model file
     first_version = engine.version
     with url_or_embedded(settings.url()) as url:
-        client = connect(url, socket_timeout_s=settings.socket_timeout_s, client_name="demo")
+        client = connect(
+            url,
+            socket_timeout_s=settings.socket_timeout_s,
+            client_name="demo",
+            cluster=settings.cluster,
+        )
         try:
-            keys = settings.keys
-            client.delete(keys.input, keys.output, keys.dead, keys.state, keys.lease, keys.fence)
-            client.delete(keys.models, keys.versions, keys.serving, keys.finetune_lock)
-            client.delete(keys.finetune_fence)
+            settings = settings.on(client)
+            keys, lanes = settings.keys, _lanes(settings)
+            client.delete(keys.input, keys.partitions, keys.pool, keys.models, keys.versions)
+            client.delete(keys.serving, keys.finetune_lock, keys.finetune_fence)
+            for lane in lanes:
+                client.delete(lane.input, lane.output, lane.dead, lane.state, lane.lease)
+                client.delete(lane.fence, lane.handling)
             worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
             report = _run(client, url, worker, settings, plan, progress)
-            views = read_views(client, keys)
+            views = read_views(client, keys, partitions=settings.partitions)
             report |= summary(views)
-            report["entries"] = client.xlen(keys.input)
-            report["dead"] = client.xlen(keys.dead)
+            report["entries"] = sum(client.xlen(lane.input) for lane in lanes)
+            report["dead"] = sum(client.xlen(lane.dead) for lane in lanes)
             events = [f for _, f in ModelStore(client, keys, keep=1, source="demo").events()]
         finally:
             client.close()
@@ -201,12 +209,17 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
     return path
 
 
-def _replay_child(url: str, stream: str, plan: DemoPlan) -> None:
+def _lanes(settings: Settings) -> list[Keys]:
+    """The keys of each partition the demo's worker serves."""
+    return [settings.keys.partition(k, settings.partitions) for k in range(settings.partitions)]
+
+
+def _replay_child(url: str, settings: Settings, plan: DemoPlan) -> None:
     """The demo's producer, in its own process, as a real producer would be. Ctrl-C is
     the parent's to handle: it stops this process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    client = redis.Redis.from_url(url)
+    client = connect(url, socket_timeout_s=30, client_name="replay", cluster=settings.cluster)
     if plan.csv is not None:
         entries = csv_entries(plan.csv)
     else:
@@ -216,7 +229,14 @@ def _replay_child(url: str, stream: str, plan: DemoPlan) -> None:
         )
         entries = sine_entries(spec, seed=plan.seed, bad_rate=plan.bad_rate)
     seconds = None if plan.csv is not None else plan.seconds
-    replay(client, stream, entries, rate=plan.rate, seconds=seconds)
+    replay(
+        client,
+        settings.input_stream,
+        entries,
+        rate=plan.rate,
+        seconds=seconds,
+        partitions=settings.partitions,
+    )
     client.close()
 
 
@@ -240,7 +260,7 @@ def _run(
 
     thread = threading.Thread(target=serve, name="worker")
     producer = multiprocessing.get_context("spawn").Process(
-        target=_replay_child, args=(url, settings.input_stream, plan), name="replay"
+        target=_replay_child, args=(url, settings, plan), name="replay"
     )
     started = time.monotonic()
     interrupted = False
@@ -271,18 +291,19 @@ def _wait(
     plan: DemoPlan,
     progress: bool,
 ) -> None:
-    keys = settings.keys
+    lanes = _lanes(settings)
     total = None if plan.csv is not None else plan.seconds
     with tqdm(total=total, desc="demo", unit=" s", disable=not progress) as bar:
         started = time.monotonic()
         while producer.is_alive():
             time.sleep(0.5)
             bar.n = round(time.monotonic() - started, 1)
-            bar.set_postfix(forecasts=client.xlen(keys.output), dead=client.xlen(keys.dead))
+            forecasts = sum(client.xlen(lane.output) for lane in lanes)
+            bar.set_postfix(forecasts=forecasts, dead=sum(client.xlen(lane.dead) for lane in lanes))
     deadline = time.monotonic() + CATCH_UP_S
     while time.monotonic() < deadline:
-        info = group_info(client, keys) if client.exists(keys.input) else {}
-        if info.get("lag") == 0 and info.get("pending") == 0:
+        infos = [group_info(client, lane) for lane in lanes if client.exists(lane.input)]
+        if all(info.get("lag") == 0 and info.get("pending") == 0 for info in infos):
             return
         time.sleep(0.1)
     log.warning("the worker had not caught up %.0f s after the replay ended", CATCH_UP_S)

@@ -1,11 +1,14 @@
 """``attnlstm bench --workers 1,2,4 --partitions P``: what a pool of workers drains
-together, beside as many raw clients on the same partitions, in the same run.
+together, beside as many raw clients on the same partitions, in the same run: on an
+embedded server and on a local 3-master Redis Cluster (:mod:`worker.localcluster`), or
+on the Redis of ``--redis-url``, whichever it is.
 
 - pool of N: N ``attnlstm worker`` processes sharing P partitions (worker/pool.py);
 - raw, N clients: N processes, each reading its share of the partitions with one
-  XREADGROUP and publishing each partition's forecasts (fixed values of the worker's
-  sizes) and acks through the same fenced call, with no validation, windows or model:
-  the ceiling the server puts on a pool of that size.
+  XREADGROUP (one per partition, polled, on a cluster) and publishing each partition's
+  forecasts (fixed values of the worker's sizes) and acks through the same fenced call,
+  with no validation, windows or model: the ceiling the server puts on a pool of that
+  size.
 
 Each run starts its processes on empty streams whose consumer groups begin past any
 entry, waits until every partition is held (the pool balanced), writes the entries,
@@ -41,7 +44,17 @@ from attnlstm.train import new_model
 from worker.embedded import url_or_embedded
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library, process_token
-from worker.streams import Wire, connect, raise_first_error, read_groups, read_streams
+from worker.localcluster import NoClusterError, local_cluster
+from worker.pipeline import CLUSTER_POLL_S
+from worker.streams import (
+    Wires,
+    cluster_of,
+    connect,
+    primaries,
+    raise_first_error,
+    read_groups,
+    read_streams,
+)
 from worker.tools.bench import machine, raw_call, raw_forecasts
 
 log = logging.getLogger("attnlstm.bench")
@@ -59,6 +72,7 @@ class PoolPlan:
     entries: int = 100_000
     series: int = 1_000
     max_batch: int = 1024
+    cluster: bool = True  # with no URL given, a local 3-master cluster after one server
 
 
 def run_pool_bench(
@@ -71,35 +85,53 @@ def run_pool_bench(
         "partitions": plan.partitions,
         "entries": plan.entries,
         "series": plan.series,
-        "runs": [],
+        "targets": [],
     }
-    with (
-        url_or_embedded(url) as server_url,
-        tempfile.TemporaryDirectory(prefix="attnlstm-bench-") as tmp,
-    ):
+    with tempfile.TemporaryDirectory(prefix="attnlstm-bench-") as tmp:
         model_file = Path(tmp) / "model.safetensors"
         save(model_file, model)
-        client = connect(server_url, socket_timeout_s=30, client_name="bench")
-        run_id = f"bench-pool-{os.getpid()}-{int(time.time())}"
-        try:
-            for n in plan.workers:
-                log.info("%d raw client(s) over %d partitions", n, plan.partitions)
-                base = Keys.prefixed(f"{run_id}:raw{n}:")
-                raw = _timed(client, base, plan, _raw_clients(server_url, base, plan, n))
-                log.info("a pool of %d worker(s) over %d partitions", n, plan.partitions)
-                base = Keys.prefixed(f"{run_id}:pool{n}:")
-                workers = _workers(server_url, base, plan, n, model_file, device)
-                pool = _timed(client, base, plan, workers)
-                report["runs"].append({"workers": n, "pool": pool, "raw": raw})
-        finally:
-            for key in client.scan_iter(match=f"{run_id}*"):
-                client.delete(key)
-            client.close()
-    one = report["runs"][0]["pool"]["entries_per_s"]
-    for run in report["runs"]:
+        with url_or_embedded(url) as server_url:
+            report["targets"].append(_runs(server_url, plan, model_file, device))
+        if url is None and plan.cluster:
+            try:
+                with local_cluster(Path(tmp) / "cluster") as cluster:
+                    report["targets"].append(_runs(cluster.url, plan, model_file, device))
+            except NoClusterError as e:
+                log.warning("%s: the bench ran on one server only", e)
+    return report
+
+
+def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, Any]:
+    """Raw clients, then a pool, of each size, on the Redis at ``url``."""
+    client = connect(url, socket_timeout_s=30, client_name="bench")
+    nodes = cluster_of(client)
+    where = f"{len(primaries(nodes))}-master cluster" if nodes else "one server"
+    run_id = f"bench-pool-{os.getpid()}-{int(time.time())}"
+    runs: list[dict[str, Any]] = []
+    try:
+        for n in plan.workers:
+            log.info("%s: %d raw client(s) over %d partitions", where, n, plan.partitions)
+            base = _base(client, f"{run_id}:raw{n}:")
+            raw = _timed(client, base, plan, _raw_clients(url, base, plan, n))
+            log.info("%s: a pool of %d worker(s) over %d partitions", where, n, plan.partitions)
+            base = _base(client, f"{run_id}:pool{n}:")
+            workers = _workers(url, base, plan, n, model_file, device)
+            pool = _timed(client, base, plan, workers)
+            runs.append({"workers": n, "pool": pool, "raw": raw})
+    finally:
+        for key in client.scan_iter(match=f"{run_id}*"):
+            client.delete(key)
+        client.close()
+    one = runs[0]["pool"]["entries_per_s"]
+    for run in runs:
         run["pool_vs_raw"] = round(run["pool"]["entries_per_s"] / run["raw"]["entries_per_s"], 3)
         run["pool_vs_one"] = round(run["pool"]["entries_per_s"] / one, 2)
-    return report
+    return {"redis": where, "runs": runs}
+
+
+def _base(client: redis.Redis, prefix: str) -> Keys:
+    keys = Keys.prefixed(prefix)
+    return keys.clustered() if cluster_of(client) else keys
 
 
 @contextlib.contextmanager
@@ -165,22 +197,29 @@ def _raw_client(url: str, base: Keys, plan: PoolPlan, share: list[int], stop: An
     fences = {k: _fence(client, keys, token) for k, keys in parts.items()}
     names = {keys.input.encode(): k for k, keys in parts.items()}
     each = -(-plan.max_batch // len(share))
-    read = read_groups(
-        base.group, "bench-raw", [keys.input for keys in parts.values()], each, BLOCK_MS
+    inputs = [keys.input for keys in parts.values()]
+    polled = cluster_of(client) is not None  # one read per partition's slot, not blocking
+    reads = (
+        [read_groups(base.group, "bench-raw", [name], each, None) for name in inputs]
+        if polled
+        else [read_groups(base.group, "bench-raw", inputs, each, BLOCK_MS)]
     )
-    wire = Wire(client)
+    wires = Wires(client)
     attn_width = ModelConfig().window
     while not stop.is_set():
-        wire.send([read])
-        (reply,) = wire.receive()
+        wires.send(reads)
+        read = {name: e for reply in wires.receive() for name, e in read_streams(reply).items()}
         calls = [
             raw_call(MAXLEN, fences[names[name]], entries, raw_forecasts(entries, attn_width))
-            for name, entries in read_streams(reply).items()
+            for name, entries in read.items()
+            if entries
         ]
         if calls:
-            wire.send(calls)
-            raise_first_error(wire.receive())
-    wire.close()
+            wires.send(calls)
+            raise_first_error(wires.receive())
+        elif polled:
+            time.sleep(CLUSTER_POLL_S)
+    wires.close()
     client.close()
 
 
@@ -225,7 +264,10 @@ def _timed(
 
 def _balanced(client: redis.Redis, parts: list[Keys], n: int) -> bool:
     """Every partition held, and the holders' shares those of a balanced pool of ``n``."""
-    holders = cast(list[bytes | None], client.mget([keys.lease for keys in parts]))
+    pipe = client.pipeline(transaction=False)
+    for keys in parts:
+        pipe.get(keys.lease)
+    holders = cast(list[bytes | None], pipe.execute())
     if None in holders:
         return False
     base, extra = divmod(len(parts), n)
@@ -281,14 +323,15 @@ def format_pool_report(report: dict[str, Any]) -> str:
         f"device {report['device']}. {report['entries']:,} entries over {report['series']:,} "
         f"series in {report['partitions']} partitions.",
         "",
-        "| workers | pool entries/s | raw clients entries/s | pool / raw | pool / one worker "
-        "| worker RSS, MB each |",
-        "| ---: | ---: | ---: | ---: | ---: | --- |",
+        "| Redis | workers | pool entries/s | raw clients entries/s | pool / raw "
+        "| pool / one worker | worker RSS, MB each |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         *(
-            f"| {r['workers']} | {r['pool']['entries_per_s']:,.0f} "
+            f"| {t['redis']} | {r['workers']} | {r['pool']['entries_per_s']:,.0f} "
             f"| {r['raw']['entries_per_s']:,.0f} | {r['pool_vs_raw']:.0%} "
             f"| {r['pool_vs_one']:.2f}x | {', '.join(f'{x:.0f}' for x in r['pool']['rss_mb'])} |"
-            for r in report["runs"]
+            for t in report["targets"]
+            for r in t["runs"]
         ),
     ]
     return "\n".join(lines)

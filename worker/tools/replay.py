@@ -26,7 +26,7 @@ from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.keys import Keys
 from worker.pool import mark_partitions
-from worker.streams import round_trip, xadd
+from worker.streams import cluster_of, round_trip, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
 
@@ -181,12 +181,11 @@ def replay(
     given; Ctrl-C stops it too, with the report so far. With ``partitions`` P > 1 each
     entry goes to its series' partition of ``stream`` (:func:`partition_of`, and the
     names of :meth:`Keys.partition`); an entry with no series, to partition 0's.
-    PartitionsError when the streams are written in another number of partitions."""
-    mark_partitions(client, Keys(input=stream), partitions)
-    heads = [
-        xadd(Keys(input=stream).partition(k, partitions).input, maxlen=maxlen)
-        for k in range(partitions)
-    ]
+    PartitionsError when the streams are written in another number of partitions. On a
+    Redis Cluster every partition's name is tagged, even a single one's (``stream{0}``)."""
+    keys = Keys(input=stream).clustered() if cluster_of(client) else Keys(input=stream)
+    mark_partitions(client, keys, partitions)
+    heads = [xadd(keys.partition(k, partitions).input, maxlen=maxlen) for k in range(partitions)]
     source = iter(entries)
     paced_total = None if rate is None or seconds is None else round(seconds * rate)
     sent, done, interrupted = 0, False, False

@@ -1,0 +1,125 @@
+"""The product on a Redis Cluster, run as a user runs it: ``replay``, ``worker``,
+``plot --from-stream``, ``models`` and ``demo`` given a cluster node's URL, every key
+tagged so that a partition's keys, and the models keys, each share one slot. (The pool
+on a cluster: tests/test_pool.py; redis-py's cluster client itself:
+tests/test_cluster_basics.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from attnlstm.checkpoint import save
+from attnlstm.model import AttentionLSTM
+from tests.cluster import LocalCluster, keyslot, owner
+from tests.conftest import CLI
+from tests.helpers import entries, worker_cmd, worker_env
+from worker.keys import Keys
+from worker.streams import Wires, cluster_of, connect, multi_exec, xadd
+from worker.tools.demo import DEMO_KEYS
+
+
+@pytest.fixture
+def client(redis_cluster: LocalCluster) -> redis.Redis:
+    client = connect(redis_cluster.url, socket_timeout_s=10, client_name="test")
+    assert cluster_of(client) is not None  # found out by asking the node (HELLO)
+    return client
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(
+        args, capture_output=True, text=True, env=env or worker_env(), cwd=cwd, timeout=180,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_replay_worker_plot_and_models_take_a_cluster_url(
+    redis_cluster: LocalCluster, client: redis.Redis, stream_prefix: str, model_file: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    url, partitions, base = redis_cluster.url, 3, Keys.prefixed(stream_prefix).clustered()
+    sines = ["--series", "12", "--points", "60", "--seed", "5"]
+    replay = [*CLI, "replay", "--redis-url", url, "--stream", base.input, "--fast"]
+    report = _cli([*replay, "--partitions", str(partitions), *sines, "--json"], tmp_path)
+    assert report["entries"] == 12 * 60
+    lanes = [base.partition(k, partitions) for k in range(partitions)]
+    assert sum(client.xlen(lane.input) for lane in lanes) == 12 * 60
+    assert not client.exists(base.input)  # only the tagged partitions were written
+
+    worker = worker_cmd(model_file, url, base, "--partitions", str(partitions), "--burst")
+    report = _cli([*worker, "--json"], tmp_path)
+    assert report["forecasts"] == 12 * (60 - 20 + 1)
+    nodes = redis_cluster.client()
+    for lane in lanes:  # each partition's keys in one slot, its input's
+        slots = {keyslot(nodes, key) for key in (lane.input, lane.output, lane.state, lane.lease)}
+        assert len(slots) == 1
+        assert client.xlen(lane.output) > 0
+
+    env = worker_env() | {
+        "ATTNLSTM_OUTPUT_STREAM": base.output,
+        "ATTNLSTM_INPUT_STREAM": base.input,
+    }
+    plot = [*CLI, "plot", "--from-stream", "--redis-url", url, "--out", str(tmp_path)]
+    report = _cli(
+        [*plot, "--partitions", str(partitions), "--series", "sine-7", "--json"], tmp_path, env
+    )
+    assert report["forecasts"] == 60 - 20 + 1
+
+    models = [*CLI, "models", "list", "--redis-url", url, "--models-stream", base.models]
+    report = _cli([*models, "--json"], tmp_path)
+    assert report["serving"] is not None  # the worker stored its model file and serves it
+    assert base.serving.startswith("{")  # under the models' hash tag
+    assert client.exists(base.serving)
+
+
+def test_the_demo_runs_on_a_cluster_in_partitions(
+    redis_cluster: LocalCluster, client: redis.Redis, trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    save(tmp_path / "model.safetensors", trained_sines, {"data": "sines"})
+    env = worker_env() | {"ATTNLSTM_REDIS_URL": redis_cluster.url, "ATTNLSTM_PARTITIONS": "4"}
+    cmd = [*CLI, "demo", "--seconds", "3", "--series", "10", "--rate", "500", "--json"]
+    report = _cli([*cmd, "--out", str(tmp_path)], tmp_path, env)
+    assert report["entries"] == 1500
+    assert report["forecasts"] > 0
+    assert report["mae"] < report["naive_mae"]
+    keys = DEMO_KEYS.clustered()
+    written = [client.xlen(keys.partition(k, 4).input) for k in range(4)]
+    assert sum(written) == 1500
+    assert all(written)  # every partition had some
+
+
+def test_wires_send_each_command_to_its_node_and_keep_the_order(
+    redis_cluster: LocalCluster, client: redis.Redis, stream_prefix: str
+) -> None:
+    """One send across every node, a transaction among it: the replies come back in the
+    order of the commands."""
+    base = Keys.prefixed(stream_prefix).clustered()
+    lanes = [base.partition(k, 6) for k in range(6)]
+    nodes = {owner(redis_cluster.client(), lane.input).name for lane in lanes}
+    assert len(nodes) >= 2  # the partitions span nodes
+    wires = Wires(client)
+    try:
+        commands = [
+            (*xadd(lane.input, maxlen=None), b"k", b"%d" % k) for k, lane in enumerate(lanes)
+        ]
+        moved = multi_exec(
+            [(b"SET", lanes[0].state.encode(), b"x"), (b"GET", lanes[0].state.encode())]
+        )
+        wires.send([*commands, *moved, (b"XLEN", lanes[5].input.encode())])
+        replies = wires.receive()
+    finally:
+        wires.close()
+    ids = replies[: len(lanes)]
+    assert all(isinstance(i, bytes) and b"-" in i for i in ids)
+    assert replies[len(lanes) : -1] == [b"OK", b"QUEUED", b"QUEUED", [b"OK", b"x"]]
+    assert replies[-1] == 1
+    for lane, entry_id in zip(lanes, ids, strict=True):
+        assert entries(client, lane.input)[0][0] == entry_id
