@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from worker.state import CHUNK, META, NO_SLOT, StateError, WindowState, chunk_field
@@ -168,7 +170,7 @@ def _save(state: WindowState, into: dict[bytes, bytes] | None = None) -> dict[by
     return fields
 
 
-def _restore(fields: dict[bytes, bytes], **kwargs: int) -> WindowState:
+def _restore(fields: dict[bytes, bytes], **kwargs: Any) -> WindowState:
     return WindowState.restore(fields.get, **kwargs)
 
 
@@ -409,3 +411,33 @@ def test_a_chunk_quiet_since_an_old_save_is_re_read_from_its_change_not_its_save
     assert json.loads(state.meta())["last_id"] == "900-0"
     restored = _restore(fields | {META: state.meta()}, window=2, length=3, max_series=2 * CHUNK)
     assert restored.windows(["a"]).tolist() == [[0.0, 0.0]]  # the value at 900-1 comes again
+
+
+def test_only_the_first_history_series_keep_a_history_and_every_series_its_window() -> None:
+    """``history_series`` bounds the history (whole chunks of series keep one); every
+    series still forecasts from its full window, before and after a checkpoint, and
+    restored with another ``history_series`` the windows are unchanged."""
+    pool = 3 * CHUNK
+    state = WindowState(window=3, length=6, max_series=4 * CHUNK, history_series=CHUNK + 1)
+    assert state.history_slots == 2 * CHUNK
+    history: History = {}
+    names = [f"s{i}" for i in range(pool)]
+    for step in range(8):  # 8 values each, one round a batch, every window checked
+        _assert_push_matches(state, history, names, [step * 1000.0 + i for i in range(pool)])
+    kept, values = state.histories()
+    assert kept == names[: 2 * CHUNK]  # the first two chunks' series, in slot order
+    assert [v.tolist() for v in values] == [history[name][-6:] for name in kept]
+    fields = _save(state)
+    widths = [st_load(fields[chunk_field(k)])["values"].shape for k in range(3)]
+    assert widths == [(CHUNK, 6), (CHUNK, 6), (CHUNK, 3)]  # histories, then windows only
+    for history_series in (CHUNK + 1, 1, None):
+        restored = _restore(
+            fields, window=3, length=6, max_series=4 * CHUNK, history_series=history_series
+        )
+        np.testing.assert_array_equal(restored.windows(names), state.windows(names))
+        kept, values = restored.histories()
+        assert kept == names[: restored.history_slots]
+        # A series saved with its window only has only that once it keeps a history.
+        assert [v.tolist() for v in values] == [
+            history[name][-(6 if i < 2 * CHUNK else 3) :] for i, name in enumerate(kept)
+        ]

@@ -454,12 +454,13 @@ class Worker:
         self.pipeline.drain()
 
     def _empty_state(self) -> WindowState:
-        length = max(self.settings.history_len, self.window)
+        s = self.settings
         return WindowState(
             window=self.window,
-            length=length,
-            max_series=self.settings.max_series,
-            idle_ms=int(self.settings.series_idle_s * 1000),
+            length=max(s.history_len, self.window),
+            max_series=s.max_series,
+            idle_ms=int(s.series_idle_s * 1000),
+            history_series=-(-s.history_series // s.partitions),  # the pool's, spread
         )
 
     def _finish(self) -> bool:

@@ -142,6 +142,7 @@ class Recovery:
                 length=empty.length,
                 max_series=empty.max_series,
                 idle_ms=empty.idle_ms,
+                history_series=empty.history_slots,
             )
         except StateError as e:
             log.error("%s; rebuilding the windows from the stream instead", e)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"  # the address they listen on; 0.0.0.0: every interface
 
     history_len: int = Field(default=200, ge=2)  # values kept per series, for fine-tuning
+    # Series that keep history_len values, in all the partitions together (the first seen
+    # in each); every other series keeps only its window.
+    history_series: int = Field(default=10_000, ge=1)
     series_idle_s: float = Field(default=7 * 86400, ge=0)  # then its slot is freed; 0: never
     mae_halflife_s: float = Field(default=30.0, gt=0)  # the rolling MAE's half-life
     finetune_interval_s: float = Field(default=300.0, ge=0)  # between fine-tunes; 0: off

@@ -5,6 +5,12 @@ so appending a batch and gathering the windows that end at each new value are a 
 numpy calls per *round* (the k-th value of each series in the batch), never a Python
 loop per value.
 
+Every series keeps its last ``window`` values, what a forecast sees. Only the series of
+the first ``history_slots`` slots (``history_series``, in whole chunks) also keep their
+last ``length`` values, in an array of their own: the history fine-tuning learns from.
+A window costs ``window`` values, a history ``length``: a million series can have
+windows where they could not all have histories.
+
 A series whose last value is older than ``idle_ms`` (by entry time) starts afresh when
 its next value comes, and :meth:`WindowState.sweep` frees its slot for another series:
 junk names cannot hold slots for ever. Both follow from the entries alone, so a replay
@@ -36,7 +42,7 @@ from safetensors.numpy import save as st_save
 
 FORMAT = "attnlstm-state"
 FORMAT_VERSION = "3"
-CHUNK = 128  # slots per saved chunk: 128 x 200 values x 8 bytes = 200 KB by default
+CHUNK = 128  # slots per saved chunk: 128 x 200 values x 8 bytes = 200 KB, with histories
 NO_SLOT = -1  # a new series past max_series
 META = b"meta"
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -64,20 +70,27 @@ class WindowState:
         length: int | None = None,
         max_series: int,
         idle_ms: int = 0,
+        history_series: int | None = None,
     ) -> None:
+        """``history_series``: how many series keep ``length`` values (None: all)."""
         length = window if length is None else length
         if not 1 <= window <= length:
             raise ValueError(f"need 1 <= window <= length, got window={window}, length={length}")
         self.window = window  # values a forecast sees
-        self.length = length  # values kept per series (the history)
+        self.length = length  # values a series with a history keeps
         self.max_series = max_series
+        kept = max_series if history_series is None else min(history_series, max_series)
+        # The slots whose series keep a history: whole chunks, so that a saved chunk
+        # holds histories or windows, not both.
+        self.history_slots = min(-(-kept // CHUNK) * CHUNK, max_series)
         self.idle_ms = idle_ms  # 0: a series keeps its slot for ever
         self.last_id = b"0-0"  # the last input entry these windows reflect
         self._slots: dict[str, int] = {}
         self._names: list[str | None] = []  # by slot; None: free
         self._free: list[int] = []  # a heap of free slots below len(_names)
         capacity = min(1024, max_series)
-        self._ring = np.zeros((capacity, length), dtype=np.float64)  # (S, L)
+        self._ring = np.zeros((capacity, window), dtype=np.float64)  # (S, W)
+        self._history = np.zeros((min(capacity, self.history_slots), length), dtype=np.float64)
         self._count = np.zeros(capacity, dtype=np.int64)  # values seen per slot
         self._last_ms = np.zeros(capacity, dtype=np.int64)  # entry time of the last value
         self._used = np.zeros(capacity, dtype=bool)  # slots that hold a series
@@ -129,6 +142,8 @@ class WindowState:
     def _grow(self) -> None:
         capacity = min(2 * self._ring.shape[0], self.max_series)
         self._ring = _grown(self._ring, capacity)
+        if self._history.shape[0] < self.history_slots:
+            self._history = _grown(self._history, min(capacity, self.history_slots))
         self._count = _grown(self._count, capacity)
         self._last_ms = _grown(self._last_ms, capacity)
         self._used = _grown(self._used, capacity)
@@ -169,12 +184,15 @@ class WindowState:
             if self.idle_ms:
                 stale = ms[idx] - self._last_ms[s] > self.idle_ms
                 self._count[s[stale]] = 0  # idle too long: a fresh start
-            self._ring[s, self._count[s] % self.length] = values[idx]
+            self._ring[s, self._count[s] % self.window] = values[idx]
+            kept = s < self.history_slots
+            h = s[kept]
+            self._history[h, self._count[h] % self.length] = values[idx][kept]
             self._count[s] += 1
             self._last_ms[s] = ms[idx]
             full[idx] = self._count[s] >= self.window
             if gather:
-                cols = (self._count[s, None] + self._window_cols) % self.length  # (n_r, W)
+                cols = (self._count[s, None] + self._window_cols) % self.window  # (n_r, W)
                 windows[idx] = self._ring[s[:, None], cols]
         self._touch(slots)
         return full, windows[full] if gather else windows
@@ -219,20 +237,22 @@ class WindowState:
     def windows(self, names: Sequence[str]) -> np.ndarray:
         """The current window (window,) of each named, known series; NaN where not full."""
         s = np.array([self._slots[name] for name in names], dtype=np.int64)
-        cols = (self._count[s, None] + self._window_cols) % self.length
+        cols = (self._count[s, None] + self._window_cols) % self.window
         out: np.ndarray = self._ring[s[:, None], cols]
         out[self._count[s] < self.window] = np.nan
         return out
 
     def histories(self) -> tuple[list[str], list[np.ndarray]]:
-        """Every series' kept values (up to ``length``, oldest first): what fine-tuning
-        learns from."""
+        """The histories (up to ``length`` values, oldest first) of the series that keep
+        one: what fine-tuning learns from."""
         names, out = [], []
         for name, slot in self._slots.items():
+            if slot >= self.history_slots:
+                continue
             kept = min(int(self._count[slot]), self.length)
             cols = (self._count[slot] + np.arange(-kept, 0)) % self.length
             names.append(name)
-            out.append(self._ring[slot, cols].copy())
+            out.append(self._history[slot, cols].copy())
         return names, out
 
     # -- saving ------------------------------------------------------------------------
@@ -257,9 +277,12 @@ class WindowState:
         lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(self._names))
         pos = [s - lo for s in range(lo, hi) if self._names[s] is not None]
         slots = np.asarray(pos, dtype=np.int64) + lo
-        cols = (self._count[slots, None] + np.arange(-self.length, 0)) % self.length
+        ring, width = (
+            (self._history, self.length) if lo < self.history_slots else (self._ring, self.window)
+        )
+        cols = (self._count[slots, None] + np.arange(-width, 0)) % width
         tensors = {
-            "values": np.ascontiguousarray(self._ring[slots[:, None], cols]),  # (n, L)
+            "values": np.ascontiguousarray(ring[slots[:, None], cols]),  # (n, L or W)
             "count": self._count[slots].copy(),
             "last_ms": self._last_ms[slots].copy(),
             "pos": np.asarray(pos, dtype=np.int64),
@@ -300,12 +323,19 @@ class WindowState:
         length: int | None = None,
         max_series: int,
         idle_ms: int = 0,
+        history_series: int | None = None,
     ) -> WindowState:
         """Restore from the state hash, reading one field at a time (``read(field)``,
-        None: missing), keeping the most recent values when the window or length
-        changed; StateError when it is not a whole, valid checkpoint. The windows then
-        skip what each chunk holds: :meth:`holds`."""
-        state = cls(window=window, length=length, max_series=max_series, idle_ms=idle_ms)
+        None: missing), keeping the most recent values when the window, length or
+        history series changed; StateError when it is not a whole, valid checkpoint.
+        The windows then skip what each chunk holds: :meth:`holds`."""
+        state = cls(
+            window=window,
+            length=length,
+            max_series=max_series,
+            idle_ms=idle_ms,
+            history_series=history_series,
+        )
         try:
             meta = json.loads(_field(read, META))
             if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -355,12 +385,16 @@ class WindowState:
             self._names[slot] = name
             self._used[slot] = True
         old_length = values.shape[1]
-        kept = min(old_length, self.length)
         s = np.asarray(slots, dtype=np.int64)
         self._count[s] = np.minimum(count, old_length)
         self._last_ms[s] = last_ms
-        cols = (self._count[s, None] + np.arange(-kept, 0)) % self.length
+        kept = min(old_length, self.window)
+        cols = (self._count[s, None] + np.arange(-kept, 0)) % self.window
         self._ring[s[:, None], cols] = values[:, old_length - kept :]
+        if k * CHUNK < self.history_slots:
+            kept = min(old_length, self.length)
+            cols = (self._count[s, None] + np.arange(-kept, 0)) % self.length
+            self._history[s[:, None], cols] = values[:, old_length - kept :]
         return slots, stamp
 
 

@@ -193,6 +193,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
     ("--metrics-host", "metrics_host", str, "their address (default 127.0.0.1; 0.0.0.0: all)"),
     ("--history-len", "history_len", positive, "values kept per series (default 200)"),
+    ("--history-series", "history_series", positive, "series that keep them (default 10000)"),
     ("--series-idle-s", "series_idle_s", float, "idle series free their slot, 0: never (7 d)"),
     ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
     ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),
