@@ -25,7 +25,8 @@ from redis.retry import Retry
 from attnlstm.checkpoint import CheckpointError, dumps
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
-from tests.conftest import ROOT
+from tests.cluster import LocalCluster
+from tests.conftest import CLI, ROOT
 from tests.helpers import (
     assert_forecasts,
     burst_cli,
@@ -40,6 +41,7 @@ from worker.cli import main
 from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
 from worker.keys import Keys
 from worker.lease import Lease
+from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
 
@@ -198,25 +200,7 @@ class AclServer:
                     time.sleep(0.02)
 
     def load_functions(self) -> None:
-        """What the `functions` service does once Redis is up: deploy/load-functions.sh,
-        as the `loader` user, with the CLI that comes with the server."""
-        env = {
-            "PATH": f"{self.binary.parent}{os.pathsep}{os.environ['PATH']}",
-            "REDIS_HOST": "127.0.0.1",
-            "REDIS_PORT": str(self.port),
-            "LOADER_PASSWORD_FILE": str(self.password_file("loader")),
-            "FUNCTIONS_FILE": str(ROOT / "worker" / "functions.lua"),
-        }
-        done = subprocess.run(
-            ["sh", str(DEPLOY / "load-functions.sh")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "loaded the attnlstm functions" in done.stdout
+        _load_functions(self.binary.parent, self.port, self.password_file("loader"))
 
     def stop(self) -> None:
         if self.process is not None:
@@ -225,13 +209,32 @@ class AclServer:
             self.process = None
 
 
-@pytest.fixture(params=_server_binaries())
-def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclServer]:
-    """The ACL file rendered by the container's entrypoint script from the shipped
-    template and secrets made by make-secrets.sh, plus an `admin` user (tests only) to
-    look at what the others did."""
-    secrets = make_secrets(tmp_path)
-    acl_file = tmp_path / "users.acl"
+def _load_functions(cli_directory: Path, port: int, password_file: Path) -> None:
+    """What the `functions` service does once Redis is up: deploy/load-functions.sh,
+    as the `loader` user, with the CLI found in ``cli_directory``."""
+    env = {
+        "PATH": f"{cli_directory}{os.pathsep}{os.environ['PATH']}",
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(port),
+        "LOADER_PASSWORD_FILE": str(password_file),
+        "FUNCTIONS_FILE": str(ROOT / "worker" / "functions.lua"),
+    }
+    done = subprocess.run(
+        ["sh", str(DEPLOY / "load-functions.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "loaded the attnlstm functions" in done.stdout
+
+
+def _render_acl(directory: Path, secrets: Path) -> Path:
+    """The ACL file the container's entrypoint script renders from the shipped template
+    and the secrets."""
+    acl_file = directory / "users.acl"
     env = {
         "PATH": os.environ["PATH"],
         "ACL_TEMPLATE": str(DEPLOY / "users.acl.template"),
@@ -242,6 +245,16 @@ def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclSe
     }
     # The entrypoint renders, then runs its arguments: the server in the container.
     subprocess.run(["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"], env=env, check=True)
+    return acl_file
+
+
+@pytest.fixture(params=_server_binaries())
+def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclServer]:
+    """The ACL file rendered by the container's entrypoint script from the shipped
+    template and secrets made by make-secrets.sh, plus an `admin` user (tests only) to
+    look at what the others did."""
+    secrets = make_secrets(tmp_path)
+    acl_file = _render_acl(tmp_path, secrets)
     with acl_file.open("a") as f:
         f.write("user admin on >admin ~* &* +@all\n")
     data = tmp_path / "data"
@@ -513,3 +526,39 @@ def test_the_readme_names_every_metric_the_worker_exports() -> None:
         for family in Metrics().registry.collect()
     }
     assert documented == exported
+
+
+def test_the_users_run_a_pool_on_a_redis_cluster(
+    redis_cluster: LocalCluster, model_file: Path, trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    """The same users on every node of a 3-master cluster, and the functions loaded on
+    every primary by load-functions.sh as `loader`: the producer's replay and the
+    worker's drain of 4 partitions go through, refused nothing but CLIENT SETINFO."""
+    secrets = make_secrets(tmp_path)
+    users = [line.split() for line in _render_acl(tmp_path, secrets).read_text().splitlines()]
+    nodes = [redis_cluster.node_client(port) for port in redis_cluster.ports]
+    for node in nodes:
+        node.acl_log_reset()
+        for _, name, *rules in (user for user in users if user[1] != "default"):
+            node.execute_command("ACL", "SETUSER", name, "reset", *rules)  # type: ignore[no-untyped-call]
+    binaries = find_cluster_binaries()
+    assert binaries is not None  # the fixture found them
+    for port in redis_cluster.ports:  # load-functions.sh once per primary
+        _load_functions(binaries.cli.parent, port, secrets / "redis-loader-password")
+
+    url = f"redis://{{}}@127.0.0.1:{redis_cluster.ports[1]}/0"  # any node will do
+    env = worker_env() | {"ATTNLSTM_REDIS_PASSWORD_FILE": str(secrets / "redis-producer-password")}
+    sines = ("--fast", "--series", "12", "--points", "40", "--partitions", "4", "--json")
+    done = subprocess.run(
+        [*CLI, "replay", "--redis-url", url.format("producer"), *sines],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["entries"] == 12 * 40
+    worker = worker_cmd(model_file, url.format("worker"), KEYS, "--partitions", "4")
+    password = ("--redis-password-file", str(secrets / "redis-worker-password"))
+    report = burst_cli([*worker, *password], tmp_path)
+    assert report["forecasts"] == 12 * (40 - trained_sines.config.window + 1)
+    for node in nodes:
+        assert _denials(node) <= {("worker", SETINFO), ("producer", SETINFO)}
+        node.close()

@@ -24,7 +24,7 @@ import redis
 
 from worker.attempts import Mark
 from worker.keys import Keys
-from worker.streams import Command, OutOfStepError
+from worker.streams import Command, OutOfStepError, as_str
 
 VERSION = "4"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
@@ -142,7 +142,7 @@ class Lease:
         the fence number). Ours when the holder is ``self.token``."""
         args = (self.key, self.fence_key, self.token, self.ttl_ms)
         fence, holder = self.client.fcall("attnlstm_lease", 2, *args)
-        return _text(holder), int(fence)
+        return as_str(holder), int(fence)
 
     def release(self) -> None:
         self.client.fcall("attnlstm_release", 1, self.key, self.token)
@@ -151,7 +151,3 @@ class Lease:
 def process_token(owner: str) -> str:
     """A token for this process: its name (a role) and a random part (not only its name)."""
     return f"{owner}#{secrets.token_hex(4)}"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

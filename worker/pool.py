@@ -19,6 +19,7 @@ import zlib
 import redis
 
 from worker.keys import Keys
+from worker.streams import as_str, stream_info
 
 
 class PartitionsError(ValueError):
@@ -36,7 +37,7 @@ class Pool:
         """PartitionsError unless the input is written in this worker's P partitions (the
         first worker with P > 1 marks it so; P = 1 leaves it unmarked)."""
         count, first = self.partitions, self.keys.partition(0, self.partitions).input
-        if first != self.keys.input and _stream_exists(self.client, self.keys.input):
+        if first != self.keys.input and stream_info(self.client, self.keys.input) is not None:
             where = "a Redis Cluster, " if self.keys.cluster else ""
             raise PartitionsError(
                 f"stream {self.keys.input} holds entries written with one partition on one "
@@ -51,7 +52,7 @@ class Pool:
         """Announce this worker; how many partitions it should serve now."""
         if self.partitions == 1:
             return 1
-        members = sorted(map(_text, self._call(self.ttl_ms)))
+        members = sorted(map(as_str, self._call(self.ttl_ms)))
         if self.token not in members:  # announced just now, so only a clock jump
             members = sorted([*members, self.token])
         rank = members.index(self.token)
@@ -91,17 +92,3 @@ def _another(keys: Keys, written: int, count: int, who: str) -> PartitionsError:
         f"the streams of {keys.input} are written in {written} partitions "
         f"({keys.partitions}); {who} {count}: P is fixed for a deployment's life"
     )
-
-
-def _stream_exists(client: redis.Redis, key: str) -> bool:
-    try:
-        client.xinfo_stream(key)
-    except redis.ResponseError as e:
-        if "no such key" in str(e).lower():
-            return False
-        raise
-    return True
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -20,7 +20,7 @@ import redis
 
 from worker.attempts import ALONE_FROM, Mark, attempts_of, chunks
 from worker.keys import Keys
-from worker.lease import Fence, FencedError, Lease, ensure_library, fenced
+from worker.lease import Fence, FencedError, Lease, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.state import META, StateError, WindowState
@@ -28,11 +28,13 @@ from worker.streams import (
     Command,
     Entry,
     OutOfStepError,
+    as_str,
     ensure_group,
     group_info,
     id_key,
     pages,
     round_trip,
+    stream_info,
 )
 
 log = logging.getLogger("attnlstm.worker")
@@ -77,8 +79,8 @@ class Recovery:
 
     def take_lease(self) -> str:
         """Take the lease if it is free (renew it if ours): the holder's token, ours
-        (``lease.token``) or another worker's."""
-        ensure_library(self.client)
+        (``lease.token``) or another worker's. The function library is loaded (the
+        worker ensures it before it takes any lease)."""
         holder, number = self.lease.acquire()
         self.metrics.connected = True
         self.metrics.beat()  # a standby is healthy: alive, and Redis answers
@@ -124,7 +126,7 @@ class Recovery:
         """The saved windows (:mod:`worker.state`), reshaped like ``empty``; ``empty``
         when there are none, or they are refused (logged)."""
         key = self.keys.state
-        kind = _text(self.client.type(key))
+        kind = as_str(self.client.type(key))
         if kind == "none":
             return empty
         if kind != "hash":
@@ -166,13 +168,8 @@ class Recovery:
 
     def _last_entry(self) -> bytes:
         """The id of the last entry ever added to the input (0-0: none)."""
-        try:
-            info = self.client.xinfo_stream(self.keys.input)
-        except redis.ResponseError as e:
-            if "no such key" in str(e).lower():
-                return b"0-0"
-            raise
-        return _text(info["last-generated-id"]).encode()
+        info = stream_info(self.client, self.keys.input)
+        return b"0-0" if info is None else as_str(info["last-generated-id"]).encode()
 
     def resync(self, state: WindowState, handle: Handler) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is
@@ -273,7 +270,7 @@ class Recovery:
             return
         delivered = (group or group_info(self.client, self.keys))["last-delivered-id"]
         stream = self.client.xinfo_stream(self.keys.input)
-        if _text(delivered) != _text(stream["last-generated-id"]):
+        if as_str(delivered) != as_str(stream["last-generated-id"]):
             return  # not caught up: counted once it is
         added = int(stream["entries-added"])
         if added > self._read:
@@ -317,7 +314,3 @@ class Recovery:
             round_trip(self.client, [call])
         except redis.ResponseError as e:
             raise fenced(e) or e from None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -70,12 +70,13 @@ def _cluster_enabled(client: redis.Redis) -> bool:
     finally:
         client.close()
     pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
-    mode = {_str(k): v for k, v in pairs}.get("mode")
-    return _str(mode) == "cluster" if mode is not None else False
+    mode = {as_str(k): v for k, v in pairs}.get("mode")
+    return as_str(mode) == "cluster" if mode is not None else False
 
 
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def as_str(value: bytes | str) -> str:
+    """A reply's string, as bytes (the worker's clients) or str (decoding clients)."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def cluster_of(client: redis.Redis) -> RedisCluster | None:
@@ -445,6 +446,17 @@ def ensure_group(client: redis.Redis, keys: Keys) -> bool:
             return False
         raise
     return True
+
+
+def stream_info(client: redis.Redis, key: str) -> dict[str, Any] | None:
+    """XINFO STREAM of ``key``; None when there is no such stream."""
+    try:
+        info: dict[str, Any] = client.xinfo_stream(key)
+    except redis.ResponseError as e:
+        if "no such key" in str(e).lower():
+            return None
+        raise
+    return info
 
 
 def group_info(client: redis.Redis, keys: Keys) -> dict[str, Any]:
