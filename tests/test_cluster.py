@@ -20,7 +20,7 @@ from tests.cluster import LocalCluster, keyslot, owner
 from tests.conftest import CLI
 from tests.helpers import entries, worker_cmd, worker_env
 from worker.keys import Keys
-from worker.streams import Wires, cluster_of, connect, multi_exec, xadd
+from worker.streams import Wires, cluster_of, connect, multi_exec, primaries, xadd
 from worker.tools.demo import DEMO_KEYS
 
 
@@ -123,3 +123,27 @@ def test_wires_send_each_command_to_its_node_and_keep_the_order(
     assert replies[-1] == 1
     for lane, entry_id in zip(lanes, ids, strict=True):
         assert entries(client, lane.input)[0][0] == entry_id
+
+
+def test_wires_refresh_a_stale_slot_table_after_a_moved_reply(
+    redis_cluster: LocalCluster, client: redis.Redis, stream_prefix: str
+) -> None:
+    """A slot the client believes on the wrong node (as after a resharding): the reply is
+    a MOVED error, returned in its place, and the next send goes to the right node."""
+    nodes = cluster_of(client)
+    assert nodes is not None
+    key = Keys.prefixed(stream_prefix).clustered().partition(0, 1).input
+    slot = keyslot(redis_cluster.client(), key)
+    right = nodes.nodes_manager.slots_cache[slot]
+    wrong = next(n for n in primaries(nodes) if n.name != right[0].name)
+    nodes.nodes_manager.slots_cache[slot] = [wrong]  # stale, as after a resharding
+    wires = Wires(client)
+    try:
+        wires.send([(b"XADD", key.encode(), b"*", b"k", b"1")])
+        (moved,) = wires.receive()
+        assert isinstance(moved, redis.exceptions.MovedError)  # a ResponseError, as any
+        assert nodes.nodes_manager.slots_cache[slot][0].name == right[0].name  # refreshed
+        wires.send([(b"XADD", key.encode(), b"*", b"k", b"2"), (b"XLEN", key.encode())])
+        assert wires.receive()[1] == 1  # the first XADD was refused, not applied
+    finally:
+        wires.close()

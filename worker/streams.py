@@ -387,7 +387,8 @@ class Wires:
 
 
 def _moved(reply: Any) -> bool:
-    return isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK"))
+    """A MOVED or ASK reply (redis-py's MovedError is an AskError)."""
+    return isinstance(reply, redis.exceptions.AskError)
 
 
 def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
