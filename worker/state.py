@@ -184,10 +184,11 @@ class WindowState:
             if self.idle_ms:
                 stale = ms[idx] - self._last_ms[s] > self.idle_ms
                 self._count[s[stale]] = 0  # idle too long: a fresh start
-            self._ring[s, self._count[s] % self.window] = values[idx]
+            v = values[idx]
+            self._ring[s, self._count[s] % self.window] = v
             kept = s < self.history_slots
             h = s[kept]
-            self._history[h, self._count[h] % self.length] = values[idx][kept]
+            self._history[h, self._count[h] % self.length] = v[kept]
             self._count[s] += 1
             self._last_ms[s] = ms[idx]
             full[idx] = self._count[s] >= self.window

@@ -85,6 +85,11 @@ def cluster_of(client: redis.Redis) -> RedisCluster | None:
     return some if isinstance(some, RedisCluster) else None
 
 
+def keys_on(client: redis.Redis, keys: Keys) -> Keys:
+    """``keys`` as named on ``client``'s Redis: :meth:`Keys.clustered` on a cluster."""
+    return keys.clustered() if cluster_of(client) else keys
+
+
 def primaries(client: RedisCluster) -> list[ClusterNode]:
     """Every primary; ``node.redis_connection`` is a plain :class:`redis.Redis` to it."""
     nodes: list[ClusterNode] = client.get_primaries()  # type: ignore[no-untyped-call]
@@ -464,6 +469,6 @@ def group_info(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     groups: list[dict[str, Any]] = client.xinfo_groups(keys.input)
     for info in groups:
         name = info["name"]
-        if (name.decode() if isinstance(name, bytes) else name) == keys.group:
+        if as_str(name) == keys.group:
             return info
     raise redis.ResponseError(f"NOGROUP no group {keys.group!r} on stream {keys.input!r}")

@@ -50,6 +50,7 @@ from worker.streams import (
     Wires,
     cluster_of,
     connect,
+    keys_on,
     primaries,
     raise_first_error,
     read_groups,
@@ -111,10 +112,10 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
     try:
         for n in plan.workers:
             log.info("%s: %d raw client(s) over %d partitions", where, n, plan.partitions)
-            base = _base(client, f"{run_id}:raw{n}:")
+            base = keys_on(client, Keys.prefixed(f"{run_id}:raw{n}:"))
             raw = _timed(client, base, plan, _raw_clients(url, base, plan, n))
             log.info("%s: a pool of %d worker(s) over %d partitions", where, n, plan.partitions)
-            base = _base(client, f"{run_id}:pool{n}:")
+            base = keys_on(client, Keys.prefixed(f"{run_id}:pool{n}:"))
             workers = _workers(url, base, plan, n, model_file, device)
             pool = _timed(client, base, plan, workers)
             runs.append({"workers": n, "pool": pool, "raw": raw})
@@ -127,11 +128,6 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
         run["pool_vs_raw"] = round(run["pool"]["entries_per_s"] / run["raw"]["entries_per_s"], 3)
         run["pool_vs_one"] = round(run["pool"]["entries_per_s"] / one, 2)
     return {"redis": where, "runs": runs}
-
-
-def _base(client: redis.Redis, prefix: str) -> Keys:
-    keys = Keys.prefixed(prefix)
-    return keys.clustered() if cluster_of(client) else keys
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.keys import Keys
 from worker.pool import mark_partitions
-from worker.streams import cluster_of, round_trip, xadd
+from worker.streams import keys_on, round_trip, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
 
@@ -183,7 +183,7 @@ def replay(
     names of :meth:`Keys.partition`); an entry with no series, to partition 0's.
     PartitionsError when the streams are written in another number of partitions. On a
     Redis Cluster every partition's name is tagged, even a single one's (``stream{0}``)."""
-    keys = Keys(input=stream).clustered() if cluster_of(client) else Keys(input=stream)
+    keys = keys_on(client, Keys(input=stream))
     mark_partitions(client, keys, partitions)
     heads = [xadd(keys.partition(k, partitions).input, maxlen=maxlen) for k in range(partitions)]
     source = iter(entries)
