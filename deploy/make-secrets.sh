@@ -13,7 +13,7 @@ chmod 700 "$dir"
 cd "$dir"
 umask 022
 
-for user in worker producer loader; do
+for user in worker producer loader reader; do
     [ -s "redis-$user-password" ] || openssl rand -hex 32 >"redis-$user-password"
 done
 [ -s model-key ] || openssl rand -hex 32 >model-key

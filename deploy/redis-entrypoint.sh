@@ -10,6 +10,7 @@ rendered=${ACL_FILE:-/run/attnlstm/users.acl}
 worker_file=${WORKER_PASSWORD_FILE:-/run/secrets/redis_worker_password}
 producer_file=${PRODUCER_PASSWORD_FILE:-/run/secrets/redis_producer_password}
 loader_file=${LOADER_PASSWORD_FILE:-/run/secrets/redis_loader_password}
+reader_file=${READER_PASSWORD_FILE:-/run/secrets/redis_reader_password}
 
 # The SHA-256 of the password in file $1: its content without the trailing newlines.
 hash_of() {
@@ -24,11 +25,13 @@ hash_of() {
 worker_hash=$(hash_of "$worker_file")
 producer_hash=$(hash_of "$producer_file")
 loader_hash=$(hash_of "$loader_file")
+reader_hash=$(hash_of "$reader_file")
 mkdir -p "$(dirname "$rendered")"
 sed -e '/^#/d' -e '/^[[:space:]]*$/d' \
     -e "s/@WORKER_PASSWORD_SHA256@/$worker_hash/" \
     -e "s/@PRODUCER_PASSWORD_SHA256@/$producer_hash/" \
     -e "s/@LOADER_PASSWORD_SHA256@/$loader_hash/" \
+    -e "s/@READER_PASSWORD_SHA256@/$reader_hash/" \
     "$template" >"$rendered"
 chmod 644 "$rendered" # read by the server after it drops root; hashes only
 exec "$@"

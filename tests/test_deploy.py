@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from tests.cluster import LocalCluster
 from tests.conftest import CLI, ROOT
+from tests.deployment import DEPLOY, compose_tool, make_secrets, wrong_acl_lines
 from tests.helpers import (
     assert_forecasts,
     burst_cli,
@@ -45,7 +45,6 @@ from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
 
-DEPLOY = ROOT / "deploy"
 DEBIAN_REDIS = Path("/usr/bin/redis-server")  # Debian's is built with TLS
 KEYS = Keys()  # the ACL file is written for the default names
 NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try again
@@ -53,18 +52,7 @@ NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try
 # -- docker-compose -----------------------------------------------------------------
 
 
-def _compose_tool() -> list[str] | None:
-    """Debian's docker-compose (v1) or the v2 plugin; both run `config` with no engine."""
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
-        if plugin.returncode == 0:
-            return ["docker", "compose"]
-    return None
-
-
-COMPOSE = _compose_tool()
+COMPOSE = compose_tool()
 
 
 def _services(config: str) -> set[str]:
@@ -114,7 +102,8 @@ def test_compose_accepts_the_file_and_each_override(
 
 
 def test_the_image_is_built_from_the_code_alone() -> None:
-    """No .env, secret, checkpoint or local environment can reach the image."""
+    """No .env, secret, checkpoint or local environment can reach the image; the build
+    stage alone sees what deploy/build-inputs/ holds (tests/compose checks the image)."""
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     rules = [line for line in lines if line and not line.startswith("#")]
     assert rules[0] == "*"  # everything out, then the few things the build needs
@@ -123,6 +112,7 @@ def test_the_image_is_built_from_the_code_alone() -> None:
         "!README.md",
         "!attnlstm/",
         "!worker/",
+        "!deploy/build-inputs/",
     }
 
 
@@ -140,15 +130,6 @@ def _server_binaries() -> list[Any]:
     if not found:
         return [pytest.param(None, marks=pytest.mark.skip(reason="no Redis server binary"))]
     return [pytest.param(b, id=b.name) for b in found.values()]
-
-
-def make_secrets(directory: Path) -> Path:
-    """deploy/make-secrets.sh, as a user runs it: passwords, a CA, a server certificate."""
-    if shutil.which("openssl") is None:
-        pytest.skip("deploy/make-secrets.sh needs openssl")
-    secrets = directory / "secrets"
-    subprocess.run(["sh", str(DEPLOY / "make-secrets.sh"), str(secrets)], check=True, timeout=60)
-    return secrets
 
 
 @dataclass
@@ -242,6 +223,7 @@ def _render_acl(directory: Path, secrets: Path) -> Path:
         "WORKER_PASSWORD_FILE": str(secrets / "redis-worker-password"),
         "PRODUCER_PASSWORD_FILE": str(secrets / "redis-producer-password"),
         "LOADER_PASSWORD_FILE": str(secrets / "redis-loader-password"),
+        "READER_PASSWORD_FILE": str(secrets / "redis-reader-password"),
     }
     # The entrypoint renders, then runs its arguments: the server in the container.
     subprocess.run(["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"], env=env, check=True)
@@ -288,9 +270,11 @@ def test_the_worker_user_runs_a_whole_session(
     report = burst_cli([*cmd, *pw], tmp_path, timeout=60)
     assert report["forecasts"] == 3 * (30 - trained_sines.config.window + 1)
 
+    # What consumes the forecasts reads them as the reader.
+    with contextlib.closing(acl_server.client("reader")) as reader:
+        assert_forecasts(reader, KEYS.output, expected(trained_sines, values, ids))
     with contextlib.closing(acl_server.client("admin")) as admin:
-        assert_forecasts(admin, KEYS.output, expected(trained_sines, values, ids))
-        assert _denials(admin) <= {("worker", SETINFO), ("producer", SETINFO)}
+        assert _denials(admin) <= {(user, SETINFO) for user in ("worker", "producer", "reader")}
         published, state = entries(admin, KEYS.output), admin.hgetall(KEYS.state)
         assert state
     # The AOF is replayed as the default user, which the ACL disables but leaves its
@@ -335,39 +319,14 @@ def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
     assert "Traceback" not in done.stderr
 
 
-ACL_LINE = re.compile(r"- (worker|producer|loader) (can|cannot): `(.+)`")
-
-
-def _acl_lines() -> list[tuple[str, bool, str]]:
-    """deploy/README.md's "Line by line" list: (user, whether it can, the command)."""
-    text = (DEPLOY / "README.md").read_text()
-    section = text.split("### Line by line", 1)[1].split("\n## ", 1)[0]
-    matches = (ACL_LINE.fullmatch(line) for line in section.splitlines())
-    return [(m[1], m[2] == "can", m[3]) for m in matches if m]
-
-
 def test_each_user_can_do_each_thing_deploy_readme_says_and_nothing_it_says_it_cannot(
     acl_server: AclServer,
 ) -> None:
-    lines = _acl_lines()
-    assert {user for user, _, _ in lines} == {"worker", "producer", "loader"}
-    assert len(lines) > 70  # the whole list was found
-    wrong = []
-    for user, can, command in lines:
+    def login(user: str) -> redis.Redis:
         password = acl_server.password_file(user).read_text().strip()
-        # No client name: naming the connection is a command of its own (CLIENT SETNAME).
-        client = redis.Redis(port=acl_server.port, username=user, password=password)
-        with contextlib.closing(client):
-            try:
-                client.execute_command(*command.split())  # type: ignore[no-untyped-call]
-                refused = False
-            except redis.exceptions.NoPermissionError:
-                refused = True
-            except redis.ResponseError:
-                refused = False  # let through by the ACL; the command failed on its own
-        if refused == can:
-            wrong.append(f"{user} {'can' if can else 'cannot'}: {command}")
-    assert wrong == []
+        return redis.Redis(port=acl_server.port, username=user, password=password)
+
+    assert wrong_acl_lines(login) == []
 
 
 def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:

@@ -211,22 +211,35 @@ def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
     their leases lapse; nothing lost, nothing repeated."""
     partitions, values = 6, sine_steps(100, 240, seed=33)  # 100 series, 24,000 entries
     redis_client, redis_url, base = target.client, target.url, target.base
-    names = _replay(redis_client, base, values, partitions)
     flags = ("--partitions", str(partitions), "--lease-ttl-ms", "1500", "--max-batch", "50",
              "--block-ms", "100")  # fmt: skip
     procs = [
         WorkerProcess(worker_cmd(model_file, redis_url, base, *flags, "--consumer", c), tmp_path)
         for c in ("a", "b", "c")
     ]
+
+    def c_mid_drain() -> bool:
+        """c has forecast in its partitions and not drained them: its kill leaves work."""
+        mine = [base.partition(k, partitions) for k in range(partitions) if held[k] == "c"]
+        return any(redis_client.xlen(keys.output) for keys in mine) and not all(
+            drained(redis_client, keys) for keys in mine
+        )
+
     with procs[0] as a, procs[1], procs[2] as c:
+        # The input is written once the pool has settled, two partitions each, so that c
+        # has its share of it to drain (not partitions another worker drained first).
         a.wait_for(lambda: sorted(map(str, _holders(redis_client, base, partitions)))
                    == ["a", "a", "b", "b", "c", "c"], timeout=90)  # fmt: skip
-        assert not _all_drained(redis_client, base, partitions)  # mid-drain
+        held = _holders(redis_client, base, partitions)
+        names = _replay(redis_client, base, values, partitions)
+        a.wait_for(c_mid_drain, timeout=60)
         c.proc.send_signal(signal.SIGKILL)
         c.proc.wait(timeout=10)
         a.wait_for(lambda: "c" not in _holders(redis_client, base, partitions), timeout=60)
         a.wait_for(lambda: _all_drained(redis_client, base, partitions), timeout=120)
-        assert sorted(map(str, _holders(redis_client, base, partitions))) == ["a"] * 3 + ["b"] * 3
+        # Every lease held again, 3 each (the rebalance may end after the drain).
+        a.wait_for(lambda: sorted(map(str, _holders(redis_client, base, partitions)))
+                   == ["a"] * 3 + ["b"] * 3, timeout=60)  # fmt: skip
     _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
 
 
