@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from attnlstm.data import DataError, load_csv, load_dataset
@@ -28,6 +29,19 @@ def test_real_recordings_load_by_column() -> None:
     flow = load_dataset(f"csv:{DATA / 'water_flow.csv'}", columns=["Water flow [l/s]"])
     assert flow.lengths == [1268]
     assert 50 < flow.series[0].mean() < 150
+
+
+def test_the_electricity_demand_has_a_daily_and_a_weekly_cycle() -> None:
+    demand = load_dataset(f"csv:{DATA / 'electricity_demand.csv'}").series[0]
+    assert len(demand) == 4032  # 12 weeks of half hours, none missing
+
+    def autocorrelation(lag: int) -> float:
+        return float(np.corrcoef(demand[:-lag], demand[lag:])[0, 1])
+
+    # A day (48 steps) and a week (336) back look alike; half a day back does not.
+    assert autocorrelation(48) > 0.8
+    assert autocorrelation(336) > autocorrelation(48)
+    assert autocorrelation(24) < 0.2
 
 
 def _csv(tmp_path: Path, text: str) -> Path:
