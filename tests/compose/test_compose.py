@@ -31,6 +31,7 @@ import redis
 from tests.conftest import CLI, ROOT
 from tests.deployment import compose_tool, make_secrets, wrong_acl_lines
 from tests.helpers import entries, forecasts_by_src, free_port, wait_for
+from worker.keys import Keys
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -200,6 +201,12 @@ class Deployment:
         with urllib.request.urlopen(f"http://{host_port}{path}", timeout=5) as reply:
             return str(reply.read().decode())
 
+    def metric(self, container: str, name: str) -> float:
+        """One unlabelled sample of the worker's /metrics."""
+        found = re.search(rf"^{name} (\S+)$", self.endpoint(container, "/metrics"), re.MULTILINE)
+        assert found, name
+        return float(found[1])
+
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans")
         left = [
@@ -217,14 +224,8 @@ class Deployment:
         assert left == ["", "", ""]
 
 
-def _metric(text: str, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert found, name
-    return float(found[1])
-
-
-def _key(stream: str, k: int) -> str:
-    return f"{stream}{{{k}}}"
+# The keys of each partition, as docker-compose.yml's worker names them (default names).
+PARTS = [Keys().partition(k, PARTITIONS) for k in range(PARTITIONS)]
 
 
 def _order(entry_id: bytes) -> tuple[int, int]:
@@ -237,12 +238,12 @@ def once_each(reader: redis.Redis) -> int:
     no input forecast twice, and every input from the first forecast on forecast once
     (before it the worker was training its first model: a cold start). Returns how many."""
     total = 0
-    for k in range(PARTITIONS):
-        inputs = [i for i, _ in entries(reader, _key("sensors", k))]
-        srcs = forecasts_by_src(reader, _key("forecasts", k))  # fails on a second forecast
+    for keys in PARTS:
+        inputs = [i for i, _ in entries(reader, keys.input)]
+        srcs = forecasts_by_src(reader, keys.output)  # fails on a second forecast
         first = inputs.index(min(srcs, key=_order))
-        assert set(srcs) == set(inputs[first:]), f"partition {k}: an input lost"
-        assert reader.xlen(_key("sensors:dead", k)) == 0
+        assert set(srcs) == set(inputs[first:]), f"{keys.input}: an input lost"
+        assert reader.xlen(keys.dead) == 0
         total += len(srcs)
     return total
 
@@ -253,16 +254,16 @@ def _newest(reader: redis.Redis, stream: str, count: int) -> list[tuple[bytes, d
 
 def drained(reader: redis.Redis) -> bool:
     """Every partition's newest input has its forecast."""
-    for k in range(PARTITIONS):
-        newest = _newest(reader, _key("sensors", k), 1)
-        recent = {f[b"src"] for _, f in _newest(reader, _key("forecasts", k), 200)}
+    for keys in PARTS:
+        newest = _newest(reader, keys.input, 1)
+        recent = {f[b"src"] for _, f in _newest(reader, keys.output, 200)}
         if newest and newest[0][0] not in recent:
             return False
     return True
 
 
 def forecasts(reader: redis.Redis) -> int:
-    return sum(int(reader.xlen(_key("forecasts", k))) for k in range(PARTITIONS))
+    return sum(int(reader.xlen(keys.output)) for keys in PARTS)
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_up_serves_forecasts_from_a_non_root_worker_its_checks_call_healthy(
     health = json.loads(plain.endpoint(worker, "/healthz"))
     assert health["ok"] is True, health
     assert health["role"] == "active", health
-    assert _metric(plain.endpoint(worker, "/metrics"), "attnlstm_partitions_served") == PARTITIONS
+    assert plain.metric(worker, "attnlstm_partitions_served") == PARTITIONS
     # Not root, in either container: the worker's own uid, the server's after its
     # entrypoint dropped root.
     server_uid = sh("docker", "exec", server, "id", "-u", "redis").strip()
@@ -378,27 +379,24 @@ def test_scale_worker_3_shares_the_partitions(plain: Deployment) -> None:
     workers = plain.containers("worker")
     assert len(workers) == 3
 
-    def serving() -> list[float]:
+    def each(name: str) -> list[float]:
         try:
-            return [
-                _metric(plain.endpoint(w, "/metrics"), "attnlstm_partitions_served")
-                for w in workers
-            ]
+            return [plain.metric(w, name) for w in workers]
         except OSError:  # a worker still starting: its port published, nothing listening
             return []
 
-    wait_for(lambda: serving() == [4, 4, 4], timeout=120, what="4 partitions each")
-    published = [
-        _metric(plain.endpoint(w, "/metrics"), "attnlstm_forecasts_published_total")
-        for w in workers
-    ]
+    wait_for(
+        lambda: each("attnlstm_partitions_served") == [4, 4, 4],
+        timeout=120,
+        what="4 partitions each",
+    )
+    published = each("attnlstm_forecasts_published_total")
 
     def all_publish() -> bool:
-        now = [
-            _metric(plain.endpoint(w, "/metrics"), "attnlstm_forecasts_published_total")
-            for w in workers
-        ]
-        return all(n > p for n, p in zip(now, published, strict=True))
+        now = each("attnlstm_forecasts_published_total")
+        return len(now) == len(published) and all(
+            n > p for n, p in zip(now, published, strict=True)
+        )
 
     wait_for(all_publish, timeout=60, what="forecasts from each of the three")
     plain.compose("rm", "-s", "-f", "replay")
