@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@# A CPU build of torch first, where none is installed: a bare torch requirement
 	@# would otherwise pull a CUDA build of several GB.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,baselines]'
 	touch $(STAMP)
 
 demo: $(STAMP)

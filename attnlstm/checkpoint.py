@@ -36,7 +36,9 @@ VERSION_HEX = 16  # hex digits of the content hash used as the model version
 CONFIG_BOUNDS = {
     "window": 10_000,
     "horizon": 1_000,
-    "input_size": 1_024,
+    "input_size": 1_024,  # 1 + the number of lags
+    "context": 10_000,  # values a forecast reads (the worker keeps this many a series)
+    "period": 10_000,
     "hidden_size": 4_096,
     "num_layers": 16,
     "attention_size": 4_096,

@@ -10,6 +10,7 @@ import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,26 @@ class DataError(Exception):
     """Data that cannot be read or used, with a message that says where and why."""
 
 
+DAY_S = 86_400
+
+
 @dataclass(frozen=True)
 class Dataset:
     names: list[str]
     series: list[np.ndarray]  # one 1-D float64 array per name
+    step_s: float | None = None  # the usual time between values, when the data has times
 
     @property
     def lengths(self) -> list[int]:
         return [len(s) for s in self.series]
+
+    def daily_period(self) -> int:
+        """Steps per day, from the time step, or 0 when that says nothing (no times, or
+        a step that does not divide a day, or a day of fewer than 4 steps)."""
+        if self.step_s is None or self.step_s <= 0:
+            return 0
+        steps = DAY_S / self.step_s
+        return round(steps) if abs(steps - round(steps)) < 1e-6 and steps >= 4 else 0
 
 
 def load_dataset(
@@ -66,7 +79,17 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     if missing or not wanted:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
     series = [_column(path, rows, header.index(name), name) for name in wanted]
-    return Dataset(wanted, series)
+    return Dataset(wanted, series, _time_step(rows))
+
+
+def _time_step(rows: list[list[str]]) -> float | None:
+    """The median step of the first column in seconds, when it holds ISO 8601 times."""
+    try:
+        times = [datetime.fromisoformat(row[0].strip()).timestamp() for row in rows[1:] if row]
+    except (ValueError, IndexError):
+        return None
+    steps = np.diff(np.asarray(times))
+    return float(np.median(steps)) if steps.size else None
 
 
 def _column(path: Path, rows: list[list[str]], index: int, name: str) -> np.ndarray:

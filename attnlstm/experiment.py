@@ -14,7 +14,13 @@ from attnlstm.data import Dataset
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
-from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
+from attnlstm.windows import (
+    Windows,
+    sliding_windows,
+    sliding_windows_many,
+    split_point,
+    time_split,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,25 @@ def split_dataset(dataset: Dataset, window: int, horizon: int, val_fraction: flo
     return Split(train, val)
 
 
+def seasonal_config(
+    period: int, lengths: list[int], *, val_fraction: float = 0.2, **fields: Any
+) -> ModelConfig:
+    """The default model for data whose main cycle is ``period`` steps (0: none).
+
+    With a period P: a window of one cycle, forecasts one cycle ahead, and as lags the
+    cycle before (P) and, when the shortest series' training part holds three weeks, the
+    same hours a week (6P) and a week and a cycle (7P) before: for each step ahead, the
+    same hour yesterday, a week ago, and a week before yesterday. Without a period, a
+    short window: 20 steps, one ahead. ``fields`` override any of these.
+    """
+    if period == 0:
+        return ModelConfig(**fields)
+    training = min(split_point(n, val_fraction) for n in lengths)
+    lags = (period, 6 * period, 7 * period) if training >= 21 * period else (period,)
+    base = {"window": period, "horizon": period, "lags": lags, "period": period}
+    return ModelConfig(**(base | fields))
+
+
 def train_model(
     dataset: Dataset,
     model_config: ModelConfig,
@@ -45,11 +70,20 @@ def train_model(
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[AttentionLSTM, TrainResult, dict[str, float]]:
-    """Train a new model on the dataset's early part; score it on each series' tail."""
-    split = split_dataset(dataset, model_config.window, model_config.horizon, val_fraction)
+    """Train a new model on the part of each series before its held-out tail, stopping
+    early on that part's own last ``val_fraction``; score it on the tail, which no step
+    of the training has seen."""
+    context, horizon = model_config.context, model_config.horizon
+    early = Dataset(
+        dataset.names,
+        [s[: split_point(len(s), val_fraction)] for s in dataset.series],
+        dataset.step_s,
+    )
+    split = split_dataset(early, context, horizon, val_fraction)
     model = new_model(model_config, seed=train_config.seed)
     result = fit(model, split.train, split.val, train_config, device=device, progress=progress)
-    return model, result, _score(model, split.val, dataset, None, device)
+    tail = split_dataset(dataset, context, horizon, val_fraction).val
+    return model, result, _score(model, tail, dataset, None, device)
 
 
 def evaluate_model(
@@ -62,7 +96,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Every metric on each series' held-out tail, against naive baselines."""
     config = model.config
-    val = split_dataset(dataset, config.window, config.horizon, val_fraction).val
+    val = split_dataset(dataset, config.context, config.horizon, val_fraction).val
     return _score(model, val, dataset, period, device)
 
 
@@ -78,7 +112,7 @@ def series_forecast(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-step forecasts along a whole series: (index of each forecast step, forecasts,
     attention) with the forecast of step ``start`` made from the window before it."""
-    windows = sliding_windows(values, model.config.window, model.config.horizon)
+    windows = sliding_windows(values, model.config.context, model.config.horizon)
     yhat, attn = predict(model, windows.x, device=device)
     return windows.start, yhat[:, 0], attn
 
@@ -97,4 +131,5 @@ def training_meta(
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
         "metrics": metrics,
+        **({"spread": result.spread.to_meta()} if result.spread is not None else {}),
     }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from attnlstm.intervals import Spread, calibrate, window_scale
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.windows import Windows
 
@@ -27,7 +28,7 @@ class TrainConfig:
     epochs: int | None = None  # None: enough for about 3,000 optimiser steps (3 to 300)
     batch_size: int = 64
     lr: float = 1e-2  # peak Adam learning rate, decayed by a cosine to lr * 1e-2
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4  # Adam's L2 penalty: the linear map has many weights
     patience: int = 40  # epochs without a better validation loss before stopping
     clip_norm: float = 1.0  # max global gradient norm
     seed: int = 0
@@ -41,6 +42,7 @@ class TrainConfig:
             raise ValueError("lr and clip_norm must be > 0")
 
 
+HUBER_DELTA = 1.0  # the loss is quadratic within this many window deviations, then linear
 TARGET_STEPS = 3000  # optimiser steps that an automatic epoch count aims for
 
 
@@ -58,6 +60,7 @@ class TrainResult:
     seconds: float
     train_loss: list[float] = field(default_factory=list)  # per epoch
     val_loss: list[float] = field(default_factory=list)  # per epoch
+    spread: Spread | None = None  # the kept weights' errors on the validation windows
 
 
 def new_model(config: ModelConfig, seed: int = 0) -> AttentionLSTM:
@@ -66,23 +69,43 @@ def new_model(config: ModelConfig, seed: int = 0) -> AttentionLSTM:
     return AttentionLSTM(config)
 
 
-def scaled_mse(model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MSE in window-standardised units; ``y`` must match the forecasts' shape."""
+def scaled_loss(
+    model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Huber loss of the errors in window-standardised units (squared error / 2 below
+    HUBER_DELTA, then linear: a glitch in the targets, a pipe's flow dropping to a quarter
+    for a day, does not set the whole fit); ``y`` must match the forecasts' shape.
+
+    ``weights`` (horizon,) weigh each step ahead (see :func:`lead_weights`)."""
     yhat, _ = model(x)
     if yhat.shape != y.shape:  # the article's bug: (N, 1) against (N, 1, 1)
         raise ValueError(f"targets {tuple(y.shape)} do not match forecasts {tuple(yhat.shape)}")
     if model.config.scaling == "none":
-        return torch.mean((yhat - y) ** 2)
-    target = x if x.dim() == 2 else x[..., 0]  # (B, T): forecasts are of feature 0
-    std = target.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
-    scale = torch.where(std > 0, std, torch.ones_like(std))
-    return torch.mean(((yhat - y) / scale) ** 2)
+        err = yhat - y
+    else:
+        recent = x[:, -model.config.window :]  # the values the model standardises by
+        std = recent.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
+        err = (yhat - y) / torch.where(std > 0, std, torch.ones_like(std))
+    err = nn.functional.huber_loss(err, torch.zeros_like(err), reduction="none", delta=HUBER_DELTA)
+    return torch.mean(err if weights is None else err * weights)
+
+
+def lead_weights(windows: Windows, window: int) -> np.ndarray:
+    """Per step ahead, the inverse of the naive forecast's mean squared error there (in
+    window-standardised units), normalised to mean 1: without them, the far steps'
+    errors, many times the next step's, would set the whole loss, and a day-ahead model
+    would forecast the next value worse than a one-step model does."""
+    recent = windows.x[:, -window:]
+    std = recent.std(axis=1, keepdims=True)
+    err = ((windows.y - recent[:, -1:]) / np.where(std > 0, std, 1.0)) ** 2
+    inverse = 1.0 / np.maximum(err.mean(axis=0), 1e-12)  # (horizon,)
+    return np.asarray(inverse / inverse.mean())
 
 
 def predict(
     model: AttentionLSTM, x: np.ndarray, *, batch_size: int = 4096, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Forecasts (N, horizon) and attention (N, window) for windows (N, window)."""
+    """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context)."""
     model.eval()
     ys, attns = [], []
     with torch.inference_mode():
@@ -117,6 +140,7 @@ def fit(
     model.to(device)
     xt, yt = _tensors(train, device)
     xv, yv = _tensors(val, device)
+    weights = torch.as_tensor(lead_weights(train, model.config.window), device=device)
     epochs = config.epochs or auto_epochs(len(train), config.batch_size)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -127,9 +151,9 @@ def fit(
     started = time.perf_counter()
     with tqdm(total=epochs, desc="train", unit="epoch", disable=not progress) as bar:
         for epoch in range(1, epochs + 1):
-            result.train_loss.append(_epoch(model, optimiser, xt, yt, config, shuffle))
+            result.train_loss.append(_epoch(model, optimiser, xt, yt, weights, config, shuffle))
             schedule.step()
-            result.val_loss.append(_evaluate(model, xv, yv))
+            result.val_loss.append(_evaluate(model, xv, yv, weights))
             result.epochs_run = epoch
             if result.val_loss[-1] < best_loss:
                 best_loss, result.best_epoch = result.val_loss[-1], epoch
@@ -140,6 +164,8 @@ def fit(
                 break
     model.load_state_dict(best_state)
     model.eval()
+    yhat, _ = predict(model, val.x, device=device)
+    result.spread = calibrate(val.y, yhat, window_scale(val.x, model.config.window))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -157,6 +183,7 @@ def _epoch(
     optimiser: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
+    weights: torch.Tensor,
     config: TrainConfig,
     shuffle: torch.Generator,
 ) -> float:
@@ -166,7 +193,7 @@ def _epoch(
     for i in range(0, x.shape[0], config.batch_size):
         idx = order[i : i + config.batch_size]
         optimiser.zero_grad(set_to_none=True)
-        loss = scaled_mse(model, x[idx], y[idx])
+        loss = scaled_loss(model, x[idx], y[idx], weights)
         loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimiser.step()
@@ -174,7 +201,9 @@ def _epoch(
     return total / x.shape[0]
 
 
-def _evaluate(model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor) -> float:
+def _evaluate(
+    model: AttentionLSTM, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor
+) -> float:
     model.eval()
     with torch.inference_mode():
-        return float(scaled_mse(model, x, y).item())
+        return float(scaled_loss(model, x, y, weights).item())

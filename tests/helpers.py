@@ -129,7 +129,7 @@ def expected(
 ) -> dict[bytes, np.ndarray]:
     """The offline model's forecast (on ``device``) for every input whose window is full,
     by input id."""
-    window = model.config.window
+    window = model.config.context
     n_points, n_series = values.shape
     windows = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # (T-W+1, S, W)
     on_device = copy.deepcopy(model).to(device)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.batch import batch_call, handled_before, triage
+from worker.batch import Anomalies, Forecasts, batch_call, handled_before, triage
 from worker.keys import Keys
 from worker.lease import Fence
 
-KEYS = Keys(input="in", output="out", dead="in:dead", group="g", models="m")
+KEYS = Keys(input="in", output="out", dead="in:dead", anomalies="an", group="g", models="m")
 FENCE = Fence(KEYS, "w#1a2b3c4d", 7, 10_000)
 GOOD = {b"series": b"s1", b"value": b"1.5"}
 BAD = {b"series": b"s1", b"value": b"abc"}
@@ -53,39 +53,59 @@ def test_entries_the_state_already_reflects_are_only_acked() -> None:
 def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     entries = [(b"5-0", GOOD), (b"6-0", BAD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
     batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
-    yhat = np.array([[2.25]])
-    attn = np.array([[0.25, 0.75]])
-    rows = np.array([1])  # only the second valid reading had a full window
+    made = Forecasts(
+        np.array([1]),  # only the second valid reading had a full window
+        yhat=np.array([[2.25]]),
+        attn=np.array([[0.25, 0.75]]),
+        lo=np.array([[2.0]]),
+        hi=np.array([[2.5]]),
+    )
+    # The first valid reading fell far outside the interval its forecast gave.
+    found = Anomalies(np.array([0]), np.array([[1.0, 0.5, 1.25]]), np.array([4.0]))
     call, receipt = batch_call(
-        batch, rows, yhat, attn, FENCE, maxlen=1000, version=b"v1", handled=b"7-0"
+        batch, made, FENCE, maxlen=1000, version=b"v1", anomalies=found, handled=b"7-0"
     )
     assert call == (
-        b"FCALL", b"attnlstm_publish", b"7",
+        b"FCALL", b"attnlstm_publish", b"8",
         b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:windows:g",
-        b"in:handling:g", b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
+        b"in:handling:g", b"an", b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
         b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
         b"7-0 + 0 w#1a2b3c4d",  # handled up to 7-0, by this token: the handling mark
-        b"s2", b"7-0", b"7", b"[2.25]", b"[0.2500000, 0.7500000]", b"v1",
+        b"1",  # an anomaly event
+        b"s2", b"7-0", b"7", b"[ 2.250000000000e+000]", b"[0.2500000, 0.7500000]", b"v1",
+        b"[ 2.000000e+000]", b"[ 2.500000e+000]",
+        b"s1", b"5-0", b"5", b"1.5", b"1.0", b"0.5", b"1.25", b"4.000", b"v1",
         b"8", b"series", b"s1", b"value", b"abc",
         b"src", b"6-0", b"error", b"value is not a decimal number: 'abc'",
         b"5-0", b"6-0", b"7-0",
     )  # fmt: skip
     assert receipt.entered_ms.tolist() == [7.0]  # the forecast's input entered at 7 ms
     assert receipt.dead_reasons == ["value is not a decimal number: 'abc'"]
+    assert receipt.anomalies == 1
+
+
+def test_anomalies_of_replayed_entries_are_not_published_again() -> None:
+    entries = [(b"5-0", GOOD), (b"7-0", GOOD)]
+    batch = triage(entries, pending={b"7-0": 1}, series_ids={}, last_id=b"0-0", max_attempts=5)
+    none = Forecasts(np.empty(0, dtype=np.int64), np.empty((0, 1)), np.empty((0, 2)))
+    both = Anomalies(np.array([0, 1]), np.ones((2, 3)), np.array([5.0, 6.0]))
+    call, receipt = batch_call(
+        batch, none, FENCE, maxlen=10, version=b"v", anomalies=both, handled=b"7-0"
+    )
+    assert call is not None
+    assert receipt.anomalies == 1  # 5-0 was acked before: its event, if any, went out then
+    assert call[21] == b"1"
+    assert call[22:24] == (b"s1", b"7-0")
 
 
 def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
     batch = triage([(b"5-0", GOOD)], pending={}, series_ids={}, last_id=b"9-0", max_attempts=5)
-    no_rows, no_yhat, no_attn = np.empty(0, dtype=np.int64), np.empty((0, 1)), np.empty((0, 2))
-    call, _ = batch_call(
-        batch, no_rows, no_yhat, no_attn, FENCE, maxlen=10, version=b"v1", handled=b"9-0"
-    )
+    none = Forecasts(np.empty(0, dtype=np.int64), np.empty((0, 1)), np.empty((0, 2)))
+    call, _ = batch_call(batch, none, FENCE, maxlen=10, version=b"v1", handled=b"9-0")
     assert call is None  # replayed only: nothing to write
     call, _ = batch_call(
         batch,
-        no_rows,
-        no_yhat,
-        no_attn,
+        none,
         FENCE,
         maxlen=10,
         version=b"v1",
@@ -93,22 +113,26 @@ def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
         handled=b"9-0",
     )
     assert call is not None
-    assert call[-7:] == (b"0", b"0", b"0", b"1", b"", b"meta", b"STATE")  # no acks: no mark
+    assert call[-8:] == (b"0", b"0", b"0", b"1", b"", b"0", b"meta", b"STATE")  # no mark
 
 
 def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
     entries = [(b"5-0", GOOD), (b"7-0", {b"series": b"s2", b"value": b"2"})]
     batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
-    yhat = np.array([[np.nan], [1.5]])
-    attn = np.array([[0.5, 0.5], [0.5, 0.5]])
-    call, receipt = batch_call(
-        batch, np.array([0, 1]), yhat, attn, FENCE, maxlen=10, version=b"v", handled=b"7-0"
+    made = Forecasts(
+        np.array([0, 1]),
+        yhat=np.array([[1.0], [1.5]]),
+        attn=np.array([[0.5, 0.5], [0.5, 0.5]]),
+        lo=np.array([[np.nan], [1.0]]),  # an interval that is not finite: so is the forecast
+        hi=np.array([[2.0], [2.0]]),
     )
+    call, receipt = batch_call(batch, made, FENCE, maxlen=10, version=b"v", handled=b"7-0")
     assert call is not None
-    assert call[15:19] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
-    assert call[19] == b"7-0 + 0 " + FENCE.token.encode()  # handled up to 7-0: the mark moves
-    assert call[20:22] == (b"s2", b"7-0")
-    dead = call[27 : 27 + int(call[26])]
+    assert call[16:20] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
+    assert call[20] == b"7-0 + 0 " + FENCE.token.encode()  # handled up to 7-0: the mark moves
+    assert call[21] == b"0"  # no anomalies
+    assert call[22:24] == (b"s2", b"7-0")
+    dead = call[31 : 31 + int(call[30])]
     assert dead[dead.index(b"error") + 1] == b"the model's forecast is not finite"
     assert dead[dead.index(b"src") + 1] == b"5-0"
     assert call[-2:] == (b"5-0", b"7-0")

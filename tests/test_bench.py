@@ -39,7 +39,18 @@ def test_a_small_bench_drains_everything_and_reports(
     assert report["latency_scale"]["series"] == 600
     assert report["latency_scale"]["checkpoint_longest_ms"] > 0  # its chunks were saved
     assert report["machine"]["hiredis"] is True
+    models = {m["name"]: m for m in report["models"]}
+    assert len(models) == 3
+    for m in models.values():
+        assert m["drain"]["entries"] == m["drain"]["forecasts"] == 3_000  # all forecast
+        assert m["windows_per_s"] > 0
+    assert sorted((m["context"], m["horizon"]) for m in models.values()) == [
+        (20, 1),
+        (20, 1),
+        (384, 48),
+    ]
     text = format_report(report)
+    assert "| 48 steps and lags 48/288/336, 48 ahead, 90% intervals" in text
     assert "| worker (batched) | 3,000 |" in text
     assert "p99" in text
     assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself

@@ -245,3 +245,19 @@ def test_declared_shapes_and_byte_lengths_must_be_the_configs(
         loads(forged(data_offsets=[start, end + 4]))
     with pytest.raises(CheckpointError, match=r"bad declaration of tensor 'head\.bias'"):
         loads(forged(shape=[-1]))
+
+
+def test_lags_that_reach_past_the_bound_are_refused() -> None:
+    # The worker keeps `context` values of every series: a planted config whose lags
+    # reach a million steps back would have it allocate gigabytes.
+    config = ModelConfig(hidden_size=4, attention_size=4, lags=(1_000_000,))
+    tensors = {"head.bias": torch.zeros(1)}
+    header = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "1",
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        "meta": "{}",
+    }
+    data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+    with pytest.raises(CheckpointError, match="context 1000020 is out of bounds"):
+        loads(data)

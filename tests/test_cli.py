@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from attnlstm.baselines import available
 from tests.conftest import CLI, DATA
 
 REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
@@ -110,11 +111,38 @@ def test_train_on_a_real_recording(tmp_path: Path) -> None:
     )
     assert report["val_mae"] > 0
     assert report["naive_mae"] > 0
+    # Hourly times: a day of 24 steps, forecast a day ahead, from yesterday and the same
+    # hours a week before.
+    assert (report["period"], report["window"], report["horizon"]) == (24, 24, 24)
+    assert report["lags"] == [24, 144, 168]
+    no_period = last_json(
+        run("train", "--data", data, "--period", "0", "--epochs", "1", "--json", cwd=tmp_path)
+    )
+    assert (no_period["period"], no_period["window"], no_period["horizon"]) == (0, 20, 1)
+
+
+def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
+    tmp_path: Path,
+) -> None:
+    data = f"csv:{DATA / 'water_flow.csv'}"
+    last_json(run("train", "--data", data, "--epochs", "3", "--json", cwd=tmp_path))
+    report = last_json(run("evaluate", "--data", data, "--baselines", "--json", cwd=tmp_path))
+    rows = {row["name"]: row for row in report["baselines"]}
+    stats = {"AutoETS", "MSTL", "AutoARIMA"} if available() else set()
+    assert set(rows) == {"model", "naive", "seasonal naive (24)"} | stats
+    assert rows["naive"]["mase"] == 1.0
+    assert 0.8 <= rows["model"]["coverage"] <= 0.98
+    for name in stats:
+        assert rows[name]["mase"] > 0
+        assert rows[name]["ahead_mase"] > 0
+    human = run("evaluate", "--data", data, "--baselines", cwd=tmp_path)
+    assert "| forecaster | MASE, 1 step |" in human.stdout
 
 
 BAD_RUNS = [
     (["train", "--window", "x"], 2, "argument --window: expected a whole number, got 'x'"),
     (["train", "--window", "0"], 2, "must be >= 1, got 0"),
+    (["train", "--period", "-1"], 2, "argument --period: must be >= 0, got -1"),
     (["train", "--val-fraction", "1.5"], 2, "must be between 0 and 1"),
     (["launch"], 2, "invalid choice: 'launch'"),
     (["train", "--data", "csv:/no/such.csv"], 1, "cannot read /no/such.csv"),

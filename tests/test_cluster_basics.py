@@ -121,7 +121,7 @@ def test_fcall_on_several_keys_of_one_slot_and_crossslot(
 ) -> None:
     fence, _ = client.fcall("attnlstm_lease", 2, keys.lease, keys.fence, "me#1", 5000)
     command = Fence(keys, "me#1", int(fence), 5000).publish(
-        forecasts=[(b"s1", b"1-0", b"1", b"0.5", b"[]", b"v1")],
+        forecasts=[(b"s1", b"1-0", b"1", b"0.5", b"[]", b"v1", b"", b"")],
         state={b"meta": b"{}"},
         maxlen=1000,
     )

@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 from worker.contract import (
+    ANOMALY_FIELDS,
     DEAD_MAX_BYTES,
     DEAD_MAX_FIELDS,
     FORECAST_FIELDS,
     Reading,
+    anomaly_values,
     dead_fields,
+    decimal_rows,
     entry_ms,
     forecast_values,
     fraction_rows,
-    json_rows,
     parse,
     reason_kind,
 )
@@ -149,14 +151,25 @@ def test_dead_fields_keep_the_original_and_add_src_and_error() -> None:
     assert fields == {b"series": b"s", b"value": b"abc", b"extra": b"\x00\xff"}  # not mutated
 
 
-def test_json_rows_read_back_exactly_without_rounding() -> None:
-    matrix = np.random.default_rng(0).normal(scale=1e3, size=(5, 3))
-    matrix[0, 0] = 0.1 + 0.2  # needs 17 significant digits
-    matrix[1, 1] = -0.0
-    rows = json_rows(matrix)
-    assert len(rows) == 5
-    for row, text in zip(matrix, rows, strict=True):
-        assert json.loads(text) == row.tolist()  # float == float: exact
+@pytest.mark.parametrize("digits", [4, 7, 13])
+def test_decimal_rows_read_back_within_half_a_unit_of_the_last_digit(digits: int) -> None:
+    rng = np.random.default_rng(digits)
+    matrix = rng.normal(size=(200, 48)) * 10.0 ** rng.integers(-30, 30, size=(200, 48))
+    matrix[0, :6] = [0.1 + 0.2, 9.9999999999999e5, 1e-300, 1e308, -2.5, 10 ** (digits + 1)]
+    back = np.array([json.loads(text) for text in decimal_rows(matrix, digits)])
+    assert back.shape == matrix.shape
+    assert (np.abs(back - matrix) <= 0.5 * 10.0 ** (1 - digits) * np.abs(matrix)).all()
+    assert (np.sign(back) == np.sign(matrix)).all()
+
+
+def test_decimal_rows_format_zero_signs_and_powers_of_ten() -> None:
+    rows = decimal_rows(np.array([[0.0, -0.0, 1.0, -9.9999996, 0.00123]]), 7)
+    assert rows == [
+        b"[ 0.000000e+000,  0.000000e+000,  1.000000e+000, -1.000000e+001,  1.230000e-003]"
+    ]
+    assert decimal_rows(np.empty((0, 4)), 7) == []
+    with pytest.raises(ValueError, match="1 \\+ a multiple of 3"):
+        decimal_rows(np.ones((1, 1)), 6)
 
 
 def test_fraction_rows_are_json_with_seven_decimals_that_sum_to_one() -> None:
@@ -178,16 +191,37 @@ def test_fraction_rows_format_the_edges() -> None:
     assert fraction_rows(np.empty((0, 4))) == []
 
 
-def test_json_rows_of_one_column_and_of_no_rows() -> None:
-    assert json_rows(np.array([[1.5], [-2.0], [3.25]])) == [b"[1.5]", b"[-2.0]", b"[3.25]"]
-    assert json_rows(np.array([[7.0]])) == [b"[7.0]"]
-    assert json_rows(np.empty((0, 4))) == []
+def test_forecast_values_are_the_eight_fields_in_order() -> None:
+    values = forecast_values(
+        "s1", b"17-0", 1_700_000_000_000, b"[1.0]", b"[0.5, 0.5]", b"m1", b"[0.5]", b"[1.5]"
+    )
+    assert FORECAST_FIELDS[:6] == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
+    assert FORECAST_FIELDS[6:] == (b"lo", b"hi")  # after the fields older entries have
+    assert values == (
+        b"s1",
+        b"17-0",
+        b"1700000000000",
+        b"[1.0]",
+        b"[0.5, 0.5]",
+        b"m1",
+        b"[0.5]",
+        b"[1.5]",
+    )
 
 
-def test_forecast_values_are_the_six_fields_in_order() -> None:
-    values = forecast_values("s1", b"17-0", 1_700_000_000_000, b"[1.0]", b"[0.5, 0.5]", b"m1")
-    assert FORECAST_FIELDS == (b"series", b"src", b"ts", b"yhat", b"attn", b"model")
-    assert values == (b"s1", b"17-0", b"1700000000000", b"[1.0]", b"[0.5, 0.5]", b"m1")
+def test_anomaly_values_are_its_fields_in_order() -> None:
+    values = anomaly_values("s1", b"17-0", 1_700, b"9.5", [1.25, 1.0, 1.5], 33.0, b"m1")
+    assert dict(zip(ANOMALY_FIELDS, values, strict=True)) == {
+        b"series": b"s1",
+        b"src": b"17-0",
+        b"ts": b"1700",
+        b"value": b"9.5",  # as it came
+        b"yhat": b"1.25",
+        b"lo": b"1.0",
+        b"hi": b"1.5",
+        b"score": b"33.000",
+        b"model": b"m1",
+    }
 
 
 def test_a_dead_letter_of_thousands_of_fields_keeps_the_first_and_counts_the_rest() -> None:

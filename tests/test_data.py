@@ -83,3 +83,18 @@ def test_unreadable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DataError, match="cannot read"):
         load_csv(binary)
+
+
+def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Path) -> None:
+    steps = {"water_flow.csv": 24, "electricity_demand.csv": 48, "sea_surface_temperature.csv": 48}
+    for name, period in steps.items():
+        assert load_csv(DATA / name).daily_period() == period, name
+    # Times that do not divide a day, or no times at all: no period to go by.
+    odd = tmp_path / "odd.csv"
+    odd.write_text("t,v\n2024-01-01T00:00:00,1\n2024-01-01T00:07:00,2\n2024-01-01T00:14:00,3\n")
+    assert load_csv(odd).daily_period() == 0
+    plain = tmp_path / "plain.csv"
+    plain.write_text("step,v\n1,1\n2,2\n3,3\n")
+    assert load_csv(plain).step_s is None
+    assert load_csv(plain).daily_period() == 0
+    assert load_dataset("sines", n_series=2).daily_period() == 0

@@ -403,7 +403,7 @@ def test_a_worker_whose_server_lacks_the_functions_says_who_must_load_them(
     done = _burst_as_worker(acl_server, model_file, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "attnlstm worker: error: Redis lacks version 4 of the attnlstm functions, and this "
+        "attnlstm worker: error: Redis lacks version 5 of the attnlstm functions, and this "
         "user may not load them: load worker/functions.lua as an admin "
         "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
     )

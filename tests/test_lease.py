@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.helpers import entries, wait_for
-from worker.contract import FORECAST_FIELDS
+from worker.contract import ANOMALY_FIELDS, FORECAST_FIELDS
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION, Fence, FencedError, Lease, ensure_library, fenced
 from worker.streams import ensure_group, entries_of, round_trip
@@ -60,7 +60,7 @@ def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: 
     client.xreadgroup(keys.group, "w", {keys.input: ">"})  # pending, as the worker reads
     a, b = lease(client, keys, "a"), lease(client, keys, "b")
     fence = Fence(keys, a.token, a.acquire()[1], 5000)
-    forecast = (b"s", entry, b"1", b"[1.0]", b"[1.0]", b"v1")
+    forecast = (b"s", entry, b"1", b"[1.0]", b"[1.0]", b"v1", b"[0.5]", b"[1.5]")
 
     a.release()
     b.acquire()  # a lost its lease (a pause past its TTL), and b took it
@@ -79,10 +79,21 @@ def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: 
     now = Fence(keys, a.token, 3, 5000)
     dead = [[b"series", b"x y", b"src", b"9-9", b"error", b"series has characters"]]
     state = {b"meta": b"\x00state\xff", b"chunk:0": b"c"}
-    call = now.publish(forecasts=[forecast], dead=dead, acks=[entry], state=state, maxlen=100)
-    assert round_trip(client, [call]) == [1]
-    ((_, written),) = entries(client, keys.output)
+    plain = (b"s", entry, b"2", b"[2.0]", b"[1.0]", b"v1", b"", b"")  # intervals off
+    event = (b"s", entry, b"1", b"9.5", b"1.0", b"0.5", b"1.5", b"17.000", b"v1")
+    call = now.publish(
+        forecasts=[forecast, plain],
+        anomalies=[event],
+        dead=dead,
+        acks=[entry],
+        state=state,
+        maxlen=100,
+    )
+    assert round_trip(client, [call]) == [2]
+    (_, written), (_, unbounded) = entries(client, keys.output)
     assert written == dict(zip(FORECAST_FIELDS, forecast, strict=True))
+    assert unbounded == dict(zip(FORECAST_FIELDS[:6], plain[:6], strict=True))  # no lo, hi
+    assert entries(client, keys.anomalies)[0][1] == dict(zip(ANOMALY_FIELDS, event, strict=True))
     assert entries(client, keys.dead)[0][1][b"series"] == b"x y"
     assert client.xpending(keys.input, keys.group)["pending"] == 0
     assert client.hgetall(keys.state) == state

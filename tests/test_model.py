@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.model import CLIP, AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import new_model
 from attnlstm.windows import sliding_windows
@@ -15,24 +17,50 @@ def _sine_windows(window: int = 20) -> torch.Tensor:
     return torch.as_tensor(sliding_windows(article_sine(), window).x[::7], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("horizon", [1, 3])
-def test_forward_shapes_and_attention_is_a_distribution(horizon: int) -> None:
-    model = new_model(ModelConfig(window=12, horizon=horizon), seed=1)
-    x = torch.randn(5, 12)
-    yhat, attn = model(x)
+@pytest.mark.parametrize(("horizon", "lags"), [(1, ()), (3, ()), (3, (5, 7))])
+def test_forward_shapes_and_attention_is_a_distribution(horizon: int, lags: tuple[int]) -> None:
+    config = ModelConfig(window=12, horizon=horizon, lags=lags)
+    model = new_model(config, seed=1)
+    assert config.context == 12 + max(lags, default=0)
+    yhat, attn = model(torch.randn(5, config.context))
     assert yhat.shape == (5, horizon)
-    assert attn.shape == (5, 12)
+    assert attn.shape == (5, 12)  # over the LSTM's steps, not the lags' reach
     assert torch.all(attn >= 0)
     torch.testing.assert_close(attn.sum(dim=1), torch.ones(5), atol=1e-6, rtol=0)
-    yhat3, attn3 = model(x.unsqueeze(-1))  # (B, T, 1) is the same input
-    torch.testing.assert_close(yhat3, yhat)
-    torch.testing.assert_close(attn3, attn)
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:
-    model = new_model(ModelConfig(window=12), seed=1)
-    with pytest.raises(ValueError, match=r"expected windows of shape"):
-        model(torch.randn(5, 12, 2))
+    model = new_model(ModelConfig(window=12, lags=(3,)), seed=1)
+    for shape in [(5, 12, 1), (5, 12), (5, 16)]:
+        with pytest.raises(ValueError, match=r"expected windows of shape \(B, 15\)"):
+            model(torch.randn(*shape))
+
+
+def test_a_lag_feature_is_the_value_that_many_steps_before() -> None:
+    # Weights that forecast the last step's lag feature alone: x[t - 3], for window 4.
+    model = new_model(ModelConfig(window=4, lags=(3,), hidden_size=4, attention_size=4), seed=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.linear.weight.zero_()
+        model.linear.weight[0, 6] = -1.0  # (last step, the value): cancels the skip
+        model.linear.weight[0, 7] = 1.0  # (last step, lag 3)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 8.0, 6.0, 7.0], [5.0, -1.0, 0.0, 2.0, 2.5, 3.0, 1.0]])
+    yhat, _ = model(x.double())
+    torch.testing.assert_close(yhat[:, 0], x[:, 3].double())
+
+
+def test_glitches_in_the_lagged_values_are_clipped() -> None:
+    # A week-old glitch at a thousand window deviations moves the forecast as much as one
+    # at CLIP deviations: not a thousand times more.
+    model = new_model(ModelConfig(window=4, lags=(3,), hidden_size=4, attention_size=4), seed=0)
+    with torch.no_grad():
+        model.linear.weight.fill_(0.1)
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    glitch, at_clip = x.clone(), x.clone()
+    glitch[0, 0] = -1000.0
+    at_clip[0, 0] = 0.5 - CLIP * 0.5  # CLIP deviations below the window's mean
+    torch.testing.assert_close(model(glitch)[0], model(at_clip)[0])
 
 
 def test_scale_equivariance_on_a_trained_model(trained_sines: AttentionLSTM) -> None:
@@ -45,11 +73,15 @@ def test_scale_equivariance_on_a_trained_model(trained_sines: AttentionLSTM) -> 
     torch.testing.assert_close(attn_big, attn, atol=1e-5, rtol=0)
 
 
-def test_scale_equivariance_holds_for_any_weights() -> None:
+@pytest.mark.parametrize("lags", [(), (10, 30)])
+def test_scale_equivariance_holds_for_any_weights(lags: tuple[int]) -> None:
     # The property is structural: it must not depend on what training happened to learn.
     for seed in range(3):
-        model = new_model(ModelConfig(hidden_size=8, attention_size=8), seed=seed).eval()
-        x = _sine_windows()
+        config = ModelConfig(hidden_size=8, attention_size=8, lags=lags)
+        model = new_model(config, seed=seed).eval()
+        with torch.no_grad():
+            model.linear.weight.normal_(0.0, 0.1)  # trained weights, not the zeros it starts at
+        x = _sine_windows(config.context)
         yhat, _ = model(x)
         yhat_big, _ = model(1000.0 * x + 500.0)
         expected = 1000.0 * yhat + 500.0
@@ -102,6 +134,8 @@ def test_unscaled_mode_runs_in_raw_units() -> None:
         ("dropout", 1.0, "dropout must be in"),
         ("scaling", "minmax", "scaling must be"),
         ("window", 1, "window scaling needs a window of at least 2"),
+        ("lags", (0,), "lags must be whole numbers >= 1"),
+        ("period", -1, "period must be >= 0"),
     ],
 )
 def test_config_rejects_nonsense(field: str, value: object, message: str) -> None:
@@ -110,7 +144,16 @@ def test_config_rejects_nonsense(field: str, value: object, message: str) -> Non
 
 
 def test_config_round_trips_through_a_dict() -> None:
-    config = ModelConfig(window=30, horizon=4, num_layers=2, dropout=0.1)
-    assert ModelConfig.from_dict(config.to_dict()) == config
+    config = ModelConfig(window=30, horizon=4, num_layers=2, dropout=0.1, lags=(30, 60), period=30)
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown model config fields"):
         ModelConfig.from_dict({**config.to_dict(), "extra": 1})
+
+
+def test_a_config_from_before_lags_reads_as_the_model_it_was() -> None:
+    old = {"window": 20, "horizon": 1, "input_size": 1, "hidden_size": 32, "num_layers": 1}
+    config = ModelConfig.from_dict({**old, "dropout": 0.0, "attention_size": 32})
+    assert (config.lags, config.linear, config.context) == ((), False, 20)
+    assert not hasattr(AttentionLSTM(config), "linear")
+    with pytest.raises(ValueError, match="input_size is derived from lags"):
+        ModelConfig.from_dict({**old, "input_size": 2})

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.online.scoring import Overall, Scorer
+from attnlstm.intervals import GAMMA
+from worker.online.scoring import Overall, Scored, Scorer
+
+
+def _update(
+    scorer: Scorer, slots: list[int], values: list[float], yhat: list[float], now: float
+) -> Scored:
+    """One-step forecasts from windows of deviation 1."""
+    n = len(slots)
+    one = np.array(yhat)[:, None]
+    return scorer.update(np.array(slots), np.array(values), one, np.ones(n), now)
 
 
 def test_each_value_is_scored_against_its_series_last_forecast() -> None:
@@ -13,20 +23,61 @@ def test_each_value_is_scored_against_its_series_last_forecast() -> None:
     nan = np.nan
     # Series 0 and 1; series 0 twice in one batch: its second value is scored against
     # the forecast made for its first, within the batch.
-    assert (
-        scorer.update(
-            np.array([0, 1, 0]), np.array([1.0, 5.0, 2.0]), np.array([2.5, 5.5, 3.0]), now=0.0
-        )
-        == 1
-    )
+    assert _update(scorer, [0, 1, 0], [1.0, 5.0, 2.0], [2.5, 5.5, 3.0], now=0.0).count == 1
     assert scorer.series_mae[0] == pytest.approx(0.5)  # |2.0 - 2.5|
     assert scorer.series_naive_mae[0] == pytest.approx(1.0)  # |2.0 - 1.0|
     assert np.isnan(scorer.series_mae[1])  # nothing to score yet
     # No forecast was made for series 1's next value (warming, say): not scored after.
-    assert scorer.update(np.array([1, 0]), np.array([6.0, 3.0]), np.array([nan, nan]), 1.0) == 2
+    assert _update(scorer, [1, 0], [6.0, 3.0], [nan, nan], 1.0).count == 2
     assert scorer.series_mae[1] == pytest.approx(0.5)  # |6.0 - 5.5|
-    assert scorer.update(np.array([1]), np.array([7.0]), np.array([8.0]), 2.0) == 0
+    assert _update(scorer, [1], [7.0], [8.0], 2.0).count == 0
     assert scorer.overall.scored == 3
+    assert np.isnan(scorer.overall.coverage)  # no intervals asked for
+
+
+def test_intervals_follow_the_spread_and_each_series_own_misses() -> None:
+    half = np.array([1.0, 2.0])  # at 90%, in window deviations, per step ahead
+    scorer = Scorer(Overall(halflife_s=10), half_width=half, coverage=0.9, threshold=3.0)
+    yhat = np.array([[10.0, 11.0], [20.0, 21.0]])
+    first = scorer.update(np.array([0, 1]), np.array([9.0, 19.0]), yhat, np.array([0.5, 2.0]), 0.0)
+    np.testing.assert_allclose(first.lo, [[9.5, 10.0], [18.0, 17.0]])  # yhat - half * scale
+    np.testing.assert_allclose(first.hi, [[10.5, 12.0], [22.0, 25.0]])
+    # Series 0's value falls outside [9.5, 10.5], series 1's inside [18, 22]: series 0's
+    # intervals widen, series 1's narrow, by the adaptive step.
+    second = scorer.update(np.array([0, 1]), np.array([11.0, 20.5]), yhat, np.ones(2), 1.0)
+    wider, narrower = np.exp(GAMMA * 0.9), np.exp(-GAMMA * 0.1)
+    np.testing.assert_allclose(second.hi - yhat, [half * wider, half * narrower])
+    assert scorer.overall.coverage == pytest.approx(0.5)
+    # 11.0 is one half-width from 10: outside, not an anomaly at threshold 3.
+    assert second.anomalies.size == 0
+
+
+def test_a_value_threshold_half_widths_away_is_an_anomaly_with_what_it_broke() -> None:
+    half = np.array([1.0])
+    scorer = Scorer(Overall(halflife_s=10), half_width=half, coverage=0.9, threshold=3.0)
+    one = np.array([[10.0], [5.0]])
+    scorer.update(np.array([0, 1]), np.array([10.0, 5.0]), one, np.ones(2), 0.0)
+    found = scorer.update(np.array([0, 1]), np.array([13.5, 7.9]), one, np.ones(2), 1.0)
+    assert found.anomalies.tolist() == [0]  # 3.5 half-widths; series 1's 2.9 is not
+    np.testing.assert_allclose(found.expected, [[10.0, 9.0, 11.0]])  # yhat, lo, hi it broke
+    np.testing.assert_allclose(found.scores, [3.5])
+
+
+def test_coverage_recovers_after_the_errors_triple() -> None:
+    # One series, errors drawn from N(0, 1) and then N(0, 3): the multiplier brings the
+    # share inside back to about 90% within a few hundred values.
+    rng = np.random.default_rng(0)
+    scorer = Scorer(Overall(halflife_s=1e9), half_width=np.array([1.645]), coverage=0.9)
+    slot, zero = np.zeros(1, dtype=np.int64), np.zeros((1, 1))
+    interval = scorer.update(slot, np.zeros(1), zero, np.ones(1), 0.0)
+    inside = []
+    for t in range(4000):
+        value = rng.normal(0.0, 1.0 if t < 2000 else 3.0, size=1)
+        inside.append(bool(interval.lo[0, 0] <= value[0] <= interval.hi[0, 0]))
+        interval = scorer.update(slot, value, zero, np.ones(1), float(t))
+    assert 0.87 <= np.mean(inside[:2000]) <= 0.93
+    assert np.mean(inside[2000:2050]) < 0.8  # the change: many fall outside at first
+    assert 0.87 <= np.mean(inside[2300:]) <= 0.93  # back within 300 values
 
 
 def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
@@ -37,7 +88,7 @@ def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
     for step in range(1200):
         now = step * 0.05  # a batch every 50 ms, one value per series
         error = 0.1 if now < 40 else 0.4
-        scorer.update(slots, values, values + error, now)
+        scorer.update(slots, values, (values + error)[:, None], np.ones(50), now)
         if scorer.overall.drifting(1.5):
             drifted_at = now if drifted_at is None else drifted_at
             scorer.overall.settle()
@@ -49,9 +100,9 @@ def test_drift_is_the_rolling_mae_far_above_its_level() -> None:
 
 def test_a_freed_slot_starts_unscored_for_the_series_that_takes_it() -> None:
     scorer = Scorer(Overall(halflife_s=10))
-    scorer.update(np.array([0, 0]), np.array([1.0, 2.0]), np.array([5.0, 9.0]), now=0.0)
+    _update(scorer, [0, 0], [1.0, 2.0], [5.0, 9.0], now=0.0)
     assert np.isfinite(scorer.series_mae[0])
     scorer.forget(np.array([0, 10_000]))  # a slot past the scorer's arrays is nothing to it
     assert np.isnan(scorer.series_mae[0])
     # The next series in slot 0 is not scored against the old one's forecast (9.0).
-    assert scorer.update(np.array([0]), np.array([100.0]), np.array([101.0]), now=1.0) == 0
+    assert _update(scorer, [0], [100.0], [101.0], now=1.0).count == 0

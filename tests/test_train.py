@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from attnlstm.data import load_dataset
-from attnlstm.experiment import split_dataset, train_model
+from attnlstm.data import Dataset, load_dataset
+from attnlstm.experiment import seasonal_config, split_dataset, train_model
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
-from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_mse
+from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_loss
 from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
 
 
@@ -18,8 +18,8 @@ def test_loss_refuses_the_articles_broadcasting_shapes() -> None:
     model = new_model(ModelConfig(), seed=0)
     x = torch.randn(8, 20)
     with pytest.raises(ValueError, match="do not match"):
-        scaled_mse(model, x, torch.randn(8, 1, 1))
-    assert scaled_mse(model, x, torch.randn(8, 1)).shape == ()
+        scaled_loss(model, x, torch.randn(8, 1, 1))
+    assert scaled_loss(model, x, torch.randn(8, 1)).shape == ()
 
 
 def test_article_sine_is_forecast_not_flattened() -> None:
@@ -66,7 +66,7 @@ def test_best_weights_are_kept_and_patience_stops_early() -> None:
     vx = torch.as_tensor(val.x, dtype=torch.float32)
     vy = torch.as_tensor(val.y, dtype=torch.float32)
     with torch.inference_mode():
-        assert scaled_mse(model, vx, vy).item() == pytest.approx(best, rel=1e-6)
+        assert scaled_loss(model, vx, vy).item() == pytest.approx(best, rel=1e-6)
 
 
 def test_progress_bar_is_silent_when_off(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,3 +98,28 @@ def test_a_high_level_series_keeps_its_small_swing(trained_sines: AttentionLSTM)
     yhat, _ = predict(trained_sines, x)
     yhat_high, _ = predict(trained_sines, x + 1e6)
     np.testing.assert_allclose(yhat_high - 1e6, yhat, atol=1e-6)
+
+
+def test_the_seasonal_default_sees_a_day_and_the_same_hours_a_week_before() -> None:
+    assert seasonal_config(48, [4032]) == ModelConfig(
+        window=48, horizon=48, lags=(48, 288, 336), period=48
+    )
+    assert seasonal_config(48, [4032]).context == 48 + 336
+    # Less than three weeks before the held-out tail: yesterday only.
+    assert seasonal_config(24, [600]).lags == (24,)
+    assert seasonal_config(0, [600]) == ModelConfig()  # no period: the short window
+    assert seasonal_config(24, [4032], horizon=1, hidden_size=8).horizon == 1
+
+
+def test_training_never_sees_the_held_out_tail() -> None:
+    # Early stopping picks the epoch on the part before the tail: the tail's values
+    # change nothing in the model, only its scores.
+    values = article_sine()
+    config, train_config = ModelConfig(hidden_size=8, attention_size=8), TrainConfig(epochs=3)
+    first, _, scores = train_model(Dataset(["s"], [values]), config, train_config)
+    changed = values.copy()
+    changed[800:] += np.linspace(0.0, 5.0, 200)  # the last 20%
+    second, _, changed_scores = train_model(Dataset(["s"], [changed]), config, train_config)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert changed_scores["val_mae"] > scores["val_mae"]

@@ -73,12 +73,59 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
         assert fields[b"model"].decode() == version
         assert fields[b"series"] == f"s{index[src] % 200}".encode()
         assert int(fields[b"ts"]) == int(src.split(b"-")[0])
+        lo, hi = json.loads(fields[b"lo"]), json.loads(fields[b"hi"])  # 90% by default
+        assert len(lo) == len(hi) == len(yhat)
+        assert (np.array(lo) < yhat).all()
+        assert (yhat < np.array(hi)).all()
     assert report["read"] == len(ids)
     assert report["forecasts"] == len(want)
     assert report["warming"] == 200 * (trained_sines.config.window - 1)
     assert report["dead"] == 0
     assert redis_client.xlen(keys.input) == len(ids)  # input never trimmed
     assert redis_client.xpending(keys.input, "forecasters")["pending"] == 0
+
+
+def test_a_spike_is_an_anomaly_event_in_the_batch_that_forecasts_it(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    values = sine_steps(20, 120, seed=4)
+    spikes = [(60, 3), (61, 7), (100, 3)]  # (step, series); 61 and 100: one each, 60's quiet
+    for t, j in spikes:
+        values[t, j] += 10 * values[:, j].std()
+    ids = fill(redis_client, keys.input, values)
+    report = drain(settings_for(redis_url, keys), trained_sines)
+
+    events = {fields[b"src"]: fields for _, fields in entries(redis_client, keys.anomalies)}
+    want = {ids[t * 20 + j] for t, j in spikes}
+    assert set(events) == want  # each spike, and nothing in the windows after it
+    assert report["anomalies"] == len(want)
+    got = forecasts_by_src(redis_client, keys.output)
+    for src, event in events.items():
+        index = ids.index(src)
+        assert event[b"series"] == f"s{index % 20}".encode()
+        assert float(event[b"value"]) == values[index // 20, index % 20]
+        assert float(event[b"score"]) >= 5  # the default threshold, in half-widths
+        lo, hi = float(event[b"lo"]), float(event[b"hi"])
+        assert not lo <= float(event[b"value"]) <= hi
+        before = got[ids[index - 20]]  # the series' forecast just before: its interval
+        assert lo == pytest.approx(json.loads(before[b"lo"])[0], rel=1e-6)
+        assert float(event[b"yhat"]) == pytest.approx(json.loads(before[b"yhat"])[0], rel=1e-12)
+
+
+def test_with_coverage_zero_there_are_no_intervals_and_no_anomalies(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    values = sine_steps(5, 40, seed=5)
+    values[30, 2] += 100.0
+    fill(redis_client, keys.input, values)
+    drain(settings_for(redis_url, keys, coverage=0), trained_sines)
+    got = forecasts_by_src(redis_client, keys.output)
+    assert got
+    assert all(
+        set(fields) == {b"series", b"src", b"ts", b"yhat", b"attn", b"model"}
+        for fields in got.values()
+    )
+    assert redis_client.xlen(keys.anomalies) == 0
 
 
 def test_the_exit_report_counts_this_run(

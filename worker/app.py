@@ -30,8 +30,9 @@ def build_engine(settings: Settings) -> Engine | None:
     device = resolve_device(settings.device)
     engine = Engine(checkpoint, device=device, max_batch=settings.max_batch)
     log.info(
-        "model %s (window %d, horizon %d) from %s on %s",
+        "model %s (%d values, window %d, horizon %d) from %s on %s",
         engine.version,
+        engine.context,
         engine.window,
         engine.horizon,
         settings.model,

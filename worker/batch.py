@@ -16,12 +16,15 @@ import numpy as np
 
 from worker.attempts import Mark
 from worker.contract import (
+    BOUND_DIGITS,
+    YHAT_DIGITS,
     Fields,
+    anomaly_values,
     dead_fields,
+    decimal_rows,
     entry_ms,
     forecast_values,
     fraction_rows,
-    json_rows,
     parse,
 )
 from worker.lease import Fence
@@ -88,6 +91,7 @@ class Receipt:
 
     entered_ms: np.ndarray  # (forecasts,) when each forecast's input entered the stream
     dead_reasons: list[str]
+    anomalies: int = 0
 
 
 def triage(
@@ -142,41 +146,96 @@ def handled_before(entries: Sequence[Entry], last_id: bytes) -> int:
     )
 
 
+@dataclass(frozen=True)
+class Forecasts:
+    """A batch's forecasts: the batch positions forecast, and what each got."""
+
+    rows: np.ndarray  # (n,) batch positions
+    yhat: np.ndarray  # (n, horizon)
+    attn: np.ndarray  # (n, window)
+    lo: np.ndarray | None = None  # (n, horizon); None: intervals off
+    hi: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Anomalies:
+    """Values of a batch that fell far outside their one-step interval."""
+
+    rows: np.ndarray  # (n,) batch positions
+    expected: np.ndarray  # (n, 3): the one-step forecast, lo and hi each broke
+    scores: np.ndarray  # (n,) distance from the forecast, in interval half-widths
+
+
 def batch_call(
     batch: Batch,
-    rows: np.ndarray,
-    yhat: np.ndarray,
-    attn: np.ndarray,
+    made: Forecasts,
     fence: Fence,
     *,
     maxlen: int,
     version: bytes,
+    anomalies: Anomalies | None = None,
     state: Mapping[bytes, bytes] | None = None,
     handled: bytes,
 ) -> tuple[Command | None, Receipt]:
-    """The forecasts of the batch positions ``rows`` (with their ``yhat`` and ``attn``),
-    the dead letters, the acks and ``state`` as one fenced call, and its receipt; None
-    when there is nothing to write. With acks, the call moves the handling mark past
-    ``handled``, the last entry this batch handles.
+    """The forecasts ``made``, the ``anomalies`` events, the dead letters, the acks and
+    ``state`` as one fenced call, and its receipt; None when there is nothing to write.
+    With acks, the call moves the handling mark past ``handled``, the last entry this
+    batch handles.
 
     A forecast that is not finite is dead-lettered instead."""
-    finite = np.isfinite(yhat).all(axis=1) & np.isfinite(attn).all(axis=1)
-    batch.reject(rows[~finite], "the model's forecast is not finite")
-    rows, yhat, attn = rows[finite], yhat[finite], attn[finite]
+    finite = np.isfinite(made.yhat).all(axis=1) & np.isfinite(made.attn).all(axis=1)
+    if made.lo is not None and made.hi is not None:
+        finite &= np.isfinite(made.lo).all(axis=1) & np.isfinite(made.hi).all(axis=1)
+    batch.reject(made.rows[~finite], "the model's forecast is not finite")
+    rows = made.rows[finite]
+    bounds = (
+        (decimal_rows(made.lo[finite], BOUND_DIGITS), decimal_rows(made.hi[finite], BOUND_DIGITS))
+        if made.lo is not None and made.hi is not None
+        else ([b""] * rows.size, [b""] * rows.size)
+    )
     forecasts = [
-        forecast_values(batch.names[i], batch.ids[i], batch.ts[i], y, a, version)
-        for i, y, a in zip(rows.tolist(), json_rows(yhat), fraction_rows(attn), strict=True)
+        forecast_values(batch.names[i], batch.ids[i], batch.ts[i], y, a, version, lo, hi)
+        for i, y, a, lo, hi in zip(
+            rows.tolist(),
+            decimal_rows(made.yhat[finite], YHAT_DIGITS),
+            fraction_rows(made.attn[finite]),
+            *bounds,
+            strict=True,
+        )
     ]
+    events = [] if anomalies is None else _events(batch, anomalies, version)
     dead = [
         [part for pair in dead_fields(fields, entry_id, reason).items() for part in pair]
         for entry_id, fields, reason in batch.dead
     ]
     entered_ms = np.fromiter((entry_ms(batch.ids[i]) for i in rows), np.float64, rows.size)
-    receipt = Receipt(entered_ms, [reason for _, _, reason in batch.dead])
+    receipt = Receipt(entered_ms, [reason for _, _, reason in batch.dead], len(events))
     if not (forecasts or dead or batch.acks or state is not None):
         return None, receipt
     mark = Mark(handled, 0, fence.token) if batch.acks else None
     call = fence.publish(
-        maxlen=maxlen, forecasts=forecasts, dead=dead, acks=batch.acks, state=state, mark=mark
+        maxlen=maxlen,
+        forecasts=forecasts,
+        anomalies=events,
+        dead=dead,
+        acks=batch.acks,
+        state=state,
+        mark=mark,
     )
     return call, receipt
+
+
+def _events(batch: Batch, anomalies: Anomalies, version: bytes) -> list[tuple[bytes, ...]]:
+    """The anomalies of entries this batch publishes for (not those replayed)."""
+    return [
+        anomaly_values(
+            batch.names[i], batch.ids[i], batch.ts[i], batch.fields[i][b"value"], e, score, version
+        )
+        for i, e, score in zip(
+            anomalies.rows.tolist(),
+            anomalies.expected.tolist(),
+            anomalies.scores.tolist(),
+            strict=True,
+        )
+        if batch.publish[i]
+    ]

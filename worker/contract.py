@@ -115,15 +115,6 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
     return {**kept, b"src": src, b"error": error.encode()}
 
 
-def json_rows(matrix: np.ndarray) -> list[bytes]:
-    """Each row of a 2-D array as a JSON list, in float64's shortest round-trip form (a
-    value reads back exactly), formatted in one call for the whole batch."""
-    if matrix.shape[0] == 0:
-        return []
-    text = json.dumps(matrix.astype(np.float64, copy=False).tolist()).encode()
-    return [b"[" + row + b"]" for row in text[2:-2].split(b"], [")]  # "[[a, b], [c, d]]"
-
-
 def _digit_table(width: int) -> np.ndarray:
     """ASCII digits of 0 .. 10**width - 1, zero-padded: (10**width, width) uint8."""
     numbers = np.arange(10**width)[:, None] // 10 ** np.arange(width - 1, -1, -1) % 10
@@ -162,16 +153,83 @@ def fraction_rows(matrix: np.ndarray) -> list[bytes]:
     return [data[k : k + size] for k in range(0, n * size, size)]
 
 
-FORECAST_FIELDS = (b"series", b"src", b"ts", b"yhat", b"attn", b"model")  # in this order
+def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
+    """Each row of a 2-D array of finite values as a JSON list of numbers with ``digits``
+    (1 + a multiple of 3) significant digits in fixed-width scientific form,
+    `` 1.234567e+004``.
+
+    Built like :func:`fraction_rows`, for the whole batch at once: a day-ahead forecast
+    with its bounds is 144 numbers, and float repr for each would cost more than the
+    model. Each value reads back within half a unit of its last digit.
+    """
+    n, width = matrix.shape
+    if n == 0:
+        return []
+    if digits < 4 or (digits - 1) % 3:
+        raise ValueError(f"digits must be 1 + a multiple of 3, at least 4; got {digits}")
+    a = np.abs(matrix.astype(np.float64))
+    nonzero = a > 0
+    exp = np.floor(np.log10(np.where(nonzero, a, 1.0))).astype(np.int64)
+    exp[~nonzero] = 0
+    mant = np.rint(a / np.power(10.0, exp) * 10.0 ** (digits - 1)).astype(np.int64)
+    # log10 near a power of ten, or rounding up to one, can leave it a digit long or short.
+    for wrong, shift in ((mant >= 10**digits, 1), (nonzero & (mant < 10 ** (digits - 1)), -1)):
+        if wrong.any():
+            exp[wrong] += shift
+            mant[wrong] = np.rint(a[wrong] / np.power(10.0, exp[wrong]) * 10.0 ** (digits - 1))
+    cell = digits + 9
+    cells = np.empty((n, width, cell), dtype=np.uint8)  # " 1.234567e+004, "
+    cells[..., 0] = np.where(matrix < 0, ord("-"), ord(" "))
+    groups = (digits - 1) // 3
+    rest = mant
+    for g in range(groups, 0, -1):  # three digits at a time, the last first
+        rest, three = np.divmod(rest, 1000)
+        cells[..., 3 * g : 3 * g + 3] = _HIGH[three]
+    cells[..., 1] = rest + ord("0")
+    cells[..., 2] = ord(".")
+    cells[..., digits + 2] = ord("e")
+    cells[..., digits + 3] = np.where(exp < 0, ord("-"), ord("+"))
+    cells[..., digits + 4 : digits + 7] = _HIGH[np.abs(exp)]
+    cells[..., digits + 7] = ord(",")
+    cells[..., digits + 8] = ord(" ")
+    line = np.empty((n, width * cell), dtype=np.uint8)
+    line[:, 0] = ord("[")
+    line[:, 1:-1] = cells.reshape(n, -1)[:, :-2]
+    line[:, -1] = ord("]")
+    data = line.tobytes()
+    size = line.shape[1]
+    return [data[k : k + size] for k in range(0, n * size, size)]
+
+
+# In this order; lo and hi came after the first six, which is all that older entries have.
+FORECAST_FIELDS = (b"series", b"src", b"ts", b"yhat", b"attn", b"model", b"lo", b"hi")
+ANOMALY_FIELDS = (b"series", b"src", b"ts", b"value", b"yhat", b"lo", b"hi", b"score", b"model")
+YHAT_DIGITS = 13  # significant digits of a published forecast
+BOUND_DIGITS = 7  # and of its interval's bounds
 DEAD_MAX_FIELDS = 1_000  # fields copied into a dead letter, at most
 DEAD_MAX_BYTES = 1_024  # of a field's name, and of its value, copied into a dead letter
 
 
 def forecast_values(
-    series: str, src: bytes, ts: int, yhat: bytes, attn: bytes, model: bytes
+    series: str, src: bytes, ts: int, yhat: bytes, attn: bytes, model: bytes, lo: bytes, hi: bytes
 ) -> tuple[bytes, ...]:
     """A forecast entry's values, in the order of FORECAST_FIELDS."""
-    return (series.encode(), src, b"%d" % ts, yhat, attn, model)
+    return (series.encode(), src, b"%d" % ts, yhat, attn, model, lo, hi)
+
+
+def anomaly_values(
+    series: str,
+    src: bytes,
+    ts: int,
+    value: bytes,
+    expected: list[float],
+    score: float,
+    model: bytes,
+) -> tuple[bytes, ...]:
+    """An anomaly event's values, in the order of ANOMALY_FIELDS: the value as it came,
+    the one-step forecast and interval (``expected``) it fell outside, and its score."""
+    yhat, lo, hi = (repr(x).encode() for x in expected)
+    return (series.encode(), src, b"%d" % ts, value, yhat, lo, hi, b"%.3f" % score, model)
 
 
 def reason_kind(reason: str) -> str:

@@ -25,14 +25,16 @@ def padded_rows(n: int) -> int:
     return -(-n // PAD_ROWS) * PAD_ROWS
 
 
-def check_fits(checkpoint: Checkpoint, *, window: int, horizon: int) -> None:
-    """ValueError unless the checkpoint's model reads ``window`` values and forecasts
-    ``horizon`` steps: the windows the worker keeps, and the forecasts it publishes."""
+def check_fits(checkpoint: Checkpoint, *, context: int, window: int, horizon: int) -> None:
+    """ValueError unless the checkpoint's model reads ``context`` values, weighs
+    ``window`` steps and forecasts ``horizon``: the values the worker keeps per series, and
+    the forecasts it publishes."""
     config = checkpoint.config
-    if (config.window, config.horizon) != (window, horizon):
+    if (config.context, config.window, config.horizon) != (context, window, horizon):
         raise ValueError(
-            f"model {checkpoint.version} has window {config.window} and horizon "
-            f"{config.horizon}; the worker runs {window} and {horizon}"
+            f"model {checkpoint.version} reads {config.context} values (window "
+            f"{config.window}) and forecasts {config.horizon}; the worker runs {context} "
+            f"(window {window}) and {horizon}"
         )
 
 
@@ -40,25 +42,27 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, *, device: str, max_batch: int) -> None:
         self.checkpoint = checkpoint
         self.version = checkpoint.version
+        self.context = checkpoint.config.context
         self.window = checkpoint.config.window
         self.horizon = checkpoint.config.horizon
         self.device = torch.device(device)
         self.model = checkpoint.model.to(self.device).eval()
         self.rows = padded_rows(max_batch)  # the largest batch one model call takes
         pin = self.device.type == "cuda"
-        self._x = torch.empty((self.rows, self.window), dtype=torch.float64, pin_memory=pin)
+        self._x = torch.empty((self.rows, self.context), dtype=torch.float64, pin_memory=pin)
         if pin:
             self._y = torch.empty((self.rows, self.horizon), dtype=torch.float64, pin_memory=True)
             self._a = torch.empty((self.rows, self.window), dtype=torch.float32, pin_memory=True)
 
     def swap(self, checkpoint: Checkpoint) -> None:
-        """Serve another model of the same window and horizon from the next call on."""
-        check_fits(checkpoint, window=self.window, horizon=self.horizon)
+        """Serve another model of the same shape from the next call on."""
+        check_fits(checkpoint, context=self.context, window=self.window, horizon=self.horizon)
         self.model = checkpoint.model.to(self.device).eval()
         self.checkpoint, self.version = checkpoint, checkpoint.version
 
     def forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Forecasts (N, horizon) float64 and attention (N, window) for windows (N, window)."""
+        """Forecasts (N, horizon) float64 and attention (N, window) for the last values of
+        each series (N, context)."""
         n = windows.shape[0]
         ys = np.empty((n, self.horizon), dtype=np.float64)
         attns = np.empty((n, self.window), dtype=np.float32)

@@ -5,7 +5,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '4'
+local VERSION = '5'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -31,12 +31,14 @@ local function release(keys, args)
   return 0
 end
 
--- KEYS: lease, fence, input, output, dead, state, handling.
+-- KEYS: lease, fence, input, output, dead, state, handling, anomalies.
 -- ARGV: token, fence number, ttl_ms, group, maxlen, then how many forecasts, dead
--- letters and acks, how many fields of the state hash follow, and the handling mark
--- (empty: unchanged); then each forecast's series, src, ts, yhat, attn, model; each
--- dead letter's field count and its fields, values; the ids to ack; the state's fields
--- and values (worker/state.py: a chunk of the windows, and the meta field).
+-- letters and acks, how many fields of the state hash follow, the handling mark
+-- (empty: unchanged), and how many anomaly events; then each forecast's series, src,
+-- ts, yhat, attn, model, lo, hi (lo and hi empty: intervals off, not written); each
+-- anomaly's series, src, ts, value, yhat, lo, hi, score, model; each dead letter's
+-- field count and its fields, values; the ids to ack; the state's fields and values
+-- (worker/state.py: a chunk of the windows, and the meta field).
 -- Nothing is written unless the token holds the lease at that fence number; the lease
 -- is renewed with the writes. The mark says which entries the worker handles next
 -- (worker/attempts.py).
@@ -62,15 +64,30 @@ local function publish(keys, args)
   redis.call('PEXPIRE', keys[1], args[3])
   local group, maxlen = args[4], args[5]
   local forecasts, dead, acks = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])
+  local anomalies = tonumber(args[11])
   if args[10] ~= '' then
     redis.call('SET', keys[7], args[10])
   end
-  local i = 11
+  local i = 12
   for _ = 1, forecasts do
-    redis.call('XADD', keys[4], 'MAXLEN', '~', maxlen, '*',
-      'series', args[i], 'src', args[i + 1], 'ts', args[i + 2],
-      'yhat', args[i + 3], 'attn', args[i + 4], 'model', args[i + 5])
-    i = i + 6
+    if args[i + 6] == '' then -- intervals off
+      redis.call('XADD', keys[4], 'MAXLEN', '~', maxlen, '*',
+        'series', args[i], 'src', args[i + 1], 'ts', args[i + 2],
+        'yhat', args[i + 3], 'attn', args[i + 4], 'model', args[i + 5])
+    else
+      redis.call('XADD', keys[4], 'MAXLEN', '~', maxlen, '*',
+        'series', args[i], 'src', args[i + 1], 'ts', args[i + 2],
+        'yhat', args[i + 3], 'attn', args[i + 4], 'model', args[i + 5],
+        'lo', args[i + 6], 'hi', args[i + 7])
+    end
+    i = i + 8
+  end
+  for _ = 1, anomalies do
+    redis.call('XADD', keys[8], 'MAXLEN', '~', maxlen, '*',
+      'series', args[i], 'src', args[i + 1], 'ts', args[i + 2], 'value', args[i + 3],
+      'yhat', args[i + 4], 'lo', args[i + 5], 'hi', args[i + 6], 'score', args[i + 7],
+      'model', args[i + 8])
+    i = i + 9
   end
   for _ = 1, dead do
     local n = tonumber(args[i])

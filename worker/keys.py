@@ -11,6 +11,7 @@ class Keys:
     input: str = "sensors"  # producers XADD here; the worker never trims it
     output: str = "forecasts"  # one entry per forecast
     dead: str = "sensors:dead"  # bad input, with a reason
+    anomalies: str = "anomalies"  # values far outside their forecast's interval
     group: str = "forecasters"  # the consumer group on `input`
     models: str = "models"  # model events; stored versions are keyed under this name
     cluster: bool = False  # on a Redis Cluster: see clustered()
@@ -62,7 +63,7 @@ class Keys:
             return self
         if not 0 <= k < partitions:
             raise ValueError(f"partition {k} is not one of 0 .. {partitions - 1}")
-        for name in (self.input, self.output, self.dead):
+        for name in (self.input, self.output, self.dead, self.anomalies):
             if "{" in name or "}" in name:
                 raise ValueError(
                     f"stream name {name!r} has a brace: with partitions, the worker adds the "
@@ -73,6 +74,7 @@ class Keys:
             input=self.input + tag,
             output=self.output + tag,
             dead=self.dead + tag,
+            anomalies=self.anomalies + tag,
             group=self.group,
             models=self.models,
             cluster=self.cluster,
@@ -90,6 +92,7 @@ class Keys:
             input=self.input,
             output=self.output,
             dead=self.dead,
+            anomalies=self.anomalies,
             group=self.group,
             models=self.models if tagged else f"{{{self.models}}}",
             cluster=True,
@@ -104,5 +107,6 @@ class Keys:
             input=prefix + default.input,
             output=prefix + default.output,
             dead=prefix + default.dead,
+            anomalies=prefix + default.anomalies,
             models=prefix + default.models,
         )

@@ -26,7 +26,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str
 
-VERSION = "4"  # the library's, in functions.lua
+VERSION = "5"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -87,6 +87,7 @@ class Fence:
         self,
         *,
         forecasts: Sequence[tuple[bytes, ...]] = (),
+        anomalies: Sequence[tuple[bytes, ...]] = (),
         dead: Sequence[list[bytes]] = (),
         acks: Sequence[bytes] = (),
         state: Mapping[bytes, bytes] | None = None,
@@ -94,20 +95,24 @@ class Fence:
         maxlen: int = 0,
     ) -> Command:
         """One ``FCALL attnlstm_publish``: the forecasts (series, src, ts, yhat, attn,
-        model each), the dead letters (their flat fields and values each), the acks,
+        model, lo, hi each; lo and hi empty when intervals are off), the anomaly events
+        (ANOMALY_FIELDS' values each), the dead letters (their flat fields and values
+        each), the acks,
         the state and the handling mark (:mod:`worker.attempts`), written only while
         this lease holds; the streams written to are capped at about ``maxlen``
         entries. The lease is renewed."""
         k = self.keys
-        head = (b"FCALL", b"attnlstm_publish", b"7", k.lease.encode(), k.fence.encode(),
+        head = (b"FCALL", b"attnlstm_publish", b"8", k.lease.encode(), k.fence.encode(),
                 k.input.encode(), k.output.encode(), k.dead.encode(), k.state.encode(),
-                k.handling.encode(), self.token.encode(), b"%d" % self.number,
-                b"%d" % self.ttl_ms, k.group.encode(), b"%d" % maxlen,
+                k.handling.encode(), k.anomalies.encode(), self.token.encode(),
+                b"%d" % self.number, b"%d" % self.ttl_ms, k.group.encode(), b"%d" % maxlen,
                 b"%d" % len(forecasts), b"%d" % len(dead), b"%d" % len(acks),
-                b"%d" % len(state or {}), mark.encode() if mark else b"")  # fmt: skip
+                b"%d" % len(state or {}), mark.encode() if mark else b"",
+                b"%d" % len(anomalies))  # fmt: skip
         flat_dead = [part for fields in dead for part in (b"%d" % len(fields), *fields)]
         tail = [part for pair in (state or {}).items() for part in pair]
-        return (*head, *(v for f in forecasts for v in f), *flat_dead, *acks, *tail)
+        return (*head, *(v for f in forecasts for v in f), *(v for a in anomalies for v in a),
+                *flat_dead, *acks, *tail)  # fmt: skip
 
     def skip(self, *, last_delivered: bytes, entries_read: int) -> Command:
         """``FCALL attnlstm_skip``: the group's read counter set to ``entries_read``

@@ -35,12 +35,14 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
-from worker.batch import Batch, Receipt, batch_call, triage
+from attnlstm.intervals import Spread, window_scale
+from worker.batch import Anomalies, Batch, Forecasts, Receipt, batch_call, triage
 from worker.contract import entry_ms
 from worker.engine import Engine, check_fits
 from worker.keys import Keys
 from worker.lease import ensure_library, process_token
 from worker.metrics import Metrics
+from worker.online.finetune import min_points
 from worker.online.scoring import Overall, Scorer
 from worker.online.store import ModelStore
 from worker.online.tuner import COLD_START_MODEL, Tuner
@@ -104,7 +106,7 @@ class Worker:
         self._block_ms = min(settings.block_ms, BURST_BLOCK_MS) if burst else settings.block_ms
         self.engine = engine
         config = engine.checkpoint.config if engine is not None else COLD_START_MODEL
-        self.window, self.horizon = config.window, config.horizon
+        self.context, self.window, self.horizon = config.context, config.window, config.horizon
         self.token = process_token(settings.consumer)  # in every lease this worker holds
         self.pool = Pool(
             client,
@@ -284,7 +286,7 @@ class Worker:
         recovery = Recovery(
             self.client, keys=keys, token=self.token, settings=self.settings, metrics=self.metrics
         )
-        return Lane(k, keys, recovery, self._empty_state(), Scorer(self.scores))
+        return Lane(k, keys, recovery, self._empty_state(), self._scorer())
 
     def _handle(self, entries: dict[int, list[Entry]], *, pending: dict[bytes, int] | None) -> None:
         """Validate, update the windows, forecast (every partition's entries in one model
@@ -329,23 +331,35 @@ class Worker:
         gather = self.engine is not None and bool(wanted.any())
         full, windows = state.push(slots[kept], values, ms=ms, gather=gather)
         forecast = full & wanted if gather else np.zeros_like(wanted)
-        chosen = windows[wanted[full]] if gather else np.empty((0, self.window))
+        chosen = windows[wanted[full]] if gather else np.empty((0, self.context))
         self.metrics.warming.inc(int((~forecast & wanted).sum()))
         return _Part(lane, entries, batch, slots[kept], kept, values, forecast, chosen)
 
     def _call(
         self, part: _Part, yhat: np.ndarray, attn: np.ndarray
     ) -> tuple[Command | None, Receipt]:
-        """One partition's part of a batch, forecast: scored, and its fenced call."""
+        """One partition's part of a batch, forecast: scored, given intervals, and its
+        fenced call."""
         lane, state, entries = part.lane, part.lane.state, part.entries
-        one_step = np.full(part.forecast.size, np.nan)
-        one_step[part.forecast] = yhat[:, 0]
-        scored = lane.scorer.update(part.slots, part.values, one_step, time.monotonic())
-        self.metrics.scored_forecasts(scored, self.scores)
+        made = np.full((part.forecast.size, self.horizon), np.nan)
+        made[part.forecast] = yhat
+        scale = np.zeros(part.forecast.size)
+        scale[part.forecast] = window_scale(part.windows, self.window)
+        scored = lane.scorer.update(part.slots, part.values, made, scale, time.monotonic())
+        self.metrics.scored_forecasts(scored.count, self.scores)
         if id_key(entries[-1][0]) > id_key(state.last_id):
             state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
-        rows = np.flatnonzero(part.kept)[part.forecast]  # batch positions forecast
+        positions = np.flatnonzero(part.kept)  # of the kept entries, in the batch
+        intervals = lane.scorer.half_width is not None
+        forecasts = Forecasts(
+            positions[part.forecast],
+            yhat,
+            attn,
+            scored.lo[part.forecast] if intervals else None,
+            scored.hi[part.forecast] if intervals else None,
+        )
+        anomalies = Anomalies(positions[scored.anomalies], scored.expected, scored.scores)
         # Pieces of the window checkpoint, when due (worker.state): one, or more with a
         # large batch, so that the checkpoint's work follows the batch's own.
         now, saved = time.monotonic(), dict[bytes, bytes]()
@@ -357,12 +371,11 @@ class Worker:
             self.metrics.checkpointed(time.monotonic() - now)
         return batch_call(
             part.batch,
-            rows,
-            yhat,
-            attn,
+            forecasts,
             lane.recovery.fence,
             maxlen=self.settings.output_maxlen,
             version=version,
+            anomalies=anomalies,
             state=saved or None,
             handled=state.last_id,
         )
@@ -390,7 +403,7 @@ class Worker:
         if checkpoint is None:
             return
         try:
-            check_fits(checkpoint, window=self.window, horizon=self.horizon)
+            check_fits(checkpoint, context=self.context, window=self.window, horizon=self.horizon)
         except ValueError as e:
             log.error("%s: not served", e)
             return
@@ -400,6 +413,8 @@ class Worker:
             log.info("forecasting with model %s on %s", checkpoint.version, device)
         else:
             self.engine.swap(checkpoint)
+        for lane in self.lanes.values():  # each model its own spread
+            lane.scorer.half_width = self._half_width
         self.metrics.model_version(checkpoint.version)
 
     def _get_in_step(self) -> bool:
@@ -443,7 +458,7 @@ class Worker:
         recovery = lane.recovery
         recovery.ensure_group()
         lane.state = recovery.restore(self._empty_state())
-        lane.scorer = Scorer(self.scores)
+        lane.scorer = self._scorer()
         recovery.resync(lane.state, lambda entries, pending: self._at_once(lane, entries, pending))
         lane.state.reread_done()
         self.metrics.recoveries.inc()
@@ -453,11 +468,31 @@ class Worker:
         self._handle({lane.k: entries}, pending=pending)
         self.pipeline.drain()
 
+    def _scorer(self) -> Scorer:
+        return Scorer(
+            self.scores,
+            half_width=self._half_width,
+            coverage=self.settings.coverage or 0.5,
+            threshold=self.settings.anomaly_threshold,
+            quiet=self.context,
+        )
+
+    @property
+    def _half_width(self) -> np.ndarray | None:
+        """The served model's spread at the configured coverage; None: intervals off,
+        or no model yet."""
+        if not self.settings.coverage or self.engine is None:
+            return None
+        checkpoint = self.engine.checkpoint
+        return Spread.from_meta(checkpoint.meta, self.horizon).at(self.settings.coverage)
+
     def _empty_state(self) -> WindowState:
         s = self.settings
         return WindowState(
-            window=self.window,
-            length=max(s.history_len, self.window),
+            window=self.context,
+            # A fine-tune needs this much history to learn from (a seasonal model's
+            # context is several cycles long).
+            length=max(s.history_len, min_points(self.context, self.horizon, s.finetune_holdout)),
             max_series=s.max_series,
             idle_ms=int(s.series_idle_s * 1000),
             history_series=-(-s.history_series // s.partitions),  # the pool's, spread

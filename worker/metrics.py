@@ -8,6 +8,7 @@ is counted with numpy and exposed through a custom collector rather than with on
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from worker.batch import Receipt
 from worker.contract import reason_kind
-from worker.online.scoring import Overall
+from worker.online.scoring import STEP_SERIES, Overall
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 SERIES_GAUGES = 100  # series with a rolling-MAE gauge of their own: bounded cardinality
@@ -142,6 +143,25 @@ class Metrics:
             "attnlstm_rolling_mae_level",
             "The rolling MAE's slow average: drift is the rolling MAE far above it",
         )
+        self.coverage = gauge(
+            "attnlstm_interval_coverage",
+            "Rolling share of values inside their one-step forecast's interval (the target "
+            "is the coverage setting)",
+        )
+        self.step_mae = gauge(
+            "attnlstm_step_rolling_mae",
+            f"Rolling MAE at each step ahead, over the first {STEP_SERIES} series of each "
+            "partition",
+            ["step"],
+        )
+        self.step_coverage = gauge(
+            "attnlstm_step_interval_coverage",
+            "Rolling share of values inside their interval at each step ahead, the same series",
+            ["step"],
+        )
+        self.anomalies = counter(
+            "attnlstm_anomalies", "Values far outside their interval, published to `anomalies`"
+        )
         self.series_mae = gauge(
             "attnlstm_series_rolling_mae",
             f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series",
@@ -170,6 +190,7 @@ class Metrics:
     def published(self, receipt: Receipt, sent_ms: float) -> None:
         """A batch's transaction is applied; it went out at ``sent_ms`` (epoch ms)."""
         self.forecasts.inc(receipt.entered_ms.size)
+        self.anomalies.inc(receipt.anomalies)
         for reason in receipt.dead_reasons:
             self.dead.labels(reason_kind(reason)).inc()
         self.latency.observe_many((sent_ms - receipt.entered_ms) / 1000)
@@ -181,6 +202,15 @@ class Metrics:
             self.rolling_mae.set(scores.mae)
             self.rolling_naive_mae.set(scores.naive_mae)
             self.mae_level.set(scores.level)
+            if not math.isnan(scores.coverage):
+                self.coverage.set(scores.coverage)
+            for step, (mae, inside) in enumerate(
+                zip(scores.step_mae, scores.step_coverage, strict=True), start=1
+            ):
+                if not math.isnan(mae):
+                    self.step_mae.labels(str(step)).set(mae)
+                if not math.isnan(inside):
+                    self.step_coverage.labels(str(step)).set(inside)
 
     def series_maes(self, names: list[str | None], maes: np.ndarray) -> None:
         """The rolling MAE of the series in the first slots (``names`` and ``maes`` by
@@ -200,6 +230,7 @@ class Metrics:
             "read": read,
             "forecasts": int(sums["attnlstm_forecasts_published_total"]),
             "dead": int(sums.get("attnlstm_dead_lettered_total", 0)),
+            "anomalies": int(sums.get("attnlstm_anomalies_total", 0)),
             "lost": int(sums.get("attnlstm_entries_lost_total", 0)),
             "warming": int(sums["attnlstm_entries_warming_total"]),
             "batches": int(sums["attnlstm_batch_size_count"]),

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     input_stream: str = "sensors"
     output_stream: str = "forecasts"
     dead_stream: str = "sensors:dead"
+    anomalies_stream: str = "anomalies"  # values that fall far outside their interval
     group: str = "forecasters"
     consumer: str = Field(default_factory=default_consumer)  # this worker's name in the group
     # P > 1: the input is P streams, INPUT{k} (attnlstm.partition_of), shared by a pool of
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=1000, ge=1)  # one blocking read's longest wait
     socket_timeout_s: float = Field(default=10.0, gt=0)  # must stay well above block_ms
     output_maxlen: int = Field(default=1_000_000, ge=1)  # approximate cap on `forecasts`
+    # Prediction intervals' coverage (lo and hi in every forecast); 0: no intervals, no
+    # anomaly events.
+    coverage: float = Field(default=0.9, ge=0, lt=1)
+    # A value this many interval half-widths from its one-step forecast is an anomaly.
+    anomaly_threshold: float = Field(default=5.0, gt=0)
     max_series: int = Field(default=100_000, ge=1)  # bounds memory: series x window
     checkpoint_interval_s: float = Field(default=5.0, gt=0)  # window state to Redis
     claim_idle_ms: int = Field(default=30_000, ge=0)  # a dead consumer's entries, after
@@ -154,6 +160,7 @@ class Settings(BaseSettings):
             input=self.input_stream,
             output=self.output_stream,
             dead=self.dead_stream,
+            anomalies=self.anomalies_stream,
             group=self.group,
             models=self.models_stream,
         )
@@ -171,6 +178,7 @@ class Settings(BaseSettings):
                 "input_stream": keys.input,
                 "output_stream": keys.output,
                 "dead_stream": keys.dead,
+                "anomalies_stream": keys.anomalies,
                 "group": keys.group,
                 "models_stream": keys.models,
                 "cluster": True if keys.cluster else self.cluster,

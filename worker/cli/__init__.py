@@ -72,5 +72,7 @@ def _print_human(report: dict[str, Any]) -> None:
                 print(" " * 22 + "  ".join(f"{k}={v}" for k, v in row.items()))
         elif isinstance(value, list):
             print(f"{key:>20}  {', '.join(map(str, value))}")
+        elif isinstance(value, str) and "\n" in value:  # a table
+            print(f"\n{value}")
         else:
             print(f"{key:>20}  {value}")

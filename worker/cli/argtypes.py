@@ -6,14 +6,19 @@ import argparse
 import math
 
 
-def positive(text: str) -> int:
+def whole(text: str, least: int = 0) -> int:
+    """A whole number >= ``least``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
     return value
+
+
+def positive(text: str) -> int:
+    return whole(text, 1)
 
 
 def fraction(text: str) -> float:

@@ -6,15 +6,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from attnlstm import baselines
 from attnlstm.checkpoint import open_checkpoint, save
 from attnlstm.data import Dataset, load_dataset
 from attnlstm.device import resolve_device
-from attnlstm.experiment import evaluate_model, series_forecast, train_model, training_meta
-from attnlstm.model import ModelConfig
+from attnlstm.experiment import (
+    evaluate_model,
+    seasonal_config,
+    series_forecast,
+    train_model,
+    training_meta,
+)
+from attnlstm.heldout import Row, compare, format_table
+from attnlstm.intervals import Spread
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
@@ -24,12 +33,16 @@ from worker.cli.argtypes import positive
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     dataset, device = _prepare(args)
-    model_config = ModelConfig(
-        window=args.window,
-        horizon=args.horizon,
+    period = dataset.daily_period() if args.period is None else args.period
+    shape = {"window": args.window, "horizon": args.horizon}
+    model_config = seasonal_config(
+        period,
+        dataset.lengths,
+        val_fraction=args.val_fraction,
         hidden_size=args.hidden,
         attention_size=args.hidden,
         num_layers=args.layers,
+        **{name: value for name, value in shape.items() if value is not None},
     )
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
@@ -50,6 +63,10 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "params": model.num_params(),
+        "period": model_config.period,
+        "window": model_config.window,
+        "horizon": model_config.horizon,
+        "lags": list(model_config.lags),
         "model": str(args.out),
         "version": version,
     }
@@ -60,15 +77,25 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
     checkpoint.model.to(device)
+    period = args.period or checkpoint.config.period or None
     metrics = evaluate_model(
-        checkpoint.model,
-        dataset,
-        val_fraction=args.val_fraction,
-        period=args.period,
-        device=device,
+        checkpoint.model, dataset, val_fraction=args.val_fraction, period=period, device=device
     )
+    rows = []
+    if args.baselines:
+        stat_models = _stat_models(period)
+        rows = compare(
+            checkpoint.model,
+            dataset,
+            spread=Spread.from_meta(checkpoint.meta, checkpoint.config.horizon),
+            val_fraction=args.val_fraction,
+            period=period or 0,
+            stat_models=stat_models,
+            device=device,
+        )
     return {
         **metrics,
+        **_table(rows, args.json, horizon=checkpoint.config.horizon),
         "seconds": round(time.perf_counter() - started, 3),
         "params": checkpoint.model.num_params(),
         "model": str(args.model),
@@ -104,6 +131,33 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     if train_loss and val_loss:
         written.append(plot_losses(train_loss, val_loss, args.out / "loss.png"))
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
+
+
+def _table(rows: list[Row], as_json: bool, *, horizon: int) -> dict[str, Any]:
+    """The baselines' rows for --json, or their table for people; nothing without rows."""
+    if not rows:
+        return {}
+    if as_json:
+        return {"baselines": [asdict(row) for row in rows]}
+    return {"table": format_table(rows, horizon=horizon)}
+
+
+def _stat_models(period: int | None) -> tuple[str, ...]:
+    """The statistical baselines to run: all of them, given statsforecast and a period."""
+    if not baselines.available():
+        print(
+            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need: "
+            "pip install 'attnlstm[baselines]'",
+            file=sys.stderr,
+        )
+        return ()
+    if not period:
+        print(
+            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need the data's period: pass --period",
+            file=sys.stderr,
+        )
+        return ()
+    return baselines.STAT_MODELS
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import counts, fraction, number, positive, rate
+from worker.cli.argtypes import counts, fraction, number, positive, rate, whole
 
 EXIT_USAGE = 2
 DESCRIPTION = (
@@ -68,7 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(evaluate)
     evaluate.add_argument("--model", type=Path, default=Path("model.safetensors"))
     evaluate.add_argument(
-        "--period", type=positive, default=None, help="season length for seasonal naive"
+        "--period",
+        type=positive,
+        default=None,
+        help="season length for seasonal naive (default: the model's)",
+    )
+    evaluate.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score naive, seasonal naive and, with attnlstm[baselines] installed, "
+        "AutoETS, MSTL and AutoARIMA on the same points, one step and multi-step",
     )
     plot = sub.add_parser(
         "plot",
@@ -121,8 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_args(train: argparse.ArgumentParser) -> None:
     _data_args(train)
-    train.add_argument("--window", type=positive, default=20, help="input steps (default 20)")
-    train.add_argument("--horizon", type=positive, default=1, help="forecast steps (default 1)")
+    train.add_argument(
+        "--period",
+        type=whole,
+        default=None,
+        help="the data's main cycle in steps, 0 for none (default: a day, from the CSV's "
+        "times; none for sines)",
+    )
+    train.add_argument(
+        "--window", type=positive, default=None, help="LSTM steps (default: the period, or 20)"
+    )
+    train.add_argument(
+        "--horizon", type=positive, default=None, help="forecast steps (default: the period, or 1)"
+    )
     train.add_argument("--hidden", type=positive, default=32, help="LSTM units (default 32)")
     train.add_argument("--layers", type=positive, default=1, help="LSTM layers (default 1)")
     epochs = "epochs (default: enough for about 3,000 optimiser steps, 3 to 300)"
@@ -176,6 +196,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--input-stream", "input_stream", str, "stream to read (default sensors)"),
     ("--output-stream", "output_stream", str, "stream for forecasts (default forecasts)"),
     ("--dead-stream", "dead_stream", str, "stream for bad entries (default sensors:dead)"),
+    ("--anomalies-stream", "anomalies_stream", str, "stream for anomalies (default anomalies)"),
     ("--group", "group", str, "consumer group (default forecasters)"),
     ("--consumer", "consumer", str, "this worker's consumer name (default host-pid)"),
     ("--partitions", "partitions", positive, "P input streams STREAM{k}, a pool shares (1)"),
@@ -187,6 +208,8 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (default 5)"),
     ("--block-ms", "block_ms", positive, "one blocking read's longest wait (default 1000)"),
     ("--output-maxlen", "output_maxlen", positive, "approximate cap on the output stream"),
+    ("--coverage", "coverage", float, "prediction intervals' coverage, 0: none (default 0.9)"),
+    ("--anomaly-threshold", "anomaly_threshold", float, "anomaly: this many half-widths (5)"),
     ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
     ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
     ("--lease-ttl-ms", "lease_ttl_ms", positive, "the lease's time to live (default 10000)"),

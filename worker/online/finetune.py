@@ -68,9 +68,9 @@ class NotEnoughDataError(ValueError):
     """Too little history for training and a gate slice."""
 
 
-def min_points(window: int, horizon: int, holdout: float) -> int:
+def min_points(context: int, horizon: int, holdout: float) -> int:
     """The shortest history that gives training, validation and gate windows."""
-    return math.ceil((window + horizon + 4) / (1 - holdout) ** 2) + 2
+    return math.ceil((context + horizon + 4) / (1 - holdout) ** 2) + 2
 
 
 def init_process(threads: int) -> None:
@@ -89,14 +89,14 @@ def run_job(job: Job) -> Outcome:
     cfg = job.config
     serving = loads(job.serving, source="serving model") if job.serving is not None else None
     config = serving.config if serving else ModelConfig.from_dict(job.model_config)
-    usable = min_points(config.window, config.horizon, cfg.holdout)
+    usable = min_points(config.context, config.horizon, cfg.holdout)
     pairs = [(n, h) for n, h in zip(job.names, job.histories, strict=True) if len(h) >= usable]
     if not pairs:
         raise NotEnoughDataError(f"no series has the {usable} values a fine-tune needs")
     names, series = [n for n, _ in pairs], [h for _, h in pairs]
     gate = _gate_windows(series, config, cfg.holdout)
     early = [s[: split_point(len(s), cfg.holdout)] for s in series]
-    split = split_dataset(Dataset(names, early), config.window, config.horizon, 0.2)
+    split = split_dataset(Dataset(names, early), config.context, config.horizon, 0.2)
 
     train = _at_most(split.train, cfg.steps * cfg.batch_size, cfg.seed)  # bounded time
     model = new_model(config, seed=cfg.seed)
@@ -111,7 +111,7 @@ def run_job(job: Job) -> Outcome:
         patience=10,
         seed=cfg.seed,
     )
-    fit(model, train, split.val, train_config)
+    result = fit(model, train, split.val, train_config)
 
     candidate = _mase(model, gate)
     incumbent = _mase(serving.model, gate) if serving is not None else 1.0
@@ -132,7 +132,12 @@ def run_job(job: Job) -> Outcome:
         "gate_windows": float(len(gate)),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    meta = {"data": "finetune", "parent": serving.version if serving else None, "scores": scores}
+    meta = {
+        "data": "finetune",
+        "parent": serving.version if serving else None,
+        "scores": scores,
+        **({"spread": result.spread.to_meta()} if result.spread is not None else {}),
+    }
     blob, version = dumps(model, meta)
     return Outcome(blob, version, promote, reason, scores)
 
@@ -146,7 +151,7 @@ def _at_most(windows: Windows, n: int, seed: int) -> Windows:
 
 
 def _gate_windows(series: list[np.ndarray], config: ModelConfig, holdout: float) -> Windows:
-    windows = sliding_windows_many(series, config.window, config.horizon)
+    windows = sliding_windows_many(series, config.context, config.horizon)
     return time_split(windows, [len(s) for s in series], holdout)[1]
 
 

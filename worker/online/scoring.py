@@ -10,11 +10,16 @@ The fast one running well above the slow one is drift.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from attnlstm.intervals import Adaptive
 from worker.state import rounds
 
+STEP_SERIES = 128  # slots per partition whose forecasts are scored at every step ahead
 SERIES_ALPHA = 0.05  # per-series EMA weight of each new error (about 14 values' half-life)
 LEVEL_SLOWER = 10.0  # the level's half-life, in rolling-MAE half-lives
 
@@ -26,26 +31,50 @@ class Overall:
         self.halflife_s = halflife_s
         self.mae = math.nan  # fast
         self.naive_mae = math.nan
+        self.coverage = math.nan  # fast, like the MAE: the share of values inside their interval
         self.level = math.nan  # slow: what "usual" looks like
+        self.step_mae = np.full(0, np.nan)  # (horizon,) fast, per step ahead, sampled series
+        self.step_coverage = np.full(0, np.nan)  # (horizon,)
         self.scored = 0
         self._since = math.nan  # time of the last update
         self._started = math.nan
 
-    def add(self, err: np.ndarray, naive: np.ndarray, now: float) -> None:
-        """One batch's absolute errors, and the naive forecast's."""
+    def add(
+        self,
+        err: np.ndarray,
+        naive: np.ndarray,
+        missed: np.ndarray | None,
+        now: float,
+        *,
+        steps: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """One batch's absolute errors, the naive forecast's, and which values fell
+        outside their interval (None: intervals off); ``steps``: the sampled series'
+        errors and insides at every step ahead (:class:`Steps`)."""
         self.scored += err.size
         e, n = float(err.mean()), float(naive.mean())
-        if math.isnan(self.mae):
-            self.mae, self.naive_mae, self.level = e, n, e
-            self._since = self._started = now
-            return
-        dt = max(now - self._since, 0.0)
+        c = math.nan if missed is None else 1.0 - float(missed.mean())
+        dt = 0.0 if math.isnan(self._since) else max(now - self._since, 0.0)
+        if math.isnan(self._since):
+            self._started = now
         self._since = now
         fast = 1.0 - 0.5 ** (dt / self.halflife_s)
         slow = 1.0 - 0.5 ** (dt / (self.halflife_s * LEVEL_SLOWER))
-        self.mae += fast * (e - self.mae)
-        self.naive_mae += fast * (n - self.naive_mae)
-        self.level += slow * (e - self.level)
+        self.mae = _follow(self.mae, e, fast)
+        self.naive_mae = _follow(self.naive_mae, n, fast)
+        self.coverage = _follow(self.coverage, c, fast)
+        self.level = _follow(self.level, e, slow)
+        if steps is not None and steps[0].size:
+            step_err, step_inside = steps
+            if self.step_mae.size != step_err.shape[1]:
+                self.step_mae = np.full(step_err.shape[1], np.nan)
+                self.step_coverage = np.full(step_err.shape[1], np.nan)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a step with no value yet
+                self.step_mae = _follow(self.step_mae, np.nanmean(step_err, axis=0), fast)
+                self.step_coverage = _follow(
+                    self.step_coverage, np.nanmean(step_inside, axis=0), fast
+                )
 
     def drifting(self, ratio: float) -> bool:
         """The rolling MAE is ``ratio`` times its recent level, after at least one
@@ -58,60 +87,210 @@ class Overall:
         self.level = self.mae
 
 
-class Scorer:
-    """The series of one partition, by slot; their errors also go to ``overall``."""
+def _follow(old: Any, new: Any, weight: float) -> Any:
+    """An average moved ``weight`` of the way to ``new``: ``new`` where there was none
+    yet, ``old`` where ``new`` is NaN (floats or arrays)."""
+    moved = np.where(np.isnan(old), new, old + weight * (new - old))
+    kept = np.where(np.isnan(new), old, moved)
+    return float(kept) if np.ndim(kept) == 0 else kept
 
-    def __init__(self, overall: Overall) -> None:
+
+@dataclass
+class Scored:
+    """One partition's batch, scored: how many values met their forecast; the interval
+    of each forecast made (NaN rows: none made, or intervals off); the anomalies found."""
+
+    count: int
+    lo: np.ndarray  # (n, horizon)
+    hi: np.ndarray  # (n, horizon)
+    anomalies: np.ndarray  # positions in the batch of the values found anomalous
+    expected: np.ndarray  # (anomalies, 3): the one-step forecast, lo and hi they broke
+    scores: np.ndarray  # (anomalies,)
+
+
+class Scorer:
+    """The series of one partition, by slot; their errors also go to ``overall``.
+
+    With a spread (intervals on), each forecast gets its interval from the spread and the
+    series' adaptive multiplier (:mod:`attnlstm.intervals`), and a value whose distance
+    from its one-step forecast is ``threshold`` half-widths of that interval or more is
+    an anomaly: its score is that distance in half-widths. The next ``quiet`` values of
+    that series are not judged: the forecasts they meet were made from windows that hold
+    the anomaly, and would miss for that alone (a spike would bring a flag for each of
+    the ``context`` values after it)."""
+
+    def __init__(
+        self,
+        overall: Overall,
+        *,
+        half_width: np.ndarray | None = None,
+        coverage: float = 0.9,
+        threshold: float = math.inf,
+        quiet: int = 0,
+    ) -> None:
+        """``half_width``: the spread at ``coverage`` per step ahead, in window deviations;
+        None: no intervals."""
         self.overall = overall
+        self.half_width = half_width
+        self.adaptive = Adaptive(coverage)
+        self.threshold = threshold
+        self.quiet = quiet
+        self._quiet = np.zeros(0, dtype=np.int64)  # (S,) values left unjudged, per slot
         self._forecast = np.full(0, np.nan)  # (S,) the pending one-step forecast per slot
+        self._lo = np.full(0, np.nan)  # (S,) and its interval
+        self._hi = np.full(0, np.nan)
         self._last = np.full(0, np.nan)  # (S,) the last value per slot
         self.series_mae = np.full(0, np.nan)  # (S,) EMA of |error|
         self.series_naive_mae = np.full(0, np.nan)  # (S,) EMA of |naive error|
+        self.steps = Steps()
+
+    def _judge(
+        self, idx: np.ndarray, slots: np.ndarray, values: np.ndarray, err: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Values against their pending intervals (distinct slots, each with a forecast):
+        which fell outside (the multiplier learns of each), and the anomaly events, rows
+        of (batch position, score, yhat, lo, hi)."""
+        lo, hi = self._lo[slots], self._hi[slots]
+        miss = (values < lo) | (values > hi)
+        self.adaptive.update(slots, miss)
+        half = (hi - lo) / 2
+        score = np.divide(err, half, out=np.full_like(err, np.inf), where=half > 0)
+        quiet = self._quiet[slots]
+        flag = (score >= self.threshold) & (quiet == 0)
+        self._quiet[slots] = np.where(flag, self.quiet, np.maximum(quiet - 1, 0))
+        return miss, np.c_[idx, score, self._forecast[slots], lo, hi][flag]
 
     def _fit(self, size: int) -> None:
         if size <= self._forecast.size:
             return
         grow = max(size, 2 * self._forecast.size, 64) - self._forecast.size
         pad = np.full(grow, np.nan)
-        self._forecast = np.r_[self._forecast, pad]
-        self._last = np.r_[self._last, pad]
-        self.series_mae = np.r_[self.series_mae, pad]
-        self.series_naive_mae = np.r_[self.series_naive_mae, pad]
+        for name in ("_forecast", "_lo", "_hi", "_last", "series_mae", "series_naive_mae"):
+            setattr(self, name, np.r_[getattr(self, name), pad])
+        self._quiet = np.r_[self._quiet, np.zeros(grow, dtype=np.int64)]
+        self.adaptive.fit(size)
 
     def forget(self, slots: np.ndarray) -> None:
         """Slots freed (their series idle): whoever takes one next starts unscored."""
         slots = slots[slots < self._forecast.size]
-        for per_slot in (self._forecast, self._last, self.series_mae, self.series_naive_mae):
+        for per_slot in (
+            self._forecast,
+            self._lo,
+            self._hi,
+            self._last,
+            self.series_mae,
+            self.series_naive_mae,
+        ):
             per_slot[slots] = np.nan
+        self._quiet[slots] = 0
+        self.adaptive.forget(slots)
+        self.steps.forget(slots)
 
     def update(
-        self, slots: np.ndarray, values: np.ndarray, forecasts: np.ndarray, now: float
-    ) -> int:
+        self,
+        slots: np.ndarray,
+        values: np.ndarray,
+        forecasts: np.ndarray,
+        scale: np.ndarray,
+        now: float,
+    ) -> Scored:
         """Score ``values`` (in stream order) against each slot's pending forecast, then
-        make ``forecasts`` (NaN: none was made) the pending ones. Returns how many
-        values were scored."""
-        if slots.size == 0:
-            return 0
+        make ``forecasts`` (n, horizon; NaN rows: none was made), made from windows of
+        deviation ``scale``, the pending ones, each with its interval."""
+        n, horizon = forecasts.shape
+        lo, hi = np.full((n, horizon), np.nan), np.full((n, horizon), np.nan)
+        found: list[np.ndarray] = []
+        if n == 0:
+            return Scored(0, lo, hi, np.empty(0, np.int64), np.empty((0, 3)), np.empty(0))
         self._fit(int(slots.max()) + 1)
-        errors, naive = [], []
+        self.steps.fit(horizon)
+        errors, naive, missed, steps = [], [], [], []
         for idx in rounds(slots):
             s, v = slots[idx], values[idx]
             ok = ~np.isnan(self._forecast[s])
             if ok.any():
-                so = s[ok]
-                err = np.abs(v[ok] - self._forecast[so])
-                nerr = np.abs(v[ok] - self._last[so])
+                so, vo = s[ok], v[ok]
+                err = np.abs(vo - self._forecast[so])
+                nerr = np.abs(vo - self._last[so])
                 self.series_mae[so] = _ema(self.series_mae[so], err)
                 self.series_naive_mae[so] = _ema(self.series_naive_mae[so], nerr)
                 errors.append(err)
                 naive.append(nerr)
-            self._forecast[s] = forecasts[idx]
+                if self.half_width is not None:
+                    miss, events = self._judge(idx[ok], so, vo, err)
+                    missed.append(miss)
+                    found.append(events)
+            one = forecasts[idx]
+            if self.half_width is not None:
+                m = self.adaptive.multiplier(s) * scale[idx]
+                lo[idx] = one - self.half_width * m[:, None]
+                hi[idx] = one + self.half_width * m[:, None]
+                self._lo[s], self._hi[s] = lo[idx, 0], hi[idx, 0]
+            steps.append(self.steps.update(s, v, one, lo[idx], hi[idx]))
+            self._forecast[s] = one[:, 0]
             self._last[s] = v
-        if not errors:
-            return 0
-        err = np.concatenate(errors)
-        self.overall.add(err, np.concatenate(naive), now)
-        return int(err.size)
+        events = np.concatenate(found) if found else np.empty((0, 5))
+        if errors:
+            self.overall.add(
+                np.concatenate(errors),
+                np.concatenate(naive),
+                np.concatenate(missed) if missed else None,
+                now,
+                steps=(
+                    np.concatenate([e for e, _ in steps]),
+                    np.concatenate([c for _, c in steps]),
+                ),
+            )
+        count = sum(e.size for e in errors)
+        return Scored(count, lo, hi, events[:, 0].astype(np.int64), events[:, 2:], events[:, 1])
+
+
+class Steps:
+    """Every step ahead of the forecasts of the first STEP_SERIES slots, scored as their
+    values arrive: for each, the last ``horizon`` forecasts (and intervals) it was made,
+    in a ring. A sample: keeping them for every series would take horizon^2 values each."""
+
+    def __init__(self) -> None:
+        self._ring = np.full((STEP_SERIES, 0, 0, 3), np.nan, dtype=np.float32)
+        self._count = np.zeros(STEP_SERIES, dtype=np.int64)  # values seen, per slot
+
+    def fit(self, horizon: int) -> None:
+        """Forecasts of ``horizon`` steps from now on (a new model's may differ)."""
+        if self._ring.shape[1] != horizon:
+            self._ring = np.full((STEP_SERIES, horizon, horizon, 3), np.nan, dtype=np.float32)
+
+    def forget(self, slots: np.ndarray) -> None:
+        slots = slots[slots < STEP_SERIES]
+        self._ring[slots] = np.nan
+        self._count[slots] = 0
+
+    def update(
+        self,
+        slots: np.ndarray,
+        values: np.ndarray,
+        yhat: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct slots' new values scored against each step of the forecasts made before
+        them, then their new forecasts kept: (|error| (n, horizon), inside (n, horizon)),
+        NaN where there was no such forecast, or a slot is not sampled."""
+        n, horizon = yhat.shape
+        err, inside = np.full((n, horizon), np.nan), np.full((n, horizon), np.nan)
+        sampled = slots < STEP_SERIES
+        s, v = slots[sampled], values[sampled]
+        if s.size:
+            ahead = np.arange(1, horizon + 1)
+            made = (self._count[s, None] - ahead) % horizon  # (m, horizon): ring position
+            past = self._ring[s[:, None], made, ahead - 1]  # (m, horizon, 3)
+            err[sampled] = np.abs(v[:, None] - past[..., 0])
+            both = ~np.isnan(past[..., 1])
+            within = (past[..., 1] <= v[:, None]) & (v[:, None] <= past[..., 2])
+            inside[sampled] = np.where(both, within, np.nan)
+            position = self._count[s] % horizon
+            self._ring[s, position] = np.stack([yhat, lo, hi], axis=-1)[sampled]
+            self._count[s] += 1
+        return err, inside
 
 
 def _ema(old: np.ndarray, new: np.ndarray) -> np.ndarray:

@@ -86,7 +86,7 @@ class Tuner:
             ttl_ms=LOCK_TTL_MS,
         )
         self.version: str | None = None  # what this worker serves
-        self.window, self.horizon = COLD_START_MODEL.window, COLD_START_MODEL.horizon  # serving
+        self.context, self.horizon = COLD_START_MODEL.context, COLD_START_MODEL.horizon  # serving
         self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
         self._seen = b"0-0"  # the last models event looked at
         self._trainer: _Trainer | None = None
@@ -171,7 +171,7 @@ class Tuner:
     def _adopt(self, checkpoint: Checkpoint | None, blob: bytes | None = None) -> Checkpoint | None:
         if checkpoint is not None:
             self.version = checkpoint.version
-            self.window, self.horizon = checkpoint.config.window, checkpoint.config.horizon
+            self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
             self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
         return checkpoint
 
@@ -234,7 +234,7 @@ class Tuner:
         return _usable_values(histories, self._min_points()) >= COLD_START_VALUES
 
     def _min_points(self) -> int:
-        return min_points(self.window, self.horizon, self.config.holdout)
+        return min_points(self.context, self.horizon, self.config.holdout)
 
     def _submit(self, histories: Histories, cold: bool) -> None:
         names, values = histories()

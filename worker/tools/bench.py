@@ -35,11 +35,12 @@ from pydantic import SecretStr
 from redis.utils import HIREDIS_AVAILABLE
 
 from attnlstm.checkpoint import Checkpoint, version_of
+from attnlstm.experiment import seasonal_config
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
 from worker.attempts import Mark
-from worker.contract import FORECAST_FIELDS, entry_ms
+from worker.contract import BOUND_DIGITS, FORECAST_FIELDS, YHAT_DIGITS, decimal_rows, entry_ms
 from worker.embedded import url_or_embedded
 from worker.engine import Engine
 from worker.keys import Keys
@@ -128,11 +129,13 @@ def _settings(
     device: str,
     max_batch: int | None = None,
     finetune_interval_s: float = 0.0,
+    coverage: float = Settings.model_fields["coverage"].default,
 ) -> Settings:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         redis_url=SecretStr(url),
         finetune_interval_s=finetune_interval_s,
+        coverage=coverage,
         consumer="bench",
         device=device,
         max_batch=max_batch or plan.max_batch,
@@ -144,12 +147,19 @@ def _settings(
 
 
 def _drain(
-    client: redis.Redis, settings: Settings, engine: Engine, n_entries: int, n_series: int
+    client: redis.Redis,
+    settings: Settings,
+    engine: Engine,
+    n_entries: int,
+    n_series: int,
+    *,
+    warm: bool = True,
 ) -> dict[str, float]:
-    """Fill every window first (untimed), then time the drain of n_entries, each of
-    which is forecast."""
-    prefill(client, settings.input_stream, n_series * engine.window, n_series)
-    Worker(client, engine=engine, settings=settings, burst=True).run()
+    """Fill every window first (untimed; ``warm`` False: they are full already), then
+    time the drain of n_entries, each of which is forecast."""
+    if warm:
+        prefill(client, settings.input_stream, n_series * engine.context, n_series)
+        Worker(client, engine=engine, settings=settings, burst=True).run()
     prefill(client, settings.input_stream, n_entries, n_series)
     report = Worker(client, engine=engine, settings=settings, burst=True).run()
     seconds = report["seconds"] - BURST_BLOCK_MS / 1000  # the last, empty read's wait
@@ -162,7 +172,7 @@ def _drain(
 
 
 def drain_raw(
-    client: redis.Redis, settings: Settings, attn_width: int, *, pipeline: bool = False
+    client: redis.Redis, settings: Settings, shape: Shape, *, pipeline: bool = False
 ) -> dict[str, float]:
     """The same reads, publishes (same field sizes) and acks, and nothing else, each
     waited for in turn.
@@ -187,7 +197,7 @@ def drain_raw(
             entries = read_entries(wire.receive()[0])
         if not entries:
             break
-        forecasts = raw_forecasts(entries, attn_width)
+        forecasts = raw_forecasts(entries, shape)
         if pipeline:
             pipe = client.pipeline(transaction=True)
             for values in forecasts:
@@ -203,7 +213,7 @@ def drain_raw(
     return _rate(n, started)
 
 
-def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) -> dict[str, float]:
+def drain_raw_ahead(client: redis.Redis, settings: Settings, shape: Shape) -> dict[str, float]:
     """:func:`drain_raw` reading ahead as the worker does: each read goes out, without
     blocking, before the batch in hand is published, and the publish's reply is read a
     batch later."""
@@ -224,7 +234,7 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, attn_width: int) ->
             if not entries:
                 break
         wire.send([ahead])  # cannot block: answered at once
-        call = raw_call(settings.output_maxlen, fence, entries, raw_forecasts(entries, attn_width))
+        call = raw_call(settings.output_maxlen, fence, entries, raw_forecasts(entries, shape))
         n += len(entries)
         if held:
             raise_first_error(wire.receive())
@@ -252,15 +262,20 @@ def _rate(n: int, started: float) -> dict[str, float]:
     return {"entries": n, "seconds": round(seconds, 3), "entries_per_s": round(n / seconds, 1)}
 
 
-def raw_forecasts(entries: list[Entry], attn_width: int) -> list[tuple[bytes, ...]]:
-    """A forecast's values per input entry, of the worker's sizes."""
-    yhat = b"[1.2345678901234567]"
+Shape = tuple[int, int]  # a forecast's attention width and horizon
+
+
+def raw_forecasts(entries: list[Entry], shape: Shape) -> list[tuple[bytes, ...]]:
+    """A forecast's values per input entry, of the worker's sizes (with intervals)."""
+    attn_width, horizon = shape
+    row = np.full((1, horizon), 1.2345678901234567)
+    yhat, bound = decimal_rows(row, YHAT_DIGITS)[0], decimal_rows(row, BOUND_DIGITS)[0]
     attn = ("[" + ", ".join(["0.0500001"] * attn_width) + "]").encode()
     forecasts: list[tuple[bytes, ...]] = []
     for entry_id, fields in entries:
         assert fields is not None  # nothing deletes from the bench's streams
         ts = b"%d" % entry_ms(entry_id)
-        forecasts.append((fields[b"series"], entry_id, ts, yhat, attn, b"0" * 16))
+        forecasts.append((fields[b"series"], entry_id, ts, yhat, attn, b"0" * 16, bound, bound))
     return forecasts
 
 
@@ -310,13 +325,13 @@ def latency_run(
     warm_steps: int = 20,
 ) -> dict[str, float]:
     """p50/p99 end-to-end latency at a steady offered load, after ``warm_steps`` values
-    of every series (at least a window) were drained."""
+    of every series (at least the model's context) were drained."""
     keys = settings.keys
     prefill(client, keys.input, plan.series * warm_steps, plan.series)
     worker = Worker(client, engine=engine, settings=settings, burst=False)
     thread = threading.Thread(target=worker.run, name="worker")
     thread.start()
-    warm = plan.series * (warm_steps - engine.window + 1)  # every prefilled full window
+    warm = plan.series * (warm_steps - engine.context + 1)  # every prefilled full window
     while client.xlen(keys.output) < warm:
         time.sleep(0.05)
     context = multiprocessing.get_context("spawn")
@@ -388,9 +403,9 @@ def _runs(
     device: str,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    window = checkpoint.config.window
+    shape = (checkpoint.config.window, checkpoint.config.horizon)
     engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
-    raws: dict[str, Callable[[redis.Redis, Settings, int], dict[str, float]]] = {
+    raws: dict[str, Callable[[redis.Redis, Settings, Shape], dict[str, float]]] = {
         "raw": drain_raw,
         "raw_ahead": drain_raw_ahead,
         "raw_pipeline": functools.partial(drain_raw, pipeline=True),
@@ -401,7 +416,7 @@ def _runs(
         for name, drain in raws.items():
             s = _settings(url, f"{run_id}:{name}{rep}:", plan, device)
             prefill(client, s.input_stream, plan.entries, plan.series)
-            runs[name].append(drain(client, s, window))
+            runs[name].append(drain(client, s, shape))
         s = _settings(url, f"{run_id}:worker{rep}:", plan, device)
         runs["worker"].append(_drain(client, s, engine, plan.entries, plan.series))
     for name, results in runs.items():
@@ -418,7 +433,7 @@ def _runs(
     out["one_at_a_time"] = _drain(client, s, one, plan.per_entry_entries, plan.series)
 
     # Both latency runs start from a full history, so that fine-tuning has data at once.
-    history = Settings.model_fields["history_len"].default
+    history = max(Settings.model_fields["history_len"].default, engine.context)
     log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
     s = _settings(url, f"{run_id}:latency:", plan, device)
     out["latency"] = latency_run(client, url, s, engine, plan, warm_steps=history)
@@ -431,14 +446,75 @@ def _runs(
     scaled = dataclasses.replace(plan, series=plan.scale_series)
     log.info("latency with %d series: %d entries/s", scaled.series, plan.rate)
     s = _settings(url, f"{run_id}:latency-scale:", scaled, device)
-    out["latency_scale"] = latency_run(client, url, s, engine, scaled, warm_steps=window)
+    out["latency_scale"] = latency_run(client, url, s, engine, scaled, warm_steps=engine.context)
 
+    out["models"] = _model_runs(client, url, run_id, plan, device)
     worker_rate = out["worker"]["entries_per_s"]
     out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
     out["worker_vs_raw_ahead"] = round(worker_rate / out["raw_ahead"]["entries_per_s"], 3)
     out["worker_vs_per_entry"] = round(worker_rate / out["per_entry"]["entries_per_s"], 1)
     out["worker_vs_one_at_a_time"] = round(worker_rate / out["one_at_a_time"]["entries_per_s"], 1)
     return out
+
+
+# The models the cost comparison serves, untrained (speed does not depend on the weights):
+# the short-window model as it was before seasonal context, its intervals off (what the
+# worker published then); that model with today's linear map and intervals (the default
+# without a period: sines); and the default for half-hourly data with a weekly cycle.
+COST_MODELS = {
+    "20 steps, 1 ahead, no intervals (the previous default)": (
+        ModelConfig(linear=False),
+        0.0,
+    ),
+    "20 steps, 1 ahead, 90% intervals (the default without a period)": (ModelConfig(), 0.9),
+    "48 steps and lags 48/288/336, 48 ahead, 90% intervals (half-hourly default)": (
+        seasonal_config(48, [4032]),
+        0.9,
+    ),
+}
+MODEL_ONLY_BATCHES = 20  # batches of max_batch windows timed per model
+
+
+def _model_runs(
+    client: redis.Redis, url: str, run_id: str, plan: BenchPlan, device: str
+) -> list[dict[str, Any]]:
+    """What a model costs: its forward passes alone (windows/s), and the worker's drain
+    serving it, every model's drains interleaved round by round."""
+    engines, drains = [], []
+    for config, _ in COST_MODELS.values():
+        model = new_model(config, seed=0)
+        checkpoint = Checkpoint(model=model, version=version_of(model))
+        engines.append(Engine(checkpoint, device=device, max_batch=plan.max_batch))
+        drains.append(list[dict[str, float]]())
+    settings = [
+        _settings(url, f"{run_id}:model{k}:", plan, device, coverage=coverage)
+        for k, (_, coverage) in enumerate(COST_MODELS.values())
+    ]
+    for rep in range(plan.repeats):
+        log.info("round %d of %d: the models' drains", rep + 1, plan.repeats)
+        for engine, s, done in zip(engines, settings, drains, strict=True):
+            done.append(_drain(client, s, engine, plan.entries, plan.series, warm=rep == 0))
+    return [
+        {
+            "name": name,
+            "params": engine.model.num_params(),
+            "context": engine.context,
+            "horizon": engine.horizon,
+            "windows_per_s": _windows_per_s(engine, plan.max_batch),
+            "drain": _median(done),
+        }
+        for name, engine, done in zip(COST_MODELS, engines, drains, strict=True)
+    ]
+
+
+def _windows_per_s(engine: Engine, batch: int) -> float:
+    """The model alone, batches of ``batch`` windows of sines: windows per second."""
+    windows = sine_steps(batch, engine.context + 1).T[:, 1:]  # (batch, context)
+    engine.forecast(windows)  # the first call sets up lazily
+    started = time.perf_counter()
+    for _ in range(MODEL_ONLY_BATCHES):
+        engine.forecast(windows)
+    return round(MODEL_ONLY_BATCHES * batch / (time.perf_counter() - started), 1)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -488,6 +564,16 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['series']:,} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} "
             f"| {r['checkpoint_longest_ms']:.2f} |"
             for r in (lat, report["latency_scale"])
+        ),
+        "",
+        "| model served | parameters | values read | model only, windows/s "
+        "| worker drain, entries/s (median) | each round |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *(
+            f"| {r['name']} | {r['params']:,} | {r['context']} | {r['windows_per_s']:,.0f} "
+            f"| {r['drain']['entries_per_s']:,.0f} "
+            f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} |"
+            for r in report["models"]
         ),
     ]
     return "\n".join(lines)

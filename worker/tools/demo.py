@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from attnlstm.checkpoint import CheckpointError, load, save
 from attnlstm.data import load_csv, load_dataset
-from attnlstm.experiment import train_model, training_meta
-from attnlstm.model import ModelConfig
+from attnlstm.experiment import seasonal_config, train_model, training_meta
 from attnlstm.plots import plot_error_over_time
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
@@ -204,7 +203,8 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
     log.info("training a model on %s for the demo (about 15 s)", spec)
     dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
     config = TrainConfig()
-    model, result, metrics = train_model(dataset, ModelConfig(), config, progress=progress)
+    shape = seasonal_config(dataset.daily_period(), dataset.lengths)  # as `attnlstm train`
+    model, result, metrics = train_model(dataset, shape, config, progress=progress)
     save(path, model, training_meta(spec, config, result, metrics))
     return path
 

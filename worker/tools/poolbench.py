@@ -201,12 +201,12 @@ def _raw_client(url: str, base: Keys, plan: PoolPlan, share: list[int], stop: An
         else [read_groups(base.group, "bench-raw", inputs, each, BLOCK_MS)]
     )
     wires = Wires(client)
-    attn_width = ModelConfig().window
+    shape = (ModelConfig().window, ModelConfig().horizon)
     while not stop.is_set():
         wires.send(reads)
         read = {name: e for reply in wires.receive() for name, e in read_streams(reply).items()}
         calls = [
-            raw_call(MAXLEN, fences[names[name]], entries, raw_forecasts(entries, attn_width))
+            raw_call(MAXLEN, fences[names[name]], entries, raw_forecasts(entries, shape))
             for name, entries in read.items()
             if entries
         ]

@@ -1,0 +1,113 @@
+"""Prediction intervals: split-conformal spreads per step ahead, adapted online per series.
+
+A forecast's error, divided by its window's standard deviation (the scale the model
+standardises by), has much the same distribution on every series. So a model carries,
+per step ahead, quantiles of that scaled error, measured on windows it did not train on
+(:func:`calibrate`): its :class:`Spread`. An interval at coverage c is the forecast plus
+or minus the spread's c-quantile times the window's deviation, times a per-series
+multiplier.
+
+The multiplier is adaptive conformal inference (Gibbs and Candes, 2021) on its logarithm:
+after each value, ``log m += gamma * (missed - (1 - c))``. A series whose values keep
+falling outside widens its intervals within a few dozen values; one whose values all fall
+inside narrows them slowly; over any long stretch the share missed tends to 1 - c, however
+the data drifts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LEVELS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)  # the coverages a spread is measured at
+GAMMA = 0.05  # the multiplier's step: how fast intervals follow a change
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Quantiles of the scaled absolute error: (len(LEVELS), horizon)."""
+
+    q: np.ndarray
+
+    def at(self, coverage: float) -> np.ndarray:
+        """The scaled half-width per step ahead at ``coverage``, interpolated (horizon,)."""
+        if not 0.0 < coverage < 1.0:
+            raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+        return np.array([np.interp(coverage, LEVELS, col) for col in self.q.T])
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"levels": list(LEVELS), "q": self.q.round(6).tolist()}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], horizon: int) -> Spread:
+        """A checkpoint's spread, or for one without (made before intervals), a spread of
+        about one window deviation that the online multiplier then corrects."""
+        stored = meta.get("spread")
+        if isinstance(stored, dict) and stored.get("levels") == list(LEVELS):
+            q = np.asarray(stored.get("q"), dtype=np.float64)
+            if q.shape == (len(LEVELS), horizon) and np.isfinite(q).all() and (q >= 0).all():
+                return cls(q)
+        return cls(np.repeat(np.asarray(LEVELS)[:, None], horizon, axis=1) * 1.5)
+
+
+def window_scale(windows: np.ndarray, window: int) -> np.ndarray:
+    """The deviation of each window's last ``window`` values (N,): what the model scales by."""
+    return np.asarray(windows[:, -window:].std(axis=1))
+
+
+def calibrate(y: np.ndarray, yhat: np.ndarray, scale: np.ndarray) -> Spread | None:
+    """The spread of forecasts ``yhat`` (N, horizon) of ``y``, from windows of deviation
+    ``scale`` (N,); flat windows (deviation 0) carry no information and are left out.
+    None when every window is flat."""
+    ok = scale > 0
+    if not ok.any():
+        return None
+    err = np.abs(y[ok] - yhat[ok]) / scale[ok, None]
+    return Spread(np.quantile(err, LEVELS, axis=0))
+
+
+class Adaptive:
+    """Per-series interval multipliers, by slot, adapted online."""
+
+    def __init__(self, coverage: float, gamma: float = GAMMA) -> None:
+        if not 0.0 < coverage < 1.0:
+            raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+        self.miss_target = 1.0 - coverage
+        self.gamma = gamma
+        self.log_m = np.zeros(0)
+
+    def fit(self, size: int) -> None:
+        if size > self.log_m.size:
+            grow = max(size, 2 * self.log_m.size, 64) - self.log_m.size
+            self.log_m = np.r_[self.log_m, np.zeros(grow)]
+
+    def multiplier(self, slots: np.ndarray) -> np.ndarray:
+        self.fit(int(slots.max(initial=-1)) + 1)
+        return np.asarray(np.exp(self.log_m[slots]))
+
+    def update(self, slots: np.ndarray, missed: np.ndarray) -> None:
+        """Each slot's outcome (distinct slots): its value fell outside its interval."""
+        self.fit(int(slots.max(initial=-1)) + 1)
+        self.log_m[slots] += self.gamma * (missed.astype(np.float64) - self.miss_target)
+
+    def forget(self, slots: np.ndarray) -> None:
+        self.log_m[slots[slots < self.log_m.size]] = 0.0
+
+
+def online_intervals(
+    y: np.ndarray, one_step: np.ndarray, scale: np.ndarray, spread: Spread, coverage: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One series' one-step intervals, adapted online value by value, as the worker does:
+    (lo, hi, the multiplier each was made with, as it stood before its value arrived)."""
+    adaptive = Adaptive(coverage)
+    base = spread.at(coverage)[0]
+    slot = np.zeros(1, dtype=np.int64)
+    lo, hi, m = np.empty_like(one_step), np.empty_like(one_step), np.empty_like(one_step)
+    for t in range(len(y)):
+        m[t] = adaptive.multiplier(slot)[0]
+        half = base * m[t] * scale[t]
+        lo[t], hi[t] = one_step[t] - half, one_step[t] + half
+        adaptive.update(slot, np.array([not lo[t] <= y[t] <= hi[t]]))
+    return lo, hi, m

@@ -1,0 +1,70 @@
+"""Prediction intervals: the spread a model is calibrated with, and its online adaptation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnlstm.intervals import LEVELS, Adaptive, Spread, calibrate, online_intervals, window_scale
+
+
+def test_the_spread_is_the_quantiles_of_the_scaled_error_per_step() -> None:
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.5, 20.0, size=20_000)
+    err = rng.normal(size=(20_000, 2)) * np.array([1.0, 3.0]) * scale[:, None]
+    spread = calibrate(err, np.zeros_like(err), scale)
+    assert spread is not None
+    assert spread.q.shape == (len(LEVELS), 2)
+    # |N(0, s)| has its 90% quantile at 1.645 s: per step, whatever each window's scale.
+    np.testing.assert_allclose(spread.at(0.9), [1.645, 3 * 1.645], rtol=0.03)
+    assert spread.at(0.85) == pytest.approx((spread.at(0.8) + spread.at(0.9)) / 2)
+    with pytest.raises(ValueError, match="coverage must be in"):
+        spread.at(1.0)
+
+
+def test_flat_windows_are_left_out_and_all_flat_is_no_spread() -> None:
+    y, yhat = np.array([[1.0], [5.0]]), np.array([[0.0], [0.0]])
+    spread = calibrate(y, yhat, np.array([1.0, 0.0]))
+    assert spread is not None
+    np.testing.assert_allclose(spread.q, 1.0)  # only the first window counts
+    assert calibrate(y, yhat, np.zeros(2)) is None
+    windows = np.array([[9.0, 1.0, 3.0], [7.0, 2.0, 2.0]])
+    np.testing.assert_allclose(window_scale(windows, 2), [1.0, 0.0])  # the last 2 values
+
+
+def test_a_spread_travels_in_a_checkpoints_meta_and_a_bad_one_falls_back() -> None:
+    spread = Spread(np.tile(np.linspace(0.5, 3.0, len(LEVELS))[:, None], (1, 3)))
+    back = Spread.from_meta({"spread": spread.to_meta()}, horizon=3)
+    np.testing.assert_allclose(back.q, spread.q)
+    for meta in [
+        {},  # a checkpoint from before intervals
+        {"spread": spread.to_meta() | {"levels": [0.9]}},
+        {"spread": {"levels": list(LEVELS), "q": [[1.0]]}},  # another horizon's
+        {"spread": {"levels": list(LEVELS), "q": [[-1.0] * 3] * len(LEVELS)}},
+    ]:
+        fallback = Spread.from_meta(meta, horizon=3)
+        assert fallback.q.shape == (len(LEVELS), 3)
+        assert (fallback.at(0.9) > 0).all()
+
+
+def test_the_multiplier_widens_on_a_miss_and_narrows_on_a_hit() -> None:
+    adaptive = Adaptive(0.9, gamma=0.1)
+    slots = np.array([0, 3])
+    adaptive.update(slots, np.array([True, False]))
+    np.testing.assert_allclose(adaptive.multiplier(slots), np.exp([0.1 * 0.9, -0.1 * 0.1]))
+    adaptive.forget(np.array([0, 99]))
+    assert adaptive.multiplier(np.array([0]))[0] == 1.0
+    with pytest.raises(ValueError, match="coverage"):
+        Adaptive(1.5)
+
+
+def test_online_intervals_hold_their_coverage_from_a_wrong_start() -> None:
+    # A spread twice too narrow: the multiplier finds the right width by itself.
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=5_000)
+    spread = Spread(np.repeat(np.asarray(LEVELS)[:, None], 1, axis=1) * 0.8)
+    lo, hi, m = online_intervals(y, np.zeros_like(y), np.ones_like(y), spread, 0.9)
+    inside = (lo <= y) & (y <= hi)
+    assert 0.88 <= inside[1000:].mean() <= 0.92
+    assert m[0] == 1.0  # each interval from the multiplier before its value arrived
+    assert m[-1] == pytest.approx(1.645 / 0.72, rel=0.15)
