@@ -42,6 +42,14 @@ def split_dataset(dataset: Dataset, window: int, horizon: int, val_fraction: flo
     return Split(train, val)
 
 
+# Adam's weight decay for a model with a period: its many inputs per step and a few
+# weeks of data overfit without it (day-ahead MASE on the electricity demand 0.056 without,
+# 0.042 with). Without a period it only shrinks the LSTM and attention to nothing: on the
+# sines the linear map then does it all, every attention weight is 1/window, and the
+# one-step MASE is 10x worse (0.054 against 0.005).
+SEASONAL_WEIGHT_DECAY = 1e-4
+
+
 def seasonal_config(
     period: int, lengths: list[int], *, val_fraction: float = 0.2, **fields: Any
 ) -> ModelConfig:

@@ -28,7 +28,7 @@ class TrainConfig:
     epochs: int | None = None  # None: enough for about 3,000 optimiser steps (3 to 300)
     batch_size: int = 64
     lr: float = 1e-2  # peak Adam learning rate, decayed by a cosine to lr * 1e-2
-    weight_decay: float = 1e-4  # Adam's L2 penalty: the linear map has many weights
+    weight_decay: float = 0.0  # Adam's L2 penalty (SEASONAL_WEIGHT_DECAY with a period)
     patience: int = 40  # epochs without a better validation loss before stopping
     clip_norm: float = 1.0  # max global gradient norm
     seed: int = 0

@@ -16,6 +16,7 @@ from attnlstm.checkpoint import open_checkpoint, save
 from attnlstm.data import Dataset, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
+    SEASONAL_WEIGHT_DECAY,
     evaluate_model,
     seasonal_config,
     series_forecast,
@@ -45,7 +46,11 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         **{name: value for name, value in shape.items() if value is not None},
     )
     train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        weight_decay=SEASONAL_WEIGHT_DECAY if model_config.period else 0.0,
     )
     model, result, metrics = train_model(
         dataset,

@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 from attnlstm.checkpoint import CheckpointError, load, save
 from attnlstm.data import load_csv, load_dataset
-from attnlstm.experiment import seasonal_config, train_model, training_meta
+from attnlstm.experiment import (
+    SEASONAL_WEIGHT_DECAY,
+    seasonal_config,
+    train_model,
+    training_meta,
+)
 from attnlstm.plots import plot_error_over_time
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
@@ -202,8 +207,8 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
         pass
     log.info("training a model on %s for the demo (about 15 s)", spec)
     dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
-    config = TrainConfig()
     shape = seasonal_config(dataset.daily_period(), dataset.lengths)  # as `attnlstm train`
+    config = TrainConfig(weight_decay=SEASONAL_WEIGHT_DECAY if shape.period else 0.0)
     model, result, metrics = train_model(dataset, shape, config, progress=progress)
     save(path, model, training_meta(spec, config, result, metrics))
     return path
