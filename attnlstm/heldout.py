@@ -23,6 +23,7 @@ import numpy as np
 from attnlstm.baselines import Rolled, day_origins, rolled
 from attnlstm.data import Dataset
 from attnlstm.intervals import Spread, online_intervals, window_scale
+from attnlstm.metrics import mae, smape
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
 from attnlstm.windows import split_point
@@ -151,32 +152,28 @@ def _row(
     step: int,
     seconds: float,
 ) -> Row:
-    mase, smape, ahead, coverage, width = [], [], [], [], []
+    mases, smapes, ahead, coverage, width = [], [], [], [], []
     for run, y, cut in zip(runs, series, cuts, strict=True):
-        truth, naive_mae = y[cut:], float(np.mean(np.abs(np.diff(y[cut - 1 :]))))
-        mase.append(_mae(truth, run.one_step) / naive_mae)
-        denom = np.abs(truth) + np.abs(run.one_step)
-        smape.append(float(np.mean(2 * np.abs(truth - run.one_step) / np.maximum(denom, 1e-12))))
+        truth, naive_mae = y[cut:], mae(y[cut:], y[cut - 1 : -1])
+        mases.append(mae(truth, run.one_step) / naive_mae)
+        smapes.append(smape(truth, run.one_step))
         coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
         width.append(float(np.mean(run.one_hi - run.one_lo)) / naive_mae)
         origins = day_origins(len(y), cut, step, run.ahead.shape[1])
         if origins.size:
             target = y[origins[:, None] + np.arange(run.ahead.shape[1])]
-            ahead.append(_mae(target, run.ahead) / _mae(target, y[origins - 1, None]))
+            naive = np.repeat(y[origins - 1, None], target.shape[1], axis=1)
+            ahead.append(mae(target, run.ahead) / mae(target, naive))
     no_interval = bool(np.isnan(runs[0].one_lo).all())
     return Row(
         name=name,
-        mase=float(np.mean(mase)),
-        smape=100 * float(np.mean(smape)),
+        mase=float(np.mean(mases)),
+        smape=float(np.mean(smapes)),
         ahead_mase=float(np.mean(ahead)) if ahead else math.nan,
         coverage=math.nan if no_interval else float(np.mean(coverage)),
         width=math.nan if no_interval else float(np.mean(width)),
         seconds=seconds,
     )
-
-
-def _mae(truth: np.ndarray, forecast: np.ndarray) -> float:
-    return float(np.mean(np.abs(truth - np.broadcast_to(forecast, truth.shape))))
 
 
 def format_table(rows: list[Row], *, horizon: int, level: int = 90) -> str:

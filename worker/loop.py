@@ -472,7 +472,7 @@ class Worker:
         return Scorer(
             self.scores,
             half_width=self._half_width,
-            coverage=self.settings.coverage or 0.5,
+            coverage=self.settings.coverage or 0.5,  # any: with coverage 0 nothing adapts
             threshold=self.settings.anomaly_threshold,
             quiet=self.context,
         )
