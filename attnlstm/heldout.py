@@ -23,10 +23,10 @@ import numpy as np
 from attnlstm.baselines import Rolled, day_origins, rolled
 from attnlstm.data import Dataset
 from attnlstm.intervals import Spread, online_intervals, window_scale
-from attnlstm.metrics import mae, smape
+from attnlstm.metrics import mae, seasonal_naive, smape
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
-from attnlstm.windows import split_point
+from attnlstm.windows import Windows, split_point
 
 Forecaster = Callable[[np.ndarray, int], Rolled]  # (series, cut) -> its forecasts
 
@@ -124,11 +124,16 @@ def _naive(y: np.ndarray, cut: int, step: int, horizon: int) -> Rolled:
 
 
 def _seasonal(y: np.ndarray, cut: int, period: int, horizon: int) -> Rolled:
-    """The value one period before; steps past a period ahead repeat the last period."""
+    """The value one period before; steps past a period ahead repeat the last period
+    (:func:`attnlstm.metrics.seasonal_naive`, from each origin)."""
     origins = day_origins(len(y), cut, period, horizon)
-    k = np.arange(horizon)
-    back = period * (k // period + 1)  # (horizon,)
-    return _rolled(y[cut - period : len(y) - period], y[origins[:, None] + k - back])
+    at = Windows(
+        x=np.empty((origins.size, 0)),
+        y=np.empty((origins.size, horizon)),
+        start=origins,
+        series=np.zeros(origins.size, dtype=np.int64),
+    )
+    return _rolled(y[cut - period : len(y) - period], seasonal_naive(at, [y], period))
 
 
 def _rolled(one_step: np.ndarray, ahead: np.ndarray) -> Rolled:
