@@ -140,4 +140,5 @@ def training_meta(
         "val_loss": result.val_loss,
         "metrics": metrics,
         **({"spread": result.spread.to_meta()} if result.spread is not None else {}),
+        **({"blend": result.blend.to_meta()} if result.blend is not None else {}),
     }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from attnlstm.blend import Blend, fit_blend, fold
 from attnlstm.intervals import Spread, calibrate, window_scale
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.windows import Windows
@@ -32,6 +33,7 @@ class TrainConfig:
     patience: int = 40  # epochs without a better validation loss before stopping
     clip_norm: float = 1.0  # max global gradient norm
     seed: int = 0
+    blend: bool = True  # shrink toward naive forecasts where validation says so (attnlstm.blend)
 
     def __post_init__(self) -> None:
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
@@ -61,6 +63,7 @@ class TrainResult:
     train_loss: list[float] = field(default_factory=list)  # per epoch
     val_loss: list[float] = field(default_factory=list)  # per epoch
     spread: Spread | None = None  # the kept weights' errors on the validation windows
+    blend: Blend | None = None  # folded into the kept weights, fitted on the validation windows
 
 
 def new_model(config: ModelConfig, seed: int = 0) -> AttentionLSTM:
@@ -165,6 +168,10 @@ def fit(
     model.load_state_dict(best_state)
     model.eval()
     yhat, _ = predict(model, val.x, device=device)
+    if config.blend and model.config.linear:
+        result.blend = fit_blend(model, val, yhat)
+        fold(model, result.blend)
+        yhat, _ = predict(model, val.x, device=device)
     result.spread = calibrate(val.y, yhat, window_scale(val.x, model.config.window))
     result.seconds = time.perf_counter() - started
     return result

@@ -57,7 +57,7 @@ def test_best_weights_are_kept_and_patience_stops_early() -> None:
     train, val = _small_split()
     model = new_model(ModelConfig(hidden_size=8, attention_size=8), seed=0)
     # An absurd learning rate makes validation loss bounce, so patience gets used.
-    config = TrainConfig(epochs=40, lr=0.5, patience=3, seed=0)
+    config = TrainConfig(epochs=40, lr=0.5, patience=3, seed=0, blend=False)
     result = fit(model, train, val, config)
     assert result.epochs_run < 40
     assert result.epochs_run - result.best_epoch == 3

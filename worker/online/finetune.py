@@ -137,6 +137,7 @@ def run_job(job: Job) -> Outcome:
         "parent": serving.version if serving else None,
         "scores": scores,
         **({"spread": result.spread.to_meta()} if result.spread is not None else {}),
+        **({"blend": result.blend.to_meta()} if result.blend is not None else {}),
     }
     blob, version = dumps(model, meta)
     return Outcome(blob, version, promote, reason, scores)

@@ -1,0 +1,106 @@
+"""The blend: chosen on validation windows, folded into the weights exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnlstm.blend import Blend, fit_blend, fold
+from attnlstm.model import ModelConfig
+from attnlstm.train import TrainConfig, fit, new_model, predict
+from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
+
+PERIOD = 8
+
+
+def _windows(y: np.ndarray, config: ModelConfig) -> Windows:
+    return sliding_windows(y, config.context, config.horizon)
+
+
+def _mae(y: np.ndarray, yhat: np.ndarray) -> float:
+    return float(np.mean(np.abs(y - yhat)))
+
+
+def test_a_folded_blend_forecasts_what_it_says() -> None:
+    config = ModelConfig(window=PERIOD, horizon=PERIOD, lags=(PERIOD,), period=PERIOD)
+    model = new_model(config, seed=3)
+    with torch.no_grad():  # a linear map that is not zero, so that scaling it shows
+        model.linear.weight.normal_(std=0.05)
+    rng = np.random.default_rng(0)
+    t = np.arange(400)
+    windows = _windows(np.sin(2 * np.pi * t / PERIOD) + 0.3 * rng.normal(size=t.size), config)
+    before, _ = predict(model, windows.x)
+    blend = Blend(
+        model=rng.uniform(0, 1, PERIOD),
+        seasonal=rng.uniform(0, 0.5, PERIOD),
+        trend=rng.uniform(-1, 1, PERIOD),
+    )
+    fold(model, blend)
+    after, _ = predict(model, windows.x)
+    expected = _blended(blend, windows, before)
+    np.testing.assert_allclose(after, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def _blended(blend: Blend, windows: Windows, yhat: np.ndarray) -> np.ndarray:
+    """The blend's formula, for a window of one period and a horizon of one period."""
+    recent = windows.x[:, -PERIOD:]
+    last, prev = recent[:, -1:], recent[:, -2:-1]
+    seasonal = recent.copy()  # the value one period before each step's target
+    seasonal[:, -1] = last[:, 0]  # the last step's is the last value: no seasonal term
+    out = last + blend.model * (yhat - last) + blend.seasonal * (seasonal - last)
+    return np.asarray(out + blend.trend * (last - prev))
+
+
+def test_right_forecasts_are_kept_and_noise_falls_back_to_the_last_value() -> None:
+    config = ModelConfig(window=20, horizon=3)
+    model = new_model(config)
+    rng = np.random.default_rng(1)
+    windows = _windows(np.cumsum(rng.normal(size=2_000)), config)
+
+    right = fit_blend(model, windows, windows.y)
+    np.testing.assert_array_equal(right.model, 1.0)
+    np.testing.assert_array_equal(right.trend, 0.0)
+
+    noise = windows.y + 5 * rng.normal(size=windows.y.shape)
+    wrong = fit_blend(model, windows, noise)
+    # Noise 5x the walk's steps: the optimum keeps about var(step)/var(noise) of it
+    assert (wrong.model <= 0.15).all()
+    assert np.abs(wrong.trend).max() < 0.1
+
+
+def test_a_cycle_the_model_missed_and_a_trend_it_ignored_are_found() -> None:
+    rng = np.random.default_rng(2)
+    config = ModelConfig(window=PERIOD, horizon=PERIOD, period=PERIOD)
+    t = np.arange(3_000)
+    cycle = np.sin(2 * np.pi * t / PERIOD) + 0.05 * rng.normal(size=t.size)
+    windows = _windows(cycle, config)
+    naive = np.repeat(windows.x[:, -1:], PERIOD, axis=1)
+    seasonal = fit_blend(new_model(config), windows, naive)
+    assert seasonal.seasonal[0] > 0.9
+    # A sine's value a period back is also a mix of its last two: judge the forecasts
+    assert _mae(windows.y, _blended(seasonal, windows, naive)) < _mae(windows.y, naive) / 10
+
+    changes = np.zeros(t.size)  # differences that follow AR(1) with 0.6: a damped trend
+    for i in range(1, t.size):
+        changes[i] = 0.6 * changes[i - 1] + rng.normal()
+    config = ModelConfig(window=20, horizon=1)
+    windows = _windows(np.cumsum(changes), config)
+    trend = fit_blend(new_model(config), windows, windows.x[:, -1:])
+    assert trend.trend[0] == pytest.approx(0.6, abs=0.1)
+
+
+def test_training_blends_on_the_validation_windows_and_can_be_told_not_to() -> None:
+    rng = np.random.default_rng(4)
+    walk = np.cumsum(rng.normal(size=1_500))
+    train, val = time_split(sliding_windows_many([walk], 20, 1), [walk.size], 0.2)
+    naive = _mae(val.y, val.x[:, -1:])
+    config = ModelConfig(hidden_size=8, attention_size=8)
+    plain = new_model(config)
+    assert fit(plain, train, val, TrainConfig(epochs=5, blend=False)).blend is None
+    blended = new_model(config)
+    result = fit(blended, train, val, TrainConfig(epochs=5))
+    assert result.blend is not None
+    assert _mae(val.y, predict(blended, val.x)[0]) <= min(
+        naive, _mae(val.y, predict(plain, val.x)[0])
+    ) * (1 + 1e-9)
