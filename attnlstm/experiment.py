@@ -49,6 +49,12 @@ def split_dataset(dataset: Dataset, window: int, horizon: int, val_fraction: flo
 # one-step MASE is 10x worse (0.054 against 0.005).
 SEASONAL_WEIGHT_DECAY = 1e-4
 
+# LSTM units (and attention width) for a model with a period. On the three recordings in
+# data/ the linear map and the blend carry the forecast: 16 units scored what 32 did
+# (one step and a day ahead, within 0.003 MASE on each, two seeds), and the model alone
+# runs 1.9x as many windows a second.
+SEASONAL_HIDDEN = 16
+
 
 def seasonal_config(
     period: int, lengths: list[int], *, val_fraction: float = 0.2, **fields: Any
@@ -58,14 +64,22 @@ def seasonal_config(
     With a period P: a window of one cycle, forecasts one cycle ahead, and as lags the
     cycle before (P) and, when the shortest series' training part holds three weeks, the
     same hours a week (6P) and a week and a cycle (7P) before: for each step ahead, the
-    same hour yesterday, a week ago, and a week before yesterday. Without a period, a
-    short window: 20 steps, one ahead. ``fields`` override any of these.
+    same hour yesterday, a week ago, and a week before yesterday; and an LSTM of
+    SEASONAL_HIDDEN units. Without a period, a short window: 20 steps, one ahead.
+    ``fields`` override any of these.
     """
     if period == 0:
         return ModelConfig(**fields)
     training = min(split_point(n, val_fraction) for n in lengths)
     lags = (period, 6 * period, 7 * period) if training >= 21 * period else (period,)
-    base = {"window": period, "horizon": period, "lags": lags, "period": period}
+    base = {
+        "window": period,
+        "horizon": period,
+        "lags": lags,
+        "period": period,
+        "hidden_size": SEASONAL_HIDDEN,
+        "attention_size": SEASONAL_HIDDEN,
+    }
     return ModelConfig(**(base | fields))
 
 

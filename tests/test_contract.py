@@ -156,6 +156,7 @@ def test_decimal_rows_read_back_within_half_a_unit_of_the_last_digit(digits: int
     rng = np.random.default_rng(digits)
     matrix = rng.normal(size=(200, 48)) * 10.0 ** rng.integers(-30, 30, size=(200, 48))
     matrix[0, :6] = [0.1 + 0.2, 9.9999999999999e5, 1e-300, 1e308, -2.5, 10 ** (digits + 1)]
+    matrix[1, :5] = [5e-324, -1e-310, 3e-320, 2.2250738585072014e-308, -9.99e-301]  # subnormal
     back = np.array([json.loads(text) for text in decimal_rows(matrix, digits)])
     assert back.shape == matrix.shape
     assert (np.abs(back - matrix) <= 0.5 * 10.0 ** (1 - digits) * np.abs(matrix)).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnlstm.data import Dataset, load_dataset
-from attnlstm.experiment import seasonal_config, split_dataset, train_model
+from attnlstm.experiment import SEASONAL_HIDDEN, seasonal_config, split_dataset, train_model
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_loss
@@ -102,7 +102,12 @@ def test_a_high_level_series_keeps_its_small_swing(trained_sines: AttentionLSTM)
 
 def test_the_seasonal_default_sees_a_day_and_the_same_hours_a_week_before() -> None:
     assert seasonal_config(48, [4032]) == ModelConfig(
-        window=48, horizon=48, lags=(48, 288, 336), period=48
+        window=48,
+        horizon=48,
+        lags=(48, 288, 336),
+        period=48,
+        hidden_size=SEASONAL_HIDDEN,
+        attention_size=SEASONAL_HIDDEN,
     )
     assert seasonal_config(48, [4032]).context == 48 + 336
     # Less than three weeks before the held-out tail: yesterday only.

@@ -116,12 +116,40 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
 
 
 def _digit_table(width: int) -> np.ndarray:
-    """ASCII digits of 0 .. 10**width - 1, zero-padded: (10**width, width) uint8."""
+    """ASCII digits of 0 .. 10**width - 1, zero-padded, one item of ``width`` bytes each:
+    ``np.take`` of such items into a byte array's ``width``-byte slices is several times
+    faster than indexing a (10**width, width) table."""
     numbers = np.arange(10**width)[:, None] // 10 ** np.arange(width - 1, -1, -1) % 10
-    return (numbers + ord("0")).astype(np.uint8)
+    return (numbers + ord("0")).astype(np.uint8).view(f"V{width}").ravel()
 
 
-_HIGH, _LOW = _digit_table(3), _digit_table(4)  # 7 decimals = 3 + 4 digits
+_THREE, _FOUR = _digit_table(3), _digit_table(4)  # 7 decimals = 3 + 4 digits
+_POW10_LOW = 330  # the table of powers of ten starts at 10**-330 (0.0)
+with np.errstate(over="ignore"):  # 10**309 and up are inf, and never looked up
+    _POW10 = 10.0 ** np.arange(-_POW10_LOW, 310)  # _POW10[e + _POW10_LOW] == 10.0**e
+_LOG10_2 = (78913, 18)  # floor(e * log10(2)) == (e * 78913) >> 18 for every float exponent
+
+
+def _put(cells: np.ndarray, at: int, table: np.ndarray, index: np.ndarray) -> None:
+    """Write ``table[index]`` (items of k bytes) into ``cells[..., at : at + k]``."""
+    k = table.dtype.itemsize
+    cells[..., at : at + k].view(table.dtype)[..., 0] = np.take(table, index)
+
+
+def _framed(n: int, width: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """A buffer for ``n`` JSON lists of ``width`` numbers, each in a ``cell`` of bytes
+    ending in ``", "``, with ``[`` written; and its (n, width, cell) view to fill in."""
+    buffer = np.empty((n, width * cell + 2), dtype=np.uint8)
+    buffer[:, 0] = ord("[")
+    return buffer, buffer[:, 1 : 1 + width * cell].reshape(n, width, cell)
+
+
+def _lists(buffer: np.ndarray, width: int, cell: int) -> list[bytes]:
+    """The filled buffer's rows, each closed by ``]`` over its last cell's ``, ``."""
+    size = width * cell
+    buffer[:, size - 1] = ord("]")
+    data, stride = buffer.tobytes(), buffer.shape[1]
+    return [data[k : k + size] for k in range(0, buffer.shape[0] * stride, stride)]
 
 
 def fraction_rows(matrix: np.ndarray) -> list[bytes]:
@@ -137,20 +165,14 @@ def fraction_rows(matrix: np.ndarray) -> list[bytes]:
     scaled = np.rint(np.clip(matrix.astype(np.float64), 0.0, 1.0) * 1e7).astype(np.int32)
     whole, fraction = np.divmod(scaled, 10_000_000)
     high, low = np.divmod(fraction, 10_000)
-    cells = np.empty((n, width, 11), dtype=np.uint8)  # "0.1234567, "
+    buffer, cells = _framed(n, width, 11)  # "0.1234567, "
     cells[..., 0] = whole + ord("0")
     cells[..., 1] = ord(".")
-    cells[..., 2:5] = _HIGH[high]
-    cells[..., 5:9] = _LOW[low]
+    _put(cells, 2, _THREE, high)
+    _put(cells, 5, _FOUR, low)
     cells[..., 9] = ord(",")
     cells[..., 10] = ord(" ")
-    line = np.empty((n, width * 11), dtype=np.uint8)  # "[" + cells without the last ", " + "]"
-    line[:, 0] = ord("[")
-    line[:, 1:-1] = cells.reshape(n, -1)[:, :-2]
-    line[:, -1] = ord("]")
-    size = line.shape[1]
-    data = line.tobytes()
-    return [data[k : k + size] for k in range(0, n * size, size)]
+    return _lists(buffer, width, 11)
 
 
 def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
@@ -160,7 +182,8 @@ def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
 
     Built like :func:`fraction_rows`, for the whole batch at once: a day-ahead forecast
     with its bounds is 144 numbers, and float repr for each would cost more than the
-    model. Each value reads back within half a unit of its last digit.
+    model. Each value reads back within half a unit of its last digit, subnormal ones
+    included.
     """
     n, width = matrix.shape
     if n == 0:
@@ -169,36 +192,45 @@ def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
         raise ValueError(f"digits must be 1 + a multiple of 3, at least 4; got {digits}")
     a = np.abs(matrix.astype(np.float64))
     nonzero = a > 0
-    exp = np.floor(np.log10(np.where(nonzero, a, 1.0))).astype(np.int64)
+    # Below 1e-300, 10**exp would be subnormal and lose digits: those are scaled first.
+    tiny = nonzero & (a < 1e-300)
+    if tiny.any():
+        a[tiny] *= 1e300
+    exp = _exponent(a)
     exp[~nonzero] = 0
-    mant = np.rint(a / np.power(10.0, exp) * 10.0 ** (digits - 1)).astype(np.int64)
-    # log10 near a power of ten, or rounding up to one, can leave it a digit long or short.
-    for wrong, shift in ((mant >= 10**digits, 1), (nonzero & (mant < 10 ** (digits - 1)), -1)):
-        if wrong.any():
-            exp[wrong] += shift
-            mant[wrong] = np.rint(a[wrong] / np.power(10.0, exp[wrong]) * 10.0 ** (digits - 1))
+    unit = 10.0 ** (digits - 1)
+    mant = np.rint(a / _POW10[exp + _POW10_LOW] * unit).astype(np.int64)
+    # Rounding up to the next power of ten leaves it a digit long.
+    wrong = mant >= 10**digits
+    if wrong.any():
+        exp[wrong] += 1
+        mant[wrong] = np.rint(a[wrong] / _POW10[exp[wrong] + _POW10_LOW] * unit)
+    exp[tiny] -= 300
     cell = digits + 9
-    cells = np.empty((n, width, cell), dtype=np.uint8)  # " 1.234567e+004, "
+    buffer, cells = _framed(n, width, cell)  # " 1.234567e+004, "
     cells[..., 0] = np.where(matrix < 0, ord("-"), ord(" "))
-    groups = (digits - 1) // 3
     rest = mant
-    for g in range(groups, 0, -1):  # three digits at a time, the last first
+    for g in range((digits - 1) // 3, 0, -1):  # three digits at a time, the last first
         rest, three = np.divmod(rest, 1000)
-        cells[..., 3 * g : 3 * g + 3] = _HIGH[three]
+        _put(cells, 3 * g, _THREE, three)
     cells[..., 1] = rest + ord("0")
     cells[..., 2] = ord(".")
     cells[..., digits + 2] = ord("e")
     cells[..., digits + 3] = np.where(exp < 0, ord("-"), ord("+"))
-    cells[..., digits + 4 : digits + 7] = _HIGH[np.abs(exp)]
+    _put(cells, digits + 4, _THREE, np.abs(exp))
     cells[..., digits + 7] = ord(",")
     cells[..., digits + 8] = ord(" ")
-    line = np.empty((n, width * cell), dtype=np.uint8)
-    line[:, 0] = ord("[")
-    line[:, 1:-1] = cells.reshape(n, -1)[:, :-2]
-    line[:, -1] = ord("]")
-    data = line.tobytes()
-    size = line.shape[1]
-    return [data[k : k + size] for k in range(0, n * size, size)]
+    return _lists(buffer, width, cell)
+
+
+def _exponent(a: np.ndarray) -> np.ndarray:
+    """floor(log10(a)) of positive normal values (anything for 0), from their binary
+    exponents and a table of powers of ten: log10 and power cost more than the rest."""
+    _, binary = np.frexp(a)
+    multiply, shift = _LOG10_2
+    exp = ((binary.astype(np.int64) - 1) * multiply) >> shift  # at most one too small
+    exp += a >= _POW10[exp + (_POW10_LOW + 1)]
+    return np.asarray(exp)
 
 
 # In this order; lo and hi came after the first six, which is all that older entries have.

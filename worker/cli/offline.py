@@ -35,15 +35,18 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     dataset, device = _prepare(args)
     period = dataset.daily_period() if args.period is None else args.period
-    shape = {"window": args.window, "horizon": args.horizon}
+    given = {
+        "window": args.window,
+        "horizon": args.horizon,
+        "hidden_size": args.hidden,
+        "attention_size": args.hidden,
+    }
     model_config = seasonal_config(
         period,
         dataset.lengths,
         val_fraction=args.val_fraction,
-        hidden_size=args.hidden,
-        attention_size=args.hidden,
         num_layers=args.layers,
-        **{name: value for name, value in shape.items() if value is not None},
+        **{name: value for name, value in given.items() if value is not None},
     )
     train_config = TrainConfig(
         epochs=args.epochs,

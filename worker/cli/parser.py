@@ -143,7 +143,12 @@ def _train_args(train: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--horizon", type=positive, default=None, help="forecast steps (default: the period, or 1)"
     )
-    train.add_argument("--hidden", type=positive, default=32, help="LSTM units (default 32)")
+    train.add_argument(
+        "--hidden",
+        type=positive,
+        default=None,
+        help="LSTM units, and the attention's width (default 32; 16 with a period)",
+    )
     train.add_argument("--layers", type=positive, default=1, help="LSTM layers (default 1)")
     epochs = "epochs (default: enough for about 3,000 optimiser steps, 3 to 300)"
     train.add_argument("--epochs", type=positive, default=None, help=epochs)
