@@ -54,8 +54,9 @@ class Blend:
 
 
 def fit_blend(model: AttentionLSTM, windows: Windows, yhat: np.ndarray) -> Blend:
-    """The coefficients that minimise the absolute error of ``model``'s forecasts
-    ``yhat`` (N, horizon) of ``windows``, per step ahead."""
+    """The blend that minimises the absolute error of ``model``'s forecasts ``yhat``
+    (N, horizon) of ``windows``: one damping factor over all steps, then per step the
+    model's and the seasonal naive's shares."""
     config = model.config
     if len(windows) > MAX_WINDOWS:
         keep = np.linspace(0, len(windows) - 1, MAX_WINDOWS).round().astype(np.int64)
@@ -72,8 +73,10 @@ def fit_blend(model: AttentionLSTM, windows: Windows, yhat: np.ndarray) -> Blend
     change = (yhat - mean) / std - last  # and as the model forecast it
     trend = features[:, -1] - features[:, -2]
     horizon = config.horizon
-    pairs = [(a, b) for a in GRID for b in GRID if a + b <= 1.0 + 1e-9]
-    share, toward = np.array(pairs).T  # (K,): every (a, b) with a + b <= 1
+    # Every (a, b) with a + b <= 1, the model alone first: where the windows cannot tell
+    # them apart (all flat, say), argmin keeps the model as it is.
+    pairs = [(a, b) for a in GRID[::-1] for b in GRID if a + b <= 1.0 + 1e-9]
+    share, toward = np.array(pairs).T  # (K,)
     none = toward == 0  # the pairs left where a step has no seasonal value
     slopes = np.cumsum(DAMPING[:, None] ** np.arange(1, horizon + 1)[None, :], axis=1)  # (D, H)
     # loss[d, h, k]: weighted absolute error at damping d, step h, pair k

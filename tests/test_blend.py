@@ -69,6 +69,15 @@ def test_right_forecasts_are_kept_and_noise_falls_back_to_the_last_value() -> No
     assert np.abs(wrong.trend).max() < 0.1
 
 
+def test_windows_that_cannot_tell_keep_the_model_as_it_is() -> None:
+    config = ModelConfig(window=PERIOD, horizon=2, period=PERIOD)
+    windows = _windows(np.full(200, 7.0), config)  # flat: each weighs nothing
+    blend = fit_blend(new_model(config), windows, windows.y + 1.0)
+    np.testing.assert_array_equal(blend.model, 1.0)
+    np.testing.assert_array_equal(blend.seasonal, 0.0)
+    np.testing.assert_array_equal(blend.trend, 0.0)
+
+
 def test_a_cycle_the_model_missed_and_a_trend_it_ignored_are_found() -> None:
     rng = np.random.default_rng(2)
     config = ModelConfig(window=PERIOD, horizon=PERIOD, period=PERIOD)
