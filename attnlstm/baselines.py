@@ -156,12 +156,9 @@ class _ETS:
         return _ets_one_step(self.model.model_, new, level)
 
 
-class _MSTL:
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def ahead(self, horizon: int, level: int) -> Bands:
-        return _bands(self.model.predict(h=horizon, level=[level]), level)
+class _MSTL(_ETS):
+    """As AutoETS, but one step ahead the trend model's filter runs on the deseasonalised
+    values."""
 
     def one_step(self, new: np.ndarray, level: int) -> Bands:
         seasonal = _mstl_seasonal(self.model, len(new))

@@ -142,6 +142,6 @@ def _standardised(
 def _weights(std: np.ndarray, series: np.ndarray) -> np.ndarray:
     """Each window's deviation over its series' mean deviation: errors in the data's units,
     every series weighing the same. A flat window (deviation 0) weighs nothing."""
-    means = np.bincount(series, weights=std) / np.maximum(np.bincount(series), 1)
-    counts = np.bincount(series)[series]
-    return np.asarray(std / np.where(means > 0, means, 1.0)[series] / counts)
+    counts = np.bincount(series)
+    means = np.bincount(series, weights=std) / np.maximum(counts, 1)
+    return np.asarray(std / np.where(means > 0, means, 1.0)[series] / counts[series])
