@@ -39,6 +39,7 @@ CONFIG_BOUNDS = {
     "input_size": 1_024,  # 1 + the number of lags
     "context": 10_000,  # values a forecast reads (the worker keeps this many a series)
     "period": 10_000,
+    "profile_weeks": 1_000,
     "hidden_size": 4_096,
     "num_layers": 16,
     "attention_size": 4_096,

@@ -5,6 +5,7 @@ The command line and the fine-tuner call these; neither repeats the steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,28 +56,71 @@ SEASONAL_WEIGHT_DECAY = 1e-4
 # runs 1.9x as many windows a second.
 SEASONAL_HIDDEN = 16
 
+# Weeks that the seasonal profile (attnlstm.model) averages, for data with a weekly cycle.
+# On the electricity demand, blended with the model, one step ahead: MASE 0.179 with one
+# week, 0.169 with two, 0.165 with four; but the context grows by a week each, and with
+# four (1,489 values) training loses half its windows and the model its day-ahead MASE
+# (0.042 -> 0.046).
+PROFILE_WEEKS = 2
+
+
+def has_weekly_cycle(series: Sequence[np.ndarray], period: int, val_fraction: float) -> bool:
+    """Whether, on the part of the series before their held-out tails, the value a week
+    (7 periods) before forecasts better than the value a period before (summed absolute
+    errors). The electricity demand's ratio of the two is 0.30; the water flow's 1.10 and
+    the sea temperature's 2.40, where a profile chosen on validation windows fits noise
+    (day-ahead MASE 0.984 -> 1.002 on the sea temperature)."""
+    if period < 1:
+        return False
+    week = 7 * period
+    weekly = daily = 0.0
+    for y in series:
+        y = np.asarray(y[: split_point(len(y), val_fraction)], dtype=np.float64)
+        if len(y) > week:
+            weekly += float(np.abs(y[week:] - y[:-week]).sum())
+            daily += float(np.abs(y[week:] - y[week - period : -period]).sum())
+    return weekly < daily
+
+
+def dataset_config(
+    dataset: Dataset, period: int, *, val_fraction: float = 0.2, **fields: Any
+) -> ModelConfig:
+    """:func:`seasonal_config` for ``dataset``, with a profile where it has a weekly cycle."""
+    weekly = has_weekly_cycle(dataset.series, period, val_fraction)
+    return seasonal_config(
+        period, dataset.lengths, val_fraction=val_fraction, weekly_cycle=weekly, **fields
+    )
+
 
 def seasonal_config(
-    period: int, lengths: list[int], *, val_fraction: float = 0.2, **fields: Any
+    period: int,
+    lengths: list[int],
+    *,
+    val_fraction: float = 0.2,
+    weekly_cycle: bool = False,
+    **fields: Any,
 ) -> ModelConfig:
     """The default model for data whose main cycle is ``period`` steps (0: none).
 
     With a period P: a window of one cycle, forecasts one cycle ahead, and as lags the
     cycle before (P) and, when the shortest series' training part holds three weeks, the
     same hours a week (6P) and a week and a cycle (7P) before: for each step ahead, the
-    same hour yesterday, a week ago, and a week before yesterday; and an LSTM of
+    same hour yesterday, a week ago, and a week before yesterday, and with
+    ``weekly_cycle`` a seasonal profile over PROFILE_WEEKS weeks; and an LSTM of
     SEASONAL_HIDDEN units. Without a period, a short window: 20 steps, one ahead.
     ``fields`` override any of these.
     """
     if period == 0:
         return ModelConfig(**fields)
     training = min(split_point(n, val_fraction) for n in lengths)
-    lags = (period, 6 * period, 7 * period) if training >= 21 * period else (period,)
+    weekly = training >= 21 * period
+    lags = (period, 6 * period, 7 * period) if weekly else (period,)
     base = {
         "window": period,
         "horizon": period,
         "lags": lags,
         "period": period,
+        "profile_weeks": PROFILE_WEEKS if weekly and weekly_cycle else 0,
         "hidden_size": SEASONAL_HIDDEN,
         "attention_size": SEASONAL_HIDDEN,
     }

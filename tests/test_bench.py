@@ -47,10 +47,10 @@ def test_a_small_bench_drains_everything_and_reports(
     assert sorted((m["context"], m["horizon"]) for m in models.values()) == [
         (20, 1),
         (20, 1),
-        (384, 48),
+        (817, 48),
     ]
     text = format_report(report)
-    assert "| 48 steps and lags 48/288/336, 48 ahead, 90% intervals" in text
+    assert "| 48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals" in text
     assert "| worker (batched) | 3,000 |" in text
     assert "p99" in text
     assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from attnlstm.blend import Blend, fit_blend, fold
 from attnlstm.model import ModelConfig
 from attnlstm.train import TrainConfig, fit, new_model, predict
 from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
+from tests.test_model import _profile_change
 
 PERIOD = 8
 
@@ -22,11 +25,16 @@ def _mae(y: np.ndarray, yhat: np.ndarray) -> float:
     return float(np.mean(np.abs(y - yhat)))
 
 
-def test_a_folded_blend_forecasts_what_it_says() -> None:
-    config = ModelConfig(window=PERIOD, horizon=PERIOD, lags=(PERIOD,), period=PERIOD)
+@pytest.mark.parametrize("weeks", [0, 1])
+def test_a_folded_blend_forecasts_what_it_says(weeks: int) -> None:
+    config = ModelConfig(
+        window=PERIOD, horizon=PERIOD, lags=(PERIOD,), period=PERIOD, profile_weeks=weeks
+    )
     model = new_model(config, seed=3)
-    with torch.no_grad():  # a linear map that is not zero, so that scaling it shows
-        model.linear.weight.normal_(std=0.05)
+    with torch.no_grad():  # a linear map and a profile share that are not zero, so that
+        model.linear.weight.normal_(std=0.05)  # scaling them shows
+        if weeks:
+            model.profile_share.uniform_(0, 0.5)
     rng = np.random.default_rng(0)
     t = np.arange(400)
     windows = _windows(np.sin(2 * np.pi * t / PERIOD) + 0.3 * rng.normal(size=t.size), config)
@@ -34,21 +42,31 @@ def test_a_folded_blend_forecasts_what_it_says() -> None:
     blend = Blend(
         model=rng.uniform(0, 1, PERIOD),
         seasonal=rng.uniform(0, 0.5, PERIOD),
+        profile=rng.uniform(0, 0.5, PERIOD) if weeks else np.zeros(PERIOD),
         trend=rng.uniform(-1, 1, PERIOD),
     )
     fold(model, blend)
     after, _ = predict(model, windows.x)
-    expected = _blended(blend, windows, before)
+    expected = _blended(blend, windows, before, weeks)
     np.testing.assert_allclose(after, expected, atol=1e-5 * np.abs(expected).max())
 
 
-def _blended(blend: Blend, windows: Windows, yhat: np.ndarray) -> np.ndarray:
+def test_a_profile_share_needs_a_model_with_a_profile() -> None:
+    config = ModelConfig(window=PERIOD, horizon=2, period=PERIOD)
+    blend = Blend(np.ones(2), np.zeros(2), np.full(2, 0.5), np.zeros(2))
+    with pytest.raises(ValueError, match="the model has none"):
+        fold(new_model(config), blend)
+
+
+def _blended(blend: Blend, windows: Windows, yhat: np.ndarray, weeks: int = 0) -> np.ndarray:
     """The blend's formula, for a window of one period and a horizon of one period."""
     recent = windows.x[:, -PERIOD:]
     last, prev = recent[:, -1:], recent[:, -2:-1]
     seasonal = recent.copy()  # the value one period before each step's target
     seasonal[:, -1] = last[:, 0]  # the last step's is the last value: no seasonal term
     out = last + blend.model * (yhat - last) + blend.seasonal * (seasonal - last)
+    if weeks:
+        out += blend.profile * _profile_change(windows.x, PERIOD, weeks, PERIOD)
     return np.asarray(out + blend.trend * (last - prev))
 
 
@@ -97,6 +115,24 @@ def test_a_cycle_the_model_missed_and_a_trend_it_ignored_are_found() -> None:
     windows = _windows(np.cumsum(changes), config)
     trend = fit_blend(new_model(config), windows, windows.x[:, -1:])
     assert trend.trend[0] == pytest.approx(0.6, abs=0.1)
+
+
+def test_a_weekly_profile_the_model_missed_is_found() -> None:
+    # A daily cycle whose amplitude differs by weekday, and noise on every value:
+    # yesterday's value (seasonal naive) has the wrong weekday's amplitude and its noise,
+    # the profile has the weekday's and averages the noise down.
+    rng = np.random.default_rng(5)
+    config = ModelConfig(window=PERIOD, horizon=PERIOD, period=PERIOD, profile_weeks=2)
+    t = np.arange(4_000)
+    day = np.sin(2 * np.pi * t / PERIOD) * (1 + 0.4 * ((t // PERIOD) % 7))
+    windows = _windows(day + 0.2 * rng.normal(size=t.size), config)
+    naive = np.repeat(windows.x[:, -1:], PERIOD, axis=1)
+    blend = fit_blend(new_model(config), windows, naive)
+    assert (blend.profile > 0.5).all()
+    profiled = _mae(windows.y, _blended(blend, windows, naive, weeks=2))
+    without = fit_blend(new_model(replace(config, profile_weeks=0)), windows, naive)
+    assert not without.profile.any()
+    assert profiled < 0.8 * _mae(windows.y, _blended(without, windows, naive))
 
 
 def test_training_blends_on_the_validation_windows_and_can_be_told_not_to() -> None:

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -247,10 +248,16 @@ def test_declared_shapes_and_byte_lengths_must_be_the_configs(
         loads(forged(shape=[-1]))
 
 
-def test_lags_that_reach_past_the_bound_are_refused() -> None:
-    # The worker keeps `context` values of every series: a planted config whose lags
-    # reach a million steps back would have it allocate gigabytes.
-    config = ModelConfig(hidden_size=4, attention_size=4, lags=(1_000_000,))
+@pytest.mark.parametrize(
+    ("reach", "context"),
+    [({"lags": (1_000_000,)}, 1_000_020), ({"period": 1_000, "profile_weeks": 100}, 703_001)],
+)
+def test_lags_or_a_profile_that_reach_past_the_bound_are_refused(
+    reach: dict[str, Any], context: int
+) -> None:
+    # The worker keeps `context` values of every series: a planted config whose lags or
+    # profile reach a million steps back would have it allocate gigabytes.
+    config = ModelConfig(hidden_size=4, attention_size=4, **reach)
     tensors = {"head.bias": torch.zeros(1)}
     header = {
         "format": "attnlstm-checkpoint",
@@ -259,5 +266,5 @@ def test_lags_that_reach_past_the_bound_are_refused() -> None:
         "meta": "{}",
     }
     data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
-    with pytest.raises(CheckpointError, match="context 1000020 is out of bounds"):
+    with pytest.raises(CheckpointError, match=f"context {context} is out of bounds"):
         loads(data)

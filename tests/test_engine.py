@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attnlstm.checkpoint import Checkpoint, version_of
-from attnlstm.model import AttentionLSTM
-from attnlstm.train import predict
+from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.train import new_model, predict
 from worker.engine import PAD_ROWS, Engine
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -46,6 +46,20 @@ def test_a_window_gets_the_same_bits_in_any_batch(trained_sines: AttentionLSTM) 
         y, a = engine.forecast(x[start : start + size])
         assert np.array_equal(y, all_y[start : start + size]), (start, size)
         assert np.array_equal(a, all_a[start : start + size]), (start, size)
+
+
+def test_a_model_with_a_profile_matches_offline_in_any_batch() -> None:
+    config = ModelConfig(window=8, horizon=8, lags=(8,), period=8, profile_weeks=2, hidden_size=8)
+    model = new_model(config, seed=0)
+    with torch.no_grad():
+        model.profile_share.fill_(0.5)
+    x = _windows(700, config.context, seed=4)  # 700 windows of 145 values
+    yhat, _ = _engine(model).forecast(x)
+    np.testing.assert_allclose(yhat, predict(model, x)[0], rtol=1e-6, atol=1e-6)
+    engine = _engine(model)
+    for start, size in [(0, 1), (3, 17), (100, 600)]:
+        y, _ = engine.forecast(x[start : start + size])
+        assert np.array_equal(y, yhat[start : start + size]), (start, size)
 
 
 def test_more_windows_than_one_call_takes_are_split(trained_sines: AttentionLSTM) -> None:

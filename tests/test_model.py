@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,48 @@ def test_a_lag_feature_is_the_value_that_many_steps_before() -> None:
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 8.0, 6.0, 7.0], [5.0, -1.0, 0.0, 2.0, 2.5, 3.0, 1.0]])
     yhat, _ = model(x.double())
     torch.testing.assert_close(yhat[:, 0], x[:, 3].double())
+
+
+def _profile_change(x: np.ndarray, period: int, weeks: int, horizon: int) -> np.ndarray:
+    """S(t+h) - S(t) for each row of raw contexts x, from the profile's definition: the
+    mean of the same hour over the seven days before, plus the mean over ``weeks`` weeks
+    of that weekday's distance from the same hour of the three days on either side."""
+    week, t = 7 * period, x.shape[1] - 1
+
+    def profile(u: int) -> np.ndarray:
+        daily = np.mean([x[:, u - i * period] for i in range(1, 8)], axis=0)
+        weekday = [
+            x[:, u - j * week]
+            - np.mean([x[:, u - j * week + i * period] for i in (-3, -2, -1, 1, 2, 3)], axis=0)
+            for j in range(1, weeks + 1)
+        ]
+        return np.asarray(daily + np.mean(weekday, axis=0))
+
+    return np.stack([profile(t + h) - profile(t) for h in range(1, horizon + 1)], axis=1)
+
+
+def test_the_profile_forecasts_the_seasonal_profile_where_it_is_given_the_share() -> None:
+    config = ModelConfig(window=4, horizon=4, period=4, profile_weeks=2, hidden_size=4)
+    assert config.context == (7 * 2 + 3) * 4 + 1  # two weeks and three days back
+    model = new_model(config, seed=0)
+    rng = np.random.default_rng(0)
+    t = np.arange(config.context)
+    x = 10 + np.sin(2 * np.pi * t / 4) + 0.5 * np.sin(2 * np.pi * t / 28)
+    x = x[None, :] + 0.1 * rng.normal(size=(6, t.size))
+    xt = torch.as_tensor(x)
+    untouched, attn = model(xt)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.profile_share.fill_(1.0)  # the profile alone: last + S(t+h) - S(t)
+    profiled, attn_after = model(xt)
+    expected = x[:, -1:] + _profile_change(x, 4, 2, 4)
+    np.testing.assert_allclose(profiled.detach().numpy(), expected, atol=1e-5)
+    torch.testing.assert_close(attn_after, attn)  # the LSTM and attention see no change
+    assert not torch.allclose(untouched, profiled)
+    # The share is part of the checkpoint; the map is rebuilt from the config.
+    assert "profile_share" in model.state_dict()
+    assert "profile_map" not in model.state_dict()
 
 
 def test_glitches_in_the_lagged_values_are_clipped() -> None:
@@ -136,6 +179,8 @@ def test_unscaled_mode_runs_in_raw_units() -> None:
         ("window", 1, "window scaling needs a window of at least 2"),
         ("lags", (0,), "lags must be whole numbers >= 1"),
         ("period", -1, "period must be >= 0"),
+        ("profile_weeks", -1, "profile_weeks must be >= 0"),
+        ("profile_weeks", 1, "a profile needs a period of at least the horizon"),
     ],
 )
 def test_config_rejects_nonsense(field: str, value: object, message: str) -> None:

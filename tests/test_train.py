@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from attnlstm.data import Dataset, load_dataset
-from attnlstm.experiment import SEASONAL_HIDDEN, seasonal_config, split_dataset, train_model
+from attnlstm.experiment import (
+    PROFILE_WEEKS,
+    SEASONAL_HIDDEN,
+    dataset_config,
+    has_weekly_cycle,
+    seasonal_config,
+    split_dataset,
+    train_model,
+)
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_loss
@@ -101,17 +109,35 @@ def test_a_high_level_series_keeps_its_small_swing(trained_sines: AttentionLSTM)
 
 
 def test_the_seasonal_default_sees_a_day_and_the_same_hours_a_week_before() -> None:
-    assert seasonal_config(48, [4032]) == ModelConfig(
+    assert seasonal_config(48, [4032], weekly_cycle=True) == ModelConfig(
         window=48,
         horizon=48,
         lags=(48, 288, 336),
         period=48,
+        profile_weeks=PROFILE_WEEKS,
         hidden_size=SEASONAL_HIDDEN,
         attention_size=SEASONAL_HIDDEN,
     )
-    assert seasonal_config(48, [4032]).context == 48 + 336
-    # Less than three weeks before the held-out tail: yesterday only.
+    # The profile reaches furthest: PROFILE_WEEKS weeks and three days before the last value
+    reach = (7 * PROFILE_WEEKS + 3) * 48 + 1
+    assert seasonal_config(48, [4032], weekly_cycle=True).context == reach
+    assert seasonal_config(48, [4032]).context == 48 + 336  # no weekly cycle: no profile
+    # Less than three weeks before the held-out tail: yesterday only, and no profile.
     assert seasonal_config(24, [600]).lags == (24,)
+    assert seasonal_config(24, [600], weekly_cycle=True).profile_weeks == 0
+
+
+def test_a_weekly_cycle_is_where_last_week_forecasts_better_than_yesterday() -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(24 * 7 * 6)
+    daily = np.sin(2 * np.pi * t / 24) + 0.1 * rng.normal(size=t.size)
+    weekday = np.where((t // 24) % 7 >= 5, 0.5, 1.0)
+    assert has_weekly_cycle([daily * weekday], 24, 0.2)
+    assert not has_weekly_cycle([daily * weekday], 0, 0.2)  # no period, no week
+    weekly = Dataset(["demand"], [daily * weekday], 3600.0)
+    assert dataset_config(weekly, 24).profile_weeks == PROFILE_WEEKS
+    wandering = Dataset(["temperature"], [daily + 0.3 * np.cumsum(rng.normal(size=t.size))])
+    assert dataset_config(wandering, 24).profile_weeks == 0
     assert seasonal_config(0, [600]) == ModelConfig()  # no period: the short window
     assert seasonal_config(24, [4032], horizon=1, hidden_size=8).horizon == 1
 

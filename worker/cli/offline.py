@@ -17,8 +17,8 @@ from attnlstm.data import Dataset, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
+    dataset_config,
     evaluate_model,
-    seasonal_config,
     series_forecast,
     train_model,
     training_meta,
@@ -41,9 +41,9 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         "hidden_size": args.hidden,
         "attention_size": args.hidden,
     }
-    model_config = seasonal_config(
+    model_config = dataset_config(
+        dataset,
         period,
-        dataset.lengths,
         val_fraction=args.val_fraction,
         num_layers=args.layers,
         **{name: value for name, value in given.items() if value is not None},

@@ -467,8 +467,9 @@ COST_MODELS = {
         0.0,
     ),
     "20 steps, 1 ahead, 90% intervals (the default without a period)": (ModelConfig(), 0.9),
-    "48 steps and lags 48/288/336, 48 ahead, 90% intervals (half-hourly default)": (
-        seasonal_config(48, [4032]),
+    "48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals "
+    "(half-hourly default, weekly cycle)": (
+        seasonal_config(48, [4032], weekly_cycle=True),
         0.9,
     ),
 }

@@ -26,7 +26,7 @@ from attnlstm.checkpoint import CheckpointError, load, save
 from attnlstm.data import load_csv, load_dataset
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
-    seasonal_config,
+    dataset_config,
     train_model,
     training_meta,
 )
@@ -207,7 +207,7 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
         pass
     log.info("training a model on %s for the demo (about 15 s)", spec)
     dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
-    shape = seasonal_config(dataset.daily_period(), dataset.lengths)  # as `attnlstm train`
+    shape = dataset_config(dataset, dataset.daily_period())  # as `attnlstm train`
     config = TrainConfig(weight_decay=SEASONAL_WEIGHT_DECAY if shape.period else 0.0)
     model, result, metrics = train_model(dataset, shape, config, progress=progress)
     save(path, model, training_meta(spec, config, result, metrics))
