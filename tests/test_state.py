@@ -13,7 +13,15 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from worker.state import CHUNK, META, NO_SLOT, StateError, WindowState, chunk_field
+from worker.state import (
+    CHUNK,
+    META,
+    NO_SLOT,
+    ROW_COPY_MIN,
+    StateError,
+    WindowState,
+    chunk_field,
+)
 
 History = dict[str, list[float]]
 
@@ -58,11 +66,17 @@ def _random_batches(seed: int, n_batches: int, pool: int) -> list[tuple[list[str
     return batches
 
 
-@pytest.mark.parametrize(("window", "length"), [(1, 1), (4, 4), (4, 7), (5, 13)])
+@pytest.mark.parametrize(
+    ("window", "length"),
+    # the last: windows long enough to be gathered a slot at a time
+    [(1, 1), (4, 4), (4, 7), (5, 13), (ROW_COPY_MIN + 3, ROW_COPY_MIN + 10)],
+)
 def test_push_matches_the_reference_with_repeats_in_a_batch(window: int, length: int) -> None:
     state = WindowState(window=window, length=length, max_series=100)
     history: History = {}
-    for names, values in _random_batches(seed=window + length, n_batches=60, pool=6):
+    # enough batches to fill the long windows many times over (12 values a batch, 6 series)
+    batches = _random_batches(seed=window + length, n_batches=60 + 2 * window, pool=6)
+    for names, values in batches:
         _assert_push_matches(state, history, names, values)
     names = [name for name in state.names() if name is not None]
     assert sorted(names) == sorted(history)

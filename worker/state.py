@@ -44,6 +44,11 @@ FORMAT = "attnlstm-state"
 FORMAT_VERSION = "3"
 CHUNK = 128  # slots per saved chunk: 128 x 200 values x 8 bytes = 200 KB, with histories
 NO_SLOT = -1  # a new series past max_series
+# Windows at least this long are gathered a slot at a time, in two slices each, not by
+# one fancy index of (slots, window): for 1,000 slots, 1.6 against 1.9 ms at 128 values,
+# 1.6 against 7.1 at 384, 2.1 against 9.6 at 817 (the profile's context); 0.2 against
+# 1.6 at 20.
+ROW_COPY_MIN = 128
 META = b"meta"
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
@@ -94,7 +99,7 @@ class WindowState:
         self._count = np.zeros(capacity, dtype=np.int64)  # values seen per slot
         self._last_ms = np.zeros(capacity, dtype=np.int64)  # entry time of the last value
         self._used = np.zeros(capacity, dtype=bool)  # slots that hold a series
-        self._window_cols = np.arange(-window, 0)  # (W,) offsets from the newest value
+        self._window_cols = np.arange(-window, 0)  # (W,) from the oldest value, wrapping
         # Saving: the chunks changed since their save, each with the entry the stream
         # must be re-read from for it; their stamps; when each was saved (monotonic s).
         self._dirty: dict[int, tuple[tuple[int, int], bytes]] = {}  # id, parsed first
@@ -193,8 +198,7 @@ class WindowState:
             self._last_ms[s] = ms[idx]
             full[idx] = self._count[s] >= self.window
             if gather:
-                cols = (self._count[s, None] + self._window_cols) % self.window  # (n_r, W)
-                windows[idx] = self._ring[s[:, None], cols]
+                windows[idx] = self._newest(s)
         self._touch(slots)
         return full, windows[full] if gather else windows
 
@@ -238,9 +242,22 @@ class WindowState:
     def windows(self, names: Sequence[str]) -> np.ndarray:
         """The current window (window,) of each named, known series; NaN where not full."""
         s = np.array([self._slots[name] for name in names], dtype=np.int64)
-        cols = (self._count[s, None] + self._window_cols) % self.window
-        out: np.ndarray = self._ring[s[:, None], cols]
+        out = self._newest(s)
         out[self._count[s] < self.window] = np.nan
+        return out
+
+    def _newest(self, s: np.ndarray) -> np.ndarray:
+        """The ``window`` values up to the newest of each slot in ``s``, oldest first:
+        ring[slot] rotated to start at its oldest value, count % window."""
+        oldest = self._count[s] % self.window
+        if self.window < ROW_COPY_MIN:
+            cols = oldest[:, None] + self._window_cols  # (n, W), from -W: no modulo
+            out: np.ndarray = self._ring[s[:, None], cols]
+            return out
+        out = np.empty((s.shape[0], self.window))
+        for i, (slot, cut) in enumerate(zip(s.tolist(), oldest.tolist(), strict=True)):
+            out[i, : self.window - cut] = self._ring[slot, cut:]
+            out[i, self.window - cut :] = self._ring[slot, :cut]
         return out
 
     def histories(self) -> tuple[list[str], list[np.ndarray]]:
