@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attnlstm.model import CLIP, AttentionLSTM, profile_map
+from attnlstm.model import CLIP, AttentionLSTM, profile_changes
 from attnlstm.windows import Windows
 
 GRID = np.linspace(0.0, 1.0, 11)  # the values of the shares a, b and c
@@ -74,7 +74,9 @@ def fit_blend(model: AttentionLSTM, windows: Windows, yhat: np.ndarray) -> Blend
     last = z[:, -1:]  # the model's skip reads it unclipped, its linear map clipped
     clipped = np.clip(z, -CLIP, CLIP)
     features = clipped[:, -config.window :]
-    profile = clipped @ profile_map(config).numpy() if config.profile_weeks else None
+    profile = (
+        profile_changes(torch.from_numpy(clipped), config).numpy() if config.profile_weeks else None
+    )
     weight = _weights(std[:, 0], windows.series)
     std = np.where(std > 0, std, 1.0)  # flat windows weigh nothing: their forecast is the level
     target = (windows.y - mean) / std - last  # the change from the last value, as it was

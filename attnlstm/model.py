@@ -110,21 +110,27 @@ class ModelConfig:
         return cls(**{**data, "lags": tuple(data.get("lags", []))})
 
 
-def profile_map(config: ModelConfig) -> torch.Tensor:
-    """(context, horizon): column h - 1 maps a context (oldest first) to the profile's
-    change ``S(t+h) - S(t)`` from its last value ``t`` (see the module's docstring)."""
-    context, period, weeks = config.context, config.period, config.profile_weeks
-    week, last = 7 * period, context - 1
+def profile_taps(config: ModelConfig) -> list[tuple[int, float]]:
+    """(offset, weight) pairs: the profile at a time u is the sum of weight * value[u +
+    offset] (see the module's docstring)."""
+    period, weeks = config.period, config.profile_weeks
     taps = [(-i * period, 1 / 7) for i in range(1, 8)]
     for j in range(1, weeks + 1):
-        taps.append((-j * week, 1 / weeks))
-        taps += [(-j * week + i * period, -1 / (6 * weeks)) for i in (-3, -2, -1, 1, 2, 3)]
-    out = torch.zeros(context, config.horizon)
-    for h in range(1, config.horizon + 1):
-        for offset, weight in taps:
-            out[last + h + offset, h - 1] += weight
-            out[last + offset, h - 1] -= weight
-    return out
+        taps.append((-j * 7 * period, 1 / weeks))
+        taps += [(-j * 7 * period + i * period, -1 / (6 * weeks)) for i in (-3, -2, -1, 1, 2, 3)]
+    return taps
+
+
+def profile_changes(z: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """(B, horizon): the profile's change S(t+h) - S(t) from the last value t of each
+    context in ``z`` (B, context). A sum over the taps of slices (each tap reaches at
+    least a period back, and the horizon is at most a period), not a (context, horizon)
+    matrix product: a few thousand operations a window, where the product was 39,000."""
+    last, horizon = z.shape[1] - 1, config.horizon
+    profile = z.new_zeros((z.shape[0], horizon + 1))  # S(t), S(t+1), ..., S(t+horizon)
+    for k, weight in profile_taps(config):
+        profile += weight * z[:, last + k : last + k + horizon + 1]
+    return profile[:, 1:] - profile[:, :1]
 
 
 class AdditiveAttention(nn.Module):
@@ -148,7 +154,6 @@ class AttentionLSTM(nn.Module):
     over the LSTM's steps."""
 
     profile_share: torch.Tensor  # (horizon,), with a profile: its share per step ahead
-    profile_map: torch.Tensor  # (context, horizon), with a profile: see profile_map
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -168,7 +173,6 @@ class AttentionLSTM(nn.Module):
             nn.init.zeros_(self.linear.bias)
         if config.profile_weeks:
             self.register_buffer("profile_share", torch.zeros(config.horizon))
-            self.register_buffer("profile_map", profile_map(config), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         context = self.config.context
@@ -205,7 +209,7 @@ class AttentionLSTM(nn.Module):
         if self.config.linear:
             out = out + self.linear(features.flatten(1))
         if self.config.profile_weeks:
-            out = out + self.profile_share * (z.clamp(-CLIP, CLIP) @ self.profile_map)
+            out = out + self.profile_share * profile_changes(z.clamp(-CLIP, CLIP), self.config)
         return out, weights
 
     def num_params(self) -> int:
