@@ -72,8 +72,8 @@ def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
         b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
         b"7-0 + 0 w#1a2b3c4d",  # handled up to 7-0, by this token: the handling mark
         b"1",  # an anomaly event
-        b"s2", b"7-0", b"7", b"[ 2.250000000000e+000]", b"[0.2500000, 0.7500000]", b"v1",
-        b"[ 2.000000e+000]", b"[ 2.500000e+000]",
+        b"s2", b"7-0", b"7", b"[ 2.250000000000e+00]", b"[0.2500000,0.7500000]", b"v1",
+        b"[ 2.000000e+00]", b"[ 2.500000e+00]",
         b"s1", b"5-0", b"5", b"1.5", b"1.0", b"0.5", b"1.25", b"4.000", b"v1",
         b"8", b"series", b"s1", b"value", b"abc",
         b"src", b"6-0", b"error", b"value is not a decimal number: 'abc'",

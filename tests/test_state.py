@@ -85,6 +85,20 @@ def test_push_matches_the_reference_with_repeats_in_a_batch(window: int, length:
     )
 
 
+def test_series_fed_in_step_and_a_few_out_of_it_match_the_reference() -> None:
+    """Long windows of many series in step are gathered a rotation at a time; a few
+    series a value or two ahead make rotations of their own, in the same batch."""
+    window = ROW_COPY_MIN + 3
+    state = WindowState(window=window, length=window, max_series=100)
+    history: History = {}
+    rng = np.random.default_rng(5)
+    names = [f"s{i}" for i in range(40)]
+    for k in range(2 * window + 7):
+        ahead = ["s0"] * (k % 50 == 7) + ["s1"] * (k % 70 == 3)  # each a value ahead, now
+        batch = names + ahead if k % 2 else ahead + names
+        _assert_push_matches(state, history, batch, rng.normal(size=len(batch)).tolist())
+
+
 def test_one_batch_holding_a_series_many_times() -> None:
     state = WindowState(window=2, length=3, max_series=10)
     full, windows = _push(state, ["a", "b", "a", "a", "b", "a"], [1, 10, 2, 3, 20, 4])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hiredis
 import pytest
 import redis
 
 from worker.keys import Keys
 from worker.streams import (
+    Wire,
+    _pack,
     connect,
     ensure_group,
     entries_of,
@@ -65,3 +68,17 @@ def test_a_transaction_returns_every_reply_and_surfaces_errors(
 def test_entry_ids_sort_like_the_stream() -> None:
     ids = [b"10-2", b"9-5", b"10-10", b"100-0", b"10-0"]
     assert sorted(ids, key=id_key) == [b"9-5", b"10-0", b"10-2", b"10-10", b"100-0"]
+
+
+def test_commands_are_packed_as_hiredis_packs_them_and_the_server_reads_them(
+    redis_client: redis.Redis, stream_prefix: str
+) -> None:
+    key = f"{stream_prefix}packed".encode()
+    values = [b"", b"a\r\nb", bytes(range(256)), b"x" * 100_000, "é".encode()]
+    command = (b"RPUSH", key, *values)
+    # hiredis's stub names a one-element tuple where it takes any length.
+    assert _pack(command) == hiredis.pack_command(command)  # type: ignore[arg-type]
+    wire = Wire(redis_client)
+    wire.send([command, (b"LRANGE", key, b"0", b"-1")])
+    assert wire.receive() == [len(values), values]
+    wire.close()

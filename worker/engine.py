@@ -74,14 +74,19 @@ class Engine:
     def _run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = windows.shape[0]
         rows = padded_rows(n)
-        host = self._x.numpy()
-        host[:n] = windows
-        host[n:rows] = windows[-1]
+        cpu = self.device.type != "cuda"
+        if cpu and n == rows and windows.dtype == np.float64 and windows.flags.c_contiguous:
+            x = torch.from_numpy(windows)  # no padding to add: read where they are
+        else:
+            host = self._x.numpy()
+            host[:n] = windows
+            host[n:rows] = windows[-1]
+            x = self._x[:rows]
         with torch.inference_mode():
-            if self.device.type != "cuda":
-                yhat, attn = self.model(self._x[:rows])
+            if cpu:
+                yhat, attn = self.model(x)
                 return yhat.numpy()[:n], attn.numpy()[:n]
-            x = self._x[:rows].to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True)
             yhat, attn = self.model(x)
             self._y[:rows].copy_(yhat, non_blocking=True)
             self._a[:rows].copy_(attn, non_blocking=True)

@@ -300,7 +300,8 @@ class Worker:
             self._series_ids.clear()
         parts = [self._prepare(self.lanes[k], part, pending) for k, part in entries.items()]
         self.metrics.series.set(sum(lane.state.series_count for lane in self.lanes.values()))
-        yhat, attn = self._forecast(np.concatenate([part.windows for part in parts]))
+        windows = [part.windows for part in parts]
+        yhat, attn = self._forecast(windows[0] if len(windows) == 1 else np.concatenate(windows))
         calls, start = [], 0
         for part in parts:
             end = start + int(part.forecast.sum())
@@ -331,7 +332,9 @@ class Worker:
         gather = self.engine is not None and bool(wanted.any())
         full, windows = state.push(slots[kept], values, ms=ms, gather=gather)
         forecast = full & wanted if gather else np.zeros_like(wanted)
-        chosen = windows[wanted[full]] if gather else np.empty((0, self.context))
+        chosen = np.empty((0, self.context))
+        if gather:  # most often every full window: then without a copy
+            chosen = windows if wanted[full].all() else windows[wanted[full]]
         self.metrics.warming.inc(int((~forecast & wanted).sum()))
         return _Part(lane, entries, batch, slots[kept], kept, values, forecast, chosen)
 

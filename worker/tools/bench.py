@@ -494,6 +494,10 @@ def _model_runs(
     for rep in range(plan.repeats):
         log.info("round %d of %d: the models' drains", rep + 1, plan.repeats)
         for engine, s, done in zip(engines, settings, drains, strict=True):
+            # Each round from an empty output stream, as the first: otherwise each
+            # round's server holds the forecasts of the rounds before (3 KB each, a day
+            # ahead), and the later rounds drain slower for it (14,896 -> 9,735 over 5).
+            client.delete(s.keys.output)
             done.append(_drain(client, s, engine, plan.entries, plan.series, warm=rep == 0))
     return [
         {
