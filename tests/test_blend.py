@@ -117,6 +117,25 @@ def test_a_cycle_the_model_missed_and_a_trend_it_ignored_are_found() -> None:
     assert trend.trend[0] == pytest.approx(0.6, abs=0.1)
 
 
+def test_a_glitch_in_the_validation_windows_does_not_set_the_blend() -> None:
+    """A cycle the model missed, and a tenth of the windows in a wild random walk where
+    the value a period back is far off: those windows deviate 20x the others, and
+    weighed in full they would decide against the cycle for every window."""
+    rng = np.random.default_rng(4)
+    config = ModelConfig(window=PERIOD, horizon=PERIOD, period=PERIOD)
+    t = np.arange(3_000)
+    y = np.sin(2 * np.pi * t / PERIOD) + 0.05 * rng.normal(size=t.size)
+    y[1_500:1_800] += np.cumsum(10 * rng.normal(size=300))
+    y[1_800:] += y[1_799] - y[1_800] + np.sin(2 * np.pi * 1_800 / PERIOD)  # back to the cycle
+    windows = _windows(y, config)
+    naive = np.repeat(windows.x[:, -1:], PERIOD, axis=1)
+    blend = fit_blend(new_model(config), windows, naive)
+    assert blend.seasonal[:3].min() >= 0.8  # weighed in full: 0.1, 0.3, 0.5
+    calm = (windows.start < 1_400) | (windows.start > 1_900)
+    blended = _blended(blend, windows, naive)
+    assert _mae(windows.y[calm], blended[calm]) < _mae(windows.y[calm], naive[calm]) / 5
+
+
 def test_a_weekly_profile_the_model_missed_is_found() -> None:
     # A daily cycle whose amplitude differs by weekday, and noise on every value:
     # yesterday's value (seasonal naive) has the wrong weekday's amplitude and its noise,
