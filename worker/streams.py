@@ -210,9 +210,9 @@ class Wire:
 
     Commands are packed in one join each, and the replies read straight off the
     connection (by hiredis), which is 2-3x faster than redis-py's pipeline with its
-    per-command Python bookkeeping. The worker sends the next read before it forecasts the batch in
-    hand, and reads a transaction's reply during the next batch, so that Redis works
-    while the model does. Any error drops the connection, so nothing half-read is left
+    per-command Python bookkeeping. The worker sends the next read before it forecasts
+    the batch in hand, and reads a transaction's reply during the next batch, so that
+    Redis works while the model does. Any error drops the connection, so nothing half-read is left
     on it; the next send takes a new one.
     """
 
