@@ -24,12 +24,14 @@ hour a week before and a week before that.
 A seasonal profile at a bounded cost: with ``profile_weeks`` K (and a period P, a week
 W = 7P), the model also computes the profile forecast ``last + S(t+h) - S(t)``, where
 ``S(u)`` is the mean of the values at the same hour of the seven days before ``u``, plus
-the mean over the K weeks before of how far that weekday's value lay from the same hour
-of the three days on either side. It is a fixed linear map of the context (no
-parameters; ``context`` grows to K weeks and three days), and its share per step ahead,
+the mean over the K weeks before of how far that weekday's value lay from the mean of the
+same hour over the seven days centred on it (itself and three on either side): a weekday
+effect that sums to zero over a week, so a series that repeats weekly is forecast exactly.
+It is a fixed linear map of the context (no parameters; ``context`` grows to K weeks and
+three days), and its share per step ahead,
 ``profile_share``, is zero until a blend (:mod:`attnlstm.blend`) finds that it helps: on
-the electricity demand the profile alone forecasts one step ahead with MASE 0.173, the
-model alone 0.204.
+the electricity demand the profile alone forecasts one step ahead with MASE 0.163 (a day
+ahead 0.038), the model alone 0.204 (0.042).
 """
 
 from __future__ import annotations
@@ -116,8 +118,9 @@ def profile_taps(config: ModelConfig) -> list[tuple[int, float]]:
     period, weeks = config.period, config.profile_weeks
     taps = [(-i * period, 1 / 7) for i in range(1, 8)]
     for j in range(1, weeks + 1):
-        taps.append((-j * 7 * period, 1 / weeks))
-        taps += [(-j * 7 * period + i * period, -1 / (6 * weeks)) for i in (-3, -2, -1, 1, 2, 3)]
+        # the weekday's value less the mean of the seven days centred on it (itself included)
+        taps.append((-j * 7 * period, 6 / (7 * weeks)))
+        taps += [(-j * 7 * period + i * period, -1 / (7 * weeks)) for i in (-3, -2, -1, 1, 2, 3)]
     return taps
 
 

@@ -54,14 +54,15 @@ def test_a_lag_feature_is_the_value_that_many_steps_before() -> None:
 def _profile_change(x: np.ndarray, period: int, weeks: int, horizon: int) -> np.ndarray:
     """S(t+h) - S(t) for each row of raw contexts x, from the profile's definition: the
     mean of the same hour over the seven days before, plus the mean over ``weeks`` weeks
-    of that weekday's distance from the same hour of the three days on either side."""
+    of that weekday's distance from the mean of the same hour over the seven days centred
+    on it."""
     week, t = 7 * period, x.shape[1] - 1
 
     def profile(u: int) -> np.ndarray:
         daily = np.mean([x[:, u - i * period] for i in range(1, 8)], axis=0)
         weekday = [
             x[:, u - j * week]
-            - np.mean([x[:, u - j * week + i * period] for i in (-3, -2, -1, 1, 2, 3)], axis=0)
+            - np.mean([x[:, u - j * week + i * period] for i in range(-3, 4)], axis=0)
             for j in range(1, weeks + 1)
         ]
         return np.asarray(daily + np.mean(weekday, axis=0))
@@ -90,6 +91,26 @@ def test_the_profile_forecasts_the_seasonal_profile_where_it_is_given_the_share(
     assert not torch.allclose(untouched, profiled)
     # The share is part of the checkpoint; the profile itself is the config's.
     assert {k for k in model.state_dict() if "profile" in k} == {"profile_share"}
+
+
+def test_the_profile_forecasts_a_series_that_repeats_weekly_exactly() -> None:
+    # Each day its own shape and level, the same every week: the weekday effect is what
+    # lies between a weekday and the mean of its week. Taken against the other six days
+    # alone, it came out 7/6 of that (and the electricity demand's day-ahead profile
+    # forecast 36% worse: MASE 0.0514 against 0.0378).
+    config = ModelConfig(window=4, horizon=4, period=4, profile_weeks=2, hidden_size=4)
+    model = new_model(config, seed=0)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.profile_share.fill_(1.0)
+    hours = np.sin(2 * np.pi * (np.arange(4) + 0.5) / 4)
+    week = np.concatenate([(1 + 0.2 * d) * hours + 0.3 * d for d in (0, 4, 2, 6, 1, 5, 3)])
+    series = 100 + np.tile(week, config.context // week.size + 2)
+    x = np.stack([series[s : s + config.context] for s in range(8)])
+    after = np.stack([series[s + config.context : s + config.context + 4] for s in range(8)])
+    forecast, _ = model(torch.as_tensor(x))
+    np.testing.assert_allclose(forecast.detach().numpy(), after, atol=1e-4)
 
 
 def test_glitches_in_the_lagged_values_are_clipped() -> None:
