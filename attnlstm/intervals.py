@@ -27,6 +27,10 @@ LEVELS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)  # the coverages a spread is measured
 # values (the water flow's), whose windows were calmer than the validation ones, 0.05
 # left 87.4% of them inside 90% intervals, 0.1 88.6%.
 GAMMA = 0.1
+# |log m| at most: a multiplier within e^10 (22,000 times) of the spread either way. Past
+# that an interval says nothing, and a series missed value after value would otherwise
+# reach exp(710) = inf, its bounds no longer numbers.
+LOG_M_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ class Adaptive:
     def update(self, slots: np.ndarray, missed: np.ndarray) -> None:
         """Each slot's outcome (distinct slots): its value fell outside its interval."""
         self.fit(int(slots.max(initial=-1)) + 1)
-        self.log_m[slots] += self.gamma * (missed.astype(np.float64) - self.miss_target)
+        step = self.gamma * (missed.astype(np.float64) - self.miss_target)
+        self.log_m[slots] = np.clip(self.log_m[slots] + step, -LOG_M_LIMIT, LOG_M_LIMIT)
 
     def forget(self, slots: np.ndarray) -> None:
         self.log_m[slots[slots < self.log_m.size]] = 0.0

@@ -259,6 +259,7 @@ def worker_cmd(model: Path, url: str, keys: Keys, *extra: str) -> list[str]:
         "--input-stream", keys.input,
         "--output-stream", keys.output,
         "--dead-stream", keys.dead,
+        "--anomalies-stream", keys.anomalies,
         "--models-stream", keys.models,
         "--device", "cpu",
         "--threads", "1",

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnlstm.intervals import LEVELS, Adaptive, Spread, calibrate, online_intervals, window_scale
+from attnlstm.intervals import (
+    LEVELS,
+    LOG_M_LIMIT,
+    Adaptive,
+    Spread,
+    calibrate,
+    online_intervals,
+    window_scale,
+)
 
 
 def test_the_spread_is_the_quantiles_of_the_scaled_error_per_step() -> None:
@@ -56,6 +64,19 @@ def test_the_multiplier_widens_on_a_miss_and_narrows_on_a_hit() -> None:
     assert adaptive.multiplier(np.array([0]))[0] == 1.0
     with pytest.raises(ValueError, match="coverage"):
         Adaptive(1.5)
+
+
+def test_a_series_missed_for_ever_keeps_a_finite_multiplier() -> None:
+    # 10,000 misses in a row would take log m to 900: exp of it is inf, and an interval
+    # of inf is no number to publish.
+    adaptive = Adaptive(0.9)
+    slot = np.zeros(1, dtype=np.int64)
+    for _ in range(10_000):
+        adaptive.update(slot, np.array([True]))
+    assert adaptive.multiplier(slot)[0] == pytest.approx(np.exp(LOG_M_LIMIT))
+    for _ in range(10_000):
+        adaptive.update(slot, np.array([False]))
+    assert adaptive.multiplier(slot)[0] == pytest.approx(np.exp(-LOG_M_LIMIT))
 
 
 def test_online_intervals_hold_their_coverage_from_a_wrong_start() -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 import redis
 
@@ -71,7 +73,7 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     tmp_path: Path,
 ) -> None:
     """The worker as a process, killed with SIGKILL at five random moments of a drain."""
-    values = sine_steps(500, 100, seed=5)  # 50,000 entries
+    values = _spiked(sine_steps(500, 100, seed=5), 50, seed=5)  # 50,000 entries
     ref, crash = Keys.prefixed(f"{stream_prefix}ref:"), Keys.prefixed(f"{stream_prefix}crash:")
     ref_ids = fill(redis_client, ref.input, values)
     crash_ids = fill(redis_client, crash.input, values)
@@ -105,21 +107,102 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
         reference = want[to_ref[src]]
         assert fields[b"yhat"] == reference[b"yhat"], src  # value for value, to the bit
         assert fields[b"attn"] == reference[b"attn"], src
+        # Each series' interval multiplier went on from its last save, and the re-read
+        # entries after it were scored again: the intervals are an uninterrupted run's.
+        assert fields[b"lo"] == reference[b"lo"], src
+        assert fields[b"hi"] == reference[b"hi"], src
+    assert _same_events(redis_client, crash, ref, to_ref) >= 45
     assert _pending(redis_client, crash) == 0
+
+
+def _spiked(values: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``values`` (points, series) with ``count`` spikes of +-20 after the 40th point:
+    each an anomaly event."""
+    rng = np.random.default_rng(seed)
+    spikes = rng.choice(np.arange(40 * values.shape[1], values.size), size=count, replace=False)
+    values.flat[spikes] += rng.choice([-1.0, 1.0], size=count) * 20.0
+    return values
+
+
+def _same_events(client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes]) -> int:
+    """The anomaly events on ``got`` are those on ``want``, each once: how many."""
+    same = (b"series", b"value", b"yhat", b"lo", b"hi", b"score")
+    events = forecasts_by_src(client, got.anomalies)  # fails on a duplicate
+    reference = forecasts_by_src(client, want.anomalies)
+    assert {to_ref[src]: [e[k] for k in same] for src, e in events.items()} == {
+        src: [e[k] for k in same] for src, e in reference.items()
+    }
+    return len(events)
+
+
+def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Killed mid-drain with one checkpoint, saved at its start: the restart re-reads
+    every entry acked since and forecasts them again, unpublished. The intervals after it
+    are an uninterrupted run's, and the anomalies it meets again are not published again."""
+    values = _spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
+    ref, crash = Keys.prefixed(f"{stream_prefix}ref:"), Keys.prefixed(f"{stream_prefix}crash:")
+    ref_ids = fill(redis_client, ref.input, values)
+    crash_ids = fill(redis_client, crash.input, values)
+    drain(settings_for(redis_url, ref), trained_sines)
+    flags = ("--consumer", "w", "--checkpoint-interval-s", "3600")
+    total = 100 * (200 - 20 + 1)
+    proc = subprocess.Popen(
+        worker_cmd(model_file, redis_url, crash, *flags),
+        cwd=tmp_path,
+        env=worker_env(),
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: redis_client.xlen(crash.output) >= total // 2 or proc.poll() is not None,
+        what=f"{total // 2} forecasts",
+    )
+    assert proc.poll() is None, "the worker exited before it was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    drain(settings_for(redis_url, crash, checkpoint_interval_s=3600), trained_sines)
+    re_read = [
+        int(m) for r in caplog.records for m in re.findall(r"(\d+) entries re-read", r.getMessage())
+    ]
+    assert re_read, "no re-read after the restart"
+    assert re_read[0] >= total // 2  # everything since the first batch
+
+    want = forecasts_by_src(redis_client, ref.output)
+    got = forecasts_by_src(redis_client, crash.output)  # fails on a duplicate
+    assert len(got) == len(want) == total
+    to_ref = dict(zip(crash_ids, ref_ids, strict=True))
+    for src, fields in got.items():
+        reference = want[to_ref[src]]
+        for name in (b"yhat", b"attn", b"lo", b"hi"):
+            assert fields[name] == reference[name], (src, name)
+    assert _same_events(redis_client, crash, ref, to_ref) >= 35
 
 
 def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
     redis_client: redis.Redis,
     redis_url: str,
     keys: Keys,
+    stream_prefix: str,
     model_file: Path,
     trained_sines: AttentionLSTM,
     tmp_path: Path,
 ) -> None:
     """While draining, the next read goes out before the batch in hand is published:
-    SIGTERM must handle those entries too, not leave them pending."""
+    SIGTERM must handle those entries too, not leave them pending. What it saves at the
+    stop holds each series' scoring: the intervals after the restart are an uninterrupted
+    run's."""
     values = sine_steps(300, 60, seed=8)  # 18,000 entries
     ids = fill(redis_client, keys.input, values)
+    ref = Keys.prefixed(f"{stream_prefix}ref:")
+    ref_ids = fill(redis_client, ref.input, values)
+    drain(settings_for(redis_url, ref, max_batch=50), trained_sines)
     with WorkerProcess(worker_cmd(model_file, redis_url, keys, "--max-batch", "50"), tmp_path) as w:
         w.wait_for(lambda: redis_client.xlen(keys.output) >= 2000)
         w.stop()
@@ -128,6 +211,11 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     assert _pending(redis_client, keys) == 0
     drain(settings_for(redis_url, keys, max_batch=50), trained_sines)
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    want = forecasts_by_src(redis_client, ref.output)
+    to_ref = dict(zip(ids, ref_ids, strict=True))
+    for src, fields in forecasts_by_src(redis_client, keys.output).items():
+        assert fields[b"lo"] == want[to_ref[src]][b"lo"], src
+        assert fields[b"hi"] == want[to_ref[src]][b"hi"], src
 
 
 def test_entries_delivered_but_never_received_are_still_forecast(

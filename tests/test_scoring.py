@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,60 @@ def test_a_freed_slot_starts_unscored_for_the_series_that_takes_it() -> None:
     assert np.isnan(scorer.series_mae[0])
     # The next series in slot 0 is not scored against the old one's forecast (9.0).
     assert _update(scorer, [0], [100.0], [101.0], now=1.0).count == 0
+
+
+def test_saved_scoring_restored_goes_on_as_the_scorer_it_came_from() -> None:
+    """What a window checkpoint saves of each series' scoring (its pending forecast and
+    interval, multiplier, quiet count) restored into a new scorer: the next values get
+    the same intervals and anomalies as in the scorer that saved them."""
+    rng = np.random.default_rng(0)
+    half = np.array([1.0, 2.0])
+
+    def scorer() -> Scorer:
+        return Scorer(Overall(halflife_s=10), half_width=half, threshold=3.0, quiet=2)
+
+    def batch(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        slots = np.array([0, 1, 2, 0])
+        values = rng.normal(size=4) * (3.0 if k % 3 == 0 else 1.0)  # misses, and anomalies
+        return slots, values, rng.normal(size=(4, 2)), np.ones(4)
+
+    first = scorer()
+    for k in range(20):
+        first.update(*batch(k), now=float(k))
+    slots = np.array([0, 1, 2])
+    second = scorer()
+    second.restore(slots, first.saved(slots))
+    found = 0
+    for k in range(20, 40):
+        args = batch(k)
+        a, b = first.update(*args, now=float(k)), second.update(*args, now=float(k))
+        np.testing.assert_array_equal(b.lo, a.lo)
+        np.testing.assert_array_equal(b.hi, a.hi)
+        np.testing.assert_array_equal(b.anomalies, a.anomalies)
+        found += a.anomalies.size
+    assert found > 0
+    assert not np.allclose(first.adaptive.log_m[:3], 0.0)  # the multipliers had moved
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda s: s.pop("log_m"), "not"),
+        (lambda s: s.update(log_m=np.array([0.0, np.nan])), "past"),
+        (lambda s: s.update(log_m=np.array([0.0, 1e3])), "past"),  # an interval of inf
+        (lambda s: s.update(quiet=np.array([0, -1])), "negative"),
+        (lambda s: s.update(lo=np.zeros(3)), "do not match"),
+    ],
+)
+def test_saved_scoring_that_is_not_what_a_scorer_saves_is_refused(
+    change: Callable[[dict[str, np.ndarray]], object], error: str
+) -> None:
+    first = Scorer(Overall(halflife_s=10), half_width=np.ones(1))
+    _update(first, [0, 1], [1.0, 2.0], [1.5, 2.5], 0.0)
+    slots = np.array([0, 1])
+    saved = first.saved(slots)
+    change(saved)
+    second = Scorer(Overall(halflife_s=10), half_width=np.ones(1))
+    with pytest.raises(ValueError, match=error):
+        second.restore(slots, saved)
+    assert np.isnan(second.saved(slots)["forecast"]).all()  # nothing taken

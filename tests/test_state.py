@@ -469,3 +469,33 @@ def test_only_the_first_history_series_keep_a_history_and_every_series_its_windo
         assert [v.tolist() for v in values] == [
             history[name][-(6 if i < 2 * CHUNK else 3) :] for i, name in enumerate(kept)
         ]
+
+
+def test_scoring_saved_with_a_chunk_comes_back_with_its_slots() -> None:
+    """A chunk carries what ``scoring`` gives for its series, beside their windows; a
+    chunk saved without (by an earlier version) restores its windows alone."""
+    state = WindowState(window=2, max_series=2 * CHUNK)
+    names = [f"s{i}" for i in range(CHUNK + 2)]  # chunk 0 full, two in chunk 1
+    slots = state.slots_for(names)
+    state.push(slots, np.arange(slots.size, dtype=np.float64))
+    state.last_id = b"3-0"
+    per_slot = np.arange(2 * CHUNK, dtype=np.float64) * 0.5
+    fields = state.save_chunk(0, 0.0, lambda s: {"log_m": per_slot[s], "quiet": s % 3})
+    fields |= state.save_chunk(1, 0.0)  # without
+    restored = _restore(fields, window=2, max_series=2 * CHUNK)
+    assert restored.restored
+    ((got_slots, got),) = restored.restored_scoring  # chunk 0's only
+    np.testing.assert_array_equal(got_slots, np.arange(CHUNK))
+    np.testing.assert_array_equal(got["log_m"], per_slot[:CHUNK])
+    np.testing.assert_array_equal(got["quiet"], np.arange(CHUNK) % 3)
+    np.testing.assert_array_equal(restored.windows(names), state.windows(names))
+    assert not WindowState(window=2, max_series=1).restored
+
+
+def test_a_chunk_whose_scoring_does_not_match_its_series_is_refused() -> None:
+    state = WindowState(window=2, max_series=CHUNK)
+    slots = state.slots_for(["a", "b"])
+    state.push(slots, np.ones(2))
+    fields = state.save_chunk(0, 0.0, lambda s: {"log_m": np.zeros(s.size + 1)})
+    with pytest.raises(StateError, match="scoring"):
+        _restore(fields, window=2, max_series=CHUNK)

@@ -5,8 +5,10 @@ Invariant: the window state reflects the input stream, in id order, up to
 dead-lettered, and acked). Whenever the worker is unsure of that (at start, after any
 Redis error, when the group holds entries nobody is working on) it gets back in step
 (:mod:`worker.recovery`): it restores the state checkpoint from Redis and re-reads the
-stream from the checkpoint's id, replaying acked entries into the windows without
-publishing them again, and handling the entries still pending. Publishing and acking in
+stream from the checkpoint's id, replaying acked entries into the windows (and through
+the model and the scoring, restored with the windows, so that intervals and anomalies
+go on as they went) without publishing them again, and handling the entries still
+pending. Publishing and acking in
 one MULTI/EXEC makes "handled" and "acked" the same thing, so a crash at any point loses
 nothing and repeats nothing.
 
@@ -81,6 +83,7 @@ class _Part:
     kept: np.ndarray  # (entries triaged,) bool: in the windows from now on
     values: np.ndarray  # of the kept entries
     forecast: np.ndarray  # (kept,) bool: forecast now
+    publish: np.ndarray  # (kept,) bool: published (not re-read after being acked)
     windows: np.ndarray  # (forecast,) their windows
 
 
@@ -279,7 +282,7 @@ class Worker:
         """Save a partition's windows and hand its lease back, for the worker whose
         share it is now."""
         log.info("giving partition %d back (%s) to the pool", lane.k, lane.keys.input)
-        lane.recovery.save(lane.state)
+        lane.recovery.save(lane.state, lane.scorer.saved)
 
     def _lane(self, k: int) -> Lane:
         keys = self.keys.partition(k, self.settings.partitions)
@@ -294,7 +297,8 @@ class Worker:
 
         ``pending`` is None for a live read (every entry is new to us). While re-syncing
         it maps the entries still pending to their handling attempts so far; the others were
-        acked before and are only replayed into the windows.
+        acked before and are only replayed: into the windows, and after a restore through
+        the model and the scoring, unpublished.
         """
         if len(self._series_ids) > 2 * self.settings.max_series:  # bounded, like the windows
             self._series_ids.clear()
@@ -328,15 +332,21 @@ class Worker:
         kept = (slots != NO_SLOT) & ~state.holds(slots, batch.ids)
         values = np.asarray(batch.values, dtype=np.float64)[kept]
         ms = np.fromiter(map(entry_ms, batch.ids), np.int64, len(batch.ids))[kept]
-        wanted = publish[kept]  # of the kept entries, those to forecast once full
+        published = publish[kept]
+        wanted = published  # of the kept entries, those to forecast once full
+        if pending is not None and state.restored:
+            # Re-read after a restore: the entries acked since the checkpoint are forecast
+            # again, unpublished, so that each series' scoring, restored as it was saved,
+            # goes on as it went (its intervals, the anomalies it finds).
+            wanted = np.ones_like(published)
         gather = self.engine is not None and bool(wanted.any())
         full, windows = state.push(slots[kept], values, ms=ms, gather=gather)
         forecast = full & wanted if gather else np.zeros_like(wanted)
         chosen = np.empty((0, self.context))
         if gather:  # most often every full window: then without a copy
             chosen = windows if wanted[full].all() else windows[wanted[full]]
-        self.metrics.warming.inc(int((~forecast & wanted).sum()))
-        return _Part(lane, entries, batch, slots[kept], kept, values, forecast, chosen)
+        self.metrics.warming.inc(int((~forecast & published).sum()))
+        return _Part(lane, entries, batch, slots[kept], kept, values, forecast, published, chosen)
 
     def _call(
         self, part: _Part, yhat: np.ndarray, attn: np.ndarray
@@ -355,13 +365,19 @@ class Worker:
         version = self.engine.version.encode() if self.engine is not None else b""
         positions = np.flatnonzero(part.kept)  # of the kept entries, in the batch
         intervals = lane.scorer.half_width is not None
+        out = part.forecast
+        if not part.publish.all():  # re-read entries, acked before: published then
+            out = part.forecast & part.publish
+            sent = part.publish[part.forecast]
+            yhat, attn = yhat[sent], attn[sent]
         forecasts = Forecasts(
-            positions[part.forecast],
+            positions[out],
             yhat,
             attn,
-            scored.lo[part.forecast] if intervals else None,
-            scored.hi[part.forecast] if intervals else None,
+            scored.lo[out] if intervals else None,
+            scored.hi[out] if intervals else None,
         )
+        # (batch_call publishes no event of an entry re-read: it was published then)
         anomalies = Anomalies(positions[scored.anomalies], scored.expected, scored.scores)
         # Pieces of the window checkpoint, when due (worker.state): one, or more with a
         # large batch, so that the checkpoint's work follows the batch's own.
@@ -369,7 +385,7 @@ class Worker:
         for _ in range(1 + len(entries) // (2 * CHUNK)):
             if (due := state.due_chunk(now, self.settings.checkpoint_interval_s)) is None:
                 break
-            saved |= state.save_chunk(due, now)
+            saved |= state.save_chunk(due, now, lane.scorer.saved)
         if saved:
             self.metrics.checkpointed(time.monotonic() - now)
         return batch_call(
@@ -462,6 +478,12 @@ class Worker:
         recovery.ensure_group()
         lane.state = recovery.restore(self._empty_state())
         lane.scorer = self._scorer()
+        for slots, saved in lane.state.restored_scoring:
+            try:
+                lane.scorer.restore(slots, saved)
+            except ValueError as e:
+                log.error("%s: their intervals start again from the model's spread", e)
+        lane.state.restored_scoring.clear()
         recovery.resync(lane.state, lambda entries, pending: self._at_once(lane, entries, pending))
         lane.state.reread_done()
         self.metrics.recoveries.inc()
@@ -521,7 +543,7 @@ class Worker:
         self.tuner.close()
         if save:
             for lane in self.lanes.values():
-                lane.recovery.save(lane.state)
+                lane.recovery.save(lane.state, lane.scorer.saved)
         else:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
         with contextlib.suppress(redis.RedisError):

@@ -5,8 +5,9 @@ windows match the group, the worker: takes the lease (one worker per stream and 
 fenced: :mod:`worker.lease`), makes sure the group exists, restores the window state
 checkpoint, and re-syncs: it claims every pending entry and re-reads the stream from
 the checkpoint's id up to the group's last delivered entry, replaying acked entries
-into the windows and handling the pending ones, renewing the lease as it goes. At a
-stop it saves the state and hands the lease back.
+(the loop puts them into the windows, and through the model and the scoring, but does
+not publish them) and handling the pending ones, renewing the lease as it goes. At a
+stop it saves the state, with each series' scoring, and hands the lease back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from worker.keys import Keys
 from worker.lease import Fence, FencedError, Lease, fenced
 from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.state import META, StateError, WindowState
+from worker.state import META, Scoring, StateError, WindowState
 from worker.streams import (
     Command,
     Entry,
@@ -40,7 +41,7 @@ from worker.streams import (
 log = logging.getLogger("attnlstm.worker")
 
 # Handles entries in stream order: those in ``pending`` (with their handling attempts
-# so far) are forecast and acked; the others were acked before and only refill the windows.
+# so far) are forecast and acked; the others were acked before and are not published again.
 Handler = Callable[[list[Entry], dict[bytes, int]], None]
 
 
@@ -291,12 +292,13 @@ class Recovery:
                   b"error", f"{count} input entries {what}".encode()]  # fmt: skip
         self._write(self.fence.publish(dead=[record], maxlen=self.settings.output_maxlen))
 
-    def save(self, state: WindowState) -> None:
-        """At a stop, in step: save the windows (a chunk per call: bounded) and hand the
-        lease back."""
+    def save(self, state: WindowState, scoring: Scoring) -> None:
+        """At a stop, in step: save the windows (a chunk per call: bounded), with
+        ``scoring``'s arrays for their series, and hand the lease back."""
         try:
             while (k := state.due_chunk(time.monotonic(), 0)) is not None:
-                self._write(self.fence.publish(state=state.save_chunk(k, time.monotonic())))
+                chunk = state.save_chunk(k, time.monotonic(), scoring)
+                self._write(self.fence.publish(state=chunk))
             self._write(self.fence.publish(state={META: state.meta()}))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:

@@ -19,7 +19,9 @@ builds the same windows.
 The checkpoint is saved in pieces: slots in chunks of ``CHUNK``, each saved (as
 safetensors bytes) once it has changed and its last save is old enough, a chunk or a
 few with a batch's publish, so its cost follows what changed and no single write is
-large. Each chunk records the last input entry it reflects (its stamp). The ``meta``
+large. Each chunk records the last input entry it reflects (its stamp), and carries what
+the caller's ``scoring`` gives for its series (:mod:`worker.online.scoring`: their
+pending forecasts, intervals and multipliers) as it stood with the windows. The ``meta``
 field, a few bytes written with every chunk, names the saved chunks and the entry to
 re-read the stream from: the oldest stamp of a chunk changed since its save. A chunk
 unchanged since its save holds its series up to every later entry, so restored, a
@@ -53,6 +55,9 @@ ROW_COPY_MIN = 128
 # time: for 1,000 slots in step at 817 values, 0.8 against 1.6-2.7 ms a slot at a time.
 SHARED_CUT_MIN = 8
 META = b"meta"
+SCORING = "scoring."  # the prefix of a chunk's scoring arrays (save_chunk)
+# Per-slot arrays to save beside the given slots' windows, by name.
+Scoring = Callable[[np.ndarray], dict[str, np.ndarray]]
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
@@ -110,6 +115,10 @@ class WindowState:
         self._saved_at: dict[int, float] = {}
         # Restored and re-reading the stream: per slot, the last entry its windows hold.
         self._holds: np.ndarray | None = None  # (S, 2): ms, seq
+        # Restored from a checkpoint: each chunk's slots and what it saved of their
+        # scoring (save_chunk).
+        self.restored = False
+        self.restored_scoring: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
 
     @property
     def series_count(self) -> int:
@@ -300,14 +309,16 @@ class WindowState:
         due = [k for k in self._dirty if now - self._saved_at.get(k, -math.inf) >= interval_s]
         return min(due, key=lambda k: self._saved_at.get(k, -math.inf)) if due else None
 
-    def save_chunk(self, k: int, now: float) -> dict[bytes, bytes]:
-        """Chunk ``k`` and the meta field, to write to the state hash now."""
+    def save_chunk(self, k: int, now: float, scoring: Scoring | None = None) -> dict[bytes, bytes]:
+        """Chunk ``k`` and the meta field, to write to the state hash now; with
+        ``scoring``, what it gives for the chunk's slots, saved beside their windows
+        (restored as :attr:`restored_scoring`)."""
         self._dirty.pop(k, None)
         self._stamps[k] = self.last_id
         self._saved_at[k] = now
-        return {chunk_field(k): self._chunk_bytes(k), META: self.meta()}
+        return {chunk_field(k): self._chunk_bytes(k, scoring), META: self.meta()}
 
-    def _chunk_bytes(self, k: int) -> bytes:
+    def _chunk_bytes(self, k: int, scoring: Scoring | None) -> bytes:
         lo, hi = k * CHUNK, min((k + 1) * CHUNK, len(self._names))
         pos = [s - lo for s in range(lo, hi) if self._names[s] is not None]
         slots = np.asarray(pos, dtype=np.int64) + lo
@@ -321,6 +332,8 @@ class WindowState:
             "last_ms": self._last_ms[slots].copy(),
             "pos": np.asarray(pos, dtype=np.int64),
         }
+        if scoring is not None:
+            tensors |= {SCORING + name: a for name, a in scoring(slots).items()}
         names = [self._names[s] for s in slots.tolist()]
         meta = {
             "format": FORMAT,
@@ -385,6 +398,7 @@ class WindowState:
                 holds += [(slot, held) for slot in slots]
         except (SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise StateError(f"unreadable state checkpoint: {e}") from e
+        state.restored = True
         state.last_id = last_id
         state._holds = np.zeros((state._ring.shape[0], 2), dtype=np.int64)
         state._holds[:] = id_pair(last_id)
@@ -403,6 +417,9 @@ class WindowState:
             tensors["values"], tensors["count"], tensors["last_ms"], tensors["pos"]
         )  # fmt: skip
         _check_chunk(names, values, count, last_ms, pos)
+        scoring = {n[len(SCORING) :]: a for n, a in tensors.items() if n.startswith(SCORING)}
+        if any(a.shape != pos.shape for a in scoring.values()):
+            raise ValueError("scoring arrays that do not match the series")
         slots: list[int] = (k * CHUNK + pos).tolist()
         if len(self._slots) + len(names) > self.max_series:
             raise ValueError(f"more series than max_series ({self.max_series})")
@@ -429,6 +446,8 @@ class WindowState:
             kept = min(old_length, self.length)
             cols = (self._count[s, None] + np.arange(-kept, 0)) % self.length
             self._history[s[:, None], cols] = values[:, old_length - kept :]
+        if scoring:
+            self.restored_scoring.append((s, scoring))
         return slots, stamp
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from attnlstm.intervals import Adaptive
+from attnlstm.intervals import LOG_M_LIMIT, Adaptive
 from worker.state import rounds
 
 STEP_SERIES = 128  # slots per partition whose forecasts are scored at every step ahead
@@ -108,6 +108,13 @@ class Scored:
     scores: np.ndarray  # (anomalies,)
 
 
+# What a series' scoring holds that a window checkpoint (worker.state) saves with its
+# window, so that a restart goes on where the last save was: the pending one-step forecast
+# and its interval, the last value, the error averages, the values left unjudged after an
+# anomaly, and the interval multiplier's logarithm. Not the Steps sample: metrics alone.
+SAVED = ("forecast", "lo", "hi", "last", "mae", "naive_mae", "quiet", "log_m")
+
+
 class Scorer:
     """The series of one partition, by slot; their errors also go to ``overall``.
 
@@ -143,6 +150,40 @@ class Scorer:
         self.series_mae = np.full(0, np.nan)  # (S,) EMA of |error|
         self.series_naive_mae = np.full(0, np.nan)  # (S,) EMA of |naive error|
         self.steps = Steps()
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """SAVED's arrays, by name."""
+        return {
+            "forecast": self._forecast,
+            "lo": self._lo,
+            "hi": self._hi,
+            "last": self._last,
+            "mae": self.series_mae,
+            "naive_mae": self.series_naive_mae,
+            "quiet": self._quiet,
+            "log_m": self.adaptive.log_m,
+        }
+
+    def saved(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """What these slots' scoring holds (SAVED), to save with their windows."""
+        self._fit(int(slots.max(initial=-1)) + 1)
+        return {name: array[slots] for name, array in self._arrays().items()}
+
+    def restore(self, slots: np.ndarray, saved: dict[str, np.ndarray]) -> None:
+        """These slots' scoring as :meth:`saved` gave it; ValueError, and nothing
+        changed, when it is not that."""
+        if set(saved) != set(SAVED):
+            raise ValueError(f"saved scoring holds {sorted(saved)}, not {sorted(SAVED)}")
+        if any(a.shape != slots.shape for a in saved.values()):
+            raise ValueError("saved scoring arrays do not match the series")
+        if not (np.abs(saved["log_m"]) <= LOG_M_LIMIT).all() or (saved["quiet"] < 0).any():
+            raise ValueError(
+                f"saved interval multipliers past e^+-{LOG_M_LIMIT:g} or quiet counts negative"
+            )
+        self._fit(int(slots.max(initial=-1)) + 1)
+        for name, array in self._arrays().items():
+            array[slots] = saved[name]
+        self._quiet[slots] = np.minimum(self._quiet[slots], self.quiet)
 
     def _judge(
         self, idx: np.ndarray, slots: np.ndarray, values: np.ndarray, err: np.ndarray
