@@ -74,9 +74,7 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
 ) -> None:
     """The worker as a process, killed with SIGKILL at five random moments of a drain."""
     values = _spiked(sine_steps(500, 100, seed=5), 50, seed=5)  # 50,000 entries
-    ref, crash = Keys.prefixed(f"{stream_prefix}ref:"), Keys.prefixed(f"{stream_prefix}crash:")
-    ref_ids = fill(redis_client, ref.input, values)
-    crash_ids = fill(redis_client, crash.input, values)
+    ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
 
     # Small batches and frequent state checkpoints, so the kills land everywhere:
@@ -87,31 +85,12 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     # Five random moments during the drain, as points in its progress.
     moments = sorted(random.Random(11).sample(range(total // 20, total * 9 // 10), 5))
     for moment in moments:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(), stderr=subprocess.DEVNULL)
-        # The wait ends before the loop moves on: the lambda sees this turn's values.
-        wait_for(
-            lambda: redis_client.xlen(crash.output) >= moment or proc.poll() is not None,  # noqa: B023
-            what=f"{moment} forecasts",
-        )
-        assert proc.poll() is None, "the worker exited before it was killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_at(redis_client, cmd, crash, moment, tmp_path)
     assert redis_client.xlen(crash.output) < total  # work was left for the last run
     drain(settings_for(redis_url, crash, max_batch=37, checkpoint_interval_s=0.3), trained_sines)
-
-    want = forecasts_by_src(redis_client, ref.output)
-    got = forecasts_by_src(redis_client, crash.output)  # fails on a duplicate
-    assert len(got) == len(want) == total
-    to_ref = dict(zip(crash_ids, ref_ids, strict=True))
-    for src, fields in got.items():
-        reference = want[to_ref[src]]
-        assert fields[b"yhat"] == reference[b"yhat"], src  # value for value, to the bit
-        assert fields[b"attn"] == reference[b"attn"], src
-        # Each series' interval multiplier went on from its last save, and the re-read
-        # entries after it were scored again: the intervals are an uninterrupted run's.
-        assert fields[b"lo"] == reference[b"lo"], src
-        assert fields[b"hi"] == reference[b"hi"], src
-    assert _same_events(redis_client, crash, ref, to_ref) >= 45
+    # Each series' scoring went on from its last save, and the re-read entries after it
+    # were scored again: intervals and anomaly events are an uninterrupted run's too.
+    assert _same_output(redis_client, crash, ref, to_ref, total) >= 45
     assert _pending(redis_client, crash) == 0
 
 
@@ -124,13 +103,43 @@ def _spiked(values: np.ndarray, count: int, seed: int) -> np.ndarray:
     return values
 
 
-def _same_events(client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes]) -> int:
-    """The anomaly events on ``got`` are those on ``want``, each once: how many."""
+def _beside_a_reference(
+    client: redis.Redis, url: str, prefix: str, values: np.ndarray
+) -> tuple[Keys, Keys, dict[bytes, bytes]]:
+    """``values`` written to two input streams: a reference's, and the crashing run's
+    (their keys); each crashing run's entry id to the reference's."""
+    ref, crash = Keys.prefixed(f"{prefix}ref:"), Keys.prefixed(f"{prefix}crash:")
+    ref_ids = fill(client, ref.input, values)
+    return ref, crash, dict(zip(fill(client, crash.input, values), ref_ids, strict=True))
+
+
+def _kill_at(client: redis.Redis, cmd: list[str], keys: Keys, forecasts: int, cwd: Path) -> None:
+    """The worker ``cmd`` as a process, killed with SIGKILL once ``forecasts`` are out."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=worker_env(), stderr=subprocess.DEVNULL)
+    wait_for(
+        lambda: client.xlen(keys.output) >= forecasts or proc.poll() is not None,
+        what=f"{forecasts} forecasts",
+    )
+    assert proc.poll() is None, "the worker exited before it was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _same_output(
+    client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes], total: int
+) -> int:
+    """``got``'s forecasts are ``want``'s, value for value, to the bit, and so are its
+    anomaly events, each once: how many events."""
+    forecasts = forecasts_by_src(client, got.output)  # fails on a duplicate
+    reference = forecasts_by_src(client, want.output)
+    assert len(forecasts) == len(reference) == total
+    for src, fields in forecasts.items():
+        for name in (b"yhat", b"attn", b"lo", b"hi"):
+            assert fields[name] == reference[to_ref[src]][name], (src, name)
     same = (b"series", b"value", b"yhat", b"lo", b"hi", b"score")
-    events = forecasts_by_src(client, got.anomalies)  # fails on a duplicate
-    reference = forecasts_by_src(client, want.anomalies)
+    events = forecasts_by_src(client, got.anomalies)
     assert {to_ref[src]: [e[k] for k in same] for src, e in events.items()} == {
-        src: [e[k] for k in same] for src, e in reference.items()
+        src: [e[k] for k in same] for src, e in forecasts_by_src(client, want.anomalies).items()
     }
     return len(events)
 
@@ -148,47 +157,25 @@ def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     every entry acked since and forecasts them again, unpublished. The intervals after it
     are an uninterrupted run's, and the anomalies it meets again are not published again."""
     values = _spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
-    ref, crash = Keys.prefixed(f"{stream_prefix}ref:"), Keys.prefixed(f"{stream_prefix}crash:")
-    ref_ids = fill(redis_client, ref.input, values)
-    crash_ids = fill(redis_client, crash.input, values)
+    ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
     flags = ("--consumer", "w", "--checkpoint-interval-s", "3600")
     total = 100 * (200 - 20 + 1)
-    proc = subprocess.Popen(
-        worker_cmd(model_file, redis_url, crash, *flags),
-        cwd=tmp_path,
-        env=worker_env(),
-        stderr=subprocess.DEVNULL,
+    _kill_at(
+        redis_client, worker_cmd(model_file, redis_url, crash, *flags), crash, total // 2, tmp_path
     )
-    wait_for(
-        lambda: redis_client.xlen(crash.output) >= total // 2 or proc.poll() is not None,
-        what=f"{total // 2} forecasts",
-    )
-    assert proc.poll() is None, "the worker exited before it was killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     drain(settings_for(redis_url, crash, checkpoint_interval_s=3600), trained_sines)
     re_read = [
         int(m) for r in caplog.records for m in re.findall(r"(\d+) entries re-read", r.getMessage())
     ]
     assert re_read, "no re-read after the restart"
     assert re_read[0] >= total // 2  # everything since the first batch
-
-    want = forecasts_by_src(redis_client, ref.output)
-    got = forecasts_by_src(redis_client, crash.output)  # fails on a duplicate
-    assert len(got) == len(want) == total
-    to_ref = dict(zip(crash_ids, ref_ids, strict=True))
-    for src, fields in got.items():
-        reference = want[to_ref[src]]
-        for name in (b"yhat", b"attn", b"lo", b"hi"):
-            assert fields[name] == reference[name], (src, name)
-    assert _same_events(redis_client, crash, ref, to_ref) >= 35
+    assert _same_output(redis_client, crash, ref, to_ref, total) >= 35
 
 
 def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
     redis_client: redis.Redis,
     redis_url: str,
-    keys: Keys,
     stream_prefix: str,
     model_file: Path,
     trained_sines: AttentionLSTM,
@@ -198,24 +185,19 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     SIGTERM must handle those entries too, not leave them pending. What it saves at the
     stop holds each series' scoring: the intervals after the restart are an uninterrupted
     run's."""
-    values = sine_steps(300, 60, seed=8)  # 18,000 entries
-    ids = fill(redis_client, keys.input, values)
-    ref = Keys.prefixed(f"{stream_prefix}ref:")
-    ref_ids = fill(redis_client, ref.input, values)
+    values = _spiked(sine_steps(300, 60, seed=8), 30, seed=8)  # 18,000 entries
+    ref, stopped, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref, max_batch=50), trained_sines)
-    with WorkerProcess(worker_cmd(model_file, redis_url, keys, "--max-batch", "50"), tmp_path) as w:
-        w.wait_for(lambda: redis_client.xlen(keys.output) >= 2000)
+    cmd = worker_cmd(model_file, redis_url, stopped, "--max-batch", "50")
+    with WorkerProcess(cmd, tmp_path) as w:
+        w.wait_for(lambda: redis_client.xlen(stopped.output) >= 2000)
         w.stop()
         assert w.returncode == 0, w.stderr[-3000:]
-    assert redis_client.xlen(keys.output) < 300 * (60 - 19)  # it stopped mid-drain
-    assert _pending(redis_client, keys) == 0
-    drain(settings_for(redis_url, keys, max_batch=50), trained_sines)
-    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
-    want = forecasts_by_src(redis_client, ref.output)
-    to_ref = dict(zip(ids, ref_ids, strict=True))
-    for src, fields in forecasts_by_src(redis_client, keys.output).items():
-        assert fields[b"lo"] == want[to_ref[src]][b"lo"], src
-        assert fields[b"hi"] == want[to_ref[src]][b"hi"], src
+    total = 300 * (60 - 19)
+    assert redis_client.xlen(stopped.output) < total  # it stopped mid-drain
+    assert _pending(redis_client, stopped) == 0
+    drain(settings_for(redis_url, stopped, max_batch=50), trained_sines)
+    assert _same_output(redis_client, stopped, ref, to_ref, total) >= 25
 
 
 def test_entries_delivered_but_never_received_are_still_forecast(
