@@ -149,7 +149,8 @@ def test_saved_scoring_restored_goes_on_as_the_scorer_it_came_from() -> None:
         (lambda s: s.pop("log_m"), "not"),
         (lambda s: s.update(log_m=np.array([0.0, np.nan])), "past"),
         (lambda s: s.update(log_m=np.array([0.0, 1e3])), "past"),  # an interval of inf
-        (lambda s: s.update(quiet=np.array([0, -1])), "negative"),
+        (lambda s: s.update(quiet=np.array([0, -1])), "whole numbers"),
+        (lambda s: s.update(quiet=np.array([0.0, np.nan])), "whole numbers"),
         (lambda s: s.update(lo=np.zeros(3)), "do not match"),
     ],
 )

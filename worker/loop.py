@@ -8,9 +8,8 @@ Redis error, when the group holds entries nobody is working on) it gets back in 
 stream from the checkpoint's id, replaying acked entries into the windows (and through
 the model and the scoring, restored with the windows, so that intervals and anomalies
 go on as they went) without publishing them again, and handling the entries still
-pending. Publishing and acking in
-one MULTI/EXEC makes "handled" and "acked" the same thing, so a crash at any point loses
-nothing and repeats nothing.
+pending. Publishing and acking in one MULTI/EXEC makes "handled" and "acked" the same
+thing, so a crash at any point loses nothing and repeats nothing.
 
 With P partitions (:mod:`worker.pool`) the worker serves its share of them from this
 one loop: a batch holds the entries of every partition it serves, read together and

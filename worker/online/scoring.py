@@ -176,10 +176,11 @@ class Scorer:
             raise ValueError(f"saved scoring holds {sorted(saved)}, not {sorted(SAVED)}")
         if any(a.shape != slots.shape for a in saved.values()):
             raise ValueError("saved scoring arrays do not match the series")
-        if not (np.abs(saved["log_m"]) <= LOG_M_LIMIT).all() or (saved["quiet"] < 0).any():
-            raise ValueError(
-                f"saved interval multipliers past e^+-{LOG_M_LIMIT:g} or quiet counts negative"
-            )
+        quiet = saved["quiet"]
+        if not (np.abs(saved["log_m"]) <= LOG_M_LIMIT).all():
+            raise ValueError(f"saved interval multipliers past e^+-{LOG_M_LIMIT:g}")
+        if quiet.dtype.kind not in "iu" or (quiet < 0).any():
+            raise ValueError("saved quiet counts that are not whole numbers >= 0")
         self._fit(int(slots.max(initial=-1)) + 1)
         for name, array in self._arrays().items():
             array[slots] = saved[name]
