@@ -110,6 +110,35 @@ def entries(client: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, b
     return cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream))
 
 
+def spiked(values: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``values`` (points, series) with ``count`` spikes of +-20 after the 40th point:
+    each an anomaly event."""
+    rng = np.random.default_rng(seed)
+    spikes = rng.choice(np.arange(40 * values.shape[1], values.size), size=count, replace=False)
+    values.flat[spikes] += rng.choice([-1.0, 1.0], size=count) * 20.0
+    return values
+
+
+def same_output(
+    client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes]
+) -> tuple[int, int]:
+    """``got``'s forecasts are ``want``'s, value for value, to the bit (``to_ref``: each
+    of ``got``'s input ids to ``want``'s), and so are its anomaly events, each once: how
+    many forecasts, and events."""
+    forecasts = forecasts_by_src(client, got.output)  # fails on a duplicate
+    reference = forecasts_by_src(client, want.output)
+    assert len(forecasts) == len(reference)
+    for src, fields in forecasts.items():
+        for name in (b"yhat", b"attn", b"lo", b"hi"):
+            assert fields[name] == reference[to_ref[src]][name], (src, name)
+    same = (b"series", b"value", b"yhat", b"lo", b"hi", b"score")
+    events = forecasts_by_src(client, got.anomalies)
+    assert {to_ref[src]: [e[k] for k in same] for src, e in events.items()} == {
+        src: [e[k] for k in same] for src, e in forecasts_by_src(client, want.anomalies).items()
+    }
+    return len(forecasts), len(events)
+
+
 def by_src(client: redis.Redis, stream: str) -> dict[bytes, dict[bytes, bytes]]:
     """A dead stream's entries, keyed by the input entry they came from."""
     return {fields[b"src"]: fields for _, fields in entries(client, stream)}

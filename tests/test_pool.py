@@ -26,11 +26,14 @@ from tests.helpers import (
     WorkerProcess,
     WorkerThread,
     assert_forecasts,
+    drain,
     drained,
     entries,
     expected,
     new_worker,
+    same_output,
     settings_for,
+    spiked,
     worker_cmd,
     worker_env,
 )
@@ -77,6 +80,24 @@ def _assert_every_input_once(
         assert_forecasts(client, keys.output, expected(model, values[:, mine], ids))
 
 
+def _assert_as_one_worker(
+    target: Target, model: AttentionLSTM, values: np.ndarray, partitions: int
+) -> int:
+    """Each partition's output is what one worker serving every partition, never
+    stopped, publishes: forecasts, intervals and anomaly events, to the bit (a
+    partition's scoring goes with it from worker to worker). How many events."""
+    _replay(target.client, target.ref, values, partitions)
+    drain(settings_for(target.url, target.ref, partitions=partitions, max_batch=50), model)
+    events = 0
+    for k in range(partitions):
+        got, want = target.base.partition(k, partitions), target.ref.partition(k, partitions)
+        ids = [entry_id for entry_id, _ in entries(target.client, got.input)]
+        ref_ids = [entry_id for entry_id, _ in entries(target.client, want.input)]
+        to_ref = dict(zip(ids, ref_ids, strict=True))
+        events += same_output(target.client, got, want, to_ref)[1]
+    return events
+
+
 def _holders(client: redis.Redis, base: Keys, partitions: int) -> list[str | None]:
     """Per partition, the consumer name of the worker holding its lease."""
     leases = [base.partition(k, partitions).lease for k in range(partitions)]
@@ -91,20 +112,20 @@ class Target:
     client: redis.Redis
     url: str
     base: Keys
+    ref: Keys  # beside it, for a reference run
 
 
 @pytest.fixture(params=["server", "cluster"])
 def target(request: pytest.FixtureRequest, stream_prefix: str) -> Iterator[Target]:
-    base = Keys.prefixed(stream_prefix)
+    base, ref = Keys.prefixed(stream_prefix), Keys.prefixed(f"{stream_prefix}ref:")
     if request.param == "server":
-        yield Target(
-            request.getfixturevalue("redis_client"), request.getfixturevalue("redis_url"), base
-        )
+        client, url = request.getfixturevalue("redis_client"), request.getfixturevalue("redis_url")
+        yield Target(client, url, base, ref)
         return
     cluster: LocalCluster = request.getfixturevalue("redis_cluster")
     client = connect(cluster.url, socket_timeout_s=10, client_name="test")
     try:
-        yield Target(client, cluster.url, base.clustered())
+        yield Target(client, cluster.url, base.clustered(), ref.clustered())
     finally:
         client.close()
 
@@ -182,7 +203,7 @@ def test_three_workers_share_twelve_partitions_and_forecast_every_input_once(
 def test_a_worker_joining_mid_drain_takes_its_share_and_nothing_is_lost_or_repeated(
     target: Target, trained_sines: AttentionLSTM
 ) -> None:
-    partitions, values = 6, sine_steps(100, 240, seed=32)  # 100 series, 24,000 entries
+    partitions, values = 6, spiked(sine_steps(100, 240, seed=32), 30, seed=32)  # 24,000 entries
     redis_client, redis_url, base = target.client, target.url, target.base
     names = _replay(redis_client, base, values, partitions)
 
@@ -202,6 +223,7 @@ def test_a_worker_joining_mid_drain_takes_its_share_and_nothing_is_lost_or_repea
             c.wait_for(lambda: _all_drained(redis_client, base, partitions), timeout=120)
             assert sorted(len(w.lanes) for w in (first, second, late)) == [2, 2, 2]
     _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
+    assert _assert_as_one_worker(target, trained_sines, values, partitions) >= 25
 
 
 def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
@@ -209,7 +231,7 @@ def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
 ) -> None:
     """kill -9 of one of three worker processes: the others take its partitions once
     their leases lapse; nothing lost, nothing repeated."""
-    partitions, values = 6, sine_steps(100, 240, seed=33)  # 100 series, 24,000 entries
+    partitions, values = 6, spiked(sine_steps(100, 240, seed=33), 30, seed=33)  # 24,000 entries
     redis_client, redis_url, base = target.client, target.url, target.base
     flags = ("--partitions", str(partitions), "--lease-ttl-ms", "1500", "--max-batch", "50",
              "--block-ms", "100")  # fmt: skip
@@ -241,6 +263,7 @@ def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
         a.wait_for(lambda: sorted(map(str, _holders(redis_client, base, partitions)))
                    == ["a"] * 3 + ["b"] * 3, timeout=60)  # fmt: skip
     _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
+    assert _assert_as_one_worker(target, trained_sines, values, partitions) >= 25
 
 
 def test_a_worker_refuses_streams_written_with_another_number_of_partitions(

@@ -28,11 +28,12 @@ from tests.helpers import (
     entries,
     expected,
     fill,
-    forecasts_by_src,
     free_port,
     kill_connections,
     new_worker,
+    same_output,
     settings_for,
+    spiked,
     wait_for,
     worker_cmd,
     worker_env,
@@ -73,7 +74,7 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     tmp_path: Path,
 ) -> None:
     """The worker as a process, killed with SIGKILL at five random moments of a drain."""
-    values = _spiked(sine_steps(500, 100, seed=5), 50, seed=5)  # 50,000 entries
+    values = spiked(sine_steps(500, 100, seed=5), 50, seed=5)  # 50,000 entries
     ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
 
@@ -90,17 +91,8 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     drain(settings_for(redis_url, crash, max_batch=37, checkpoint_interval_s=0.3), trained_sines)
     # Each series' scoring went on from its last save, and the re-read entries after it
     # were scored again: intervals and anomaly events are an uninterrupted run's too.
-    assert _same_output(redis_client, crash, ref, to_ref, total) >= 45
+    assert same_output(redis_client, crash, ref, to_ref) == (total, 50)
     assert _pending(redis_client, crash) == 0
-
-
-def _spiked(values: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """``values`` (points, series) with ``count`` spikes of +-20 after the 40th point:
-    each an anomaly event."""
-    rng = np.random.default_rng(seed)
-    spikes = rng.choice(np.arange(40 * values.shape[1], values.size), size=count, replace=False)
-    values.flat[spikes] += rng.choice([-1.0, 1.0], size=count) * 20.0
-    return values
 
 
 def _beside_a_reference(
@@ -125,25 +117,6 @@ def _kill_at(client: redis.Redis, cmd: list[str], keys: Keys, forecasts: int, cw
     proc.wait()
 
 
-def _same_output(
-    client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes], total: int
-) -> int:
-    """``got``'s forecasts are ``want``'s, value for value, to the bit, and so are its
-    anomaly events, each once: how many events."""
-    forecasts = forecasts_by_src(client, got.output)  # fails on a duplicate
-    reference = forecasts_by_src(client, want.output)
-    assert len(forecasts) == len(reference) == total
-    for src, fields in forecasts.items():
-        for name in (b"yhat", b"attn", b"lo", b"hi"):
-            assert fields[name] == reference[to_ref[src]][name], (src, name)
-    same = (b"series", b"value", b"yhat", b"lo", b"hi", b"score")
-    events = forecasts_by_src(client, got.anomalies)
-    assert {to_ref[src]: [e[k] for k in same] for src, e in events.items()} == {
-        src: [e[k] for k in same] for src, e in forecasts_by_src(client, want.anomalies).items()
-    }
-    return len(events)
-
-
 def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     redis_client: redis.Redis,
     redis_url: str,
@@ -156,7 +129,7 @@ def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     """Killed mid-drain with one checkpoint, saved at its start: the restart re-reads
     every entry acked since and forecasts them again, unpublished. The intervals after it
     are an uninterrupted run's, and the anomalies it meets again are not published again."""
-    values = _spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
+    values = spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
     ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
     flags = ("--consumer", "w", "--checkpoint-interval-s", "3600")
@@ -170,7 +143,9 @@ def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     ]
     assert re_read, "no re-read after the restart"
     assert re_read[0] >= total // 2  # everything since the first batch
-    assert _same_output(redis_client, crash, ref, to_ref, total) >= 35
+    forecasts, events = same_output(redis_client, crash, ref, to_ref)
+    assert forecasts == total
+    assert events >= 35
 
 
 def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pending(
@@ -185,7 +160,7 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     SIGTERM must handle those entries too, not leave them pending. What it saves at the
     stop holds each series' scoring: the intervals after the restart are an uninterrupted
     run's."""
-    values = _spiked(sine_steps(300, 60, seed=8), 30, seed=8)  # 18,000 entries
+    values = spiked(sine_steps(300, 60, seed=8), 30, seed=8)  # 18,000 entries
     ref, stopped, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
     drain(settings_for(redis_url, ref, max_batch=50), trained_sines)
     cmd = worker_cmd(model_file, redis_url, stopped, "--max-batch", "50")
@@ -197,7 +172,9 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     assert redis_client.xlen(stopped.output) < total  # it stopped mid-drain
     assert _pending(redis_client, stopped) == 0
     drain(settings_for(redis_url, stopped, max_batch=50), trained_sines)
-    assert _same_output(redis_client, stopped, ref, to_ref, total) >= 25
+    forecasts, events = same_output(redis_client, stopped, ref, to_ref)
+    assert forecasts == total
+    assert events >= 25
 
 
 def test_entries_delivered_but_never_received_are_still_forecast(
