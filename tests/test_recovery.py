@@ -75,7 +75,7 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
 ) -> None:
     """The worker as a process, killed with SIGKILL at five random moments of a drain."""
     values = spiked(sine_steps(500, 100, seed=5), 50, seed=5)  # 50,000 entries
-    ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
+    ref, crash, to_ref = _beside_a_reference(redis_client, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
 
     # Small batches and frequent state checkpoints, so the kills land everywhere:
@@ -96,7 +96,7 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
 
 
 def _beside_a_reference(
-    client: redis.Redis, url: str, prefix: str, values: np.ndarray
+    client: redis.Redis, prefix: str, values: np.ndarray
 ) -> tuple[Keys, Keys, dict[bytes, bytes]]:
     """``values`` written to two input streams: a reference's, and the crashing run's
     (their keys); each crashing run's entry id to the reference's."""
@@ -130,7 +130,7 @@ def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     every entry acked since and forecasts them again, unpublished. The intervals after it
     are an uninterrupted run's, and the anomalies it meets again are not published again."""
     values = spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
-    ref, crash, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
+    ref, crash, to_ref = _beside_a_reference(redis_client, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
     flags = ("--consumer", "w", "--checkpoint-interval-s", "3600")
     total = 100 * (200 - 20 + 1)
@@ -161,7 +161,7 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     stop holds each series' scoring: the intervals after the restart are an uninterrupted
     run's."""
     values = spiked(sine_steps(300, 60, seed=8), 30, seed=8)  # 18,000 entries
-    ref, stopped, to_ref = _beside_a_reference(redis_client, redis_url, stream_prefix, values)
+    ref, stopped, to_ref = _beside_a_reference(redis_client, stream_prefix, values)
     drain(settings_for(redis_url, ref, max_batch=50), trained_sines)
     cmd = worker_cmd(model_file, redis_url, stopped, "--max-batch", "50")
     with WorkerProcess(cmd, tmp_path) as w:
@@ -172,6 +172,7 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     assert redis_client.xlen(stopped.output) < total  # it stopped mid-drain
     assert _pending(redis_client, stopped) == 0
     drain(settings_for(redis_url, stopped, max_batch=50), trained_sines)
+    assert_forecasts(redis_client, stopped.output, expected(trained_sines, values, list(to_ref)))
     forecasts, events = same_output(redis_client, stopped, ref, to_ref)
     assert forecasts == total
     assert events >= 25
