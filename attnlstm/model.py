@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,6 +123,21 @@ def profile_taps(config: ModelConfig) -> list[tuple[int, float]]:
         taps.append((-j * 7 * period, 6 / (7 * weeks)))
         taps += [(-j * 7 * period + i * period, -1 / (7 * weeks)) for i in (-3, -2, -1, 1, 2, 3)]
     return taps
+
+
+def one_step_reads(config: ModelConfig) -> np.ndarray:
+    """(context,) bools, newest first: whether the one-step forecast reads the value
+    that many steps before the newest (0: the newest itself). The window's values (the
+    LSTM, the linear map and the standardisation), each lag's window, and the two values
+    each of the profile's taps reads for its first step (S(t+1) - S(t)); nothing else
+    moves it. The day-ahead model with a two-week profile reads 219 of its 817 values."""
+    reads = np.zeros(config.context, dtype=bool)
+    for lag in (0, *config.lags):
+        reads[lag : lag + config.window] = True
+    if config.profile_weeks:
+        for k, _ in profile_taps(config):
+            reads[[-k - 1, -k]] = True
+    return reads
 
 
 def profile_changes(z: torch.Tensor, config: ModelConfig) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlstm.model import CLIP, AttentionLSTM, ModelConfig
+from attnlstm.model import CLIP, AttentionLSTM, ModelConfig, one_step_reads
 from attnlstm.synthetic import article_sine
 from attnlstm.train import new_model
 from attnlstm.windows import sliding_windows
@@ -111,6 +111,40 @@ def test_the_profile_forecasts_a_series_that_repeats_weekly_exactly() -> None:
     after = np.stack([series[s + config.context : s + config.context + 4] for s in range(8)])
     forecast, _ = model(torch.as_tensor(x))
     np.testing.assert_allclose(forecast.detach().numpy(), after, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(window=5, hidden_size=4),
+        ModelConfig(window=4, horizon=4, lags=(4, 24, 28), period=4, profile_weeks=2),
+    ],
+    ids=["window", "lags and profile"],
+)
+def test_one_step_reads_are_the_values_the_first_step_depends_on(config: ModelConfig) -> None:
+    # Each value of the context moved in turn: the first step's forecast moves exactly
+    # when one_step_reads says the model reads it (the scorer leaves the values whose
+    # forecasts read an anomaly unjudged, and judges the rest).
+    model = new_model(config, seed=0).double()
+    with torch.no_grad():
+        model.linear.weight.normal_()
+        if config.profile_weeks:
+            model.profile_share.fill_(1.0)
+    # A cycle of 4 with noise: every value within CLIP window deviations (a clipped
+    # value moves nothing, read or not).
+    steps = torch.arange(config.context, dtype=torch.float64)
+    noise = torch.randn(
+        config.context, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    x = (torch.sin(steps * torch.pi / 2) + 0.1 * noise)[None, :]
+    first = model(x)[0][0, 0]
+    moved = []
+    for back in range(config.context):
+        nudged = x.clone()
+        nudged[0, -1 - back] += 0.01
+        moved.append(bool(model(nudged)[0][0, 0] != first))
+    np.testing.assert_array_equal(one_step_reads(config), moved)
+    assert 0 < sum(moved) < config.context or not config.lags
 
 
 def test_glitches_in_the_lagged_values_are_clipped() -> None:

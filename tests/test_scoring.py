@@ -65,6 +65,55 @@ def test_a_value_threshold_half_widths_away_is_an_anomaly_with_what_it_broke() -
     np.testing.assert_allclose(found.scores, [3.5])
 
 
+def test_values_whose_forecasts_read_an_anomaly_are_not_judged_and_the_rest_are() -> None:
+    # A model that reads the newest value and the one three before it (a lag, say):
+    # after a spike, the next value and the fourth are not judged (their forecasts read
+    # the spike), the second and the third are. Each flagged spike is followed on its
+    # own: the value at 14 is four after the spike at 10 (read), two after the one at 12.
+    reads = np.array([True, False, False, True])
+    scorer = Scorer(Overall(halflife_s=10), half_width=np.ones(1), threshold=3.0, reads=reads)
+    spikes = {10, 11, 12, 14, 16, 20}
+    flagged = []
+    for t in range(24):
+        value = 50.0 if t in spikes else 0.0
+        if _update(scorer, [0], [value], [0.0], float(t)).anomalies.size:
+            flagged.append(t)
+    # 11 reads 10; 14 reads 10 (three before 13); 16 reads 12 (three before 15); 20 reads
+    # none of them.
+    assert flagged == [10, 12, 20]
+
+
+def test_a_model_that_reads_its_whole_context_leaves_every_value_after_a_spike_unjudged() -> None:
+    # The sines' model: a window of 20 and nothing else, so the 20 values after a spike
+    # are not judged, and the 21st is.
+    scorer = Scorer(
+        Overall(halflife_s=10), half_width=np.ones(1), threshold=3.0, reads=np.ones(20, bool)
+    )
+    flagged = [
+        t
+        for t in range(60)
+        if _update(scorer, [0], [50.0 if t in (5, 25, 26) else 0.0], [0.0], float(t)).anomalies.size
+    ]
+    assert flagged == [5, 26]
+
+
+def test_a_new_model_that_reads_more_values_follows_the_anomalies_as_they_came() -> None:
+    # The worker hands the scorer each new model's reads: a series with no anomaly is
+    # judged at once under the new model, one whose anomaly came two values before the
+    # swap is not judged while the new model's forecasts read it.
+    one = np.ones(1)
+    scorer = Scorer(Overall(halflife_s=10), half_width=one, threshold=3.0, reads=np.ones(3, bool))
+    _update(scorer, [0, 1], [0.0, 0.0], [0.0, 0.0], 0.0)
+    assert _update(scorer, [0, 1], [0.0, 50.0], [0.0, 0.0], 1.0).anomalies.tolist() == [1]
+    _update(scorer, [0, 1], [0.0, 0.0], [0.0, 0.0], 2.0)
+    scorer.reads = np.ones(10, bool)
+    flagged = [
+        _update(scorer, [0, 1], [50.0, 50.0], [0.0, 0.0], float(t)).anomalies.tolist()
+        for t in range(3, 13)
+    ]
+    assert flagged == [[0]] + [[]] * 8 + [[1]]  # series 1: eleven values after its anomaly
+
+
 def test_coverage_recovers_after_the_errors_triple() -> None:
     # One series, errors drawn from N(0, 1) and then N(0, 3): the multiplier brings the
     # share inside back to about 90% within a few hundred values.
@@ -112,13 +161,15 @@ def test_a_freed_slot_starts_unscored_for_the_series_that_takes_it() -> None:
 
 def test_saved_scoring_restored_goes_on_as_the_scorer_it_came_from() -> None:
     """What a window checkpoint saves of each series' scoring (its pending forecast and
-    interval, multiplier, quiet count) restored into a new scorer: the next values get
-    the same intervals and anomalies as in the scorer that saved them."""
+    interval, multiplier, values since its last anomalies) restored into a new scorer:
+    the next values get the same intervals and anomalies as in the scorer that saved
+    them."""
     rng = np.random.default_rng(0)
     half = np.array([1.0, 2.0])
 
     def scorer() -> Scorer:
-        return Scorer(Overall(halflife_s=10), half_width=half, threshold=3.0, quiet=2)
+        reads = np.array([True, False, True])
+        return Scorer(Overall(halflife_s=10), half_width=half, threshold=3.0, reads=reads)
 
     def batch(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         slots = np.array([0, 1, 2, 0])
@@ -143,15 +194,45 @@ def test_saved_scoring_restored_goes_on_as_the_scorer_it_came_from() -> None:
     assert not np.allclose(first.adaptive.log_m[:3], 0.0)  # the multipliers had moved
 
 
+def test_scoring_saved_as_a_quiet_count_restores_as_the_values_since_the_anomaly() -> None:
+    # A checkpoint saved before 2026-12-03 holds, per series, how many values were left
+    # unjudged after its last anomaly (out of the context). Restored, those values are
+    # still not judged, and the next one is; a count of 0 leaves every value judged.
+    def scorer() -> Scorer:
+        return Scorer(
+            Overall(halflife_s=10), half_width=np.ones(1), threshold=3.0, reads=np.ones(5, bool)
+        )
+
+    first = scorer()
+    _update(first, [0, 1], [0.0, 0.0], [0.0, 0.0], 0.0)
+    slots = np.array([0, 1])
+    saved = first.saved(slots)
+    del saved["since"]
+    saved["quiet"] = np.array([3, 0])
+    second = scorer()
+    second.restore(slots, saved)
+    flagged = [
+        _update(second, [0, 1], [50.0, 50.0], [0.0, 0.0], float(t)).anomalies.tolist()
+        for t in range(1, 5)
+    ]
+    # Series 1 (position 1) is flagged at once, and then not for the five values after;
+    # series 0 (position 0) after its three.
+    assert flagged == [[1], [], [], [0]]
+    saved["quiet"] = np.array([3, -1])
+    with pytest.raises(ValueError, match="whole numbers"):
+        scorer().restore(slots, saved)
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [
         (lambda s: s.pop("log_m"), "not"),
         (lambda s: s.update(log_m=np.array([0.0, np.nan])), "past"),
         (lambda s: s.update(log_m=np.array([0.0, 1e3])), "past"),  # an interval of inf
-        (lambda s: s.update(quiet=np.array([0, -1])), "whole numbers"),
-        (lambda s: s.update(quiet=np.array([0.0, np.nan])), "whole numbers"),
+        (lambda s: s.update(since=np.array([[0, 1, 2, 3], [0, 0, -1, 0]])), "whole numbers"),
+        (lambda s: s.update(since=np.full((2, 4), np.nan)), "whole numbers"),
         (lambda s: s.update(lo=np.zeros(3)), "do not match"),
+        (lambda s: s.update(since=np.zeros(2, dtype=np.int64)), "do not match"),
     ],
 )
 def test_saved_scoring_that_is_not_what_a_scorer_saves_is_refused(

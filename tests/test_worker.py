@@ -15,8 +15,9 @@ import redis
 import torch
 
 from attnlstm.checkpoint import version_of
-from attnlstm.model import AttentionLSTM
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
+from attnlstm.train import new_model
 from tests.helpers import (
     WorkerThread,
     by_src,
@@ -110,6 +111,28 @@ def test_a_spike_is_an_anomaly_event_in_the_batch_that_forecasts_it(
         before = got[ids[index - 20]]  # the series' forecast just before: its interval
         assert lo == pytest.approx(json.loads(before[b"lo"])[0], rel=1e-6)
         assert float(event[b"yhat"]) == pytest.approx(json.loads(before[b"yhat"])[0], rel=1e-12)
+
+
+def test_a_spike_where_the_forecast_does_not_read_the_last_one_is_found(
+    redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    # A model of a 4-step window and a lag of 8 (its forecast the last value: head and
+    # linear map zero) reads the 4 values before a forecast and the 4 before those 8 back:
+    # after a spike, the 1st-4th and 9th-12th values are not judged, the 5th-8th are.
+    # Until 2026-12-03 none of the 12 was.
+    model = new_model(ModelConfig(window=4, lags=(8,), hidden_size=4, attention_size=4))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    values = 10 + np.sin(2 * np.pi * np.arange(120) / 40)[:, None].repeat(2, axis=1)
+    spikes = [(60, 0), (66, 0), (70, 0), (100, 0), (60, 1), (64, 1)]
+    for t, j in spikes:
+        values[t, j] += 50.0
+    ids = fill(redis_client, keys.input, values)
+    drain(settings_for(redis_url, keys), model)
+    found = {ids.index(fields[b"src"]) for _, fields in entries(redis_client, keys.anomalies)}
+    # 66 is the 6th after 60; 70 the 10th after 60 (and 4th after 66); 64 the 4th after 60
+    assert sorted((k // 2, k % 2) for k in found) == [(60, 0), (60, 1), (66, 0), (100, 0)]
 
 
 def test_with_coverage_zero_there_are_no_intervals_and_no_anomalies(

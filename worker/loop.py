@@ -37,6 +37,7 @@ import redis
 from attnlstm.checkpoint import Checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.intervals import Spread, window_scale
+from attnlstm.model import one_step_reads
 from worker.batch import Anomalies, Batch, Forecasts, Receipt, batch_call, triage
 from worker.contract import entry_ms
 from worker.engine import Engine, check_fits
@@ -431,8 +432,9 @@ class Worker:
             log.info("forecasting with model %s on %s", checkpoint.version, device)
         else:
             self.engine.swap(checkpoint)
-        for lane in self.lanes.values():  # each model its own spread
+        for lane in self.lanes.values():  # each model its own spread, and what it reads
             lane.scorer.half_width = self._half_width
+            lane.scorer.reads = self._reads
         self.metrics.model_version(checkpoint.version)
 
     def _get_in_step(self) -> bool:
@@ -498,7 +500,7 @@ class Worker:
             half_width=self._half_width,
             coverage=self.settings.coverage or 0.5,  # any: with coverage 0 nothing adapts
             threshold=self.settings.anomaly_threshold,
-            quiet=self.context,
+            reads=self._reads,
         )
 
     @property
@@ -509,6 +511,12 @@ class Worker:
             return None
         checkpoint = self.engine.checkpoint
         return Spread.from_meta(checkpoint.meta, self.horizon).at(self.settings.coverage)
+
+    @property
+    def _reads(self) -> np.ndarray:
+        """Which of the values before a forecast the served model reads."""
+        config = self.engine.checkpoint.config if self.engine is not None else COLD_START_MODEL
+        return one_step_reads(config)
 
     def _empty_state(self) -> WindowState:
         s = self.settings

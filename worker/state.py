@@ -418,7 +418,7 @@ class WindowState:
         )  # fmt: skip
         _check_chunk(names, values, count, last_ms, pos)
         scoring = {n[len(SCORING) :]: a for n, a in tensors.items() if n.startswith(SCORING)}
-        if any(a.shape != pos.shape for a in scoring.values()):
+        if any(a.shape[:1] != pos.shape for a in scoring.values()):  # a row per series
             raise ValueError("scoring arrays that do not match the series")
         slots: list[int] = (k * CHUNK + pos).tolist()
         if len(self._slots) + len(names) > self.max_series:

@@ -20,6 +20,8 @@ from attnlstm.intervals import LOG_M_LIMIT, Adaptive
 from worker.state import rounds
 
 STEP_SERIES = 128  # slots per partition whose forecasts are scored at every step ahead
+MARKS = 4  # anomalies per series whose effect on its forecasts is followed at once
+NEVER = 2**62  # values since an anomaly, where none is followed
 SERIES_ALPHA = 0.05  # per-series EMA weight of each new error (about 14 values' half-life)
 LEVEL_SLOWER = 10.0  # the level's half-life, in rolling-MAE half-lives
 
@@ -110,9 +112,10 @@ class Scored:
 
 # What a series' scoring holds that a window checkpoint (worker.state) saves with its
 # window, so that a restart goes on where the last save was: the pending one-step forecast
-# and its interval, the last value, the error averages, the values left unjudged after an
-# anomaly, and the interval multiplier's logarithm. Not the Steps sample: metrics alone.
-SAVED = ("forecast", "lo", "hi", "last", "mae", "naive_mae", "quiet", "log_m")
+# and its interval, the last value, the error averages, how many values ago its last
+# anomalies came, and the interval multiplier's logarithm. Not the Steps sample: metrics
+# alone.
+SAVED = ("forecast", "lo", "hi", "last", "mae", "naive_mae", "since", "log_m")
 
 
 class Scorer:
@@ -121,10 +124,16 @@ class Scorer:
     With a spread (intervals on), each forecast gets its interval from the spread and the
     series' adaptive multiplier (:mod:`attnlstm.intervals`), and a value whose distance
     from its one-step forecast is ``threshold`` half-widths of that interval or more is
-    an anomaly: its score is that distance in half-widths. The next ``quiet`` values of
-    that series are not judged: the forecasts they meet were made from windows that hold
-    the anomaly, and would miss for that alone (a spike would bring a flag for each of
-    the ``context`` values after it)."""
+    an anomaly: its score is that distance in half-widths.
+
+    A value is not judged when its forecast read one of its series' last MARKS anomalies
+    (``reads``, from :func:`attnlstm.model.one_step_reads`: which of the values before
+    a forecast it reads, newest first): that forecast would miss for the anomaly alone,
+    and a spike would bring a flag for each forecast that reads it. The values whose
+    forecasts do not read it are judged: a day-ahead model with a weekly profile reads
+    219 of the 817 values before a forecast, and a second spike at any of the other 598
+    places is found. A spike that comes where its forecast read the first is missed;
+    the forecasts that read it then miss for it, and may be flagged."""
 
     def __init__(
         self,
@@ -133,16 +142,17 @@ class Scorer:
         half_width: np.ndarray | None = None,
         coverage: float = 0.9,
         threshold: float = math.inf,
-        quiet: int = 0,
+        reads: np.ndarray | None = None,
     ) -> None:
         """``half_width``: the spread at ``coverage`` per step ahead, in window deviations;
-        None: no intervals."""
+        None: no intervals. ``reads``: None, a forecast reads no value before it."""
         self.overall = overall
         self.half_width = half_width
         self.adaptive = Adaptive(coverage)
         self.threshold = threshold
-        self.quiet = quiet
-        self._quiet = np.zeros(0, dtype=np.int64)  # (S,) values left unjudged, per slot
+        self.reads = np.zeros(0, dtype=bool) if reads is None else reads
+        # (S, MARKS) per slot, values since each of its last anomalies (at most NEVER)
+        self._since = np.zeros((0, MARKS), dtype=np.int64)
         self._forecast = np.full(0, np.nan)  # (S,) the pending one-step forecast per slot
         self._lo = np.full(0, np.nan)  # (S,) and its interval
         self._hi = np.full(0, np.nan)
@@ -160,7 +170,7 @@ class Scorer:
             "last": self._last,
             "mae": self.series_mae,
             "naive_mae": self.series_naive_mae,
-            "quiet": self._quiet,
+            "since": self._since,
             "log_m": self.adaptive.log_m,
         }
 
@@ -172,34 +182,42 @@ class Scorer:
     def restore(self, slots: np.ndarray, saved: dict[str, np.ndarray]) -> None:
         """These slots' scoring as :meth:`saved` gave it; ValueError, and nothing
         changed, when it is not that."""
+        if "quiet" in saved and "since" not in saved:  # saved before 2026-12-03
+            saved = _since_from_quiet(saved, self.reads.size)
         if set(saved) != set(SAVED):
             raise ValueError(f"saved scoring holds {sorted(saved)}, not {sorted(SAVED)}")
-        if any(a.shape != slots.shape for a in saved.values()):
+        arrays = self._arrays()
+        if any(a.shape != (slots.size, *arrays[n].shape[1:]) for n, a in saved.items()):
             raise ValueError("saved scoring arrays do not match the series")
-        quiet = saved["quiet"]
+        since = saved["since"]
         if not (np.abs(saved["log_m"]) <= LOG_M_LIMIT).all():
             raise ValueError(f"saved interval multipliers past e^+-{LOG_M_LIMIT:g}")
-        if quiet.dtype.kind not in "iu" or (quiet < 0).any():
-            raise ValueError("saved quiet counts that are not whole numbers >= 0")
+        if since.dtype.kind not in "iu" or (since < 0).any():
+            raise ValueError("saved counts since an anomaly that are not whole numbers >= 0")
         self._fit(int(slots.max(initial=-1)) + 1)
         for name, array in self._arrays().items():
             array[slots] = saved[name]
-        self._quiet[slots] = np.minimum(self._quiet[slots], self.quiet)
 
     def _judge(
         self, idx: np.ndarray, slots: np.ndarray, values: np.ndarray, err: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Values against their pending intervals (distinct slots, each with a forecast):
-        which fell outside (the multiplier learns of each), and the anomaly events, rows
-        of (batch position, score, yhat, lo, hi)."""
+        which fell outside (the multiplier learns of each), and the anomaly events, rows of
+        (batch position, score, yhat, lo, hi)."""
         lo, hi = self._lo[slots], self._hi[slots]
         miss = (values < lo) | (values > hi)
         self.adaptive.update(slots, miss)
         half = (hi - lo) / 2
         score = np.divide(err, half, out=np.full_like(err, np.inf), where=half > 0)
-        quiet = self._quiet[slots]
-        flag = (score >= self.threshold) & (quiet == 0)
-        self._quiet[slots] = np.where(flag, self.quiet, np.maximum(quiet - 1, 0))
+        # This value's place after each followed anomaly: 1 is the next value, whose
+        # forecast read the anomaly as its newest value (reads[0]).
+        after = self._since[slots] + 1
+        past = self.reads.size + 1  # past the context: read by none
+        judged = ~np.append(self.reads, False)[np.minimum(after, past) - 1].any(axis=1)
+        flag = (score >= self.threshold) & judged
+        self._since[slots] = np.minimum(after, NEVER)
+        marked = slots[flag]  # each takes the place of its slot's oldest followed anomaly
+        self._since[marked, self._since[marked].argmax(axis=1)] = 0
         return miss, np.c_[idx, score, self._forecast[slots], lo, hi][flag]
 
     def _fit(self, size: int) -> None:
@@ -209,7 +227,7 @@ class Scorer:
         pad = np.full(grow, np.nan)
         for name in ("_forecast", "_lo", "_hi", "_last", "series_mae", "series_naive_mae"):
             setattr(self, name, np.r_[getattr(self, name), pad])
-        self._quiet = np.r_[self._quiet, np.zeros(grow, dtype=np.int64)]
+        self._since = np.r_[self._since, np.full((grow, MARKS), NEVER, dtype=np.int64)]
         self.adaptive.fit(size)
 
     def forget(self, slots: np.ndarray) -> None:
@@ -224,7 +242,7 @@ class Scorer:
             self.series_naive_mae,
         ):
             per_slot[slots] = np.nan
-        self._quiet[slots] = 0
+        self._since[slots] = NEVER
         self.adaptive.forget(slots)
         self.steps.forget(slots)
 
@@ -285,6 +303,19 @@ class Scorer:
             )
         count = sum(e.size for e in errors)
         return Scored(count, lo, hi, events[:, 0].astype(np.int64), events[:, 2:], events[:, 1])
+
+
+def _since_from_quiet(saved: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:
+    """Scoring saved before each anomaly was followed on its own, when a count of values
+    left unjudged after the last anomaly (``quiet``, out of ``context``) stood for it:
+    the values since that anomaly, the same values left unjudged by a model that reads
+    its whole context."""
+    quiet = saved["quiet"]
+    if quiet.dtype.kind not in "iu" or (quiet < 0).any():
+        raise ValueError("saved quiet counts that are not whole numbers >= 0")
+    since = np.full((quiet.size, MARKS), NEVER, dtype=np.int64)
+    since[:, 0] = np.where(quiet.ravel() > 0, np.maximum(context - quiet.ravel(), 0), NEVER)
+    return {name: a for name, a in saved.items() if name != "quiet"} | {"since": since}
 
 
 class Steps:
