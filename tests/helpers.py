@@ -119,6 +119,26 @@ def spiked(values: np.ndarray, count: int, seed: int) -> np.ndarray:
     return values
 
 
+def stood_in(
+    client: redis.Redis, keys: Keys, values: np.ndarray, ids: Sequence[bytes]
+) -> np.ndarray:
+    """``values`` (points, series; ``ids`` their input ids, row by row) as the windows of
+    the worker that published ``keys.anomalies`` hold them: each event's value replaced by
+    the forecast it broke, unless the value before it in its series was."""
+    out = values.copy()
+    at = {entry_id: k for k, entry_id in enumerate(ids)}
+    events = sorted(
+        (divmod(at[fields[b"src"]], values.shape[1]), float(fields[b"yhat"]))
+        for _, fields in entries(client, keys.anomalies)
+    )
+    stood: set[tuple[int, int]] = set()
+    for (t, j), yhat in events:
+        if (t - 1, j) not in stood:
+            out[t, j] = yhat
+            stood.add((t, j))
+    return out
+
+
 def same_output(
     client: redis.Redis, got: Keys, want: Keys, to_ref: dict[bytes, bytes]
 ) -> tuple[int, int]:

@@ -13,6 +13,8 @@ import pytest
 
 from attnlstm.baselines import available
 from tests.conftest import CLI, DATA
+from worker.cli.live import worker_settings
+from worker.cli.parser import build_parser
 
 REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
 
@@ -156,6 +158,7 @@ BAD_RUNS = [
     (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
     (["worker", "--redis-url", "http://h"], 1, "bad settings: redis_url: Value error, must start"),
     (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
+    (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
     (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
 ]
 
@@ -194,6 +197,14 @@ def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path)
     )
     assert proc.returncode == 1
     assert "no model at model.safetensors" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "stand_in"), [([], True), (["--stand-in-anomalies", "off"], False)]
+)
+def test_anomalies_are_stood_in_for_unless_turned_off(given: list[str], stand_in: bool) -> None:
+    args = build_parser().parse_args(["worker", *given])
+    assert worker_settings(args).stand_in_anomalies is stand_in
 
 
 def test_a_taken_metrics_port_is_a_one_line_error(tmp_path: Path, model_file: Path) -> None:

@@ -34,6 +34,7 @@ from tests.helpers import (
     same_output,
     settings_for,
     spiked,
+    stood_in,
     worker_cmd,
     worker_env,
 )
@@ -72,12 +73,14 @@ def _assert_every_input_once(
     names: list[str],
 ) -> None:
     """Each partition's output holds one forecast per input whose window is full, equal
-    to the offline model's (which one worker's run publishes: tests/test_worker.py)."""
+    to the offline model's (which one worker's run publishes: tests/test_worker.py) on
+    the windows its anomaly events give."""
     for k in range(partitions):
         keys = base.partition(k, partitions)
         mine = [j for j, name in enumerate(names) if partition_of(name, partitions) == k]
         ids = [entry_id for entry_id, _ in entries(client, keys.input)]
-        assert_forecasts(client, keys.output, expected(model, values[:, mine], ids))
+        windowed = stood_in(client, keys, values[:, mine], ids)
+        assert_forecasts(client, keys.output, expected(model, windowed, ids))
 
 
 def _assert_as_one_worker(

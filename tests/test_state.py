@@ -499,3 +499,19 @@ def test_a_chunk_whose_scoring_does_not_match_its_series_is_refused() -> None:
     fields = state.save_chunk(0, 0.0, lambda s: {"log_m": np.zeros(s.size + 1)})
     with pytest.raises(StateError, match="scoring"):
         _restore(fields, window=2, max_series=CHUNK)
+
+
+def test_a_value_replaced_is_replaced_in_its_window_and_history_where_they_hold_it() -> None:
+    state = WindowState(window=3, length=5, max_series=2, idle_ms=1000)
+    slots = state.slots_for(["a", "b"])
+    state.push(slots[[0, 0, 0, 0, 1]], np.array([1.0, 2.0, 3.0, 4.0, 9.0]), ms=np.zeros(5, int))
+    assert state.replace(int(slots[0]), 1, 30.0)  # the 3 before the newest, 4
+    assert state.replace(int(slots[0]), 3, 10.0)  # the 1: out of the window, in the history
+    assert state.windows(["a"]).tolist() == [[2.0, 30.0, 4.0]]
+    names, histories = state.histories()
+    assert histories[names.index("a")].tolist() == [10.0, 2.0, 30.0, 4.0]
+    assert not state.replace(int(slots[0]), 4, 0.0)  # before the series' first value
+    # b idle for 2 s: its next value starts it afresh, and the one before is in neither.
+    state.push(slots[[1]], np.array([5.0]), ms=np.array([2000]))
+    assert not state.replace(int(slots[1]), 1, 0.0)
+    assert state.histories()[1][names.index("b")].tolist() == [5.0]

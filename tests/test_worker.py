@@ -20,6 +20,7 @@ from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
 from tests.helpers import (
     WorkerThread,
+    assert_forecasts,
     by_src,
     drain,
     entries,
@@ -28,6 +29,7 @@ from tests.helpers import (
     forecasts_by_src,
     new_worker,
     settings_for,
+    stood_in,
 )
 from worker.keys import Keys
 from worker.metrics import Metrics, serve
@@ -113,13 +115,26 @@ def test_a_spike_is_an_anomaly_event_in_the_batch_that_forecasts_it(
         assert float(event[b"yhat"]) == pytest.approx(json.loads(before[b"yhat"])[0], rel=1e-12)
 
 
-def test_a_spike_where_the_forecast_does_not_read_the_last_one_is_found(
-    redis_client: redis.Redis, redis_url: str, keys: Keys
+@pytest.mark.parametrize(
+    ("stand_in", "found"),
+    [
+        (True, [(60, 0), (60, 1), (64, 1), (66, 0), (70, 0), (100, 0)]),
+        # 66 is the 6th after 60; 70 the 10th after 60 (and 4th after 66); 64 the 4th after 60
+        (False, [(60, 0), (60, 1), (66, 0), (100, 0)]),
+    ],
+)
+def test_a_spike_after_a_spike_is_found_where_its_forecast_does_not_read_the_first(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    stand_in: bool,
+    found: list[tuple[int, int]],
 ) -> None:
     # A model of a 4-step window and a lag of 8 (its forecast the last value: head and
-    # linear map zero) reads the 4 values before a forecast and the 4 before those 8 back:
-    # after a spike, the 1st-4th and 9th-12th values are not judged, the 5th-8th are.
-    # Until 2026-12-03 none of the 12 was.
+    # linear map zero) reads the 4 values before a forecast and the 4 before those 8 back.
+    # Stood in for, a spike is read by no forecast, and every spike after it is found.
+    # Kept in the windows, the 1st-4th and 9th-12th values after it are not judged, the
+    # 5th-8th are (until 2026-12-03 none of the 12 was).
     model = new_model(ModelConfig(window=4, lags=(8,), hidden_size=4, attention_size=4))
     with torch.no_grad():
         model.head.weight.zero_()
@@ -129,10 +144,55 @@ def test_a_spike_where_the_forecast_does_not_read_the_last_one_is_found(
     for t, j in spikes:
         values[t, j] += 50.0
     ids = fill(redis_client, keys.input, values)
-    drain(settings_for(redis_url, keys), model)
-    found = {ids.index(fields[b"src"]) for _, fields in entries(redis_client, keys.anomalies)}
-    # 66 is the 6th after 60; 70 the 10th after 60 (and 4th after 66); 64 the 4th after 60
-    assert sorted((k // 2, k % 2) for k in found) == [(60, 0), (60, 1), (66, 0), (100, 0)]
+    drain(settings_for(redis_url, keys, stand_in_anomalies=stand_in), model)
+    events = [ids.index(fields[b"src"]) for _, fields in entries(redis_client, keys.anomalies)]
+    assert sorted(divmod(k, 2) for k in events) == found
+
+
+@pytest.mark.parametrize("max_batch", [1024, 20, 7])
+def test_forecasts_after_a_spike_read_its_forecast_in_its_place_however_the_stream_is_batched(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    max_batch: int,
+) -> None:
+    """Each spike's window holds the forecast it broke, and every forecast is the offline
+    model's on those windows: the same whether a batch holds 51 values of a series (1,024
+    entries over 20 series, where a spike's later forecasts are made again), one (20), or
+    less than one of each series (7). Two spikes in a row: the second stays (the series
+    may have moved), and is followed."""
+    values = sine_steps(20, 120, seed=4)
+    spikes = [(50, 2), (60, 3), (61, 3), (61, 7), (70, 7), (100, 3)]
+    for t, j in spikes:
+        values[t, j] += 10 * values[:, j].std()
+    ids = fill(redis_client, keys.input, values)
+    drain(settings_for(redis_url, keys, max_batch=max_batch), trained_sines)
+
+    events = {fields[b"src"]: fields for _, fields in entries(redis_client, keys.anomalies)}
+    assert sorted(divmod(ids.index(src), 20) for src in events) == sorted(spikes)
+    windowed = stood_in(redis_client, keys, values, ids)
+    changed = np.argwhere(windowed != values).tolist()
+    assert changed == [[50, 2], [60, 3], [61, 7], [70, 7], [100, 3]]
+    for t, j in changed:  # each in its window as the forecast it broke, near the sine
+        assert abs(windowed[t, j] - values[t - 1, j]) < values[:, j].std()
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, windowed, ids))
+
+
+def test_after_a_level_shift_the_windows_take_the_new_level(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A series that jumps and stays: its first value is stood in for, the rest enter its
+    window as they come, and its forecasts follow the new level."""
+    values = sine_steps(4, 200, seed=9)
+    values[100:, 1] += 20 * values[:, 1].std()
+    ids = fill(redis_client, keys.input, values)
+    drain(settings_for(redis_url, keys), trained_sines)
+    windowed = stood_in(redis_client, keys, values, ids)
+    assert np.argwhere(windowed != values).tolist() == [[100, 1]]
+    got = assert_forecasts(redis_client, keys.output, expected(trained_sines, windowed, ids))
+    last = json.loads(got[ids[-3]][b"yhat"])[0]  # series 1's last forecast
+    assert abs(last - values[-1, 1]) < values[:100, 1].std()
 
 
 def test_with_coverage_zero_there_are_no_intervals_and_no_anomalies(

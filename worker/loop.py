@@ -25,6 +25,7 @@ every reply still due.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -358,7 +359,17 @@ class Worker:
         made[part.forecast] = yhat
         scale = np.zeros(part.forecast.size)
         scale[part.forecast] = window_scale(part.windows, self.window)
-        scored = lane.scorer.update(part.slots, part.values, made, scale, time.monotonic())
+        attn = attn.copy()
+        scored = lane.scorer.update(
+            part.slots,
+            part.values,
+            made,
+            scale,
+            time.monotonic(),
+            stand_in=functools.partial(self._stand_in, part, made, scale, attn)
+            if self.settings.stand_in_anomalies
+            else None,
+        )
         self.metrics.scored_forecasts(scored.count, self.scores)
         if id_key(entries[-1][0]) > id_key(state.last_id):
             state.last_id = entries[-1][0]
@@ -366,10 +377,11 @@ class Worker:
         positions = np.flatnonzero(part.kept)  # of the kept entries, in the batch
         intervals = lane.scorer.half_width is not None
         out = part.forecast
+        yhat = made[out]
         if not part.publish.all():  # re-read entries, acked before: published then
             out = part.forecast & part.publish
             sent = part.publish[part.forecast]
-            yhat, attn = yhat[sent], attn[sent]
+            yhat, attn = made[out], attn[sent]
         forecasts = Forecasts(
             positions[out],
             yhat,
@@ -398,6 +410,39 @@ class Worker:
             state=saved or None,
             handled=state.last_id,
         )
+
+    def _stand_in(
+        self,
+        part: _Part,
+        made: np.ndarray,
+        scale: np.ndarray,
+        attn: np.ndarray,
+        at: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        """The anomalies at positions ``at`` of ``part``'s kept values stood in for by
+        ``values`` in their windows (worker.online.scoring), and every forecast of ``part``
+        whose window held one made again (``made``, ``scale`` and ``attn`` rewritten in
+        place): what those forecasts would have been had each series come one value a
+        batch."""
+        state, slots = part.lane.state, part.slots
+        rows = np.cumsum(part.forecast) - 1  # each kept value's row of windows, if forecast
+        redo = []
+        for p, value in zip(at.tolist(), values.tolist(), strict=True):
+            later = np.flatnonzero(slots[p:] == slots[p]) + p  # its series, from it on
+            if not state.replace(int(slots[p]), later.size - 1, value):
+                continue
+            back = np.arange(later.size)  # how far before each later value it came
+            made_at = part.forecast[later] & (back < self.context)
+            later, back = later[made_at], back[made_at]
+            part.windows[rows[later], self.context - 1 - back] = value
+            redo.append(later)
+        if not redo or self.engine is None:
+            return
+        again = np.unique(np.concatenate(redo))
+        windows = part.windows[rows[again]]
+        made[again], attn[rows[again]] = self._forecast(windows)
+        scale[again] = window_scale(windows, self.window)
 
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.engine is None or windows.shape[0] == 0:

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     coverage: float = Field(default=0.9, ge=0, lt=1)
     # A value this many interval half-widths from its one-step forecast is an anomaly.
     anomaly_threshold: float = Field(default=5.0, gt=0)
+    # An anomaly's value enters its window as the forecast it broke, held near the value
+    # before it (only the first of a run): later forecasts and fine-tunes do not read it.
+    stand_in_anomalies: bool = True
     max_series: int = Field(default=100_000, ge=1)  # bounds memory: series x window
     checkpoint_interval_s: float = Field(default=5.0, gt=0)  # window state to Redis
     claim_idle_ms: int = Field(default=30_000, ge=0)  # a dead consumer's entries, after

@@ -215,6 +215,19 @@ class WindowState:
         # Full windows, most often all of them: then as they are, not copied once more.
         return full, windows if full.all() or not gather else windows[full]
 
+    def replace(self, slot: int, back: int, value: float) -> bool:
+        """Put ``value`` in the place of the value ``back`` values before ``slot``'s newest
+        (0: the newest), in its window and its history where they still hold it; False
+        where it came before the series' fresh start (idle), and is in neither."""
+        at = int(self._count[slot]) - 1 - back
+        if at < 0:
+            return False
+        if back < self.window:
+            self._ring[slot, at % self.window] = value
+        if slot < self.history_slots and back < self.length:
+            self._history[slot, at % self.length] = value
+        return True
+
     def holds(self, slots: np.ndarray, ids: Sequence[bytes]) -> np.ndarray:
         """Restored and re-reading: which of these entries (of these slots) the
         restored windows already hold. All False once the re-read is over."""

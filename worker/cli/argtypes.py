@@ -45,6 +45,16 @@ def rate(text: str) -> float:
     return value
 
 
+def switch(text: str) -> bool:
+    """on or off (also true/false, yes/no, 1/0)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def counts(text: str) -> tuple[int, ...]:
     """Whole numbers >= 1, comma-separated: ``1,2,4``."""
     return tuple(positive(part.strip()) for part in text.split(","))

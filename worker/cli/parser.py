@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import counts, fraction, number, positive, rate, whole
+from worker.cli.argtypes import counts, fraction, number, positive, rate, switch, whole
 
 EXIT_USAGE = 2
 DESCRIPTION = (
@@ -215,6 +215,12 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--output-maxlen", "output_maxlen", positive, "approximate cap on the output stream"),
     ("--coverage", "coverage", float, "prediction intervals' coverage, 0: none (default 0.9)"),
     ("--anomaly-threshold", "anomaly_threshold", float, "anomaly: this many half-widths (5)"),
+    (
+        "--stand-in-anomalies",
+        "stand_in_anomalies",
+        switch,
+        "on/off: anomalies enter windows as forecasts (on)",
+    ),
     ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
     ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
     ("--lease-ttl-ms", "lease_ttl_ms", positive, "the lease's time to live (default 10000)"),
