@@ -124,7 +124,9 @@ def stood_in(
 ) -> np.ndarray:
     """``values`` (points, series; ``ids`` their input ids, row by row) as the windows of
     the worker that published ``keys.anomalies`` hold them: each event's value replaced by
-    the forecast it broke, unless the value before it in its series was."""
+    the forecast it broke, unless the value before it in its series was. Exact where that
+    forecast lies within reach of the value before it (worker.online.scoring.STAND_IN_REACH
+    of the series' usual changes), as on smooth sines; elsewhere the worker holds it nearer."""
     out = values.copy()
     at = {entry_id: k for k, entry_id in enumerate(ids)}
     events = sorted(

@@ -359,14 +359,13 @@ class Worker:
         made[part.forecast] = yhat
         scale = np.zeros(part.forecast.size)
         scale[part.forecast] = window_scale(part.windows, self.window)
-        attn = attn.copy()
         scored = lane.scorer.update(
             part.slots,
             part.values,
             made,
             scale,
             time.monotonic(),
-            stand_in=functools.partial(self._stand_in, part, made, scale, attn)
+            stand_in=functools.partial(self._stand_in, part, made, scale, yhat, attn)
             if self.settings.stand_in_anomalies
             else None,
         )
@@ -377,11 +376,10 @@ class Worker:
         positions = np.flatnonzero(part.kept)  # of the kept entries, in the batch
         intervals = lane.scorer.half_width is not None
         out = part.forecast
-        yhat = made[out]
         if not part.publish.all():  # re-read entries, acked before: published then
             out = part.forecast & part.publish
             sent = part.publish[part.forecast]
-            yhat, attn = made[out], attn[sent]
+            yhat, attn = yhat[sent], attn[sent]
         forecasts = Forecasts(
             positions[out],
             yhat,
@@ -416,15 +414,16 @@ class Worker:
         part: _Part,
         made: np.ndarray,
         scale: np.ndarray,
+        yhat: np.ndarray,
         attn: np.ndarray,
         at: np.ndarray,
         values: np.ndarray,
     ) -> None:
         """The anomalies at positions ``at`` of ``part``'s kept values stood in for by
         ``values`` in their windows (worker.online.scoring), and every forecast of ``part``
-        whose window held one made again (``made``, ``scale`` and ``attn`` rewritten in
-        place): what those forecasts would have been had each series come one value a
-        batch."""
+        whose window held one made again: rewritten in place in ``made`` and ``scale``
+        (by kept value) and in ``yhat`` and ``attn`` (by window). What those forecasts
+        would have been had each series come one value a batch."""
         state, slots = part.lane.state, part.slots
         rows = np.cumsum(part.forecast) - 1  # each kept value's row of windows, if forecast
         redo = []
@@ -442,6 +441,7 @@ class Worker:
         again = np.unique(np.concatenate(redo))
         windows = part.windows[rows[again]]
         made[again], attn[rows[again]] = self._forecast(windows)
+        yhat[rows[again]] = made[again]
         scale[again] = window_scale(windows, self.window)
 
     def _forecast(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
