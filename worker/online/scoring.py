@@ -219,38 +219,35 @@ class Scorer:
         for name, array in self._arrays().items():
             array[slots] = saved[name]
 
-    def _flags(self, slots: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Which values (distinct slots, each with a forecast) are anomalies, and their
-        scores: ``threshold`` half-widths or more from a forecast that read no followed
-        anomaly."""
+    def _judge(
+        self,
+        idx: np.ndarray,
+        slots: np.ndarray,
+        values: np.ndarray,
+        err: np.ndarray,
+        standing: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Values against their pending intervals (distinct slots, each with a forecast,
+        ``err`` from it): which fell outside (the multiplier learns of each), the anomaly
+        events, rows of (batch position, score, yhat, lo, hi), and which events are stood
+        in for (none unless ``standing``). The others are followed."""
         lo, hi = self._lo[slots], self._hi[slots]
-        err = np.abs(values - self._forecast[slots])
+        miss = (values < lo) | (values > hi)
+        self.adaptive.update(slots, miss)
         half = (hi - lo) / 2
         score = np.divide(err, half, out=np.full_like(err, np.inf), where=half > 0)
         # This value's place after each followed anomaly: 1 is the next value, whose
         # forecast read the anomaly as its newest value (reads[0]).
-        after = np.minimum(self._since[slots] + 1, self.reads.size + 1)  # past: read by none
-        judged = ~np.append(self.reads, False)[after - 1].any(axis=1)
-        return (score >= self.threshold) & judged, score
-
-    def _judge(
-        self, idx: np.ndarray, slots: np.ndarray, values: np.ndarray, standing: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Values against their pending intervals (distinct slots, each with a forecast):
-        which fell outside (the multiplier learns of each), the anomaly events, rows of
-        (batch position, score, yhat, lo, hi), and which events are stood in for (none
-        unless ``standing``). The others are followed."""
-        lo, hi = self._lo[slots], self._hi[slots]
-        miss = (values < lo) | (values > hi)
-        flag, score = self._flags(slots, values)
-        events = np.c_[idx, score, self._forecast[slots], lo, hi][flag]
+        after = self._since[slots] + 1
+        past = self.reads.size + 1  # past the context: read by none
+        judged = ~np.append(self.reads, False)[np.minimum(after, past) - 1].any(axis=1)
+        flag = (score >= self.threshold) & judged
         stood_in = flag & ~self._stood_in[slots] if standing else np.zeros_like(flag)
-        self.adaptive.update(slots, miss)
-        self._since[slots] = np.minimum(self._since[slots] + 1, NEVER)
+        self._since[slots] = np.minimum(after, NEVER)
         self._stood_in[slots] = stood_in
         marked = slots[flag & ~stood_in]  # each replaces its slot's oldest followed anomaly
         self._since[marked, self._since[marked].argmax(axis=1)] = 0
-        return miss, events, stood_in[flag]
+        return miss, np.c_[idx, score, self._forecast[slots], lo, hi][flag], stood_in[flag]
 
     def _stand_ins(self, slots: np.ndarray, broken: np.ndarray) -> np.ndarray:
         """What stands in for an anomaly: the forecast it ``broke``, held within STAND_IN_REACH
@@ -327,7 +324,8 @@ class Scorer:
                 err = np.abs(vo - self._forecast[so])
                 nerr = np.abs(vo - self._last[so])
                 if self.half_width is not None:
-                    miss, events, stood_in = self._judge(idx[ok], so, vo, stand_in is not None)
+                    standing = stand_in is not None
+                    miss, events, stood_in = self._judge(idx[ok], so, vo, err, standing)
                     missed.append(miss)
                     found.append(events)
                     if stand_in is not None and stood_in.any():
