@@ -436,7 +436,7 @@ class Worker:
             later, back = later[made_at], back[made_at]
             part.windows[rows[later], self.context - 1 - back] = value
             redo.append(later)
-        if not redo or self.engine is None:
+        if not redo:  # (stand-ins come only from a model's intervals: an engine serves)
             return
         again = np.unique(np.concatenate(redo))
         windows = part.windows[rows[again]]
