@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnlstm import model as model_module
 from attnlstm.model import CLIP, AttentionLSTM, ModelConfig, one_step_reads
 from attnlstm.synthetic import article_sine
 from attnlstm.train import new_model
@@ -220,6 +221,32 @@ def test_unscaled_mode_runs_in_raw_units() -> None:
     yhat, attn = model(_sine_windows())
     assert yhat.shape == (len(attn), 1)
     assert torch.isfinite(yhat).all()
+
+
+def test_unscaled_mode_clips_a_copy_not_the_input() -> None:
+    """Inputs are clipped in place inside the call: in the model's own dtype, an unscaled
+    input would be that copy itself."""
+    model = new_model(ModelConfig(scaling="none"), seed=0).eval()
+    x = _sine_windows().float() * 10 * CLIP
+    before = x.clone()
+    model(x)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_both_ways_of_taking_tanh_agree(monkeypatch: pytest.MonkeyPatch, sigmoid: bool) -> None:
+    """The attention's tanh is torch's, or on AMD CPUs, where that is slow, made from a
+    sigmoid: the same within float32's rounding, and the forecasts with it."""
+    x = torch.linspace(-12, 12, 10_001)
+    model = new_model(ModelConfig(window=48, lags=(48,)), seed=0).eval()
+    windows = torch.as_tensor(sliding_windows(article_sine(), 96).x[::7], dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(windows)
+        monkeypatch.setattr(model_module, "_SIGMOID_TANH", sigmoid)
+        torch.testing.assert_close(model_module._tanh(x), torch.tanh(x), atol=3e-7, rtol=0)
+        yhat, attn = model(windows)
+    torch.testing.assert_close(yhat, reference[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn, reference[1], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
