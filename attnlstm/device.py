@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import torch
 
 
@@ -16,3 +19,14 @@ def resolve_device(name: str) -> str:
             raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
         return name
     raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+
+
+def cpu_info(field: str) -> str:
+    """The first ``field`` of /proc/cpuinfo (``model name``, ``vendor_id``); empty where
+    there is none (not Linux, or a CPU that does not give it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
+    return ""

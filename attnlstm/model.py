@@ -36,14 +36,14 @@ ahead 0.038), the model alone 0.204 (0.042).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from attnlstm.device import cpu_info
 
 Scaling = Literal["window", "none"]
 CLIP = 5.0  # standardised inputs are clipped to +- this many window deviations
@@ -154,21 +154,12 @@ def profile_changes(z: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return profile[:, 1:] - profile[:, :1]
 
 
-def _cpu_vendor() -> str:
-    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``); empty where unknown."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return ""
-
-
 # Which tanh is fast on the CPU depends on the CPU, not on its instruction set (torch
 # 2.13, AVX-512 on both): for the attention of 1,024 windows of 48 steps, torch.tanh takes
 # 2.6-3.1 ms on an AMD EPYC, where 2 sigmoid(2x) - 1 takes 0.75-0.9 ms; on an Intel Xeon
 # torch.tanh takes 0.27 ms, and the sigmoid form 1.1-1.3. Keyed on the vendor, not timed
 # at start, so that a process forecasts as the one before it did on the same machine.
-_SIGMOID_TANH = _cpu_vendor() == "AuthenticAMD"
+_SIGMOID_TANH = cpu_info("vendor_id") == "AuthenticAMD"
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:

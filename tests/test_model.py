@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from attnlstm import model as model_module
+from attnlstm.device import cpu_info
 from attnlstm.model import CLIP, AttentionLSTM, ModelConfig, one_step_reads
 from attnlstm.synthetic import article_sine
 from attnlstm.train import new_model
@@ -231,6 +233,13 @@ def test_unscaled_mode_clips_a_copy_not_the_input() -> None:
     before = x.clone()
     model(x)
     assert torch.equal(x, before)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="not Linux")
+def test_cpu_info_reads_the_first_of_a_field_and_nothing_for_one_not_there() -> None:
+    """What picks the tanh below (``vendor_id``) and names the bench's CPU."""
+    assert cpu_info("processor") == "0"
+    assert cpu_info("no such field") == ""
 
 
 @pytest.mark.parametrize("sigmoid", [False, True])

@@ -13,7 +13,6 @@ the same run on the same server.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -25,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -35,6 +33,7 @@ from pydantic import SecretStr
 from redis.utils import HIREDIS_AVAILABLE
 
 from attnlstm.checkpoint import Checkpoint, version_of
+from attnlstm.device import cpu_info
 from attnlstm.experiment import seasonal_config
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
@@ -92,14 +91,8 @@ class PerEntryEngine(Engine):
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     out: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_info("model name") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
