@@ -69,6 +69,49 @@ def sliding_windows_many(series: Sequence[np.ndarray], window: int, horizon: int
     )
 
 
+def sampled_windows(
+    series: Sequence[np.ndarray],
+    window: int,
+    horizon: int,
+    spans: Sequence[tuple[int, int]],
+    limit: int,
+    seed: int,
+) -> Windows:
+    """The windows of several series whose targets start in each series' span
+    ``[first, stop)`` (clipped to where a window fits): all of them or, where they number
+    more than ``limit``, a random ``limit`` of them (by ``seed``), in order. Only those
+    are built: a day-ahead model reads 817 values a window, and every window of 1,000
+    series of 1,360 values would be 3 GB.
+
+    >>> w = sampled_windows([np.arange(8.0)], 3, 1, [(4, 8)], limit=2, seed=0)
+    >>> w.x.shape, w.start.tolist() == sorted(w.start.tolist()), set(w.start) <= {4, 5, 6, 7}
+    ((2, 3), True, True)
+    """
+    if len(spans) != len(series):
+        raise ValueError(f"{len(series)} series but {len(spans)} spans")
+    firsts = np.array([max(first, window) for first, _ in spans], dtype=np.int64)
+    stops = np.array(
+        [min(stop, len(s) - horizon + 1) for s, (_, stop) in zip(series, spans, strict=True)],
+        dtype=np.int64,
+    )
+    counts = np.maximum(stops - firsts, 0)
+    total = int(counts.sum())
+    picked = np.arange(total)
+    if total > limit:
+        picked = np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+    ends = np.cumsum(counts)
+    which = np.searchsorted(ends, picked, side="right")  # the series of each pick
+    start = firsts[which] + picked - (ends - counts)[which]
+    x, y = np.empty((picked.size, window)), np.empty((picked.size, horizon))
+    keys, at, lengths = np.unique(which, return_index=True, return_counts=True)  # sorted
+    for k, lo, n in zip(keys, at, lengths, strict=True):
+        views = sliding_window_view(np.asarray(series[k], dtype=np.float64), window + horizon)
+        rows = slice(lo, lo + n)
+        chosen = views[start[rows] - window]
+        x[rows], y[rows] = chosen[:, :window], chosen[:, window:]
+    return Windows(x, y, start, which.astype(np.int64))
+
+
 def split_point(length: int, val_fraction: float) -> int:
     """Index where a series of ``length`` points enters its held-out tail."""
     if not 0.0 < val_fraction < 1.0:

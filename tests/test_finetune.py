@@ -8,15 +8,14 @@ import pytest
 from attnlstm.checkpoint import dumps, loads
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines
-from worker.online.finetune import FinetuneConfig, Job, NotEnoughDataError, run_job
+from worker.online.finetune import MAX_WINDOWS, FinetuneConfig, Job, NotEnoughDataError, run_job
 
 SPEC = SineSpec(n_series=40, n_points=200, noise=0.02)
 
 
 def job(model: AttentionLSTM | None, histories: list[np.ndarray]) -> Job:
     serving = dumps(model)[0] if model is not None else None
-    names = [f"s{i}" for i in range(len(histories))]
-    return Job(names=names, histories=histories, config=FinetuneConfig(), serving=serving)
+    return Job(histories=histories, config=FinetuneConfig(), serving=serving)
 
 
 def test_after_a_drift_the_candidate_wins_and_is_promoted(trained_sines: AttentionLSTM) -> None:
@@ -60,3 +59,19 @@ def test_a_cold_start_model_must_beat_the_naive_forecast() -> None:
 def test_too_little_history_is_said_so(trained_sines: AttentionLSTM) -> None:
     with pytest.raises(NotEnoughDataError, match="no series has the"):
         run_job(job(trained_sines, [np.arange(30.0)]))
+
+
+def test_a_fine_tune_reads_a_bounded_sample_however_many_series_it_is_given(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """400 series of 200 values: their training parts hold 43,200 windows, their
+    validation parts 12,800 and their gate slices 16,000; a fine-tune reads ``steps``
+    batches and MAX_WINDOWS of them, drawn from every series, and gates on those."""
+    histories = list(make_sines(SineSpec(n_series=400, n_points=200, noise=0.02), seed=14).values)
+    outcome = run_job(job(trained_sines, histories))
+    config = FinetuneConfig()
+    assert outcome.scores["train_windows"] == config.steps * config.batch_size
+    assert outcome.scores["val_windows"] == outcome.scores["gate_windows"] == MAX_WINDOWS
+    assert f"of 400 series ({MAX_WINDOWS} windows)" in outcome.reason
+    assert 0 < outcome.scores["mase"] < 1
+    assert 0 < outcome.scores["serving_mase"] < 1

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnlstm.windows import sliding_windows, sliding_windows_many, split_point, time_split
+from attnlstm.windows import (
+    sampled_windows,
+    sliding_windows,
+    sliding_windows_many,
+    split_point,
+    time_split,
+)
 
 
 def _loop_windows(values: np.ndarray, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,3 +77,29 @@ def test_split_point_rejects_a_bad_fraction() -> None:
     assert split_point(1000, 0.2) == 800
     with pytest.raises(ValueError, match="val_fraction"):
         split_point(1000, 1.0)
+
+
+def test_sampled_windows_are_the_sliding_windows_in_each_span() -> None:
+    rng = np.random.default_rng(1)
+    series = [rng.normal(size=n) for n in (40, 9, 55)]
+    spans = [(12, 30), (0, 100), (50, 100)]  # the second is clipped to where windows fit
+    everything = sliding_windows_many(series, 6, 2)
+    first, stop = np.array(spans)[everything.series].T
+    inside = (first <= everything.start) & (everything.start < stop)
+    want = everything.take(inside)
+    got = sampled_windows(series, 6, 2, spans, limit=10_000, seed=0)  # fewer: all of them
+    for field in ("x", "y", "start", "series"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+    sample = sampled_windows(series, 6, 2, spans, limit=7, seed=3)
+    assert len(sample) == 7
+    keys = set(zip(want.series.tolist(), want.start.tolist(), strict=True))
+    picked = list(zip(sample.series.tolist(), sample.start.tolist(), strict=True))
+    assert len(set(picked)) == 7
+    assert set(picked) <= keys
+    assert picked == sorted(picked)
+    for x, y, k, s in zip(sample.x, sample.y, sample.series, sample.start, strict=True):
+        np.testing.assert_array_equal(x, series[k][s - 6 : s])
+        np.testing.assert_array_equal(y, series[k][s : s + 2])
+    again = sampled_windows(series, 6, 2, spans, limit=7, seed=3)
+    np.testing.assert_array_equal(again.start, sample.start)  # the seed decides

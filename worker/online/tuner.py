@@ -239,7 +239,6 @@ class Tuner:
     def _submit(self, histories: Histories, cold: bool) -> None:
         names, values = histories()
         job = Job(
-            names=names,
             histories=values,
             config=self.config,
             serving=self._serving,
