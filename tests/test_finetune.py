@@ -8,7 +8,14 @@ import pytest
 from attnlstm.checkpoint import dumps, loads
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines
-from worker.online.finetune import MAX_WINDOWS, FinetuneConfig, Job, NotEnoughDataError, run_job
+from worker.online.finetune import (
+    GATE_WINDOWS,
+    VAL_WINDOWS,
+    FinetuneConfig,
+    Job,
+    NotEnoughDataError,
+    run_job,
+)
 
 SPEC = SineSpec(n_series=40, n_points=200, noise=0.02)
 
@@ -66,12 +73,13 @@ def test_a_fine_tune_reads_a_bounded_sample_however_many_series_it_is_given(
 ) -> None:
     """400 series of 200 values: their training parts hold 43,200 windows, their
     validation parts 12,800 and their gate slices 16,000; a fine-tune reads ``steps``
-    batches and MAX_WINDOWS of them, drawn from every series, and gates on those."""
+    batches, VAL_WINDOWS and GATE_WINDOWS of them, drawn from every series, and gates on those."""
     histories = list(make_sines(SineSpec(n_series=400, n_points=200, noise=0.02), seed=14).values)
     outcome = run_job(job(trained_sines, histories))
     config = FinetuneConfig()
     assert outcome.scores["train_windows"] == config.steps * config.batch_size
-    assert outcome.scores["val_windows"] == outcome.scores["gate_windows"] == MAX_WINDOWS
-    assert f"of 400 series ({MAX_WINDOWS} windows)" in outcome.reason
+    assert outcome.scores["val_windows"] == VAL_WINDOWS
+    assert outcome.scores["gate_windows"] == GATE_WINDOWS
+    assert f"of 400 series ({GATE_WINDOWS} windows)" in outcome.reason
     assert 0 < outcome.scores["mase"] < 1
     assert 0 < outcome.scores["serving_mase"] < 1
