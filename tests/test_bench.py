@@ -44,6 +44,11 @@ def test_a_small_bench_drains_everything_and_reports(
     for m in models.values():
         assert m["drain"]["entries"] == m["drain"]["forecasts"] == 3_000  # all forecast
         assert m["windows_per_s"] > 0
+        tune = m["finetune"]  # one fine-tune on the plan's series, the history kept for it
+        assert tune["series"] == 50
+        assert tune["values"] == (200 if m["context"] == 20 else 1_360)
+        assert tune["seconds"] > 0
+        assert tune["rss_mb"] >= tune["rss_start_mb"] > 0
     assert sorted((m["context"], m["horizon"]) for m in models.values()) == [
         (20, 1),
         (20, 1),
@@ -52,6 +57,7 @@ def test_a_small_bench_drains_everything_and_reports(
     text = format_report(report)
     assert "| 48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals" in text
     assert "| worker (batched) | 3,000 |" in text
+    assert "weekly cycle) | 50 | 1,360 |" in text  # the day-ahead model's fine-tune
     assert "p99" in text
     assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself
 

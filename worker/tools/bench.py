@@ -13,6 +13,7 @@ the same run on the same server.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -23,6 +24,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -32,11 +34,11 @@ import torch
 from pydantic import SecretStr
 from redis.utils import HIREDIS_AVAILABLE
 
-from attnlstm.checkpoint import Checkpoint, version_of
+from attnlstm.checkpoint import Checkpoint, dumps, version_of
 from attnlstm.device import cpu_info
 from attnlstm.experiment import seasonal_config
 from attnlstm.model import AttentionLSTM, ModelConfig
-from attnlstm.synthetic import sine_steps
+from attnlstm.synthetic import SineSpec, make_sines, sine_steps
 from attnlstm.train import new_model
 from worker.attempts import Mark
 from worker.contract import BOUND_DIGITS, FORECAST_FIELDS, YHAT_DIGITS, decimal_rows, entry_ms
@@ -45,6 +47,7 @@ from worker.engine import Engine
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library
 from worker.loop import BURST_BLOCK_MS, Worker
+from worker.online.finetune import FinetuneConfig, Job, init_process, min_points, run_job
 from worker.settings import Settings
 from worker.streams import (
     Command,
@@ -500,9 +503,50 @@ def _model_runs(
             "horizon": engine.horizon,
             "windows_per_s": _windows_per_s(engine, plan.max_batch),
             "drain": _median(done),
+            "finetune": _finetune_cost(engine.model, plan.series),
         }
         for name, engine, done in zip(COST_MODELS, engines, drains, strict=True)
     ]
+
+
+def _finetune_cost(model: AttentionLSTM, n_series: int) -> dict[str, float]:
+    """One fine-tune of ``model`` as the worker runs it (a child process, one torch
+    thread, nice 10) on ``n_series`` sines of the history the worker keeps for it: its
+    seconds and the process's peak RSS, before the job and after."""
+    config = model.config
+    default = Settings.model_fields["history_len"].default
+    length = max(default, min_points(config.context, config.horizon, FinetuneConfig().holdout))
+    histories = list(make_sines(SineSpec(n_series=n_series, n_points=length), seed=1).values)
+    job = Job(histories=histories, config=FinetuneConfig(), serving=dumps(model)[0])
+    log.info("one fine-tune: %d series of %d values, %d ahead", n_series, length, config.horizon)
+    # a fresh process for each, so that each peak is its own
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_process, initargs=(1,)) as pool:
+        seconds, before, after = pool.submit(_timed_job, job).result()
+    return {
+        "series": n_series,
+        "values": length,
+        "seconds": seconds,
+        "rss_start_mb": before,
+        "rss_mb": after,
+    }
+
+
+def _timed_job(job: Job) -> tuple[float, float, float]:
+    before = _peak_rss_mb()
+    started = time.perf_counter()
+    run_job(job)
+    return round(time.perf_counter() - started, 2), before, _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: Linux's VmHWM, its own since its exec, where ru_maxrss
+    starts from its parent's peak (the bench's, 700 MB); elsewhere ru_maxrss."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _windows_per_s(engine: Engine, batch: int) -> float:
@@ -572,6 +616,16 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['drain']['entries_per_s']:,.0f} "
             f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} |"
             for r in report["models"]
+        ),
+        "",
+        "| model fine-tuned | series | values each | seconds "
+        "| peak RSS of the fine-tuning process, MB (before the job) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {r['name']} | {f['series']:,} | {f['values']:,} | {f['seconds']:.1f} "
+            f"| {f['rss_mb']:,.0f} ({f['rss_start_mb']:,.0f}) |"
+            for r in report["models"]
+            for f in [r["finetune"]]
         ),
     ]
     return "\n".join(lines)
