@@ -45,7 +45,7 @@ from worker.engine import Engine, check_fits
 from worker.keys import Keys
 from worker.lease import ensure_library, process_token
 from worker.metrics import Metrics
-from worker.online.finetune import min_points
+from worker.online.finetune import history_kept
 from worker.online.scoring import Overall, Scorer
 from worker.online.store import ModelStore
 from worker.online.tuner import COLD_START_MODEL, Tuner
@@ -567,9 +567,7 @@ class Worker:
         s = self.settings
         return WindowState(
             window=self.context,
-            # A fine-tune needs this much history to learn from (a seasonal model's
-            # context is several cycles long).
-            length=max(s.history_len, min_points(self.context, self.horizon, s.finetune_holdout)),
+            length=history_kept(s.history_len, self.context, self.horizon, s.finetune_holdout),
             max_series=s.max_series,
             idle_ms=int(s.series_idle_s * 1000),
             history_series=-(-s.history_series // s.partitions),  # the pool's, spread

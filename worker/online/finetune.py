@@ -81,6 +81,12 @@ def min_points(context: int, horizon: int, holdout: float) -> int:
     return math.ceil((context + horizon + 4) / (1 - holdout) ** 2) + 2
 
 
+def history_kept(history_len: int, context: int, horizon: int, holdout: float) -> int:
+    """The values the worker keeps per series: ``history_len``, or what a fine-tune of
+    the model needs where that is more (a seasonal model's context is several cycles)."""
+    return max(history_len, min_points(context, horizon, holdout))
+
+
 def init_process(threads: int) -> None:
     """The fine-tuning process: few threads, below the serving path in priority, and
     deaf to Ctrl-C (it reaches the whole process group; the worker stops this process)."""

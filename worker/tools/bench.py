@@ -47,7 +47,7 @@ from worker.engine import Engine
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library
 from worker.loop import BURST_BLOCK_MS, Worker
-from worker.online.finetune import FinetuneConfig, Job, init_process, min_points, run_job
+from worker.online.finetune import FinetuneConfig, Job, history_kept, init_process, run_job
 from worker.settings import Settings
 from worker.streams import (
     Command,
@@ -515,7 +515,7 @@ def _finetune_cost(model: AttentionLSTM, n_series: int) -> dict[str, float]:
     seconds and the process's peak RSS, before the job and after."""
     config = model.config
     default = Settings.model_fields["history_len"].default
-    length = max(default, min_points(config.context, config.horizon, FinetuneConfig().holdout))
+    length = history_kept(default, config.context, config.horizon, FinetuneConfig().holdout)
     histories = list(make_sines(SineSpec(n_series=n_series, n_points=length), seed=1).values)
     job = Job(histories=histories, config=FinetuneConfig(), serving=dumps(model)[0])
     log.info("one fine-tune: %d series of %d values, %d ahead", n_series, length, config.horizon)
