@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -542,11 +544,20 @@ def _timed_job(job: Job) -> tuple[float, float, float]:
 def _peak_rss_mb() -> float:
     """This process's peak RSS: Linux's VmHWM, its own since its exec, where ru_maxrss
     starts from its parent's peak (the bench's, 700 MB); elsewhere ru_maxrss."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
+    peak = proc_status_mb(os.getpid(), "VmHWM")
+    if math.isnan(peak):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return peak
+
+
+def proc_status_mb(pid: int, field: str) -> float:
+    """A memory field of a process's /proc status (VmRSS, VmHWM) in MB; NaN where there
+    is none (not Linux, or the process is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return math.nan
 
 
 def _windows_per_s(engine: Engine, batch: int) -> float:

@@ -56,7 +56,7 @@ from worker.streams import (
     read_groups,
     read_streams,
 )
-from worker.tools.bench import machine, raw_call, raw_forecasts
+from worker.tools.bench import machine, proc_status_mb, raw_call, raw_forecasts
 
 log = logging.getLogger("attnlstm.bench")
 
@@ -249,7 +249,7 @@ def _timed(
         pipe.execute()
         _wait(lambda: _drained(client, parts), "the drain", poll_s=0.02)
         seconds = time.perf_counter() - started
-        rss = [_rss_mb(pid) for pid in pids]
+        rss = [proc_status_mb(pid, "VmRSS") for pid in pids]
     return {
         "entries": plan.entries,
         "seconds": round(seconds, 3),
@@ -302,14 +302,6 @@ def _wait(condition: Any, what: str, *, poll_s: float = 0.05, timeout_s: float =
         if time.monotonic() > deadline:
             raise RuntimeError(f"bench: timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
-
-
-def _rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def format_pool_report(report: dict[str, Any]) -> str:
