@@ -16,7 +16,14 @@ from attnlstm.data import DataError, Dataset, load_dataset
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.partition import partition_of
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
-from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
+from attnlstm.windows import (
+    SeriesWindows,
+    Windows,
+    sliding_windows,
+    sliding_windows_many,
+    split_windows,
+    time_split,
+)
 
 __all__ = [
     "AttentionLSTM",
@@ -25,6 +32,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "ModelConfig",
+    "SeriesWindows",
     "TrainConfig",
     "TrainResult",
     "Windows",
@@ -38,6 +46,7 @@ __all__ = [
     "save",
     "sliding_windows",
     "sliding_windows_many",
+    "split_windows",
     "time_split",
     "version_of",
 ]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from attnlstm.model import CLIP, AttentionLSTM, profile_changes
-from attnlstm.windows import Windows
+from attnlstm.windows import Windows, evenly
 
 GRID = np.linspace(0.0, 1.0, 11)  # the values of the shares a, b and c
 DAMPING = np.linspace(0.0, 0.95, 20)  # the damped trend's factors phi, as in ETS: 0 is none
@@ -73,12 +73,8 @@ def fit_blend(model: AttentionLSTM, windows: Windows, yhat: np.ndarray) -> Blend
     (N, horizon) of ``windows``: one damping factor over all steps, then per step the
     model's and the seasonal naive's shares."""
     config = model.config
-    if len(windows) > MAX_WINDOWS:
-        keep = np.linspace(0, len(windows) - 1, MAX_WINDOWS).round().astype(np.int64)
-        windows = Windows(
-            windows.x[keep], windows.y[keep], windows.start[keep], windows.series[keep]
-        )
-        yhat = yhat[keep]
+    keep = evenly(len(windows), MAX_WINDOWS)
+    windows, yhat = windows.take(keep), yhat[keep]
     z, mean, std = _standardised(windows.x, config.window, config.scaling == "window")
     last = z[:, -1:]  # the model's skip reads it unclipped, its linear map clipped
     clipped = np.clip(z, -CLIP, CLIP)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from attnlstm.blend import Blend, fit_blend, fold
 from attnlstm.intervals import Spread, calibrate, window_scale
 from attnlstm.model import AttentionLSTM, ModelConfig
-from attnlstm.windows import Windows
+from attnlstm.windows import SeriesWindows, Windows
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,13 @@ def scaled_loss(
     return torch.mean(err if weights is None else err * weights)
 
 
-def lead_weights(windows: Windows, window: int) -> np.ndarray:
+def lead_weights(windows: Windows | SeriesWindows, window: int) -> np.ndarray:
     """Per step ahead, the inverse of the naive forecast's mean squared error there (in
     window-standardised units), normalised to mean 1: without them, the far steps'
     errors, many times the next step's, would set the whole loss, and a day-ahead model
     would forecast the next value worse than a one-step model does."""
+    if isinstance(windows, SeriesWindows):
+        windows = windows.recent(window).build()
     recent = windows.x[:, -window:]
     std = recent.std(axis=1, keepdims=True)
     err = ((windows.y - recent[:, -1:]) / np.where(std > 0, std, 1.0)) ** 2
@@ -106,14 +109,21 @@ def lead_weights(windows: Windows, window: int) -> np.ndarray:
 
 
 def predict(
-    model: AttentionLSTM, x: np.ndarray, *, batch_size: int = 4096, device: str = "cpu"
+    model: AttentionLSTM,
+    x: np.ndarray | SeriesWindows,
+    *,
+    batch_size: int = 4096,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context)."""
+    """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context), or
+    for unbuilt windows, built a batch at a time."""
     model.eval()
     ys, attns = [], []
     with torch.inference_mode():
-        for i in range(0, x.shape[0], batch_size):
-            xb = torch.as_tensor(x[i : i + batch_size], dtype=torch.float64, device=device)
+        for i in range(0, len(x), batch_size):
+            part = slice(i, i + batch_size)
+            rows = x.build(part).x if isinstance(x, SeriesWindows) else x[part]
+            xb = torch.as_tensor(rows, dtype=torch.float64, device=device)
             yhat, attn = model(xb)
             ys.append(yhat.double().cpu().numpy())
             attns.append(attn.double().cpu().numpy())
@@ -125,14 +135,17 @@ def predict(
 
 def fit(
     model: AttentionLSTM,
-    train: Windows,
+    train: Windows | SeriesWindows,
     val: Windows,
     config: TrainConfig,
     *,
     device: str = "cpu",
     progress: bool = False,
 ) -> TrainResult:
-    """Train ``model`` in place; on return it holds the best validation weights."""
+    """Train ``model`` in place; on return it holds the best validation weights.
+
+    ``train`` as :class:`SeriesWindows` is gathered a batch at a time (the same values,
+    so the same model, as its built windows give)."""
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"need training and validation windows, got {len(train)} and {len(val)}: "
@@ -141,7 +154,7 @@ def fit(
     torch.manual_seed(config.seed)
     shuffle = torch.Generator().manual_seed(config.seed)
     model.to(device)
-    xt, yt = _tensors(train, device)
+    take = _batches(train, device)
     xv, yv = _tensors(val, device)
     weights = torch.as_tensor(lead_weights(train, model.config.window), device=device)
     epochs = config.epochs or auto_epochs(len(train), config.batch_size)
@@ -154,7 +167,8 @@ def fit(
     started = time.perf_counter()
     with tqdm(total=epochs, desc="train", unit="epoch", disable=not progress) as bar:
         for epoch in range(1, epochs + 1):
-            result.train_loss.append(_epoch(model, optimiser, xt, yt, weights, config, shuffle))
+            loss = _epoch(model, optimiser, take, len(train), weights, config, shuffle)
+            result.train_loss.append(loss)
             schedule.step()
             result.val_loss.append(_evaluate(model, xv, yv, weights))
             result.epochs_run = epoch
@@ -185,27 +199,48 @@ def _tensors(windows: Windows, device: str) -> tuple[torch.Tensor, torch.Tensor]
     return x, y
 
 
+Take = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _batches(windows: Windows | SeriesWindows, device: str) -> Take:
+    """Rows of the training windows -> their (inputs, targets) on the device: from the
+    built windows' tensors, or gathered from the series' values."""
+    if isinstance(windows, Windows):
+        x, y = _tensors(windows, device)
+        return lambda rows: (x[rows], y[rows])
+    values = torch.as_tensor(windows.values, dtype=torch.float64, device=device)
+    first = torch.as_tensor(windows.first, device=device)
+    inputs = torch.arange(-windows.window, 0, device=device)
+    targets = torch.arange(windows.horizon, device=device)
+
+    def take(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = first[rows].unsqueeze(1)
+        return values[at + inputs], values[at + targets]
+
+    return take
+
+
 def _epoch(
     model: AttentionLSTM,
     optimiser: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    take: Take,
+    size: int,
     weights: torch.Tensor,
     config: TrainConfig,
     shuffle: torch.Generator,
 ) -> float:
     model.train()
-    order = torch.randperm(x.shape[0], generator=shuffle).to(x.device)
+    order = torch.randperm(size, generator=shuffle).to(weights.device)
     total = 0.0
-    for i in range(0, x.shape[0], config.batch_size):
+    for i in range(0, size, config.batch_size):
         idx = order[i : i + config.batch_size]
         optimiser.zero_grad(set_to_none=True)
-        loss = scaled_loss(model, x[idx], y[idx], weights)
+        loss = scaled_loss(model, *take(idx), weights)
         loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimiser.step()
         total += loss.item() * idx.shape[0]
-    return total / x.shape[0]
+    return total / size
 
 
 def _evaluate(

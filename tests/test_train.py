@@ -19,7 +19,13 @@ from attnlstm.experiment import (
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_loss
-from attnlstm.windows import Windows, sliding_windows, sliding_windows_many, time_split
+from attnlstm.windows import (
+    Windows,
+    sliding_windows,
+    sliding_windows_many,
+    split_windows,
+    time_split,
+)
 
 
 def test_loss_refuses_the_articles_broadcasting_shapes() -> None:
@@ -35,11 +41,11 @@ def test_article_sine_is_forecast_not_flattened() -> None:
     dataset = load_dataset("sine")
     model, result, metrics = train_model(dataset, ModelConfig(), TrainConfig(epochs=60, seed=0))
     assert metrics["val_mse"] < metrics["naive_mse"] / 20
-    split = split_dataset(dataset, 20, 1, 0.2)
-    yhat, _ = predict(model, split.val.x)
-    assert yhat.shape == split.val.y.shape
+    val = split_dataset(dataset, 20, 1, 0.2).val.build()
+    yhat, _ = predict(model, val.x)
+    assert yhat.shape == val.y.shape
     # a flat line has no spread; a forecast has the truth's
-    assert np.std(yhat) == pytest.approx(np.std(split.val.y), rel=0.05)
+    assert np.std(yhat) == pytest.approx(np.std(val.y), rel=0.05)
     assert result.epochs_run <= 60
 
 
@@ -59,6 +65,31 @@ def test_same_seed_same_model() -> None:
     assert runs[0][1] == runs[1][1]
     for name, tensor in runs[0][2].items():
         assert torch.equal(tensor, runs[1][2][name]), name
+
+
+def test_unbuilt_windows_train_the_model_built_ones_do() -> None:
+    # Gathered a batch at a time from the series' values, the training windows of a
+    # seasonal model (lags and a profile: a context of 10 periods) are the same values,
+    # so the same model, loss for loss and weight for weight.
+    rng = np.random.default_rng(4)
+    t = np.arange(400)
+    series = [a * np.sin(2 * np.pi * t / 8) + rng.normal(0, 0.1, t.size) for a in (1, 3)]
+    config = ModelConfig(
+        window=8, horizon=4, lags=(8, 48, 56), period=8, profile_weeks=1, hidden_size=4
+    )
+    lazy, val = split_windows(series, config.context, config.horizon, 0.2)
+    built = lazy.build()
+    runs = []
+    for train in (lazy, built):
+        model = new_model(config, seed=1)
+        result = fit(model, train, val.build(), TrainConfig(epochs=2, seed=1))
+        runs.append((result.train_loss, result.val_loss, model.state_dict()))
+    assert runs[0][:2] == runs[1][:2]
+    for name, tensor in runs[0][2].items():
+        assert torch.equal(tensor, runs[1][2][name]), name
+    np.testing.assert_array_equal(
+        predict(model, val, batch_size=7)[0], predict(model, val.build().x)[0]
+    )
 
 
 def test_best_weights_are_kept_and_patience_stops_early() -> None:

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from attnlstm.windows import (
+    evenly,
     sampled_windows,
     sliding_windows,
     sliding_windows_many,
     split_point,
+    split_windows,
     time_split,
 )
 
@@ -71,6 +73,32 @@ def test_time_split_has_no_target_on_both_sides() -> None:
         assert set(train.y[tr].ravel()).isdisjoint(val.y[va].ravel())
         # windows straddling the cut are the only ones dropped
         assert tr.sum() + va.sum() == (n - 5 - 3 + 1) - 2
+
+
+def test_split_windows_are_the_time_split_sliding_windows_unbuilt() -> None:
+    rng = np.random.default_rng(2)
+    series = [rng.normal(size=n) for n in (100, 9, 37, 60)]  # the second has no window
+    lengths = [len(s) for s in series]
+    want = time_split(sliding_windows_many(series, 6, 3), lengths, 0.25)
+    got = split_windows(series, 6, 3, 0.25)
+    for w, g in zip(want, got, strict=True):
+        assert len(g) == len(w) > 0
+        built = g.build()
+        for field in ("x", "y", "start", "series"):
+            np.testing.assert_array_equal(getattr(built, field), getattr(w, field))
+        rows = np.array([len(w) - 1, 0, 3])
+        np.testing.assert_array_equal(g.build(rows).x, w.x[rows])
+        np.testing.assert_array_equal(g.recent(2).build().x, w.x[:, -2:])
+        np.testing.assert_array_equal(g.recent(2).build().y, w.y)
+    with pytest.raises(ValueError, match="window must be in"):
+        got[0].recent(7)
+
+
+def test_evenly_keeps_the_ends_and_at_most_the_limit() -> None:
+    assert evenly(10, 10) == slice(None)
+    rows = evenly(1000, 7)
+    assert isinstance(rows, np.ndarray)
+    assert rows.tolist() == [0, 166, 333, 500, 666, 832, 999]
 
 
 def test_split_point_rejects_a_bad_fraction() -> None:
