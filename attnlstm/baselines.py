@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, Protocol
@@ -84,6 +85,7 @@ def rolled(
     weekly: bool,
     level: int = 90,
     max_fit: int | None = None,
+    refitted: Callable[[], object] | None = None,
 ) -> Rolled:
     """Rolling-origin forecasts of the statistical model `name` (one of STAT_MODELS).
 
@@ -91,6 +93,7 @@ def rolled(
     multi-step forecast of ``y[o : o + horizon]`` and the one-step forecasts of every
     ``t`` up to the next origin (or ``n - 1`` after the last). ``max_fit=None`` takes
     ``FIT_DAYS[name] * period`` points; pass ``len(y)`` to fit on the whole history.
+    ``refitted`` is called after each refit (a progress bar's update).
     """
     if name not in STAT_MODELS:
         raise ValueError(f"unknown statistical model {name!r}: use one of {STAT_MODELS}")
@@ -107,6 +110,8 @@ def rolled(
         fitted = _fit(name, y[max(0, o - window) : o], period, weekly)
         ahead[:, k] = fitted.ahead(horizon, level)
         one[:, o - cut : end - cut] = fitted.one_step(y[o:end], level)
+        if refitted is not None:
+            refitted()
     seconds = time.perf_counter() - started
     return Rolled(one[0], one[1], one[2], ahead[0], ahead[1], ahead[2], fit_seconds=seconds)
 

@@ -17,8 +17,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from attnlstm.baselines import Rolled, day_origins, rolled
 from attnlstm.data import Dataset
@@ -54,9 +56,12 @@ def compare(
     stat_models: Sequence[str] = (),
     level: int = 90,
     device: str = "cpu",
+    progress: bool = False,
 ) -> list[Row]:
     """The model (its intervals from ``spread``, adapted online as the worker does), the
-    naive forecasts and ``stat_models``, scored on the same points."""
+    naive forecasts and ``stat_models``, scored on the same points; with ``progress``, a
+    bar over the statistical models' refits on stderr (the sea temperature's 240 take
+    minutes)."""
     horizon = model.config.horizon
     step = period or horizon
     cuts = [split_point(len(y), val_fraction) for y in dataset.series]
@@ -74,22 +79,51 @@ def compare(
         name = f"seasonal naive ({period})"
         forecasters.append((name, lambda y, c: _seasonal(y, c, period, horizon)))
     weekly = len(model.config.lags) > 1
+    origins = sum(
+        len(day_origins(len(y), cut, step, horizon))
+        for y, cut in zip(dataset.series, cuts, strict=True)
+    )
+    bar = tqdm(
+        total=origins * len(stat_models),
+        desc="baselines",
+        unit="refit",
+        disable=not progress or not stat_models,
+    )
     forecasters += [
-        (name, functools.partial(_stat, name, period, horizon, weekly, level))
+        (name, functools.partial(_stat, name, period, horizon, weekly, level, bar))
         for name in stat_models
     ]
     rows = []
-    for name, forecast in forecasters:
-        started = time.perf_counter()
-        runs = [forecast(y, cut) for y, cut in zip(dataset.series, cuts, strict=True)]
-        rows.append(_row(name, runs, dataset.series, cuts, step, time.perf_counter() - started))
+    with bar:
+        for name, forecast in forecasters:
+            bar.set_postfix_str(name)
+            started = time.perf_counter()
+            runs = [forecast(y, cut) for y, cut in zip(dataset.series, cuts, strict=True)]
+            seconds = time.perf_counter() - started
+            rows.append(_row(name, runs, dataset.series, cuts, step, seconds))
     return rows
 
 
 def _stat(
-    name: str, period: int, horizon: int, weekly: bool, level: int, y: np.ndarray, cut: int
+    name: str,
+    period: int,
+    horizon: int,
+    weekly: bool,
+    level: int,
+    bar: tqdm[Any],
+    y: np.ndarray,
+    cut: int,
 ) -> Rolled:
-    return rolled(name, y, cut=cut, period=period, horizon=horizon, weekly=weekly, level=level)
+    return rolled(
+        name,
+        y,
+        cut=cut,
+        period=period,
+        horizon=horizon,
+        weekly=weekly,
+        level=level,
+        refitted=bar.update,
+    )
 
 
 def _model(

@@ -70,12 +70,22 @@ def test_a_model_that_needs_more_history_than_the_data_has_is_a_clear_error() ->
 
 
 @pytest.mark.skipif(not available(), reason="statsforecast is not installed")
-def test_the_statistical_models_are_scored_beside_it() -> None:
+def test_the_statistical_models_are_scored_beside_it(capsys: pytest.CaptureFixture[str]) -> None:
     data = Dataset(["a"], [_data().series[0][:300]])
     rows = compare(
-        _seasonal_naive_model(), data, spread=_spread(), period=PERIOD, stat_models=("AutoETS",)
+        _seasonal_naive_model(),
+        data,
+        spread=_spread(),
+        period=PERIOD,
+        stat_models=("AutoETS",),
+        progress=True,
     )
     ets = next(r for r in rows if r.name == "AutoETS")
     assert 0 < ets.mase < 1  # a seasonal series: better than the last value
     assert 0.5 < ets.coverage <= 1.0
     assert ets.width > 0
+    # the progress bar counts the refits: one a period from the cut (240) while a
+    # horizon fits, 240 to 294
+    last = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert "baselines: 100%" in last
+    assert "| 10/10 " in last

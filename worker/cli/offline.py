@@ -100,6 +100,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
             period=period or 0,
             stat_models=stat_models,
             device=device,
+            progress=not args.json and sys.stderr.isatty(),
         )
     return {
         **metrics,
