@@ -15,7 +15,7 @@ from attnlstm.data import Dataset
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
-from attnlstm.windows import SeriesWindows, evenly, sliding_windows, split_point, split_windows
+from attnlstm.windows import SeriesWindows, evenly, series_windows, split_point, split_windows
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,8 @@ def series_forecast(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-step forecasts along a whole series: (index of each forecast step, forecasts,
     attention) with the forecast of step ``start`` made from the window before it."""
-    windows = sliding_windows(values, model.config.context, model.config.horizon)
-    yhat, attn = predict(model, windows.x, device=device)
+    windows = series_windows([values], model.config.context, model.config.horizon)
+    yhat, attn = predict(model, windows, device=device)
     return windows.start, yhat[:, 0], attn
 
 

@@ -28,7 +28,7 @@ from attnlstm.intervals import Spread, online_intervals, window_scale
 from attnlstm.metrics import mae, seasonal_naive, smape
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
-from attnlstm.windows import Windows, split_point
+from attnlstm.windows import SeriesWindows, Windows, split_point
 
 Forecaster = Callable[[np.ndarray, int], Rolled]  # (series, cut) -> its forecasts
 
@@ -137,19 +137,15 @@ def _model(
 ) -> Rolled:
     config = model.config
     points = np.arange(cut, len(y))
-    windows = _before(y, points, config.context)
+    # The context before each point, built as predict reads it.
+    windows = SeriesWindows(y, points, points, np.zeros_like(points), config.context, 1)
     one, _ = predict(model, windows, device=device)
-    scale = window_scale(windows, config.window)
+    scale = window_scale(windows.recent(config.window).build().x, config.window)
     lo, hi, m = online_intervals(y[cut:], one[:, 0], scale, spread, level / 100)
     origins = day_origins(len(y), cut, step, config.horizon)
-    ahead, _ = predict(model, windows[origins - cut], device=device)
+    ahead, _ = predict(model, windows.take(origins - cut), device=device)
     half = spread.at(level / 100)[None, :] * (m * scale)[origins - cut, None]
     return Rolled(one[:, 0], lo, hi, ahead, ahead - half, ahead + half, 0.0)
-
-
-def _before(y: np.ndarray, points: np.ndarray, context: int) -> np.ndarray:
-    """The ``context`` values before each point: (points, context)."""
-    return np.stack([y[t - context : t] for t in points]) if points.size else np.empty((0, context))
 
 
 def _naive(y: np.ndarray, cut: int, step: int, horizon: int) -> Rolled:

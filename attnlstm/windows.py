@@ -54,6 +54,12 @@ class SeriesWindows:
             series=self.series[rows],
         )
 
+    def take(self, rows: np.ndarray | slice) -> SeriesWindows:
+        """The windows ``rows`` (a mask or indices), still unbuilt."""
+        return replace(
+            self, first=self.first[rows], start=self.start[rows], series=self.series[rows]
+        )
+
     def recent(self, window: int) -> SeriesWindows:
         """The same windows cut to their last ``window`` inputs."""
         if not 1 <= window <= self.window:
@@ -61,15 +67,13 @@ class SeriesWindows:
         return replace(self, window=window)
 
 
-def split_windows(
-    series: Sequence[np.ndarray], window: int, horizon: int, val_fraction: float
-) -> tuple[SeriesWindows, SeriesWindows]:
-    """``time_split(sliding_windows_many(series, window, horizon), lengths, val_fraction)``,
-    in the same order, with no window built.
+def series_windows(series: Sequence[np.ndarray], window: int, horizon: int) -> SeriesWindows:
+    """Every (window -> horizon) pair of several series, as :func:`sliding_windows_many`
+    orders them, unbuilt.
 
-    >>> train, val = split_windows([np.arange(10.0)], 3, 1, 0.2)
-    >>> train.build().x.tolist()[-1], val.build().x.tolist(), val.build().y.tolist()
-    ([4.0, 5.0, 6.0], [[5.0, 6.0, 7.0], [6.0, 7.0, 8.0]], [[8.0], [9.0]])
+    >>> w = series_windows([np.arange(5.0), np.arange(10.0, 13.0)], 2, 1)
+    >>> w.build().x.tolist(), w.start.tolist(), w.series.tolist()
+    ([[0.0, 1.0], [1.0, 2.0], [2.0, 3.0], [10.0, 11.0]], [2, 3, 4, 2], [0, 0, 0, 1])
     """
     if window < 1 or horizon < 1:
         raise ValueError(f"window and horizon must be >= 1, got {window} and {horizon}")
@@ -82,14 +86,24 @@ def split_windows(
     starts = [np.arange(window, a.size - horizon + 1, dtype=np.int64) for a in arrays]
     start = np.concatenate(starts)
     which = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, s in enumerate(starts)])
-    cut = np.array([split_point(a.size, val_fraction) for a in arrays], dtype=np.int64)[which]
     values = np.concatenate(arrays)
-    first = offsets[which] + start
+    return SeriesWindows(values, offsets[which] + start, start, which, window, horizon)
 
-    def part(keep: np.ndarray) -> SeriesWindows:
-        return SeriesWindows(values, first[keep], start[keep], which[keep], window, horizon)
 
-    return part(start + horizon <= cut), part(start >= cut)
+def split_windows(
+    series: Sequence[np.ndarray], window: int, horizon: int, val_fraction: float
+) -> tuple[SeriesWindows, SeriesWindows]:
+    """``time_split(sliding_windows_many(series, window, horizon), lengths, val_fraction)``,
+    in the same order, with no window built.
+
+    >>> train, val = split_windows([np.arange(10.0)], 3, 1, 0.2)
+    >>> train.build().x.tolist()[-1], val.build().x.tolist(), val.build().y.tolist()
+    ([4.0, 5.0, 6.0], [[5.0, 6.0, 7.0], [6.0, 7.0, 8.0]], [[8.0], [9.0]])
+    """
+    every = series_windows(series, window, horizon)
+    cuts = np.array([split_point(len(s), val_fraction) for s in series], dtype=np.int64)
+    cut = cuts[every.series]
+    return every.take(every.start + horizon <= cut), every.take(every.start >= cut)
 
 
 def sliding_windows(values: np.ndarray, window: int, horizon: int = 1) -> Windows:

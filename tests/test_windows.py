@@ -8,6 +8,7 @@ import pytest
 from attnlstm.windows import (
     evenly,
     sampled_windows,
+    series_windows,
     sliding_windows,
     sliding_windows_many,
     split_point,
@@ -88,10 +89,16 @@ def test_split_windows_are_the_time_split_sliding_windows_unbuilt() -> None:
             np.testing.assert_array_equal(getattr(built, field), getattr(w, field))
         rows = np.array([len(w) - 1, 0, 3])
         np.testing.assert_array_equal(g.build(rows).x, w.x[rows])
+        np.testing.assert_array_equal(g.take(rows).build().y, w.y[rows])
+        np.testing.assert_array_equal(g.take(rows).start, w.start[rows])
         np.testing.assert_array_equal(g.recent(2).build().x, w.x[:, -2:])
         np.testing.assert_array_equal(g.recent(2).build().y, w.y)
     with pytest.raises(ValueError, match="window must be in"):
         got[0].recent(7)
+    every = series_windows(series, 6, 3).build()
+    want_every = sliding_windows_many(series, 6, 3)
+    for field in ("x", "y", "start", "series"):
+        np.testing.assert_array_equal(getattr(every, field), getattr(want_every, field))
 
 
 def test_evenly_keeps_the_ends_and_at_most_the_limit() -> None:
