@@ -19,6 +19,7 @@ from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
 from attnlstm.windows import (
     SeriesWindows,
     Windows,
+    series_windows,
     sliding_windows,
     sliding_windows_many,
     split_windows,
@@ -44,6 +45,7 @@ __all__ = [
     "partition_of",
     "predict",
     "save",
+    "series_windows",
     "sliding_windows",
     "sliding_windows_many",
     "split_windows",
