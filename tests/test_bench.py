@@ -3,8 +3,11 @@ this only checks that every run drained what it should and the report holds up."
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
+import pytest
 import redis
 
 from attnlstm.checkpoint import load
@@ -12,20 +15,27 @@ from tests.cluster import LocalCluster
 from worker.tools.bench import BenchPlan, format_report, run_bench
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
+PLAN = BenchPlan(
+    entries=3_000,
+    series=50,
+    per_entry_entries=300,
+    rate=500,
+    seconds=1.0,
+    repeats=2,
+    scale_series=600,
+)
+
 
 def test_a_small_bench_drains_everything_and_reports(
-    redis_url: str, redis_client: redis.Redis, model_file: Path
+    redis_url: str,
+    redis_client: redis.Redis,
+    model_file: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    plan = BenchPlan(
-        entries=3_000,
-        series=50,
-        per_entry_entries=300,
-        rate=500,
-        seconds=1.0,
-        repeats=2,
-        scale_series=600,
-    )
+    """The drains and the latency runs: the parts that serve ``--model``."""
+    caplog.set_level(logging.INFO, logger="attnlstm.bench")
     keys_before = set(redis_client.scan_iter())
+    plan = dataclasses.replace(PLAN, runs=("drains", "latency"))
     report = run_bench(plan=plan, device="cpu", url=redis_url, model=load(model_file).model)
     for run in ("worker", "raw", "raw_ahead", "raw_pipeline"):
         assert report[run]["entries"] == 3_000, run
@@ -39,10 +49,32 @@ def test_a_small_bench_drains_everything_and_reports(
     assert report["latency_scale"]["series"] == 600
     assert report["latency_scale"]["checkpoint_longest_ms"] > 0  # its chunks were saved
     assert report["machine"]["hiredis"] is True
+    assert "models" not in report
+    text = format_report(report)
+    assert "| worker (batched) | 3,000 |" in text
+    assert "p99" in text
+    assert "| model served |" not in text
+    # Each drain's rate is logged as it lands: a run cut short still tells what it got.
+    rates = [r.getMessage() for r in caplog.records if ": drained at " in r.getMessage()]
+    assert sum(m.startswith("worker: ") for m in rates) == 2
+    assert len(rates) == 4 * 2 + 2  # four loops each round, then the two per-entry ways
+    assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself
+
+
+def test_the_models_part_alone_prices_each_model(
+    redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--runs models``: what a GPU host's few minutes are for."""
+    caplog.set_level(logging.INFO, logger="attnlstm.bench")
+    keys_before = set(redis_client.scan_iter())
+    plan = dataclasses.replace(PLAN, runs=("models",))
+    report = run_bench(plan=plan, device="cpu", url=redis_url, model=None)
+    assert not {"worker", "per_entry", "latency", "latency_scale"} & set(report)
     models = {m["name"]: m for m in report["models"]}
     assert len(models) == 3
     for m in models.values():
         assert m["drain"]["entries"] == m["drain"]["forecasts"] == 3_000  # all forecast
+        assert len(m["drain"]["rounds"]) == 2
         assert m["windows_per_s"] > 0
         tune = m["finetune"]  # one fine-tune on the plan's series, the history kept for it
         assert tune["series"] == 50
@@ -56,18 +88,33 @@ def test_a_small_bench_drains_everything_and_reports(
     ]
     text = format_report(report)
     assert "| 48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals" in text
-    assert "| worker (batched) | 3,000 |" in text
     assert "weekly cycle) | 50 | 1,360 |" in text  # the day-ahead model's fine-tune
-    assert "p99" in text
-    assert set(redis_client.scan_iter()) == keys_before  # it cleans up after itself
+    assert "worker (batched)" not in text
+    assert "p99" not in text
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("the worker serving ") and ": drained at " in m for m in messages) == 6
+    assert sum(m.endswith(" windows/s") for m in messages) == 3
+    assert set(redis_client.scan_iter()) == keys_before
+
+
+def test_a_bench_runs_something() -> None:
+    with pytest.raises(ValueError, match="runs must be some of drains, latency, models"):
+        dataclasses.replace(PLAN, runs=())
+    with pytest.raises(ValueError, match=r"got \['gpu'\]"):
+        dataclasses.replace(PLAN, runs=("gpu",))
 
 
 def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(
-    redis_url: str, redis_client: redis.Redis, redis_cluster: LocalCluster, model_file: Path
+    redis_url: str,
+    redis_client: redis.Redis,
+    redis_cluster: LocalCluster,
+    model_file: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Pools of 1 and 2 worker processes on 4 partitions, and as many raw clients: each
     run drains every entry (timed until every group has read and acked them all), on
     one server and on a 3-master cluster."""
+    caplog.set_level(logging.INFO, logger="attnlstm.bench")
     plan = PoolPlan(workers=(1, 2), partitions=4, entries=4_000, series=40)
     model = load(model_file).model
     keys_before = set(redis_client.scan_iter())
@@ -83,6 +130,13 @@ def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(
                 assert run[side]["entries_per_s"] > 0
             assert len(run["pool"]["rss_mb"]) == run["workers"]
         assert target["runs"][0]["pool_vs_one"] == 1.0
+    rates = [r.getMessage() for r in caplog.records if "entries/s, " in r.getMessage()]
+    assert [m.split(" entries/s")[0].split(" worker(s) ")[0] for m in rates] == [
+        "one server: 1",
+        "one server: 2",
+        "3-master cluster: 1",
+        "3-master cluster: 2",
+    ]  # each size's rates as it finishes
     text = format_pool_report(report)
     assert "| one server | 2 |" in text
     assert "| 3-master cluster | 2 |" in text

@@ -160,6 +160,7 @@ BAD_RUNS = [
     (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
     (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
+    (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def whole(text: str, least: int = 0) -> int:
@@ -58,3 +59,18 @@ def switch(text: str) -> bool:
 def counts(text: str) -> tuple[int, ...]:
     """Whole numbers >= 1, comma-separated: ``1,2,4``."""
     return tuple(positive(part.strip()) for part in text.split(","))
+
+
+def names_of(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """A type for comma-separated names, each one of ``allowed``: ``drains,models``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        picked = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+        unknown = [name for name in picked if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"expected some of {','.join(allowed)}, got {','.join(unknown)!r}"
+            )
+        return picked
+
+    return parse

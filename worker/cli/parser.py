@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import counts, fraction, number, positive, rate, switch, whole
+from worker.cli.argtypes import counts, fraction, names_of, number, positive, rate, switch, whole
+from worker.tools.bench import RUNS
 
 EXIT_USAGE = 2
 DESCRIPTION = (
@@ -174,6 +175,12 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
     bench.add_argument(
         "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
+    )
+    bench.add_argument(
+        "--runs",
+        type=names_of(RUNS),
+        default=RUNS,
+        help=f"the parts to run, comma-separated: some of {','.join(RUNS)} (default all)",
     )
     pool = bench.add_argument_group("a pool of workers (instead of the runs above)")
     pool.add_argument(

@@ -65,6 +65,10 @@ from worker.streams import (
 
 log = logging.getLogger("attnlstm.bench")
 
+# The bench's parts: the drains (the worker, the raw loops, the per-entry ways), the
+# latency runs, and what each model costs.
+RUNS = ("drains", "latency", "models")
+
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -77,6 +81,11 @@ class BenchPlan:
     seconds: float = 20.0  # length of the latency run
     max_batch: int = 1024
     max_wait_ms: float = 5.0
+    runs: tuple[str, ...] = RUNS  # which parts to run (a lent GPU's minutes are few)
+
+    def __post_init__(self) -> None:
+        if not self.runs or not set(self.runs) <= set(RUNS):
+            raise ValueError(f"runs must be some of {', '.join(RUNS)}, got {list(self.runs)}")
 
 
 class PerEntryEngine(Engine):
@@ -167,6 +176,12 @@ def _drain(
         "seconds": round(seconds, 3),
         "entries_per_s": round(report["read"] / seconds, 1),
     }
+
+
+def _logged(what: str, result: dict[str, float]) -> dict[str, float]:
+    """A drain's rate as it lands: a run cut short still tells what it measured."""
+    log.info("%s: drained at %s entries/s", what, f"{result['entries_per_s']:,.0f}")
+    return result
 
 
 def drain_raw(
@@ -401,8 +416,28 @@ def _runs(
     device: str,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    shape = (checkpoint.config.window, checkpoint.config.horizon)
     engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
+    if "drains" in plan.runs:
+        out.update(_drain_runs(client, url, run_id, checkpoint, engine, plan, device))
+    if "latency" in plan.runs:
+        out.update(_latency_runs(client, url, run_id, engine, plan, device))
+    if "models" in plan.runs:
+        out["models"] = _model_runs(client, url, run_id, plan, device)
+    return out
+
+
+def _drain_runs(
+    client: redis.Redis,
+    url: str,
+    run_id: str,
+    checkpoint: Checkpoint,
+    engine: Engine,
+    plan: BenchPlan,
+    device: str,
+) -> dict[str, Any]:
+    """The worker beside the raw loops, round by round, then the per-entry ways."""
+    out: dict[str, Any] = {}
+    shape = (checkpoint.config.window, checkpoint.config.horizon)
     raws: dict[str, Callable[[redis.Redis, Settings, Shape], dict[str, float]]] = {
         "raw": drain_raw,
         "raw_ahead": drain_raw_ahead,
@@ -414,22 +449,42 @@ def _runs(
         for name, drain in raws.items():
             s = _settings(url, f"{run_id}:{name}{rep}:", plan, device)
             prefill(client, s.input_stream, plan.entries, plan.series)
-            runs[name].append(drain(client, s, shape))
+            runs[name].append(_logged(name, drain(client, s, shape)))
         s = _settings(url, f"{run_id}:worker{rep}:", plan, device)
-        runs["worker"].append(_drain(client, s, engine, plan.entries, plan.series))
+        runs["worker"].append(
+            _logged("worker", _drain(client, s, engine, plan.entries, plan.series))
+        )
     for name, results in runs.items():
         out[name] = _median(results)
 
     log.info("per-entry model calls: %d entries", plan.per_entry_entries)
     s = _settings(url, f"{run_id}:per-entry:", plan, device)
     per_entry = PerEntryEngine(checkpoint, device=device, max_batch=plan.max_batch)
-    out["per_entry"] = _drain(client, s, per_entry, plan.per_entry_entries, plan.series)
+    out["per_entry"] = _logged(
+        "per-entry model calls",
+        _drain(client, s, per_entry, plan.per_entry_entries, plan.series),
+    )
 
     log.info("one entry at a time (max_batch 1): %d entries", plan.per_entry_entries)
     s = _settings(url, f"{run_id}:one-at-a-time:", plan, device, max_batch=1)
     one = PerEntryEngine(checkpoint, device=device, max_batch=1)
-    out["one_at_a_time"] = _drain(client, s, one, plan.per_entry_entries, plan.series)
+    out["one_at_a_time"] = _logged(
+        "one entry at a time", _drain(client, s, one, plan.per_entry_entries, plan.series)
+    )
+    worker_rate = out["worker"]["entries_per_s"]
+    out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
+    out["worker_vs_raw_ahead"] = round(worker_rate / out["raw_ahead"]["entries_per_s"], 3)
+    out["worker_vs_per_entry"] = round(worker_rate / out["per_entry"]["entries_per_s"], 1)
+    out["worker_vs_one_at_a_time"] = round(worker_rate / out["one_at_a_time"]["entries_per_s"], 1)
+    return out
 
+
+def _latency_runs(
+    client: redis.Redis, url: str, run_id: str, engine: Engine, plan: BenchPlan, device: str
+) -> dict[str, Any]:
+    """End-to-end latency under a steady load: alone, with fine-tunes back to back, and
+    over ``plan.scale_series`` series."""
+    out: dict[str, Any] = {}
     # Both latency runs start from a full history, so that fine-tuning has data at once.
     history = max(Settings.model_fields["history_len"].default, engine.context)
     log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
@@ -445,13 +500,6 @@ def _runs(
     log.info("latency with %d series: %d entries/s", scaled.series, plan.rate)
     s = _settings(url, f"{run_id}:latency-scale:", scaled, device)
     out["latency_scale"] = latency_run(client, url, s, engine, scaled, warm_steps=engine.context)
-
-    out["models"] = _model_runs(client, url, run_id, plan, device)
-    worker_rate = out["worker"]["entries_per_s"]
-    out["worker_vs_raw"] = round(worker_rate / out["raw"]["entries_per_s"], 3)
-    out["worker_vs_raw_ahead"] = round(worker_rate / out["raw_ahead"]["entries_per_s"], 3)
-    out["worker_vs_per_entry"] = round(worker_rate / out["per_entry"]["entries_per_s"], 1)
-    out["worker_vs_one_at_a_time"] = round(worker_rate / out["one_at_a_time"]["entries_per_s"], 1)
     return out
 
 
@@ -491,24 +539,29 @@ def _model_runs(
     ]
     for rep in range(plan.repeats):
         log.info("round %d of %d: the models' drains", rep + 1, plan.repeats)
-        for engine, s, done in zip(engines, settings, drains, strict=True):
+        for name, engine, s, done in zip(COST_MODELS, engines, settings, drains, strict=True):
             # Each round from an empty output stream, as the first: otherwise each
             # round's server holds the forecasts of the rounds before (3 KB each, a day
             # ahead), and the later rounds drain slower for it (14,896 -> 9,735 over 5).
             client.delete(s.keys.output)
-            done.append(_drain(client, s, engine, plan.entries, plan.series, warm=rep == 0))
-    return [
-        {
-            "name": name,
-            "params": engine.model.num_params(),
-            "context": engine.context,
-            "horizon": engine.horizon,
-            "windows_per_s": _windows_per_s(engine, plan.max_batch),
-            "drain": _median(done),
-            "finetune": _finetune_cost(engine.model, plan.series),
-        }
-        for name, engine, done in zip(COST_MODELS, engines, drains, strict=True)
-    ]
+            drained = _drain(client, s, engine, plan.entries, plan.series, warm=rep == 0)
+            done.append(_logged(f"the worker serving {name}", drained))
+    costs = []
+    for name, engine, done in zip(COST_MODELS, engines, drains, strict=True):
+        windows_per_s = _windows_per_s(engine, plan.max_batch)
+        log.info("%s, model only: %s windows/s", name, f"{windows_per_s:,.0f}")
+        costs.append(
+            {
+                "name": name,
+                "params": engine.model.num_params(),
+                "context": engine.context,
+                "horizon": engine.horizon,
+                "windows_per_s": windows_per_s,
+                "drain": _median(done),
+                "finetune": _finetune_cost(engine.model, plan.series),
+            }
+        )
+    return costs
 
 
 def _finetune_cost(model: AttentionLSTM, n_series: int) -> dict[str, float]:
@@ -571,8 +624,26 @@ def _windows_per_s(engine: Engine, batch: int) -> float:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The figures as Markdown, ready for BENCHMARKS.md."""
-    m, lat, ft = report["machine"], report["latency"], report["latency_finetune"]
+    """The figures as Markdown, ready for BENCHMARKS.md: the parts that were run."""
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
+        f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), redis-py "
+        f"{m['redis_py']}, hiredis {m['hiredis']}.",
+        f"Model: window {report['model']['window']}, hidden {report['model']['hidden_size']}, "
+        f"{report['model']['params']} parameters. Peak RSS {report['max_rss_mb']} MB.",
+    ]
+    if "worker" in report:
+        lines += _drain_lines(report)
+    if "latency" in report:
+        lines += _latency_lines(report)
+    if "models" in report:
+        lines += _model_lines(report["models"])
+    return "\n".join(lines)
+
+
+def _drain_lines(report: dict[str, Any]) -> list[str]:
     rows = [
         ("worker (batched)", report["worker"]),
         ("raw Redis I/O, no model", report["raw"]),
@@ -581,13 +652,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("one model call per entry, batched Redis I/O", report["per_entry"]),
         ("one entry at a time: read, model call, publish", report["one_at_a_time"]),
     ]
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
-        f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
-        f"({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), redis-py "
-        f"{m['redis_py']}, hiredis {m['hiredis']}.",
-        f"Model: window {report['model']['window']}, hidden {report['model']['hidden_size']}, "
-        f"{report['model']['params']} parameters. Peak RSS {report['max_rss_mb']} MB.",
+    return [
         "",
         "| run | entries | seconds | entries/s (median) | each round |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -601,6 +666,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"({report['worker_vs_raw_ahead']:.0%} of the raw loop reading ahead). "
         f"Worker / one model call per entry: {report['worker_vs_per_entry']:.1f}x. "
         f"Worker / one entry at a time: {report['worker_vs_one_at_a_time']:.1f}x.",
+    ]
+
+
+def _latency_lines(report: dict[str, Any]) -> list[str]:
+    lat, ft = report["latency"], report["latency_finetune"]
+    return [
         "",
         f"Steady load {lat['offered_per_s']:,} entries/s offered ({lat['achieved_per_s']:,.0f} "
         f"forecast/s, {lat['forecasts']:,} forecasts): end-to-end latency p50 "
@@ -618,6 +689,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['checkpoint_longest_ms']:.2f} |"
             for r in (lat, report["latency_scale"])
         ),
+    ]
+
+
+def _model_lines(models: list[dict[str, Any]]) -> list[str]:
+    return [
         "",
         "| model served | parameters | values read | model only, windows/s "
         "| worker drain, entries/s (median) | each round |",
@@ -626,7 +702,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {r['name']} | {r['params']:,} | {r['context']} | {r['windows_per_s']:,.0f} "
             f"| {r['drain']['entries_per_s']:,.0f} "
             f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} |"
-            for r in report["models"]
+            for r in models
         ),
         "",
         "| model fine-tuned | series | values each | seconds "
@@ -635,8 +711,7 @@ def format_report(report: dict[str, Any]) -> str:
         *(
             f"| {r['name']} | {f['series']:,} | {f['values']:,} | {f['seconds']:.1f} "
             f"| {f['rss_mb']:,.0f} ({f['rss_start_mb']:,.0f}) |"
-            for r in report["models"]
+            for r in models
             for f in [r["finetune"]]
         ),
     ]
-    return "\n".join(lines)

@@ -119,6 +119,14 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
             workers = _workers(url, base, plan, n, model_file, device)
             pool = _timed(client, base, plan, workers)
             runs.append({"workers": n, "pool": pool, "raw": raw})
+            log.info(
+                "%s: %d worker(s) %s entries/s, %d raw client(s) %s",
+                where,
+                n,
+                f"{pool['entries_per_s']:,.0f}",
+                n,
+                f"{raw['entries_per_s']:,.0f}",
+            )
     finally:
         for key in client.scan_iter(match=f"{run_id}*"):
             client.delete(key)
