@@ -137,7 +137,8 @@ def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
     for name in stats:
         assert rows[name]["mase"] > 0
         assert rows[name]["ahead_mase"] > 0
-    human = run("evaluate", "--data", data, "--baselines", cwd=tmp_path)
+    # The table people read, on a shorter tail (the baselines' refits are most of the time).
+    human = run("evaluate", "--data", data, "--baselines", "--val-fraction", "0.05", cwd=tmp_path)
     assert "| forecaster | MASE, 1 step |" in human.stdout
 
 
