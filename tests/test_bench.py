@@ -53,6 +53,7 @@ def test_a_small_bench_drains_everything_and_reports(
     text = format_report(report)
     assert "| worker (batched) | 3,000 |" in text
     assert "p99" in text
+    assert "Model: window 20," in text
     assert "| model served |" not in text
     # Each drain's rate is logged as it lands: a run cut short still tells what it got.
     rates = [r.getMessage() for r in caplog.records if ": drained at " in r.getMessage()]
@@ -91,6 +92,8 @@ def test_the_models_part_alone_prices_each_model(
     assert "weekly cycle) | 50 | 1,360 |" in text  # the day-ahead model's fine-tune
     assert "worker (batched)" not in text
     assert "p99" not in text
+    assert "Model: window" not in text  # the model it would serve is not what it priced
+    assert "Peak RSS" in text
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("the worker serving ") and ": drained at " in m for m in messages) == 6
     assert sum(m.endswith(" windows/s") for m in messages) == 3

@@ -162,6 +162,7 @@ BAD_RUNS = [
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
     (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
+    (["bench", "--workers", "1,2", "--runs", "models"], 1, "not of a pool (--workers)"),
 ]
 
 

@@ -26,7 +26,7 @@ from worker.cli.parser import WORKER_FLAGS
 from worker.online.store import ModelStore
 from worker.settings import Settings, from_flags
 from worker.streams import connect
-from worker.tools.bench import BenchPlan, run_bench
+from worker.tools.bench import RUNS, BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
 from worker.tools.poolbench import PoolPlan, run_pool_bench
 from worker.tools.readback import draw, read_views, summary
@@ -48,7 +48,9 @@ def worker_settings(args: argparse.Namespace) -> Settings:
 def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
     torch.set_num_threads(args.threads)
-    flags = vars(args)  # named after the plan's fields
+    if args.workers and args.runs:
+        raise ValueError("--runs picks parts of the bench of one worker, not of a pool (--workers)")
+    flags = {**vars(args), "runs": args.runs or RUNS}  # named after the plan's fields
     names = [f.name for f in dataclasses.fields(BenchPlan) if f.name in flags]
     plan = BenchPlan(**{name: flags[name] for name in names})
     model = open_checkpoint(args.model).model if args.model else None

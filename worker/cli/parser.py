@@ -179,7 +179,7 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--runs",
         type=names_of(RUNS),
-        default=RUNS,
+        default=None,
         help=f"the parts to run, comma-separated: some of {','.join(RUNS)} (default all)",
     )
     pool = bench.add_argument_group("a pool of workers (instead of the runs above)")

@@ -625,14 +625,19 @@ def _windows_per_s(engine: Engine, batch: int) -> float:
 
 def format_report(report: dict[str, Any]) -> str:
     """The figures as Markdown, ready for BENCHMARKS.md: the parts that were run."""
-    m = report["machine"]
+    m, model = report["machine"], report["model"]
+    served = ""  # the default or --model: what the drains and latency runs serve
+    if "worker" in report or "latency" in report:
+        served = (
+            f"Model: window {model['window']}, hidden {model['hidden_size']}, "
+            f"{model['params']} parameters. "
+        )
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}; "
         f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), redis-py "
         f"{m['redis_py']}, hiredis {m['hiredis']}.",
-        f"Model: window {report['model']['window']}, hidden {report['model']['hidden_size']}, "
-        f"{report['model']['params']} parameters. Peak RSS {report['max_rss_mb']} MB.",
+        f"{served}Peak RSS {report['max_rss_mb']} MB.",
     ]
     if "worker" in report:
         lines += _drain_lines(report)
