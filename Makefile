@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/attnlstm demo
 
 test: $(STAMP) lint
-	$(BIN)/pytest --ignore=tests/chaos --ignore=tests/compose
+	$(BIN)/pytest --ignore=tests/chaos --ignore=tests/compose --durations=12
 
 # Faults against a real server, each scenario judged on every input; a table at the end.
 chaos: $(STAMP)
