@@ -418,7 +418,7 @@ def _runs(
     out: dict[str, Any] = {}
     engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
     if "drains" in plan.runs:
-        out.update(_drain_runs(client, url, run_id, checkpoint, engine, plan, device))
+        out.update(_drain_runs(client, url, run_id, engine, plan, device))
     if "latency" in plan.runs:
         out.update(_latency_runs(client, url, run_id, engine, plan, device))
     if "models" in plan.runs:
@@ -427,17 +427,11 @@ def _runs(
 
 
 def _drain_runs(
-    client: redis.Redis,
-    url: str,
-    run_id: str,
-    checkpoint: Checkpoint,
-    engine: Engine,
-    plan: BenchPlan,
-    device: str,
+    client: redis.Redis, url: str, run_id: str, engine: Engine, plan: BenchPlan, device: str
 ) -> dict[str, Any]:
     """The worker beside the raw loops, round by round, then the per-entry ways."""
     out: dict[str, Any] = {}
-    shape = (checkpoint.config.window, checkpoint.config.horizon)
+    checkpoint, shape = engine.checkpoint, (engine.window, engine.horizon)
     raws: dict[str, Callable[[redis.Redis, Settings, Shape], dict[str, float]]] = {
         "raw": drain_raw,
         "raw_ahead": drain_raw_ahead,
