@@ -10,7 +10,7 @@ import torch
 from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import new_model, predict
-from worker.engine import PAD_ROWS, Engine
+from worker.engine import PAD_ROWS, Engine, batch_rows
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -32,6 +32,14 @@ def test_forecasts_match_the_offline_model(trained_sines: AttentionLSTM) -> None
     np.testing.assert_allclose(yhat, want_y, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(attn, want_a, atol=1e-6)
     np.testing.assert_allclose(attn.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_a_batch_holds_at_most_batch_values_values_in_whole_pads_of_rows() -> None:
+    assert batch_rows(1024, 2**19, 20) == 1024  # the 20-step model: max_batch
+    assert batch_rows(1024, 2**19, 817) == 640  # the day-ahead model: 641, rounded down
+    assert batch_rows(8, 2**19, 817) == 8  # max_batch still caps
+    assert batch_rows(1024, 100, 817) == PAD_ROWS  # never below one pad of rows
+    assert batch_rows(1024, 2**19, 2**19 // 40) % PAD_ROWS == 0
 
 
 def test_a_window_gets_the_same_bits_in_any_batch(trained_sines: AttentionLSTM) -> None:

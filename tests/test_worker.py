@@ -88,6 +88,26 @@ def test_every_full_window_gets_exactly_one_forecast_equal_to_the_offline_model(
     assert redis_client.xpending(keys.input, "forecasters")["pending"] == 0
 
 
+def test_batches_hold_at_most_batch_values_values_and_forecast_as_before(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model that reads many values per forecast is served in smaller batches (the
+    day-ahead model's 817 in batches of 640): here 32 windows' worth of values."""
+    values = sine_steps(50, 60, seed=2)
+    ids = fill(redis_client, keys.input, values)
+    context = trained_sines.config.context
+    report = drain(settings_for(redis_url, keys, batch_values=32 * context), trained_sines)
+
+    assert report["batches"] >= len(ids) / 32  # at most 32 entries a batch, not 1,024
+    assert f"batches of at most 32 entries: {context} values each" in caplog.text
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    assert redis_client.xpending(keys.input, "forecasters")["pending"] == 0
+
+
 def test_a_spike_is_an_anomaly_event_in_the_batch_that_forecasts_it(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:

@@ -10,7 +10,7 @@ import torch
 from attnlstm.checkpoint import open_checkpoint
 from attnlstm.device import resolve_device
 from worker.embedded import url_or_embedded
-from worker.engine import Engine
+from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
 from worker.settings import Settings
@@ -28,7 +28,8 @@ def build_engine(settings: Settings) -> Engine | None:
         return None
     checkpoint = open_checkpoint(settings.model)
     device = resolve_device(settings.device)
-    engine = Engine(checkpoint, device=device, max_batch=settings.max_batch)
+    batch = batch_rows(settings.max_batch, settings.batch_values, checkpoint.config.context)
+    engine = Engine(checkpoint, device=device, max_batch=batch)
     log.info(
         "model %s (%d values, window %d, horizon %d) from %s on %s",
         engine.version,

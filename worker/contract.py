@@ -10,6 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -159,9 +160,9 @@ def _rows(cell: bytes, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lists(buffer: np.ndarray) -> list[bytes]:
-    """The filled buffer's rows."""
-    data, stride = buffer.tobytes(), buffer.shape[1]
-    return [data[k : k + stride] for k in range(0, len(data), stride)]
+    """The filled buffer's rows, as numpy's fixed-width bytes items (which drop trailing
+    NULs only: a row ends in ``]``), in half the time of slicing one bytes object."""
+    return cast(list[bytes], buffer.view(f"S{buffer.shape[1]}").ravel().tolist())
 
 
 def fraction_rows(matrix: np.ndarray) -> list[bytes]:
@@ -201,7 +202,7 @@ def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
         return []
     if digits < 3 or digits % 2 == 0:
         raise ValueError(f"digits must be odd, at least 3; got {digits}")
-    a = np.abs(matrix.astype(np.float64))
+    a = np.abs(matrix, dtype=np.float64)
     nonzero = a > 0
     # Below 1e-300, 10**exp would be subnormal and lose digits: those are scaled first.
     tiny = nonzero & (a < 1e-300)
@@ -259,13 +260,16 @@ def _scientific(
 
 
 def _exponent(a: np.ndarray) -> np.ndarray:
-    """floor(log10(a)) of positive normal values (anything for 0), from their binary
-    exponents and a table of powers of ten: log10 and power cost more than the rest."""
-    _, binary = np.frexp(a)
+    """floor(log10(a)) of positive normal float64 values (anything for 0), from their
+    binary exponents (their bits 52-62) and a table of powers of ten, in place: log10,
+    frexp and fresh arrays cost more than the rest."""
     multiply, shift = _LOG10_2
-    exp = ((binary.astype(np.int64) - 1) * multiply) >> shift  # at most one too small
-    exp += a >= _POW10[exp + (_POW10_LOW + 1)]
-    return np.asarray(exp)
+    exp = np.ascontiguousarray(a).view(np.int64) >> 52
+    exp -= 1023
+    exp *= multiply
+    exp >>= shift  # at most one too small
+    exp += a >= _POW10.take(exp + (_POW10_LOW + 1))
+    return exp
 
 
 # In this order; lo and hi came after the first six, which is all that older entries have.

@@ -41,7 +41,7 @@ from attnlstm.intervals import Spread, window_scale
 from attnlstm.model import one_step_reads
 from worker.batch import Anomalies, Batch, Forecasts, Receipt, batch_call, triage
 from worker.contract import entry_ms
-from worker.engine import Engine, check_fits
+from worker.engine import Engine, batch_rows, check_fits
 from worker.keys import Keys
 from worker.lease import ensure_library, process_token
 from worker.metrics import Metrics
@@ -103,14 +103,22 @@ class Worker:
         (a cold start) once it has enough. ``burst``: stop once the stream is drained.
         ``finetune_clock`` times the fine-tune schedule (tests move it by hand)."""
         self.client = client
-        settings = settings.on(client)
+        self.engine = engine
+        config = engine.checkpoint.config if engine is not None else COLD_START_MODEL
+        self.context, self.window, self.horizon = config.context, config.window, config.horizon
+        batch = batch_rows(settings.max_batch, settings.batch_values, self.context)
+        if batch < settings.max_batch:
+            log.info(
+                "batches of at most %d entries: %d values each, %d in all at most (batch_values)",
+                batch,
+                self.context,
+                settings.batch_values,
+            )
+        settings = settings.on(client).model_copy(update={"max_batch": batch})
         self.settings, self.keys = settings, settings.keys
         self.metrics = metrics or Metrics()
         self.burst = burst
         self._block_ms = min(settings.block_ms, BURST_BLOCK_MS) if burst else settings.block_ms
-        self.engine = engine
-        config = engine.checkpoint.config if engine is not None else COLD_START_MODEL
-        self.context, self.window, self.horizon = config.context, config.window, config.horizon
         self.token = process_token(settings.consumer)  # in every lease this worker holds
         self.pool = Pool(
             client,

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
 
     max_batch: int = Field(default=1024, ge=1)  # entries per model call, at most
+    # Values a batch's windows hold, at most: a model that reads more than 512 values per
+    # forecast is served in batches of fewer than max_batch (see worker.engine.batch_rows).
+    batch_values: int = Field(default=2**19, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill
     block_ms: int = Field(default=1000, ge=1)  # one blocking read's longest wait
     socket_timeout_s: float = Field(default=10.0, gt=0)  # must stay well above block_ms

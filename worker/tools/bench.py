@@ -45,7 +45,7 @@ from attnlstm.train import new_model
 from worker.attempts import Mark
 from worker.contract import BOUND_DIGITS, FORECAST_FIELDS, YHAT_DIGITS, decimal_rows, entry_ms
 from worker.embedded import url_or_embedded
-from worker.engine import Engine
+from worker.engine import Engine, batch_rows
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library
 from worker.loop import BURST_BLOCK_MS, Worker
@@ -127,6 +127,12 @@ def prefill(client: redis.Redis, stream: str, n_entries: int, n_series: int) -> 
         for k in range(start, min(start + 10_000, n_entries)):
             pipe.xadd(stream, {"series": f"s{k % n_series}", "value": repr(float(values[k]))})
         pipe.execute()
+
+
+def _batch(plan: BenchPlan, context: int) -> int:
+    """The batch a worker with the plan's max_batch (and the default batch_values) cuts
+    for a model that reads ``context`` values."""
+    return batch_rows(plan.max_batch, Settings.model_fields["batch_values"].default, context)
 
 
 def _settings(
@@ -416,11 +422,14 @@ def _runs(
     device: str,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    engine = Engine(checkpoint, device=device, max_batch=plan.max_batch)
+    # The batches the worker cuts for this model (fewer entries for a long context):
+    # the raw loops read as many at a time.
+    served = dataclasses.replace(plan, max_batch=_batch(plan, checkpoint.config.context))
+    engine = Engine(checkpoint, device=device, max_batch=served.max_batch)
     if "drains" in plan.runs:
-        out.update(_drain_runs(client, url, run_id, engine, plan, device))
+        out.update(_drain_runs(client, url, run_id, engine, served, device))
     if "latency" in plan.runs:
-        out.update(_latency_runs(client, url, run_id, engine, plan, device))
+        out.update(_latency_runs(client, url, run_id, engine, served, device))
     if "models" in plan.runs:
         out["models"] = _model_runs(client, url, run_id, plan, device)
     return out
@@ -521,11 +530,12 @@ def _model_runs(
 ) -> list[dict[str, Any]]:
     """What a model costs: its forward passes alone (windows/s), and the worker's drain
     serving it, every model's drains interleaved round by round."""
-    engines, drains = [], []
+    engines, drains, batches = [], [], []
     for config, _ in COST_MODELS.values():
         model = new_model(config, seed=0)
         checkpoint = Checkpoint(model=model, version=version_of(model))
-        engines.append(Engine(checkpoint, device=device, max_batch=plan.max_batch))
+        batches.append(_batch(plan, config.context))
+        engines.append(Engine(checkpoint, device=device, max_batch=batches[-1]))
         drains.append(list[dict[str, float]]())
     settings = [
         _settings(url, f"{run_id}:model{k}:", plan, device, coverage=coverage)
@@ -541,8 +551,8 @@ def _model_runs(
             drained = _drain(client, s, engine, plan.entries, plan.series, warm=rep == 0)
             done.append(_logged(f"the worker serving {name}", drained))
     costs = []
-    for name, engine, done in zip(COST_MODELS, engines, drains, strict=True):
-        windows_per_s = _windows_per_s(engine, plan.max_batch)
+    for name, engine, done, batch in zip(COST_MODELS, engines, drains, batches, strict=True):
+        windows_per_s = _windows_per_s(engine, batch)
         log.info("%s, model only: %s windows/s", name, f"{windows_per_s:,.0f}")
         costs.append(
             {
@@ -550,6 +560,7 @@ def _model_runs(
                 "params": engine.model.num_params(),
                 "context": engine.context,
                 "horizon": engine.horizon,
+                "batch": batch,
                 "windows_per_s": windows_per_s,
                 "drain": _median(done),
                 "finetune": _finetune_cost(engine.model, plan.series),
@@ -694,11 +705,12 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
 def _model_lines(models: list[dict[str, Any]]) -> list[str]:
     return [
         "",
-        "| model served | parameters | values read | model only, windows/s "
+        "| model served | parameters | values read | batch | model only, windows/s "
         "| worker drain, entries/s (median) | each round |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         *(
-            f"| {r['name']} | {r['params']:,} | {r['context']} | {r['windows_per_s']:,.0f} "
+            f"| {r['name']} | {r['params']:,} | {r['context']} | {r['batch']} "
+            f"| {r['windows_per_s']:,.0f} "
             f"| {r['drain']['entries_per_s']:,.0f} "
             f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} |"
             for r in models
