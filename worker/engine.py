@@ -33,7 +33,7 @@ def batch_rows(max_batch: int, batch_values: int, context: int) -> int:
     A batch's windows, the model's copies of them and its publish grow with the values
     each forecast reads and the steps it forecasts. On a 2-core Xeon (4 MB of L2 cache),
     the day-ahead model (817 values, 48 steps) drained about 28,500 entries/s in batches
-    of 1,024 (6.7 MB of windows) and 31,000-33,000 in batches of 384 to 768; the 20-step
+    of 1,024 (6.7 MB of windows) and 30,000-34,500 in batches of 384 to 768; the 20-step
     model drained as fast in batches of 512 as of 1,024."""
     return min(max_batch, max(PAD_ROWS, batch_values // context // PAD_ROWS * PAD_ROWS))
 
