@@ -34,4 +34,14 @@ sed -e '/^#/d' -e '/^[[:space:]]*$/d' \
     -e "s/@READER_PASSWORD_SHA256@/$reader_hash/" \
     "$template" >"$rendered"
 chmod 644 "$rendered" # read by the server after it drops root; hashes only
+
+# Valkey 8.1 and later log as a large request every command a script runs while the call
+# that ran it is over 1 MB: each of the 640 XADDs of a worker's publish of day-ahead
+# forecasts (1.8 MB), at a cost in the server's CPU, in a log of 128 entries that then
+# shows nothing else. The worker's calls are large by design: no log of large requests
+# (worker/embedded.py QUIET_COMMAND_LOG). Redis, and Valkey before 8.1, have no such log.
+if [ "$(basename "${2:-}")" = valkey-server ] &&
+    "$2" --version | grep -Eq '^Valkey server v=(8\.[1-9]|9\.|[1-9][0-9]+\.)'; then
+    set -- "$@" --commandlog-request-larger-than -1
+fi
 exec "$@"

@@ -44,6 +44,27 @@ def free_port() -> int:
         return port
 
 
+def large_requests_logged(client: redis.Redis, key: str) -> int:
+    """How many entries the server's log of large requests gained from one scripted
+    call of 2 MB that writes ``key`` five times, as a worker's publish does (Valkey 8.1
+    logs the call and each command it runs; a server with no such log: 0)."""
+    client.function_load(
+        "#!lua name=attnlstm_test_log\n"
+        "redis.register_function('five_sets', function(keys, args)\n"
+        "  for _ = 1, 5 do redis.call('SET', keys[1], 'x') end\n"
+        "  return 1\n"
+        "end)",
+        replace=True,
+    )
+    command = ("COMMANDLOG", "LEN", "large-request")
+    try:
+        before = int(client.execute_command(*command))  # type: ignore[no-untyped-call]
+    except redis.ResponseError:  # no COMMANDLOG: Redis, or Valkey before 8.1
+        return 0
+    client.fcall("five_sets", 1, key, b"x" * 2_000_000)
+    return int(client.execute_command(*command)) - before  # type: ignore[no-untyped-call]
+
+
 def wait_for(condition: Callable[[], object], *, timeout: float = 60, what: str = "") -> None:
     """Until ``condition()`` is true; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -76,6 +76,7 @@ def test_the_models_part_alone_prices_each_model(
     for m in models.values():
         assert m["drain"]["entries"] == m["drain"]["forecasts"] == 3_000  # all forecast
         assert len(m["drain"]["rounds"]) == 2
+        assert m["drain"]["server_cpu_s"] > 0  # what the server spent on the drain
         assert m["windows_per_s"] > 0
         tune = m["finetune"]  # one fine-tune on the plan's series, the history kept for it
         assert tune["series"] == 50
@@ -90,6 +91,7 @@ def test_the_models_part_alone_prices_each_model(
     text = format_report(report)
     assert "| 48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals" in text
     assert "weekly cycle) | 50 | 1,360 |" in text  # the day-ahead model's fine-tune
+    assert "| server CPU per 100,000 entries, s (median) |" in text
     assert "worker (batched)" not in text
     assert "p99" not in text
     assert "Model: window" not in text  # the model it would serve is not what it priced

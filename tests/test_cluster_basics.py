@@ -14,6 +14,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.cluster import LocalCluster, execute, keyslot, owner, primaries, transaction
+from tests.helpers import large_requests_logged
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION, Fence
 from worker.streams import Wire, read_entries, read_group, xadd
@@ -94,6 +95,18 @@ def test_function_load_reaches_every_primary(
     # The same by hand, node by node (what a loader without RedisCluster would do).
     for node in nodes:
         assert node.redis_connection.function_load(LIBRARY, replace=True) == b"attnlstm"
+
+
+def test_a_publish_of_megabytes_leaves_every_nodes_log_of_large_requests_empty(
+    client: RedisCluster, prefix: str
+) -> None:
+    """The nodes run as the embedded server does (worker/embedded.py QUIET_COMMAND_LOG)."""
+    keys: dict[str, str] = {}  # a key on each primary, by node name
+    for tag in range(100):
+        keys.setdefault(owner(client, f"{prefix}{{{tag}}}").name, f"{prefix}{{{tag}}}")
+    assert len(keys) == len(primaries(client))
+    for key in keys.values():
+        assert large_requests_logged(owner(client, key).redis_connection, key) == 0
 
 
 def test_fcall_goes_to_the_node_owning_its_first_key(

@@ -34,11 +34,17 @@ from tests.helpers import (
     expected,
     fill,
     free_port,
+    large_requests_logged,
     worker_cmd,
     worker_env,
 )
 from worker.cli import main
-from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
+from worker.embedded import (
+    EmbeddedServer,
+    EmbeddedServerError,
+    find_server_binary,
+    tuning_args,
+)
 from worker.keys import Keys
 from worker.lease import Lease
 from worker.localcluster import find_cluster_binaries
@@ -154,10 +160,18 @@ class AclServer:
         return redis.Redis(port=self.port, username=user, password=password, client_name=user)
 
     def start(self) -> None:
+        """The server as the container starts it: through deploy/redis-entrypoint.sh,
+        under the name the Valkey image gives it (valkey-server), with the shipped
+        redis.conf. The entrypoint renders its ACL file aside: the server reads the one
+        the fixture rendered, with the tests' admin in it."""
         self.port = free_port()
+        server = self.directory / "valkey-server"
+        if not server.exists():
+            server.symlink_to(self.binary)
+        env = _entrypoint_env(self.directory / "entrypoint-users.acl", self.secrets)
         self.process = subprocess.Popen(
             [
-                str(self.binary),
+                "sh", str(DEPLOY / "redis-entrypoint.sh"), "env", str(server),
                 "--include", str(DEPLOY / "redis.conf"),
                 "--aclfile", str(self.acl_file),
                 "--port", str(self.port),
@@ -165,6 +179,7 @@ class AclServer:
                 "--dir", str(self.directory),
                 "--logfile", str(self.directory / "server.log"),
             ],
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -212,11 +227,10 @@ def _load_functions(cli_directory: Path, port: int, password_file: Path) -> None
     assert "loaded the attnlstm functions" in done.stdout
 
 
-def _render_acl(directory: Path, secrets: Path) -> Path:
-    """The ACL file the container's entrypoint script renders from the shipped template
-    and the secrets."""
-    acl_file = directory / "users.acl"
-    env = {
+def _entrypoint_env(acl_file: Path, secrets: Path) -> dict[str, str]:
+    """The environment deploy/redis-entrypoint.sh renders ``acl_file`` in, from the
+    shipped template and the secrets."""
+    return {
         "PATH": os.environ["PATH"],
         "ACL_TEMPLATE": str(DEPLOY / "users.acl.template"),
         "ACL_FILE": str(acl_file),
@@ -225,6 +239,13 @@ def _render_acl(directory: Path, secrets: Path) -> Path:
         "LOADER_PASSWORD_FILE": str(secrets / "redis-loader-password"),
         "READER_PASSWORD_FILE": str(secrets / "redis-reader-password"),
     }
+
+
+def _render_acl(directory: Path, secrets: Path) -> Path:
+    """The ACL file the container's entrypoint script renders from the shipped template
+    and the secrets."""
+    acl_file = directory / "users.acl"
+    env = _entrypoint_env(acl_file, secrets)
     # The entrypoint renders, then runs its arguments: the server in the container.
     subprocess.run(["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"], env=env, check=True)
     return acl_file
@@ -327,6 +348,19 @@ def test_each_user_can_do_each_thing_deploy_readme_says_and_nothing_it_says_it_c
         return redis.Redis(port=acl_server.port, username=user, password=password)
 
     assert wrong_acl_lines(login) == []
+
+
+def test_the_container_s_server_keeps_no_log_of_large_requests(acl_server: AclServer) -> None:
+    """A worker's publish of megabytes would have Valkey 8.1 log it and every command it
+    runs as a large request; the entrypoint tells a Valkey that has such a log to keep
+    none, and leaves a Redis, which has none, as it is (or it would not start)."""
+    with contextlib.closing(acl_server.client("admin")) as admin:
+        assert large_requests_logged(admin, "t:log") == 0
+        valkey = admin.info("server").get("valkey_version")
+        if valkey is not None and tuning_args(f"valkey {valkey}"):  # it had a log to keep
+            assert admin.config_get("commandlog-request-larger-than") == {
+                "commandlog-request-larger-than": "-1"
+            }
 
 
 def test_the_worker_user_runs_the_model_store(acl_server: AclServer) -> None:

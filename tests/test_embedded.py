@@ -14,9 +14,15 @@ import pytest
 import redis
 
 from tests.conftest import ROOT
-from tests.helpers import free_port
+from tests.helpers import free_port, large_requests_logged
 from worker import embedded
-from worker.embedded import EmbeddedServer, EmbeddedServerError, find_server_binary
+from worker.embedded import (
+    QUIET_COMMAND_LOG,
+    EmbeddedServer,
+    EmbeddedServerError,
+    find_server_binary,
+    tuning_args,
+)
 
 
 def _gone(pid: int) -> bool:
@@ -43,6 +49,38 @@ def test_ping_and_stream_round_trip() -> None:
         assert str(server.binary) in line
         assert server.url in line
         assert server.version().split()[0] in {"valkey", "redis"}
+
+
+def test_a_publish_of_megabytes_leaves_the_log_of_large_requests_empty() -> None:
+    """A worker's publish is one scripted call of megabytes (a batch of day-ahead
+    forecasts); Valkey 8.1 would log the call and every command it runs as a large
+    request. The embedded server keeps no such log."""
+    with EmbeddedServer() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert large_requests_logged(client, "t:log") == 0
+            if tuning_args(server.version()):  # the same server with its own default: logged
+                client.config_set("commandlog-request-larger-than", 1_048_576)
+                assert large_requests_logged(client, "t:log") == 6
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "args"),
+    [
+        ("valkey 8.1.8", QUIET_COMMAND_LOG),
+        ("valkey 9.0.1", QUIET_COMMAND_LOG),
+        ("valkey 8.0.6", ()),
+        ("redis 7.2.4", ()),
+        ("redis 8.2.1", ()),
+        ("unknown version ([Errno 2] No such file)", ()),
+    ],
+)
+def test_only_servers_with_a_command_log_are_told_to_keep_none(
+    version: str, args: tuple[str, ...]
+) -> None:
+    assert tuning_args(version) == args
 
 
 def test_stop_twice_is_safe_and_removes_the_temp_dir() -> None:

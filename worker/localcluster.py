@@ -28,7 +28,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from worker.embedded import bundled_binary, log_tail, pdeathsig_preexec
+from worker.embedded import (
+    bundled_binary,
+    log_tail,
+    pdeathsig_preexec,
+    server_version,
+    tuning_args,
+)
 
 SLOTS = 16384
 _START_TIMEOUT = 10.0  # each node answering PING
@@ -101,7 +107,7 @@ class _Node:
     def log(self) -> Path:
         return self.directory / "server.log"
 
-    def start(self, server: Path) -> None:
+    def start(self, server: Path, tuning: Sequence[str]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             str(server),
@@ -115,6 +121,7 @@ class _Node:
             "--logfile", str(self.log),
             "--appendonly", "no",
             "--save", "",
+            *tuning,
         ]  # fmt: skip
         # Errors from before the log file is open (a bad option) go to stdout/stderr.
         with (self.directory / "server.out").open("ab") as out:
@@ -193,8 +200,9 @@ class LocalCluster:
 
 
 def _start_nodes(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
+    tuning = tuning_args(server_version(binaries.server))
     for node in nodes:
-        node.start(binaries.server)
+        node.start(binaries.server, tuning)
     deadline = time.monotonic() + _START_TIMEOUT
     for node in nodes:
         client = _node_client(node.port, timeout=1.0)

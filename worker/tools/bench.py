@@ -167,24 +167,41 @@ def _drain(
     n_series: int,
     *,
     warm: bool = True,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Fill every window first (untimed; ``warm`` False: they are full already), then
     time the drain of n_entries, each of which is forecast."""
     if warm:
         prefill(client, settings.input_stream, n_series * engine.context, n_series)
         Worker(client, engine=engine, settings=settings, burst=True).run()
     prefill(client, settings.input_stream, n_entries, n_series)
+    cpu_before = server_cpu_s(client)
     report = Worker(client, engine=engine, settings=settings, burst=True).run()
+    cpu_after = server_cpu_s(client)
     seconds = report["seconds"] - BURST_BLOCK_MS / 1000  # the last, empty read's wait
     return {
         "entries": report["read"],
         "forecasts": report["forecasts"],
         "seconds": round(seconds, 3),
         "entries_per_s": round(report["read"] / seconds, 1),
+        "server_cpu_s": (
+            None if cpu_before is None or cpu_after is None else round(cpu_after - cpu_before, 3)
+        ),
     }
 
 
-def _logged(what: str, result: dict[str, float]) -> dict[str, float]:
+def server_cpu_s(client: redis.Redis) -> float | None:
+    """CPU seconds the server's main thread has used (user and system), as INFO reports
+    them: what serving the worker costs the server, without its background threads
+    (which free the deleted output streams of the rounds before). None where the server
+    does not say: a user without INFO, a cluster (one INFO per node)."""
+    try:
+        info = client.info("cpu")
+        return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+    except (redis.ResponseError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _logged(what: str, result: dict[str, Any]) -> dict[str, Any]:
     """A drain's rate as it lands: a run cut short still tells what it measured."""
     log.info("%s: drained at %s entries/s", what, f"{result['entries_per_s']:,.0f}")
     return result
@@ -308,10 +325,14 @@ def raw_call(
     return fence.publish(forecasts=forecasts, acks=acks, mark=mark, maxlen=maxlen)
 
 
-def _median(results: list[dict[str, float]]) -> dict[str, Any]:
-    """The run with the median rate, and every round's rate beside it."""
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rate, and every round's rate beside it; with the drains'
+    (``server_cpu_s``), the median of the server's CPU seconds."""
     ordered = sorted(results, key=lambda r: r["entries_per_s"])
-    return {**ordered[len(ordered) // 2], "rounds": [r["entries_per_s"] for r in results]}
+    median = {**ordered[len(ordered) // 2], "rounds": [r["entries_per_s"] for r in results]}
+    cpu = [seconds for r in results if (seconds := r.get("server_cpu_s")) is not None]
+    median["server_cpu_s"] = float(np.median(cpu)) if cpu and len(cpu) == len(results) else None
+    return median
 
 
 def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float, first: int) -> None:
@@ -702,17 +723,23 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _per_100k(seconds: float | None, entries: int) -> str:
+    return "-" if seconds is None or not entries else f"{seconds / entries * 100_000:.2f}"
+
+
 def _model_lines(models: list[dict[str, Any]]) -> list[str]:
     return [
         "",
         "| model served | parameters | values read | batch | model only, windows/s "
-        "| worker drain, entries/s (median) | each round |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| worker drain, entries/s (median) | each round "
+        "| server CPU per 100,000 entries, s (median) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         *(
             f"| {r['name']} | {r['params']:,} | {r['context']} | {r['batch']} "
             f"| {r['windows_per_s']:,.0f} "
             f"| {r['drain']['entries_per_s']:,.0f} "
-            f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} |"
+            f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} "
+            f"| {_per_100k(r['drain'].get('server_cpu_s'), r['drain']['entries'])} |"
             for r in models
         ),
         "",
