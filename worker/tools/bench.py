@@ -330,8 +330,9 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     (``server_cpu_s``), the median of the server's CPU seconds."""
     ordered = sorted(results, key=lambda r: r["entries_per_s"])
     median = {**ordered[len(ordered) // 2], "rounds": [r["entries_per_s"] for r in results]}
-    cpu = [seconds for r in results if (seconds := r.get("server_cpu_s")) is not None]
-    median["server_cpu_s"] = float(np.median(cpu)) if cpu and len(cpu) == len(results) else None
+    if any("server_cpu_s" in r for r in results):
+        cpu = [seconds for r in results if (seconds := r.get("server_cpu_s")) is not None]
+        median["server_cpu_s"] = float(np.median(cpu)) if len(cpu) == len(results) else None
     return median
 
 
