@@ -31,15 +31,19 @@ class Split:
 MAX_VAL_WINDOWS = 8192
 
 
-def split_dataset(dataset: Dataset, window: int, horizon: int, val_fraction: float) -> Split:
-    """The windows before each series' last ``val_fraction``, and those in it."""
-    train, val = split_windows(dataset.series, window, horizon, val_fraction)
+def split_dataset(
+    dataset: Dataset, context: int, horizon: int, val_fraction: float, *, where: str = ""
+) -> Split:
+    """The windows (``context`` values each, ``horizon`` targets) before each series' last
+    ``val_fraction``, and those in it. ``where`` says which part of the data ``dataset``
+    is, for the error when either has none."""
+    train, val = split_windows(dataset.series, context, horizon, val_fraction)
     if len(train) == 0 or len(val) == 0:
         shortest = min(dataset.lengths)
         raise ValueError(
-            f"too little data: the shortest series has {shortest} points, and window "
-            f"{window} + horizon {horizon} leaves {len(train)} training and {len(val)} "
-            f"validation windows at val_fraction {val_fraction}"
+            f"too little data: the shortest series has {shortest} points{where}, and "
+            f"forecasts that read {context} values and {horizon} ahead leave {len(train)} "
+            f"training and {len(val)} validation windows at val_fraction {val_fraction}"
         )
     return Split(train, val)
 
@@ -147,7 +151,7 @@ def train_model(
         [s[: split_point(len(s), val_fraction)] for s in dataset.series],
         dataset.step_s,
     )
-    split = split_dataset(early, context, horizon, val_fraction)
+    split = split_dataset(early, context, horizon, val_fraction, where=" before its held-out tail")
     model = new_model(model_config, seed=train_config.seed)
     val = split.val.build(evenly(len(split.val), MAX_VAL_WINDOWS))
     result = fit(model, split.train, val, train_config, device=device, progress=progress)
