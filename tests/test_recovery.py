@@ -80,8 +80,10 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     drain(settings_for(redis_url, ref), trained_sines)
 
     # Small batches and frequent state checkpoints, so the kills land everywhere:
-    # mid-batch, between a checkpoint and the next, during a re-sync.
-    flags = ("--consumer", "w", "--max-batch", "37", "--checkpoint-interval-s", "0.3")
+    # mid-batch, between a checkpoint and the next, during a re-sync. A killed worker's
+    # lease is left to expire: a short one, so that each next run waits 1 s, not 10.
+    flags = ("--consumer", "w", "--max-batch", "37", "--checkpoint-interval-s", "0.3",
+             "--lease-ttl-ms", "1000")  # fmt: skip
     cmd = worker_cmd(model_file, redis_url, crash, *flags)
     total = 500 * (100 - 20 + 1)
     # Five random moments during the drain, as points in its progress.
@@ -89,7 +91,10 @@ def test_five_kill_9s_publish_what_an_uninterrupted_run_does(
     for moment in moments:
         _kill_at(redis_client, cmd, crash, moment, tmp_path)
     assert redis_client.xlen(crash.output) < total  # work was left for the last run
-    drain(settings_for(redis_url, crash, max_batch=37, checkpoint_interval_s=0.3), trained_sines)
+    last = settings_for(
+        redis_url, crash, max_batch=37, checkpoint_interval_s=0.3, lease_ttl_ms=1000
+    )
+    drain(last, trained_sines)
     # Each series' scoring went on from its last save, and the re-read entries after it
     # were scored again: intervals and anomaly events are an uninterrupted run's too.
     assert same_output(redis_client, crash, ref, to_ref) == (total, 50)
