@@ -39,3 +39,10 @@ def test_the_serving_path_imports_no_tool_and_no_command_line() -> None:
     loaded = imported_by("worker.app, worker.loop", among=("worker.tools", "worker.cli"))
     assert loaded == []
     assert "worker.loop" in imported_by("worker.app", among=("worker",))  # it can fail
+
+
+def test_the_command_line_parses_its_arguments_without_torch() -> None:
+    """--help and a usage error answer at once: torch (1-2 s to import) comes with the
+    commands, once the arguments have parsed."""
+    assert imported_by("worker.cli, worker.cli.parser", among=("torch",)) == []
+    assert "torch" in imported_by("worker.cli.commands", among=("torch",))  # it can fail

@@ -26,7 +26,8 @@ from worker.cli.parser import WORKER_FLAGS
 from worker.online.store import ModelStore
 from worker.settings import Settings, from_flags
 from worker.streams import connect
-from worker.tools.bench import RUNS, BenchPlan, run_bench
+from worker.tools import RUNS
+from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
 from worker.tools.poolbench import PoolPlan, run_pool_bench
 from worker.tools.readback import draw, read_views, summary

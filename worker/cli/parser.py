@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
 from worker.cli.argtypes import counts, fraction, names_of, number, positive, rate, switch, whole
-from worker.tools.bench import RUNS
+from worker.tools import RUNS
 
 EXIT_USAGE = 2
 DESCRIPTION = (

@@ -62,12 +62,9 @@ from worker.streams import (
     read_entries,
     read_group,
 )
+from worker.tools import RUNS
 
 log = logging.getLogger("attnlstm.bench")
-
-# The bench's parts: the drains (the worker, the raw loops, the per-entry ways), the
-# latency runs, and what each model costs.
-RUNS = ("drains", "latency", "models")
 
 
 @dataclass(frozen=True)
