@@ -138,12 +138,14 @@ def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
     values = spiked(sine_steps(100, 200, seed=6), 40, seed=6)  # 20,000 entries
     ref, crash, to_ref = _beside_a_reference(redis_client, stream_prefix, values)
     drain(settings_for(redis_url, ref), trained_sines)
-    flags = ("--consumer", "w", "--checkpoint-interval-s", "3600")
+    # A 1 s lease: the restart waits that long for the killed worker's to expire.
+    flags = ("--consumer", "w", "--checkpoint-interval-s", "3600", "--lease-ttl-ms", "1000")
     total = 100 * (200 - 20 + 1)
     _kill_at(
         redis_client, worker_cmd(model_file, redis_url, crash, *flags), crash, total // 2, tmp_path
     )
-    drain(settings_for(redis_url, crash, checkpoint_interval_s=3600), trained_sines)
+    restart = settings_for(redis_url, crash, checkpoint_interval_s=3600, lease_ttl_ms=1000)
+    drain(restart, trained_sines)
     re_read = [
         int(m) for r in caplog.records for m in re.findall(r"(\d+) entries re-read", r.getMessage())
     ]
