@@ -478,9 +478,9 @@ def test_a_planted_model_and_a_second_worker_with_another_file_and_no_key(
     key.write_text(secrets.token_hex(32) + "\n")
     values = sine_steps(200, 100, seed=30)  # 20,000 entries
     ids = fill(redis_client, keys.input, values[:30])
-    keyed = worker_cmd(
-        model_file, redis_url, keys, "--max-batch", "37", "--model-key-file", str(key)
-    )
+    # A 1 s lease: the restart waits that long for the killed worker's to expire.
+    flags = ("--max-batch", "37", "--model-key-file", str(key), "--lease-ttl-ms", "1000")
+    keyed = worker_cmd(model_file, redis_url, keys, *flags)
     with _worker(keyed, tmp_path, "keyed") as proc:
         wait_for(lambda: redis_client.xlen(keys.output) >= 2000, timeout=120)
         attacker = ModelStore(redis_client, keys, keep=5, source="attacker")
