@@ -96,6 +96,11 @@ def test_the_models_part_alone_prices_each_model(
     assert "p99" not in text
     assert "Model: window" not in text  # the model it would serve is not what it priced
     assert "Peak RSS" in text
+    # The server is named with its allocator: what it spends per entry depends on both.
+    info = {**redis_client.info("server"), **redis_client.info("memory")}
+    assert info.get("valkey_version", info["redis_version"]) in report["server"]
+    assert info["mem_allocator"] in report["server"]  # "libc" in "..., libc malloc"
+    assert f"Server: {report['server']}. Peak RSS" in text
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("the worker serving ") and ": drained at " in m for m in messages) == 6
     assert sum(m.endswith(" windows/s") for m in messages) == 3

@@ -186,6 +186,26 @@ def _drain(
     }
 
 
+def server_of(client: redis.Redis) -> str | None:
+    """The server's name, version and memory allocator as INFO gives them ("Valkey
+    8.1.8, libc malloc"): what a server spends per entry depends on them (the embedded
+    Valkey, built with libc's malloc, spent twice the CPU of Debian's jemalloc Redis on
+    the same drains; BENCHMARKS.md). None where the server does not say: a user without
+    INFO, a cluster (one INFO per node)."""
+    try:
+        info = {**client.info("server"), **client.info("memory")}
+    except redis.ResponseError:
+        return None
+    if "redis_version" not in info:
+        return None
+    if "valkey_version" in info:  # Valkey gives both: redis_version is what it is like
+        name, version = "Valkey", info["valkey_version"]
+    else:
+        name, version = "Redis", info["redis_version"]
+    allocator = str(info.get("mem_allocator", "an allocator INFO does not name"))
+    return f"{name} {version}, {'libc malloc' if allocator == 'libc' else allocator}"
+
+
 def server_cpu_s(client: redis.Redis) -> float | None:
     """CPU seconds the server's main thread has used (user and system), as INFO reports
     them: what serving the worker costs the server, without its background threads
@@ -422,6 +442,7 @@ def run_bench(
     with url_or_embedded(url) as server_url:
         client = connect(server_url, socket_timeout_s=30, client_name="bench")
         run_id = f"bench-{os.getpid()}-{int(time.time())}"
+        report["server"] = server_of(client)
         try:
             report.update(_runs(client, server_url, run_id, checkpoint, plan, device))
         finally:
@@ -661,7 +682,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"device {report['device']}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)}), redis-py "
         f"{m['redis_py']}, hiredis {m['hiredis']}.",
-        f"{served}Peak RSS {report['max_rss_mb']} MB.",
+        f"{served}Server: {report.get('server') or 'not named (no INFO)'}. "
+        f"Peak RSS {report['max_rss_mb']} MB.",
     ]
     if "worker" in report:
         lines += _drain_lines(report)
