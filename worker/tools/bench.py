@@ -188,10 +188,9 @@ def _drain(
 
 def server_of(client: redis.Redis) -> str | None:
     """The server's name, version and memory allocator as INFO gives them ("Valkey
-    8.1.8, libc malloc"): what a server spends per entry depends on them (the embedded
-    Valkey, built with libc's malloc, spent twice the CPU of Debian's jemalloc Redis on
-    the same drains; BENCHMARKS.md). None where the server does not say: a user without
-    INFO, a cluster (one INFO per node)."""
+    8.1.8, libc malloc"), so that a report says which server its figures were measured
+    on. None where the server does not say: a user without INFO, a cluster (one INFO
+    per node)."""
     try:
         info = {**client.info("server"), **client.info("memory")}
     except redis.ResponseError:
