@@ -12,7 +12,7 @@ import redis
 
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
-from worker.tools.bench import BenchPlan, format_report, run_bench
+from worker.tools.bench import BenchPlan, format_report, run_bench, server_of
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
 PLAN = BenchPlan(
@@ -92,11 +92,19 @@ def test_the_models_part_alone_prices_each_model(
     assert "| 48 steps, lags 48/288/336 and a 2-week profile, 48 ahead, 90% intervals" in text
     assert "weekly cycle) | 50 | 1,360 |" in text  # the day-ahead model's fine-tune
     assert "| server CPU per 100,000 entries, s (median) |" in text
+    # Each model's drain against the first's, medians and round by round.
+    first, day_ahead = report["models"][0]["drain"], report["models"][2]["drain"]
+    paired = ", ".join(
+        f"{a / b:.2f}" for a, b in zip(day_ahead["rounds"], first["rounds"], strict=True)
+    )
+    ratio = day_ahead["entries_per_s"] / first["entries_per_s"]
+    assert f"| {ratio:.2f}x ({paired}) |" in text
+    assert text.count("x (") == 2  # the first row is the baseline: "-"
     assert "worker (batched)" not in text
     assert "p99" not in text
     assert "Model: window" not in text  # the model it would serve is not what it priced
     assert "Peak RSS" in text
-    # The server is named with its allocator: what it spends per entry depends on both.
+    # The server is named, with its allocator: which server the figures were measured on.
     info = {**redis_client.info("server"), **redis_client.info("memory")}
     assert info.get("valkey_version", info["redis_version"]) in report["server"]
     assert info["mem_allocator"] in report["server"]  # "libc" in "..., libc malloc"
@@ -147,8 +155,13 @@ def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(
         "3-master cluster: 1",
         "3-master cluster: 2",
     ]  # each size's rates as it finishes
+    # Each target names its server, as INFO does: the cluster by one of its nodes.
+    one_server, on_cluster = (t["server"] for t in report["targets"])
+    assert one_server == server_of(redis_client)
+    assert on_cluster is not None
+    assert on_cluster == server_of(redis_cluster.node_client(redis_cluster.ports[-1]))
     text = format_pool_report(report)
-    assert "| one server | 2 |" in text
-    assert "| 3-master cluster | 2 |" in text
+    assert f"| one server ({one_server}) | 2 |" in text
+    assert f"| 3-master cluster ({on_cluster}) | 2 |" in text
     assert set(redis_client.scan_iter()) == keys_before  # the bench's keys are gone
     assert not list(redis_cluster.client().scan_iter(match="bench-pool-*"))

@@ -746,20 +746,32 @@ def _per_100k(seconds: float | None, entries: int) -> str:
     return "-" if seconds is None or not entries else f"{seconds / entries * 100_000:.2f}"
 
 
+def _against(drain: dict[str, Any], first: dict[str, Any]) -> str:
+    """A drain's rate over the first model's: their medians' ratio, then each round's
+    against the same round's (the drains interleave, so a round's pair shares what the
+    machine was doing): "0.62x (0.50, 0.62, 0.66)"."""
+    rounds = ", ".join(
+        f"{a / b:.2f}" for a, b in zip(drain["rounds"], first["rounds"], strict=True)
+    )
+    return f"{drain['entries_per_s'] / first['entries_per_s']:.2f}x ({rounds})"
+
+
 def _model_lines(models: list[dict[str, Any]]) -> list[str]:
     return [
         "",
         "| model served | parameters | values read | batch | model only, windows/s "
         "| worker drain, entries/s (median) | each round "
+        "| drain against the first row's: medians (each round) "
         "| server CPU per 100,000 entries, s (median) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
         *(
             f"| {r['name']} | {r['params']:,} | {r['context']} | {r['batch']} "
             f"| {r['windows_per_s']:,.0f} "
             f"| {r['drain']['entries_per_s']:,.0f} "
             f"| {', '.join(f'{x:,.0f}' for x in r['drain']['rounds'])} "
+            f"| {'-' if k == 0 else _against(r['drain'], models[0]['drain'])} "
             f"| {_per_100k(r['drain'].get('server_cpu_s'), r['drain']['entries'])} |"
-            for r in models
+            for k, r in enumerate(models)
         ),
         "",
         "| model fine-tuned | series | values each | seconds "

@@ -56,7 +56,7 @@ from worker.streams import (
     read_groups,
     read_streams,
 )
-from worker.tools.bench import machine, proc_status_mb, raw_call, raw_forecasts
+from worker.tools.bench import machine, proc_status_mb, raw_call, raw_forecasts, server_of
 
 log = logging.getLogger("attnlstm.bench")
 
@@ -107,6 +107,8 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
     client = connect(url, socket_timeout_s=30, client_name="bench")
     nodes = cluster_of(client)
     where = f"{len(primaries(nodes))}-master cluster" if nodes else "one server"
+    # A cluster is named by its first primary: its nodes run one server, as a rule.
+    server = server_of(primaries(nodes)[0].redis_connection if nodes else client)
     run_id = f"bench-pool-{os.getpid()}-{int(time.time())}"
     runs: list[dict[str, Any]] = []
     try:
@@ -135,7 +137,7 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
     for run in runs:
         run["pool_vs_raw"] = round(run["pool"]["entries_per_s"] / run["raw"]["entries_per_s"], 3)
         run["pool_vs_one"] = round(run["pool"]["entries_per_s"] / one, 2)
-    return {"redis": where, "runs": runs}
+    return {"redis": where, "server": server, "runs": runs}
 
 
 @contextlib.contextmanager
@@ -312,6 +314,11 @@ def _wait(condition: Any, what: str, *, poll_s: float = 0.05, timeout_s: float =
         time.sleep(poll_s)
 
 
+def _target(target: dict[str, Any]) -> str:
+    """ "one server (Valkey 8.1.8, libc malloc)", or without the name where INFO gave none."""
+    return f"{target['redis']} ({target['server']})" if target["server"] else target["redis"]
+
+
 def format_pool_report(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -323,7 +330,7 @@ def format_pool_report(report: dict[str, Any]) -> str:
         "| pool / one worker | worker RSS, MB each |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         *(
-            f"| {t['redis']} | {r['workers']} | {r['pool']['entries_per_s']:,.0f} "
+            f"| {_target(t)} | {r['workers']} | {r['pool']['entries_per_s']:,.0f} "
             f"| {r['raw']['entries_per_s']:,.0f} | {r['pool_vs_raw']:.0%} "
             f"| {r['pool_vs_one']:.2f}x | {', '.join(f'{x:.0f}' for x in r['pool']['rss_mb'])} |"
             for t in report["targets"]
