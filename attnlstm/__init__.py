@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names, for type checkers (``as``: re-exported)
     from attnlstm.checkpoint import Checkpoint as Checkpoint
-    from attnlstm.checkpoint import CheckpointError as CheckpointError
     from attnlstm.checkpoint import load as load
     from attnlstm.checkpoint import loads as loads
     from attnlstm.checkpoint import save as save
@@ -26,6 +25,7 @@ if TYPE_CHECKING:  # the names, for type checkers (``as``: re-exported)
     from attnlstm.data import DataError as DataError
     from attnlstm.data import Dataset as Dataset
     from attnlstm.data import load_dataset as load_dataset
+    from attnlstm.errors import CheckpointError as CheckpointError
     from attnlstm.model import AttentionLSTM as AttentionLSTM
     from attnlstm.model import ModelConfig as ModelConfig
     from attnlstm.partition import partition_of as partition_of
@@ -46,8 +46,9 @@ if TYPE_CHECKING:  # the names, for type checkers (``as``: re-exported)
 # of the library (the command line parsing its arguments, a producer computing
 # partition_of) does not wait 1-2 s for torch.
 _HOMES = {
-    "attnlstm.checkpoint": ("Checkpoint", "CheckpointError", "load", "loads", "save", "version_of"),
+    "attnlstm.checkpoint": ("Checkpoint", "load", "loads", "save", "version_of"),
     "attnlstm.data": ("DataError", "Dataset", "load_dataset"),
+    "attnlstm.errors": ("CheckpointError",),
     "attnlstm.model": ("AttentionLSTM", "ModelConfig"),
     "attnlstm.partition": ("partition_of",),
     "attnlstm.train": ("TrainConfig", "TrainResult", "fit", "new_model", "predict"),

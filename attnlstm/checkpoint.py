@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from attnlstm.errors import CheckpointError as CheckpointError
 from attnlstm.model import AttentionLSTM, ModelConfig
 
 FORMAT = "attnlstm-checkpoint"
@@ -45,10 +46,6 @@ CONFIG_BOUNDS = {
     "attention_size": 4_096,
 }
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # the dtypes a model may load from
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt, tampered with or of an unknown format."""
 
 
 @dataclass(frozen=True)

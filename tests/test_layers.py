@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import redis
+
 from tests.conftest import ROOT
 
 
@@ -43,6 +45,27 @@ def test_the_serving_path_imports_no_tool_and_no_command_line() -> None:
 
 def test_the_command_line_parses_its_arguments_without_torch() -> None:
     """--help and a usage error answer at once: torch (1-2 s to import) comes with the
-    commands, once the arguments have parsed."""
+    commands that need it, once the arguments have parsed."""
     assert imported_by("worker.cli, worker.cli.parser", among=("torch",)) == []
-    assert "torch" in imported_by("worker.cli.commands", among=("torch",))  # it can fail
+    assert imported_by("worker.cli.commands", among=("torch",)) == []
+    assert "torch" in imported_by("worker.cli.live", among=("torch",))  # it can fail
+
+
+def test_a_replay_writes_its_entries_without_loading_torch(
+    redis_url: str, redis_client: redis.Redis, stream_prefix: str
+) -> None:
+    """``attnlstm replay`` needs no model: it starts writing at once, not 1-2 s later."""
+    stream = f"{stream_prefix}in"
+    flags = ["--redis-url", redis_url, "--stream", stream, "--points", "3", "--series", "5"]
+    argv = ["replay", *flags, "--fast"]
+    code = (
+        "import sys\n"
+        "from worker.cli import main\n"
+        f"status = main({argv!r})\n"
+        "print(status, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "0 False"  # ran, and without torch
+    assert redis_client.xlen(stream) == 3 * 5  # three values of each of the 5 sines

@@ -14,8 +14,8 @@ from worker.cli.parser import build_parser
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The commands' modules only now: they import torch (1-2 s), which --help and a
-    # usage error need not wait for.
+    # The commands only now: they import what the command needs, most of them torch (1-2
+    # s), which --help and a usage error need not wait for.
     from worker.cli.commands import run
 
     return run(args)

@@ -1,44 +1,50 @@
 """What ``attnlstm`` runs once its arguments have parsed: each command's function, and
-how its result or a user's error is printed. Imported only then (it imports torch, 1-2
-s), so that ``--help`` and a usage error answer at once."""
+how its result or a user's error is printed. A command's module is imported when it
+runs: most import torch (1-2 s), which ``replay`` (and ``--help``, before this module)
+need not wait for."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from attnlstm.checkpoint import CheckpointError
 from attnlstm.data import DataError
-from worker.cli import live, offline
+from attnlstm.errors import CheckpointError
 from worker.embedded import EmbeddedServerError
-from worker.tools.bench import format_report
-from worker.tools.poolbench import format_pool_report
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace], dict[str, Any]]
-COMMANDS: dict[str, Command] = {
-    "train": offline.train_command,
-    "evaluate": offline.evaluate_command,
-    "plot": lambda args: (live.live_plot_command if args.from_stream else offline.plot_command)(
-        args
-    ),
-    "worker": live.worker_command,
-    "replay": live.replay_command,
-    "demo": live.demo_command,
-    "models": live.models_command,
-    "bench": live.bench_command,
+# Each command's module and function.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("worker.cli.offline", "train_command"),
+    "evaluate": ("worker.cli.offline", "evaluate_command"),
+    "plot": ("worker.cli.offline", "plot_command"),
+    "worker": ("worker.cli.live", "worker_command"),
+    "replay": ("worker.cli.replay", "replay_command"),
+    "demo": ("worker.cli.live", "demo_command"),
+    "models": ("worker.cli.live", "models_command"),
+    "bench": ("worker.cli.live", "bench_command"),
 }
+
+
+def command_of(args: argparse.Namespace) -> Command:
+    """The parsed command's function, its module imported now."""
+    module, name = COMMANDS[args.command]
+    if args.command == "plot" and args.from_stream:  # what a live system published
+        module, name = "worker.cli.live", "live_plot_command"
+    return cast(Command, getattr(importlib.import_module(module), name))
 
 
 def run(args: argparse.Namespace) -> int:
     """The parsed command run, its report printed; the exit status."""
     try:
-        report = COMMANDS[args.command](args)
+        report = command_of(args)(args)
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -52,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     elif args.command == "bench":
+        from worker.tools.bench import format_report
+        from worker.tools.poolbench import format_pool_report
+
         print((format_pool_report if args.workers else format_report)(report))
     else:
         _print_human(report)

@@ -1,0 +1,99 @@
+"""``attnlstm replay``, and the Redis client that every command talking to a live system
+opens (:func:`redis_for`). Neither needs the model, nor torch (1-2 s to import): a
+replay starts writing at once."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+
+from attnlstm.synthetic import SineSpec
+from worker.settings import Settings, from_flags
+from worker.streams import connect
+from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine_entries
+
+
+def replay_command(args: argparse.Namespace) -> dict[str, Any]:
+    entries, total = _replay_source(args)
+    settings = from_flags(
+        redis_url=args.redis_url, input_stream=args.stream, partitions=args.partitions
+    )
+    with redis_for(settings, "replay") as (client, settings):
+        return replay(
+            client,
+            settings.input_stream,
+            entries,
+            rate=args.rate,
+            seconds=args.seconds,
+            maxlen=args.maxlen,
+            total=total,
+            progress=not args.json and sys.stderr.isatty(),
+            partitions=settings.partitions,
+        )
+
+
+def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:
+    """The entries to write, and how many there are when that is known."""
+    if args.csv is not None:
+        layout = CsvLayout(
+            time_column=args.time_column,
+            value_columns=tuple(args.column),
+            series_column=args.series_column,
+            value_column=args.value_column,
+        )
+        return csv_entries(args.csv, layout), None
+    points = args.points
+    if points is None and args.seconds is not None:
+        if args.rate is None:
+            raise ValueError("--seconds with --fast needs --points: how many to write")
+        points = max(2, math.ceil(args.seconds * args.rate / args.series))
+    default = SineSpec()
+    spec = SineSpec(
+        n_series=args.series,
+        n_points=points or 1000,
+        freq=args.freq or default.freq,
+        amplitude=args.amplitude or default.amplitude,
+        offset=args.offset or default.offset,
+        noise=args.noise,
+        drift_at=args.drift_at,
+        drift_kind=args.drift_kind,
+        drift_factor=args.drift_factor or default.drift_factor,
+        anomaly_rate=args.anomaly_rate,
+    )
+    if not 0.0 <= args.bad_rate <= 1.0:
+        raise ValueError(f"--bad-rate must be in [0, 1], got {args.bad_rate}")
+    entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
+    return entries, None if args.bad_rate else spec.n_series * spec.n_points
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, Settings]]:
+    """A client for the configured Redis, and the settings for it (a cluster's keys on a
+    Redis Cluster); a lost connection is a one-line error."""
+    url = settings.url()
+    if url is None:
+        raise ValueError(
+            f"{command} needs a Redis: set ATTNLSTM_REDIS_URL or pass --redis-url "
+            "(`attnlstm demo` runs an embedded one with a worker and a replay)"
+        )
+    try:
+        client = connect(
+            url,
+            socket_timeout_s=settings.socket_timeout_s,
+            client_name=command,
+            cluster=settings.cluster,
+        )
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+    try:
+        yield client, settings.on(client)
+    except redis.ConnectionError as e:
+        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+    finally:
+        client.close()
