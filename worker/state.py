@@ -65,6 +65,16 @@ class StateError(Exception):
     """A state checkpoint that cannot be read back."""
 
 
+def _run(index: np.ndarray) -> np.ndarray | slice:
+    """``index`` as a slice where it counts up by one, else itself: a slice reads and
+    writes in place, where an index array's read is copied before it is written (640
+    windows of 817 values, cache cold: 0.98 against 1.44 ms; the day-ahead drain 3.7%
+    faster, the median of eight interleaved pairs: BENCHMARKS.md)."""
+    if index.size and bool((np.diff(index) == 1).all()):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
 def chunk_field(k: int) -> bytes:
     return b"chunk:%d" % k
 
@@ -284,7 +294,9 @@ class WindowState:
             return
         # Series that have seen the same number of values modulo the window (those fed in
         # step, as a shared clock feeds them) have their oldest value at the same place:
-        # one copy of each half for them all. Where few share it, a copy per slot.
+        # one copy of each half for them all, through slices where their slots and rows
+        # run consecutively (as series fed in step in a fixed order do). Where few share
+        # it, a copy per slot.
         order = np.argsort(oldest, kind="stable")
         sorted_cuts = oldest[order]
         starts = np.flatnonzero(np.r_[True, sorted_cuts[1:] != sorted_cuts[:-1]])
@@ -294,7 +306,7 @@ class WindowState:
                 out[row, self.window - cut :] = self._ring[slot, :cut]
             return
         for group in np.split(order, starts[1:]):
-            cut, r, g = int(oldest[group[0]]), rows[group], s[group]
+            cut, r, g = int(oldest[group[0]]), _run(rows[group]), _run(s[group])
             out[r, : self.window - cut] = self._ring[g, cut:]
             out[r, self.window - cut :] = self._ring[g, :cut]
 
