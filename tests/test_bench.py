@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
@@ -49,6 +50,7 @@ def test_a_small_bench_drains_everything_and_reports(
     assert report["latency_scale"]["series"] == 600
     assert report["latency_scale"]["checkpoint_longest_ms"] > 0  # its chunks were saved
     assert report["machine"]["hiredis"] is True
+    assert f"torch's kernels {torch.backends.cpu.get_cpu_capability()})" in report["machine"]["cpu"]
     assert "models" not in report
     text = format_report(report)
     assert "| worker (batched) | 3,000 |" in text
