@@ -8,6 +8,12 @@ then every period after it), from the values before the origin. The statistical 
 are refitted at each origin, at most once a period (:mod:`attnlstm.baselines`); the model
 is the checkpoint as trained. MASE divides by the naive forecast's MAE at the same points
 and steps ahead (the last value, repeated), per series, then averages over series.
+
+Beside the scores, each forecaster's margin to the model: the model's MASE over its, with
+a 95% interval from resampling whole held-out days (a day's errors move together, so the
+days, not the points, are the independent draws), and on how many days the model was
+the better of the two. Sixteen days are few: a margin of a few percent either way is
+often inside its interval, and the interval says so.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from attnlstm.train import predict
 from attnlstm.windows import SeriesWindows, Windows, split_point
 
 Forecaster = Callable[[np.ndarray, int], Rolled]  # (series, cut) -> its forecasts
+RESAMPLES = 2_000  # bootstrap resamples of the held-out days behind each margin's interval
+# Days a series' tail is resampled in at most: a longer tail (steps without a period, or
+# years of them) is cut into this many runs of consecutive days, which bounds the memory a
+# resample takes (RESAMPLES x MAX_DAYS indices, 16 MB) whatever the data's length.
+MAX_DAYS = 1_000
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,46 @@ class Row:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Margin:
+    """The model's MASE over one other forecaster's, on the same points: below 1 the
+    model's error is the smaller. ``low`` and ``high`` bound a 95% interval from
+    resampling the held-out days; ``wins`` counts the days (one step ahead: the values
+    between two origins; multi-step: the origins' forecasts) on which the model's error
+    was the smaller, of ``days``. A tail of more than MAX_DAYS days is resampled and
+    counted in runs of consecutive days instead."""
+
+    name: str
+    ratio: float  # one step ahead
+    low: float
+    high: float
+    wins: int
+    days: int
+    ahead_ratio: float  # over every step of the multi-step forecasts (NaN: none)
+    ahead_low: float
+    ahead_high: float
+    ahead_wins: int
+    origins: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[Row]  # every forecaster's scores
+    margins: list[Margin]  # every forecaster but the model, against the model
+
+
+@dataclass(frozen=True)
+class _Days:
+    """One forecaster's absolute errors on one series, summed per held-out day (one
+    step ahead) and per origin (every step of its multi-step forecast), and the naive
+    forecast's at the same points: MASE over any set of days is the ratio of their sums."""
+
+    one: np.ndarray  # (days,)
+    one_naive: np.ndarray
+    ahead: np.ndarray  # (origins,)
+    ahead_naive: np.ndarray
+
+
 def compare(
     model: AttentionLSTM,
     dataset: Dataset,
@@ -57,11 +108,11 @@ def compare(
     level: int = 90,
     device: str = "cpu",
     progress: bool = False,
-) -> list[Row]:
+) -> Comparison:
     """The model (its intervals from ``spread``, adapted online as the worker does), the
-    naive forecasts and ``stat_models``, scored on the same points; with ``progress``, a
-    bar over the statistical models' refits on stderr (the sea temperature's 240 take
-    minutes)."""
+    naive forecasts and ``stat_models``, scored on the same points, and each one's margin
+    to the model; with ``progress``, a bar over the statistical models' refits on stderr
+    (the sea temperature's 240 take minutes)."""
     horizon = model.config.horizon
     step = period or horizon
     cuts = [split_point(len(y), val_fraction) for y in dataset.series]
@@ -93,15 +144,20 @@ def compare(
         (name, functools.partial(_stat, name, period, horizon, weekly, level, bar))
         for name in stat_models
     ]
-    rows = []
+    rows, days = [], []
     with bar:
         for name, forecast in forecasters:
             bar.set_postfix_str(name)
             started = time.perf_counter()
             runs = [forecast(y, cut) for y, cut in zip(dataset.series, cuts, strict=True)]
             seconds = time.perf_counter() - started
-            rows.append(_row(name, runs, dataset.series, cuts, step, seconds))
-    return rows
+            per_series = zip(runs, dataset.series, cuts, strict=True)
+            days.append([_days(run, y, cut, step) for run, y, cut in per_series])
+            rows.append(_row(name, runs, days[-1], dataset.series, cuts, seconds))
+    margins = [
+        _margin(row.name, days[0], other) for row, other in zip(rows[1:], days[1:], strict=True)
+    ]
+    return Comparison(rows, margins)
 
 
 def _stat(
@@ -179,36 +235,93 @@ def _rolled(one_step: np.ndarray, ahead: np.ndarray) -> Rolled:
     )
 
 
+def _days(run: Rolled, y: np.ndarray, cut: int, step: int) -> _Days:
+    """``run``'s errors on ``y``'s tail summed per day: the values from each ``step``
+    after the cut (the last day may be short), and each origin's forecast; in at most
+    MAX_DAYS runs of consecutive days."""
+    tail = len(y) - cut
+    day = np.arange(tail) // max(step, -(-tail // MAX_DAYS))
+    origins = day_origins(len(y), cut, step, run.ahead.shape[1])
+    target = y[origins[:, None] + np.arange(run.ahead.shape[1])]
+    run_of = np.arange(origins.size) // max(1, -(-origins.size // MAX_DAYS))
+    return _Days(
+        one=np.bincount(day, np.abs(y[cut:] - run.one_step)),
+        one_naive=np.bincount(day, np.abs(y[cut:] - y[cut - 1 : -1])),
+        ahead=np.bincount(run_of, np.abs(target - run.ahead).sum(axis=1)),
+        ahead_naive=np.bincount(run_of, np.abs(target - y[origins - 1, None]).sum(axis=1)),
+    )
+
+
 def _row(
     name: str,
     runs: list[Rolled],
+    days: list[_Days],
     series: list[np.ndarray],
     cuts: list[int],
-    step: int,
     seconds: float,
 ) -> Row:
-    mases, smapes, ahead, coverage, width = [], [], [], [], []
+    smapes, coverage, width = [], [], []
     for run, y, cut in zip(runs, series, cuts, strict=True):
         truth, naive_mae = y[cut:], mae(y[cut:], y[cut - 1 : -1])
-        mases.append(mae(truth, run.one_step) / naive_mae)
         smapes.append(smape(truth, run.one_step))
         coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
         width.append(float(np.mean(run.one_hi - run.one_lo)) / naive_mae)
-        origins = day_origins(len(y), cut, step, run.ahead.shape[1])
-        if origins.size:
-            target = y[origins[:, None] + np.arange(run.ahead.shape[1])]
-            naive = np.repeat(y[origins - 1, None], target.shape[1], axis=1)
-            ahead.append(mae(target, run.ahead) / mae(target, naive))
+    ahead = [d.ahead.sum() / d.ahead_naive.sum() for d in days if d.ahead.size]
     no_interval = bool(np.isnan(runs[0].one_lo).all())
     return Row(
         name=name,
-        mase=float(np.mean(mases)),
+        mase=float(np.mean([d.one.sum() / d.one_naive.sum() for d in days])),
         smape=float(np.mean(smapes)),
         ahead_mase=float(np.mean(ahead)) if ahead else math.nan,
         coverage=math.nan if no_interval else float(np.mean(coverage)),
         width=math.nan if no_interval else float(np.mean(width)),
         seconds=seconds,
     )
+
+
+def _margin(name: str, model: list[_Days], other: list[_Days]) -> Margin:
+    """The model's margin to ``other``, series by series."""
+    pairs = list(zip(model, other, strict=True))
+    ahead = [(m, o) for m, o in pairs if m.ahead.size]
+    one_step = _ratio([(m.one, o.one, m.one_naive) for m, o in pairs])
+    ahead_ratio = _ratio([(m.ahead, o.ahead, m.ahead_naive) for m, o in ahead])
+    return Margin(
+        name,
+        ratio=one_step[0],
+        low=one_step[1],
+        high=one_step[2],
+        wins=sum(int(np.sum(m.one < o.one)) for m, o in pairs),
+        days=sum(m.one.size for m in model),
+        ahead_ratio=ahead_ratio[0],
+        ahead_low=ahead_ratio[1],
+        ahead_high=ahead_ratio[2],
+        ahead_wins=sum(int(np.sum(m.ahead < o.ahead)) for m, o in ahead),
+        origins=sum(m.ahead.size for m, _ in ahead),
+    )
+
+
+def _ratio(
+    per_series: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[float, float, float]:
+    """The model's mean MASE over the other's, from each series' errors per day (the
+    model's, the other's, the naive forecast's): over every day, and the 2.5 and 97.5
+    percentiles over RESAMPLES resamples of the days. Series k's days are drawn from a
+    generator seeded with k, so that every forecaster meets the model on the same
+    resampled days, and a run gives the same intervals as the one before. NaN where
+    there are no days."""
+    if not per_series:
+        return math.nan, math.nan, math.nan
+    model, other = np.zeros(RESAMPLES + 1), np.zeros(RESAMPLES + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a flat tail: no naive error
+        for k, (ours, theirs, naive) in enumerate(per_series):
+            picks = np.random.default_rng(k).integers(0, naive.size, (RESAMPLES, naive.size))
+            picks = np.vstack([np.arange(naive.size), picks])  # every day once, first
+            total = naive[picks].sum(axis=1)
+            model += ours[picks].sum(axis=1) / total
+            other += theirs[picks].sum(axis=1) / total
+        ratio = model / other  # of the sums over the series, as of their means
+    low, high = np.percentile(ratio[1:], [2.5, 97.5])
+    return float(ratio[0]), float(low), float(high)
 
 
 def format_table(rows: list[Row], *, horizon: int, level: int = 90) -> str:
@@ -222,6 +335,27 @@ def format_table(rows: list[Row], *, horizon: int, level: int = 90) -> str:
         cells = [f"{r.mase:.3f}", f"{r.smape:.2f}%", _cell(r.ahead_mase, "{:.3f}")]
         cells += [_cell(r.coverage, "{:.1%}"), _cell(r.width, "{:.2f}"), f"{r.seconds:.1f}"]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_margins(comparison: Comparison, *, horizon: int) -> str:
+    """The margins as a Markdown table, in the scores' order (best one-step MASE first)."""
+    order = [r.name for r in sorted(comparison.rows, key=lambda r: r.mase)]
+    lines = [
+        f"| the model's MASE over | 1 step (95% interval) | days the model is better "
+        f"| 1-{horizon} steps (95% interval) | forecasts the model is better |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for m in sorted(comparison.margins, key=lambda m: order.index(m.name)):
+        ahead = (
+            "-"
+            if math.isnan(m.ahead_ratio)
+            else f"{m.ahead_ratio:.2f}x ({m.ahead_low:.2f}-{m.ahead_high:.2f})"
+        )
+        lines.append(
+            f"| {m.name} | {m.ratio:.2f}x ({m.low:.2f}-{m.high:.2f}) | {m.wins} of {m.days} "
+            f"| {ahead} | {m.ahead_wins} of {m.origins} |"
+        )
     return "\n".join(lines)
 
 

@@ -137,9 +137,16 @@ def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
     for name in stats:
         assert rows[name]["mase"] > 0
         assert rows[name]["ahead_mase"] > 0
-    # The table people read, on a shorter tail (the baselines' refits are most of the time).
+    # Each one's margin to the model: against naive (MASE 1), the model's own MASE.
+    margins = {margin["name"]: margin for margin in report["margins"]}
+    assert set(margins) == set(rows) - {"model"}
+    assert margins["naive"]["ratio"] == pytest.approx(rows["model"]["mase"])
+    assert margins["naive"]["ahead_ratio"] == pytest.approx(rows["model"]["ahead_mase"])
+    assert margins["naive"]["origins"] == 10  # the 10 day-ahead origins of the README
+    # The tables people read, on a shorter tail (the baselines' refits are most of the time).
     human = run("evaluate", "--data", data, "--baselines", "--val-fraction", "0.05", cwd=tmp_path)
     assert "| forecaster | MASE, 1 step |" in human.stdout
+    assert "| the model's MASE over | 1 step (95% interval) |" in human.stdout
 
 
 BAD_RUNS = [

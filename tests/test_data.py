@@ -44,6 +44,21 @@ def test_the_electricity_demand_has_a_daily_and_a_weekly_cycle() -> None:
     assert autocorrelation(24) < 0.2
 
 
+def test_the_electricity_load_has_a_daily_and_a_faint_weekly_cycle_over_three_years() -> None:
+    load = load_dataset(f"csv:{DATA / 'electricity_load.csv'}").series[0]
+    assert len(load) == 3 * 365 * 24 + 24  # 2012-2014 hourly, 2012 a leap year, none missing
+
+    def autocorrelation(lag: int) -> float:
+        return float(np.corrcoef(load[:-lag], load[lag:])[0, 1])
+
+    # A day back looks alike (0.99) and half a day back does not (-0.55); a week back
+    # looks more alike than six or eight days back, by less than a day back does.
+    assert autocorrelation(24) > 0.95
+    assert autocorrelation(12) < 0
+    assert autocorrelation(144) < autocorrelation(168) > autocorrelation(192)
+    assert autocorrelation(168) < autocorrelation(24)
+
+
 def _csv(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "d.csv"
     path.write_text(text)
@@ -86,7 +101,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Path) -> None:
-    steps = {"water_flow.csv": 24, "electricity_demand.csv": 48, "sea_surface_temperature.csv": 48}
+    steps = {
+        "water_flow.csv": 24,
+        "electricity_demand.csv": 48,
+        "sea_surface_temperature.csv": 48,
+        "electricity_load.csv": 24,
+    }
     for name, period in steps.items():
         assert load_csv(DATA / name).daily_period() == period, name
     # Times that do not divide a day, or no times at all: no period to go by.

@@ -8,7 +8,7 @@ import torch
 
 from attnlstm.baselines import available
 from attnlstm.data import Dataset
-from attnlstm.heldout import compare, format_table
+from attnlstm.heldout import MAX_DAYS, _ratio, compare, format_margins, format_table
 from attnlstm.intervals import LEVELS, Spread
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import new_model
@@ -46,7 +46,7 @@ def _spread() -> Spread:
 def test_the_model_is_scored_on_the_same_points_as_the_baselines() -> None:
     rows = {
         r.name: r
-        for r in compare(_seasonal_naive_model(), _data(), spread=_spread(), period=PERIOD)
+        for r in compare(_seasonal_naive_model(), _data(), spread=_spread(), period=PERIOD).rows
     }
     assert set(rows) == {"model", "naive", f"seasonal naive ({PERIOD})"}
     seasonal = rows[f"seasonal naive ({PERIOD})"]
@@ -61,6 +61,55 @@ def test_the_model_is_scored_on_the_same_points_as_the_baselines() -> None:
     table = format_table(list(rows.values()), horizon=PERIOD)
     assert table.splitlines()[0].startswith("| forecaster | MASE, 1 step")
     assert f"| seasonal naive ({PERIOD}) | {seasonal.mase:.3f} |" in table
+
+
+def test_each_margin_is_the_ratio_of_the_scores_with_an_interval_over_the_days() -> None:
+    comparison = compare(_seasonal_naive_model(), _data(), spread=_spread(), period=PERIOD)
+    rows = {r.name: r for r in comparison.rows}
+    margins = {m.name: m for m in comparison.margins}
+    assert set(margins) == set(rows) - {"model"}
+    # Two series, 600 held-out values each: 100 days of 6 values, and 100 origins whose
+    # 6 steps ahead fit before the end.
+    naive, seasonal = margins["naive"], margins[f"seasonal naive ({PERIOD})"]
+    assert (naive.days, naive.origins) == (200, 200)
+    assert naive.ratio == pytest.approx(rows["model"].mase / rows["naive"].mase)
+    assert naive.ahead_ratio == pytest.approx(rows["model"].ahead_mase / rows["naive"].ahead_mase)
+    # The model is seasonal naive (to float32): a margin of 1, and an interval as narrow.
+    assert seasonal.ratio == pytest.approx(1, rel=1e-5)
+    assert 1 - 1e-5 < seasonal.low <= seasonal.high < 1 + 1e-5
+    # Against naive the seasonal forecast is better on most days, and the interval,
+    # around the ratio, stays clear of 1: the noise is a third of the season's swing.
+    assert naive.low < naive.ratio < naive.high < 1
+    assert naive.wins > naive.days * 0.8
+    table = format_margins(comparison, horizon=PERIOD)
+    assert f"| naive | {naive.ratio:.2f}x ({naive.low:.2f}-{naive.high:.2f}) | " in table
+    assert f"| {naive.wins} of 200 |" in table
+
+
+def test_the_interval_spans_one_where_the_days_disagree_and_not_where_they_agree() -> None:
+    """Per-day errors (the naive forecast's 1 on every day) of a model better by half
+    on 40 days and worse by half on 40, against the other forecaster: a margin of 1, and
+    an interval either side of it. Twice as good on every day: 0.5, and no spread."""
+    naive, half, whole = np.ones(80), np.full(40, 0.5), np.ones(40)
+    ratio, low, high = _ratio([(np.r_[half, whole], np.r_[whole, half], naive)])
+    assert ratio == 1.0
+    assert 0.8 < low < 0.95
+    assert 1.05 < high < 1.25
+    assert _ratio([(np.full(80, 0.5), np.ones(80), naive)]) == (0.5, 0.5, 0.5)
+    assert all(np.isnan(_ratio([])))  # no multi-step forecasts
+
+
+def test_a_long_tail_is_resampled_in_runs_of_days() -> None:
+    """A series of 200,000 values without a period, forecast one step ahead: its 40,000
+    held-out days of one value each are resampled in MAX_DAYS runs of 40 (not 2,000 x
+    40,000 indices, 640 MB)."""
+    model = new_model(ModelConfig(window=4, hidden_size=2, attention_size=2), seed=0)
+    y = np.random.default_rng(0).normal(size=200_000).cumsum()
+    spread = Spread(np.asarray(LEVELS)[:, None] * 2.0)  # one step ahead
+    comparison = compare(model.eval(), Dataset(["walk"], [y]), spread=spread, period=0)
+    naive = next(m for m in comparison.margins if m.name == "naive")
+    assert naive.days == naive.origins == MAX_DAYS
+    assert naive.low <= naive.ratio <= naive.high
 
 
 def test_a_model_that_needs_more_history_than_the_data_has_is_a_clear_error() -> None:
@@ -79,7 +128,7 @@ def test_the_statistical_models_are_scored_beside_it(capsys: pytest.CaptureFixtu
         period=PERIOD,
         stat_models=("AutoETS",),
         progress=True,
-    )
+    ).rows
     ets = next(r for r in rows if r.name == "AutoETS")
     assert 0 < ets.mase < 1  # a seasonal series: better than the last value
     assert 0.5 < ets.coverage <= 1.0

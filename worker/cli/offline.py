@@ -23,7 +23,7 @@ from attnlstm.experiment import (
     train_model,
     training_meta,
 )
-from attnlstm.heldout import Row, compare, format_table
+from attnlstm.heldout import Comparison, compare, format_margins, format_table
 from attnlstm.intervals import Spread
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.train import TrainConfig
@@ -89,10 +89,10 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     metrics = evaluate_model(
         checkpoint.model, dataset, val_fraction=args.val_fraction, period=period, device=device
     )
-    rows = []
+    comparison = None
     if args.baselines:
         stat_models = _stat_models(period)
-        rows = compare(
+        comparison = compare(
             checkpoint.model,
             dataset,
             spread=Spread.from_meta(checkpoint.meta, checkpoint.config.horizon),
@@ -104,7 +104,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
         )
     return {
         **metrics,
-        **_table(rows, args.json, horizon=checkpoint.config.horizon),
+        **_tables(comparison, args.json, horizon=checkpoint.config.horizon),
         "seconds": round(time.perf_counter() - started, 3),
         "params": checkpoint.model.num_params(),
         "model": str(args.model),
@@ -142,13 +142,20 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
 
 
-def _table(rows: list[Row], as_json: bool, *, horizon: int) -> dict[str, Any]:
-    """The baselines' rows for --json, or their table for people; nothing without rows."""
-    if not rows:
+def _tables(comparison: Comparison | None, as_json: bool, *, horizon: int) -> dict[str, Any]:
+    """The baselines' scores and margins for --json, or their tables for people; nothing
+    without --baselines."""
+    if comparison is None:
         return {}
     if as_json:
-        return {"baselines": [asdict(row) for row in rows]}
-    return {"table": format_table(rows, horizon=horizon)}
+        return {
+            "baselines": [asdict(row) for row in comparison.rows],
+            "margins": [asdict(margin) for margin in comparison.margins],
+        }
+    return {
+        "table": format_table(comparison.rows, horizon=horizon),
+        "margins": format_margins(comparison, horizon=horizon),
+    }
 
 
 def _stat_models(period: int | None) -> tuple[str, ...]:
