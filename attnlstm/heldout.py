@@ -240,7 +240,8 @@ def _days(run: Rolled, y: np.ndarray, cut: int, step: int) -> _Days:
     after the cut (the last day may be short), and each origin's forecast; in at most
     MAX_DAYS runs of consecutive days."""
     tail = len(y) - cut
-    day = np.arange(tail) // max(step, -(-tail // MAX_DAYS))
+    days = -(-tail // step)
+    day = np.arange(tail) // (step * -(-days // MAX_DAYS))  # whole days to a run
     origins = day_origins(len(y), cut, step, run.ahead.shape[1])
     target = y[origins[:, None] + np.arange(run.ahead.shape[1])]
     run_of = np.arange(origins.size) // max(1, -(-origins.size // MAX_DAYS))
