@@ -31,7 +31,7 @@ from tqdm import tqdm
 from attnlstm.baselines import Rolled, day_origins, rolled
 from attnlstm.data import Dataset
 from attnlstm.intervals import Spread, online_intervals, window_scale
-from attnlstm.metrics import mae, seasonal_naive, smape
+from attnlstm.metrics import seasonal_naive, smape
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
 from attnlstm.windows import SeriesWindows, Windows, split_point
@@ -262,11 +262,12 @@ def _row(
     seconds: float,
 ) -> Row:
     smapes, coverage, width = [], [], []
-    for run, y, cut in zip(runs, series, cuts, strict=True):
-        truth, naive_mae = y[cut:], mae(y[cut:], y[cut - 1 : -1])
+    for run, d, y, cut in zip(runs, days, series, cuts, strict=True):
+        truth = y[cut:]
         smapes.append(smape(truth, run.one_step))
         coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
-        width.append(float(np.mean(run.one_hi - run.one_lo)) / naive_mae)
+        # the mean width over the naive MAE, as the ratio of their sums over the tail
+        width.append(float(np.sum(run.one_hi - run.one_lo)) / d.one_naive.sum())
     ahead = [d.ahead.sum() / d.ahead_naive.sum() for d in days if d.ahead.size]
     no_interval = bool(np.isnan(runs[0].one_lo).all())
     return Row(
