@@ -285,18 +285,20 @@ def _margin(name: str, model: list[_Days], other: list[_Days]) -> Margin:
     """The model's margin to ``other``, series by series."""
     pairs = list(zip(model, other, strict=True))
     ahead = [(m, o) for m, o in pairs if m.ahead.size]
-    one_step = _ratio([(m.one, o.one, m.one_naive) for m, o in pairs])
-    ahead_ratio = _ratio([(m.ahead, o.ahead, m.ahead_naive) for m, o in ahead])
+    ratio, low, high = _ratio([(m.one, o.one, m.one_naive) for m, o in pairs])
+    ahead_ratio, ahead_low, ahead_high = _ratio(
+        [(m.ahead, o.ahead, m.ahead_naive) for m, o in ahead]
+    )
     return Margin(
         name,
-        ratio=one_step[0],
-        low=one_step[1],
-        high=one_step[2],
+        ratio=ratio,
+        low=low,
+        high=high,
         wins=sum(int(np.sum(m.one < o.one)) for m, o in pairs),
         days=sum(m.one.size for m in model),
-        ahead_ratio=ahead_ratio[0],
-        ahead_low=ahead_ratio[1],
-        ahead_high=ahead_ratio[2],
+        ahead_ratio=ahead_ratio,
+        ahead_low=ahead_low,
+        ahead_high=ahead_high,
         ahead_wins=sum(int(np.sum(m.ahead < o.ahead)) for m, o in ahead),
         origins=sum(m.ahead.size for m, _ in ahead),
     )
