@@ -32,20 +32,22 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 FORMAT = "attnlstm-checkpoint"
 FORMAT_VERSION = 1
 VERSION_HEX = 16  # hex digits of the content hash used as the model version
-# Upper bounds on a stored config: far above what this project trains (hidden 32,
-# window 20), far below what a forecaster of one value per step could use.
+# Bounds on a stored config: the upper ones far above what this project trains (hidden
+# 32, window 20), far below what a forecaster of one value per step could use; a size
+# below its lower one is no model (an attention of width -1 cannot even be built).
 CONFIG_BOUNDS = {
-    "window": 10_000,
-    "horizon": 1_000,
-    "input_size": 1_024,  # 1 + the number of lags
-    "context": 10_000,  # values a forecast reads (the worker keeps this many a series)
-    "period": 10_000,
-    "profile_weeks": 1_000,
-    "hidden_size": 4_096,
-    "num_layers": 16,
-    "attention_size": 4_096,
+    "window": (1, 10_000),
+    "horizon": (1, 1_000),
+    "input_size": (1, 1_024),  # 1 + the number of lags
+    "context": (1, 10_000),  # values a forecast reads (the worker keeps this many a series)
+    "period": (0, 10_000),
+    "profile_weeks": (0, 1_000),
+    "hidden_size": (1, 4_096),
+    "num_layers": (1, 16),
+    "attention_size": (1, 4_096),
 }
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # the dtypes a model may load from
+# The dtypes a model may load from: those the hash can read (numpy has no bfloat16).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2}
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,13 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     if expected != _digest(header, tensors):
         raise CheckpointError(f"{source}: content hash mismatch, the file is corrupt or altered")
     try:
-        meta = json.loads(header["meta"])
+        meta = json.loads(header["meta"])  # RecursionError (a RuntimeError) when too deep
         model = AttentionLSTM(config)
         model.load_state_dict(tensors, strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: its meta is not a JSON object")
     model.eval()
     return Checkpoint(model=model, version=_version(header["config"], tensors), meta=meta)
 
@@ -155,7 +159,7 @@ def _header(data: bytes, source: str) -> tuple[dict[str, str], dict[str, Declare
         raise CheckpointError(f"{source}: not a safetensors checkpoint (bad header length)")
     try:
         parsed = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # undecodable, not JSON, or nested too deep
         raise CheckpointError(f"{source}: not a safetensors checkpoint (bad header)") from e
     meta = parsed.pop("__metadata__", None) if isinstance(parsed, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -184,30 +188,33 @@ def _config(header: dict[str, str], source: str) -> ModelConfig:
     """The model config of a header, within :data:`CONFIG_BOUNDS`."""
     try:
         config = ModelConfig.from_dict(json.loads(header["config"]))
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
-    for name, bound in CONFIG_BOUNDS.items():
+    for name, (low, high) in CONFIG_BOUNDS.items():
         value = getattr(config, name)
-        if type(value) is not int or value > bound:
+        if type(value) is not int or not low <= value <= high:
             raise CheckpointError(
-                f"{source}: {name} {value!r} is out of bounds (a whole number up to {bound})"
+                f"{source}: {name} {value!r} is out of bounds (a whole number from {low} to {high})"
             )
     return config
 
 
 def _check_layout(declared: dict[str, Declared], config: ModelConfig, source: str) -> None:
     """The tensors declared are those of the config's model, shape for shape, each of
-    a float dtype and of the byte length its shape and dtype imply. The model is built
-    on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        shapes = {k: list(v.shape) for k, v in AttentionLSTM(config).state_dict().items()}
+    a dtype of :data:`DTYPE_BYTES` and of the byte length its shape and dtype imply. The
+    model is built on the meta device: shapes only, no memory."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: list(v.shape) for k, v in AttentionLSTM(config).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError) as e:  # a config torch refuses to build
+        raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
     if set(declared) != set(shapes):
         raise CheckpointError(f"{source}: its tensors are not those of the model its config names")
     for name, (dtype, shape, (start, end)) in declared.items():
         if shape != shapes[name] or dtype not in DTYPE_BYTES:
             raise CheckpointError(
-                f"{source}: tensor {name} is {dtype} {shape}; its config needs a float "
-                f"{shapes[name]}"
+                f"{source}: tensor {name} is {dtype} {shape}; its config needs "
+                f"{shapes[name]} in {', '.join(DTYPE_BYTES)}"
             )
         if end - start != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{source}: tensor {name} has the wrong byte length")

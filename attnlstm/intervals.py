@@ -50,11 +50,15 @@ class Spread:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], horizon: int) -> Spread:
-        """A checkpoint's spread, or for one without (made before intervals), a spread of
-        about one window deviation that the online multiplier then corrects."""
+        """A checkpoint's spread, or for one without (made before intervals) or with one
+        that is not a table of numbers of its shape, a spread of about one window
+        deviation that the online multiplier then corrects."""
         stored = meta.get("spread")
         if isinstance(stored, dict) and stored.get("levels") == list(LEVELS):
-            q = np.asarray(stored.get("q"), dtype=np.float64)
+            try:
+                q = np.asarray(stored.get("q"), dtype=np.float64)
+            except (ValueError, TypeError):  # ragged, or not numbers
+                q = np.empty(0)
             if q.shape == (len(LEVELS), horizon) and np.isfinite(q).all() and (q >= 0).all():
                 return cls(q)
         return cls(np.repeat(np.asarray(LEVELS)[:, None], horizon, axis=1) * 1.5)

@@ -13,7 +13,8 @@ import torch
 
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
-from worker.tools.bench import BenchPlan, format_report, run_bench, server_of
+from worker.settings import Settings
+from worker.tools.bench import BenchPlan, _settings, format_report, run_bench, server_of
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
 PLAN = BenchPlan(
@@ -115,6 +116,24 @@ def test_the_models_part_alone_prices_each_model(
     assert sum(m.startswith("the worker serving ") and ": drained at " in m for m in messages) == 6
     assert sum(m.endswith(" windows/s") for m in messages) == 3
     assert set(redis_client.scan_iter()) == keys_before
+
+
+def test_the_bench_reads_no_attnlstm_variables_nor_a_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The README has users export ATTNLSTM_PARTITIONS=12: the bench's worker must not
+    read it, nor any other setting of a deployment."""
+    monkeypatch.setenv("ATTNLSTM_PARTITIONS", "12")
+    monkeypatch.setenv("ATTNLSTM_DEVICE", "gpu")
+    monkeypatch.setenv("ATTNLSTM_HISTORY_LEN", "50")
+    (tmp_path / ".env").write_text("ATTNLSTM_BLOCK_MS=20\n")
+    monkeypatch.chdir(tmp_path)
+    settings = _settings("redis://localhost:1/0", "bench:", PLAN, "cpu")
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert settings.partitions == defaults["partitions"]
+    assert settings.history_len == defaults["history_len"]
+    assert settings.block_ms == defaults["block_ms"]
+    assert settings.device == "cpu"
 
 
 def test_a_bench_runs_something() -> None:

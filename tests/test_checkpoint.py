@@ -9,6 +9,7 @@ import pickle
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from attnlstm.checkpoint import (
+    CONFIG_BOUNDS,
     CheckpointError,
     _digest,
     dumps,
@@ -212,7 +214,7 @@ def test_a_small_file_claiming_a_huge_model_is_refused_before_anything_is_alloca
     )
     *refusals, figures = probe.stdout.strip().splitlines()
     assert refusals == [
-        "checkpoint: hidden_size 6000 is out of bounds (a whole number up to 4096)",
+        "checkpoint: hidden_size 6000 is out of bounds (a whole number from 1 to 4096)",
         "checkpoint: its tensors are not those of the model its config names",
     ]
     seconds, grown_kib = map(float, figures.split())
@@ -268,3 +270,80 @@ def test_lags_or_a_profile_that_reach_past_the_bound_are_refused(
     data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
     with pytest.raises(CheckpointError, match=f"context {context} is out of bounds"):
         loads(data)
+
+
+def _signed(tensors: dict[str, torch.Tensor], config: str, meta: str = "{}") -> bytes:
+    """A checkpoint of ``tensors`` with this config and meta (JSON text), its hash right."""
+    header = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "1",
+        "config": config,
+        "meta": meta,
+    }
+    return st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+
+
+def _small_model() -> tuple[dict[str, torch.Tensor], str]:
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return tensors, json.dumps(model.config.to_dict(), sort_keys=True)
+
+
+def test_bf16_weights_are_refused_on_their_declared_dtype() -> None:
+    """The format never writes BF16 (numpy, which hashes the tensors, has no bfloat16):
+    accepted by the layout check, such a file failed in the hash with a TypeError that
+    no caller catches, and a model planted in the store crash-looped every worker."""
+    tensors, config = _small_model()
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    header = {"format": "attnlstm-checkpoint", "format_version": "1", "config": config}
+    data = st_save(bf16, metadata={**header, "meta": "{}", "sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match=r"tensor \S+ is BF16 .* in F64, F32, F16$"):
+        loads(data)
+
+
+@pytest.mark.parametrize("size", [-1, 0])
+def test_an_attention_size_below_one_is_refused(size: int) -> None:
+    """-1 made building the model (on the meta device, for its shapes) raise a
+    RuntimeError that escaped; 0 built a model whose attention has no width."""
+    config = {**ModelConfig(hidden_size=4, attention_size=4).to_dict(), "attention_size": size}
+    data = _signed({"head.bias": torch.zeros(1)}, json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=rf"attention_size {size} is out of bounds \(a whole number from 1 "
+    ):
+        loads(data)
+
+
+def test_a_config_torch_cannot_build_is_refused_when_the_bounds_let_it_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second line of defence: whatever building the model raises is a refusal."""
+    monkeypatch.setitem(CONFIG_BOUNDS, "attention_size", (-1, 4_096))
+    config = {**ModelConfig(hidden_size=4, attention_size=4).to_dict(), "attention_size": -1}
+    data = _signed({"head.bias": torch.zeros(1)}, json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"does not describe a valid model .*negative"):
+        loads(data)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested past Python's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: struct.pack("<Q", len(DEEP)) + DEEP.encode(), "not a safetensors checkpoint"),
+        (lambda: _signed({"head.bias": torch.zeros(1)}, DEEP), "does not describe a valid model"),
+        (lambda: _signed(*_small_model(), meta=DEEP), "does not describe a valid model"),
+    ],
+    ids=["header", "config", "meta"],
+)
+def test_json_nested_too_deep_is_refused(make: Callable[[], bytes], reason: str) -> None:
+    """json.loads raises RecursionError on it, which the header and config parses let
+    escape."""
+    with pytest.raises(CheckpointError, match=reason):
+        loads(make())
+
+
+def test_meta_that_is_not_an_object_is_refused() -> None:
+    """A checkpoint's metadata is read as a dict (its spread, by every worker serving it)."""
+    with pytest.raises(CheckpointError, match="its meta is not a JSON object"):
+        loads(_signed(*_small_model(), meta="[1, 2]"))

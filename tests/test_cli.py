@@ -8,8 +8,11 @@ import socket
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
+import torch
 
 from attnlstm.baselines import available
 from tests.conftest import CLI, DATA
@@ -168,6 +171,7 @@ BAD_RUNS = [
     (["worker", "--redis-url", "http://h"], 1, "bad settings: redis_url: Value error, must start"),
     (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
+    (["worker", "--device", "gpu"], 1, "bad settings: device: String should match pattern"),
     (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
     (["bench", "--workers", "1,2", "--runs", "models"], 1, "not of a pool (--workers)"),
@@ -243,3 +247,141 @@ def test_a_worker_with_no_model_anywhere_and_no_fine_tuning_says_what_to_do(
         "--model PATH (train one with: attnlstm train), or set a finetune interval for a "
         "cold start"
     )
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_the_device_setting_takes_what_resolve_device_takes(device: str) -> None:
+    args = build_parser().parse_args(["worker", "--device", device])
+    assert worker_settings(args).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:", "cuda:x", "cuda0"])
+def test_the_device_setting_refuses_any_other_name(device: str) -> None:
+    args = build_parser().parse_args(["worker", "--device", device])
+    with pytest.raises(ValueError, match="bad settings: device: String should match pattern"):
+        worker_settings(args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU asked for")
+def test_a_device_this_machine_lacks_stops_the_worker_as_it_starts(tmp_path: Path) -> None:
+    """As deploy/docker-compose.gpu.yml promises: before the worker connects or waits for
+    a model (none here: with a cold start, or from the store)."""
+    env = {**os.environ, "ATTNLSTM_DEVICE": "cuda"}
+    proc = subprocess.run(
+        [*CLI, "worker", "--burst", "--metrics-port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm worker: error: device 'cuda' asked for, but this torch build sees no CUDA GPU"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replay", "--rate", "100", "--seconds", "-5"], "--seconds: must be a positive number"),
+        (["replay", "--rate", "100", "--seconds", "0"], "--seconds: must be a positive number"),
+        (["replay", "--rate", "100", "--seconds", "inf"], "--seconds: expected a finite number"),
+        (["replay", "--rate", "100", "--seconds", "nan"], "--seconds: expected a finite number"),
+        (["replay", "--rate", "nan"], "--rate: expected a finite number, got 'nan'"),
+        (["replay", "--fast", "--noise", "-1"], "--noise: must be >= 0, got '-1'"),
+        (["replay", "--fast", "--noise", "nan"], "--noise: expected a finite number"),
+        (["replay", "--fast", "--anomaly-rate", "nan"], "--anomaly-rate: expected a finite"),
+        (["replay", "--fast", "--anomaly-rate", "1.5"], "--anomaly-rate: must be from 0 to 1"),
+        (["replay", "--fast", "--bad-rate", "-0.1"], "--bad-rate: must be from 0 to 1"),
+        (["replay", "--fast", "--freq", "0.1", "inf"], "--freq: expected a finite number"),
+        (["replay", "--fast", "--drift-factor", "nan", "2"], "--drift-factor: expected a finite"),
+        (["demo", "--seconds", "-5"], "--seconds: must be a positive number"),
+        (["demo", "--seconds", "inf"], "--seconds: expected a finite number"),
+        (["demo", "--rate", "inf"], "--rate: expected a finite number"),
+        (["demo", "--noise", "-1"], "--noise: must be >= 0, got '-1'"),
+        (["bench", "--seconds", "nan"], "--seconds: expected a finite number"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused as the arguments are read (exit 2): --seconds -5 once made a replay wait
+    forever, inf and nan ended in a traceback or a bare message, 0 wrote nothing."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert message in lines[0]
+
+
+def _with_db(url: str, db: int) -> str:
+    return f"{url}{'&' if '?' in url else '?'}db={db}"
+
+
+def _as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+REPLAY_TWO = ["replay", "--fast", "--points", "2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal", "said", "fix"),
+    [
+        (REPLAY_TWO, "db", "DB index is out of range", "databases"),
+        (["models", "list"], "db", "DB index is out of range", "databases"),
+        (
+            ["plot", "--from-stream", "--series", "s0"],
+            "db",
+            "DB index is out of range",
+            "databases",
+        ),
+        (REPLAY_TWO, "user", "no permissions to run", "users.acl.template"),
+        (["models", "list"], "user", "no permissions to run", "users.acl.template"),
+        ([*REPLAY_TWO, "--stream", "{prefix}text"], "", "WRONGTYPE", "name other streams"),
+    ],
+)
+def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
+    argv: list[str],
+    refusal: str,
+    said: str,
+    fix: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    stream_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A database the server does not have, a user without the right, a stream name
+    that holds a string: what Redis said and what to change, exit 1, no traceback."""
+    user = stream_prefix.rstrip(":") + "-reader"  # an ACL user of this test's own
+    url = {
+        "db": _with_db(redis_url, 9999),
+        "user": _as_user(redis_url, user, "pw"),
+        "": redis_url,
+    }[refusal]
+    redis_client.set(f"{stream_prefix}text", "not a stream")
+    redis_client.acl_setuser(user, enabled=True, passwords=["+pw"], categories=["+@connection"])
+    try:
+        proc = subprocess.run(
+            [*CLI, *(arg.format(prefix=stream_prefix) for arg in argv), "--redis-url", url],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        redis_client.acl_deluser(user)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    where, _, what = lines[0].partition(" refused: ")
+    assert where.startswith(f"attnlstm {argv[0]}: error: Redis at ")
+    assert said in what
+    assert fix in what

@@ -12,6 +12,7 @@ from worker.contract import (
     ANOMALY_FIELDS,
     DEAD_MAX_BYTES,
     DEAD_MAX_FIELDS,
+    DEAD_MAX_TOTAL,
     FORECAST_FIELDS,
     Reading,
     anomaly_values,
@@ -69,7 +70,7 @@ def test_other_fields_are_ignored() -> None:
         (b"0", 0.0),
         (b"-0.0", -0.0),
         (b"6.02E+23", 6.02e23),
-        (b"1" * 64, float("1" * 64)),  # 64 characters is the longest allowed
+        (b"0." + b"1" * 62, float("0." + "1" * 62)),  # 64 characters is the longest allowed
     ],
 )
 def test_decimal_values_parse_to_their_float(raw: bytes, expected: float) -> None:
@@ -115,21 +116,24 @@ def test_value_that_is_not_a_decimal_number(raw: bytes) -> None:
 
 def test_value_longer_than_64_characters_is_refused_and_shown_shortened() -> None:
     reason = _reason({b"series": b"s", b"value": b"1" * 65})
-    assert reason.startswith("value is not a decimal number")
+    assert reason.startswith("value is longer than 64 characters")
     assert "1" * 40 + "..." in reason
     assert "1" * 41 not in reason
 
 
-@pytest.mark.parametrize("raw", [b"1e999", b"-1e999", b"2e308"])
-def test_value_overflowing_a_float_is_out_of_range(raw: bytes) -> None:
+@pytest.mark.parametrize(
+    "raw", [b"1e999", b"-1e999", b"2e308", b"1.7976931348623157e308", b"1e155", b"-1.1e30"]
+)
+def test_value_beyond_1e30_is_out_of_range(raw: bytes) -> None:
     reason = _reason({b"series": b"s", b"value": raw})
-    assert reason == f"value is out of range: {raw.decode()!r}"
+    assert reason == f"value is out of range (beyond +-1e+30): {raw.decode()!r}"
 
 
-def test_largest_float_is_in_range() -> None:
-    result = parse(ID, {b"series": b"s", b"value": b"1.7976931348623157e308"})
+@pytest.mark.parametrize("raw", [b"1e30", b"-1e30", b"1e-300"])
+def test_values_up_to_1e30_are_in_range(raw: bytes) -> None:
+    result = parse(ID, {b"series": b"s", b"value": raw})
     assert isinstance(result, Reading)
-    assert result.value == np.finfo(np.float64).max
+    assert result.value == float(raw)
 
 
 @pytest.mark.parametrize("raw", [b"yesterday", b"-5", b"1.5", b"1" * 17, b"", b"1e3", b" 5"])
@@ -277,3 +281,14 @@ def test_a_dead_letter_cuts_long_names_and_values_and_says_how_long_they_were() 
     assert dead[name[:DEAD_MAX_BYTES]] == b"1"
     assert json.loads(dead[b"truncated"]) == {"value": 20 << 20, "n" * DEAD_MAX_BYTES: 1}
     assert sum(len(k) + len(v) for k, v in dead.items()) < 4 * DEAD_MAX_BYTES
+
+
+def test_a_dead_letter_of_a_thousand_long_names_stays_within_its_byte_budget() -> None:
+    """Names that grow fourfold when shown (each byte not UTF-8 as \\xff) made the
+    record of what was cut 5 MB, 2.5x the entry, before every dead letter had a budget."""
+    fields = {b"%d" % k + b"\xff" * 1025: b"1" for k in range(1000)}  # 1 MB in
+    dead = dead_fields(fields, b"1-0", "missing field: series")
+    size = sum(len(k) + len(v) for k, v in dead.items())
+    assert DEAD_MAX_TOTAL <= size < DEAD_MAX_TOTAL + 8 * DEAD_MAX_BYTES
+    kept = len(json.loads(dead[b"truncated"]))
+    assert kept + int(dead[b"fields_dropped"]) == 1000

@@ -66,6 +66,27 @@ def test_demo_runs_the_whole_product_and_reports_what_it_saw(
         assert (demo_dir / name).read_bytes()[:8] == PNG
 
 
+def test_sines_the_replay_would_refuse_stop_the_demo_before_it_trains(tmp_path: Path) -> None:
+    """60 s at 500 entries/s over 50 series is 601 points a series: a drift at 5000 is
+    refused in one line before a model is trained or a server started, not by the
+    replay's process once the worker runs."""
+    proc = subprocess.run(
+        [*CLI, "demo", "--drift-at", "5000", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm demo: error: the sines to replay (601 points a series: --seconds x rate / "
+        "--series): drift_at must lie inside the series, got 5000"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def _as_from_a_terminal() -> None:
     """Ctrl-C's default action, as a process started from a shell prompt has it. A
     test run started in the background by a shell without job control (a CI script's

@@ -46,7 +46,7 @@ from worker.embedded import (
     tuning_args,
 )
 from worker.keys import Keys
-from worker.lease import Lease
+from worker.lease import VERSION, Lease
 from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
@@ -437,8 +437,8 @@ def test_a_worker_whose_server_lacks_the_functions_says_who_must_load_them(
     done = _burst_as_worker(acl_server, model_file, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "attnlstm worker: error: Redis lacks version 5 of the attnlstm functions, and this "
-        "user may not load them: load worker/functions.lua as an admin "
+        f"attnlstm worker: error: Redis lacks version {VERSION} of the attnlstm functions, "
+        "and this user may not load them: load worker/functions.lua as an admin "
         "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
     )
     acl_server.load_functions()  # what the deployment does: deploy/load-functions.sh

@@ -49,6 +49,9 @@ def test_a_spread_travels_in_a_checkpoints_meta_and_a_bad_one_falls_back() -> No
         {"spread": spread.to_meta() | {"levels": [0.9]}},
         {"spread": {"levels": list(LEVELS), "q": [[1.0]]}},  # another horizon's
         {"spread": {"levels": list(LEVELS), "q": [[-1.0] * 3] * len(LEVELS)}},
+        {"spread": {"levels": list(LEVELS), "q": [[1.0, 2.0], [1.0]]}},  # ragged: planted
+        {"spread": {"levels": list(LEVELS), "q": [["a"] * 3] * len(LEVELS)}},
+        {"spread": {"levels": list(LEVELS), "q": {"x": 1}}},
     ]:
         fallback = Spread.from_meta(meta, horizon=3)
         assert fallback.q.shape == (len(LEVELS), 3)

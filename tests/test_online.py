@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import redis
 
-from attnlstm.checkpoint import dumps, loads, version_of
+from attnlstm.checkpoint import Checkpoint, dumps, loads, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import SineSpec, make_sines, sine_steps
 from tests.helpers import (
@@ -25,6 +28,7 @@ from tests.helpers import (
     wait_for,
 )
 from worker.cli import main
+from worker.engine import check_fits
 from worker.keys import Keys
 from worker.lease import ensure_library
 from worker.metrics import Metrics
@@ -38,6 +42,12 @@ from worker.tools.readback import read_views
 @pytest.fixture(autouse=True)
 def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+def _fits(model: AttentionLSTM) -> Callable[[Checkpoint], None]:
+    """What a worker serving ``model``'s shape can serve (``Tuner``'s ``fits``)."""
+    c = model.config
+    return functools.partial(check_fits, context=c.context, window=c.window, horizon=c.horizon)
 
 
 class FakeClock:
@@ -222,7 +232,14 @@ def test_one_worker_fine_tunes_at_a_time(
     def tuner(consumer: str) -> Tuner:
         settings = settings_for(redis_url, keys, consumer=consumer, finetune_interval_s=10)
         store = ModelStore(redis_client, keys, keep=5, source=consumer)
-        return Tuner(redis_client, settings=settings, store=store, metrics=Metrics(), clock=clock)
+        return Tuner(
+            redis_client,
+            settings=settings,
+            store=store,
+            metrics=Metrics(),
+            fits=_fits(trained_sines),
+            clock=clock,
+        )
 
     first, second = tuner("first"), tuner("second")
     assert first.start(loads(dumps(trained_sines)[0])) is not None
@@ -270,7 +287,14 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
     ensure_library(redis_client)  # the worker does it at start; this tuner has none
     settings = settings_for(redis_url, keys, finetune_interval_s=10, finetune_steps=20)
     store = ModelStore(redis_client, keys, keep=5, source="w")
-    tuner = Tuner(redis_client, settings=settings, store=store, metrics=metrics, clock=clock)
+    tuner = Tuner(
+        redis_client,
+        settings=settings,
+        store=store,
+        metrics=metrics,
+        fits=_fits(trained_sines),
+        clock=clock,
+    )
     tuner.start(loads(dumps(trained_sines)[0]))
     state = WindowState(window=20, length=200, max_series=10)
     values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
@@ -312,3 +336,68 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
         tuner.close()
     failed = metrics.registry.get_sample_value("attnlstm_finetunes_total", {"outcome": "failed"})
     assert failed == 2
+
+
+def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A fine-tune from a model that forecasts 0.5 too high, which its candidate beats by
+    far; while it trains, an operator promotes another version by hand (or another
+    worker's promotion lands, or a frozen worker wakes with its result): the candidate is
+    stored and rejected, and the version promoted meanwhile keeps serving."""
+    clock = FakeClock()
+    ensure_library(redis_client)  # the worker does it at start; this tuner has none
+    settings = settings_for(redis_url, keys, finetune_interval_s=10, finetune_steps=100)
+    store = ModelStore(redis_client, keys, keep=5, source="w")
+    tuner = Tuner(
+        redis_client,
+        settings=settings,
+        store=store,
+        metrics=Metrics(),
+        fits=_fits(trained_sines),
+        clock=clock,
+    )
+    parent = tuner.start(loads(dumps(other_model(trained_sines, 0.5))[0]))
+    assert parent is not None
+    state = WindowState(window=20, length=200, max_series=10)
+    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
+    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
+    scores = Overall(halflife_s=30)
+    clock.now += 10
+    try:
+        assert tuner.tick(state.histories, scores) is None
+        assert tuner.running
+        by_hand, version = dumps(trained_sines)
+        store.put(by_hand, version)
+        store.set_serving(version, "promoted", reason="promoted by hand")
+        wait_for(lambda: tuner.tick(state.histories, scores) or not tuner.running, what="its end")
+    finally:
+        tuner.close()
+    trained, rejected = events(redis_client, keys.models)[-2:]
+    assert (trained["event"], trained["parent"]) == ("trained", parent.version)
+    assert (rejected["event"], rejected["version"]) == ("rejected", trained["version"])
+    assert rejected["reason"].startswith(f"{version} serves by now"), rejected["reason"]
+    assert store.serving() == version
+    assert tuner.version == parent.version  # it switches at the promotion's event, as all do
+    assert redis_client.get(keys.finetune_lock) is None
+
+
+def test_a_model_of_another_shape_is_not_adopted(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A model promoted by hand that reads another number of values than the worker keeps:
+    refused, and the fine-tunes go on from the model that serves, not from it."""
+    ensure_library(redis_client)
+    store = ModelStore(redis_client, keys, keep=5, source="w")
+    settings = settings_for(redis_url, keys)
+    tuner = Tuner(
+        redis_client, settings=settings, store=store, metrics=Metrics(), fits=_fits(trained_sines)
+    )
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    wider = AttentionLSTM(replace(trained_sines.config, window=30))
+    blob, version = dumps(wider)
+    store.put(blob, version)
+    store.set_serving(version, "promoted", reason="promoted by hand")
+    assert tuner.sync(store.events(after=b"-")) is None
+    assert tuner.version == served.version

@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,37 @@ def test_a_worker_killed_mid_drain_has_its_partitions_taken_over(
                    == ["a"] * 3 + ["b"] * 3, timeout=60)  # fmt: skip
     _assert_every_input_once(redis_client, base, partitions, trained_sines, values, names)
     assert _assert_as_one_worker(target, trained_sines, values, partitions) >= 25
+
+
+def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_one(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Three partitions, no state keys, every entry handled: a start re-reads each
+    partition in turn, page by page (pages of 4), for longer than a lease lives. The
+    leases of the partitions not being re-read are renewed all along: had they lapsed, the
+    worker would have counted them lost and started every re-sync again, forever."""
+    partitions = 3
+    values = sine_steps(300, 150, seed=34)  # 300 series, 45,000 entries
+    names = _replay(redis_client, keys, values, partitions)
+    for k in range(partitions):  # all delivered, none pending
+        part = keys.partition(k, partitions)
+        redis_client.xgroup_create(part.input, part.group, id="$")
+    settings = settings_for(
+        redis_url, keys, partitions=partitions, lease_ttl_ms=1000, block_ms=100, max_batch=4
+    )
+    worker = new_worker(settings, trained_sines)
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: redis_client.get(keys.partition(0, partitions).lease))
+        started = time.monotonic()
+        running.wait_for(lambda: worker.metrics.role == "active", timeout=120)  # re-synced
+        resync_s = time.monotonic() - started
+        fences = [redis_client.get(keys.partition(k, partitions).fence) for k in range(3)]
+        assert fences == [b"1"] * partitions  # each lease taken once, kept all along
+        assert resync_s > 1.5, f"the re-syncs took {resync_s:.1f} s: not past the lease"
+        _replay(redis_client, keys, sine_steps(300, 151, seed=34)[150:], partitions)
+        running.wait_for(lambda: _all_drained(redis_client, keys, partitions))
+    outputs = [redis_client.xlen(keys.partition(k, partitions).output) for k in range(3)]
+    assert sum(outputs) == len(names)  # only the new entries: one forecast each
 
 
 def test_a_worker_refuses_streams_written_with_another_number_of_partitions(

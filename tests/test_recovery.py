@@ -361,6 +361,29 @@ def test_a_vanished_group_is_recreated_loudly(
     assert "had vanished" in caplog.text
 
 
+@pytest.mark.parametrize("stream", ["anomalies", "dead"])
+def test_a_key_of_another_type_where_a_stream_goes_stops_the_worker_before_it_writes_twice(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM, stream: str
+) -> None:
+    """A string where the anomalies (or dead-letter) stream should be: the batch with an
+    event (a dead letter) for it is refused whole, before any write (a function keeps the
+    writes made before one that fails, and each retry would publish the batch's forecasts
+    again), and the worker exits saying what to fix. With the key gone, a restart
+    publishes every forecast once."""
+    values = spiked(sine_steps(100, 60, seed=35), 10, seed=35)
+    ids = fill(redis_client, keys.input, values)
+    redis_client.xadd(keys.input, {"series": "s0", "value": "abc"})  # a dead letter
+    key = getattr(keys, stream)
+    redis_client.set(key, b"an admin's")
+    with pytest.raises(ValueError, match=f"{re.escape(key)} holds a string, not a stream"):
+        new_worker(settings_for(redis_url, keys), trained_sines, burst=True).run()
+    redis_client.delete(key)
+    drain(settings_for(redis_url, keys), trained_sines)
+    windowed = stood_in(redis_client, keys, values, ids)
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, windowed, ids))
+    assert redis_client.xlen(keys.dead) == 1
+
+
 def test_a_group_reset_under_a_saved_state_repeats_nothing(
     redis_client: redis.Redis,
     redis_url: str,
@@ -386,6 +409,18 @@ def test_a_group_reset_under_a_saved_state_repeats_nothing(
     assert "had vanished" in caplog.text
     assert "or the group was reset; re-syncing" in caplog.text
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_a_database_the_server_does_not_have_is_an_error_not_a_wait(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Unlike a server not up yet, no retry mends a database number past the server's
+    (16 by default): the worker exits saying so, instead of retrying forever."""
+    with EmbeddedServer(port=free_port()) as server:
+        url = server.tcp_url.removesuffix("/0") + "/99"
+        worker = new_worker(settings_for(url, Keys(), block_ms=100), trained_sines)
+        with pytest.raises(ValueError, match=r"database number in the Redis URL \(DB index"):
+            worker.run()
 
 
 def test_redis_unreachable_at_start_is_waited_for(

@@ -161,7 +161,9 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--seconds", "5"], "--seconds with --fast needs --points"),
         (["--fast", "--freq", "2", "1"], "freq range is empty"),
         (["--rate", "0"], "--rate: must be a positive number"),
-        (["--fast", "--bad-rate", "2"], "--bad-rate must be in [0, 1]"),
+        (["--fast", "--bad-rate", "2"], "argument --bad-rate: must be from 0 to 1, got 2.0"),
+        (["--rate", "100", "--seconds", "0.004"], "--seconds 0.004 at --rate 100 is less than one"),
+        (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
         (["--series", "3"], "one of the arguments --rate --fast is required"),
     ],
 )
@@ -180,6 +182,26 @@ def test_bad_arguments_are_one_line_errors(
     assert proc.returncode != 0
     assert message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_sines_it_refuses_are_refused_before_anything_is_written(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """Not after the partitions' mark is set, as when the sines were drawn at the first
+    entry."""
+    args = ["--fast", "--partitions", "2", "--points", "50", "--drift-at", "50"]
+    proc = subprocess.run(
+        [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm replay: error: drift_at must lie inside the series, got 50"
+    )
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
 
 
 def test_without_a_redis_url_replay_says_how_to_get_one(tmp_path: Path) -> None:

@@ -96,9 +96,16 @@ def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_batch", 0), ("max_series", 0), ("block_ms", 0), ("lease_ttl_ms", 999)],
+    [
+        ("max_batch", 0),
+        ("max_series", 0),
+        ("block_ms", 0),
+        ("lease_ttl_ms", 999),
+        ("consumer", "edge worker"),  # its attempts' marks would not parse: never dead-lettered
+        ("consumer", "w" * 129),
+    ],
 )
-def test_out_of_range_numbers_are_rejected(field: str, value: int) -> None:
+def test_out_of_range_values_are_rejected(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         _settings(**{field: value})
 

@@ -341,13 +341,25 @@ def _other_format() -> bytes:
     return bytes(st_save({"weight": np.zeros((2, 2), dtype=np.float32)}, metadata={"f": "pt"}))
 
 
-def _chunk(series: str, values: np.ndarray, count: np.ndarray, *, version: str = "3") -> bytes:
+def _chunk(
+    series: str,
+    values: np.ndarray,
+    count: np.ndarray,
+    *,
+    version: str = "3",
+    last_ms: np.ndarray | None = None,
+    pos: np.ndarray | None = None,
+) -> bytes:
     n = values.shape[0]
     meta = {"format": "attnlstm-state", "format_version": version, "series": series,
             "stamp": "1-0"}  # fmt: skip
-    tensors = {"values": values, "count": count, "last_ms": np.zeros(n, dtype=np.int64),
-               "pos": np.arange(n, dtype=np.int64)}  # fmt: skip
+    last_ms = np.zeros(n, dtype=np.int64) if last_ms is None else last_ms
+    pos = np.arange(n, dtype=np.int64) if pos is None else pos
+    tensors = {"values": values, "count": count, "last_ms": last_ms, "pos": pos}
     return bytes(st_save(tensors, metadata=meta))
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # JSON nested past Python's recursion limit
 
 
 def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
@@ -372,6 +384,11 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         (chunk_field(0), lambda good: _chunk("5", np.zeros((1, 3)), np.zeros(1, dtype=np.int64))),
         (chunk_field(0), lambda good: _chunk('["a"]', np.zeros((1, 3)), np.zeros(2, np.int64))),
         (chunk_field(0), lambda good: _chunk('["a"]', np.zeros((1, 3)), -np.ones(1, np.int64))),
+        (chunk_field(0), lambda good: len(DEEP).to_bytes(8, "little") + DEEP),
+        (
+            chunk_field(0),
+            lambda good: _chunk(DEEP.decode(), np.zeros((1, 3)), np.ones(1, np.int64)),
+        ),
         (META, lambda good: b"{}"),
         (META, lambda good: b"[1, 2]"),
         (META, _with_meta(format_version="1")),
@@ -381,6 +398,7 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         (META, _with_meta(chunks=[[0, 10**12]])),  # past max_series: not a long loop
         (META, _with_meta(chunks=[[0, 0], [0, 0]])),  # chunk 0 twice
         (META, _with_meta(chunks={"0": 0})),
+        (META, lambda good: DEEP),
     ],
     ids=[
         "empty",
@@ -395,6 +413,8 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         "series-not-a-list",
         "count-too-long",
         "negative-count",
+        "header-nested",
+        "series-nested",
         "meta-empty",
         "meta-list",
         "meta-version",
@@ -404,6 +424,7 @@ def _with_meta(**changes: object) -> Callable[[bytes], bytes]:
         "meta-chunks-past-max-series",
         "meta-chunk-twice",
         "meta-chunks-not-a-list",
+        "meta-nested",
     ],
 )
 def test_unreadable_checkpoints_raise_state_error(
@@ -413,6 +434,61 @@ def test_unreadable_checkpoints_raise_state_error(
     fields[field] = make(fields[field])
     with pytest.raises(StateError):
         _restore(fields, window=3, length=5, max_series=10)
+
+
+def _one_series(
+    values: np.ndarray | None = None,
+    count: np.ndarray | None = None,
+    last_ms: np.ndarray | None = None,
+    pos: np.ndarray | None = None,
+) -> bytes:
+    """A chunk of one series, "a", that has seen its three values; or those given."""
+    values = np.array([[1.0, 2.0, 3.0]]) if values is None else values
+    count = np.array([3]) if count is None else count
+    return _chunk('["a"]', values, count, last_ms=last_ms, pos=pos)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        ({"values": np.array([[1.0, np.nan, 3.0]])}, "values that are not finite"),
+        ({"values": np.array([[1.0, 2.0, -np.inf]])}, "values that are not finite"),
+        ({"values": np.ones((1, 3), dtype=np.float32)}, "values of dtype float32, not float64"),
+        ({"count": np.array([np.nan])}, "count of dtype float64, not int64"),
+        ({"count": np.array([3.0])}, "count of dtype float64, not int64"),
+        ({"last_ms": np.array([-1])}, "counts or times out of range"),
+        ({"last_ms": np.array([0.0])}, "last_ms of dtype float64, not int64"),
+        ({"pos": np.array([0], dtype=np.int32)}, "pos of dtype int32, not int64"),
+    ],
+    ids=["nan", "inf", "float32", "count-nan", "count-float", "negative-ms", "ms-float", "pos-32"],
+)
+def test_a_chunk_of_numbers_no_series_can_have_is_refused(
+    arrays: dict[str, np.ndarray], reason: str
+) -> None:
+    """Restored, a non-finite value made every forecast of its series non-finite (each
+    entry then dead-lettered), and a NaN count became -2**63: a series never forecast
+    again. The worker rebuilds from the stream instead."""
+    fields = _save(_filled(window=3, length=5)[0])
+    _restore(fields | {chunk_field(0): _one_series()}, window=3, length=5, max_series=10)
+    with pytest.raises(StateError, match=reason):
+        _restore(
+            fields | {chunk_field(0): _one_series(**arrays)}, window=3, length=5, max_series=10
+        )
+
+
+def test_the_places_before_a_short_series_first_value_are_not_checked() -> None:
+    """A series that has seen fewer values than the chunk's width never reads the places
+    before its first: they fill before its window is full (saved, they hold zeros or an
+    idle series' old values). Only the values it has are checked."""
+    fields = _save(_filled(window=3, length=5)[0])
+    values = np.array([[np.nan, np.nan, 7.0]])
+    fields[chunk_field(0)] = _one_series(values=values, count=np.array([1]))
+    restored = _restore(fields, window=3, length=5, max_series=10)
+    _push(restored, ["a", "a"], [8.0, 9.0])
+    assert restored.windows(["a"]).tolist() == [[7.0, 8.0, 9.0]]
+    names, histories = restored.histories()
+    assert names == ["a"]
+    assert histories[0].tolist() == [7.0, 8.0, 9.0]
 
 
 def test_more_series_than_the_new_max_series_raise_state_error() -> None:

@@ -254,6 +254,7 @@ BAD_ENTRIES: list[tuple[dict[str, bytes], str]] = [
     ({"series": b"s0", "value": b"abc"}, "not a decimal number"),
     ({"series": b"s0", "value": b"nan"}, "not a decimal number"),
     ({"series": b"s0", "value": b"1e999"}, "out of range"),
+    ({"series": b"s0", "value": b"1e300"}, "out of range"),  # finite, but overflows std
     ({"series": b"s0", "value": b"\xff"}, "not a decimal number"),
     ({"series": b"s0", "value": b"1.0", "ts": b"yesterday"}, "ts is not"),
     ({"series": b"s0", "value": b"1.0", "ts": b"-5"}, "ts is not"),

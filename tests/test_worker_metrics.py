@@ -182,3 +182,23 @@ def _status(url: str) -> int:
         return _get(url)[0]
     except OSError:  # hung up on: every thread busy
         return 0
+
+
+def test_a_series_gauge_goes_with_its_slot() -> None:
+    """Series come and go and their slots are reused: only those in the first slots
+    now keep a gauge, across partitions, or the labels would grow with every name ever
+    seen (a worker of short-lived series names over months)."""
+    metrics = Metrics()
+    nan = float("nan")
+
+    def shown() -> dict[str, float]:
+        family = next(
+            f for f in metrics.registry.collect() if f.name == "attnlstm_series_rolling_mae"
+        )
+        return {s.labels["series"]: s.value for s in family.samples}
+
+    metrics.series_maes([(["a", "b", None], np.array([1.0, 2.0, nan])), (["c"], np.array([3.0]))])
+    assert shown() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    for day in range(50):  # a's slot goes to a new name each day; b has no MAE yet again
+        metrics.series_maes([([f"d{day}", "b"], np.array([4.0, nan])), (["c"], np.array([5.0]))])
+    assert shown() == {"d49": 4.0, "c": 5.0}

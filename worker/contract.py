@@ -7,7 +7,6 @@ short reason, which the worker writes to the dead stream with the original field
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import cast
@@ -20,6 +19,11 @@ _SERIES = re.compile(rb"[A-Za-z0-9_.:/-]{1,128}")
 # with these characters alone, what float() takes is a decimal number.
 _NUMBER_CHARS = b"0123456789+-.eE"
 _VALUE_MAX_CHARS = 64
+# The largest magnitude a value may have. A window's deviation is taken in float64, whose
+# squares overflow past about 1e154 (the forecasts of every window holding such a value
+# would be NaN, and the series' valid entries dead-lettered); the scores are kept in
+# float32, whose largest is 3.4e38.
+VALUE_MAX = 1e30
 _INT = re.compile(rb"\d{1,16}")  # ms since the epoch; 16 digits is past year 300,000
 
 Fields = dict[bytes, bytes]
@@ -60,9 +64,9 @@ def parse(
         return "missing field: value"
     number = _decimal(value)
     if number is None:
-        return f"value is not a decimal number: {_show(value)}"
-    if not math.isfinite(number):
-        return f"value is out of range: {_show(value)}"
+        return _not_a_number(value)
+    if not -VALUE_MAX <= number <= VALUE_MAX:  # inf too
+        return f"value is out of range (beyond +-{VALUE_MAX:g}): {_show(value)}"
     ts = fields.get(b"ts")
     if ts is None:
         return Reading(name, number, entry_ms(entry_id))
@@ -78,6 +82,12 @@ def _decimal(value: bytes) -> float | None:
         return float(value)
     except ValueError:
         return None
+
+
+def _not_a_number(value: bytes) -> str:
+    if len(value) > _VALUE_MAX_CHARS:
+        return f"value is longer than {_VALUE_MAX_CHARS} characters: {_show(value)}"
+    return f"value is not a decimal number: {_show(value)}"
 
 
 def _bad_series(series: bytes) -> str:
@@ -99,18 +109,26 @@ def _show(raw: bytes, limit: int = 40) -> str:
 
 
 def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
-    """The original fields, plus where they came from and what was wrong, bounded: past
-    DEAD_MAX_FIELDS fields, the first ones and ``fields_dropped`` (how many not); a
+    """The original fields, plus where they came from and what was wrong, bounded: a
     name or value longer than DEAD_MAX_BYTES, its first bytes, with the original
-    length of every value cut short in ``truncated`` (a JSON object, by field name)."""
+    length of every value cut short in ``truncated`` (a JSON object, by field name);
+    past DEAD_MAX_FIELDS fields or DEAD_MAX_TOTAL bytes, the first ones and
+    ``fields_dropped`` (how many not)."""
     kept: Fields = {}
     cut: dict[str, int] = {}
-    for name, value in list(fields.items())[:DEAD_MAX_FIELDS]:
-        if len(name) > DEAD_MAX_BYTES or len(value) > DEAD_MAX_BYTES:
-            cut[name[:DEAD_MAX_BYTES].decode(errors="backslashreplace")] = len(value)
+    size = taken = 0
+    for name, value in fields.items():
+        if taken == DEAD_MAX_FIELDS or size >= DEAD_MAX_TOTAL:
+            break
+        taken += 1
         kept[name[:DEAD_MAX_BYTES]] = value[:DEAD_MAX_BYTES]
-    if len(fields) > DEAD_MAX_FIELDS:
-        kept[b"fields_dropped"] = b"%d" % (len(fields) - DEAD_MAX_FIELDS)
+        size += min(len(name), DEAD_MAX_BYTES) + min(len(value), DEAD_MAX_BYTES)
+        if len(name) > DEAD_MAX_BYTES or len(value) > DEAD_MAX_BYTES:
+            shown = name[:DEAD_MAX_BYTES].decode(errors="backslashreplace")
+            cut[shown] = len(value)
+            size += len(json.dumps({shown: len(value)}))  # its record in `truncated`
+    if taken < len(fields):
+        kept[b"fields_dropped"] = b"%d" % (len(fields) - taken)
     if cut:
         kept[b"truncated"] = json.dumps(cut).encode()
     return {**kept, b"src": src, b"error": error.encode()}
@@ -279,6 +297,11 @@ YHAT_DIGITS = 13  # significant digits of a published forecast
 BOUND_DIGITS = 7  # and of its interval's bounds
 DEAD_MAX_FIELDS = 1_000  # fields copied into a dead letter, at most
 DEAD_MAX_BYTES = 1_024  # of a field's name, and of its value, copied into a dead letter
+# Bytes of the fields copied into a dead letter (and of their record in `truncated`), at
+# most, give or take one field: a batch's dead letters are written in one call, which
+# Redis refuses past its client-query-buffer-limit (1 GiB), and a batch whose call is
+# refused would be retried forever. 1,024 of them (the default max_batch) make 64 MiB.
+DEAD_MAX_TOTAL = 64 * 1_024
 
 
 def forecast_values(

@@ -5,7 +5,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '5'
+local VERSION = '6'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -56,15 +56,33 @@ local function refusal(keys, args)
   return nil
 end
 
+-- An error reply naming the first of the streams to be written (count > 0) that holds
+-- another type of value. Checked before any write: a function that fails half way keeps
+-- the writes before the failure, and the worker, retrying, would publish them again.
+local function not_streams(streams)
+  for _, stream in ipairs(streams) do
+    local kind = stream[2] > 0 and redis.call('TYPE', stream[1]).ok
+    if kind and kind ~= 'stream' and kind ~= 'none' then
+      return redis.error_reply(string.format(
+        'WRONGTYPE %s holds a %s, not a stream: nothing was written', stream[1], kind))
+    end
+  end
+  return nil
+end
+
 local function publish(keys, args)
   local refused = refusal(keys, args)
   if refused then
     return refused
   end
-  redis.call('PEXPIRE', keys[1], args[3])
   local group, maxlen = args[4], args[5]
   local forecasts, dead, acks = tonumber(args[6]), tonumber(args[7]), tonumber(args[8])
   local anomalies = tonumber(args[11])
+  refused = not_streams({{keys[4], forecasts}, {keys[8], anomalies}, {keys[5], dead}})
+  if refused then
+    return refused
+  end
+  redis.call('PEXPIRE', keys[1], args[3])
   if args[10] ~= '' then
     redis.call('SET', keys[7], args[10])
   end
@@ -161,7 +179,22 @@ local function partitions(keys, args)
   return args[1]
 end
 
+-- KEYS: serving, the models events stream. ARGV: version, parent (empty: none served),
+-- the events' maxlen, then the event's fields and values. Every worker pointed at the
+-- version, with its event, only while the parent it was fine-tuned from still serves:
+-- a candidate that another promotion or a rollback overtook while it trained (or while
+-- its worker was frozen) is not served. Reply: 1 when promoted, 0 when not.
+local function promote(keys, args)
+  if (redis.call('GET', keys[1]) or '') ~= args[2] then
+    return 0
+  end
+  redis.call('SET', keys[1], args[1])
+  redis.call('XADD', keys[2], 'MAXLEN', '~', args[3], '*', unpack(args, 4))
+  return 1
+end
+
 redis.register_function('attnlstm_version', function() return VERSION end)
+redis.register_function('attnlstm_promote', promote)
 redis.register_function('attnlstm_pool', pool)
 redis.register_function('attnlstm_partitions', partitions)
 redis.register_function('attnlstm_lease', lease)

@@ -137,7 +137,14 @@ class Worker:
             key=settings.model_key(),
         )
         self.tuner = Tuner(
-            client, settings=settings, store=store, metrics=self.metrics, clock=finetune_clock
+            client,
+            settings=settings,
+            store=store,
+            metrics=self.metrics,
+            fits=functools.partial(
+                check_fits, context=self.context, window=self.window, horizon=self.horizon
+            ),
+            clock=finetune_clock,
         )
         self.pipeline = Pipeline(
             client,
@@ -176,16 +183,11 @@ class Worker:
             except OutOfStepError as e:
                 log.warning("%s; re-syncing", e)
                 self._in_step = False
-            except redis.exceptions.NoPermissionError as e:
-                # An ACL that lacks a right: retrying cannot help, and a worker that
-                # retries forever looks hung. Exit with what to fix.
-                self._in_step = False
-                self._close(save=False)
-                raise ValueError(
-                    f"Redis refused this worker's user a command ({e}); give the user the "
-                    "rights deploy/users.acl.template grants the worker user"
-                ) from None
             except redis.RedisError as e:
+                if fix := _what_to_fix(e):  # retrying cannot help; one that did looks hung
+                    self._in_step = False
+                    self._close(save=False)
+                    raise ValueError(fix) from None
                 self._in_step = False
                 self.metrics.connected = False
                 self.metrics.redis_errors.inc()
@@ -216,6 +218,11 @@ class Worker:
         self._serve(self.tuner.tick(self._histories, self.scores))
         return not read.entries
 
+    def _renew_leases(self) -> None:
+        """Every partition's lease, where due: FencedError for one no longer ours."""
+        for lane in self.lanes.values():
+            lane.recovery.renew_lease()
+
     @property
     def _quiet_due(self) -> float:
         """When the next turn with nothing read ahead is due: the audit's, the pool's."""
@@ -224,8 +231,7 @@ class Worker:
     def _housekeeping(self) -> None:
         """The leases; the audit of what is pending, and the pool's share, each on its
         timer."""
-        for lane in self.lanes.values():
-            lane.recovery.renew_lease()
+        self._renew_leases()
         now = time.monotonic()
         if now < self._quiet_due or self.pipeline.holds_next:
             return
@@ -240,8 +246,10 @@ class Worker:
         """Every partition's: what is pending, idle series, and the lag gauges."""
         lags = []
         self.metrics.partition_lag.clear()  # those given back or lost go with it
+        self.metrics.series_maes(
+            [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
+        )
         for k, lane in self.lanes.items():
-            self.metrics.series_maes(lane.state.names(), lane.scorer.series_mae)
             lane.scorer.forget(lane.state.sweep(lane.state.newest_ms()))
             lane.recovery.audit()
             if (lag := lane.recovery.lag) is not None and self.settings.partitions > 1:
@@ -257,9 +265,9 @@ class Worker:
         for k in sorted(self.lanes)[share:]:
             self._give_back(self.lanes.pop(k))
         taken = self._take(share)
+        self.lanes |= {lane.k: lane for lane in taken}  # their leases kept while others re-sync
         for lane in taken:
             self._get_lane_in_step(lane)
-        self.lanes |= {lane.k: lane for lane in taken}
         self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
         interval_s = self.settings.lease_ttl_ms / 1000 / (3 if len(self.lanes) >= share else 10)
         self._next_balance = time.monotonic() + interval_s
@@ -474,11 +482,6 @@ class Worker:
         """Forecast with ``checkpoint`` from the next batch on (None: no change)."""
         if checkpoint is None:
             return
-        try:
-            check_fits(checkpoint, context=self.context, window=self.window, horizon=self.horizon)
-        except ValueError as e:
-            log.error("%s: not served", e)
-            return
         if self.engine is None:
             device = resolve_device(self.settings.device)
             self.engine = Engine(checkpoint, device=device, max_batch=self.settings.max_batch)
@@ -538,12 +541,15 @@ class Worker:
             except ValueError as e:
                 log.error("%s: their intervals start again from the model's spread", e)
         lane.state.restored_scoring.clear()
-        recovery.resync(lane.state, lambda entries, pending: self._at_once(lane, entries, pending))
+        recovery.resync(
+            lane.state,
+            lambda entries, pending: self._at_once(lane, entries, pending),
+            keep_alive=self._renew_leases,
+        )
         lane.state.reread_done()
         self.metrics.recoveries.inc()
 
     def _at_once(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int]) -> None:
-        self.lanes.setdefault(lane.k, lane)  # served from now on, if not yet
         self._handle({lane.k: entries}, pending=pending)
         self.pipeline.drain()
 
@@ -611,6 +617,27 @@ class Worker:
         deadline = time.monotonic() + seconds
         while not self._stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
+
+
+def _what_to_fix(e: redis.RedisError) -> str | None:
+    """What an operator must fix, for an error that no retry mends: an ACL that lacks a
+    right, a key of another type where a stream should be, a database that does not
+    exist. None for those a retry may (a dropped connection, a failover, a server still
+    loading its data)."""
+    text = str(e)
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return (
+            f"Redis refused this worker's user a command ({text}); give the user the rights "
+            "deploy/users.acl.template grants the worker user"
+        )
+    if text.startswith("WRONGTYPE"):
+        return (
+            f"a key the worker reads or writes holds another type of value ({text}); rename "
+            "or delete it, or give the worker other stream names (attnlstm worker --help)"
+        )
+    if "DB index" in text:
+        return f"Redis refused the database number in the Redis URL ({text})"
+    return None
 
 
 def _describe(e: redis.RedisError) -> str:

@@ -167,6 +167,7 @@ class Metrics:
             f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series",
             ["series"],
         )
+        self._series_shown: set[str] = set()  # the series with a gauge of their own
         self.finetunes = counter(
             "attnlstm_finetunes",
             "Fine-tunes finished, by outcome (promoted, rejected, failed, skipped)",
@@ -212,12 +213,20 @@ class Metrics:
                 if not math.isnan(inside):
                     self.step_coverage.labels(str(step)).set(inside)
 
-    def series_maes(self, names: list[str | None], maes: np.ndarray) -> None:
-        """The rolling MAE of the series in the first slots (``names`` and ``maes`` by
-        slot; None: a free slot, NaN: none yet)."""
-        for name, mae in zip(names[:SERIES_GAUGES], maes, strict=False):
-            if name is not None and np.isfinite(mae):
-                self.series_mae.labels(name).set(mae)
+    def series_maes(self, partitions: list[tuple[list[str | None], np.ndarray]]) -> None:
+        """The rolling MAE of the series in each partition's first slots (``names`` and
+        ``maes`` by slot; None: a free slot, NaN: none yet). A series no longer among
+        them (its slot freed when it went idle, or its partition given back) loses its
+        gauge: slots are reused, and the labels would grow with every name ever seen."""
+        shown: set[str] = set()
+        for names, maes in partitions:
+            for name, mae in zip(names[:SERIES_GAUGES], maes, strict=False):
+                if name is not None and np.isfinite(mae):
+                    self.series_mae.labels(name).set(mae)
+                    shown.add(name)
+        for gone in self._series_shown - shown:
+            self.series_mae.remove(gone)
+        self._series_shown = shown
 
     def totals(self, seconds: float) -> dict[str, float]:
         """This worker's counts since it started, over ``seconds``: its exit report."""

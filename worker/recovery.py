@@ -172,10 +172,11 @@ class Recovery:
         info = stream_info(self.client, self.keys.input)
         return b"0-0" if info is None else as_str(info["last-generated-id"]).encode()
 
-    def resync(self, state: WindowState, handle: Handler) -> None:
+    def resync(self, state: WindowState, handle: Handler, keep_alive: Callable[[], None]) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is
         pending on the way (counting attempts: :mod:`worker.attempts`) and replaying
-        what was acked."""
+        what was acked. ``keep_alive`` renews, page by page, this lease and every other
+        that the worker holds: a re-sync may outlast them."""
         group = group_info(self.client, self.keys)
         delivered, restored = group["last-delivered-id"], state.last_id
         pending = self._claim_pending()
@@ -190,7 +191,7 @@ class Recovery:
             last=delivered,
             count=self.settings.max_batch,
         ):
-            self.renew_lease()  # a long re-sync keeps the lease
+            keep_alive()  # a long re-sync keeps the leases
             met.update(entry_id for entry_id, _ in page if entry_id in attempts)
             for piece, tries in chunks(page, attempts):
                 if tries:  # this attempt counts from now: written before it starts

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     dead_stream: str = "sensors:dead"
     anomalies_stream: str = "anomalies"  # values that fall far outside their interval
     group: str = "forecasters"
-    consumer: str = Field(default_factory=default_consumer)  # this worker's name in the group
+    # This worker's name in the group: no spaces, at most 128 characters (the marks that
+    # count a poison entry's attempts carry it: worker/attempts.py).
+    consumer: str = Field(default_factory=default_consumer, pattern=r"^\S{1,128}$")
     # P > 1: the input is P streams, INPUT{k} (attnlstm.partition_of), shared by a pool of
     # workers. Fixed for a deployment's life: a worker refuses data written with another.
     partitions: int = Field(default=1, ge=1, le=4096)
@@ -66,7 +68,9 @@ class Settings(BaseSettings):
     # ones it loads from the store (a docker secret; Redis never sees it). Unset: the
     # store is unauthenticated, as anyone who can write to the Redis may change the model.
     model_key_file: Path | None = None
-    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    # auto (CUDA when present), cpu, cuda or cuda:N: the forms attnlstm.device.resolve_device
+    # takes, checked here so that a misspelt one (ATTNLSTM_DEVICE=gpu) stops a worker at once.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
 
     max_batch: int = Field(default=1024, ge=1)  # entries per model call, at most

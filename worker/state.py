@@ -421,7 +421,14 @@ class WindowState:
                 slots, stamps[k] = state._restore_chunk(k, _field(read, chunk_field(k)))
                 held = max(id_pair(stamps[k]), id_pair(last_id))
                 holds += [(slot, held) for slot in slots]
-        except (SafetensorError, KeyError, ValueError, TypeError, AttributeError) as e:
+        except (
+            SafetensorError,
+            KeyError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            RecursionError,  # JSON nested too deep: the meta, a chunk's header or series
+        ) as e:
             raise StateError(f"unreadable state checkpoint: {e}") from e
         state.restored = True
         state.last_id = last_id
@@ -536,13 +543,33 @@ def _read(data: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
 def _check_chunk(
     names: object, values: np.ndarray, count: np.ndarray, last_ms: np.ndarray, pos: np.ndarray
 ) -> None:
+    """A chunk's arrays as :meth:`WindowState._chunk_bytes` saves them: of its dtypes and
+    of numbers a series can have. Restored, a value that is not finite would make every
+    forecast of its series so, and a count that is not a whole number (NaN, cast to
+    -2**63) would keep the series from ever being forecast again."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError("the series names are not a list of strings")
     n = len(names)
-    if values.ndim != 2 or values.shape[0] != n or any(a.shape != (n,) for a in (count, last_ms)):
-        raise ValueError(f"{n} series but values {values.shape} and counts {count.shape}")
-    if pos.shape != (n,) or (n and (pos.min() < 0 or pos.max() >= CHUNK)) or (count < 0).any():
-        raise ValueError("slot positions or counts out of range")
+    rows = (count, last_ms, pos)
+    if values.ndim != 2 or values.shape[0] != n or any(a.shape != (n,) for a in rows):
+        shapes = ", ".join(str(a.shape) for a in rows)
+        raise ValueError(f"{n} series but values {values.shape} and counts, times, slots {shapes}")
+    for name, a, dtype in (
+        ("values", values, np.float64),
+        ("count", count, np.int64),
+        ("last_ms", last_ms, np.int64),
+        ("pos", pos, np.int64),
+    ):
+        if a.dtype != dtype:
+            raise ValueError(f"{name} of dtype {a.dtype}, not {np.dtype(dtype)}")
+    in_chunk = n == 0 or (pos.min() >= 0 and pos.max() < CHUNK)
+    if not in_chunk or (count < 0).any() or (last_ms < 0).any():
+        raise ValueError("slot positions, counts or times out of range")
+    # Only the values a series has: the places before its first are never read.
+    width = values.shape[1]
+    held = np.arange(width) >= width - np.minimum(count, width)[:, None]  # (n, width)
+    if not np.isfinite(values[held]).all():
+        raise ValueError("values that are not finite")
 
 
 def rounds(slots: np.ndarray) -> list[np.ndarray]:

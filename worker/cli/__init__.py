@@ -1,8 +1,8 @@
 """``attnlstm``: the one command line. This package only parses and wires.
 
-Errors a user can cause (bad arguments, unreadable data, a bad checkpoint) end in one
-line on stderr and a non-zero exit, never a traceback. With ``--json`` the last line
-on stdout is one JSON object.
+Errors a user can cause (bad arguments, unreadable data, a bad checkpoint, a Redis that
+refuses a command) end in one line on stderr and a non-zero exit, never a traceback.
+With ``--json`` the last line on stdout is one JSON object.
 """
 
 from __future__ import annotations

@@ -23,26 +23,45 @@ def positive(text: str) -> int:
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 
+def share(text: str) -> float:
+    """A number from 0 to 1, both included: how often something happens."""
+    value = number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {value}")
+    return value
+
+
 def number(text: str) -> float:
+    """A finite number: nan passes every range check and inf breaks every count, so
+    neither is one."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
-def rate(text: str) -> float:
+def positive_number(text: str) -> float:
+    """A finite number > 0: a rate, a length of time."""
     value = number(text)
-    if not 0.0 < value < math.inf:
+    if value <= 0.0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def nonnegative_number(text: str) -> float:
+    """A finite number >= 0: a spread, where 0 means none."""
+    value = number(text)
+    if value < 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 

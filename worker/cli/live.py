@@ -34,12 +34,19 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def worker_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    return run_service(worker_settings(args), burst=args.burst)
+    return run_service(_on_device(worker_settings(args)), burst=args.burst)
 
 
 def worker_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment and .env, with the flags that were given on top."""
     return from_flags(**{name: getattr(args, name) for _, name, _, _ in WORKER_FLAGS})
+
+
+def _on_device(settings: Settings) -> Settings:
+    """The settings with their device resolved (auto: CUDA when present, else the CPU).
+    A device this machine lacks (ATTNLSTM_DEVICE=cuda with no GPU) stops the command as
+    it starts, not when its first model arrives from the store or a cold start."""
+    return settings.model_copy(update={"device": resolve_device(settings.device)})
 
 
 def bench_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +84,9 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         noise=args.noise,
         drift_at=args.drift_at,
     )
-    settings = from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
+    settings = _on_device(
+        from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
+    )
     progress = not args.json and sys.stderr.isatty()
     try:
         return run_demo(settings, plan, args.out, progress=progress)

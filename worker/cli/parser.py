@@ -11,7 +11,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import counts, fraction, names_of, number, positive, rate, switch, whole
+from worker.cli.argtypes import (
+    counts,
+    fraction,
+    names_of,
+    nonnegative_number,
+    number,
+    positive,
+    positive_number,
+    share,
+    switch,
+    whole,
+)
 from worker.tools import RUNS
 
 EXIT_USAGE = 2
@@ -172,7 +183,9 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--scale-series", type=positive, default=100_000, help="series at scale (default 100000)"
     )
-    bench.add_argument("--seconds", type=float, default=20.0, help="latency run (default 20)")
+    bench.add_argument(
+        "--seconds", type=positive_number, default=20.0, help="latency run (default 20)"
+    )
     bench.add_argument(
         "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
     )
@@ -257,9 +270,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
     p.add_argument("--stream", default=None, help="(default: ATTNLSTM_INPUT_STREAM or sensors)")
     pace = p.add_mutually_exclusive_group(required=True)
-    pace.add_argument("--rate", type=rate, help="entries per second, steady")
+    pace.add_argument("--rate", type=positive_number, help="entries per second, steady")
     pace.add_argument("--fast", action="store_true", help="as fast as Redis takes them")
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    p.add_argument("--seconds", type=positive_number, default=None, help="stop after this long")
     p.add_argument("--maxlen", type=positive, default=None, help="approximate cap (XADD MAXLEN ~)")
     p.add_argument(
         "--partitions",
@@ -290,13 +303,15 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
         sines.add_argument(
             flag, nargs=2, type=number, metavar=("LO", "HI"), help=f"{what} (default {lo} {hi})"
         )
-    sines.add_argument("--noise", type=float, default=0.0, help="std, in amplitudes (default 0)")
+    sines.add_argument(
+        "--noise", type=nonnegative_number, default=0.0, help="std, in amplitudes (default 0)"
+    )
     sines.add_argument("--drift-at", type=positive, default=None, help="step where drift starts")
     sines.add_argument(
         "--drift-kind", choices=["frequency", "amplitude"], default="frequency", help="(frequency)"
     )
-    sines.add_argument("--anomaly-rate", type=float, default=0.0, help="share of spikes (0)")
-    sines.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed entries (0)")
+    sines.add_argument("--anomaly-rate", type=share, default=0.0, help="share of spikes (0)")
+    sines.add_argument("--bad-rate", type=share, default=0.0, help="share of malformed entries (0)")
     table = p.add_argument_group("CSV")
     table.add_argument("--csv", type=Path, default=None, help="replay this file instead of sines")
     table.add_argument("--time-column", default=None, help="(default: the first column)")
@@ -308,15 +323,21 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--seconds", type=float, default=60.0, help="replay length (default 60)")
+    demo.add_argument(
+        "--seconds", type=positive_number, default=60.0, help="replay length (default 60)"
+    )
     demo.add_argument("--series", type=positive, default=50, help="sine series (default 50)")
     pace = demo.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=rate, default=None, help="entries/s (default 500 for sines)")
+    pace.add_argument(
+        "--rate", type=positive_number, default=None, help="entries/s (default 500 for sines)"
+    )
     pace.add_argument("--fast", action="store_true", help="replay as fast as Redis takes it")
     demo.add_argument("--csv", type=Path, default=None, help="replay this file, not sines")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="(default demo-out)")
     demo.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
-    demo.add_argument("--noise", type=float, default=0.0, help="sine noise, in amplitudes (0)")
+    demo.add_argument(
+        "--noise", type=nonnegative_number, default=0.0, help="sine noise, in amplitudes (0)"
+    )
     demo.add_argument("--drift-at", type=positive, default=None, help="step where sines drift")
     demo.add_argument(
         "--finetune-interval-s",

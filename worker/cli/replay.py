@@ -20,6 +20,10 @@ from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine
 
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rate is not None and args.seconds is not None and round(args.seconds * args.rate) < 1:
+        raise ValueError(
+            f"--seconds {args.seconds:g} at --rate {args.rate:g} is less than one entry"
+        )
     entries, total = _replay_source(args)
     settings = from_flags(
         redis_url=args.redis_url, input_stream=args.stream, partitions=args.partitions
@@ -66,16 +70,42 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
         drift_factor=args.drift_factor or default.drift_factor,
         anomaly_rate=args.anomaly_rate,
     )
-    if not 0.0 <= args.bad_rate <= 1.0:
-        raise ValueError(f"--bad-rate must be in [0, 1], got {args.bad_rate}")
     entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
     return entries, None if args.bad_rate else spec.n_series * spec.n_points
+
+
+# What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
+# the start of what Redis said, and the fix.
+_FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
+    (
+        redis.ResponseError,
+        "DB index is out of range",
+        "the URL's database number (redis://HOST:PORT/DB or ?db=DB) must be below the "
+        "server's `databases` setting, 16 unless changed",
+    ),
+    (
+        redis.ResponseError,
+        "WRONGTYPE",
+        "a key this command uses holds another type: name other streams (the command's "
+        "flags, or ATTNLSTM_*_STREAM) or delete that key",
+    ),
+    (
+        redis.exceptions.NoPermissionError,
+        "",
+        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
+        "lists what each command needs)",
+    ),
+    (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
+)
 
 
 @contextlib.contextmanager
 def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, Settings]]:
     """A client for the configured Redis, and the settings for it (a cluster's keys on a
-    Redis Cluster); a lost connection is a one-line error."""
+    Redis Cluster). A lost connection, and a command Redis refuses (a database index out
+    of range, a user without the right, a key of another type), are one-line errors
+    with what Redis said; an error of the client's own (redis.DataError: a bug here) is
+    not caught."""
     url = settings.url()
     if url is None:
         raise ValueError(
@@ -89,11 +119,20 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
             client_name=command,
             cluster=settings.cluster,
         )
-    except redis.ConnectionError as e:
+        try:
+            yield client, settings.on(client)
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError) as e:
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
-    try:
-        yield client, settings.on(client)
-    except redis.ConnectionError as e:
-        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
-    finally:
-        client.close()
+    except redis.ResponseError as e:
+        raise ValueError(f"Redis at {settings.url_for_logs()} refused: {_refusal(e)}") from None
+
+
+def _refusal(e: redis.ResponseError) -> str:
+    """What Redis said, and what to fix where a setting is the obvious cause."""
+    said = str(e)
+    for kind, start, fix in _FIXES:
+        if isinstance(e, kind) and said.startswith(start):
+            return f"{said}; {fix}"
+    return said

@@ -143,10 +143,25 @@ class ModelStore:
             ],
         )
 
+    def promote(self, version: str, parent: str | None, event: str, **fields: object) -> bool:
+        """Point every worker at ``version``, with its event, only while ``parent`` (None:
+        no version) serves (``FCALL attnlstm_promote``); False when another version
+        serves by now."""
+        args = (version, parent or "", EVENTS_MAXLEN, *self._fields(version, event, fields))
+        keys = (self.keys.serving, self.keys.models)
+        return bool(self.client.fcall("attnlstm_promote", len(keys), *keys, *args))
+
     def event(self, version: str, event: str, **fields: object) -> None:
         transaction(self.client, [self._event(version, event, fields)])
 
     def _event(self, version: str, event: str, fields: dict[str, object]) -> tuple[bytes, ...]:
+        return (
+            *xadd(self.keys.models, maxlen=EVENTS_MAXLEN),
+            *self._fields(version, event, fields),
+        )
+
+    def _fields(self, version: str, event: str, fields: dict[str, object]) -> list[bytes]:
+        """An event's fields and values, flat."""
         body = {
             "version": version,
             "event": event,
@@ -154,8 +169,7 @@ class ModelStore:
             "ts": int(time.time() * 1000),
         }
         body |= {k: v for k, v in fields.items() if v is not None}
-        flat = [str(part).encode() for pair in body.items() for part in pair]
-        return (*xadd(self.keys.models, maxlen=EVENTS_MAXLEN), *flat)
+        return [str(part).encode() for pair in body.items() for part in pair]
 
     def events_query(self, *, after: bytes = b"-", count: int = 100) -> Command:
         """The XRANGE of up to ``count`` events after ``after``, to send on a wire."""

@@ -60,10 +60,14 @@ class Tuner:
         settings: Settings,
         store: ModelStore,
         metrics: Metrics,
+        fits: Callable[[Checkpoint], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock`` times the schedule: when fine-tunes are due, and how long one runs."""
+        """``fits`` raises ValueError for a model the worker cannot serve (it reads or
+        forecasts another number of values: :func:`worker.engine.check_fits`); ``clock``
+        times the schedule: when fine-tunes are due, and how long one runs."""
         self.settings = settings
+        self._fits = fits
         self.metrics = metrics
         self.store = store
         if store.key is None:
@@ -91,6 +95,7 @@ class Tuner:
         self._seen = b"0-0"  # the last models event looked at
         self._trainer: _Trainer | None = None
         self._job_started: float | None = None  # a fine-tune is running
+        self._parent: str | None = None  # the version it started from
         self._clock = clock
         self._due = clock() + settings.finetune_interval_s
         self.cycles = 0  # fine-tunes finished
@@ -169,7 +174,13 @@ class Tuner:
         return self._adopt(checkpoint)
 
     def _adopt(self, checkpoint: Checkpoint | None, blob: bytes | None = None) -> Checkpoint | None:
+        """``checkpoint`` served from now on, where the worker can serve it."""
         if checkpoint is not None:
+            try:
+                self._fits(checkpoint)
+            except ValueError as e:
+                log.error("%s: not served; serving %s unchanged", e, self.version)
+                return None
             self.version = checkpoint.version
             self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
             self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
@@ -250,6 +261,7 @@ class Tuner:
             self._trainer = None
         if self._trainer is None:
             self._trainer = _Trainer(self.settings.finetune_threads)
+        self._parent = self.version
         what = "training a first model (cold start)" if cold else "fine-tuning"
         log.info("%s on the recent history of %d series", what, len(names))
         try:
@@ -269,35 +281,48 @@ class Tuner:
         self._due = self._clock() + self.settings.finetune_interval_s
         self.cycles += 1
         try:
-            outcome = self._trainer.result()
+            return self._settle(self._trainer)
+        finally:
+            self.lock.release()  # after the promotion: the next fine-tune starts from it
+
+    def _settle(self, trainer: _Trainer) -> Checkpoint | None:
+        """The finished fine-tune's candidate stored, and promoted if it passed its gate
+        and the version it started from still serves."""
+        try:
+            outcome = trainer.result()
         except NotEnoughDataError as e:
             log.info("fine-tune skipped: %s", e)
             self.metrics.finetunes.labels("skipped").inc()
             return None
         except (EOFError, OSError):  # its end of the pipe closed, or was reset
-            self._failed(f"the fine-tuning process died ({self._trainer}); a new one starts")
-            self._trainer.stop()
+            self._failed(f"the fine-tuning process died ({trainer}); a new one starts")
+            trainer.stop()
             self._trainer = None
             return None
         except Exception as e:  # the child's failure must not stop the serving path
             self._failed(f"{type(e).__name__}: {e}")
             return None
-        finally:
-            self.lock.release()
         self.busy_s += outcome.scores["seconds"]
         scores = {k: _round(v) for k, v in outcome.scores.items()}
         self.store.put(outcome.candidate, outcome.version)
-        self.store.event(outcome.version, "trained", parent=self.version, **scores)
-        if not outcome.promote:
-            log.info("candidate %s rejected: %s", outcome.version, outcome.reason)
-            self.metrics.finetunes.labels("rejected").inc()
-            self.store.event(outcome.version, "rejected", reason=outcome.reason, **scores)
-            return None
-        log.info("candidate %s promoted: %s", outcome.version, outcome.reason)
-        self.metrics.finetunes.labels("promoted").inc()
-        self.store.set_serving(outcome.version, "promoted", reason=outcome.reason, **scores)
-        self._seen = self.store.last_event_id()
-        return self._adopt(loads(outcome.candidate), outcome.candidate)
+        self.store.event(outcome.version, "trained", parent=self._parent, **scores)
+        reason = outcome.reason
+        if outcome.promote and self.store.promote(
+            outcome.version, self._parent, "promoted", reason=reason, **scores
+        ):
+            log.info("candidate %s promoted: %s", outcome.version, reason)
+            self.metrics.finetunes.labels("promoted").inc()
+            self._seen = self.store.last_event_id()
+            return self._adopt(loads(outcome.candidate), outcome.candidate)
+        if outcome.promote:
+            reason = (
+                f"{self.store.serving()} serves by now, promoted or rolled back to while it "
+                f"was fine-tuned from {self._parent}"
+            )
+        log.info("candidate %s rejected: %s", outcome.version, reason)
+        self.metrics.finetunes.labels("rejected").inc()
+        self.store.event(outcome.version, "rejected", reason=reason, **scores)
+        return None
 
     def _failed(self, reason: str) -> None:
         """A fine-tune that failed: logged, counted, and an event on the models stream."""

@@ -34,6 +34,7 @@ import numpy as np
 import redis
 import torch
 from pydantic import SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from redis.utils import HIREDIS_AVAILABLE
 
 from attnlstm.checkpoint import Checkpoint, dumps, version_of
@@ -143,6 +144,23 @@ def _batch(plan: BenchPlan, context: int) -> int:
     return batch_rows(plan.max_batch, Settings.model_fields["batch_values"].default, context)
 
 
+class _BenchSettings(Settings):
+    """Settings from the bench's arguments alone. ATTNLSTM_* variables and a .env belong
+    to a deployment (the README has its users export ATTNLSTM_PARTITIONS) and would
+    change what the bench measures, or stop it; poolbench's workers go without them too."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _settings(
     url: str,
     prefix: str,
@@ -152,8 +170,7 @@ def _settings(
     finetune_interval_s: float = 0.0,
     coverage: float = Settings.model_fields["coverage"].default,
 ) -> Settings:
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    settings = _BenchSettings(
         redis_url=SecretStr(url),
         finetune_interval_s=finetune_interval_s,
         coverage=coverage,

@@ -13,7 +13,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from attnlstm.experiment import (
     training_meta,
 )
 from attnlstm.plots import plot_error_over_time
-from attnlstm.synthetic import SineSpec
+from attnlstm.synthetic import SineSpec, make_sines
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
 from worker.app import build_engine
@@ -64,6 +64,27 @@ class DemoPlan:
     points: int = 200  # forecasts drawn per series
     noise: float = 0.0  # sine noise std, in amplitudes
     drift_at: int | None = None  # step where every sine's frequency changes
+
+    def __post_init__(self) -> None:
+        """Sines the replay would refuse, refused now: before the model is trained, not
+        in the replay's process once the worker runs."""
+        if self.csv is not None:
+            return
+        spec = self.sines()
+        try:  # one series is checked as every one would be, in a fraction of the memory
+            make_sines(replace(spec, n_series=1))
+        except ValueError as e:
+            raise ValueError(
+                f"the sines to replay ({spec.n_points} points a series: --seconds x rate "
+                f"/ --series): {e}"
+            ) from None
+
+    def sines(self) -> SineSpec:
+        """The replayed sines: enough points for ``seconds`` at ``rate``."""
+        points = int(self.seconds * (self.rate or 1000.0) / self.series) + 1
+        return SineSpec(
+            n_series=self.series, n_points=max(points, 2), noise=self.noise, drift_at=self.drift_at
+        )
 
 
 def run_demo(
@@ -228,11 +249,7 @@ def _replay_child(url: str, settings: Settings, plan: DemoPlan) -> None:
     if plan.csv is not None:
         entries = csv_entries(plan.csv)
     else:
-        points = int(plan.seconds * (plan.rate or 1000.0) / plan.series) + 1
-        spec = SineSpec(
-            n_series=plan.series, n_points=max(points, 2), noise=plan.noise, drift_at=plan.drift_at
-        )
-        entries = sine_entries(spec, seed=plan.seed, bad_rate=plan.bad_rate)
+        entries = sine_entries(plan.sines(), seed=plan.seed, bad_rate=plan.bad_rate)
     seconds = None if plan.csv is not None else plan.seconds
     replay(
         client,

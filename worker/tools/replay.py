@@ -55,11 +55,17 @@ def sine_entries(
 ) -> Iterator[FlatFields]:
     """Sines one time step after another (``{prefix}0`` .. ``{prefix}N-1`` each step),
     with a malformed entry of a random kind after each value with ``bad_rate``
-    probability. The same arguments give the same entries in the same order."""
+    probability. The same arguments give the same entries in the same order. A spec
+    :func:`make_sines` refuses is a ValueError here, before anything is written."""
     values = make_sines(spec, seed=seed).values  # (series, points)
-    names = [f"{prefix}{j}".encode() for j in range(spec.n_series)]
+    return _steps(values, seed=seed, bad_rate=bad_rate, prefix=prefix)
+
+
+def _steps(values: np.ndarray, *, seed: int, bad_rate: float, prefix: str) -> Iterator[FlatFields]:
+    """The entries of ``values`` (series, points), as :func:`sine_entries` says."""
+    names = [f"{prefix}{j}".encode() for j in range(values.shape[0])]
     bad = np.random.default_rng([seed, 1])  # its own stream: the sines do not change
-    for t in range(spec.n_points):
+    for t in range(values.shape[1]):
         for j, name in enumerate(names):
             yield (b"series", name, b"value", repr(float(values[j, t])).encode())
             if bad_rate and bad.random() < bad_rate:
