@@ -302,6 +302,9 @@ def test_a_device_this_machine_lacks_stops_the_worker_as_it_starts(tmp_path: Pat
         (["demo", "--rate", "inf"], "--rate: expected a finite number"),
         (["demo", "--noise", "-1"], "--noise: must be >= 0, got '-1'"),
         (["bench", "--seconds", "nan"], "--seconds: expected a finite number"),
+        (["train", "--lr", "nan"], "--lr: expected a finite number"),
+        (["train", "--lr", "0"], "--lr: must be a positive number"),
+        (["demo", "--finetune-interval-s", "-1"], "--finetune-interval-s: must be >= 0"),
     ],
 )
 def test_numbers_out_of_range_are_usage_errors(

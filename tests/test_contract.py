@@ -292,3 +292,13 @@ def test_a_dead_letter_of_a_thousand_long_names_stays_within_its_byte_budget() -
     assert DEAD_MAX_TOTAL <= size < DEAD_MAX_TOTAL + 8 * DEAD_MAX_BYTES
     kept = len(json.loads(dead[b"truncated"]))
     assert kept + int(dead[b"fields_dropped"]) == 1000
+
+
+def test_an_entry_s_own_src_and_error_survive_its_dead_letter() -> None:
+    """A producer's `src` (the sensor it came from, say) was overwritten by the entry id."""
+    fields = {b"series": b"s", b"value": b"abc", b"src": b"sensor-7", b"error": b"E42"}
+    dead = dead_fields(fields, b"1-0", "value is not a decimal number: 'abc'")
+    assert dead[b"src"] == b"1-0"
+    assert dead[b"error"] == b"value is not a decimal number: 'abc'"
+    assert (dead[b"original:src"], dead[b"original:error"]) == (b"sensor-7", b"E42")
+    assert (dead[b"series"], dead[b"value"]) == (b"s", b"abc")

@@ -113,7 +113,8 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
     name or value longer than DEAD_MAX_BYTES, its first bytes, with the original
     length of every value cut short in ``truncated`` (a JSON object, by field name);
     past DEAD_MAX_FIELDS fields or DEAD_MAX_TOTAL bytes, the first ones and
-    ``fields_dropped`` (how many not)."""
+    ``fields_dropped`` (how many not). An original field of one of these names, or of
+    ``src`` or ``error``, is kept as ``original:<name>``."""
     kept: Fields = {}
     cut: dict[str, int] = {}
     size = taken = 0
@@ -121,7 +122,8 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
         if taken == DEAD_MAX_FIELDS or size >= DEAD_MAX_TOTAL:
             break
         taken += 1
-        kept[name[:DEAD_MAX_BYTES]] = value[:DEAD_MAX_BYTES]
+        key = name[:DEAD_MAX_BYTES]
+        kept[b"original:" + key if key in _DEAD_OWN else key] = value[:DEAD_MAX_BYTES]
         size += min(len(name), DEAD_MAX_BYTES) + min(len(value), DEAD_MAX_BYTES)
         if len(name) > DEAD_MAX_BYTES or len(value) > DEAD_MAX_BYTES:
             shown = name[:DEAD_MAX_BYTES].decode(errors="backslashreplace")
@@ -302,6 +304,7 @@ DEAD_MAX_BYTES = 1_024  # of a field's name, and of its value, copied into a dea
 # Redis refuses past its client-query-buffer-limit (1 GiB), and a batch whose call is
 # refused would be retried forever. 1,024 of them (the default max_batch) make 64 MiB.
 DEAD_MAX_TOTAL = 64 * 1_024
+_DEAD_OWN = frozenset((b"src", b"error", b"fields_dropped", b"truncated"))  # a dead letter's
 
 
 def forecast_values(

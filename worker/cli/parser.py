@@ -165,7 +165,9 @@ def _train_args(train: argparse.ArgumentParser) -> None:
     epochs = "epochs (default: enough for about 3,000 optimiser steps, 3 to 300)"
     train.add_argument("--epochs", type=positive, default=None, help=epochs)
     train.add_argument("--batch-size", type=positive, default=64, help="(default 64)")
-    train.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    train.add_argument(
+        "--lr", type=positive_number, default=1e-2, help="peak learning rate (default 1e-2)"
+    )
     train.add_argument(
         "--out", type=Path, default=Path("model.safetensors"), help="checkpoint path"
     )
@@ -341,7 +343,7 @@ def _demo_args(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--drift-at", type=positive, default=None, help="step where sines drift")
     demo.add_argument(
         "--finetune-interval-s",
-        type=float,
+        type=nonnegative_number,
         default=None,
         help="(default: ATTNLSTM_FINETUNE_INTERVAL_S or 300; 0: off)",
     )
