@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,6 +49,32 @@ def _fits(model: AttentionLSTM) -> Callable[[Checkpoint], None]:
     """What a worker serving ``model``'s shape can serve (``Tuner``'s ``fits``)."""
     c = model.config
     return functools.partial(check_fits, context=c.context, window=c.window, horizon=c.horizon)
+
+
+def _tuner(
+    client: redis.Redis,
+    url: str,
+    keys: Keys,
+    model: AttentionLSTM,
+    clock: FakeClock,
+    *,
+    consumer: str = "w",
+    metrics: Metrics | None = None,
+    **overrides: Any,
+) -> Tuner:
+    """A tuner as a worker serving ``model``'s shape makes one, on a clock the test moves;
+    the function library loaded, as the worker does at start."""
+    ensure_library(client)
+    settings = settings_for(url, keys, consumer=consumer, **overrides)
+    store = ModelStore(client, keys, keep=5, source=consumer)
+    return Tuner(
+        client,
+        settings=settings,
+        store=store,
+        metrics=metrics or Metrics(),
+        fits=_fits(model),
+        clock=clock,
+    )
 
 
 class FakeClock:
@@ -227,21 +254,11 @@ def test_one_worker_fine_tunes_at_a_time(
     """While another worker holds the fine-tune lock, a due fine-tune is skipped; once
     the lock is free, the next due one starts."""
     clock = FakeClock()
-    ensure_library(redis_client)  # the worker does it at start; these tuners have none
-
-    def tuner(consumer: str) -> Tuner:
-        settings = settings_for(redis_url, keys, consumer=consumer, finetune_interval_s=10)
-        store = ModelStore(redis_client, keys, keep=5, source=consumer)
-        return Tuner(
-            redis_client,
-            settings=settings,
-            store=store,
-            metrics=Metrics(),
-            fits=_fits(trained_sines),
-            clock=clock,
-        )
-
-    first, second = tuner("first"), tuner("second")
+    first, second = (
+        _tuner(redis_client, redis_url, keys, trained_sines, clock, consumer=name,
+               finetune_interval_s=10)
+        for name in ("first", "second")
+    )  # fmt: skip
     assert first.start(loads(dumps(trained_sines)[0])) is not None
     assert second.start(None) is not None  # the store's serving version
     state = WindowState(window=20, length=200, max_series=10)
@@ -284,17 +301,10 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
     the fine-tune fails with an event and a metric, the lock is released, and the next
     fine-tune gets a new process."""
     clock, metrics = FakeClock(), Metrics()
-    ensure_library(redis_client)  # the worker does it at start; this tuner has none
-    settings = settings_for(redis_url, keys, finetune_interval_s=10, finetune_steps=20)
-    store = ModelStore(redis_client, keys, keep=5, source="w")
-    tuner = Tuner(
-        redis_client,
-        settings=settings,
-        store=store,
-        metrics=metrics,
-        fits=_fits(trained_sines),
-        clock=clock,
-    )
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock, metrics=metrics,
+        finetune_interval_s=10, finetune_steps=20,
+    )  # fmt: skip
     tuner.start(loads(dumps(trained_sines)[0]))
     state = WindowState(window=20, length=200, max_series=10)
     values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
@@ -346,17 +356,11 @@ def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     worker's promotion lands, or a frozen worker wakes with its result): the candidate is
     stored and rejected, and the version promoted meanwhile keeps serving."""
     clock = FakeClock()
-    ensure_library(redis_client)  # the worker does it at start; this tuner has none
-    settings = settings_for(redis_url, keys, finetune_interval_s=10, finetune_steps=100)
-    store = ModelStore(redis_client, keys, keep=5, source="w")
-    tuner = Tuner(
-        redis_client,
-        settings=settings,
-        store=store,
-        metrics=Metrics(),
-        fits=_fits(trained_sines),
-        clock=clock,
-    )
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=100,
+    )  # fmt: skip
+    store = tuner.store
     parent = tuner.start(loads(dumps(other_model(trained_sines, 0.5))[0]))
     assert parent is not None
     state = WindowState(window=20, length=200, max_series=10)
@@ -387,12 +391,8 @@ def test_a_model_of_another_shape_is_not_adopted(
 ) -> None:
     """A model promoted by hand that reads another number of values than the worker keeps:
     refused, and the fine-tunes go on from the model that serves, not from it."""
-    ensure_library(redis_client)
-    store = ModelStore(redis_client, keys, keep=5, source="w")
-    settings = settings_for(redis_url, keys)
-    tuner = Tuner(
-        redis_client, settings=settings, store=store, metrics=Metrics(), fits=_fits(trained_sines)
-    )
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
+    store = tuner.store
     served = tuner.start(loads(dumps(trained_sines)[0]))
     assert served is not None
     wider = AttentionLSTM(replace(trained_sines.config, window=30))

@@ -313,3 +313,55 @@ def test_saved_scoring_that_is_not_what_a_scorer_saves_is_refused(
     with pytest.raises(ValueError, match=error):
         second.restore(slots, saved)
     assert np.isnan(second.saved(slots)["forecast"]).all()  # nothing taken
+
+
+def test_a_flat_stretch_neither_flags_its_level_nor_narrows_the_intervals_after() -> None:
+    """A sensor that reads 0.0 for hours (a closed valve, solar output at night): its
+    windows are flat and its intervals zero wide. A value on the level is no anomaly
+    (it was one, with score inf, each time the last one's window had passed), and its
+    hits teach the multiplier nothing (1,200 of them took it to e^-9.9: then 84% of the
+    values after the flat stretch fell outside their 90% intervals). A value off the
+    level is outside a zero-wide interval: an anomaly, infinitely many half-widths out."""
+    half = np.array([1.0])
+    scorer = Scorer(Overall(halflife_s=10), half_width=half, coverage=0.9, threshold=5.0)
+    for t in range(1200):
+        flat = scorer.update(np.array([0]), np.array([0.0]), np.zeros((1, 1)), np.zeros(1), t)
+        assert flat.anomalies.size == 0
+    assert scorer.adaptive.multiplier(np.array([0]))[0] == 1.0
+    off = scorer.update(np.array([0]), np.array([0.5]), np.ones((1, 1)), np.ones(1), 1200.0)
+    assert off.scores.tolist() == [np.inf]
+
+
+def test_a_value_whose_forecast_had_no_interval_is_not_judged() -> None:
+    """A restart that turns intervals on (coverage 0 before) restores each series'
+    pending forecast without one: its next value is neither an anomaly (it was, with
+    score inf and bounds nan, for every series) nor a lesson for the multiplier."""
+    before = Scorer(Overall(halflife_s=10))  # intervals off
+    before.update(np.array([0, 1]), np.array([1.0, 2.0]), np.ones((2, 1)), np.ones(2), 0.0)
+    slots = np.array([0, 1])
+    after = Scorer(Overall(halflife_s=10), half_width=np.array([1.0]), threshold=5.0)
+    after.restore(slots, before.saved(slots))
+    found = after.update(slots, np.array([50.0, -50.0]), np.ones((2, 1)), np.ones(2), 1.0)
+    assert found.anomalies.size == 0
+    np.testing.assert_array_equal(after.adaptive.multiplier(slots), [1.0, 1.0])
+    assert np.isfinite(found.lo).all()  # the forecasts made now have their intervals
+
+
+def test_a_series_that_starts_afresh_meets_no_forecast_from_before_its_gap() -> None:
+    """Idle past series_idle_s, a series' window starts again at its next value (while
+    its slot was not swept: a partition all quiet, or a series alone in it); so does its
+    scoring. Judged against the forecast from before the gap, a level that moved while
+    the sensor was off was an anomaly, and its stand-in put the old level in the new
+    window."""
+    half = np.array([1.0])
+    scorer = Scorer(Overall(halflife_s=10), half_width=half, coverage=0.9, threshold=5.0)
+    slot = np.array([0])
+    scorer.update(slot, np.array([10.0]), np.array([[10.0]]), np.ones(1), 0.0)
+    scorer.adaptive.update(slot, np.array([True]))  # a miss before the gap
+    found = scorer.update(
+        slot, np.array([500.0]), np.array([[500.0]]), np.ones(1), 1.0, fresh=np.array([True])
+    )
+    assert (found.count, found.anomalies.size) == (0, 0)
+    assert scorer.adaptive.multiplier(slot)[0] == 1.0
+    again = scorer.update(slot, np.array([530.0]), np.array([[500.0]]), np.ones(1), 2.0)
+    assert (again.count, again.scores.tolist()) == (1, [30.0])  # against the fresh one

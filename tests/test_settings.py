@@ -101,6 +101,7 @@ def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
         ("max_series", 0),
         ("block_ms", 0),
         ("lease_ttl_ms", 999),
+        ("anomaly_threshold", 0.5),  # values inside their interval would be anomalies
         ("consumer", "edge worker"),  # its attempts' marks would not parse: never dead-lettered
         ("consumer", "w" * 129),
     ],

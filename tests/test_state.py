@@ -295,8 +295,10 @@ def test_a_series_idle_past_idle_ms_starts_afresh_and_its_slot_is_freed() -> Non
     state = WindowState(window=2, length=3, max_series=2, idle_ms=1000)
     a, b = state.slots_for(["a", "b"]).tolist()
     state.push(np.array([a, a, b]), np.array([1.0, 2.0, 9.0]), ms=np.array([0, 100, 100]))
+    assert state.fresh.tolist() == [False, False, False]
     full, _ = state.push(np.array([a]), np.array([3.0]), ms=np.array([2000]))  # a: idle 1.9 s
     assert full.tolist() == [False]  # a fresh start: one value
+    assert state.fresh.tolist() == [True]  # its scoring starts afresh too (tests/test_scoring.py)
     assert state.slots_for(["c"]).tolist() == [NO_SLOT]  # full up
     assert state.sweep(now_ms=2000).tolist() == [b]  # b: idle since 100
     assert state.names() == ["a", None]

@@ -86,6 +86,7 @@ class _Part:
     forecast: np.ndarray  # (kept,) bool: forecast now
     publish: np.ndarray  # (kept,) bool: published (not re-read after being acked)
     windows: np.ndarray  # (forecast,) their windows
+    fresh: np.ndarray  # (kept,) bool: the first value of a series started afresh
 
 
 class Worker:
@@ -363,7 +364,18 @@ class Worker:
         if gather:  # most often every full window: then without a copy
             chosen = windows if wanted[full].all() else windows[wanted[full]]
         self.metrics.warming.inc(int((~forecast & published).sum()))
-        return _Part(lane, entries, batch, slots[kept], kept, values, forecast, published, chosen)
+        return _Part(
+            lane,
+            entries,
+            batch,
+            slots[kept],
+            kept,
+            values,
+            forecast,
+            published,
+            chosen,
+            state.fresh,
+        )
 
     def _call(
         self, part: _Part, yhat: np.ndarray, attn: np.ndarray
@@ -384,6 +396,7 @@ class Worker:
             stand_in=functools.partial(self._stand_in, part, made, scale, yhat, attn)
             if self.settings.stand_in_anomalies
             else None,
+            fresh=part.fresh,
         )
         self.metrics.scored_forecasts(scored.count, self.scores)
         if id_key(entries[-1][0]) > id_key(state.last_id):

@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     # Prediction intervals' coverage (lo and hi in every forecast); 0: no intervals, no
     # anomaly events.
     coverage: float = Field(default=0.9, ge=0, lt=1)
-    # A value this many interval half-widths from its one-step forecast is an anomaly.
-    anomaly_threshold: float = Field(default=5.0, gt=0)
+    # A value this many interval half-widths from its one-step forecast is an anomaly: at
+    # least 1, outside its interval (below 1, values inside it would be anomalies).
+    anomaly_threshold: float = Field(default=5.0, ge=1)
     # An anomaly's value enters its window as the forecast it broke, held near the value
     # before it (only the first of a run): later forecasts and fine-tunes do not read it.
     stand_in_anomalies: bool = True

@@ -117,6 +117,7 @@ class WindowState:
         self._count = np.zeros(capacity, dtype=np.int64)  # values seen per slot
         self._last_ms = np.zeros(capacity, dtype=np.int64)  # entry time of the last value
         self._used = np.zeros(capacity, dtype=bool)  # slots that hold a series
+        self.fresh = np.zeros(0, dtype=bool)  # of the last push: see push
         self._window_cols = np.arange(-window, 0)  # (W,) from the oldest value, wrapping
         # Saving: the chunks changed since their save, each with the entry the stream
         # must be re-read from for it; their stamps; when each was saved (monotonic s).
@@ -201,16 +202,19 @@ class WindowState:
         """Append values in order (a slot may repeat), each at entry time ``ms`` (None:
         0, no idle reset). Returns a mask of the values whose window is full, and those
         windows (n_full, window), oldest step first, in input order. ``gather=False``
-        only appends (replaying history) and returns no windows."""
+        only appends (replaying history) and returns no windows. ``fresh`` marks the
+        values that started their series afresh (idle past ``idle_ms``)."""
         n = slots.shape[0]
         ms = np.zeros(n, dtype=np.int64) if ms is None else ms
         full = np.zeros(n, dtype=bool)
+        self.fresh = np.zeros(n, dtype=bool)
         windows = np.empty((n if gather else 0, self.window), dtype=np.float64)
         for idx in rounds(slots):
             s = slots[idx]  # distinct slots within a round
             if self.idle_ms:
                 stale = ms[idx] - self._last_ms[s] > self.idle_ms
                 self._count[s[stale]] = 0  # idle too long: a fresh start
+                self.fresh[idx[stale]] = True
             v = values[idx]
             self._ring[s, self._count[s] % self.window] = v
             kept = s < self.history_slots

@@ -233,9 +233,17 @@ class Scorer:
         in for (none unless ``standing``). The others are followed."""
         lo, hi = self._lo[slots], self._hi[slots]
         miss = (values < lo) | (values > hi)
-        self.adaptive.update(slots, miss)
         half = (hi - lo) / 2
-        score = np.divide(err, half, out=np.full_like(err, np.inf), where=half > 0)
+        # Only an interval of some width teaches the multiplier: a flat window's is zero
+        # wide whatever the multiplier (each value on the level a "hit" would shrink it to
+        # its floor, and the intervals after the flat stretch with it), and one made with
+        # intervals off (NaN, saved before a restart that turned them on) is none.
+        wide = half > 0
+        self.adaptive.update(slots[wide], miss[wide])
+        # Off a zero-wide interval, any distance is infinitely many half-widths, and none
+        # is none; with no interval (NaN), no score, and no event.
+        score = np.divide(err, half, out=np.where(err > 0, np.inf, 0.0), where=wide)
+        score[np.isnan(half)] = np.nan
         # This value's place after each followed anomaly: 1 is the next value, whose
         # forecast read the anomaly as its newest value (reads[0]).
         after = self._since[slots] + 1
@@ -297,10 +305,13 @@ class Scorer:
         scale: np.ndarray,
         now: float,
         stand_in: StandIn | None = None,
+        fresh: np.ndarray | None = None,
     ) -> Scored:
         """Score ``values`` (in stream order, as they came) against each slot's pending
         forecast, then make ``forecasts`` (n, horizon; NaN rows: none was made), made from
-        windows of deviation ``scale``, the pending ones, each with its interval.
+        windows of deviation ``scale``, the pending ones, each with its interval. A value
+        marked ``fresh`` starts its series' scoring afresh, as its window did (idle past
+        ``series_idle_s``): it meets no forecast made before the gap.
 
         Each anomaly to be stood in for goes to ``stand_in`` (its position, its stand-in)
         as it is found, before any later value of its series is judged: it puts the
@@ -317,6 +328,8 @@ class Scorer:
         errors, naive, missed, steps = [], [], [], []
         for idx in rounds(slots):
             s, v = slots[idx], values[idx]
+            if fresh is not None:
+                self.forget(s[fresh[idx]])
             ok = ~np.isnan(self._forecast[s])
             self._stood_in[s[~ok]] = False
             if ok.any():
