@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from attnlstm.baselines import available
 from tests.conftest import CLI, DATA
+from tests.helpers import wait_for, worker_env
 from worker.cli.live import worker_settings
 from worker.cli.parser import build_parser
 
@@ -260,6 +262,43 @@ def test_the_device_setting_refuses_any_other_name(device: str) -> None:
     args = build_parser().parse_args(["worker", "--device", device])
     with pytest.raises(ValueError, match="bad settings: device: String should match pattern"):
         worker_settings(args)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="no /proc to read")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_during_start_up_stops_the_worker_cleanly(
+    sig: signal.Signals, model_file: Path, tmp_path: Path
+) -> None:
+    """A stop signal as soon as the process catches one, while it still imports torch and
+    loads its model: once the worker exists it stops, exit 0, and the embedded server it
+    started is gone with its directory. Before, SIGTERM then killed it outright (and as a
+    container's PID 1, was lost: `docker stop` waited, then killed it with its leases),
+    and a hang-up at any time left the embedded server's directory behind."""
+    cmd = [*CLI, "worker", "--model", str(model_file), "--metrics-port", "0", "--device", "cpu"]
+    env = {**worker_env(), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or _catches(proc.pid, sig))
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "libtorch" not in maps  # caught before torch is imported: seconds before
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopping: finishing the batch in flight" in err
+    assert "started embedded valkey" in err
+    assert not list(tmp_path.glob("attnlstm-redis-*"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU asked for")

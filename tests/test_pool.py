@@ -8,6 +8,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,13 +37,16 @@ from tests.helpers import (
     settings_for,
     spiked,
     stood_in,
+    wait_for,
     worker_cmd,
     worker_env,
 )
+from worker.app import run_service
 from worker.keys import Keys
 from worker.lease import ensure_library, process_token
 from worker.pool import PartitionsError, Pool
 from worker.settings import Settings
+from worker.signals import StopRequest
 from worker.streams import connect
 from worker.tools.readback import read_views
 from worker.tools.replay import replay
@@ -149,6 +153,27 @@ def test_each_worker_s_share_is_p_over_n_and_they_add_up_to_p(
     assert {pool.share() for pool in pools[1:]} == {3}
     alone = Pool(redis_client, keys, token=tokens[0], ttl_ms=5000, partitions=1)
     assert alone.share() == 1  # one partition: no pool, a standby waits for the lease
+
+
+def test_a_worker_past_the_partitions_is_a_healthy_standby(
+    redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Three workers, two partitions: the third's share is none. It asks no lease, yet it
+    answers /healthz as a standby that Redis answers (its heartbeat stopped there, and
+    after 10 s docker marked a container of `--scale worker=13` unhealthy)."""
+    settings = settings_for(redis_url, keys, partitions=2, lease_ttl_ms=1500, block_ms=100)
+    workers = [new_worker(settings.model_copy(update={"consumer": c}), trained_sines)
+               for c in ("a", "b", "c")]  # fmt: skip
+    with WorkerThread(workers[0]) as a, WorkerThread(workers[1]), WorkerThread(workers[2]):
+        a.wait_for(
+            lambda: sorted(w.metrics.role for w in workers) == ["active", "active", "standby"]
+        )
+        (standby,) = [w for w in workers if w.metrics.role == "standby"]
+        since = time.monotonic()
+        a.wait_for(lambda: time.monotonic() - since > 3)  # three times the staleness below
+        ok, body = standby.metrics.health(stale_after_s=1.0)
+        assert ok, body
+        assert body["role"] == "standby"
 
 
 def _streams(keys: Keys) -> dict[str, str]:
@@ -353,5 +378,100 @@ def test_a_pool_on_a_cluster_forecasts_100k_entries_once_each_as_a_fourth_worker
                 held = sorted(map(str, _holders(client, base, partitions)))
                 assert held == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3
         _assert_every_input_once(client, base, partitions, trained_sines, values, names)
+    finally:
+        client.close()
+
+
+def test_a_worker_waits_out_a_redis_cluster_that_stops_answering(
+    redis_cluster: LocalCluster, stream_prefix: str, trained_sines: AttentionLSTM
+) -> None:
+    """Every node of the cluster frozen (SIGSTOP) for a few seconds under a worker that
+    serves three partitions: it retries through the outage, and once the nodes answer it
+    forecasts what comes. The cluster client's refresh then raises RedisClusterException,
+    which is no RedisError: it left the loop, and the worker died."""
+    partitions = 3
+    client = connect(redis_cluster.url, socket_timeout_s=10, client_name="test")
+    base = Keys.prefixed(stream_prefix).clustered()
+    settings = settings_for(
+        redis_cluster.url, base, partitions=partitions, socket_timeout_s=0.5, block_ms=100
+    )
+    worker = new_worker(settings, trained_sines)
+    errors = worker.metrics.registry
+    nodes = [node.process for node in redis_cluster.nodes if node.process is not None]
+    try:
+        with WorkerThread(worker) as running:
+            running.wait_for(lambda: worker.metrics.role == "active")
+            for node in nodes:
+                node.send_signal(signal.SIGSTOP)
+            try:
+                running.wait_for(
+                    lambda: (errors.get_sample_value("attnlstm_redis_errors_total") or 0) >= 4
+                )
+            finally:
+                for node in nodes:
+                    node.send_signal(signal.SIGCONT)
+            values = sine_steps(30, 25, seed=35)
+            names = _replay(client, base, values, partitions)
+            running.wait_for(lambda: _all_drained(client, base, partitions), timeout=120)
+        _assert_every_input_once(client, base, partitions, trained_sines, values, names)
+    finally:
+        client.close()
+
+
+def test_a_worker_told_it_is_on_a_cluster_waits_for_one_at_start(
+    redis_cluster: LocalCluster,
+    stream_prefix: str,
+    model_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ATTNLSTM_CLUSTER=true and no node answering (all frozen) as the worker starts: it
+    waits, with backoff, and once the nodes answer it serves (here: drains an empty
+    stream, --burst). The cluster client needs a node as it is made, and the worker
+    ended with a traceback."""
+    base = Keys.prefixed(stream_prefix).clustered()
+    settings = settings_for(
+        redis_cluster.url, base, cluster=True, model=model_file, socket_timeout_s=0.5,
+        block_ms=100,
+    )  # fmt: skip
+    nodes = [node.process for node in redis_cluster.nodes if node.process is not None]
+    outcome: list[object] = []
+    for node in nodes:
+        node.send_signal(signal.SIGSTOP)
+    try:
+        thread = threading.Thread(
+            target=lambda: outcome.append(run_service(settings, burst=True, stop=StopRequest())),
+            daemon=True,
+        )
+        thread.start()
+        wait_for(lambda: "Redis Cluster" in caplog.text and "retrying in" in caplog.text)
+    finally:
+        for node in nodes:
+            node.send_signal(signal.SIGCONT)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    (report,) = outcome
+    assert isinstance(report, dict)
+    assert report["recoveries"] >= 1  # in step with its partition: it served
+
+
+def test_on_a_cluster_one_partition_s_data_refuses_a_worker_or_replay_with_more(
+    redis_cluster: LocalCluster, stream_prefix: str, trained_sines: AttentionLSTM
+) -> None:
+    """On a Redis Cluster one partition's stream is tagged (sensors{0}), the name of P >
+    1's first one: unmarked, a worker or a replay with P = 4 took it as its partition 0,
+    and the windows of every series with it. One partition marks its data there."""
+    client = connect(redis_cluster.url, socket_timeout_s=10, client_name="test")
+    base = Keys.prefixed(stream_prefix).clustered()
+    try:
+        _replay(client, base, sine_steps(3, 8), partitions=1)
+        assert client.get(base.partitions) == b"1"
+        worker = new_worker(settings_for(redis_cluster.url, base, partitions=4), trained_sines)
+        with pytest.raises(PartitionsError, match=r"written in 1 partitions .* reads 4"):
+            worker.run()
+        with pytest.raises(PartitionsError, match=r"written in 1 partitions .* this writes 4"):
+            _replay(client, base, sine_steps(3, 8), partitions=4)
+        other = Keys.prefixed(stream_prefix + "w:").clustered()  # a worker first, no replay
+        drain(settings_for(redis_cluster.url, other, partitions=1), trained_sines)
+        assert client.get(other.partitions) == b"1"
     finally:
         client.close()

@@ -513,6 +513,22 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
+def test_a_quiet_stream_keeps_a_short_lease(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A 1 s lease and the default block_ms (1 s) on a stream with nothing to read: each
+    read blocks at most a third of the lease, and the renewals between them keep it
+    (before, every idle read let it lapse, and the renewal after took it back at the
+    next fence number and re-synced, once a second)."""
+    worker = new_worker(settings_for(redis_url, keys, lease_ttl_ms=1000), trained_sines)
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: worker.metrics.role == "active")
+        quiet_until = time.monotonic() + 3.5  # three and a half leases' lives
+        running.wait_for(lambda: time.monotonic() > quiet_until)
+        assert redis_client.get(keys.fence) == b"1"
+        assert worker.metrics.registry.get_sample_value("attnlstm_recoveries_total") == 1
+
+
 def test_a_resync_longer_than_the_lease_keeps_it(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
+import time
 
+import redis
 import torch
 
 from attnlstm.checkpoint import open_checkpoint
@@ -14,6 +15,7 @@ from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
 from worker.settings import Settings
+from worker.signals import StopRequest
 from worker.streams import cluster_of, connect, primaries
 
 log = logging.getLogger("attnlstm.worker")
@@ -42,9 +44,33 @@ def build_engine(settings: Settings) -> Engine | None:
     return engine
 
 
-def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
-    """The worker, with its metrics server, until SIGTERM or Ctrl-C (or, with ``burst``,
-    until the stream is drained); the counts of the run."""
+def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
+    """A client for ``url``. A Redis Cluster (ATTNLSTM_CLUSTER=true) none of whose nodes
+    answers yet is waited for, with backoff, as the loop waits for a server: its client
+    needs a node as it is made (it used to end the worker with a traceback)."""
+    delay = 0.2
+    while True:
+        try:
+            return connect(
+                url,
+                socket_timeout_s=settings.socket_timeout_s,
+                client_name=settings.consumer,
+                cluster=settings.cluster,
+            )
+        except redis.ConnectionError as e:
+            if not settings.cluster:
+                raise
+            if stop.asked:
+                raise ValueError(f"stopped while waiting for the Redis Cluster: {e}") from None
+            log.warning("Redis Cluster: %s; retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
+def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[str, float]:
+    """The worker, with its metrics server, until a stop signal (``stop``: caught since
+    the process began) or, with ``burst``, until the stream is drained; the counts of
+    the run."""
     engine = build_engine(settings)
     metrics = Metrics()
     server = None
@@ -68,14 +94,9 @@ def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
         log.info("Redis at %s", settings.url_for_logs())
     try:
         with url_or_embedded(settings.url()) as url:
-            client = connect(
-                url,
-                socket_timeout_s=settings.socket_timeout_s,
-                client_name=settings.consumer,
-                cluster=settings.cluster,
-            )
+            client = _connected(url, settings, stop)
             worker = Worker(client, engine=engine, settings=settings, metrics=metrics, burst=burst)
-            previous = {s: signal.signal(s, worker.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            stop.route(worker.stop)
             if (nodes := cluster_of(client)) is not None:
                 log.info("a Redis Cluster of %d primaries", len(primaries(nodes)))
             log.info(
@@ -89,8 +110,6 @@ def run_service(settings: Settings, *, burst: bool) -> dict[str, float]:
             try:
                 return worker.run()
             finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
                 client.close()
     finally:
         if server is not None:

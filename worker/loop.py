@@ -54,7 +54,7 @@ from worker.pool import Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, NO_SLOT, WindowState
-from worker.streams import Command, Entry, OutOfStepError, id_key
+from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, id_key
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -119,7 +119,11 @@ class Worker:
         self.settings, self.keys = settings, settings.keys
         self.metrics = metrics or Metrics()
         self.burst = burst
-        self._block_ms = min(settings.block_ms, BURST_BLOCK_MS) if burst else settings.block_ms
+        # One read blocks at most a third of a lease's life: the leases are renewed between
+        # reads, and a quiet stream must not let them lapse (with a 1 s lease and the
+        # default block_ms of 1 s, each idle read lost them, and each renewal re-synced).
+        block_ms = min(settings.block_ms, max(1, settings.lease_ttl_ms // 3))
+        self._block_ms = min(block_ms, BURST_BLOCK_MS) if burst else block_ms
         self.token = process_token(settings.consumer)  # in every lease this worker holds
         self.pool = Pool(
             client,
@@ -184,7 +188,7 @@ class Worker:
             except OutOfStepError as e:
                 log.warning("%s; re-syncing", e)
                 self._in_step = False
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 if fix := _what_to_fix(e):  # retrying cannot help; one that did looks hung
                     self._in_step = False
                     self._close(save=False)
@@ -525,6 +529,8 @@ class Worker:
         if not self.lanes:
             self.metrics.role = "standby"
             self.metrics.partitions.set(0)
+            self.metrics.connected = True  # Redis answered: the library, the pool's share
+            self.metrics.beat()  # a standby is healthy, with a share of none too
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
             return False
         self._waiting_for = None
@@ -610,7 +616,7 @@ class Worker:
             self.pipeline.drain()
             for lane in self.lanes.values():
                 lane.recovery.account_unread()
-        except (OutOfStepError, redis.RedisError) as e:
+        except (OutOfStepError, *REDIS_ERRORS) as e:
             log.warning("%s; what is left is handled at the next start", e)
             return False
         return True
@@ -623,7 +629,7 @@ class Worker:
                 lane.recovery.save(lane.state, lane.scorer.saved)
         else:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(*REDIS_ERRORS):
             self.pool.leave()
 
     def _sleep(self, seconds: float) -> None:
@@ -632,7 +638,7 @@ class Worker:
             time.sleep(min(left, 0.1))
 
 
-def _what_to_fix(e: redis.RedisError) -> str | None:
+def _what_to_fix(e: Exception) -> str | None:
     """What an operator must fix, for an error that no retry mends: an ACL that lacks a
     right, a key of another type where a stream should be, a database that does not
     exist. None for those a retry may (a dropped connection, a failover, a server still
@@ -653,6 +659,6 @@ def _what_to_fix(e: redis.RedisError) -> str | None:
     return None
 
 
-def _describe(e: redis.RedisError) -> str:
+def _describe(e: Exception) -> str:
     text = str(e) or type(e).__name__
     return f"{type(e).__name__}: {text}" if isinstance(e, redis.ConnectionError) else text

@@ -43,6 +43,7 @@ from worker.keys import Keys
 from worker.lease import fenced
 from worker.settings import Settings
 from worker.streams import (
+    REDIS_ERRORS,
     Command,
     Entry,
     OutOfStepError,
@@ -191,7 +192,7 @@ class Pipeline:
                 self._settle()
             while self._wires.waiting:
                 self._wires.receive()
-        except redis.RedisError:
+        except REDIS_ERRORS:
             self._wires.drop()
         finally:
             self._forget()

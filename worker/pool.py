@@ -35,8 +35,12 @@ class Pool:
 
     def check_partitions(self) -> None:
         """PartitionsError unless the input is written in this worker's P partitions (the
-        first worker with P > 1 marks it so; P = 1 leaves it unmarked)."""
+        first worker with P > 1 marks it so; P = 1 leaves it unmarked on one server,
+        where its stream is untagged, and marks it on a Redis Cluster, where its stream
+        is sensors{0}, the first of P > 1's too)."""
         count, first = self.partitions, self.keys.partition(0, self.partitions).input
+        if self.keys.cluster and count == 1:
+            self.client.set(self.keys.partitions, 1, nx=True)
         if first != self.keys.input and stream_info(self.client, self.keys.input) is not None:
             where = "a Redis Cluster, " if self.keys.cluster else ""
             raise PartitionsError(
@@ -79,8 +83,9 @@ class Pool:
 
 def mark_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
     """A producer's check before it writes ``partitions`` streams: PartitionsError when
-    the mark says another number; the first with P > 1 sets it."""
-    if partitions > 1:
+    the mark says another number; the first with P > 1 sets it, and on a Redis Cluster
+    the first with any P (see :meth:`Pool.check_partitions`)."""
+    if partitions > 1 or keys.cluster:
         client.set(keys.partitions, partitions, nx=True)
     mark = client.get(keys.partitions)
     if (written := int(mark) if mark else 1) != partitions:

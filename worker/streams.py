@@ -12,12 +12,22 @@ from typing import Any, cast
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from worker.keys import Keys
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]  # fields None: deleted from the stream
 Command = tuple[bytes, ...]
+
+# What a server or a Redis Cluster raises when it is away, refuses, or moves: the worker
+# retries after these (worker/loop.py). redis-py's cluster client raises the second kind
+# (RedisClusterUnreachableError, for one) when no node answers a topology refresh: not
+# a RedisError, it had left the loop and killed the worker over a short outage.
+REDIS_ERRORS: tuple[type[redis.RedisError], type[RedisClusterException]] = (
+    redis.RedisError,
+    RedisClusterException,
+)
 
 
 class OutOfStepError(Exception):

@@ -10,12 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from worker.cli.parser import build_parser
+from worker.signals import caught
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The commands only now: they import what the command needs, most of them torch (1-2
     # s), which --help and a usage error need not wait for.
-    from worker.cli.commands import run
+    if args.command != "worker":
+        from worker.cli.commands import run
 
-    return run(args)
+        return run(args)
+    with caught() as args.stop:  # from before that import: worker.signals says why
+        from worker.cli.commands import run
+
+        return run(args)

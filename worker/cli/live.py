@@ -34,7 +34,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def worker_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    return run_service(_on_device(worker_settings(args)), burst=args.burst)
+    return run_service(_on_device(worker_settings(args)), burst=args.burst, stop=args.stop)
 
 
 def worker_settings(args: argparse.Namespace) -> Settings:

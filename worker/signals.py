@@ -1,0 +1,50 @@
+"""Stop signals, caught from the first moment of an ``attnlstm worker`` process.
+
+SIGTERM, SIGINT and SIGHUP ask the worker to finish the batch in flight, save its
+windows, hand its leases back and exit. Caught only once the worker existed, a signal
+during start-up (torch's import, the model's load: seconds) was lost where the process
+is a container's PID 1, for which the kernel has no default action: `docker stop` then
+waited out its grace period and killed the worker with its leases held. And a hang-up
+(the terminal closed) killed it without its exit handlers, which left the embedded
+server's directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StopRequest:
+    """Whether a stop signal came, and what to call on one: the worker's ``stop``, once
+    there is a worker."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._stop: Callable[[], None] | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.asked = True
+        if self._stop is not None:
+            self._stop()
+
+    def route(self, stop: Callable[[], None]) -> None:
+        """``stop`` called on every stop signal from now on, and at once if one came."""
+        self._stop = stop
+        if self.asked:
+            stop()
+
+
+@contextlib.contextmanager
+def caught() -> Iterator[StopRequest]:
+    """The stop signals caught (in the main thread) until the block ends."""
+    request = StopRequest()
+    previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
