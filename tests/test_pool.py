@@ -302,7 +302,8 @@ def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_
     """Three partitions, no state keys, every entry handled: a start re-reads each
     partition in turn, page by page (pages of 4), for longer than a lease lives. The
     leases of the partitions not being re-read are renewed all along: had they lapsed, the
-    worker would have counted them lost and started every re-sync again, forever."""
+    worker would have counted them lost and started every re-sync again, forever. And it
+    answers /healthz all along (its heartbeat once came only with a lease taken)."""
     partitions = 3
     values = sine_steps(300, 150, seed=34)  # 300 series, 45,000 entries
     names = _replay(redis_client, keys, values, partitions)
@@ -315,9 +316,16 @@ def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_
     worker = new_worker(settings, trained_sines)
     with WorkerThread(worker) as running:
         running.wait_for(lambda: redis_client.get(keys.partition(0, partitions).lease))
-        started = time.monotonic()
-        running.wait_for(lambda: worker.metrics.role == "active", timeout=120)  # re-synced
+        started, stale = time.monotonic(), []
+
+        def re_synced() -> bool:
+            ok, body = worker.metrics.health(stale_after_s=0.5)
+            stale.extend([] if ok else [body])
+            return worker.metrics.role == "active"
+
+        running.wait_for(re_synced, timeout=120)
         resync_s = time.monotonic() - started
+        assert not stale, stale[:3]
         fences = [redis_client.get(keys.partition(k, partitions).fence) for k in range(3)]
         assert fences == [b"1"] * partitions  # each lease taken once, kept all along
         assert resync_s > 1.5, f"the re-syncs took {resync_s:.1f} s: not past the lease"

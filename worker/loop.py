@@ -224,9 +224,11 @@ class Worker:
         return not read.entries
 
     def _renew_leases(self) -> None:
-        """Every partition's lease, where due: FencedError for one no longer ours."""
+        """Every partition's lease, where due: FencedError for one no longer ours. The
+        loop turns: through a long re-sync too, the worker is healthy."""
         for lane in self.lanes.values():
             lane.recovery.renew_lease()
+        self.metrics.beat()
 
     @property
     def _quiet_due(self) -> float:
