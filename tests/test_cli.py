@@ -17,7 +17,7 @@ import torch
 
 from attnlstm.baselines import available
 from tests.conftest import CLI, DATA
-from tests.helpers import wait_for, worker_env
+from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.live import worker_settings
 from worker.cli.parser import build_parser
 
@@ -427,3 +427,31 @@ def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
     assert where.startswith(f"attnlstm {argv[0]}: error: Redis at ")
     assert said in what
     assert fix in what
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [("unreachable", "error: cannot reach Redis: "), ("db", "error: Redis refused: DB index")],
+)
+def test_bench_on_a_redis_it_cannot_use_ends_in_one_line(
+    where: str, said: str, redis_url: str, tmp_path: Path
+) -> None:
+    """`bench --redis-url` (and demo's ATTNLSTM_REDIS_URL) go through no Redis helper of
+    the other commands: a server that is not there, or refuses, ended in a traceback."""
+    url = (
+        f"redis://127.0.0.1:{free_port()}/0"
+        if where == "unreachable"
+        else _with_db(redis_url, 9999)
+    )
+    proc = subprocess.run(
+        [*CLI, "bench", "--redis-url", url, "--runs", "models", "--entries", "100"],
+        cwd=tmp_path,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert said in proc.stderr.strip().splitlines()[-1]

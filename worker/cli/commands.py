@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
+import redis
+
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
 from worker.embedded import EmbeddedServerError
@@ -33,6 +35,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
+# the start of what Redis said, and the fix.
+_FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
+    (
+        redis.ResponseError,
+        "DB index is out of range",
+        "the URL's database number (redis://HOST:PORT/DB or ?db=DB) must be below the "
+        "server's `databases` setting, 16 unless changed",
+    ),
+    (
+        redis.ResponseError,
+        "WRONGTYPE",
+        "a key this command uses holds another type: name other streams (the command's "
+        "flags, or ATTNLSTM_*_STREAM) or delete that key",
+    ),
+    (
+        redis.exceptions.NoPermissionError,
+        "",
+        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
+        "lists what each command needs)",
+    ),
+    (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
+)
+
+
+def refusal(e: redis.ResponseError) -> str:
+    """What Redis said, and what to fix where a setting is the obvious cause."""
+    said = str(e)
+    for kind, start, fix in _FIXES:
+        if isinstance(e, kind) and said.startswith(start):
+            return f"{said}; {fix}"
+    return said
+
+
 def command_of(args: argparse.Namespace) -> Command:
     """The parsed command's function, its module imported now."""
     module, name = COMMANDS[args.command]
@@ -47,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
         report = command_of(args)(args)
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
+        print(f"attnlstm {args.command}: error: cannot reach Redis: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except redis.ResponseError as e:
+        print(f"attnlstm {args.command}: error: Redis refused: {refusal(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot
         where = f" {e.filename}" if e.filename else ""

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from attnlstm.synthetic import SineSpec
+from worker.cli.commands import refusal
 from worker.settings import Settings, from_flags
 from worker.streams import connect
 from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine_entries
@@ -74,31 +75,6 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
     return entries, None if args.bad_rate else spec.n_series * spec.n_points
 
 
-# What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
-# the start of what Redis said, and the fix.
-_FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
-    (
-        redis.ResponseError,
-        "DB index is out of range",
-        "the URL's database number (redis://HOST:PORT/DB or ?db=DB) must be below the "
-        "server's `databases` setting, 16 unless changed",
-    ),
-    (
-        redis.ResponseError,
-        "WRONGTYPE",
-        "a key this command uses holds another type: name other streams (the command's "
-        "flags, or ATTNLSTM_*_STREAM) or delete that key",
-    ),
-    (
-        redis.exceptions.NoPermissionError,
-        "",
-        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
-        "lists what each command needs)",
-    ),
-    (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
-)
-
-
 @contextlib.contextmanager
 def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, Settings]]:
     """A client for the configured Redis, and the settings for it (a cluster's keys on a
@@ -126,13 +102,4 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
     except redis.ResponseError as e:
-        raise ValueError(f"Redis at {settings.url_for_logs()} refused: {_refusal(e)}") from None
-
-
-def _refusal(e: redis.ResponseError) -> str:
-    """What Redis said, and what to fix where a setting is the obvious cause."""
-    said = str(e)
-    for kind, start, fix in _FIXES:
-        if isinstance(e, kind) and said.startswith(start):
-            return f"{said}; {fix}"
-    return said
+        raise ValueError(f"Redis at {settings.url_for_logs()} refused: {refusal(e)}") from None
