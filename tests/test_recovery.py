@@ -419,7 +419,8 @@ def test_a_database_the_server_does_not_have_is_an_error_not_a_wait(
     with EmbeddedServer(port=free_port()) as server:
         url = server.tcp_url.removesuffix("/0") + "/99"
         worker = new_worker(settings_for(url, Keys(), block_ms=100), trained_sines)
-        with pytest.raises(ValueError, match=r"database number in the Redis URL \(DB index"):
+        refused = r"Redis refused this worker \(DB index is out of range\); the URL's database"
+        with pytest.raises(ValueError, match=refused):
             worker.run()
 
 

@@ -304,7 +304,7 @@ DEAD_MAX_BYTES = 1_024  # of a field's name, and of its value, copied into a dea
 # Redis refuses past its client-query-buffer-limit (1 GiB), and a batch whose call is
 # refused would be retried forever. 1,024 of them (the default max_batch) make 64 MiB.
 DEAD_MAX_TOTAL = 64 * 1_024
-_DEAD_OWN = frozenset((b"src", b"error", b"fields_dropped", b"truncated"))  # a dead letter's
+_DEAD_OWN = frozenset((b"src", b"error", b"fields_dropped", b"truncated"))  # its own fields
 
 
 def forecast_values(

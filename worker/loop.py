@@ -54,7 +54,7 @@ from worker.pool import Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, NO_SLOT, WindowState
-from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, id_key
+from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, fix_for, id_key
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -641,24 +641,17 @@ class Worker:
 
 
 def _what_to_fix(e: Exception) -> str | None:
-    """What an operator must fix, for an error that no retry mends: an ACL that lacks a
-    right, a key of another type where a stream should be, a database that does not
-    exist. None for those a retry may (a dropped connection, a failover, a server still
-    loading its data)."""
-    text = str(e)
-    if isinstance(e, redis.exceptions.NoPermissionError):
-        return (
-            f"Redis refused this worker's user a command ({text}); give the user the rights "
-            "deploy/users.acl.template grants the worker user"
-        )
-    if text.startswith("WRONGTYPE"):
-        return (
-            f"a key the worker reads or writes holds another type of value ({text}); rename "
-            "or delete it, or give the worker other stream names (attnlstm worker --help)"
-        )
-    if "DB index" in text:
-        return f"Redis refused the database number in the Redis URL ({text})"
-    return None
+    """What an operator must fix, for a refusal that no retry mends (worker.streams's
+    table: an ACL that lacks a right, a key of another type where a stream should be, a
+    database that does not exist). None for the errors a retry may mend: a dropped
+    connection, a server still loading its data, a replica's READONLY in a failover."""
+    if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):
+        return None
+    if (fix := fix_for(e)) is None:
+        return None
+    denied = isinstance(e, redis.exceptions.NoPermissionError)
+    who = "this worker's user a command" if denied else "this worker"
+    return f"Redis refused {who} ({e}); {fix}"
 
 
 def _describe(e: Exception) -> str:

@@ -30,6 +30,41 @@ REDIS_ERRORS: tuple[type[redis.RedisError], type[RedisClusterException]] = (
 )
 
 
+# What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
+# the start of what Redis said, and the fix. No retry mends one, but a replica's
+# READONLY (a failover in progress) may.
+_FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
+    (
+        redis.ResponseError,
+        "DB index is out of range",
+        "the URL's database number (redis://HOST:PORT/DB or ?db=DB) must be below the "
+        "server's `databases` setting, 16 unless changed",
+    ),
+    (
+        redis.ResponseError,
+        "WRONGTYPE",
+        "a key this command uses holds another type: name other streams (the command's "
+        "flags, or ATTNLSTM_*_STREAM) or delete that key",
+    ),
+    (
+        redis.exceptions.NoPermissionError,
+        "",
+        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
+        "lists what each command needs)",
+    ),
+    (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
+)
+
+
+def fix_for(e: redis.ResponseError) -> str | None:
+    """What to fix for a refusal of :data:`_FIXES`; None for any other."""
+    said = str(e)
+    for kind, start, fix in _FIXES:
+        if isinstance(e, kind) and said.startswith(start):
+            return fix
+    return None
+
+
 class OutOfStepError(Exception):
     """The worker's windows no longer match the consumer group (a lost reply, a reset
     group, a lost lease, entries pending outside any batch): re-sync before going on."""

@@ -17,6 +17,7 @@ import redis
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
 from worker.embedded import EmbeddedServerError
+from worker.streams import fix_for
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -35,38 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
-# the start of what Redis said, and the fix.
-_FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
-    (
-        redis.ResponseError,
-        "DB index is out of range",
-        "the URL's database number (redis://HOST:PORT/DB or ?db=DB) must be below the "
-        "server's `databases` setting, 16 unless changed",
-    ),
-    (
-        redis.ResponseError,
-        "WRONGTYPE",
-        "a key this command uses holds another type: name other streams (the command's "
-        "flags, or ATTNLSTM_*_STREAM) or delete that key",
-    ),
-    (
-        redis.exceptions.NoPermissionError,
-        "",
-        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
-        "lists what each command needs)",
-    ),
-    (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
-)
-
-
 def refusal(e: redis.ResponseError) -> str:
     """What Redis said, and what to fix where a setting is the obvious cause."""
-    said = str(e)
-    for kind, start, fix in _FIXES:
-        if isinstance(e, kind) and said.startswith(start):
-            return f"{said}; {fix}"
-    return said
+    fix = fix_for(e)
+    return f"{e}; {fix}" if fix else str(e)
 
 
 def command_of(args: argparse.Namespace) -> Command:
