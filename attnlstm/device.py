@@ -17,6 +17,11 @@ def resolve_device(name: str) -> str:
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA GPU")
+        index = name.partition(":")[2]
+        count = torch.cuda.device_count()
+        if index and not (index.isdigit() and int(index) < count):
+            gpus = f"{count} CUDA GPU(s): cuda:0 to cuda:{count - 1}"
+            raise ValueError(f"device {name!r} asked for, but this machine has {gpus}")
         return name
     raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
 

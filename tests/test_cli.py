@@ -16,6 +16,7 @@ import redis
 import torch
 
 from attnlstm.baselines import available
+from attnlstm.device import resolve_device
 from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.live import worker_settings
@@ -262,6 +263,21 @@ def test_the_device_setting_refuses_any_other_name(device: str) -> None:
     args = build_parser().parse_args(["worker", "--device", device])
     with pytest.raises(ValueError, match="bad settings: device: String should match pattern"):
         worker_settings(args)
+
+
+@pytest.mark.parametrize(("count", "device"), [(1, "cuda:1"), (2, "cuda:2"), (2, "cuda:07")])
+def test_a_gpu_index_past_the_machines_gpus_is_refused_as_the_worker_starts(
+    monkeypatch: pytest.MonkeyPatch, count: int, device: str
+) -> None:
+    """The settings check takes any ``cuda:N``; what this machine has is checked where the
+    device is resolved, before the model loads (torch itself would fail later, on the first
+    tensor moved there, with "invalid device ordinal"). The GPUs are made up here: this
+    check needs no GPU to run, only the count torch reports."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(ValueError, match=rf"this machine has {count} CUDA GPU\(s\): cuda:0 to"):
+        resolve_device(device)
+    assert resolve_device(f"cuda:{count - 1}") == f"cuda:{count - 1}"
 
 
 def _catches(pid: int, sig: int) -> bool:

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib.axes
+import numpy as np
 import pytest
 import redis
 
 from attnlstm.checkpoint import save
 from attnlstm.model import AttentionLSTM
+from attnlstm.plots import plot_latency
 from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
 from tests.helpers import drain, fill, settings_for, wait_for, worker_env
+from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.tools.demo import DEMO_KEYS
 from worker.tools.replay import sine_entries
@@ -36,15 +43,7 @@ def test_demo_runs_the_whole_product_and_reports_what_it_saw(
     demo_dir: Path, trained_sines: AttentionLSTM
 ) -> None:
     cmd = [*CLI, "demo", "--seconds", "4", "--series", "10", "--rate", "500", "--json"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(demo_dir)],
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-        cwd=demo_dir,
-        timeout=180,
-        check=False,
-    )
+    proc = _run([*cmd, "--out", str(demo_dir)], demo_dir, timeout=180)
     assert proc.returncode == 0, proc.stderr
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "reusing the demo model" in proc.stderr
@@ -70,15 +69,7 @@ def test_sines_the_replay_would_refuse_stop_the_demo_before_it_trains(tmp_path: 
     """60 s at 500 entries/s over 50 series is 601 points a series: a drift at 5000 is
     refused in one line before a model is trained or a server started, not by the
     replay's process once the worker runs."""
-    proc = subprocess.run(
-        [*CLI, "demo", "--drift-at", "5000", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-    )
+    proc = _run([*CLI, "demo", "--drift-at", "5000", "--out", str(tmp_path)], tmp_path, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "attnlstm demo: error: the sines to replay (601 points a series: --seconds x rate / "
@@ -160,4 +151,290 @@ def test_plot_from_stream_draws_one_series_of_a_running_system(
     assert missing.stderr.strip() == (
         "attnlstm plot: error: no forecast for series 'nope' among the last 100,000 entries "
         f"of {keys.output}"
+    )
+
+
+def test_plot_from_stream_skips_and_counts_entries_that_are_no_forecast(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """Another producer's entry on the output stream was a KeyError and a traceback."""
+    fill(redis_client, keys.input, sine_steps(2, 40, seed=4))
+    drain(settings_for(redis_url, keys), trained_sines)
+    foreign: list[dict[str, str | bytes]] = [
+        {"hello": "world"},  # no series
+        {"series": "s1"},  # no src, yhat, attn
+        {"series": b"\xff", "src": "1-0", "yhat": "[1]", "attn": "[1]"},
+        {"series": "s1", "src": "1-0", "yhat": "not json", "attn": "[1]"},
+        {"series": "s1", "src": "oops", "yhat": "[1]", "attn": "[1]"},
+        {"series": "s1", "src": "1-0", "yhat": "[]", "attn": "[1]"},
+        {"series": "s1", "src": "1-0", "yhat": "[1]", "attn": '["a"]'},
+        {"series": "s0", "yhat": "x"},  # another series': not read, not counted
+    ]
+    for fields in foreign:
+        redis_client.xadd(keys.output, fields)  # type: ignore[arg-type]
+    env = worker_env() | {
+        "ATTNLSTM_INPUT_STREAM": keys.input,
+        "ATTNLSTM_OUTPUT_STREAM": keys.output,
+    }
+    cmd = [*CLI, "plot", "--from-stream", "--redis-url", redis_url, "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--series", "s1", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["skipped"] == 7
+    assert report["forecasts"] == 40 - trained_sines.config.window + 1
+
+
+def test_a_forecast_an_hour_late_is_drawn_in_a_few_bins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latency histogram had a bin a millisecond up to the slowest forecast: one an
+    hour late was 3.6 M bins, minutes and GBs to draw."""
+    bins: list[np.ndarray] = []
+    hist = matplotlib.axes.Axes.hist
+
+    def counted(ax: matplotlib.axes.Axes, x: Any, **kwargs: Any) -> Any:
+        bins.append(np.asarray(kwargs["bins"]))
+        assert bins[-1].size <= 200, f"{bins[-1].size} bins"  # before drawing them
+        return hist(ax, x, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", counted)
+    latency = np.array([0.0, 3.0, 5.0, 8.0, 3_600_000.0])
+    plot_latency(latency, tmp_path / "latency.png", title="one forecast an hour late")
+    (edges,) = bins
+    assert np.histogram(latency, edges)[0].sum() == latency.size  # every one drawn
+    assert (tmp_path / "latency.png").read_bytes()[:8] == PNG
+
+
+class _Demo:
+    """`attnlstm demo` run as a user runs it, its stderr read as it comes (on a server of
+    its own, embedded, unless ``env`` names one)."""
+
+    def __init__(self, out: Path, *args: str, env: dict[str, str]) -> None:
+        cmd = [*CLI, "demo", "--series", "10", "--finetune-interval-s", "0", "--json"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--out", str(out), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=out,
+            preexec_fn=_as_from_a_terminal,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def forecasting(self, url: str | None = None) -> str:
+        """Until forecasts flow (on ``url``; None: the embedded server it says it
+        started); the server's URL."""
+        if url is None:
+            wait_for(lambda: self.said("started embedded") or self.proc.poll() is not None)
+            found = re.search(r"started embedded .* at (unix://\S+)", "".join(self.lines))
+            assert found, "".join(self.lines)
+            url = found[1]
+        with redis.Redis.from_url(url) as server:
+            wait_for(lambda: server.xlen(DEMO_KEYS.output) >= 100, what="the demo's forecasts")
+        return url
+
+    def end(self, timeout: float = 60) -> tuple[dict[str, Any], str]:
+        """Its report (empty: it printed none) and stderr, once it exits."""
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read().strip()
+        return (json.loads(out.splitlines()[-1]) if out else {}), "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _env(tmp: Path, **settings: str) -> dict[str, str]:
+    """The demo's environment: ``tmp`` its TMPDIR, and ATTNLSTM_ ``settings``."""
+    tmp.mkdir(exist_ok=True)
+    return worker_env() | {"TMPDIR": str(tmp)} | {f"ATTNLSTM_{k}": v for k, v in settings.items()}
+
+
+def test_ctrl_c_again_while_the_demo_stops_cannot_hang_it(demo_dir: Path) -> None:
+    """More Ctrl-C while the demo stops: one that landed in its wait for the replay
+    skipped the worker's stop, the embedded server went, and the worker's thread retried
+    forever on it: the demo never exited. Ctrl-C comes every 5 ms until the worker says
+    it is stopping (or the demo that it was interrupted: it ends)."""
+    demo = _Demo(demo_dir, "--seconds", "120", env=_env(demo_dir / "tmp"))
+    try:
+        demo.forecasting()
+        demo.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and demo.proc.poll() is None:
+            if demo.said("stopping: finishing the batch") or demo.said("demo: interrupted"):
+                break
+            demo.proc.send_signal(signal.SIGINT)
+            time.sleep(0.005)  # the fault's pace, not a wait
+        report, err = demo.end()
+    finally:
+        demo.kill()
+    # 130: a last Ctrl-C after the stop, as the forecasts were read back.
+    assert demo.proc.returncode in (0, 130), err
+    assert report.get("interrupted", True) is True
+    assert "Traceback" not in err
+    assert not list((demo_dir / "tmp").glob("attnlstm-redis-*"))
+
+
+def test_sigterm_stops_the_demo_as_ctrl_c_does(demo_dir: Path) -> None:
+    """SIGTERM (`kill`, a container stopped) killed the demo on the spot, exit 143: no
+    report, the embedded server's directory left in TMPDIR."""
+    demo = _Demo(demo_dir, "--seconds", "120", env=_env(demo_dir / "tmp"))
+    try:
+        demo.forecasting()
+        demo.proc.send_signal(signal.SIGTERM)
+        report, err = demo.end()
+    finally:
+        demo.kill()
+    assert demo.proc.returncode == 0, err
+    assert report.get("interrupted") is True
+    assert report["forecasts"] >= 100
+    assert "Traceback" not in err
+    assert not list((demo_dir / "tmp").glob("attnlstm-redis-*"))
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The child processes of ``pid``: their command lines, by pid."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+            if parent == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text()
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that no init in this container reaped."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read")
+def test_the_replay_dies_with_a_killed_demo(demo_dir: Path) -> None:
+    """kill -9 of a demo on a Redis of the user's (ATTNLSTM_REDIS_URL; an embedded one
+    dies with the demo, and the replay with it): its replay process went on writing, a
+    producer with no demo, until its --seconds ran out."""
+    with EmbeddedServer() as server:
+        demo = _Demo(demo_dir, "--seconds", "120", env=_env(demo_dir / "tmp", REDIS_URL=server.url))
+        try:
+            demo.forecasting(server.url)
+            children = _children(demo.proc.pid)
+            (replay,) = [pid for pid, cmd in children.items() if "spawn_main" in cmd]
+        finally:
+            demo.kill()
+        wait_for(lambda: _gone(replay), timeout=10, what="the replay to die with the demo")
+
+
+def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:
+    """Two demos on one ATTNLSTM_REDIS_URL emptied and read each other's streams, and
+    both reported the mix, exit 0. The second is refused; the first runs on, and lets
+    go of its lock at the end. (A server of their own: the demo's keys are no test's.)"""
+    with EmbeddedServer() as server, redis.Redis.from_url(server.url) as client:
+        env = _env(demo_dir / "tmp", REDIS_URL=server.url)
+        first = _Demo(demo_dir, "--seconds", "120", env=env)
+        try:
+            first.forecasting(server.url)
+            assert 0 < client.pttl("demo:lock") <= 30_000  # renewed while it runs
+            before = client.xlen(DEMO_KEYS.output)
+            second = _run(
+                [*CLI, "demo", "--seconds", "5", "--series", "10", "--out", str(demo_dir)],
+                demo_dir,
+                env=env,
+                timeout=120,
+            )
+            assert client.xlen(DEMO_KEYS.output) >= before  # the first's streams stand
+            first.proc.send_signal(signal.SIGINT)
+            report, err = first.end()
+        finally:
+            first.kill()
+        assert not client.exists("demo:lock")
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (  # after the log's lines
+        "attnlstm demo: error: another demo is running on this Redis: it holds 'demo:lock' "
+        "(a demo killed lets go of it within 30 s); wait for it to end, or "
+        "unset ATTNLSTM_REDIS_URL to run this one on an embedded server of its own"
+    )
+    assert first.proc.returncode == 0, err
+    assert report.get("interrupted") is True
+
+
+def test_a_csv_the_replay_refuses_stops_the_demo_before_it_starts(tmp_path: Path) -> None:
+    """A file `train` takes (an empty time cell) but the replay does not: the demo
+    trained on it, started the worker, and ended in two tracebacks once the replay
+    reached line 252."""
+    rows = [f"2024-01-01T{t // 60:02d}:{t % 60:02d}:00,{math.sin(t / 5):.4f}" for t in range(400)]
+    rows[250] = f",{math.sin(250 / 5):.4f}"
+    path = tmp_path / "gap.csv"
+    path.write_text("\n".join(["time,v", *rows]) + "\n")
+    proc = _run(
+        [*CLI, "demo", "--csv", str(path), "--out", str(tmp_path / "out")], tmp_path, timeout=180
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"attnlstm demo: error: {path}:252: time '' is neither ISO 8601 nor ms since the epoch"
+    )
+    assert not (tmp_path / "out").exists()  # no model trained
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seconds", "1e9"], "(--seconds x rate: 5e+11 entries) are more than the 10,000,000"),
+        (["--seconds", "1e300", "--rate", "1e300"], "(--seconds x rate: inf entries) are more"),
+    ],
+)
+def test_sines_past_what_a_replay_draws_stop_the_demo_in_one_line(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    """A MemoryError (80 GB), or an OverflowError, each a traceback."""
+    proc = _run([*CLI, "demo", *args, "--out", str(tmp_path)], tmp_path, timeout=120)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert message in line
+    assert line.endswith("a replay draws at once: a lower --seconds or --rate")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run(
+    cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``cmd`` run to its end in ``cwd``, its output captured (the worker's environment
+    unless ``env``)."""
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=worker_env() if env is None else env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
     )

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_long_data_dir_puts_the_socket_elsewhere(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     with EmbeddedServer(data_dir=deep) as server:
         assert not server.socket_path.is_relative_to(deep)
-        assert len(os.fsencode(server.socket_path)) <= 100
+        assert len(os.fsencode(server.socket_path)) <= 107
         client = redis.Redis.from_url(server.url)
         try:
             assert client.ping() is True
@@ -184,3 +185,93 @@ def test_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     while not _gone(server_pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _gone(server_pid)
+
+
+def _ping(url: str) -> bool:
+    client = redis.Redis.from_url(url)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("name", ["h#ash", "p%41ct", "q?x=1", "sp ace"])
+def test_the_url_names_the_socket_whatever_the_temp_dir_is_called(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A '#' in TMPDIR ended the URL's path, '%41' was read as 'A', '?x=1' as an option
+    for the connection: the path is percent-encoded, and read back whole. (In /tmp: a
+    socket path in pytest's tmp_path is too long.)"""
+    short = Path(tempfile.mkdtemp(prefix=f"attnlstm-test-{name}-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(short))  # as TMPDIR sets it
+    try:
+        with EmbeddedServer() as server:
+            assert server.socket_path.is_relative_to(short)
+            client = redis.Redis.from_url(server.url)
+            try:
+                assert client.connection_pool.connection_kwargs["path"] == str(server.socket_path)
+                assert client.ping() is True
+            finally:
+                client.close()
+    finally:
+        shutil.rmtree(short)
+
+
+def test_a_temp_dir_too_long_for_a_socket_puts_it_in_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket went to a directory of its own in the same temp dir, one character
+    shorter, and was refused there too."""
+    long = tmp_path / ("t" * (110 - len(os.fsencode(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    with EmbeddedServer() as server:
+        assert server.data_dir.parent == long
+        assert server.socket_path.parent.parent == Path("/tmp")
+        assert _ping(server.url)
+        socket_dir = server.socket_path.parent
+    assert not socket_dir.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's sun_path")
+def test_a_socket_path_of_107_bytes_stays_in_the_data_dir(tmp_path: Path) -> None:
+    """Linux takes 107 bytes of socket path (sun_path's 108, the NUL included); the
+    limit used was 100."""
+    room = 107 - len(os.fsencode(tmp_path / "redis.sock")) - 1
+    data = tmp_path / ("d" * room)
+    with EmbeddedServer(data_dir=data) as server:
+        assert server.socket_path == data / "redis.sock"
+        assert len(os.fsencode(server.socket_path)) == 107
+        assert _ping(server.url)
+
+
+def test_a_killed_owners_directory_goes_when_the_next_server_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 runs no exit handler: the server's directory stays (its log, its
+    output). The next server started removes it, and leaves a live one's alone."""
+    script = (
+        "from worker.embedded import EmbeddedServer\n"
+        "server = EmbeddedServer()\n"
+        "server.start()\n"
+        "print(server.data_dir, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        left = Path(owner.stdout.readline().strip())
+    finally:
+        owner.kill()
+        owner.wait()
+    assert left.parent == tmp_path
+    assert (left / "server.log").is_file()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with EmbeddedServer() as live:
+        assert not left.exists()
+        with EmbeddedServer() as beside:
+            assert live.data_dir.is_dir()  # its owner, this process, is alive
+            assert beside.data_dir != live.data_dir

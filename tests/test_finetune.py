@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from attnlstm.checkpoint import dumps, loads
-from attnlstm.model import AttentionLSTM
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.online.finetune import (
     GATE_WINDOWS,
@@ -14,6 +16,7 @@ from worker.online.finetune import (
     FinetuneConfig,
     Job,
     NotEnoughDataError,
+    history_kept,
     run_job,
 )
 
@@ -83,3 +86,24 @@ def test_a_fine_tune_reads_a_bounded_sample_however_many_series_it_is_given(
     assert f"of 400 series ({GATE_WINDOWS} windows)" in outcome.reason
     assert 0 < outcome.scores["mase"] < 1
     assert 0 < outcome.scores["serving_mase"] < 1
+
+
+@pytest.mark.parametrize(
+    ("holdout", "window", "horizon"),
+    [(0.1, 300, 48), (0.1, 48, 24), (0.2, 20, 1), (0.3, 20, 24)],
+)
+def test_the_history_kept_gives_training_validation_and_gate_windows(
+    holdout: float, window: int, horizon: int
+) -> None:
+    """Series of the length the worker keeps (history_len 200, or what a fine-tune
+    needs where that is more) give at least one window of each part, whatever the
+    holdout and the horizon. A holdout under 0.2 used to leave a long context no
+    training windows (ZeroDivisionError), and a gate slice shorter than the horizon
+    none to gate on: every candidate rejected, at MASE inf."""
+    config = ModelConfig(window=window, horizon=horizon, hidden_size=8, attention_size=8)
+    length = history_kept(200, config.context, config.horizon, holdout)
+    histories = list(make_sines(SineSpec(n_series=5, n_points=length), seed=15).values)
+    serving = dumps(AttentionLSTM(config))[0]
+    outcome = run_job(Job(histories, FinetuneConfig(steps=2, holdout=holdout), serving=serving))
+    assert min(outcome.scores[f"{part}_windows"] for part in ("train", "val", "gate")) >= 1
+    assert math.isfinite(outcome.scores["mase"])

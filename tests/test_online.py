@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import multiprocessing
+import os
+import resource
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -31,11 +36,13 @@ from tests.helpers import (
 from worker.cli import main
 from worker.engine import check_fits
 from worker.keys import Keys
-from worker.lease import ensure_library
+from worker.lease import Lease, ensure_library
 from worker.metrics import Metrics
+from worker.online.finetune import FinetuneConfig, Job
 from worker.online.scoring import Overall
 from worker.online.store import ModelStore
-from worker.online.tuner import JOB_TIMEOUT_S, Tuner
+from worker.online.trainer import run_jobs
+from worker.online.tuner import COLD_START_MODEL, DRIFT_RETRY_S, JOB_TIMEOUT_S, Tuner
 from worker.state import WindowState
 from worker.tools.readback import read_views
 
@@ -43,6 +50,13 @@ from worker.tools.readback import read_views
 @pytest.fixture(autouse=True)
 def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+@pytest.fixture(autouse=True)
+def _functions(redis_client: redis.Redis) -> None:
+    """The function library loaded, as a worker loads it at start: the store points
+    every worker at a version, and drops old ones, on the server."""
+    ensure_library(redis_client)
 
 
 def _fits(model: AttentionLSTM) -> Callable[[Checkpoint], None]:
@@ -62,11 +76,10 @@ def _tuner(
     metrics: Metrics | None = None,
     **overrides: Any,
 ) -> Tuner:
-    """A tuner as a worker serving ``model``'s shape makes one, on a clock the test moves;
-    the function library loaded, as the worker does at start."""
-    ensure_library(client)
+    """A tuner as a worker serving ``model``'s shape makes one, on a clock the test moves
+    (the function library is loaded for every test: ``_functions``)."""
     settings = settings_for(url, keys, consumer=consumer, **overrides)
-    store = ModelStore(client, keys, keep=5, source=consumer)
+    store = ModelStore(client, keys, keep=settings.keep_models, source=consumer)
     return Tuner(
         client,
         settings=settings,
@@ -85,6 +98,13 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def sines(n_series: int, length: int) -> Callable[[], tuple[list[str], list[np.ndarray]]]:
+    """The histories of ``n_series`` noisy sines of ``length`` values (``Tuner.tick``'s)."""
+    values = list(make_sines(SineSpec(n_series=n_series, n_points=length), seed=3).values)
+    names = [f"s{k}" for k in range(n_series)]
+    return lambda: (names, values)
 
 
 def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:
@@ -354,7 +374,7 @@ def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     """A fine-tune from a model that forecasts 0.5 too high, which its candidate beats by
     far; while it trains, an operator promotes another version by hand (or another
     worker's promotion lands, or a frozen worker wakes with its result): the candidate is
-    stored and rejected, and the version promoted meanwhile keeps serving."""
+    rejected, and not stored, and the version promoted meanwhile keeps serving."""
     clock = FakeClock()
     tuner = _tuner(
         redis_client, redis_url, keys, trained_sines, clock,
@@ -380,8 +400,11 @@ def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     trained, rejected = events(redis_client, keys.models)[-2:]
     assert (trained["event"], trained["parent"]) == ("trained", parent.version)
     assert (rejected["event"], rejected["version"]) == ("rejected", trained["version"])
-    assert rejected["reason"].startswith(f"{version} serves by now"), rejected["reason"]
+    assert rejected["reason"] == (
+        f"{version} serves by now, not {parent.version}, which it was fine-tuned from"
+    )
     assert store.serving() == version
+    assert trained["version"] not in store.versions()
     assert tuner.version == parent.version  # it switches at the promotion's event, as all do
     assert redis_client.get(keys.finetune_lock) is None
 
@@ -401,3 +424,261 @@ def test_a_model_of_another_shape_is_not_adopted(
     store.set_serving(version, "promoted", reason="promoted by hand")
     assert tuner.sync(store.events(after=b"-")) is None
     assert tuner.version == served.version
+
+
+def test_a_malformed_switch_event_is_skipped(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone who can write to the models stream can write a ``promoted`` event that
+    names no version: logged and skipped (it used to raise KeyError out of the worker)."""
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    redis_client.xadd(keys.models, {"event": "promoted", "by": "someone"})
+    assert tuner.sync(tuner.store.events(after=b"-")) is None
+    assert tuner.version == served.version
+    assert "(promoted) names no version: skipped" in caplog.text
+
+
+def test_a_rejected_first_model_is_trained_again_on_the_schedule(
+    redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """A cold start whose candidate its gate rejects (here: it must beat the naive
+    forecast by 99%) waits ``finetune_interval_s`` for the next one; it used to train
+    one after another, a second apart, for as long as the worker ran."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, AttentionLSTM(COLD_START_MODEL), clock,
+        finetune_interval_s=300, finetune_steps=5, promote_margin=0.99,
+    )  # fmt: skip
+    assert tuner.start(None) is None
+    histories, scores = sines(20, 200), Overall(halflife_s=30)  # 4,000 values: enough
+    try:
+        tuner.tick(histories, scores)
+        assert tuner.running
+        wait_for(lambda: tuner.tick(histories, scores) or not tuner.running, what="its end")
+        assert [e["event"] for e in events(redis_client, keys.models)] == ["trained", "rejected"]
+        for _ in range(5):
+            clock.now += 59
+            tuner.tick(histories, scores)
+            assert not tuner.running, clock.now
+        clock.now += 5  # 300 s after the first ended
+        tuner.tick(histories, scores)
+        assert tuner.running
+    finally:
+        tuner.close()
+
+
+def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store serves a model that reads 30 values, and this worker keeps 20: it
+    cannot serve it, and a first model trained here would never be promoted (only while
+    none serves). It trains none, and says why; it used to train one after another, each
+    rejected as overtaken by a version that had served before it began."""
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    blob, wider = dumps(AttentionLSTM(replace(COLD_START_MODEL, window=30)))
+    store.put(blob, wider)
+    store.set_serving(wider, "promoted")
+    clock = FakeClock()
+    cold = AttentionLSTM(COLD_START_MODEL)
+    tuner = _tuner(redis_client, redis_url, keys, cold, clock, finetune_interval_s=10)
+    assert tuner.start(None) is None
+    assert f"the store serves model {wider}, which this worker cannot serve" in caplog.text
+    histories, scores = sines(20, 200), Overall(halflife_s=30)
+    try:
+        for _ in range(5):
+            tuner.tick(histories, scores)
+            assert not tuner.running
+            clock.now += 10
+    finally:
+        tuner.close()
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+
+
+def test_the_first_fine_tune_does_not_wait_for_its_process_to_start(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A new fine-tuning process imports torch for seconds before it reads a job; the
+    job (2,000 series of 1,000 values: 16 MB, more than a pipe holds) waits for it, and
+    the tick that starts the fine-tune returns at once. It used to block the serving
+    path until the process read the job (5.6 s for 10,000 series of 200 values)."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=5,
+    )  # fmt: skip
+    tuner.start(loads(dumps(trained_sines)[0]))
+    histories, scores = sines(2_000, 1_000), Overall(halflife_s=30)
+    clock.now += 10
+    try:
+        began = time.perf_counter()
+        tuner.tick(histories, scores)
+        took = time.perf_counter() - began
+        assert tuner.running
+        assert took < 1.0, f"the tick that started the fine-tune took {took:.2f} s"
+        wait_for(lambda: tuner.tick(histories, scores) or not tuner.running, timeout=120)
+    finally:
+        tuner.close()
+    assert events(redis_client, keys.models)[-1]["event"] in {"promoted", "rejected"}
+
+
+def test_a_rejected_candidate_takes_no_stored_versions_place(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Two versions kept (keep_models 2): the serving one, and the one before it, which
+    a rollback goes back to. A rejected candidate is not stored; it used to be, and to
+    push the earlier version out (at the defaults, five rejected fine-tunes did)."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=5, promote_margin=0.99, keep_models=2,
+    )  # fmt: skip
+    store = tuner.store
+    for model in (other_model(trained_sines, 0.05), trained_sines):
+        blob, version = dumps(model)
+        store.put(blob, version)
+        store.set_serving(version, "promoted")
+    kept = store.versions()
+    assert tuner.start(None) is not None  # the store's serving version
+    histories, scores = sines(5, 200), Overall(halflife_s=30)
+    clock.now += 10
+    try:
+        tuner.tick(histories, scores)
+        wait_for(lambda: tuner.tick(histories, scores) or not tuner.running, what="its end")
+    finally:
+        tuner.close()
+    trained, rejected = events(redis_client, keys.models)[-2:]
+    assert (trained["event"], rejected["event"]) == ("trained", "rejected")
+    assert store.versions() == kept
+    assert store.get(kept[1]).version == kept[1]  # the rollback's target is still there
+
+
+def test_a_fine_tuning_process_that_cannot_start_fails_the_fine_tune_not_the_worker(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Out of file descriptors (EMFILE), the process cannot be started: the fine-tune
+    fails with an event and a metric, the lock is released, and the next one is due on
+    the schedule. The OSError used to escape the worker's loop, the lock held for its
+    10 min TTL."""
+    clock, metrics = FakeClock(), Metrics()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock, metrics=metrics,
+        finetune_interval_s=10, finetune_steps=5,
+    )  # fmt: skip
+    tuner.start(loads(dumps(trained_sines)[0]))
+    histories, scores = sines(5, 200), Overall(halflife_s=30)
+    clock.now += 10
+    redis_client.ping()  # its connection is open: Redis is still reached
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no new descriptor
+    try:
+        tuner.tick(histories, scores)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert not tuner.running
+        assert redis_client.get(keys.finetune_lock) is None
+        failed = events(redis_client, keys.models)[-1]
+        assert failed["event"] == "failed"
+        assert failed["reason"].startswith("could not start the fine-tuning process: ")
+        assert "Too many open files" in failed["reason"]
+        clock.now += 9
+        tuner.tick(histories, scores)
+        assert not tuner.running  # not due yet
+        clock.now += 1
+        tuner.tick(histories, scores)
+        assert tuner.running
+    finally:
+        tuner.close()
+    outcomes = {"outcome": "failed"}
+    assert metrics.registry.get_sample_value("attnlstm_finetunes_total", outcomes) == 1
+
+
+def _drifting() -> Overall:
+    """Scores whose rolling MAE has just jumped 50 times over its level."""
+    scores = Overall(halflife_s=30)
+    usual, naive = np.full(4, 0.1), np.full(4, 1.0)
+    scores.add(usual, naive, None, 0.0)
+    scores.add(usual, naive, None, 30.0)  # one half-life of scores
+    scores.add(np.full(4, 5.0), naive, None, 31.0)
+    assert scores.drifting(1.5)
+    return scores
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["lock held elsewhere", "short history"])
+def test_a_drift_that_cannot_start_a_fine_tune_tries_again_later_not_every_batch(
+    held: bool,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Drifting while another worker fine-tunes, or with too little history yet: each try
+    copies every history (0.15 s for 10,000 series) and asks Redis for the lock. It is
+    tried again DRIFT_RETRY_S later; it used to be at every batch."""
+    clock = FakeClock()
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, clock, finetune_interval_s=300)
+    tuner.start(loads(dumps(trained_sines)[0]))
+    scores = _drifting()
+    history = np.sin(np.arange(200.0 if held else 30.0))
+    looks: list[float] = []
+
+    def histories() -> tuple[list[str], list[np.ndarray]]:
+        looks.append(clock.now)
+        return ["s0"], [history]
+
+    if held:
+        other = Lease(
+            redis_client,
+            key=keys.finetune_lock,
+            fence_key=keys.finetune_fence,
+            owner="other",
+            ttl_ms=60_000,
+        )
+        assert other.acquire()[0] == other.token
+    for batch in range(20):  # 50 ms apart
+        clock.now = batch * 0.05
+        tuner.tick(histories, scores)
+    assert looks == [0.0]
+    clock.now = DRIFT_RETRY_S
+    tuner.tick(histories, scores)
+    assert looks == [0.0, DRIFT_RETRY_S]
+    assert not tuner.running
+    assert scores.drifting(1.5)  # still: nothing has settled it
+
+
+def _jobs() -> int:
+    """Fine-tune jobs alive in this process."""
+    gc.collect()
+    return sum(type(o) is Job for o in gc.get_objects())
+
+
+def test_between_jobs_the_fine_tuning_process_holds_none_of_the_last(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """The job's histories (every series served: 80 MB for 10,000 series of 1,000
+    values) are let go once its outcome is sent; the idle process used to keep them
+    until the next job. Its loop runs in a thread here, on a real pipe, so that what it
+    holds can be counted."""
+    ours, theirs = multiprocessing.Pipe()
+    loop = threading.Thread(target=run_jobs, args=(theirs,), name="fine-tune jobs", daemon=True)
+    loop.start()
+    before = _jobs()
+    histories = list(make_sines(SineSpec(n_series=5, n_points=200), seed=3).values)
+    config = FinetuneConfig(steps=1)
+    ours.send(Job(histories=histories, config=config, serving=dumps(trained_sines)[0]))
+    ok, outcome = ours.recv()
+    assert ok, outcome
+    try:
+        wait_for(lambda: _jobs() == before, timeout=10, what="the job to be let go")
+    finally:
+        ours.close()  # the loop ends
+        loop.join(timeout=10)
+    assert not loop.is_alive()

@@ -176,6 +176,31 @@ def test_a_worker_past_the_partitions_is_a_healthy_standby(
         assert body["role"] == "standby"
 
 
+def test_max_series_bounds_a_worker_across_its_partitions(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """One worker serving three partitions keeps windows for at most ``max_series``
+    series in all; the series past it go to the dead stream. Before, each partition
+    kept ``max_series`` of its own: three times the memory the setting bounds."""
+    partitions, limit = 3, 5
+    names = _replay(redis_client, keys, sine_steps(12, 30, seed=4), partitions)
+    assert len({partition_of(name, partitions) for name in names}) == partitions
+    report = drain(
+        settings_for(redis_url, keys, partitions=partitions, max_series=limit), trained_sines
+    )
+    served, refused = set(), set()
+    for k in range(partitions):
+        part = keys.partition(k, partitions)
+        served |= {f[b"series"] for _, f in entries(redis_client, part.output)}
+        for _, f in entries(redis_client, part.dead):
+            assert f[b"error"] == f"series limit reached (max_series={limit})".encode()
+            refused.add(f[b"series"])
+    assert len(served) == limit
+    assert len(refused) == len(names) - limit
+    assert served.isdisjoint(refused)
+    assert report["dead"] == (30 * (len(names) - limit))
+
+
 def _streams(keys: Keys) -> dict[str, str]:
     return {"INPUT": keys.input, "OUTPUT": keys.output, "DEAD": keys.dead}
 

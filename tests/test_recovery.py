@@ -44,6 +44,7 @@ from worker.batch import Batch, triage
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import Metrics
+from worker.recovery import Recovery
 from worker.streams import Entry
 
 
@@ -54,6 +55,19 @@ def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 def _pending(client: redis.Redis, keys: Keys) -> int:
     return int(client.xpending(keys.input, keys.group)["pending"])
+
+
+def _added_and_read(
+    client: redis.Redis, keys: Keys, values: np.ndarray, reader: str
+) -> list[bytes]:
+    """``values`` (steps, series ``s{j}``) added and read in ``reader``'s name in one
+    transaction, so that no worker's read can take them first: their ids."""
+    pipe = client.pipeline(transaction=True)
+    for row in values:
+        for j, v in enumerate(row):
+            pipe.xadd(keys.input, {"series": f"s{j}", "value": repr(float(v))})
+    pipe.xreadgroup(keys.group, reader, {keys.input: ">"}, count=values.size)
+    return cast(list[bytes], pipe.execute()[:-1])
 
 
 def _samples(metrics: Metrics, name: str) -> list[Any]:
@@ -204,12 +218,7 @@ def test_entries_delivered_but_never_received_are_still_forecast(
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 4 * 11)
         # Added and read in the worker's name in one transaction, so the worker's own
         # blocked read cannot take them first.
-        pipe = redis_client.pipeline(transaction=True)
-        for t in range(30, 40):
-            for j in range(4):
-                pipe.xadd(keys.input, {"series": f"s{j}", "value": repr(float(values[t, j]))})
-        pipe.xreadgroup(keys.group, "w", {keys.input: ">"}, count=40)  # the lost reply
-        ids += pipe.execute()[:-1]
+        ids += _added_and_read(redis_client, keys, values[30:40], "w")  # the lost reply
         ids += fill(redis_client, keys.input, values[40:])
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 4 * 41)
         running.wait_for(lambda: _pending(redis_client, keys) == 0)
@@ -287,6 +296,78 @@ def test_entries_delivered_many_times_but_never_cut_short_are_forecast(
     drain(settings_for(redis_url, keys), trained_sines)
     assert redis_client.xlen(keys.dead) == 0
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_entries_another_consumer_reads_during_a_re_sync_are_still_forecast(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """A worker frozen while it held a read wakes, and its read takes new entries while
+    the worker that took its lease re-syncs: between the group's last delivered entry
+    being asked and the pending entries being claimed. Those entries are claimed but
+    past what the re-sync re-reads; before, each was acked unhandled and counted lost
+    ("deleted from the stream while pending"). Now the worker re-syncs again, and
+    forecasts them in order with the rest."""
+    values = sine_steps(3, 50, seed=9)
+    ids = fill(redis_client, keys.input, values[:40])
+    claim = Recovery._claim_pending
+    woke = False
+
+    def woken_reader_first(self: Recovery) -> list[bytes]:
+        nonlocal woke, ids
+        if not woke:
+            woke = True
+            ids += _added_and_read(redis_client, keys, values[40:50], "woken")
+        return claim(self)
+
+    monkeypatch.setattr(Recovery, "_claim_pending", woken_reader_first)
+    report = drain(settings_for(redis_url, keys), trained_sines)
+    assert woke
+    assert report["lost"] == 0
+    want = expected(trained_sines, values, ids)
+    assert_forecasts(redis_client, keys.output, want)
+    assert report["forecasts"] == len(want)
+    assert _pending(redis_client, keys) == 0
+
+
+def test_entries_another_reader_holds_are_not_counted_lost_unread(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Another reader in the worker's group takes entries between the worker's reads:
+    the worker has not read them, yet they are not lost (it claims them once they are
+    idle for claim_idle_ms, or at its next re-sync). Before, its audit counted them as
+    input lost unread, with a record in the dead stream."""
+    monkeypatch.setattr(loop, "AUDIT_INTERVAL_S", 0.0)
+    accounted = 0
+    account = Recovery.account_unread
+
+    def counted(self: Recovery, group: dict[str, Any] | None = None) -> None:
+        nonlocal accounted
+        account(self, group)
+        accounted += 1
+
+    monkeypatch.setattr(Recovery, "account_unread", counted)
+    values = sine_steps(2, 30, seed=10)
+    fill(redis_client, keys.input, values[:20])
+    # A group whose read counter Redis knows (one made at the stream's start has none
+    # until its first read), as after the worker's first re-sync.
+    redis_client.xgroup_create(keys.input, keys.group, id="0", entries_read=0)
+    metrics = Metrics()
+    worker = new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines, metrics=metrics)
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: drained(redis_client, keys))
+        _added_and_read(redis_client, keys, values[20:30], "other")
+        since = accounted
+        running.wait_for(lambda: accounted >= since + 3)  # audits that saw them held
+    assert worker.metrics.totals(1.0)["lost"] == 0
+    assert not any(b"lost" in fields for _, fields in entries(redis_client, keys.dead))
 
 
 def test_input_trimmed_while_pending_or_unread_is_accounted_for(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,9 @@ import redis
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
-from tests.helpers import entries
+from tests.helpers import entries, wait_for
 from worker.contract import parse
+from worker.embedded import EmbeddedServer
 from worker.tools.replay import MALFORMED, CsvLayout, csv_entries, series_id
 
 
@@ -165,12 +169,24 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--rate", "100", "--seconds", "0.004"], "--seconds 0.004 at --rate 100 is less than one"),
         (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
         (["--series", "3"], "one of the arguments --rate --fast is required"),
+        (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
+        (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
+        # Sines past what a replay can draw: a MemoryError of 447 GiB, or an OverflowError.
+        (["--rate", "1e9", "--seconds", "60", "--series", "1"], "is 6e+10 entries, more than"),
+        (
+            ["--rate", "1e300", "--seconds", "1"],
+            "sine values a replay draws at once: give --points",
+        ),
+        (["--rate", "1e300", "--seconds", "1e300"], "is inf entries, more than"),
+        (["--fast", "--series", "1000000", "--points", "100000"], "is 100,000,000,000 values"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(
     args: list[str], message: str, redis_url: str, stream_prefix: str, tmp_path: Path
 ) -> None:
     (tmp_path / "bad.csv").write_text("time,v\nnoon,1\n")
+    (tmp_path / "sup.csv").write_text("time,v\n²,1\n")  # a digit, by str.isdigit
+    (tmp_path / "wide.csv").write_text(f"time,v\n1,1\n2,{'x' * 200_000}\n")
     proc = subprocess.run(
         [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
         capture_output=True,
@@ -216,3 +232,201 @@ def test_without_a_redis_url_replay_says_how_to_get_one(tmp_path: Path) -> None:
 def test_series_ids_from_column_names() -> None:
     assert series_id("Water flow [l/s]") == "Water_flow_l/s"
     assert series_id("temperature") == "temperature"
+
+
+def _replay_cli(
+    url: str, stream: str, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "replay", "--redis-url", url, "--stream", stream, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "args", "message"),
+    [
+        ("time,a,a", [], "columns 2 ('a') and 3 ('a') would both be series 'a'"),
+        ("time,a b,a_b", [], "columns 2 ('a b') and 3 ('a_b') would both be series 'a_b'"),
+        ("time,a,a", ["--column", "a"], "2 columns are named 'a' (columns 2, 3)"),
+        ("t,a,t", ["--time-column", "t"], "2 columns are named 't' (columns 1, 3)"),
+    ],
+)
+def test_columns_that_would_feed_one_series_are_refused_before_anything_is_written(
+    header: str,
+    args: list[str],
+    message: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """``a,a`` sent the first column twice and the second never; ``a b,a_b`` sent two
+    columns as one series. Both wrote without a word."""
+    path = tmp_path / "twice.csv"
+    path.write_text(f"{header}\n1,1,10\n2,2,20\n")
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", "--fast", "--csv", str(path), *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"attnlstm replay: error: {path}: {message}; name them apart"
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
+
+
+def test_columns_are_taken_by_position(tmp_path: Path) -> None:
+    """A value column named as the time column is its own column (by name, the time's
+    values went out as its series)."""
+    path = tmp_path / "t.csv"
+    path.write_text("t,a,t\n1000,1,10\n")
+    assert list(csv_entries(path)) == [
+        (b"series", b"a", b"value", b"1", b"ts", b"1000"),
+        (b"series", b"t", b"value", b"10", b"ts", b"1000"),
+    ]
+
+
+def test_a_bom_is_no_part_of_the_first_column_name(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftime,a\n1000,1\n".encode())
+    assert list(csv_entries(path, CsvLayout(time_column="time"))) == [
+        (b"series", b"a", b"value", b"1", b"ts", b"1000")
+    ]
+
+
+def test_a_bad_row_deep_in_a_file_is_found_before_anything_is_written(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """The file is checked whole first: a bad row at line 12,002 left 10,000 entries
+    written (two round trips), and no word of them."""
+    path = tmp_path / "late.csv"
+    path.write_text("time,a\n" + "".join(f"{t},{t}\n" for t in range(1, 12_001)) + "oops,1\n")
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", "--fast", "--csv", str(path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"attnlstm replay: error: {path}:12002: time 'oops' is neither ISO 8601 nor ms "
+        "since the epoch"
+    )
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
+
+
+def test_a_server_gone_mid_run_is_one_line_that_says_what_was_written(tmp_path: Path) -> None:
+    """Its own server, stopped under the replay, then started again on its AOF: the
+    stream holds at least what the error says was written, and at most one round trip
+    more."""
+    server = EmbeddedServer(appendonly=True, data_dir=tmp_path / "server")
+    server.start()
+    url = server.url
+    try:
+        cmd = [*CLI, "replay", "--redis-url", url, "--stream", "in", "--rate", "2000"]
+        proc = subprocess.Popen(
+            [*cmd, "--series", "5", "--points", "100000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with redis.Redis.from_url(server.url) as client:
+                wait_for(lambda: client.xlen("in") >= 500, what="the replay's entries")
+            server.stop()
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        server.start()
+        with redis.Redis.from_url(server.url) as client:
+            held = client.xlen("in")
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"attnlstm replay: error: cannot reach Redis at {url}: ")
+    found = re.search(r"\(([\d,]+) entries were written before it, and up to ([\d,]+) more", err)
+    assert found, err
+    written, in_flight = (int(n.replace(",", "")) for n in found.groups())
+    assert written <= held <= written + in_flight
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default action, as a process started from a shell prompt has it (see
+    tests/test_demo.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R running, S asleep), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read")
+def test_ctrl_c_during_a_round_trip_reports_what_the_stream_holds(tmp_path: Path) -> None:
+    """Ctrl-C while a batch is on its way: the batch is counted once sent, as Redis
+    writes it. Before, 5,000 were reported where the stream held 5,372. The round trip
+    is made to last: the server (its own, to take DEBUG) sleeps 2 s, and a replay at
+    --fast waits (asleep) only on Redis."""
+    with EmbeddedServer(extra_args=["--enable-debug-command", "yes"]) as server:
+        cmd = [*CLI, "replay", "--redis-url", server.url, "--stream", "in", "--fast", "--json"]
+        proc = subprocess.Popen(
+            [*cmd, "--series", "10", "--points", "200000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_as_from_a_terminal,
+        )
+        try:
+            with redis.Redis.from_url(server.url) as client:
+                wait_for(lambda: client.xlen("in") >= 5000, what="the first round trip")
+                sleeper = redis.Redis.from_url(server.url)
+                nap = threading.Thread(target=sleeper.execute_command, args=("DEBUG", "SLEEP", "2"))
+                nap.start()
+                wait_for(lambda: _state(proc.pid) == "S", what="the replay to wait on Redis")
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=60)
+                nap.join()
+                sleeper.close()
+                held = client.xlen("in")
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["interrupted"] is True
+    assert report["entries"] == held
+
+
+def test_a_rate_too_slow_to_reach_its_next_entry_waits_for_ctrl_c(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """--rate 1e-300: the first entry at once, the next one never; the wait before it
+    was an OverflowError (time.sleep of 1e300 s)."""
+    stream = f"{stream_prefix}in"
+    cmd = [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--rate", "1e-300"]
+    proc = subprocess.Popen(
+        [*cmd, "--series", "1", "--points", "5", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_from_a_terminal,
+    )
+    try:
+        wait_for(lambda: redis_client.xlen(stream) == 1 or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert (report["entries"], report["interrupted"]) == (1, True)
+
+
+def test_a_csv_replayed_at_rates_past_the_floats_range(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """--rate 1e300 --seconds 1e300 is more entries than a float holds (inf): the whole
+    file, not an OverflowError."""
+    path = tmp_path / "two.csv"
+    path.write_text("time,a\n1000,1\n2000,2\n")
+    args = ["--csv", str(path), "--rate", "1e300", "--seconds", "1e300", "--json"]
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["entries"] == 2
+    assert redis_client.xlen(f"{stream_prefix}in") == 2

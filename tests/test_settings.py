@@ -104,6 +104,8 @@ def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
         ("anomaly_threshold", 0.5),  # values inside their interval would be anomalies
         ("consumer", "edge worker"),  # its attempts' marks would not parse: never dead-lettered
         ("consumer", "w" * 129),
+        ("finetune_holdout", 0.01),  # a day-ahead gate: 4,800 values kept a series
+        ("keep_models", 1),  # nothing left to roll back to
     ],
 )
 def test_out_of_range_values_are_rejected(field: str, value: object) -> None:

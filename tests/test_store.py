@@ -18,6 +18,7 @@ from attnlstm.synthetic import sine_steps
 from tests.helpers import WorkerThread, entries, events, fill, new_worker, other_model, settings_for
 from worker.cli import main
 from worker.keys import Keys
+from worker.lease import ensure_library
 from worker.online.store import ModelStore
 
 UNAUTHENTICATED = "the model store is unauthenticated"
@@ -26,6 +27,13 @@ UNAUTHENTICATED = "the model store is unauthenticated"
 @pytest.fixture(autouse=True)
 def _worker_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="attnlstm")
+
+
+@pytest.fixture(autouse=True)
+def _functions(redis_client: redis.Redis) -> None:
+    """The function library loaded, as a worker loads it at start: the store points
+    every worker at a version, and drops old ones, on the server."""
+    ensure_library(redis_client)
 
 
 def key_file(folder: Path, name: str = "model-key") -> Path:
@@ -262,3 +270,25 @@ def test_of_two_workers_starting_on_an_empty_store_one_promotes_its_file(
     assert set(forecast_versions(redis_client, keys).values()) == {first}
     assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
     assert redis_client.get(keys.serving) == first.encode()
+
+
+def test_a_rollback_never_points_the_workers_at_a_version_dropped_since_it_was_read(
+    redis_client: redis.Redis, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """`models rollback X` reads X, then points every worker at it; a version stored in
+    between pushes X out of the store (keep_models 2). The rollback fails, and the
+    version that served still does. It used to succeed: serving named a model no longer
+    stored, which every worker refused from then on, and no fine-tune could replace."""
+    worker = ModelStore(redis_client, keys, keep=2, source="w")
+    cli = ModelStore(redis_client, keys, keep=2, source="cli")
+    earlier_blob, earlier = dumps(other_model(trained_sines, 0.05))
+    worker.put(earlier_blob, earlier)
+    blob, serving = dumps(trained_sines)
+    worker.put(blob, serving)
+    worker.set_serving(serving, "promoted")
+    assert cli.get(earlier).version == earlier  # the rollback has read it
+    worker.put(*dumps(other_model(trained_sines, 0.1)))  # it is pushed out
+    with pytest.raises(CheckpointError, match=f"model {earlier} is not in the store"):
+        cli.set_serving(earlier, "rolled_back", previous=serving)
+    assert cli.serving() == serving
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]

@@ -3,8 +3,10 @@ and its guarantees."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import urllib.request
 from collections.abc import Iterator
 from typing import cast
@@ -14,6 +16,7 @@ import pytest
 import redis
 import torch
 
+import worker.loop as worker_loop
 from attnlstm.checkpoint import version_of
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
@@ -387,3 +390,64 @@ def _samples(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+def test_slots_of_series_gone_quiet_go_to_new_series_when_only_new_ones_send(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Every slot held by a series that went quiet, and an hour later only new series
+    send: the sweep frees the old slots by the stream's clock, and the new series take
+    them. Before, the sweep went by the newest value held, which only the slots' own
+    series move: the old series were never idle, and every new one was refused for good."""
+    monkeypatch.setattr(worker_loop, "AUDIT_INTERVAL_S", 0.0)  # a sweep between batches
+    t0 = 1_700_000_000_000
+    old = [(f"{t0 + t}-{i}", f"old{i}") for t in range(2) for i in range(3)]
+    new = [(f"{t0 + 3_600_000 + t}-{i}", f"new{i}") for t in range(10) for i in range(3)]
+    for entry_id, series in old + new:
+        redis_client.xadd(keys.input, {"series": series, "value": "1.5"}, id=entry_id)
+    settings = settings_for(redis_url, keys, max_series=3, series_idle_s=1.0, max_batch=3)
+    drain(settings, trained_sines)
+    refused = [
+        src for src, f in by_src(redis_client, keys.dead).items() if b"series limit" in f[b"error"]
+    ]
+    new_ids = [entry_id.encode() for entry_id, _ in new]
+    assert set(refused) <= set(new_ids[:3])  # at most the first batch, read before a sweep
+
+
+def test_a_worker_that_keeps_falling_out_of_step_spaces_its_re_syncs_out(
+    caplog: pytest.LogCaptureFixture,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Another reader in the worker's group takes an entry now and then, so the worker's
+    reads keep finding entries it never got: each time out of step, it re-syncs (and
+    re-reads every window). Out of step again within RESYNC_CALM_S, it waits first, twice
+    as long each time, up to a quarter of the lease. Before, it re-synced 15 times a
+    second for as long as the other reader read, with a warning each time."""
+    redis_client.xadd(keys.input, {"series": "s0", "value": "1.0"})
+    n = 0
+
+    def intruded_often() -> bool:
+        nonlocal n
+        n += 1
+        redis_client.xadd(keys.input, {"series": f"s{n % 5}", "value": "1.0"})
+        with contextlib.suppress(redis.ResponseError):  # no group yet
+            redis_client.xreadgroup(keys.group, "intruder", {keys.input: ">"}, count=1)
+        return len(_resync_waits(caplog)) >= 5
+
+    settings = settings_for(redis_url, keys, lease_ttl_ms=4000, block_ms=50)
+    with WorkerThread(new_worker(settings, trained_sines)) as worker:
+        worker.wait_for(intruded_often)
+    assert _resync_waits(caplog)[:5] == [0.25, 0.5, 1.0, 1.0, 1.0]  # a lease of 4 s
+
+
+def _resync_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits before each re-sync that came soon after another, as logged."""
+    said = (r.getMessage() for r in caplog.records if r.name.startswith("attnlstm"))
+    return [float(m) for text in said for m in re.findall(r"; re-syncing in ([\d.]+) s$", text)]

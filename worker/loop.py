@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, fix_for
 log = logging.getLogger("attnlstm.worker")
 
 AUDIT_INTERVAL_S = 2.0  # pending-entry audit, lag and per-series gauges
+RESYNC_CALM_S = 30.0  # out of step again within this: the next re-sync waits, longer each time
 BURST_BLOCK_MS = 200  # in --burst mode, an empty read this long means drained
 
 
@@ -175,7 +177,8 @@ class Worker:
     def run(self) -> dict[str, float]:
         """Batches until stopped, or in burst mode until the stream is drained; then
         the counts of this run."""
-        delay = 0.0
+        delay = resync_delay = 0.0
+        out_of_step_at = -math.inf
         while not self._stopping:
             try:
                 if not self._in_step:
@@ -186,8 +189,17 @@ class Worker:
                 self.metrics.connected = True
                 delay = 0.0
             except OutOfStepError as e:
-                log.warning("%s; re-syncing", e)
+                # Out of step again soon after (another reader in the group takes entries):
+                # each re-sync re-reads every window, so the re-syncs are spaced out, by
+                # less than the leases last unrenewed.
+                now = time.monotonic()
+                again = now - out_of_step_at < RESYNC_CALM_S
+                longest = min(5.0, self.settings.lease_ttl_ms / 4000)
+                resync_delay = min(max(2 * resync_delay, 0.25), longest) if again else 0.0
+                out_of_step_at = now
+                log.warning("%s; re-syncing%s", e, f" in {resync_delay:g} s" * again)
                 self._in_step = False
+                self._sleep(resync_delay)
             except REDIS_ERRORS as e:
                 if fix := _what_to_fix(e):  # retrying cannot help; one that did looks hung
                     self._in_step = False
@@ -257,7 +269,10 @@ class Worker:
             [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
         )
         for k, lane in self.lanes.items():
-            lane.scorer.forget(lane.state.sweep(lane.state.newest_ms()))
+            # Idle by the stream's clock: the newest entry read, whether or not its series
+            # has a slot (by the newest value held, no slot was ever freed once every
+            # slot's series had gone quiet, and every new series was refused for good).
+            lane.scorer.forget(lane.state.sweep(entry_ms(lane.state.last_id)))
             lane.recovery.audit()
             if (lag := lane.recovery.lag) is not None and self.settings.partitions > 1:
                 self.metrics.partition_lag.labels(str(k)).set(lag)
@@ -324,10 +339,18 @@ class Worker:
         acked before and are only replayed: into the windows, and after a restore through
         the model and the scoring, unpublished.
         """
-        if len(self._series_ids) > 2 * self.settings.max_series:  # bounded, like the windows
+        if len(self._series_ids) > self.settings.max_series:  # bounded, like the windows
             self._series_ids.clear()
-        parts = [self._prepare(self.lanes[k], part, pending) for k, part in entries.items()]
-        self.metrics.series.set(sum(lane.state.series_count for lane in self.lanes.values()))
+        series = sum(lane.state.series_count for lane in self.lanes.values())
+        parts = []
+        for k, read in entries.items():
+            state = self.lanes[k].state
+            before = state.series_count
+            parts.append(
+                self._prepare(self.lanes[k], read, pending, self.settings.max_series - series)
+            )
+            series += state.series_count - before
+        self.metrics.series.set(series)
         windows = [part.windows for part in parts]
         yhat, attn = self._forecast(windows[0] if len(windows) == 1 else np.concatenate(windows))
         calls, start = [], 0
@@ -337,8 +360,11 @@ class Worker:
             start = end
         self.pipeline.publish(calls)
 
-    def _prepare(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int] | None) -> _Part:
-        """One partition's entries into its windows: the windows to forecast."""
+    def _prepare(
+        self, lane: Lane, entries: list[Entry], pending: dict[bytes, int] | None, room: int
+    ) -> _Part:
+        """One partition's entries into its windows: the windows to forecast. ``room``:
+        how many more series this worker's windows may hold."""
         state = lane.state
         batch = triage(
             entries,
@@ -347,7 +373,7 @@ class Worker:
             last_id=state.last_id,
             max_attempts=self.settings.max_attempts,
         )
-        slots = state.slots_for(batch.names)
+        slots = state.slots_for(batch.names, room)
         publish = np.asarray(batch.publish, dtype=bool)
         refused = np.flatnonzero((slots == NO_SLOT) & publish)
         self.metrics.series_refused.inc(refused.size)

@@ -180,6 +180,14 @@ class Recovery:
         group = group_info(self.client, self.keys)
         delivered, restored = group["last-delivered-id"], state.last_id
         pending = self._claim_pending()
+        if late := [entry_id for entry_id in pending if id_key(entry_id) > id_key(delivered)]:
+            # Read by another consumer since the group was asked (a worker that froze
+            # holding a read wakes up): past what this re-sync re-reads, so none would
+            # be met, and each would be acked unhandled. Ours now: the next re-sync.
+            raise OutOfStepError(
+                f"{len(late)} entries read by another consumer during a re-sync, the first "
+                f"{min(late, key=id_key).decode()}"
+            )
         mark = Mark.decode(cast(bytes | None, self.client.get(self.keys.handling)))
         attempts = attempts_of(mark, pending, self.fence.token)
         met: set[bytes] = set()
@@ -275,11 +283,21 @@ class Recovery:
         if as_str(delivered) != as_str(stream["last-generated-id"]):
             return  # not caught up: counted once it is
         added = int(stream["entries-added"])
+        if added > self._read and self._read_by_others():
+            return  # read, not lost: this worker claims them (audit), and counts on then
         if added > self._read:
             what = "removed from the stream (trimmed or deleted) before it was read"
             self._lost_count(added - self._read, "unread", what, first=delivered)
             self._write(self.fence.skip(last_delivered=delivered, entries_read=added))
         self._read = added
+
+    def _read_by_others(self) -> bool:
+        """Whether another consumer holds entries of the group: read by a worker that
+        froze holding a read, or by a reader that is not a worker. Entries it read are
+        not among this worker's reads, yet not lost."""
+        summary = self.client.xpending(self.keys.input, self.keys.group)
+        mine = self.settings.consumer
+        return any(as_str(c["name"]) != mine for c in summary.get("consumers") or [])
 
     def _lost(self, ids: list[bytes], reason: str, what: str) -> None:
         self._lost_count(len(ids), reason, what, first=min(ids, key=id_key))

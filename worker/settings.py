@@ -108,11 +108,13 @@ class Settings(BaseSettings):
     drift_ratio: float = Field(default=1.5, ge=0)  # rolling MAE / its level: fine-tune now
     finetune_steps: int = Field(default=300, ge=1)  # optimiser steps per fine-tune
     finetune_lr: float = Field(default=1e-3, gt=0)  # peak learning rate of a fine-tune
-    finetune_holdout: float = Field(default=0.2, gt=0, lt=0.5)  # newest share: the gate
+    # The newest share of each history: the gate. Below 0.05, a day-ahead gate would keep
+    # histories of thousands of values a series (horizon / holdout).
+    finetune_holdout: float = Field(default=0.2, ge=0.05, lt=0.5)
     promote_margin: float = Field(default=0.02, ge=0, lt=1)  # MASE must drop this much
     finetune_threads: int = Field(default=1, ge=1)  # torch threads of the fine-tuner
     models_stream: str = "models"  # model events; versions are stored under this name
-    keep_models: int = Field(default=5, ge=1)  # stored versions kept
+    keep_models: int = Field(default=5, ge=2)  # stored versions kept: one to roll back to
 
     @field_validator("redis_url")
     @classmethod

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+Handler = Callable[[int, Any], Any] | int  # a function, or signal.SIG_IGN / SIG_DFL
 
 
 class StopRequest:
@@ -42,9 +44,17 @@ class StopRequest:
 def caught() -> Iterator[StopRequest]:
     """The stop signals caught (in the main thread) until the block ends."""
     request = StopRequest()
-    previous = {s: signal.signal(s, request) for s in STOP_SIGNALS}
-    try:
+    with handled(STOP_SIGNALS, request):
         yield request
+
+
+@contextlib.contextmanager
+def handled(signals: Sequence[int], handler: Handler) -> Iterator[None]:
+    """``handler`` for ``signals`` (in the main thread) until the block ends, then the
+    handlers before it again."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, before in previous.items():
+            signal.signal(s, before)

@@ -139,13 +139,19 @@ class WindowState:
         """The series of each slot (None: a free slot)."""
         return list(self._names)
 
-    def slots_for(self, names: Sequence[str]) -> np.ndarray:
-        """Slot per name, new names getting a free one; NO_SLOT past max_series."""
+    def slots_for(self, names: Sequence[str], room: int | None = None) -> np.ndarray:
+        """Slot per name, new names getting a free one; NO_SLOT past max_series, or once
+        ``room`` new names have one (a worker's series across its partitions count
+        against one max_series)."""
         slots = self._slots
+        room = self.max_series if room is None else room
         out = np.empty(len(names), dtype=np.int64)
         for i, name in enumerate(names):
             slot = slots.get(name)
-            out[i] = self._new_slot(name) if slot is None else slot
+            if slot is None:
+                slot = self._new_slot(name) if room > 0 else NO_SLOT
+                room -= slot != NO_SLOT
+            out[i] = slot
         return out
 
     def _new_slot(self, name: str) -> int:
@@ -273,11 +279,6 @@ class WindowState:
             heapq.heappush(self._free, slot)
         self._touch(idle)
         return idle
-
-    def newest_ms(self) -> int:
-        """The entry time of the newest value held (0: none)."""
-        n = len(self._names)
-        return int(self._last_ms[:n].max()) if n else 0
 
     def windows(self, names: Sequence[str]) -> np.ndarray:
         """The current window (window,) of each named, known series; NaN where not full."""

@@ -21,6 +21,7 @@ from attnlstm.partition import partition_of
 from worker.app import run_service
 from worker.cli.parser import WORKER_FLAGS
 from worker.cli.replay import redis_for
+from worker.lease import ensure_library
 from worker.online.store import ModelStore
 from worker.settings import Settings, from_flags
 from worker.tools import RUNS
@@ -128,6 +129,7 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         )
         if args.action in ("rollback", "promote"):
             store.check_key()
+            ensure_library(client)  # the serving pointer is set on the server (attnlstm_serve)
         if args.action == "rollback":
             checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()

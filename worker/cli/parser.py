@@ -229,12 +229,17 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--partitions", "partitions", positive, "P input streams STREAM{k}, a pool shares (1)"),
     ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
     ("--model-key-file", "model_key_file", Path, "key that signs and verifies stored models"),
-    ("--device", "device", str, "auto, cpu or cuda (default auto)"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N (default auto)"),
     ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
     ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
     ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (default 5)"),
     ("--block-ms", "block_ms", positive, "one blocking read's longest wait (default 1000)"),
-    ("--output-maxlen", "output_maxlen", positive, "approximate cap on the output stream"),
+    (
+        "--output-maxlen",
+        "output_maxlen",
+        positive,
+        "approximate cap on the forecasts, anomalies and dead streams (default 1000000)",
+    ),
     ("--coverage", "coverage", float, "prediction intervals' coverage, 0: none (default 0.9)"),
     ("--anomaly-threshold", "anomaly_threshold", float, "anomaly: this many half-widths (5)"),
     (
@@ -347,7 +352,11 @@ def _demo_args(demo: argparse.ArgumentParser) -> None:
         default=None,
         help="(default: ATTNLSTM_FINETUNE_INTERVAL_S or 300; 0: off)",
     )
-    demo.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
+    demo.add_argument(
+        "--device",
+        default=None,
+        help="auto, cpu, cuda or cuda:N (default: ATTNLSTM_DEVICE or auto)",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 

@@ -17,11 +17,20 @@ from attnlstm.synthetic import SineSpec
 from worker.cli.commands import refusal
 from worker.settings import Settings, from_flags
 from worker.streams import connect
-from worker.tools.replay import CsvLayout, FlatFields, csv_entries, replay, sine_entries
+from worker.tools.replay import (
+    MAX_SINE_VALUES,
+    CsvLayout,
+    FlatFields,
+    check_sine_size,
+    count_csv,
+    csv_entries,
+    replay,
+    sine_entries,
+)
 
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
-    if args.rate is not None and args.seconds is not None and round(args.seconds * args.rate) < 1:
+    if args.rate is not None and args.seconds is not None and args.seconds * args.rate <= 0.5:
         raise ValueError(
             f"--seconds {args.seconds:g} at --rate {args.rate:g} is less than one entry"
         )
@@ -52,12 +61,20 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
             series_column=args.series_column,
             value_column=args.value_column,
         )
-        return csv_entries(args.csv, layout), None
+        return csv_entries(args.csv, layout), count_csv(args.csv, layout)  # all checked first
     points = args.points
     if points is None and args.seconds is not None:
         if args.rate is None:
             raise ValueError("--seconds with --fast needs --points: how many to write")
-        points = max(2, math.ceil(args.seconds * args.rate / args.series))
+        wanted = args.seconds * args.rate  # inf past the floats' range
+        if wanted > MAX_SINE_VALUES:
+            raise ValueError(
+                f"--seconds {args.seconds:g} at --rate {args.rate:g} is {wanted:.3g} entries, "
+                f"more than the {MAX_SINE_VALUES:,} sine values a replay draws at once: give "
+                "--points (per series; it stops after --seconds or when they run out), "
+                "or a lower --seconds"
+            )
+        points = max(2, math.ceil(wanted / args.series))
     default = SineSpec()
     spec = SineSpec(
         n_series=args.series,
@@ -71,6 +88,7 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
         drift_factor=args.drift_factor or default.drift_factor,
         anomaly_rate=args.anomaly_rate,
     )
+    check_sine_size(spec)
     entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
     return entries, None if args.bad_rate else spec.n_series * spec.n_points
 

@@ -6,8 +6,8 @@ start) and every series' recent values, and returns the candidate with its score
 the gate's decision.
 
 Each series' history is split by time: the newest ``holdout`` share is the gate
-slice, which the candidate never trains on; the rest trains it (its own newest 20%
-picking the best epoch). On the gate slice the candidate must beat the serving model
+slice, which the candidate never trains on; the rest trains it (its own newest
+``VAL_SHARE`` picking the best epoch). On the gate slice the candidate must beat the serving model
 (or, at a cold start, the naive forecast) by ``margin`` in MASE, the mean over
 series of MAE over the naive forecast's MAE, so that every series counts alike
 whatever its units.
@@ -15,6 +15,7 @@ whatever its units.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -70,21 +71,47 @@ class Outcome:
 # 2,048 7 s, and its candidate scored the same on the gate (MASE 0.657).
 GATE_WINDOWS = 8192
 VAL_WINDOWS = 2048  # as many as the blend fits its shares on (attnlstm.blend.MAX_WINDOWS)
+VAL_SHARE = 0.2  # newest share of what is left before the gate slice: validation
 
 
 class NotEnoughDataError(ValueError):
     """Too little history for training and a gate slice."""
 
 
+@functools.cache
 def min_points(context: int, horizon: int, holdout: float) -> int:
-    """The shortest history that gives training, validation and gate windows."""
-    return math.ceil((context + horizon + 4) / (1 - holdout) ** 2) + 2
+    """The shortest history that gives a few training windows (their part of it,
+    ``(1 - holdout) * (1 - VAL_SHARE)``, holds ``context + horizon`` values and four
+    more) and at least one validation and one gate window (each of those parts holds
+    ``horizon`` values: a long horizon, or a small holdout, needs a longer history).
+    Each count grows with the length, so any longer history gives them too."""
+    length = math.ceil((context + horizon + 4) / ((1 - holdout) * (1 - VAL_SHARE))) + 2
+    length = max(length, math.ceil(horizon / holdout), math.ceil(horizon / VAL_SHARE))
+    while min(_window_counts(length, context, horizon, holdout)) < 1:
+        length += 1  # past the rounding of the cuts
+    return length
 
 
 def history_kept(history_len: int, context: int, horizon: int, holdout: float) -> int:
     """The values the worker keeps per series: ``history_len``, or what a fine-tune of
-    the model needs where that is more (a seasonal model's context is several cycles)."""
+    the model needs where that is more (a seasonal model's context is several cycles; a
+    long horizon needs a long gate slice)."""
     return max(history_len, min_points(context, horizon, holdout))
+
+
+def _cuts(length: int, holdout: float) -> tuple[int, int]:
+    """Where a history of ``length`` values enters its validation part, and its gate
+    slice."""
+    gate = split_point(length, holdout)
+    return split_point(gate, VAL_SHARE), gate
+
+
+def _window_counts(length: int, context: int, horizon: int, holdout: float) -> list[int]:
+    """How many training, validation and gate windows a history of ``length`` values
+    gives (see :func:`_windows`)."""
+    val, gate = _cuts(length, holdout)
+    firsts, stops = [context, max(val, context), max(gate, context)], [val, gate, length]
+    return [stop - horizon + 1 - first for first, stop in zip(firsts, stops, strict=True)]
 
 
 def init_process(threads: int) -> None:
@@ -108,6 +135,11 @@ def run_job(job: Job) -> Outcome:
     if not series:
         raise NotEnoughDataError(f"no series has the {usable} values a fine-tune needs")
     train, val, gate = _windows(series, config, cfg)
+    if not (len(train) and len(val) and len(gate)):
+        raise NotEnoughDataError(
+            f"{len(train)} training, {len(val)} validation and {len(gate)} gate windows in "
+            f"{len(series)} series of {usable} values or more"
+        )
     model = new_model(config, seed=cfg.seed)
     if serving is not None:
         model.load_state_dict(serving.model.state_dict())
@@ -160,15 +192,14 @@ def _windows(
 ) -> tuple[Windows, Windows, Windows]:
     """Training, validation and gate windows, each of a bounded number (``steps`` batches,
     VAL_WINDOWS and GATE_WINDOWS) sampled from every series' part: the gate's
-    is the newest ``holdout`` of each series, the validation's the newest 20% of the
-    rest, and training's what comes before. The time and memory of a fine-tune do not
+    is the newest ``holdout`` of each series, the validation's the newest ``VAL_SHARE``
+    of the rest, and training's what comes before. The time and memory of a fine-tune do not
     grow with the series served."""
     context, horizon = config.context, config.horizon
-    gate_cut = [split_point(len(s), cfg.holdout) for s in series]
-    val_cut = [split_point(cut, 0.2) for cut in gate_cut]
-    train = [(0, cut - horizon + 1) for cut in val_cut]
-    val = [(v, g - horizon + 1) for v, g in zip(val_cut, gate_cut, strict=True)]
-    gate = [(g, len(s)) for g, s in zip(gate_cut, series, strict=True)]
+    cuts = [_cuts(len(s), cfg.holdout) for s in series]
+    train = [(0, v - horizon + 1) for v, _ in cuts]
+    val = [(v, g - horizon + 1) for v, g in cuts]
+    gate = [(g, len(s)) for (_, g), s in zip(cuts, series, strict=True)]
     limits = (cfg.steps * cfg.batch_size, VAL_WINDOWS, GATE_WINDOWS)
     return (
         sampled_windows(series, context, horizon, train, limits[0], cfg.seed),

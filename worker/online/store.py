@@ -2,9 +2,13 @@
 
 Checkpoints are stored as their safetensors bytes (they cannot run code when loaded,
 and carry a SHA-256 that is checked on every load) under ``models:v:<version>``; the
-last ``keep`` versions stay, and the serving one is never deleted. Every change is an
-event on the ``models`` stream (``trained``, ``promoted``, ``rejected``,
-``rolled_back``, ``refused``), which is also how other workers learn of it.
+last ``keep`` versions stay, and the serving one is never deleted. A fine-tune's
+candidate is kept only once promoted: a rejected one would push out of the store the
+versions a rollback goes back to. The serving pointer never names a version that is
+not stored: setting it and deleting a version each check the other on the server, in
+one step. Every change is an event on the ``models`` stream (``trained``,
+``promoted``, ``rejected``, ``rolled_back``, ``refused``), which is also how other
+workers learn of it.
 
 The SHA-256 catches damage, not forgery: anyone who can write to the store can store
 a model with a hash that matches. A store with a model key (a secret file; Redis never
@@ -48,9 +52,14 @@ class ModelStore:
     def put(self, data: bytes, version: str) -> None:
         """Store a version (again: it becomes the newest), signed when the store has a
         key, dropping the oldest past ``keep`` unless it is serving."""
+        self._store(data, version)
+        self._prune()
+
+    def _store(self, data: bytes, version: str) -> bool:
+        """True when the version was not stored yet."""
         k = self.keys
         signature = k.model_signature(version).encode()
-        transaction(
+        replies = transaction(
             self.client,
             [
                 (b"SET", k.model(version).encode(), data),
@@ -61,11 +70,18 @@ class ModelStore:
                 (b"LPUSH", k.versions.encode(), version.encode()),
             ],
         )
-        serving = self.serving()
-        for old in cast(list[bytes], self.client.lrange(k.versions, self.keep, -1)):
-            if old.decode() != serving:
-                self.client.delete(k.model(old.decode()), k.model_signature(old.decode()))
-                self.client.lrem(k.versions, 0, old.decode())
+        return not replies[2]  # LREM: none removed
+
+    def _prune(self) -> None:
+        for old in cast(list[bytes], self.client.lrange(self.keys.versions, self.keep, -1)):
+            self._drop(old.decode())
+
+    def _drop(self, version: str) -> None:
+        """Delete ``version`` unless it serves (``FCALL attnlstm_drop``: a rollback to it
+        that lands first keeps it)."""
+        k = self.keys
+        keys = (k.serving, k.versions, k.model(version), k.model_signature(version))
+        self.client.fcall("attnlstm_drop", len(keys), *keys, version)
 
     def get(self, version: str) -> Checkpoint:
         """The stored version, verified; CheckpointError when missing or not intact, or
@@ -115,15 +131,6 @@ class ModelStore:
                 "the other workers use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
             )
 
-    def claim_serving(self, version: str, event: str, **fields: object) -> bool:
-        """Point every worker at ``version`` only if the store serves none yet (two
-        workers starting on an empty store: one wins), with its event; False when
-        another version was there first."""
-        if not self.client.set(self.keys.serving, version, nx=True):
-            return False
-        self.event(version, event, **fields)
-        return True
-
     def versions(self) -> list[str]:
         return [
             v.decode() for v in cast(list[bytes], self.client.lrange(self.keys.versions, 0, -1))
@@ -134,22 +141,30 @@ class ModelStore:
         return version.decode() if version is not None else None
 
     def set_serving(self, version: str, event: str, **fields: object) -> None:
-        """Point every worker at ``version``, with its event, in one transaction."""
-        transaction(
-            self.client,
-            [
-                (b"SET", self.keys.serving.encode(), version.encode()),
-                self._event(version, event, fields),
-            ],
-        )
+        """Point every worker at ``version``, with its event, only while it is stored,
+        in one step on the server (``FCALL attnlstm_serve``); CheckpointError when it is
+        not (a newer version pushed it out since it was read)."""
+        keys = (self.keys.serving, self.keys.models, self.keys.model(version))
+        args = (version, EVENTS_MAXLEN, *self._fields(version, event, fields))
+        if not self.client.fcall("attnlstm_serve", len(keys), *keys, *args):
+            raise CheckpointError(f"model {version} is not in the store")
 
-    def promote(self, version: str, parent: str | None, event: str, **fields: object) -> bool:
-        """Point every worker at ``version``, with its event, only while ``parent`` (None:
-        no version) serves (``FCALL attnlstm_promote``); False when another version
-        serves by now."""
+    def promote(
+        self, data: bytes, version: str, parent: str | None, event: str, **fields: object
+    ) -> bool:
+        """Store ``version`` and point every worker at it, with its event, only while
+        ``parent`` (None: no version) serves (``FCALL attnlstm_promote``); False when
+        another version serves by now, and then it is not kept: what was not promoted
+        takes no stored version's place."""
+        new = self._store(data, version)
         args = (version, parent or "", EVENTS_MAXLEN, *self._fields(version, event, fields))
-        keys = (self.keys.serving, self.keys.models)
-        return bool(self.client.fcall("attnlstm_promote", len(keys), *keys, *args))
+        keys = (self.keys.serving, self.keys.models, self.keys.model(version))
+        if self.client.fcall("attnlstm_promote", len(keys), *keys, *args):
+            self._prune()
+            return True
+        if new:
+            self._drop(version)
+        return False
 
     def event(self, version: str, event: str, **fields: object) -> None:
         transaction(self.client, [self._event(version, event, fields)])

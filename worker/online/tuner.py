@@ -6,8 +6,9 @@ and hands each batch's events to :meth:`Tuner.sync` (a promotion or a rollback b
 anyone takes effect on the next batch), and calls :meth:`Tuner.tick` between batches
 (start a fine-tune when one is due, collect a finished one). A fine-tune runs in one
 child process at a lower priority with ``finetune_threads`` torch threads, so
-inference keeps its cores and never waits for it. One worker fine-tunes at a time: a
-lock with a TTL in Redis.
+inference keeps its cores and never waits for it: not even for a new process, which
+imports torch for seconds before it reads its first job (the job waits, polled between
+batches). One worker fine-tunes at a time: a lock with a TTL in Redis.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from multiprocessing import get_context
-from multiprocessing.connection import Connection
+from typing import Literal
 
 import numpy as np
 import redis
@@ -26,26 +26,27 @@ from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
 from attnlstm.model import ModelConfig
 from worker.lease import Lease
 from worker.metrics import Metrics
-from worker.online.finetune import (
-    FinetuneConfig,
-    Job,
-    NotEnoughDataError,
-    Outcome,
-    init_process,
-    min_points,
-    run_job,
-)
+from worker.online.finetune import FinetuneConfig, Job, NotEnoughDataError, min_points
 from worker.online.scoring import Overall
 from worker.online.store import SWITCHES, ModelStore
+from worker.online.trainer import Trainer
 from worker.settings import Settings
 from worker.streams import Command, Entry
 
 log = logging.getLogger("attnlstm.worker")
 
 LOCK_TTL_MS = 600_000  # the fine-tune lock's time to live
-JOB_TIMEOUT_S = 300.0  # a fine-tune still running after this is stopped (a hung child)
+JOB_TIMEOUT_S = 300.0  # a fine-tune with no result after this is stopped (a hung child)
 COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
 COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it keeps
+# A fine-tune that could not start (too little history, the lock held elsewhere) is
+# tried again after this long: a cold start, or after a drift. Each try copies every
+# history (0.15 s for 10,000 series of 200 values), too much for every batch.
+COLD_RETRY_S = 1.0
+DRIFT_RETRY_S = 10.0
+
+# Why a fine-tune starts: a first model (cold), a drift, or the schedule.
+Trigger = Literal["cold", "drift", "schedule"]
 
 # The series served and each one's recent values (WindowState.histories, of every
 # partition the worker serves).
@@ -92,15 +93,19 @@ class Tuner:
         self.version: str | None = None  # what this worker serves
         self.context, self.horizon = COLD_START_MODEL.context, COLD_START_MODEL.horizon  # serving
         self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
+        self._refused: str | None = None  # the store's serving version, not served here
         self._seen = b"0-0"  # the last models event looked at
-        self._trainer: _Trainer | None = None
+        self._trainer: Trainer | None = None
+        self._job: Job | None = None  # the fine-tune waiting for its process to start
         self._job_started: float | None = None  # a fine-tune is running
         self._parent: str | None = None  # the version it started from
         self._clock = clock
-        self._due = clock() + settings.finetune_interval_s
+        self._due = clock() + settings.finetune_interval_s  # the next on the schedule
+        self._tried = False  # a fine-tune has started: a cold start keeps the schedule since
+        self._cold_at = 0.0  # when a cold start is tried again
+        self._drift_at = 0.0  # when a drift fine-tune is tried again
         self.cycles = 0  # fine-tunes finished
         self.busy_s = 0.0  # their training time, summed
-        self._due_check = 0.0  # cold start: when to look at the history again
 
     # -- which model serves --------------------------------------------------------
 
@@ -115,8 +120,7 @@ class Tuner:
         serving = self.store.serving()
         if serving is None and file_model is not None:
             blob, _ = dumps(file_model.model, file_model.meta)
-            self.store.put(blob, file_model.version)
-            if self.store.claim_serving(file_model.version, "promoted", reason="model file"):
+            if self.store.promote(blob, file_model.version, None, "promoted", reason="model file"):
                 self._seen = self.store.last_event_id()
                 return self._adopt(file_model, blob)
             serving = self.store.serving()  # another worker's file, promoted first
@@ -132,10 +136,8 @@ class Tuner:
                     serving,
                     path,
                 )
-            try:
-                return self._adopt(self.store.get(serving))
-            except CheckpointError as e:
-                self._refuse(serving, e)
+            if (checkpoint := self._switch(serving)) is not None:
+                return checkpoint
         if file_model is not None and self.version is None:
             return self._adopt(file_model)
         if self.version is None and not self.enabled:
@@ -144,7 +146,9 @@ class Tuner:
                 "--model PATH (train one with: attnlstm train), or set a finetune interval "
                 "for a cold start"
             )
-        if self.version is None:
+        if self.version is None and self._refused is not None:
+            self._no_cold_start()
+        elif self.version is None:
             log.info(
                 "no model yet: keeping values, a first model is trained once there are "
                 "enough (cold start)"
@@ -162,33 +166,52 @@ class Tuner:
         if not events:
             return None
         self._seen = events[-1][0]
-        switches = [f for _, f in events if f is not None and f.get(b"event") in SWITCHES]
-        if not switches or (version := switches[-1][b"version"].decode()) == self.version:
+        switch = _last_switch(events)
+        if switch is None or switch[0] == self.version:
             return None
-        try:
-            checkpoint = self.store.get(version)
-        except CheckpointError as e:
-            self._refuse(version, e)
-            return None
-        log.info("switching to model %s (%s)", version, switches[-1][b"event"].decode())
-        return self._adopt(checkpoint)
-
-    def _adopt(self, checkpoint: Checkpoint | None, blob: bytes | None = None) -> Checkpoint | None:
-        """``checkpoint`` served from now on, where the worker can serve it."""
+        version, event = switch
+        checkpoint = self._switch(version)
         if checkpoint is not None:
-            try:
-                self._fits(checkpoint)
-            except ValueError as e:
-                log.error("%s: not served; serving %s unchanged", e, self.version)
-                return None
-            self.version = checkpoint.version
-            self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
-            self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
+            log.info("switched to model %s (%s)", version, event)
+        elif self.version is None:
+            self._no_cold_start()
         return checkpoint
 
-    def _refuse(self, version: str, error: CheckpointError) -> None:
-        log.error("refused model %s: %s; serving %s unchanged", version, error, self.version)
-        self.store.event(version, "refused", reason=str(error))
+    def _switch(self, version: str) -> Checkpoint | None:
+        """The store's serving ``version``, served from now on; None where it is refused
+        (missing, damaged, forged) or does not fit this worker, which serves what it
+        served."""
+        try:
+            checkpoint = self._adopt(self.store.get(version))
+        except CheckpointError as e:
+            log.error("refused model %s: %s; serving %s unchanged", version, e, self.version)
+            self.store.event(version, "refused", reason=str(e))
+            checkpoint = None
+        self._refused = None if checkpoint is not None else version
+        return checkpoint
+
+    def _adopt(self, checkpoint: Checkpoint, blob: bytes | None = None) -> Checkpoint | None:
+        """``checkpoint`` served from now on, where the worker can serve it."""
+        try:
+            self._fits(checkpoint)
+        except ValueError as e:
+            log.error("%s: not served; serving %s unchanged", e, self.version)
+            return None
+        self.version = checkpoint.version
+        self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
+        self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
+        return checkpoint
+
+    def _no_cold_start(self) -> None:
+        """A worker with no model, where the store serves one it refused: a first model
+        trained here could never be promoted (only while none serves), so none is."""
+        log.error(
+            "no model: the store serves model %s, which this worker cannot serve, and a "
+            "first model trained here would not replace it: no cold start while it serves. "
+            "Serve one this worker can: attnlstm models rollback VERSION, or attnlstm models "
+            "promote PATH",
+            self._refused,
+        )
 
     # -- fine-tuning ---------------------------------------------------------------
 
@@ -200,19 +223,18 @@ class Tuner:
         now = self._clock()
         if self.running:
             return self._poll(now)
-        cold = self.version is None
-        drift = not cold and scores.drifting(self.settings.drift_ratio)
-        if cold and not self._first_model_due(histories, now):
+        trigger = self._trigger(now, scores)
+        if trigger is None:
             return None
-        if not (cold or drift or now >= self._due):
-            return None
-        if not cold and not _usable_values(histories, self._min_points()):
-            self._due = now + self.settings.finetune_interval_s  # too little history yet
+        names, values = histories()
+        usable = _usable_values(values, self._min_points())
+        if usable < (COLD_START_VALUES if trigger == "cold" else 1):
+            self._put_off(trigger, now)  # too little history yet
             return None
         if self.lock.acquire()[0] != self.lock.token:
-            self._due = now + self.settings.finetune_interval_s  # someone else's turn
+            self._put_off(trigger, now)  # someone else's turn
             return None
-        if drift:
+        if trigger == "drift":
             log.info(
                 "drift: rolling MAE %.4g is over %.1fx its level %.4g; fine-tuning now",
                 scores.mae,
@@ -220,60 +242,92 @@ class Tuner:
                 scores.level,
             )
             scores.settle()
-        self._submit(histories, cold)
+        self._submit(names, values, trigger)
         return None
 
     @property
     def running(self) -> bool:
         return self._job_started is not None
 
-    def _poll(self, now: float) -> Checkpoint | None:
-        assert self._trainer is not None
-        assert self._job_started is not None
-        if self._trainer.ready():
-            return self._collect()
-        if now - self._job_started > JOB_TIMEOUT_S:
-            self._failed(f"still running after {JOB_TIMEOUT_S:.0f} s: stopped")
-            self.close()
-            self._due = now + self.settings.finetune_interval_s
-        return None
+    def _trigger(self, now: float, scores: Overall) -> Trigger | None:
+        """Why a fine-tune starts now, if one does. With no model: the first as soon as
+        there are values, the next ones on the schedule, none while the store serves a
+        version this worker refused. With one: a drift, or the schedule."""
+        if self.version is None:
+            waiting = now < self._cold_at or (self._tried and now < self._due)
+            return None if waiting or self._refused is not None else "cold"
+        if now >= self._drift_at and scores.drifting(self.settings.drift_ratio):
+            return "drift"
+        return "schedule" if now >= self._due else None
 
-    def _first_model_due(self, histories: Histories, now: float) -> bool:
-        if now < self._due_check:
-            return False
-        self._due_check = now + 1.0  # looking at every history costs: once a second
-        return _usable_values(histories, self._min_points()) >= COLD_START_VALUES
+    def _put_off(self, trigger: Trigger, now: float) -> None:
+        """A fine-tune that could not start now is tried again later, not at every batch."""
+        if trigger == "cold":
+            self._cold_at = now + COLD_RETRY_S
+        elif trigger == "drift":
+            self._drift_at = now + DRIFT_RETRY_S
+        else:
+            self._due = now + self.settings.finetune_interval_s
 
     def _min_points(self) -> int:
         return min_points(self.context, self.horizon, self.config.holdout)
 
-    def _submit(self, histories: Histories, cold: bool) -> None:
-        names, values = histories()
-        job = Job(
-            histories=values,
-            config=self.config,
-            serving=self._serving,
-            model_config=COLD_START_MODEL.to_dict(),
-        )
+    def _submit(self, names: list[str], values: list[np.ndarray], trigger: Trigger) -> None:
+        """The fine-tune begun (the lock is held): its process started where there is
+        none, and the job handed to it once it has (:meth:`_hand_over`)."""
+        self._tried = True
+        self._parent = self.version
+        self._job_started = self._clock()
+        what = "training a first model (cold start)" if trigger == "cold" else "fine-tuning"
+        log.info("%s on the recent history of %d series", what, len(names))
         if self._trainer is not None and not self._trainer.alive:
             log.warning("the fine-tuning process had died (%s): starting a new one", self._trainer)
             self._trainer.stop()
             self._trainer = None
         if self._trainer is None:
-            self._trainer = _Trainer(self.settings.finetune_threads)
-        self._parent = self.version
-        what = "training a first model (cold start)" if cold else "fine-tuning"
-        log.info("%s on the recent history of %d series", what, len(names))
+            try:
+                self._trainer = Trainer(self.settings.finetune_threads)
+            except OSError as e:  # out of processes, or of file descriptors
+                self._end(f"could not start the fine-tuning process: {e}")
+                return
+        self._job = Job(
+            histories=values,
+            config=self.config,
+            serving=self._serving,
+            model_config=COLD_START_MODEL.to_dict(),
+        )
+        self._hand_over(self._trainer, self._job)
+
+    def _hand_over(self, trainer: Trainer, job: Job) -> None:
+        """``job`` sent, once its process has started: a new one imports torch for
+        seconds first, and the serving thread polls it between batches, not waits."""
         try:
-            self._trainer.submit(job)
-        except OSError as e:  # it died just now: this one fails, the next gets a new one
-            self._failed(f"could not hand the job to the fine-tuning process: {e}")
-            self._trainer.stop()
-            self._trainer = None
-            self.lock.release()
-            self._due = self._clock() + self.settings.finetune_interval_s
+            if not trainer.started():
+                return
+            trainer.submit(job)
+        except (EOFError, OSError):  # it died as it started, or just now
+            self._end("the fine-tuning process died before it had the job")
             return
-        self._job_started = self._clock()
+        self._job = None  # the process has it: the histories are not held here
+
+    def _poll(self, now: float) -> Checkpoint | None:
+        trainer, started = self._trainer, self._job_started
+        assert trainer is not None
+        assert started is not None
+        if self._job is not None:
+            self._hand_over(trainer, self._job)
+        elif trainer.done():
+            return self._collect()
+        if self.running and now - started > JOB_TIMEOUT_S:
+            self._end(f"still running after {JOB_TIMEOUT_S:.0f} s: stopped")
+        return None
+
+    def _end(self, reason: str) -> None:
+        """A fine-tune that failed before its result: its process stopped (the next
+        fine-tune starts a new one), the lock released, the next one on the schedule."""
+        self._failed(reason)
+        self.close()
+        self._due = self._clock() + self.settings.finetune_interval_s
 
     def _collect(self) -> Checkpoint | None:
         assert self._trainer is not None
@@ -285,9 +339,10 @@ class Tuner:
         finally:
             self.lock.release()  # after the promotion: the next fine-tune starts from it
 
-    def _settle(self, trainer: _Trainer) -> Checkpoint | None:
-        """The finished fine-tune's candidate stored, and promoted if it passed its gate
-        and the version it started from still serves."""
+    def _settle(self, trainer: Trainer) -> Checkpoint | None:
+        """The finished fine-tune's candidate promoted (and stored) if it passed its
+        gate and the version it started from still serves; else rejected, and not
+        stored: it would push out the versions a rollback goes back to."""
         try:
             outcome = trainer.result()
         except NotEnoughDataError as e:
@@ -304,25 +359,30 @@ class Tuner:
             return None
         self.busy_s += outcome.scores["seconds"]
         scores = {k: _round(v) for k, v in outcome.scores.items()}
-        self.store.put(outcome.candidate, outcome.version)
         self.store.event(outcome.version, "trained", parent=self._parent, **scores)
         reason = outcome.reason
         if outcome.promote and self.store.promote(
-            outcome.version, self._parent, "promoted", reason=reason, **scores
+            outcome.candidate, outcome.version, self._parent, "promoted", reason=reason, **scores
         ):
             log.info("candidate %s promoted: %s", outcome.version, reason)
             self.metrics.finetunes.labels("promoted").inc()
             self._seen = self.store.last_event_id()
             return self._adopt(loads(outcome.candidate), outcome.candidate)
         if outcome.promote:
-            reason = (
-                f"{self.store.serving()} serves by now, promoted or rolled back to while it "
-                f"was fine-tuned from {self._parent}"
-            )
+            reason = self._overtaken()
         log.info("candidate %s rejected: %s", outcome.version, reason)
         self.metrics.finetunes.labels("rejected").inc()
         self.store.event(outcome.version, "rejected", reason=reason, **scores)
         return None
+
+    def _overtaken(self) -> str:
+        """Why a candidate that passed its gate was not promoted."""
+        serving = self.store.serving()
+        if serving == self._parent:  # newer versions stored meanwhile pushed it out
+            return "it was no longer stored when it was to be promoted"
+        if self._parent is None:
+            return f"{serving} serves by now: a first model is promoted only while none serves"
+        return f"{serving} serves by now, not {self._parent}, which it was fine-tuned from"
 
     def _failed(self, reason: str) -> None:
         """A fine-tune that failed: logged, counted, and an event on the models stream."""
@@ -334,71 +394,33 @@ class Tuner:
         if self._trainer is not None:  # a fine-tune in flight is dropped: it was not promoted
             self._trainer.stop()
             self._trainer = None
+        self._job = None
         if self._job_started is not None:
             self._job_started = None
             self.lock.release()
 
 
-def _usable_values(histories: Histories, usable: int) -> int:
+def _usable_values(values: list[np.ndarray], usable: int) -> int:
     """Values in the series whose history (at least ``usable`` long) a fine-tune uses."""
-    return sum(len(h) for h in histories()[1] if len(h) >= usable)
+    return sum(len(h) for h in values if len(h) >= usable)
+
+
+def _last_switch(events: list[Entry]) -> tuple[str, str] | None:
+    """The version and event of the last of ``events`` that changed the serving version;
+    one that names no version is logged and skipped (anyone who can write to the stream
+    can write one: it must not stop the worker)."""
+    last = None
+    for entry_id, fields in events:
+        if fields is None or (event := fields.get(b"event")) not in SWITCHES:
+            continue
+        if (version := fields.get(b"version")) is None:
+            log.warning(
+                "models event %s (%s) names no version: skipped", entry_id.decode(), event.decode()
+            )
+            continue
+        last = version.decode(), event.decode()
+    return last
 
 
 def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
-
-
-class _Trainer:
-    """One child process that runs fine-tunes sent over a pipe, for as long as the
-    worker runs. (A multiprocessing Pool terminated in the middle of a job leaks a
-    semaphore and says so at exit; a pipe has none.)"""
-
-    def __init__(self, threads: int) -> None:
-        context = get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._proc = context.Process(
-            target=_serve, args=(child, threads), name="attnlstm-finetune", daemon=True
-        )
-        self._proc.start()
-        child.close()
-
-    def submit(self, job: Job) -> None:
-        self._conn.send(job)
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.is_alive()
-
-    def __str__(self) -> str:
-        code = self._proc.exitcode
-        return f"pid {self._proc.pid}, " + ("running" if code is None else f"exit code {code}")
-
-    def ready(self) -> bool:
-        """A result is waiting (or the process died: then result() raises EOFError or
-        ConnectionResetError)."""
-        return self._conn.poll()
-
-    def result(self) -> Outcome:
-        ok, value = self._conn.recv()
-        if not ok:
-            raise value
-        outcome: Outcome = value
-        return outcome
-
-    def stop(self) -> None:
-        self._proc.terminate()
-        self._proc.join()
-        self._conn.close()
-
-
-def _serve(conn: Connection, threads: int) -> None:
-    init_process(threads)
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:  # the worker has gone
-            return
-        try:
-            conn.send((True, run_job(job)))
-        except Exception as e:  # sent back, to be logged by the worker
-            conn.send((False, e))

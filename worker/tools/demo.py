@@ -7,23 +7,30 @@ forecasts are read back from the output stream, drawn and summed up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis
 import torch
+from redis.exceptions import LockError
+from redis.lock import Lock
 from tqdm import tqdm
 
 from attnlstm.checkpoint import CheckpointError, load, save
-from attnlstm.data import load_csv, load_dataset
+from attnlstm.data import DataError, load_csv, load_dataset
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
     dataset_config,
@@ -36,19 +43,31 @@ from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
 from worker.app import build_engine
 from worker.contract import Fields
-from worker.embedded import url_or_embedded
+from worker.embedded import die_with_parent, url_or_embedded
+from worker.engine import Engine
 from worker.keys import Keys
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
 from worker.settings import Settings
+from worker.signals import STOP_SIGNALS, handled
 from worker.streams import connect, group_info
-from worker.tools.readback import SeriesView, draw, errors_by_time, read_views, summary
-from worker.tools.replay import csv_entries, replay, series_id, sine_entries
+from worker.tools.readback import SeriesView, Views, draw, errors_by_time, read_views, summary
+from worker.tools.replay import (
+    MAX_SINE_VALUES,
+    check_sine_size,
+    count_csv,
+    csv_entries,
+    replay,
+    series_id,
+    sine_entries,
+)
 
 log = logging.getLogger("attnlstm.demo")
 
 DEMO_KEYS = Keys.prefixed("demo:")  # beside a live system's, on a server given by URL
+DEMO_LOCK = "demo:lock"  # held by the demo running on a server (see _only_demo)
+LOCK_TTL_S = 30.0  # how long a demo's lock outlives a demo killed without its exit
 SHOWN = 3  # series drawn in forecasts.png
 CATCH_UP_S = 60.0  # longest wait for the worker to finish after the replay
 
@@ -66,12 +85,20 @@ class DemoPlan:
     drift_at: int | None = None  # step where every sine's frequency changes
 
     def __post_init__(self) -> None:
-        """Sines the replay would refuse, refused now: before the model is trained, not
-        in the replay's process once the worker runs."""
+        """Data the replay would refuse, refused now: before the model is trained or a
+        server started, not in the replay's process once the worker runs."""
         if self.csv is not None:
+            count_csv(self.csv)  # the whole file, as the replay reads it
             return
+        if self.entries > MAX_SINE_VALUES:
+            raise ValueError(
+                f"the sines to replay (--seconds x rate: {self.entries:.3g} entries) are more "
+                f"than the {MAX_SINE_VALUES:,} values a replay draws at once: a lower --seconds "
+                "or --rate"
+            )
         spec = self.sines()
         try:  # one series is checked as every one would be, in a fraction of the memory
+            check_sine_size(spec)
             make_sines(replace(spec, n_series=1))
         except ValueError as e:
             raise ValueError(
@@ -79,9 +106,15 @@ class DemoPlan:
                 f"/ --series): {e}"
             ) from None
 
+    @property
+    def entries(self) -> float:
+        """The sines' entries: ``seconds`` at ``rate`` (at 1000/s for --fast); inf past
+        the floats' range."""
+        return self.seconds * (self.rate or 1000.0)
+
     def sines(self) -> SineSpec:
         """The replayed sines: enough points for ``seconds`` at ``rate``."""
-        points = int(self.seconds * (self.rate or 1000.0) / self.series) + 1
+        points = int(self.entries / self.series) + 1
         return SineSpec(
             n_series=self.series, n_points=max(points, 2), noise=self.noise, drift_at=self.drift_at
         )
@@ -90,6 +123,13 @@ class DemoPlan:
 def run_demo(
     settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool
 ) -> dict[str, Any]:
+    # SIGTERM and SIGHUP stop the demo as Ctrl-C does: by default they killed it on the
+    # spot (exit 143), its replay and its embedded server's directory left behind.
+    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
+        return _demo(settings, plan, out_dir, progress=progress)
+
+
+def _demo(settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool) -> dict[str, Any]:
     settings = settings.with_keys(DEMO_KEYS).model_copy(
         update={"model": _model(out_dir, plan, progress), "metrics_port": 0}
     )
@@ -104,20 +144,8 @@ def run_demo(
             cluster=settings.cluster,
         )
         try:
-            settings = settings.on(client)
-            keys, lanes = settings.keys, _lanes(settings)
-            client.delete(keys.input, keys.partitions, keys.pool, keys.models, keys.versions)
-            client.delete(keys.serving, keys.finetune_lock, keys.finetune_fence)
-            for lane in lanes:
-                client.delete(lane.input, lane.output, lane.dead, lane.state, lane.lease)
-                client.delete(lane.fence, lane.handling)
-            worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
-            report = _run(client, url, worker, settings, plan, progress)
-            views = read_views(client, keys, partitions=settings.partitions)
-            report |= summary(views)
-            report["entries"] = sum(client.xlen(lane.input) for lane in lanes)
-            report["dead"] = sum(client.xlen(lane.dead) for lane in lanes)
-            events = [f for _, f in ModelStore(client, keys, keep=1, source="demo").events()]
+            with _only_demo(client):
+                report, views, events, worker = _live(client, url, engine, settings, plan, progress)
         finally:
             client.close()
     report |= _online(worker, events)
@@ -131,6 +159,66 @@ def run_demo(
     if plan.csv is not None:
         report |= _held_out(views, plan.csv)
     return report
+
+
+def _live(
+    client: redis.Redis,
+    url: str,
+    engine: Engine,
+    settings: Settings,
+    plan: DemoPlan,
+    progress: bool,
+) -> tuple[dict[str, Any], Views, list[Fields | None], Worker]:
+    """The demo's streams emptied, the run, and what it left: the report so far, the
+    forecasts read back, the models' events, and the worker."""
+    settings = settings.on(client)
+    keys, lanes = settings.keys, _lanes(settings)
+    client.delete(keys.input, keys.partitions, keys.pool, keys.models, keys.versions)
+    client.delete(keys.serving, keys.finetune_lock, keys.finetune_fence)
+    for lane in lanes:
+        client.delete(lane.input, lane.output, lane.dead, lane.state, lane.lease)
+        client.delete(lane.fence, lane.handling)
+    worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
+    report = _run(client, url, worker, settings, plan, progress)
+    views = read_views(client, keys, partitions=settings.partitions)
+    report |= summary(views)
+    report["entries"] = sum(client.xlen(lane.input) for lane in lanes)
+    report["dead"] = sum(client.xlen(lane.dead) for lane in lanes)
+    events = [f for _, f in ModelStore(client, keys, keep=1, source="demo").events()]
+    return report, views, events, worker
+
+
+@contextlib.contextmanager
+def _only_demo(client: redis.Redis) -> Iterator[None]:
+    """The demo's lock on this server (SET NX with a TTL) for the block, renewed while
+    it runs: two demos on one Redis emptied each other's streams and each reported the
+    mix, exit 0. A ValueError where another demo holds it."""
+    lock = client.lock(DEMO_LOCK, timeout=LOCK_TTL_S, thread_local=False)
+    if not lock.acquire(blocking=False):
+        raise ValueError(
+            f"another demo is running on this Redis: it holds {DEMO_LOCK!r} (a demo killed "
+            f"lets go of it within {LOCK_TTL_S:g} s); wait for it to end, or unset "
+            "ATTNLSTM_REDIS_URL to run this one on an embedded server of its own"
+        )
+    done = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(lock, done), name="demo-lock", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join()
+        with contextlib.suppress(LockError, redis.RedisError):  # lost, or the server gone
+            lock.release()
+
+
+def _renew(lock: Lock, done: threading.Event) -> None:
+    """The lock's TTL set afresh every third of it, until ``done``."""
+    while not done.wait(LOCK_TTL_S / 3):
+        try:
+            lock.reacquire()
+        except (LockError, redis.RedisError) as e:
+            log.warning("could not renew the demo's lock %s: %s", DEMO_LOCK, e)
 
 
 def _online(worker: Worker, events: list[Fields | None]) -> dict[str, Any]:
@@ -240,26 +328,35 @@ def _lanes(settings: Settings) -> list[Keys]:
     return [settings.keys.partition(k, settings.partitions) for k in range(settings.partitions)]
 
 
-def _replay_child(url: str, settings: Settings, plan: DemoPlan) -> None:
+def _replay_child(
+    url: str, settings: Settings, plan: DemoPlan, parent: int, errors: Connection
+) -> None:
     """The demo's producer, in its own process, as a real producer would be. Ctrl-C is
-    the parent's to handle: it stops this process."""
+    the parent's to handle: it stops this process; and so does the parent's death, even
+    by kill -9, after which the replay went on writing. An error of the user's or of
+    Redis goes to the parent through ``errors``, for one line there."""
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    client = connect(url, socket_timeout_s=30, client_name="replay", cluster=settings.cluster)
-    if plan.csv is not None:
-        entries = csv_entries(plan.csv)
-    else:
-        entries = sine_entries(plan.sines(), seed=plan.seed, bad_rate=plan.bad_rate)
-    seconds = None if plan.csv is not None else plan.seconds
-    replay(
-        client,
-        settings.input_stream,
-        entries,
-        rate=plan.rate,
-        seconds=seconds,
-        partitions=settings.partitions,
-    )
-    client.close()
+    try:
+        client = connect(url, socket_timeout_s=30, client_name="replay", cluster=settings.cluster)
+        if plan.csv is not None:
+            entries = csv_entries(plan.csv)
+        else:
+            entries = sine_entries(plan.sines(), seed=plan.seed, bad_rate=plan.bad_rate)
+        seconds = None if plan.csv is not None else plan.seconds
+        replay(
+            client,
+            settings.input_stream,
+            entries,
+            rate=plan.rate,
+            seconds=seconds,
+            partitions=settings.partitions,
+        )
+        client.close()
+    except (DataError, ValueError, redis.RedisError) as e:
+        errors.send(str(e))
+        sys.exit(1)
 
 
 def _run(
@@ -280,30 +377,57 @@ def _run(
         except BaseException as e:  # surfaced in the main thread below
             failure.append(e)
 
-    thread = threading.Thread(target=serve, name="worker")
-    producer = multiprocessing.get_context("spawn").Process(
-        target=_replay_child, args=(url, settings, plan), name="replay"
+    # A daemon: a worker that could not be stopped never holds up the exit.
+    thread = threading.Thread(target=serve, name="worker", daemon=True)
+    spawn = multiprocessing.get_context("spawn")
+    errors, child_errors = spawn.Pipe(duplex=False)
+    producer = spawn.Process(
+        target=_replay_child,
+        args=(url, settings, plan, os.getpid(), child_errors),
+        name="replay",
     )
     started = time.monotonic()
     interrupted = False
     thread.start()
     producer.start()
+    child_errors.close()  # the child's end: ours closed, its death reads as the end
     try:
         _wait(client, settings, producer, plan, progress)
     except KeyboardInterrupt:
         interrupted = True
         log.info("interrupted: stopping the replay and the worker")
     finally:
-        if producer.is_alive():
-            producer.terminate()
-        producer.join()
-        worker.stop()
-        thread.join()
+        _stop(worker, thread, producer)
     if failure:
         raise failure[0]
     if producer.exitcode not in (0, -15) and not interrupted:
-        raise RuntimeError(f"the demo's replay process failed (exit code {producer.exitcode})")
+        raise ValueError(f"the demo's replay failed: {_said(errors, producer.exitcode)}")
     return {"seconds": round(time.monotonic() - started, 1), "interrupted": interrupted}
+
+
+def _stop(
+    worker: Worker, thread: threading.Thread, producer: multiprocessing.process.BaseProcess
+) -> None:
+    """The worker first, then the replay; the server, the caller's, goes after. Deaf to
+    stop signals meanwhile: a second Ctrl-C that cut this short skipped the worker's
+    stop, and its thread retried forever on a server gone."""
+    with handled(STOP_SIGNALS, signal.SIG_IGN):
+        worker.stop()
+        if producer.is_alive():
+            producer.terminate()
+        producer.join()
+        thread.join(timeout=CATCH_UP_S)
+    if thread.is_alive():
+        log.warning("the worker had not stopped %.0f s after it was asked to", CATCH_UP_S)
+
+
+def _said(errors: Connection, exitcode: int | None) -> str:
+    """What the replay's process sent before it failed, or how it ended."""
+    try:
+        said = errors.recv() if errors.poll() else None
+    except EOFError:  # it sent nothing
+        said = None
+    return str(said) if said else f"its process ended with exit code {exitcode}"
 
 
 def _wait(

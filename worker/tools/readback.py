@@ -53,6 +53,24 @@ class SeriesView:
         )
 
 
+class Views(dict[str, SeriesView]):
+    """The views by series name, and how many entries of the output stream read were
+    skipped: a field missing, or one that does not decode (another producer's entry on
+    the stream, say). Counted and reported, not dropped silently, nor a crash."""
+
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
+class _Forecast:
+    """What a view takes from one forecast entry."""
+
+    id: bytes
+    src: bytes
+    yhat: float  # the first step
+    attention: list[float]
+
+
 def read_views(
     client: redis.Redis,
     keys: Keys,
@@ -60,7 +78,7 @@ def read_views(
     partitions: int = 1,
     series: set[str] | None = None,
     newest: int | None = None,
-) -> dict[str, SeriesView]:
+) -> Views:
     """Forecasts for ``series`` (all when None) among the output stream's last
     ``newest`` entries, joined with the input stream. With ``newest`` None both streams
     are read whole, and a view's ``position`` is the index in its whole series. With P
@@ -68,30 +86,52 @@ def read_views(
     wanted = list(range(partitions))
     if series is not None:
         wanted = sorted({partition_of(name, partitions) for name in series})
-    views: dict[str, SeriesView] = {}
+    views = Views()
     for k in wanted:
-        views |= _read_views(client, keys.partition(k, partitions), series, newest)
+        part = _read_views(client, keys.partition(k, partitions), series, newest)
+        views |= part
+        views.skipped += part.skipped
     return views
 
 
 def _read_views(
     client: redis.Redis, keys: Keys, series: set[str] | None, newest: int | None
-) -> dict[str, SeriesView]:
-    forecasts: dict[str, list[dict[bytes, bytes]]] = {}
-    first_src: bytes | None = None
+) -> Views:
+    forecasts: dict[str, list[_Forecast]] = {}
+    skipped = 0
     for entry_id, fields in _entries(client, keys.output, newest=newest):
         if fields is None:
             continue
-        name = fields[b"series"].decode()
+        try:
+            name = fields[b"series"].decode()
+        except (KeyError, UnicodeDecodeError):
+            skipped += 1
+            continue
         if series is None or name in series:
-            forecasts.setdefault(name, []).append({**fields, b"id": entry_id})
-            src = fields[b"src"]
-            first_src = src if first_src is None or id_key(src) < id_key(first_src) else first_src
-    if first_src is None:
-        return {}
-    start = b"-" if newest is None else first_src
-    values = _inputs(client, keys.input, set(forecasts), start=start)
-    return {name: _view(name, rows, values.get(name, [])) for name, rows in forecasts.items()}
+            forecast = _forecast(entry_id, fields)
+            if forecast is None:
+                skipped += 1
+            else:
+                forecasts.setdefault(name, []).append(forecast)
+    views = Views()
+    views.skipped = skipped
+    if forecasts:
+        first_src = min((f.src for rows in forecasts.values() for f in rows), key=id_key)
+        start = b"-" if newest is None else first_src
+        values = _inputs(client, keys.input, set(forecasts), start=start)
+        views |= {name: _view(name, rows, values.get(name, [])) for name, rows in forecasts.items()}
+    return views
+
+
+def _forecast(entry_id: bytes, fields: dict[bytes, bytes]) -> _Forecast | None:
+    """The entry's forecast, or None where a field is missing or does not decode."""
+    try:
+        src = fields[b"src"]
+        id_key(src)  # an entry id
+        yhat, attention = json.loads(fields[b"yhat"]), json.loads(fields[b"attn"])
+        return _Forecast(entry_id, src, float(yhat[0]), [float(a) for a in attention])
+    except (KeyError, IndexError, TypeError, ValueError):  # ValueError: bad JSON or UTF-8 too
+        return None
 
 
 def _inputs(
@@ -122,33 +162,35 @@ def _entries(client: redis.Redis, key: str, *, newest: int | None) -> Iterator[E
     yield from reversed(taken)
 
 
-def _view(
-    name: str, rows: list[dict[bytes, bytes]], inputs: list[tuple[bytes, Reading]]
-) -> SeriesView:
+def _view(name: str, rows: list[_Forecast], inputs: list[tuple[bytes, Reading]]) -> SeriesView:
     at = {entry_id: k for k, (entry_id, _) in enumerate(inputs)}
     n = len(inputs)
     value = np.asarray([r.value for _, r in inputs] + [np.nan], dtype=np.float64)  # n: not yet
     times = np.asarray([r.ts for _, r in inputs] + [np.nan], dtype=np.float64)
-    src = np.array([at.get(r[b"src"], n) for r in rows])
+    src = np.array([at.get(r.src, n) for r in rows])
     target = np.where(src < n, src + 1, n)
+    # A model of another window (promoted by hand) leaves shorter rows: NaN-padded.
+    attention = np.full((len(rows), max(len(r.attention) for r in rows)), np.nan)
+    for k, r in enumerate(rows):
+        attention[k, : len(r.attention)] = r.attention
     return SeriesView(
         name=name,
         target_ms=times[target],
-        forecast=np.array([json.loads(r[b"yhat"])[0] for r in rows], dtype=np.float64),
+        forecast=np.array([r.yhat for r in rows], dtype=np.float64),
         actual=value[target],
         naive=value[src],
-        attention=np.array([json.loads(r[b"attn"]) for r in rows], dtype=np.float64),
-        latency_ms=np.array(
-            [entry_ms(r[b"id"]) - entry_ms(r[b"src"]) for r in rows], dtype=np.float64
-        ),
+        attention=attention,
+        latency_ms=np.array([entry_ms(r.id) - entry_ms(r.src) for r in rows], dtype=np.float64),
         position=target,
     )
 
 
-def summary(views: dict[str, SeriesView]) -> dict[str, Any]:
-    """Figures over every view: forecasts, scored ones, MAE against naive, latency."""
+def summary(views: Views) -> dict[str, Any]:
+    """Figures over every view: forecasts, scored ones, MAE against naive, latency; and
+    ``skipped``, the entries read that were no forecast, when there were any."""
+    skipped = {"skipped": views.skipped} if views.skipped else {}
     if not views:
-        return {"forecasts": 0}
+        return {"forecasts": 0} | skipped
     every = list(views.values())
     latency = np.concatenate([v.latency_ms for v in every])
     ok = [v.scored for v in every]
@@ -165,7 +207,7 @@ def summary(views: dict[str, SeriesView]) -> dict[str, Any]:
     if error.size:
         out |= {"mae": float(error.mean()), "naive_mae": float(naive.mean())}
         out["mae_vs_naive"] = out["mae"] / out["naive_mae"] if out["naive_mae"] else None
-    return out
+    return out | skipped
 
 
 def errors_by_time(views: dict[str, SeriesView], *, bucket_ms: float) -> dict[str, np.ndarray]:

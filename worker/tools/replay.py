@@ -6,10 +6,13 @@ Sources yield entries (their fields, in stream order) and know nothing of Redis;
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +51,10 @@ MALFORMED: tuple[FlatFields, ...] = (
 
 _SEND_MAX = 5_000  # entries per round trip, at most
 _TICK_S = 0.001  # a paced replay sends what is due about this often
+_NAP_MAX_S = 1.0  # longest sleep between sends: a rate of 1e-300 waits, and never overflows
+# Sines are drawn whole before the first entry goes out, at about 50 bytes a value while
+# they are: 10 M values take some 500 MB.
+MAX_SINE_VALUES = 10_000_000
 
 
 def sine_entries(
@@ -59,6 +66,17 @@ def sine_entries(
     :func:`make_sines` refuses is a ValueError here, before anything is written."""
     values = make_sines(spec, seed=seed).values  # (series, points)
     return _steps(values, seed=seed, bad_rate=bad_rate, prefix=prefix)
+
+
+def check_sine_size(spec: SineSpec) -> None:
+    """ValueError when ``spec`` holds more than :data:`MAX_SINE_VALUES` values: drawn at
+    once, a day of a fast rate asked for hundreds of GB and ended in a MemoryError."""
+    values = spec.n_series * spec.n_points
+    if values > MAX_SINE_VALUES:
+        raise ValueError(
+            f"{spec.n_series:,} series of {spec.n_points:,} points is {values:,} values, "
+            f"more than the {MAX_SINE_VALUES:,} a replay draws at once: fewer series or points"
+        )
 
 
 def _steps(values: np.ndarray, *, seed: int, bad_rate: float, prefix: str) -> Iterator[FlatFields]:
@@ -99,24 +117,41 @@ def series_id(column: str) -> str:
 def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFields]:
     """The file's rows in file order, one entry per non-empty value cell, with ``ts``
     from the time column. Gaps and repeated times stay as they are; a value cell is
-    passed on as written, so the worker judges it like any producer's."""
+    passed on as written, so the worker judges it like any producer's. A row it cannot
+    replay is a DataError naming the file and line: :func:`count_csv` finds it before
+    anything is written."""
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             rows = csv.reader(f)
-            header = next(rows, None)
-            if not header:
-                raise DataError(f"{path}: empty file, expected a header row")
-            time_at, picks = _columns(path, header, layout)
-            for line, row in enumerate(rows, start=2):
-                if not any(cell.strip() for cell in row):
-                    continue
-                ts = b"%d" % _ms(path, line, _cell(row, time_at))
-                for series, at in picks(row):
-                    value = _cell(row, at)
-                    if value:
-                        yield (b"series", series, b"value", value.encode(), b"ts", ts)
+            try:
+                yield from _rows(path, rows, layout)
+            except csv.Error as e:  # a cell past the csv module's field limit
+                raise DataError(f"{path}:{rows.line_num}: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def count_csv(path: Path, layout: CsvLayout = CsvLayout()) -> int:
+    """How many entries :func:`csv_entries` gives, the whole file read: a check that
+    finds a row it cannot replay before the first entry is written (a stream half
+    written is worse than none)."""
+    return sum(1 for _ in csv_entries(path, layout))
+
+
+def _rows(path: Path, rows: Any, layout: CsvLayout) -> Iterator[FlatFields]:
+    """The entries of a :func:`csv.reader`'s rows (its ``line_num`` names the line)."""
+    header = next(rows, None)
+    if not header:
+        raise DataError(f"{path}: empty file, expected a header row")
+    time_at, picks = _columns(path, header, layout)
+    for row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        ts = b"%d" % _ms(path, rows.line_num, _cell(row, time_at))
+        for series, at in picks(row):
+            value = _cell(row, at)
+            if value:
+                yield (b"series", series, b"value", value.encode(), b"ts", ts)
 
 
 def _cell(row: Sequence[str], at: int) -> str:
@@ -128,26 +163,52 @@ _Picker = Callable[[list[str]], list[tuple[bytes, int]]]
 
 
 def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Picker]:
+    """The time column's index and the row's picker. Columns are taken by position: a
+    name twice in the header is refused where it is asked for by name."""
+
     def index(name: str) -> int:
-        if name not in header:
+        at = [k for k, h in enumerate(header) if h == name]
+        if not at:
             raise DataError(f"{path}: no column {name!r}; it has {header}")
-        return header.index(name)
+        if len(at) > 1:
+            raise DataError(
+                f"{path}: {len(at)} columns are named {name!r} "
+                f"(columns {', '.join(str(k + 1) for k in at)}); name them apart"
+            )
+        return at[0]
 
     time_at = index(layout.time_column) if layout.time_column else 0
     if layout.series_column is not None:
         series_at, value_at = index(layout.series_column), index(layout.value_column)
 
         return time_at, lambda row: [(_cell(row, series_at).encode(), value_at)]
-    wanted = list(layout.value_columns) or [h for k, h in enumerate(header) if k != time_at]
-    if not wanted:
+    picked = [index(name) for name in dict.fromkeys(layout.value_columns)]
+    positions = picked or [k for k in range(len(header)) if k != time_at]
+    if not positions:
         raise DataError(f"{path}: no value columns besides the time column")
-    wide = [(series_id(name).encode(), index(name)) for name in wanted]
+    wide = _series_of(path, header, positions)
     return time_at, lambda row: wide
+
+
+def _series_of(path: Path, header: list[str], positions: list[int]) -> list[tuple[bytes, int]]:
+    """Each value column's series id and index; a DataError where two columns would be
+    one series (``a,a``; ``a b,a_b``): their values would go out as one."""
+    first: dict[str, int] = {}
+    for at in positions:
+        name = series_id(header[at])
+        if name in first:
+            other = first[name]
+            raise DataError(
+                f"{path}: columns {other + 1} ({header[other]!r}) and {at + 1} "
+                f"({header[at]!r}) would both be series {name!r}; name them apart"
+            )
+        first[name] = at
+    return [(name.encode(), at) for name, at in first.items()]
 
 
 def _ms(path: Path, line: int, text: str) -> int:
     """ISO 8601 (a zone-less time is taken as UTC) or integer ms since the epoch."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # not '²', a digit int() refuses
         return int(text)
     try:
         moment = datetime.fromisoformat(text)
@@ -193,7 +254,9 @@ def replay(
     mark_partitions(client, keys, partitions)
     heads = [xadd(keys.partition(k, partitions).input, maxlen=maxlen) for k in range(partitions)]
     source = iter(entries)
-    paced_total = None if rate is None or seconds is None else round(seconds * rate)
+    paced_total = None  # entries to write, when paced for so long; no cap past sys.maxsize
+    if rate is not None and seconds is not None:
+        paced_total = round(min(seconds * rate, sys.maxsize))
     sent, done, interrupted = 0, False, False
     started = time.perf_counter()
     with tqdm(total=total, desc="replay", unit=" entries", disable=not progress) as bar:
@@ -214,11 +277,13 @@ def replay(
                 ]
                 done = len(batch) < due
                 if batch:
-                    round_trip(client, batch)
-                    sent += len(batch)
-                    bar.update(len(batch))
+                    with _ctrl_c_held():  # once sent, counted: the report says what Redis holds
+                        _send(client, batch, sent)
+                        sent += len(batch)
+                        bar.update(len(batch))
                 if rate is not None and not done:
-                    time.sleep(max(started + sent / rate - time.perf_counter(), _TICK_S))
+                    due_in = started + sent / rate - time.perf_counter()
+                    time.sleep(min(max(due_in, _TICK_S), _NAP_MAX_S))
         except KeyboardInterrupt:
             interrupted = True
     took = time.perf_counter() - started
@@ -230,3 +295,37 @@ def replay(
         "entries_per_s": round(sent / took, 1) if took > 0 else 0.0,
         "interrupted": interrupted,
     }
+
+
+def _send(client: redis.Redis, batch: list[FlatFields], written: int) -> None:
+    """One round trip. A Redis error raised says how many entries were written before
+    it (the command line words the error by its type: the count goes in its message)."""
+    try:
+        round_trip(client, batch)
+    except redis.RedisError as e:
+        e.args = (
+            f"{e} ({written:,} entries were written before it, and up to {len(batch):,} "
+            "more may have been)",
+        )
+        raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C held back until the block ends, then raised: cut short, a round trip left
+    entries in the stream that the report did not count. Only where Ctrl-C raises
+    KeyboardInterrupt (the main thread's default handler; the demo's replay ignores it)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
