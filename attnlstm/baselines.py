@@ -125,7 +125,21 @@ class _Fitted(Protocol):
 
 
 def _fit(name: str, y: np.ndarray, period: int, weekly: bool) -> _Fitted:
+    """``name`` fitted to ``y``; a ValueError naming it and the period where statsforecast
+    raises a bare Exception (AutoETS of period 450 on 800 values: "Parameters out of
+    range"), which no caller could tell from a bug."""
     sf = _statsforecast()
+    try:
+        return _fitted(sf, name, y, period, weekly)
+    except Exception as e:
+        if type(e) is not Exception:  # a narrower type says what it is already
+            raise
+        raise ValueError(
+            f"{name} cannot be fitted with period {period} on {len(y):,} values: {e}"
+        ) from e
+
+
+def _fitted(sf: Any, name: str, y: np.ndarray, period: int, weekly: bool) -> _Fitted:
     if name == "AutoETS":
         return _ETS(sf.AutoETS(season_length=period).fit(y))
     if name == "MSTL":

@@ -117,6 +117,11 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     expected = header.pop("sha256", None)
     if expected != _digest(header, tensors):
         raise CheckpointError(f"{source}: content hash mismatch, the file is corrupt or altered")
+    # A NaN or infinite weight makes every forecast NaN: a worker would dead-letter every
+    # valid entry ("forecast not finite") and promote the model to the store.
+    broken = next((name for name in sorted(tensors) if not tensors[name].isfinite().all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{source}: tensor {broken} holds NaN or infinite weights")
     try:
         meta = json.loads(header["meta"])  # RecursionError (a RuntimeError) when too deep
         model = AttentionLSTM(config)
@@ -190,13 +195,19 @@ def _config(header: dict[str, str], source: str) -> ModelConfig:
         config = ModelConfig.from_dict(json.loads(header["config"]))
     except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
+    check_config(config, source)
+    return config
+
+
+def check_config(config: ModelConfig, source: str = "checkpoint") -> None:
+    """CheckpointError unless ``config`` is within :data:`CONFIG_BOUNDS`: what loading
+    takes, so what training may make (a model over them is saved, then refused)."""
     for name, (low, high) in CONFIG_BOUNDS.items():
         value = getattr(config, name)
         if type(value) is not int or not low <= value <= high:
             raise CheckpointError(
                 f"{source}: {name} {value!r} is out of bounds (a whole number from {low} to {high})"
             )
-    return config
 
 
 def _check_layout(declared: dict[str, Declared], config: ModelConfig, source: str) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -63,38 +64,60 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     """Value columns of a CSV file with a header row, each one series.
 
     Without ``columns``, every column but the first (taken to be the time) is used.
-    Empty cells are gaps and are skipped; anything else that is not a finite number
-    is an error naming its line.
+    Empty cells are gaps and are skipped; anything else that is not a finite number,
+    and a row :func:`csv_rows` refuses, is an error naming its line.
     """
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
+            rows = list(csv_rows(path, f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
     if len(rows) < 2:
         raise DataError(f"{path}: needs a header row and at least one data row")
-    header = rows[0]
+    header = rows[0][1]
     wanted = list(columns) or header[1:]
     missing = [c for c in wanted if c not in header]
     if missing or not wanted:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
-    series = [_column(path, rows, header.index(name), name) for name in wanted]
-    return Dataset(wanted, series, _time_step(rows))
+    series = [_column(path, rows[1:], header.index(name), name) for name in wanted]
+    return Dataset(wanted, series, _time_step([row for _, row in rows[1:]]))
+
+
+def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
+    """The rows of the open CSV file ``f``, the header first, each with its line number.
+    A DataError naming the line where the quoting is broken (an unclosed quote would
+    take the rest of the file as one cell) and where a row has more cells than the
+    header (an unquoted comma: ``12,5`` for 12.5 would be read as 12). A shorter row's
+    missing cells are gaps."""
+    rows = csv.reader(f, strict=True)
+    width = 0
+    try:
+        for row in rows:
+            if not width:
+                width = len(row)
+            elif len(row) > width:
+                raise DataError(
+                    f"{path}:{rows.line_num}: {len(row)} cells where the header has {width}; "
+                    "quote a cell that holds a comma"
+                )
+            yield rows.line_num, row
+    except csv.Error as e:  # broken quoting, or a cell past the csv module's limit
+        raise DataError(f"{path}:{rows.line_num}: {e}") from None
 
 
 def _time_step(rows: list[list[str]]) -> float | None:
     """The median step of the first column in seconds, when it holds ISO 8601 times."""
     try:
-        times = [datetime.fromisoformat(row[0].strip()).timestamp() for row in rows[1:] if row]
+        times = [datetime.fromisoformat(row[0].strip()).timestamp() for row in rows if row]
     except (ValueError, IndexError):
         return None
     steps = np.diff(np.asarray(times))
     return float(np.median(steps)) if steps.size else None
 
 
-def _column(path: Path, rows: list[list[str]], index: int, name: str) -> np.ndarray:
+def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str) -> np.ndarray:
     values: list[float] = []
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows:
         cell = row[index].strip() if index < len(row) else ""
         if not cell:
             continue

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import torch
+# The names resolve_device takes: auto (CUDA when present), cpu, cuda, cuda:N. The
+# command line and the worker's settings check a name with it before torch is imported.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 def resolve_device(name: str) -> str:
     """``auto`` means CUDA when present, else the CPU; ``cuda`` without CUDA is an error."""
+    import torch  # here: DEVICE_PATTERN's users need not wait for it
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":

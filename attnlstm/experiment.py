@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from attnlstm.checkpoint import CONFIG_BOUNDS
 from attnlstm.data import Dataset
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
@@ -60,6 +61,8 @@ SEASONAL_WEIGHT_DECAY = 1e-4
 # (one step and a day ahead, within 0.003 MASE on each, two seeds), and the model alone
 # runs 1.9x as many windows a second.
 SEASONAL_HIDDEN = 16
+
+MAX_CONTEXT = CONFIG_BOUNDS["context"][1]  # values a model may read: what the worker keeps
 
 # Weeks that the seasonal profile (attnlstm.model) averages, for data with a weekly cycle.
 # On the electricity demand, blended with the model (two seeds), one step ahead: MASE
@@ -114,23 +117,30 @@ def seasonal_config(
     same hour yesterday, a week ago, and a week before yesterday, and with
     ``weekly_cycle`` a seasonal profile over PROFILE_WEEKS weeks; and an LSTM of
     SEASONAL_HIDDEN units. Without a period, a short window: 20 steps, one ahead.
-    ``fields`` override any of these.
+    ``fields`` override any of these. The profile, then the weekly lags, are left out
+    where they would reach further back than a checkpoint's context may: with a window
+    of one period, the profile past 588 steps, the lags past 1,250 (a day of minutes
+    has 1,440).
     """
     if period == 0:
         return ModelConfig(**fields)
     training = min(split_point(n, val_fraction) for n in lengths)
     weekly = training >= 21 * period
-    lags = (period, 6 * period, 7 * period) if weekly else (period,)
     base = {
         "window": period,
         "horizon": period,
-        "lags": lags,
+        "lags": (period, 6 * period, 7 * period) if weekly else (period,),
         "period": period,
         "profile_weeks": PROFILE_WEEKS if weekly and weekly_cycle else 0,
         "hidden_size": SEASONAL_HIDDEN,
         "attention_size": SEASONAL_HIDDEN,
     }
-    return ModelConfig(**(base | fields))
+    config = ModelConfig(**(base | fields))
+    for shorter in ({"profile_weeks": 0}, {"profile_weeks": 0, "lags": (period,)}):
+        if config.context <= MAX_CONTEXT:
+            break
+        config = ModelConfig(**(base | shorter | fields))
+    return config
 
 
 def train_model(

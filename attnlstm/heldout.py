@@ -261,18 +261,22 @@ def _row(
     cuts: list[int],
     seconds: float,
 ) -> Row:
+    """The scores of one forecaster. Where the naive forecast makes no error (a constant
+    series) a ratio to it is undefined: NaN, without numpy's warning for each."""
     smapes, coverage, width = [], [], []
-    for run, d, y, cut in zip(runs, days, series, cuts, strict=True):
-        truth = y[cut:]
-        smapes.append(smape(truth, run.one_step))
-        coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
-        # the mean width over the naive MAE, as the ratio of their sums over the tail
-        width.append(float(np.sum(run.one_hi - run.one_lo)) / d.one_naive.sum())
-    ahead = [d.ahead.sum() / d.ahead_naive.sum() for d in days if d.ahead.size]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for run, d, y, cut in zip(runs, days, series, cuts, strict=True):
+            truth = y[cut:]
+            smapes.append(smape(truth, run.one_step))
+            coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
+            # the mean width over the naive MAE, as the ratio of their sums over the tail
+            width.append(float(np.sum(run.one_hi - run.one_lo)) / d.one_naive.sum())
+        ahead = [d.ahead.sum() / d.ahead_naive.sum() for d in days if d.ahead.size]
+        mase = float(np.mean([d.one.sum() / d.one_naive.sum() for d in days]))
     no_interval = bool(np.isnan(runs[0].one_lo).all())
     return Row(
         name=name,
-        mase=float(np.mean([d.one.sum() / d.one_naive.sum() for d in days])),
+        mase=mase,
         smape=float(np.mean(smapes)),
         ahead_mase=float(np.mean(ahead)) if ahead else math.nan,
         coverage=math.nan if no_interval else float(np.mean(coverage)),

@@ -37,11 +37,12 @@ def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def smape(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Symmetric MAPE in percent, 0..200; points where both are 0 count as 0 error."""
+    """Symmetric MAPE in percent, 0..200; points where both are 0 count as 0 error, and a
+    NaN anywhere makes it NaN (``denom > 0`` is False for NaN: such points scored 0)."""
     _check(y_true, y_pred)
     denom = np.abs(y_true) + np.abs(y_pred)
     ratio = np.divide(
-        2.0 * np.abs(y_true - y_pred), denom, out=np.zeros_like(denom), where=denom > 0
+        2.0 * np.abs(y_true - y_pred), denom, out=np.zeros_like(denom), where=denom != 0
     )
     return float(100.0 * np.mean(ratio))
 

@@ -184,6 +184,21 @@ class AdditiveAttention(nn.Module):
         return context, weights
 
 
+def _unit(std: torch.Tensor) -> torch.Tensor:
+    """A power of two per window (B, 1) that brings a deviation far from 1 to order 1,
+    and 1 for the rest.
+
+    The scaling itself runs in float32, in which the inverse of a deviation below about
+    3e-39 (a valid series that lives at 1e-38) is infinite, and its forecasts with it.
+    Multiplying by a power of two is exact, so such a window forecasts as the same window
+    scaled up would; ordinary windows, multiplied by 1, keep their bits. Between 2**-64
+    and 2**64 neither the inverse nor the deviations come near float32's limits.
+    """
+    _, exponent = torch.frexp(std)  # std = mantissa * 2**exponent; 0 for 0
+    ones = torch.ones_like(std)
+    return torch.where(exponent.abs() > 64, torch.ldexp(ones, -exponent), ones)
+
+
 class AttentionLSTM(nn.Module):
     """``forward(x)`` takes raw values (B, context), oldest first, and returns forecasts
     (B, horizon) in the input's units, and attention weights (B, window) that sum to 1
@@ -230,8 +245,10 @@ class AttentionLSTM(nn.Module):
         # the mean is what needs float64; scaled in the model's own type, it costs one
         # pass over the context fewer.
         dtype = self.head.weight.dtype
-        inverse = 1 / torch.where(flat, torch.ones_like(std), std)
-        z = (x64 - mean).to(dtype).mul_(inverse.to(dtype))  # (B, C)
+        unit = _unit(std)
+        inverse = 1 / torch.where(flat, torch.ones_like(std), std * unit)
+        z = torch.addcmul(mean * -unit, x64, unit)  # (x - mean) * unit in one pass, exactly
+        z = z.to(dtype).mul_(inverse.to(dtype))  # (B, C)
         out, weights = self._forecast(z)
         scale = torch.where(flat, torch.zeros_like(std), std)
         return (mean + out.double() * scale).to(x.dtype), weights

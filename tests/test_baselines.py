@@ -22,6 +22,7 @@ from attnlstm.baselines import (
     day_origins,
     rolled,
 )
+from attnlstm.data import load_dataset
 
 PERIOD = 12  # "a day" of the synthetic series
 N, CUT, HORIZON, LEVEL = 360, 240, 12, 90
@@ -64,6 +65,17 @@ def test_unknown_model_and_no_origin_are_errors() -> None:
         roll("Theta", y, weekly=False)
     with pytest.raises(ValueError, match="no origin"):
         roll("AutoETS", y, weekly=False, cut=N - HORIZON + 1)
+
+
+def test_a_fit_statsforecast_refuses_is_a_value_error_naming_the_model_and_period() -> None:
+    """statsforecast raises a bare Exception, which `attnlstm evaluate --baselines
+    --period 450` on one sine printed as a traceback."""
+    y = load_dataset("sines", n_series=1).series[0]
+    with pytest.raises(
+        ValueError,
+        match=r"^AutoETS cannot be fitted with period 450 on 800 values: Parameters out of range$",
+    ):
+        rolled("AutoETS", y, cut=800, period=450, horizon=1, weekly=False)
 
 
 @pytest.mark.parametrize("name", STAT_MODELS)

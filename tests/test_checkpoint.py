@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import struct
@@ -21,12 +22,14 @@ from attnlstm.checkpoint import (
     CONFIG_BOUNDS,
     CheckpointError,
     _digest,
+    check_config,
     dumps,
     load,
     loads,
     save,
     version_of,
 )
+from attnlstm.experiment import seasonal_config
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
 from attnlstm.train import new_model
@@ -347,3 +350,39 @@ def test_meta_that_is_not_an_object_is_refused() -> None:
     """A checkpoint's metadata is read as a dict (its spread, by every worker serving it)."""
     with pytest.raises(CheckpointError, match="its meta is not a JSON object"):
         loads(_signed(*_small_model(), meta="[1, 2]"))
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf])
+def test_weights_that_are_not_finite_are_refused(weight: float) -> None:
+    """Every forecast of such a model is NaN: a worker served it, promoted it to the
+    store and dead-lettered every valid entry ("forecast not finite"), and evaluate
+    reported NaN scores, exit 0. The hash is right: the file is what was written."""
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    with torch.no_grad():
+        model.head.bias.fill_(weight)
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint: tensor head\.bias holds NaN or infinite weights$"
+    ):
+        loads(dumps(model)[0])
+
+
+@pytest.mark.parametrize(
+    ("period", "lags", "profile_weeks"),
+    [
+        (48, (48, 288, 336), 2),
+        (588, (588, 3528, 4116), 2),  # the profile reaches 17 periods back: 9,997 values
+        (589, (589, 3534, 4123), 0),
+        (1250, (1250, 7500, 8750), 0),  # the window and 7 periods: 10,000 values
+        (1251, (1251,), 0),
+        (1440, (1440,), 0),  # a day of minutes: context 24,481 with the weekly profile
+    ],
+)
+def test_the_default_model_of_a_period_reads_no_further_back_than_a_checkpoint_may(
+    period: int, lags: tuple[int, ...], profile_weeks: int
+) -> None:
+    """`attnlstm train` on a CSV of minutes wrote a checkpoint that no loader took: the
+    profile goes first, then the weekly lags, where they would reach past the bound."""
+    horizon = min(period, CONFIG_BOUNDS["horizon"][1])
+    config = seasonal_config(period, [100 * period], weekly_cycle=True, horizon=horizon)
+    assert (config.lags, config.profile_weeks) == (lags, profile_weeks)
+    check_config(config)

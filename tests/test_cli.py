@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -16,11 +17,13 @@ import redis
 import torch
 
 from attnlstm.baselines import available
+from attnlstm.checkpoint import save
 from attnlstm.device import resolve_device
+from attnlstm.model import AttentionLSTM
 from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.live import worker_settings
-from worker.cli.parser import build_parser
+from worker.cli.parser import MAX_POOL_WORKERS, build_parser
 
 REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
 
@@ -165,19 +168,51 @@ BAD_RUNS = [
     (["train", "--data", "cosine"], 1, "unknown data 'cosine'"),
     (["train", "--data", "sine", "--window", "990"], 1, "has 800 points before its held-out tail"),
     (["train", "--data", "sine", "--period", "400"], 1, "forecasts that read 800 values and 400"),
-    (["train", "--device", "tpu"], 1, "unknown device 'tpu'"),
+    (["train", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["evaluate", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["evaluate", "--model", "junk.st"], 1, "junk.st: not a safetensors checkpoint"),
     (["train", "--epochs", "1", "--out", "/proc/m.st"], 1, "cannot write checkpoint /proc/m.st"),
+    # Refused before the data is read (there is none here) or a model is trained.
+    (["train", "--data", "csv:/no/such.csv", "--out", "."], 1, "checkpoint .: it is a folder"),
+    (
+        ["train", "--data", "csv:/no/such.csv", "--out", "junk.st/m.st"],
+        1,
+        "cannot write checkpoint junk.st/m.st: junk.st is not a folder",
+    ),
+    (
+        ["train", "--data", "csv:/no/such.csv", "--hidden", "5000"],
+        2,
+        "argument --hidden: must be at most 4,096 (a checkpoint's bound) (see attnlstm train",
+    ),
+    (["train", "--data", "csv:/no/such.csv", "--horizon", "1001"], 2, "--horizon: must be at"),
+    (["train", "--data", "csv:/no/such.csv", "--layers", "17"], 2, "--layers: must be at most"),
+    (
+        ["train", "--data", "sines", "--series", "30000000"],
+        2,
+        "--series: 30,000,000 sines of 1,000 points are more than the 10,000,000 values",
+    ),
+    (
+        ["train", "--data", "csv:minutes.csv"],  # a day of minutes: horizon 1440
+        1,
+        "the model for period 1440: horizon 1440 is out of bounds (a whole number from 1 to "
+        "1000): no checkpoint of it would load; pass a smaller --window or --horizon, or "
+        "--period N (0: none)",
+    ),
     (["worker", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
     (["worker", "--redis-url", "http://h"], 1, "bad settings: redis_url: Value error, must start"),
     (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
-    (["worker", "--device", "gpu"], 1, "bad settings: device: String should match pattern"),
-    (["bench", "--device", "tpu"], 1, "unknown device 'tpu'"),
+    (["worker", "--device", "gpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
+    (["worker", "--dead-stream", "sensors"], 1, "dead_stream and input_stream are both"),
+    (["bench", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
     (["bench", "--workers", "1,2", "--runs", "models"], 1, "not of a pool (--workers)"),
+    (
+        ["bench", "--redis-url", "rediss://h:1/0?ssl_cert_reqs=no", "--runs", "models"],
+        1,
+        "attnlstm bench: error: Redis: Invalid SSL Certificate Requirements Flag: no",
+    ),
 ]
 
 
@@ -186,12 +221,32 @@ def test_user_errors_are_one_line_and_a_nonzero_exit(
     tmp_path: Path, args: list[str], code: int, message: str
 ) -> None:
     (tmp_path / "junk.st").write_bytes(b"\x00" * 64)
+    minutes = (f"2024-01-01T{t // 60:02d}:{t % 60:02d}:00,{t % 7}\n" for t in range(100))
+    (tmp_path / "minutes.csv").write_text("time,value\n" + "".join(minutes))
     proc = run(*args, cwd=tmp_path)
     assert proc.returncode == code
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
+
+
+def test_a_url_option_the_redis_client_refuses_is_one_line(tmp_path: Path) -> None:
+    """redis-py refuses it as it builds the connection, with a RedisError that no clause
+    caught: a traceback. (No server is asked: the client refuses before it connects.)"""
+    url = "rediss://h:1/0?ssl_cert_reqs=no"
+    proc = subprocess.run(
+        [*CLI, "replay", "--fast", "--points", "2", "--redis-url", url],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"attnlstm replay: error: Redis at {url}: Invalid SSL Certificate Requirements Flag: no\n",
+    )
 
 
 def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path) -> None:
@@ -259,8 +314,15 @@ def test_the_device_setting_takes_what_resolve_device_takes(device: str) -> None
 
 
 @pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:", "cuda:x", "cuda0"])
-def test_the_device_setting_refuses_any_other_name(device: str) -> None:
-    args = build_parser().parse_args(["worker", "--device", device])
+def test_the_device_setting_refuses_any_other_name(
+    device: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a flag, a usage error; from the environment, a bad setting."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--device", device])
+    assert "argument --device: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    monkeypatch.setenv("ATTNLSTM_DEVICE", device)
+    args = build_parser().parse_args(["worker"])
     with pytest.raises(ValueError, match="bad settings: device: String should match pattern"):
         worker_settings(args)
 
@@ -360,13 +422,30 @@ def test_a_device_this_machine_lacks_stops_the_worker_as_it_starts(tmp_path: Pat
         (["train", "--lr", "nan"], "--lr: expected a finite number"),
         (["train", "--lr", "0"], "--lr: must be a positive number"),
         (["demo", "--finetune-interval-s", "-1"], "--finetune-interval-s: must be >= 0"),
+        (["train", "--lr", "1e300"], "--lr: must be at most 1, got '1e300'"),
+        (["train", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+        (["evaluate", "--seed", str(2**64)], f"--seed: must be at most {2**64 - 1}, got"),
+        (["replay", "--fast", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+        (["bench", "--workers", "1,100000"], f"--workers: must be at most {MAX_POOL_WORKERS}"),
+        (["worker", "--max-wait-ms", "inf"], "--max-wait-ms: expected a finite number"),
+        (["worker", "--series-idle-s", "inf"], "--series-idle-s: expected a finite number"),
+        (["worker", "--checkpoint-interval-s", "inf"], "--checkpoint-interval-s: expected a"),
+        (["worker", "--finetune-interval-s", "inf"], "--finetune-interval-s: expected a finite"),
+        (["worker", "--drift-ratio", "nan"], "--drift-ratio: expected a finite number"),
+        (["worker", "--anomaly-threshold", "inf"], "--anomaly-threshold: expected a finite"),
+        (["worker", "--coverage", "nan"], "--coverage: expected a finite number"),
+        (["worker", "--promote-margin", "inf"], "--promote-margin: expected a finite number"),
+        (["evaluate", "--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N"),
+        (["plot", "--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N"),
+        (["demo", "--device", "gpu"], "--device: expected auto, cpu, cuda or cuda:N"),
     ],
 )
-def test_numbers_out_of_range_are_usage_errors(
+def test_values_out_of_range_are_usage_errors(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Refused as the arguments are read (exit 2): --seconds -5 once made a replay wait
-    forever, inf and nan ended in a traceback or a bare message, 0 wrote nothing."""
+    forever, inf and nan ended in a traceback or a bare message, 0 wrote nothing, and
+    --workers 1,1000 would have started a thousand processes."""
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(argv)
     assert stop.value.code == 2
@@ -471,3 +550,75 @@ def test_bench_on_a_redis_it_cannot_use_ends_in_one_line(
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert said in proc.stderr.strip().splitlines()[-1]
+
+
+def test_json_output_is_standard_json(small_model: dict[str, Any], workdir: Path) -> None:
+    """The naive forecast has no interval: its coverage was NaN, printed as the bare word
+    NaN, which no strict JSON parser takes. Now null."""
+
+    def refuse(word: str) -> None:
+        raise ValueError(f"not JSON: {word}")
+
+    proc = run("evaluate", "--model", "m.st", "--baselines", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    rows = {row["name"]: row for row in report["baselines"]}
+    assert rows["naive"]["coverage"] is None
+    assert rows["model"]["coverage"] > 0
+
+
+def test_a_reader_gone_ends_the_command_quietly(small_model: dict[str, Any], workdir: Path) -> None:
+    """`attnlstm evaluate | true`: writing the report fails (EPIPE), which was a traceback,
+    and another as Python flushed stdout at exit."""
+    read, write = os.pipe()
+    os.close(read)  # gone before the command writes
+    try:
+        proc = subprocess.run(
+            [*CLI, "evaluate", "--model", "m.st", "--threads", "1"],
+            cwd=workdir,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (1, "")
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"train_loss": 5, "val_loss": 5},
+        {"train_loss": {"a": 1}, "val_loss": {"a": 1}},
+        {"train_loss": [1.0, 0.5], "val_loss": [1.0]},
+        {"train_loss": [math.nan], "val_loss": [1.0]},  # a training that diverged
+    ],
+)
+def test_plot_draws_no_loss_curves_from_a_meta_that_holds_none(
+    meta: dict[str, Any], trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
+    """Its hash valid, a checkpoint's meta may hold anything: these ended in a TypeError
+    or matplotlib's error, as tracebacks, or drew NaN."""
+    save(tmp_path / "m.st", trained_sines, meta)
+    proc = run("plot", "--model", "m.st", "--out", "figs", "--json", cwd=tmp_path)
+    report = last_json(proc)
+    assert sorted(Path(p).name for p in report["written"]) == ["attention.png", "forecast.png"]
+    assert proc.stderr.strip() == (
+        "attnlstm plot: no loss.png: the checkpoint's meta holds no train_loss and val_loss "
+        "of as many finite numbers"
+    )
+
+
+def test_plot_refuses_data_too_short_for_the_model(
+    small_model: dict[str, Any], workdir: Path
+) -> None:
+    """As evaluate does: it wrote empty figures and exited 0."""
+    (workdir / "short.csv").write_text("t,v\n" + "".join(f"{t},{t % 3}\n" for t in range(15)))
+    proc = run("plot", "--data", "csv:short.csv", "--model", "m.st", "--out", "short", cwd=workdir)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "attnlstm plot: error: too little data: the shortest series has 15 points"
+    )
+    assert not (workdir / "short").exists()

@@ -16,7 +16,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from tests.cluster import LocalCluster, execute, keyslot, owner, primaries, transaction
 from tests.helpers import large_requests_logged
 from worker.keys import Keys
-from worker.lease import LIBRARY, VERSION, Fence
+from worker.lease import LIBRARY, VERSION, Fence, ensure_library
 from worker.streams import Wire, read_entries, read_group, xadd
 
 PARTITION, PARTITIONS = 3, 8
@@ -95,6 +95,18 @@ def test_function_load_reaches_every_primary(
     # The same by hand, node by node (what a loader without RedisCluster would do).
     for node in nodes:
         assert node.redis_connection.function_load(LIBRARY, replace=True) == b"attnlstm"
+
+
+def test_the_library_is_checked_on_every_primary(client: RedisCluster) -> None:
+    """A keyless FCALL goes to any one node: with the library on all primaries but one,
+    the check used to pass whenever it went elsewhere, and every call on that primary's
+    keys then failed ("Function not found"), retried for as long as the worker ran."""
+    client.function_load(LIBRARY, replace=True)
+    missing = primaries(client)[-1].redis_connection
+    for _ in range(10):  # by chance, each time a third of the checks went to that node
+        missing.function_flush()
+        ensure_library(cast(redis.Redis, client))  # as the worker holds it
+        assert missing.fcall("attnlstm_version", 0) == VERSION.encode()
 
 
 def test_a_publish_of_megabytes_leaves_every_nodes_log_of_large_requests_empty(

@@ -4,6 +4,8 @@ forecast entry's fields."""
 from __future__ import annotations
 
 import json
+import re
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -191,6 +193,31 @@ def test_bounds_rounded_outward_still_hold_the_forecast() -> None:
     ]
     outside = (nearest[0] > yhat_back) | (nearest[1] < yhat_back)
     assert outside.mean() > 0.2  # what the test would catch
+
+
+def test_values_an_ulp_past_a_decimal_are_rounded_outward_not_onto_it() -> None:
+    """Dividing by a power of ten rounds too: -0.7566898000000001 divided to exactly
+    7566898 and was published, rounded down, as -0.7566898, above the value (about one in
+    25 values an ulp past a 7-digit decimal were). Each bound is now outward of its value,
+    at most a unit of its last digit away, and written with a first digit of 1 to 9 (an
+    ulp below 1e-16, rounded down, was `` 0.999999e-16``)."""
+    rng = np.random.default_rng(11)
+    mantissas, exponents = rng.integers(10**6, 10**7, 3000), rng.integers(-22, 22, 3000)
+    decimals = [float(f"{m}e{k}") for m, k in zip(mantissas, exponents, strict=True)]
+    decimals += [float(f"1e{k}") for k in range(-299, 308)] + [-0.7566898]
+    near = np.array(decimals)
+    values = np.concatenate([near, np.nextafter(near, np.inf), np.nextafter(near, -np.inf)])
+    matrix = np.concatenate([values, -values]).reshape(-1, 6)
+    unit = 10.0 ** (np.floor(np.log10(np.abs(matrix))) - 6)
+    number = rb"[ -][1-9]\.\d{6}e[+-]\d{2,3}"
+    roundings: tuple[Literal["down", "up"], ...] = ("down", "up")
+    for rounding in roundings:
+        rows = decimal_rows(matrix, 7, rounding)
+        back = np.array([json.loads(text) for text in rows])
+        outward = (back - matrix) * (-1.0 if rounding == "down" else 1.0)
+        assert (outward >= 0).all(), matrix[outward < 0]
+        assert (outward <= unit + 1e-15 * np.abs(matrix)).all()  # one step at most
+        assert all(re.fullmatch(rb"\[%s(,%s)*\]" % (number, number), text) for text in rows)
 
 
 def test_rounding_down_and_up_at_signs_zero_and_powers_of_ten() -> None:

@@ -82,6 +82,12 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
         ("t,a\n", (), "needs a header row and at least one data row"),
         ("t,a\n1,\n", (), "column 'a' has no values"),
         ("t\n1\n", (), r"no column \(none\)"),
+        # A decimal comma: the value was read as 12, the 5 dropped.
+        ("t,a\n1,2\n2,12,5\n", (), r"d\.csv:3: 3 cells where the header has 2; quote"),
+        # An unclosed quote: the rest of the file was one cell, read as no value.
+        ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:4: unexpected end of data"),
+        ('t,a\n1,"2"5\n', (), r"d\.csv:2: ',' expected after '\"'"),
+        (f"t,a\n1,2\n2,{'1' * 200_000}\n", (), r"d\.csv:3: field larger than field limit"),
     ],
 )
 def test_bad_csv_says_where_and_why(

@@ -138,3 +138,12 @@ def test_the_statistical_models_are_scored_beside_it(capsys: pytest.CaptureFixtu
     last = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
     assert "baselines: 100%" in last
     assert "| 10/10 " in last
+
+
+def test_a_constant_series_has_no_ratio_to_naive_and_says_so_quietly() -> None:
+    """The naive forecast of a constant makes no error: each ratio to it is NaN, which
+    numpy warned of, once for every one, in the middle of `evaluate --baselines`."""
+    flat = Dataset(["flat"], [np.full(600, 5.0)])
+    with np.errstate(all="raise"):  # a warning here would be an error
+        rows = compare(_seasonal_naive_model(), flat, spread=_spread(), period=PERIOD).rows
+    assert all(np.isnan(row.mase) for row in rows)

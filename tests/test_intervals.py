@@ -92,3 +92,14 @@ def test_online_intervals_hold_their_coverage_from_a_wrong_start() -> None:
     assert 0.88 <= inside[1000:].mean() <= 0.92
     assert m[0] == 1.0  # each interval from the multiplier before its value arrived
     assert m[-1] == pytest.approx(1.645 / 0.72, rel=0.15)
+
+
+def test_a_constant_window_is_flat_at_any_level() -> None:
+    """numpy's deviation of a constant window at a level with no exact binary form is
+    rounding error (1e-17 at 0.1, 2e-10 at 1e6 + 0.1), where the model's is 0: flat all
+    the same. A real swing, however small beside its level, is not."""
+    levels = np.array([0.0, 0.1, 21.3, 1e6 + 0.1, -98765.4321])
+    np.testing.assert_array_equal(window_scale(np.repeat(levels[:, None], 20, axis=1), 20), 0)
+    swing = np.full((1, 20), 1e6)
+    swing[0, ::2] += 1e-4  # 5e-11 of the level
+    assert window_scale(swing, 20)[0] == pytest.approx(5e-5)

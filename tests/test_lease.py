@@ -100,6 +100,42 @@ def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: 
     assert client.pttl(keys.lease) > 0  # renewed with the writes
 
 
+def test_a_new_term_refuses_what_the_holder_sent_before_it(client: redis.Redis, keys: Keys) -> None:
+    """A worker that lost its connection re-syncs on a new one: a publish it sent on the
+    old one may still wait in the server's buffer for that connection, and land after
+    the re-sync published the same entries again. The re-sync takes the lease for a new
+    term, whose fence number refuses the old publish; with the same number, it was
+    written, and each of its forecasts was published twice."""
+    ensure_group(client, keys)
+    entry = cast(bytes, client.xadd(keys.input, {"series": "s", "value": "1"}))
+    client.xreadgroup(keys.group, "w", {keys.input: ">"})
+    a = lease(client, keys, "a")
+    assert a.acquire() == (a.token, 1)
+    forecast = (b"s", entry, b"1", b"[1.0]", b"[1.0]", b"v1", b"", b"")
+    sent_before = Fence(keys, a.token, 1, 5000).publish(forecasts=[forecast], acks=[entry])
+    assert a.acquire() == (a.token, 1)  # a renewal keeps the term
+    assert a.acquire(new_term=True) == (a.token, 2)
+    assert round_trip(
+        client, [Fence(keys, a.token, 2, 5000).publish(forecasts=[forecast], maxlen=9)]
+    )
+    with pytest.raises(redis.ResponseError, match="FENCED"):
+        round_trip(client, [sent_before])
+    assert client.xlen(keys.output) == 1
+
+
+def test_a_deleted_fence_number_starts_a_new_term(client: redis.Redis, keys: Keys) -> None:
+    """The fence key deleted under a held lease (someone "resetting" a counter): every
+    write at the old number is refused, and the holder's renewals used to keep the lease
+    alive at fence 0, which no write matched: no forecast, and no takeover, for as long
+    as the worker ran. The holder's next call starts a new term that writes again."""
+    a = lease(client, keys, "a")
+    assert a.acquire() == (a.token, 1)
+    client.delete(keys.fence)
+    token, number = a.acquire()
+    assert (token, number) == (a.token, 1)  # counted again from 1
+    assert round_trip(client, [Fence(keys, a.token, number, 5000).publish()]) == [0]
+
+
 def test_a_publish_acks_more_ids_than_one_command_takes(client: redis.Redis, keys: Keys) -> None:
     ensure_group(client, keys)
     pipe = client.pipeline(transaction=False)
@@ -126,3 +162,19 @@ def test_the_library_is_loaded_once_and_replaced_when_its_version_differs(
     assert redis_client.fcall("attnlstm_version", 0) == b"0"
     ensure_library(redis_client)
     assert redis_client.fcall("attnlstm_version", 0) == VERSION.encode()
+
+
+def test_a_newer_library_is_never_replaced(redis_client: redis.Redis) -> None:
+    """Workers of a newer release loaded their functions: this one stops with what to do
+    instead of loading its own over them, under the calls of those workers (it used to
+    replace them at every start and re-sync, each release undoing the other's)."""
+    newer = str(int(VERSION) + 1)
+    redis_client.function_load(
+        LIBRARY.replace(f"local VERSION = '{VERSION}'", f"local VERSION = '{newer}'"), replace=True
+    )
+    try:
+        with pytest.raises(ValueError, match=f"version {newer} of the attnlstm functions, newer"):
+            ensure_library(redis_client)
+        assert redis_client.fcall("attnlstm_version", 0) == newer.encode()
+    finally:
+        redis_client.function_load(LIBRARY, replace=True)

@@ -64,3 +64,10 @@ def test_score_reports_every_metric_and_seasonal_when_asked() -> None:
     assert set(report) >= {"val_mse", "val_mae", "naive_mse", "mase", "mase_seasonal"}
     assert report["val_mae"] == pytest.approx(0.01)
     assert report["seasonal_naive_mae"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_smape_of_a_nan_forecast_is_nan() -> None:
+    """NaN > 0 is False: a NaN forecast was skipped as if both were 0, and scored 0."""
+    y = np.array([[1.0], [2.0]])
+    assert math.isnan(smape(y, np.array([[math.nan], [2.0]])))
+    assert math.isnan(smape(np.array([[math.nan], [2.0]]), y))

@@ -205,6 +205,24 @@ def test_large_level_small_swing_keeps_its_signal(trained_sines: AttentionLSTM) 
     torch.testing.assert_close(yhat_high - 1e6, yhat, atol=1e-6, rtol=0)
 
 
+def test_a_series_of_tiny_values_forecasts_as_it_would_scaled_up(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Valid values go down to 1e-300, and the windows are scaled in float32, where the
+    inverse of a deviation below about 3e-39 is infinite: such a series was forecast at
+    +-inf, and its entries went to the dead stream. It now forecasts as the series scaled
+    up by a power of two does, bit for bit."""
+    x = _sine_windows()
+    yhat, attn = trained_sines(x)
+    for scale in (2.0**-130, 2.0**-500):
+        tiny_yhat, tiny_attn = trained_sines(x * scale)
+        assert torch.equal(tiny_yhat, yhat * scale)
+        assert torch.equal(tiny_attn, attn)
+    spike = torch.zeros(1, trained_sines.config.context, dtype=torch.float64)
+    spike[0, -1] = 1e-38  # zeros, then one tiny value
+    assert torch.isfinite(trained_sines(spike)[0]).all()
+
+
 def test_predicting_does_not_change_the_input(trained_sines: AttentionLSTM) -> None:
     x = _sine_windows().float()
     before = x.clone()

@@ -413,7 +413,7 @@ def test_a_model_of_another_shape_is_not_adopted(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
     """A model promoted by hand that reads another number of values than the worker keeps:
-    refused, and the fine-tunes go on from the model that serves, not from it."""
+    refused, and this worker serves what it served."""
     tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
     store = tuner.store
     served = tuner.start(loads(dumps(trained_sines)[0]))
@@ -424,6 +424,44 @@ def test_a_model_of_another_shape_is_not_adopted(
     store.set_serving(version, "promoted", reason="promoted by hand")
     assert tuner.sync(store.events(after=b"-")) is None
     assert tuner.version == served.version
+
+
+def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A candidate is promoted only over the version that serves, and the store serves
+    one this worker refused: a fine-tune here could never be promoted. None starts until
+    the store serves this worker's version again; one used to start on every interval,
+    trained for nothing, and was rejected as overtaken."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=5,
+    )  # fmt: skip
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    store = tuner.store
+    blob, wider = dumps(AttentionLSTM(replace(trained_sines.config, window=30)))
+    store.put(blob, wider)
+    store.set_serving(wider, "promoted", reason="promoted by hand")
+    assert tuner.sync(tuner.store.events(after=b"-")) is None
+    assert f"no fine-tunes while the store serves {wider}" in caplog.text
+    histories, scores = sines(20, 200), Overall(halflife_s=30)
+    try:
+        for _ in range(3):
+            clock.now += 10
+            tuner.tick(histories, scores)
+            assert not tuner.running
+        store.set_serving(served.version, "rolled_back", previous=wider)
+        assert tuner.sync(store.events(after=b"-")) is None  # it serves that one already
+        tuner.tick(histories, scores)
+        assert tuner.running
+    finally:
+        tuner.close()
 
 
 def test_a_malformed_switch_event_is_skipped(

@@ -449,8 +449,9 @@ def test_a_key_of_another_type_where_a_stream_goes_stops_the_worker_before_it_wr
     """A string where the anomalies (or dead-letter) stream should be: the batch with an
     event (a dead letter) for it is refused whole, before any write (a function keeps the
     writes made before one that fails, and each retry would publish the batch's forecasts
-    again), and the worker exits saying what to fix. With the key gone, a restart
-    publishes every forecast once."""
+    again), and the worker exits saying what to fix, its lease handed back (a successor
+    used to wait for it to lapse). With the key gone, a restart publishes every forecast
+    once."""
     values = spiked(sine_steps(100, 60, seed=35), 10, seed=35)
     ids = fill(redis_client, keys.input, values)
     redis_client.xadd(keys.input, {"series": "s0", "value": "abc"})  # a dead letter
@@ -458,6 +459,7 @@ def test_a_key_of_another_type_where_a_stream_goes_stops_the_worker_before_it_wr
     redis_client.set(key, b"an admin's")
     with pytest.raises(ValueError, match=f"{re.escape(key)} holds a string, not a stream"):
         new_worker(settings_for(redis_url, keys), trained_sines, burst=True).run()
+    assert redis_client.get(keys.lease) is None
     redis_client.delete(key)
     drain(settings_for(redis_url, keys), trained_sines)
     windowed = stood_in(redis_client, keys, values, ids)

@@ -171,6 +171,8 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--series", "3"], "one of the arguments --rate --fast is required"),
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
+        (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),
+        (["--fast", "--csv", "quote.csv"], "quote.csv:3: unexpected end of data"),
         # Sines past what a replay can draw: a MemoryError of 447 GiB, or an OverflowError.
         (["--rate", "1e9", "--seconds", "60", "--series", "1"], "is 6e+10 entries, more than"),
         (
@@ -187,6 +189,8 @@ def test_bad_arguments_are_one_line_errors(
     (tmp_path / "bad.csv").write_text("time,v\nnoon,1\n")
     (tmp_path / "sup.csv").write_text("time,v\n²,1\n")  # a digit, by str.isdigit
     (tmp_path / "wide.csv").write_text(f"time,v\n1,1\n2,{'x' * 200_000}\n")
+    (tmp_path / "comma.csv").write_text("time,v\n1,1\n2,12,5\n")  # a decimal comma
+    (tmp_path / "quote.csv").write_text('time,v\n1,"1\n2,2\n')  # a quote never closed
     proc = subprocess.run(
         [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
         capture_output=True,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from attnlstm.intervals import GAMMA
-from worker.online.scoring import Overall, Scored, Scorer
+from attnlstm.intervals import GAMMA, Spread, online_intervals, window_scale
+from worker.online.scoring import AVERAGES, STEP_SERIES, Overall, Scored, Scorer, Steps
 
 
 def _update(
@@ -365,3 +366,109 @@ def test_a_series_that_starts_afresh_meets_no_forecast_from_before_its_gap() -> 
     assert scorer.adaptive.multiplier(slot)[0] == 1.0
     again = scorer.update(slot, np.array([530.0]), np.array([[500.0]]), np.ones(1), 2.0)
     assert (again.count, again.scores.tolist()) == (1, [30.0])  # against the fresh one
+
+
+def test_every_partition_of_a_batch_counts_by_its_number_of_values() -> None:
+    """The worker scores a batch partition by partition, a call each at the batch's time.
+    Each call weighed by the time since the one before, the first partition's values took
+    the whole batch's weight: here a rolling MAE of 0.01 and a coverage of 1, for a
+    partition scored right (300 values) beside one all wrong (100)."""
+    overall = Overall(halflife_s=30)
+    for batch in range(3000):  # a batch every 20 ms
+        overall.add(np.full(300, 0.01), np.full(300, 1.0), np.zeros(300, bool), batch * 0.02)
+        overall.add(np.full(100, 5.0), np.full(100, 1.0), np.ones(100, bool), batch * 0.02)
+    assert overall.mae == pytest.approx((300 * 0.01 + 100 * 5.0) / 400)
+    assert overall.level == pytest.approx(overall.mae)
+    assert overall.coverage == pytest.approx(0.75)
+    assert overall.scored == 3000 * 400
+
+
+def test_a_batch_scored_in_parts_moves_every_average_as_the_batch_scored_at_once() -> None:
+    """Partitions of a batch, scored a call each at the batch's time: every average, the
+    step metrics' too, as if the batch's values had come in one call."""
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> tuple[np.ndarray, ...]:
+        """One partition's errors, the naive forecast's, misses, and the errors and
+        insides at each of 4 steps ahead (NaN: no forecast made that far back yet)."""
+        step_err = rng.exponential(size=(n, 4))
+        step_err[rng.random((n, 4)) < 0.3] = np.nan
+        inside = np.where(np.isnan(step_err), np.nan, rng.random((n, 4)) < 0.9)
+        err, naive = rng.exponential(size=n), rng.exponential(size=n)
+        return err, naive, rng.random(n) < 0.2, step_err, inside
+
+    split, whole = Overall(halflife_s=1), Overall(halflife_s=1)
+    now = 0.0
+    for _ in range(200):
+        now += rng.uniform(0.0, 0.2)
+        parts = [part(n) for n in rng.integers(0, 30, size=3)]
+        for err, naive, missed, step_err, inside in parts:
+            split.add(err, naive, missed, now, steps=(step_err, inside))
+        err, naive, missed, step_err, inside = map(np.concatenate, zip(*parts, strict=True))
+        whole.add(err, naive, missed, now, steps=(step_err, inside))
+    for name in AVERAGES:
+        np.testing.assert_allclose(getattr(split, name), getattr(whole, name), err_msg=name)
+    assert np.isfinite(whole.step_mae).all()
+
+
+def test_step_metrics_hold_a_small_error_at_a_large_level() -> None:
+    """Forecasts right at every step, at a level of 1e7 + 0.3: each step's error is 0 and
+    every value inside its interval (kept in float32, the forecasts were 1e7: an error of
+    0.3 at every step, and no value inside)."""
+    scorer = Scorer(Overall(halflife_s=30), half_width=np.ones(2), coverage=0.9)
+    y = 1e7 + 0.3 + 0.01 * np.sin(0.3 * np.arange(203))
+    for t in range(200):
+        scorer.update(np.array([0]), y[t : t + 1], y[None, t + 1 : t + 3], np.full(1, 0.01), t)
+    np.testing.assert_array_equal(scorer.overall.step_mae, [0.0, 0.0])
+    np.testing.assert_array_equal(scorer.overall.step_coverage, [1.0, 1.0])
+
+
+@pytest.mark.parametrize(("horizon", "sampled"), [(48, STEP_SERIES), (300, 11), (1025, 0)])
+def test_the_step_sample_takes_at_most_24_mib_whatever_the_horizon(
+    horizon: int, sampled: int
+) -> None:
+    """Each sampled series keeps its last ``horizon`` forecasts of ``horizon`` steps: at a
+    checkpoint's horizon of 1,000, 128 series took 1.5 GB a partition. Past a horizon of
+    90 fewer series are sampled, and past 1,024 none."""
+    steps = Steps()
+    tracemalloc.start()
+    try:
+        steps.fit(horizon)
+        taken, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert taken <= 24 * 2**20 + 2**16  # the ring, and a little more
+    slots, values = np.arange(200), np.zeros(200)
+    yhat = np.zeros((200, horizon))
+    for _ in range(2):
+        err, inside = steps.update(slots, values, yhat, yhat - 1, yhat + 1)
+    assert err.shape == inside.shape == (sampled, horizon)
+    np.testing.assert_array_equal(err[:, 0], 0.0)  # the first step ahead, scored
+
+
+def test_offline_intervals_adapt_as_the_worker_does_through_a_flat_stretch() -> None:
+    """attnlstm.intervals.online_intervals replays the worker's intervals offline (the
+    held-out report): through a flat stretch, whose intervals are zero wide, its
+    multiplier learnt from each value on the level, and came out at 0.025 where the
+    worker's stayed at 0.41 (65% of the values after it inside, not 92%)."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.sin(0.3 * np.arange(100)), np.zeros(300), np.sin(0.3 * np.arange(100))]
+    y += np.r_[np.zeros(400), 0.02 * rng.standard_normal(100)]
+    windows = np.lib.stride_tricks.sliding_window_view(y[:-1], 20)
+    target, one = y[20:], windows[:, -1]  # the naive forecast
+    scale, spread = window_scale(windows, 20), Spread.from_meta({}, 1)
+    lo, hi, m = online_intervals(target, one, scale, spread, 0.9)
+    scorer = Scorer(Overall(halflife_s=30), half_width=spread.at(0.9), coverage=0.9)
+    slot = np.array([0])
+    made = scorer.update(slot, np.zeros(1), one[:1, None], scale[:1], 0.0)
+    worker_lo, worker_hi, worker_m = [made.lo[0, 0]], [made.hi[0, 0]], []
+    after = zip(target, np.r_[one[1:], np.nan], np.r_[scale[1:], 0.0], strict=True)
+    for t, (value, yhat, deviation) in enumerate(after, start=1):
+        worker_m.append(scorer.adaptive.multiplier(slot)[0])
+        made = scorer.update(slot, np.array([value]), np.array([[yhat]]), np.array([deviation]), t)
+        worker_lo.append(made.lo[0, 0])
+        worker_hi.append(made.hi[0, 0])
+    np.testing.assert_allclose(m, worker_m, rtol=1e-12)
+    np.testing.assert_allclose(lo, worker_lo[:-1], rtol=1e-12)
+    np.testing.assert_allclose(hi, worker_hi[:-1], rtol=1e-12)
+    assert m[380] == m[100]  # the flat windows' values taught the multiplier nothing

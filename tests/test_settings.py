@@ -94,6 +94,73 @@ def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
         _settings(socket_timeout_s=1.5)  # the default block_ms is 1000
 
 
+def test_max_wait_ms_must_stay_at_most_half_the_socket_timeout() -> None:
+    """A batch's further reads block up to max_wait_ms: a longer one timed out the socket
+    (and 1e300 ended in a traceback)."""
+    _settings(max_wait_ms=5000.0, socket_timeout_s=10.0)
+    with pytest.raises(ValidationError, match=r"max_wait_ms \(5001\.0\) must be at most half"):
+        _settings(max_wait_ms=5001.0, socket_timeout_s=10.0)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "max_wait_ms",
+        "socket_timeout_s",
+        "series_idle_s",
+        "checkpoint_interval_s",
+        "finetune_interval_s",
+        "drift_ratio",
+        "anomaly_threshold",
+        "mae_halflife_s",
+        "finetune_lr",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_no_setting_is_infinite_or_nan(
+    field: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inf passed every lower bound, then ended in an OverflowError in the worker (a batch's
+    deadline, a series' idle time in ms, the socket's timeout) or turned a check off."""
+    monkeypatch.setenv(f"ATTNLSTM_{field.upper()}", value)
+    with pytest.raises(ValidationError, match=f"{field}\n  Input should be a finite number"):
+        _settings()
+
+
+def test_the_socket_timeout_is_at_most_an_hour() -> None:
+    _settings(socket_timeout_s=3600.0)
+    with pytest.raises(ValidationError, match="socket_timeout_s\n  Input should be less than"):
+        _settings(socket_timeout_s=1e300)  # redis-py's socket refused it: OverflowError
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"dead_stream": "sensors"}, "dead_stream and input_stream are both 'sensors'"),
+        ({"output_stream": "sensors"}, "output_stream and input_stream are both 'sensors'"),
+        ({"anomalies_stream": "sensors:dead"}, "anomalies_stream and dead_stream are both"),
+        ({"dead_stream": "forecasts"}, "dead_stream and output_stream are both 'forecasts'"),
+        ({"models_stream": "anomalies"}, "models_stream and anomalies_stream are both"),
+        ({"input_stream": "models"}, "models_stream and input_stream are both 'models'"),
+    ],
+)
+def test_the_streams_a_worker_writes_are_apart_from_its_input_and_each_other(
+    given: dict[str, str], said: str
+) -> None:
+    """A dead stream that is the input fed each bad entry back in: --burst never ended."""
+    with pytest.raises(ValueError, match=f"{said}.*: name another stream"):
+        from_flags(**given)
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["input_stream", "output_stream", "dead_stream", "anomalies_stream", "group", "models_stream"],
+)
+def test_an_empty_stream_or_group_name_is_refused(field: str) -> None:
+    with pytest.raises(ValidationError, match=f"{field}\n  String should have at least 1"):
+        _settings(**{field: ""})
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

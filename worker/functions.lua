@@ -6,11 +6,16 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '7'
+local VERSION = '8'
 
--- KEYS: lease, fence. ARGV: token, ttl_ms.
+-- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
--- holder's own call renews it. Reply: {fence number, holder's token}.
+-- holder's own call renews it; one for a new term (a worker getting in step again,
+-- maybe on a new connection after a dropped one) moves the fence number on too, so a
+-- write the holder sent before, still waiting in an old connection's buffer, is
+-- refused. So does a holder's call that finds the fence number gone (deleted): every
+-- write at the old number would be refused, and the lease never lapse.
+-- Reply: {fence number, holder's token}.
 local function lease(keys, args)
   local holder = redis.call('GET', keys[1])
   if not holder then
@@ -18,10 +23,14 @@ local function lease(keys, args)
     redis.call('SET', keys[1], args[1], 'PX', args[2])
     return {fence, args[1]}
   end
+  local fence = tonumber(redis.call('GET', keys[2]))
   if holder == args[1] then
     redis.call('PEXPIRE', keys[1], args[2])
+    if args[3] == '1' or not fence then
+      fence = redis.call('INCR', keys[2])
+    end
   end
-  return {tonumber(redis.call('GET', keys[2])) or 0, holder}
+  return {fence or 0, holder}
 end
 
 -- KEYS: lease. ARGV: token. The lease back, if the token holds it.

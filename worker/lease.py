@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 import redis
+from redis.cluster import RedisCluster
 
 from worker.attempts import Mark
 from worker.keys import Keys
-from worker.streams import Command, OutOfStepError, as_str
+from worker.streams import Command, OutOfStepError, as_str, cluster_of
 
-VERSION = "7"  # the library's, in functions.lua
+VERSION = "8"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -37,16 +38,25 @@ class FencedError(OutOfStepError):
 
 
 def ensure_library(client: redis.Redis) -> None:
-    """Make sure the server has this version of the functions, loading them if it may."""
+    """Make sure the server (each primary of a cluster) has this version of the
+    functions, loading them if it may. A newer version is never replaced: the workers
+    that loaded it call its functions as they are, and an older layout under their calls
+    could write a batch wrong, or half of it."""
     try:
-        if _version(client) == VERSION:
-            return
+        loaded = _versions(client)
     except redis.ResponseError as e:
         if "unknown command" not in str(e).lower():
             raise  # a refusal (NOPERM) says what is missing itself
         raise ValueError(
             f"this Redis has no functions ({e}): the worker needs Redis 7.0 or newer, or Valkey"
         ) from None
+    if loaded == {VERSION}:
+        return
+    if newer := sorted(v for v in loaded if v and v.isdigit() and int(v) > int(VERSION)):
+        raise ValueError(
+            f"Redis has version {newer[-1]} of the attnlstm functions, newer than this "
+            f"worker's {VERSION}: run this worker's newer release (its workers loaded them)"
+        )
     try:
         client.function_load(LIBRARY, replace=True)
     except redis.exceptions.NoPermissionError:
@@ -57,13 +67,23 @@ def ensure_library(client: redis.Redis) -> None:
         ) from None
 
 
-def _version(client: redis.Redis) -> str | None:
+def _versions(client: redis.Redis) -> set[str | None]:
+    """The library's version on the server, or on each primary of a cluster (where a
+    keyless FCALL goes to any one node); None where it has none."""
     try:
-        reply = client.fcall("attnlstm_version", 0)
+        if (cluster := cluster_of(client)) is None:
+            return {_text(client.fcall("attnlstm_version", 0))}
+        replies = cluster.execute_command(  # type: ignore[no-untyped-call]
+            "FCALL", "attnlstm_version", 0, target_nodes=RedisCluster.PRIMARIES
+        )
+        return {_text(v) for v in (replies.values() if isinstance(replies, dict) else [replies])}
     except redis.ResponseError as e:
         if "function not found" in str(e).lower():
-            return None
+            return {None}  # on some primary at least
         raise
+
+
+def _text(reply: object) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
@@ -142,10 +162,12 @@ class Lease:
         self.client, self.key, self.fence_key, self.ttl_ms = client, key, fence_key, ttl_ms
         self.token = token or process_token(owner)
 
-    def acquire(self) -> tuple[str, int]:
+    def acquire(self, *, new_term: bool = False) -> tuple[str, int]:
         """Take the lease if it is free, renew it if it is ours: (its holder's token,
-        the fence number). Ours when the holder is ``self.token``."""
-        args = (self.key, self.fence_key, self.token, self.ttl_ms)
+        the fence number). Ours when the holder is ``self.token``. ``new_term``: a
+        lease already ours gets a new fence number, which refuses every write sent
+        before at the old one (one still on its way from a dropped connection)."""
+        args = (self.key, self.fence_key, self.token, self.ttl_ms, "1" if new_term else "0")
         fence, holder = self.client.fcall("attnlstm_lease", 2, *args)
         return as_str(holder), int(fence)
 

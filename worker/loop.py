@@ -353,10 +353,12 @@ class Worker:
         self.metrics.series.set(series)
         windows = [part.windows for part in parts]
         yhat, attn = self._forecast(windows[0] if len(windows) == 1 else np.concatenate(windows))
-        calls, start = [], 0
+        # One time for the whole batch: Overall weighs a batch by the time since the last
+        # one, and takes the calls at the same time as one batch (worker.online.scoring).
+        calls, start, scored_at = [], 0, time.monotonic()
         for part in parts:
             end = start + int(part.forecast.sum())
-            calls.append(self._call(part, yhat[start:end], attn[start:end]))
+            calls.append(self._call(part, yhat[start:end], attn[start:end], scored_at))
             start = end
         self.pipeline.publish(calls)
 
@@ -410,10 +412,10 @@ class Worker:
         )
 
     def _call(
-        self, part: _Part, yhat: np.ndarray, attn: np.ndarray
+        self, part: _Part, yhat: np.ndarray, attn: np.ndarray, scored_at: float
     ) -> tuple[Command | None, Receipt]:
-        """One partition's part of a batch, forecast: scored, given intervals, and its
-        fenced call."""
+        """One partition's part of a batch, forecast: scored (as of ``scored_at``, the
+        batch's time), given intervals, and its fenced call."""
         lane, state, entries = part.lane, part.lane.state, part.entries
         made = np.full((part.forecast.size, self.horizon), np.nan)
         made[part.forecast] = yhat
@@ -424,7 +426,7 @@ class Worker:
             part.values,
             made,
             scale,
-            time.monotonic(),
+            scored_at,
             stand_in=functools.partial(self._stand_in, part, made, scale, yhat, attn)
             if self.settings.stand_in_anomalies
             else None,
@@ -657,6 +659,9 @@ class Worker:
                 lane.recovery.save(lane.state, lane.scorer.saved)
         else:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
+            for lane in self.lanes.values():  # a successor need not wait for them to lapse
+                with contextlib.suppress(*REDIS_ERRORS):
+                    lane.recovery.lease.release()
         with contextlib.suppress(*REDIS_ERRORS):
             self.pool.leave()
 

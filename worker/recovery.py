@@ -79,10 +79,13 @@ class Recovery:
         self._read: int | None = None
 
     def take_lease(self) -> str:
-        """Take the lease if it is free (renew it if ours): the holder's token, ours
-        (``lease.token``) or another worker's. The function library is loaded (the
-        worker ensures it before it takes any lease)."""
-        holder, number = self.lease.acquire()
+        """Take the lease if it is free, or begin a new term of it if ours (a re-sync
+        follows): the holder's token, ours (``lease.token``) or another worker's. A new
+        term's fence number refuses what this worker sent before it: a publish that
+        waited in the buffer of a connection since dropped would otherwise land after
+        the re-sync had published the same entries again. The function library is
+        loaded (the worker ensures it before it takes any lease)."""
+        holder, number = self.lease.acquire(new_term=True)
         self.metrics.connected = True
         self.metrics.beat()  # a standby is healthy: alive, and Redis answers
         if holder != self.lease.token:

@@ -24,10 +24,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from attnlstm.device import DEVICE_PATTERN
 from worker.keys import Keys
 from worker.streams import cluster_of
 
 URL_SCHEMES = ("redis", "rediss", "unix")
+# The streams a worker writes, each apart from the input and from one another: a dead
+# stream that is the input feeds each bad entry back in, for ever.
+WRITTEN_STREAMS = ("output_stream", "dead_stream", "anomalies_stream", "models_stream")
 MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
 
 
@@ -36,7 +40,11 @@ def default_consumer() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ATTNLSTM_", env_file=".env", extra="ignore")
+    # No inf or nan: every float here is a length of time, a rate or a ratio, and inf in
+    # one ended in an OverflowError deep in the worker, or silently turned something off.
+    model_config = SettingsConfigDict(
+        env_prefix="ATTNLSTM_", env_file=".env", extra="ignore", allow_inf_nan=False
+    )
 
     # Where Redis is: redis://[user:password@]host:port/db, rediss:// for TLS, or
     # unix:///path/to/socket. Unset: start the embedded server.
@@ -46,11 +54,12 @@ class Settings(BaseSettings):
     # A file holding the password of the URL's user (a docker secret, say), for a URL
     # that has none. Like a password in the URL, it never reaches the logs.
     redis_password_file: Path | None = None
-    input_stream: str = "sensors"
-    output_stream: str = "forecasts"
-    dead_stream: str = "sensors:dead"
-    anomalies_stream: str = "anomalies"  # values that fall far outside their interval
-    group: str = "forecasters"
+    input_stream: str = Field(default="sensors", min_length=1)
+    output_stream: str = Field(default="forecasts", min_length=1)
+    dead_stream: str = Field(default="sensors:dead", min_length=1)
+    # values that fall far outside their interval
+    anomalies_stream: str = Field(default="anomalies", min_length=1)
+    group: str = Field(default="forecasters", min_length=1)
     # This worker's name in the group: no spaces, at most 128 characters (the marks that
     # count a poison entry's attempts carry it: worker/attempts.py).
     consumer: str = Field(default_factory=default_consumer, pattern=r"^\S{1,128}$")
@@ -70,7 +79,7 @@ class Settings(BaseSettings):
     model_key_file: Path | None = None
     # auto (CUDA when present), cpu, cuda or cuda:N: the forms attnlstm.device.resolve_device
     # takes, checked here so that a misspelt one (ATTNLSTM_DEVICE=gpu) stops a worker at once.
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
 
     max_batch: int = Field(default=1024, ge=1)  # entries per model call, at most
@@ -79,7 +88,8 @@ class Settings(BaseSettings):
     batch_values: int = Field(default=2**19, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)  # how long a batch may wait to fill
     block_ms: int = Field(default=1000, ge=1)  # one blocking read's longest wait
-    socket_timeout_s: float = Field(default=10.0, gt=0)  # must stay well above block_ms
+    # Must stay well above block_ms and max_wait_ms; past an hour it is no timeout.
+    socket_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     output_maxlen: int = Field(default=1_000_000, ge=1)  # approximate cap on `forecasts`
     # Prediction intervals' coverage (lo and hi in every forecast); 0: no intervals, no
     # anomaly events.
@@ -113,7 +123,8 @@ class Settings(BaseSettings):
     finetune_holdout: float = Field(default=0.2, ge=0.05, lt=0.5)
     promote_margin: float = Field(default=0.02, ge=0, lt=1)  # MASE must drop this much
     finetune_threads: int = Field(default=1, ge=1)  # torch threads of the fine-tuner
-    models_stream: str = "models"  # model events; versions are stored under this name
+    # model events; versions are stored under this name
+    models_stream: str = Field(default="models", min_length=1)
     keep_models: int = Field(default=5, ge=2)  # stored versions kept: one to roll back to
 
     @field_validator("redis_url")
@@ -160,11 +171,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _block_below_timeout(self) -> Settings:
-        if self.block_ms / 1000 * 2 > self.socket_timeout_s:
-            raise ValueError(
-                f"block_ms ({self.block_ms}) must be at most half of socket_timeout_s "
-                f"({self.socket_timeout_s}), or a quiet stream looks like a dead server"
-            )
+        # A read blocks for up to block_ms, and a batch's next reads for up to max_wait_ms.
+        for name in ("block_ms", "max_wait_ms"):
+            if getattr(self, name) / 1000 * 2 > self.socket_timeout_s:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be at most half of socket_timeout_s "
+                    f"({self.socket_timeout_s}), or a quiet stream looks like a dead server"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_streams(self) -> Settings:
+        named = {"input_stream": self.input_stream}
+        for name in WRITTEN_STREAMS:
+            stream = getattr(self, name)
+            same = next((other for other, given in named.items() if given == stream), None)
+            if same is not None:
+                raise ValueError(f"{name} and {same} are both {stream!r}: name another stream")
+            named[name] = stream
         return self
 
     @property

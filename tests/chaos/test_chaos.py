@@ -24,6 +24,7 @@ from attnlstm.checkpoint import dumps, save
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
 from tests.chaos.conftest import Judged
+from tests.chaos.proxy import holding_proxy
 from tests.helpers import (
     WorkerThread,
     burst_cli,
@@ -34,6 +35,7 @@ from tests.helpers import (
     expected,
     fill,
     finetune_processes,
+    free_port,
     kill_connections,
     new_worker,
     other_model,
@@ -391,6 +393,46 @@ def test_a_re_sync_longer_than_the_lease_with_a_second_worker_starting(
         does=f"no state key, 30,000 handled entries re-read ({resync_s:.1f} s, lease 1 s) "
         "before 10,000 pending ones, a second worker started meanwhile",
     )
+
+
+def test_what_a_stalled_server_held_reaches_it_after_the_re_sync(
+    trained_sines: AttentionLSTM, judged: Judged
+) -> None:
+    """The server stalls under the worker's write (a fork, an fsync, a paused VM): the
+    worker's call times out, it drops the connection and re-syncs on a new one,
+    publishing again what it had sent. What it sent on the old connection, a publish or
+    a read, still waits in the server's buffer for it, and runs when the server does,
+    after the re-sync: ten times in a 30,000-entry drain. With one fence number for the
+    re-sync and before it, the publishes held were written too, each forecast twice."""
+    keys, values = Keys(), sine_steps(300, 100, seed=36)
+    with EmbeddedServer(port=free_port()) as server, holding_proxy(server.port) as proxy:
+        client = redis.Redis.from_url(server.url)
+        ids = fill(client, keys.input, values)
+        want = expected(trained_sines, values, ids)
+        settings = settings_for(
+            proxy.url, keys, max_batch=200, socket_timeout_s=1.0, block_ms=200, max_wait_ms=20
+        )
+        released = 0
+        with WorkerThread(new_worker(settings, trained_sines)) as running:
+            for _ in range(10):
+                at = client.xlen(keys.output)
+                running.wait_for(lambda: client.xlen(keys.output) > at + 500, timeout=60)  # noqa: B023
+                proxy.hold()
+                wait_for(lambda: proxy.held_bytes() > 0, timeout=30, what="a call held")
+                at = client.xlen(keys.output)  # on, past the held call, on a new connection
+                running.wait_for(lambda: client.xlen(keys.output) > at + 500, timeout=60)  # noqa: B023
+                released += proxy.release()
+                assert proxy.wait_released(timeout=30)
+            running.wait_for(lambda: drained(client, keys), timeout=120)
+        judged(
+            client,
+            keys,
+            want,
+            scenario="a stalled server's buffer, run after the re-sync",
+            does=f"10 times, what the worker sent as the server stalled ({released:,} bytes "
+            "in all) held until it had timed out, re-synced on a new connection and gone on",
+        )
+        client.close()
 
 
 def _finetune_child() -> multiprocessing.process.BaseProcess | None:

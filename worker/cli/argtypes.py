@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
+
+from attnlstm.device import DEVICE_PATTERN
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes up to this; numpy's generators, no sign
+
+
+class UsageError(ValueError):
+    """A flag's value that parsed, refused once the command runs by what it is used with
+    (a size past a checkpoint's bounds): a usage error all the same, exit 2."""
 
 
 def whole(text: str, least: int = 0) -> int:
@@ -20,6 +30,21 @@ def whole(text: str, least: int = 0) -> int:
 
 def positive(text: str) -> int:
     return whole(text, 1)
+
+
+def seed(text: str) -> int:
+    """A whole number from 0 to :data:`MAX_SEED`."""
+    value = whole(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED}, got {value}")
+    return value
+
+
+def device(text: str) -> str:
+    """auto, cpu, cuda or cuda:N; whether this machine has it is asked once it runs."""
+    if not re.match(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def fraction(text: str) -> float:
@@ -57,6 +82,15 @@ def positive_number(text: str) -> float:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """A number > 0 and at most 1: Adam's steps are about this size, on values scaled to
+    about 1; far past it, training overflows float32 (1e300 did, in a traceback)."""
+    value = positive_number(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text!r}")
+    return value
+
+
 def nonnegative_number(text: str) -> float:
     """A finite number >= 0: a spread, where 0 means none."""
     value = number(text)
@@ -75,9 +109,16 @@ def switch(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
-def counts(text: str) -> tuple[int, ...]:
-    """Whole numbers >= 1, comma-separated: ``1,2,4``."""
-    return tuple(positive(part.strip()) for part in text.split(","))
+def counts_to(most: int) -> Callable[[str], tuple[int, ...]]:
+    """A type for whole numbers from 1 to ``most``, comma-separated: ``1,2,4``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(positive(part.strip()) for part in text.split(","))
+        if max(values) > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {max(values)}")
+        return values
+
+    return parse
 
 
 def names_of(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:

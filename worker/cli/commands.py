@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, cast
@@ -16,6 +18,8 @@ import redis
 
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
+from worker.cli.argtypes import UsageError
+from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
 from worker.streams import fix_for
 
@@ -54,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     """The parsed command run, its report printed; the exit status."""
     try:
         report = command_of(args)(args)
+    except UsageError as e:  # as the parser says it
+        prog = f"attnlstm {args.command}"
+        print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
+        return EXIT_USAGE
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -63,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     except redis.ResponseError as e:
         print(f"attnlstm {args.command}: error: Redis refused: {refusal(e)}", file=sys.stderr)
         return EXIT_FAILURE
+    except redis.DataError:  # a value of ours the client refused to send: a bug here
+        raise
+    except redis.RedisError as e:  # a URL option redis-py refuses (ssl_cert_reqs=bogus)
+        print(f"attnlstm {args.command}: error: Redis: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot
         where = f" {e.filename}" if e.filename else ""
         print(f"attnlstm {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
@@ -70,8 +83,19 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"attnlstm {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    try:
+        _print_report(args, report)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `attnlstm evaluate | head -1`: whoever reads is gone
+        # Python's advice: point stdout at devnull, or the flush at exit fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    return 0
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(_standard(report), allow_nan=False))
     elif args.command == "bench":
         from worker.tools.bench import format_report
         from worker.tools.poolbench import format_pool_report
@@ -79,7 +103,18 @@ def run(args: argparse.Namespace) -> int:
         print((format_pool_report if args.workers else format_report)(report))
     else:
         _print_human(report)
-    return 0
+
+
+def _standard(value: Any) -> Any:
+    """``value`` with each NaN and infinity made None: standard JSON has no word for
+    them (a row without intervals has NaN coverage), and strict parsers refuse Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _standard(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_standard(v) for v in value]
+    return value
 
 
 def _print_human(report: dict[str, Any]) -> None:

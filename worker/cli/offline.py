@@ -4,15 +4,23 @@ Redis. Each takes the parsed arguments and returns the figures it reports."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeGuard
 
 import torch
 
 from attnlstm import baselines
-from attnlstm.checkpoint import open_checkpoint, save
+from attnlstm.checkpoint import (
+    CONFIG_BOUNDS,
+    CheckpointError,
+    check_config,
+    open_checkpoint,
+    save,
+)
 from attnlstm.data import Dataset, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
@@ -20,19 +28,32 @@ from attnlstm.experiment import (
     dataset_config,
     evaluate_model,
     series_forecast,
+    split_dataset,
     train_model,
     training_meta,
 )
 from attnlstm.heldout import Comparison, compare, format_margins, format_table
 from attnlstm.intervals import Spread
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
+from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import split_point
-from worker.cli.argtypes import positive
+from worker.cli.argtypes import UsageError, positive
+from worker.tools.replay import MAX_SINE_VALUES
+
+# train's flags that size the model: (flag, argument, the config field it sets).
+SIZE_FLAGS = (
+    ("--window", "window", "window"),
+    ("--horizon", "horizon", "horizon"),
+    ("--hidden", "hidden", "hidden_size"),
+    ("--layers", "layers", "num_layers"),
+)
 
 
 def train_command(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
+    _check_sizes(args)
+    _check_out(args.out)
     dataset, device = _prepare(args)
     period = dataset.daily_period() if args.period is None else args.period
     given = {
@@ -48,6 +69,13 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         num_layers=args.layers,
         **{name: value for name, value in given.items() if value is not None},
     )
+    try:
+        check_config(model_config, f"the model for period {model_config.period}")
+    except CheckpointError as e:
+        raise ValueError(
+            f"{e}: no checkpoint of it would load; pass a smaller --window or --horizon, "
+            "or --period N (0: none)"
+        ) from None
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -118,6 +146,8 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = open_checkpoint(args.model)
     checkpoint.model.to(device)
     name, values = dataset.names[0], dataset.series[0]
+    config = checkpoint.config  # refused as evaluate refuses it: too short to plot
+    split_dataset(Dataset([name], [values]), config.context, config.horizon, args.val_fraction)
     steps, forecast, attention = series_forecast(checkpoint.model, values, device=device)
     cut = split_point(len(values), args.val_fraction)
     written = [
@@ -136,10 +166,52 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
             title=f"{name}: attention over the window, held-out forecasts",
         ),
     ]
-    train_loss, val_loss = checkpoint.meta.get("train_loss"), checkpoint.meta.get("val_loss")
-    if train_loss and val_loss:
-        written.append(plot_losses(train_loss, val_loss, args.out / "loss.png"))
+    curves = _loss_curves(checkpoint.meta)
+    if curves is None:
+        print(
+            "attnlstm plot: no loss.png: the checkpoint's meta holds no train_loss and "
+            "val_loss of as many finite numbers",
+            file=sys.stderr,
+        )
+    else:
+        written.append(plot_losses(*curves, args.out / "loss.png"))
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
+
+
+def _loss_curves(meta: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The loss per epoch, training and validation, where the meta holds both as lists of
+    as many finite numbers. A checkpoint of another making, or of a training that
+    diverged (NaN), may hold anything there: its hash says who wrote it, not what."""
+    train, val = meta.get("train_loss"), meta.get("val_loss")
+    if _finite_list(train) and _finite_list(val) and len(train) == len(val) > 0:
+        return train, val
+    return None
+
+
+def _finite_list(curve: object) -> TypeGuard[list[float]]:
+    return isinstance(curve, list) and all(
+        type(x) in (int, float) and math.isfinite(x) for x in curve
+    )
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """A size past a checkpoint's bounds, refused before the data is read and the model
+    built (--hidden 200000 ended in torch's allocation error): training would only write
+    a file that no loader takes."""
+    for flag, name, field in SIZE_FLAGS:
+        value, most = getattr(args, name), CONFIG_BOUNDS[field][1]
+        if value is not None and value > most:
+            raise UsageError(f"argument {flag}: must be at most {most:,} (a checkpoint's bound)")
+
+
+def _check_out(path: Path) -> None:
+    """An --out that save cannot write (a folder, or a path under a file), refused before
+    the training rather than after it."""
+    if path.is_dir():
+        raise ValueError(f"cannot write checkpoint {path}: it is a folder")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"cannot write checkpoint {path}: {folder} is not a folder")
 
 
 def _tables(comparison: Comparison | None, as_json: bool, *, horizon: int) -> dict[str, Any]:
@@ -182,6 +254,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     n_series = args.series if isinstance(args.series, int) else _series_count(args.series)
+    points = SineSpec().n_points
+    if args.data == "sines" and n_series * points > MAX_SINE_VALUES:  # 30,000,000: MemoryError
+        raise UsageError(
+            f"argument --series: {n_series:,} sines of {points:,} points are more than "
+            f"the {MAX_SINE_VALUES:,} values drawn at once"
+        )
     return load_dataset(args.data, n_series=n_series, columns=args.column, seed=args.seed), device
 
 

@@ -7,18 +7,22 @@ a usage error is one line that points at ``--help``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
 from worker.cli.argtypes import (
-    counts,
+    counts_to,
+    device,
     fraction,
+    learning_rate,
     names_of,
     nonnegative_number,
     number,
     positive,
     positive_number,
+    seed,
     share,
     switch,
     whole,
@@ -26,6 +30,9 @@ from worker.cli.argtypes import (
 from worker.tools import RUNS
 
 EXIT_USAGE = 2
+# Workers a pool bench starts at most, each a process beside a raw client: past a few a
+# core they measure the scheduler (--workers 1,1000 started a thousand).
+MAX_POOL_WORKERS = 4 * (os.cpu_count() or 1)
 DESCRIPTION = (
     "Streaming forecasts with an Attention-LSTM: train and score models offline, run the "
     "worker on a Redis stream, feed it, watch it, measure it. Errors a user can cause end "
@@ -40,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _data_args(p: argparse.ArgumentParser, *, live: bool = False) -> None:
+def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool = False) -> None:
     p.add_argument(
         "--data",
         default="sine",
@@ -58,14 +65,15 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False) -> None:
         default=[],
         help="CSV value column (repeatable; default: every column but the first)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for data and training (default 0)")
+    seeded = "the sines and the training" if trains else "the sines"
+    p.add_argument("--seed", type=seed, default=0, help=f"seed for {seeded} (default 0)")
     p.add_argument(
         "--val-fraction",
         type=fraction,
         default=0.2,
         help="held-out tail of each series, in time order (default 0.2)",
     )
-    p.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument("--device", type=device, default="cpu", help="auto, cpu or cuda (default cpu)")
     p.add_argument(
         "--threads", type=positive, default=None, help="torch CPU threads (default: torch's)"
     )
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_args(train: argparse.ArgumentParser) -> None:
-    _data_args(train)
+    _data_args(train, trains=True)
     train.add_argument(
         "--period",
         type=whole,
@@ -166,7 +174,7 @@ def _train_args(train: argparse.ArgumentParser) -> None:
     train.add_argument("--epochs", type=positive, default=None, help=epochs)
     train.add_argument("--batch-size", type=positive, default=64, help="(default 64)")
     train.add_argument(
-        "--lr", type=positive_number, default=1e-2, help="peak learning rate (default 1e-2)"
+        "--lr", type=learning_rate, default=1e-2, help="peak learning rate, at most 1 (1e-2)"
     )
     train.add_argument(
         "--out", type=Path, default=Path("model.safetensors"), help="checkpoint path"
@@ -175,7 +183,7 @@ def _train_args(train: argparse.ArgumentParser) -> None:
 
 def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--model", type=Path, default=None, help="(default: an untrained model)")
-    bench.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    bench.add_argument("--device", type=device, default="cpu", help="auto, cpu or cuda (cpu)")
     bench.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
     bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")
@@ -200,9 +208,10 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     pool = bench.add_argument_group("a pool of workers (instead of the runs above)")
     pool.add_argument(
         "--workers",
-        type=counts,
+        type=counts_to(MAX_POOL_WORKERS),
         default=None,
-        help="pool sizes to run, e.g. 1,2,4: each beside as many raw clients",
+        help="pool sizes to run, e.g. 1,2,4: each beside as many raw clients; at most "
+        f"{MAX_POOL_WORKERS} (4 a CPU core)",
     )
     pool.add_argument(
         "--partitions", type=positive, default=12, help="partitions they share (default 12)"
@@ -229,10 +238,10 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--partitions", "partitions", positive, "P input streams STREAM{k}, a pool shares (1)"),
     ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
     ("--model-key-file", "model_key_file", Path, "key that signs and verifies stored models"),
-    ("--device", "device", str, "auto, cpu, cuda or cuda:N (default auto)"),
+    ("--device", "device", device, "auto, cpu, cuda or cuda:N (default auto)"),
     ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
     ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
-    ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (default 5)"),
+    ("--max-wait-ms", "max_wait_ms", number, "longest wait for a batch to fill (default 5)"),
     ("--block-ms", "block_ms", positive, "one blocking read's longest wait (default 1000)"),
     (
         "--output-maxlen",
@@ -240,8 +249,8 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         positive,
         "approximate cap on the forecasts, anomalies and dead streams (default 1000000)",
     ),
-    ("--coverage", "coverage", float, "prediction intervals' coverage, 0: none (default 0.9)"),
-    ("--anomaly-threshold", "anomaly_threshold", float, "anomaly: this many half-widths (5)"),
+    ("--coverage", "coverage", number, "prediction intervals' coverage, 0: none (default 0.9)"),
+    ("--anomaly-threshold", "anomaly_threshold", number, "anomaly: this many half-widths (5)"),
     (
         "--stand-in-anomalies",
         "stand_in_anomalies",
@@ -249,17 +258,17 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
         "on/off: anomalies enter windows as forecasts (on)",
     ),
     ("--max-series", "max_series", positive, "series with a window, at most (default 100000)"),
-    ("--checkpoint-interval-s", "checkpoint_interval_s", float, "window state saves (default 5)"),
+    ("--checkpoint-interval-s", "checkpoint_interval_s", number, "window state saves (default 5)"),
     ("--lease-ttl-ms", "lease_ttl_ms", positive, "the lease's time to live (default 10000)"),
-    ("--metrics-port", "metrics_port", int, "/metrics and /healthz port, 0: off (default 9108)"),
+    ("--metrics-port", "metrics_port", whole, "/metrics and /healthz port, 0: off (default 9108)"),
     ("--metrics-host", "metrics_host", str, "their address (default 127.0.0.1; 0.0.0.0: all)"),
     ("--history-len", "history_len", positive, "values kept per series (default 200)"),
     ("--history-series", "history_series", positive, "series that keep them (default 10000)"),
-    ("--series-idle-s", "series_idle_s", float, "idle series free their slot, 0: never (7 d)"),
-    ("--finetune-interval-s", "finetune_interval_s", float, "between fine-tunes, 0: off (300)"),
-    ("--drift-ratio", "drift_ratio", float, "rolling MAE / its level that fine-tunes now (1.5)"),
+    ("--series-idle-s", "series_idle_s", number, "idle series free their slot, 0: never (7 d)"),
+    ("--finetune-interval-s", "finetune_interval_s", number, "between fine-tunes, 0: off (300)"),
+    ("--drift-ratio", "drift_ratio", number, "rolling MAE / its level that fine-tunes now (1.5)"),
     ("--finetune-steps", "finetune_steps", positive, "optimiser steps a fine-tune (300)"),
-    ("--promote-margin", "promote_margin", float, "MASE drop a candidate needs (0.02)"),
+    ("--promote-margin", "promote_margin", number, "MASE drop a candidate needs (0.02)"),
     ("--models-stream", "models_stream", str, "model events and store (default models)"),
     ("--keep-models", "keep_models", positive, "stored model versions kept (default 5)"),
 )
@@ -298,7 +307,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="per series (default: enough for --seconds at --rate, else 1000)",
     )
-    sines.add_argument("--seed", type=int, default=0, help="same seed, same entries (default 0)")
+    sines.add_argument("--seed", type=seed, default=0, help="same seed, same entries (default 0)")
     sines.add_argument("--prefix", default="sine-", help="series ids are PREFIX0.. (sine-)")
     for flag, name, what in (
         ("--freq", "freq", "angular step, radians per point"),
@@ -354,6 +363,7 @@ def _demo_args(demo: argparse.ArgumentParser) -> None:
     )
     demo.add_argument(
         "--device",
+        type=device,
         default=None,
         help="auto, cpu, cuda or cuda:N (default: ATTNLSTM_DEVICE or auto)",
     )

@@ -96,10 +96,10 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
 @contextlib.contextmanager
 def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, Settings]]:
     """A client for the configured Redis, and the settings for it (a cluster's keys on a
-    Redis Cluster). A lost connection, and a command Redis refuses (a database index out
-    of range, a user without the right, a key of another type), are one-line errors
-    with what Redis said; an error of the client's own (redis.DataError: a bug here) is
-    not caught."""
+    Redis Cluster). A lost connection, a command Redis refuses (a database index out
+    of range, a user without the right, a key of another type), and a URL option the
+    client refuses (``ssl_cert_reqs=bogus``) are one-line errors with what was said; an
+    error of the client's own data (redis.DataError: a bug here) is not caught."""
     url = settings.url()
     if url is None:
         raise ValueError(
@@ -121,3 +121,7 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
     except redis.ResponseError as e:
         raise ValueError(f"Redis at {settings.url_for_logs()} refused: {refusal(e)}") from None
+    except redis.DataError:
+        raise
+    except redis.RedisError as e:
+        raise ValueError(f"Redis at {settings.url_for_logs()}: {e}") from None

@@ -10,7 +10,6 @@ The fast one running well above the slow one is drift.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from attnlstm.intervals import LOG_M_LIMIT, Adaptive
 from worker.state import rounds
 
 STEP_SERIES = 128  # slots per partition whose forecasts are scored at every step ahead
+STEP_FORECASTS = 2**20  # at most, per partition: series x horizon x horizon steps (Steps)
 MARKS = 4  # anomalies per series whose effect on its forecasts is followed at once
 NEVER = 2**62  # values since an anomaly, where none is followed
 # A stand-in lies at most this many times its series' usual change (the naive forecast's
@@ -31,10 +31,21 @@ NEVER = 2**62  # values since an anomaly, where none is followed
 STAND_IN_REACH = 3.0
 SERIES_ALPHA = 0.05  # per-series EMA weight of each new error (about 14 values' half-life)
 LEVEL_SLOWER = 10.0  # the level's half-life, in rolling-MAE half-lives
+# Overall's moving averages; "level" is the slow one.
+AVERAGES = ("mae", "naive_mae", "coverage", "level", "step_mae", "step_coverage")
 
 
 class Overall:
-    """The worker's errors over time, whichever partition they came from."""
+    """The worker's errors over time, whichever partition they came from.
+
+    Each average moves towards a batch's mean by a weight that grows with the time since
+    the batch before (``1 - 0.5 ** (dt / halflife_s)``): a half-life in seconds, however
+    many values a second come. The calls of :meth:`add` with the same ``now`` are one
+    batch, its mean over all their values: the worker scores each partition of a batch
+    in a call of its own, and with a clock read per call the first partition's errors
+    took nearly all of the batch's weight and the others' none (two partitions, one
+    scored right and one all wrong: a rolling MAE of 0.1 where the mean error was 2.5).
+    """
 
     def __init__(self, *, halflife_s: float) -> None:
         self.halflife_s = halflife_s
@@ -45,8 +56,11 @@ class Overall:
         self.step_mae = np.full(0, np.nan)  # (horizon,) fast, per step ahead, sampled series
         self.step_coverage = np.full(0, np.nan)  # (horizon,)
         self.scored = 0
-        self._since = math.nan  # time of the last update
+        self._since = math.nan  # time of the last batch
         self._started = math.nan
+        self._fast = self._slow = 0.0  # the last batch's weights
+        self._before: dict[str, Any] = {}  # AVERAGES as they were before the last batch
+        self._sums: dict[str, tuple[Any, Any]] = {}  # the last batch's sums and counts
 
     def add(
         self,
@@ -57,33 +71,47 @@ class Overall:
         *,
         steps: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """One batch's absolute errors, the naive forecast's, and which values fell
-        outside their interval (None: intervals off); ``steps``: the sampled series'
-        errors and insides at every step ahead (:class:`Steps`)."""
+        """One batch's absolute errors (or one partition's share of it: see the class),
+        the naive forecast's, and which values fell outside their interval (None:
+        intervals off); ``steps``: the sampled series' errors and insides at every step
+        ahead (:class:`Steps`)."""
         self.scored += err.size
-        e, n = float(err.mean()), float(naive.mean())
-        c = math.nan if missed is None else 1.0 - float(missed.mean())
+        if now != self._since:
+            self._start(now)
+        parts = {
+            "mae": (err.sum(), err.size),
+            "naive_mae": (naive.sum(), naive.size),
+            "level": (err.sum(), err.size),
+        }
+        if missed is not None:
+            parts["coverage"] = (missed.size - missed.sum(), missed.size)
+        if steps is not None and steps[0].size:
+            step_err, step_inside = steps
+            if self.step_mae.size != step_err.shape[1]:  # a new model's horizon
+                for name in ("step_mae", "step_coverage"):
+                    setattr(self, name, np.full(step_err.shape[1], np.nan))
+                    self._before[name] = getattr(self, name)
+                    self._sums.pop(name, None)
+            for name, per_step in (("step_mae", step_err), ("step_coverage", step_inside)):
+                parts[name] = (np.nansum(per_step, axis=0), (~np.isnan(per_step)).sum(axis=0))
+        for name, (total, count) in parts.items():
+            total_so_far, count_so_far = self._sums.get(name, (0.0, 0))
+            total, count = total_so_far + total, count_so_far + count
+            self._sums[name] = (total, count)
+            mean = np.divide(total, count, out=np.full(np.shape(total), np.nan), where=count > 0)
+            weight = self._slow if name == "level" else self._fast
+            setattr(self, name, _follow(self._before[name], mean, weight))
+
+    def _start(self, now: float) -> None:
+        """A new batch, at ``now``."""
         dt = 0.0 if math.isnan(self._since) else max(now - self._since, 0.0)
         if math.isnan(self._since):
             self._started = now
         self._since = now
-        fast = 1.0 - 0.5 ** (dt / self.halflife_s)
-        slow = 1.0 - 0.5 ** (dt / (self.halflife_s * LEVEL_SLOWER))
-        self.mae = _follow(self.mae, e, fast)
-        self.naive_mae = _follow(self.naive_mae, n, fast)
-        self.coverage = _follow(self.coverage, c, fast)
-        self.level = _follow(self.level, e, slow)
-        if steps is not None and steps[0].size:
-            step_err, step_inside = steps
-            if self.step_mae.size != step_err.shape[1]:
-                self.step_mae = np.full(step_err.shape[1], np.nan)
-                self.step_coverage = np.full(step_err.shape[1], np.nan)
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a step with no value yet
-                self.step_mae = _follow(self.step_mae, np.nanmean(step_err, axis=0), fast)
-                self.step_coverage = _follow(
-                    self.step_coverage, np.nanmean(step_inside, axis=0), fast
-                )
+        self._fast = 1.0 - 0.5 ** (dt / self.halflife_s)
+        self._slow = 1.0 - 0.5 ** (dt / (self.halflife_s * LEVEL_SLOWER))
+        self._before = {name: getattr(self, name) for name in AVERAGES}
+        self._sums = {}
 
     def drifting(self, ratio: float) -> bool:
         """The rolling MAE is ``ratio`` times its recent level, after at least one
@@ -92,8 +120,10 @@ class Overall:
         return bool(ratio > 0 and warmed and self.mae > ratio * self.level)
 
     def settle(self) -> None:
-        """After a new model starts serving: its errors are the new usual."""
-        self.level = self.mae
+        """After a new model starts serving: its errors are the new usual (and the
+        level the rest of a batch under way moves on from)."""
+        self.level = self._before["level"] = self.mae
+        self._sums.pop("level", None)
 
 
 def _follow(old: Any, new: Any, weight: float) -> Any:
@@ -389,19 +419,26 @@ def _since_from_quiet(saved: dict[str, np.ndarray], context: int) -> dict[str, n
 class Steps:
     """Every step ahead of the forecasts of the first STEP_SERIES slots, scored as their
     values arrive: for each, the last ``horizon`` forecasts (and intervals) it was made,
-    in a ring. A sample: keeping them for every series would take horizon^2 values each."""
+    in a ring. A sample: keeping them for every series would take horizon^2 values each,
+    and past a horizon of 90 the sample shrinks to keep at most STEP_FORECASTS of them
+    (24 MiB) per partition: a checkpoint of 1,000 steps ahead keeps one series' (all
+    STEP_SERIES would take 3 GB), and one of more than 1,024 none. In float64,
+    as the values come: float32 rounds a level of 1e7 + 0.3 to whole units, and gave
+    forecasts right to 0.001 an error of 0.3 at every step, and no value inside its
+    interval."""
 
     def __init__(self) -> None:
-        self._ring = np.full((STEP_SERIES, 0, 0, 3), np.nan, dtype=np.float32)
+        self._ring = np.full((STEP_SERIES, 0, 0, 3), np.nan)
         self._count = np.zeros(STEP_SERIES, dtype=np.int64)  # values seen, per slot
 
     def fit(self, horizon: int) -> None:
         """Forecasts of ``horizon`` steps from now on (a new model's may differ)."""
         if self._ring.shape[1] != horizon:
-            self._ring = np.full((STEP_SERIES, horizon, horizon, 3), np.nan, dtype=np.float32)
+            series = min(STEP_SERIES, STEP_FORECASTS // horizon**2)
+            self._ring = np.full((series, horizon, horizon, 3), np.nan)
 
     def forget(self, slots: np.ndarray) -> None:
-        slots = slots[slots < STEP_SERIES]
+        slots = slots[slots < self._ring.shape[0]]
         self._ring[slots] = np.nan
         self._count[slots] = 0
 
@@ -418,7 +455,7 @@ class Steps:
         of the m sampled slots, NaN where there was no such forecast. Only those rows are
         touched: a day-ahead batch of 1,024 has at most STEP_SERIES of them."""
         horizon = yhat.shape[1]
-        sampled = np.flatnonzero(slots < STEP_SERIES)
+        sampled = np.flatnonzero(slots < self._ring.shape[0])
         s, v = slots[sampled], values[sampled]
         ahead = np.arange(1, horizon + 1)
         made = (self._count[s, None] - ahead) % horizon  # (m, horizon): ring position

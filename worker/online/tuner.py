@@ -167,9 +167,12 @@ class Tuner:
             return None
         self._seen = events[-1][0]
         switch = _last_switch(events)
-        if switch is None or switch[0] == self.version:
+        if switch is None:
             return None
         version, event = switch
+        if version == self.version:  # back to what serves here: nothing refused now
+            self._refused = None
+            return None
         checkpoint = self._switch(version)
         if checkpoint is not None:
             log.info("switched to model %s (%s)", version, event)
@@ -188,6 +191,13 @@ class Tuner:
             self.store.event(version, "refused", reason=str(e))
             checkpoint = None
         self._refused = None if checkpoint is not None else version
+        if checkpoint is None and self.version is not None and self.enabled:
+            log.warning(
+                "no fine-tunes while the store serves %s: a candidate from %s would not be "
+                "promoted over it",
+                version,
+                self.version,
+            )
         return checkpoint
 
     def _adopt(self, checkpoint: Checkpoint, blob: bytes | None = None) -> Checkpoint | None:
@@ -250,12 +260,15 @@ class Tuner:
         return self._job_started is not None
 
     def _trigger(self, now: float, scores: Overall) -> Trigger | None:
-        """Why a fine-tune starts now, if one does. With no model: the first as soon as
-        there are values, the next ones on the schedule, none while the store serves a
-        version this worker refused. With one: a drift, or the schedule."""
+        """Why a fine-tune starts now, if one does: none while the store serves a version
+        this worker refused (a candidate from here is promoted only over the version
+        that serves). With no model: the first as soon as there are values, the next
+        ones on the schedule. With one: a drift, or the schedule."""
+        if self._refused is not None:
+            return None
         if self.version is None:
             waiting = now < self._cold_at or (self._tried and now < self._due)
-            return None if waiting or self._refused is not None else "cold"
+            return None if waiting else "cold"
         if now >= self._drift_at and scores.drifting(self.settings.drift_ratio):
             return "drift"
         return "schedule" if now >= self._due else None

@@ -7,7 +7,6 @@ Sources yield entries (their fields, in stream order) and know nothing of Redis;
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import re
 import signal
@@ -24,7 +23,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from attnlstm.data import DataError
+from attnlstm.data import DataError, csv_rows
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.keys import Keys
@@ -122,11 +121,7 @@ def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFie
     anything is written."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
-            rows = csv.reader(f)
-            try:
-                yield from _rows(path, rows, layout)
-            except csv.Error as e:  # a cell past the csv module's field limit
-                raise DataError(f"{path}:{rows.line_num}: {e}") from None
+            yield from _rows(path, csv_rows(path, f), layout)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -138,16 +133,18 @@ def count_csv(path: Path, layout: CsvLayout = CsvLayout()) -> int:
     return sum(1 for _ in csv_entries(path, layout))
 
 
-def _rows(path: Path, rows: Any, layout: CsvLayout) -> Iterator[FlatFields]:
-    """The entries of a :func:`csv.reader`'s rows (its ``line_num`` names the line)."""
-    header = next(rows, None)
+def _rows(
+    path: Path, rows: Iterator[tuple[int, list[str]]], layout: CsvLayout
+) -> Iterator[FlatFields]:
+    """The entries of :func:`attnlstm.data.csv_rows`'s rows."""
+    _, header = next(rows, (0, []))
     if not header:
         raise DataError(f"{path}: empty file, expected a header row")
     time_at, picks = _columns(path, header, layout)
-    for row in rows:
+    for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
-        ts = b"%d" % _ms(path, rows.line_num, _cell(row, time_at))
+        ts = b"%d" % _ms(path, line, _cell(row, time_at))
         for series, at in picks(row):
             value = _cell(row, at)
             if value:
