@@ -22,7 +22,7 @@ mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.l
 mirror=${mirror:-http://deb.debian.org/debian}
 
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+trap 'rm -rf "$root" "$root.tar"' EXIT
 echo "base-image: bootstrapping Debian bookworm from $mirror"
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     bookworm "$root" "$mirror" >"$root.log" 2>&1 || {
@@ -34,8 +34,13 @@ rm -f "$root.log"
 # What an image needs no copy of: downloaded packages, package lists, documentation.
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/locale/*
-tar -C "$root" -c . | docker import \
+# Nor of this host's resolver and name, which debootstrap copies in: Docker gives each
+# container its own.
+rm -f "$root/etc/resolv.conf" "$root/etc/hostname"
+# Through a file, not a pipe: sh has no pipefail, and a tar that failed made an image.
+tar -C "$root" -cf "$root.tar" .
+docker import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'CMD ["/bin/bash"]' \
-    - "$tag" >/dev/null
+    "$root.tar" "$tag" >/dev/null
 echo "base-image: built $tag ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1 / 1e6}'))"

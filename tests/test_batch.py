@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from worker.batch import Anomalies, Forecasts, batch_call, handled_before, triage
+from worker.contract import reason_kind
 from worker.keys import Keys
 from worker.lease import Fence
 
@@ -138,3 +139,30 @@ def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
     assert call[-2:] == (b"5-0", b"7-0")
     assert receipt.entered_ms.tolist() == [7.0]
     assert receipt.dead_reasons == ["the model's forecast is not finite"]
+
+
+def test_entries_put_aside_are_not_replayed_into_the_windows() -> None:
+    """Put aside at max_attempts (dead-lettered and acked), an entry was never in the
+    windows: a re-read that meets it skips it, where it took it in, and handled it."""
+    entries = [(b"5-0", GOOD), (b"6-0", GOOD), (b"7-0", GOOD)]
+    pending = {b"7-0": 5}
+    batch = triage(entries, pending=pending, series_ids={}, last_id=b"4-0", max_attempts=5)
+    assert batch.aside == [b"7-0"]
+    batch = triage(
+        entries, pending={}, series_ids={}, last_id=b"4-0", max_attempts=5, put_aside={b"7-0"}
+    )
+    assert (batch.ids, batch.dead, batch.acks) == ([b"5-0", b"6-0"], [], [])
+
+
+def test_an_entry_id_past_int64_is_bad_input() -> None:
+    """Redis takes ids of two unsigned 64-bit numbers; the windows hold them as int64,
+    whose conversion raised OverflowError and stopped the worker for good."""
+    big = [b"1700000000000-9223372036854775808", b"9223372036854775808-0"]
+    entries = [(b"1700000000000-9223372036854775807", GOOD), *((i, GOOD) for i in big)]
+    batch = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
+    assert batch.ids == [b"1700000000000-9223372036854775807"]  # the largest that fits
+    reasons = [f"id has a part past 2**63-1 (the worker keeps ids as int64): {i.decode()!r}"
+               for i in big]  # fmt: skip
+    assert [(i, r) for i, _, r in batch.dead] == list(zip(big, reasons, strict=True))
+    assert batch.acks == [i for i, _ in entries]
+    assert {reason_kind(r) for r in reasons} == {"id"}

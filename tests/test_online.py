@@ -516,7 +516,8 @@ def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve
 ) -> None:
     """The store serves a model that reads 30 values, and this worker keeps 20: it
     cannot serve it, and a first model trained here would never be promoted (only while
-    none serves). It trains none, and says why; it used to train one after another, each
+    none serves). It trains none, and says why, in its log and its /healthz (which had
+    answered 200 while it forecast nothing); it used to train one after another, each
     rejected as overtaken by a version that had served before it began."""
     store = ModelStore(redis_client, keys, keep=5, source="another-worker")
     blob, wider = dumps(AttentionLSTM(replace(COLD_START_MODEL, window=30)))
@@ -527,6 +528,10 @@ def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve
     tuner = _tuner(redis_client, redis_url, keys, cold, clock, finetune_interval_s=10)
     assert tuner.start(None) is None
     assert f"the store serves model {wider}, which this worker cannot serve" in caplog.text
+    tuner.metrics.connected = True
+    ok, body = tuner.metrics.health(stale_after_s=60)  # what /healthz answers: 503
+    assert (ok, body["model"]) == (False, None)
+    assert body["no_model"] == f"the store serves model {wider}, which this worker cannot serve"
     histories, scores = sines(20, 200), Overall(halflife_s=30)
     try:
         for _ in range(5):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 import threading
@@ -32,6 +33,7 @@ from tests.helpers import (
     drained,
     entries,
     expected,
+    fill,
     new_worker,
     same_output,
     settings_for,
@@ -327,8 +329,10 @@ def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_
     """Three partitions, no state keys, every entry handled: a start re-reads each
     partition in turn, page by page (pages of 4), for longer than a lease lives. The
     leases of the partitions not being re-read are renewed all along: had they lapsed, the
-    worker would have counted them lost and started every re-sync again, forever. And it
-    answers /healthz all along (its heartbeat once came only with a lease taken)."""
+    worker would have counted them lost and started every re-sync again, forever. So is
+    its place in the pool (it lapsed, and other workers would have counted one fewer).
+    And it answers /healthz all along (its heartbeat once came only with a lease
+    taken)."""
     partitions = 3
     values = sine_steps(300, 150, seed=34)  # 300 series, 45,000 entries
     names = _replay(redis_client, keys, values, partitions)
@@ -341,16 +345,21 @@ def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_
     worker = new_worker(settings, trained_sines)
     with WorkerThread(worker) as running:
         running.wait_for(lambda: redis_client.get(keys.partition(0, partitions).lease))
-        started, stale = time.monotonic(), []
+        started, stale, away = time.monotonic(), [], []
 
         def re_synced() -> bool:
             ok, body = worker.metrics.health(stale_after_s=0.5)
             stale.extend([] if ok else [body])
+            seconds, micros = redis_client.time()
+            lapses = redis_client.zscore(keys.pool, worker.token)  # its entry's end, in ms
+            if lapses is None or lapses < seconds * 1000 + micros // 1000:
+                away.append(time.monotonic() - started)
             return worker.metrics.role == "active"
 
         running.wait_for(re_synced, timeout=120)
         resync_s = time.monotonic() - started
         assert not stale, stale[:3]
+        assert not away, f"out of the pool {len(away)} times, first at {away[0]:.1f} s"
         fences = [redis_client.get(keys.partition(k, partitions).fence) for k in range(3)]
         assert fences == [b"1"] * partitions  # each lease taken once, kept all along
         assert resync_s > 1.5, f"the re-syncs took {resync_s:.1f} s: not past the lease"
@@ -358,6 +367,31 @@ def test_one_worker_keeps_every_partition_s_lease_while_it_re_syncs_them_one_by_
         running.wait_for(lambda: _all_drained(redis_client, keys, partitions))
     outputs = [redis_client.xlen(keys.partition(k, partitions).output) for k in range(3)]
     assert sum(outputs) == len(names)  # only the new entries: one forecast each
+
+
+def test_a_stop_in_the_middle_of_a_re_sync_ends_it_and_hands_the_lease_back(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGTERM while a start re-reads 20,000 handled entries two at a time: the worker
+    stops there, its lease handed back for the next worker to take at once, the last
+    checkpoint standing. The re-sync used to run to its end first (7-31 s in the chaos
+    suite), past the 10 s Docker gives a stop, which then killed it with its lease held."""
+    caplog.set_level(logging.INFO, logger="attnlstm.worker")
+    fill(redis_client, keys.input, sine_steps(200, 100, seed=37))
+    drain(settings_for(redis_url, keys), trained_sines)
+    redis_client.delete(keys.state)  # the next start re-reads every entry
+    handled = redis_client.xlen(keys.output)
+    settings = settings_for(redis_url, keys, max_batch=2, block_ms=100)
+    running = WorkerThread(new_worker(settings, trained_sines)).start()
+    running.wait_for(lambda: redis_client.get(keys.lease) is not None)
+    running.stop()
+    assert "stopped in the middle of a re-sync" in caplog.text
+    assert redis_client.get(keys.lease) is None
+    assert redis_client.xlen(keys.output) == handled
 
 
 def test_a_worker_refuses_streams_written_with_another_number_of_partitions(

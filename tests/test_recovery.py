@@ -638,3 +638,76 @@ def test_a_resync_longer_than_the_lease_keeps_it(
             running.wait_for(lambda: redis_client.xlen(keys.output) == len(more))
             running.wait_for(lambda: _pending(redis_client, keys) == 0)
     assert redis_client.xlen(keys.output) == 400  # only the new entries: one forecast each
+
+
+def test_an_entry_put_aside_is_not_handled_again_by_a_restart_before_the_checkpoint(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Put aside, a poison entry is acked, and the checkpoint passes it once every chunk
+    changed before it is saved again. A worker killed before that re-read it as an acked
+    entry, into its series' window and through the model: a crash at every start, and no
+    attempt counted. The put-aside names it in the state's meta: the re-read skips it,
+    and every later forecast of its series is an uninterrupted run's."""
+    values = sine_steps(2, 40, seed=9)
+    ids = fill(redis_client, keys.input, values[:25])
+    poison = cast(bytes, redis_client.xadd(keys.input, {"series": "s0", "value": "1.0"}))
+    handle_batch = triage
+
+    def crashing(entries: list[Entry], **kwargs: Any) -> Batch:
+        batch = handle_batch(entries, **kwargs)
+        if poison in batch.ids:
+            raise RuntimeError("handling the poison entry crashed the worker")
+        return batch
+
+    monkeypatch.setattr(loop, "triage", crashing)
+    # Each worker killed -9 once drained: nothing saved at its stop.
+    monkeypatch.setattr(Recovery, "save", lambda self, state, scoring: self.lease.release())
+    settings = settings_for(redis_url, keys, max_batch=8, lease_ttl_ms=1000, max_attempts=3)
+    crashes = 0
+    while True:
+        try:
+            drain(settings, trained_sines)
+            break
+        except RuntimeError:
+            crashes += 1
+            assert crashes <= 3, "the poison entry was never put aside"
+    assert list(by_src(redis_client, keys.dead)) == [poison]
+    drain(settings, trained_sines)  # restarted: the re-read meets the poison, acked
+    ids += fill(redis_client, keys.input, values[25:])
+    drain(settings, trained_sines)  # and again, with more input
+    assert list(by_src(redis_client, keys.dead)) == [poison]
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    assert _pending(redis_client, keys) == 0
+
+
+def test_entry_ids_past_int64_are_dead_lettered_and_every_restart_goes_on(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Redis takes ids of two unsigned 64-bit numbers; the worker holds them as int64.
+    Such an entry was forecast (a sequence number past it) and saved as the windows'
+    last entry, and every restore after raised OverflowError; or it raised at once (the
+    milliseconds). Now each goes to the dead stream, as does every entry after one of
+    2**63 ms (their ids inherit it); a state saved at one is refused and rebuilt."""
+    values = sine_steps(2, 30, seed=21)
+    ids = fill(redis_client, keys.input, values)
+    last_ms = int(ids[-1].split(b"-")[0])
+    settings = settings_for(redis_url, keys, max_batch=8)
+    reading: dict[Any, Any] = {"series": "s0", "value": "1.0"}
+    bad = [cast(bytes, redis_client.xadd(keys.input, reading, id=f"{last_ms}-{2**63}"))]
+    drain(settings, trained_sines)
+    drain(settings, trained_sines)  # the windows' last entry is past int64
+    bad.append(cast(bytes, redis_client.xadd(keys.input, reading, id=f"{2**63}-0")))
+    bad.append(cast(bytes, redis_client.xadd(keys.input, reading)))  # 2**63 ms too
+    drain(settings, trained_sines)
+    drain(settings, trained_sines)  # the idle sweep's clock is past int64
+    dead = by_src(redis_client, keys.dead)
+    assert list(dead) == bad
+    assert {f[b"error"].split(b":")[0] for f in dead.values()} == {
+        b"id has a part past 2**63-1 (the worker keeps ids as int64)"
+    }
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    assert _pending(redis_client, keys) == 0

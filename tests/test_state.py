@@ -593,3 +593,112 @@ def test_a_value_replaced_is_replaced_in_its_window_and_history_where_they_hold_
     state.push(slots[[1]], np.array([5.0]), ms=np.array([2000]))
     assert not state.replace(int(slots[1]), 1, 0.0)
     assert state.histories()[1][names.index("b")].tolist() == [5.0]
+
+
+def _back_in_another_chunk() -> tuple[dict[bytes, bytes], list[str], np.ndarray]:
+    """Chunks 0 (full) and 1 saved; s5 goes idle, its slot is freed and taken by "y", s5
+    comes back in chunk 1, which is saved again; the worker stops before chunk 0 is: its
+    saved copy still holds s5. What is saved, chunk 0's other series, and their windows
+    as saved."""
+    state = WindowState(window=2, max_series=4 * CHUNK, idle_ms=1000)
+    names = [f"s{i}" for i in range(CHUNK + 1)]  # chunk 0 full, one series in chunk 1
+    ms = np.full(len(names), 1000, dtype=np.int64)
+    state.push(state.slots_for(names * 2), np.arange(2.0 * len(names)), ms=np.r_[ms, ms])
+    state.last_id = b"1000-300"
+    fields: dict[bytes, bytes] = {}
+    for k in (0, 1):  # each series' scoring: its slot
+        fields |= state.save_chunk(k, 0.0, lambda s: {"slot": s})
+    others = [n for n in names if n != "s5"]
+    saved = state.windows(others[: CHUNK - 1])
+    state.push(state.slots_for(others), np.ones(len(others)), ms=np.full(len(others), 5000))
+    state.last_id = b"5000-200"
+    assert state.sweep(now_ms=5000).tolist() == [5]
+    state.push(state.slots_for(["y", "s5", "s5"]), np.array([7.0, 8.0, 9.0]), ms=np.full(3, 5001))
+    state.last_id = b"5001-2"
+    assert state.slots_for(["y", "s5"]).tolist() == [5, CHUNK + 1]
+    fields |= state.save_chunk(1, 0.0, lambda s: {"slot": s})  # and the meta: not chunk 0
+    return fields, others[: CHUNK - 1], saved
+
+
+def test_a_series_saved_in_two_chunks_comes_back_as_its_later_copy() -> None:
+    """Restored, s5 is chunk 1's copy, saved later; chunk 0's, from before s5 went idle,
+    is dropped, and its slot goes to the next new series, as it went (before, the state
+    was refused, and every window rebuilt from the stream)."""
+    fields, chunk_0, saved = _back_in_another_chunk()
+    restored = _restore(fields, window=2, max_series=4 * CHUNK, idle_ms=1000)
+    assert restored.series_count == CHUNK + 1  # y was saved in no chunk
+    assert restored.windows(["s5"]).tolist() == [[8.0, 9.0]]
+    np.testing.assert_array_equal(restored.windows(chunk_0), saved)
+    slots = np.concatenate([s for s, _ in restored.restored_scoring])
+    scored = np.concatenate([arrays["slot"] for _, arrays in restored.restored_scoring])
+    assert sorted(slots.tolist()) == [s for s in range(CHUNK + 2) if s != 5]  # s5's old, not
+    np.testing.assert_array_equal(scored, slots)
+    assert restored.slots_for(["y", "s5"]).tolist() == [5, CHUNK + 1]
+    # Chunk 0's series take the re-read's entries; chunk 1's hold them already.
+    held = restored.holds(restored.slots_for(["s0", "s5"]), [b"5000-0", b"5001-1"])
+    assert held.tolist() == [False, True]
+    # The other way round, the later copy in the lower chunk: the chunks' bytes swapped.
+    swapped = {chunk_field(0): fields[chunk_field(1)], chunk_field(1): fields[chunk_field(0)]}
+    restored = _restore(fields | swapped, window=2, max_series=4 * CHUNK, idle_ms=1000)
+    assert restored.series_count == CHUNK + 1
+    assert restored.windows(["s5"]).tolist() == [[8.0, 9.0]]
+
+
+def test_one_series_in_two_chunks_of_one_stamp_is_refused() -> None:
+    """No series went idle and came back between two saves at one entry: corrupt."""
+    one = np.zeros((1, 2))
+    fields = {
+        chunk_field(0): _chunk('["a"]', one, np.ones(1, np.int64)),
+        chunk_field(1): _chunk('["a"]', one, np.ones(1, np.int64)),
+        META: _with_meta(chunks=[[0, 1]])(_save(WindowState(window=2, max_series=1))[META]),
+    }
+    with pytest.raises(StateError, match="'a' saved twice at entry 1-0"):
+        _restore(fields, window=2, max_series=2 * CHUNK)
+    fields[chunk_field(1)] = _chunk('["a", "b"]', np.zeros((2, 2)), np.ones(2, np.int64),
+                                    pos=np.zeros(2, np.int64))  # fmt: skip
+    with pytest.raises(StateError, match="a slot saved twice"):
+        _restore(fields, window=2, max_series=2 * CHUNK)
+
+
+def test_a_checkpoint_holding_an_entry_id_past_int64_is_refused() -> None:
+    """Redis ids are two unsigned 64-bit numbers; the windows hold them as int64. Such an
+    entry is dead-lettered (worker.contract), yet the windows' last entry, and so the
+    stamps saved, may be it: refused (the worker rebuilds from the stream), where the
+    restore raised OverflowError, at every start."""
+    for last_id in (b"1700000000000-9223372036854775808", b"9223372036854775808-0"):
+        state, _ = _filled(window=3, length=5)
+        state.last_id = last_id
+        with pytest.raises(StateError, match="past what the windows hold"):
+            _restore(_save(state), window=3, length=5, max_series=10)
+
+
+def test_idle_by_a_clock_past_int64_frees_every_slot() -> None:
+    """After an entry id of 2**63 ms or more (dead-lettered), the stream's clock is there."""
+    state = WindowState(window=2, max_series=4, idle_ms=1000)
+    state.push(state.slots_for(["a", "b"]), np.ones(2), ms=np.array([5, 2000]))
+    assert state.sweep(now_ms=2**63).tolist() == [0, 1]
+
+
+def test_a_chunk_of_no_series_claiming_a_huge_width_costs_nothing() -> None:
+    """Its values, (0, 2**40), take no bytes; checking them took a mask of that width
+    (8 TiB: MemoryError, not StateError, at every start)."""
+    fields = _save(WindowState(window=2, max_series=1))
+    empty = _chunk("[]", np.zeros((0, 2**40)), np.zeros(0, np.int64))
+    fields |= {chunk_field(0): empty, META: _with_meta(chunks=[[0, 0]])(fields[META])}
+    assert _restore(fields, window=2, max_series=1).names() == []
+
+
+def test_entries_put_aside_are_in_the_meta_until_the_re_read_starts_past_them() -> None:
+    state = WindowState(window=2, max_series=CHUNK)
+    state.push(state.slots_for(["a"]), np.ones(1))
+    state.last_id = b"5-0"
+    fields = _save(state)
+    state.push(state.slots_for(["a"]), np.ones(1))  # chunk 0 changed at 5-0
+    state.last_id = b"7-0"
+    state.put_aside.add(b"6-0")
+    fields[META] = state.meta()
+    restored = _restore(fields, window=2, max_series=CHUNK)
+    assert (restored.last_id, restored.put_aside) == (b"5-0", {b"6-0"})
+    _save(state, fields)  # the re-read starts after 7-0 now
+    assert _restore(fields, window=2, max_series=CHUNK).put_aside == set()
+    assert state.put_aside == set()

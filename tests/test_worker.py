@@ -332,6 +332,7 @@ def test_metrics_and_health_endpoints(
             "role": "active",
             "redis": True,
             "loop_age_s": 0,
+            "model": version_of(trained_sines),
         }
         # Counted once each batch's transaction is applied: wait for the last one.
         running.wait_for(lambda: _samples(port)["attnlstm_forecasts_published_total"] == 55)

@@ -3,6 +3,7 @@ follows Redis and the heartbeat, and the HTTP server answers /metrics and /healt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -14,8 +15,14 @@ from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
+import redis
 from prometheus_client import CollectorRegistry, Histogram
 
+from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import sine_steps
+from tests.helpers import WorkerThread, fill, new_worker, settings_for, wait_for
+from worker.batch import Receipt
+from worker.keys import Keys
 from worker.metrics import LATENCY_BUCKETS_S, BulkHistogram, Metrics, serve
 
 NAME = "test_latency_seconds"
@@ -177,6 +184,38 @@ def test_half_sent_requests_time_out_and_cannot_pile_up_threads() -> None:
         server.server_close()
 
 
+def test_a_client_trickling_its_request_is_cut_at_the_deadline() -> None:
+    """Clients that send a byte of their request now and then, each within the socket's
+    timeout: before, they held their threads for as long as they went on, and with every
+    slot taken /healthz went unanswered (Docker's health check with it)."""
+    metrics = Metrics()
+    metrics.connected = True
+    server = serve(metrics, port=0, stale_after_s=60, request_timeout_s=0.5, max_threads=2)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    trickling = [socket.create_connection(("127.0.0.1", server.server_address[1])) for _ in "ab"]
+    done = threading.Event()
+
+    def trickle() -> None:
+        for conn in trickling:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nX-a: ")
+        while not done.wait(0.1):  # a byte each 0.1 s, well within the 0.5 s per read
+            for conn in trickling:
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"a")
+
+    dripper = threading.Thread(target=trickle, daemon=True)
+    dripper.start()
+    try:
+        wait_for(lambda: _status(base + "/healthz") == 200, timeout=20, what="an answer")
+    finally:
+        done.set()
+        dripper.join()
+        for conn in trickling:
+            conn.close()
+        server.shutdown()
+        server.server_close()
+
+
 def _status(url: str) -> int:
     try:
         return _get(url)[0]
@@ -202,3 +241,39 @@ def test_a_series_gauge_goes_with_its_slot() -> None:
     for day in range(50):  # a's slot goes to a new name each day; b has no MAE yet again
         metrics.series_maes([([f"d{day}", "b"], np.array([4.0, nan])), (["c"], np.array([5.0]))])
     assert shown() == {"d49": 4.0, "c": 5.0}
+
+
+def test_a_worker_that_loses_its_lease_reports_none_of_what_it_served(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Its lease taken (a worker frozen past it, and the lease then another's): a
+    standby, whose series and lag gauges are another worker's to report now. They used
+    to stay at their last values for good: a pool's sum of lags counted them twice, and
+    a lag alert went on firing from a worker that served nothing."""
+    metrics = Metrics()
+    settings = settings_for(redis_url, keys, block_ms=100, lease_ttl_ms=1000)
+    fill(redis_client, keys.input, sine_steps(5, 40, seed=9))
+    with WorkerThread(new_worker(settings, trained_sines, metrics=metrics)) as running:
+        running.wait_for(lambda: metrics.registry.get_sample_value("attnlstm_series") == 5)
+        redis_client.set(keys.lease, "another#1")  # taken: never handed back in this test
+        redis_client.incr(keys.fence)
+        running.wait_for(lambda: metrics.role == "standby")
+        for gauge in ("attnlstm_series", "attnlstm_group_lag", "attnlstm_partitions_served"):
+            assert metrics.registry.get_sample_value(gauge) == 0, gauge
+        assert not [
+            s
+            for f in metrics.registry.collect()
+            if f.name == "attnlstm_series_rolling_mae"
+            for s in f.samples
+        ]
+
+
+def test_an_entry_id_ahead_of_the_clock_counts_as_no_latency_not_a_negative_one() -> None:
+    """A producer may choose its entry ids, ahead of the clock: its forecasts' latency
+    counts as 0 s; it was negative, and took the histogram's sum down."""
+    metrics = Metrics()
+    now_ms = time.time() * 1000
+    metrics.published(Receipt(np.array([now_ms + 60_000.0, now_ms - 500.0]), []), now_ms)
+    name = "attnlstm_end_to_end_latency_seconds"
+    assert metrics.registry.get_sample_value(f"{name}_count") == 2
+    assert metrics.registry.get_sample_value(f"{name}_sum") == pytest.approx(0.5)

@@ -9,7 +9,7 @@ one fenced call (:mod:`worker.lease`) that publishes the batch with its acks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +72,7 @@ class Batch:
 
     acks: list[bytes] = field(default_factory=list)
     dead: list[tuple[bytes, Fields, str]] = field(default_factory=list)  # id, fields, reason
+    aside: list[bytes] = field(default_factory=list)  # of the dead: put aside, max_attempts
     # The valid readings, in stream order:
     ids: list[bytes] = field(default_factory=list)
     fields: list[Fields] = field(default_factory=list)
@@ -101,24 +102,27 @@ def triage(
     series_ids: dict[bytes, str],
     last_id: bytes,
     max_attempts: int,
+    put_aside: Collection[bytes] = (),
 ) -> Batch:
     """``pending`` None: a live read, every entry new to us. Otherwise the entries
     still pending, with their handling attempts so far (:mod:`worker.attempts`): the
-    others were acked before and only go back into the windows; one with
-    ``max_attempts`` goes to the dead stream unhandled. Entries at or before
-    ``last_id`` (the windows' state) are acked and nothing else; ``series_ids`` caches
-    series ids already validated."""
+    others were acked before and only go back into the windows, except those
+    ``put_aside`` (the windows never held them); one with ``max_attempts`` goes to the
+    dead stream unhandled (listed in ``aside``). Entries at or before ``last_id`` (the
+    windows' state) are acked and nothing else; ``series_ids`` caches series ids already
+    validated."""
     batch = Batch()
     handled = handled_before(entries, last_id)
     for k, (entry_id, fields) in enumerate(entries):
         ours = pending is None or entry_id in pending
         if ours:
             batch.acks.append(entry_id)
-        if fields is None or k < handled:
-            continue  # deleted, or handled before the state was saved
+        if fields is None or k < handled or (not ours and entry_id in put_aside):
+            continue  # deleted, handled before the state was saved, or put aside
         if pending is not None and pending.get(entry_id, 0) >= max_attempts:
             reason = f"the worker stopped while handling it, {pending[entry_id]} times"
             batch.dead.append((entry_id, fields, reason))
+            batch.aside.append(entry_id)
             continue
         reading = parse(entry_id, fields, series_ids)
         if isinstance(reading, str):

@@ -25,6 +25,10 @@ _VALUE_MAX_CHARS = 64
 # float32, whose largest is 3.4e38.
 VALUE_MAX = 1e30
 _INT = re.compile(rb"\d{1,16}")  # ms since the epoch; 16 digits is past year 300,000
+# The largest milliseconds or sequence number of an entry id the worker takes. Redis allows
+# two unsigned 64-bit numbers, but the windows hold ids and entry times as int64: past
+# this, a conversion raised OverflowError, in the live path and in every restore after.
+ID_PART_MAX = 2**63 - 1
 
 Fields = dict[bytes, bytes]
 
@@ -49,6 +53,9 @@ def parse(
     ``series_ids`` maps series ids already validated to their names, and learns new
     ones: a dict lookup instead of a regex for every entry of a known series.
     """
+    if len(entry_id) > 20 and max(map(int, entry_id.split(b"-"))) > ID_PART_MAX:
+        # (a part past ID_PART_MAX has 19 digits or more: shorter ids need no look)
+        return f"id has a part past 2**63-1 (the worker keeps ids as int64): {_show(entry_id)}"
     series = fields.get(b"series")
     if series is None:
         return "missing field: series"
@@ -59,7 +66,19 @@ def parse(
         name = series.decode("ascii")
         if series_ids is not None:
             series_ids[series] = name
-    value = fields.get(b"value")
+    number = _number(fields.get(b"value"))
+    if isinstance(number, str):
+        return number
+    ts = fields.get(b"ts")
+    if ts is None:
+        return Reading(name, number, entry_ms(entry_id))
+    if not _INT.fullmatch(ts):
+        return f"ts is not a whole number of ms since the epoch: {_show(ts)}"
+    return Reading(name, number, int(ts))
+
+
+def _number(value: bytes | None) -> float | str:
+    """The value, a decimal number within +-VALUE_MAX; or why it is not one."""
     if value is None:
         return "missing field: value"
     number = _decimal(value)
@@ -67,12 +86,7 @@ def parse(
         return _not_a_number(value)
     if not -VALUE_MAX <= number <= VALUE_MAX:  # inf too
         return f"value is out of range (beyond +-{VALUE_MAX:g}): {_show(value)}"
-    ts = fields.get(b"ts")
-    if ts is None:
-        return Reading(name, number, entry_ms(entry_id))
-    if not _INT.fullmatch(ts):
-        return f"ts is not a whole number of ms since the epoch: {_show(ts)}"
-    return Reading(name, number, int(ts))
+    return number
 
 
 def _decimal(value: bytes) -> float | None:
@@ -402,7 +416,7 @@ _REASON_KINDS = (
 
 def reason_kind(reason: str) -> str:
     """A dead-letter reason's label for the metrics, from a bounded set: ``value``,
-    ``series``, ``ts`` and ``missing_<field>`` for bad input, and the worker's own."""
+    ``series``, ``ts``, ``id`` and ``missing_<field>`` for bad input, and the worker's own."""
     for start, kind in _REASON_KINDS:
         if reason.startswith(start):
             return kind

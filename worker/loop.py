@@ -54,7 +54,7 @@ from worker.pipeline import Pipeline
 from worker.pool import Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
-from worker.state import CHUNK, NO_SLOT, WindowState
+from worker.state import CHUNK, META, NO_SLOT, WindowState
 from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, fix_for, id_key
 
 log = logging.getLogger("attnlstm.worker")
@@ -189,6 +189,9 @@ class Worker:
                 self.metrics.connected = True
                 delay = 0.0
             except OutOfStepError as e:
+                if self._stopping:  # a stop asked for mid re-sync: _resync_alive
+                    log.info("%s", e)
+                    break
                 # Out of step again soon after (another reader in the group takes entries):
                 # each re-sync re-reads every window, so the re-syncs are spaced out, by
                 # less than the leases last unrenewed.
@@ -236,11 +239,22 @@ class Worker:
         return not read.entries
 
     def _renew_leases(self) -> None:
-        """Every partition's lease, where due: FencedError for one no longer ours. The
-        loop turns: through a long re-sync too, the worker is healthy."""
+        """Every partition's lease, where due: FencedError for one no longer ours; and
+        this worker's place in the pool. The loop turns: through a long re-sync too,
+        the worker is healthy."""
         for lane in self.lanes.values():
             lane.recovery.renew_lease()
+        self.pool.stay()
         self.metrics.beat()
+
+    def _resync_alive(self) -> None:
+        """A re-sync's turn, page by page: the leases renewed, or, once a stop is asked
+        for, the re-sync abandoned (the worker exits out of step: its leases handed back,
+        the last checkpoint standing). A re-sync of 7-31 s ignored SIGTERM, and Docker
+        killed the worker with its leases held."""
+        if self._stopping:
+            raise OutOfStepError("stopped in the middle of a re-sync: the last checkpoint stands")
+        self._renew_leases()
 
     @property
     def _quiet_due(self) -> float:
@@ -293,9 +307,10 @@ class Worker:
         self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
         interval_s = self.settings.lease_ttl_ms / 1000 / (3 if len(self.lanes) >= share else 10)
         self._next_balance = time.monotonic() + interval_s
-        self.metrics.role = "active" if self.lanes else "standby"
+        self.metrics.role = "active"
         self.metrics.partitions.set(len(self.lanes))
         if not self.lanes:
+            self.metrics.standby()
             self._in_step = False  # a standby again: waits in _get_in_step
 
     def _take(self, share: int) -> list[Lane]:
@@ -374,6 +389,7 @@ class Worker:
             series_ids=self._series_ids,
             last_id=state.last_id,
             max_attempts=self.settings.max_attempts,
+            put_aside=state.put_aside,
         )
         slots = state.slots_for(batch.names, room)
         publish = np.asarray(batch.publish, dtype=bool)
@@ -461,6 +477,12 @@ class Worker:
             saved |= state.save_chunk(due, now, lane.scorer.saved)
         if saved:
             self.metrics.checkpointed(time.monotonic() - now)
+        if part.batch.aside:
+            # Named in this call's meta: a re-read before the checkpoint passes them skips
+            # them (worker.state), where it took them in as acked entries and handled
+            # the poison again, with no attempt counted: a crash at every start.
+            state.put_aside.update(part.batch.aside)
+            saved[META] = state.meta()
         return batch_call(
             part.batch,
             forecasts,
@@ -557,8 +579,7 @@ class Worker:
                 log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
         self.lanes |= {lane.k: lane for lane in self._take(share)}
         if not self.lanes:
-            self.metrics.role = "standby"
-            self.metrics.partitions.set(0)
+            self.metrics.standby()
             self.metrics.connected = True  # Redis answered: the library, the pool's share
             self.metrics.beat()  # a standby is healthy, with a share of none too
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
@@ -593,7 +614,7 @@ class Worker:
         recovery.resync(
             lane.state,
             lambda entries, pending: self._at_once(lane, entries, pending),
-            keep_alive=self._renew_leases,
+            keep_alive=self._resync_alive,
         )
         lane.state.reread_done()
         self.metrics.recoveries.inc()

@@ -7,8 +7,10 @@ is counted with numpy and exposed through a custom collector rather than with on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -164,7 +166,8 @@ class Metrics:
         )
         self.series_mae = gauge(
             "attnlstm_series_rolling_mae",
-            f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series",
+            f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series of each "
+            "partition served",
             ["series"],
         )
         self._series_shown: set[str] = set()  # the series with a gauge of their own
@@ -179,6 +182,10 @@ class Metrics:
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
+        self.version: str | None = None  # the model served
+        # Why no model will ever serve here, until an operator acts (None: one does, or
+        # one will: a cold start).
+        self.no_model: str | None = None
 
     def checkpointed(self, seconds: float) -> None:
         self.checkpoint.observe(seconds)
@@ -194,7 +201,9 @@ class Metrics:
         self.anomalies.inc(receipt.anomalies)
         for reason in receipt.dead_reasons:
             self.dead.labels(reason_kind(reason)).inc()
-        self.latency.observe_many((sent_ms - receipt.entered_ms) / 1000)
+        # An entry id a producer chose ahead of the clock would give a negative latency,
+        # taking the sum down: none is counted below 0.
+        self.latency.observe_many(np.maximum(sent_ms - receipt.entered_ms, 0.0) / 1000)
 
     def scored_forecasts(self, scored: int, scores: Overall) -> None:
         """``scored`` forecasts met their actual value; the averages now."""
@@ -228,6 +237,17 @@ class Metrics:
             self.series_mae.remove(gone)
         self._series_shown = shown
 
+    def standby(self) -> None:
+        """Serving no partition: the gauges of what it served are cleared, for the
+        worker that serves it now reports them (kept, a pool's sum of lags counted them
+        twice, and a lag alert went on firing from a worker that served nothing)."""
+        self.role = "standby"
+        self.partitions.set(0)
+        self.lag.set(0)
+        self.series.set(0)
+        self.partition_lag.clear()
+        self.series_maes([])
+
     def totals(self, seconds: float) -> dict[str, float]:
         """This worker's counts since it started, over ``seconds``: its exit report."""
         sums: dict[str, float] = {}
@@ -251,14 +271,23 @@ class Metrics:
     def model_version(self, version: str) -> None:
         self.model.clear()
         self.model.labels(version).set(1)
+        self.version = version
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
 
     def health(self, stale_after_s: float) -> tuple[bool, dict[str, object]]:
         age = time.monotonic() - self.heartbeat
-        ok = self.connected and age <= stale_after_s
-        body = {"ok": ok, "role": self.role, "redis": self.connected, "loop_age_s": round(age, 3)}
+        ok = self.connected and age <= stale_after_s and self.no_model is None
+        body = {
+            "ok": ok,
+            "role": self.role,
+            "redis": self.connected,
+            "loop_age_s": round(age, 3),
+            "model": self.version,
+        }
+        if self.no_model is not None:
+            body["no_model"] = self.no_model
         return ok, body
 
 
@@ -271,12 +300,17 @@ def serve(
     request_timeout_s: float = 5.0,
     max_threads: int = 8,
 ) -> ThreadingHTTPServer:
-    """``/metrics`` and ``/healthz`` on host:port, in a daemon thread. A client gets
-    ``request_timeout_s`` to send its request, and at most ``max_threads`` are served
-    at once (more are hung up on), so slow or many clients cannot pile up threads."""
+    """``/metrics`` and ``/healthz`` on host:port, in a daemon thread. A connection has
+    ``request_timeout_s`` in all (its request and the answer), and at most
+    ``max_threads`` are served at once (more are hung up on), so slow or many clients
+    cannot pile up threads, nor hold the slots."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = request_timeout_s  # the socket's: a half-sent request is dropped
+        timeout = request_timeout_s  # the socket's, for each read; the server's, in all
+
+        def finish(self) -> None:
+            with contextlib.suppress(OSError):  # a connection cut at its deadline
+                super().finish()
 
         def do_GET(self) -> None:
             if self.path == "/metrics":
@@ -297,31 +331,63 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
             pass
 
-    server = _BoundedServer((host, port), Handler, max_threads=max_threads)
+    server = _BoundedServer(
+        (host, port), Handler, max_threads=max_threads, timeout_s=request_timeout_s
+    )
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per request, up to a bound; past it, new connections are closed."""
+    """A thread per request, up to a bound; past it, new connections are closed. Each
+    connection is cut ``timeout_s`` after it was accepted: the socket's timeout bounds
+    each read, not the request, and a client sending a byte every few seconds kept its
+    thread for as long as it liked (eight such took every slot, /healthz's too)."""
 
     daemon_threads = True
     request_queue_size = 128  # connections waiting to be accepted (and hung up on)
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, max_threads: int
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_threads: int,
+        timeout_s: float,
     ) -> None:
-        super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_threads)
+        self._timeout_s = timeout_s
+        self._deadlines: dict[socket.socket, float] = {}
+        self._guard = threading.Lock()
+        self._closing = threading.Event()  # before the bind, whose failure closes it
+        super().__init__(address, handler)
+        threading.Thread(target=self._cut_overdue, name="metrics-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
+        with self._guard:
+            self._deadlines[request] = time.monotonic() + self._timeout_s
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._guard:
+                self._deadlines.pop(request, None)
             self._slots.release()
+
+    def _cut_overdue(self) -> None:
+        while not self._closing.wait(min(self._timeout_s / 4, 0.25)):
+            now = time.monotonic()
+            with self._guard:
+                overdue = [r for r, due in self._deadlines.items() if due <= now]
+            for request in overdue:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()

@@ -14,6 +14,7 @@ waits as a hot standby, as before partitions existed.
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import redis
@@ -32,6 +33,7 @@ class Pool:
     ) -> None:
         self.client, self.keys, self.token = client, keys, token
         self.ttl_ms, self.partitions = ttl_ms, partitions
+        self._announce_at = 0.0  # when this worker's entry needs renewing
 
     def check_partitions(self) -> None:
         """PartitionsError unless the input is written in this worker's P partitions (the
@@ -57,11 +59,19 @@ class Pool:
         if self.partitions == 1:
             return 1
         members = sorted(map(as_str, self._call(self.ttl_ms)))
+        self._announce_at = time.monotonic() + self.ttl_ms / 3000
         if self.token not in members:  # announced just now, so only a clock jump
             members = sorted([*members, self.token])
         rank = members.index(self.token)
         base, extra = divmod(self.partitions, len(members))
         return base + (rank < extra)
+
+    def stay(self) -> None:
+        """This worker announced again when a third of its entry's life has passed since
+        it was: through a long re-sync too, where no share is asked. Its entry lapsed
+        there, and the others counted one worker fewer and took its share."""
+        if self.partitions > 1 and time.monotonic() >= self._announce_at:
+            self.share()
 
     def leave(self) -> None:
         if self.partitions > 1:

@@ -23,7 +23,8 @@ large. Each chunk records the last input entry it reflects (its stamp), and carr
 the caller's ``scoring`` gives for its series (:mod:`worker.online.scoring`: their
 pending forecasts, intervals and multipliers) as it stood with the windows. The ``meta``
 field, a few bytes written with every chunk, names the saved chunks and the entry to
-re-read the stream from: the oldest stamp of a chunk changed since its save. A chunk
+re-read the stream from: the oldest stamp of a chunk changed since its save (and any
+entries put aside after it, which the re-read skips). A chunk
 unchanged since its save holds its series up to every later entry, so restored, a
 series skips the entries up to its chunk's stamp or the re-read entry, whichever is
 later.
@@ -41,6 +42,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from worker.contract import ID_PART_MAX
 
 FORMAT = "attnlstm-state"
 FORMAT_VERSION = "3"
@@ -126,6 +129,11 @@ class WindowState:
         self._saved_at: dict[int, float] = {}
         # Restored and re-reading the stream: per slot, the last entry its windows hold.
         self._holds: np.ndarray | None = None  # (S, 2): ms, seq
+        # Entries put aside (dead-lettered at max_attempts) after the entry the stream is
+        # re-read from: acked, and never in the windows, so a re-read skips them rather
+        # than take them in (and handle the poison again, as an acked entry no attempt
+        # counts). Saved in the meta field, forgotten once the re-read starts past them.
+        self.put_aside: set[bytes] = set()
         # Restored from a checkpoint: each chunk's slots and what it saved of their
         # scoring (save_chunk).
         self.restored = False
@@ -169,7 +177,7 @@ class WindowState:
         self._count[slot] = 0
         self._used[slot] = True
         if self._holds is not None:  # new since the checkpoint: every value counts
-            self._holds[slot] = id_pair(self.last_id)
+            self._holds[slot] = 0
         self._touch(np.array([slot]))
         return slot
 
@@ -268,17 +276,25 @@ class WindowState:
         if not self.idle_ms or not self._slots:
             return np.empty(0, dtype=np.int64)
         n = len(self._names)
+        # An entry id past ID_PART_MAX ms is dead-lettered, yet moves ``last_id`` (and the
+        # stream's clock) on: the clock is then past every value held, as far as int64 goes.
+        now_ms = min(now_ms, ID_PART_MAX)
         idle = np.flatnonzero(self._used[:n] & (now_ms - self._last_ms[:n] > self.idle_ms))
         for slot in idle.tolist():
-            name = self._names[slot]
-            assert name is not None
-            del self._slots[name]
-            self._names[slot] = None
-            self._count[slot] = 0
-            self._used[slot] = False
+            self._unplace(slot)
             heapq.heappush(self._free, slot)
         self._touch(idle)
         return idle
+
+    def _unplace(self, slot: int) -> None:
+        """Take ``slot``'s series out of it (its last entry time stays, as a sweep left it
+        before: the idle reset of the slot's next series goes by it)."""
+        name = self._names[slot]
+        assert name is not None
+        del self._slots[name]
+        self._names[slot] = None
+        self._count[slot] = 0
+        self._used[slot] = False
 
     def windows(self, names: Sequence[str]) -> np.ndarray:
         """The current window (window,) of each named, known series; NaN where not full."""
@@ -374,16 +390,19 @@ class WindowState:
         return bytes(st_save(tensors, metadata=meta))
 
     def meta(self) -> bytes:
-        """The saved chunks (as runs of numbers: [first, last] pairs), and the entry to
-        re-read from: the oldest stamp of a chunk changed since its save, or the last
-        entry."""
-        reread_from = min([(id_pair(self.last_id), self.last_id), *self._dirty.values()])[1]
+        """The saved chunks (as runs of numbers: [first, last] pairs), the entry to
+        re-read from (the oldest stamp of a chunk changed since its save, or the last
+        entry), and the entries put aside after it, which it forgets before it (a few:
+        each is ``max_attempts`` crashes)."""
+        first, reread_from = min([(id_pair(self.last_id), self.last_id), *self._dirty.values()])
+        self.put_aside = {i for i in self.put_aside if id_pair(i) > first}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "chunk": CHUNK,
             "last_id": reread_from.decode(),
             "chunks": _runs(sorted(self._stamps)),
+            "put_aside": sorted(i.decode() for i in self.put_aside),
         }
         return json.dumps(meta).encode()
 
@@ -420,12 +439,12 @@ class WindowState:
             if meta["chunk"] != CHUNK:
                 raise ValueError(f"chunks of {meta['chunk']} slots, not {CHUNK}")
             last_id = _entry_id(meta["last_id"])
+            put_aside = {_entry_id(i) for i in meta.get("put_aside", [])}  # (none: older)
             stamps: dict[int, bytes] = {}
-            holds: list[tuple[int, tuple[int, int]]] = []
             for k in _chunks(meta["chunks"], -(-max_series // CHUNK)):
-                slots, stamps[k] = state._restore_chunk(k, _field(read, chunk_field(k)))
-                held = max(id_pair(stamps[k]), id_pair(last_id))
-                holds += [(slot, held) for slot in slots]
+                state._restore_chunk(k, _field(read, chunk_field(k)), stamps)
+            if len(state._slots) > max_series:
+                raise ValueError(f"more series than max_series ({max_series})")
         except (
             SafetensorError,
             KeyError,
@@ -437,19 +456,26 @@ class WindowState:
             raise StateError(f"unreadable state checkpoint: {e}") from e
         state.restored = True
         state.last_id = last_id
+        state.put_aside = put_aside
         state._holds = np.zeros((state._ring.shape[0], 2), dtype=np.int64)
         state._holds[:] = id_pair(last_id)
-        for slot, held in holds:
-            state._holds[slot] = held
+        for k, stamp in stamps.items():  # free slots too: _new_slot sets a new series'
+            state._holds[k * CHUNK : (k + 1) * CHUNK] = max(id_pair(stamp), id_pair(last_id))
         state._stamps = stamps
         state._free = [slot for slot, name in enumerate(state._names) if name is None]
         heapq.heapify(state._free)
+        state.restored_scoring = [  # less the rows of copies dropped (_restore_chunk)
+            (s[state._used[s]], {n: a[state._used[s]] for n, a in arrays.items()})
+            for s, arrays in state.restored_scoring
+        ]
         return state
 
-    def _restore_chunk(self, k: int, data: bytes) -> tuple[list[int], bytes]:
-        """Place a chunk's series in their slots; the slots, and the chunk's stamp."""
+    def _restore_chunk(self, k: int, data: bytes, stamps: dict[int, bytes]) -> None:
+        """Place a chunk's series in their slots, and its stamp in ``stamps`` (those of
+        the chunks placed before it)."""
         meta, tensors = _read(data)
         names, stamp = json.loads(meta["series"]), _entry_id(meta["stamp"])
+        stamps[k] = stamp
         values, count, last_ms, pos = (
             tensors["values"], tensors["count"], tensors["last_ms"], tensors["pos"]
         )  # fmt: skip
@@ -458,22 +484,17 @@ class WindowState:
         if any(a.shape[:1] != pos.shape for a in scoring.values()):  # a row per series
             raise ValueError("scoring arrays that do not match the series")
         slots: list[int] = (k * CHUNK + pos).tolist()
-        if len(self._slots) + len(names) > self.max_series:
-            raise ValueError(f"more series than max_series ({self.max_series})")
         while self._ring.shape[0] <= max(slots, default=-1):
             if self._ring.shape[0] == self.max_series:
                 raise ValueError(f"slot {max(slots)} is past max_series ({self.max_series})")
             self._grow()
         while len(self._names) <= max(slots, default=-1):
             self._names.append(None)
-        for name, slot in zip(names, slots, strict=True):
-            if name in self._slots or self._names[slot] is not None:
-                raise ValueError(f"series {name!r} or its slot {slot} is saved twice")
-            self._slots[name] = slot
-            self._names[slot] = name
-            self._used[slot] = True
+        own = self._place(names, slots, stamps, k)
         old_length = values.shape[1]
-        s = np.asarray(slots, dtype=np.int64)
+        values, count, last_ms = values[own], count[own], last_ms[own]
+        scoring = {n: a[own] for n, a in scoring.items()}
+        s = np.asarray(slots, dtype=np.int64)[own]
         self._count[s] = np.minimum(count, old_length)
         self._last_ms[s] = last_ms
         kept = min(old_length, self.window)
@@ -485,7 +506,32 @@ class WindowState:
             self._history[s[:, None], cols] = values[:, old_length - kept :]
         if scoring:
             self.restored_scoring.append((s, scoring))
-        return slots, stamp
+
+    def _place(
+        self, names: list[str], slots: list[int], stamps: dict[int, bytes], k: int
+    ) -> np.ndarray:
+        """Chunk ``k``'s series in their slots: which of them are theirs.
+
+        A series may be saved in two chunks: gone idle, its slot freed (and taken), back
+        in a slot of another chunk, saved there before its old chunk was saved again. The
+        copy of the later stamp is its own, the other dropped (refusing such a state made
+        a worker rebuild every window from the stream). Two copies of one stamp are no
+        such thing: refused."""
+        own = np.ones(len(names), dtype=bool)
+        mine = id_pair(stamps[k])
+        for i, (name, slot) in enumerate(zip(names, slots, strict=True)):
+            if (other := self._slots.get(name)) is not None:
+                theirs = id_pair(stamps[other // CHUNK])
+                if mine == theirs:
+                    raise ValueError(f"series {name!r} saved twice at entry {stamps[k].decode()}")
+                if mine < theirs:
+                    own[i] = False
+                    continue
+                self._unplace(other)
+            self._slots[name] = slot
+            self._names[slot] = name
+            self._used[slot] = True
+        return own
 
 
 def _field(read: Callable[[bytes], bytes | None], name: bytes) -> bytes:
@@ -532,6 +578,8 @@ def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
 def _entry_id(text: object) -> bytes:
     if not isinstance(text, str) or not _ENTRY_ID.fullmatch(text):
         raise ValueError(f"{text!r} is not a stream entry id")
+    if max(id_pair(text)) > ID_PART_MAX:  # dead-lettered, never in the windows
+        raise ValueError(f"entry id {text} is past what the windows hold (int64)")
     return text.encode()
 
 
@@ -570,10 +618,15 @@ def _check_chunk(
     in_chunk = n == 0 or (pos.min() >= 0 and pos.max() < CHUNK)
     if not in_chunk or (count < 0).any() or (last_ms < 0).any():
         raise ValueError("slot positions, counts or times out of range")
-    # Only the values a series has: the places before its first are never read.
+    if np.unique(pos).size != n:
+        raise ValueError("a slot saved twice")
+    # Only the values a series has: the places before its first are never read. Only the
+    # columns some series has values in are looked at: a chunk of no series claims any
+    # width in a few bytes, and a mask of that width once took (0, 2**40): 8 TiB.
     width = values.shape[1]
-    held = np.arange(width) >= width - np.minimum(count, width)[:, None]  # (n, width)
-    if not np.isfinite(values[held]).all():
+    cols = min(width, int(count.max(initial=0)))  # the last ones: those any series has
+    held = np.arange(cols) >= cols - np.minimum(count, cols)[:, None]  # (n, cols)
+    if not np.isfinite(values[:, width - cols :][held]).all():
         raise ValueError("values that are not finite")
 
 

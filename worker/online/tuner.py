@@ -208,13 +208,18 @@ class Tuner:
             log.error("%s: not served; serving %s unchanged", e, self.version)
             return None
         self.version = checkpoint.version
+        self.metrics.no_model = None
         self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
         self._serving = blob or dumps(checkpoint.model, checkpoint.meta)[0]
         return checkpoint
 
     def _no_cold_start(self) -> None:
         """A worker with no model, where the store serves one it refused: a first model
-        trained here could never be promoted (only while none serves), so none is."""
+        trained here could never be promoted (only while none serves), so none is. It
+        forecasts nothing until an operator acts: /healthz says so (503)."""
+        self.metrics.no_model = (
+            f"the store serves model {self._refused}, which this worker cannot serve"
+        )
         log.error(
             "no model: the store serves model %s, which this worker cannot serve, and a "
             "first model trained here would not replace it: no cold start while it serves. "
