@@ -16,7 +16,14 @@ from attnlstm.data import Dataset
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
-from attnlstm.windows import SeriesWindows, evenly, series_windows, split_point, split_windows
+from attnlstm.windows import (
+    HELD_OUT,
+    SeriesWindows,
+    evenly,
+    series_windows,
+    split_point,
+    split_windows,
+)
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ def has_weekly_cycle(series: Sequence[np.ndarray], period: int, val_fraction: fl
 
 
 def dataset_config(
-    dataset: Dataset, period: int, *, val_fraction: float = 0.2, **fields: Any
+    dataset: Dataset, period: int, *, val_fraction: float = HELD_OUT, **fields: Any
 ) -> ModelConfig:
     """:func:`seasonal_config` for ``dataset``, with a profile where it has a weekly cycle."""
     weekly = has_weekly_cycle(dataset.series, period, val_fraction)
@@ -105,7 +112,7 @@ def seasonal_config(
     period: int,
     lengths: list[int],
     *,
-    val_fraction: float = 0.2,
+    val_fraction: float = HELD_OUT,
     weekly_cycle: bool = False,
     **fields: Any,
 ) -> ModelConfig:
@@ -148,7 +155,7 @@ def train_model(
     model_config: ModelConfig,
     train_config: TrainConfig,
     *,
-    val_fraction: float = 0.2,
+    val_fraction: float = HELD_OUT,
     device: str = "cpu",
     progress: bool = False,
 ) -> tuple[AttentionLSTM, TrainResult, dict[str, float]]:
@@ -173,7 +180,7 @@ def evaluate_model(
     model: AttentionLSTM,
     dataset: Dataset,
     *,
-    val_fraction: float = 0.2,
+    val_fraction: float = HELD_OUT,
     period: int | None = None,
     device: str = "cpu",
 ) -> dict[str, float]:
@@ -201,11 +208,18 @@ def series_forecast(
 
 
 def training_meta(
-    dataset_spec: str, train_config: TrainConfig, result: TrainResult, metrics: dict[str, float]
+    dataset_spec: str,
+    train_config: TrainConfig,
+    result: TrainResult,
+    metrics: dict[str, float],
+    *,
+    val_fraction: float,
 ) -> dict[str, Any]:
-    """What a checkpoint records about how its model was made."""
+    """What a checkpoint records about how its model was made: the data's tail it never
+    saw (``val_fraction``) included, which `evaluate` scores it on."""
     return {
         "data": dataset_spec,
+        "val_fraction": val_fraction,
         "train_config": asdict(train_config),
         "epochs_planned": result.epochs_planned,
         "best_epoch": result.best_epoch,

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from attnlstm.device import cpu_info
+from attnlstm.intervals import FLAT
 
 Scaling = Literal["window", "none"]
 CLIP = 5.0  # standardised inputs are clipped to +- this many window deviations
@@ -239,9 +240,11 @@ class AttentionLSTM(nn.Module):
         recent = x64[:, -self.config.window :]
         mean = recent.mean(dim=1, keepdim=True)  # (B, 1)
         std = recent.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
-        flat = std == 0
+        flat = std <= FLAT * mean.abs()
         # A constant window has nothing to standardise: it is fed as zeros and its
-        # forecast is its own level, finite and scale-equivariant. The difference from
+        # forecast is its own level, finite and scale-equivariant. Constant at a level
+        # with no exact binary form (0.1), its deviation is rounding error, not 0: flat
+        # too (FLAT), as its interval is. The difference from
         # the mean is what needs float64; scaled in the model's own type, it costs one
         # pass over the context fewer.
         dtype = self.head.weight.dtype

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attnlstm.blend import Blend, fit_blend, fold
-from attnlstm.intervals import Spread, calibrate, window_scale
+from attnlstm.intervals import FLAT, Spread, calibrate, window_scale
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.windows import SeriesWindows, Windows
 
@@ -89,7 +89,8 @@ def scaled_loss(
     else:
         recent = x[:, -model.config.window :]  # the values the model standardises by
         std = recent.std(dim=1, unbiased=False, keepdim=True)  # (B, 1)
-        err = (yhat - y) / torch.where(std > 0, std, torch.ones_like(std))
+        level = recent.mean(dim=1, keepdim=True).abs()
+        err = (yhat - y) / torch.where(std > FLAT * level, std, torch.ones_like(std))
     err = nn.functional.huber_loss(err, torch.zeros_like(err), reduction="none", delta=HUBER_DELTA)
     return torch.mean(err if weights is None else err * weights)
 
@@ -98,12 +99,18 @@ def lead_weights(windows: Windows | SeriesWindows, window: int) -> np.ndarray:
     """Per step ahead, the inverse of the naive forecast's mean squared error there (in
     window-standardised units), normalised to mean 1: without them, the far steps'
     errors, many times the next step's, would set the whole loss, and a day-ahead model
-    would forecast the next value worse than a one-step model does."""
+    would forecast the next value worse than a one-step model does. Flat windows
+    (:data:`attnlstm.intervals.FLAT`) are left out: they have no units to measure in, and
+    a handful, in the data's units or over a deviation of rounding error (1e-15), set
+    the weights of every step."""
     if isinstance(windows, SeriesWindows):
         windows = windows.recent(window).build()
     recent = windows.x[:, -window:]
     std = recent.std(axis=1, keepdims=True)
-    err = ((windows.y - recent[:, -1:]) / np.where(std > 0, std, 1.0)) ** 2
+    varied = std[:, 0] > FLAT * np.abs(recent.mean(axis=1))
+    if not varied.any():
+        return np.ones(windows.y.shape[1])
+    err = ((windows.y[varied] - recent[varied, -1:]) / std[varied]) ** 2
     inverse = 1.0 / np.maximum(err.mean(axis=0), 1e-12)  # (horizon,)
     return np.asarray(inverse / inverse.mean())
 

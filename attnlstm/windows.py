@@ -180,6 +180,9 @@ def evenly(n: int, limit: int) -> np.ndarray | slice:
     return np.linspace(0, n - 1, limit).round().astype(np.int64)
 
 
+HELD_OUT = 0.2  # each series' tail that training never sees, by default: what is scored
+
+
 def split_point(length: int, val_fraction: float) -> int:
     """Index where a series of ``length`` points enters its held-out tail."""
     if not 0.0 < val_fraction < 1.0:

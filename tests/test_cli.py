@@ -132,6 +132,24 @@ def test_train_on_a_real_recording(tmp_path: Path) -> None:
     assert (no_period["period"], no_period["window"], no_period["horizon"]) == (0, 20, 1)
 
 
+def test_evaluate_scores_the_tail_the_model_was_trained_without(tmp_path: Path) -> None:
+    """Trained with --val-fraction 0.1, a checkpoint is scored on the last 0.1 of each
+    series unless told otherwise; a longer tail of the same data is refused. evaluate's
+    own default, 0.2, used to score it on values it had trained on, without a word."""
+    data = ("--data", "sines", "--series", "3")
+    last_json(run("train", *data, "--epochs", "1", "--val-fraction", "0.1", "--json", cwd=tmp_path))
+    assert last_json(run("evaluate", *data, "--json", cwd=tmp_path))["val_fraction"] == 0.1
+    shorter = run("evaluate", *data, "--val-fraction", "0.05", "--json", cwd=tmp_path)
+    assert last_json(shorter)["val_fraction"] == 0.05
+    longer = run("evaluate", *data, "--val-fraction", "0.2", cwd=tmp_path)
+    assert longer.returncode == 1
+    assert longer.stderr.strip() == (
+        "attnlstm evaluate: error: the model was trained on all but the last 0.1 of each "
+        "series of sines: --val-fraction 0.2 would score it on values it trained on; pass "
+        "at most 0.1"
+    )
+
+
 def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
     tmp_path: Path,
 ) -> None:

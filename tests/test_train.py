@@ -18,7 +18,15 @@ from attnlstm.experiment import (
 )
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import article_sine
-from attnlstm.train import TrainConfig, auto_epochs, fit, new_model, predict, scaled_loss
+from attnlstm.train import (
+    TrainConfig,
+    auto_epochs,
+    fit,
+    lead_weights,
+    new_model,
+    predict,
+    scaled_loss,
+)
 from attnlstm.windows import (
     Windows,
     sliding_windows,
@@ -185,3 +193,38 @@ def test_training_never_sees_the_held_out_tail() -> None:
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, second.state_dict()[name]), name
     assert changed_scores["val_mae"] > scores["val_mae"]
+
+
+@pytest.mark.parametrize("level", [1000.0, 0.1])
+def test_flat_windows_weigh_no_step_ahead(level: float) -> None:
+    """Windows of one value (a sensor holding still) among a varied series: the steps'
+    weights are those of the varied windows alone. Counted in the data's units, or over
+    a deviation of rounding error (a constant 0.1's is 1e-17), 7 of 2,950 such windows
+    had set the weight of every step."""
+    rng = np.random.default_rng(5)
+    t = np.arange(3000.0)
+    series = level + np.sin(2 * np.pi * t / 24) + 0.1 * rng.standard_normal(3000)
+    varied = sliding_windows(series, 24, 24)
+    held = series.copy()
+    held[1500:1530] = level  # 30 values the same: 7 windows of 24 all flat
+    windows = sliding_windows(held, 24, 24)
+    keep = np.array([not np.all(w == level) for w in windows.x])
+    assert (~keep).sum() == 7
+    alone = Windows(windows.x[keep], windows.y[keep], windows.start[keep], windows.series[keep])
+    np.testing.assert_allclose(lead_weights(windows, 24), lead_weights(alone, 24), rtol=1e-9)
+    assert not np.allclose(lead_weights(varied, 24), lead_weights(windows, 24) * 0)
+
+
+def test_a_constant_window_is_flat_whatever_the_batch() -> None:
+    """24 values of 0.1 have a deviation of rounding error (1.4e-17) in a batch of one
+    and 0 in a batch of two: the model standardised by it in the one and not the other,
+    and the loss divided by it (1e15 for such a window in a last, one-row batch). Flat in
+    both now (FLAT), as the worker's intervals take it."""
+    model = AttentionLSTM(ModelConfig(window=24, horizon=3))
+    one = torch.full((1, 24), 0.1, dtype=torch.float64)
+    assert torch.std(one, dim=1, unbiased=False).item() > 0  # rounding error
+    alone, _ = model(one)
+    batched, _ = model(one.repeat(2, 1))
+    assert torch.equal(alone[0], batched[0])
+    torch.testing.assert_close(alone, one[:, :3], rtol=1e-15, atol=0)  # its own level
+    assert scaled_loss(model, one, one[:, :3] + 1.0).item() < 1.0  # off by 1 in its units

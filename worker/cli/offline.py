@@ -37,7 +37,7 @@ from attnlstm.intervals import Spread
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
-from attnlstm.windows import split_point
+from attnlstm.windows import HELD_OUT, split_point
 from worker.cli.argtypes import UsageError, positive
 from worker.tools.replay import MAX_SINE_VALUES
 
@@ -91,7 +91,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         device=device,
         progress=not args.json and sys.stderr.isatty(),
     )
-    version = save(args.out, model, training_meta(args.data, train_config, result, metrics))
+    meta = training_meta(args.data, train_config, result, metrics, val_fraction=args.val_fraction)
+    version = save(args.out, model, meta)
     return {
         **metrics,
         "seconds": round(time.perf_counter() - started, 3),
@@ -112,6 +113,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
+    args.val_fraction = _held_out(args, checkpoint.meta)
     checkpoint.model.to(device)
     period = args.period or checkpoint.config.period or None
     metrics = evaluate_model(
@@ -133,6 +135,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **metrics,
         **_tables(comparison, args.json, horizon=checkpoint.config.horizon),
+        "val_fraction": args.val_fraction,
         "seconds": round(time.perf_counter() - started, 3),
         "params": checkpoint.model.num_params(),
         "model": str(args.model),
@@ -144,6 +147,7 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     """The article's figures for the data's first series, and the loss curves."""
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
+    args.val_fraction = _held_out(args, checkpoint.meta)
     checkpoint.model.to(device)
     name, values = dataset.names[0], dataset.series[0]
     config = checkpoint.config  # refused as evaluate refuses it: too short to plot
@@ -192,6 +196,23 @@ def _finite_list(curve: object) -> TypeGuard[list[float]]:
     return isinstance(curve, list) and all(
         type(x) in (int, float) and math.isfinite(x) for x in curve
     )
+
+
+def _held_out(args: argparse.Namespace, meta: dict[str, Any]) -> float:
+    """The tail to score a checkpoint on: --val-fraction, or the one it was trained
+    without (0.2 where its meta does not say). On the data it was trained on, a longer
+    tail than that would score it on values it trained on, and is refused."""
+    trained = meta.get("val_fraction")
+    trained = trained if isinstance(trained, float) and 0 < trained < 1 else None
+    if args.val_fraction is None:
+        return trained or HELD_OUT
+    if trained is not None and meta.get("data") == args.data and args.val_fraction > trained:
+        raise ValueError(
+            f"the model was trained on all but the last {trained:g} of each series of "
+            f"{args.data}: --val-fraction {args.val_fraction:g} would score it on values it "
+            f"trained on; pass at most {trained:g}"
+        )
+    return float(args.val_fraction)
 
 
 def _check_sizes(args: argparse.Namespace) -> None:

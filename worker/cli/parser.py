@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from attnlstm.synthetic import SineSpec
+from attnlstm.windows import HELD_OUT
 from worker.cli.argtypes import (
     counts_to,
     device,
@@ -70,10 +71,13 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
     p.add_argument(
         "--val-fraction",
         type=fraction,
-        default=0.2,
-        help="held-out tail of each series, in time order (default 0.2)",
+        default=HELD_OUT if trains else None,
+        help="held-out tail of each series, in time order (default "
+        + ("0.2)" if trains else "the checkpoint's: the tail it was trained without)"),
     )
-    p.add_argument("--device", type=device, default="cpu", help="auto, cpu or cuda (default cpu)")
+    p.add_argument(
+        "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)"
+    )
     p.add_argument(
         "--threads", type=positive, default=None, help="torch CPU threads (default: torch's)"
     )
@@ -183,7 +187,9 @@ def _train_args(train: argparse.ArgumentParser) -> None:
 
 def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--model", type=Path, default=None, help="(default: an untrained model)")
-    bench.add_argument("--device", type=device, default="cpu", help="auto, cpu or cuda (cpu)")
+    bench.add_argument(
+        "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (cpu)"
+    )
     bench.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
     bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")

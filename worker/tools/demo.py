@@ -40,7 +40,7 @@ from attnlstm.experiment import (
 from attnlstm.plots import plot_error_over_time
 from attnlstm.synthetic import SineSpec, make_sines
 from attnlstm.train import TrainConfig
-from attnlstm.windows import split_point
+from attnlstm.windows import HELD_OUT, split_point
 from worker.app import build_engine
 from worker.contract import Fields
 from worker.embedded import die_with_parent, url_or_embedded
@@ -318,8 +318,10 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
     dataset = load_csv(plan.csv) if plan.csv else load_dataset("sines", n_series=50, seed=0)
     shape = dataset_config(dataset, dataset.daily_period())  # as `attnlstm train`
     config = TrainConfig(weight_decay=SEASONAL_WEIGHT_DECAY if shape.period else 0.0)
-    model, result, metrics = train_model(dataset, shape, config, progress=progress)
-    save(path, model, training_meta(spec, config, result, metrics))
+    model, result, metrics = train_model(
+        dataset, shape, config, val_fraction=HELD_OUT, progress=progress
+    )
+    save(path, model, training_meta(spec, config, result, metrics, val_fraction=HELD_OUT))
     return path
 
 
