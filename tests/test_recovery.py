@@ -45,6 +45,7 @@ from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import Metrics
 from worker.recovery import Recovery
+from worker.settings import Settings
 from worker.streams import Entry
 
 
@@ -242,6 +243,32 @@ def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(
     assert _pending(redis_client, keys) == 0
 
 
+def _crash_at(poison: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handling ``poison`` takes the worker down, every time: a poison entry."""
+    handle_batch = triage
+
+    def crashing(entries: list[Entry], **kwargs: Any) -> Batch:
+        batch = handle_batch(entries, **kwargs)
+        if poison in batch.ids:
+            raise RuntimeError("handling the poison entry crashed the worker")
+        return batch
+
+    monkeypatch.setattr(loop, "triage", crashing)
+
+
+def _drain_through_crashes(settings: Settings, model: AttentionLSTM) -> int:
+    """A supervisor restarting the worker (a new process, a new token, each time) until
+    a drain ends; how many times it crashed."""
+    crashes = 0
+    while True:
+        try:
+            drain(settings, model)
+            return crashes
+        except RuntimeError:
+            crashes += 1
+            assert crashes <= 3, "the poison entry was never put aside"
+
+
 def test_an_entry_whose_handling_keeps_crashing_the_worker_goes_to_the_dead_stream(
     redis_client: redis.Redis,
     redis_url: str,
@@ -256,25 +283,9 @@ def test_an_entry_whose_handling_keeps_crashing_the_worker_goes_to_the_dead_stre
     ids = fill(redis_client, keys.input, values[:25])
     poison = cast(bytes, redis_client.xadd(keys.input, {"series": "p", "value": "1.0"}))
     ids += fill(redis_client, keys.input, values[25:])
-    handle_batch = triage
-
-    def crashing(entries: list[Entry], **kwargs: Any) -> Batch:
-        batch = handle_batch(entries, **kwargs)
-        if poison in batch.ids:
-            raise RuntimeError("handling the poison entry crashed the worker")
-        return batch
-
-    monkeypatch.setattr(loop, "triage", crashing)
+    _crash_at(poison, monkeypatch)
     settings = settings_for(redis_url, keys, max_batch=8, lease_ttl_ms=1000, max_attempts=3)
-    crashes = 0
-    while True:  # a supervisor restarting the worker: a new process (token) each time
-        try:
-            drain(settings, trained_sines)
-            break
-        except RuntimeError:
-            crashes += 1
-            assert crashes <= 3, "the poison entry was never put aside"
-    assert crashes == 3
+    assert _drain_through_crashes(settings, trained_sines) == 3
     dead = by_src(redis_client, keys.dead)
     assert list(dead) == [poison]
     assert dead[poison][b"error"] == b"the worker stopped while handling it, 3 times"
@@ -655,26 +666,11 @@ def test_an_entry_put_aside_is_not_handled_again_by_a_restart_before_the_checkpo
     values = sine_steps(2, 40, seed=9)
     ids = fill(redis_client, keys.input, values[:25])
     poison = cast(bytes, redis_client.xadd(keys.input, {"series": "s0", "value": "1.0"}))
-    handle_batch = triage
-
-    def crashing(entries: list[Entry], **kwargs: Any) -> Batch:
-        batch = handle_batch(entries, **kwargs)
-        if poison in batch.ids:
-            raise RuntimeError("handling the poison entry crashed the worker")
-        return batch
-
-    monkeypatch.setattr(loop, "triage", crashing)
+    _crash_at(poison, monkeypatch)
     # Each worker killed -9 once drained: nothing saved at its stop.
     monkeypatch.setattr(Recovery, "save", lambda self, state, scoring: self.lease.release())
     settings = settings_for(redis_url, keys, max_batch=8, lease_ttl_ms=1000, max_attempts=3)
-    crashes = 0
-    while True:
-        try:
-            drain(settings, trained_sines)
-            break
-        except RuntimeError:
-            crashes += 1
-            assert crashes <= 3, "the poison entry was never put aside"
+    assert _drain_through_crashes(settings, trained_sines) == 3
     assert list(by_src(redis_client, keys.dead)) == [poison]
     drain(settings, trained_sines)  # restarted: the re-read meets the poison, acked
     ids += fill(redis_client, keys.input, values[25:])
