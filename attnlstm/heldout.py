@@ -261,8 +261,10 @@ def _row(
     cuts: list[int],
     seconds: float,
 ) -> Row:
-    """The scores of one forecaster. Where the naive forecast makes no error (a constant
-    series) a ratio to it is undefined: NaN, without numpy's warning for each."""
+    """The scores of one forecaster. A series whose naive forecast makes no error (a
+    constant tail) has no ratio to it, and is left out of the ratios, as
+    :func:`attnlstm.metrics.mase` leaves it out (one such series made every ratio NaN);
+    NaN where every series is one, without numpy's warning for each."""
     smapes, coverage, width = [], [], []
     with np.errstate(divide="ignore", invalid="ignore"):
         for run, d, y, cut in zip(runs, days, series, cuts, strict=True):
@@ -270,9 +272,15 @@ def _row(
             smapes.append(smape(truth, run.one_step))
             coverage.append(float(np.mean((run.one_lo <= truth) & (truth <= run.one_hi))))
             # the mean width over the naive MAE, as the ratio of their sums over the tail
-            width.append(float(np.sum(run.one_hi - run.one_lo)) / d.one_naive.sum())
-        ahead = [d.ahead.sum() / d.ahead_naive.sum() for d in days if d.ahead.size]
-        mase = float(np.mean([d.one.sum() / d.one_naive.sum() for d in days]))
+            if d.one_naive.sum() > 0:
+                width.append(float(np.sum(run.one_hi - run.one_lo)) / d.one_naive.sum())
+        ahead = [
+            d.ahead.sum() / d.ahead_naive.sum()
+            for d in days
+            if d.ahead.size and d.ahead_naive.sum() > 0
+        ]
+        one = [d.one.sum() / d.one_naive.sum() for d in days if d.one_naive.sum() > 0]
+        mase = float(np.mean(one)) if one else math.nan
     no_interval = bool(np.isnan(runs[0].one_lo).all())
     return Row(
         name=name,
@@ -280,15 +288,15 @@ def _row(
         smape=float(np.mean(smapes)),
         ahead_mase=float(np.mean(ahead)) if ahead else math.nan,
         coverage=math.nan if no_interval else float(np.mean(coverage)),
-        width=math.nan if no_interval else float(np.mean(width)),
+        width=math.nan if no_interval or not width else float(np.mean(width)),
         seconds=seconds,
     )
 
 
 def _margin(name: str, model: list[_Days], other: list[_Days]) -> Margin:
     """The model's margin to ``other``, series by series."""
-    pairs = list(zip(model, other, strict=True))
-    ahead = [(m, o) for m, o in pairs if m.ahead.size]
+    pairs = [(m, o) for m, o in zip(model, other, strict=True) if m.one_naive.sum() > 0]
+    ahead = [(m, o) for m, o in pairs if m.ahead.size and m.ahead_naive.sum() > 0]
     ratio, low, high = _ratio([(m.one, o.one, m.one_naive) for m, o in pairs])
     ahead_ratio, ahead_low, ahead_high = _ratio(
         [(m.ahead, o.ahead, m.ahead_naive) for m, o in ahead]

@@ -140,6 +140,23 @@ def test_the_statistical_models_are_scored_beside_it(capsys: pytest.CaptureFixtu
     assert "| 10/10 " in last
 
 
+def test_a_constant_series_beside_others_is_left_out_of_the_ratios() -> None:
+    """One constant series among others: the ratios are the others', as `evaluate`'s
+    own MASE takes them (it made every ratio of the table NaN)."""
+    t = np.arange(600.0)
+    noise = 0.1 * np.random.default_rng(3).standard_normal(600)
+    wave = 10 + np.sin(2 * np.pi * t / PERIOD) + noise
+    model, spread = _seasonal_naive_model(), _spread()
+    alone = compare(model, Dataset(["wave"], [wave]), spread=spread, period=PERIOD)
+    flat = np.full(600, 5.0)
+    both = compare(model, Dataset(["wave", "flat"], [wave, flat]), spread=spread, period=PERIOD)
+    for one, two in zip(alone.rows, both.rows, strict=True):
+        assert np.isfinite(two.mase), two
+        assert two.mase == pytest.approx(one.mase)
+        assert two.ahead_mase == pytest.approx(one.ahead_mase, nan_ok=True)
+    assert [m.ratio for m in both.margins] == pytest.approx([m.ratio for m in alone.margins])
+
+
 def test_a_constant_series_has_no_ratio_to_naive_and_says_so_quietly() -> None:
     """The naive forecast of a constant makes no error: each ratio to it is NaN, which
     numpy warned of, once for every one, in the middle of `evaluate --baselines`."""
