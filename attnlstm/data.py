@@ -7,10 +7,11 @@ yields a list of named 1-D float arrays, each series in its own units.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -24,6 +25,7 @@ class DataError(Exception):
 
 
 DAY_S = 86_400
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,15 @@ class Dataset:
 
     def daily_period(self) -> int:
         """Steps per day, from the time step, or 0 when that says nothing (no times, or
-        a step that does not divide a day, or a day of fewer than 4 steps)."""
+        a step that does not divide a day, or a day of fewer than 4 steps or of more than
+        a checkpoint's period may have: a column of row numbers, 1 ms apart as times)."""
+        from attnlstm.checkpoint import CONFIG_BOUNDS  # here: it imports torch
+
         if self.step_s is None or self.step_s <= 0:
             return 0
         steps = DAY_S / self.step_s
-        return round(steps) if abs(steps - round(steps)) < 1e-6 and steps >= 4 else 0
+        usable = 4 <= steps <= CONFIG_BOUNDS["period"][1]
+        return round(steps) if abs(steps - round(steps)) < 1e-6 and usable else 0
 
 
 def load_dataset(
@@ -79,8 +85,36 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     missing = [c for c in wanted if c not in header]
     if missing or not wanted:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
-    series = [_column(path, rows[1:], header.index(name), name) for name in wanted]
+    at = [column_index(path, header, name) for name in wanted]
+    series = [_column(path, rows[1:], k, name) for k, name in zip(at, wanted, strict=True)]
     return Dataset(wanted, series, _time_step([row for _, row in rows[1:]]))
+
+
+def column_index(path: Path, header: Sequence[str], name: str) -> int:
+    """Where the column ``name`` is in ``header``; a DataError where none is, or more than
+    one (by name, the first one's values were read for each of them)."""
+    at = [k for k, h in enumerate(header) if h == name]
+    if not at:
+        raise DataError(f"{path}: no column {name!r}; it has {list(header)}")
+    if len(at) > 1:
+        raise DataError(
+            f"{path}: {len(at)} columns are named {name!r} "
+            f"(columns {', '.join(str(k + 1) for k in at)}); name them apart"
+        )
+    return at[0]
+
+
+def time_ms(text: str) -> int:
+    """ISO 8601 (a zone-less time is taken as UTC) or integer ms since the epoch, as ms
+    since the epoch (negative before 1970; below a ms, floored). A ValueError for
+    anything else. Integer arithmetic: through a float, an ISO time with ms could come
+    out 1 ms early (before about 2004 and after about 2038)."""
+    if text.isascii() and text.isdigit():  # not '²', a digit int() refuses
+        return int(text)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
 def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
@@ -106,13 +140,14 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
 
 
 def _time_step(rows: list[list[str]]) -> float | None:
-    """The median step of the first column in seconds, when it holds ISO 8601 times."""
+    """The median step of the first column in seconds, when it holds times as
+    :func:`time_ms` reads them (as ``replay`` does)."""
     try:
-        times = [datetime.fromisoformat(row[0].strip()).timestamp() for row in rows if row]
+        times = [time_ms(row[0].strip()) for row in rows if row]
     except (ValueError, IndexError):
         return None
-    steps = np.diff(np.asarray(times))
-    return float(np.median(steps)) if steps.size else None
+    steps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]  # ints: no overflow
+    return float(np.median(steps)) if steps else None
 
 
 def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str) -> np.ndarray:

@@ -47,7 +47,10 @@ def make_sines(spec: SineSpec, seed: int = 0) -> SineSet:
     """Draw ``spec.n_series`` sines; parameters are uniform within the spec's ranges.
 
     With ``drift_at``, each series' frequency (or amplitude) is multiplied by a factor
-    drawn from ``drift_factor`` from that step on; the phase stays continuous.
+    drawn from ``drift_factor`` from that step on; the phase stays continuous. So an
+    amplitude drift shows at ``drift_at``, and a frequency drift from the step after:
+    the value at ``drift_at`` is the same under either frequency, the first drifted
+    step being the one that leads away from it.
     """
     _validate(spec)
     rng = np.random.default_rng(seed)

@@ -366,9 +366,18 @@ class WorkerProcess:
         self.stop()
 
     def stop(self) -> None:
+        """SIGTERM (after a SIGCONT, should a test have frozen it), and its exit; one that
+        does not exit within 30 s is killed, and the test fails."""
         if self.returncode is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.send_signal(signal.SIGTERM)
-            _, self.stderr = self.proc.communicate(timeout=30)
+            try:
+                _, self.stderr = self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                _, self.stderr = self.proc.communicate()
+                self.returncode = self.proc.returncode
+                pytest.fail(f"no exit within 30 s of SIGTERM: {self.stderr[-3000:]}")
             self.returncode = self.proc.returncode
 
     def wait_for(self, condition: Callable[[], object], timeout: float = 60) -> None:

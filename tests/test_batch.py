@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from attnlstm.partition import partition_of
 from worker.batch import Anomalies, Forecasts, batch_call, handled_before, triage
 from worker.contract import reason_kind
 from worker.keys import Keys
@@ -166,3 +167,23 @@ def test_an_entry_id_past_int64_is_bad_input() -> None:
     assert [(i, r) for i, _, r in batch.dead] == list(zip(big, reasons, strict=True))
     assert batch.acks == [i for i, _ in entries]
     assert {reason_kind(r) for r in reasons} == {"id"}
+
+
+def test_an_entry_of_another_partition_s_series_is_dead_lettered_naming_its_own() -> None:
+    entries = [
+        (b"5-0", {b"series": b"sensor-7", b"value": b"1"}),
+        (b"6-0", {**GOOD, b"series": b"sensor-8"}),
+    ]
+    assert (partition_of("sensor-7", 2), partition_of("sensor-8", 2)) == (0, 1)
+    batch = triage(
+        entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5, partition=(1, 2)
+    )
+    reason = (
+        "partition is not the series': sensor-7 belongs to partition 0 of 2 "
+        "(crc32(series) mod P), not 1"
+    )
+    assert [(i, r) for i, _, r in batch.dead] == [(b"5-0", reason)]
+    assert reason_kind(reason) == "partition"
+    assert batch.ids == [b"6-0"]
+    alone = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
+    assert alone.ids == [b"5-0", b"6-0"]  # one partition: every series is its own

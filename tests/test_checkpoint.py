@@ -181,18 +181,17 @@ def _forged(hidden_size: int) -> bytes:
 # Loads each file named in argv, after a real one (torch's lazy setup is done by then);
 # prints each refusal, then the seconds and the peak memory growth (KiB) of them all.
 PROBE = """
-import resource, sys, time
+import resource, sys
 from attnlstm.checkpoint import CheckpointError, dumps, loads
 from attnlstm.model import AttentionLSTM, ModelConfig
 loads(dumps(AttentionLSTM(ModelConfig(hidden_size=4, attention_size=4)))[0])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-started = time.perf_counter()
 for path in sys.argv[1:]:
     try:
         loads(open(path, "rb").read())
     except CheckpointError as e:
         print(e)
-print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
@@ -220,9 +219,7 @@ def test_a_small_file_claiming_a_huge_model_is_refused_before_anything_is_alloca
         "checkpoint: hidden_size 6000 is out of bounds (a whole number from 1 to 4096)",
         "checkpoint: its tensors are not those of the model its config names",
     ]
-    seconds, grown_kib = map(float, figures.split())
-    assert seconds < 0.5
-    assert grown_kib < 20_000  # 550 MB before
+    assert float(figures) < 20_000  # KiB the process grew by: 550 MB before
 
 
 def test_declared_shapes_and_byte_lengths_must_be_the_configs(

@@ -8,10 +8,12 @@ import os
 import signal
 import socket
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pytest
 import redis
 import torch
@@ -20,6 +22,7 @@ from attnlstm.baselines import available
 from attnlstm.checkpoint import save
 from attnlstm.device import resolve_device
 from attnlstm.model import AttentionLSTM
+from attnlstm.synthetic import article_sine
 from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.live import worker_settings
@@ -84,8 +87,12 @@ def test_evaluate_agrees_with_train(small_model: dict[str, Any], workdir: Path) 
 def test_evaluate_against_seasonal_naive(small_model: dict[str, Any], workdir: Path) -> None:
     # The article's sine has a period of 2 * pi / 0.05 = 125.66 steps.
     report = last_json(run("evaluate", "--model", "m.st", "--period", "126", "--json", cwd=workdir))
-    assert report["seasonal_naive_mae"] > 0
-    assert "mase_seasonal" in report
+    # The held-out tail is the last 20% of the 1,000 values: each against the one 126
+    # steps before it.
+    sine, tail = article_sine(), np.arange(800, 1000)
+    seasonal_mae = np.abs(sine[tail] - sine[tail - 126]).mean()
+    assert report["seasonal_naive_mae"] == pytest.approx(seasonal_mae, rel=1e-9)
+    assert report["mase_seasonal"] == pytest.approx(report["val_mae"] / seasonal_mae, rel=1e-6)
 
 
 def test_plot_writes_the_figures(small_model: dict[str, Any], workdir: Path) -> None:
@@ -103,6 +110,24 @@ def test_human_output_without_json(small_model: dict[str, Any], workdir: Path) -
     assert proc.returncode == 0, proc.stderr
     assert "val_mse" in proc.stdout
     assert "{" not in proc.stdout
+
+
+def test_train_says_when_the_times_give_no_daily_period_it_can_take(tmp_path: Path) -> None:
+    """Values a second apart make a day of 86,400 steps, past a checkpoint's bound: the
+    model is trained with no period, and the user told why and how to set one."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [
+        f"{(start + timedelta(seconds=i)).isoformat()},{math.sin(i / 10):.4f}" for i in range(300)
+    ]
+    (tmp_path / "s.csv").write_text("time,v\n" + "\n".join(rows) + "\n")
+    proc = run(
+        "train", "--data", "csv:s.csv", "--epochs", "1", "--json", "--out", "m.st", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(proc)["period"] == 0
+    assert "values 1 s apart" in proc.stderr
+    assert "a day of 86,400 steps" in proc.stderr
+    assert "--period N sets one" in proc.stderr
 
 
 def test_train_on_a_real_recording(tmp_path: Path) -> None:

@@ -88,6 +88,10 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
         ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:4: unexpected end of data"),
         ('t,a\n1,"2"5\n', (), r"d\.csv:2: ',' expected after '\"'"),
         (f"t,a\n1,2\n2,{'1' * 200_000}\n", (), r"d\.csv:3: field larger than field limit"),
+        # A name twice: by name, the first column's values were read for both.
+        ("t,a,a\n1,1,10\n", (), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\); name"),
+        ("t,a,a\n1,1,10\n", ("a",), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\)"),
+        ("t,a,t\n1,1,10\n", (), r"d\.csv: 2 columns are named 't' \(columns 1, 3\)"),
     ],
 )
 def test_bad_csv_says_where_and_why(
@@ -119,8 +123,26 @@ def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Pat
     odd = tmp_path / "odd.csv"
     odd.write_text("t,v\n2024-01-01T00:00:00,1\n2024-01-01T00:07:00,2\n2024-01-01T00:14:00,3\n")
     assert load_csv(odd).daily_period() == 0
+    names = tmp_path / "names.csv"
+    names.write_text("step,v\na,1\nb,2\nc,3\n")
+    assert load_csv(names).step_s is None
+    assert load_csv(names).daily_period() == 0
+    # Row numbers are times 1 ms apart, as replay reads them: a day of them is past any
+    # period a model may have.
     plain = tmp_path / "plain.csv"
     plain.write_text("step,v\n1,1\n2,2\n3,3\n")
-    assert load_csv(plain).step_s is None
     assert load_csv(plain).daily_period() == 0
     assert load_dataset("sines", n_series=2).daily_period() == 0
+
+
+def test_times_in_ms_give_the_period_iso_times_give(tmp_path: Path) -> None:
+    """Integer ms since the epoch, which replay takes, gave no period: `train` and
+    `demo --csv` built another model for the same recording."""
+    start = 1_455_494_400_000  # 2016-02-15T00:00:00Z
+    iso = [f"2016-02-15T{h // 2:02d}:{h % 2 * 30:02d}:00Z" for h in range(48)]
+    ms = [str(start + h * 1_800_000) for h in range(48)]
+    for name, times in (("iso.csv", iso), ("ms.csv", ms)):
+        path = tmp_path / name
+        path.write_text("time,v\n" + "".join(f"{t},{k}\n" for k, t in enumerate(times)))
+        data = load_csv(path)
+        assert (data.step_s, data.daily_period()) == (1800.0, 48), name

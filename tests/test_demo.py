@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,13 @@ import redis
 
 from attnlstm.checkpoint import save
 from attnlstm.model import AttentionLSTM
-from attnlstm.plots import plot_latency
+from attnlstm.plots import plot_latency, plot_series_forecasts
 from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
 from tests.helpers import drain, fill, settings_for, wait_for, worker_env
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.tools import readback
 from worker.tools.demo import DEMO_KEYS
 from worker.tools.replay import sine_entries
 
@@ -113,7 +116,54 @@ def test_ctrl_c_stops_the_demo_with_the_summary_so_far(demo_dir: Path) -> None:
     assert report["interrupted"] is True
     assert 500 <= report["forecasts"] < 120 * 500
     assert "Traceback" not in err
+    # The replay's process, stopped, left tqdm's lock (a semaphore) to the tracker.
+    assert "leaked semaphore" not in err
     assert (demo_dir / "forecasts.png").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read")
+def test_ctrl_c_as_the_replay_starts_is_no_traceback(demo_dir: Path) -> None:
+    """Ctrl-C reaches the whole process group, the replay's process too, which imports
+    torch for 1-2 s before it ran a line of its own: it died of a KeyboardInterrupt in
+    that import, a traceback on the demo's stderr. Here Ctrl-C reaches that process
+    first, while it loads torch (the demo, stopping at once, killed it before it could
+    print one), and the demo once the replay writes, or has died."""
+    demo = _Demo(demo_dir, "--seconds", "120", env=_env(demo_dir / "tmp"))
+    try:
+        replay: list[int] = []
+
+        def importing() -> bool:
+            replay[:] = [
+                pid
+                for pid, cmd in _children(demo.proc.pid).items()
+                if "spawn_main" in cmd and _loads_torch(pid)
+            ]
+            return bool(replay) or demo.proc.poll() is not None
+
+        wait_for(importing, what="the replay's process to load torch")
+        os.kill(replay[0], signal.SIGINT)
+        found = re.search(r"started embedded .* at (unix://\S+)", "".join(demo.lines))
+        assert found, "".join(demo.lines)
+        with redis.Redis.from_url(found[1]) as server:
+            wait_for(
+                lambda: _gone(replay[0]) or server.xlen(DEMO_KEYS.input) > 0,
+                what="the replay to write, or to die",
+            )
+        demo.proc.send_signal(signal.SIGINT)
+        report, err = demo.end()
+    finally:
+        demo.kill()
+    assert demo.proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert report["interrupted"] is True
+
+
+def _loads_torch(pid: int) -> bool:
+    """A library of torch's is mapped into the process (gone: False)."""
+    try:
+        return "/torch/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def test_plot_from_stream_draws_one_series_of_a_running_system(
@@ -363,14 +413,17 @@ def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:
         try:
             first.forecasting(server.url)
             assert 0 < client.pttl("demo:lock") <= 30_000  # renewed while it runs
-            before = client.xlen(DEMO_KEYS.output)
+            firsts = [client.xrange(key, count=1) for key in (DEMO_KEYS.input, DEMO_KEYS.output)]
             second = _run(
                 [*CLI, "demo", "--seconds", "5", "--series", "10", "--out", str(demo_dir)],
                 demo_dir,
                 env=env,
                 timeout=120,
             )
-            assert client.xlen(DEMO_KEYS.output) >= before  # the first's streams stand
+            # The first's streams stand: not emptied (their oldest entries are the same).
+            assert [
+                client.xrange(k, count=1) for k in (DEMO_KEYS.input, DEMO_KEYS.output)
+            ] == firsts
             first.proc.send_signal(signal.SIGINT)
             report, err = first.end()
         finally:
@@ -385,6 +438,65 @@ def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:
     )
     assert first.proc.returncode == 0, err
     assert report.get("interrupted") is True
+
+
+def test_a_demo_on_a_shared_redis_empties_its_anomalies_stream_first(demo_dir: Path) -> None:
+    """Its other streams were emptied, not `demo:anomalies`: every run's events piled up
+    there."""
+    with EmbeddedServer() as server, redis.Redis.from_url(server.url) as client:
+        stale = client.xadd(DEMO_KEYS.anomalies, {"series": "old-run"})
+        cmd = [*CLI, "demo", "--seconds", "1", "--series", "5", "--json", "--out", str(demo_dir)]
+        proc = _run(cmd, demo_dir, env=_env(demo_dir / "tmp", REDIS_URL=server.url))
+        assert proc.returncode == 0, proc.stderr
+        assert client.xrange(DEMO_KEYS.anomalies, stale, stale) == []
+
+
+def test_demo_csv_replays_for_seconds_and_scores_no_tail_it_did_not_reach(
+    tmp_path: Path, trained_sines: AttentionLSTM
+) -> None:
+    """--seconds, the replay's length, was ignored for a CSV file: the whole file went.
+    Stopped before the held-out tail, the tail's MAE was a mean of nothing: NaN, and
+    numpy's warnings on stderr."""
+    rows = [f"2024-01-01T{t // 60:02d}:{t % 60:02d}:00,{math.sin(t / 5):.4f}" for t in range(400)]
+    path = tmp_path / "wave.csv"
+    path.write_text("\n".join(["time,v", *rows]) + "\n")
+    out = tmp_path / "out"
+    save(out / "model-wave.safetensors", trained_sines, {"data": f"csv:{path}"})
+    cmd = [*CLI, "demo", "--csv", str(path), "--rate", "50", "--seconds", "1", "--json"]
+    proc = _run([*cmd, "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["entries"] == 50
+    assert report["held_out_v"] == {"points": 0, "mae": None, "naive_mae": None}
+    assert "Warning" not in proc.stderr
+
+
+def test_a_series_with_no_forecast_scored_yet_is_drawn_without_a_mean(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A series' one forecast, its actual not come: its panel said "MAE nan", after
+    numpy's "Mean of empty slice" on stderr."""
+    fill(redis_client, keys.input, sine_steps(1, trained_sines.config.window, seed=4))
+    drain(settings_for(redis_url, keys), trained_sines)
+    views = readback.read_views(redis_client, keys)
+    assert len(views["s0"].forecast) == 1
+    assert not views["s0"].scored.any()
+    titles: list[str] = []
+
+    def seen(panels: Any, path: Path, **kwargs: Any) -> Path:
+        titles.extend(panel[0] for panel in panels)
+        return plot_series_forecasts(panels, path, **kwargs)
+
+    monkeypatch.setattr(readback, "plot_series_forecasts", seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        readback.draw(views, tmp_path, shown=["s0"], points=200, label="one forecast")
+    assert titles == ["s0: MAE none yet (no actual has come)"]
 
 
 def test_a_csv_the_replay_refuses_stops_the_demo_before_it_starts(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from tests.cluster import LocalCluster
 from tests.conftest import CLI, ROOT
-from tests.deployment import DEPLOY, compose_tool, make_secrets, wrong_acl_lines
+from tests.deployment import DEPLOY, USERS, compose_tool, make_secrets, wrong_acl_lines
 from tests.helpers import (
     assert_forecasts,
     burst_cli,
@@ -527,9 +527,28 @@ def test_the_users_run_a_pool_on_a_redis_cluster(
     """The same users on every node of a 3-master cluster, and the functions loaded on
     every primary by load-functions.sh as `loader`: the producer's replay and the
     worker's drain of 4 partitions go through, refused nothing but CLIENT SETINFO."""
+    nodes = [redis_cluster.node_client(port) for port in redis_cluster.ports]
+    try:
+        _a_pool_as_the_users(redis_cluster, nodes, model_file, trained_sines, tmp_path)
+    finally:  # the cluster is the session's: the default names and the users go again
+        for node in nodes:
+            for pattern in ("sensors*", "forecasts*", "anomalies*", "models*"):
+                for key in node.scan_iter(match=pattern):
+                    node.delete(key)
+            for user in USERS:
+                node.acl_deluser(user)
+            node.close()
+
+
+def _a_pool_as_the_users(
+    redis_cluster: LocalCluster,
+    nodes: list[redis.Redis],
+    model_file: Path,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
     secrets = make_secrets(tmp_path)
     users = [line.split() for line in _render_acl(tmp_path, secrets).read_text().splitlines()]
-    nodes = [redis_cluster.node_client(port) for port in redis_cluster.ports]
     for node in nodes:
         node.acl_log_reset()
         for _, name, *rules in (user for user in users if user[1] != "default"):
@@ -552,6 +571,9 @@ def test_the_users_run_a_pool_on_a_redis_cluster(
     password = ("--redis-password-file", str(secrets / "redis-worker-password"))
     report = burst_cli([*worker, *password], tmp_path)
     assert report["forecasts"] == 12 * (40 - trained_sines.config.window + 1)
+    # An entry in the unpartitioned stream (a producer that ignores P): the next start
+    # looks at it, and at whether the partitions were served, with the worker's rights.
+    redis_cluster.client().xadd(KEYS.input, {"series": "s0", "value": "1"})
+    assert burst_cli([*worker, *password], tmp_path)["forecasts"] == 0
     for node in nodes:
         assert _denials(node) <= {("worker", SETINFO), ("producer", SETINFO)}
-        node.close()

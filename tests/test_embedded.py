@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT
-from tests.helpers import free_port, large_requests_logged
+from tests.helpers import free_port, large_requests_logged, wait_for
 from worker import embedded
 from worker.embedded import (
     QUIET_COMMAND_LOG,
@@ -254,7 +254,7 @@ def test_a_killed_owners_directory_goes_when_the_next_server_starts(
         "from worker.embedded import EmbeddedServer\n"
         "server = EmbeddedServer()\n"
         "server.start()\n"
-        "print(server.data_dir, flush=True)\n"
+        "print(server.data_dir, server.pid, flush=True)\n"
         "import time; time.sleep(60)\n"
     )
     env = {**os.environ, "TMPDIR": str(tmp_path)}
@@ -263,10 +263,14 @@ def test_a_killed_owners_directory_goes_when_the_next_server_starts(
     )
     try:
         assert owner.stdout is not None
-        left = Path(owner.stdout.readline().strip())
+        path, pid = owner.stdout.readline().split()
+        left = Path(path)
     finally:
         owner.kill()
         owner.wait()
+    # Its server goes with it (SIGTERM at its parent's death), writing its last lines into
+    # the directory as it stops: a sweep meanwhile could leave the directory behind.
+    wait_for(lambda: _gone(int(pid)), timeout=30, what="the owner's server to stop")
     assert left.parent == tmp_path
     assert (left / "server.log").is_file()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

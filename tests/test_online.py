@@ -9,8 +9,8 @@ import logging
 import multiprocessing
 import os
 import resource
+import signal
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -41,9 +41,10 @@ from worker.metrics import Metrics
 from worker.online.finetune import FinetuneConfig, Job
 from worker.online.scoring import Overall
 from worker.online.store import ModelStore
-from worker.online.trainer import run_jobs
+from worker.online.trainer import Trainer, run_jobs
 from worker.online.tuner import COLD_START_MODEL, DRIFT_RETRY_S, JOB_TIMEOUT_S, Tuner
 from worker.state import WindowState
+from worker.streams import Entry, range_entries, round_trip
 from worker.tools.readback import read_views
 
 
@@ -110,6 +111,11 @@ def sines(n_series: int, length: int) -> Callable[[], tuple[list[str], list[np.n
 def forecast_versions(client: redis.Redis, keys: Keys) -> dict[bytes, str]:
     """The model version of each forecast, by its input entry id."""
     return {f[b"src"]: f[b"model"].decode() for _, f in entries(client, keys.output)}
+
+
+def unseen(client: redis.Redis, tuner: Tuner) -> list[Entry]:
+    """The models events the tuner has not seen: what the worker's next read brings."""
+    return range_entries(round_trip(client, [tuner.events_query()])[0])
 
 
 def test_the_store_keeps_the_last_versions_and_never_drops_the_serving_one(
@@ -424,6 +430,9 @@ def test_a_model_of_another_shape_is_not_adopted(
     store.set_serving(version, "promoted", reason="promoted by hand")
     assert tuner.sync(store.events(after=b"-")) is None
     assert tuner.version == served.version
+    refused = events(redis_client, keys.models)[-1]  # it had none: `models list` said it served
+    assert (refused["event"], refused["version"]) == ("refused", version)
+    assert "(window 30)" in refused["reason"]
 
 
 def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
@@ -540,7 +549,8 @@ def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve
             clock.now += 10
     finally:
         tuner.close()
-    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+    # Its refusal at start, and nothing trained.
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted", "refused"]
 
 
 def test_the_first_fine_tune_does_not_wait_for_its_process_to_start(
@@ -559,15 +569,21 @@ def test_the_first_fine_tune_does_not_wait_for_its_process_to_start(
     histories, scores = sines(2_000, 1_000), Overall(halflife_s=30)
     clock.now += 10
     try:
-        began = time.perf_counter()
         tuner.tick(histories, scores)
-        took = time.perf_counter() - began
         assert tuner.running
-        assert took < 1.0, f"the tick that started the fine-tune took {took:.2f} s"
+        # The process says it has started once it has imported torch: it had not yet
+        # when the tick returned, so the tick did not wait for it, nor hand it the job.
+        assert not _has_torch(_finetune_process())
         wait_for(lambda: tuner.tick(histories, scores) or not tuner.running, timeout=120)
     finally:
         tuner.close()
     assert events(redis_client, keys.models)[-1]["event"] in {"promoted", "rejected"}
+
+
+def _has_torch(process: multiprocessing.process.BaseProcess) -> bool:
+    """The process has loaded torch (its library is mapped)."""
+    with open(f"/proc/{process.pid}/maps") as maps:
+        return "libtorch" in maps.read()
 
 
 def test_a_rejected_candidate_takes_no_stored_versions_place(
@@ -725,3 +741,167 @@ def test_between_jobs_the_fine_tuning_process_holds_none_of_the_last(
         ours.close()  # the loop ends
         loop.join(timeout=10)
     assert not loop.is_alive()
+
+
+def _lose_the_store(client: redis.Redis, keys: Keys) -> None:
+    """Every models key gone, as in a Redis restart without persistence."""
+    for key in client.scan_iter(match=f"{keys.models}*"):
+        client.delete(key)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["with a model", "with none"])
+def test_a_refusal_is_looked_at_afresh_when_the_worker_re_syncs(
+    own: bool, redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """The store serves a model this worker cannot serve (another shape), then loses its
+    models keys; the worker re-syncs (``start`` again, as after a reconnect). The
+    refusal used to stay: with a model, no fine-tune ever again; with none, no cold
+    start and /healthz 503 for good, against a store that served nothing."""
+    model = trained_sines if own else AttentionLSTM(COLD_START_MODEL)
+    wider = AttentionLSTM(replace(model.config, window=model.config.window + 10))
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    blob, version = dumps(wider)
+    store.put(blob, version)
+    store.set_serving(version, "promoted")
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, model, clock, finetune_interval_s=10, finetune_steps=5
+    )
+    file_model = loads(dumps(model)[0]) if own else None
+    tuner.start(file_model)  # the store's refused: its file served here alone, or none
+    assert (tuner.metrics.no_model is None) == own
+    _lose_the_store(redis_client, keys)
+    tuner.start(file_model)
+    assert tuner.metrics.no_model is None
+    assert store.serving() == (version_of(model) if own else None)  # its file, promoted
+    histories, scores = sines(20, 200), Overall(halflife_s=30)
+    clock.now += 10
+    try:
+        tuner.tick(histories, scores)
+        assert tuner.running
+    finally:
+        tuner.close()
+
+
+@pytest.mark.parametrize("when", ["at start", "after a fine-tune"])
+def test_an_event_written_just_after_the_workers_own_promotion_is_read(
+    when: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A promotion by hand (at start: of another file) or a rollback (after a fine-tune:
+    to its parent) lands right after the worker's own promotion. The worker used to read
+    the newest event id after it, and so skip that event for good: it served its own
+    version while the store served another."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=50,
+    )  # fmt: skip
+    operator = ModelStore(redis_client, keys, keep=5, source="cli")
+    promote = tuner.store.promote
+    by_hand, by_hand_version = dumps(other_model(trained_sines, 0.05))
+    parent = other_model(trained_sines, 0.5)  # forecasts 0.5 too high: its candidate wins
+
+    def then_the_operator(data: bytes, version: str, *args: Any, **fields: Any) -> bool:
+        promoted = promote(data, version, *args, **fields)
+        assert promoted
+        if when == "at start":
+            operator.put(by_hand, by_hand_version)
+            operator.set_serving(by_hand_version, "promoted", reason="promoted by hand")
+        else:
+            operator.set_serving(version_of(parent), "rolled_back", previous=version)
+        return promoted
+
+    if when == "at start":
+        monkeypatch.setattr(tuner.store, "promote", then_the_operator)
+        assert tuner.start(loads(dumps(trained_sines)[0])) is not None
+    else:
+        assert tuner.start(loads(dumps(parent)[0])) is not None
+        monkeypatch.setattr(tuner.store, "promote", then_the_operator)
+        histories, scores = sines(5, 200), Overall(halflife_s=30)
+        clock.now += 10
+        try:
+            tuner.tick(histories, scores)
+            wait_for(lambda: tuner.tick(histories, scores) or not tuner.running, timeout=120)
+        finally:
+            tuner.close()
+        assert events(redis_client, keys.models)[-2]["event"] == "promoted"
+    switched = tuner.sync(unseen(redis_client, tuner))
+    assert switched is not None
+    assert tuner.version == switched.version == operator.serving()
+
+
+@pytest.mark.parametrize("version", [b"\xff\xfe", b"../../etc"], ids=["not UTF-8", "not hex"])
+def test_a_switch_event_that_names_something_else_than_a_version_is_skipped(
+    version: bytes,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One event written by anyone who can write to the stream used to stop every
+    worker (not UTF-8: UnicodeDecodeError out of the loop), and `models list` with it."""
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    redis_client.xadd(keys.models, {"event": "promoted", "version": version})
+    assert tuner.sync(unseen(redis_client, tuner)) is None
+    assert tuner.version == served.version
+    assert f"(promoted) names {version!r}, not a model version: skipped" in caplog.text
+    assert [e[b"event"] for _, e in entries(redis_client, keys.models)] == [b"promoted"] * 2
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    assert main(["models", "list", *flags]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["events"][-1]["version"] == version.decode(errors="replace")
+
+
+def test_a_switch_to_a_key_of_another_type_is_refused(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """The version's key holds a stream: its GET fails with WRONGTYPE, which used to
+    leave the worker's loop as a fatal error, with advice about its streams' names."""
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    version = "0123456789abcdef"
+    redis_client.xadd(keys.model(version), {"not": "a model"})
+    redis_client.xadd(keys.models, {"event": "rolled_back", "version": version})
+    assert tuner.sync(unseen(redis_client, tuner)) is None
+    assert tuner.version == served.version
+    refused = events(redis_client, keys.models)[-1]
+    assert (refused["event"], refused["version"]) == ("refused", version)
+    assert "WRONGTYPE" in refused["reason"]
+
+
+def _state(process: multiprocessing.process.BaseProcess) -> str:
+    """The process's state, as /proc says it (R running, S sleeping, T stopped, ...)."""
+    with open(f"/proc/{process.pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_stopping_a_frozen_fine_tuning_process_does_not_hang() -> None:
+    """A stopped process (SIGSTOP, a cgroup freezer, a debugger) leaves SIGTERM pending:
+    stop() used to wait for it for as long as it stayed stopped, and the serving thread
+    with it. It is killed."""
+    trainer = Trainer(1)
+    child = _finetune_process()
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    # Stopped once it has acted on the signal: a SIGTERM before that still ends it.
+    wait_for(lambda: _state(child) == "T", what="the process to stop")
+    stopping = threading.Thread(target=trainer.stop, name="stop", daemon=True)
+    try:
+        stopping.start()
+        stopping.join(timeout=60)
+        assert not stopping.is_alive(), "stop() still waits for the stopped process"
+    finally:
+        if child.is_alive():  # stop() still waits: its SIGTERM ends it once it goes on
+            os.kill(child.pid, signal.SIGCONT)
+            stopping.join(timeout=60)
+    assert child.exitcode == -signal.SIGKILL

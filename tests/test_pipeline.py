@@ -165,9 +165,11 @@ def test_one_read_serves_several_partitions_and_checks_each_for_gaps(
     with _pipeline(redis_url, keys, parts, applied) as pipe:
         start = {0: b"0-0", 1: b"0-0"}
         assert pipe.next_batch(start, block_ms=20).entries == {}
-        only_1 = fill(redis_client, parts[1].input, sine_steps(1, 3))
+        values = sine_steps(1, 3)
+        only_1 = fill(redis_client, parts[1].input, values)
         read = pipe.next_batch(start, block_ms=1000)
-        assert read.entries == {1: [(i, read.entries[1][k][1]) for k, i in enumerate(only_1)]}
+        written = [{b"series": b"s0", b"value": repr(float(v)).encode()} for v in values[:, 0]]
+        assert read.entries == {1: list(zip(only_1, written, strict=True))}
         both = {k: fill(redis_client, part.input, sine_steps(2, 2)) for k, part in parts.items()}
         after = read.last(start)
         assert after == {0: b"0-0", 1: only_1[-1]}

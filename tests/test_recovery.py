@@ -129,13 +129,15 @@ def _beside_a_reference(
 def _kill_at(client: redis.Redis, cmd: list[str], keys: Keys, forecasts: int, cwd: Path) -> None:
     """The worker ``cmd`` as a process, killed with SIGKILL once ``forecasts`` are out."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=worker_env(), stderr=subprocess.DEVNULL)
-    wait_for(
-        lambda: client.xlen(keys.output) >= forecasts or proc.poll() is not None,
-        what=f"{forecasts} forecasts",
-    )
-    assert proc.poll() is None, "the worker exited before it was killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for(
+            lambda: client.xlen(keys.output) >= forecasts or proc.poll() is not None,
+            what=f"{forecasts} forecasts",
+        )
+        assert proc.poll() is None, "the worker exited before it was killed"
+    finally:  # killed either way: a failed wait leaves no worker draining
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def test_a_restart_from_an_old_checkpoint_scores_what_it_re_reads_as_it_went(
@@ -194,6 +196,12 @@ def test_sigterm_mid_drain_handles_the_batch_read_ahead_and_leaves_nothing_pendi
     total = 300 * (60 - 19)
     assert redis_client.xlen(stopped.output) < total  # it stopped mid-drain
     assert _pending(redis_client, stopped) == 0
+    # Saved at the stop, and the lease handed back: the next worker takes it at once.
+    saved = re.search(r"stopped: saved windows of 300 series at entry (\S+)", w.stderr)
+    assert saved, w.stderr[-3000:]
+    last_read = redis_client.xinfo_groups(stopped.input)[0]["last-delivered-id"]
+    assert saved[1].encode() == last_read
+    assert redis_client.get(stopped.lease) is None
     drain(settings_for(redis_url, stopped, max_batch=50), trained_sines)
     # Equal to the offline model on the windows the reference's anomaly events give.
     windowed = stood_in(redis_client, ref, values, list(to_ref.values()))
@@ -381,6 +389,27 @@ def test_entries_another_reader_holds_are_not_counted_lost_unread(
     assert not any(b"lost" in fields for _, fields in entries(redis_client, keys.dead))
 
 
+def test_entries_a_dead_reader_holds_are_claimed_once_idle_and_forecast_once(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A consumer of the group reads entries and dies holding them: once they have been
+    idle for claim_idle_ms, the worker claims them and forecasts each once, as the
+    offline model does. Nothing comes after them, so only the audit's look at idle
+    entries can find them."""
+    values = sine_steps(2, 40, seed=11)
+    ids = fill(redis_client, keys.input, values[:25])
+    redis_client.xgroup_create(keys.input, keys.group, id="0", entries_read=0)
+    worker = new_worker(
+        settings_for(redis_url, keys, block_ms=100, claim_idle_ms=300), trained_sines
+    )
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: drained(redis_client, keys))
+        ids += _added_and_read(redis_client, keys, values[25:], "gone")
+        running.wait_for(lambda: drained(redis_client, keys), timeout=60)
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+    assert worker.metrics.totals(1.0)["lost"] == 0
+
+
 def test_input_trimmed_while_pending_or_unread_is_accounted_for(
     redis_client: redis.Redis,
     redis_url: str,
@@ -448,9 +477,12 @@ def test_a_vanished_group_is_recreated_loudly(
     with WorkerThread(worker) as running:
         running.wait_for(lambda: worker.metrics.role == "active")
         redis_client.delete(keys.input, keys.state)
-        fill(redis_client, keys.input, sine_steps(2, 30, seed=10))
-        running.wait_for(lambda: redis_client.xlen(keys.output) >= 2 * 11)
+        values = sine_steps(2, 30, seed=10)
+        ids = fill(redis_client, keys.input, values)
+        running.wait_for(lambda: drained(redis_client, keys))
     assert "had vanished" in caplog.text
+    # A fresh start on the new stream: each of its entries forecast once, from its values.
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
 @pytest.mark.parametrize("stream", ["anomalies", "dead"])
@@ -611,14 +643,15 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(
 def test_a_quiet_stream_keeps_a_short_lease(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    """A 1 s lease and the default block_ms (1 s) on a stream with nothing to read: each
-    read blocks at most a third of the lease, and the renewals between them keep it
-    (before, every idle read let it lapse, and the renewal after took it back at the
-    next fence number and re-synced, once a second)."""
-    worker = new_worker(settings_for(redis_url, keys, lease_ttl_ms=1000), trained_sines)
+    """A lease as long as block_ms (2 s each; the default is 1 s each) on a stream with
+    nothing to read: each read blocks at most a third of the lease, and the renewals
+    between them keep it (before, every idle read let it lapse, and the renewal after
+    took it back at the next fence number and re-synced, once a lease)."""
+    settings = settings_for(redis_url, keys, lease_ttl_ms=2000, block_ms=2000)
+    worker = new_worker(settings, trained_sines)
     with WorkerThread(worker) as running:
         running.wait_for(lambda: worker.metrics.role == "active")
-        quiet_until = time.monotonic() + 3.5  # three and a half leases' lives
+        quiet_until = time.monotonic() + 5.0  # two and a half leases' lives
         running.wait_for(lambda: time.monotonic() > quiet_until)
         assert redis_client.get(keys.fence) == b"1"
         assert worker.metrics.registry.get_sample_value("attnlstm_recoveries_total") == 1

@@ -173,6 +173,12 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),
         (["--fast", "--csv", "quote.csv"], "quote.csv:3: unexpected end of data"),
+        # Epoch ns, as pandas writes them: each entry was dead-lettered by the worker.
+        (
+            ["--fast", "--csv", "ns.csv"],
+            "ns.csv:3: time '1483230600000000000': the worker refuses it (ts is not a whole "
+            "number of ms since the epoch: '1483230600000000000'); are they ns since the epoch?",
+        ),
         # Sines past what a replay can draw: a MemoryError of 447 GiB, or an OverflowError.
         (["--rate", "1e9", "--seconds", "60", "--series", "1"], "is 6e+10 entries, more than"),
         (
@@ -191,6 +197,7 @@ def test_bad_arguments_are_one_line_errors(
     (tmp_path / "wide.csv").write_text(f"time,v\n1,1\n2,{'x' * 200_000}\n")
     (tmp_path / "comma.csv").write_text("time,v\n1,1\n2,12,5\n")  # a decimal comma
     (tmp_path / "quote.csv").write_text('time,v\n1,"1\n2,2\n')  # a quote never closed
+    (tmp_path / "ns.csv").write_text("time,v\n1,1\n1483230600000000000,2\n")
     proc = subprocess.run(
         [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
         capture_output=True,
@@ -290,6 +297,14 @@ def test_columns_are_taken_by_position(tmp_path: Path) -> None:
     ]
 
 
+def test_iso_times_with_ms_are_ms_to_the_ms(tmp_path: Path) -> None:
+    """Through a float (timestamp() x 1000, floored), these came out 1 ms early: two
+    rows a ms apart could share one ts."""
+    path = tmp_path / "ms.csv"
+    path.write_text("time,a\n2004-08-07T00:12:58.110,1\n2039-01-01T00:00:31.680Z,2\n")
+    assert [fields[5] for fields in csv_entries(path)] == [b"1091837578110", b"2177452831680"]
+
+
 def test_a_bom_is_no_part_of_the_first_column_name(tmp_path: Path) -> None:
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufefftime,a\n1000,1\n".encode())
@@ -362,11 +377,14 @@ def _state(pid: int) -> str:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read")
-def test_ctrl_c_during_a_round_trip_reports_what_the_stream_holds(tmp_path: Path) -> None:
-    """Ctrl-C while a batch is on its way: the batch is counted once sent, as Redis
-    writes it. Before, 5,000 were reported where the stream held 5,372. The round trip
-    is made to last: the server (its own, to take DEBUG) sleeps 2 s, and a replay at
-    --fast waits (asleep) only on Redis."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_a_round_trip_reports_what_the_stream_holds(
+    stop: signal.Signals, tmp_path: Path
+) -> None:
+    """Ctrl-C (or SIGTERM, which stops it as Ctrl-C does) while a batch is on its way:
+    the batch is counted once sent, as Redis writes it. Before, 5,000 were reported where
+    the stream held 5,372. The round trip is made to last: the server (its own, to take
+    DEBUG) sleeps 2 s, and a replay at --fast waits (asleep) only on Redis."""
     with EmbeddedServer(extra_args=["--enable-debug-command", "yes"]) as server:
         cmd = [*CLI, "replay", "--redis-url", server.url, "--stream", "in", "--fast", "--json"]
         proc = subprocess.Popen(
@@ -383,7 +401,7 @@ def test_ctrl_c_during_a_round_trip_reports_what_the_stream_holds(tmp_path: Path
                 nap = threading.Thread(target=sleeper.execute_command, args=("DEBUG", "SLEEP", "2"))
                 nap.start()
                 wait_for(lambda: _state(proc.pid) == "S", what="the replay to wait on Redis")
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(stop)
                 out, err = proc.communicate(timeout=60)
                 nap.join()
                 sleeper.close()
@@ -414,6 +432,32 @@ def test_a_rate_too_slow_to_reach_its_next_entry_waits_for_ctrl_c(
         wait_for(lambda: redis_client.xlen(stream) == 1 or proc.poll() is not None)
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert (report["entries"], report["interrupted"]) == (1, True)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_the_replay_with_its_report(
+    stop: signal.Signals, redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """A timeout, systemd or a terminal closed killed the replay, exit 143 (or 129), no
+    report; they stop it as Ctrl-C does."""
+    stream = f"{stream_prefix}in"
+    cmd = [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--rate", "1e-300"]
+    proc = subprocess.Popen(
+        [*cmd, "--series", "1", "--points", "5", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: redis_client.xlen(stream) == 1 or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -15,7 +15,16 @@ import redis
 from attnlstm.checkpoint import CheckpointError, dumps, save, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
-from tests.helpers import WorkerThread, entries, events, fill, new_worker, other_model, settings_for
+from tests.helpers import (
+    WorkerThread,
+    entries,
+    events,
+    fill,
+    new_worker,
+    other_model,
+    settings_for,
+    wait_for,
+)
 from worker.cli import main
 from worker.keys import Keys
 from worker.lease import ensure_library
@@ -292,3 +301,88 @@ def test_a_rollback_never_points_the_workers_at_a_version_dropped_since_it_was_r
         cli.set_serving(earlier, "rolled_back", previous=serving)
     assert cli.serving() == serving
     assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+
+
+def test_a_keyed_promote_into_a_store_of_unsigned_models_is_refused_unless_asked_for(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The workers that stored unsigned models have no key; a signed one promoted among
+    them stops each at its next start. It used to be promoted without a word."""
+    blob, unsigned = dumps(trained_sines)
+    store = ModelStore(redis_client, keys, keep=5, source="w")
+    store.put(blob, unsigned)
+    store.set_serving(unsigned, "promoted")
+    path = tmp_path / "other.safetensors"
+    version = save(path, other_model(trained_sines, 0.05))
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    promote = ["models", "promote", str(path), "--model-key-file", str(key_file(tmp_path))]
+    assert main([*promote, *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "1 of the 1 models in the store" in err[0]
+    assert "then promote with --sign-into-unsigned-store" in err[0]
+    assert store.serving() == unsigned
+    assert store.versions() == [unsigned]
+    assert main([*promote, "--sign-into-unsigned-store", *flags]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report == {"serving": version, "previous": unsigned, "signed": True}
+
+
+def test_a_running_worker_without_the_key_serves_on_when_a_signed_model_lands(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A keyed promotion into a keyless fleet: the worker serves the signed model, and at
+    its next re-sync (a dropped connection) finds the store signed. It logs the error
+    and serves on; it used to exit, and so did every worker of the fleet."""
+    signed = other_model(trained_sines, 0.05)
+    path = tmp_path / "signed.safetensors"
+    save(path, signed)
+    settings = settings_for(redis_url, keys, block_ms=100)
+    values = sine_steps(5, 60, seed=22)
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    key = ["--model-key-file", str(key_file(tmp_path)), "--sign-into-unsigned-store"]
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        fill(redis_client, keys.input, values[:30])
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
+        assert main(["models", "promote", str(path), *key, *flags]) == 0
+        wait_for(lambda: running.worker.tuner.version == version_of(signed), what="the switch")
+        for client in redis_client.client_list():
+            if client["name"] == "test-worker":
+                redis_client.client_kill_filter(_id=client["id"])
+        after = fill(redis_client, keys.input, values[30:])
+        running.wait_for(lambda: "this worker serves on" in caplog.text)
+        running.wait_for(lambda: set(after) <= forecast_versions(redis_client, keys).keys())
+    versions = forecast_versions(redis_client, keys)
+    assert {versions[i] for i in after} == {version_of(signed)}
+    assert caplog.text.count("are signed with a model key, and this process has none") == 1
+
+
+def test_promoting_a_file_by_hand_prunes_none_of_the_workers_versions(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """The workers keep 8 versions (ATTNLSTM_KEEP_MODELS=8); the command line cannot
+    know it, and used to prune the store to its own default of 5, deleting their
+    rollback targets. It prunes nothing: the workers do, at their next promotion."""
+    workers = ModelStore(redis_client, keys, keep=8, source="w")
+    for k in range(6):
+        workers.put(*dumps(other_model(trained_sines, 0.01 * k)))
+    kept = workers.versions()
+    path = tmp_path / "model.safetensors"
+    version = save(path, other_model(trained_sines, 0.5))
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    assert main(["models", "promote", str(path), *flags]) == 0
+    assert workers.versions() == [version, *kept]

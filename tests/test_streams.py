@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from typing import cast
+
 import hiredis
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from tests.helpers import wait_for
 from worker.keys import Keys
 from worker.streams import (
     Wire,
@@ -15,6 +20,7 @@ from worker.streams import (
     entries_of,
     group_info,
     id_key,
+    primaries,
     transaction,
 )
 
@@ -82,3 +88,47 @@ def test_commands_are_packed_as_hiredis_packs_them_and_the_server_reads_them(
     wire.send([command, (b"LRANGE", key, b"0", b"-1")])
     assert wire.receive() == [len(values), values]
     wire.close()
+
+
+@pytest.mark.parametrize("where", ["one server", "a cluster"])
+def test_a_connection_dropped_under_a_command_is_an_error_not_a_silent_retry(
+    request: pytest.FixtureRequest, redis_url: str, stream_prefix: str, where: str
+) -> None:
+    """redis-py's default client sends a command again on a new connection when the
+    connection drops under it. For XREADGROUP ``>`` that hands the lost reply's entries
+    to this consumer unseen, and a retried XAUTOCLAIM drops the deleted ids the server
+    reports only once: the worker's client raises instead, and the worker re-syncs."""
+    url = request.getfixturevalue("redis_cluster").url if where == "a cluster" else redis_url
+    name = f"{stream_prefix.rstrip(':')}-no-retry"
+    client = connect(url, socket_timeout_s=30, client_name=name)
+    key = f"{{{stream_prefix}}}list"
+    outcome: list[object] = []
+
+    def blocked() -> None:  # a command in flight, its reply not come
+        try:
+            outcome.append(client.blpop([key], timeout=10))
+        except redis.ConnectionError as e:
+            outcome.append(e)
+
+    waiting = threading.Thread(target=blocked)
+    waiting.start()
+    killer = connect(url, socket_timeout_s=5, client_name="killer")
+    nodes = (
+        [n.redis_connection for n in primaries(cast(RedisCluster, killer))]
+        if where == "a cluster"
+        else [killer]
+    )
+
+    def kill() -> bool:
+        for node in nodes:
+            for info in node.client_list():
+                if info["name"] == name and info["cmd"] == "blpop":
+                    return bool(node.client_kill_filter(_id=info["id"]))
+        return False
+
+    wait_for(kill, timeout=10)
+    waiting.join(timeout=30)
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], redis.ConnectionError), outcome
+    client.lpush(key, b"1")  # the next command connects again
+    assert client.lpop(key) == b"1"

@@ -19,6 +19,7 @@ import redis
 from prometheus_client import CollectorRegistry, Histogram
 
 from attnlstm.model import AttentionLSTM
+from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
 from tests.helpers import WorkerThread, fill, new_worker, settings_for, wait_for
 from worker.batch import Receipt
@@ -216,6 +217,39 @@ def test_a_client_trickling_its_request_is_cut_at_the_deadline() -> None:
         server.server_close()
 
 
+def test_clients_that_reconnect_as_soon_as_they_are_cut_leave_healthz_answered() -> None:
+    """Eight clients that each hold a connection with a request never finished, and open
+    another the moment theirs is cut (by the deadline, or by the server): before, every
+    slot was taken again as soon as one came free, and a health check found none."""
+    metrics = Metrics()
+    metrics.connected = True
+    server = serve(metrics, port=0, stale_after_s=60, request_timeout_s=2.0, max_threads=8)
+    address = ("127.0.0.1", server.server_address[1])
+    done, held = threading.Event(), threading.Semaphore(0)
+
+    def hold() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError), socket.create_connection(address) as conn:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nX-a: ")
+                held.release()
+                conn.recv(1)  # until the server cuts it
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(8)]
+    for holder in holders:
+        holder.start()
+    try:
+        for _ in range(16):  # every slot taken, and taken again
+            assert held.acquire(timeout=10)
+        answers = [_status(f"http://{address[0]}:{address[1]}/healthz") for _ in range(20)]
+        assert answers == [200] * 20
+    finally:
+        done.set()
+        server.shutdown()
+        server.server_close()
+        for holder in holders:
+            holder.join(timeout=10)
+
+
 def _status(url: str) -> int:
     try:
         return _get(url)[0]
@@ -277,3 +311,55 @@ def test_an_entry_id_ahead_of_the_clock_counts_as_no_latency_not_a_negative_one(
     name = "attnlstm_end_to_end_latency_seconds"
     assert metrics.registry.get_sample_value(f"{name}_count") == 2
     assert metrics.registry.get_sample_value(f"{name}_sum") == pytest.approx(0.5)
+
+
+def test_a_worker_stuck_past_its_lease_reports_none_of_what_it_served(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers on two partitions; one stuck in a model call past its lease, which
+    the other takes: the stuck one reports a standby, no partition served and no lag.
+    It went on reporting its partition, role active, and the pool's partitions served
+    added up to 3 of 2 (so too with its link to Redis cut: renewals unanswered)."""
+    partitions = 2
+    settings = settings_for(redis_url, keys, partitions=partitions, lease_ttl_ms=1500, block_ms=100)
+    stuck, other = (
+        new_worker(settings.model_copy(update={"consumer": c}), trained_sines) for c in "ab"
+    )
+    assert stuck.engine is not None
+    forecast, gate = stuck.engine.forecast, threading.Event()
+
+    def held_up(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gate.wait(timeout=60)
+        return forecast(windows)
+
+    monkeypatch.setattr(stuck.engine, "forecast", held_up)
+    sample = stuck.metrics.registry.get_sample_value
+
+    def lags() -> list[str]:
+        return [
+            s.labels["partition"]
+            for f in stuck.metrics.registry.collect()
+            if f.name == "attnlstm_partition_lag"
+            for s in f.samples
+        ]
+
+    with WorkerThread(stuck) as running, WorkerThread(other):
+        try:
+            running.wait_for(lambda: len(stuck.lanes) == len(other.lanes) == 1)
+            (mine,) = stuck.lanes
+            running.wait_for(lambda: lags() == [str(mine)])  # an audit's
+            for j, row in enumerate(sine_steps(8, 25, seed=40).T):  # full windows
+                part = keys.partition(partition_of(f"s{j}", partitions), partitions)
+                for value in row:
+                    redis_client.xadd(part.input, {"series": f"s{j}", "value": repr(float(value))})
+            running.wait_for(lambda: len(other.lanes) == partitions)  # the lease lapsed
+            _, body = stuck.metrics.health(stale_after_s=60)
+            assert body["role"] == "standby"
+            assert sample("attnlstm_partitions_served") == 0
+            assert lags() == []
+        finally:
+            gate.set()

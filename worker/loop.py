@@ -60,6 +60,7 @@ from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, fix_for
 log = logging.getLogger("attnlstm.worker")
 
 AUDIT_INTERVAL_S = 2.0  # pending-entry audit, lag and per-series gauges
+STRAYS_LOG_S = 60.0  # entries left in the unpartitioned stream: logged this often
 RESYNC_CALM_S = 30.0  # out of step again within this: the next re-sync waits, longer each time
 BURST_BLOCK_MS = 200  # in --burst mode, an empty read this long means drained
 
@@ -134,7 +135,8 @@ class Worker:
             ttl_ms=settings.lease_ttl_ms,
             partitions=settings.partitions,
         )
-        self.lanes: dict[int, Lane] = {}  # the partitions served, by number
+        self.lanes: dict[int, Lane] = {}  # the partitions served, by number, in the order taken
+        self._share = 0  # how many partitions this worker should serve, as of the last turn
         self.scores = Overall(halflife_s=settings.mae_halflife_s)
         store = ModelStore(
             client,
@@ -161,6 +163,8 @@ class Worker:
         )
         self._series_ids: dict[bytes, str] = {}  # series ids already validated
         self._in_step = False  # the windows match the group (see the module docstring)
+        self._running = False  # in step once: its partitions served
+        self._strays_logged = -math.inf  # when strays (see _report_strays) were last logged
         self._stopping = False
         self._next_audit = 0.0
         self._next_balance = 0.0
@@ -183,7 +187,8 @@ class Worker:
             try:
                 if not self._in_step:
                     self._in_step = self._get_in_step()
-                elif self._handle_next_batch() and self.burst:
+                elif self._handle_next_batch() and self.burst and len(self.lanes) >= self._share:
+                    # (drained once it serves its share: a start takes one partition)
                     log.info("stream drained (--burst)")
                     break
                 self.metrics.connected = True
@@ -211,6 +216,7 @@ class Worker:
                 self._in_step = False
                 self.metrics.connected = False
                 self.metrics.redis_errors.inc()
+                self.metrics.expire()
                 delay = min(max(2 * delay, 0.2), 5.0)
                 log.warning("Redis: %s; retrying in %.1f s", _describe(e), delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
@@ -242,10 +248,18 @@ class Worker:
         """Every partition's lease, where due: FencedError for one no longer ours; and
         this worker's place in the pool. The loop turns: through a long re-sync too,
         the worker is healthy."""
+        started = time.monotonic()
         for lane in self.lanes.values():
             lane.recovery.renew_lease()
         self.pool.stay()
         self.metrics.beat()
+        self.metrics.renewed(self._held_until(started))
+
+    def _held_until(self, since: float) -> float:
+        """Until when the leases hold at least, each renewed or taken since ``since`` or
+        within a third of its life before (when each is due): two thirds of their life
+        past it. Past that unrenewed, the metrics report a standby (Metrics.expire)."""
+        return since + self.settings.lease_ttl_ms / 1500
 
     def _resync_alive(self) -> None:
         """A re-sync's turn, page by page: the leases renewed, or, once a stop is asked
@@ -276,7 +290,8 @@ class Worker:
             self._audit()
 
     def _audit(self) -> None:
-        """Every partition's: what is pending, idle series, and the lag gauges."""
+        """Every partition's: what is pending, idle series, and the lag gauges; and the
+        entries of the unpartitioned stream."""
         lags = []
         self.metrics.partition_lag.clear()  # those given back or lost go with it
         self.metrics.series_maes(
@@ -293,12 +308,40 @@ class Worker:
             lags.append(lag)
         if lags and None not in lags:
             self.metrics.lag.set(sum(lag for lag in lags if lag is not None))
+        self._report_strays(self.pool.strays())
+
+    def _report_strays(self, strays: int) -> None:
+        """Entries in the unpartitioned input stream, which no worker serves: the gauge
+        at each audit and re-sync, and an error when they first appear, then at most once
+        every STRAYS_LOG_S while they stay (each audit's, every 2 s, filled the log)."""
+        self.metrics.unpartitioned.set(strays)
+        now = time.monotonic()
+        if not strays:
+            self._strays_logged = -math.inf
+        elif now - self._strays_logged >= STRAYS_LOG_S:
+            self._strays_logged = now
+            count = self.settings.partitions
+            log.error(
+                "%d entries in %s, which no worker reads: the input is %d partitions (%s "
+                "..). A producer writes there: have it write each entry to its series' "
+                "partition, k = crc32(series) mod %d (attnlstm.partition.partition_of), "
+                "then add these to theirs and delete %s",
+                strays,
+                self.keys.input,
+                count,
+                self.keys.partition(0, count).input,
+                count,
+                self.keys.input,
+            )
 
     def _balance(self) -> None:
         """Serve this worker's share of the partitions (:mod:`worker.pool`): give some
-        back, or take free ones. Nothing may be read ahead."""
-        share = self.pool.share()
-        for k in sorted(self.lanes)[share:]:
+        back, or take free ones. Nothing may be read ahead. The last taken go back
+        first: after a worker's outage, the partitions taken from it go back to it, and
+        no other changes hands (the highest numbers went back: two moved for one)."""
+        started = time.monotonic()
+        share = self._share = self.pool.share()
+        for k in list(self.lanes)[share:]:
             self._give_back(self.lanes.pop(k))
         taken = self._take(share)
         self.lanes |= {lane.k: lane for lane in taken}  # their leases kept while others re-sync
@@ -307,27 +350,32 @@ class Worker:
         self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
         interval_s = self.settings.lease_ttl_ms / 1000 / (3 if len(self.lanes) >= share else 10)
         self._next_balance = time.monotonic() + interval_s
-        self.metrics.role = "active"
-        self.metrics.partitions.set(len(self.lanes))
+        self.metrics.serving(len(self.lanes), until=self._held_until(started))
         if not self.lanes:
             self.metrics.standby()
             self._in_step = False  # a standby again: waits in _get_in_step
 
     def _take(self, share: int) -> list[Lane]:
-        """Free partitions, their leases taken, until this worker serves ``share``."""
+        """Free partitions, their leases taken, until this worker serves ``share``: a
+        lane made, and its lease asked for, only where the holders read at once show it
+        free (or ours, taken by a turn an error cut short)."""
         taken: list[Lane] = []
-        for k in self.pool.candidates(set(self.lanes)):
+        if len(self.lanes) >= share:
+            return taken
+        candidates = self.pool.candidates(set(self.lanes))
+        for k, holder in zip(candidates, self.pool.holders(candidates), strict=True):
             if len(self.lanes) + len(taken) >= share:
                 break
-            lane = self._lane(k)
-            holder = lane.recovery.take_lease()
-            if holder == self.token:
-                taken.append(lane)
-            elif self.settings.partitions == 1 and holder != self._waiting_for:
+            if holder in (None, self.token):
+                lane = self._lane(k)
+                if (holder := lane.recovery.take_lease()) == self.token:
+                    taken.append(lane)
+                    continue
+            if self.settings.partitions == 1 and holder != self._waiting_for:
                 log.info(
                     "waiting: %s holds the lease on %s (one worker per stream and group)",
                     holder,
-                    lane.keys.input,
+                    self.keys.partition(k, 1).input,
                 )
                 self._waiting_for = holder
         return taken
@@ -390,6 +438,7 @@ class Worker:
             last_id=state.last_id,
             max_attempts=self.settings.max_attempts,
             put_aside=state.put_aside,
+            partition=(lane.k, self.settings.partitions),
         )
         slots = state.slots_for(batch.names, room)
         publish = np.asarray(batch.publish, dtype=bool)
@@ -569,17 +618,27 @@ class Worker:
         self.pipeline.reset()
         self.tuner.store.check_key()
         ensure_library(self.client)
-        self.pool.check_partitions()
-        share = self.pool.share()
+        started = time.monotonic()
+        strays = self.pool.check_partitions(running=self._running)
+        share = self._share = self.pool.share()
         held, self.lanes = self.lanes, {}  # before an error: still ours, if still leased
         for lane in held.values():
             if lane.recovery.take_lease() == self.token:
                 self.lanes[lane.k] = lane
             else:
                 log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
-        self.lanes |= {lane.k: lane for lane in self._take(share)}
+                with contextlib.suppress(KeyError):  # (none with one partition)
+                    self.metrics.partition_lag.remove(str(lane.k))
+        # One partition at a start, none past those held at a re-sync: the rest of the
+        # share at the first _balance, a third of a lease's life on, once every worker
+        # alive has announced itself (each does every third). The first of workers
+        # started together saw a pool of one and took every partition, and with
+        # max_series sized for its share refused valid series until it gave them back
+        # (two workers on a backlog of 40 series, 25 each: 450 of 1,200 entries).
+        self.lanes |= {lane.k: lane for lane in self._take(min(share, max(len(self.lanes), 1)))}
         if not self.lanes:
             self.metrics.standby()
+            self.metrics.unpartitioned.set(strays)  # (logged by the workers that serve)
             self.metrics.connected = True  # Redis answered: the library, the pool's share
             self.metrics.beat()  # a standby is healthy, with a share of none too
             self._sleep(min(self.settings.lease_ttl_ms / 4000, 1.0))
@@ -595,8 +654,9 @@ class Worker:
             self._get_lane_in_step(lane)
         self.pipeline.serve({k: lane.keys for k, lane in self.lanes.items()})
         self._next_balance = time.monotonic() + self.settings.lease_ttl_ms / 3000
-        self.metrics.role = "active"
-        self.metrics.partitions.set(len(self.lanes))
+        self.metrics.serving(len(self.lanes), until=self._held_until(started))
+        self._report_strays(strays)
+        self._running = True
         return True
 
     def _get_lane_in_step(self, lane: Lane) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from prometheus_client import (
@@ -128,6 +128,11 @@ class Metrics:
             ["partition"],
         )
         self.series = gauge("attnlstm_series", "Series with a window slot")
+        self.unpartitioned = gauge(
+            "attnlstm_unpartitioned_entries",
+            "Entries in the unpartitioned input stream, which no worker reads while the "
+            "input is partitioned (a producer that ignores P wrote them)",
+        )
         self.series_refused = counter(
             "attnlstm_series_refused",
             "Entries of new series dead-lettered because max_series series hold slots",
@@ -182,6 +187,10 @@ class Metrics:
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
+        # Until when the leases of the partitions served hold, unless renewed (monotonic);
+        # how many those are, and whether they seemed to lapse (expire()).
+        self._held_until, self._held, self._lapsed = -math.inf, 0, False
+        self._owning = threading.Lock()  # the role and the gauges of what it serves
         self.version: str | None = None  # the model served
         # Why no model will ever serve here, until an operator acts (None: one does, or
         # one will: a cold start).
@@ -237,10 +246,42 @@ class Metrics:
             self.series_mae.remove(gone)
         self._series_shown = shown
 
+    def serving(self, partitions: int, *, until: float) -> None:
+        """Active, serving ``partitions`` whose leases hold until ``until``
+        (time.monotonic()) at least, unless renewed (or later: renewed since)."""
+        with self._owning:
+            self.role, self._held, self._lapsed = "active", partitions, False
+            self.partitions.set(partitions)
+            self._held_until = max(self._held_until, until)
+
+    def renewed(self, until: float) -> None:
+        """The leases renewed: held until ``until`` at least; active again if they
+        seemed to lapse."""
+        with self._owning:
+            self._held_until = until
+            if self._lapsed:
+                self.role, self._lapsed = "active", False
+                self.partitions.set(self._held)
+
+    def expire(self) -> None:
+        """A standby once its leases may have lapsed unrenewed (a worker cut off from
+        Redis, or stuck): another worker may serve its partitions now. Each scrape and
+        health check asks first; a worker cut off went on reporting them, and a pool's
+        partitions served added up to more than P."""
+        with self._owning:
+            if self.role == "active" and time.monotonic() > self._held_until:
+                self._standby()
+                self._lapsed = True
+
     def standby(self) -> None:
         """Serving no partition: the gauges of what it served are cleared, for the
         worker that serves it now reports them (kept, a pool's sum of lags counted them
         twice, and a lag alert went on firing from a worker that served nothing)."""
+        with self._owning:
+            self._standby()
+            self._lapsed = False
+
+    def _standby(self) -> None:
         self.role = "standby"
         self.partitions.set(0)
         self.lag.set(0)
@@ -277,6 +318,7 @@ class Metrics:
         self.heartbeat = time.monotonic()
 
     def health(self, stale_after_s: float) -> tuple[bool, dict[str, object]]:
+        self.expire()
         age = time.monotonic() - self.heartbeat
         ok = self.connected and age <= stale_after_s and self.no_model is None
         body = {
@@ -302,7 +344,8 @@ def serve(
 ) -> ThreadingHTTPServer:
     """``/metrics`` and ``/healthz`` on host:port, in a daemon thread. A connection has
     ``request_timeout_s`` in all (its request and the answer), and at most
-    ``max_threads`` are served at once (more are hung up on), so slow or many clients
+    ``max_threads`` are served at once (past them, a new connection takes the slot of the
+    oldest one still sending its request, or is hung up on), so slow or many clients
     cannot pile up threads, nor hold the slots."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -313,7 +356,9 @@ def serve(
                 super().finish()
 
         def do_GET(self) -> None:
+            cast(_BoundedServer, self.server).answering(self.request)
             if self.path == "/metrics":
+                metrics.expire()
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
             elif self.path == "/healthz":
                 ok, body = metrics.health(stale_after_s)
@@ -339,10 +384,13 @@ def serve(
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per request, up to a bound; past it, new connections are closed. Each
-    connection is cut ``timeout_s`` after it was accepted: the socket's timeout bounds
-    each read, not the request, and a client sending a byte every few seconds kept its
-    thread for as long as it liked (eight such took every slot, /healthz's too)."""
+    """A thread per request, up to a bound. Each connection is cut ``timeout_s`` after
+    it was accepted: the socket's timeout bounds each read, not the request, and a client
+    sending a byte every few seconds kept its thread for as long as it liked (eight such
+    took every slot, /healthz's too). With every slot taken, a new connection takes the
+    slot of the oldest one still sending its request (one that is being answered keeps
+    its own), or is closed when there is none: clients that reconnect as soon as they
+    are cut, and never finish a request, no longer keep /healthz unanswered."""
 
     daemon_threads = True
     request_queue_size = 128  # connections waiting to be accepted (and hung up on)
@@ -357,19 +405,37 @@ class _BoundedServer(ThreadingHTTPServer):
     ) -> None:
         self._slots = threading.BoundedSemaphore(max_threads)
         self._timeout_s = timeout_s
-        self._deadlines: dict[socket.socket, float] = {}
+        self._deadlines: dict[socket.socket, float] = {}  # in the order accepted
+        self._reading: set[socket.socket] = set()  # whose request has not come whole
         self._guard = threading.Lock()
         self._closing = threading.Event()  # before the bind, whose failure closes it
         super().__init__(address, handler)
         threading.Thread(target=self._cut_overdue, name="metrics-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._evict_a_reader():
             self.shutdown_request(request)
             return
         with self._guard:
             self._deadlines[request] = time.monotonic() + self._timeout_s
+            self._reading.add(request)
         super().process_request(request, client_address)
+
+    def _evict_a_reader(self) -> bool:
+        """Cut the oldest connection still sending its request, and take its slot once
+        its thread has let go of it (at once: its read fails)."""
+        with self._guard:
+            oldest = next((r for r in self._deadlines if r in self._reading), None)
+        if oldest is None:
+            return False
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
+        return self._slots.acquire(timeout=self._timeout_s)
+
+    def answering(self, request: socket.socket) -> None:
+        """``request`` came whole: its connection keeps its slot until answered."""
+        with self._guard:
+            self._reading.discard(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -377,6 +443,7 @@ class _BoundedServer(ThreadingHTTPServer):
         finally:
             with self._guard:
                 self._deadlines.pop(request, None)
+                self._reading.discard(request)
             self._slots.release()
 
     def _cut_overdue(self) -> None:

@@ -35,15 +35,23 @@ class Pool:
         self.ttl_ms, self.partitions = ttl_ms, partitions
         self._announce_at = 0.0  # when this worker's entry needs renewing
 
-    def check_partitions(self) -> None:
+    def check_partitions(self, *, running: bool) -> int:
         """PartitionsError unless the input is written in this worker's P partitions (the
         first worker with P > 1 marks it so; P = 1 leaves it unmarked on one server,
         where its stream is untagged, and marks it on a Redis Cluster, where its stream
-        is sensors{0}, the first of P > 1's too)."""
+        is sensors{0}, the first of P > 1's too). How many entries the unpartitioned
+        stream holds (:meth:`strays`).
+
+        Entries there refuse a start before these partitions were ever served: data
+        written before partitions. Once they were (by this ``running`` worker, or a lease
+        of theirs ever taken), a producer that ignores P wrote them, and the pool serves
+        on: refused, a producer's one stray entry stopped every worker at its next
+        re-sync, and each restart after."""
         count, first = self.partitions, self.keys.partition(0, self.partitions).input
         if self.keys.cluster and count == 1:
             self.client.set(self.keys.partitions, 1, nx=True)
-        if first != self.keys.input and stream_info(self.client, self.keys.input) is not None:
+        strays = self.strays()
+        if strays and not running and not self._served():
             where = "a Redis Cluster, " if self.keys.cluster else ""
             raise PartitionsError(
                 f"stream {self.keys.input} holds entries written with one partition on one "
@@ -53,6 +61,23 @@ class Pool:
         mark = int(self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count))
         if mark != count:
             raise _another(self.keys, mark, count, "this worker reads")
+        return strays
+
+    def strays(self) -> int:
+        """How many entries the unpartitioned input stream holds, which no worker reads
+        while the input is partitioned (0 with P = 1 on one server: it is the input)."""
+        if self.keys.partition(0, self.partitions).input == self.keys.input:
+            return 0
+        info = stream_info(self.client, self.keys.input)  # XINFO: the worker's ACL has no XLEN
+        return 0 if info is None else int(info["length"])
+
+    def _served(self) -> bool:
+        """Whether a worker ever took the lease of one of these partitions (its fence
+        number stays): one round trip, per node on a Redis Cluster."""
+        pipe = self.client.pipeline(transaction=False)
+        for k in range(self.partitions):  # GET: the worker's ACL has no EXISTS on them
+            pipe.get(self.keys.partition(k, self.partitions).fence)
+        return any(fence is not None for fence in pipe.execute())
 
     def share(self) -> int:
         """Announce this worker; how many partitions it should serve now."""
@@ -83,6 +108,15 @@ class Pool:
         start = zlib.crc32(self.token.encode()) % self.partitions
         order = [(start + i) % self.partitions for i in range(self.partitions)]
         return [k for k in order if k not in held]
+
+    def holders(self, partitions: list[int]) -> list[str | None]:
+        """The token that holds each one's lease (None: free), in one round trip (per
+        node on a Redis Cluster): a lease is taken only where it is free, since a round
+        trip and a fresh lane for each held one cost a turn of P = 1024 221 ms."""
+        pipe = self.client.pipeline(transaction=False)
+        for k in partitions:
+            pipe.get(self.keys.partition(k, self.partitions).lease)
+        return [None if holder is None else as_str(holder) for holder in pipe.execute()]
 
     def _call(self, ttl_ms: int) -> list[bytes | str]:
         reply: list[bytes | str] = self.client.fcall(

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -124,9 +125,9 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         model_key_file=args.model_key_file,
     )
     with redis_for(settings, "models") as (client, settings):
-        store = ModelStore(
-            client, settings.keys, keep=settings.keep_models, source="cli", key=settings.model_key()
-        )
+        # keep None: nothing pruned here; the workers prune to their own keep_models at
+        # their next promotion (this command's default of 5 deleted their rollback targets).
+        store = ModelStore(client, settings.keys, keep=None, source="cli", key=settings.model_key())
         if args.action in ("rollback", "promote"):
             store.check_key()
             ensure_library(client)  # the serving pointer is set on the server (attnlstm_serve)
@@ -136,14 +137,32 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
             store.set_serving(checkpoint.version, "rolled_back", previous=before)
             return {"serving": checkpoint.version, "previous": before}
         if args.action == "promote":
-            checkpoint = open_checkpoint(args.path)
-            before = store.serving()
-            store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
-            store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
-            return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
+            return _promote(store, args.path, into_unsigned=args.sign_into_unsigned_store)
         events = [
-            {k.decode(): v.decode() for k, v in fields.items()} | {"id": entry_id.decode()}
+            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
+            | {"id": entry_id.decode()}
             for entry_id, fields in reversed(store.recent_events(args.events))
             if fields is not None
         ]
         return {"serving": store.serving(), "versions": store.versions(), "events": events}
+
+
+def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str, Any]:
+    """The model file stored (signed, with a key) and served by every worker. With a key,
+    against a store of unsigned models, only when ``into_unsigned``: the workers that
+    serve those have no key, and each would stop at its next start on a signed store."""
+    if store.key is not None and not into_unsigned:
+        signed, stored = store.signatures()
+        if signed < stored:
+            raise ValueError(
+                f"{stored - signed} of the {stored} models in the store ({store.keys.versions}) "
+                "are unsigned: the workers that stored them have no model key, and each would "
+                "stop at its next start once a signed one is stored. Give every worker the key "
+                "first (--model-key-file, ATTNLSTM_MODEL_KEY_FILE), then promote with "
+                "--sign-into-unsigned-store"
+            )
+    checkpoint = open_checkpoint(path)
+    before = store.serving()
+    store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
+    store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
+    return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}

@@ -21,7 +21,7 @@ from attnlstm.checkpoint import (
     open_checkpoint,
     save,
 )
-from attnlstm.data import Dataset, load_dataset
+from attnlstm.data import DAY_S, Dataset, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
@@ -56,6 +56,14 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     _check_out(args.out)
     dataset, device = _prepare(args)
     period = dataset.daily_period() if args.period is None else args.period
+    if args.period is None and not period and dataset.step_s:
+        print(
+            f"attnlstm train: note: values {dataset.step_s:g} s apart (the first column's "
+            f"median step) make a day of {DAY_S / dataset.step_s:,.6g} steps, no daily period "
+            "a model can take (a whole number from 4 to "
+            f"{CONFIG_BOUNDS['period'][1]:,}): trained with none; --period N sets one",
+            file=sys.stderr,
+        )
     given = {
         "window": args.window,
         "horizon": args.horizon,

@@ -328,7 +328,12 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     sines.add_argument(
         "--noise", type=nonnegative_number, default=0.0, help="std, in amplitudes (default 0)"
     )
-    sines.add_argument("--drift-at", type=positive, default=None, help="step where drift starts")
+    sines.add_argument(
+        "--drift-at",
+        type=positive,
+        default=None,
+        help="step where drift starts (a frequency drift shows from the step after)",
+    )
     sines.add_argument(
         "--drift-kind", choices=["frequency", "amplitude"], default="frequency", help="(frequency)"
     )
@@ -360,7 +365,12 @@ def _demo_args(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--noise", type=nonnegative_number, default=0.0, help="sine noise, in amplitudes (0)"
     )
-    demo.add_argument("--drift-at", type=positive, default=None, help="step where sines drift")
+    demo.add_argument(
+        "--drift-at",
+        type=positive,
+        default=None,
+        help="step where sines drift (a frequency drift shows from the step after)",
+    )
     demo.add_argument(
         "--finetune-interval-s",
         type=nonnegative_number,
@@ -396,9 +406,20 @@ def _models_args(models: argparse.ArgumentParser) -> None:
     back = what.add_parser("rollback", help="serve a stored version again, from the next batch")
     back.add_argument("version", help="a version from `attnlstm models list`")
     promote = what.add_parser(
-        "promote", help="store a model file (signed, with a key) and serve it on every worker"
+        "promote",
+        help="store a model file (signed, with a key) and serve it on every worker",
+        description="Store a model file (signed, with a key) and serve it on every worker "
+        "from its next batch. Nothing is pruned here: the workers prune the store to their "
+        "own keep_models at their next promotion.",
     )
     promote.add_argument("path", type=Path, help="a checkpoint from `attnlstm train`")
+    promote.add_argument(
+        "--sign-into-unsigned-store",
+        action="store_true",
+        help="with a model key, promote even though the store holds unsigned models (moving "
+        "a store to a key: give every worker the key first; one without it stops at its "
+        "next start)",
+    )
     for action in (listing, back, promote):
         action.add_argument("--redis-url", default=None, help="(default: ATTNLSTM_REDIS_URL)")
         action.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,6 +17,7 @@ import redis
 from attnlstm.synthetic import SineSpec
 from worker.cli.commands import refusal
 from worker.settings import Settings, from_flags
+from worker.signals import handled
 from worker.streams import connect
 from worker.tools.replay import (
     MAX_SINE_VALUES,
@@ -30,6 +32,13 @@ from worker.tools.replay import (
 
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM and SIGHUP (a timeout, systemd, a terminal closed) stop the replay as
+    # Ctrl-C does, with the report so far: by default they killed it, exit 143, no report.
+    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
+        return _replay(args)
+
+
+def _replay(args: argparse.Namespace) -> dict[str, Any]:
     if args.rate is not None and args.seconds is not None and args.seconds * args.rate <= 0.5:
         raise ValueError(
             f"--seconds {args.seconds:g} at --rate {args.rate:g} is less than one entry"

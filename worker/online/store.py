@@ -4,11 +4,12 @@ Checkpoints are stored as their safetensors bytes (they cannot run code when loa
 and carry a SHA-256 that is checked on every load) under ``models:v:<version>``; the
 last ``keep`` versions stay, and the serving one is never deleted. A fine-tune's
 candidate is kept only once promoted: a rejected one would push out of the store the
-versions a rollback goes back to. The serving pointer never names a version that is
-not stored: setting it and deleting a version each check the other on the server, in
-one step. Every change is an event on the ``models`` stream (``trained``,
-``promoted``, ``rejected``, ``rolled_back``, ``refused``), which is also how other
-workers learn of it.
+versions a rollback goes back to. The command line's store (``keep`` None) prunes
+nothing: the workers prune to their own ``keep_models`` at their next promotion. The
+serving pointer never names a version that is not stored: setting it and deleting a
+version each check the other on the server, in one step. Every change is an event
+on the ``models`` stream (``trained``, ``promoted``, ``rejected``, ``rolled_back``,
+``refused``), which is also how other workers learn of it.
 
 The SHA-256 catches damage, not forgery: anyone who can write to the store can store
 a model with a hash that matches. A store with a model key (a secret file; Redis never
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from typing import cast
 
@@ -29,6 +31,8 @@ import redis
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
 from worker.streams import Command, Entry, range_entries, round_trip, transaction, xadd
+
+log = logging.getLogger("attnlstm.worker")
 
 EVENTS_MAXLEN = 10_000  # approximate cap on the models stream
 SWITCHES = (b"promoted", b"rolled_back")  # events that change the serving version
@@ -41,17 +45,21 @@ class ModelStore:
         client: redis.Redis,
         keys: Keys,
         *,
-        keep: int,
+        keep: int | None,
         source: str,
         key: bytes | None = None,
     ) -> None:
+        """``keep`` None: nothing is pruned (the command line's: it cannot know the
+        workers' ``keep_models``, and pruning to its own deleted their rollback targets)."""
         self.client, self.keys, self.keep = client, keys, keep
         self.source = source  # who writes the events (a consumer name, or the CLI)
         self.key = key  # signs what is stored, verifies what is read; None: unauthenticated
+        self._key_checked = False  # check_key has run: a mismatch found later is logged
+        self._key_logged: str | None = None  # the mismatch last logged
 
     def put(self, data: bytes, version: str) -> None:
         """Store a version (again: it becomes the newest), signed when the store has a
-        key, dropping the oldest past ``keep`` unless it is serving."""
+        key, dropping the oldest past ``keep`` (if any) unless it is serving."""
         self._store(data, version)
         self._prune()
 
@@ -73,6 +81,8 @@ class ModelStore:
         return not replies[2]  # LREM: none removed
 
     def _prune(self) -> None:
+        if self.keep is None:
+            return
         for old in cast(list[bytes], self.client.lrange(self.keys.versions, self.keep, -1)):
             self._drop(old.decode())
 
@@ -84,13 +94,22 @@ class ModelStore:
         self.client.fcall("attnlstm_drop", len(keys), *keys, version)
 
     def get(self, version: str) -> Checkpoint:
-        """The stored version, verified; CheckpointError when missing or not intact, or
-        (with a key) unsigned or signed with another key."""
+        """The stored version, verified; CheckpointError when missing or not intact (its
+        key, or its signature's, holds another type of value: anyone who can write to
+        the store can make it so), or (with a key) unsigned or signed with another key."""
         k = self.keys
-        data, signature = round_trip(
-            self.client,
-            [(b"GET", k.model(version).encode()), (b"GET", k.model_signature(version).encode())],
-        )
+        try:
+            data, signature = round_trip(
+                self.client,
+                [
+                    (b"GET", k.model(version).encode()),
+                    (b"GET", k.model_signature(version).encode()),
+                ],
+            )
+        except redis.ResponseError as e:
+            if not str(e).startswith("WRONGTYPE"):
+                raise
+            raise CheckpointError(f"stored model {version} is not a model: {e}") from None
         if data is None:
             raise CheckpointError(f"model {version} is not in the store")
         self._verify(version, data, signature)
@@ -119,17 +138,36 @@ class ModelStore:
         """ValueError when this store has no key and the stored versions are signed:
         the workers that hold the key serve only what it signed, and a worker without
         it would serve, or store, models that nobody signed. A misconfiguration to fix
-        before it serves a batch."""
-        if self.key is not None or not (versions := self.versions()):
+        before it serves a batch: fatal at the process's first check only. At a later
+        one (a worker re-syncing, after a keyed ``models promote``) it is an error in
+        the log, once until it changes, and the worker goes on serving: raising there
+        stopped every worker of the fleet at its next dropped connection."""
+        if self.key is not None:
             return
-        commands = [(b"GET", self.keys.model_signature(v).encode()) for v in versions]
-        signed = sum(signature is not None for signature in round_trip(self.client, commands))
-        if signed:
-            raise ValueError(
-                f"{signed} of the {len(versions)} models in the store ({self.keys.versions}) "
-                "are signed with a model key, and this process has none: give it the key "
-                "the other workers use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
+        signed, stored = self.signatures()
+        first, self._key_checked = not self._key_checked, True
+        if not signed:
+            self._key_logged = None
+            return
+        problem = (
+            f"{signed} of the {stored} models in the store ({self.keys.versions}) are signed "
+            "with a model key, and this process has none: give it the key the other workers "
+            "use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
+        )
+        if first:
+            raise ValueError(problem)
+        if problem != self._key_logged:
+            log.error(
+                "%s; this worker serves on (restarted, it stops until it has the key)", problem
             )
+            self._key_logged = problem
+
+    def signatures(self) -> tuple[int, int]:
+        """How many of the stored versions are signed, and how many are stored."""
+        versions = self.versions()
+        commands = [(b"GET", self.keys.model_signature(v).encode()) for v in versions]
+        replies = round_trip(self.client, commands) if commands else []
+        return sum(signature is not None for signature in replies), len(versions)
 
     def versions(self) -> list[str]:
         return [

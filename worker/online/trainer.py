@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 from worker.online.finetune import Job, Outcome, init_process, run_job
 
 READY = "ready"  # what the process sends once it has started
+STOP_WAIT_S = 5.0  # how long stop() waits for the process to end, after each signal
 
 
 class Trainer:
@@ -68,8 +69,15 @@ class Trainer:
         return outcome
 
     def stop(self) -> None:
+        """The process ended: SIGTERM, then SIGKILL if it is still there after
+        STOP_WAIT_S. A stopped process (SIGSTOP, a cgroup freezer, a debugger) leaves
+        SIGTERM pending; waiting for it with no limit blocked the serving thread for as
+        long as it stayed stopped."""
         self._proc.terminate()
-        self._proc.join()
+        self._proc.join(STOP_WAIT_S)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(STOP_WAIT_S)
         self._conn.close()
 
 

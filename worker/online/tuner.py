@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -22,7 +23,7 @@ from typing import Literal
 import numpy as np
 import redis
 
-from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, loads
+from attnlstm.checkpoint import VERSION_HEX, Checkpoint, CheckpointError, dumps, loads
 from attnlstm.model import ModelConfig
 from worker.lease import Lease
 from worker.metrics import Metrics
@@ -44,6 +45,9 @@ COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it
 # history (0.15 s for 10,000 series of 200 values), too much for every batch.
 COLD_RETRY_S = 1.0
 DRIFT_RETRY_S = 10.0
+
+# What a version in a models event must be: a model's content hash (version_of).
+VERSION = re.compile(rb"[0-9a-f]{%d}" % VERSION_HEX)
 
 # Why a fine-tune starts: a first model (cold), a drift, or the schedule.
 Trigger = Literal["cold", "drift", "schedule"]
@@ -115,13 +119,22 @@ class Tuner:
         serves none yet, and served here alone while the store's is refused; a restart
         never undoes a promotion, nor does a worker with another file. None: no change,
         or nothing yet (a cold start). ValueError when there is nothing to serve and
-        fine-tuning is off, so nothing ever will be."""
+        fine-tuning is off, so nothing ever will be.
+
+        Run again at every re-sync: what was refused is looked at afresh (the store may
+        have lost its models keys since, in a Redis restart without persistence, or an
+        operator cleared them), and refused again if it still serves. A refusal kept
+        from before left the worker never fine-tuning again, or with no model never
+        training one (/healthz 503 for good), against a store that served nothing."""
+        self._refused = None
+        self.metrics.no_model = None
         self._seen = self.store.last_event_id()
         serving = self.store.serving()
         if serving is None and file_model is not None:
             blob, _ = dumps(file_model.model, file_model.meta)
             if self.store.promote(blob, file_model.version, None, "promoted", reason="model file"):
-                self._seen = self.store.last_event_id()
+                # _seen stays: its own `promoted` event changes nothing when read, and a
+                # promotion or rollback written after it must be read, not skipped.
                 return self._adopt(file_model, blob)
             serving = self.store.serving()  # another worker's file, promoted first
         if serving is not None and serving != self.version:
@@ -182,31 +195,29 @@ class Tuner:
 
     def _switch(self, version: str) -> Checkpoint | None:
         """The store's serving ``version``, served from now on; None where it is refused
-        (missing, damaged, forged) or does not fit this worker, which serves what it
-        served."""
+        (missing, damaged, forged, or it does not fit this worker), which serves what it
+        served, with a `refused` event (without one, `models list` showed it serving)."""
         try:
-            checkpoint = self._adopt(self.store.get(version))
-        except CheckpointError as e:
+            checkpoint = self.store.get(version)
+            self._fits(checkpoint)
+        except (CheckpointError, ValueError) as e:
             log.error("refused model %s: %s; serving %s unchanged", version, e, self.version)
             self.store.event(version, "refused", reason=str(e))
-            checkpoint = None
-        self._refused = None if checkpoint is not None else version
-        if checkpoint is None and self.version is not None and self.enabled:
-            log.warning(
-                "no fine-tunes while the store serves %s: a candidate from %s would not be "
-                "promoted over it",
-                version,
-                self.version,
-            )
-        return checkpoint
-
-    def _adopt(self, checkpoint: Checkpoint, blob: bytes | None = None) -> Checkpoint | None:
-        """``checkpoint`` served from now on, where the worker can serve it."""
-        try:
-            self._fits(checkpoint)
-        except ValueError as e:
-            log.error("%s: not served; serving %s unchanged", e, self.version)
+            self._refused = version
+            if self.version is not None and self.enabled:
+                log.warning(
+                    "no fine-tunes while the store serves %s: a candidate from %s would not "
+                    "be promoted over it",
+                    version,
+                    self.version,
+                )
             return None
+        self._refused = None
+        return self._adopt(checkpoint)
+
+    def _adopt(self, checkpoint: Checkpoint, blob: bytes | None = None) -> Checkpoint:
+        """``checkpoint`` served from now on: the store's, once it fits (:meth:`_switch`),
+        this worker's model file, or a candidate fine-tuned from what it serves."""
         self.version = checkpoint.version
         self.metrics.no_model = None
         self.context, self.horizon = checkpoint.config.context, checkpoint.config.horizon
@@ -384,7 +395,7 @@ class Tuner:
         ):
             log.info("candidate %s promoted: %s", outcome.version, reason)
             self.metrics.finetunes.labels("promoted").inc()
-            self._seen = self.store.last_event_id()
+            # _seen stays, as at start: an event written after its own must not be skipped.
             return self._adopt(loads(outcome.candidate), outcome.candidate)
         if outcome.promote:
             reason = self._overtaken()
@@ -425,15 +436,17 @@ def _usable_values(values: list[np.ndarray], usable: int) -> int:
 
 def _last_switch(events: list[Entry]) -> tuple[str, str] | None:
     """The version and event of the last of ``events`` that changed the serving version;
-    one that names no version is logged and skipped (anyone who can write to the stream
-    can write one: it must not stop the worker)."""
+    one that names no version, or something else than a version (not UTF-8 text, not 16
+    hex digits), is logged and skipped (anyone who can write to the stream can write
+    one: it must not stop the worker)."""
     last = None
     for entry_id, fields in events:
         if fields is None or (event := fields.get(b"event")) not in SWITCHES:
             continue
-        if (version := fields.get(b"version")) is None:
+        if (version := fields.get(b"version")) is None or not VERSION.fullmatch(version):
+            named = "no version" if version is None else f"{version!r}, not a model version"
             log.warning(
-                "models event %s (%s) names no version: skipped", entry_id.decode(), event.decode()
+                "models event %s (%s) names %s: skipped", entry_id.decode(), event.decode(), named
             )
             continue
         last = version.decode(), event.decode()

@@ -176,7 +176,7 @@ def _live(
     client.delete(keys.input, keys.partitions, keys.pool, keys.models, keys.versions)
     client.delete(keys.serving, keys.finetune_lock, keys.finetune_fence)
     for lane in lanes:
-        client.delete(lane.input, lane.output, lane.dead, lane.state, lane.lease)
+        client.delete(lane.input, lane.output, lane.dead, lane.anomalies, lane.state, lane.lease)
         client.delete(lane.fence, lane.handling)
     worker = Worker(client, engine=engine, settings=settings, metrics=Metrics())
     report = _run(client, url, worker, settings, plan, progress)
@@ -333,12 +333,15 @@ def _lanes(settings: Settings) -> list[Keys]:
 def _replay_child(
     url: str, settings: Settings, plan: DemoPlan, parent: int, errors: Connection
 ) -> None:
-    """The demo's producer, in its own process, as a real producer would be. Ctrl-C is
-    the parent's to handle: it stops this process; and so does the parent's death, even
-    by kill -9, after which the replay went on writing. An error of the user's or of
-    Redis goes to the parent through ``errors``, for one line there."""
+    """The demo's producer, in its own process, as a real producer would be, for
+    ``plan.seconds`` at most (a CSV file too). Ctrl-C is the parent's to handle: this
+    process starts deaf to it (see :func:`_run`), and the parent stops it; so does the
+    parent's death, even by kill -9, after which the replay went on writing. An error of
+    the user's or of Redis goes to the parent through ``errors``, for one line there."""
     die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, which this process, stopped by
+    # SIGTERM, left behind (the resource tracker warned of it at exit): a thread lock.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(1)
     try:
         client = connect(url, socket_timeout_s=30, client_name="replay", cluster=settings.cluster)
@@ -346,13 +349,12 @@ def _replay_child(
             entries = csv_entries(plan.csv)
         else:
             entries = sine_entries(plan.sines(), seed=plan.seed, bad_rate=plan.bad_rate)
-        seconds = None if plan.csv is not None else plan.seconds
         replay(
             client,
             settings.input_stream,
             entries,
             rate=plan.rate,
-            seconds=seconds,
+            seconds=plan.seconds,
             partitions=settings.partitions,
         )
         client.close()
@@ -391,7 +393,11 @@ def _run(
     started = time.monotonic()
     interrupted = False
     thread.start()
-    producer.start()
+    # The replay's process inherits Ctrl-C ignored (not a handler of ours: exec resets
+    # those): it imports torch for 1-2 s before it runs a line of its own, and a Ctrl-C
+    # then was a traceback of that import.
+    with handled((signal.SIGINT,), signal.SIG_IGN):
+        producer.start()
     child_errors.close()  # the child's end: ours closed, its death reads as the end
     try:
         _wait(client, settings, producer, plan, progress)
@@ -440,8 +446,7 @@ def _wait(
     progress: bool,
 ) -> None:
     lanes = _lanes(settings)
-    total = None if plan.csv is not None else plan.seconds
-    with tqdm(total=total, desc="demo", unit=" s", disable=not progress) as bar:
+    with tqdm(total=plan.seconds, desc="demo", unit=" s", disable=not progress) as bar:
         started = time.monotonic()
         while producer.is_alive():
             time.sleep(0.5)
@@ -450,11 +455,24 @@ def _wait(
             bar.set_postfix(forecasts=forecasts, dead=sum(client.xlen(lane.dead) for lane in lanes))
     deadline = time.monotonic() + CATCH_UP_S
     while time.monotonic() < deadline:
-        infos = [group_info(client, lane) for lane in lanes if client.exists(lane.input)]
-        if all(info.get("lag") == 0 and info.get("pending") == 0 for info in infos):
+        if all(_caught_up(client, lane) for lane in lanes):
             return
         time.sleep(0.1)
     log.warning("the worker had not caught up %.0f s after the replay ended", CATCH_UP_S)
+
+
+def _caught_up(client: redis.Redis, lane: Keys) -> bool:
+    """The worker has handled every entry of the lane's input (none: nothing to do). Not
+    before it made its group: a short replay could end first, and NOGROUP ended the demo."""
+    if not client.exists(lane.input):
+        return True
+    try:
+        info = group_info(client, lane)
+    except redis.ResponseError as e:
+        if str(e).startswith("NOGROUP"):
+            return False
+        raise
+    return info.get("lag") == 0 and info.get("pending") == 0
 
 
 def _held_out(views: dict[str, SeriesView], path: Path) -> dict[str, Any]:
@@ -467,9 +485,10 @@ def _held_out(views: dict[str, SeriesView], path: Path) -> dict[str, Any]:
         if view is None:
             continue
         keep = view.scored & (view.position >= split_point(len(values), 0.2))
-        out[f"held_out_{view.name}"] = {
+        model, naive = view.forecast[keep] - view.actual[keep], view.naive[keep] - view.actual[keep]
+        out[f"held_out_{view.name}"] = {  # no MAE where the run stopped before the tail
             "points": int(keep.sum()),
-            "mae": float(abs(view.forecast[keep] - view.actual[keep]).mean()),
-            "naive_mae": float(abs(view.naive[keep] - view.actual[keep]).mean()),
+            "mae": float(abs(model).mean()) if keep.any() else None,
+            "naive_mae": float(abs(naive).mean()) if keep.any() else None,
         }
     return out

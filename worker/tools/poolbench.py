@@ -130,8 +130,10 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
                 f"{raw['entries_per_s']:,.0f}",
             )
     finally:
-        for key in client.scan_iter(match=f"{run_id}*"):
-            client.delete(key)
+        # On a cluster the model store's keys carry their tag first: {<run_id>:pool1:models}...
+        for pattern in (f"{run_id}*", f"{{{run_id}*"):
+            for key in client.scan_iter(match=pattern):
+                client.delete(key)
         client.close()
     one = runs[0]["pool"]["entries_per_s"]
     for run in runs:

@@ -238,10 +238,9 @@ def draw(
     for name in shown:
         view = views[name]
         ok = np.flatnonzero(view.scored)[-points:]
-        model, naive = view.mae()
         panels.append(
             (
-                f"{name}: MAE {model:.4g}, naive last value {naive:.4g}",
+                f"{name}: {_scores(view)}",
                 view.target_ms[ok].astype("datetime64[ms]"),
                 view.actual[ok],
                 view.forecast[ok],
@@ -265,3 +264,11 @@ def draw(
             title=f"{label}: end-to-end latency of {latency.size:,} forecasts",
         ),
     ]
+
+
+def _scores(view: SeriesView) -> str:
+    """A panel's figures: the view's MAE and naive's, or none before an actual came."""
+    if not view.scored.any():
+        return "MAE none yet (no actual has come)"
+    model, naive = view.mae()
+    return f"MAE {model:.4g}, naive last value {naive:.4g}"

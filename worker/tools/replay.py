@@ -7,7 +7,6 @@ Sources yield entries (their fields, in stream order) and know nothing of Redis;
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import signal
 import sys
@@ -15,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +21,13 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from attnlstm.data import DataError, csv_rows
+from attnlstm.data import DataError, column_index, csv_rows, time_ms
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
+from worker.contract import parse
 from worker.keys import Keys
 from worker.pool import mark_partitions
+from worker.signals import STOP_SIGNALS, handled
 from worker.streams import keys_on, round_trip, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
@@ -144,7 +144,7 @@ def _rows(
     for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
-        ts = b"%d" % _ms(path, line, _cell(row, time_at))
+        ts = _ts(path, line, _cell(row, time_at))
         for series, at in picks(row):
             value = _cell(row, at)
             if value:
@@ -164,15 +164,7 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
     name twice in the header is refused where it is asked for by name."""
 
     def index(name: str) -> int:
-        at = [k for k, h in enumerate(header) if h == name]
-        if not at:
-            raise DataError(f"{path}: no column {name!r}; it has {header}")
-        if len(at) > 1:
-            raise DataError(
-                f"{path}: {len(at)} columns are named {name!r} "
-                f"(columns {', '.join(str(k + 1) for k in at)}); name them apart"
-            )
-        return at[0]
+        return column_index(path, header, name)
 
     time_at = index(layout.time_column) if layout.time_column else 0
     if layout.series_column is not None:
@@ -203,22 +195,25 @@ def _series_of(path: Path, header: list[str], positions: list[int]) -> list[tupl
     return [(name.encode(), at) for name, at in first.items()]
 
 
-def _ms(path: Path, line: int, text: str) -> int:
-    """ISO 8601 (a zone-less time is taken as UTC) or integer ms since the epoch."""
-    if text.isascii() and text.isdigit():  # not '²', a digit int() refuses
-        return int(text)
+def _ts(path: Path, line: int, text: str) -> bytes:
+    """A row's time (:func:`attnlstm.data.time_ms`) as its entries' ``ts``; a DataError
+    naming the line where the worker would refuse it (each entry dead-lettered), by the
+    contract's own check."""
     try:
-        moment = datetime.fromisoformat(text)
+        ms = time_ms(text)
     except ValueError:
         raise DataError(
             f"{path}:{line}: time {text!r} is neither ISO 8601 nor ms since the epoch"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    ms = math.floor(moment.timestamp() * 1000)
     if ms < 0:
         raise DataError(f"{path}:{line}: time {text!r} is before 1970")
-    return ms
+    ts = b"%d" % ms
+    refused = parse(b"0-1", {b"series": b"s", b"value": b"0", b"ts": ts})
+    if isinstance(refused, str):
+        # Epoch ns (what pandas writes) of 1973 to 2286 have 18 or 19 digits.
+        hint = "; are they ns since the epoch?" if 10**17 <= ms < 10**19 else ""
+        raise DataError(f"{path}:{line}: time {text!r}: the worker refuses it ({refused}){hint}")
+    return ts
 
 
 def _series(fields: FlatFields) -> bytes:
@@ -242,9 +237,10 @@ def replay(
     """XADD the entries to ``stream``: entry k at ``start + k / rate`` (a schedule
     fixed at the start, so a slow round trip is caught up and never drifts), or with
     no ``rate`` as fast as Redis takes them, pipelined. Stops after ``seconds`` when
-    given; Ctrl-C stops it too, with the report so far. With ``partitions`` P > 1 each
-    entry goes to its series' partition of ``stream`` (:func:`partition_of`, and the
-    names of :meth:`Keys.partition`); an entry with no series, to partition 0's.
+    given; Ctrl-C stops it too, with the report so far (and SIGTERM and SIGHUP, where
+    they raise KeyboardInterrupt, as the command line makes them). With ``partitions``
+    P > 1 each entry goes to its series' partition of ``stream`` (:func:`partition_of`,
+    and the names of :meth:`Keys.partition`); an entry with no series, to partition 0's.
     PartitionsError when the streams are written in another number of partitions. On a
     Redis Cluster every partition's name is tagged, even a single one's (``stream{0}``)."""
     keys = keys_on(client, Keys(input=stream))
@@ -274,7 +270,7 @@ def replay(
                 ]
                 done = len(batch) < due
                 if batch:
-                    with _ctrl_c_held():  # once sent, counted: the report says what Redis holds
+                    with _stops_held():  # once sent, counted: the report says what Redis holds
                         _send(client, batch, sent)
                         sent += len(batch)
                         bar.update(len(batch))
@@ -308,21 +304,18 @@ def _send(client: redis.Redis, batch: list[FlatFields], written: int) -> None:
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
+def _stops_held() -> Iterator[None]:
     """Ctrl-C held back until the block ends, then raised: cut short, a round trip left
-    entries in the stream that the report did not count. Only where Ctrl-C raises
-    KeyboardInterrupt (the main thread's default handler; the demo's replay ignores it)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    entries in the stream that the report did not count. So are SIGTERM and SIGHUP
+    where they stop the replay as Ctrl-C does. Only the stop signals that raise
+    KeyboardInterrupt (the main thread's default handler; the demo's replay ignores
+    Ctrl-C)."""
+    raising = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.default_int_handler]
+    if threading.current_thread() is not threading.main_thread() or not raising:
         yield
         return
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
+    with handled(raising, lambda signum, frame: held.append(signum)):
         yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if held:
         raise KeyboardInterrupt
