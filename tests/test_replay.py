@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -419,24 +420,7 @@ def test_a_rate_too_slow_to_reach_its_next_entry_waits_for_ctrl_c(
 ) -> None:
     """--rate 1e-300: the first entry at once, the next one never; the wait before it
     was an OverflowError (time.sleep of 1e300 s)."""
-    stream = f"{stream_prefix}in"
-    cmd = [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--rate", "1e-300"]
-    proc = subprocess.Popen(
-        [*cmd, "--series", "1", "--points", "5", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_as_from_a_terminal,
-    )
-    try:
-        wait_for(lambda: redis_client.xlen(stream) == 1 or proc.poll() is not None)
-        assert proc.poll() is None, proc.communicate()[1]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    report = json.loads(out.strip().splitlines()[-1])
+    report = _stopped_after_one(redis_client, redis_url, stream_prefix, signal.SIGINT)
     assert (report["entries"], report["interrupted"]) == (1, True)
 
 
@@ -446,6 +430,15 @@ def test_sigterm_and_sighup_stop_the_replay_with_its_report(
 ) -> None:
     """A timeout, systemd or a terminal closed killed the replay, exit 143 (or 129), no
     report; they stop it as Ctrl-C does."""
+    report = _stopped_after_one(redis_client, redis_url, stream_prefix, stop)
+    assert (report["entries"], report["interrupted"]) == (1, True)
+
+
+def _stopped_after_one(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, stop: signal.Signals
+) -> dict[str, Any]:
+    """`replay --rate 1e-300` (its first entry at once, the next never) sent ``stop``
+    once that entry is in: its report, after an exit 0. Ctrl-C as from a terminal."""
     stream = f"{stream_prefix}in"
     cmd = [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--rate", "1e-300"]
     proc = subprocess.Popen(
@@ -453,6 +446,7 @@ def test_sigterm_and_sighup_stop_the_replay_with_its_report(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal if stop == signal.SIGINT else None,
     )
     try:
         wait_for(lambda: redis_client.xlen(stream) == 1 or proc.poll() is not None)
@@ -462,8 +456,8 @@ def test_sigterm_and_sighup_stop_the_replay_with_its_report(
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    report = json.loads(out.strip().splitlines()[-1])
-    assert (report["entries"], report["interrupted"]) == (1, True)
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
 
 
 def test_a_csv_replayed_at_rates_past_the_floats_range(
