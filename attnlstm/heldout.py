@@ -18,6 +18,7 @@ often inside its interval, and the interval says so.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from attnlstm.baselines import Rolled, day_origins, rolled
 from attnlstm.data import Dataset
-from attnlstm.intervals import Spread, online_intervals, window_scale
+from attnlstm.intervals import Spread, adapted, online_intervals, window_scale
 from attnlstm.metrics import seasonal_naive, smape
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
@@ -110,9 +111,15 @@ def compare(
     progress: bool = False,
 ) -> Comparison:
     """The model (its intervals from ``spread``, adapted online as the worker does), the
-    naive forecasts and ``stat_models``, scored on the same points, and each one's margin
-    to the model; with ``progress``, a bar over the statistical models' refits on stderr
-    (the sea temperature's 240 take minutes)."""
+    naive forecasts and ``stat_models`` (their intervals adapted the same way, so that
+    every coverage is reached on the same terms), scored on the same points, and each
+    one's margin to the model; with ``progress``, a bar over the statistical models'
+    refits on stderr (the sea temperature's 240 take minutes).
+
+    MSTL has seasons P and 7P where the data is long enough for the model's weekly lags,
+    and is scored again with P alone ("MSTL (P)"): given a weekly season the data does
+    not have, it forecast the water flow a day ahead 3.3x worse than with the daily one
+    alone; the electricity load, which has one, 7% better."""
     horizon = model.config.horizon
     step = period or horizon
     cuts = [split_point(len(y), val_fraction) for y in dataset.series]
@@ -134,15 +141,21 @@ def compare(
         len(day_origins(len(y), cut, step, horizon))
         for y, cut in zip(dataset.series, cuts, strict=True)
     )
+    stats = [(name, weekly) for name in stat_models]
+    if weekly and "MSTL" in stat_models:
+        stats.append(("MSTL", False))
     bar = tqdm(
-        total=origins * len(stat_models),
+        total=origins * len(stats),
         desc="baselines",
         unit="refit",
         disable=not progress or not stat_models,
     )
     forecasters += [
-        (name, functools.partial(_stat, name, period, horizon, weekly, level, bar))
-        for name in stat_models
+        (
+            name if weekly_season == weekly else f"{name} ({period})",
+            functools.partial(_stat, name, period, horizon, weekly_season, level, bar),
+        )
+        for name, weekly_season in stats
     ]
     rows, days = [], []
     with bar:
@@ -170,7 +183,10 @@ def _stat(
     y: np.ndarray,
     cut: int,
 ) -> Rolled:
-    return rolled(
+    """``name``'s forecasts, its one-step intervals adapted online as the model's are:
+    as fitted, MSTL's covered 80% of the electricity demand's tail and AutoETS's 99% of
+    the water flow's, where the model's, adapted, covered 89%."""
+    run = rolled(
         name,
         y,
         cut=cut,
@@ -180,6 +196,9 @@ def _stat(
         level=level,
         refitted=bar.update,
     )
+    centre, half = (run.one_hi + run.one_lo) / 2, (run.one_hi - run.one_lo) / 2
+    lo, hi, _ = adapted(y[cut:], centre, half, level / 100)
+    return dataclasses.replace(run, one_lo=lo, one_hi=hi)
 
 
 def _model(
@@ -307,7 +326,7 @@ def _margin(name: str, model: list[_Days], other: list[_Days]) -> Margin:
         low=low,
         high=high,
         wins=sum(int(np.sum(m.one < o.one)) for m, o in pairs),
-        days=sum(m.one.size for m in model),
+        days=sum(m.one.size for m, _ in pairs),
         ahead_ratio=ahead_ratio,
         ahead_low=ahead_low,
         ahead_high=ahead_high,

@@ -127,14 +127,22 @@ def online_intervals(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One series' one-step intervals, adapted online value by value, as the worker does:
     (lo, hi, the multiplier each was made with, as it stood before its value arrived)."""
+    return adapted(y, one_step, spread.at(coverage)[0] * scale, coverage)
+
+
+def adapted(
+    y: np.ndarray, centre: np.ndarray, half: np.ndarray, coverage: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intervals ``centre`` +- ``half`` of one series, their width adapted online value by
+    value as the worker adapts its own: (lo, hi, the multiplier of each, as it stood
+    before its value arrived). Any forecaster's intervals can be put through it, so that
+    their coverage is compared with the model's on the same terms."""
     adaptive = Adaptive(coverage)
-    base = spread.at(coverage)[0]
     slot = np.zeros(1, dtype=np.int64)
-    lo, hi, m = np.empty_like(one_step), np.empty_like(one_step), np.empty_like(one_step)
+    lo, hi, m = np.empty_like(centre), np.empty_like(centre), np.empty_like(centre)
     for t in range(len(y)):
         m[t] = adaptive.multiplier(slot)[0]
-        half = base * m[t] * scale[t]
-        lo[t], hi[t] = one_step[t] - half, one_step[t] + half
+        lo[t], hi[t] = centre[t] - half[t] * m[t], centre[t] + half[t] * m[t]
         if hi[t] > lo[t]:  # a flat window's interval teaches nothing, as in the worker
             adaptive.update(slot, np.array([not lo[t] <= y[t] <= hi[t]]))
     return lo, hi, m

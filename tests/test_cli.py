@@ -182,13 +182,15 @@ def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
     last_json(run("train", "--data", data, "--epochs", "3", "--json", cwd=tmp_path))
     report = last_json(run("evaluate", "--data", data, "--baselines", "--json", cwd=tmp_path))
     rows = {row["name"]: row for row in report["baselines"]}
-    stats = {"AutoETS", "MSTL", "AutoARIMA"} if available() else set()
+    # MSTL also with the daily season alone: the data is long enough for a weekly one
+    stats = {"AutoETS", "MSTL", "MSTL (24)", "AutoARIMA"} if available() else set()
     assert set(rows) == {"model", "naive", "seasonal naive (24)"} | stats
     assert rows["naive"]["mase"] == 1.0
     assert 0.8 <= rows["model"]["coverage"] <= 0.98
     for name in stats:
         assert rows[name]["mase"] > 0
         assert rows[name]["ahead_mase"] > 0
+        assert 0.8 <= rows[name]["coverage"] <= 1.0  # adapted online, as the model's
     # Each one's margin to the model: against naive (MASE 1), the model's own MASE.
     margins = {margin["name"]: margin for margin in report["margins"]}
     assert set(margins) == set(rows) - {"model"}
@@ -208,7 +210,7 @@ BAD_RUNS = [
     (["train", "--val-fraction", "1.5"], 2, "must be between 0 and 1"),
     (["launch"], 2, "invalid choice: 'launch'"),
     (["train", "--data", "csv:/no/such.csv"], 1, "cannot read /no/such.csv"),
-    (["train", "--data", "cosine"], 1, "unknown data 'cosine'"),
+    (["train", "--data", "cosine"], 2, "--data: expected sine, sines or csv:PATH, got 'cosine'"),
     (["train", "--data", "sine", "--window", "990"], 1, "has 800 points before its held-out tail"),
     (["train", "--data", "sine", "--period", "400"], 1, "forecasts that read 800 values and 400"),
     (["train", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
@@ -250,7 +252,15 @@ BAD_RUNS = [
     (["worker", "--dead-stream", "sensors"], 1, "dead_stream and input_stream are both"),
     (["bench", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
-    (["bench", "--workers", "1,2", "--runs", "models"], 1, "not of a pool (--workers)"),
+    (["bench", "--workers", "1,2", "--runs", "models"], 2, "not of a pool (--workers) (see"),
+    (["bench", "--workers", "1", "--runs", "models"], 2, "not of a pool (--workers) (see"),
+    # Usage errors found as the command runs: exit 2, as the parser's, not 1.
+    (["train", "--data", "bogus"], 2, "argument --data: expected sine, sines or csv:PATH"),
+    (["plot", "--series", "abc"], 2, "--series: expected a whole number, got 'abc' (a series"),
+    # Flags of other data, refused rather than ignored.
+    (["train", "--data", "sines", "--column", "x"], 2, "--column: for --data csv:PATH, not"),
+    (["train", "--data", "sine", "--series", "4"], 2, "--series: for --data sines, not --data"),
+    (["evaluate", "--series", "4"], 2, "--series: for --data sines, not --data sine"),
     (
         ["bench", "--redis-url", "rediss://h:1/0?ssl_cert_reqs=no", "--runs", "models"],
         1,
@@ -331,8 +341,28 @@ def test_a_taken_metrics_port_is_a_one_line_error(tmp_path: Path, model_file: Pa
         proc = run("worker", "--model", str(model_file), "--metrics-port", str(port), cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(
-        f"cannot serve metrics on port {port}: Address already in use; choose another with "
-        "--metrics-port (0 turns them off)"
+        f"cannot serve metrics on 127.0.0.1:{port}: Address already in use; choose another "
+        "with --metrics-port (0 turns them off)"
+    )
+
+
+def test_a_metrics_host_that_is_no_address_here_names_the_host(
+    tmp_path: Path, model_file: Path, redis_url: str
+) -> None:
+    """It said to choose another --metrics-port, which was not the problem."""
+    port = free_port()
+    proc = run(
+        "worker",
+        *("--model", str(model_file), "--redis-url", redis_url),
+        *("--metrics-host", "256.1.1.1", "--metrics-port", str(port)),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"cannot serve metrics on 256.1.1.1:{port}: " in last
+    assert last.endswith(
+        "; choose another with --metrics-host: an address of this machine "
+        "(--metrics-port 0 turns them off)"
     )
 
 
@@ -665,3 +695,70 @@ def test_plot_refuses_data_too_short_for_the_model(
         "attnlstm plot: error: too little data: the shortest series has 15 points"
     )
     assert not (workdir / "short").exists()
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default action, as a process started from a shell prompt has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# Ctrl-C, made to come while the CLI imports one module: the import's first look-up
+# raises SIGINT in the process itself.
+CTRL_C_DURING_IMPORT = """
+import signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            signal.raise_signal(signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from worker.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "numpy",  # the parser's, as the arguments are read
+        "redis",  # the commands', once they are
+    ],
+)
+def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(
+    module: str, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """In its first 0.2-0.4 s any command ended in a KeyboardInterrupt traceback from
+    `import redis` (or numpy's): those imports ran before run()'s handler."""
+    argv = ["replay", "--fast", "--points", "2", "--redis-url", redis_url]
+    argv += ["--stream", f"{stream_prefix}in"]
+    proc = subprocess.run(
+        [CLI[0], "-c", CTRL_C_DURING_IMPORT.format(module=module, argv=argv)],
+        cwd=tmp_path,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=_as_from_a_terminal,
+    )
+    assert (proc.returncode, proc.stderr) == (130, "attnlstm replay: interrupted\n")
+
+
+def test_plot_from_stream_without_a_series_is_a_usage_error(redis_url: str, tmp_path: Path) -> None:
+    """It exited 1, as for what a system holds, not 2 as for the arguments given."""
+    proc = subprocess.run(
+        [*CLI, "plot", "--from-stream", "--redis-url", redis_url, "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "attnlstm plot: error: plot --from-stream needs --series ID: the series to draw "
+        "(see attnlstm plot --help)\n",
+    )

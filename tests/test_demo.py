@@ -26,6 +26,7 @@ from attnlstm.plots import plot_latency, plot_series_forecasts
 from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
 from tests.helpers import drain, fill, settings_for, wait_for, worker_env
+from worker.cli.parser import build_parser
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.tools import readback
@@ -550,3 +551,39 @@ def _run(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--series", "3"], "--series is for sines, not --csv"),
+        (["--series", "3", "--noise", "1", "--drift-at", "5"], "--series, --noise, --drift-at are"),
+    ],
+)
+def test_demo_csv_refuses_the_sines_flags(args: list[str], message: str, tmp_path: Path) -> None:
+    """They were ignored: the file was replayed as if they had not been given."""
+    path = tmp_path / "ok.csv"
+    path.write_text("time,v\n" + "".join(f"{t},{t % 7}\n" for t in range(1, 400)))
+    out = tmp_path / "out"
+    cmd = [*CLI, "demo", "--csv", str(path), "--seconds", "1", "--out", str(out), *args]
+    proc = _run(cmd, tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"attnlstm demo: error: {message}")
+    assert line.endswith("(see attnlstm demo --help)")
+    assert not out.exists()  # refused before a model was trained
+
+
+def test_demo_help_names_every_stream_the_readme_says_it_empties(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The README names demo:anomalies among them; --help left it out."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.search(r"on streams of its own\n\(([^)]*)", readme)
+    assert found, "the README no longer lists the demo's streams"
+    streams = re.findall(r"`(demo:[a-z:]+)`", found[1])
+    assert "demo:anomalies" in streams
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert [s for s in streams if s not in re.findall(r"demo:[a-z:]+\b", shown)] == []

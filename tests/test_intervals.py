@@ -10,6 +10,7 @@ from attnlstm.intervals import (
     LOG_M_LIMIT,
     Adaptive,
     Spread,
+    adapted,
     calibrate,
     online_intervals,
     window_scale,
@@ -92,6 +93,20 @@ def test_online_intervals_hold_their_coverage_from_a_wrong_start() -> None:
     assert 0.88 <= inside[1000:].mean() <= 0.92
     assert m[0] == 1.0  # each interval from the multiplier before its value arrived
     assert m[-1] == pytest.approx(1.645 / 0.72, rel=0.15)
+
+
+@pytest.mark.parametrize("half", [0.3, 10.0])
+def test_any_forecasters_intervals_adapt_to_their_coverage(half: float) -> None:
+    """Intervals far too narrow or far too wide, around any centre (a statistical
+    model's, in `evaluate --baselines`): adapted, they cover what they should."""
+    rng = np.random.default_rng(2)
+    y = 5 + rng.normal(size=5_000)
+    centre = np.full_like(y, 5.0)
+    lo, hi, m = adapted(y, centre, np.full_like(y, half), 0.9)
+    inside = (lo <= y) & (y <= hi)
+    assert 0.88 <= inside[1000:].mean() <= 0.92
+    np.testing.assert_allclose((lo + hi) / 2, centre)
+    assert m[-1] * half == pytest.approx(1.645, rel=0.15)
 
 
 def test_a_constant_window_is_flat_at_any_level() -> None:

@@ -861,6 +861,32 @@ def test_a_switch_event_that_names_something_else_than_a_version_is_skipped(
     assert report["events"][-1]["version"] == version.decode(errors="replace")
 
 
+def test_a_serving_pointer_that_is_not_utf8_is_refused_at_start(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bytes written over the serving pointer by anyone with the workers' rights used to
+    raise UnicodeDecodeError out of every worker's start and re-sync, and out of
+    `models list`; so did such bytes in the versions list. They name no stored version:
+    the worker refuses them and serves its file."""
+    redis_client.set(keys.serving, b"\xff\xfe")
+    redis_client.lpush(keys.versions, b"\xff\xfe")
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, FakeClock())
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    assert tuner.version == served.version
+    refused = events(redis_client, keys.models)[-1]
+    assert (refused["event"], refused["version"]) == ("refused", "\\xff\\xfe")
+    assert "not in the store" in refused["reason"]
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    assert main(["models", "list", *flags]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (report["serving"], report["versions"][-1]) == ("\\xff\\xfe", "\\xff\\xfe")
+
+
 def test_a_switch_to_a_key_of_another_type_is_refused(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:

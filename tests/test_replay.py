@@ -472,3 +472,75 @@ def test_a_csv_replayed_at_rates_past_the_floats_range(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["entries"] == 2
     assert redis_client.xlen(f"{stream_prefix}in") == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fast", "--seconds", "5"], "--seconds with --fast needs --points: how many to write"),
+        (["--rate", "1", "--seconds", "0.1"], "--seconds 0.1 at --rate 1 is less than one entry"),
+        (["--rate", "1e9", "--seconds", "60"], "is 6e+10 entries, more than the 10,000,000"),
+        # Flags of the other source: they were ignored.
+        (
+            ["--fast", "--csv", "ok.csv", "--bad-rate", "0.5", "--series", "3", "--noise", "2"],
+            "--series, --noise, --bad-rate are for sines, not --csv",
+        ),
+        (["--fast", "--csv", "ok.csv", "--seed", "0"], "--seed is for sines, not --csv"),
+        (["--fast", "--csv", "ok.csv", "--points", "5"], "--points is for sines, not --csv"),
+        (["--fast", "--column", "v"], "--column is for --csv, not sines"),
+        (["--fast", "--value-column", "v"], "--value-column is for --csv, not sines"),
+    ],
+)
+def test_usage_errors_found_as_it_runs_exit_2_before_anything_is_written(
+    args: list[str],
+    message: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """As the parser's do (the README's exit 2 for bad arguments): they exited 1."""
+    (tmp_path / "ok.csv").write_text("time,v\n1,1\n2,2\n")
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("attnlstm replay: error: ")
+    assert message in line
+    assert line.endswith(" (see attnlstm replay --help)")
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
+
+
+def test_the_defaults_of_the_sine_flags_are_those_given_by_hand(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """Their flags default to None now, to be told from a value given; the entries are
+    the same as with the old defaults written out."""
+    plain, spelled = f"{stream_prefix}plain", f"{stream_prefix}spelled"
+    replay(redis_url, plain, "--fast", "--points", "20")
+    defaults = ["--series", "50", "--seed", "0", "--prefix", "sine-", "--noise", "0"]
+    defaults += ["--drift-kind", "frequency", "--anomaly-rate", "0", "--bad-rate", "0"]
+    replay(redis_url, spelled, "--fast", "--points", "20", *defaults)
+    assert fields_of(redis_client, plain) == fields_of(redis_client, spelled)
+    assert len(fields_of(redis_client, plain)) == 50 * 20
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_a_report_stdout_cannot_take_is_one_line_and_exit_1(
+    redis_url: str, stream_prefix: str
+) -> None:
+    """`attnlstm replay ... > /dev/full`: only a broken pipe was caught; this was
+    OSError's traceback."""
+    where = ["--redis-url", redis_url, "--stream", f"{stream_prefix}in"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [*CLI, "replay", *where, "--fast", "--points", "2", "--series", "1", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "attnlstm replay: error: cannot write the report: No space left on device\n",
+    )

@@ -13,7 +13,7 @@ from urllib.parse import quote
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import Settings, from_flags, redact
+from worker.settings import WORKER_ONLY, Settings, from_flags, redact
 
 
 def _settings(**values: Any) -> Settings:
@@ -80,10 +80,69 @@ def test_unknown_url_scheme_is_rejected(url: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://localhost:6379/0", "rediss://h:6380", "unix:///tmp/redis.sock"]
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "rediss://h:6380",
+        "redis://h:6379/",
+        "unix:///tmp/redis.sock",
+        "unix:///tmp/redis.sock?db=3",
+    ],
 )
 def test_known_url_schemes_are_accepted(url: str) -> None:
     assert _settings(redis_url=url).url() == url
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("redis://:secret@redis:6379/l", "what follows the host must be a database number"),
+        ("redis://redis:6379/0/", "what follows the host must be a database number"),
+        ("rediss://redis:6379/?db=x", "its db= must be a database number"),
+        ("redis://:secret@redis:63a9/0", "its port must be a number"),
+    ],
+)
+def test_a_url_redis_py_would_misread_is_refused_without_its_password(url: str, said: str) -> None:
+    """redis-py reads a database that is not a number as none: redis://redis:6379/l
+    wrote to database 0."""
+    with pytest.raises(ValueError, match=said) as refused:
+        from_flags(redis_url=url)
+    assert "secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", [None, "unix:///tmp/redis.sock"])
+def test_cluster_mode_needs_a_tcp_url(url: str | None) -> None:
+    """redis-py reaches a cluster over TCP alone: with a unix socket or the embedded
+    server, the worker retried for ever."""
+    with pytest.raises(ValueError, match=r"cluster is set, and .* is no Redis Cluster"):
+        from_flags(redis_url=url, cluster=True)
+    assert from_flags(redis_url="redis://node:7000", cluster=True).cluster
+
+
+def test_a_dot_env_that_is_not_utf8_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_bytes(b"ATTNLSTM_MAX_BATCH=\xff\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"cannot read {tmp_path / '.env'}: not UTF-8 text"):
+        from_flags()
+
+
+def test_a_command_leaves_the_settings_it_does_not_read_at_their_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's .env, shared with `replay`, named a model key file only the worker's
+    machine has: "bad settings: model_key_file", and replay did not run."""
+    (tmp_path / ".env").write_text(
+        "ATTNLSTM_MODEL_KEY_FILE=/run/secrets/model_key\nATTNLSTM_CONSUMER=a b\n"
+        "ATTNLSTM_INPUT_STREAM=plant:in\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"consumer.*model_key_file: Value error, cannot read"):
+        from_flags()
+    settings = from_flags(unused=WORKER_ONLY)
+    assert (settings.model_key_file, settings.input_stream) == (None, "plant:in")
+    assert settings.consumer.endswith(f"-{os.getpid()}")
 
 
 def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
@@ -145,7 +204,7 @@ def test_the_socket_timeout_is_at_most_an_hour() -> None:
     ],
 )
 def test_the_streams_a_worker_writes_are_apart_from_its_input_and_each_other(
-    given: dict[str, str], said: str
+    given: dict[str, Any], said: str
 ) -> None:
     """A dead stream that is the input fed each bad entry back in: --burst never ended."""
     with pytest.raises(ValueError, match=f"{said}.*: name another stream"):
@@ -171,6 +230,15 @@ def test_an_empty_stream_or_group_name_is_refused(field: str) -> None:
         ("anomaly_threshold", 0.5),  # values inside their interval would be anomalies
         ("consumer", "edge worker"),  # its attempts' marks would not parse: never dead-lettered
         ("consumer", "w" * 129),
+        ("consumer", "\u00fc"),  # no client name: the worker retried for ever
+        ("consumer", "w\x01"),
+        # Redis refused each past 2^63 at every try: retried for ever, --burst too
+        ("output_maxlen", 10**20),
+        ("lease_ttl_ms", 10**20),
+        ("claim_idle_ms", 10**20),
+        ("history_len", 10**8),  # numpy asked for 763 GiB at the start: a traceback
+        ("torch_threads", 10**11),  # "Overflow when unpacking long", naming no flag
+        ("finetune_threads", 10**11),
         ("finetune_holdout", 0.01),  # a day-ahead gate: 4,800 values kept a series
         ("keep_models", 1),  # nothing left to roll back to
     ],

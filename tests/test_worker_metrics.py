@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from attnlstm.model import AttentionLSTM
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
-from tests.helpers import WorkerThread, fill, new_worker, settings_for, wait_for
+from tests.helpers import WorkerThread, drained, fill, new_worker, settings_for, wait_for
 from worker.batch import Receipt
 from worker.keys import Keys
 from worker.metrics import LATENCY_BUCKETS_S, BulkHistogram, Metrics, serve
@@ -159,6 +160,23 @@ def test_the_endpoint_listens_on_loopback_unless_told_otherwise() -> None:
         server.server_close()
 
 
+def test_the_endpoint_serves_an_ipv6_address() -> None:
+    """`metrics_host` "::1" (or "::", every address of both families) failed: "Address
+    family for hostname not supported", and the worker exited."""
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 here: {e}")
+    server = serve(Metrics(), host="::1", port=0, stale_after_s=10)
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as answer:
+            assert b"attnlstm_entries_read_total" in answer.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_half_sent_requests_time_out_and_cannot_pile_up_threads() -> None:
     """300 connections that never finish their request: before, 302 threads."""
     metrics = Metrics()
@@ -283,23 +301,70 @@ def test_a_worker_that_loses_its_lease_reports_none_of_what_it_served(
     """Its lease taken (a worker frozen past it, and the lease then another's): a
     standby, whose series and lag gauges are another worker's to report now. They used
     to stay at their last values for good: a pool's sum of lags counted them twice, and
-    a lag alert went on firing from a worker that served nothing."""
+    a lag alert went on firing from a worker that served nothing. So with its scores:
+    they read NaN (no figure), as before its first; at 0, a coverage alert fired."""
     metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    scores = ("attnlstm_rolling_mae", "attnlstm_rolling_mae_level", "attnlstm_interval_coverage")
+    assert all(math.isnan(sample(gauge) or 0.0) for gauge in scores)
     settings = settings_for(redis_url, keys, block_ms=100, lease_ttl_ms=1000)
     fill(redis_client, keys.input, sine_steps(5, 40, seed=9))
     with WorkerThread(new_worker(settings, trained_sines, metrics=metrics)) as running:
-        running.wait_for(lambda: metrics.registry.get_sample_value("attnlstm_series") == 5)
+        running.wait_for(lambda: sample("attnlstm_series") == 5)
+        running.wait_for(lambda: sample("attnlstm_forecasts_scored_total") == 5 * 20)
+        assert 0 < (sample("attnlstm_interval_coverage") or 0.0) <= 1
+        assert sample("attnlstm_step_rolling_mae", {"step": "1"}) is not None
         redis_client.set(keys.lease, "another#1")  # taken: never handed back in this test
         redis_client.incr(keys.fence)
         running.wait_for(lambda: metrics.role == "standby")
         for gauge in ("attnlstm_series", "attnlstm_group_lag", "attnlstm_partitions_served"):
-            assert metrics.registry.get_sample_value(gauge) == 0, gauge
+            assert sample(gauge) == 0, gauge
+        assert all(math.isnan(sample(gauge) or 0.0) for gauge in scores)
+        assert sample("attnlstm_step_rolling_mae", {"step": "1"}) is None
         assert not [
             s
             for f in metrics.registry.collect()
             if f.name == "attnlstm_series_rolling_mae"
             for s in f.samples
         ]
+
+
+def test_a_lag_redis_cannot_count_reads_nan_not_the_last_count(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry deleted before the group read it leaves Redis no lag to give until the
+    group has read to the end: the gauge kept its last count (0, say) while a backlog
+    built. The worker is let through one batch at a time meanwhile."""
+    settings = settings_for(redis_url, keys, block_ms=100, max_batch=10)
+    worker = new_worker(settings, trained_sines)
+    assert worker.engine is not None
+    forecast, permits = worker.engine.forecast, threading.Semaphore(0)
+
+    def paced(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        permits.acquire(timeout=60)
+        return forecast(windows)
+
+    monkeypatch.setattr(worker.engine, "forecast", paced)
+    sample = worker.metrics.registry.get_sample_value
+
+    def unknown_lag() -> bool:
+        permits.release()  # a batch more
+        return math.isnan(sample("attnlstm_group_lag") or 0.0)
+
+    ids = fill(redis_client, keys.input, sine_steps(5, 1000, seed=9))
+    redis_client.xdel(keys.input, ids[-10])
+    with WorkerThread(worker) as running:
+        try:
+            running.wait_for(unknown_lag)
+            assert not drained(redis_client, keys)
+        finally:
+            permits.release(10**6)
+        running.wait_for(lambda: drained(redis_client, keys))
+        running.wait_for(lambda: sample("attnlstm_group_lag") == 0)
 
 
 def test_an_entry_id_ahead_of_the_clock_counts_as_no_latency_not_a_negative_one() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -67,6 +68,24 @@ def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
             delay = min(2 * delay, 5.0)
 
 
+def _address(settings: Settings) -> str:
+    """The metrics' host:port, an IPv6 host in brackets."""
+    host = settings.metrics_host
+    return f"[{host}]:{settings.metrics_port}" if ":" in host else f"{host}:{settings.metrics_port}"
+
+
+def _unservable(settings: Settings, error: OSError) -> str:
+    """Why the metrics cannot be served, and which setting to change: the port where it
+    is taken or reserved, else the host (no address of this machine, or no address)."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.EADDRINUSE, errno.EACCES):
+        fix = "choose another with --metrics-port (0 turns them off)"
+    else:
+        fix = "choose another with --metrics-host: an address of this machine"
+        fix += " (--metrics-port 0 turns them off)"
+    return f"cannot serve metrics on {_address(settings)}: {why}; {fix}"
+
+
 def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[str, float]:
     """The worker, with its metrics server, until a stop signal (``stop``: caught since
     the process began) or, with ``burst``, until the stream is drained; the counts of
@@ -84,11 +103,8 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
                 stale_after_s=stale_after_s,
             )
         except OSError as e:
-            raise ValueError(
-                f"cannot serve metrics on port {settings.metrics_port}: {e.strerror or e}; "
-                "choose another with --metrics-port (0 turns them off)"
-            ) from None
-        where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise ValueError(_unservable(settings, e)) from None
+        where = _address(settings)
         log.info("metrics on %s/metrics, health on %s/healthz", where, where)
     if settings.redis_url is not None:
         log.info("Redis at %s", settings.url_for_logs())

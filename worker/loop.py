@@ -292,7 +292,7 @@ class Worker:
     def _audit(self) -> None:
         """Every partition's: what is pending, idle series, and the lag gauges; and the
         entries of the unpartitioned stream."""
-        lags = []
+        lags: list[float] = []
         self.metrics.partition_lag.clear()  # those given back or lost go with it
         self.metrics.series_maes(
             [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
@@ -303,11 +303,14 @@ class Worker:
             # slot's series had gone quiet, and every new series was refused for good).
             lane.scorer.forget(lane.state.sweep(entry_ms(lane.state.last_id)))
             lane.recovery.audit()
-            if (lag := lane.recovery.lag) is not None and self.settings.partitions > 1:
+            # None: Redis cannot count it (an entry deleted unread, until the group has
+            # read to the end): NaN, where the last count stayed while a backlog built.
+            lag = math.nan if lane.recovery.lag is None else lane.recovery.lag
+            if self.settings.partitions > 1:
                 self.metrics.partition_lag.labels(str(k)).set(lag)
             lags.append(lag)
-        if lags and None not in lags:
-            self.metrics.lag.set(sum(lag for lag in lags if lag is not None))
+        if lags:
+            self.metrics.lag.set(sum(lags))
         self._report_strays(self.pool.strays())
 
     def _report_strays(self, strays: int) -> None:
@@ -496,6 +499,7 @@ class Worker:
             if self.settings.stand_in_anomalies
             else None,
             fresh=part.fresh,
+            counted=None if part.publish.all() else part.publish,
         )
         self.metrics.scored_forecasts(scored.count, self.scores)
         if id_key(entries[-1][0]) > id_key(state.last_id):
@@ -680,6 +684,10 @@ class Worker:
         self.metrics.recoveries.inc()
 
     def _at_once(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int]) -> None:
+        """A page of a re-sync; its pending entries count as read now (the others were
+        counted when first read)."""
+        if handled := sum(entry_id in pending for entry_id, _ in entries):
+            self.metrics.batch_read(handled)
         self._handle({lane.k: entries}, pending=pending)
         self.pipeline.drain()
 

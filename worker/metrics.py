@@ -184,6 +184,7 @@ class Metrics:
         self.model = gauge(
             "attnlstm_model", "1 for the model version this worker serves", ["version"]
         )
+        self._unscored()
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
         self.role = "starting"  # starting, active, or standby (another worker holds the lease)
@@ -288,6 +289,17 @@ class Metrics:
         self.series.set(0)
         self.partition_lag.clear()
         self.series_maes([])
+        self._unscored()
+
+    def _unscored(self) -> None:
+        """The scoring gauges read NaN (no figure) where nothing is scored here: before
+        the first forecast meets its value, and on a standby. At 0 they said every
+        forecast was exact and none inside its interval, and a standby's coverage alert
+        fired for as long as it waited."""
+        for averaged in (self.rolling_mae, self.rolling_naive_mae, self.mae_level, self.coverage):
+            averaged.set(math.nan)
+        self.step_mae.clear()
+        self.step_coverage.clear()
 
     def totals(self, seconds: float) -> dict[str, float]:
         """This worker's counts since it started, over ``seconds``: its exit report."""
@@ -409,6 +421,9 @@ class _BoundedServer(ThreadingHTTPServer):
         self._reading: set[socket.socket] = set()  # whose request has not come whole
         self._guard = threading.Lock()
         self._closing = threading.Event()  # before the bind, whose failure closes it
+        # The host's own family: ThreadingHTTPServer's is IPv4 alone, and "::" or "::1"
+        # failed with "Address family for hostname not supported".
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, handler)
         threading.Thread(target=self._cut_overdue, name="metrics-deadlines", daemon=True).start()
 

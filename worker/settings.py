@@ -7,6 +7,7 @@ a ``.env`` file in the working directory, the defaults below.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -32,7 +33,15 @@ URL_SCHEMES = ("redis", "rediss", "unix")
 # The streams a worker writes, each apart from the input and from one another: a dead
 # stream that is the input feeds each bad entry back in, for ever.
 WRITTEN_STREAMS = ("output_stream", "dead_stream", "anomalies_stream", "models_stream")
-MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
+# What the worker alone reads: the commands that only write or read streams leave them
+# at their defaults (from_flags).
+WORKER_ONLY = ("model", "model_key_file", "consumer")
+MIN_MODEL_KEY_CHARS = 32
+# Past it, a number sent to Redis's functions (Lua, in doubles) is no longer exact, and
+# one past 2^63 is refused by Redis at every try: the worker retried for ever.
+MAX_REDIS_INT = 2**53
+MAX_HISTORY_LEN = 1_000_000  # 8 MB a series: 10^8 asked numpy for 763 GiB at the start
+MAX_THREADS = 1024  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
 
 
 def default_consumer() -> str:
@@ -60,9 +69,10 @@ class Settings(BaseSettings):
     # values that fall far outside their interval
     anomalies_stream: str = Field(default="anomalies", min_length=1)
     group: str = Field(default="forecasters", min_length=1)
-    # This worker's name in the group: no spaces, at most 128 characters (the marks that
+    # This worker's name in the group, and its connection's: printable ASCII without
+    # spaces (what Redis takes as a client name), at most 128 characters (the marks that
     # count a poison entry's attempts carry it: worker/attempts.py).
-    consumer: str = Field(default_factory=default_consumer, pattern=r"^\S{1,128}$")
+    consumer: str = Field(default_factory=default_consumer)
     # P > 1: the input is P streams, INPUT{k} (attnlstm.partition_of), shared by a pool of
     # workers. Fixed for a deployment's life: a worker refuses data written with another.
     partitions: int = Field(default=1, ge=1, le=4096)
@@ -80,7 +90,7 @@ class Settings(BaseSettings):
     # auto (CUDA when present), cpu, cuda or cuda:N: the forms attnlstm.device.resolve_device
     # takes, checked here so that a misspelt one (ATTNLSTM_DEVICE=gpu) stops a worker at once.
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
-    torch_threads: int | None = Field(default=None, ge=1)  # CPU threads for inference
+    torch_threads: int | None = Field(default=None, ge=1, le=MAX_THREADS)  # for inference
 
     max_batch: int = Field(default=1024, ge=1)  # entries per model call, at most
     # Values a batch's windows hold, at most: a model that reads more than 512 values per
@@ -90,7 +100,7 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=1000, ge=1)  # one blocking read's longest wait
     # Must stay well above block_ms and max_wait_ms; past an hour it is no timeout.
     socket_timeout_s: float = Field(default=10.0, gt=0, le=3600)
-    output_maxlen: int = Field(default=1_000_000, ge=1)  # approximate cap on `forecasts`
+    output_maxlen: int = Field(default=1_000_000, ge=1, le=MAX_REDIS_INT)  # cap on `forecasts`
     # Prediction intervals' coverage (lo and hi in every forecast); 0: no intervals, no
     # anomaly events.
     coverage: float = Field(default=0.9, ge=0, lt=1)
@@ -102,13 +112,16 @@ class Settings(BaseSettings):
     stand_in_anomalies: bool = True
     max_series: int = Field(default=100_000, ge=1)  # bounds memory: series x window
     checkpoint_interval_s: float = Field(default=5.0, gt=0)  # window state to Redis
-    claim_idle_ms: int = Field(default=30_000, ge=0)  # a dead consumer's entries, after
+    # a dead consumer's entries, after
+    claim_idle_ms: int = Field(default=30_000, ge=0, le=MAX_REDIS_INT)
     max_attempts: int = Field(default=5, ge=1)  # handlings cut short, then the dead stream
-    lease_ttl_ms: int = Field(default=10_000, ge=1000)  # one worker per stream and group
+    # one worker per stream and group
+    lease_ttl_ms: int = Field(default=10_000, ge=1000, le=MAX_REDIS_INT)
     metrics_port: int = Field(default=9108, ge=0, le=65535)  # /metrics, /healthz; 0: off
     metrics_host: str = "127.0.0.1"  # the address they listen on; 0.0.0.0: every interface
 
-    history_len: int = Field(default=200, ge=2)  # values kept per series, for fine-tuning
+    # values kept per series, for fine-tuning
+    history_len: int = Field(default=200, ge=2, le=MAX_HISTORY_LEN)
     # Series that keep history_len values, in all the partitions together (the first seen
     # in each); every other series keeps only its window.
     history_series: int = Field(default=10_000, ge=1)
@@ -122,7 +135,7 @@ class Settings(BaseSettings):
     # histories of thousands of values a series (horizon / holdout).
     finetune_holdout: float = Field(default=0.2, ge=0.05, lt=0.5)
     promote_margin: float = Field(default=0.02, ge=0, lt=1)  # MASE must drop this much
-    finetune_threads: int = Field(default=1, ge=1)  # torch threads of the fine-tuner
+    finetune_threads: int = Field(default=1, ge=1, le=MAX_THREADS)  # of the fine-tuner
     # model events; versions are stored under this name
     models_stream: str = Field(default="models", min_length=1)
     keep_models: int = Field(default=5, ge=2)  # stored versions kept: one to roll back to
@@ -130,8 +143,33 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and urlsplit(value.get_secret_value()).scheme not in URL_SCHEMES:
+        """A URL redis-py reads as it is written: it reads a database that is not a
+        number (redis://redis:6379/l) as none, and used database 0. The message never
+        holds the URL (its password)."""
+        if value is None:
+            return value
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in URL_SCHEMES:
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+        try:
+            parts.port  # noqa: B018 (it parses the port)
+        except ValueError:
+            raise ValueError("its port must be a number from 0 to 65535") from None
+        if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
+            raise ValueError("what follows the host must be a database number (/0)")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key == "db" and not value.isdigit() for key, value in query):
+            raise ValueError("its db= must be a database number")
+        return value
+
+    @field_validator("consumer")
+    @classmethod
+    def _client_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[!-~]{1,128}", value):
+            raise ValueError(
+                f"{value!r} is not 1-128 printable ASCII characters without spaces (what "
+                "Redis takes as a client name)"
+            )
         return value
 
     @field_validator("redis_ca_file")
@@ -178,6 +216,19 @@ class Settings(BaseSettings):
                     f"{name} ({getattr(self, name)}) must be at most half of socket_timeout_s "
                     f"({self.socket_timeout_s}), or a quiet stream looks like a dead server"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> Settings:
+        """redis-py reaches a cluster over TCP alone: set, with a unix socket or the
+        embedded server, the worker retried for ever."""
+        url = self.redis_url
+        if self.cluster and (url is None or urlsplit(url.get_secret_value()).scheme == "unix"):
+            where = "the embedded server" if url is None else "a unix socket"
+            raise ValueError(
+                f"cluster is set, and {where} is no Redis Cluster: give a redis:// or "
+                "rediss:// redis_url of one of its nodes, or unset cluster"
+            )
         return self
 
     @model_validator(mode="after")
@@ -252,11 +303,21 @@ class Settings(BaseSettings):
         return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
 
 
-def from_flags(**given: Any) -> Settings:
+def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
     """Settings from the environment and .env, with the given (not None) values on top;
-    a ValueError with every problem in one line when they do not validate."""
+    a ValueError with every problem in one line when they do not validate. The fields
+    ``unused`` (a command that never reads them) keep their defaults, whatever the
+    environment says: a worker's ATTNLSTM_MODEL_KEY_FILE in a shared .env, naming a file
+    only the worker's machine has, stopped `replay`."""
+    values = {k: v for k, v in given.items() if v is not None}
+    fields = Settings.model_fields
+    values |= {name: fields[name].get_default(call_default_factory=True) for name in unused}
     try:
-        return Settings(**{k: v for k, v in given.items() if v is not None})
+        return Settings(**values)
+    except UnicodeDecodeError as e:  # the only text read here that is not checked below
+        raise ValueError(
+            f"cannot read {Path('.env').resolve()}: not UTF-8 text (byte {e.start})"
+        ) from None
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()

@@ -99,6 +99,14 @@ def nonnegative_number(text: str) -> float:
     return value
 
 
+def data_spec(text: str) -> str:
+    """sine, sines or csv:PATH: the data an offline command reads (whether PATH can be
+    read is asked once it runs)."""
+    if text in ("sine", "sines") or (text.startswith("csv:") and len(text) > 4):
+        return text
+    raise argparse.ArgumentTypeError(f"expected sine, sines or csv:PATH, got {text!r}")
+
+
 def switch(text: str) -> bool:
     """on or off (also true/false, yes/no, 1/0)."""
     value = text.strip().lower()

@@ -18,13 +18,13 @@ import redis
 
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
+from worker.cli import EXIT_INTERRUPTED
 from worker.cli.argtypes import UsageError
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
 from worker.streams import fix_for
 
 EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace], dict[str, Any]]
 # Each command's module and function.
@@ -83,14 +83,29 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"attnlstm {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    return _reported(args, report)
+
+
+def _reported(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """``report`` printed; the exit status: 1 where stdout would not take it all."""
     try:
         _print_report(args, report)
         sys.stdout.flush()
     except BrokenPipeError:  # `attnlstm evaluate | head -1`: whoever reads is gone
-        # Python's advice: point stdout at devnull, or the flush at exit fails again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
+        return EXIT_FAILURE
+    except OSError as e:  # `> /dev/full`, a disk full, a file system gone: not written
+        _drop_stdout()
+        message = f"cannot write the report: {e.strerror or e}"
+        print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _drop_stdout() -> None:
+    """Stdout pointed at devnull, as Python advises after a failed write to it: else the
+    flush at exit fails again, on what is still buffered."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:

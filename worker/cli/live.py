@@ -20,11 +20,12 @@ from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.partition import partition_of
 from worker.app import run_service
+from worker.cli.argtypes import UsageError
 from worker.cli.parser import WORKER_FLAGS
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import ModelStore
-from worker.settings import Settings, from_flags
+from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.tools import RUNS
 from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
@@ -55,7 +56,7 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
     torch.set_num_threads(args.threads)
     if args.workers and args.runs:
-        raise ValueError("--runs picks parts of the bench of one worker, not of a pool (--workers)")
+        raise UsageError("--runs picks parts of the bench of one worker, not of a pool (--workers)")
     flags = {**vars(args), "runs": args.runs or RUNS}  # named after the plan's fields
     names = [f.name for f in dataclasses.fields(BenchPlan) if f.name in flags]
     plan = BenchPlan(**{name: flags[name] for name in names})
@@ -77,13 +78,18 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
     torch.set_num_threads(1)  # the worker's; Redis and the replay have the other cores
     pace = None if args.fast or (args.csv and args.rate is None) else args.rate or 500.0
+    sines = {"--series": args.series, "--noise": args.noise, "--drift-at": args.drift_at}
+    if args.csv is not None and (given := [flag for flag, v in sines.items() if v is not None]):
+        raise UsageError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sines, not --csv"
+        )
     plan = DemoPlan(
         seconds=args.seconds,
-        series=args.series,
+        series=args.series or DemoPlan.series,
         rate=pace,
         csv=args.csv,
         points=args.points,
-        noise=args.noise,
+        noise=args.noise or DemoPlan.noise,
         drift_at=args.drift_at,
     )
     settings = _on_device(
@@ -97,9 +103,9 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
-    if isinstance(args.series, int):
-        raise ValueError("plot --from-stream needs --series ID: the series to draw")
-    settings = from_flags(redis_url=args.redis_url, partitions=args.partitions)
+    if args.series is None:
+        raise UsageError("plot --from-stream needs --series ID: the series to draw")
+    settings = from_flags(redis_url=args.redis_url, partitions=args.partitions, unused=WORKER_ONLY)
     with redis_for(settings, "plot") as (client, settings):
         views = read_views(
             client,
@@ -123,6 +129,7 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         redis_url=args.redis_url,
         models_stream=args.models_stream,
         model_key_file=args.model_key_file,
+        unused=("model", "consumer"),
     )
     with redis_for(settings, "models") as (client, settings):
         # keep None: nothing pruned here; the workers prune to their own keep_models at

@@ -282,7 +282,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    n_series = args.series if isinstance(args.series, int) else _series_count(args.series)
+    n_series = _series_count(args.series)
+    if args.series is not None and args.data != "sines":
+        raise UsageError(f"argument --series: for --data sines, not --data {args.data}")
+    if args.column and not args.data.startswith("csv:"):
+        raise UsageError(f"argument --column: for --data csv:PATH, not --data {args.data}")
     points = SineSpec().n_points
     if args.data == "sines" and n_series * points > MAX_SINE_VALUES:  # 30,000,000: MemoryError
         raise UsageError(
@@ -292,9 +296,14 @@ def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     return load_dataset(args.data, n_series=n_series, columns=args.column, seed=args.seed), device
 
 
-def _series_count(text: str) -> int:
-    """``plot --series`` without --from-stream: a count, as for train and evaluate."""
+def _series_count(given: int | str | None) -> int:
+    """The count of sines: 50 unless given; ``plot --series`` (text, without
+    --from-stream) a count as for train and evaluate."""
+    if given is None:
+        return SineSpec().n_series
+    if isinstance(given, int):
+        return given
     try:
-        return positive(text)
+        return positive(given)
     except argparse.ArgumentTypeError as e:
-        raise ValueError(f"--series: {e} (a series id needs --from-stream)") from None
+        raise UsageError(f"argument --series: {e} (a series id needs --from-stream)") from None

@@ -15,6 +15,7 @@ from attnlstm.synthetic import SineSpec
 from attnlstm.windows import HELD_OUT
 from worker.cli.argtypes import (
     counts_to,
+    data_spec,
     device,
     fraction,
     learning_rate,
@@ -51,14 +52,18 @@ class _Parser(argparse.ArgumentParser):
 def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool = False) -> None:
     p.add_argument(
         "--data",
+        type=data_spec,
         default="sine",
         help="sine (the article's series), sines (many), or csv:PATH (default: sine)",
     )
+    # --series and --column default to None and []: given with data they are no part of,
+    # they are refused (worker.cli.offline), not ignored.
     p.add_argument(
         "--series",
         type=str if live else positive,
-        default=50,
-        help="series count for --data sines" + (", or the series id with --from-stream" * live),
+        default=None,
+        help="series count for --data sines (default 50)"
+        + (", or the series id with --from-stream" * live),
     )
     p.add_argument(
         "--column",
@@ -119,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="embedded server + worker + replay + plots, in one go",
             description="Runs on the embedded server unless ATTNLSTM_REDIS_URL is set; then "
             "it uses (and first empties) the streams demo:sensors, demo:forecasts, "
-            "demo:sensors:dead.",
+            "demo:sensors:dead, demo:anomalies.",
         )
     )
     _worker_args(
@@ -304,17 +309,21 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
         "(default: ATTNLSTM_PARTITIONS or 1)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    # The sines' flags and the CSV's default to None, so that one given with the other
+    # source is told from its default, and refused (worker.cli.replay fills them in).
     sines = p.add_argument_group("sines (the default source)")
     spec = SineSpec()
-    sines.add_argument("--series", type=positive, default=spec.n_series, help="(default 50)")
+    sines.add_argument("--series", type=positive, default=None, help="(default 50)")
     sines.add_argument(
         "--points",
         type=positive,
         default=None,
         help="per series (default: enough for --seconds at --rate, else 1000)",
     )
-    sines.add_argument("--seed", type=seed, default=0, help="same seed, same entries (default 0)")
-    sines.add_argument("--prefix", default="sine-", help="series ids are PREFIX0.. (sine-)")
+    sines.add_argument(
+        "--seed", type=seed, default=None, help="same seed, same entries (default 0)"
+    )
+    sines.add_argument("--prefix", default=None, help="series ids are PREFIX0.. (sine-)")
     for flag, name, what in (
         ("--freq", "freq", "angular step, radians per point"),
         ("--amplitude", "amplitude", "amplitude"),
@@ -326,7 +335,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
             flag, nargs=2, type=number, metavar=("LO", "HI"), help=f"{what} (default {lo} {hi})"
         )
     sines.add_argument(
-        "--noise", type=nonnegative_number, default=0.0, help="std, in amplitudes (default 0)"
+        "--noise", type=nonnegative_number, default=None, help="std, in amplitudes (default 0)"
     )
     sines.add_argument(
         "--drift-at",
@@ -335,10 +344,12 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
         help="step where drift starts (a frequency drift shows from the step after)",
     )
     sines.add_argument(
-        "--drift-kind", choices=["frequency", "amplitude"], default="frequency", help="(frequency)"
+        "--drift-kind", choices=["frequency", "amplitude"], default=None, help="(frequency)"
     )
-    sines.add_argument("--anomaly-rate", type=share, default=0.0, help="share of spikes (0)")
-    sines.add_argument("--bad-rate", type=share, default=0.0, help="share of malformed entries (0)")
+    sines.add_argument("--anomaly-rate", type=share, default=None, help="share of spikes (0)")
+    sines.add_argument(
+        "--bad-rate", type=share, default=None, help="share of malformed entries (0)"
+    )
     table = p.add_argument_group("CSV")
     table.add_argument("--csv", type=Path, default=None, help="replay this file instead of sines")
     table.add_argument("--time-column", default=None, help="(default: the first column)")
@@ -346,14 +357,15 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
         "--column", action="append", default=[], help="value column, repeatable (default: all)"
     )
     table.add_argument("--series-column", default=None, help="long format: the series id column")
-    table.add_argument("--value-column", default="value", help="long format (default value)")
+    table.add_argument("--value-column", default=None, help="long format (default value)")
 
 
 def _demo_args(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--seconds", type=positive_number, default=60.0, help="replay length (default 60)"
     )
-    demo.add_argument("--series", type=positive, default=50, help="sine series (default 50)")
+    # None: told from a value given, which --csv refuses (worker.cli.live fills them in).
+    demo.add_argument("--series", type=positive, default=None, help="sine series (default 50)")
     pace = demo.add_mutually_exclusive_group()
     pace.add_argument(
         "--rate", type=positive_number, default=None, help="entries/s (default 500 for sines)"
@@ -363,7 +375,7 @@ def _demo_args(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="(default demo-out)")
     demo.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
     demo.add_argument(
-        "--noise", type=nonnegative_number, default=0.0, help="sine noise, in amplitudes (0)"
+        "--noise", type=nonnegative_number, default=None, help="sine noise, in amplitudes (0)"
     )
     demo.add_argument(
         "--drift-at",

@@ -15,8 +15,9 @@ from typing import Any
 import redis
 
 from attnlstm.synthetic import SineSpec
+from worker.cli.argtypes import UsageError
 from worker.cli.commands import refusal
-from worker.settings import Settings, from_flags
+from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.signals import handled
 from worker.streams import connect
 from worker.tools.replay import (
@@ -30,6 +31,30 @@ from worker.tools.replay import (
     sine_entries,
 )
 
+# The flags of each source, (flag, argument): each defaults to None (or, --column, to
+# []), so that one given with the other source is refused, not ignored.
+SINE_FLAGS = (
+    ("--series", "series"),
+    ("--points", "points"),
+    ("--seed", "seed"),
+    ("--prefix", "prefix"),
+    ("--freq", "freq"),
+    ("--amplitude", "amplitude"),
+    ("--offset", "offset"),
+    ("--drift-factor", "drift_factor"),
+    ("--noise", "noise"),
+    ("--drift-at", "drift_at"),
+    ("--drift-kind", "drift_kind"),
+    ("--anomaly-rate", "anomaly_rate"),
+    ("--bad-rate", "bad_rate"),
+)
+CSV_FLAGS = (
+    ("--time-column", "time_column"),
+    ("--column", "column"),
+    ("--series-column", "series_column"),
+    ("--value-column", "value_column"),
+)
+
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
     # SIGTERM and SIGHUP (a timeout, systemd, a terminal closed) stop the replay as
@@ -40,12 +65,15 @@ def replay_command(args: argparse.Namespace) -> dict[str, Any]:
 
 def _replay(args: argparse.Namespace) -> dict[str, Any]:
     if args.rate is not None and args.seconds is not None and args.seconds * args.rate <= 0.5:
-        raise ValueError(
+        raise UsageError(
             f"--seconds {args.seconds:g} at --rate {args.rate:g} is less than one entry"
         )
     entries, total = _replay_source(args)
     settings = from_flags(
-        redis_url=args.redis_url, input_stream=args.stream, partitions=args.partitions
+        redis_url=args.redis_url,
+        input_stream=args.stream,
+        partitions=args.partitions,
+        unused=WORKER_ONLY,
     )
     with redis_for(settings, "replay") as (client, settings):
         return replay(
@@ -64,42 +92,54 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
 def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:
     """The entries to write, and how many there are when that is known."""
     if args.csv is not None:
+        _refuse_given(args, SINE_FLAGS, "for sines, not --csv")
         layout = CsvLayout(
             time_column=args.time_column,
             value_columns=tuple(args.column),
             series_column=args.series_column,
-            value_column=args.value_column,
+            value_column=args.value_column or CsvLayout.value_column,
         )
         return csv_entries(args.csv, layout), count_csv(args.csv, layout)  # all checked first
+    _refuse_given(args, CSV_FLAGS, "for --csv, not sines")
+    default = SineSpec()
+    n_series = args.series or default.n_series
     points = args.points
     if points is None and args.seconds is not None:
         if args.rate is None:
-            raise ValueError("--seconds with --fast needs --points: how many to write")
+            raise UsageError("--seconds with --fast needs --points: how many to write")
         wanted = args.seconds * args.rate  # inf past the floats' range
         if wanted > MAX_SINE_VALUES:
-            raise ValueError(
+            raise UsageError(
                 f"--seconds {args.seconds:g} at --rate {args.rate:g} is {wanted:.3g} entries, "
                 f"more than the {MAX_SINE_VALUES:,} sine values a replay draws at once: give "
                 "--points (per series; it stops after --seconds or when they run out), "
                 "or a lower --seconds"
             )
-        points = max(2, math.ceil(wanted / args.series))
-    default = SineSpec()
+        points = max(2, math.ceil(wanted / n_series))
     spec = SineSpec(
-        n_series=args.series,
+        n_series=n_series,
         n_points=points or 1000,
         freq=args.freq or default.freq,
         amplitude=args.amplitude or default.amplitude,
         offset=args.offset or default.offset,
-        noise=args.noise,
+        noise=args.noise or default.noise,
         drift_at=args.drift_at,
-        drift_kind=args.drift_kind,
+        drift_kind=args.drift_kind or default.drift_kind,
         drift_factor=args.drift_factor or default.drift_factor,
-        anomaly_rate=args.anomaly_rate,
+        anomaly_rate=args.anomaly_rate or default.anomaly_rate,
     )
     check_sine_size(spec)
-    entries = sine_entries(spec, seed=args.seed, bad_rate=args.bad_rate, prefix=args.prefix)
-    return entries, None if args.bad_rate else spec.n_series * spec.n_points
+    bad_rate = args.bad_rate or 0.0
+    prefix = "sine-" if args.prefix is None else args.prefix
+    entries = sine_entries(spec, seed=args.seed or 0, bad_rate=bad_rate, prefix=prefix)
+    return entries, None if bad_rate else spec.n_series * spec.n_points
+
+
+def _refuse_given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...], what: str) -> None:
+    """A usage error naming each of ``flags`` that was given: it would be ignored."""
+    given = [flag for flag, name in flags if getattr(args, name) not in (None, [])]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {what}")
 
 
 @contextlib.contextmanager

@@ -336,12 +336,16 @@ class Scorer:
         now: float,
         stand_in: StandIn | None = None,
         fresh: np.ndarray | None = None,
+        counted: np.ndarray | None = None,
     ) -> Scored:
         """Score ``values`` (in stream order, as they came) against each slot's pending
         forecast, then make ``forecasts`` (n, horizon; NaN rows: none was made), made from
         windows of deviation ``scale``, the pending ones, each with its interval. A value
         marked ``fresh`` starts its series' scoring afresh, as its window did (idle past
-        ``series_idle_s``): it meets no forecast made before the gap.
+        ``series_idle_s``): it meets no forecast made before the gap. Only the values
+        marked ``counted`` (None: all) go to ``overall`` and the count: the others, re-read
+        after a restore, were counted when they were first handled, and only take each
+        series' scoring on as it went.
 
         Each anomaly to be stood in for goes to ``stand_in`` (its position, its stand-in)
         as it is found, before any later value of its series is judged: it puts the
@@ -356,8 +360,9 @@ class Scorer:
         self._fit(int(slots.max()) + 1)
         self.steps.fit(horizon)
         errors, naive, missed, steps = [], [], [], []
+        counts = np.ones(n, dtype=bool) if counted is None else counted
         for idx in rounds(slots):
-            s, v = slots[idx], values[idx]
+            s, v, c = slots[idx], values[idx], counts[idx]
             if fresh is not None:
                 self.forget(s[fresh[idx]])
             ok = ~np.isnan(self._forecast[s])
@@ -369,26 +374,29 @@ class Scorer:
                 if self.half_width is not None:
                     standing = stand_in is not None
                     miss, events, stood_in = self._judge(idx[ok], so, vo, err, standing)
-                    missed.append(miss)
+                    missed.append(miss[c[ok]])
                     found.append(events)
                     if stand_in is not None and stood_in.any():
                         at = events[stood_in, 0].astype(np.int64)
                         stand_in(at, self._stand_ins(slots[at], events[stood_in, 2]))
                 self.series_mae[so] = _ema(self.series_mae[so], err)
                 self.series_naive_mae[so] = _ema(self.series_naive_mae[so], nerr)
-                errors.append(err)
-                naive.append(nerr)
+                errors.append(err[c[ok]])
+                naive.append(nerr[c[ok]])
             one = forecasts[idx]
             if self.half_width is not None:
                 m = self.adaptive.multiplier(s) * scale[idx]
                 lo[idx] = one - self.half_width * m[:, None]
                 hi[idx] = one + self.half_width * m[:, None]
                 self._lo[s], self._hi[s] = lo[idx, 0], hi[idx, 0]
-            steps.append(self.steps.update(s, v, one, lo[idx], hi[idx]))
+            step_err, step_inside = self.steps.update(s, v, one, lo[idx], hi[idx])
+            sampled = c[self.steps.sampled(s)]
+            steps.append((step_err[sampled], step_inside[sampled]))
             self._forecast[s] = one[:, 0]
             self._last[s] = v
         events = np.concatenate(found) if found else np.empty((0, 5))
-        if errors:
+        count = sum(e.size for e in errors)
+        if count:
             self.overall.add(
                 np.concatenate(errors),
                 np.concatenate(naive),
@@ -399,7 +407,6 @@ class Scorer:
                     np.concatenate([c for _, c in steps]),
                 ),
             )
-        count = sum(e.size for e in errors)
         return Scored(count, lo, hi, events[:, 0].astype(np.int64), events[:, 2:], events[:, 1])
 
 
@@ -442,6 +449,10 @@ class Steps:
         self._ring[slots] = np.nan
         self._count[slots] = 0
 
+    def sampled(self, slots: np.ndarray) -> np.ndarray:
+        """Which of ``slots`` are in the sample (bool, by slot)."""
+        return slots < self._ring.shape[0]
+
     def update(
         self,
         slots: np.ndarray,
@@ -455,7 +466,7 @@ class Steps:
         of the m sampled slots, NaN where there was no such forecast. Only those rows are
         touched: a day-ahead batch of 1,024 has at most STEP_SERIES of them."""
         horizon = yhat.shape[1]
-        sampled = np.flatnonzero(slots < self._ring.shape[0])
+        sampled = np.flatnonzero(self.sampled(slots))
         s, v = slots[sampled], values[sampled]
         ahead = np.arange(1, horizon + 1)
         made = (self._count[s, None] - ahead) % horizon  # (m, horizon): ring position

@@ -84,7 +84,7 @@ class ModelStore:
         if self.keep is None:
             return
         for old in cast(list[bytes], self.client.lrange(self.keys.versions, self.keep, -1)):
-            self._drop(old.decode())
+            self._drop(old.decode(errors="backslashreplace"))
 
     def _drop(self, version: str) -> None:
         """Delete ``version`` unless it serves (``FCALL attnlstm_drop``: a rollback to it
@@ -170,13 +170,17 @@ class ModelStore:
         return sum(signature is not None for signature in replies), len(versions)
 
     def versions(self) -> list[str]:
-        return [
-            v.decode() for v in cast(list[bytes], self.client.lrange(self.keys.versions, 0, -1))
-        ]
+        """The stored versions, newest first; bytes that are not UTF-8 escaped, as in
+        :meth:`serving`."""
+        listed = cast(list[bytes], self.client.lrange(self.keys.versions, 0, -1))
+        return [v.decode(errors="backslashreplace") for v in listed]
 
     def serving(self) -> str | None:
+        """The serving version; bytes that are not UTF-8 (anyone who can write to the
+        store can write them) come back escaped, a name no stored version has, so the
+        workers refuse them instead of failing to read them."""
         version = cast(bytes | None, self.client.get(self.keys.serving))
-        return version.decode() if version is not None else None
+        return version.decode(errors="backslashreplace") if version is not None else None
 
     def set_serving(self, version: str, event: str, **fields: object) -> None:
         """Point every worker at ``version``, with its event, only while it is stored,
