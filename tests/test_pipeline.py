@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from attnlstm.synthetic import sine_steps
-from tests.helpers import fill, settings_for
+from tests.helpers import fill, kill_named, settings_for
 from worker.batch import Receipt
 from worker.keys import Keys
 from worker.online.store import ModelStore
@@ -137,9 +137,7 @@ def test_a_dropped_connection_takes_what_was_due_on_it_along(
     ids = fill(redis_client, keys.input, sine_steps(2, 10))
     first = pipeline.next_batch({0: b"0-0"}, block_ms=100)
     pipeline.publish([_ack(keys, [i for i, _ in first.entries[0]])])  # its reply not read
-    for client in redis_client.client_list():
-        if client["name"] == "test-pipeline":
-            redis_client.client_kill_filter(_id=client["id"])
+    kill_named(redis_client, "test-pipeline")
     # On the embedded server's unix socket this write fails at once (broken pipe), and
     # the wire drops the reply due with the connection; over TCP the write goes into the
     # socket's buffer and the failure shows at the next read instead.

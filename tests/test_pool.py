@@ -34,6 +34,7 @@ from tests.helpers import (
     entries,
     expected,
     fill,
+    kill_named,
     new_worker,
     same_output,
     settings_for,
@@ -582,9 +583,7 @@ def test_entries_written_to_the_unpartitioned_stream_mid_run_are_reported_not_fa
         running.wait_for(lambda: sample("attnlstm_unpartitioned_entries") == 1)
         assert f"1 entries in {keys.input}, which no worker reads" in caplog.text
         recoveries = sample("attnlstm_recoveries_total") or 0
-        for client in redis_client.client_list():  # a Redis blip: a re-sync
-            if client["name"] == "test-worker":
-                redis_client.client_kill_filter(_id=client["id"])
+        kill_named(redis_client, "test-worker")  # a Redis blip: a re-sync
         running.wait_for(lambda: (sample("attnlstm_recoveries_total") or 0) > recoveries)
         values = sine_steps(6, 25, seed=38)
         names = _replay(redis_client, keys, values, partitions)

@@ -30,6 +30,7 @@ from tests.helpers import (
     fill,
     free_port,
     kill_connections,
+    kill_named,
     new_worker,
     same_output,
     settings_for,
@@ -188,9 +189,7 @@ def test_a_re_sync_scores_each_forecast_once(
         fill(redis_client, keys.input, values[:100])
         running.wait_for(lambda: redis_client.xlen(keys.output) == 10 * 81)
         running.wait_for(lambda: drained(redis_client, keys))
-        for client in redis_client.client_list():
-            if client.get("name") == "test-worker":
-                redis_client.client_kill_filter(_id=client["id"])
+        kill_named(redis_client, "test-worker")
         running.wait_for(lambda: sample("attnlstm_recoveries_total") == 2)
         fill(redis_client, keys.input, values[100:])
         # (scored before they are published)

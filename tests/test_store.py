@@ -20,6 +20,7 @@ from tests.helpers import (
     entries,
     events,
     fill,
+    kill_named,
     new_worker,
     other_model,
     settings_for,
@@ -356,9 +357,7 @@ def test_a_running_worker_without_the_key_serves_on_when_a_signed_model_lands(
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
         assert main(["models", "promote", str(path), *key, *flags]) == 0
         wait_for(lambda: running.worker.tuner.version == version_of(signed), what="the switch")
-        for client in redis_client.client_list():
-            if client["name"] == "test-worker":
-                redis_client.client_kill_filter(_id=client["id"])
+        kill_named(redis_client, "test-worker")
         after = fill(redis_client, keys.input, values[30:])
         running.wait_for(lambda: "this worker serves on" in caplog.text)
         running.wait_for(lambda: set(after) <= forecast_versions(redis_client, keys).keys())
