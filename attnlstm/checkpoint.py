@@ -117,17 +117,19 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     expected = header.pop("sha256", None)
     if expected != _digest(header, tensors):
         raise CheckpointError(f"{source}: content hash mismatch, the file is corrupt or altered")
-    # A NaN or infinite weight makes every forecast NaN: a worker would dead-letter every
-    # valid entry ("forecast not finite") and promote the model to the store.
-    broken = next((name for name in sorted(tensors) if not tensors[name].isfinite().all()), None)
-    if broken is not None:
-        raise CheckpointError(f"{source}: tensor {broken} holds NaN or infinite weights")
     try:
         meta = json.loads(header["meta"])  # RecursionError (a RuntimeError) when too deep
         model = AttentionLSTM(config)
         model.load_state_dict(tensors, strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: does not describe a valid model ({e})") from e
+    # A NaN or infinite weight makes every forecast NaN: a worker would dead-letter every
+    # valid entry ("forecast not finite") and promote the model to the store. Checked as
+    # loaded: a float64 tensor's 1e300 is finite as stored, and inf in the model's float32.
+    weights = model.state_dict()
+    broken = next((name for name in sorted(weights) if not weights[name].isfinite().all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{source}: tensor {broken} holds NaN or infinite weights")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{source}: its meta is not a JSON object")
     model.eval()

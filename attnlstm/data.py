@@ -7,6 +7,7 @@ yields a list of named 1-D float arrays, each series in its own units.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,12 @@ class DataError(Exception):
 
 
 DAY_S = 86_400
+# The largest magnitude a value may have, in training as in the worker's input. A
+# window's deviation is taken in float64, whose squares overflow past about 1e154 (the
+# forecasts of every window holding such a value would be NaN, and a worker's valid
+# entries of the series dead-lettered); the scores are kept in float32, whose largest is
+# 3.4e38.
+VALUE_MAX = 1e30
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -37,6 +44,11 @@ class Dataset:
     @property
     def lengths(self) -> list[int]:
         return [len(s) for s in self.series]
+
+    def fingerprints(self) -> list[str]:
+        """Each series' values as a short hash (16 hex digits of their sha256): how
+        `evaluate` knows a series a model trained on, whatever path or name it has."""
+        return [hashlib.sha256(s.astype("<f8").tobytes()).hexdigest()[:16] for s in self.series]
 
     def daily_period(self) -> int:
         """Steps per day, from the time step, or 0 when that says nothing (no times, or
@@ -70,15 +82,18 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     """Value columns of a CSV file with a header row, each one series.
 
     Without ``columns``, every column but the first (taken to be the time) is used.
-    Empty cells are gaps and are skipped; anything else that is not a finite number,
-    and a row :func:`csv_rows` refuses, is an error naming its line.
+    Empty cells are gaps and are skipped, and so is a row of them (``,``, as a
+    spreadsheet may end a file); anything else that is not a finite number, a time
+    :func:`_time_step` refuses, and a row :func:`csv_rows` refuses, is an error naming
+    its line.
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             rows = list(csv_rows(path, f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
-    if len(rows) < 2:
+    body = [(line, row) for line, row in rows[1:] if any(cell.strip() for cell in row)]
+    if not rows or not body:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
     wanted = list(columns) or header[1:]
@@ -86,8 +101,8 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     if missing or not wanted:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
-    series = [_column(path, rows[1:], k, name) for k, name in zip(at, wanted, strict=True)]
-    return Dataset(wanted, series, _time_step([row for _, row in rows[1:]]))
+    series = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
+    return Dataset(wanted, series, _time_step(path, body))
 
 
 def column_index(path: Path, header: Sequence[str], name: str) -> int:
@@ -139,15 +154,42 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
         raise DataError(f"{path}:{rows.line_num}: {e}") from None
 
 
-def _time_step(rows: list[list[str]]) -> float | None:
+def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
     """The median step of the first column in seconds, when it holds times as
-    :func:`time_ms` reads them (as ``replay`` does)."""
-    try:
-        times = [time_ms(row[0].strip()) for row in rows if row]
-    except (ValueError, IndexError):
-        return None
+    :func:`time_ms` reads them (as ``replay`` does); None where the first row's is no
+    time (a file with no time column). Past that first row, a time that cannot be read,
+    or that comes before the row before's, is a DataError naming its line: the rows of
+    a file newest first, or sorted by another column, would train a model on time run
+    backwards or shuffled. A time twice is a reading kept as it came (the sea
+    temperature in ``data/`` has one), but not on most rows: a step of 0 is no time
+    step, and the model would take two readings an hour for one series."""
+    times: list[int] = []
+    repeat = 0  # the first line whose time is the row before's
+    for line, row in rows:
+        text = row[0].strip() if row else ""
+        try:
+            ms = time_ms(text)
+        except ValueError:
+            if not times:
+                return None
+            raise DataError(
+                f"{path}:{line}: time {text!r} is neither ISO 8601 nor ms since the epoch"
+            ) from None
+        if times and ms < times[-1]:
+            raise DataError(
+                f"{path}:{line}: time {text!r} is before the row before's: the rows must "
+                "run forward in time (the first column is the time)"
+            )
+        repeat = repeat or (line if times and ms == times[-1] else 0)
+        times.append(ms)
     steps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]  # ints: no overflow
-    return float(np.median(steps)) if steps else None
+    step = float(np.median(steps)) if steps else None
+    if step == 0:
+        raise DataError(
+            f"{path}:{repeat}: the time of the row before, as on most rows: a series needs "
+            "one row a time (the first column is the time)"
+        )
+    return step
 
 
 def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str) -> np.ndarray:
@@ -162,6 +204,10 @@ def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str
             raise DataError(f"{path}:{line}: {name}={cell!r} is not a number") from None
         if not math.isfinite(value):
             raise DataError(f"{path}:{line}: {name}={cell!r} is not finite")
+        if abs(value) > VALUE_MAX:  # a model trained on it learned nothing, in NaNs
+            raise DataError(
+                f"{path}:{line}: {name}={cell!r} is out of range (beyond +-{VALUE_MAX:g})"
+            )
         values.append(value)
     if not values:
         raise DataError(f"{path}: column {name!r} has no values")

@@ -119,7 +119,7 @@ def seasonal_config(
     """The default model for data whose main cycle is ``period`` steps (0: none).
 
     With a period P: a window of one cycle, forecasts one cycle ahead, and as lags the
-    cycle before (P) and, when the shortest series' training part holds three weeks, the
+    cycle before (P) and, when half the series' training parts hold three weeks, the
     same hours a week (6P) and a week and a cycle (7P) before: for each step ahead, the
     same hour yesterday, a week ago, and a week before yesterday, and with
     ``weekly_cycle`` a seasonal profile over PROFILE_WEEKS weeks; and an LSTM of
@@ -131,7 +131,9 @@ def seasonal_config(
     """
     if period == 0:
         return ModelConfig(**fields)
-    training = min(split_point(n, val_fraction) for n in lengths)
+    # At least half the series', not the shortest's: one short column (a sensor added late)
+    # took the weekly lags from every series; `train` names the series too short for them.
+    training = sorted(split_point(n, val_fraction) for n in lengths)[len(lengths) // 2]
     weekly = training >= 21 * period
     base = {
         "window": period,
@@ -209,6 +211,7 @@ def series_forecast(
 
 def training_meta(
     dataset_spec: str,
+    dataset: Dataset,
     train_config: TrainConfig,
     result: TrainResult,
     metrics: dict[str, float],
@@ -216,9 +219,11 @@ def training_meta(
     val_fraction: float,
 ) -> dict[str, Any]:
     """What a checkpoint records about how its model was made: the data's tail it never
-    saw (``val_fraction``) included, which `evaluate` scores it on."""
+    saw (``val_fraction``) included, which `evaluate` scores it on, and the series'
+    fingerprints, by which it refuses a longer tail of them."""
     return {
         "data": dataset_spec,
+        "data_fingerprints": dataset.fingerprints(),
         "val_fraction": val_fraction,
         "train_config": asdict(train_config),
         "epochs_planned": result.epochs_planned,

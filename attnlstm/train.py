@@ -65,6 +65,7 @@ class TrainResult:
     val_loss: list[float] = field(default_factory=list)  # per epoch
     spread: Spread | None = None  # the kept weights' errors on the validation windows
     blend: Blend | None = None  # folded into the kept weights, fitted on the validation windows
+    val_windows: int = 0  # how many the early stopping, the blend and the spread went by
 
 
 def new_model(config: ModelConfig, seed: int = 0) -> AttentionLSTM:
@@ -169,7 +170,9 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=epochs, eta_min=config.lr * 1e-2
     )
-    result = TrainResult(epochs_planned=epochs, best_epoch=0, epochs_run=0, seconds=0.0)
+    result = TrainResult(
+        epochs_planned=epochs, best_epoch=0, epochs_run=0, seconds=0.0, val_windows=len(val)
+    )
     best_loss, best_state = math.inf, copy.deepcopy(model.state_dict())
     started = time.perf_counter()
     with tqdm(total=epochs, desc="train", unit="epoch", disable=not progress) as bar:
@@ -186,6 +189,11 @@ def fit(
             bar.update()
             if epoch - result.best_epoch >= config.patience:
                 break
+    if not result.best_epoch:  # the first weights, kept as if trained: every loss NaN or inf
+        raise ValueError(
+            f"training diverged: no epoch's validation loss was finite ({epochs} run), so "
+            "no weights are worth keeping"
+        )
     model.load_state_dict(best_state)
     model.eval()
     yhat, _ = predict(model, val.x, device=device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
+from tests.conftest import CLI
 from worker.settings import Settings
 from worker.tools.bench import BenchPlan, _settings, format_report, run_bench, server_of
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
@@ -116,6 +119,25 @@ def test_the_models_part_alone_prices_each_model(
     assert not list(redis_client.scan_iter(match="bench-*"))
 
 
+def test_the_bench_of_one_worker_runs_on_a_cluster(
+    redis_cluster: LocalCluster, model_file: Path
+) -> None:
+    """Its keys were not placed in one slot: the fenced publish was refused (FCALL - all
+    keys must map to the same key slot), a traceback; the latency run's worker died and
+    the bench waited for its forecasts for ever."""
+    plan = dataclasses.replace(
+        PLAN, runs=("drains", "latency"), entries=600, per_entry_entries=50, repeats=1
+    )
+    model = load(model_file).model
+    report = run_bench(plan=plan, device="cpu", url=redis_cluster.url, model=model)
+    for run in ("worker", "raw", "raw_ahead", "raw_pipeline"):
+        assert report[run]["entries"] == 600, run
+    assert report["worker"]["forecasts"] == 600
+    assert report["latency"]["forecasts"] == 500
+    client = redis.RedisCluster.from_url(redis_cluster.url)
+    assert not list(client.scan_iter(match="bench-*"))  # it cleans up after itself
+
+
 def test_the_bench_reads_no_attnlstm_variables_nor_a_dotenv(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -126,12 +148,42 @@ def test_the_bench_reads_no_attnlstm_variables_nor_a_dotenv(
     monkeypatch.setenv("ATTNLSTM_HISTORY_LEN", "50")
     (tmp_path / ".env").write_text("ATTNLSTM_BLOCK_MS=20\n")
     monkeypatch.chdir(tmp_path)
-    settings = _settings("redis://localhost:1/0", "bench:", PLAN, "cpu")
+    url = "redis://localhost:1/0"
+    settings = _settings(redis.Redis.from_url(url), url, "bench:", PLAN, "cpu")
     defaults = {name: field.default for name, field in Settings.model_fields.items()}
     assert settings.partitions == defaults["partitions"]
     assert settings.history_len == defaults["history_len"]
     assert settings.block_ms == defaults["block_ms"]
     assert settings.device == "cpu"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_bench_stopped_mid_latency_run_exits(signum: int, tmp_path: Path) -> None:
+    """Ctrl-C left the worker's thread retrying the embedded server gone with the bench,
+    and the command never exited; SIGTERM killed it on the spot."""
+    cmd = [*CLI, "bench", "--runs", "latency", "--rate", "100", "--seconds", "120",
+           "--series", "5", "--scale-series", "5", "--repeats", "1"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a shell has it
+    )
+    assert proc.stderr is not None
+    try:
+        begun = False
+        for line in proc.stderr:  # until the latency run's worker serves
+            begun = begun or "latency: 100 entries/s for 120 s" in line
+            if begun and "took the lease" in line:
+                break
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().endswith("attnlstm bench: interrupted")
 
 
 def test_a_bench_runs_something() -> None:

@@ -363,6 +363,18 @@ def test_weights_that_are_not_finite_are_refused(weight: float) -> None:
         loads(dumps(model)[0])
 
 
+def test_float64_weights_past_float32s_range_are_refused() -> None:
+    """1e300 in an F64 tensor is finite as stored and inf once loaded into the model's
+    float32: the check before loading let it through, and every forecast was NaN."""
+    tensors, config = _small_model()
+    wide = {k: v.double() for k, v in tensors.items()}
+    wide["head.bias"][0] = 1e300
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint: tensor head\.bias holds NaN or infinite weights$"
+    ):
+        loads(_signed(wide, config))
+
+
 @pytest.mark.parametrize(
     ("period", "lags", "profile_weeks"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -130,6 +131,57 @@ def test_train_says_when_the_times_give_no_daily_period_it_can_take(tmp_path: Pa
     assert "--period N sets one" in proc.stderr
 
 
+def test_train_says_when_the_first_column_holds_no_times(tmp_path: Path) -> None:
+    """A file with no time column (`temp,hum`) was trained with no period and the first
+    column dropped, without a word."""
+    rows = [f"{20 + math.sin(i / 10):.4f},{math.cos(i / 10):.4f}" for i in range(300)]
+    (tmp_path / "s.csv").write_text("temp,hum\n" + "\n".join(rows) + "\n")
+    proc = run(
+        "train", "--data", "csv:s.csv", "--epochs", "1", "--json", "--out", "m.st", cwd=tmp_path
+    )
+    assert last_json(proc)["period"] == 0
+    assert "note: the first column, taken to be the time, holds no time" in proc.stderr
+    assert "--column NAME reads a column as a series" in proc.stderr
+
+
+def test_train_says_when_too_few_validation_windows_fitted_the_blend(tmp_path: Path) -> None:
+    """On 150 hourly values the blend and the intervals were fitted on one validation
+    window (a 99% spread as narrow as the 50%), and nothing said so."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [f"{(start + timedelta(hours=i)).isoformat()},{math.sin(i / 4):.4f}" for i in range(150)]
+    (tmp_path / "s.csv").write_text("time,v\n" + "\n".join(rows) + "\n")
+    proc = run(
+        "train", "--data", "csv:s.csv", "--epochs", "1", "--json", "--out", "m.st", cwd=tmp_path
+    )
+    assert last_json(proc)["period"] == 24
+    assert re.search(r"note: \d validation windows \(the last 0\.2 of what comes", proc.stderr)
+    assert "too few to trust them; more data, or a larger --val-fraction" in proc.stderr
+    sines = run("train", "--data", "sines", "--series", "3", "--epochs", "1", cwd=tmp_path)
+    assert sines.returncode == 0, sines.stderr
+    assert "validation windows" not in sines.stderr
+
+
+def test_a_short_column_is_named_and_sizes_no_model(tmp_path: Path) -> None:
+    """A column of 30 values beside 30 days of hourly ones took the weekly lags from the
+    model (the shortest series decided them) and was itself never trained on, without a
+    word."""
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [
+        f"{(start + timedelta(hours=i)).isoformat()},{math.sin(i * math.pi / 12):.4f},"
+        + (f"{i}" if i < 30 else "")
+        for i in range(720)
+    ]
+    (tmp_path / "s.csv").write_text("time,v,spare\n" + "\n".join(rows) + "\n")
+    proc = run(
+        "train", "--data", "csv:s.csv", "--epochs", "1", "--json", "--out", "m.st", cwd=tmp_path
+    )
+    assert last_json(proc)["lags"] == [24, 144, 168]
+    assert (
+        "note: 1 of 2 series are too short to train on (the model reads 192 values and "
+        "forecasts 24 ahead, before each series' held-out tail): spare (30 values)"
+    ) in proc.stderr
+
+
 def test_train_on_a_real_recording(tmp_path: Path) -> None:
     data = f"csv:{DATA / 'water_flow.csv'}"
     report = last_json(
@@ -173,6 +225,27 @@ def test_evaluate_scores_the_tail_the_model_was_trained_without(tmp_path: Path) 
         "series of sines: --val-fraction 0.2 would score it on values it trained on; pass "
         "at most 0.1"
     )
+
+
+def test_a_longer_tail_is_refused_on_the_series_trained_on_whatever_their_path(
+    tmp_path: Path,
+) -> None:
+    """The data spec was compared as text: `csv:./f.csv` for `csv:f.csv`, or a copy of
+    the file, scored the model on values it trained on."""
+    rows = [f"{i},{math.sin(i / 5):.4f},{math.cos(i / 7):.4f}" for i in range(300)]
+    (tmp_path / "f.csv").write_text("t,a,b\n" + "\n".join(rows) + "\n")
+    (tmp_path / "copy.csv").write_bytes((tmp_path / "f.csv").read_bytes())
+    other_rows = [f"{i},{math.sin(i / 3):.4f}" for i in range(300)]
+    (tmp_path / "other.csv").write_text("t,a\n" + "\n".join(other_rows) + "\n")
+    last_json(run("train", "--data", "csv:f.csv", "--epochs", "1", "--json", cwd=tmp_path))
+    for data in (["csv:./f.csv"], ["csv:copy.csv"], ["csv:copy.csv", "--column", "b"]):
+        proc = run("evaluate", "--data", *data, "--val-fraction", "0.3", cwd=tmp_path)
+        assert proc.returncode == 1, data
+        assert "--val-fraction 0.3 would score it on values it trained on" in proc.stderr
+    other = run(
+        "evaluate", "--data", "csv:other.csv", "--val-fraction", "0.3", "--json", cwd=tmp_path
+    )
+    assert last_json(other)["val_fraction"] == 0.3
 
 
 def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(

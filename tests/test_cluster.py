@@ -18,8 +18,9 @@ from attnlstm.checkpoint import save
 from attnlstm.model import AttentionLSTM
 from tests.cluster import LocalCluster, keyslot, owner
 from tests.conftest import CLI
-from tests.helpers import entries, worker_cmd, worker_env
+from tests.helpers import engine_for, entries, settings_for, worker_cmd, worker_env
 from worker.keys import Keys
+from worker.loop import Worker
 from worker.streams import Wires, cluster_of, connect, multi_exec, primaries, xadd
 from worker.tools.demo import DEMO_KEYS
 
@@ -39,6 +40,19 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
+
+
+def test_a_worker_that_took_a_cluster_node_for_one_server_exits_saying_so(
+    redis_cluster: LocalCluster, trained_sines: AttentionLSTM, stream_prefix: str
+) -> None:
+    """Started while its cluster was down (HELLO unanswered: one server, as the default
+    guesses), or with ATTNLSTM_CLUSTER=false: every call was MOVED or CROSSSLOT, retried
+    every 5 s for ever, and not a forecast came out."""
+    settings = settings_for(redis_cluster.url, Keys.prefixed(stream_prefix), block_ms=100)
+    plain = redis.Redis.from_url(redis_cluster.url)  # as connect() makes one for one server
+    worker = Worker(plain, engine=engine_for(trained_sines, settings), settings=settings)
+    with pytest.raises(ValueError, match=r"node of a Redis Cluster, .*ATTNLSTM_CLUSTER=true$"):
+        worker.run()
 
 
 def test_replay_worker_plot_and_models_take_a_cluster_url(

@@ -78,6 +78,8 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
     [
         ("t,a\n1,2\n2,x\n", (), r"d\.csv:3: a='x' is not a number"),
         ("t,a\n1,2\n2,inf\n", (), r"d\.csv:3: a='inf' is not finite"),
+        # As the worker refuses it: a model trained on 1e307 was NaN, saved and exit 0.
+        ("t,a\n1,2\n2,-1e31\n", (), r"d\.csv:3: a='-1e31' is out of range \(beyond \+-1e\+30\)"),
         ("t,a\n1,2\n", ("b",), r"no column b; it has \['t', 'a'\]"),
         ("t,a\n", (), "needs a header row and at least one data row"),
         ("t,a\n1,\n", (), "column 'a' has no values"),
@@ -92,6 +94,14 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
         ("t,a,a\n1,1,10\n", (), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\); name"),
         ("t,a,a\n1,1,10\n", ("a",), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\)"),
         ("t,a,t\n1,1,10\n", (), r"d\.csv: 2 columns are named 't' \(columns 1, 3\)"),
+        # Rows newest first, or shuffled: a model trained on time run backwards.
+        ("t,a\n3,1\n2,2\n1,3\n", (), r"d\.csv:3: time '2' is before the row before's"),
+        ("t,a\n1,1\n3,2\n2,3\n", (), r"d\.csv:4: time '2' is before the row before's"),
+        # A time past the first row it cannot read: the step was given up, no period.
+        ("t,a\n1,1\nnoon,2\n", (), r"d\.csv:3: time 'noon' is neither ISO 8601 nor ms"),
+        ("t,a\n1,1\n,2\n", (), r"d\.csv:3: time '' is neither ISO 8601 nor ms"),
+        # Two readings a time: a step of 0, no period, and two readings taken for one.
+        ("t,a\n1,1\n1,2\n2,3\n2,4\n", (), r"d\.csv:3: the time of the row before, as on"),
     ],
 )
 def test_bad_csv_says_where_and_why(
@@ -99,6 +109,18 @@ def test_bad_csv_says_where_and_why(
 ) -> None:
     with pytest.raises(DataError, match=message):
         load_csv(_csv(tmp_path, text), columns)
+
+
+def test_rows_of_empty_cells_are_no_rows_and_a_time_twice_is_kept(tmp_path: Path) -> None:
+    """A spreadsheet's trailing `,` rows made the time step unreadable: no period, and
+    a one-step model where a day-ahead one was due, without a word."""
+    times = [f"2024-01-01T{h:02d}:00:00Z" for h in range(24)] * 2
+    rows = [f"{t[:8]}{1 + k // 24:02d}{t[10:]},{k}" for k, t in enumerate(times)]
+    data = load_csv(_csv(tmp_path, "time,v\n" + "\n".join(rows) + "\n,\n , \n\n"))
+    assert (data.step_s, data.daily_period(), data.lengths) == (3600.0, 24, [48])
+    # One reading twice, as the sea temperature has: kept as it came.
+    again = load_csv(_csv(tmp_path, "t,a\n1,1\n2,2\n2,3\n3,4\n"))
+    assert (again.step_s, again.series[0].tolist()) == (0.001, [1.0, 2.0, 3.0, 4.0])
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -25,10 +25,12 @@ from attnlstm.model import AttentionLSTM
 from attnlstm.plots import plot_latency, plot_series_forecasts
 from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
-from tests.helpers import drain, fill, settings_for, wait_for, worker_env
+from tests.helpers import drain, fill, free_port, settings_for, wait_for, worker_env
 from worker.cli.parser import build_parser
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.online.store import ModelStore
+from worker.tools import demo as demo_tool
 from worker.tools import readback
 from worker.tools.demo import DEMO_KEYS
 from worker.tools.replay import sine_entries
@@ -69,17 +71,77 @@ def test_demo_runs_the_whole_product_and_reports_what_it_saw(
         assert (demo_dir / name).read_bytes()[:8] == PNG
 
 
+def test_an_out_that_is_a_file_stops_the_demo_before_it_trains(tmp_path: Path) -> None:
+    """It trained for 15 s, then could not write its model there."""
+    (tmp_path / "t.csv").write_text("time,v\n")
+    proc = _run([*CLI, "demo", "--out", "t.csv"], tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "attnlstm demo: error: --out t.csv is a file: the demo writes into a folder "
+        "(see attnlstm demo --help)"
+    )
+
+
 def test_sines_the_replay_would_refuse_stop_the_demo_before_it_trains(tmp_path: Path) -> None:
     """60 s at 500 entries/s over 50 series is 601 points a series: a drift at 5000 is
     refused in one line before a model is trained or a server started, not by the
     replay's process once the worker runs."""
     proc = _run([*CLI, "demo", "--drift-at", "5000", "--out", str(tmp_path)], tmp_path, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "attnlstm demo: error: the sines to replay (601 points a series: --seconds x rate / "
-        "--series): drift_at must lie inside the series, got 5000"
+        "--series): drift_at must lie inside the series, got 5000 (see attnlstm demo --help)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_fails_at_its_start_stops_the_demo_then(demo_dir: Path) -> None:
+    """A user whose rights lack FUNCTION LOAD: the worker's thread died at its start,
+    and the demo said so only once its whole replay had run, and a minute more."""
+    with EmbeddedServer(port=free_port()) as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "demo", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+            commands=["+@all", "-function|load"],
+        )  # fmt: skip
+        url = server.tcp_url.replace("redis://", "redis://demo:pw@")
+        proc = _run(
+            [*CLI, "demo", "--seconds", "60", "--series", "5", "--out", str(demo_dir)],
+            demo_dir,
+            env=worker_env() | {"ATTNLSTM_REDIS_URL": url},
+        )
+        replayed = admin.xlen(f"{DEMO_KEYS.input}")
+    assert proc.returncode == 1
+    assert "FUNCTION" in proc.stderr.strip().splitlines()[-1].upper()
+    assert replayed < 60 * 500 / 2  # the replay stopped with the worker, not at its end
+
+
+def test_the_demo_deletes_the_model_versions_its_last_run_stored(demo_dir: Path) -> None:
+    """It deleted the list of versions and left each version's checkpoint and signature
+    behind, on a shared Redis: a day-ahead model is hundreds of KB a fine-tune."""
+    keys = DEMO_KEYS
+    with EmbeddedServer(port=free_port()) as server:
+        client = redis.Redis.from_url(server.url)
+        client.lpush(keys.versions, "feedc0de")
+        client.set(keys.model("feedc0de"), b"checkpoint bytes")
+        client.set(keys.model_signature("feedc0de"), b"signature")
+        proc = _run(
+            [*CLI, "demo", "--seconds", "2", "--series", "5", "--out", str(demo_dir)],
+            demo_dir,
+            env=worker_env() | {"ATTNLSTM_REDIS_URL": server.tcp_url},
+        )
+        assert proc.returncode == 0, proc.stderr
+        left = client.exists(keys.model("feedc0de"), keys.model_signature("feedc0de"))
+    assert left == 0
+
+
+def test_the_demo_reads_every_model_event(redis_client: redis.Redis, stream_prefix: str) -> None:
+    """Not the first 100: a long demo's later promotions went unseen in its figures."""
+    keys = Keys.prefixed(stream_prefix)
+    for k in range(250):
+        redis_client.xadd(keys.models, {"event": "promoted", "k": str(k)})
+    events = demo_tool._events(ModelStore(redis_client, keys, keep=1, source="test"))
+    assert [e[b"k"] for e in events if e is not None] == [b"%d" % k for k in range(250)]
 
 
 def _as_from_a_terminal() -> None:
@@ -501,8 +563,8 @@ def test_a_series_with_no_forecast_scored_yet_is_drawn_without_a_mean(
 
 
 def test_a_csv_the_replay_refuses_stops_the_demo_before_it_starts(tmp_path: Path) -> None:
-    """A file `train` takes (an empty time cell) but the replay does not: the demo
-    trained on it, started the worker, and ended in two tracebacks once the replay
+    """A file the replay refuses (an empty time cell; `train` refuses it too now): the
+    demo trained on it, started the worker, and ended in two tracebacks once the replay
     reached line 252."""
     rows = [f"2024-01-01T{t // 60:02d}:{t % 60:02d}:00,{math.sin(t / 5):.4f}" for t in range(400)]
     rows[250] = f",{math.sin(250 / 5):.4f}"
@@ -530,10 +592,10 @@ def test_sines_past_what_a_replay_draws_stop_the_demo_in_one_line(
 ) -> None:
     """A MemoryError (80 GB), or an OverflowError, each a traceback."""
     proc = _run([*CLI, "demo", *args, "--out", str(tmp_path)], tmp_path, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert message in line
-    assert line.endswith("a replay draws at once: a lower --seconds or --rate")
+    assert line.endswith("at once: a lower --seconds or --rate (see attnlstm demo --help)")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,9 +10,12 @@ import multiprocessing
 import os
 import resource
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,7 @@ from tests.helpers import (
     other_model,
     settings_for,
     wait_for,
+    worker_env,
 )
 from worker.cli import main
 from worker.engine import check_fits
@@ -473,6 +477,37 @@ def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
         tuner.close()
 
 
+def test_an_event_naming_a_version_the_store_does_not_serve_is_not_followed(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One `promoted` event naming a version the serving pointer does not (read late, its
+    version pruned since; or written by hand): the worker refused it, logged that the
+    store served it, and fine-tuned no more until its next re-sync. It follows the
+    pointer: nothing to switch to, nothing refused, and the fine-tunes go on."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=5,
+    )  # fmt: skip
+    served = tuner.start(loads(dumps(trained_sines)[0]))
+    assert served is not None
+    redis_client.xadd(keys.models, {"event": "promoted", "version": "0123456789abcdef"})
+    assert tuner.sync(unseen(redis_client, tuner)) is None
+    assert tuner.version == served.version
+    assert "names model 0123456789abcdef, but the store serves " + served.version in caplog.text
+    assert "refused" not in [e["event"] for e in events(redis_client, keys.models)]
+    try:
+        clock.now += 10
+        tuner.tick(sines(20, 200), Overall(halflife_s=30))
+        assert tuner.running
+    finally:
+        tuner.close()
+
+
 def test_a_malformed_switch_event_is_skipped(
     redis_client: redis.Redis,
     redis_url: str,
@@ -897,6 +932,7 @@ def test_a_switch_to_a_key_of_another_type_is_refused(
     assert served is not None
     version = "0123456789abcdef"
     redis_client.xadd(keys.model(version), {"not": "a model"})
+    redis_client.set(keys.serving, version)
     redis_client.xadd(keys.models, {"event": "rolled_back", "version": version})
     assert tuner.sync(unseen(redis_client, tuner)) is None
     assert tuner.version == served.version
@@ -931,3 +967,56 @@ def test_stopping_a_frozen_fine_tuning_process_does_not_hang() -> None:
             os.kill(child.pid, signal.SIGCONT)
             stopping.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL
+
+
+def test_handing_a_job_to_a_stopped_fine_tuning_process_does_not_block() -> None:
+    """The job was written through the pipe on the serving thread: 0.1-0.7 s for the
+    histories of 10,000 series, and for good where the process had stopped reading (a
+    SIGSTOP, a cgroup freezer); the job's timeout, checked on that thread, never came."""
+    trainer = Trainer(1)
+    try:
+        wait_for(trainer.started, what="the fine-tuning process to start")
+        child = _finetune_process()
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(child) == "T", what="the process to stop")
+        histories = [np.zeros(1_360) for _ in range(2_000)]  # 22 MB: past any pipe's buffer
+        job = Job(histories=histories, config=FinetuneConfig(), serving=None)
+        submitting = threading.Thread(target=trainer.submit, args=(job,), daemon=True)
+        submitting.start()
+        submitting.join(timeout=30)
+        assert not submitting.is_alive(), "submit() waits for the stopped process"
+    finally:
+        trainer.stop()  # killed: stopped, it leaves SIGTERM pending
+
+
+def test_the_fine_tuning_process_goes_with_a_worker_killed_9() -> None:
+    """Nothing tied it to the worker: killed -9, the worker left it running its job
+    beside the next worker (here a job of a million steps), at full tilt if it had hung."""
+    script = (
+        "import time\n"
+        "import numpy as np\n"
+        "from worker.online.finetune import FinetuneConfig, Job\n"
+        "from worker.online.trainer import Trainer\n"
+        "trainer = Trainer(1)\n"
+        "while not trainer.started():\n"
+        "    time.sleep(0.05)\n"
+        "histories = [np.sin(np.arange(400) / (5 + k % 50)) for k in range(2_000)]\n"
+        "from worker.online.tuner import COLD_START_MODEL\n"
+        "config = FinetuneConfig(steps=1_000_000)\n"
+        "trainer.submit(Job(histories, config, model_config=COLD_START_MODEL.to_dict()))\n"
+        "print(trainer._proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=worker_env()
+    )
+    assert worker.stdout is not None
+    child = int(worker.stdout.readline())
+    worker.kill()
+    worker.wait()
+    wait_for(
+        lambda: not Path(f"/proc/{child}").exists(),
+        timeout=30,
+        what="the fine-tuning process to end",
+    )

@@ -47,8 +47,9 @@ from tests.helpers import (
 from worker.app import run_service
 from worker.keys import Keys
 from worker.lease import ensure_library, process_token
-from worker.loop import Worker
+from worker.loop import Lane, Worker
 from worker.pool import PartitionsError, Pool
+from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.signals import StopRequest
 from worker.streams import connect
@@ -188,6 +189,76 @@ def test_a_worker_past_the_partitions_is_a_healthy_standby(
         ok, body = standby.metrics.health(stale_after_s=1.0)
         assert ok, body
         assert body["role"] == "standby"
+
+
+def test_a_stop_during_a_taken_partitions_re_sync_saves_none_it_did_not_restore(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker takes partitions 1 and 2 at its first balance; a stop arrives in the
+    first one's re-sync. The second, never restored, had its empty windows saved over
+    its checkpoint (no chunks, its entries put aside forgotten): the next start rebuilt
+    it from the whole stream. Now every checkpoint but the one of the partition the
+    worker served in step stands as it was."""
+    partitions = 3
+    settings = settings_for(redis_url, keys, partitions=partitions, lease_ttl_ms=1500)
+    _replay(redis_client, keys, sine_steps(12, 30, seed=4), partitions)
+    drain(settings, trained_sines)
+    states = [keys.partition(k, partitions).state for k in range(partitions)]
+    for state in states:  # re-read from the start: each re-sync has pages, and turns
+        meta = json.loads(cast(bytes, redis_client.hget(state, "meta")))
+        redis_client.hset(state, "meta", json.dumps(meta | {"last_id": "0-0"}))
+    before = [redis_client.hgetall(state) for state in states]
+    get_in_step, started = Worker._get_lane_in_step, []
+
+    def stopped_at_the_first_balance(worker: Worker, lane: Lane) -> None:
+        if worker._in_step:  # a partition taken at a balance, not at the start
+            worker.stop()
+        else:
+            started.append(lane.k)
+        get_in_step(worker, lane)
+
+    monkeypatch.setattr(Worker, "_get_lane_in_step", stopped_at_the_first_balance)
+    worker = new_worker(settings.model_copy(update={"consumer": "b"}), trained_sines)
+    worker.run()
+    (first,) = started
+    for k, state in enumerate(states):
+        if k != first:
+            assert redis_client.hgetall(state) == before[k], k
+    holders = [redis_client.get(keys.partition(k, partitions).lease) for k in range(partitions)]
+    assert holders == [None] * partitions  # handed back, not left to lapse
+
+
+def test_partitions_re_synced_one_after_another_keep_their_leases(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each partition's re-sync takes round trips, none of which renewed the leases: on a
+    slow network, three taken together outlasted the first one's lease, and every re-sync
+    began again, for ever (128 partitions 3 ms away never got in step). Here each re-sync
+    is held 0.6 s, 1.8 s for three, past the 1.5 s a lease lasts."""
+    ensure_group = Recovery.ensure_group
+
+    def slow(recovery: Recovery) -> None:
+        time.sleep(0.6)  # the round trips of a slow network
+        ensure_group(recovery)
+
+    monkeypatch.setattr(Recovery, "ensure_group", slow)
+    partitions = 4
+    settings = settings_for(redis_url, keys, partitions=partitions, lease_ttl_ms=1500)
+    values = sine_steps(8, 30, seed=4)
+    names = _replay(redis_client, keys, values, partitions)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        running.wait_for(lambda: _all_drained(redis_client, keys, partitions))
+    assert "lost the lease" not in caplog.text
+    _assert_every_input_once(redis_client, keys, partitions, trained_sines, values, names)
 
 
 def test_max_series_bounds_a_worker_across_its_partitions(

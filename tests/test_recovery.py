@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,7 @@ from worker import loop
 from worker.batch import Batch, triage
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
+from worker.lease import LIBRARY, VERSION
 from worker.metrics import Metrics
 from worker.recovery import Recovery
 from worker.settings import Settings
@@ -479,6 +481,97 @@ def test_input_trimmed_while_pending_or_unread_is_accounted_for(
     assert report["forecasts"] == redis_client.xlen(keys.output) > 0  # the rest is served
     assert drained(redis_client, keys)  # Redis's lag counts them as read: no false lag
     assert drain(settings_for(redis_url, keys), trained_sines)["lost"] == 0  # counted once
+
+
+def test_input_trimmed_unread_is_counted_on_the_group_the_worker_created(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """XGROUP CREATE ... 0 leaves the group's entries-read nil, and the worker's count of
+    what it read stayed unknown: for a deployment's whole first run, input trimmed
+    unread went uncounted."""
+    metrics = Metrics()
+    settings = settings_for(redis_url, keys, block_ms=100)
+    with WorkerThread(new_worker(settings, trained_sines, metrics=metrics)) as running:
+        running.wait_for(lambda: redis_client.exists(keys.input))  # the group is there
+        pipe = redis_client.pipeline(transaction=True)  # no read comes between
+        for t in range(30):
+            for j in range(2):
+                pipe.xadd(keys.input, {"series": f"s{j}", "value": str(float(t + j))})
+        pipe.xtrim(keys.input, maxlen=30, approximate=False)
+        pipe.execute()
+        running.wait_for(lambda: "30 input entries lost (unread" in caplog.text)
+    by_reason = {s.labels["reason"]: s.value for s in _samples(metrics, "attnlstm_entries_lost")}
+    assert by_reason == {"unread": 30}
+
+
+def test_input_trimmed_past_the_saved_state_rebuilds_the_windows_not_joins_a_gap(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Entries handled and acked, but after the saved state's (checkpoints lag), are
+    trimmed; then a dropped connection re-syncs from the saved state. The re-read missed
+    them, and each series' window joined the values before the gap to those after it:
+    forecasts that no uninterrupted run gives, and not a word."""
+    values = sine_steps(3, 80, seed=12)
+    settings = settings_for(redis_url, keys, checkpoint_interval_s=600.0, max_batch=6)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        ids = fill(redis_client, keys.input, values[:40], chunk=6)
+        running.wait_for(lambda: drained(redis_client, keys))
+        redis_client.xtrim(keys.input, maxlen=0, approximate=False)  # all handled, acked
+        assert kill_named(redis_client, "test-worker") > 0
+        ids += fill(redis_client, keys.input, values[40:], chunk=6)
+        running.wait_for(lambda: drained(redis_client, keys))
+    assert "the input was trimmed past the saved window state's entry" in caplog.text
+    # The windows fill again from the first value after the gap.
+    before = expected(trained_sines, values[:40], ids[:120])
+    after = expected(trained_sines, values[40:], ids[120:])
+    assert_forecasts(redis_client, keys.output, before | after)
+
+
+def test_a_worker_stopped_by_a_newer_library_hands_its_lease_back(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A newer release's workers loaded their functions mid-run; this worker's re-sync
+    found them and stopped (it may not call them), its lease held until it lapsed: the
+    newer workers waited that long for its partitions."""
+    settings = settings_for(redis_url, keys, block_ms=100)
+    worker = new_worker(settings, trained_sines)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except ValueError as e:
+            failed.append(e)
+
+    running = threading.Thread(target=run, name="worker", daemon=True)
+    newer = str(int(VERSION) + 1)
+    try:
+        running.start()
+        wait_for(lambda: redis_client.exists(keys.lease))
+        wait_for(lambda: worker._in_step)
+        redis_client.function_load(
+            LIBRARY.replace(f"local VERSION = '{VERSION}'", f"local VERSION = '{newer}'"),
+            replace=True,
+        )
+        kill_named(redis_client, "test-worker")  # a re-sync: the library checked again
+        running.join(timeout=60)
+        assert not running.is_alive()
+        assert [str(e) for e in failed] == [
+            f"Redis has version {newer} of the attnlstm functions, newer than this worker's "
+            f"{VERSION}: run this worker's newer release (its workers loaded them)"
+        ]
+        assert not redis_client.exists(keys.lease)
+    finally:
+        redis_client.function_load(LIBRARY, replace=True)
+        worker.stop()
 
 
 def test_connection_churn_never_dead_letters_valid_input(

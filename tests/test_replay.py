@@ -225,9 +225,10 @@ def test_sines_it_refuses_are_refused_before_anything_is_written(
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "attnlstm replay: error: drift_at must lie inside the series, got 50"
+        "attnlstm replay: error: drift_at must lie inside the series, got 50 "
+        "(see attnlstm replay --help)"
     )
     assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
 
@@ -480,6 +481,10 @@ def test_a_csv_replayed_at_rates_past_the_floats_range(
         (["--fast", "--seconds", "5"], "--seconds with --fast needs --points: how many to write"),
         (["--rate", "1", "--seconds", "0.1"], "--seconds 0.1 at --rate 1 is less than one entry"),
         (["--rate", "1e9", "--seconds", "60"], "is 6e+10 entries, more than the 10,000,000"),
+        # Sines the flags ask for that cannot be drawn: they exited 1.
+        (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
+        (["--fast", "--freq", "2", "1"], "freq range is empty: (2.0, 1.0)"),
+        (["--fast", "--series", "100000", "--points", "1000"], "is 100,000,000 values, more"),
         # Flags of the other source: they were ignored.
         (
             ["--fast", "--csv", "ok.csv", "--bad-rate", "0.5", "--series", "3", "--noise", "2"],

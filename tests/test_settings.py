@@ -156,9 +156,17 @@ def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
 def test_max_wait_ms_must_stay_at_most_half_the_socket_timeout() -> None:
     """A batch's further reads block up to max_wait_ms: a longer one timed out the socket
     (and 1e300 ended in a traceback)."""
-    _settings(max_wait_ms=5000.0, socket_timeout_s=10.0)
+    _settings(max_wait_ms=5000.0, socket_timeout_s=10.0, lease_ttl_ms=15_000)
     with pytest.raises(ValidationError, match=r"max_wait_ms \(5001\.0\) must be at most half"):
-        _settings(max_wait_ms=5001.0, socket_timeout_s=10.0)
+        _settings(max_wait_ms=5001.0, socket_timeout_s=10.0, lease_ttl_ms=15_003)
+
+
+def test_max_wait_ms_must_stay_at_most_a_third_of_the_lease() -> None:
+    """A batch fills with no lease renewed: 1.2 s of a 1.5 s lease let the leases of the
+    partitions with nothing to publish lapse, 11 re-syncs in 15 s."""
+    _settings(max_wait_ms=500.0, lease_ttl_ms=1500)
+    with pytest.raises(ValidationError, match=r"max_wait_ms \(1200\.0\) must be at most a third"):
+        _settings(max_wait_ms=1200.0, lease_ttl_ms=1500)
 
 
 @pytest.mark.parametrize(

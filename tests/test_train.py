@@ -116,6 +116,15 @@ def test_best_weights_are_kept_and_patience_stops_early() -> None:
         assert scaled_loss(model, vx, vy).item() == pytest.approx(best, rel=1e-6)
 
 
+def test_training_with_no_finite_validation_loss_is_an_error() -> None:
+    """The first weights were kept as if trained (no loss is below inf but a finite one),
+    and `train` wrote them out, exit 0, every score null."""
+    train, val = _small_split()
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4), seed=0)
+    with pytest.raises(ValueError, match=r"^training diverged: no epoch's validation loss was"):
+        fit(model, train, val, TrainConfig(epochs=3, lr=1e20, seed=0, blend=False))
+
+
 def test_progress_bar_is_silent_when_off(capsys: pytest.CaptureFixture[str]) -> None:
     train, val = _small_split()
     fit(new_model(ModelConfig(hidden_size=4, attention_size=4)), train, val, TrainConfig(epochs=2))

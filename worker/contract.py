@@ -13,17 +13,14 @@ from typing import Literal, cast
 
 import numpy as np
 
+from attnlstm.data import VALUE_MAX
+
 SERIES_MAX_CHARS = 128
 _SERIES = re.compile(rb"[A-Za-z0-9_.:/-]{1,128}")
 # Decimal numbers only. Python's float() also takes "nan", "inf", "1_000" and " 1 ";
 # with these characters alone, what float() takes is a decimal number.
 _NUMBER_CHARS = b"0123456789+-.eE"
 _VALUE_MAX_CHARS = 64
-# The largest magnitude a value may have. A window's deviation is taken in float64, whose
-# squares overflow past about 1e154 (the forecasts of every window holding such a value
-# would be NaN, and the series' valid entries dead-lettered); the scores are kept in
-# float32, whose largest is 3.4e38.
-VALUE_MAX = 1e30
 _INT = re.compile(rb"\d{1,16}")  # ms since the epoch; 16 digits is past year 300,000
 # The largest milliseconds or sequence number of an entry id the worker takes. Redis allows
 # two unsigned 64-bit numbers, but the windows hold ids and entry times as int64: past

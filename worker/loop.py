@@ -55,7 +55,15 @@ from worker.pool import Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, META, NO_SLOT, WindowState
-from worker.streams import REDIS_ERRORS, Command, Entry, OutOfStepError, fix_for, id_key
+from worker.streams import (
+    REDIS_ERRORS,
+    Command,
+    Entry,
+    OutOfStepError,
+    cluster_of,
+    fix_for,
+    id_key,
+)
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -74,6 +82,7 @@ class Lane:
     recovery: Recovery
     state: WindowState
     scorer: Scorer
+    synced: bool = False  # its windows restored and re-synced: what a stop may save
 
 
 @dataclass
@@ -209,7 +218,7 @@ class Worker:
                 self._in_step = False
                 self._sleep(resync_delay)
             except REDIS_ERRORS as e:
-                if fix := _what_to_fix(e):  # retrying cannot help; one that did looks hung
+                if fix := _what_to_fix(e, cluster_of(self.client) is not None):  # for good
                     self._in_step = False
                     self._close(save=False)
                     raise ValueError(fix) from None
@@ -220,6 +229,10 @@ class Worker:
                 delay = min(max(2 * delay, 0.2), 5.0)
                 log.warning("Redis: %s; retrying in %.1f s", _describe(e), delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
+            except ValueError:  # no retry mends it (a library of a newer version, the
+                self._in_step = False  # partitions' mark): its leases handed back now, not
+                self._close(save=False)  # held until they lapse, for whoever comes next
+                raise
         self._close(save=self._in_step and self._finish())
         return self.metrics.totals(time.monotonic() - self._started)
 
@@ -298,6 +311,7 @@ class Worker:
             [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
         )
         for k, lane in self.lanes.items():
+            self._renew_leases()  # where due: each partition's audit takes round trips
             # Idle by the stream's clock: the newest entry read, whether or not its series
             # has a slot (by the newest value held, no slot was ever freed once every
             # slot's series had gone quiet, and every new series was refused for good).
@@ -664,8 +678,13 @@ class Worker:
         return True
 
     def _get_lane_in_step(self, lane: Lane) -> None:
-        """A partition whose lease was just taken: its windows restored, and re-synced."""
+        """A partition whose lease was just taken: its windows restored, and re-synced.
+        The leases are renewed first, where due: partitions re-synced one after another
+        outlasted them (each takes round trips, and an idle one re-reads no page), and
+        every re-sync then began again, for ever."""
+        self._resync_alive()
         recovery = lane.recovery
+        lane.synced = False
         recovery.ensure_group()
         lane.state = recovery.restore(self._empty_state())
         lane.scorer = self._scorer()
@@ -681,6 +700,7 @@ class Worker:
             keep_alive=self._resync_alive,
         )
         lane.state.reread_done()
+        lane.synced = True
         self.metrics.recoveries.inc()
 
     def _at_once(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int]) -> None:
@@ -743,12 +763,14 @@ class Worker:
     def _close(self, *, save: bool) -> None:
         self.pipeline.close()
         self.tuner.close()
-        if save:
-            for lane in self.lanes.values():
-                lane.recovery.save(lane.state, lane.scorer.saved)
-        else:
+        # A stop during one lane's re-sync leaves the lanes taken with it unrestored: their
+        # empty windows saved over their checkpoints forgot them, and the entries put aside.
+        if not save:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
-            for lane in self.lanes.values():  # a successor need not wait for them to lapse
+        for lane in self.lanes.values():
+            if save and lane.synced:
+                lane.recovery.save(lane.state, lane.scorer.saved)
+            else:  # a successor need not wait for its lease to lapse
                 with contextlib.suppress(*REDIS_ERRORS):
                     lane.recovery.lease.release()
         with contextlib.suppress(*REDIS_ERRORS):
@@ -760,11 +782,20 @@ class Worker:
             time.sleep(min(left, 0.1))
 
 
-def _what_to_fix(e: Exception) -> str | None:
+def _what_to_fix(e: Exception, clustered: bool) -> str | None:
     """What an operator must fix, for a refusal that no retry mends (worker.streams's
     table: an ACL that lacks a right, a key of another type where a stream should be, a
-    database that does not exist). None for the errors a retry may mend: a dropped
-    connection, a server still loading its data, a replica's READONLY in a failover."""
+    database that does not exist; and a cluster's node served as one server, ``clustered``
+    False). None for the errors a retry may mend: a dropped connection, a server still
+    loading its data, a replica's READONLY in a failover."""
+    if not clustered and isinstance(
+        e, (redis.exceptions.MovedError, redis.exceptions.ClusterCrossSlotError)
+    ):  # retried every 5 s for ever: a worker started while its cluster was down
+        return (
+            f"Redis refused this worker ({e}): the server is a node of a Redis Cluster, "
+            "which the worker took for one server (it did not answer when the worker "
+            "started, or ATTNLSTM_CLUSTER is false): set ATTNLSTM_CLUSTER=true"
+        )
     if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):
         return None
     if (fix := fix_for(e)) is None:

@@ -153,7 +153,9 @@ class Recovery:
         except StateError as e:
             log.error("%s; rebuilding the windows from the stream instead", e)
             return empty
-        last, claimed = self._last_entry(), state.latest_stamp()
+        info = stream_info(self.client, self.keys.input) or {}
+        last = as_str(info.get("last-generated-id", "0-0")).encode()
+        claimed = state.latest_stamp()
         if id_key(claimed) > id_key(last):
             log.error(
                 "the saved window state claims entry %s, past the stream's last, %s (a "
@@ -163,17 +165,26 @@ class Recovery:
                 last.decode(),
             )
             return empty
+        head = info.get("first-entry")  # None: none left, the first is any next one
+        first = id_key(as_str(head[0]).encode()) if head else _next(id_key(last))
+        if id_key(state.last_id) > (0, 0) and first > id_key(state.last_id):
+            # Trimmed past the saved state's entry, which it handled: the re-read from there
+            # would miss what was trimmed after it, and each series' window would join the
+            # values before that gap to those after it, without a word.
+            log.warning(
+                "the input was trimmed past the saved window state's entry %s (its first "
+                "is now %s): rebuilding the windows from what the stream holds instead; "
+                "trim only behind what the worker has saved (checkpoint_interval_s)",
+                state.last_id.decode(),
+                f"{first[0]}-{first[1]}",
+            )
+            return empty
         log.info(
             "restored windows of %d series at entry %s",
             state.series_count,
             state.last_id.decode(),
         )
         return state
-
-    def _last_entry(self) -> bytes:
-        """The id of the last entry ever added to the input (0-0: none)."""
-        info = stream_info(self.client, self.keys.input)
-        return b"0-0" if info is None else as_str(info["last-generated-id"]).encode()
 
     def resync(self, state: WindowState, handle: Handler, keep_alive: Callable[[], None]) -> None:
         """Bring ``state`` up to the group's last delivered entry, handling what is
@@ -217,8 +228,14 @@ class Recovery:
             self._write(self.fence.publish(acks=unmet))
             if deleted := [i for i in unmet if id_key(i) > id_key(restored)]:
                 self._lost(deleted, "pending", "deleted from the stream while pending")
-        # Counting on from the group's own count, taken before any read moves it on.
+        # Counting on from the group's own count, taken before any read moves it on. A
+        # group that has read nothing has none (XGROUP CREATE ... 0 leaves it nil, and so
+        # it stayed: input trimmed unread went uncounted for a deployment's first run):
+        # from what the stream holds, the entries removed before now left out.
         self._read = group.get("entries-read")
+        if self._read is None and as_str(delivered) == "0-0":
+            info = stream_info(self.client, self.keys.input) or {}
+            self._read = int(info.get("entries-added", 0)) - int(info.get("length", 0))
         if replayed or pending:
             log.info(
                 "re-synced to %s: %d entries re-read, %d were pending",
@@ -338,3 +355,8 @@ class Recovery:
             round_trip(self.client, [call])
         except redis.ResponseError as e:
             raise fenced(e) or e from None
+
+
+def _next(entry: tuple[int, int]) -> tuple[int, int]:
+    """The entry id after ``entry``, as :func:`worker.streams.id_key` gives them."""
+    return entry[0], entry[1] + 1

@@ -219,6 +219,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _wait_below_lease(self) -> Settings:
+        """A batch fills for up to max_wait_ms with no lease renewed: past a third of a
+        lease's life, those of partitions with nothing to publish lapsed batch after
+        batch, each lapse a re-sync (and with other workers, a partition moved)."""
+        if self.max_wait_ms * 3 > self.lease_ttl_ms:
+            raise ValueError(
+                f"max_wait_ms ({self.max_wait_ms}) must be at most a third of lease_ttl_ms "
+                f"({self.lease_ttl_ms}), or the leases lapse while a batch fills"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cluster_over_tcp(self) -> Settings:
         """redis-py reaches a cluster over TCP alone: set, with a unix socket or the
         embedded server, the worker retried for ever."""

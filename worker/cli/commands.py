@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except redis.DataError:  # a value of ours the client refused to send: a bug here
         raise
-    except redis.RedisError as e:  # a URL option redis-py refuses (ssl_cert_reqs=bogus)
+    except (redis.RedisError, RedisClusterException) as e:  # ssl_cert_reqs=bogus; a cluster's
         print(f"attnlstm {args.command}: error: Redis: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import ModelStore
 from worker.settings import WORKER_ONLY, Settings, from_flags
+from worker.signals import handled
 from worker.tools import RUNS
 from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
@@ -62,16 +64,19 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     plan = BenchPlan(**{name: flags[name] for name in names})
     model = open_checkpoint(args.model).model if args.model else None
     device = resolve_device(args.device)
-    if args.workers:
-        pool = PoolPlan(
-            workers=args.workers,
-            partitions=args.partitions,
-            entries=args.entries,
-            series=args.series,
-            cluster=not args.no_cluster,
-        )
-        return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
-    return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
+    # SIGTERM and SIGHUP stop it as Ctrl-C does, its workers and servers with it: by
+    # default the pool's worker processes were left behind, retrying a server gone.
+    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
+        if args.workers:
+            pool = PoolPlan(
+                workers=args.workers,
+                partitions=args.partitions,
+                entries=args.entries,
+                series=args.series,
+                cluster=not args.no_cluster,
+            )
+            return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
+        return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
 
 
 def demo_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,15 +88,20 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(
             f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for sines, not --csv"
         )
-    plan = DemoPlan(
-        seconds=args.seconds,
-        series=args.series or DemoPlan.series,
-        rate=pace,
-        csv=args.csv,
-        points=args.points,
-        noise=args.noise or DemoPlan.noise,
-        drift_at=args.drift_at,
-    )
+    if args.out.exists() and not args.out.is_dir():  # found once it had trained (15 s)
+        raise UsageError(f"--out {args.out} is a file: the demo writes into a folder")
+    try:  # a CSV it refuses is a DataError; sines it refuses, the flags asked for
+        plan = DemoPlan(
+            seconds=args.seconds,
+            series=args.series or DemoPlan.series,
+            rate=pace,
+            csv=args.csv,
+            points=args.points,
+            noise=args.noise or DemoPlan.noise,
+            drift_at=args.drift_at,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     settings = _on_device(
         from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
     )

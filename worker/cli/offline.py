@@ -34,12 +34,17 @@ from attnlstm.experiment import (
 )
 from attnlstm.heldout import Comparison, compare, format_margins, format_table
 from attnlstm.intervals import Spread
+from attnlstm.model import ModelConfig
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import HELD_OUT, split_point
 from worker.cli.argtypes import UsageError, positive
 from worker.tools.replay import MAX_SINE_VALUES
+
+# Fewer validation windows than this and `train` says the blend and the intervals, fitted
+# on them, are not to be trusted: a 90% quantile of 50 errors rests on its 5 largest.
+FEW_VAL_WINDOWS = 50
 
 # train's flags that size the model: (flag, argument, the config field it sets).
 SIZE_FLAGS = (
@@ -64,6 +69,13 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
             f"{CONFIG_BOUNDS['period'][1]:,}): trained with none; --period N sets one",
             file=sys.stderr,
         )
+    elif args.period is None and dataset.step_s is None and args.data.startswith("csv:"):
+        print(
+            "attnlstm train: note: the first column, taken to be the time, holds no time "
+            "at its first row (ISO 8601 or ms since the epoch): trained with no daily "
+            "period; --period N sets one, --column NAME reads a column as a series",
+            file=sys.stderr,
+        )
     given = {
         "window": args.window,
         "horizon": args.horizon,
@@ -84,6 +96,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
             f"{e}: no checkpoint of it would load; pass a smaller --window or --horizon, "
             "or --period N (0: none)"
         ) from None
+    _note_short(dataset, model_config, args.val_fraction)
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -99,7 +112,17 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         device=device,
         progress=not args.json and sys.stderr.isatty(),
     )
-    meta = training_meta(args.data, train_config, result, metrics, val_fraction=args.val_fraction)
+    if result.val_windows < FEW_VAL_WINDOWS:
+        print(
+            f"attnlstm train: note: {result.val_windows} validation windows (the last "
+            f"{args.val_fraction:g} of what comes before the held-out tail) chose the epoch, "
+            "the blend and the intervals' spread: too few to trust them; more data, or a "
+            "larger --val-fraction",
+            file=sys.stderr,
+        )
+    meta = training_meta(
+        args.data, dataset, train_config, result, metrics, val_fraction=args.val_fraction
+    )
     version = save(args.out, model, meta)
     return {
         **metrics,
@@ -121,7 +144,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
-    args.val_fraction = _held_out(args, checkpoint.meta)
+    args.val_fraction = _held_out(args, checkpoint.meta, dataset)
     checkpoint.model.to(device)
     period = args.period or checkpoint.config.period or None
     metrics = evaluate_model(
@@ -155,7 +178,7 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     """The article's figures for the data's first series, and the loss curves."""
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
-    args.val_fraction = _held_out(args, checkpoint.meta)
+    args.val_fraction = _held_out(args, checkpoint.meta, dataset)
     checkpoint.model.to(device)
     name, values = dataset.names[0], dataset.series[0]
     config = checkpoint.config  # refused as evaluate refuses it: too short to plot
@@ -190,6 +213,26 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
 
 
+def _note_short(dataset: Dataset, config: ModelConfig, val_fraction: float) -> None:
+    """A note naming the series whose part before the held-out tail holds no window of
+    the model: it trains without them, which a file's short column left unsaid. (None
+    where every series is: then training is refused, with why.)"""
+    need = config.context + config.horizon
+    short = [
+        f"{name} ({n:,} values)"
+        for name, n in zip(dataset.names, dataset.lengths, strict=True)
+        if split_point(n, val_fraction) < need
+    ]
+    if 0 < len(short) < len(dataset.names):
+        print(
+            f"attnlstm train: note: {len(short)} of {len(dataset.names)} series are too short "
+            f"to train on (the model reads {config.context:,} values and forecasts "
+            f"{config.horizon} ahead, before each series' held-out tail): "
+            f"{', '.join(short[:5])}{', ...' if len(short) > 5 else ''}",
+            file=sys.stderr,
+        )
+
+
 def _loss_curves(meta: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     """The loss per epoch, training and validation, where the meta holds both as lists of
     as many finite numbers. A checkpoint of another making, or of a training that
@@ -206,15 +249,22 @@ def _finite_list(curve: object) -> TypeGuard[list[float]]:
     )
 
 
-def _held_out(args: argparse.Namespace, meta: dict[str, Any]) -> float:
+def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) -> float:
     """The tail to score a checkpoint on: --val-fraction, or the one it was trained
-    without (0.2 where its meta does not say). On the data it was trained on, a longer
-    tail than that would score it on values it trained on, and is refused."""
+    without (0.2 where its meta does not say). On a series it was trained on (by its
+    values' fingerprint; by the data spec as written, for a checkpoint without them), a
+    longer tail than that would score it on values it trained on, and is refused:
+    ``csv:./f.csv`` for ``csv:f.csv``, or a copy of the file, passed as other data."""
     trained = meta.get("val_fraction")
     trained = trained if isinstance(trained, float) and 0 < trained < 1 else None
     if args.val_fraction is None:
         return trained or HELD_OUT
-    if trained is not None and meta.get("data") == args.data and args.val_fraction > trained:
+    known = meta.get("data_fingerprints")
+    if isinstance(known, list):
+        seen = not set(dataset.fingerprints()).isdisjoint(str(k) for k in known)
+    else:
+        seen = meta.get("data") == args.data
+    if trained is not None and seen and args.val_fraction > trained:
         raise ValueError(
             f"the model was trained on all but the last {trained:g} of each series of "
             f"{args.data}: --val-fraction {args.val_fraction:g} would score it on values it "

@@ -128,10 +128,13 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
         drift_factor=args.drift_factor or default.drift_factor,
         anomaly_rate=args.anomaly_rate or default.anomaly_rate,
     )
-    check_sine_size(spec)
     bad_rate = args.bad_rate or 0.0
     prefix = "sine-" if args.prefix is None else args.prefix
-    entries = sine_entries(spec, seed=args.seed or 0, bad_rate=bad_rate, prefix=prefix)
+    try:  # the sines are drawn here: what they refuse, the flags asked for
+        check_sine_size(spec)
+        entries = sine_entries(spec, seed=args.seed or 0, bad_rate=bad_rate, prefix=prefix)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return entries, None if bad_rate else spec.n_series * spec.n_points
 
 

@@ -29,10 +29,11 @@ import torch
 from tqdm import tqdm
 
 from attnlstm.checkpoint import dumps, loads
-from attnlstm.metrics import mase, naive_last
+from attnlstm.metrics import naive_last
 from attnlstm.model import ModelConfig
 from attnlstm.train import TrainConfig, fit, new_model, predict
 from attnlstm.windows import Windows, sampled_windows, split_point
+from worker.online.trainer import NICE
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def init_process(threads: int) -> None:
     # leaves behind (and Python warns of at exit); one process needs a thread lock.
     tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
-    os.nice(10)
+    os.nice(max(0, NICE - os.nice(0)))  # NICE below, once (trainer.serve's was before torch)
 
 
 def run_job(job: Job) -> Outcome:
@@ -155,9 +156,9 @@ def run_job(job: Job) -> Outcome:
     result = fit(model, train, val, train_config)
 
     yhat, _ = predict(model, gate.x)
-    served = predict(serving.model, gate.x)[0] if serving is not None else None
-    candidate = _mase(gate, yhat)
-    incumbent = _mase(gate, served) if served is not None else 1.0
+    served = predict(serving.model, gate.x)[0] if serving is not None else naive_last(gate)
+    scales = _scales(series, cfg.holdout)
+    candidate, incumbent = _mase(gate, yhat, scales), _mase(gate, served, scales)
     promote = candidate < incumbent * (1 - cfg.margin)
     against = "the serving model" if serving is not None else "the naive forecast"
     verdict = "beats" if promote else "does not beat"
@@ -169,7 +170,7 @@ def run_job(job: Job) -> Outcome:
         "mase": candidate,
         "serving_mase": incumbent,
         "mae": _mae(gate, yhat),
-        "serving_mae": _mae(gate, served) if served is not None else math.nan,
+        "serving_mae": _mae(gate, served) if serving is not None else math.nan,
         "naive_mae": _mae(gate, naive_last(gate)),
         "train_windows": float(len(train)),
         "val_windows": float(len(val)),
@@ -208,8 +209,25 @@ def _windows(
     )
 
 
-def _mase(gate: Windows, yhat: np.ndarray) -> float:
-    return mase(gate.y, yhat, naive_last(gate), gate.series)
+def _scales(series: list[np.ndarray], holdout: float) -> np.ndarray:
+    """Each series' mean absolute change from one value to the next before its gate
+    part: MASE's own scale, from hundreds of values. Scaled by the naive forecast's error
+    on the gate's windows of the series instead (one or two, of 8,192 over 10,000
+    series), the few near 0 decided the gate: a candidate 20% worse was promoted 7 times
+    in 40."""
+    return np.array(
+        [float(np.mean(np.abs(np.diff(s[: _cuts(len(s), holdout)[1]])))) for s in series]
+    )
+
+
+def _mase(gate: Windows, yhat: np.ndarray, scales: np.ndarray) -> float:
+    """The mean absolute error of ``yhat``, each window's in its series' ``scales``
+    (a series that never changed is left out)."""
+    scale = scales[gate.series]
+    ok = scale > 0
+    if not ok.any():
+        return 0.0 if _mae(gate, yhat) == 0 else math.inf
+    return float(np.mean(np.abs(gate.y[ok] - yhat[ok]) / scale[ok, None]))
 
 
 def _mae(gate: Windows, yhat: np.ndarray) -> float:

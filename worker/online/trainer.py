@@ -10,11 +10,19 @@ thread must not spend them waiting: the process says READY once it has started, 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-from worker.online.finetune import Job, Outcome, init_process, run_job
+from worker.embedded import die_with_parent
 
+if TYPE_CHECKING:  # not imported at the process's start: they import torch
+    from worker.online.finetune import Job, Outcome
+
+NICE = 10  # how far below the serving path the process runs
 READY = "ready"  # what the process sends once it has started
 STOP_WAIT_S = 5.0  # how long stop() waits for the process to end, after each signal
 
@@ -28,7 +36,10 @@ class Trainer:
         self._conn, child = context.Pipe()
         try:
             self._proc = context.Process(
-                target=serve, args=(child, threads), name="attnlstm-finetune", daemon=True
+                target=serve,
+                args=(child, threads, os.getpid()),
+                name="attnlstm-finetune",
+                daemon=True,
             )
             self._proc.start()
         except OSError:
@@ -37,6 +48,7 @@ class Trainer:
         finally:
             child.close()
         self._started = False
+        self._sending: threading.Thread | None = None  # the last job's send
 
     def started(self) -> bool:
         """The process has started and waits for a job (asked, not waited for); EOFError
@@ -46,7 +58,19 @@ class Trainer:
         return self._started
 
     def submit(self, job: Job) -> None:
-        self._conn.send(job)
+        """``job`` sent from a thread of its own (its histories are copies: nothing the
+        serving thread changes). Sent from the serving thread, the histories of 10,000
+        series took it 0.1-0.7 s, and a process stopped (SIGSTOP, a cgroup freezer) held
+        it for good: the job's timeout, checked there, never came. A send that fails
+        finds the process dead or stopped, as :meth:`done` and :meth:`result` then do."""
+        self._sending = threading.Thread(
+            target=self._send, args=(job,), name="finetune-send", daemon=True
+        )
+        self._sending.start()
+
+    def _send(self, job: Job) -> None:
+        with contextlib.suppress(OSError):  # the process is gone: a broken pipe
+            self._conn.send(job)
 
     @property
     def alive(self) -> bool:
@@ -78,10 +102,19 @@ class Trainer:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(STOP_WAIT_S)
+        if self._sending is not None:  # its pipe broken with the process: over at once
+            self._sending.join(STOP_WAIT_S)
         self._conn.close()
 
 
-def serve(conn: Connection, threads: int) -> None:
+def serve(conn: Connection, threads: int, parent: int) -> None:
+    """The process's life: below the serving path and tied to the worker's life (an
+    orphan of a worker killed -9 ran its job on beside the next worker) before torch is
+    imported, which took a second of CPU at the serving path's priority; then its jobs."""
+    os.nice(NICE)
+    die_with_parent(parent)
+    from worker.online.finetune import init_process
+
     init_process(threads)
     conn.send(READY)
     run_jobs(conn)
@@ -94,11 +127,13 @@ def run_jobs(conn: Connection) -> None:
     while True:
         try:
             conn.send(_run(conn.recv()))
-        except EOFError:  # the worker has gone
+        except (EOFError, OSError):  # the worker has gone (a broken pipe, as it went)
             return
 
 
 def _run(job: Job) -> tuple[bool, object]:
+    from worker.online.finetune import run_job
+
     try:
         return True, run_job(job)
     except Exception as e:  # sent back, to be logged by the worker

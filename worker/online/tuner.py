@@ -182,8 +182,19 @@ class Tuner:
         switch = _last_switch(events)
         if switch is None:
             return None
-        version, event = switch
-        if version == self.version:  # back to what serves here: nothing refused now
+        named, event = switch
+        # What the store serves is its pointer's, not the event's: an event read late names
+        # a version pruned since, and one written by hand any version at all. Refused, it
+        # stopped every worker's fine-tunes, and "the store serves" in the log was untrue.
+        version = self.store.serving()
+        if version != named:
+            log.warning(
+                "a %s event names model %s, but the store serves %s: following the store",
+                event,
+                named,
+                version,
+            )
+        if version is None or version == self.version:  # nothing refused now
             self._refused = None
             return None
         checkpoint = self._switch(version)

@@ -55,10 +55,11 @@ from worker.settings import Settings
 from worker.streams import (
     Command,
     Entry,
-    Wire,
+    Wires,
     connect,
     ensure_group,
     entries_of,
+    keys_on,
     raise_first_error,
     read_entries,
     read_group,
@@ -162,6 +163,7 @@ class _BenchSettings(Settings):
 
 
 def _settings(
+    client: redis.Redis,
     url: str,
     prefix: str,
     plan: BenchPlan,
@@ -181,7 +183,15 @@ def _settings(
         max_series=max(plan.series, 1),
         metrics_port=0,
     )
-    return settings.with_keys(Keys.prefixed(prefix))
+    # On a cluster, each run's keys in one slot: unplaced, the fenced publish was refused
+    # (FCALL - all keys must map to the same key slot).
+    return settings.on(client).with_keys(keys_on(client, Keys.prefixed(prefix)))
+
+
+def _keys(settings: Settings) -> Keys:
+    """The keys the worker serves with ``settings``: its one partition's, tagged ``{0}``
+    on a cluster."""
+    return settings.keys.partition(0, 1)
 
 
 def _drain(
@@ -196,9 +206,9 @@ def _drain(
     """Fill every window first (untimed; ``warm`` False: they are full already), then
     time the drain of n_entries, each of which is forecast."""
     if warm:
-        prefill(client, settings.input_stream, n_series * engine.context, n_series)
+        prefill(client, _keys(settings).input, n_series * engine.context, n_series)
         Worker(client, engine=engine, settings=settings, burst=True).run()
-    prefill(client, settings.input_stream, n_entries, n_series)
+    prefill(client, _keys(settings).input, n_entries, n_series)
     cpu_before = server_cpu_s(client)
     report = Worker(client, engine=engine, settings=settings, burst=True).run()
     cpu_after = server_cpu_s(client)
@@ -257,13 +267,13 @@ def drain_raw(
     """The same reads, publishes (same field sizes) and acks, and nothing else, each
     waited for in turn.
 
-    Reads and publishes go over a :class:`Wire`, the worker's own path (its fenced
+    Reads and publishes go over :class:`Wires`, the worker's own path (its fenced
     call); ``pipeline`` uses redis-py's own commands and a MULTI/EXEC pipeline instead:
     what a loop written with stock redis-py gets.
     """
-    keys, fence = settings.keys, _take_lease(client, settings)
+    keys, fence = _keys(settings), _take_lease(client, settings)
     ensure_group(client, keys)
-    wire = Wire(client)
+    wire = Wires(client)
     read = read_group(keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
     started, n = time.perf_counter(), 0
     while True:
@@ -297,9 +307,9 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, shape: Shape) -> di
     """:func:`drain_raw` reading ahead as the worker does: each read goes out, without
     blocking, before the batch in hand is published, and the publish's reply is read a
     batch later."""
-    keys, fence = settings.keys, _take_lease(client, settings)
+    keys, fence = _keys(settings), _take_lease(client, settings)
     ensure_group(client, keys)
-    wire = Wire(client)
+    wire = Wires(client)
     wait = read_group(keys, settings.consumer, settings.max_batch, BURST_BLOCK_MS)
     ahead = read_group(keys, settings.consumer, settings.max_batch, None)
     started, n, held = time.perf_counter(), 0, False
@@ -328,7 +338,7 @@ def drain_raw_ahead(client: redis.Redis, settings: Settings, shape: Shape) -> di
 def _take_lease(client: redis.Redis, settings: Settings) -> Fence:
     """The lease on the raw loop's stream, as the worker takes it."""
     ensure_library(client)
-    keys = settings.keys
+    keys = _keys(settings)
     lease = Lease(
         client, key=keys.lease, fence_key=keys.fence, owner="bench", ttl_ms=settings.lease_ttl_ms
     )
@@ -383,7 +393,7 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float, first: int) -> None:
     """A steady producer (its own process): entry k goes out at start + k / rate, the
     sines going on from step ``first`` (the steps before were the prefill)."""
-    client = redis.Redis.from_url(url)
+    client = connect(url, socket_timeout_s=30, client_name="bench-producer")  # or a cluster
     total = int(rate * seconds)
     values = sine_steps(n_series, first + total // n_series + 1)
     started, sent = time.perf_counter(), 0
@@ -411,31 +421,40 @@ def latency_run(
 ) -> dict[str, float]:
     """p50/p99 end-to-end latency at a steady offered load, after ``warm_steps`` values
     of every series (at least the model's context) were drained."""
-    keys = settings.keys
+    keys = _keys(settings)
     prefill(client, keys.input, plan.series * warm_steps, plan.series)
     worker = Worker(client, engine=engine, settings=settings, burst=False)
-    thread = threading.Thread(target=worker.run, name="worker")
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            worker.run()
+        except Exception as e:  # said in the main thread, as the run's error
+            failed.append(e)
+
+    # A daemon, stopped whatever ends the run: after Ctrl-C the worker went on retrying
+    # the embedded server gone with it, and the command never exited.
+    thread = threading.Thread(target=serve, name="worker", daemon=True)
     thread.start()
-    warm = plan.series * (warm_steps - engine.context + 1)  # every prefilled full window
-    while client.xlen(keys.output) < warm:
-        time.sleep(0.05)
-    context = multiprocessing.get_context("spawn")
-    producer = context.Process(
-        target=_produce,
-        args=(url, keys.input, plan.series, plan.rate, plan.seconds, warm_steps),
-    )
-    producer.start()
-    producer.join()
-    if producer.exitcode != 0:
+    try:
+        warm = plan.series * (warm_steps - engine.context + 1)  # every prefilled full window
+        _serving(lambda: client.xlen(keys.output) >= warm, thread, failed, "its warm-up")
+        context = multiprocessing.get_context("spawn")
+        producer = context.Process(
+            target=_produce,
+            args=(url, keys.input, plan.series, plan.rate, plan.seconds, warm_steps),
+        )
+        producer.start()
+        producer.join()
+        if producer.exitcode != 0:
+            raise ValueError(f"the bench's producer process failed (exit code {producer.exitcode})")
+        expected = warm + int(plan.rate * plan.seconds)
+        deadline = time.monotonic() + 30
+        while client.xlen(keys.output) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
         worker.stop()
-        thread.join()
-        raise RuntimeError(f"the bench's producer process failed (exit code {producer.exitcode})")
-    expected = warm + int(plan.rate * plan.seconds)
-    deadline = time.monotonic() + 30
-    while client.xlen(keys.output) < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    worker.stop()
-    thread.join()
+        thread.join(timeout=60)
     rows = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.output))[warm:]
     latency = np.array([entry_ms(i) - entry_ms(f[b"src"]) for i, f in rows], dtype=np.float64)
     sent_ms = np.array([entry_ms(f[b"src"]) for _, f in rows], dtype=np.float64)
@@ -453,6 +472,26 @@ def latency_run(
         "finetunes": worker.tuner.cycles,
         "finetune_busy_s": round(worker.tuner.busy_s, 1),
     }
+
+
+def _serving(
+    condition: Callable[[], bool],
+    thread: threading.Thread,
+    failed: list[BaseException],
+    what: str,
+    timeout_s: float = 300,
+) -> None:
+    """Until ``condition()``; a ValueError once the worker's thread has stopped (its
+    error said) or ``timeout_s`` has passed: the bench waited for ever on a worker that
+    died at its start."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if not thread.is_alive():
+            why = failed[0] if failed else "it returned"
+            raise ValueError(f"the bench's worker stopped before {what}: {why}")
+        if time.monotonic() > deadline:
+            raise ValueError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def run_bench(
@@ -517,10 +556,10 @@ def _drain_runs(
     for rep in range(plan.repeats):  # interleaved, so that noise hits them all alike
         log.info("round %d of %d: the raw loops, the worker", rep + 1, plan.repeats)
         for name, drain in raws.items():
-            s = _settings(url, f"{run_id}:{name}{rep}:", plan, device)
-            prefill(client, s.input_stream, plan.entries, plan.series)
+            s = _settings(client, url, f"{run_id}:{name}{rep}:", plan, device)
+            prefill(client, _keys(s).input, plan.entries, plan.series)
             runs[name].append(_logged(name, drain(client, s, shape)))
-        s = _settings(url, f"{run_id}:worker{rep}:", plan, device)
+        s = _settings(client, url, f"{run_id}:worker{rep}:", plan, device)
         runs["worker"].append(
             _logged("worker", _drain(client, s, engine, plan.entries, plan.series))
         )
@@ -528,7 +567,7 @@ def _drain_runs(
         out[name] = _median(results)
 
     log.info("per-entry model calls: %d entries", plan.per_entry_entries)
-    s = _settings(url, f"{run_id}:per-entry:", plan, device)
+    s = _settings(client, url, f"{run_id}:per-entry:", plan, device)
     per_entry = PerEntryEngine(checkpoint, device=device, max_batch=plan.max_batch)
     out["per_entry"] = _logged(
         "per-entry model calls",
@@ -536,7 +575,7 @@ def _drain_runs(
     )
 
     log.info("one entry at a time (max_batch 1): %d entries", plan.per_entry_entries)
-    s = _settings(url, f"{run_id}:one-at-a-time:", plan, device, max_batch=1)
+    s = _settings(client, url, f"{run_id}:one-at-a-time:", plan, device, max_batch=1)
     one = PerEntryEngine(checkpoint, device=device, max_batch=1)
     out["one_at_a_time"] = _logged(
         "one entry at a time", _drain(client, s, one, plan.per_entry_entries, plan.series)
@@ -558,17 +597,17 @@ def _latency_runs(
     # Both latency runs start from a full history, so that fine-tuning has data at once.
     history = max(Settings.model_fields["history_len"].default, engine.context)
     log.info("latency: %d entries/s for %.0f s", plan.rate, plan.seconds)
-    s = _settings(url, f"{run_id}:latency:", plan, device)
+    s = _settings(client, url, f"{run_id}:latency:", plan, device)
     out["latency"] = latency_run(client, url, s, engine, plan, warm_steps=history)
     log.info("latency with fine-tunes back to back: %d entries/s", plan.rate)
-    s = _settings(url, f"{run_id}:latency-finetune:", plan, device, finetune_interval_s=1.0)
+    s = _settings(client, url, f"{run_id}:latency-finetune:", plan, device, finetune_interval_s=1.0)
     out["latency_finetune"] = latency_run(client, url, s, engine, plan, warm_steps=history)
     out["finetune_p99_ratio"] = round(
         out["latency_finetune"]["p99_ms"] / out["latency"]["p99_ms"], 2
     )
     scaled = dataclasses.replace(plan, series=plan.scale_series)
     log.info("latency with %d series: %d entries/s", scaled.series, plan.rate)
-    s = _settings(url, f"{run_id}:latency-scale:", scaled, device)
+    s = _settings(client, url, f"{run_id}:latency-scale:", scaled, device)
     out["latency_scale"] = latency_run(client, url, s, engine, scaled, warm_steps=engine.context)
     return out
 
@@ -605,7 +644,7 @@ def _model_runs(
         engines.append(Engine(checkpoint, device=device, max_batch=batches[-1]))
         drains.append(list[dict[str, float]]())
     settings = [
-        _settings(url, f"{run_id}:model{k}:", plan, device, coverage=coverage)
+        _settings(client, url, f"{run_id}:model{k}:", plan, device, coverage=coverage)
         for k, (_, coverage) in enumerate(COST_MODELS.values())
     ]
     for rep in range(plan.repeats):
@@ -614,7 +653,7 @@ def _model_runs(
             # Each round from an empty output stream, as the first: otherwise each
             # round's server holds the forecasts of the rounds before (3 KB each, a day
             # ahead), and the later rounds drain slower for it (14,896 -> 9,735 over 5).
-            client.delete(s.keys.output)
+            client.delete(_keys(s).output)
             drained = _drain(client, s, engine, plan.entries, plan.series, warm=rep == 0)
             done.append(_logged(f"the worker serving {name}", drained))
     costs = []

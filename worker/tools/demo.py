@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -173,6 +173,8 @@ def _live(
     forecasts read back, the models' events, and the worker."""
     settings = settings.on(client)
     keys, lanes = settings.keys, _lanes(settings)
+    for version in cast(list[bytes], client.lrange(keys.versions, 0, -1)):  # the last run's
+        client.delete(keys.model(version.decode()), keys.model_signature(version.decode()))
     client.delete(keys.input, keys.partitions, keys.pool, keys.models, keys.versions)
     client.delete(keys.serving, keys.finetune_lock, keys.finetune_fence)
     for lane in lanes:
@@ -184,8 +186,18 @@ def _live(
     report |= summary(views)
     report["entries"] = sum(client.xlen(lane.input) for lane in lanes)
     report["dead"] = sum(client.xlen(lane.dead) for lane in lanes)
-    events = [f for _, f in ModelStore(client, keys, keep=1, source="demo").events()]
-    return report, views, events, worker
+    return report, views, _events(ModelStore(client, keys, keep=1, source="demo")), worker
+
+
+def _events(store: ModelStore) -> list[Fields | None]:
+    """Every event of the models stream, a page at a time (one read gave the first 100:
+    a long demo's later promotions went unseen)."""
+    events: list[Fields | None] = []
+    after = b"-"
+    while page := store.events(after=after):
+        events += [fields for _, fields in page]
+        after = page[-1][0]
+    return events
 
 
 @contextlib.contextmanager
@@ -321,7 +333,7 @@ def _model(out_dir: Path, plan: DemoPlan, progress: bool) -> Path:
     model, result, metrics = train_model(
         dataset, shape, config, val_fraction=HELD_OUT, progress=progress
     )
-    save(path, model, training_meta(spec, config, result, metrics, val_fraction=HELD_OUT))
+    save(path, model, training_meta(spec, dataset, config, result, metrics, val_fraction=HELD_OUT))
     return path
 
 
@@ -400,7 +412,7 @@ def _run(
         producer.start()
     child_errors.close()  # the child's end: ours closed, its death reads as the end
     try:
-        _wait(client, settings, producer, plan, progress)
+        _wait(client, settings, producer, plan, progress, thread)
     except KeyboardInterrupt:
         interrupted = True
         log.info("interrupted: stopping the replay and the worker")
@@ -444,20 +456,26 @@ def _wait(
     producer: multiprocessing.process.BaseProcess,
     plan: DemoPlan,
     progress: bool,
+    worker: threading.Thread,
 ) -> None:
+    """Until the replay is done and the worker has caught up with it; at once where the
+    worker's thread has stopped (its error is the demo's): a worker that failed at its
+    start was said only after the whole replay, and a minute more."""
     lanes = _lanes(settings)
     with tqdm(total=plan.seconds, desc="demo", unit=" s", disable=not progress) as bar:
         started = time.monotonic()
-        while producer.is_alive():
+        while producer.is_alive() and worker.is_alive():
             time.sleep(0.5)
             bar.n = round(time.monotonic() - started, 1)
             forecasts = sum(client.xlen(lane.output) for lane in lanes)
             bar.set_postfix(forecasts=forecasts, dead=sum(client.xlen(lane.dead) for lane in lanes))
     deadline = time.monotonic() + CATCH_UP_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and worker.is_alive():
         if all(_caught_up(client, lane) for lane in lanes):
             return
         time.sleep(0.1)
+    if not worker.is_alive():
+        return  # its error, said by the caller
     log.warning("the worker had not caught up %.0f s after the replay ended", CATCH_UP_S)
 
 

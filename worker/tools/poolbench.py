@@ -41,7 +41,7 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
-from worker.embedded import url_or_embedded
+from worker.embedded import pdeathsig_preexec, url_or_embedded
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library, process_token
 from worker.localcluster import NoClusterError, local_cluster
@@ -161,8 +161,10 @@ def _workers(
         subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", *flags, "--consumer", f"bench{i}"],
             env=env,
+            cwd=model_file.parent,  # not a .env of the bench's folder: it reads none
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,  # each one's exit report
+            preexec_fn=pdeathsig_preexec(),  # gone with the bench, even after kill -9
         )
         for i in range(n)
     ]
@@ -312,7 +314,7 @@ def _wait(condition: Any, what: str, *, poll_s: float = 0.05, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"bench: timed out after {timeout_s:.0f} s waiting for {what}")
+            raise ValueError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
 
 
