@@ -494,6 +494,12 @@ def test_a_csv_replayed_at_rates_past_the_floats_range(
         (["--fast", "--csv", "ok.csv", "--points", "5"], "--points is for sines, not --csv"),
         (["--fast", "--column", "v"], "--column is for --csv, not sines"),
         (["--fast", "--value-column", "v"], "--value-column is for --csv, not sines"),
+        # A long file's flag given for a wide one, and the other way round: ignored.
+        (["--fast", "--csv", "ok.csv", "--value-column", "v"], "--value-column is for a long"),
+        (
+            ["--fast", "--csv", "ok.csv", "--series-column", "s", "--column", "v"],
+            "--column is for a wide file, not with --series-column",
+        ),
     ],
 )
 def test_usage_errors_found_as_it_runs_exit_2_before_anything_is_written(

@@ -93,6 +93,10 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
     """The entries to write, and how many there are when that is known."""
     if args.csv is not None:
         _refuse_given(args, SINE_FLAGS, "for sines, not --csv")
+        if args.series_column is None and args.value_column is not None:  # it was ignored
+            raise UsageError("--value-column is for a long file, with --series-column")
+        if args.series_column is not None and args.column:  # so was this
+            raise UsageError("--column is for a wide file, not with --series-column")
         layout = CsvLayout(
             time_column=args.time_column,
             value_columns=tuple(args.column),
