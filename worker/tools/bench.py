@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -65,6 +64,7 @@ from worker.streams import (
     read_group,
 )
 from worker.tools import RUNS
+from worker.tools.served import Served
 
 log = logging.getLogger("attnlstm.bench")
 
@@ -424,21 +424,13 @@ def latency_run(
     keys = _keys(settings)
     prefill(client, keys.input, plan.series * warm_steps, plan.series)
     worker = Worker(client, engine=engine, settings=settings, burst=False)
-    failed: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            worker.run()
-        except Exception as e:  # said in the main thread, as the run's error
-            failed.append(e)
-
-    # A daemon, stopped whatever ends the run: after Ctrl-C the worker went on retrying
-    # the embedded server gone with it, and the command never exited.
-    thread = threading.Thread(target=serve, name="worker", daemon=True)
-    thread.start()
+    # Stopped whatever ends the run: after Ctrl-C the worker went on retrying the
+    # embedded server gone with it, and the command never exited.
+    served = Served(worker)
+    served.thread.start()
     try:
         warm = plan.series * (warm_steps - engine.context + 1)  # every prefilled full window
-        _serving(lambda: client.xlen(keys.output) >= warm, thread, failed, "its warm-up")
+        _serving(lambda: client.xlen(keys.output) >= warm, served, "its warm-up")
         context = multiprocessing.get_context("spawn")
         producer = context.Process(
             target=_produce,
@@ -454,7 +446,7 @@ def latency_run(
             time.sleep(0.05)
     finally:
         worker.stop()
-        thread.join(timeout=60)
+        served.thread.join(timeout=60)
     rows = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.output))[warm:]
     latency = np.array([entry_ms(i) - entry_ms(f[b"src"]) for i, f in rows], dtype=np.float64)
     sent_ms = np.array([entry_ms(f[b"src"]) for _, f in rows], dtype=np.float64)
@@ -475,19 +467,15 @@ def latency_run(
 
 
 def _serving(
-    condition: Callable[[], bool],
-    thread: threading.Thread,
-    failed: list[BaseException],
-    what: str,
-    timeout_s: float = 300,
+    condition: Callable[[], bool], served: Served, what: str, timeout_s: float = 300
 ) -> None:
     """Until ``condition()``; a ValueError once the worker's thread has stopped (its
     error said) or ``timeout_s`` has passed: the bench waited for ever on a worker that
     died at its start."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        if not thread.is_alive():
-            why = failed[0] if failed else "it returned"
+        if not served.thread.is_alive():
+            why = served.error or "it returned"
             raise ValueError(f"the bench's worker stopped before {what}: {why}")
         if time.monotonic() > deadline:
             raise ValueError(f"timed out after {timeout_s:g} s waiting for {what}")

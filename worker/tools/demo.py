@@ -62,6 +62,7 @@ from worker.tools.replay import (
     series_id,
     sine_entries,
 )
+from worker.tools.served import Served
 
 log = logging.getLogger("attnlstm.demo")
 
@@ -385,16 +386,8 @@ def _run(
 ) -> dict[str, Any]:
     """The worker (a thread) and the replay (a process) until the replay is done and
     the worker has caught up, or Ctrl-C."""
-    failure: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            worker.run()
-        except BaseException as e:  # surfaced in the main thread below
-            failure.append(e)
-
-    # A daemon: a worker that could not be stopped never holds up the exit.
-    thread = threading.Thread(target=serve, name="worker", daemon=True)
+    served = Served(worker)
+    thread = served.thread
     spawn = multiprocessing.get_context("spawn")
     errors, child_errors = spawn.Pipe(duplex=False)
     producer = spawn.Process(
@@ -418,8 +411,8 @@ def _run(
         log.info("interrupted: stopping the replay and the worker")
     finally:
         _stop(worker, thread, producer)
-    if failure:
-        raise failure[0]
+    if served.error is not None:
+        raise served.error
     if producer.exitcode not in (0, -15) and not interrupted:
         raise ValueError(f"the demo's replay failed: {_said(errors, producer.exitcode)}")
     return {"seconds": round(time.monotonic() - started, 1), "interrupted": interrupted}
