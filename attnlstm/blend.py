@@ -75,9 +75,10 @@ def fit_blend(model: AttentionLSTM, windows: Windows, yhat: np.ndarray) -> Blend
     config = model.config
     keep = evenly(len(windows), MAX_WINDOWS)
     windows, yhat = windows.take(keep), yhat[keep]
-    z, mean, std = _standardised(windows.x, config.window, config.scaling == "window")
+    scaled = config.scaling == "window"
+    z, mean, std = _standardised(windows.x, config.window, scaled)
     last = z[:, -1:]  # the model's skip reads it unclipped, its linear map clipped
-    clipped = np.clip(z, -CLIP, CLIP)
+    clipped = np.clip(z, -CLIP, CLIP) if scaled else z  # as the model clips
     features = clipped[:, -config.window :]
     profile = (
         profile_changes(torch.from_numpy(clipped), config).numpy() if config.profile_weeks else None

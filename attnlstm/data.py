@@ -45,15 +45,10 @@ class Dataset:
     def lengths(self) -> list[int]:
         return [len(s) for s in self.series]
 
-    def fingerprints(self) -> list[str]:
-        """Each series' values as a short hash (16 hex digits of their sha256): how
-        `evaluate` knows a series a model trained on, whatever path or name it has."""
-        return [hashlib.sha256(s.astype("<f8").tobytes()).hexdigest()[:16] for s in self.series]
-
     def daily_period(self) -> int:
         """Steps per day, from the time step, or 0 when that says nothing (no times, or
         a step that does not divide a day, or a day of fewer than 4 steps or of more than
-        a checkpoint's period may have: a column of row numbers, 1 ms apart as times)."""
+        a checkpoint's period may have: a column of row numbers, 1 s apart as times)."""
         from attnlstm.checkpoint import CONFIG_BOUNDS  # here: it imports torch
 
         if self.step_s is None or self.step_s <= 0:
@@ -61,6 +56,12 @@ class Dataset:
         steps = DAY_S / self.step_s
         usable = 4 <= steps <= CONFIG_BOUNDS["period"][1]
         return round(steps) if abs(steps - round(steps)) < 1e-6 and usable else 0
+
+
+def fingerprint(values: np.ndarray) -> str:
+    """Values as a short hash (16 hex digits of their sha256): how `evaluate` knows the
+    values a model trained on, whatever path or name their series has."""
+    return hashlib.sha256(np.asarray(values, dtype="<f8").tobytes()).hexdigest()[:16]
 
 
 def load_dataset(
@@ -120,12 +121,19 @@ def column_index(path: Path, header: Sequence[str], name: str) -> int:
 
 
 def time_ms(text: str) -> int:
-    """ISO 8601 (a zone-less time is taken as UTC) or integer ms since the epoch, as ms
-    since the epoch (negative before 1970; below a ms, floored). A ValueError for
-    anything else. Integer arithmetic: through a float, an ISO time with ms could come
-    out 1 ms early (before about 2004 and after about 2038)."""
+    """ISO 8601 (a zone-less time is taken as UTC) or a whole number of seconds, ms, µs
+    or ns since the epoch, told apart by size (10^11 s is the year 5138, 10^11 ms March
+    1973: ms before then read as seconds), as ms since the epoch (negative before 1970;
+    below a ms, floored). A ValueError for anything else. Integer arithmetic: through a
+    float, an ISO time with ms could come out 1 ms early (before about 2004 and after
+    about 2038)."""
     if text.isascii() and text.isdigit():  # not '²', a digit int() refuses
-        return int(text)
+        count = int(text)
+        if count < 10**11:
+            return count * 1000  # seconds
+        if count < 10**14:
+            return count  # ms
+        return count // 1000 if count < 10**17 else count // 1_000_000  # µs, ns (pandas)
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -173,7 +181,7 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
             if not times:
                 return None
             raise DataError(
-                f"{path}:{line}: time {text!r} is neither ISO 8601 nor ms since the epoch"
+                f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
             ) from None
         if times and ms < times[-1]:
             raise DataError(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from attnlstm.checkpoint import CONFIG_BOUNDS
-from attnlstm.data import Dataset
+from attnlstm.data import Dataset, fingerprint
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.train import TrainConfig, TrainResult, fit, new_model, predict
@@ -40,13 +40,19 @@ MAX_VAL_WINDOWS = 8192
 
 
 def split_dataset(
-    dataset: Dataset, context: int, horizon: int, val_fraction: float, *, where: str = ""
+    dataset: Dataset,
+    context: int,
+    horizon: int,
+    val_fraction: float,
+    *,
+    where: str = "",
+    training: bool = True,
 ) -> Split:
     """The windows (``context`` values each, ``horizon`` targets) before each series' last
     ``val_fraction``, and those in it. ``where`` says which part of the data ``dataset``
-    is, for the error when either has none."""
+    is, for the error when either has none (or the last, when not for ``training``)."""
     train, val = split_windows(dataset.series, context, horizon, val_fraction)
-    if len(train) == 0 or len(val) == 0:
+    if len(val) == 0 or (training and len(train) == 0):
         shortest = min(dataset.lengths)
         raise ValueError(
             f"too little data: the shortest series has {shortest} points{where}, and "
@@ -122,7 +128,8 @@ def seasonal_config(
     cycle before (P) and, when half the series' training parts hold three weeks, the
     same hours a week (6P) and a week and a cycle (7P) before: for each step ahead, the
     same hour yesterday, a week ago, and a week before yesterday, and with
-    ``weekly_cycle`` a seasonal profile over PROFILE_WEEKS weeks; and an LSTM of
+    ``weekly_cycle`` a seasonal profile over PROFILE_WEEKS weeks (not for a horizon past
+    a period, which a profile cannot forecast); and an LSTM of
     SEASONAL_HIDDEN units. Without a period, a short window: 20 steps, one ahead.
     ``fields`` override any of these. The profile, then the weekly lags, are left out
     where they would reach further back than a checkpoint's context may: with a window
@@ -135,12 +142,14 @@ def seasonal_config(
     # took the weekly lags from every series; `train` names the series too short for them.
     training = sorted(split_point(n, val_fraction) for n in lengths)[len(lengths) // 2]
     weekly = training >= 21 * period
+    ahead = fields.get("horizon", period)
     base = {
         "window": period,
         "horizon": period,
         "lags": (period, 6 * period, 7 * period) if weekly else (period,),
         "period": period,
-        "profile_weeks": PROFILE_WEEKS if weekly and weekly_cycle else 0,
+        # A profile forecasts at most a period ahead: none for a longer --horizon.
+        "profile_weeks": PROFILE_WEEKS if weekly and weekly_cycle and ahead <= period else 0,
         "hidden_size": SEASONAL_HIDDEN,
         "attention_size": SEASONAL_HIDDEN,
     }
@@ -188,8 +197,9 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Every metric on each series' held-out tail, against naive baselines."""
     config = model.config
-    val = split_dataset(dataset, config.context, config.horizon, val_fraction).val
-    return _score(model, val, dataset, period, device)
+    # Held-out windows only: scored, a tail needs no training windows before it.
+    split = split_dataset(dataset, config.context, config.horizon, val_fraction, training=False)
+    return _score(model, split.val, dataset, period, device)
 
 
 def _score(
@@ -203,8 +213,9 @@ def series_forecast(
     model: AttentionLSTM, values: np.ndarray, *, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-step forecasts along a whole series: (index of each forecast step, forecasts,
-    attention) with the forecast of step ``start`` made from the window before it."""
-    windows = series_windows([values], model.config.context, model.config.horizon)
+    attention) with the forecast of step ``start`` made from the window before it. Every
+    step a window reaches: the first step ahead needs no later targets."""
+    windows = series_windows([values], model.config.context, 1)
     yhat, attn = predict(model, windows, device=device)
     return windows.start, yhat[:, 0], attn
 
@@ -219,11 +230,15 @@ def training_meta(
     val_fraction: float,
 ) -> dict[str, Any]:
     """What a checkpoint records about how its model was made: the data's tail it never
-    saw (``val_fraction``) included, which `evaluate` scores it on, and the series'
-    fingerprints, by which it refuses a longer tail of them."""
+    saw (``val_fraction``) included, which `evaluate` scores it on, and each series'
+    training part, [values, fingerprint], by which it refuses a tail that reaches into
+    one, however long the series has grown since."""
+    cuts = (split_point(len(s), val_fraction) for s in dataset.series)
     return {
         "data": dataset_spec,
-        "data_fingerprints": dataset.fingerprints(),
+        "trained_values": [
+            [n, fingerprint(s[:n])] for s, n in zip(dataset.series, cuts, strict=True)
+        ],
         "val_fraction": val_fraction,
         "train_config": asdict(train_config),
         "epochs_planned": result.epochs_planned,

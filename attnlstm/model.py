@@ -78,8 +78,8 @@ class ModelConfig:
                 f"a profile needs a period of at least the horizon ({self.horizon}), "
                 f"got {self.period}"
             )
-        if self.window < 2 and self.scaling == "window":
-            raise ValueError("window scaling needs a window of at least 2 steps")
+        if self.window < 2:  # to scale by, and for the blend's trend: the last change
+            raise ValueError("a window needs at least 2 steps, got 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scaling not in ("window", "none"):
@@ -231,7 +231,7 @@ class AttentionLSTM(nn.Module):
         if x.dim() != 2 or x.shape[1] != context:
             raise ValueError(f"expected windows of shape (B, {context}), got {tuple(x.shape)}")
         if self.config.scaling == "none":
-            out, weights = self._forecast(x.to(self.head.weight.dtype, copy=True))
+            out, weights = self._forecast(x.to(self.head.weight.dtype))
             return out.to(x.dtype), weights
         # The statistics are taken in float64: series with a large level and a small
         # swing (1e6 +- 1) would lose their whole signal to float32 cancellation. They
@@ -262,7 +262,9 @@ class AttentionLSTM(nn.Module):
         last = z[:, -1:].clone()  # the skip from the last value reads it unclipped
         # Clipped: a glitch in the lagged values (a pipe's flow dropping to a quarter a
         # week ago) would otherwise be hundreds of window deviations, and so the forecast.
-        z = z.clamp_(-CLIP, CLIP)  # in place: z is this forward's own
+        # Raw values (scaling none) are not: their units are no deviations.
+        if self.config.scaling == "window":
+            z = z.clamp_(-CLIP, CLIP)  # in place: z is this forward's own
         steps = [z[:, end - window - lag : end - lag] for lag in (0, *self.config.lags)]
         features = torch.stack(steps, dim=-1)  # (B, window, features)
         h, _ = self.lstm(features)  # (B, window, H)

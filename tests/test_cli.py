@@ -221,9 +221,9 @@ def test_evaluate_scores_the_tail_the_model_was_trained_without(tmp_path: Path) 
     longer = run("evaluate", *data, "--val-fraction", "0.2", cwd=tmp_path)
     assert longer.returncode == 1
     assert longer.stderr.strip() == (
-        "attnlstm evaluate: error: the model was trained on all but the last 0.1 of each "
-        "series of sines: --val-fraction 0.2 would score it on values it trained on; pass "
-        "at most 0.1"
+        "attnlstm evaluate: error: the model trained on the first 900 of the 1,000 values "
+        "of sine-0 of sines (and 2 more series): a held-out tail of 0.2 would score it on "
+        "values it trained on; pass --val-fraction 0.1 or less"
     )
 
 
@@ -241,11 +241,32 @@ def test_a_longer_tail_is_refused_on_the_series_trained_on_whatever_their_path(
     for data in (["csv:./f.csv"], ["csv:copy.csv"], ["csv:copy.csv", "--column", "b"]):
         proc = run("evaluate", "--data", *data, "--val-fraction", "0.3", cwd=tmp_path)
         assert proc.returncode == 1, data
-        assert "--val-fraction 0.3 would score it on values it trained on" in proc.stderr
+        assert "a held-out tail of 0.3 would score it on values it trained on" in proc.stderr
     other = run(
         "evaluate", "--data", "csv:other.csv", "--val-fraction", "0.3", "--json", cwd=tmp_path
     )
     assert last_json(other)["val_fraction"] == 0.3
+    # Rows added since: the model's 240 training values of each column are the first
+    # 240 of 400 now. A tail of 0.3 starts at 280, after them; one of 0.5 at 200, in them
+    # (its whole-series fingerprint no longer matched: it was scored there).
+    more = [f"{i},{math.sin(i / 5):.4f},{math.cos(i / 7):.4f}" for i in range(300, 400)]
+    (tmp_path / "grown.csv").write_text("t,a,b\n" + "\n".join(rows + more) + "\n")
+    grown = run(
+        "evaluate", "--data", "csv:grown.csv", "--val-fraction", "0.3", "--json", cwd=tmp_path
+    )
+    assert last_json(grown)["val_fraction"] == 0.3
+    proc = run("evaluate", "--data", "csv:grown.csv", "--val-fraction", "0.5", cwd=tmp_path)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        1,
+        "attnlstm evaluate: error: the model trained on the first 240 of the 400 values of "
+        "a of csv:grown.csv (and 1 more series): a held-out tail of 0.5 would score it on "
+        "values it trained on; pass --val-fraction 0.4 or less",
+    )
+    # Rows removed: its own tail of 0.2, of 250 values, starts at 200, in the 240.
+    (tmp_path / "cut.csv").write_text("t,a,b\n" + "\n".join(rows[:250]) + "\n")
+    proc = run("evaluate", "--data", "csv:cut.csv", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "a held-out tail of 0.2 would score it on values it trained on; pass" in proc.stderr
 
 
 def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
@@ -818,6 +839,34 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(
         preexec_fn=_as_from_a_terminal,
     )
     assert (proc.returncode, proc.stderr) == (130, "attnlstm replay: interrupted\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--from-stream", "--series", "s", "--data", "sines", "--model", "m.st"],
+            "--data, --model are for a plot from a checkpoint, not --from-stream",
+        ),
+        (
+            ["--from-stream", "--series", "s", "--seed", "0"],
+            "--seed is for a plot from a checkpoint, not --from-stream",
+        ),
+        (["--last", "5", "--points", "9"], "--last, --points are for --from-stream"),
+    ],
+)
+def test_plot_refuses_the_other_sources_flags(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    """With --from-stream, --data and --model were ignored: the plot drew what the
+    streams held, whatever model the user named."""
+    proc = subprocess.run(
+        [*CLI, "plot", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"attnlstm plot: error: {message} (see attnlstm plot --help)\n",
+    )
 
 
 def test_plot_from_stream_without_a_series_is_a_usage_error(redis_url: str, tmp_path: Path) -> None:

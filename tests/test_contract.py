@@ -380,3 +380,13 @@ def test_an_entry_s_own_src_and_error_survive_its_dead_letter() -> None:
     assert dead[b"error"] == b"value is not a decimal number: 'abc'"
     assert (dead[b"original:src"], dead[b"original:error"]) == (b"sensor-7", b"E42")
     assert (dead[b"series"], dead[b"value"]) == (b"s", b"abc")
+
+
+def test_dead_letter_names_that_meet_are_numbered_not_overwritten() -> None:
+    """A producer's `original:src` was overwritten by its `src`; two long names alike in
+    their first 1,024 bytes kept the last one's value alone."""
+    dead = dead_fields({b"original:src": b"A", b"src": b"B"}, b"1-0", "e")
+    assert (dead[b"original:src"], dead[b"original:src#2"], dead[b"src"]) == (b"A", b"B", b"1-0")
+    long = b"n" * DEAD_MAX_BYTES
+    dead = dead_fields({long + b"1": b"x", long + b"2": b"y"}, b"1-0", "e")
+    assert (dead[long], dead[long + b"#2"]) == (b"x", b"y")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnlstm.data import DataError, load_csv, load_dataset
+from attnlstm.data import DataError, load_csv, load_dataset, time_ms
 from tests.conftest import DATA
 
 
@@ -98,8 +98,8 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
         ("t,a\n3,1\n2,2\n1,3\n", (), r"d\.csv:3: time '2' is before the row before's"),
         ("t,a\n1,1\n3,2\n2,3\n", (), r"d\.csv:4: time '2' is before the row before's"),
         # A time past the first row it cannot read: the step was given up, no period.
-        ("t,a\n1,1\nnoon,2\n", (), r"d\.csv:3: time 'noon' is neither ISO 8601 nor ms"),
-        ("t,a\n1,1\n,2\n", (), r"d\.csv:3: time '' is neither ISO 8601 nor ms"),
+        ("t,a\n1,1\nnoon,2\n", (), r"d\.csv:3: time 'noon' is neither ISO 8601 nor a count"),
+        ("t,a\n1,1\n,2\n", (), r"d\.csv:3: time '' is neither ISO 8601 nor a count"),
         # Two readings a time: a step of 0, no period, and two readings taken for one.
         ("t,a\n1,1\n1,2\n2,3\n2,4\n", (), r"d\.csv:3: the time of the row before, as on"),
     ],
@@ -120,7 +120,7 @@ def test_rows_of_empty_cells_are_no_rows_and_a_time_twice_is_kept(tmp_path: Path
     assert (data.step_s, data.daily_period(), data.lengths) == (3600.0, 24, [48])
     # One reading twice, as the sea temperature has: kept as it came.
     again = load_csv(_csv(tmp_path, "t,a\n1,1\n2,2\n2,3\n3,4\n"))
-    assert (again.step_s, again.series[0].tolist()) == (0.001, [1.0, 2.0, 3.0, 4.0])
+    assert (again.step_s, again.series[0].tolist()) == (1.0, [1.0, 2.0, 3.0, 4.0])
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Pat
     names.write_text("step,v\na,1\nb,2\nc,3\n")
     assert load_csv(names).step_s is None
     assert load_csv(names).daily_period() == 0
-    # Row numbers are times 1 ms apart, as replay reads them: a day of them is past any
+    # Row numbers are times 1 s apart, as replay reads them: a day of them is past any
     # period a model may have.
     plain = tmp_path / "plain.csv"
     plain.write_text("step,v\n1,1\n2,2\n3,3\n")
@@ -157,14 +157,19 @@ def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Pat
     assert load_dataset("sines", n_series=2).daily_period() == 0
 
 
-def test_times_in_ms_give_the_period_iso_times_give(tmp_path: Path) -> None:
+def test_epoch_counts_in_any_unit_give_the_period_iso_times_give(tmp_path: Path) -> None:
     """Integer ms since the epoch, which replay takes, gave no period: `train` and
-    `demo --csv` built another model for the same recording."""
-    start = 1_455_494_400_000  # 2016-02-15T00:00:00Z
+    `demo --csv` built another model for the same recording. Seconds were read as ms
+    (an hourly file's day, 24,000 steps, no period at all; a daily file's day, 1,000)
+    and pandas' ns refused."""
+    start_s = 1_455_494_400  # 2016-02-15T00:00:00Z
     iso = [f"2016-02-15T{h // 2:02d}:{h % 2 * 30:02d}:00Z" for h in range(48)]
-    ms = [str(start + h * 1_800_000) for h in range(48)]
-    for name, times in (("iso.csv", iso), ("ms.csv", ms)):
+    columns = {"iso.csv": iso}
+    for name, per_s in (("s.csv", 1), ("ms.csv", 10**3), ("us.csv", 10**6), ("ns.csv", 10**9)):
+        columns[name] = [str((start_s + h * 1800) * per_s) for h in range(48)]
+    for name, times in columns.items():
         path = tmp_path / name
         path.write_text("time,v\n" + "".join(f"{t},{k}\n" for k, t in enumerate(times)))
         data = load_csv(path)
         assert (data.step_s, data.daily_period()) == (1800.0, 48), name
+    assert [time_ms(column[1]) for column in columns.values()] == [1_455_496_200_000] * 5

@@ -575,7 +575,7 @@ def test_a_csv_the_replay_refuses_stops_the_demo_before_it_starts(tmp_path: Path
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        f"attnlstm demo: error: {path}:252: time '' is neither ISO 8601 nor ms since the epoch"
+        f"attnlstm demo: error: {path}:252: time '' is neither ISO 8601 nor a count since the epoch"
     )
     assert not (tmp_path / "out").exists()  # no model trained
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -208,23 +209,58 @@ class AclServer:
 def _load_functions(cli_directory: Path, port: int, password_file: Path) -> None:
     """What the `functions` service does once Redis is up: deploy/load-functions.sh,
     as the `loader` user, with the CLI found in ``cli_directory``."""
-    env = {
-        "PATH": f"{cli_directory}{os.pathsep}{os.environ['PATH']}",
-        "REDIS_HOST": "127.0.0.1",
-        "REDIS_PORT": str(port),
-        "LOADER_PASSWORD_FILE": str(password_file),
-        "FUNCTIONS_FILE": str(ROOT / "worker" / "functions.lua"),
-    }
-    done = subprocess.run(
-        ["sh", str(DEPLOY / "load-functions.sh")],
+    done = _run_load_functions(
+        {
+            "PATH": f"{cli_directory}{os.pathsep}{os.environ['PATH']}",
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(port),
+            "LOADER_PASSWORD_FILE": str(password_file),
+            "FUNCTIONS_FILE": str(ROOT / "worker" / "functions.lua"),
+        }
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "loaded the attnlstm functions" in done.stdout
+
+
+def _run_load_functions(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """deploy/load-functions.sh in ``env`` alone."""
+    return subprocess.run(
+        ["/bin/sh", str(DEPLOY / "load-functions.sh")],
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "loaded the attnlstm functions" in done.stdout
+
+
+@pytest.mark.parametrize("missing", ["cli", "password", "library"])
+def test_load_functions_says_in_one_line_what_it_lacks(missing: str, tmp_path: Path) -> None:
+    """Run from a checkout on a cluster node, as deploy/README.md says, it printed `cat:
+    /run/secrets/...: No such file`; with no CLI on PATH it exited 1 with no word."""
+    bin_dir = tmp_path / "bin"  # the PATH: cat, and a CLI that says it loaded them
+    bin_dir.mkdir()
+    (bin_dir / "cat").symlink_to(shutil.which("cat") or "/bin/cat")
+    if missing != "cli":
+        (bin_dir / "valkey-cli").write_text("#!/bin/sh\necho attnlstm\n")
+        (bin_dir / "valkey-cli").chmod(0o755)
+    (tmp_path / "password").write_text("secret\n")
+    absent = tmp_path / "absent"
+    done = _run_load_functions(
+        {
+            "PATH": str(bin_dir),
+            "LOADER_PASSWORD_FILE": str(absent if missing == "password" else tmp_path / "password"),
+            "FUNCTIONS_FILE": str(
+                absent if missing == "library" else ROOT / "worker/functions.lua"
+            ),
+        }
+    )
+    said = {
+        "cli": "no valkey-cli or redis-cli on PATH",
+        "password": f"cannot read {absent} (LOADER_PASSWORD_FILE)",
+        "library": f"cannot read {absent} (FUNCTIONS_FILE)",
+    }[missing]
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"load-functions: {said}\n")
 
 
 def _entrypoint_env(acl_file: Path, secrets: Path) -> dict[str, str]:

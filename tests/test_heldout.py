@@ -77,6 +77,8 @@ def test_each_margin_is_the_ratio_of_the_scores_with_an_interval_over_the_days()
     # The model is seasonal naive (to float32): a margin of 1, and an interval as narrow.
     assert seasonal.ratio == pytest.approx(1, rel=1e-5)
     assert 1 - 1e-5 < seasonal.low <= seasonal.high < 1 + 1e-5
+    # Nor does it win a day from it by rounding (it won some, as naive, of its own).
+    assert (seasonal.wins, seasonal.ahead_wins) == (0, 0)
     # Against naive the seasonal forecast is better on most days, and the interval,
     # around the ratio, stays clear of 1: the noise is a third of the season's swing.
     assert naive.low < naive.ratio < naive.high < 1

@@ -10,6 +10,7 @@ import redis
 
 from tests.helpers import entries, wait_for
 from worker.contract import ANOMALY_FIELDS, FORECAST_FIELDS
+from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION, Fence, FencedError, Lease, ensure_library, fenced
 from worker.streams import ensure_group, entries_of, round_trip
@@ -179,3 +180,24 @@ def test_a_newer_library_is_never_replaced(redis_client: redis.Redis) -> None:
         assert redis_client.fcall("attnlstm_version", 0) == newer.encode()
     finally:
         redis_client.function_load(LIBRARY, replace=True)
+
+
+def test_a_full_server_still_answers_the_version_and_takes_a_lease_back() -> None:
+    """At maxmemory (noeviction), functions registered without flags were refused: every
+    start and re-sync failed on the version check, and a stopping worker's lease was left
+    to lapse. Its own server: the others' are never made full."""
+    keys = Keys(input="full:in")
+    with EmbeddedServer() as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            ensure_library(client)
+            held = lease(client, keys, "w")
+            held.acquire()
+            client.config_set("maxmemory", 1)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                lease(client, keys, "other").acquire()  # it is full: writes are refused
+            ensure_library(client)
+            held.release()
+            assert client.exists(keys.lease) == 0
+        finally:
+            client.close()

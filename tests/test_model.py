@@ -243,14 +243,21 @@ def test_unscaled_mode_runs_in_raw_units() -> None:
     assert torch.isfinite(yhat).all()
 
 
-def test_unscaled_mode_clips_a_copy_not_the_input() -> None:
-    """Inputs are clipped in place inside the call: in the model's own dtype, an unscaled
-    input would be that copy itself."""
+def test_unscaled_mode_reads_raw_values_unclipped_and_leaves_them_as_they_are() -> None:
+    """Raw values were clipped to +-CLIP as if they were window deviations: any two
+    windows past 5 in the series' own units gave one forecast. Inputs are clipped in
+    place in scaled mode; unscaled, the caller's own tensor reaches the model."""
     model = new_model(ModelConfig(scaling="none"), seed=0).eval()
     x = _sine_windows().float() * 10 * CLIP
+    x = x[x[:, 0].abs() > CLIP]  # windows whose oldest value is past 5
     before = x.clone()
-    model(x)
+    further = x.clone()
+    further[:, 0] *= 2  # the oldest value only, further past 5
+    with torch.no_grad():
+        moved = (model(further)[0] - model(x)[0]).abs()
     assert torch.equal(x, before)
+    assert len(x)
+    assert (moved > 1e-4).all()
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="not Linux")
@@ -277,23 +284,27 @@ def test_both_ways_of_taking_tanh_agree(monkeypatch: pytest.MonkeyPatch, sigmoid
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("field", "value", "message", "other"),
     [
-        ("window", 0, "window must be >= 1"),
-        ("horizon", 0, "horizon must be >= 1"),
-        ("hidden_size", 0, "hidden_size must be >= 1"),
-        ("dropout", 1.0, "dropout must be in"),
-        ("scaling", "minmax", "scaling must be"),
-        ("window", 1, "window scaling needs a window of at least 2"),
-        ("lags", (0,), "lags must be whole numbers >= 1"),
-        ("period", -1, "period must be >= 0"),
-        ("profile_weeks", -1, "profile_weeks must be >= 0"),
-        ("profile_weeks", 1, "a profile needs a period of at least the horizon"),
+        ("window", 0, "window must be >= 1", {}),
+        ("horizon", 0, "horizon must be >= 1", {}),
+        ("hidden_size", 0, "hidden_size must be >= 1", {}),
+        ("dropout", 1.0, "dropout must be in", {}),
+        ("scaling", "minmax", "scaling must be", {}),
+        ("window", 1, "a window needs at least 2 steps", {}),
+        # Unscaled, a window of 1 trained to its end, then the blend's trend failed.
+        ("window", 1, "a window needs at least 2 steps", {"scaling": "none"}),
+        ("lags", (0,), "lags must be whole numbers >= 1", {}),
+        ("period", -1, "period must be >= 0", {}),
+        ("profile_weeks", -1, "profile_weeks must be >= 0", {}),
+        ("profile_weeks", 1, "a profile needs a period of at least the horizon", {}),
     ],
 )
-def test_config_rejects_nonsense(field: str, value: object, message: str) -> None:
+def test_config_rejects_nonsense(
+    field: str, value: object, message: str, other: dict[str, object]
+) -> None:
     with pytest.raises(ValueError, match=message):
-        ModelConfig(**{field: value})  # type: ignore[arg-type]
+        ModelConfig(**{field: value, **other})  # type: ignore[arg-type]
 
 
 def test_config_round_trips_through_a_dict() -> None:

@@ -490,13 +490,15 @@ def test_a_worker_refuses_streams_written_with_another_number_of_partitions(
     assert redis_client.get(base.partitions) == b"4"  # replay marked it
     for count in (1, 12):
         worker = new_worker(settings_for(redis_url, base, partitions=count), trained_sines)
-        with pytest.raises(PartitionsError, match=f"written in 4 partitions .* reads {count}"):
+        with pytest.raises(PartitionsError, match=f"written in 4 partitions .* reads {count}") as e:
             worker.run()
+        assert "Set ATTNLSTM_PARTITIONS to what the streams were written with, or" in str(e.value)
     other = Keys.prefixed(stream_prefix + "one:")
     _replay(redis_client, other, sine_steps(3, 8), partitions=1)  # today's single stream
     worker = new_worker(settings_for(redis_url, other, partitions=4), trained_sines)
-    with pytest.raises(PartitionsError, match="written with one partition"):
+    with pytest.raises(PartitionsError, match="written with one partition") as e:
         worker.run()
+    assert "or start a new deployment: other stream names" in str(e.value)
     assert redis_client.get(other.partitions) is None  # refused before marking anything
 
 

@@ -79,6 +79,16 @@ def test_unknown_url_scheme_is_rejected(url: str) -> None:
         _settings(redis_url=url)
 
 
+@pytest.mark.parametrize("coverage", [0.2, 0.49, 0.995, 0.999])
+def test_a_coverage_no_spread_is_measured_at_is_refused(coverage: float) -> None:
+    """0.999 took the 0.99 spread and 0.3 the 0.5 one: 99.75% and 32.5% inside, only
+    the online multiplier left to make it up."""
+    for fine in (0, 0.5, 0.9, 0.99):
+        assert _settings(coverage=fine).coverage == fine
+    with pytest.raises(ValidationError, match=r"must be 0 \(no intervals\) or from 0.5 to 0.99"):
+        _settings(coverage=coverage)
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -135,13 +145,15 @@ def test_a_command_leaves_the_settings_it_does_not_read_at_their_defaults(
     machine has: "bad settings: model_key_file", and replay did not run."""
     (tmp_path / ".env").write_text(
         "ATTNLSTM_MODEL_KEY_FILE=/run/secrets/model_key\nATTNLSTM_CONSUMER=a b\n"
-        "ATTNLSTM_INPUT_STREAM=plant:in\n"
+        "ATTNLSTM_INPUT_STREAM=plant:in\nATTNLSTM_COVERAGE=1.5\nATTNLSTM_MAX_BATCH=0\n"
+        "ATTNLSTM_PARTITIONS=4\n"
     )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"consumer.*model_key_file: Value error, cannot read"):
         from_flags()
-    settings = from_flags(unused=WORKER_ONLY)
+    settings = from_flags(unused=WORKER_ONLY)  # a bad coverage or max_batch stopped replay
     assert (settings.model_key_file, settings.input_stream) == (None, "plant:in")
+    assert (settings.coverage, settings.max_batch, settings.partitions) == (0.9, 1024, 4)
     assert settings.consumer.endswith(f"-{os.getpid()}")
 
 

@@ -11,6 +11,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.helpers import wait_for
+from worker.contract import Repeated, dead_fields, parse
 from worker.keys import Keys
 from worker.streams import (
     Wire,
@@ -20,7 +21,11 @@ from worker.streams import (
     entries_of,
     group_info,
     id_key,
+    pages,
     primaries,
+    read_entries,
+    read_group,
+    round_trip,
     transaction,
 )
 
@@ -132,3 +137,26 @@ def test_a_connection_dropped_under_a_command_is_an_error_not_a_silent_retry(
     assert isinstance(outcome[0], redis.ConnectionError), outcome
     client.lpush(key, b"1")  # the next command connects again
     assert client.lpop(key) == b"1"
+
+
+def test_a_field_named_twice_is_a_bad_entry_read_live_or_in_a_resync(
+    redis_client: redis.Redis, stream_prefix: str
+) -> None:
+    """Read into a dict, the last `value` and `series` won: the entry was forecast as
+    series b, value 1, and its dead letter could not have kept what came."""
+    keys = Keys(input=f"{stream_prefix}in")
+    ensure_group(redis_client, keys)
+    flat = [b"series", b"a", b"value", b"nan", b"value", b"1", b"series", b"b"]
+    round_trip(redis_client, [(b"XADD", keys.input.encode(), b"*", *flat)])
+    (live,) = read_entries(round_trip(redis_client, [read_group(keys, "c", 10, None)])[0])
+    (again,) = next(pages(redis_client, keys.input))  # as a re-sync reads it
+    for entry_id, fields in (live, again):
+        assert isinstance(fields, Repeated)
+        assert parse(entry_id, fields) == "field given more than once: 'series', 'value'"
+        dead = dead_fields(fields, entry_id, "e")
+        assert list(dead.items())[:4] == [
+            (b"series", b"a"),
+            (b"value", b"nan"),
+            (b"value#2", b"1"),
+            (b"series#2", b"b"),
+        ]

@@ -11,8 +11,10 @@ from attnlstm.experiment import (
     PROFILE_WEEKS,
     SEASONAL_HIDDEN,
     dataset_config,
+    evaluate_model,
     has_weekly_cycle,
     seasonal_config,
+    series_forecast,
     split_dataset,
     train_model,
 )
@@ -147,6 +149,24 @@ def test_no_validation_windows_is_a_clear_error() -> None:
         split_dataset(dataset, 20, 1, 0.2)
 
 
+def test_a_tail_is_scored_and_forecast_to_its_last_step() -> None:
+    """`evaluate` refused a tail with no training windows before it (the cut inside the
+    first window's targets), which it never reads; and the plot's one-step forecasts
+    stopped horizon - 1 steps short of the series' end, those steps need no targets."""
+    model = new_model(ModelConfig(window=10, horizon=5), seed=0)
+    values = np.sin(np.arange(20) / 3)
+    dataset = Dataset(["s"], [values])
+    with pytest.raises(ValueError, match="0 training and 4 validation windows"):
+        split_dataset(dataset, 10, 5, 0.4)
+    metrics = evaluate_model(model, dataset, val_fraction=0.4)
+    assert np.isfinite(metrics["val_mse"])
+    assert np.isfinite(metrics["mase"])
+    steps, forecast, attention = series_forecast(model, values)
+    assert steps.tolist() == list(range(10, 20))
+    assert forecast.shape == (10,)
+    assert attention.shape == (10, 10)
+
+
 def test_a_high_level_series_keeps_its_small_swing(trained_sines: AttentionLSTM) -> None:
     # float32 windows would round 1e6 + sin(t) to steps of 0.0625 before the model
     # ever saw them.
@@ -173,6 +193,10 @@ def test_the_seasonal_default_sees_a_day_and_the_same_hours_a_week_before() -> N
     # Less than three weeks before the held-out tail: yesterday only, and no profile.
     assert seasonal_config(24, [600]).lags == (24,)
     assert seasonal_config(24, [600], weekly_cycle=True).profile_weeks == 0
+    # Two days ahead on a weekly cycle: no profile (it forecasts a period ahead at most).
+    # Before, `train --horizon 96` on the electricity demand ended in a ValueError.
+    two_days = seasonal_config(48, [4032], weekly_cycle=True, horizon=96)
+    assert (two_days.horizon, two_days.profile_weeks, two_days.lags) == (96, 0, (48, 288, 336))
 
 
 def test_a_weekly_cycle_is_where_last_week_forecasts_better_than_yesterday() -> None:

@@ -89,11 +89,16 @@ class Batch:
 
 @dataclass(frozen=True)
 class Receipt:
-    """What a batch's transaction publishes, for the metrics once it is applied."""
+    """What a batch's transaction publishes, for the metrics once it is applied: counted
+    then, an entry handled again after a call that did not apply (a dropped connection,
+    a lost lease) is counted once."""
 
     entered_ms: np.ndarray  # (forecasts,) when each forecast's input entered the stream
     dead_reasons: list[str]
     anomalies: int = 0
+    read: int = 0  # entries handled for the first time (not re-read after an ack)
+    warming: int = 0  # entries kept in their windows, not forecast: a window not full yet
+    refused: int = 0  # entries dead-lettered for the series limit
 
 
 def triage(

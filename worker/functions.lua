@@ -6,7 +6,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '8'
+local VERSION = '9'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -237,13 +237,20 @@ local function drop(keys, args)
   return 1
 end
 
-redis.register_function('attnlstm_version', function() return VERSION end)
+-- With Redis full (maxmemory, noeviction), a function that may write is refused: the
+-- version check still answers (every start and re-sync asks it), and a lease can still
+-- be handed back (a DEL frees memory), not left to lapse.
+redis.register_function{
+  function_name = 'attnlstm_version',
+  callback = function() return VERSION end,
+  flags = {'no-writes'},
+}
 redis.register_function('attnlstm_promote', promote)
 redis.register_function('attnlstm_serve', serve)
 redis.register_function('attnlstm_drop', drop)
 redis.register_function('attnlstm_pool', pool)
 redis.register_function('attnlstm_partitions', partitions)
 redis.register_function('attnlstm_lease', lease)
-redis.register_function('attnlstm_release', release)
+redis.register_function{function_name = 'attnlstm_release', callback = release, flags = {'allow-oom'}}
 redis.register_function('attnlstm_publish', publish)
 redis.register_function('attnlstm_skip', skip)

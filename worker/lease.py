@@ -27,7 +27,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str, cluster_of
 
-VERSION = "8"  # the library's, in functions.lua
+VERSION = "9"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 

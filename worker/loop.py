@@ -31,7 +31,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import redis
@@ -99,6 +99,9 @@ class _Part:
     publish: np.ndarray  # (kept,) bool: published (not re-read after being acked)
     windows: np.ndarray  # (forecast,) their windows
     fresh: np.ndarray  # (kept,) bool: the first value of a series started afresh
+    read: int  # the Receipt's counts
+    warming: int
+    refused: int
 
 
 class Worker:
@@ -250,7 +253,7 @@ class Worker:
                 # Redis answers the next read while this batch is forecast. Not when the
                 # audit or the pool's turn is due: that must find nothing pending.
                 self.pipeline.read_ahead(read.last(handled))
-            self.metrics.batch_read(read.count)
+            self.metrics.batch_size.observe(read.count)
             for k, entries in read.entries.items():
                 self.lanes[k].recovery.delivered(len(entries))
             self._handle(read.entries, pending=None)
@@ -460,7 +463,6 @@ class Worker:
         slots = state.slots_for(batch.names, room)
         publish = np.asarray(batch.publish, dtype=bool)
         refused = np.flatnonzero((slots == NO_SLOT) & publish)
-        self.metrics.series_refused.inc(refused.size)
         batch.reject(refused, f"series limit reached (max_series={state.max_series})")
         # After a restore, entries the saved windows already hold are only acked.
         kept = (slots != NO_SLOT) & ~state.holds(slots, batch.ids)
@@ -479,7 +481,6 @@ class Worker:
         chosen = np.empty((0, self.context))
         if gather:  # most often every full window: then without a copy
             chosen = windows if wanted[full].all() else windows[wanted[full]]
-        self.metrics.warming.inc(int((~forecast & published).sum()))
         return _Part(
             lane,
             entries,
@@ -491,6 +492,11 @@ class Worker:
             published,
             chosen,
             state.fresh,
+            # Counted once the call applies (Receipt): of a re-sync, the pending entries
+            # alone are handled for the first time, the others only back into the windows.
+            read=len(entries) if pending is None else sum(i in pending for i, _ in entries),
+            warming=int((~forecast & published).sum()),
+            refused=refused.size,
         )
 
     def _call(
@@ -550,7 +556,7 @@ class Worker:
             # the poison again, with no attempt counted: a crash at every start.
             state.put_aside.update(part.batch.aside)
             saved[META] = state.meta()
-        return batch_call(
+        call, receipt = batch_call(
             part.batch,
             forecasts,
             lane.recovery.fence,
@@ -560,6 +566,8 @@ class Worker:
             state=saved or None,
             handled=state.last_id,
         )
+        counted = replace(receipt, read=part.read, warming=part.warming, refused=part.refused)
+        return call, counted
 
     def _stand_in(
         self,
@@ -704,10 +712,10 @@ class Worker:
         self.metrics.recoveries.inc()
 
     def _at_once(self, lane: Lane, entries: list[Entry], pending: dict[bytes, int]) -> None:
-        """A page of a re-sync; its pending entries count as read now (the others were
-        counted when first read)."""
+        """A page of a re-sync: a batch of its pending entries (the others go back into
+        the windows only)."""
         if handled := sum(entry_id in pending for entry_id, _ in entries):
-            self.metrics.batch_read(handled)
+            self.metrics.batch_size.observe(handled)
         self._handle({lane.k: entries}, pending=pending)
         self.pipeline.drain()
 

@@ -99,7 +99,8 @@ class Metrics:
         )
         self.inference = Histogram(
             "attnlstm_inference_seconds",
-            "Model time per batch",
+            "Model time per model call: one a batch, one more for the forecasts made "
+            "again after anomalies are stood in for",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
@@ -201,12 +202,11 @@ class Metrics:
         self.checkpoint.observe(seconds)
         self.checkpoint_longest_s = max(self.checkpoint_longest_s, seconds)
 
-    def batch_read(self, entries: int) -> None:
-        self.entries_read.inc(entries)
-        self.batch_size.observe(entries)
-
     def published(self, receipt: Receipt, sent_ms: float) -> None:
         """A batch's transaction is applied; it went out at ``sent_ms`` (epoch ms)."""
+        self.entries_read.inc(receipt.read)
+        self.warming.inc(receipt.warming)
+        self.series_refused.inc(receipt.refused)
         self.forecasts.inc(receipt.entered_ms.size)
         self.anomalies.inc(receipt.anomalies)
         for reason in receipt.dead_reasons:

@@ -56,7 +56,7 @@ class Pool:
             raise PartitionsError(
                 f"stream {self.keys.input} holds entries written with one partition on one "
                 f"server; this worker reads {where}{count} partition(s) ({first} ..): P is "
-                "fixed for a deployment's life"
+                f"fixed for a deployment's life. {_START_OVER}"
             )
         mark = int(self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count))
         if mark != count:
@@ -136,8 +136,16 @@ def mark_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
         raise _another(keys, written, partitions, "this writes")
 
 
+# What to do instead, after "P is fixed for a deployment's life".
+_START_OVER = (
+    "Set ATTNLSTM_PARTITIONS to what the streams were written with, or start a new "
+    "deployment: other stream names (ATTNLSTM_INPUT_STREAM and the rest), or the old "
+    "streams, their partitions mark and the workers' state keys deleted"
+)
+
+
 def _another(keys: Keys, written: int, count: int, who: str) -> PartitionsError:
     return PartitionsError(
         f"the streams of {keys.input} are written in {written} partitions "
-        f"({keys.partitions}); {who} {count}: P is fixed for a deployment's life"
+        f"({keys.partitions}); {who} {count}: P is fixed for a deployment's life. {_START_OVER}"
     )

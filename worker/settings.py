@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attnlstm.device import DEVICE_PATTERN
+from attnlstm.intervals import LEVELS
 from worker.keys import Keys
 from worker.streams import cluster_of
 
@@ -33,15 +34,30 @@ URL_SCHEMES = ("redis", "rediss", "unix")
 # The streams a worker writes, each apart from the input and from one another: a dead
 # stream that is the input feeds each bad entry back in, for ever.
 WRITTEN_STREAMS = ("output_stream", "dead_stream", "anomalies_stream", "models_stream")
-# What the worker alone reads: the commands that only write or read streams leave them
-# at their defaults (from_flags).
-WORKER_ONLY = ("model", "model_key_file", "consumer")
-MIN_MODEL_KEY_CHARS = 32
+# What the commands that only write or read streams (replay, plot --from-stream, models)
+# read: the server, how to reach it, and the streams' names. Every other setting is the
+# worker's alone (WORKER_ONLY, below Settings), left at its default for them (from_flags):
+# a worker's setting in a shared .env, its model key file or a bad coverage, stopped them.
+STREAM_SETTINGS = (
+    "redis_url",
+    "redis_ca_file",
+    "redis_password_file",
+    "socket_timeout_s",
+    "cluster",
+    "partitions",
+    "input_stream",
+    "output_stream",
+    "dead_stream",
+    "anomalies_stream",
+    "group",
+    "models_stream",
+)
+MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
 # Past it, a number sent to Redis's functions (Lua, in doubles) is no longer exact, and
 # one past 2^63 is refused by Redis at every try: the worker retried for ever.
 MAX_REDIS_INT = 2**53
 MAX_HISTORY_LEN = 1_000_000  # 8 MB a series: 10^8 asked numpy for 763 GiB at the start
-MAX_THREADS = 1024  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
+MAX_THREADS = 1024
 
 
 def default_consumer() -> str:
@@ -160,6 +176,18 @@ class Settings(BaseSettings):
         query = parse_qsl(parts.query, keep_blank_values=True)
         if any(key == "db" and not value.isdigit() for key, value in query):
             raise ValueError("its db= must be a database number")
+        return value
+
+    @field_validator("coverage")
+    @classmethod
+    def _calibrated(cls, value: float) -> float:
+        # A spread is measured at LEVELS: past them it was the nearest one's (0.999 took
+        # 0.99's spread, 0.3 took 0.5's), and only the online multiplier made up for it.
+        if value and not LEVELS[0] <= value <= LEVELS[-1]:
+            raise ValueError(
+                f"must be 0 (no intervals) or from {LEVELS[0]} to {LEVELS[-1]}, the coverages "
+                f"a model's spread is measured at, got {value}"
+            )
         return value
 
     @field_validator("consumer")
@@ -313,6 +341,9 @@ class Settings(BaseSettings):
 
     def url_for_logs(self) -> str:
         return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
+
+
+WORKER_ONLY = tuple(name for name in Settings.model_fields if name not in STREAM_SETTINGS)
 
 
 def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:

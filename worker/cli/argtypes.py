@@ -17,6 +17,14 @@ class UsageError(ValueError):
     (a size past a checkpoint's bounds): a usage error all the same, exit 2."""
 
 
+def refuse_given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...], what: str) -> None:
+    """A usage error naming each of ``flags`` (flag, argument) that was given: it would
+    be ignored. Each such flag defaults to None (or to [])."""
+    given = [flag for flag, name in flags if getattr(args, name) not in (None, [])]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {what}")
+
+
 def whole(text: str, least: int = 0) -> int:
     """A whole number >= ``least``."""
     try:

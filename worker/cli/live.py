@@ -21,8 +21,8 @@ from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.partition import partition_of
 from worker.app import run_service
-from worker.cli.argtypes import UsageError
-from worker.cli.parser import WORKER_FLAGS
+from worker.cli.argtypes import UsageError, refuse_given
+from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import ModelStore
@@ -115,6 +115,8 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
 def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.series is None:
         raise UsageError("plot --from-stream needs --series ID: the series to draw")
+    refuse_given(args, PLOT_FILE_FLAGS, "for a plot from a checkpoint, not --from-stream")
+    args = plot_defaults(args)
     settings = from_flags(redis_url=args.redis_url, partitions=args.partitions, unused=WORKER_ONLY)
     with redis_for(settings, "plot") as (client, settings):
         views = read_views(
@@ -139,7 +141,7 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         redis_url=args.redis_url,
         models_stream=args.models_stream,
         model_key_file=args.model_key_file,
-        unused=("model", "consumer"),
+        unused=tuple(name for name in WORKER_ONLY if name != "model_key_file"),
     )
     with redis_for(settings, "models") as (client, settings):
         # keep None: nothing pruned here; the workers prune to their own keep_models at

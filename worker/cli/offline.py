@@ -21,7 +21,7 @@ from attnlstm.checkpoint import (
     open_checkpoint,
     save,
 )
-from attnlstm.data import DAY_S, Dataset, load_dataset
+from attnlstm.data import DAY_S, Dataset, fingerprint, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
@@ -39,7 +39,8 @@ from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import HELD_OUT, split_point
-from worker.cli.argtypes import UsageError, positive
+from worker.cli.argtypes import UsageError, positive, refuse_given
+from worker.cli.parser import PLOT_STREAM_FLAGS, plot_defaults
 from worker.tools.replay import MAX_SINE_VALUES
 
 # Fewer validation windows than this and `train` says the blend and the intervals, fitted
@@ -72,7 +73,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     elif args.period is None and dataset.step_s is None and args.data.startswith("csv:"):
         print(
             "attnlstm train: note: the first column, taken to be the time, holds no time "
-            "at its first row (ISO 8601 or ms since the epoch): trained with no daily "
+            "at its first row (ISO 8601 or a count since the epoch): trained with no daily "
             "period; --period N sets one, --column NAME reads a column as a series",
             file=sys.stderr,
         )
@@ -176,13 +177,16 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     """The article's figures for the data's first series, and the loss curves."""
-    dataset, device = _prepare(args)
+    refuse_given(args, PLOT_STREAM_FLAGS, "for --from-stream")
+    dataset, device = _prepare(plot_defaults(args))
     checkpoint = open_checkpoint(args.model)
     args.val_fraction = _held_out(args, checkpoint.meta, dataset)
     checkpoint.model.to(device)
     name, values = dataset.names[0], dataset.series[0]
     config = checkpoint.config  # refused as evaluate refuses it: too short to plot
-    split_dataset(Dataset([name], [values]), config.context, config.horizon, args.val_fraction)
+    split_dataset(
+        Dataset([name], [values]), config.context, config.horizon, args.val_fraction, training=False
+    )
     steps, forecast, attention = series_forecast(checkpoint.model, values, device=device)
     cut = split_point(len(values), args.val_fraction)
     written = [
@@ -251,26 +255,54 @@ def _finite_list(curve: object) -> TypeGuard[list[float]]:
 
 def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) -> float:
     """The tail to score a checkpoint on: --val-fraction, or the one it was trained
-    without (0.2 where its meta does not say). On a series it was trained on (by its
-    values' fingerprint; by the data spec as written, for a checkpoint without them), a
-    longer tail than that would score it on values it trained on, and is refused:
-    ``csv:./f.csv`` for ``csv:f.csv``, or a copy of the file, passed as other data."""
+    without (0.2 where its meta does not say). A tail that reaches into the values a
+    series was trained on is refused: the checkpoint knows them by the fingerprint of
+    each series' training part, whatever the path, the copy or the column, and however
+    many rows were added or removed since (a checkpoint written before those, by the
+    data spec as written, against its own fraction)."""
     trained = meta.get("val_fraction")
     trained = trained if isinstance(trained, float) and 0 < trained < 1 else None
-    if args.val_fraction is None:
-        return trained or HELD_OUT
-    known = meta.get("data_fingerprints")
-    if isinstance(known, list):
-        seen = not set(dataset.fingerprints()).isdisjoint(str(k) for k in known)
-    else:
-        seen = meta.get("data") == args.data
-    if trained is not None and seen and args.val_fraction > trained:
+    fraction = float(args.val_fraction or trained or HELD_OUT)
+    parts = meta.get("trained_values")
+    if isinstance(parts, list):
+        _check_unseen(args, dataset, parts, fraction)
+        return fraction
+    if trained is not None and meta.get("data") == args.data and fraction > trained:
         raise ValueError(
             f"the model was trained on all but the last {trained:g} of each series of "
-            f"{args.data}: --val-fraction {args.val_fraction:g} would score it on values it "
+            f"{args.data}: --val-fraction {fraction:g} would score it on values it "
             f"trained on; pass at most {trained:g}"
         )
-    return float(args.val_fraction)
+    return fraction
+
+
+def _check_unseen(
+    args: argparse.Namespace, dataset: Dataset, parts: list[Any], fraction: float
+) -> None:
+    """A ValueError where the tail of ``fraction`` of a series of ``dataset`` starts
+    before the end of a training part in ``parts`` ([values, fingerprint] pairs)."""
+    wanted: dict[int, set[str]] = {}
+    for part in parts:
+        if isinstance(part, list) and len(part) == 2 and isinstance(part[0], int):
+            wanted.setdefault(part[0], set()).add(str(part[1]))
+    overlap = [
+        (name, len(values), n)
+        for name, values in zip(dataset.names, dataset.series, strict=True)
+        for n, prints in wanted.items()
+        if n <= len(values)
+        and split_point(len(values), fraction) < n
+        and fingerprint(values[:n]) in prints
+    ]
+    if overlap:
+        name, length, n = overlap[0]
+        most = math.floor(min((size - n) / size for _, size, n in overlap) * 1000) / 1000
+        more = f" (and {len(overlap) - 1} more series)" if len(overlap) > 1 else ""
+        fix = f"pass --val-fraction {most:g} or less" if most else "it has too few values since"
+        raise ValueError(
+            f"the model trained on the first {n:,} of the {length:,} values of {name} of "
+            f"{args.data}{more}: a held-out tail of {fraction:g} would score it on values it "
+            f"trained on; {fix}"
+        )
 
 
 def _check_sizes(args: argparse.Namespace) -> None:

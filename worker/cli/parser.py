@@ -50,10 +50,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool = False) -> None:
+    # For plot (live), --data, --seed and --device default to None: see PLOT_FILE_FLAGS.
     p.add_argument(
         "--data",
         type=data_spec,
-        default="sine",
+        default=None if live else "sine",
         help="sine (the article's series), sines (many), or csv:PATH (default: sine)",
     )
     # --series and --column default to None and []: given with data they are no part of,
@@ -72,7 +73,9 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
         help="CSV value column (repeatable; default: every column but the first)",
     )
     seeded = "the sines and the training" if trains else "the sines"
-    p.add_argument("--seed", type=seed, default=0, help=f"seed for {seeded} (default 0)")
+    p.add_argument(
+        "--seed", type=seed, default=None if live else 0, help=f"seed for {seeded} (default 0)"
+    )
     p.add_argument(
         "--val-fraction",
         type=fraction,
@@ -81,7 +84,10 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
         + ("0.2)" if trains else "the checkpoint's: the tail it was trained without)"),
     )
     p.add_argument(
-        "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)"
+        "--device",
+        type=device,
+        default=None if live else "cpu",
+        help="auto, cpu, cuda or cuda:N (default cpu)",
     )
     p.add_argument(
         "--threads", type=positive, default=None, help="torch CPU threads (default: torch's)"
@@ -115,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from a running system's output and input streams.",
     )
     _data_args(plot, live=True)
-    plot.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    plot.add_argument("--model", type=Path, default=None, help="(default model.safetensors)")
     plot.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
     _live_plot_args(plot)
     _demo_args(
@@ -406,9 +412,44 @@ def _live_plot_args(plot: argparse.ArgumentParser) -> None:
         "--partitions", type=positive, default=None, help="(default: ATTNLSTM_PARTITIONS or 1)"
     )
     live.add_argument(
-        "--last", type=positive, default=100_000, help="output entries to search (100000)"
+        "--last", type=positive, default=None, help="output entries to search (100000)"
     )
-    live.add_argument("--points", type=positive, default=200, help="forecasts drawn (200)")
+    live.add_argument("--points", type=positive, default=None, help="forecasts drawn (200)")
+
+
+# plot's flags for each source, (flag, argument), each defaulting to None (or []): one
+# given with the other source is refused, not ignored; plot_defaults fills them in.
+PLOT_FILE_FLAGS = (
+    ("--data", "data"),
+    ("--model", "model"),
+    ("--column", "column"),
+    ("--seed", "seed"),
+    ("--val-fraction", "val_fraction"),
+    ("--device", "device"),
+    ("--threads", "threads"),
+)
+PLOT_STREAM_FLAGS = (
+    ("--redis-url", "redis_url"),
+    ("--partitions", "partitions"),
+    ("--last", "last"),
+    ("--points", "points"),
+)
+PLOT_DEFAULTS = {
+    "data": "sine",
+    "model": Path("model.safetensors"),
+    "seed": 0,
+    "device": "cpu",
+    "last": 100_000,
+    "points": 200,
+}
+
+
+def plot_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with each of plot's flags that was not given at its default."""
+    for name, value in PLOT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def _models_args(models: argparse.ArgumentParser) -> None:

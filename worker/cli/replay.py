@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import UsageError
+from worker.cli.argtypes import UsageError, refuse_given
 from worker.cli.commands import refusal
 from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.signals import handled
@@ -92,7 +92,7 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
 def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:
     """The entries to write, and how many there are when that is known."""
     if args.csv is not None:
-        _refuse_given(args, SINE_FLAGS, "for sines, not --csv")
+        refuse_given(args, SINE_FLAGS, "for sines, not --csv")
         if args.series_column is None and args.value_column is not None:  # it was ignored
             raise UsageError("--value-column is for a long file, with --series-column")
         if args.series_column is not None and args.column:  # so was this
@@ -104,7 +104,7 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
             value_column=args.value_column or CsvLayout.value_column,
         )
         return csv_entries(args.csv, layout), count_csv(args.csv, layout)  # all checked first
-    _refuse_given(args, CSV_FLAGS, "for --csv, not sines")
+    refuse_given(args, CSV_FLAGS, "for --csv, not sines")
     default = SineSpec()
     n_series = args.series or default.n_series
     points = args.points
@@ -140,13 +140,6 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
     except ValueError as e:
         raise UsageError(str(e)) from None
     return entries, None if bad_rate else spec.n_series * spec.n_points
-
-
-def _refuse_given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...], what: str) -> None:
-    """A usage error naming each of ``flags`` that was given: it would be ignored."""
-    given = [flag for flag, name in flags if getattr(args, name) not in (None, [])]
-    if given:
-        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} {what}")
 
 
 @contextlib.contextmanager

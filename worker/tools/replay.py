@@ -203,16 +203,14 @@ def _ts(path: Path, line: int, text: str) -> bytes:
         ms = time_ms(text)
     except ValueError:
         raise DataError(
-            f"{path}:{line}: time {text!r} is neither ISO 8601 nor ms since the epoch"
+            f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
         ) from None
     if ms < 0:
         raise DataError(f"{path}:{line}: time {text!r} is before 1970")
     ts = b"%d" % ms
     refused = parse(b"0-1", {b"series": b"s", b"value": b"0", b"ts": ts})
     if isinstance(refused, str):
-        # Epoch ns (what pandas writes) of 1973 to 2286 have 18 or 19 digits.
-        hint = "; are they ns since the epoch?" if 10**17 <= ms < 10**19 else ""
-        raise DataError(f"{path}:{line}: time {text!r}: the worker refuses it ({refused}){hint}")
+        raise DataError(f"{path}:{line}: time {text!r}: the worker refuses it ({refused})")
     return ts
 
 
