@@ -154,16 +154,26 @@ def test_truncated_empty_and_missing_files_are_refused(tmp_path: Path) -> None:
         load(tmp_path / "absent.safetensors")
 
 
-def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_save_is_atomic_and_leaves_no_temp_files(
+    failing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save over a checkpoint that fails part way (the disk full at the flush, the
+    rename refused) leaves the old one whole, and no temp file. (It saved to a folder
+    before, which a plain write_bytes refused alike: atomicity went unchecked.)"""
     path = tmp_path / "m.safetensors"
-    first = save(path, model)
-    # Replacing a directory fails at the rename: the old state must survive intact.
-    (tmp_path / "dir.safetensors").mkdir()
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*dir\.safetensors"):
-        save(tmp_path / "dir.safetensors", model)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "m.safetensors"]
-    assert load(path).version == first
+    save(path, new_model(ModelConfig(hidden_size=4, attention_size=4), seed=0))
+    before = path.read_bytes()
+
+    def fails(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, failing, fails)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*m\.safetensors"):
+        save(path, new_model(ModelConfig(hidden_size=4, attention_size=4), seed=1))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def _forged(hidden_size: int) -> bytes:

@@ -16,8 +16,8 @@ from worker.online.finetune import (
     FinetuneConfig,
     Job,
     NotEnoughDataError,
-    _mase,
     _scales,
+    _verdict,
     _windows,
     history_kept,
     run_job,
@@ -74,10 +74,10 @@ def test_the_gate_never_promotes_a_worse_candidate_over_many_series() -> None:
         series = [np.cumsum(rng.normal(0, 1, 200)) for _ in range(10_000)]  # random walks
         _, _, gate = _windows(series, config, cfg)
         scales = _scales(series, cfg.holdout)
-        serving = _mase(gate, gate.y + rng.normal(0, 0.5, gate.y.shape), scales)
+        served = gate.y + rng.normal(0, 0.5, gate.y.shape)
         for ratio in promoted:
-            candidate = _mase(gate, gate.y + rng.normal(0, 0.5 * ratio, gate.y.shape), scales)
-            promoted[ratio] += candidate < serving * (1 - cfg.margin)
+            candidate = gate.y + rng.normal(0, 0.5 * ratio, gate.y.shape)
+            promoted[ratio] += _verdict(gate, candidate, served, scales, cfg.margin)[0]
     assert promoted == {1.2: 0, 0.9: 40}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -53,9 +55,12 @@ def test_a_spread_travels_in_a_checkpoints_meta_and_a_bad_one_falls_back() -> No
         {"spread": {"levels": list(LEVELS), "q": [[1.0, 2.0], [1.0]]}},  # ragged: planted
         {"spread": {"levels": list(LEVELS), "q": [["a"] * 3] * len(LEVELS)}},
         {"spread": {"levels": list(LEVELS), "q": {"x": 1}}},
+        {"spread": {"levels": list(LEVELS), "q": [[math.inf] * 3] * len(LEVELS)}},
+        {"spread": {"levels": list(LEVELS), "q": [[math.nan] * 3] * len(LEVELS)}},
     ]:
+        # The fallback itself (the shape and a positive spread, the stored one had too).
         fallback = Spread.from_meta(meta, horizon=3)
-        assert fallback.q.shape == (len(LEVELS), 3)
+        np.testing.assert_array_equal(fallback.q, Spread.from_meta({}, horizon=3).q)
         assert (fallback.at(0.9) > 0).all()
 
 

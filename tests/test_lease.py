@@ -133,6 +133,8 @@ def test_a_deleted_fence_number_starts_a_new_term(client: redis.Redis, keys: Key
     a = lease(client, keys, "a")
     assert a.acquire() == (a.token, 1)
     client.delete(keys.fence)
+    with pytest.raises(redis.ResponseError, match="FENCED"):  # the old term's number
+        round_trip(client, [Fence(keys, a.token, 1, 5000).publish()])
     token, number = a.acquire()
     assert (token, number) == (a.token, 1)  # counted again from 1
     assert round_trip(client, [Fence(keys, a.token, number, 5000).publish()]) == [0]

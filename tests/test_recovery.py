@@ -43,6 +43,7 @@ from tests.helpers import (
 )
 from worker import loop
 from worker.batch import Batch, triage
+from worker.contract import entry_ms
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION
@@ -287,11 +288,16 @@ def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(
     redis_client.xgroup_create(keys.input, keys.group, id="0")
     redis_client.xreadgroup(keys.group, "ghost", {keys.input: ">"}, count=50)  # then it died
     redis_client.set(keys.lease, "ghost", px=1500)
+    expires = time.time() + redis_client.pttl(keys.lease) / 1000
     report = drain(settings_for(redis_url, keys), trained_sines)
     want = expected(trained_sines, values, ids)
     assert_forecasts(redis_client, keys.output, want)
     assert report["forecasts"] == len(want)
     assert _pending(redis_client, keys) == 0
+    # Not before: the first forecast went out once the ghost's lease had lapsed (by its
+    # entry id, the server's clock; 50 ms for the two clocks and the call's rounding).
+    ((first, _),) = cast(list[Entry], redis_client.xrange(keys.output, count=1))
+    assert entry_ms(first) / 1000 >= expires - 0.05
 
 
 def _crash_at(poison: bytes, monkeypatch: pytest.MonkeyPatch) -> None:

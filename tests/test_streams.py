@@ -26,6 +26,7 @@ from worker.streams import (
     read_entries,
     read_group,
     round_trip,
+    routing_key,
     transaction,
 )
 
@@ -160,3 +161,12 @@ def test_a_field_named_twice_is_a_bad_entry_read_live_or_in_a_resync(
             (b"value#2", b"1"),
             (b"series#2", b"b"),
         ]
+
+
+def test_a_read_is_routed_by_its_stream_whatever_its_group_and_consumer_are_named() -> None:
+    """A consumer (or group) named STREAMS: the read went to the node of the key named
+    after it, on a cluster."""
+    keys = Keys(input="in{3}", group="STREAMS")
+    for consumer in ("STREAMS", "w"):
+        assert routing_key(read_group(keys, consumer, 10, 100)) == b"in{3}"
+    assert routing_key((b"XREAD", b"COUNT", b"5", b"STREAMS", b"s", b">")) == b"s"

@@ -4,6 +4,7 @@ and its guarantees."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -411,12 +412,15 @@ def test_slots_of_series_gone_quiet_go_to_new_series_when_only_new_ones_send(
     for entry_id, series in old + new:
         redis_client.xadd(keys.input, {"series": series, "value": "1.5"}, id=entry_id)
     settings = settings_for(redis_url, keys, max_series=3, series_idle_s=1.0, max_batch=3)
-    drain(settings, trained_sines)
+    report = drain(settings, trained_sines)
     refused = [
         src for src, f in by_src(redis_client, keys.dead).items() if b"series limit" in f[b"error"]
     ]
     new_ids = [entry_id.encode() for entry_id, _ in new]
     assert set(refused) <= set(new_ids[:3])  # at most the first batch, read before a sweep
+    # Nothing else dead-lettered, whatever the reason says: the rest went into windows.
+    assert redis_client.xlen(keys.dead) == len(refused)
+    assert report["warming"] == len(old + new) - len(refused)
 
 
 def test_a_worker_that_keeps_falling_out_of_step_spaces_its_re_syncs_out(
@@ -445,10 +449,20 @@ def test_a_worker_that_keeps_falling_out_of_step_spaces_its_re_syncs_out(
     settings = settings_for(redis_url, keys, lease_ttl_ms=4000, block_ms=50)
     with WorkerThread(new_worker(settings, trained_sines)) as worker:
         worker.wait_for(intruded_often)
-    assert _resync_waits(caplog)[:5] == [0.25, 0.5, 1.0, 1.0, 1.0]  # a lease of 4 s
+    waits = _resync_waits(caplog)
+    assert [wait for _, wait in waits[:5]] == [0.25, 0.5, 1.0, 1.0, 1.0]  # a lease of 4 s
+    # And it waits as it says: the next fall out of step comes no sooner (the log alone
+    # would read the same with the wait left out).
+    for (said_at, wait), (next_at, _) in itertools.pairwise(waits[:5]):
+        assert next_at - said_at >= 0.9 * wait
 
 
-def _resync_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
-    """The waits before each re-sync that came soon after another, as logged."""
-    said = (r.getMessage() for r in caplog.records if r.name.startswith("attnlstm"))
-    return [float(m) for text in said for m in re.findall(r"; re-syncing in ([\d.]+) s$", text)]
+def _resync_waits(caplog: pytest.LogCaptureFixture) -> list[tuple[float, float]]:
+    """When the worker logged each wait before a re-sync that came soon after another,
+    and the wait."""
+    return [
+        (record.created, float(m))
+        for record in caplog.records
+        if record.name.startswith("attnlstm")
+        for m in re.findall(r"; re-syncing in ([\d.]+) s$", record.getMessage())
+    ]

@@ -327,7 +327,8 @@ def routing_key(command: Command) -> bytes | None:
     if name in (b"FCALL", b"FCALL_RO", b"EVALSHA", b"EVAL"):
         return command[3] if int(command[2]) else None
     if name in (b"XREADGROUP", b"XREAD"):
-        return command[command.index(b"STREAMS") + 1]
+        # Past GROUP, the group and the consumer: either may be named STREAMS.
+        return command[command.index(b"STREAMS", 4 if name == b"XREADGROUP" else 1) + 1]
     if name in (b"MULTI", b"EXEC", b"PING", b"TIME") or len(command) < 2:
         return None
     return command[1]

@@ -158,8 +158,7 @@ def run_job(job: Job) -> Outcome:
     yhat, _ = predict(model, gate.x)
     served = predict(serving.model, gate.x)[0] if serving is not None else naive_last(gate)
     scales = _scales(series, cfg.holdout)
-    candidate, incumbent = _mase(gate, yhat, scales), _mase(gate, served, scales)
-    promote = candidate < incumbent * (1 - cfg.margin)
+    promote, candidate, incumbent = _verdict(gate, yhat, served, scales, cfg.margin)
     against = "the serving model" if serving is not None else "the naive forecast"
     verdict = "beats" if promote else "does not beat"
     reason = (
@@ -218,6 +217,16 @@ def _scales(series: list[np.ndarray], holdout: float) -> np.ndarray:
     return np.array(
         [float(np.mean(np.abs(np.diff(s[: _cuts(len(s), holdout)[1]])))) for s in series]
     )
+
+
+def _verdict(
+    gate: Windows, yhat: np.ndarray, served: np.ndarray, scales: np.ndarray, margin: float
+) -> tuple[bool, float, float]:
+    """The gate: whether forecasts ``yhat`` of the ``gate`` windows beat the serving
+    ones, ``served``, by ``margin`` of their MASE (each series by its ``scales``); the
+    two MASEs."""
+    candidate, incumbent = _mase(gate, yhat, scales), _mase(gate, served, scales)
+    return candidate < incumbent * (1 - margin), candidate, incumbent
 
 
 def _mase(gate: Windows, yhat: np.ndarray, scales: np.ndarray) -> float:
