@@ -65,6 +65,15 @@ def large_requests_logged(client: redis.Redis, key: str) -> int | None:
     return int(client.execute_command(*command)) - before  # type: ignore[no-untyped-call]
 
 
+def gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie that no init in this container reaped."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
 def wait_for(condition: Callable[[], object], *, timeout: float = 60, what: str = "") -> None:
     """Until ``condition()`` is true; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

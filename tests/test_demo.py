@@ -25,7 +25,7 @@ from attnlstm.model import AttentionLSTM
 from attnlstm.plots import plot_latency, plot_series_forecasts
 from attnlstm.synthetic import SineSpec, sine_steps
 from tests.conftest import CLI
-from tests.helpers import drain, fill, free_port, settings_for, wait_for, worker_env
+from tests.helpers import drain, fill, free_port, gone, settings_for, wait_for, worker_env
 from worker.cli.parser import build_parser
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
@@ -209,7 +209,7 @@ def test_ctrl_c_as_the_replay_starts_is_no_traceback(demo_dir: Path) -> None:
         assert found, "".join(demo.lines)
         with redis.Redis.from_url(found[1]) as server:
             wait_for(
-                lambda: _gone(replay[0]) or server.xlen(DEMO_KEYS.input) > 0,
+                lambda: gone(replay[0]) or server.xlen(DEMO_KEYS.input) > 0,
                 what="the replay to write, or to die",
             )
         demo.proc.send_signal(signal.SIGINT)
@@ -444,14 +444,6 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie that no init in this container reaped."""
-    try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="no /proc to read")
 def test_the_replay_dies_with_a_killed_demo(demo_dir: Path) -> None:
     """kill -9 of a demo on a Redis of the user's (ATTNLSTM_REDIS_URL; an embedded one
@@ -465,7 +457,7 @@ def test_the_replay_dies_with_a_killed_demo(demo_dir: Path) -> None:
             (replay,) = [pid for pid, cmd in children.items() if "spawn_main" in cmd]
         finally:
             demo.kill()
-        wait_for(lambda: _gone(replay), timeout=10, what="the replay to die with the demo")
+        wait_for(lambda: gone(replay), timeout=10, what="the replay to die with the demo")
 
 
 def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:

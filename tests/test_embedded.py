@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT
-from tests.helpers import free_port, large_requests_logged, wait_for
+from tests.helpers import free_port, gone, large_requests_logged, wait_for
 from worker import embedded
 from worker.embedded import (
     QUIET_COMMAND_LOG,
@@ -24,15 +24,6 @@ from worker.embedded import (
     find_server_binary,
     tuning_args,
 )
-
-
-def _gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie that no init in this container reaped."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
 
 
 def test_ping_and_stream_round_trip() -> None:
@@ -95,7 +86,7 @@ def test_stop_twice_is_safe_and_removes_the_temp_dir() -> None:
     server.stop()
     assert not data_dir.exists()
     assert not server.running
-    assert _gone(pid)
+    assert gone(pid)
 
 
 def test_restart_keeps_appendonly_data() -> None:
@@ -177,14 +168,14 @@ def test_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         server_pid = int(parent.stdout.readline())
-        assert not _gone(server_pid)
+        assert not gone(server_pid)
     finally:
         parent.kill()  # SIGKILL: no atexit, no __exit__, only the kernel's death signal
         parent.wait()
     deadline = time.monotonic() + 5
-    while not _gone(server_pid) and time.monotonic() < deadline:
+    while not gone(server_pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _gone(server_pid)
+    assert gone(server_pid)
 
 
 def _ping(url: str) -> bool:
@@ -270,7 +261,7 @@ def test_a_killed_owners_directory_goes_when_the_next_server_starts(
         owner.wait()
     # Its server goes with it (SIGTERM at its parent's death), writing its last lines into
     # the directory as it stops: a sweep meanwhile could leave the directory behind.
-    wait_for(lambda: _gone(int(pid)), timeout=30, what="the owner's server to stop")
+    wait_for(lambda: gone(int(pid)), timeout=30, what="the owner's server to stop")
     assert left.parent == tmp_path
     assert (left / "server.log").is_file()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from tests.helpers import (
     events,
     fill,
     finetune_processes,
+    gone,
     new_worker,
     other_model,
     settings_for,
@@ -1015,8 +1015,4 @@ def test_the_fine_tuning_process_goes_with_a_worker_killed_9() -> None:
     child = int(worker.stdout.readline())
     worker.kill()
     worker.wait()
-    wait_for(
-        lambda: not Path(f"/proc/{child}").exists(),
-        timeout=30,
-        what="the fine-tuning process to end",
-    )
+    wait_for(lambda: gone(child), timeout=30, what="the fine-tuning process to end")

@@ -46,7 +46,7 @@ from tests.helpers import (
 )
 from worker.app import run_service
 from worker.keys import Keys
-from worker.lease import ensure_library, process_token
+from worker.lease import Lease, ensure_library, process_token
 from worker.loop import Lane, Worker
 from worker.pool import PartitionsError, Pool
 from worker.recovery import Recovery
@@ -161,11 +161,19 @@ def test_each_worker_s_share_is_p_over_n_and_they_add_up_to_p(
 
 
 def test_a_worker_past_the_partitions_is_a_healthy_standby(
-    redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+    redis_url: str, keys: Keys, trained_sines: AttentionLSTM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three workers, two partitions: the third's share is none. It asks no lease, yet it
     answers /healthz as a standby that Redis answers (its heartbeat stopped there, and
     after 10 s docker marked a container of `--scale worker=13` unhealthy)."""
+    asked: list[tuple[float, str]] = []  # each lease asked for: when, and by which token
+    acquire = Lease.acquire
+
+    def recorded(lease: Lease, *, new_term: bool = False) -> tuple[str, int]:
+        asked.append((time.monotonic(), lease.token))
+        return acquire(lease, new_term=new_term)
+
+    monkeypatch.setattr(Lease, "acquire", recorded)
     settings = settings_for(redis_url, keys, partitions=2, lease_ttl_ms=1500, block_ms=100)
     workers = [new_worker(settings.model_copy(update={"consumer": c}), trained_sines)
                for c in ("a", "b", "c")]  # fmt: skip
@@ -189,6 +197,9 @@ def test_a_worker_past_the_partitions_is_a_healthy_standby(
         ok, body = standby.metrics.health(stale_after_s=1.0)
         assert ok, body
         assert body["role"] == "standby"
+        since, mine = seen[0][1], f"{standby.settings.consumer}#"
+        assert not [t for at, t in asked if at > since and t.startswith(mine)]
+        assert [t for at, t in asked if at > since]  # the two active ones renew theirs
 
 
 def test_a_stop_during_a_taken_partitions_re_sync_saves_none_it_did_not_restore(
