@@ -36,7 +36,7 @@ VERSION_HEX = 16  # hex digits of the content hash used as the model version
 # 32, window 20), far below what a forecaster of one value per step could use; a size
 # below its lower one is no model (an attention of width -1 cannot even be built).
 CONFIG_BOUNDS = {
-    "window": (1, 10_000),
+    "window": (2, 10_000),
     "horizon": (1, 1_000),
     "input_size": (1, 1_024),  # 1 + the number of lags
     "context": (1, 10_000),  # values a forecast reads (the worker keeps this many a series)

@@ -61,7 +61,18 @@ class Dataset:
 def fingerprint(values: np.ndarray) -> str:
     """Values as a short hash (16 hex digits of their sha256): how `evaluate` knows the
     values a model trained on, whatever path or name their series has."""
-    return hashlib.sha256(np.asarray(values, dtype="<f8").tobytes()).hexdigest()[:16]
+    return prefix_fingerprints(values, [len(values)])[0]
+
+
+def prefix_fingerprints(values: np.ndarray, ends: Sequence[int]) -> list[str]:
+    """The :func:`fingerprint` of ``values[:end]`` for each of ``ends`` (ascending), in
+    one pass over the values."""
+    raw, whole, start, prints = np.asarray(values, dtype="<f8"), hashlib.sha256(), 0, []
+    for end in ends:
+        whole.update(raw[start:end].tobytes())
+        start = end
+        prints.append(whole.copy().hexdigest()[:16])
+    return prints
 
 
 def load_dataset(

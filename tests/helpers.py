@@ -4,6 +4,7 @@ signals, the command line)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
 from tests.conftest import CLI, ROOT
+from worker.embedded import EmbeddedServerError, find_server_binary
 from worker.engine import Engine
 from worker.keys import Keys
 from worker.loop import Worker
@@ -418,3 +420,19 @@ def burst_cli(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, floa
     assert done.returncode == 0, done.stderr[-3000:]
     report: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
+
+
+DEBIAN_REDIS = Path("/usr/bin/redis-server")  # Debian's: Redis 7.0, built with TLS
+
+
+def server_binaries() -> list[Any]:
+    """The embedded server's binary and Debian's redis-server, where present."""
+    found: dict[Path, Path] = {}
+    with contextlib.suppress(EmbeddedServerError):
+        binary = find_server_binary()
+        found[binary.resolve()] = binary
+    if DEBIAN_REDIS.exists():
+        found.setdefault(DEBIAN_REDIS.resolve(), DEBIAN_REDIS)
+    if not found:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="no Redis server binary"))]
+    return [pytest.param(b, id=b.name) for b in found.values()]

@@ -20,7 +20,8 @@ import redis
 import torch
 
 from attnlstm.baselines import available
-from attnlstm.checkpoint import save
+from attnlstm.checkpoint import load, save
+from attnlstm.data import fingerprint, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import article_sine
@@ -267,6 +268,31 @@ def test_a_longer_tail_is_refused_on_the_series_trained_on_whatever_their_path(
     proc = run("evaluate", "--data", "csv:cut.csv", cwd=tmp_path)
     assert proc.returncode == 1
     assert "a held-out tail of 0.2 would score it on values it trained on; pass" in proc.stderr
+
+
+def test_a_checkpoint_of_the_release_before_refuses_a_longer_tail_by_its_fingerprints(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints written before each training part had its fingerprint kept those of
+    the whole series (``data_fingerprints``). Read as no fingerprints at all, a copy of
+    the file under another name was scored on values the model trained on."""
+    rows = [f"{i},{math.sin(i / 5):.4f}" for i in range(300)]
+    (tmp_path / "f.csv").write_text("t,a\n" + "\n".join(rows) + "\n")
+    (tmp_path / "copy.csv").write_bytes((tmp_path / "f.csv").read_bytes())
+    last_json(run("train", "--data", "csv:f.csv", "--epochs", "1", "--json", cwd=tmp_path))
+    checkpoint = load(tmp_path / "model.safetensors")
+    meta = {k: v for k, v in checkpoint.meta.items() if k != "trained_values"}
+    meta["data_fingerprints"] = [fingerprint(load_dataset(f"csv:{tmp_path / 'f.csv'}").series[0])]
+    save(tmp_path / "old.safetensors", checkpoint.model, meta)
+    old = ("evaluate", "--model", "old.safetensors", "--data", "csv:copy.csv")
+    proc = run(*old, "--val-fraction", "0.3", cwd=tmp_path)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        1,
+        "attnlstm evaluate: error: the model was trained on all but the last 0.2 of each "
+        "series of csv:copy.csv: --val-fraction 0.3 would score it on values it trained "
+        "on; pass at most 0.2",
+    )
+    assert last_json(run(*old, "--json", cwd=tmp_path))["val_fraction"] == 0.2
 
 
 def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(

@@ -390,3 +390,9 @@ def test_dead_letter_names_that_meet_are_numbered_not_overwritten() -> None:
     long = b"n" * DEAD_MAX_BYTES
     dead = dead_fields({long + b"1": b"x", long + b"2": b"y"}, b"1-0", "e")
     assert (dead[long], dead[long + b"#2"]) == (b"x", b"y")
+    # Both cut, each by the name kept: the second overwrote the first's, under a name
+    # no field had.
+    assert json.loads(dead[b"truncated"]) == {
+        "n" * DEAD_MAX_BYTES: 1,
+        "n" * DEAD_MAX_BYTES + "#2": 1,
+    }

@@ -29,6 +29,7 @@ from tests.cluster import LocalCluster
 from tests.conftest import CLI, ROOT
 from tests.deployment import DEPLOY, USERS, compose_tool, make_secrets, wrong_acl_lines
 from tests.helpers import (
+    DEBIAN_REDIS,
     assert_forecasts,
     burst_cli,
     entries,
@@ -36,6 +37,7 @@ from tests.helpers import (
     fill,
     free_port,
     large_requests_logged,
+    server_binaries,
     worker_cmd,
     worker_env,
 )
@@ -43,7 +45,6 @@ from worker.cli import main
 from worker.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
-    find_server_binary,
     tuning_args,
 )
 from worker.keys import Keys
@@ -52,7 +53,6 @@ from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
 
-DEBIAN_REDIS = Path("/usr/bin/redis-server")  # Debian's is built with TLS
 KEYS = Keys()  # the ACL file is written for the default names
 NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try again
 
@@ -124,19 +124,6 @@ def test_the_image_is_built_from_the_code_alone() -> None:
 
 
 # -- the ACL file, on a real server -------------------------------------------------
-
-
-def _server_binaries() -> list[Any]:
-    """The embedded server's binary and Debian's redis-server, where present."""
-    found: dict[Path, Path] = {}
-    with contextlib.suppress(EmbeddedServerError):
-        binary = find_server_binary()
-        found[binary.resolve()] = binary
-    if DEBIAN_REDIS.exists():
-        found.setdefault(DEBIAN_REDIS.resolve(), DEBIAN_REDIS)
-    if not found:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="no Redis server binary"))]
-    return [pytest.param(b, id=b.name) for b in found.values()]
 
 
 @dataclass
@@ -287,7 +274,7 @@ def _render_acl(directory: Path, secrets: Path) -> Path:
     return acl_file
 
 
-@pytest.fixture(params=_server_binaries())
+@pytest.fixture(params=server_binaries())
 def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclServer]:
     """The ACL file rendered by the container's entrypoint script from the shipped
     template and secrets made by make-secrets.sh, plus an `admin` user (tests only) to

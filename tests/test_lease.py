@@ -13,7 +13,7 @@ from worker.contract import ANOMALY_FIELDS, FORECAST_FIELDS
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION, Fence, FencedError, Lease, ensure_library, fenced
-from worker.streams import ensure_group, entries_of, round_trip
+from worker.streams import Command, ensure_group, entries_of, round_trip
 
 
 @pytest.fixture
@@ -100,6 +100,42 @@ def test_a_publish_writes_only_while_its_lease_holds(client: redis.Redis, keys: 
     assert client.xpending(keys.input, keys.group)["pending"] == 0
     assert client.hgetall(keys.state) == state
     assert client.pttl(keys.lease) > 1000  # renewed with the writes, to its 5 s
+
+
+def test_a_skip_records_the_loss_always_and_moves_the_counter_only_where_it_was(
+    client: redis.Redis, keys: Keys
+) -> None:
+    """attnlstm_skip: the dead letter of entries lost unread, and the group's read
+    counter set past them only while its last delivered entry is the one the worker saw;
+    nothing at all into a dead stream that is not a stream, nor while fenced."""
+    ensure_group(client, keys)
+    ids = [cast(bytes, client.xadd(keys.input, {"series": "s", "value": "1"})) for _ in range(3)]
+    client.xreadgroup(keys.group, "w", {keys.input: ">"}, count=2)
+    a = lease(client, keys, "a")
+    fence = Fence(keys, a.token, a.acquire()[1], 5000)
+    record = [b"lost", b"5", b"reason", b"unread", b"src", ids[1], b"error", b"e"]
+    fields = dict(zip(record[::2], record[1::2], strict=True))
+
+    def skip(last: bytes) -> Command:
+        return fence.skip(last_delivered=last, entries_read=7, dead=record, maxlen=100)
+
+    assert round_trip(client, [skip(ids[0])]) == [0]  # the group read on since: 2 read
+    assert [f for _, f in entries(client, keys.dead)] == [fields]
+    assert client.xinfo_groups(keys.input)[0]["entries-read"] == 2
+    assert round_trip(client, [skip(ids[1])]) == [1]
+    assert client.xinfo_groups(keys.input)[0]["entries-read"] == 7
+    assert client.xlen(keys.dead) == 2
+    client.delete(keys.dead)
+    client.set(keys.dead, "not a stream")
+    client.xgroup_setid(keys.input, keys.group, ids[1], entries_read=2)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        round_trip(client, [skip(ids[1])])
+    assert client.xinfo_groups(keys.input)[0]["entries-read"] == 2  # checked before a write
+    client.delete(keys.dead)
+    a.release()
+    with pytest.raises(redis.ResponseError, match="FENCED"):
+        round_trip(client, [skip(ids[1])])
+    assert (client.exists(keys.dead), client.xinfo_groups(keys.input)[0]["entries-read"]) == (0, 2)
 
 
 def test_a_new_term_refuses_what_the_holder_sent_before_it(client: redis.Redis, keys: Keys) -> None:

@@ -157,6 +157,25 @@ def test_a_command_leaves_the_settings_it_does_not_read_at_their_defaults(
     assert settings.consumer.endswith(f"-{os.getpid()}")
 
 
+def test_a_command_does_not_check_the_settings_it_does_not_read_against_those_it_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's .env with a 1 s socket timeout (and block_ms and max_wait_ms to match)
+    stopped `replay`: block_ms's default, 1,000 ms, which it took, was too long for it."""
+    (tmp_path / ".env").write_text(
+        "ATTNLSTM_SOCKET_TIMEOUT_S=1\nATTNLSTM_BLOCK_MS=400\nATTNLSTM_MAX_WAIT_MS=300\n"
+        "ATTNLSTM_LEASE_TTL_MS=1000\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert from_flags().block_ms == 400  # the worker's own: valid together
+    settings = from_flags(unused=WORKER_ONLY)
+    assert (settings.socket_timeout_s, settings.block_ms) == (1.0, 1000)
+    with pytest.raises(ValueError, match="block_ms"):  # read: still checked
+        from_flags(block_ms=1000, unused=tuple(n for n in WORKER_ONLY if n != "block_ms"))
+    with pytest.raises(ValueError, match="max_wait_ms"):  # the next check sees none unused
+        from_flags(max_wait_ms=600)
+
+
 def test_block_ms_must_stay_at_most_half_the_socket_timeout() -> None:
     _settings(block_ms=5000, socket_timeout_s=10.0)  # exactly half: fine
     with pytest.raises(ValidationError, match="block_ms"):

@@ -141,7 +141,7 @@ def _show(raw: bytes, limit: int = 40) -> str:
 def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
     """The original fields, plus where they came from and what was wrong, bounded: a
     name or value longer than DEAD_MAX_BYTES, its first bytes, with the original
-    length of every value cut short in ``truncated`` (a JSON object, by field name);
+    length of every value cut short in ``truncated`` (a JSON object, by the name kept);
     past DEAD_MAX_FIELDS fields or DEAD_MAX_TOTAL bytes, the first ones and
     ``fields_dropped`` (how many not). An original field of one of these names, or of
     ``src`` or ``error``, is kept as ``original:<name>``; a name kept already (given
@@ -157,10 +157,11 @@ def dead_fields(fields: Fields, src: bytes, error: str) -> Fields:
         taken += 1
         key = name[:DEAD_MAX_BYTES]
         key = b"original:" + key if key in _DEAD_OWN else key
-        kept[_unique(key, kept, suffixes)] = value[:DEAD_MAX_BYTES]
+        stored = _unique(key, kept, suffixes)
+        kept[stored] = value[:DEAD_MAX_BYTES]
         size += min(len(name), DEAD_MAX_BYTES) + min(len(value), DEAD_MAX_BYTES)
         if len(name) > DEAD_MAX_BYTES or len(value) > DEAD_MAX_BYTES:
-            shown = name[:DEAD_MAX_BYTES].decode(errors="backslashreplace")
+            shown = stored.decode(errors="backslashreplace")
             cut[shown] = len(value)
             size += len(json.dumps({shown: len(value)}))  # its record in `truncated`
     if taken < len(items):

@@ -6,7 +6,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '9'
+local VERSION = '10'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -136,16 +136,20 @@ local function publish(keys, args)
   return forecasts
 end
 
--- KEYS: lease, fence, input. ARGV: token, fence number, group, last delivered id,
--- entries read. Once entries lost unread are accounted for (worker/recovery.py), the
--- group's read counter counts them as read, so that they are counted once and Redis's
--- lag stays true; only while the group's last delivered entry is still that id.
--- Reply: 1 when set, 0 when the group had moved on.
+-- KEYS: lease, fence, input, dead. ARGV: token, fence number, group, last delivered id,
+-- entries read, maxlen, then the dead letter's fields and values. Entries lost unread
+-- (worker/recovery.py): the dead letter that records them, and in the same step the
+-- group's read counter set to count them as read, so that they are counted once (a
+-- worker killed between the two, on a server whose counter had not counted them, left
+-- them to be recorded again) and Redis's lag stays true; the counter only while the
+-- group's last delivered entry is still that id.
+-- Reply: 1 when the counter was set, 0 when the group had moved on.
 local function skip(keys, args)
-  local refused = refusal(keys, args)
+  local refused = refusal(keys, args) or not_streams({{keys[4], 1}})
   if refused then
     return refused
   end
+  local set = 0
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', keys[3])) do
     local info = {}
     for j = 1, #group, 2 do
@@ -153,10 +157,11 @@ local function skip(keys, args)
     end
     if info['name'] == args[3] and info['last-delivered-id'] == args[4] then
       redis.call('XGROUP', 'SETID', keys[3], args[3], args[4], 'ENTRIESREAD', args[5])
-      return 1
+      set = 1
     end
   end
-  return 0
+  redis.call('XADD', keys[4], 'MAXLEN', '~', args[6], '*', unpack(args, 7))
+  return set
 end
 
 -- KEYS: the pool. ARGV: token, ttl_ms (0: leaving). The workers that share a stream's

@@ -27,7 +27,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str, cluster_of
 
-VERSION = "9"  # the library's, in functions.lua
+VERSION = "10"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -134,14 +134,18 @@ class Fence:
         return (*head, *(v for f in forecasts for v in f), *(v for a in anomalies for v in a),
                 *flat_dead, *acks, *tail)  # fmt: skip
 
-    def skip(self, *, last_delivered: bytes, entries_read: int) -> Command:
-        """``FCALL attnlstm_skip``: the group's read counter set to ``entries_read``
-        while its last delivered entry is ``last_delivered``, only while this lease
-        holds."""
+    def skip(
+        self, *, last_delivered: bytes, entries_read: int, dead: Sequence[bytes], maxlen: int
+    ) -> Command:
+        """``FCALL attnlstm_skip``: the dead letter ``dead`` (its fields and values)
+        that records entries lost unread, in a dead stream capped at about ``maxlen``,
+        and the group's read counter set to ``entries_read`` while its last delivered
+        entry is ``last_delivered``; only while this lease holds."""
         k = self.keys
-        return (b"FCALL", b"attnlstm_skip", b"3", k.lease.encode(), k.fence.encode(),
-                k.input.encode(), self.token.encode(), b"%d" % self.number, k.group.encode(),
-                last_delivered, b"%d" % entries_read)  # fmt: skip
+        return (b"FCALL", b"attnlstm_skip", b"4", k.lease.encode(), k.fence.encode(),
+                k.input.encode(), k.dead.encode(), self.token.encode(), b"%d" % self.number,
+                k.group.encode(), last_delivered, b"%d" % entries_read, b"%d" % maxlen,
+                *dead)  # fmt: skip
 
 
 class Lease:

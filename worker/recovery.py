@@ -225,9 +225,12 @@ class Recovery:
         if unmet := [entry_id for entry_id in pending if entry_id not in met]:
             # At or before the restored state's entry: handled before the crash, only
             # the ack is left. After it: deleted from the stream while pending.
-            self._write(self.fence.publish(acks=unmet))
-            if deleted := [i for i in unmet if id_key(i) > id_key(restored)]:
-                self._lost(deleted, "pending", "deleted from the stream while pending")
+            # Those deleted are recorded with the acks, in one step: counted once.
+            deleted = [i for i in unmet if id_key(i) > id_key(restored)]
+            lost = _Lost(deleted, "pending", "deleted from the stream while pending")
+            maxlen = self.settings.output_maxlen
+            self._write(self.fence.publish(acks=unmet, dead=lost.records, maxlen=maxlen))
+            self._count(lost)
         # Counting on from the group's own count, taken before any read moves it on. A
         # group that has read nothing has none (XGROUP CREATE ... 0 leaves it nil, and so
         # it stayed: input trimmed unread went uncounted for a deployment's first run):
@@ -263,8 +266,10 @@ class Recovery:
             deleted += reply[2]
             if cursor in (b"0-0", "0-0"):
                 break
-        if deleted:
-            self._lost(deleted, "pending", "deleted from the stream while pending")
+        if deleted:  # gone from the group already: counted first, nothing finds them again
+            lost = _Lost(deleted, "pending", "deleted from the stream while pending")
+            self._count(lost)
+            self._write(self.fence.publish(dead=lost.records, maxlen=self.settings.output_maxlen))
         return claimed
 
     def delivered(self, entries: int) -> None:
@@ -307,8 +312,13 @@ class Recovery:
             return  # read, not lost: this worker claims them (audit), and counts on then
         if added > self._read:
             what = "removed from the stream (trimmed or deleted) before it was read"
-            self._lost_count(added - self._read, "unread", what, first=delivered)
-            self._write(self.fence.skip(last_delivered=delivered, entries_read=added))
+            lost = _Lost([delivered], "unread", what, count=added - self._read)
+            maxlen = self.settings.output_maxlen
+            skip = self.fence.skip(
+                last_delivered=delivered, entries_read=added, dead=lost.records[0], maxlen=maxlen
+            )
+            self._write(skip)  # the group may have moved on since: the record stands
+            self._count(lost)
         self._read = added
 
     def _read_by_others(self) -> bool:
@@ -319,17 +329,12 @@ class Recovery:
         mine = self.settings.consumer
         return any(as_str(c["name"]) != mine for c in summary.get("consumers") or [])
 
-    def _lost(self, ids: list[bytes], reason: str, what: str) -> None:
-        self._lost_count(len(ids), reason, what, first=min(ids, key=id_key))
-
-    def _lost_count(self, count: int, reason: str, what: str, *, first: bytes) -> None:
-        """Input lost: a log line, the metric, and a record in the dead stream (``lost``:
-        how many, ``reason``, ``src``: the first, or the last read before them)."""
-        log.error("%d input entries lost (%s: %s), at %s", count, reason, what, first.decode())
-        self.metrics.lost.labels(reason=reason).inc(count)
-        record = [b"lost", b"%d" % count, b"reason", reason.encode(), b"src", first,
-                  b"error", f"{count} input entries {what}".encode()]  # fmt: skip
-        self._write(self.fence.publish(dead=[record], maxlen=self.settings.output_maxlen))
+    def _count(self, lost: _Lost) -> None:
+        """Input lost: a log line and the metric (its record: ``lost.records``)."""
+        if lost.count:
+            log.error("%d input entries lost (%s: %s), at %s", lost.count, lost.reason,
+                      lost.what, lost.first.decode())  # fmt: skip
+            self.metrics.lost.labels(reason=lost.reason).inc(lost.count)
 
     def save(self, state: WindowState, scoring: Scoring) -> None:
         """At a stop, in step: save the windows (a chunk per call: bounded), with
@@ -355,6 +360,24 @@ class Recovery:
             round_trip(self.client, [call])
         except redis.ResponseError as e:
             raise fenced(e) or e from None
+
+
+class _Lost:
+    """Input entries lost: ``count`` of them (``ids``' by default), ``first`` the
+    earliest of ``ids`` (unread: the last read before them); ``records``: the dead
+    letter that records them (``lost``: how many, ``reason``, ``src``: ``first``), none
+    when no id is lost."""
+
+    def __init__(
+        self, ids: list[bytes], reason: str, what: str, *, count: int | None = None
+    ) -> None:
+        self.count = len(ids) if count is None else count
+        self.reason, self.what = reason, what
+        self.first = min(ids, key=id_key) if ids else b""
+        error = f"{self.count} input entries {what}".encode()
+        record = [b"lost", b"%d" % self.count, b"reason", reason.encode(), b"src", self.first,
+                  b"error", error]  # fmt: skip
+        self.records = [record] if ids else []
 
 
 def _next(entry: tuple[int, int]) -> tuple[int, int]:

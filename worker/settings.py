@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import ssl
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -58,6 +59,11 @@ MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 rand
 MAX_REDIS_INT = 2**53
 MAX_HISTORY_LEN = 1_000_000  # 8 MB a series: 10^8 asked numpy for 763 GiB at the start
 MAX_THREADS = 1024
+# The fields a command never reads (from_flags' ``unused``): left at their defaults, and
+# block_ms and max_wait_ms not checked against the socket timeout it does read (a
+# worker's ATTNLSTM_SOCKET_TIMEOUT_S=1 made the default block_ms, 1,000, too long, and
+# stopped `replay`).
+_UNUSED: ContextVar[tuple[str, ...]] = ContextVar("unused", default=())
 
 
 def default_consumer() -> str:
@@ -239,6 +245,8 @@ class Settings(BaseSettings):
     def _block_below_timeout(self) -> Settings:
         # A read blocks for up to block_ms, and a batch's next reads for up to max_wait_ms.
         for name in ("block_ms", "max_wait_ms"):
+            if name in _UNUSED.get():
+                continue
             if getattr(self, name) / 1000 * 2 > self.socket_timeout_s:
                 raise ValueError(
                     f"{name} ({getattr(self, name)}) must be at most half of socket_timeout_s "
@@ -350,11 +358,13 @@ def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
     """Settings from the environment and .env, with the given (not None) values on top;
     a ValueError with every problem in one line when they do not validate. The fields
     ``unused`` (a command that never reads them) keep their defaults, whatever the
-    environment says: a worker's ATTNLSTM_MODEL_KEY_FILE in a shared .env, naming a file
-    only the worker's machine has, stopped `replay`."""
+    environment says, and are not checked against the others: a worker's
+    ATTNLSTM_MODEL_KEY_FILE in a shared .env, naming a file only the worker's machine
+    has, stopped `replay`."""
     values = {k: v for k, v in given.items() if v is not None}
     fields = Settings.model_fields
     values |= {name: fields[name].get_default(call_default_factory=True) for name in unused}
+    token = _UNUSED.set(unused)
     try:
         return Settings(**values)
     except UnicodeDecodeError as e:  # the only text read here that is not checked below
@@ -366,6 +376,8 @@ def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
         raise ValueError(f"bad settings: {problems}") from None
+    finally:
+        _UNUSED.reset(token)
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:

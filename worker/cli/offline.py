@@ -21,7 +21,7 @@ from attnlstm.checkpoint import (
     open_checkpoint,
     save,
 )
-from attnlstm.data import DAY_S, Dataset, fingerprint, load_dataset
+from attnlstm.data import DAY_S, Dataset, fingerprint, load_dataset, prefix_fingerprints
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
@@ -258,8 +258,9 @@ def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) 
     without (0.2 where its meta does not say). A tail that reaches into the values a
     series was trained on is refused: the checkpoint knows them by the fingerprint of
     each series' training part, whatever the path, the copy or the column, and however
-    many rows were added or removed since (a checkpoint written before those, by the
-    data spec as written, against its own fraction)."""
+    many rows were added (or removed from the end, leaving that part) since. One written
+    before 2026-12-06 knows its whole series by their fingerprints, and one before that
+    the data spec as written: a tail longer than its own fraction is refused there."""
     trained = meta.get("val_fraction")
     trained = trained if isinstance(trained, float) and 0 < trained < 1 else None
     fraction = float(args.val_fraction or trained or HELD_OUT)
@@ -267,7 +268,12 @@ def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) 
     if isinstance(parts, list):
         _check_unseen(args, dataset, parts, fraction)
         return fraction
-    if trained is not None and meta.get("data") == args.data and fraction > trained:
+    known = meta.get("data_fingerprints")
+    if isinstance(known, list):
+        seen = not {fingerprint(s) for s in dataset.series}.isdisjoint(map(str, known))
+    else:
+        seen = meta.get("data") == args.data
+    if trained is not None and seen and fraction > trained:
         raise ValueError(
             f"the model was trained on all but the last {trained:g} of each series of "
             f"{args.data}: --val-fraction {fraction:g} would score it on values it "
@@ -285,14 +291,14 @@ def _check_unseen(
     for part in parts:
         if isinstance(part, list) and len(part) == 2 and isinstance(part[0], int):
             wanted.setdefault(part[0], set()).add(str(part[1]))
-    overlap = [
-        (name, len(values), n)
-        for name, values in zip(dataset.names, dataset.series, strict=True)
-        for n, prints in wanted.items()
-        if n <= len(values)
-        and split_point(len(values), fraction) < n
-        and fingerprint(values[:n]) in prints
-    ]
+    overlap = []
+    for name, values in zip(dataset.names, dataset.series, strict=True):
+        cut = split_point(len(values), fraction)
+        ends = sorted(n for n in wanted if cut < n <= len(values))  # hashed in one pass
+        prints = prefix_fingerprints(values, ends)
+        overlap += [
+            (name, len(values), n) for n, p in zip(ends, prints, strict=True) if p in wanted[n]
+        ]
     if overlap:
         name, length, n = overlap[0]
         most = math.floor(min((size - n) / size for _, size, n in overlap) * 1000) / 1000
