@@ -504,10 +504,11 @@ def test_input_lost_unread_is_recorded_once_by_a_worker_killed_as_it_records_it(
     a worker killed just after it left the loss to be found, and recorded, again."""
     write = Recovery._write
 
-    def killed_once_recorded(self: Recovery, call: Command) -> None:
-        write(self, call)
+    def killed_once_recorded(self: Recovery, call: Command) -> Any:
+        reply = write(self, call)
         if any(b"lost" in fields for _, fields in entries(self.client, keys.dead)):
             raise _Killed
+        return reply
 
     with EmbeddedServer(binary=binary) as server, redis.Redis.from_url(server.url) as client:
         fill(client, keys.input, sine_steps(2, 40, seed=13))  # 80 entries
@@ -522,6 +523,38 @@ def test_input_lost_unread_is_recorded_once_by_a_worker_killed_as_it_records_it(
         assert [(r[b"reason"], r[b"lost"]) for r in records] == [(b"unread", b"10")]
         assert report["lost"] == 0
         assert drained(client, keys)
+
+
+def test_pending_input_deleted_is_recorded_by_a_worker_killed_as_it_counts_it(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """The claim that finds pending entries deleted from the stream drops them from the
+    group: their dead letter is written in the same call. Before, it came after: a
+    worker killed between the two left them recorded nowhere (its successor's claim
+    finds nothing)."""
+    fill(redis_client, keys.input, sine_steps(2, 40, seed=15))  # 80 entries
+    redis_client.xgroup_create(keys.input, keys.group, id="0")
+    redis_client.xreadgroup(keys.group, "ghost", {keys.input: ">"}, count=30)  # then it died
+    redis_client.xtrim(keys.input, maxlen=50, approximate=False)  # the 30 pending are gone
+    count = Recovery._count
+
+    def killed_at_pending(self: Recovery, lost: Any) -> None:
+        if lost.reason == "pending":
+            raise _Killed
+        count(self, lost)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Recovery, "_count", killed_at_pending)
+        with pytest.raises(_Killed):
+            drain(settings_for(redis_url, keys, lease_ttl_ms=1000), trained_sines)
+    drain(settings_for(redis_url, keys), trained_sines)
+    records = [fields for _, fields in entries(redis_client, keys.dead) if b"lost" in fields]
+    assert [(r[b"reason"], r[b"lost"]) for r in records] == [(b"pending", b"30")]
+    assert drained(redis_client, keys)
 
 
 def test_input_trimmed_unread_is_counted_on_the_group_the_worker_created(

@@ -7,6 +7,7 @@
 -- only FCALL them. VERSION must match worker/lease.py.
 
 local VERSION = '10'
+local DELETED_PENDING = 'deleted from the stream while pending' -- worker/recovery.py's
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -164,6 +165,28 @@ local function skip(keys, args)
   return set
 end
 
+-- KEYS: lease, fence, input, dead. ARGV: token, fence number, group, consumer, start id,
+-- count, maxlen. A page of the group's pending entries claimed for the consumer
+-- (XAUTOCLAIM, from the start id, idle or not), and, in the same step, a dead letter
+-- recording those the claim found deleted from the stream (it drops them from the
+-- group: a worker killed between the two left them recorded nowhere). Reply: the
+-- claim's (next start id, the entries claimed, the ids found deleted).
+local function claim(keys, args)
+  local refused = refusal(keys, args) or not_streams({{keys[4], 1}})
+  if refused then
+    return refused
+  end
+  local reply = redis.call('XAUTOCLAIM', keys[3], args[3], args[4], 0, args[5],
+    'COUNT', args[6])
+  local deleted = reply[3]
+  if #deleted > 0 then
+    redis.call('XADD', keys[4], 'MAXLEN', '~', args[7], '*', 'lost', #deleted,
+      'reason', 'pending', 'src', deleted[1], 'error',
+      string.format('%d input entries %s', #deleted, DELETED_PENDING))
+  end
+  return reply
+end
+
 -- KEYS: the pool. ARGV: token, ttl_ms (0: leaving). The workers that share a stream's
 -- partitions: each announces itself with its lease renewals, and one not heard from
 -- for ttl_ms is gone. Reply: the tokens of those in the pool.
@@ -259,3 +282,4 @@ redis.register_function('attnlstm_lease', lease)
 redis.register_function{function_name = 'attnlstm_release', callback = release, flags = {'allow-oom'}}
 redis.register_function('attnlstm_publish', publish)
 redis.register_function('attnlstm_skip', skip)
+redis.register_function('attnlstm_claim', claim)

@@ -43,6 +43,8 @@ log = logging.getLogger("attnlstm.worker")
 # Handles entries in stream order: those in ``pending`` (with their handling attempts
 # so far) are forecast and acked; the others were acked before and are not published again.
 Handler = Callable[[list[Entry], dict[bytes, int]], None]
+CLAIM_PAGE = 1000  # pending entries claimed a call
+DELETED_PENDING = "deleted from the stream while pending"  # as in functions.lua
 
 
 class Recovery:
@@ -227,7 +229,7 @@ class Recovery:
             # the ack is left. After it: deleted from the stream while pending.
             # Those deleted are recorded with the acks, in one step: counted once.
             deleted = [i for i in unmet if id_key(i) > id_key(restored)]
-            lost = _Lost(deleted, "pending", "deleted from the stream while pending")
+            lost = _Lost(deleted, "pending", DELETED_PENDING)
             maxlen = self.settings.output_maxlen
             self._write(self.fence.publish(acks=unmet, dead=lost.records, maxlen=maxlen))
             self._count(lost)
@@ -250,27 +252,20 @@ class Recovery:
     def _claim_pending(self) -> list[bytes]:
         """Take over every pending entry of the group (we hold the lease, so their
         consumers are gone): their ids. Those deleted from the stream meanwhile are
-        dropped from the group by the claim, and accounted for as lost."""
-        cursor, claimed, deleted = b"0-0", [], []
+        dropped from the group by the claim, and recorded as lost in the same call (a
+        dead letter each page of CLAIM_PAGE)."""
+        cursor, claimed = b"0-0", []
+        s = self.settings
         while True:
-            reply = self.client.xautoclaim(
-                self.keys.input,
-                self.keys.group,
-                self.settings.consumer,
-                min_idle_time=0,
-                start_id=cursor,
-                count=1000,
+            call = self.fence.claim(
+                consumer=s.consumer, start=cursor, count=CLAIM_PAGE, maxlen=s.output_maxlen
             )
-            cursor = reply[0]
-            claimed += [entry_id for entry_id, _ in reply[1]]
-            deleted += reply[2]
-            if cursor in (b"0-0", "0-0"):
-                break
-        if deleted:  # gone from the group already: counted first, nothing finds them again
-            lost = _Lost(deleted, "pending", "deleted from the stream while pending")
-            self._count(lost)
-            self._write(self.fence.publish(dead=lost.records, maxlen=self.settings.output_maxlen))
-        return claimed
+            cursor, entries, deleted = self._write(call)
+            claimed += [entry_id for entry_id, _ in entries]
+            if deleted:
+                self._count(_Lost(deleted, "pending", DELETED_PENDING))
+            if cursor == b"0-0":
+                return claimed
 
     def delivered(self, entries: int) -> None:
         """A live read delivered ``entries`` to the group."""
@@ -354,10 +349,10 @@ class Recovery:
             state.last_id.decode(),
         )
 
-    def _write(self, call: Command) -> None:
-        """One fenced call, now: FencedError when the lease is no longer ours."""
+    def _write(self, call: Command) -> Any:
+        """One fenced call, now: its reply; FencedError when the lease is no longer ours."""
         try:
-            round_trip(self.client, [call])
+            return round_trip(self.client, [call])[0]
         except redis.ResponseError as e:
             raise fenced(e) or e from None
 
