@@ -184,6 +184,7 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
     step, and the model would take two readings an hour for one series."""
     times: list[int] = []
     repeat = 0  # the first line whose time is the row before's
+    again = before = ""  # that line's time as written, and the row before's
     for line, row in rows:
         text = row[0].strip() if row else ""
         try:
@@ -199,10 +200,18 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
                 f"{path}:{line}: time {text!r} is before the row before's: the rows must "
                 "run forward in time (the first column is the time)"
             )
-        repeat = repeat or (line if times and ms == times[-1] else 0)
+        if not repeat and times and ms == times[-1]:
+            repeat, again = line, text
+        before = before if repeat else text
         times.append(ms)
     steps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]  # ints: no overflow
     step = float(np.median(steps)) if steps else None
+    if step == 0 and again != before:  # µs or ns, floored to the ms
+        raise DataError(
+            f"{path}:{repeat}: time {again!r} is in the same ms as the row before's "
+            f"({before!r}), as on most rows: times are kept to the ms, so a series needs "
+            "readings at least 1 ms apart"
+        )
     if step == 0:
         raise DataError(
             f"{path}:{repeat}: the time of the row before, as on most rows: a series needs "

@@ -102,6 +102,13 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
         ("t,a\n1,1\n,2\n", (), r"d\.csv:3: time '' is neither ISO 8601 nor a count"),
         # Two readings a time: a step of 0, no period, and two readings taken for one.
         ("t,a\n1,1\n1,2\n2,3\n2,4\n", (), r"d\.csv:3: the time of the row before, as on"),
+        # µs 100 apart, in one ms: said to repeat, where they were only floored.
+        (
+            "t,a\n1700000000000000,1\n1700000000000100,2\n1700000000000200,3\n",
+            (),
+            r"d\.csv:3: time '1700000000000100' is in the same ms as the row before's "
+            r"\('1700000000000000'\), as on most rows: times are kept to the ms",
+        ),
     ],
 )
 def test_bad_csv_says_where_and_why(
