@@ -481,6 +481,9 @@ def test_input_trimmed_while_pending_or_unread_is_accounted_for(
     records = {fields[b"reason"]: fields for _, fields in entries(redis_client, keys.dead)}
     assert records[b"pending"][b"lost"] == b"30"
     assert records[b"pending"][b"src"] == ids[0]  # the first of them
+    assert (
+        records[b"pending"][b"error"] == b"30 input entries deleted from the stream while pending"
+    )
     assert records[b"unread"][b"lost"] == b"10"
     assert records[b"unread"][b"src"] == ids[-1]  # where the worker was when it noticed
     assert "30 input entries lost (pending" in caplog.text

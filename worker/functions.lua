@@ -7,7 +7,6 @@
 -- only FCALL them. VERSION must match worker/lease.py.
 
 local VERSION = '10'
-local DELETED_PENDING = 'deleted from the stream while pending' -- worker/recovery.py's
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -166,11 +165,12 @@ local function skip(keys, args)
 end
 
 -- KEYS: lease, fence, input, dead. ARGV: token, fence number, group, consumer, start id,
--- count, maxlen. A page of the group's pending entries claimed for the consumer
--- (XAUTOCLAIM, from the start id, idle or not), and, in the same step, a dead letter
--- recording those the claim found deleted from the stream (it drops them from the
--- group: a worker killed between the two left them recorded nowhere). Reply: the
--- claim's (next start id, the entries claimed, the ids found deleted).
+-- count, maxlen, and the dead letter's reason and what befell them. A page of the
+-- group's pending entries claimed for the consumer (XAUTOCLAIM, from the start id, idle
+-- or not), and, in the same step, a dead letter recording those the claim found deleted
+-- from the stream (it drops them from the group: a worker killed between the two left
+-- them recorded nowhere), as worker/recovery.py's other records of input lost. Reply:
+-- the claim's (next start id, the entries claimed, the ids found deleted).
 local function claim(keys, args)
   local refused = refusal(keys, args) or not_streams({{keys[4], 1}})
   if refused then
@@ -181,8 +181,8 @@ local function claim(keys, args)
   local deleted = reply[3]
   if #deleted > 0 then
     redis.call('XADD', keys[4], 'MAXLEN', '~', args[7], '*', 'lost', #deleted,
-      'reason', 'pending', 'src', deleted[1], 'error',
-      string.format('%d input entries %s', #deleted, DELETED_PENDING))
+      'reason', args[8], 'src', deleted[1], 'error',
+      string.format('%d input entries %s', #deleted, args[9]))
   end
   return reply
 end

@@ -147,16 +147,19 @@ class Fence:
                 k.group.encode(), last_delivered, b"%d" % entries_read, b"%d" % maxlen,
                 *dead)  # fmt: skip
 
-    def claim(self, *, consumer: str, start: bytes, count: int, maxlen: int) -> Command:
+    def claim(
+        self, *, consumer: str, start: bytes, count: int, maxlen: int, reason: str, what: str
+    ) -> Command:
         """``FCALL attnlstm_claim``: a page of ``count`` of the group's pending entries
         from ``start`` claimed for ``consumer``, and the dead letter of those deleted
-        from the stream, in a dead stream capped at about ``maxlen``; only while this
-        lease holds. Its reply is XAUTOCLAIM's."""
+        from the stream (``reason``, and ``what`` befell them in its error), in a dead
+        stream capped at about ``maxlen``; only while this lease holds. Its reply is
+        XAUTOCLAIM's."""
         k = self.keys
         return (b"FCALL", b"attnlstm_claim", b"4", k.lease.encode(), k.fence.encode(),
                 k.input.encode(), k.dead.encode(), self.token.encode(), b"%d" % self.number,
-                k.group.encode(), consumer.encode(), start, b"%d" % count,
-                b"%d" % maxlen)  # fmt: skip
+                k.group.encode(), consumer.encode(), start, b"%d" % count, b"%d" % maxlen,
+                reason.encode(), what.encode())  # fmt: skip
 
 
 class Lease:

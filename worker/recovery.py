@@ -44,7 +44,7 @@ log = logging.getLogger("attnlstm.worker")
 # so far) are forecast and acked; the others were acked before and are not published again.
 Handler = Callable[[list[Entry], dict[bytes, int]], None]
 CLAIM_PAGE = 1000  # pending entries claimed a call
-DELETED_PENDING = "deleted from the stream while pending"  # as in functions.lua
+DELETED_PENDING = "deleted from the stream while pending"
 
 
 class Recovery:
@@ -258,7 +258,12 @@ class Recovery:
         s = self.settings
         while True:
             call = self.fence.claim(
-                consumer=s.consumer, start=cursor, count=CLAIM_PAGE, maxlen=s.output_maxlen
+                consumer=s.consumer,
+                start=cursor,
+                count=CLAIM_PAGE,
+                maxlen=s.output_maxlen,
+                reason="pending",
+                what=DELETED_PENDING,
             )
             cursor, entries, deleted = self._write(call)
             claimed += [entry_id for entry_id, _ in entries]
