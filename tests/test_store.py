@@ -29,7 +29,7 @@ from tests.helpers import (
 from worker.cli import main
 from worker.keys import Keys
 from worker.lease import ensure_library
-from worker.online.store import ModelStore
+from worker.online.store import MODEL_BYTES_MAX, ModelStore
 
 UNAUTHENTICATED = "the model store is unauthenticated"
 
@@ -84,7 +84,27 @@ def test_a_keyed_store_signs_what_it_stores_and_refuses_anything_else(
     assert redis_client.exists(keys.model(newer), keys.model_signature(newer)) == 2
 
 
-@pytest.mark.parametrize("planted", ["unsigned", "another key"])
+def test_a_model_over_the_cap_is_neither_stored_nor_fetched(
+    redis_client: redis.Redis, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A value over MODEL_BYTES_MAX under a version's key (Redis takes up to 512 MB) is
+    refused by its length, before a byte of it crosses the network; the store itself
+    stores nothing over the cap."""
+    store = ModelStore(redis_client, keys, keep=5, source="test")
+    blob, version = dumps(trained_sines)
+    with pytest.raises(CheckpointError, match="over the model store's cap"):
+        store.put(blob.ljust(MODEL_BYTES_MAX + 1, b" "), version)
+    assert redis_client.exists(keys.model(version), keys.versions) == 0
+    redis_client.set(keys.model(version), blob.ljust(MODEL_BYTES_MAX + 1, b" "))
+    sent = cast(int, redis_client.info("stats")["total_net_output_bytes"])
+    with pytest.raises(CheckpointError, match=f"takes {MODEL_BYTES_MAX + 1:,} bytes"):
+        store.get(version)
+    assert cast(int, redis_client.info("stats")["total_net_output_bytes"]) - sent < 2**20
+    redis_client.set(keys.model(version), blob)  # at the cap or under: read as before
+    assert store.get(version).version == version
+
+
+@pytest.mark.parametrize("planted", ["unsigned", "another key", "oversized"])
 def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
     planted: str,
     redis_client: redis.Redis,
@@ -96,7 +116,8 @@ def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
 ) -> None:
     """With the worker's own Redis rights, an attacker stores a model with a planted
     head bias and a `promoted` event: the worker refuses it and serves what it served;
-    so does a worker started after it."""
+    so does a worker started after it. Oversized: a value over the store's cap under a
+    version's key, which the worker does not fetch."""
     first = version_of(trained_sines)
     settings = settings_for(redis_url, keys, block_ms=100, model_key_file=key_file(tmp_path))
     attacker_key = key_file(tmp_path, "attacker").read_bytes() if planted == "another key" else None
@@ -106,7 +127,10 @@ def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
     with WorkerThread(new_worker(settings, trained_sines)) as running:
         fill(redis_client, keys.input, values[:30])
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 11)
-        attacker.put(blob, version)
+        if planted == "oversized":
+            redis_client.set(keys.model(version), blob.ljust(MODEL_BYTES_MAX + 1, b" "))
+        else:
+            attacker.put(blob, version)
         attacker.set_serving(version, "promoted")
         after = fill(redis_client, keys.input, values[30:])
         running.wait_for(lambda: redis_client.xlen(keys.output) >= 5 * 41)
@@ -116,7 +140,9 @@ def test_a_model_planted_in_the_store_is_never_served_by_a_keyed_worker(
     versions = forecast_versions(redis_client, keys)
     assert {versions[i] for i in after} == {first}
     refused = [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
-    reason = "is not signed" if planted == "unsigned" else "bad signature"
+    reason = {"unsigned": "is not signed", "another key": "bad signature"}.get(
+        planted, "over the model store's cap"
+    )
     assert [(e["version"], reason in e["reason"]) for e in refused] == [(version, True)]
     assert f"refused model {version}" in caplog.text
     assert UNAUTHENTICATED not in caplog.text
