@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
@@ -36,10 +36,21 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
+class Gaps:
+    """Where a series' times skip steps (values 1.5 usual steps apart or more):
+    ``count`` places, ``missing`` steps in all, the longest ``longest`` steps."""
+
+    count: int
+    missing: int
+    longest: int
+
+
+@dataclass(frozen=True)
 class Dataset:
     names: list[str]
     series: list[np.ndarray]  # one 1-D float64 array per name
     step_s: float | None = None  # the usual time between values, when the data has times
+    gaps: dict[str, Gaps] = field(default_factory=dict)  # the series whose times skip steps
 
     @property
     def lengths(self) -> list[int]:
@@ -114,7 +125,26 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
     series = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
-    return Dataset(wanted, series, _time_step(path, body))
+    step, times = _time_step(path, body)
+    gaps = {name: _gaps(body, times, k, step) for k, name in zip(at, wanted, strict=True)}
+    return Dataset(wanted, series, step, {n: g for n, g in gaps.items() if g is not None})
+
+
+def _gaps(
+    rows: list[tuple[int, list[str]]], times: list[int], index: int, step_s: float | None
+) -> Gaps | None:
+    """Where the times (``times``, in ms, a row each) of column ``index``'s values skip
+    steps of ``step_s``; None where they skip none, or the file has no times."""
+    if not step_s:
+        return None
+    kept = [
+        t
+        for t, (_, row) in zip(times, rows, strict=True)
+        if index < len(row) and row[index].strip()
+    ]
+    apart = np.diff(np.asarray(kept, dtype=np.float64)) / (step_s * 1000)  # ms: exact
+    missing = np.rint(apart[apart >= 1.5]).astype(np.int64) - 1
+    return Gaps(missing.size, int(missing.sum()), int(missing.max())) if missing.size else None
 
 
 def column_index(path: Path, header: Sequence[str], name: str) -> int:
@@ -173,15 +203,16 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
         raise DataError(f"{path}:{rows.line_num}: {e}") from None
 
 
-def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
+def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | None, list[int]]:
     """The median step of the first column in seconds, when it holds times as
-    :func:`time_ms` reads them (as ``replay`` does); None where the first row's is no
-    time (a file with no time column). Past that first row, a time that cannot be read,
-    or that comes before the row before's, is a DataError naming its line: the rows of
-    a file newest first, or sorted by another column, would train a model on time run
-    backwards or shuffled. A time twice is a reading kept as it came (the sea
-    temperature in ``data/`` has one), but not on most rows: a step of 0 is no time
-    step, and the model would take two readings an hour for one series."""
+    :func:`time_ms` reads them (as ``replay`` does), and each row's time in ms; None and
+    no times where the first row's is no time (a file with no time column). Past that
+    first row, a time that cannot be read, or that comes before the row before's, is a
+    DataError naming its line: the rows of a file newest first, or sorted by another
+    column, would train a model on time run backwards or shuffled. A time twice is a
+    reading kept as it came (the sea temperature in ``data/`` has one), but not on most
+    rows: a step of 0 is no time step, and the model would take two readings an hour for
+    one series."""
     times: list[int] = []
     repeat = 0  # the first line whose time is the row before's
     again = before = ""  # that line's time as written, and the row before's
@@ -191,7 +222,7 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
             ms = time_ms(text)
         except ValueError:
             if not times:
-                return None
+                return None, []
             raise DataError(
                 f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
             ) from None
@@ -217,7 +248,7 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> float | None:
             f"{path}:{repeat}: the time of the row before, as on most rows: a series needs "
             "one row a time (the first column is the time)"
         )
-    return step
+    return step, times
 
 
 def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str) -> np.ndarray:

@@ -98,6 +98,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
             "or --period N (0: none)"
         ) from None
     _note_short(dataset, model_config, args.val_fraction)
+    _note_gaps(dataset)
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -215,6 +216,25 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     else:
         written.append(plot_losses(*curves, args.out / "loss.png"))
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
+
+
+def _note_gaps(dataset: Dataset, shown: int = 3) -> None:
+    """A note naming the series whose times skip steps: the model takes their values one
+    step apart, so across a gap its lags and period reach further back than they say."""
+    if not dataset.gaps:
+        return
+    named = [
+        f"{name} ({g.count:,} places, {g.missing:,} steps in all, the longest {g.longest:,})"
+        for name, g in list(dataset.gaps.items())[:shown]
+    ]
+    more = len(dataset.gaps) - len(named)
+    print(
+        f"attnlstm train: note: the times skip steps in {'; '.join(named)}"
+        f"{f'; and {more:,} more series' if more else ''}: values are taken one step "
+        "apart, as the worker takes a live series, so across a gap the lags and the period "
+        "reach further back than they say",
+        file=sys.stderr,
+    )
 
 
 def _note_short(dataset: Dataset, config: ModelConfig, val_fraction: float) -> None:
