@@ -124,26 +124,21 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     if missing or not wanted:
         raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
-    series = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
+    read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
     step, times = _time_step(path, body)
-    gaps = {name: _gaps(body, times, k, step) for k, name in zip(at, wanted, strict=True)}
-    return Dataset(wanted, series, step, {n: g for n, g in gaps.items() if g is not None})
+    stamps = np.asarray(times, dtype=np.float64)
+    gaps = {}
+    for name, (_, rows_kept) in zip(wanted, read, strict=True):
+        if step and (found := _gaps(stamps[rows_kept], step)):
+            gaps[name] = found
+    return Dataset(wanted, [values for values, _ in read], step, gaps)
 
 
-def _gaps(
-    rows: list[tuple[int, list[str]]], times: list[int], index: int, step_s: float | None
-) -> Gaps | None:
-    """Where the times (``times``, in ms, a row each) of column ``index``'s values skip
-    steps of ``step_s``; None where they skip none, or the file has no times."""
-    if not step_s:
-        return None
-    kept = [
-        t
-        for t, (_, row) in zip(times, rows, strict=True)
-        if index < len(row) and row[index].strip()
-    ]
-    apart = np.diff(np.asarray(kept, dtype=np.float64)) / (step_s * 1000)  # ms: exact
-    missing = np.rint(apart[apart >= 1.5]).astype(np.int64) - 1
+def _gaps(times_ms: np.ndarray, step_s: float) -> Gaps | None:
+    """Where ``times_ms`` (float64: exact to 2^53 ms) skip steps of ``step_s``; None
+    where they skip none."""
+    apart = np.diff(times_ms) / (step_s * 1000)
+    missing = np.floor(apart[apart >= 1.5] + 0.5).astype(np.int64) - 1  # 2.5 apart: 2
     return Gaps(missing.size, int(missing.sum()), int(missing.max())) if missing.size else None
 
 
@@ -251,12 +246,18 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | N
     return step, times
 
 
-def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str) -> np.ndarray:
+def _column(
+    path: Path, rows: list[tuple[int, list[str]]], index: int, name: str
+) -> tuple[np.ndarray, list[int]]:
+    """The values of column ``index``, and the positions in ``rows`` of the rows that
+    hold them (an empty cell is a gap)."""
     values: list[float] = []
-    for line, row in rows:
+    kept: list[int] = []
+    for position, (line, row) in enumerate(rows):
         cell = row[index].strip() if index < len(row) else ""
         if not cell:
             continue
+        kept.append(position)
         try:
             value = float(cell)
         except ValueError:
@@ -270,4 +271,4 @@ def _column(path: Path, rows: list[tuple[int, list[str]]], index: int, name: str
         values.append(value)
     if not values:
         raise DataError(f"{path}: column {name!r} has no values")
-    return np.asarray(values, dtype=np.float64)
+    return np.asarray(values, dtype=np.float64), kept

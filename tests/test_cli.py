@@ -21,13 +21,14 @@ import torch
 
 from attnlstm.baselines import available
 from attnlstm.checkpoint import load, save
-from attnlstm.data import fingerprint, load_dataset
+from attnlstm.data import Dataset, Gaps, fingerprint, load_dataset
 from attnlstm.device import resolve_device
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import article_sine
 from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.live import worker_settings
+from worker.cli.offline import _note_gaps
 from worker.cli.parser import MAX_POOL_WORKERS, build_parser
 
 REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
@@ -181,6 +182,23 @@ def test_a_short_column_is_named_and_sizes_no_model(tmp_path: Path) -> None:
         "note: 1 of 2 series are too short to train on (the model reads 192 values and "
         "forecasts 24 ahead, before each series' held-out tail): spare (30 values)"
     ) in proc.stderr
+    assert "times skip steps" not in proc.stderr  # spare's cells end: no gap in its times
+
+
+def test_the_gaps_note_names_three_series_and_counts_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gaps = {f"s{i}": Gaps(i + 1, 2 * i + 1, min(i + 1, 2)) for i in range(5)}
+    _note_gaps(Dataset(list(gaps), [np.zeros(3)] * 5, 3600.0, gaps))
+    assert capsys.readouterr().err == (
+        "attnlstm train: note: the times skip steps in s0 (1 step missing in 1 place, the "
+        "longest 1); s1 (3 steps missing in 2 places, the longest 2); s2 (5 steps missing "
+        "in 3 places, the longest 2); and 2 more series: values are taken one step apart, as the "
+        "worker takes a live series, so across a gap the window, the lags and the profile "
+        "span more time than they say\n"
+    )
+    _note_gaps(Dataset(["a"], [np.zeros(3)], 3600.0))
+    assert capsys.readouterr().err == ""
 
 
 def test_train_on_a_real_recording(tmp_path: Path) -> None:
@@ -192,8 +210,8 @@ def test_train_on_a_real_recording(tmp_path: Path) -> None:
     report = last_json(trained)
     # The recording lacks 111 of its hours: said, since the lags reach across them.
     assert (
-        "attnlstm train: note: the times skip steps in Water flow [l/s] (10 places, 111 "
-        "steps in all, the longest 31): values are taken one step apart"
+        "attnlstm train: note: the times skip steps in Water flow [l/s] (111 steps missing "
+        "in 10 places, the longest 31): values are taken one step apart"
     ) in trained.stderr
     assert report["val_mae"] > 0
     assert report["naive_mae"] > 0

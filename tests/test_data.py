@@ -75,16 +75,19 @@ def test_gaps_are_skipped_and_columns_chosen(tmp_path: Path) -> None:
 
 def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Path) -> None:
     """An hour missing from the times, and an empty cell, each skip a step of the column
-    they are in; an hour and a half apart (a late reading) rounds to one step skipped."""
-    hours = [0, 1, 2, 4, 5, 6, 7.5, 8.5, 12.5, 13.5, 14.5]
+    they are in; an hour and a half apart (a late reading) rounds to one step skipped,
+    two and a half to two (half up: numpy's rint made it one)."""
+    hours = [0, 1, 2, 4, 5, 6, 7.5, 8.5, 12.5, 13.5, 14.5, 17]
     rows = [f"{round(h * 3600)},{h},{'' if h == 5 else h}" for h in hours]
     data = load_csv(_csv(tmp_path, "t,a,b\n" + "\n".join(rows) + "\n"))
     assert data.step_s == 3600
-    assert data.gaps == {"a": Gaps(3, 5, 3), "b": Gaps(4, 6, 3)}  # b: 2-4, 4-6 apart
+    assert data.gaps == {"a": Gaps(4, 7, 3), "b": Gaps(5, 8, 3)}  # b: 2-4, 4-6 apart
     assert load_csv(_csv(tmp_path, "t,a\n0,1\n3600,2\n7200,3\n")).gaps == {}
     assert load_csv(_csv(tmp_path, "t,a\nx,1\ny,2\n")).gaps == {}  # no times: none known
     flow = load_dataset(f"csv:{DATA / 'water_flow.csv'}", columns=["Water flow [l/s]"])
     assert flow.gaps == {"Water flow [l/s]": Gaps(10, 111, 31)}  # as data/README.md says
+    sea = load_dataset(f"csv:{DATA / 'sea_surface_temperature.csv'}")
+    assert sea.gaps == {"temperature": Gaps(2, 24, 23)}
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import redis
 from attnlstm.checkpoint import CheckpointError, dumps, save, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
+from tests.conftest import CLI
 from tests.helpers import (
     WorkerThread,
     entries,
@@ -25,10 +26,12 @@ from tests.helpers import (
     other_model,
     settings_for,
     wait_for,
+    worker_cmd,
 )
 from worker.cli import main
 from worker.keys import Keys
 from worker.lease import ensure_library
+from worker.online import store as store_module
 from worker.online.store import MODEL_BYTES_MAX, ModelStore
 
 UNAUTHENTICATED = "the model store is unauthenticated"
@@ -100,8 +103,45 @@ def test_a_model_over_the_cap_is_neither_stored_nor_fetched(
     with pytest.raises(CheckpointError, match=f"takes {MODEL_BYTES_MAX + 1:,} bytes"):
         store.get(version)
     assert cast(int, redis_client.info("stats")["total_net_output_bytes"]) - sent < 2**20
-    redis_client.set(keys.model(version), blob)  # at the cap or under: read as before
+    redis_client.set(keys.model(version), blob)  # under the cap: read as before
     assert store.get(version).version == version
+    store.put(blob.ljust(MODEL_BYTES_MAX, b" "), version)  # at the cap: stored, and read
+    with pytest.raises(CheckpointError) as refused:  # (the padding is no checkpoint's)
+        store.get(version)
+    assert "cap" not in str(refused.value)
+    assert redis_client.strlen(keys.model(version)) == MODEL_BYTES_MAX
+
+
+def test_a_model_file_over_the_cap_stops_the_worker_at_start_and_train_says_so(
+    redis_url: str,
+    redis_client: redis.Redis,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cap at 1,000 bytes, where the sines' model takes 7 KB: a worker given it as
+    its file stops at start with one line, before it takes a lease or stores anything
+    (it used to store it and fail there, holding its lease); `models promote` refuses it,
+    and `train` notes it as it saves one."""
+    monkeypatch.setattr(store_module, "MODEL_BYTES_MAX", 1_000)
+    path = tmp_path / "model.safetensors"
+    version = save(path, trained_sines)
+    assert main(worker_cmd(path, redis_url, keys, "--burst")[len(CLI) :]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert f"model {version} ({path}) takes " in err[0]
+    assert "bytes, over the model store's cap of 1,000: no worker can serve it" in err[0]
+    assert redis_client.exists(keys.lease, keys.versions, keys.serving) == 0
+    assert main(["models", "promote", str(path), "--redis-url", redis_url,
+                 "--models-stream", keys.models]) == 1  # fmt: skip
+    assert f"model {version} takes " in capsys.readouterr().err
+    assert redis_client.exists(keys.versions, keys.serving) == 0
+    out = tmp_path / "trained.safetensors"
+    assert main(["train", "--data", "sine", "--epochs", "1", "--out", str(out)]) == 0
+    assert "attnlstm train: note: model " in capsys.readouterr().err
+    assert out.exists()  # noted, not refused: evaluate and plot take it
 
 
 @pytest.mark.parametrize("planted", ["unsigned", "another key", "oversized"])

@@ -9,12 +9,13 @@ import time
 import redis
 import torch
 
-from attnlstm.checkpoint import open_checkpoint
+from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from worker.embedded import url_or_embedded
 from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
+from worker.online.store import check_size
 from worker.settings import Settings
 from worker.signals import StopRequest
 from worker.streams import cluster_of, connect, primaries
@@ -24,12 +25,15 @@ log = logging.getLogger("attnlstm.worker")
 
 def build_engine(settings: Settings) -> Engine | None:
     """The model file's engine on its device (CheckpointError when the file is
-    missing); None when no file is set: the model comes from the store, or a cold start."""
+    missing, or over the model store's cap: the workers could not share it); None when no
+    file is set: the model comes from the store, or a cold start."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if settings.model is None:
         return None
     checkpoint = open_checkpoint(settings.model)
+    blob, _ = dumps(checkpoint.model, checkpoint.meta)  # as the store would hold it
+    check_size(len(blob), f"model {checkpoint.version} ({settings.model})")
     device = resolve_device(settings.device)
     batch = batch_rows(settings.max_batch, settings.batch_values, checkpoint.config.context)
     engine = Engine(checkpoint, device=device, max_batch=batch)

@@ -41,6 +41,7 @@ from attnlstm.train import TrainConfig
 from attnlstm.windows import HELD_OUT, split_point
 from worker.cli.argtypes import UsageError, positive, refuse_given
 from worker.cli.parser import PLOT_STREAM_FLAGS, plot_defaults
+from worker.online.store import check_size
 from worker.tools.replay import MAX_SINE_VALUES
 
 # Fewer validation windows than this and `train` says the blend and the intervals, fitted
@@ -126,6 +127,10 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         args.data, dataset, train_config, result, metrics, val_fraction=args.val_fraction
     )
     version = save(args.out, model, meta)
+    try:
+        check_size(Path(args.out).stat().st_size, f"model {version}")
+    except CheckpointError as e:
+        print(f"attnlstm train: note: {e}", file=sys.stderr)
     return {
         **metrics,
         "seconds": round(time.perf_counter() - started, 3),
@@ -219,22 +224,28 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _note_gaps(dataset: Dataset, shown: int = 3) -> None:
-    """A note naming the series whose times skip steps: the model takes their values one
-    step apart, so across a gap its lags and period reach further back than they say."""
+    """A note naming the series whose times skip steps (the first ``shown``): the model
+    takes their values one step apart, so across a gap its window, lags and profile span
+    more time than they say."""
     if not dataset.gaps:
         return
     named = [
-        f"{name} ({g.count:,} places, {g.missing:,} steps in all, the longest {g.longest:,})"
+        f"{name} ({_counted(g.missing, 'step')} missing in {_counted(g.count, 'place')}, "
+        f"the longest {g.longest:,})"
         for name, g in list(dataset.gaps.items())[:shown]
     ]
     more = len(dataset.gaps) - len(named)
     print(
         f"attnlstm train: note: the times skip steps in {'; '.join(named)}"
         f"{f'; and {more:,} more series' if more else ''}: values are taken one step "
-        "apart, as the worker takes a live series, so across a gap the lags and the period "
-        "reach further back than they say",
+        "apart, as the worker takes a live series, so across a gap the window, the lags "
+        "and the profile span more time than they say",
         file=sys.stderr,
     )
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'s' * (count != 1)}"
 
 
 def _note_short(dataset: Dataset, config: ModelConfig, val_fraction: float) -> None:
