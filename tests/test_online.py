@@ -42,6 +42,7 @@ from worker.engine import check_fits
 from worker.keys import Keys
 from worker.lease import Lease, ensure_library
 from worker.metrics import Metrics
+from worker.online import store as store_module
 from worker.online.finetune import FinetuneConfig, Job
 from worker.online.scoring import Overall
 from worker.online.store import ModelStore
@@ -417,6 +418,42 @@ def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     assert trained["version"] not in store.versions()
     assert tuner.version == parent.version  # it switches at the promotion's event, as all do
     assert redis_client.get(keys.finetune_lock) is None
+
+
+def test_a_candidate_over_the_stores_cap_is_rejected_not_stored(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A candidate that beats its parent by far, over the store's cap (lowered to its
+    parent's size while it trains): rejected with the reason, where the store's refusal
+    used to end the worker."""
+    clock = FakeClock()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock,
+        finetune_interval_s=10, finetune_steps=100,
+    )  # fmt: skip
+    parent = tuner.start(loads(dumps(other_model(trained_sines, 0.5))[0]))
+    assert parent is not None
+    state = WindowState(window=20, length=200, max_series=10)
+    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
+    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
+    scores = Overall(halflife_s=30)
+    clock.now += 10
+    monkeypatch.setattr(store_module, "MODEL_BYTES_MAX", 1_000)
+    try:
+        assert tuner.tick(state.histories, scores) is None
+        wait_for(lambda: tuner.tick(state.histories, scores) or not tuner.running, what="its end")
+    finally:
+        tuner.close()
+    trained, rejected = events(redis_client, keys.models)[-2:]
+    assert (rejected["event"], rejected["version"]) == ("rejected", trained["version"])
+    assert rejected["reason"].startswith(f"candidate {trained['version']} takes ")
+    assert "over the model store's cap of 1,000" in rejected["reason"]
+    assert tuner.store.serving() == parent.version == tuner.version
+    assert tuner.store.versions() == [parent.version]
 
 
 def test_a_model_of_another_shape_is_not_adopted(

@@ -51,7 +51,8 @@ def check_size(size: int, what: str) -> None:
     if size > MODEL_BYTES_MAX:
         raise CheckpointError(
             f"{what} takes {size:,} bytes, over the model store's cap of {MODEL_BYTES_MAX:,}: "
-            "no worker can serve it; train a smaller one (--hidden, --layers)"
+            "no worker can serve it; train a smaller one (--hidden, --layers, --window, "
+            "--horizon)"
         )
 
 

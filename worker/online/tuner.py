@@ -29,7 +29,7 @@ from worker.lease import Lease
 from worker.metrics import Metrics
 from worker.online.finetune import FinetuneConfig, Job, NotEnoughDataError, min_points
 from worker.online.scoring import Overall
-from worker.online.store import SWITCHES, ModelStore
+from worker.online.store import SWITCHES, ModelStore, check_size
 from worker.online.trainer import Trainer
 from worker.settings import Settings
 from worker.streams import Command, Entry
@@ -400,15 +400,20 @@ class Tuner:
         self.busy_s += outcome.scores["seconds"]
         scores = {k: _round(v) for k, v in outcome.scores.items()}
         self.store.event(outcome.version, "trained", parent=self._parent, **scores)
-        reason = outcome.reason
-        if outcome.promote and self.store.promote(
+        reason, promote = outcome.reason, outcome.promote
+        if promote:
+            try:  # the store would refuse it, failing the worker with the lock held
+                check_size(len(outcome.candidate), f"candidate {outcome.version}")
+            except CheckpointError as e:
+                reason, promote = str(e), False
+        if promote and self.store.promote(
             outcome.candidate, outcome.version, self._parent, "promoted", reason=reason, **scores
         ):
             log.info("candidate %s promoted: %s", outcome.version, reason)
             self.metrics.finetunes.labels("promoted").inc()
             # _seen stays, as at start: an event written after its own must not be skipped.
             return self._adopt(loads(outcome.candidate), outcome.candidate)
-        if outcome.promote:
+        if promote:
             reason = self._overtaken()
         log.info("candidate %s rejected: %s", outcome.version, reason)
         self.metrics.finetunes.labels("rejected").inc()
