@@ -379,6 +379,23 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
     assert failed == 2
 
 
+def _due_from_a_biased_parent(
+    client: redis.Redis, url: str, keys: Keys, model: AttentionLSTM
+) -> tuple[Tuner, Checkpoint, WindowState]:
+    """A tuner serving ``model`` biased 0.5 high, with a fine-tune due on the 200 values
+    of a sine, which its candidate forecasts far better: the tuner, what it serves, and
+    the windows to tick it with."""
+    clock = FakeClock()
+    tuner = _tuner(client, url, keys, model, clock, finetune_interval_s=10, finetune_steps=100)
+    parent = tuner.start(loads(dumps(other_model(model, 0.5))[0]))
+    assert parent is not None
+    state = WindowState(window=20, length=200, max_series=10)
+    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
+    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
+    clock.now += 10
+    return tuner, parent, state
+
+
 def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
@@ -386,19 +403,9 @@ def test_a_candidate_is_not_promoted_over_a_version_that_replaced_its_parent(
     far; while it trains, an operator promotes another version by hand (or another
     worker's promotion lands, or a frozen worker wakes with its result): the candidate is
     rejected, and not stored, and the version promoted meanwhile keeps serving."""
-    clock = FakeClock()
-    tuner = _tuner(
-        redis_client, redis_url, keys, trained_sines, clock,
-        finetune_interval_s=10, finetune_steps=100,
-    )  # fmt: skip
+    tuner, parent, state = _due_from_a_biased_parent(redis_client, redis_url, keys, trained_sines)
     store = tuner.store
-    parent = tuner.start(loads(dumps(other_model(trained_sines, 0.5))[0]))
-    assert parent is not None
-    state = WindowState(window=20, length=200, max_series=10)
-    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
-    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
     scores = Overall(halflife_s=30)
-    clock.now += 10
     try:
         assert tuner.tick(state.histories, scores) is None
         assert tuner.running
@@ -427,21 +434,11 @@ def test_a_candidate_over_the_stores_cap_is_rejected_not_stored(
     trained_sines: AttentionLSTM,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A candidate that beats its parent by far, over the store's cap (lowered to its
-    parent's size while it trains): rejected with the reason, where the store's refusal
-    used to end the worker."""
-    clock = FakeClock()
-    tuner = _tuner(
-        redis_client, redis_url, keys, trained_sines, clock,
-        finetune_interval_s=10, finetune_steps=100,
-    )  # fmt: skip
-    parent = tuner.start(loads(dumps(other_model(trained_sines, 0.5))[0]))
-    assert parent is not None
-    state = WindowState(window=20, length=200, max_series=10)
-    values = make_sines(SineSpec(n_series=1, n_points=200), seed=3).values[0]
-    state.push(np.repeat(state.slots_for(["s0"]), 200), values, gather=False)
+    """A candidate that beats its parent by far, over the store's cap (lowered to 1,000
+    bytes once the parent is stored): rejected with the reason, where the store's
+    refusal used to end the worker."""
+    tuner, parent, state = _due_from_a_biased_parent(redis_client, redis_url, keys, trained_sines)
     scores = Overall(halflife_s=30)
-    clock.now += 10
     monkeypatch.setattr(store_module, "MODEL_BYTES_MAX", 1_000)
     try:
         assert tuner.tick(state.histories, scores) is None
