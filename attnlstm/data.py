@@ -101,6 +101,10 @@ def load_dataset(
     raise DataError(f"unknown data {spec!r}: use sine, sines or csv:PATH")
 
 
+# What else a file of one column may be separated by, for the error that says so.
+SEPARATORS = ((";", "semicolons"), ("\t", "tabs"))
+
+
 def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     """Value columns of a CSV file with a header row, each one series.
 
@@ -120,9 +124,15 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
     wanted = list(columns) or header[1:]
+    if not wanted:
+        other = next((f" (are they {name}?)" for sep, name in SEPARATORS if sep in header[0]), "")
+        raise DataError(
+            f"{path}: no column of values: the first, {header[0]!r}, is taken to be the time, "
+            f"and there is no other; columns are separated by commas{other}"
+        )
     missing = [c for c in wanted if c not in header]
-    if missing or not wanted:
-        raise DataError(f"{path}: no column {', '.join(missing) or '(none)'}; it has {header}")
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(missing)}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
     read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
     step, times = _time_step(path, body)
@@ -156,34 +166,50 @@ def column_index(path: Path, header: Sequence[str], name: str) -> int:
     return at[0]
 
 
+# A count since the epoch by the size of its whole part: below ``below``, a unit of
+# ``ms / per`` ms (seconds, ms, µs; past them, ns, as pandas writes them).
+COUNT_UNITS = ((10**11, 1000, 1), (10**14, 1, 1), (10**17, 1, 1000))
+NS = (1, 10**6)
+# A count with a decimal fraction is a time from 10^9 s (2001-09-09) on: ``20.5``, a
+# first column of sensor values, is none (a file with no time column).
+FRACTION_FROM = 10**9
+# The times a file may hold, in ms since the epoch, as the worker takes a ts: 16 digits
+# (the year 318,857). Past it, a time of 400 digits ended `train` in an OverflowError.
+TIME_MS_MAX = 10**16 - 1
+
+
 def time_ms(text: str) -> int:
-    """ISO 8601 (a zone-less time is taken as UTC) or a whole number of seconds, ms, µs
-    or ns since the epoch, told apart by size (10^11 s is the year 5138, 10^11 ms March
-    1973: ms before then read as seconds), as ms since the epoch (negative before 1970;
-    below a ms, floored). A ValueError for anything else. Integer arithmetic: through a
-    float, an ISO time with ms could come out 1 ms early (before about 2004 and after
-    about 2038)."""
-    if text.isascii() and text.isdigit():  # not '²', a digit int() refuses
-        count = int(text)
-        if count < 10**11:
-            return count * 1000  # seconds
-        if count < 10**14:
-            return count  # ms
-        return count // 1000 if count < 10**17 else count // 1_000_000  # µs, ns (pandas)
+    """ISO 8601 (a zone-less time is taken as UTC) or a number of seconds, ms, µs or ns
+    since the epoch, whole or, from :data:`FRACTION_FROM`, with a decimal fraction
+    (``1700000000.5``), told apart by the size of its whole part (10^11 s is the year
+    5138, 10^11 ms March 1973: ms before then read as seconds), as ms since the epoch
+    (negative before 1970; below a ms, floored). A ValueError for anything else.
+    Integer arithmetic: through a float, an ISO time with ms could come out 1 ms early
+    (before about 2004 and after about 2038)."""
+    whole, dot, fraction = text.partition(".")
+    if _digits(whole) and (not dot or (_digits(fraction) and int(whole) >= FRACTION_FROM)):
+        count, scale = int(whole), int("1" + "0" * len(fraction))
+        exact = count * scale + int(fraction or "0")  # the number is exact / scale
+        ms, per = next(((ms, per) for below, ms, per in COUNT_UNITS if count < below), NS)
+        return exact * ms // (scale * per)
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # not '²', a digit int() refuses
+
+
 def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
     """The rows of the open CSV file ``f``, the header first, each with its line number.
-    A DataError naming the line where the quoting is broken (an unclosed quote would
-    take the rest of the file as one cell) and where a row has more cells than the
-    header (an unquoted comma: ``12,5`` for 12.5 would be read as 12). A shorter row's
-    missing cells are gaps."""
+    A DataError naming the line where the quoting is broken (where a quote is never
+    closed, the first line of its row: the rest of the file was read as one cell) and
+    where a row has more cells than the header (an unquoted comma: ``12,5`` for 12.5
+    would be read as 12). A shorter row's missing cells are gaps."""
     rows = csv.reader(f, strict=True)
-    width = 0
+    width = start = 0  # start: the first line of the row being read
     try:
         for row in rows:
             if not width:
@@ -194,7 +220,13 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
                     "quote a cell that holds a comma"
                 )
             yield rows.line_num, row
+            start = rows.line_num
     except csv.Error as e:  # broken quoting, or a cell past the csv module's limit
+        if "unexpected end of data" in str(e):
+            raise DataError(
+                f"{path}:{start + 1}: a quote opened in this row is never closed (the rest of "
+                "the file was read as one cell)"
+            ) from None
         raise DataError(f"{path}:{rows.line_num}: {e}") from None
 
 
@@ -221,6 +253,11 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | N
             raise DataError(
                 f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
             ) from None
+        if abs(ms) > TIME_MS_MAX:
+            raise DataError(
+                f"{path}:{line}: time {text!r} is out of range: at most {TIME_MS_MAX + 1:.0e} "
+                "ms from the epoch, as the worker takes a ts"
+            )
         if times and ms < times[-1]:
             raise DataError(
                 f"{path}:{line}: time {text!r} is before the row before's: the rows must "
@@ -259,6 +296,9 @@ def _column(
             continue
         kept.append(position)
         try:
+            # float() reads '1_0', and fullwidth digits, as 10; the worker refuses them
+            if "_" in cell or not cell.isascii():
+                raise ValueError(cell)
             value = float(cell)
         except ValueError:
             raise DataError(f"{path}:{line}: {name}={cell!r} is not a number") from None

@@ -8,6 +8,9 @@ from pathlib import Path
 # The names resolve_device takes: auto (CUDA when present), cpu, cuda, cuda:N. The
 # command line and the worker's settings check a name with it before torch is imported.
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+# The most CPU threads torch is given (the command line's and the worker's settings):
+# torch.set_num_threads(100000) ended the process in a segfault, with no word.
+MAX_THREADS = 1024
 
 
 def resolve_device(name: str) -> str:

@@ -60,7 +60,7 @@ class Spread:
         if isinstance(stored, dict) and stored.get("levels") == list(LEVELS):
             try:
                 q = np.asarray(stored.get("q"), dtype=np.float64)
-            except (ValueError, TypeError):  # ragged, or not numbers
+            except (ValueError, TypeError, OverflowError):  # ragged, not numbers, 10**400
                 q = np.empty(0)
             if q.shape == (len(LEVELS), horizon) and np.isfinite(q).all() and (q >= 0).all():
                 return cls(q)

@@ -106,6 +106,11 @@ def test_plot_writes_the_figures(small_model: dict[str, Any], workdir: Path) -> 
         data = (workdir / "figs" / name).read_bytes()
         assert data.startswith(b"\x89PNG")
         assert len(data) > 10_000
+    proc = run("plot", "--model", "m.st", "--out", "m.st", cwd=workdir)  # a file, no folder
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "attnlstm plot: error: cannot write the figures into m.st: it is not a folder\n",
+    )
 
 
 def test_human_output_without_json(small_model: dict[str, Any], workdir: Path) -> None:
@@ -351,8 +356,15 @@ BAD_RUNS = [
     (["train", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["evaluate", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["evaluate", "--model", "junk.st"], 1, "junk.st: not a safetensors checkpoint"),
-    (["train", "--epochs", "1", "--out", "/proc/m.st"], 1, "cannot write checkpoint /proc/m.st"),
+    # torch.set_num_threads(100000) was a segfault, with no word.
+    (["train", "--threads", "100000"], 2, "argument --threads: must be at most 1,024, got 100000"),
+    (["evaluate", "--threads", "1025"], 2, "argument --threads: must be at most 1,024, got 1025"),
     # Refused before the data is read (there is none here) or a model is trained.
+    (
+        ["train", "--data", "csv:/no/such.csv", "--out", "/proc/m.st"],
+        1,
+        "cannot write checkpoint /proc/m.st",
+    ),
     (["train", "--data", "csv:/no/such.csv", "--out", "."], 1, "checkpoint .: it is a folder"),
     (
         ["train", "--data", "csv:/no/such.csv", "--out", "junk.st/m.st"],
@@ -366,6 +378,8 @@ BAD_RUNS = [
     ),
     (["train", "--data", "csv:/no/such.csv", "--horizon", "1001"], 2, "--horizon: must be at"),
     (["train", "--data", "csv:/no/such.csv", "--layers", "17"], 2, "--layers: must be at most"),
+    (["train", "--data", "csv:/no/such.csv", "--window", "1"], 2, "--window: must be at least 2"),
+    (["train", "--data", "csv:/no/such.csv", "--period", "1"], 2, "--period: 1 step is no cycle"),
     (
         ["train", "--data", "sines", "--series", "30000000"],
         2,
@@ -802,6 +816,7 @@ def test_a_reader_gone_ends_the_command_quietly(small_model: dict[str, Any], wor
         {"train_loss": {"a": 1}, "val_loss": {"a": 1}},
         {"train_loss": [1.0, 0.5], "val_loss": [1.0]},
         {"train_loss": [math.nan], "val_loss": [1.0]},  # a training that diverged
+        {"train_loss": [10**400], "val_loss": [1.0]},  # JSON takes it; a float cannot
     ],
 )
 def test_plot_draws_no_loss_curves_from_a_meta_that_holds_none(
@@ -827,7 +842,7 @@ def test_plot_refuses_data_too_short_for_the_model(
     proc = run("plot", "--data", "csv:short.csv", "--model", "m.st", "--out", "short", cwd=workdir)
     assert proc.returncode == 1
     assert proc.stderr.startswith(
-        "attnlstm plot: error: too little data: the shortest series has 15 points"
+        "attnlstm plot: error: too little data to score: the shortest series has 15 points"
     )
     assert not (workdir / "short").exists()
 

@@ -100,11 +100,21 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
         ("t,a\n1,2\n", ("b",), r"no column b; it has \['t', 'a'\]"),
         ("t,a\n", (), "needs a header row and at least one data row"),
         ("t,a\n1,\n", (), "column 'a' has no values"),
-        ("t\n1\n", (), r"no column \(none\)"),
+        ("t\n1\n", (), r"no column of values: the first, 't', is taken to be the time, and"),
+        ("t;a\n1;2\n", (), r"the first, 't;a', .* separated by commas \(are they semicolons\?\)"),
+        ("t\ta\n1\t2\n", (), r"the first, 't\\ta', .* \(are they tabs\?\)"),
         # A decimal comma: the value was read as 12, the 5 dropped.
         ("t,a\n1,2\n2,12,5\n", (), r"d\.csv:3: 3 cells where the header has 2; quote"),
-        # An unclosed quote: the rest of the file was one cell, read as no value.
-        ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:4: unexpected end of data"),
+        # An unclosed quote: the rest of the file was one cell, read as no value. Its
+        # row is named, not the file's last line.
+        ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:2: a quote opened in this row is never closed"),
+        ('t,a\n1,2\n2,3\n3,"4\n', (), r"d\.csv:4: a quote opened in this row is never closed"),
+        # What float() reads and the worker refuses.
+        ("t,a\n1,2\n2,1_0\n", (), r"d\.csv:3: a='1_0' is not a number"),
+        ("t,a\n1,2\n2,\uff11\uff10\n", (), r"d\.csv:3: a='\uff11\uff10' is not a number"),
+        # A time past the worker's 16 digits of ms: 400 digits ended in an OverflowError.
+        (f"t,a\n1,1\n{'9' * 400},2\n", (), r"d\.csv:3: time '9+' is out of range: at most 1e\+16"),
+        (f"t,a\n{'9' * 400},1\n", (), r"d\.csv:2: time '9+' is out of range"),
         ('t,a\n1,"2"5\n', (), r"d\.csv:2: ',' expected after '\"'"),
         (f"t,a\n1,2\n2,{'1' * 200_000}\n", (), r"d\.csv:3: field larger than field limit"),
         # A name twice: by name, the first column's values were read for both.
@@ -197,3 +207,18 @@ def test_epoch_counts_in_any_unit_give_the_period_iso_times_give(tmp_path: Path)
         data = load_csv(path)
         assert (data.step_s, data.daily_period()) == (1800.0, 48), name
     assert [time_ms(column[1]) for column in columns.values()] == [1_455_496_200_000] * 5
+
+
+def test_epoch_counts_with_a_fraction_are_times(tmp_path: Path) -> None:
+    """Seconds with a decimal fraction, as many loggers write them, made the whole time
+    column no time at all: no period, and only a note."""
+    times = [f"{1_455_494_400 + h * 1800}.25" for h in range(48)]
+    path = tmp_path / "frac.csv"
+    path.write_text("time,v\n" + "".join(f"{t},{k}\n" for k, t in enumerate(times)))
+    data = load_csv(path)
+    assert (data.step_s, data.daily_period()) == (1800.0, 48)
+    assert time_ms("1455494400.1259") == 1_455_494_400_125  # below a ms, floored
+    assert time_ms("1455494400125.9") == time_ms("1455494400125999") == 1_455_494_400_125
+    for text in ("1455494400.", ".5", "1455494400.5.1", "-1455494400.5", "1_455", "20.5"):
+        with pytest.raises(ValueError, match="isoformat"):
+            time_ms(text)

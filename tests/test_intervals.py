@@ -57,6 +57,7 @@ def test_a_spread_travels_in_a_checkpoints_meta_and_a_bad_one_falls_back() -> No
         {"spread": {"levels": list(LEVELS), "q": {"x": 1}}},
         {"spread": {"levels": list(LEVELS), "q": [[math.inf] * 3] * len(LEVELS)}},
         {"spread": {"levels": list(LEVELS), "q": [[math.nan] * 3] * len(LEVELS)}},
+        {"spread": {"levels": list(LEVELS), "q": [[10**400] * 3] * len(LEVELS)}},  # JSON's
     ]:
         # The fallback itself (the shape and a positive spread, the stored one had too).
         fallback = Spread.from_meta(meta, horizon=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import cast
@@ -12,7 +13,7 @@ from typing import cast
 import pytest
 import redis
 
-from attnlstm.checkpoint import CheckpointError, dumps, save, version_of
+from attnlstm.checkpoint import CheckpointError, dumps, load, save, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
 from tests.conftest import CLI
@@ -28,7 +29,7 @@ from tests.helpers import (
     wait_for,
     worker_cmd,
 )
-from worker.cli import main
+from worker.cli import main, offline
 from worker.keys import Keys
 from worker.lease import ensure_library
 from worker.online import store as store_module
@@ -145,9 +146,41 @@ def test_a_model_file_over_the_cap_stops_the_worker_at_start_and_train_says_so(
     assert f"model {version} takes " in capsys.readouterr().err
     assert redis_client.exists(keys.versions, keys.serving) == 0
     out = tmp_path / "trained.safetensors"
-    assert main(["train", "--data", "sine", "--epochs", "1", "--out", str(out)]) == 0
-    assert "attnlstm train: note: model " in capsys.readouterr().err
+    train = ["train", "--data", "sine", "--epochs", "1", "--out", str(out)]
+    assert main(train) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "store's cap" in line]
+    assert len(notes) == 1  # said once, before the training
+    assert notes[0].startswith("attnlstm train: note: the model, untrained, takes ")
     assert out.exists()  # noted, not refused: evaluate and plot take it
+    # Under the cap untrained, over it with the training's figures: noted as it is saved.
+    monkeypatch.setattr(store_module, "MODEL_BYTES_MAX", out.stat().st_size - 100)
+    assert main(train) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "store's cap" in line]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"attnlstm train: note: model {load(out).version} takes ")
+
+
+def test_train_says_a_model_is_over_the_cap_before_it_trains(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The note comes before the training: here the training stops, and it was said."""
+    monkeypatch.setattr(store_module, "MODEL_BYTES_MAX", 1_000)
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise ValueError("training stopped")
+
+    monkeypatch.setattr(offline, "train_model", stopped)
+    out = tmp_path / "model.safetensors"
+    assert main(["train", "--data", "sine", "--epochs", "1", "--out", str(out)]) == 1
+    note, stop = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        r"attnlstm train: note: the model, untrained, takes [\d,]+ bytes, over the model "
+        r"store's cap of 1,000: no worker can serve it; train a smaller one \(--hidden, "
+        r"--layers, --window, --horizon\)",
+        note,
+    )
+    assert stop == "attnlstm train: error: training stopped"
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("planted", ["unsigned", "another key", "oversized"])

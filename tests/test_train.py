@@ -145,8 +145,12 @@ def test_auto_epochs_aims_at_a_step_budget() -> None:
 def test_no_validation_windows_is_a_clear_error() -> None:
     dataset = load_dataset("sine")
     dataset.series[0] = dataset.series[0][:22]
-    with pytest.raises(ValueError, match="too little data"):
+    with pytest.raises(ValueError, match=r"too little data: .* leave 0 training and 2 val"):
         split_dataset(dataset, 20, 1, 0.2)
+    # Scoring needs no training part: "0 training windows" was no reason there.
+    dataset.series[0] = dataset.series[0][:20]
+    with pytest.raises(ValueError, match=r"too little data to score: .* its last 0\.2 holds no"):
+        split_dataset(dataset, 20, 1, 0.2, training=False)
 
 
 def test_a_tail_is_scored_and_forecast_to_its_last_step() -> None:

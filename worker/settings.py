@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from attnlstm.device import DEVICE_PATTERN
+from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
 from attnlstm.intervals import LEVELS
 from worker.keys import Keys
 from worker.streams import cluster_of
@@ -58,7 +58,6 @@ MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 rand
 # one past 2^63 is refused by Redis at every try: the worker retried for ever.
 MAX_REDIS_INT = 2**53
 MAX_HISTORY_LEN = 1_000_000  # 8 MB a series: 10^8 asked numpy for 763 GiB at the start
-MAX_THREADS = 1024
 # The fields a command never reads (from_flags' ``unused``): left at their defaults, and
 # block_ms and max_wait_ms not checked against the socket timeout it does read (a
 # worker's ATTNLSTM_SOCKET_TIMEOUT_S=1 made the default block_ms, 1,000, too long, and

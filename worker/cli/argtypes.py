@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Callable
 
-from attnlstm.device import DEVICE_PATTERN
+from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes up to this; numpy's generators, no sign
 
@@ -38,6 +38,14 @@ def whole(text: str, least: int = 0) -> int:
 
 def positive(text: str) -> int:
     return whole(text, 1)
+
+
+def threads(text: str) -> int:
+    """A number of torch threads: 1 to :data:`MAX_THREADS`."""
+    value = whole(text, 1)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS:,}, got {value}")
+    return value
 
 
 def seed(text: str) -> int:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: Redis: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot
-        where = f" {e.filename}" if e.filename else ""
+        where = f" {e.filename}:" if e.filename else ""
         print(f"attnlstm {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

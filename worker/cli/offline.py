@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 import torch
 
@@ -18,6 +19,7 @@ from attnlstm.checkpoint import (
     CONFIG_BOUNDS,
     CheckpointError,
     check_config,
+    dumps,
     open_checkpoint,
     save,
 )
@@ -34,7 +36,7 @@ from attnlstm.experiment import (
 )
 from attnlstm.heldout import Comparison, compare, format_margins, format_table
 from attnlstm.intervals import Spread
-from attnlstm.model import ModelConfig
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
@@ -100,6 +102,9 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     _note_short(dataset, model_config, args.val_fraction)
     _note_gaps(dataset)
+    # Said before the training too (a model near the cap trains for hours on a CPU):
+    # untrained and with no figures, its checkpoint takes all but a few KB of train's.
+    oversized = _note_over_cap(len(dumps(AttentionLSTM(model_config))[0]), "the model, untrained,")
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -127,10 +132,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         args.data, dataset, train_config, result, metrics, val_fraction=args.val_fraction
     )
     version = save(args.out, model, meta)
-    try:
-        check_size(Path(args.out).stat().st_size, f"model {version}")
-    except CheckpointError as e:
-        print(f"attnlstm train: note: {e}", file=sys.stderr)
+    if not oversized:  # the training's figures may still take it past the cap
+        _note_over_cap(Path(args.out).stat().st_size, f"model {version}")
     return {
         **metrics,
         "seconds": round(time.perf_counter() - started, 3),
@@ -184,6 +187,8 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     """The article's figures for the data's first series, and the loss curves."""
     refuse_given(args, PLOT_STREAM_FLAGS, "for --from-stream")
+    if args.out.exists() and not args.out.is_dir():  # was "error: m.st File exists"
+        raise ValueError(f"cannot write the figures into {args.out}: it is not a folder")
     dataset, device = _prepare(plot_defaults(args))
     checkpoint = open_checkpoint(args.model)
     args.val_fraction = _held_out(args, checkpoint.meta, dataset)
@@ -248,6 +253,17 @@ def _counted(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'s' * (count != 1)}"
 
 
+def _note_over_cap(size: int, what: str) -> bool:
+    """A note when ``size``, the bytes of the checkpoint of ``what``, is over the model
+    store's cap; True when noted. Noted, not refused: `evaluate` and `plot` take it."""
+    try:
+        check_size(size, what)
+    except CheckpointError as e:
+        print(f"attnlstm train: note: {e}", file=sys.stderr)
+        return True
+    return False
+
+
 def _note_short(dataset: Dataset, config: ModelConfig, val_fraction: float) -> None:
     """A note naming the series whose part before the held-out tail holds no window of
     the model: it trains without them, which a file's short column left unsaid. (None
@@ -279,9 +295,14 @@ def _loss_curves(meta: dict[str, Any]) -> tuple[list[float], list[float]] | None
 
 
 def _finite_list(curve: object) -> TypeGuard[list[float]]:
-    return isinstance(curve, list) and all(
-        type(x) in (int, float) and math.isfinite(x) for x in curve
-    )
+    return isinstance(curve, list) and all(map(_finite, curve))
+
+
+def _finite(x: object) -> bool:
+    try:
+        return type(x) in (int, float) and math.isfinite(cast(float, x))
+    except OverflowError:  # an int past a float's range (JSON takes 10**400)
+        return False
 
 
 def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) -> float:
@@ -347,19 +368,31 @@ def _check_sizes(args: argparse.Namespace) -> None:
     built (--hidden 200000 ended in torch's allocation error): training would only write
     a file that no loader takes."""
     for flag, name, field in SIZE_FLAGS:
-        value, most = getattr(args, name), CONFIG_BOUNDS[field][1]
+        value, (least, most) = getattr(args, name), CONFIG_BOUNDS[field]
         if value is not None and value > most:
             raise UsageError(f"argument {flag}: must be at most {most:,} (a checkpoint's bound)")
+        if value is not None and value < least:
+            raise UsageError(f"argument {flag}: must be at least {least:,} (a checkpoint's bound)")
+    if args.period == 1 and args.window is None:  # was "a window needs at least 2 steps"
+        raise UsageError(
+            "argument --period: 1 step is no cycle (the model's window is one period, and "
+            "needs 2 steps or more); 0 for none"
+        )
 
 
 def _check_out(path: Path) -> None:
-    """An --out that save cannot write (a folder, or a path under a file), refused before
-    the training rather than after it."""
+    """An --out that save cannot write (a folder, a path under a file, a folder that takes
+    no file), refused before the training rather than after it."""
     if path.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: it is a folder")
     folder = next((p for p in path.parents if p.exists()), None)
     if folder is not None and not folder.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: {folder} is not a folder")
+    try:  # where save writes its temporary file, or makes the folders it lacks
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
 
 
 def _tables(comparison: Comparison | None, as_json: bool, *, horizon: int) -> dict[str, Any]:

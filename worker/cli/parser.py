@@ -27,6 +27,7 @@ from worker.cli.argtypes import (
     seed,
     share,
     switch,
+    threads,
     whole,
 )
 from worker.tools import RUNS
@@ -90,7 +91,7 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
         help="auto, cpu, cuda or cuda:N (default cpu)",
     )
     p.add_argument(
-        "--threads", type=positive, default=None, help="torch CPU threads (default: torch's)"
+        "--threads", type=threads, default=None, help="torch CPU threads (default: torch's)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -201,7 +202,7 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (cpu)"
     )
-    bench.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
+    bench.add_argument("--threads", type=threads, default=1, help="torch threads (default 1)")
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
     bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")
     bench.add_argument("--series", type=positive, default=1_000, help="(default 1000)")
@@ -256,7 +257,7 @@ WORKER_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--model", "model", Path, "checkpoint from attnlstm train (unset: the store, or cold start)"),
     ("--model-key-file", "model_key_file", Path, "key that signs and verifies stored models"),
     ("--device", "device", device, "auto, cpu, cuda or cuda:N (default auto)"),
-    ("--threads", "torch_threads", positive, "torch CPU threads (default: torch's)"),
+    ("--threads", "torch_threads", threads, "torch CPU threads (default: torch's)"),
     ("--max-batch", "max_batch", positive, "entries per batch, at most (default 1024)"),
     ("--max-wait-ms", "max_wait_ms", number, "longest wait for a batch to fill (default 5)"),
     ("--block-ms", "block_ms", positive, "one blocking read's longest wait (default 1000)"),
