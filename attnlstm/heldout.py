@@ -359,7 +359,7 @@ def _ratio(
             model += ours[picks].sum(axis=1) / total
             other += theirs[picks].sum(axis=1) / total
         ratio = model / other  # of the sums over the series, as of their means
-    low, high = np.percentile(ratio[1:], [2.5, 97.5])
+        low, high = np.percentile(ratio[1:], [2.5, 97.5])  # inf - inf: a perfect other
     return float(ratio[0]), float(low), float(high)
 
 

@@ -394,7 +394,10 @@ BAD_RUNS = [
     ),
     (["worker", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
-    (["worker", "--redis-url", "http://h"], 1, "bad settings: redis_url: Value error, must start"),
+    (["models", "list", "--events", "10001"], 2, "argument --events: must be at most 10,000"),
+    (["worker", "--redis-url", "http://h"], 2, "bad settings: redis_url: Value error, must start"),
+    # A setting refused as a flag: a usage error, as the parser's refusals are (it was 1).
+    (["worker", "--coverage", "1"], 2, "bad settings: coverage: Input should be less than 1 (see"),
     (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
     (["worker", "--device", "gpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),

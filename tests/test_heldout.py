@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,9 @@ def test_the_interval_spans_one_where_the_days_disagree_and_not_where_they_agree
     assert 0.8 < low < 0.95
     assert 1.05 < high < 1.25
     assert _ratio([(np.full(80, 0.5), np.ones(80), naive)]) == (0.5, 0.5, 0.5)
+    with np.errstate(all="raise"):  # another forecaster with no error (a perfect cycle):
+        ratio, low, high = _ratio([(np.full(80, 0.5), np.zeros(80), naive)])  # no warning
+    assert ratio == math.inf
     assert all(np.isnan(_ratio([])))  # no multi-step forecasts
 
 

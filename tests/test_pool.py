@@ -511,6 +511,15 @@ def test_a_worker_refuses_streams_written_with_another_number_of_partitions(
         worker.run()
     assert "or start a new deployment: other stream names" in str(e.value)
     assert redis_client.get(other.partitions) is None  # refused before marking anything
+    # A mark of something else's writing: "invalid literal for int() with base 10: b'x'".
+    third = Keys.prefixed(stream_prefix + "x:")
+    redis_client.set(third.partitions, "x")
+    planted = f"{third.partitions} holds b'x', no number of partitions: something else wrote"
+    worker = new_worker(settings_for(redis_url, third, partitions=4), trained_sines)
+    with pytest.raises(PartitionsError, match=planted):
+        worker.run()
+    with pytest.raises(PartitionsError, match=planted):
+        _replay(redis_client, third, sine_steps(3, 8), partitions=4)
 
 
 def test_a_pool_on_a_cluster_forecasts_100k_entries_once_each_as_a_fourth_worker_joins(

@@ -761,6 +761,41 @@ def test_a_database_the_server_does_not_have_is_an_error_not_a_wait(
             worker.run()
 
 
+@pytest.mark.parametrize(
+    ("planted", "refused"),
+    [
+        (
+            "lease",
+            r"Redis refused this worker \(Command # 1 \(GET .*\) of pipeline caused error: "
+            r"WRONGTYPE .*\); a key this command uses holds another type",
+        ),
+        (
+            "fence",
+            r"Redis refused this worker \(value is not an integer or out of range .*\); a key "
+            r"where the worker counts \(its lease's fence: sensors:fence:forecasters",
+        ),
+    ],
+)
+def test_a_lease_or_fence_of_another_making_is_an_error_not_a_wait(
+    planted: str,
+    refused: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """A hash where the lease is (read in a pipeline, whose refusal redis-py words after
+    "Command # 1 (...) of pipeline caused error:"), or text where the fence counts: no
+    retry mends either, and the worker retried them every 5 s for ever."""
+    if planted == "lease":
+        redis_client.hset(keys.lease, "a", "b")
+    else:
+        redis_client.set(keys.fence, "zz")
+    worker = new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)
+    with pytest.raises(ValueError, match=refused):
+        worker.run()
+
+
 def test_redis_unreachable_at_start_is_waited_for(
     trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import redis
 
+from attnlstm.data import DataError
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
 from tests.helpers import entries, wait_for
 from worker.contract import Reading, parse
 from worker.embedded import EmbeddedServer
-from worker.tools.replay import MALFORMED, CsvLayout, csv_entries, series_id
+from worker.tools.replay import MALFORMED, CsvLayout, count_csv, csv_entries, series_id
 
 
 def replay(redis_url: str, stream: str, *args: str) -> dict[str, object]:
@@ -116,6 +117,32 @@ def test_long_format_csv_names_its_series_in_a_column(tmp_path: Path) -> None:
     ]
 
 
+def test_long_format_series_cells_are_cleaned_as_column_names_are(tmp_path: Path) -> None:
+    """They went out as written: `bad id`, an empty cell, 200 characters, each entry
+    dead-lettered by the worker."""
+    path = tmp_path / "long.csv"
+    layout = CsvLayout(series_column="sensor", value_column="reading")
+    path.write_text(f"ts,sensor,reading\n1000,Flow [l/s],1\n1000,{'y' * 200},2\n2000,b,\n")
+    assert [fields[1] for fields in csv_entries(path, layout)] == [b"Flow_l/s", b"y" * 128]
+    for body, message in [
+        ("1000,a,1\n2000,,2\n", r"long\.csv:3: series '' has no characters a series id can"),
+        ("1000,[],1\n", r"long\.csv:2: series '\[\]' has no characters"),
+        ("1000,a_b,1\n2000,a b,2\n", r"long\.csv:3: series 'a b' and 'a_b' would both be"),
+    ]:
+        path.write_text("ts,sensor,reading\n" + body)
+        with pytest.raises(DataError, match=message):
+            count_csv(path, layout)
+    path.write_text("ts,sensor,reading\n1000,a,1\n")
+    for same in (
+        CsvLayout(series_column="sensor", value_column="sensor"),
+        CsvLayout(series_column="ts", value_column="reading"),
+    ):
+        with pytest.raises(DataError, match="columns must be three columns"):
+            count_csv(path, same)
+    with pytest.raises(DataError, match="column 'ts' is the time column, no series"):
+        count_csv(path, CsvLayout(value_columns=("ts",)))
+
+
 def test_the_sea_temperature_file_replays_every_point(tmp_path: Path) -> None:
     rows = list(csv_entries(DATA / "sea_surface_temperature.csv"))
     assert len(rows) == 19_226
@@ -173,6 +200,12 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--rate", "100", "--seconds", "0.004"], "--seconds 0.004 at --rate 100 is less than one"),
         (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
         (["--series", "3"], "one of the arguments --rate --fast is required"),
+        # Ids the worker refuses: every entry was written, and dead-lettered.
+        (["--fast", "--prefix", "bad id"], "--prefix: series id 'bad id49' is refused by the"),
+        (
+            ["--fast", "--series", "10", "--prefix", "a" * 128],
+            "series is longer than 128 characters",
+        ),
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from typing import cast
 
 import redis
 
@@ -58,7 +59,9 @@ class Pool:
                 f"server; this worker reads {where}{count} partition(s) ({first} ..): P is "
                 f"fixed for a deployment's life. {_START_OVER}"
             )
-        mark = int(self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count))
+        mark = _count(
+            self.keys, self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count)
+        )
         if mark != count:
             raise _another(self.keys, mark, count, "this worker reads")
         return strays
@@ -132,7 +135,7 @@ def mark_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
     if partitions > 1 or keys.cluster:
         client.set(keys.partitions, partitions, nx=True)
     mark = client.get(keys.partitions)
-    if (written := int(mark) if mark else 1) != partitions:
+    if (written := _count(keys, mark) if mark else 1) != partitions:
         raise _another(keys, written, partitions, "this writes")
 
 
@@ -142,6 +145,18 @@ _START_OVER = (
     "deployment: other stream names (ATTNLSTM_INPUT_STREAM and the rest), or the old "
     "streams, their partitions mark and the workers' state keys deleted"
 )
+
+
+def _count(keys: Keys, mark: object) -> int:
+    """The partitions' mark as a count; a PartitionsError naming the key where it holds
+    none (it was "invalid literal for int() with base 10: b'x'")."""
+    try:
+        return int(cast(bytes, mark))
+    except (TypeError, ValueError):
+        raise PartitionsError(
+            f"{keys.partitions} holds {mark!r}, no number of partitions: something else "
+            f"wrote it. {_START_OVER}"
+        ) from None
 
 
 def _another(keys: Keys, written: int, count: int, who: str) -> PartitionsError:

@@ -30,6 +30,7 @@ from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
 from attnlstm.intervals import LEVELS
 from worker.keys import Keys
 from worker.streams import cluster_of
+from worker.usage import UsageError
 
 URL_SCHEMES = ("redis", "rediss", "unix")
 # The streams a worker writes, each apart from the input and from one another: a dead
@@ -355,12 +356,13 @@ WORKER_ONLY = tuple(name for name in Settings.model_fields if name not in STREAM
 
 def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
     """Settings from the environment and .env, with the given (not None) values on top;
-    a ValueError with every problem in one line when they do not validate. The fields
-    ``unused`` (a command that never reads them) keep their defaults, whatever the
-    environment says, and are not checked against the others: a worker's
-    ATTNLSTM_MODEL_KEY_FILE in a shared .env, naming a file only the worker's machine
-    has, stopped `replay`."""
-    values = {k: v for k, v in given.items() if v is not None}
+    a ValueError with every problem in one line when they do not validate (a UsageError
+    where each value refused was given). The fields ``unused`` (a command that never
+    reads them) keep their defaults, whatever the environment says, and are not checked
+    against the others: a worker's ATTNLSTM_MODEL_KEY_FILE in a shared .env, naming a
+    file only the worker's machine has, stopped `replay`."""
+    given = {k: v for k, v in given.items() if v is not None}
+    values = dict(given)
     fields = Settings.model_fields
     values |= {name: fields[name].get_default(call_default_factory=True) for name in unused}
     token = _UNUSED.set(unused)
@@ -374,7 +376,9 @@ def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
-        raise ValueError(f"bad settings: {problems}") from None
+        # Each refused value given (a flag): a usage error, as the parser's refusals are.
+        flagged = all(err["loc"] and err["loc"][0] in given for err in e.errors())
+        raise (UsageError if flagged else ValueError)(f"bad settings: {problems}") from None
     finally:
         _UNUSED.reset(token)
 

@@ -54,12 +54,22 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
         "lists what each command needs)",
     ),
     (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
+    (  # the lease's function, counting on a fence planted as text
+        redis.ResponseError,
+        "value is not an integer or out of range",
+        "a key where the worker counts (its lease's fence: sensors:fence:forecasters, by "
+        "default) holds something else: delete it, and the count starts again from 1 "
+        "(each worker's writes stay fenced by its own token)",
+    ),
 )
+# redis-py's words ahead of a pipeline's refusal: "Command # 1 (GET k) of pipeline caused
+# error: WRONGTYPE ...". A refusal of :data:`_FIXES` so prefixed was retried for ever.
+PIPELINE_ERROR = " of pipeline caused error: "
 
 
 def fix_for(e: redis.ResponseError) -> str | None:
     """What to fix for a refusal of :data:`_FIXES`; None for any other."""
-    said = str(e)
+    said = str(e).partition(PIPELINE_ERROR)[2] or str(e)
     for kind, start, fix in _FIXES:
         if isinstance(e, kind) and said.startswith(start):
             return fix

@@ -8,13 +8,9 @@ import re
 from collections.abc import Callable
 
 from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
+from worker.usage import UsageError
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes up to this; numpy's generators, no sign
-
-
-class UsageError(ValueError):
-    """A flag's value that parsed, refused once the command runs by what it is used with
-    (a size past a checkpoint's bounds): a usage error all the same, exit 2."""
 
 
 def refuse_given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...], what: str) -> None:
@@ -40,12 +36,19 @@ def positive(text: str) -> int:
     return whole(text, 1)
 
 
-def threads(text: str) -> int:
-    """A number of torch threads: 1 to :data:`MAX_THREADS`."""
-    value = whole(text, 1)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS:,}, got {value}")
-    return value
+def at_most(most: int) -> Callable[[str], int]:
+    """A type for a whole number from 1 to ``most``."""
+
+    def parse(text: str) -> int:
+        value = positive(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {value}")
+        return value
+
+    return parse
+
+
+threads = at_most(MAX_THREADS)  # torch threads
 
 
 def seed(text: str) -> int:

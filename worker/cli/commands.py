@@ -20,10 +20,10 @@ from redis.exceptions import RedisClusterException
 from attnlstm.data import DataError
 from attnlstm.errors import CheckpointError
 from worker.cli import EXIT_INTERRUPTED
-from worker.cli.argtypes import UsageError
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
 from worker.streams import fix_for
+from worker.usage import UsageError
 
 EXIT_FAILURE = 1
 

@@ -21,7 +21,7 @@ from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.partition import partition_of
 from worker.app import run_service
-from worker.cli.argtypes import UsageError, refuse_given
+from worker.cli.argtypes import refuse_given
 from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
@@ -33,6 +33,7 @@ from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
 from worker.tools.poolbench import PoolPlan, run_pool_bench
 from worker.tools.readback import draw, read_views, summary
+from worker.usage import UsageError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

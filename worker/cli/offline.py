@@ -41,10 +41,11 @@ from attnlstm.plots import plot_attention, plot_forecast, plot_losses
 from attnlstm.synthetic import SineSpec
 from attnlstm.train import TrainConfig
 from attnlstm.windows import HELD_OUT, split_point
-from worker.cli.argtypes import UsageError, positive, refuse_given
+from worker.cli.argtypes import positive, refuse_given
 from worker.cli.parser import PLOT_STREAM_FLAGS, plot_defaults
 from worker.online.store import check_size
 from worker.tools.replay import MAX_SINE_VALUES
+from worker.usage import UsageError
 
 # Fewer validation windows than this and `train` says the blend and the intervals, fitted
 # on them, are not to be trusted: a 90% quantile of 50 errors rests on its 5 largest.

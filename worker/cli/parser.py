@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from attnlstm.synthetic import SineSpec
 from attnlstm.windows import HELD_OUT
 from worker.cli.argtypes import (
+    at_most,
     counts_to,
     data_spec,
     device,
@@ -456,7 +457,9 @@ def plot_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def _models_args(models: argparse.ArgumentParser) -> None:
     what = models.add_subparsers(dest="action", required=True, parser_class=type(models))
     listing = what.add_parser("list", help="stored versions, the serving one, recent events")
-    listing.add_argument("--events", type=positive, default=10, help="events shown (default 10)")
+    listing.add_argument(  # the models stream keeps about 10,000
+        "--events", type=at_most(10_000), default=10, help="events shown (default 10)"
+    )
     back = what.add_parser("rollback", help="serve a stored version again, from the next batch")
     back.add_argument("version", help="a version from `attnlstm models list`")
     promote = what.add_parser(

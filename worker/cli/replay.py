@@ -15,8 +15,9 @@ from typing import Any
 import redis
 
 from attnlstm.synthetic import SineSpec
-from worker.cli.argtypes import UsageError, refuse_given
+from worker.cli.argtypes import refuse_given
 from worker.cli.commands import refusal
+from worker.contract import parse
 from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.signals import handled
 from worker.streams import connect
@@ -30,6 +31,7 @@ from worker.tools.replay import (
     replay,
     sine_entries,
 )
+from worker.usage import UsageError
 
 # The flags of each source, (flag, argument): each defaults to None (or, --column, to
 # []), so that one given with the other source is refused, not ignored.
@@ -134,12 +136,27 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
     )
     bad_rate = args.bad_rate or 0.0
     prefix = "sine-" if args.prefix is None else args.prefix
+    _check_prefix(prefix, spec.n_series)
     try:  # the sines are drawn here: what they refuse, the flags asked for
         check_sine_size(spec)
         entries = sine_entries(spec, seed=args.seed or 0, bad_rate=bad_rate, prefix=prefix)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return entries, None if bad_rate else spec.n_series * spec.n_points
+
+
+def _check_prefix(prefix: str, n_series: int) -> None:
+    """A usage error where the series ids of ``prefix`` (the longest, the last) are no
+    ids the worker takes: they were written, and every entry dead-lettered."""
+    last = f"{prefix}{n_series - 1}"
+    try:
+        refused = parse(b"0-1", {b"series": last.encode(), b"value": b"0"})
+    except UnicodeEncodeError:  # a byte the shell's locale could not decode
+        refused = "it is no text"
+    if isinstance(refused, str):
+        raise UsageError(
+            f"argument --prefix: series id {last!r} is refused by the worker: {refused}"
+        )
 
 
 @contextlib.contextmanager

@@ -145,7 +145,7 @@ def _rows(
         if not any(cell.strip() for cell in row):
             continue
         ts = _ts(path, line, _cell(row, time_at))
-        for series, at in picks(row):
+        for series, at in picks(row, line):
             value = _cell(row, at)
             if value:
                 yield (b"series", series, b"value", value.encode(), b"ts", ts)
@@ -155,8 +155,8 @@ def _cell(row: Sequence[str], at: int) -> str:
     return row[at].strip() if at < len(row) else ""
 
 
-# A row's (series id, column index) pairs.
-_Picker = Callable[[list[str]], list[tuple[bytes, int]]]
+# A row's (series id, column index) pairs, from the row and its line.
+_Picker = Callable[[list[str], int], list[tuple[bytes, int]]]
 
 
 def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Picker]:
@@ -169,14 +169,54 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
     time_at = index(layout.time_column) if layout.time_column else 0
     if layout.series_column is not None:
         series_at, value_at = index(layout.series_column), index(layout.value_column)
+        if len({time_at, series_at, value_at}) < 3:
+            raise DataError(
+                f"{path}: the time ({header[time_at]!r}), series ({header[series_at]!r}) and "
+                f"value ({header[value_at]!r}) columns must be three columns"
+            )
+        ids = _LongIds(path)
 
-        return time_at, lambda row: [(_cell(row, series_at).encode(), value_at)]
+        def long(row: list[str], line: int) -> list[tuple[bytes, int]]:
+            return [(ids.of(_cell(row, series_at), line), value_at)] if _cell(row, value_at) else []
+
+        return time_at, long
     picked = [index(name) for name in dict.fromkeys(layout.value_columns)]
+    if time_at in picked:
+        raise DataError(f"{path}: column {header[time_at]!r} is the time column, no series")
     positions = picked or [k for k in range(len(header)) if k != time_at]
     if not positions:
         raise DataError(f"{path}: no value columns besides the time column")
     wide = _series_of(path, header, positions)
-    return time_at, lambda row: wide
+    return time_at, lambda row, line: wide
+
+
+class _LongIds:
+    """A long file's series cells as series ids, cleaned as a wide file's column names
+    are (they went out as written, and every entry of ``bad id`` was dead-lettered); a
+    DataError naming the line of a cell with no character an id can use (an empty one
+    too), or of one that would be the series of another cell (``a b`` after ``a_b``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ids: dict[str, bytes] = {}  # cell: id
+        self.cells: dict[bytes, str] = {}  # id: the cell it came from
+
+    def of(self, cell: str, line: int) -> bytes:
+        if (known := self.ids.get(cell)) is not None:
+            return known
+        try:
+            name = series_id(cell).encode()
+        except DataError:
+            raise DataError(
+                f"{self.path}:{line}: series {cell!r} has no characters a series id can use"
+            ) from None
+        if (other := self.cells.get(name)) is not None:
+            raise DataError(
+                f"{self.path}:{line}: series {cell!r} and {other!r} would both be series "
+                f"{name.decode()!r}; name them apart"
+            )
+        self.ids[cell], self.cells[name] = name, cell
+        return name
 
 
 def _series_of(path: Path, header: list[str], positions: list[int]) -> list[tuple[bytes, int]]:
