@@ -133,8 +133,13 @@ def _bad_series(series: bytes) -> str:
 
 
 def _show(raw: bytes, limit: int = 40) -> str:
-    """A field's value for an error message: short, printable, never a decode error."""
-    text = raw.decode("utf-8", errors="backslashreplace")
+    """A field's value for an error message: short, printable, never a decode error. Not
+    UTF-8, as bytes (``b'1\\xff'``): decoded with backslashes, its repr doubled them, as
+    if the value held a backslash."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(raw[:limit]) + "..." * (len(raw) > limit)
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 

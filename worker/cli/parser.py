@@ -233,7 +233,7 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
         f"{MAX_POOL_WORKERS} (4 a CPU core)",
     )
     pool.add_argument(
-        "--partitions", type=positive, default=12, help="partitions they share (default 12)"
+        "--partitions", type=at_most(4096), default=12, help="partitions they share (default 12)"
     )
     pool.add_argument(
         "--no-cluster",
