@@ -206,6 +206,8 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
             ["--fast", "--series", "10", "--prefix", "a" * 128],
             "series is longer than 128 characters",
         ),
+        # Values the worker refuses, every entry dead-lettered.
+        (["--fast", "--amplitude", "1e40", "1e40"], "the sines reach 1e+40, beyond the +-1e+30"),
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),

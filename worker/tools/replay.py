@@ -21,7 +21,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from attnlstm.data import DataError, column_index, csv_rows, time_ms
+from attnlstm.data import VALUE_MAX, DataError, column_index, csv_rows, time_ms
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.contract import parse
@@ -62,8 +62,14 @@ def sine_entries(
     """Sines one time step after another (``{prefix}0`` .. ``{prefix}N-1`` each step),
     with a malformed entry of a random kind after each value with ``bad_rate``
     probability. The same arguments give the same entries in the same order. A spec
-    :func:`make_sines` refuses is a ValueError here, before anything is written."""
+    :func:`make_sines` refuses is a ValueError here, before anything is written, and so
+    is one whose values reach past what the worker takes (every entry dead-lettered)."""
     values = make_sines(spec, seed=seed).values  # (series, points)
+    if (reach := float(np.abs(values).max(initial=0.0))) > VALUE_MAX:
+        raise ValueError(
+            f"the sines reach {reach:.3g}, beyond the +-{VALUE_MAX:g} the worker takes: a "
+            "smaller --amplitude or --offset"
+        )
     return _steps(values, seed=seed, bad_rate=bad_rate, prefix=prefix)
 
 
