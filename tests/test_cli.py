@@ -395,6 +395,8 @@ BAD_RUNS = [
     (["worker", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
     (["models", "list", "--events", "10001"], 2, "argument --events: must be at most 10,000"),
+    # 999,999,999 partitions ran until killed.
+    (["bench", "--partitions", "5000"], 2, "argument --partitions: must be at most 4,096, got"),
     (["worker", "--redis-url", "http://h"], 2, "bad settings: redis_url: Value error, must start"),
     # A setting refused as a flag: a usage error, as the parser's refusals are (it was 1).
     (["worker", "--coverage", "1"], 2, "bad settings: coverage: Input should be less than 1 (see"),
