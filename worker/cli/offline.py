@@ -103,7 +103,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     _note_short(dataset, model_config, args.val_fraction)
     _note_gaps(dataset)
-    # Said before the training too (a model near the cap trains for hours on a CPU):
+    # Said before the training too, not only once it is spent:
     # untrained and with no figures, its checkpoint takes all but a few KB of train's.
     oversized = _note_over_cap(len(dumps(AttentionLSTM(model_config))[0]), "the model, untrained,")
     train_config = TrainConfig(
