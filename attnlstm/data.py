@@ -202,13 +202,20 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()  # not '²', a digit int() refuses
 
 
+# The most characters one line of a CSV file may hold: a line is read whole before the
+# csv module sees it, so without a bound a file with no line end (csv:/dev/zero) would
+# be read until memory ran out.
+LINE_MAX = 1 << 24
+
+
 def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
     """The rows of the open CSV file ``f``, the header first, each with its line number.
     A DataError naming the line where the quoting is broken (where a quote is never
-    closed, the first line of its row: the rest of the file was read as one cell) and
-    where a row has more cells than the header (an unquoted comma: ``12,5`` for 12.5
-    would be read as 12). A shorter row's missing cells are gaps."""
-    rows = csv.reader(f, strict=True)
+    closed, the first line of its row: the rest of the file was read as one cell), where
+    a row has more cells than the header (an unquoted comma: ``12,5`` for 12.5 would be
+    read as 12) and where a line is longer than LINE_MAX. A shorter row's missing cells
+    are gaps."""
+    rows = csv.reader(_lines(path, f), strict=True)
     width = start = 0  # start: the first line of the row being read
     try:
         for row in rows:
@@ -228,6 +235,17 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
                 "the file was read as one cell)"
             ) from None
         raise DataError(f"{path}:{rows.line_num}: {e}") from None
+
+
+def _lines(path: Path, f: TextIO) -> Iterator[str]:
+    """The lines of ``f``, each read no further than LINE_MAX characters."""
+    for number, line in enumerate(iter(lambda: f.readline(LINE_MAX + 1), ""), 1):
+        if len(line) > LINE_MAX:
+            raise DataError(
+                f"{path}:{number}: no line end in this line's first {LINE_MAX:,} characters "
+                "(a CSV file ends each row with one)"
+            )
+        yield line
 
 
 def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | None, list[int]]:

@@ -53,15 +53,16 @@ def split_dataset(
     is, for the error when either has none (or the last, when not for ``training``)."""
     train, val = split_windows(dataset.series, context, horizon, val_fraction)
     shortest = min(dataset.lengths)
+    points = f"{shortest} point{'' if shortest == 1 else 's'}{where}"
     if len(val) == 0 and not training:  # evaluate or plot: no training part is needed
         raise ValueError(
-            f"too little data to score: the shortest series has {shortest} points{where}, "
+            f"too little data to score: the shortest series has {points}, "
             f"and its last {val_fraction:g} holds no forecast that reads {context} values "
             f"and {horizon} ahead: a larger val_fraction, or more data"
         )
     if len(val) == 0 or (training and len(train) == 0):
         raise ValueError(
-            f"too little data: the shortest series has {shortest} points{where}, and "
+            f"too little data: the shortest series has {points}, and "
             f"forecasts that read {context} values and {horizon} ahead leave {len(train)} "
             f"training and {len(val)} validation windows at val_fraction {val_fraction}"
         )

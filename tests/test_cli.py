@@ -151,6 +151,19 @@ def test_train_says_when_the_first_column_holds_no_times(tmp_path: Path) -> None
     assert "--column NAME reads a column as a series" in proc.stderr
 
 
+def test_one_row_with_a_time_is_too_little_data_not_a_file_with_no_time(tmp_path: Path) -> None:
+    """Its first row's time was read, but one row has no step: the note said the first
+    column held no time there, before the error that mattered."""
+    (tmp_path / "one.csv").write_text("time,v\n2024-01-01T00:00:00,1\n")
+    proc = run("train", "--data", "csv:one.csv", "--out", "m.st", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm train: error: too little data: the shortest series has 1 point before its "
+        "held-out tail, and forecasts that read 20 values and 1 ahead leave 0 training and 0 "
+        "validation windows at val_fraction 0.2"
+    )
+
+
 def test_train_says_when_too_few_validation_windows_fitted_the_blend(tmp_path: Path) -> None:
     """On 150 hourly values the blend and the intervals were fitted on one validation
     window (a 99% spread as narrow as the 50%), and nothing said so."""

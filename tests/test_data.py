@@ -164,6 +164,9 @@ def test_unreadable_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(DataError, match="cannot read"):
         load_csv(binary)
+    # No line end: read until memory ran out.
+    with pytest.raises(DataError, match="/dev/zero:1: no line end in this line's first 16,777,216"):
+        load_csv(Path("/dev/zero"))
 
 
 def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Path) -> None:

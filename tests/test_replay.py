@@ -211,6 +211,8 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),
+        # A file with no line end was read until memory ran out.
+        (["--fast", "--csv", "/dev/zero"], "/dev/zero:1: no line end in this line's first"),
         (
             ["--fast", "--csv", "quote.csv"],
             "quote.csv:2: a quote opened in this row is never closed",

@@ -74,7 +74,12 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
             f"{CONFIG_BOUNDS['period'][1]:,}): trained with none; --period N sets one",
             file=sys.stderr,
         )
-    elif args.period is None and dataset.step_s is None and args.data.startswith("csv:"):
+    elif (
+        args.period is None
+        and dataset.step_s is None
+        and args.data.startswith("csv:")
+        and max(dataset.lengths) > 1  # one row has no step, and the error follows
+    ):
         print(
             "attnlstm train: note: the first column, taken to be the time, holds no time "
             "at its first row (ISO 8601 or a count since the epoch): trained with no daily "
