@@ -136,20 +136,26 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     return Checkpoint(model=model, version=_version(header["config"], tensors), meta=meta)
 
 
-def load(path: str | Path) -> Checkpoint:
+def load(path: str | Path, max_bytes: int | None = None) -> Checkpoint:
+    """The checkpoint in the file at ``path``; with ``max_bytes``, no more than that is
+    read (a file of 1 GB, or ``/dev/zero``, was read whole before anything looked at it)
+    and a larger file is refused."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if max_bytes is not None and len(data) > max_bytes:
+        raise CheckpointError(f"checkpoint {path} is larger than {max_bytes:,} bytes: not read")
     return loads(data, source=str(path))
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, max_bytes: int | None = None) -> Checkpoint:
     """:func:`load`, with a hint of how to make one when there is no file at ``path``."""
     if not Path(path).exists():
         raise CheckpointError(f"no model at {path}: train one with: attnlstm train --out PATH")
-    return load(path)
+    return load(path, max_bytes)
 
 
 # A tensor as the safetensors header declares it: dtype, shape, [start, end) of its bytes.

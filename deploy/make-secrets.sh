@@ -1,13 +1,13 @@
 #!/bin/sh
 # The secret files docker-compose.yml and docker-compose.tls.yml read, in DIR (default
-# ./secrets): a random password for each Redis user, the key that signs the worker's
+# $SECRETS_DIR, the folder the compose files read, or else ./secrets): a random password for each Redis user, the key that signs the worker's
 # models (model-key), and for TLS a private CA with a certificate for the server
 # (names `redis`, `localhost`, 127.0.0.1) that it signed.
 # Files already there are kept. The folder is for its owner only; the files in it are
 # readable by all, because the containers read them as users of their own.
 set -eu
 
-dir=${1:-secrets}
+dir=${1:-${SECRETS_DIR:-secrets}}
 mkdir -p "$dir"
 chmod 700 "$dir"
 cd "$dir"

@@ -221,6 +221,26 @@ def _run_load_functions(env: dict[str, str]) -> subprocess.CompletedProcess[str]
     )
 
 
+def test_make_secrets_writes_where_the_compose_files_read(tmp_path: Path) -> None:
+    """With SECRETS_DIR set and no folder given, it wrote ./secrets while docker-compose
+    read SECRETS_DIR's: every secret missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("deploy/make-secrets.sh needs openssl")
+    subprocess.run(
+        ["sh", str(DEPLOY / "make-secrets.sh")],
+        cwd=tmp_path,
+        env=os.environ | {"SECRETS_DIR": "elsewhere"},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert not (tmp_path / "secrets").exists()
+    compose = (DEPLOY.parent / "docker-compose.yml").read_text()
+    read = re.findall(r"\$\{SECRETS_DIR:-\./secrets\}/([\w.-]+)", compose)
+    assert len(read) == 5
+    assert all((tmp_path / "elsewhere" / name).stat().st_size > 0 for name in read)
+
+
 @pytest.mark.parametrize("missing", ["cli", "password", "library"])
 def test_load_functions_says_in_one_line_what_it_lacks(missing: str, tmp_path: Path) -> None:
     """Run from a checkout on a cluster node, as deploy/README.md says, it printed `cat:
@@ -465,7 +485,8 @@ def test_a_worker_whose_server_lacks_the_functions_says_who_must_load_them(
     assert done.stderr.strip().splitlines()[-1] == (
         f"attnlstm worker: error: Redis lacks version {VERSION} of the attnlstm functions, "
         "and this user may not load them: load worker/functions.lua as an admin "
-        "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
+        "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the docker-compose "
+        "deployment, `docker compose up functions`)"
     )
     acl_server.load_functions()  # what the deployment does: deploy/load-functions.sh
     assert _burst_as_worker(acl_server, model_file, tmp_path).returncode == 0

@@ -308,6 +308,45 @@ def test_one_worker_fine_tunes_at_a_time(
     assert redis_client.get(keys.finetune_lock) is None
 
 
+@pytest.mark.parametrize("planted", ["lock", "fence"])
+def test_a_fine_tune_lock_of_another_making_puts_fine_tuning_off_not_the_worker_down(
+    planted: str,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Text in the fine-tune lock's fence (or a list for the lock): the refusal went up
+    to the main loop, which stopped the serving worker at its first fine-tune, naming
+    the input lease's fence to delete."""
+    if planted == "lock":
+        redis_client.rpush(keys.finetune_lock, "x")
+    else:
+        redis_client.set(keys.finetune_fence, "abc")
+    clock = FakeClock()
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, clock, finetune_interval_s=10)
+    assert tuner.start(loads(dumps(trained_sines)[0])) is not None
+    state = WindowState(window=20, length=200, max_series=10)
+    slots = np.repeat(state.slots_for(["s0"]), 200)
+    state.push(slots, np.sin(np.arange(200.0)), gather=False)
+    clock.now += 10  # a fine-tune is due
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert not tuner.running
+    assert (
+        f"fine-tuning put off: Redis refused its lock ({keys.finetune_lock}, fence "
+        f"{keys.finetune_fence})" in caplog.text
+    )
+    clock.now += 5  # put off to the next on the schedule, not tried at every batch
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert caplog.text.count("fine-tuning put off") == 1
+    redis_client.delete(keys.finetune_lock, keys.finetune_fence)  # what the log says to do
+    clock.now += 5
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert tuner.running
+    tuner.close()
+
+
 def test_a_drained_worker_reports_what_it_scored(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
@@ -843,6 +882,8 @@ def test_a_refusal_is_looked_at_afresh_when_the_worker_re_syncs(
     tuner.start(file_model)
     assert tuner.metrics.no_model is None
     assert store.serving() == (version_of(model) if own else None)  # its file, promoted
+    reasons = [e["reason"] for e in events(redis_client, keys.models) if e["event"] == "promoted"]
+    assert reasons == (["served here; the store had none"] if own else [])
     histories, scores = sines(20, 200), Overall(halflife_s=30)
     clock.now += 10
     try:

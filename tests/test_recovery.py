@@ -772,7 +772,7 @@ def test_a_database_the_server_does_not_have_is_an_error_not_a_wait(
         (
             "fence",
             r"Redis refused this worker \(value is not an integer or out of range .*\); a key "
-            r"where the worker counts \(its lease's fence: sensors:fence:forecasters",
+            r"where the worker counts \(a lease's fence: sensors:fence:forecasters",
         ),
     ],
 )

@@ -280,6 +280,7 @@ def test_an_empty_stream_or_group_name_is_refused(field: str) -> None:
         ("finetune_threads", 10**11),
         ("finetune_holdout", 0.01),  # a day-ahead gate: 4,800 values kept a series
         ("keep_models", 1),  # nothing left to roll back to
+        ("keep_models", 10**20),  # LRANGE refused it, after the first promotion
     ],
 )
 def test_out_of_range_values_are_rejected(field: str, value: object) -> None:

@@ -160,6 +160,31 @@ def test_a_model_file_over_the_cap_stops_the_worker_at_start_and_train_says_so(
     assert notes[0].startswith(f"attnlstm train: note: model {load(out).version} takes ")
 
 
+@pytest.mark.parametrize("name", ["sparse", "/dev/zero"])
+def test_a_model_file_past_twice_the_cap_is_not_read_whole(
+    name: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keys: Keys,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`models promote` and the worker read the file whole before anything checked it:
+    a sparse 1 GB file took 1.3 GB of memory to be called a bad header, and /dev/zero
+    was read until memory ran out."""
+    path = Path(name) if name.startswith("/") else tmp_path / "model.safetensors"
+    if name == "sparse":
+        with path.open("wb") as f:
+            f.truncate(2**30)
+    limit = f"checkpoint {path} is larger than {2 * MODEL_BYTES_MAX:,} bytes: not read"
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    assert main(["models", "promote", str(path), *flags]) == 1
+    assert limit in capsys.readouterr().err
+    assert main(worker_cmd(path, redis_url, keys, "--burst")[len(CLI) :]) == 1
+    assert limit in capsys.readouterr().err
+    assert redis_client.exists(keys.lease, keys.versions, keys.serving) == 0
+
+
 def test_train_says_a_model_is_over_the_cap_before_it_trains(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -304,6 +329,58 @@ def test_without_a_key_the_store_is_unauthenticated_as_before(
     assert set(forecast_versions(redis_client, keys).values()) == {version}
     warnings = [r for r in caplog.records if UNAUTHENTICATED in r.getMessage()]
     assert [r.levelname for r in warnings] == ["WARNING"]
+
+
+def test_a_signature_key_of_another_type_stops_no_keyless_worker_nor_the_cli(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+) -> None:
+    """A list planted where a stored version's signature goes (anyone with the worker's
+    password can): counting signatures raised WRONGTYPE, which stopped every worker
+    without a key at start and at each re-sync, and `models promote` and `rollback`."""
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    old_blob, old = dumps(other_model(trained_sines, 0.05))
+    serving_blob, serving = dumps(trained_sines)
+    store.put(old_blob, old)
+    store.put(serving_blob, serving)
+    store.set_serving(serving, "promoted")
+    redis_client.rpush(keys.model_signature(old), "x")
+    assert store.signatures() == (0, 2)
+    store.check_key()  # no key, and no version signed: nothing to refuse
+    with pytest.raises(CheckpointError, match=f"stored model {old} is not a model: WRONGTYPE"):
+        store.get(old)  # that version is refused where it is read, as before
+    fill(redis_client, keys.input, sine_steps(3, 25, seed=17))
+    new_worker(settings_for(redis_url, keys), None, burst=True).run()
+    assert set(forecast_versions(redis_client, keys).values()) == {serving}
+    path = tmp_path / "m.safetensors"
+    save(path, other_model(trained_sines, 0.1))
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    assert main(["models", "promote", str(path), *flags]) == 0
+    assert main(["models", "rollback", serving, *flags]) == 0
+
+
+def test_a_promotion_refused_for_its_event_moves_no_worker(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The events' key of another type: `models promote` said refused, but the serving
+    pointer had moved (the function set it before the XADD that failed, and Redis keeps
+    a function's writes before an error), with no event for the workers to read."""
+    redis_client.set(keys.models, "not a stream")
+    path = tmp_path / "m.safetensors"
+    save(path, trained_sines)
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    assert main(["models", "promote", str(path), *flags]) == 1
+    assert "WRONGTYPE" in capsys.readouterr().err
+    assert redis_client.get(keys.serving) is None
+    assert redis_client.get(keys.models) == b"not a stream"
 
 
 def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(

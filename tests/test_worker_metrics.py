@@ -147,6 +147,24 @@ def test_healthz_follows_the_connection(served: tuple[Metrics, str]) -> None:
     assert json.loads(body)["ok"] is True
 
 
+def test_head_and_a_query_get_what_get_does(served: tuple[Metrics, str]) -> None:
+    """Some health checkers send HEAD (it was 501), or add a query (a 404); Prometheus's
+    own handler takes `name[]` to pick metrics."""
+    metrics, base = served
+    metrics.connected = True
+    metrics.beat()
+    head = urllib.request.Request(base + "/healthz", method="HEAD")
+    with urllib.request.urlopen(head, timeout=5) as response:
+        assert (response.status, response.read()) == (200, b"")
+        assert int(response.headers["Content-Length"]) > 0  # what a GET's body takes
+    status, _, body = _get(base + "/healthz?probe=1")
+    assert (status, json.loads(body)["ok"]) == (200, True)
+    metrics.entries_read.inc(3)
+    status, _, body = _get(base + "/metrics?name[]=attnlstm_entries_read_total")
+    names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")}
+    assert (status, names) == (200, {"attnlstm_entries_read_total"})
+
+
 def test_unknown_path_is_404(served: tuple[Metrics, str]) -> None:
     status, _, body = _get(served[1] + "/nope")
     assert status == 404

@@ -15,7 +15,7 @@ from worker.embedded import url_or_embedded
 from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
-from worker.online.store import check_size
+from worker.online.store import FILE_BYTES_MAX, check_size
 from worker.settings import Settings
 from worker.signals import StopRequest
 from worker.streams import cluster_of, connect, primaries
@@ -31,7 +31,7 @@ def build_engine(settings: Settings) -> Engine | None:
         torch.set_num_threads(settings.torch_threads)
     if settings.model is None:
         return None
-    checkpoint = open_checkpoint(settings.model)
+    checkpoint = open_checkpoint(settings.model, FILE_BYTES_MAX)
     blob, _ = dumps(checkpoint.model, checkpoint.meta)  # as the store would hold it
     check_size(len(blob), f"model {checkpoint.version} ({settings.model})")
     device = resolve_device(settings.device)

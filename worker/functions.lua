@@ -6,7 +6,7 @@
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
 -- only FCALL them. VERSION must match worker/lease.py.
 
-local VERSION = '10'
+local VERSION = '11'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -225,8 +225,10 @@ local function served(keys, version, maxlen, args, first)
   if redis.call('EXISTS', keys[3]) == 0 then
     return 0
   end
-  redis.call('SET', keys[1], version)
+  -- The event first: a refused XADD (the events' key of another type) leaves nothing
+  -- written, where a SET before it stayed, and workers missed the switch.
   redis.call('XADD', keys[2], 'MAXLEN', '~', maxlen, '*', unpack(args, first))
+  redis.call('SET', keys[1], version)
   return 1
 end
 

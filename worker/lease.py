@@ -27,7 +27,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str, cluster_of
 
-VERSION = "10"  # the library's, in functions.lua
+VERSION = "11"  # the library's, in functions.lua
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
 
@@ -63,7 +63,8 @@ def ensure_library(client: redis.Redis) -> None:
         raise ValueError(
             f"Redis lacks version {VERSION} of the attnlstm functions, and this user may not "
             "load them: load worker/functions.lua as an admin "
-            "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua)"
+            "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
+            "docker-compose deployment, `docker compose up functions`)"
         ) from None
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from prometheus_client import (
@@ -368,22 +369,34 @@ def serve(
                 super().finish()
 
         def do_GET(self) -> None:
-            cast(_BoundedServer, self.server).answering(self.request)
-            if self.path == "/metrics":
-                metrics.expire()
-                self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
-            elif self.path == "/healthz":
-                ok, body = metrics.health(stale_after_s)
-                self._send(200 if ok else 503, "application/json", json.dumps(body).encode())
-            else:
-                self._send(404, "text/plain", b"try /metrics or /healthz\n")
+            self._answer(with_body=True)
 
-        def _send(self, status: int, content_type: str, body: bytes) -> None:
+        def do_HEAD(self) -> None:  # what some health checkers send: 501 before
+            self._answer(with_body=False)
+
+        def _answer(self, *, with_body: bool) -> None:
+            cast(_BoundedServer, self.server).answering(self.request)
+            url = urlsplit(self.path)  # a query was a 404; /metrics?name[]=... filters
+            if url.path == "/metrics":
+                metrics.expire()
+                names = parse_qs(url.query).get("name[]")
+                registry = metrics.registry.restricted_registry(names) if names else None
+                text = generate_latest(registry or metrics.registry)
+                self._send(200, CONTENT_TYPE_LATEST, text, with_body)
+            elif url.path == "/healthz":
+                ok, body = metrics.health(stale_after_s)
+                answer = json.dumps(body).encode()
+                self._send(200 if ok else 503, "application/json", answer, with_body)
+            else:
+                self._send(404, "text/plain", b"try /metrics or /healthz\n", with_body)
+
+        def _send(self, status: int, content_type: str, body: bytes, with_body: bool) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
             pass

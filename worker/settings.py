@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     finetune_threads: int = Field(default=1, ge=1, le=MAX_THREADS)  # of the fine-tuner
     # model events; versions are stored under this name
     models_stream: str = Field(default="models", min_length=1)
-    keep_models: int = Field(default=5, ge=2)  # stored versions kept: one to roll back to
+    keep_models: int = Field(default=5, ge=2, le=MAX_REDIS_INT)  # stored: one to roll back to
 
     @field_validator("redis_url")
     @classmethod

@@ -57,9 +57,10 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
     (  # the lease's function, counting on a fence planted as text
         redis.ResponseError,
         "value is not an integer or out of range",
-        "a key where the worker counts (its lease's fence: sensors:fence:forecasters, by "
-        "default) holds something else: delete it, and the count starts again from 1 "
-        "(each worker's writes stay fenced by its own token)",
+        "a key where the worker counts (a lease's fence: sensors:fence:forecasters, by "
+        "default, or a partition's, sensors{k}:fence:forecasters) holds something else: "
+        "delete it, and the count starts again from 1 (each worker's writes stay fenced by "
+        "its own token)",
     ),
 )
 # redis-py's words ahead of a pipeline's refusal: "Command # 1 (GET k) of pipeline caused
@@ -459,9 +460,9 @@ def _moved(reply: Any) -> bool:
     return isinstance(reply, redis.exceptions.AskError)
 
 
-def _exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
+def exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """Send the commands in one write (one per node, in a cluster) and read one reply
-    each (see :class:`Wires`)."""
+    each (see :class:`Wires`), a refusal in place of its command's reply."""
     wires = Wires(client)
     try:
         wires.send(commands)
@@ -479,7 +480,7 @@ def raise_first_error(replies: Sequence[Any]) -> None:
 def round_trip(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """The commands in one round trip, not atomic; their replies (the first error is
     raised, after every reply was read)."""
-    replies = _exchange(client, commands)
+    replies = exchange(client, commands)
     raise_first_error(replies)
     return replies
 
@@ -502,7 +503,7 @@ def executed(replies: Sequence[Any]) -> list[Any]:
 
 def transaction(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     """MULTI, the commands, EXEC, in one round trip; the EXEC reply."""
-    return executed(_exchange(client, multi_exec(commands)))
+    return executed(exchange(client, multi_exec(commands)))
 
 
 def ensure_group(client: redis.Redis, keys: Keys) -> bool:

@@ -123,7 +123,7 @@ def _size_mb(image: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def images() -> None:
+def images() -> Iterator[None]:
     started = time.monotonic()
     sh(str(ROOT / "deploy" / "base-image.sh"), BASE, timeout=900)
     say(f"base image {BASE}: {time.monotonic() - started:.0f} s, {_size_mb(BASE):.0f} MB")
@@ -138,6 +138,10 @@ def images() -> None:
     redis_args = ["-f", str(HERE / "redis.Dockerfile"), "--build-arg", f"BASE={BASE}"]
     took = _build(*redis_args, "-t", REDIS_IMAGE, str(HERE))
     say(f"redis image {REDIS_IMAGE}: built in {took:.0f} s, {_size_mb(REDIS_IMAGE):.0f} MB")
+    yield
+    # Not left for the next build, the GPU override's included (a CPU torch, there).
+    for wheel in (ROOT / "deploy" / "build-inputs").glob("*.whl"):
+        wheel.unlink()
 
 
 def test_the_image_holds_the_environment_alone_and_runs_as_its_own_user(images: None) -> None:
@@ -147,6 +151,33 @@ def test_the_image_holds_the_environment_alone_and_runs_as_its_own_user(images: 
         "10001\n/opt/attnlstm/bin/attnlstm\n"
     )
     assert "usage: attnlstm" in sh("docker", "run", "--rm", WORKER_IMAGE, "--help")
+
+
+def test_the_gpu_override_builds_no_image_on_a_cpu_torch(images: None) -> None:
+    """pip ranks a CPU wheel in build-inputs/ (2.13.0+cpu) above PyPI's CUDA torch
+    (2.13.0): the GPU override's build took this host's, and its worker, on
+    ATTNLSTM_DEVICE=cuda, stopped at start. The build arguments the override gives now
+    stop the build, naming the wheel's folder."""
+    if not list((ROOT / "deploy" / "build-inputs").glob(TORCH)):
+        pytest.skip("pip has no CPU wheel of torch on disk here to put in build-inputs/")
+    override = (ROOT / "deploy" / "docker-compose.gpu.yml").read_text()
+    given = re.findall(r"^ +(TORCH_\w+): \"?([^\s\"]+)", override, re.MULTILINE)
+    assert dict(given) == {"TORCH_INDEX_URL": "https://pypi.org/simple", "TORCH_CUDA": "1"}
+    args = [arg for name, value in given for arg in ("--build-arg", f"{name}={value}")]
+    build = ["docker", "build", "--network", "host", "-f", "deploy/Dockerfile", "--target"]
+    done = subprocess.run(
+        [*build, "build", "--build-arg", f"BASE={BASE}", *args, "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert (
+        "torch 2.13.0+cpu has no CUDA, for a GPU image: a CPU wheel in deploy/build-inputs/ "
+        "was taken before the index"
+    ) in done.stdout + done.stderr
 
 
 # -- a deployment -----------------------------------------------------------------------

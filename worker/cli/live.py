@@ -25,7 +25,7 @@ from worker.cli.argtypes import refuse_given
 from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
-from worker.online.store import ModelStore
+from worker.online.store import FILE_BYTES_MAX, ModelStore
 from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.signals import handled
 from worker.tools import RUNS
@@ -181,7 +181,7 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
                 "first (--model-key-file, ATTNLSTM_MODEL_KEY_FILE), then promote with "
                 "--sign-into-unsigned-store"
             )
-    checkpoint = open_checkpoint(path)
+    checkpoint = open_checkpoint(path, FILE_BYTES_MAX)
     before = store.serving()
     store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
     store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")

@@ -31,7 +31,16 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
-from worker.streams import Command, Entry, range_entries, round_trip, transaction, xadd
+from worker.streams import (
+    Command,
+    Entry,
+    exchange,
+    raise_first_error,
+    range_entries,
+    round_trip,
+    transaction,
+    xadd,
+)
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -43,6 +52,9 @@ SIGNED = b"attnlstm model\0"  # what a signature is of, ahead of the version and
 # models take 19 KB (hourly data) to 163 KB (quarter-hourly), 1.4 MB for 5-minute data;
 # `train --hidden 1100 --layers 2`, 60 MiB, and 1,150 is over.
 MODEL_BYTES_MAX = 64 * 2**20
+# The most of a model file the worker and `models promote` read: a float64 file is stored
+# in float32, half its size, so a file past twice the cap could never be stored.
+FILE_BYTES_MAX = 2 * MODEL_BYTES_MAX
 
 
 def check_size(size: int, what: str) -> None:
@@ -187,11 +199,19 @@ class ModelStore:
             self._key_logged = problem
 
     def signatures(self) -> tuple[int, int]:
-        """How many of the stored versions are signed, and how many are stored."""
+        """How many of the stored versions are signed, and how many are stored. A
+        signature's key that holds another type of value (anyone who can write to the
+        store can make one) signs nothing, as :meth:`get` finds: raised here, it stopped
+        every worker without a key at its next re-sync."""
         versions = self.versions()
         commands = [(b"GET", self.keys.model_signature(v).encode()) for v in versions]
-        replies = round_trip(self.client, commands) if commands else []
-        return sum(signature is not None for signature in replies), len(versions)
+        replies = exchange(self.client, commands) if commands else []
+        wrong = [
+            isinstance(r, redis.ResponseError) and str(r).startswith("WRONGTYPE") for r in replies
+        ]
+        raise_first_error([r for r, bad in zip(replies, wrong, strict=True) if not bad])
+        signed = sum(r is not None and not bad for r, bad in zip(replies, wrong, strict=True))
+        return signed, len(versions)
 
     def versions(self) -> list[str]:
         """The stored versions, newest first; bytes that are not UTF-8 escaped, as in

@@ -117,7 +117,8 @@ class Tuner:
         """The model to serve at start: the store's serving version. A model file is
         promoted (stored, signed with a key, served by every worker) only when the store
         serves none yet, and served here alone while the store's is refused; a restart
-        never undoes a promotion, nor does a worker with another file. None: no change,
+        never undoes a promotion, nor does a worker with another file. At a re-sync,
+        ``file_model`` is the model served here (the loop's engine's). None: no change,
         or nothing yet (a cold start). ValueError when there is nothing to serve and
         fine-tuning is off, so nothing ever will be.
 
@@ -132,7 +133,10 @@ class Tuner:
         serving = self.store.serving()
         if serving is None and file_model is not None:
             blob, _ = dumps(file_model.model, file_model.meta)
-            if self.store.promote(blob, file_model.version, None, "promoted", reason="model file"):
+            # At a re-sync, the model this worker serves (its file, or a version it switched
+            # to since), on a store that lost its keys: the fleet goes on with it.
+            reason = "model file" if self.version is None else "served here; the store had none"
+            if self.store.promote(blob, file_model.version, None, "promoted", reason=reason):
                 # _seen stays: its own `promoted` event changes nothing when read, and a
                 # promotion or rollback written after it must be read, not skipped.
                 return self._adopt(file_model, blob)
@@ -268,8 +272,21 @@ class Tuner:
         if usable < (COLD_START_VALUES if trigger == "cold" else 1):
             self._put_off(trigger, now)  # too little history yet
             return None
-        if self.lock.acquire()[0] != self.lock.token:
-            self._put_off(trigger, now)  # someone else's turn
+        try:
+            turn = self.lock.acquire()[0] == self.lock.token
+        except redis.ResponseError as e:  # its key or fence planted as another value
+            if not re.search("WRONGTYPE|value is not an integer", str(e)):
+                raise
+            log.error(
+                "fine-tuning put off: Redis refused its lock (%s, fence %s): %s; delete the "
+                "one that holds something else. Serving goes on",
+                self.lock.key,
+                self.lock.fence_key,
+                e,
+            )
+            turn = False
+        if not turn:
+            self._put_off(trigger, now)  # someone else's turn, or no lock to be had
             return None
         if trigger == "drift":
             log.info(
