@@ -202,9 +202,9 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()  # not '²', a digit int() refuses
 
 
-# The most characters one line of a CSV file may hold: a line is read whole before the
-# csv module sees it, so without a bound a file with no line end (csv:/dev/zero) would
-# be read until memory ran out.
+# The most characters one line of a CSV file may hold, its line end included: a line is
+# read whole before the csv module sees it, so without a bound a file with no line end
+# (csv:/dev/zero) would be read until memory ran out.
 LINE_MAX = 1 << 24
 
 

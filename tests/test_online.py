@@ -333,18 +333,24 @@ def test_a_fine_tune_lock_of_another_making_puts_fine_tuning_off_not_the_worker_
     clock.now += 10  # a fine-tune is due
     assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
     assert not tuner.running
-    assert (
-        f"fine-tuning put off: Redis refused its lock ({keys.finetune_lock}, fence "
-        f"{keys.finetune_fence})" in caplog.text
+    refused = (
+        f"Redis refused the fine-tune lock ({keys.finetune_lock}, fence {keys.finetune_fence})"
     )
+    assert refused in caplog.text
     clock.now += 5  # put off to the next on the schedule, not tried at every batch
     assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
-    assert caplog.text.count("fine-tuning put off") == 1
+    clock.now += 5  # tried again, refused again: logged once until the refusal changes
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert caplog.text.count(refused) == 1
     redis_client.delete(keys.finetune_lock, keys.finetune_fence)  # what the log says to do
-    clock.now += 5
+    clock.now += 10
     assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
     assert tuner.running
+    # Planted while it runs: its release, as the fine-tune is dropped, is refused too.
+    redis_client.delete(keys.finetune_lock)
+    redis_client.rpush(keys.finetune_lock, "x")
     tuner.close()
+    assert caplog.text.count(refused) == 2
 
 
 def test_a_drained_worker_reports_what_it_scored(

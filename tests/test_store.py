@@ -3,6 +3,7 @@ model serves when a worker starts with a model file and the store already serves
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -381,6 +382,36 @@ def test_a_promotion_refused_for_its_event_moves_no_worker(
     assert "WRONGTYPE" in capsys.readouterr().err
     assert redis_client.get(keys.serving) is None
     assert redis_client.get(keys.models) == b"not a stream"
+
+
+def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Window 10 and 3 steps where 20 and 1 serve: promoted without a word, while every
+    worker refused it and stopped fine-tuning."""
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    same, other = tmp_path / "same.safetensors", tmp_path / "other.safetensors"
+    save(same, other_model(trained_sines, 0.05))
+    shape = dataclasses.replace(trained_sines.config, window=10, horizon=3)
+    other_version = save(other, AttentionLSTM(shape))
+    served = save(tmp_path / "served.safetensors", trained_sines)
+    assert main(["models", "promote", str(tmp_path / "served.safetensors"), *flags]) == 0
+    assert main(["models", "promote", str(same), *flags]) == 0
+    assert "note" not in capsys.readouterr().err  # the same shape
+    assert main(["models", "rollback", served, *flags]) == 0
+    assert main(["models", "promote", str(other), *flags]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"attnlstm models: note: model {other_version} reads 10 values (window 10) and "
+        f"forecasts 3, where {served}, serving before, read 20 (window 20) and forecast 1: "
+        f"workers that run {served}'s shape refuse it (a `refused` event) and serve on with "
+        "theirs"
+    )
+    assert redis_client.get(keys.serving) == other_version.encode()  # noted, not refused
 
 
 def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(

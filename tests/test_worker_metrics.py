@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -153,16 +154,24 @@ def test_head_and_a_query_get_what_get_does(served: tuple[Metrics, str]) -> None
     metrics, base = served
     metrics.connected = True
     metrics.beat()
-    head = urllib.request.Request(base + "/healthz", method="HEAD")
-    with urllib.request.urlopen(head, timeout=5) as response:
-        assert (response.status, response.read()) == (200, b"")
-        assert int(response.headers["Content-Length"]) > 0  # what a GET's body takes
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(b"HEAD /healthz HTTP/1.0\r\n\r\n")  # the server closes after it
+        answer = b"".join(iter(lambda: conn.recv(4096), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    length = re.search(rb"Content-Length: (\d+)", head)
+    assert length is not None
+    assert int(length[1]) > 0  # what a GET's body takes
+    assert body == b""
     status, _, body = _get(base + "/healthz?probe=1")
     assert (status, json.loads(body)["ok"]) == (200, True)
     metrics.entries_read.inc(3)
-    status, _, body = _get(base + "/metrics?name[]=attnlstm_entries_read_total")
-    names = {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")}
-    assert (status, names) == (200, {"attnlstm_entries_read_total"})
+    for name in ("attnlstm_entries_read_total", "attnlstm_end_to_end_latency_seconds_bucket"):
+        status, _, body = _get(f"{base}/metrics?name[]={name}")
+        text = body.decode().splitlines()
+        types = {line.split()[2] for line in text if line.startswith("# TYPE")}
+        assert (status, types) == (200, {name.removesuffix("_bucket")})
 
 
 def test_unknown_path_is_404(served: tuple[Metrics, str]) -> None:

@@ -71,6 +71,11 @@ class BulkHistogram(Collector):
         family.add_metric([], buckets, total)
         yield family
 
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        """Its names, without values: the registry knows them from this, so that
+        ``/metrics?name[]=...`` can pick them (without it, nothing picked it)."""
+        yield HistogramMetricFamily(self.name, self.documentation)
+
 
 class Metrics:
     def __init__(self) -> None:

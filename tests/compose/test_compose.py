@@ -124,6 +124,14 @@ def _size_mb(image: str) -> float:
 
 @pytest.fixture(scope="module")
 def images() -> Iterator[None]:
+    try:
+        yield from _images()
+    finally:  # not left for the next build, the GPU override's included (a CPU torch)
+        for wheel in (ROOT / "deploy" / "build-inputs").glob("*.whl"):
+            wheel.unlink()
+
+
+def _images() -> Iterator[None]:
     started = time.monotonic()
     sh(str(ROOT / "deploy" / "base-image.sh"), BASE, timeout=900)
     say(f"base image {BASE}: {time.monotonic() - started:.0f} s, {_size_mb(BASE):.0f} MB")
@@ -139,9 +147,6 @@ def images() -> Iterator[None]:
     took = _build(*redis_args, "-t", REDIS_IMAGE, str(HERE))
     say(f"redis image {REDIS_IMAGE}: built in {took:.0f} s, {_size_mb(REDIS_IMAGE):.0f} MB")
     yield
-    # Not left for the next build, the GPU override's included (a CPU torch, there).
-    for wheel in (ROOT / "deploy" / "build-inputs").glob("*.whl"):
-        wheel.unlink()
 
 
 def test_the_image_holds_the_environment_alone_and_runs_as_its_own_user(images: None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 import torch
 
-from attnlstm.checkpoint import dumps, open_checkpoint
+from attnlstm.checkpoint import CheckpointError, dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.partition import partition_of
 from worker.app import run_service
@@ -183,6 +183,30 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
             )
     checkpoint = open_checkpoint(path, FILE_BYTES_MAX)
     before = store.serving()
+    shape = _shape(store, before)  # read first: a failure here promotes nothing
     store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
     store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
+    config = checkpoint.config
+    if shape is not None and shape != (config.context, config.window, config.horizon):
+        # Promoted without a word before, while the workers refused it and stopped
+        # fine-tuning.
+        print(
+            f"attnlstm models: note: model {checkpoint.version} reads {config.context} values "
+            f"(window {config.window}) and forecasts {config.horizon}, where {before}, serving "
+            f"before, read {shape[0]} (window {shape[1]}) and forecast {shape[2]}: workers "
+            f"that run {before}'s shape refuse it (a `refused` event) and serve on with theirs",
+            file=sys.stderr,
+        )
     return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
+
+
+def _shape(store: ModelStore, version: str | None) -> tuple[int, int, int] | None:
+    """The values the stored ``version`` reads, its window and its horizon; None where
+    there is none to read (none serves, or it is damaged)."""
+    if version is None:
+        return None
+    try:
+        config = store.get(version).config
+    except CheckpointError:
+        return None
+    return config.context, config.window, config.horizon

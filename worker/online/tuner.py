@@ -108,6 +108,7 @@ class Tuner:
         self._tried = False  # a fine-tune has started: a cold start keeps the schedule since
         self._cold_at = 0.0  # when a cold start is tried again
         self._drift_at = 0.0  # when a drift fine-tune is tried again
+        self._lock_logged: str | None = None  # the refusal of the lock last logged
         self.cycles = 0  # fine-tunes finished
         self.busy_s = 0.0  # their training time, summed
 
@@ -274,17 +275,12 @@ class Tuner:
             return None
         try:
             turn = self.lock.acquire()[0] == self.lock.token
-        except redis.ResponseError as e:  # its key or fence planted as another value
-            if not re.search("WRONGTYPE|value is not an integer", str(e)):
+        except redis.ResponseError as e:
+            if not self._lock_refused(e):
                 raise
-            log.error(
-                "fine-tuning put off: Redis refused its lock (%s, fence %s): %s; delete the "
-                "one that holds something else. Serving goes on",
-                self.lock.key,
-                self.lock.fence_key,
-                e,
-            )
             turn = False
+        else:
+            self._lock_logged = None
         if not turn:
             self._put_off(trigger, now)  # someone else's turn, or no lock to be had
             return None
@@ -298,6 +294,31 @@ class Tuner:
             scores.settle()
         self._submit(names, values, trigger)
         return None
+
+    def _lock_refused(self, e: redis.ResponseError) -> bool:
+        """True where Redis refused the fine-tune lock for a value of another making in
+        its key or fence (anyone with the worker's password can plant one), with an error
+        in the log, once until it changes: fine-tuning waits, and serving goes on. That
+        refusal used to go up to the main loop, which stopped the worker."""
+        if not re.search("WRONGTYPE|value is not an integer", str(e)):
+            return False
+        if str(e) != self._lock_logged:
+            log.error(
+                "Redis refused the fine-tune lock (%s, fence %s): %s; delete the one that "
+                "holds something else. Fine-tuning waits until then; serving goes on",
+                self.lock.key,
+                self.lock.fence_key,
+                e,
+            )
+            self._lock_logged = str(e)
+        return True
+
+    def _release(self) -> None:
+        try:
+            self.lock.release()
+        except redis.ResponseError as e:
+            if not self._lock_refused(e):
+                raise
 
     @property
     def running(self) -> bool:
@@ -394,7 +415,7 @@ class Tuner:
         try:
             return self._settle(self._trainer)
         finally:
-            self.lock.release()  # after the promotion: the next fine-tune starts from it
+            self._release()  # after the promotion: the next fine-tune starts from it
 
     def _settle(self, trainer: Trainer) -> Checkpoint | None:
         """The finished fine-tune's candidate promoted (and stored) if it passed its
@@ -459,7 +480,7 @@ class Tuner:
         self._job = None
         if self._job_started is not None:
             self._job_started = None
-            self.lock.release()
+            self._release()
 
 
 def _usable_values(values: list[np.ndarray], usable: int) -> int:
