@@ -1,4 +1,5 @@
-"""The `attnlstm` command line, run as a user runs it: in a child process."""
+"""The `attnlstm` command line, run as a user runs it: in a child process, or in this one
+where what a test checks is the status and what is printed (the fixture `here`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,31 @@ def run(*args: str, cwd: Path, threads: int = 1) -> subprocess.CompletedProcess[
         timeout=240,
         check=False,
     )
+
+
+Ran = tuple[int | str | None, str, str]  # exit status, stdout, stderr
+
+
+@pytest.fixture
+def here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., Ran]:
+    """The command line run in this process, in ``tmp_path``, not in a process of its
+    own (each paid 1-2 s of imports): the status main() returns is the one the
+    `attnlstm` script exits with, and an exception that escaped it, the traceback a user
+    would see, fails the test."""
+    monkeypatch.chdir(tmp_path)
+    from worker.cli import main
+
+    def run_here(*args: str) -> Ran:
+        try:
+            status: int | str | None = main(list(args))
+        except SystemExit as e:  # the parser's refusals
+            status = e.code
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run_here
 
 
 def last_json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -413,10 +440,11 @@ BAD_RUNS = [
     (["worker", "--redis-url", "http://h"], 2, "bad settings: redis_url: Value error, must start"),
     # A setting refused as a flag: a usage error, as the parser's refusals are (it was 1).
     (["worker", "--coverage", "1"], 2, "bad settings: coverage: Input should be less than 1 (see"),
-    (["worker", "--block-ms", "9000"], 1, "block_ms (9000) must be at most half of socket_"),
+    # ... and one that clashes with another setting (it was 1, too).
+    (["worker", "--block-ms", "9000"], 2, "block_ms (9000) must be at most half of socket_"),
     (["worker", "--stand-in-anomalies", "maybe"], 2, "expected on or off, got 'maybe'"),
     (["worker", "--device", "gpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
-    (["worker", "--dead-stream", "sensors"], 1, "dead_stream and input_stream are both"),
+    (["worker", "--dead-stream", "sensors"], 2, "dead_stream and input_stream are both"),
     (["bench", "--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
     (["bench", "--workers", "1,2", "--runs", "models"], 2, "not of a pool (--workers) (see"),
@@ -438,17 +466,36 @@ BAD_RUNS = [
 
 @pytest.mark.parametrize(("args", "code", "message"), BAD_RUNS)
 def test_user_errors_are_one_line_and_a_nonzero_exit(
-    tmp_path: Path, args: list[str], code: int, message: str
+    here: Callable[..., Ran], tmp_path: Path, args: list[str], code: int, message: str
 ) -> None:
     (tmp_path / "junk.st").write_bytes(b"\x00" * 64)
     minutes = (f"2024-01-01T{t // 60:02d}:{t % 60:02d}:00,{t % 7}\n" for t in range(100))
     (tmp_path / "minutes.csv").write_text("time,value\n" + "".join(minutes))
-    proc = run(*args, cwd=tmp_path)
-    assert proc.returncode == code
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    status, _, err = here(*args, "--threads", "1")
+    assert status == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert message in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Settings that clash: exit 1, as if the environment had set them, until now.
+        (["list", "--models-stream", "forecasts"], "models_stream and output_stream are both"),
+        # The hint named `attnlstm models --help`, which has no --model-key-file.
+        (["promote", "m.st", "--model-key-file", "absent.key"], "cannot read absent.key"),
+    ],
+)
+def test_a_models_command_s_usage_error_names_its_action(
+    here: Callable[..., Ran], args: list[str], message: str
+) -> None:
+    status, _, err = here("models", *args)
+    prog = f"attnlstm models {args[0]}"
+    assert status == 2
+    assert re.fullmatch(
+        f"{prog}: error: bad settings: .*{message}.* \\(see {prog} --help\\)\n", err
+    )
 
 
 def test_a_url_option_the_redis_client_refuses_is_one_line(tmp_path: Path) -> None:
@@ -838,15 +885,16 @@ def test_a_reader_gone_ends_the_command_quietly(small_model: dict[str, Any], wor
     ],
 )
 def test_plot_draws_no_loss_curves_from_a_meta_that_holds_none(
-    meta: dict[str, Any], trained_sines: AttentionLSTM, tmp_path: Path
+    here: Callable[..., Ran], meta: dict[str, Any], trained_sines: AttentionLSTM, tmp_path: Path
 ) -> None:
     """Its hash valid, a checkpoint's meta may hold anything: these ended in a TypeError
     or matplotlib's error, as tracebacks, or drew NaN."""
     save(tmp_path / "m.st", trained_sines, meta)
-    proc = run("plot", "--model", "m.st", "--out", "figs", "--json", cwd=tmp_path)
-    report = last_json(proc)
+    status, out, err = here("plot", "--model", "m.st", "--out", "figs", "--json")
+    assert status == 0
+    report = json.loads(out.splitlines()[-1])
     assert sorted(Path(p).name for p in report["written"]) == ["attention.png", "forecast.png"]
-    assert proc.stderr.strip() == (
+    assert err.strip() == (
         "attnlstm plot: no loss.png: the checkpoint's meta holds no train_loss and val_loss "
         "of as many finite numbers"
     )

@@ -14,6 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker.settings import WORKER_ONLY, Settings, from_flags, redact
+from worker.usage import UsageError
 
 
 def _settings(**values: Any) -> Settings:
@@ -127,6 +128,20 @@ def test_cluster_mode_needs_a_tcp_url(url: str | None) -> None:
     with pytest.raises(ValueError, match=r"cluster is set, and .* is no Redis Cluster"):
         from_flags(redis_url=url, cluster=True)
     assert from_flags(redis_url="redis://node:7000", cluster=True).cluster
+
+
+def test_a_clash_is_a_usage_error_where_a_flag_is_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings that do not go together: the command line's fault (exit 2) where one of
+    them was given as a flag, the environment's (exit 1) where none was."""
+    monkeypatch.setenv("ATTNLSTM_DEAD_STREAM", "sensors")
+    with pytest.raises(ValueError, match="dead_stream and input_stream") as refused:
+        from_flags(max_batch=3)
+    assert not isinstance(refused.value, UsageError)
+    with pytest.raises(UsageError, match="dead_stream and input_stream"):
+        from_flags(input_stream="sensors")
+    monkeypatch.delenv("ATTNLSTM_DEAD_STREAM")
+    with pytest.raises(UsageError, match=r"block_ms .* must be at most half of socket_timeout_s"):
+        from_flags(socket_timeout_s=1.0)
 
 
 def test_a_dot_env_that_is_not_utf8_is_named(

@@ -349,7 +349,7 @@ def test_a_signature_key_of_another_type_stops_no_keyless_worker_nor_the_cli(
     store.put(serving_blob, serving)
     store.set_serving(serving, "promoted")
     redis_client.rpush(keys.model_signature(old), "x")
-    assert store.signatures() == (0, 2)
+    assert store.signatures() == ([], [serving, old])
     store.check_key()  # no key, and no version signed: nothing to refuse
     with pytest.raises(CheckpointError, match=f"stored model {old} is not a model: WRONGTYPE"):
         store.get(old)  # that version is refused where it is read, as before
@@ -538,7 +538,7 @@ def test_a_keyed_promote_into_a_store_of_unsigned_models_is_refused_unless_asked
     assert main([*promote, *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "1 of the 1 models in the store" in err[0]
+    assert f"1 of the 1 models in the store ({keys.versions}) are unsigned ({unsigned}:" in err[0]
     assert "then promote with --sign-into-unsigned-store" in err[0]
     assert store.serving() == unsigned
     assert store.versions() == [unsigned]

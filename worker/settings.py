@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
@@ -64,6 +65,15 @@ MAX_HISTORY_LEN = 1_000_000  # 8 MB a series: 10^8 asked numpy for 763 GiB at th
 # worker's ATTNLSTM_SOCKET_TIMEOUT_S=1 made the default block_ms, 1,000, too long, and
 # stopped `replay`).
 _UNUSED: ContextVar[tuple[str, ...]] = ContextVar("unused", default=())
+
+
+class ClashError(ValueError):
+    """Settings that each validate and do not go together: a usage error where one of
+    ``fields`` was given as a flag (:func:`from_flags`), as the parser's refusals are."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 def default_consumer() -> str:
@@ -248,9 +258,11 @@ class Settings(BaseSettings):
             if name in _UNUSED.get():
                 continue
             if getattr(self, name) / 1000 * 2 > self.socket_timeout_s:
-                raise ValueError(
+                raise ClashError(
                     f"{name} ({getattr(self, name)}) must be at most half of socket_timeout_s "
-                    f"({self.socket_timeout_s}), or a quiet stream looks like a dead server"
+                    f"({self.socket_timeout_s}), or a quiet stream looks like a dead server",
+                    name,
+                    "socket_timeout_s",
                 )
         return self
 
@@ -260,9 +272,11 @@ class Settings(BaseSettings):
         lease's life, those of partitions with nothing to publish lapsed batch after
         batch, each lapse a re-sync (and with other workers, a partition moved)."""
         if self.max_wait_ms * 3 > self.lease_ttl_ms:
-            raise ValueError(
+            raise ClashError(
                 f"max_wait_ms ({self.max_wait_ms}) must be at most a third of lease_ttl_ms "
-                f"({self.lease_ttl_ms}), or the leases lapse while a batch fills"
+                f"({self.lease_ttl_ms}), or the leases lapse while a batch fills",
+                "max_wait_ms",
+                "lease_ttl_ms",
             )
         return self
 
@@ -273,9 +287,11 @@ class Settings(BaseSettings):
         url = self.redis_url
         if self.cluster and (url is None or urlsplit(url.get_secret_value()).scheme == "unix"):
             where = "the embedded server" if url is None else "a unix socket"
-            raise ValueError(
+            raise ClashError(
                 f"cluster is set, and {where} is no Redis Cluster: give a redis:// or "
-                "rediss:// redis_url of one of its nodes, or unset cluster"
+                "rediss:// redis_url of one of its nodes, or unset cluster",
+                "cluster",
+                "redis_url",
             )
         return self
 
@@ -286,7 +302,9 @@ class Settings(BaseSettings):
             stream = getattr(self, name)
             same = next((other for other, given in named.items() if given == stream), None)
             if same is not None:
-                raise ValueError(f"{name} and {same} are both {stream!r}: name another stream")
+                raise ClashError(
+                    f"{name} and {same} are both {stream!r}: name another stream", name, same
+                )
             named[name] = stream
         return self
 
@@ -376,11 +394,19 @@ def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
-        # Each refused value given (a flag): a usage error, as the parser's refusals are.
-        flagged = all(err["loc"] and err["loc"][0] in given for err in e.errors())
+        # Each refused value given (a flag), or clashing with one: a usage error, as the
+        # parser's refusals are.
+        flagged = all(_flagged(err, given) for err in e.errors())
         raise (UsageError if flagged else ValueError)(f"bad settings: {problems}") from None
     finally:
         _UNUSED.reset(token)
+
+
+def _flagged(err: ErrorDetails, given: dict[str, Any]) -> bool:
+    """Whether a refusal is of a value given, or of a clash with one."""
+    clash = err.get("ctx", {}).get("error")
+    named = clash.fields if isinstance(clash, ClashError) else err["loc"][:1]
+    return any(name in given for name in named)
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:

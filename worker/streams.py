@@ -31,6 +31,11 @@ REDIS_ERRORS: tuple[type[redis.RedisError], type[RedisClusterException]] = (
 )
 
 
+# Redis's refusals of a key that holds a value of another making (anyone with the
+# worker's password can plant one): another type, and text where a count goes.
+WRONG_TYPE = "WRONGTYPE"
+NOT_A_COUNT = "value is not an integer or out of range"
+
 # What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
 # the start of what Redis said, and the fix. No retry mends one, but a replica's
 # READONLY (a failover in progress) may.
@@ -43,7 +48,7 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
     ),
     (
         redis.ResponseError,
-        "WRONGTYPE",
+        WRONG_TYPE,
         "a key this command uses holds another type: name other streams (the command's "
         "flags, or ATTNLSTM_*_STREAM) or delete that key",
     ),
@@ -56,7 +61,7 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
     (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
     (  # the lease's function, counting on a fence planted as text
         redis.ResponseError,
-        "value is not an integer or out of range",
+        NOT_A_COUNT,
         "a key where the worker counts (a lease's fence: sensors:fence:forecasters, by "
         "default, or a partition's, sensors{k}:fence:forecasters) holds something else: "
         "delete it, and the count starts again from 1 (each worker's writes stay fenced by "
@@ -70,11 +75,19 @@ PIPELINE_ERROR = " of pipeline caused error: "
 
 def fix_for(e: redis.ResponseError) -> str | None:
     """What to fix for a refusal of :data:`_FIXES`; None for any other."""
-    said = str(e).partition(PIPELINE_ERROR)[2] or str(e)
     for kind, start, fix in _FIXES:
-        if isinstance(e, kind) and said.startswith(start):
+        if isinstance(e, kind) and refused_for(e, start):
             return fix
     return None
+
+
+def refused_for(e: object, *starts: str) -> bool:
+    """True where ``e`` is a refusal by Redis whose words start with one of ``starts``
+    (:data:`WRONG_TYPE`, :data:`NOT_A_COUNT`), in a pipeline's reply or alone."""
+    if not isinstance(e, redis.ResponseError):
+        return False
+    said = str(e).partition(PIPELINE_ERROR)[2] or str(e)
+    return said.startswith(starts)
 
 
 class OutOfStepError(Exception):

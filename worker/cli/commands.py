@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     """The parsed command run, its report printed; the exit status."""
     try:
         report = command_of(args)(args)
-    except UsageError as e:  # as the parser says it
-        prog = f"attnlstm {args.command}"
+    except UsageError as e:  # as the parser says it, naming the models command's action
+        prog = " ".join(["attnlstm", args.command, *([args.action] if "action" in args else [])])
         print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:

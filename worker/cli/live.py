@@ -172,13 +172,16 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
     against a store of unsigned models, only when ``into_unsigned``: the workers that
     serve those have no key, and each would stop at its next start on a signed store."""
     if store.key is not None and not into_unsigned:
-        signed, stored = store.signatures()
-        if signed < stored:
+        signed, unsigned = store.signatures()
+        if unsigned:
+            named = ", ".join(unsigned[:3]) + (", ..." if len(unsigned) > 3 else "")
             raise ValueError(
-                f"{stored - signed} of the {stored} models in the store ({store.keys.versions}) "
-                "are unsigned: the workers that stored them have no model key, and each would "
-                "stop at its next start once a signed one is stored. Give every worker the key "
-                "first (--model-key-file, ATTNLSTM_MODEL_KEY_FILE), then promote with "
+                f"{len(unsigned)} of the {len(signed) + len(unsigned)} models in the store "
+                f"({store.keys.versions}) are unsigned ({named}: no signature at "
+                f"{store.keys.model_signature('VERSION')}, or another type of value there): "
+                "the workers that stored them have no model key, and each would stop at its "
+                "next start once a signed one is stored. Give every worker the key first "
+                "(--model-key-file, ATTNLSTM_MODEL_KEY_FILE), then promote with "
                 "--sign-into-unsigned-store"
             )
     checkpoint = open_checkpoint(path, FILE_BYTES_MAX)

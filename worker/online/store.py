@@ -32,11 +32,13 @@ import redis
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
 from worker.streams import (
+    WRONG_TYPE,
     Command,
     Entry,
     exchange,
     raise_first_error,
     range_entries,
+    refused_for,
     round_trip,
     transaction,
     xadd,
@@ -143,7 +145,7 @@ class ModelStore:
             # At most the cap, should it have been replaced since: the hash refuses a cut.
             data = cast(bytes, self.client.getrange(model, 0, MODEL_BYTES_MAX - 1)) if size else b""
         except redis.ResponseError as e:
-            if not str(e).startswith("WRONGTYPE"):
+            if not refused_for(e, WRONG_TYPE):
                 raise
             raise CheckpointError(f"stored model {version} is not a model: {e}") from None
         if not data:  # STRLEN and GETRANGE: 0 and "" for a missing key (or an empty value)
@@ -180,15 +182,15 @@ class ModelStore:
         stopped every worker of the fleet at its next dropped connection."""
         if self.key is not None:
             return
-        signed, stored = self.signatures()
+        signed, unsigned = self.signatures()
         first, self._key_checked = not self._key_checked, True
         if not signed:
             self._key_logged = None
             return
         problem = (
-            f"{signed} of the {stored} models in the store ({self.keys.versions}) are signed "
-            "with a model key, and this process has none: give it the key the other workers "
-            "use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
+            f"{len(signed)} of the {len(signed) + len(unsigned)} models in the store "
+            f"({self.keys.versions}) are signed with a model key, and this process has none: "
+            "give it the key the other workers use (--model-key-file, ATTNLSTM_MODEL_KEY_FILE)"
         )
         if first:
             raise ValueError(problem)
@@ -198,20 +200,21 @@ class ModelStore:
             )
             self._key_logged = problem
 
-    def signatures(self) -> tuple[int, int]:
-        """How many of the stored versions are signed, and how many are stored. A
+    def signatures(self) -> tuple[list[str], list[str]]:
+        """The stored versions that are signed, and those that are not, newest first. A
         signature's key that holds another type of value (anyone who can write to the
         store can make one) signs nothing, as :meth:`get` finds: raised here, it stopped
         every worker without a key at its next re-sync."""
         versions = self.versions()
         commands = [(b"GET", self.keys.model_signature(v).encode()) for v in versions]
         replies = exchange(self.client, commands) if commands else []
-        wrong = [
-            isinstance(r, redis.ResponseError) and str(r).startswith("WRONGTYPE") for r in replies
-        ]
+        wrong = [refused_for(r, WRONG_TYPE) for r in replies]
         raise_first_error([r for r, bad in zip(replies, wrong, strict=True) if not bad])
-        signed = sum(r is not None and not bad for r, bad in zip(replies, wrong, strict=True))
-        return signed, len(versions)
+        signed = [r is not None and not bad for r, bad in zip(replies, wrong, strict=True)]
+        return (
+            [v for v, ok in zip(versions, signed, strict=True) if ok],
+            [v for v, ok in zip(versions, signed, strict=True) if not ok],
+        )
 
     def versions(self) -> list[str]:
         """The stored versions, newest first; bytes that are not UTF-8 escaped, as in

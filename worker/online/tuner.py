@@ -32,7 +32,7 @@ from worker.online.scoring import Overall
 from worker.online.store import SWITCHES, ModelStore, check_size
 from worker.online.trainer import Trainer
 from worker.settings import Settings
-from worker.streams import Command, Entry
+from worker.streams import NOT_A_COUNT, WRONG_TYPE, Command, Entry, refused_for
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -300,7 +300,7 @@ class Tuner:
         its key or fence (anyone with the worker's password can plant one), with an error
         in the log, once until it changes: fine-tuning waits, and serving goes on. That
         refusal used to go up to the main loop, which stopped the worker."""
-        if not re.search("WRONGTYPE|value is not an integer", str(e)):
+        if not refused_for(e, WRONG_TYPE, NOT_A_COUNT):
             return False
         if str(e) != self._lock_logged:
             log.error(
