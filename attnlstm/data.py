@@ -6,6 +6,7 @@ yields a list of named 1-D float arrays, each series in its own units.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import itertools
@@ -118,12 +119,12 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             rows = list(csv_rows(path, f))
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+        raise unreadable(path, e) from None
     body = [(line, row) for line, row in rows[1:] if any(cell.strip() for cell in row)]
     if not rows or not body:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
-    wanted = list(columns) or header[1:]
+    wanted = list(dict.fromkeys(columns)) or header[1:]  # a column asked for twice: once
     if not wanted:
         other = next((f" (are they {name}?)" for sep, name in SEPARATORS if sep in header[0]), "")
         raise DataError(
@@ -134,8 +135,10 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     if missing:
         raise DataError(f"{path}: no column {', '.join(missing)}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
-    read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
     step, times = _time_step(path, body)
+    if times and 0 in at:  # trained on as values, as `replay` refuses it
+        raise DataError(f"{path}: column {header[0]!r} is the time column, no series")
+    read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
     stamps = np.asarray(times, dtype=np.float64)
     gaps = {}
     for name, (_, rows_kept) in zip(wanted, read, strict=True):
@@ -220,7 +223,10 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
     try:
         for row in rows:
             if not width:
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line before the header: the header is what follows
                 width = len(row)
+                row = [cell.strip() for cell in row]  # as the cells are read: ` a` is `a`
             elif len(row) > width:
                 raise DataError(
                     f"{path}:{rows.line_num}: {len(row)} cells where the header has {width}; "
@@ -235,6 +241,44 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
                 "the file was read as one cell)"
             ) from None
         raise DataError(f"{path}:{rows.line_num}: {e}") from None
+
+
+def unreadable(path: Path, e: OSError | UnicodeDecodeError) -> DataError:
+    """The error for a file that could not be read; for one that is no UTF-8 text, the
+    line and byte where it stops being (Python's position is within the block it was
+    decoding: a byte 328,911 in was "position 1231"), where the file can be read again."""
+    if not isinstance(e, UnicodeDecodeError):
+        return DataError(f"cannot read {path}: {e.strerror or e}")
+    where = _not_utf8_at(path)
+    if where is None:
+        return DataError(f"cannot read {path}: not UTF-8 text ({e.reason}); save it as UTF-8")
+    line, offset, byte = where
+    return DataError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}, {offset:,} bytes in): save the "
+        'file as UTF-8 (a spreadsheet\'s "CSV UTF-8")'
+    )
+
+
+def _not_utf8_at(path: Path) -> tuple[int, int, int] | None:
+    """The line, offset and value of the first byte of ``path`` that is no UTF-8; None
+    where it cannot be found (a pipe, read once already)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = newlines = 0  # bytes handed to the decoder so far, and the line ends in them
+    try:
+        with path.open("rb") as f:
+            while block := f.read(1 << 16):
+                held = decoder.getstate()[0]  # the start of a character cut by the block
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    data = held + block
+                    newlines += data[len(held) : max(e.start, len(held))].count(b"\n")
+                    return newlines + 1, done - len(held) + e.start, data[e.start]
+                done += len(block)
+                newlines += block.count(b"\n")
+    except OSError:
+        return None
+    return None
 
 
 def _lines(path: Path, f: TextIO) -> Iterator[str]:

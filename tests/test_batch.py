@@ -7,7 +7,7 @@ import numpy as np
 
 from attnlstm.partition import partition_of
 from worker.batch import Anomalies, Forecasts, batch_call, handled_before, triage
-from worker.contract import reason_kind
+from worker.contract import DEAD_KINDS, reason_kind
 from worker.keys import Keys
 from worker.lease import Fence
 
@@ -167,6 +167,7 @@ def test_an_entry_id_past_int64_is_bad_input() -> None:
     assert [(i, r) for i, _, r in batch.dead] == list(zip(big, reasons, strict=True))
     assert batch.acks == [i for i, _ in entries]
     assert {reason_kind(r) for r in reasons} == {"id"}
+    assert "id" in DEAD_KINDS
 
 
 def test_an_entry_of_another_partition_s_series_is_dead_lettered_naming_its_own() -> None:
@@ -184,6 +185,7 @@ def test_an_entry_of_another_partition_s_series_is_dead_lettered_naming_its_own(
     )
     assert [(i, r) for i, _, r in batch.dead] == [(b"5-0", reason)]
     assert reason_kind(reason) == "partition"
+    assert "partition" in DEAD_KINDS
     assert batch.ids == [b"6-0"]
     alone = triage(entries, pending=None, series_ids={}, last_id=b"0-0", max_attempts=5)
     assert alone.ids == [b"5-0", b"6-0"]  # one partition: every series is its own

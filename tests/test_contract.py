@@ -12,6 +12,7 @@ import pytest
 
 from worker.contract import (
     ANOMALY_FIELDS,
+    DEAD_KINDS,
     DEAD_MAX_BYTES,
     DEAD_MAX_FIELDS,
     DEAD_MAX_TOTAL,
@@ -322,6 +323,7 @@ def test_a_dead_letter_of_thousands_of_fields_keeps_the_first_and_counts_the_res
 )
 def test_reason_kind_is_a_short_label(fields: dict[bytes, bytes], kind: str) -> None:
     assert reason_kind(_reason(fields)) == kind
+    assert kind in DEAD_KINDS  # a label the metric starts at 0
 
 
 def test_reason_kind_of_an_empty_reason() -> None:
@@ -339,6 +341,7 @@ def test_reason_kind_of_an_empty_reason() -> None:
 def test_the_workers_own_reasons_have_labels_of_their_own(reason: str, kind: str) -> None:
     """Not ``series`` (a bad series name's label) or ``the`` (two unrelated reasons)."""
     assert reason_kind(reason) == kind
+    assert kind in DEAD_KINDS
 
 
 def test_known_series_are_learned_and_bad_ones_are_not() -> None:

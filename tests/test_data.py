@@ -98,6 +98,8 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
         # As the worker refuses it: a model trained on 1e307 was NaN, saved and exit 0.
         ("t,a\n1,2\n2,-1e31\n", (), r"d\.csv:3: a='-1e31' is out of range \(beyond \+-1e\+30\)"),
         ("t,a\n1,2\n", ("b",), r"no column b; it has \['t', 'a'\]"),
+        # The times trained on as values, where `replay` refuses them.
+        ("t,a\n1,2\n2,3\n", ("t",), r"d\.csv: column 't' is the time column, no series"),
         ("t,a\n", (), "needs a header row and at least one data row"),
         ("t,a\n1,\n", (), "column 'a' has no values"),
         ("t\n1\n", (), r"no column of values: the first, 't', is taken to be the time, and"),
@@ -145,6 +147,15 @@ def test_bad_csv_says_where_and_why(
         load_csv(_csv(tmp_path, text), columns)
 
 
+def test_blank_lines_before_the_header_and_spaces_around_names_are_read_past(
+    tmp_path: Path,
+) -> None:
+    """A blank line first ended `train` in an IndexError; ` a` was no column `a`, though
+    its cells are read without their spaces. A column asked for twice is one series."""
+    data = load_csv(_csv(tmp_path, "\n \n t , a \n1,2\n2,3\n"), ("a", "a"))
+    assert (data.names, data.series[0].tolist(), data.step_s) == (["a"], [2.0, 3.0], 1.0)
+
+
 def test_rows_of_empty_cells_are_no_rows_and_a_time_twice_is_kept(tmp_path: Path) -> None:
     """A spreadsheet's trailing `,` rows made the time step unreadable: no period, and
     a one-step model where a day-ahead one was due, without a word."""
@@ -162,8 +173,20 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_csv(tmp_path / "absent.csv")
     binary = tmp_path / "bin.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match=r"bin\.csv:1: not UTF-8 text \(byte 0xff, 0 bytes in\)"):
         load_csv(binary)
+    # Python's position is within the block it decodes: "position 1231" for byte 328,911.
+    rows = "".join(f"{t},{t % 7}.5\n" for t in range(20_000))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(f"t,caf\u00e9\n{rows}".encode() + b"20000,3\xe9\n")
+    at = len(f"t,caf\u00e9\n{rows}".encode()) + len("20000,3")
+    with pytest.raises(DataError, match=f"latin.csv:20002: not UTF-8 text \\(byte 0xe9, {at:,} "):
+        load_csv(latin)
+    # A character cut by the end of the 64 KiB block it is looked for in is no error.
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(b"t,vv\n" + "\u00e9".encode() * 40_000 + b"\n\xff\n")
+    with pytest.raises(DataError, match=r"cut\.csv:3: not UTF-8 text \(byte 0xff, 80,006 "):
+        load_csv(cut)
     # No line end: read until memory ran out.
     with pytest.raises(DataError, match="/dev/zero:1: no line end in this line's first 16,777,216"):
         load_csv(Path("/dev/zero"))

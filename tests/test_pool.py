@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -503,7 +504,10 @@ def test_a_worker_refuses_streams_written_with_another_number_of_partitions(
         worker = new_worker(settings_for(redis_url, base, partitions=count), trained_sines)
         with pytest.raises(PartitionsError, match=f"written in 4 partitions .* reads {count}") as e:
             worker.run()
-        assert "Set ATTNLSTM_PARTITIONS to what the streams were written with, or" in str(e.value)
+        assert (
+            "Set --partitions (ATTNLSTM_PARTITIONS) to what the streams were written with, or"
+            in str(e.value)
+        )
     other = Keys.prefixed(stream_prefix + "one:")
     _replay(redis_client, other, sine_steps(3, 8), partitions=1)  # today's single stream
     worker = new_worker(settings_for(redis_url, other, partitions=4), trained_sines)
@@ -767,6 +771,29 @@ def test_a_worker_over_its_share_gives_back_the_partitions_it_took_last(
         running.wait_for(lambda: len(worker.lanes) == 2)
         assert sorted(worker.lanes) == [2, 3]
         assert [redis_client.get(keys.partition(k, partitions).fence) for k in (2, 3)] == fences
+    member.leave()
+
+
+def test_a_partition_given_back_takes_its_series_off_the_series_gauge(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """Each batch alone set the gauge: a worker that gave a partition back and had no
+    batch since went on counting its series, and the pool's sum counted them twice."""
+    partitions = 2
+    ensure_library(redis_client)
+    names = _replay(redis_client, keys, sine_steps(12, 25, seed=5), partitions)
+    settings = settings_for(redis_url, keys, partitions=partitions, lease_ttl_ms=1500, block_ms=100)
+    worker = new_worker(settings, trained_sines)
+    series = partial(worker.metrics.registry.get_sample_value, "attnlstm_series")
+    member = Pool(redis_client, keys, token=process_token("other"), ttl_ms=600_000,
+                  partitions=partitions)  # fmt: skip
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: len(worker.lanes) == 2 and _all_drained(redis_client, keys, 2))
+        running.wait_for(lambda: series() == len(names))
+        member.share()  # a second worker: the share is one partition each
+        running.wait_for(lambda: len(worker.lanes) == 1)
+        (kept,) = worker.lanes
+        assert series() == sum(partition_of(name, partitions) == kept for name in names)
     member.leave()
 
 

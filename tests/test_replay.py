@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -208,11 +209,21 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         ),
         # Values the worker refuses, every entry dead-lettered.
         (["--fast", "--amplitude", "1e40", "1e40"], "the sines reach 1e+40, beyond the +-1e+30"),
+        # Sines that overflow to NaN: written, exit 0.
+        (["--fast", "--points", "5", "--freq", "1e308", "1e308"], "the sines reach nan, beyond"),
+        # A header alone: a replay of nothing, exit 0.
+        (["--fast", "--csv", "header.csv"], "header.csv: no value to replay (a header row and"),
+        (["--fast", "--csv", "latin.csv"], "latin.csv:3: not UTF-8 text (byte 0xe9, 13 bytes in)"),
+        (["--fast", "--csv", "semi.csv"], "columns are separated by commas (are they semicolons?)"),
+        # A spreadsheet's trailing comma: the empty name, with neither file nor column.
+        (["--fast", "--csv", "trail.csv"], "trail.csv: column 3: column '' has no characters"),
+        # Past what Redis takes: its refusal came back with a fence's fix.
+        (["--fast", "--maxlen", "99999999999999999999"], "argument --maxlen: must be at most"),
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),
         # A file with no line end was read until memory ran out.
-        (["--fast", "--csv", "/dev/zero"], "/dev/zero:1: no line end in this line's first"),
+        (["--fast", "--csv", "/dev/zero"], "--csv /dev/zero is no file: replay reads it twice"),
         (
             ["--fast", "--csv", "quote.csv"],
             "quote.csv:2: a quote opened in this row is never closed",
@@ -242,6 +253,10 @@ def test_bad_arguments_are_one_line_errors(
     (tmp_path / "comma.csv").write_text("time,v\n1,1\n2,12,5\n")  # a decimal comma
     (tmp_path / "quote.csv").write_text('time,v\n1,"1\n2,2\n')  # a quote never closed
     (tmp_path / "ns.csv").write_text("time,v\n1,1\n100000000000000000000000,2\n")
+    (tmp_path / "header.csv").write_text("time,v\n,\n")
+    (tmp_path / "latin.csv").write_bytes(b"time,v\n1,1\n2,\xe9\n")
+    (tmp_path / "semi.csv").write_text("time;v\n1;1\n")
+    (tmp_path / "trail.csv").write_text("time,a,\n1,1,\n")
     proc = subprocess.run(
         [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
         capture_output=True,
@@ -288,6 +303,33 @@ def test_without_a_redis_url_replay_says_how_to_get_one(tmp_path: Path) -> None:
 def test_series_ids_from_column_names() -> None:
     assert series_id("Water flow [l/s]") == "Water_flow_l/s"
     assert series_id("temperature") == "temperature"
+    # Ids the contract takes stay as they are: `_a` was `a`, and `_a` beside `a` refused.
+    assert [series_id(name) for name in ("_a", "b_", "[c]", " d e ")] == ["_a", "b_", "c", "d_e"]
+
+
+def test_a_file_that_begins_with_blank_lines_replays_from_its_header(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """`train` ended in an IndexError on it, and replay said the file was empty."""
+    path = tmp_path / "blank.csv"
+    path.write_text("\n\ntime,v\n1700000000,1.5\n")
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", "--fast", "--csv", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    ((_, fields),) = entries(redis_client, f"{stream_prefix}in")
+    assert fields == {b"series": b"v", b"value": b"1.5", b"ts": b"1700000000000"}
+
+
+def test_a_stream_name_refused_leaves_no_partitions_mark(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """The mark was set before the name was checked: the next try, with another P, was
+    refused for streams that were never written."""
+    stream = f"{stream_prefix}in{{q}}"
+    for partitions in ("3", "4"):
+        proc = _replay_cli(redis_url, stream, "--fast", "--points", "2", "--partitions", partitions)
+        assert proc.returncode == 1
+        assert "has a brace" in proc.stderr, proc.stderr
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
 
 
 def _replay_cli(
@@ -549,6 +591,10 @@ def test_a_csv_replayed_at_rates_past_the_floats_range(
         (["--fast", "--csv", "ok.csv", "--points", "5"], "--points is for sines, not --csv"),
         (["--fast", "--column", "v"], "--column is for --csv, not sines"),
         (["--fast", "--value-column", "v"], "--value-column is for --csv, not sines"),
+        # A drift's flags with no drift: ignored.
+        (["--fast", "--drift-kind", "amplitude"], "--drift-kind is for a drift: give --drift-at"),
+        # Read twice, a pipe was found empty the second time: "empty file".
+        (["--fast", "--csv", "fifo"], "--csv fifo is no file: replay reads it twice"),
         # A long file's flag given for a wide one, and the other way round: ignored.
         (["--fast", "--csv", "ok.csv", "--value-column", "v"], "--value-column is for a long"),
         (
@@ -567,6 +613,7 @@ def test_usage_errors_found_as_it_runs_exit_2_before_anything_is_written(
 ) -> None:
     """As the parser's do (the README's exit 2 for bad arguments): they exited 1."""
     (tmp_path / "ok.csv").write_text("time,v\n1,1\n2,2\n")
+    os.mkfifo(tmp_path / "fifo")
     proc = _replay_cli(redis_url, f"{stream_prefix}in", *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.splitlines()
@@ -584,7 +631,7 @@ def test_the_defaults_of_the_sine_flags_are_those_given_by_hand(
     plain, spelled = f"{stream_prefix}plain", f"{stream_prefix}spelled"
     replay(redis_url, plain, "--fast", "--points", "20")
     defaults = ["--series", "50", "--seed", "0", "--prefix", "sine-", "--noise", "0"]
-    defaults += ["--drift-kind", "frequency", "--anomaly-rate", "0", "--bad-rate", "0"]
+    defaults += ["--anomaly-rate", "0", "--bad-rate", "0"]  # --drift-kind: with --drift-at
     replay(redis_url, spelled, "--fast", "--points", "20", *defaults)
     assert fields_of(redis_client, plain) == fields_of(redis_client, spelled)
     assert len(fields_of(redis_client, plain)) == 50 * 20

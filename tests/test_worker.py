@@ -299,7 +299,7 @@ def test_malformed_entries_go_to_the_dead_stream_and_the_worker_keeps_going(
         running.wait_for(lambda: redis_client.xpending(keys.input, "forecasters")["pending"] == 0)
     assert running.report is not None
     assert running.report["dead"] == len(BAD_ENTRIES)
-    assert "stopped: saved windows of 3 series" in caplog.text
+    assert "saved windows of 3 series" in caplog.text
 
 
 @pytest.fixture

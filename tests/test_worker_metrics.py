@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from attnlstm.model import AttentionLSTM
 from attnlstm.partition import partition_of
@@ -324,6 +324,46 @@ def test_a_series_gauge_goes_with_its_slot() -> None:
     assert shown() == {"d49": 4.0, "c": 5.0}
 
 
+def test_the_series_gauges_are_at_most_100_whatever_the_partitions() -> None:
+    """100 a partition: 409,600 labels from a worker serving 4,096 partitions."""
+    metrics = Metrics()
+    parts = [([f"p{k}s{j}" for j in range(60)], np.ones(60)) for k in range(3)]
+    metrics.series_maes([(list(names), maes) for names, maes in parts])
+    family = next(f for f in metrics.registry.collect() if f.name == "attnlstm_series_rolling_mae")
+    shown = {s.labels["series"] for s in family.samples}
+    assert shown == {f"p0s{j}" for j in range(60)} | {f"p1s{j}" for j in range(40)}
+
+
+def test_every_label_of_a_counter_is_there_at_0_from_the_start() -> None:
+    """They appeared at their first event, a jump from nothing that increase() and
+    rate() do not see: the first loss of input went by any alert on it."""
+    text = generate_latest(Metrics().registry).decode()
+    for sample in (
+        'attnlstm_dead_lettered_total{reason="value"} 0.0',
+        'attnlstm_dead_lettered_total{reason="partition"} 0.0',
+        'attnlstm_entries_lost_total{reason="pending"} 0.0',
+        'attnlstm_entries_lost_total{reason="unread"} 0.0',
+        'attnlstm_finetunes_total{outcome="promoted"} 0.0',
+        'attnlstm_finetunes_total{outcome="skipped"} 0.0',
+    ):
+        assert sample in text.splitlines(), sample
+
+
+def test_a_partition_s_lag_is_set_in_place_and_removed_when_not_served() -> None:
+    metrics = Metrics()
+
+    def lags() -> dict[str, float]:
+        family = next(f for f in metrics.registry.collect() if f.name == "attnlstm_partition_lag")
+        return {s.labels["partition"]: s.value for s in family.samples}
+
+    metrics.partition_lags({0: 1.0, 1: 2.0})
+    metrics.partition_lags({1: 3.0})
+    assert lags() == {"1": 3.0}
+    metrics.partition_lost(1)
+    metrics.partition_lost(5)  # never shown: nothing to remove
+    assert lags() == {}
+
+
 def test_a_worker_that_loses_its_lease_reports_none_of_what_it_served(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
@@ -455,6 +495,9 @@ def test_a_worker_stuck_past_its_lease_reports_none_of_what_it_served(
             assert body["role"] == "standby"
             assert sample("attnlstm_partitions_served") == 0
             assert lags() == []
+            # Its lag unknown, not 0: with no other worker, a lag alert cleared while a
+            # backlog built.
+            assert math.isnan(sample("attnlstm_group_lag") or 0.0)
         finally:
             gate.set()
 

@@ -453,6 +453,22 @@ _REASON_KINDS = (
 )
 
 
+# Every label reason_kind gives a reason the worker writes: the metric starts each at 0.
+DEAD_KINDS = (
+    "value",
+    "series",
+    "ts",
+    "id",
+    "repeated_field",
+    "missing_series",
+    "missing_value",
+    "series_limit",
+    "crashed_handling",
+    "forecast_not_finite",
+    "partition",
+)
+
+
 def reason_kind(reason: str) -> str:
     """A dead-letter reason's label for the metrics, from a bounded set: ``value``,
     ``series``, ``ts``, ``id``, ``repeated_field`` and ``missing_<field>`` for bad input, and

@@ -308,8 +308,7 @@ class Worker:
     def _audit(self) -> None:
         """Every partition's: what is pending, idle series, and the lag gauges; and the
         entries of the unpartitioned stream."""
-        lags: list[float] = []
-        self.metrics.partition_lag.clear()  # those given back or lost go with it
+        lags: dict[int, float] = {}
         self.metrics.series_maes(
             [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
         )
@@ -322,12 +321,11 @@ class Worker:
             lane.recovery.audit()
             # None: Redis cannot count it (an entry deleted unread, until the group has
             # read to the end): NaN, where the last count stayed while a backlog built.
-            lag = math.nan if lane.recovery.lag is None else lane.recovery.lag
-            if self.settings.partitions > 1:
-                self.metrics.partition_lag.labels(str(k)).set(lag)
-            lags.append(lag)
+            lags[k] = math.nan if lane.recovery.lag is None else lane.recovery.lag
+        if self.settings.partitions > 1:  # those given back or lost go
+            self.metrics.partition_lags(lags)
         if lags:
-            self.metrics.lag.set(sum(lags))
+            self.metrics.lag.set(sum(lags.values()))
         self._report_strays(self.pool.strays())
 
     def _report_strays(self, strays: int) -> None:
@@ -363,6 +361,9 @@ class Worker:
         share = self._share = self.pool.share()
         for k in list(self.lanes)[share:]:
             self._give_back(self.lanes.pop(k))
+            # The series it serves now: the next batch's count, which a quiet worker
+            # never had, and the pool's sum counted the partition's twice.
+            self.metrics.series.set(sum(lane.state.series_count for lane in self.lanes.values()))
         taken = self._take(share)
         self.lanes |= {lane.k: lane for lane in taken}  # their leases kept while others re-sync
         for lane in taken:
@@ -653,8 +654,7 @@ class Worker:
                 self.lanes[lane.k] = lane
             else:
                 log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
-                with contextlib.suppress(KeyError):  # (none with one partition)
-                    self.metrics.partition_lag.remove(str(lane.k))
+                self.metrics.partition_lost(lane.k)
         # One partition at a start, none past those held at a re-sync: the rest of the
         # share at the first _balance, a third of a lease's life on, once every worker
         # alive has announced itself (each does every third). The first of workers

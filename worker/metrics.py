@@ -32,11 +32,13 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.batch import Receipt
-from worker.contract import reason_kind
+from worker.contract import DEAD_KINDS, reason_kind
 from worker.online.scoring import STEP_SERIES, Overall
 
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 SERIES_GAUGES = 100  # series with a rolling-MAE gauge of their own: bounded cardinality
+LOST_REASONS = ("pending", "unread")  # attnlstm_entries_lost's labels
+FINETUNE_OUTCOMES = ("promoted", "rejected", "failed", "skipped")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -93,7 +95,8 @@ class Metrics:
         )
         self.warming = counter(
             "attnlstm_entries_warming",
-            "Valid entries kept but not forecast: their series' window is not full yet",
+            "Valid entries kept but not forecast: their series' window is not full yet, or "
+            "no model serves yet (a cold start)",
         )
         self.recoveries = counter(
             "attnlstm_recoveries", "Restores of the window state and re-syncs"
@@ -178,8 +181,8 @@ class Metrics:
         )
         self.series_mae = gauge(
             "attnlstm_series_rolling_mae",
-            f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series of each "
-            "partition served",
+            f"Rolling one-step MAE of each of the first {SERIES_GAUGES} series of the "
+            "partitions served (by partition, then slot)",
             ["series"],
         )
         self._series_shown: set[str] = set()  # the series with a gauge of their own
@@ -191,6 +194,15 @@ class Metrics:
         self.model = gauge(
             "attnlstm_model", "1 for the model version this worker serves", ["version"]
         )
+        # Each label a counter can have, at 0 from the start: a counter that appears only
+        # at its first event is no increase() for an alert to see.
+        for kind in DEAD_KINDS:
+            self.dead.labels(kind)
+        for reason in LOST_REASONS:
+            self.lost.labels(reason)
+        for outcome in FINETUNE_OUTCOMES:
+            self.finetunes.labels(outcome)
+        self._partitions_shown: set[str] = set()  # the partitions with a lag of their own
         self._unscored()
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
@@ -198,7 +210,9 @@ class Metrics:
         # Until when the leases of the partitions served hold, unless renewed (monotonic);
         # how many those are, and whether they seemed to lapse (expire()).
         self._held_until, self._held, self._lapsed = -math.inf, 0, False
-        self._owning = threading.Lock()  # the role and the gauges of what it serves
+        # The role and the gauges of what it serves, which a scrape's expire() (the HTTP
+        # server's threads) and the main loop both change.
+        self._owning = threading.RLock()
         self.version: str | None = None  # the model served
         # Why no model will ever serve here, until an operator acts (None: one does, or
         # one will: a cold start).
@@ -239,19 +253,43 @@ class Metrics:
                     self.step_coverage.labels(str(step)).set(inside)
 
     def series_maes(self, partitions: list[tuple[list[str | None], np.ndarray]]) -> None:
-        """The rolling MAE of the series in each partition's first slots (``names`` and
-        ``maes`` by slot; None: a free slot, NaN: none yet). A series no longer among
-        them (its slot freed when it went idle, or its partition given back) loses its
-        gauge: slots are reused, and the labels would grow with every name ever seen."""
+        """The rolling MAE of the first :data:`SERIES_GAUGES` series with one, partition
+        by partition, slot by slot (``names`` and ``maes`` by slot; None: a free slot,
+        NaN: none yet): at most that many labels, whatever the partitions (100 a
+        partition grew to 409,600 at P = 4,096). A series no longer among them (its slot
+        freed when it went idle, or its partition given back) loses its gauge: slots are
+        reused, and the labels would grow with every name ever seen."""
         shown: set[str] = set()
-        for names, maes in partitions:
-            for name, mae in zip(names[:SERIES_GAUGES], maes, strict=False):
-                if name is not None and np.isfinite(mae):
-                    self.series_mae.labels(name).set(mae)
-                    shown.add(name)
-        for gone in self._series_shown - shown:
-            self.series_mae.remove(gone)
-        self._series_shown = shown
+        with self._owning:
+            for names, maes in partitions:
+                for name, mae in zip(names, maes, strict=False):
+                    if len(shown) == SERIES_GAUGES:
+                        break
+                    if name is not None and np.isfinite(mae):
+                        self.series_mae.labels(name).set(mae)
+                        shown.add(name)
+            for gone in self._series_shown - shown:
+                self.series_mae.remove(gone)
+            self._series_shown = shown
+
+    def partition_lags(self, lags: dict[int, float]) -> None:
+        """Each partition's lag, by partition served; the others' removed. Set in place,
+        not cleared and filled again: a scrape between the two found partitions missing
+        (27 scrapes in 24,231, two partitions, one Redis round trip each between)."""
+        with self._owning:
+            shown = {str(k) for k in lags}
+            for k, lag in lags.items():
+                self.partition_lag.labels(str(k)).set(lag)
+            for gone in self._partitions_shown - shown:
+                self.partition_lag.remove(gone)
+            self._partitions_shown = shown
+
+    def partition_lost(self, k: int) -> None:
+        """Partition ``k``'s lag removed: its lease is another worker's now."""
+        with self._owning:
+            if (label := str(k)) in self._partitions_shown:
+                self.partition_lag.remove(label)
+                self._partitions_shown.discard(label)
 
     def serving(self, partitions: int, *, until: float) -> None:
         """Active, serving ``partitions`` whose leases hold until ``until``
@@ -278,6 +316,7 @@ class Metrics:
         with self._owning:
             if self.role == "active" and time.monotonic() > self._held_until:
                 self._standby()
+                self.lag.set(math.nan)  # not 0: a lag alert cleared while a backlog built
                 self._lapsed = True
 
     def standby(self) -> None:
@@ -293,7 +332,7 @@ class Metrics:
         self.partitions.set(0)
         self.lag.set(0)
         self.series.set(0)
-        self.partition_lag.clear()
+        self.partition_lags({})
         self.series_maes([])
         self._unscored()
 

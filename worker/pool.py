@@ -141,7 +141,7 @@ def mark_partitions(client: redis.Redis, keys: Keys, partitions: int) -> None:
 
 # What to do instead, after "P is fixed for a deployment's life".
 _START_OVER = (
-    "Set ATTNLSTM_PARTITIONS to what the streams were written with, or start a new "
+    "Set --partitions (ATTNLSTM_PARTITIONS) to what the streams were written with, or start a new "
     "deployment: other stream names (ATTNLSTM_INPUT_STREAM and the rest), or the old "
     "streams, their partitions mark and the workers' state keys deleted"
 )

@@ -332,8 +332,8 @@ class Recovery:
     def _count(self, lost: _Lost) -> None:
         """Input lost: a log line and the metric (its record: ``lost.records``)."""
         if lost.count:
-            log.error("%d input entries lost (%s: %s), at %s", lost.count, lost.reason,
-                      lost.what, lost.first.decode())  # fmt: skip
+            log.error("%d input entries lost (%s: %s), %s %s", lost.count, lost.reason,
+                      lost.what, lost.at, lost.first.decode())  # fmt: skip
             self.metrics.lost.labels(reason=lost.reason).inc(lost.count)
 
     def save(self, state: WindowState, scoring: Scoring) -> None:
@@ -348,10 +348,11 @@ class Recovery:
         except (FencedError, redis.RedisError) as e:
             log.warning("could not save the window state at exit (%s); the last one stands", e)
             return
-        log.info(
-            "stopped: saved windows of %d series at entry %s",
+        log.info(  # at a stop, or a partition handed back to the pool
+            "saved windows of %d series at entry %s of %s, and handed its lease back",
             state.series_count,
             state.last_id.decode(),
+            self.keys.input,
         )
 
     def _write(self, call: Command) -> Any:
@@ -364,15 +365,16 @@ class Recovery:
 
 class _Lost:
     """Input entries lost: ``count`` of them (``ids``' by default), ``first`` the
-    earliest of ``ids`` (unread: the last read before them); ``records``: the dead
-    letter that records them (``lost``: how many, ``reason``, ``src``: ``first``), none
-    when no id is lost."""
+    earliest of ``ids`` (unread: the last entry read when the loss was noticed, for the
+    stream's counts say how many, not where); ``records``: the dead letter that records
+    them (``lost``: how many, ``reason``, ``src``: ``first``), none when no id is lost."""
 
     def __init__(
         self, ids: list[bytes], reason: str, what: str, *, count: int | None = None
     ) -> None:
         self.count = len(ids) if count is None else count
         self.reason, self.what = reason, what
+        self.at = "the first" if count is None else "noticed at"
         self.first = min(ids, key=id_key) if ids else b""
         error = f"{self.count} input entries {what}".encode()
         record = [b"lost", b"%d" % self.count, b"reason", reason.encode(), b"src", self.first,

@@ -34,6 +34,7 @@ from worker.cli.argtypes import (
 from worker.tools import RUNS
 
 EXIT_USAGE = 2
+MAXLEN_MAX = 2**63 - 1  # what Redis takes as a stream's MAXLEN: past it, a refusal
 # Workers a pool bench starts at most, each a process beside a raw client: past a few a
 # core they measure the scheduler (--workers 1,1000 started a thousand).
 MAX_POOL_WORKERS = 4 * (os.cpu_count() or 1)
@@ -308,7 +309,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--rate", type=positive_number, help="entries per second, steady")
     pace.add_argument("--fast", action="store_true", help="as fast as Redis takes them")
     p.add_argument("--seconds", type=positive_number, default=None, help="stop after this long")
-    p.add_argument("--maxlen", type=positive, default=None, help="approximate cap (XADD MAXLEN ~)")
+    p.add_argument(
+        "--maxlen", type=at_most(MAXLEN_MAX), default=None, help="approximate cap (XADD MAXLEN ~)"
+    )
     p.add_argument(
         "--partitions",
         type=positive,

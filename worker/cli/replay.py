@@ -50,6 +50,7 @@ SINE_FLAGS = (
     ("--anomaly-rate", "anomaly_rate"),
     ("--bad-rate", "bad_rate"),
 )
+DRIFT_FLAGS = (("--drift-kind", "drift_kind"), ("--drift-factor", "drift_factor"))
 CSV_FLAGS = (
     ("--time-column", "time_column"),
     ("--column", "column"),
@@ -99,6 +100,11 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
             raise UsageError("--value-column is for a long file, with --series-column")
         if args.series_column is not None and args.column:  # so was this
             raise UsageError("--column is for a wide file, not with --series-column")
+        if args.csv.exists() and not args.csv.is_file():  # read twice: a pipe, once only
+            raise UsageError(
+                f"--csv {args.csv} is no file: replay reads it twice (every row checked "
+                "before the first is sent); write it to a file first"
+            )
         layout = CsvLayout(
             time_column=args.time_column,
             value_columns=tuple(args.column),
@@ -107,6 +113,8 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
         )
         return csv_entries(args.csv, layout), count_csv(args.csv, layout)  # all checked first
     refuse_given(args, CSV_FLAGS, "for --csv, not sines")
+    if args.drift_at is None:  # they were ignored
+        refuse_given(args, DRIFT_FLAGS, "for a drift: give --drift-at STEP")
     default = SineSpec()
     n_series = args.series or default.n_series
     points = args.points

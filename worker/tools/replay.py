@@ -21,7 +21,15 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from attnlstm.data import VALUE_MAX, DataError, column_index, csv_rows, time_ms
+from attnlstm.data import (
+    SEPARATORS,
+    VALUE_MAX,
+    DataError,
+    column_index,
+    csv_rows,
+    time_ms,
+    unreadable,
+)
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from worker.contract import parse
@@ -64,11 +72,13 @@ def sine_entries(
     probability. The same arguments give the same entries in the same order. A spec
     :func:`make_sines` refuses is a ValueError here, before anything is written, and so
     is one whose values reach past what the worker takes (every entry dead-lettered)."""
-    values = make_sines(spec, seed=seed).values  # (series, points)
-    if (reach := float(np.abs(values).max(initial=0.0))) > VALUE_MAX:
+    with np.errstate(over="ignore", invalid="ignore"):  # said below, in one line
+        values = make_sines(spec, seed=seed).values  # (series, points)
+        reach = float(np.abs(values).max(initial=0.0))
+    if not reach <= VALUE_MAX:  # NaN too: a frequency of 1e308 overflows the phase
         raise ValueError(
             f"the sines reach {reach:.3g}, beyond the +-{VALUE_MAX:g} the worker takes: a "
-            "smaller --amplitude or --offset"
+            "smaller --amplitude, --offset, --noise, --freq or --drift-factor"
         )
     return _steps(values, seed=seed, bad_rate=bad_rate, prefix=prefix)
 
@@ -110,10 +120,15 @@ class CsvLayout:
     value_column: str = "value"  # long
 
 
+_NOT_IN_IDS = r"[^A-Za-z0-9_.:/-]+"  # what the contract's series ids have no place for
+
+
 def series_id(column: str) -> str:
     """A column name as a series id the contract accepts ("Water flow [l/s]" ->
-    "Water_flow_l/s")."""
-    name = re.sub(r"[^A-Za-z0-9_.:/-]+", "_", column).strip("_")[:128]
+    "Water_flow_l/s"): what it has no place for dropped at either end and each run of it
+    within made one ``_``; an id the contract takes stays as it is (``_a`` too)."""
+    trimmed = re.sub(f"^{_NOT_IN_IDS}|{_NOT_IN_IDS}$", "", column)
+    name = re.sub(_NOT_IN_IDS, "_", trimmed)[:128]
     if not name:
         raise DataError(f"column {column!r} has no characters a series id can use")
     return name
@@ -129,14 +144,17 @@ def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFie
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             yield from _rows(path, csv_rows(path, f), layout)
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise unreadable(path, e) from None
 
 
 def count_csv(path: Path, layout: CsvLayout = CsvLayout()) -> int:
     """How many entries :func:`csv_entries` gives, the whole file read: a check that
     finds a row it cannot replay before the first entry is written (a stream half
-    written is worse than none)."""
-    return sum(1 for _ in csv_entries(path, layout))
+    written is worse than none). A DataError where it gives none (a header alone, or
+    empty value cells): a replay of nothing exited 0."""
+    if (total := sum(1 for _ in csv_entries(path, layout))) == 0:
+        raise DataError(f"{path}: no value to replay (a header row and no data row with one)")
+    return total
 
 
 def _rows(
@@ -145,7 +163,7 @@ def _rows(
     """The entries of :func:`attnlstm.data.csv_rows`'s rows."""
     _, header = next(rows, (0, []))
     if not header:
-        raise DataError(f"{path}: empty file, expected a header row")
+        raise DataError(f"{path}: no header row (the file is empty, or blank)")
     time_at, picks = _columns(path, header, layout)
     for line, row in rows:
         if not any(cell.strip() for cell in row):
@@ -191,7 +209,11 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
         raise DataError(f"{path}: column {header[time_at]!r} is the time column, no series")
     positions = picked or [k for k in range(len(header)) if k != time_at]
     if not positions:
-        raise DataError(f"{path}: no value columns besides the time column")
+        other = next((f" (are they {name}?)" for sep, name in SEPARATORS if sep in header[0]), "")
+        raise DataError(
+            f"{path}: no value columns besides the time column; columns are separated by "
+            f"commas{other}"
+        )
     wide = _series_of(path, header, positions)
     return time_at, lambda row, line: wide
 
@@ -230,7 +252,10 @@ def _series_of(path: Path, header: list[str], positions: list[int]) -> list[tupl
     one series (``a,a``; ``a b,a_b``): their values would go out as one."""
     first: dict[str, int] = {}
     for at in positions:
-        name = series_id(header[at])
+        try:
+            name = series_id(header[at])
+        except DataError as e:  # `time,a,` as a spreadsheet may write it: column 3 is ''
+            raise DataError(f"{path}: column {at + 1}: {e}") from None
         if name in first:
             other = first[name]
             raise DataError(
@@ -288,8 +313,9 @@ def replay(
     PartitionsError when the streams are written in another number of partitions. On a
     Redis Cluster every partition's name is tagged, even a single one's (``stream{0}``)."""
     keys = keys_on(client, Keys(input=stream))
-    mark_partitions(client, keys, partitions)
+    # The names first: one refused (a brace in it) left a mark that refused the next try.
     heads = [xadd(keys.partition(k, partitions).input, maxlen=maxlen) for k in range(partitions)]
+    mark_partitions(client, keys, partitions)
     source = iter(entries)
     paced_total = None  # entries to write, when paced for so long; no cap past sys.maxsize
     if rate is not None and seconds is not None:
