@@ -624,3 +624,32 @@ def _a_pool_as_the_users(
     assert burst_cli([*worker, *password], tmp_path)["forecasts"] == 0
     for node in nodes:
         assert _denials(node) <= {("worker", SETINFO), ("producer", SETINFO)}
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="no promtool: .ci/run installs Debian's prometheus")
+def test_the_alerts_load_and_fire_on_the_series_they_are_for() -> None:
+    """`promtool check config` reads prometheus.yml and the rules it loads;
+    tests/alerts_test.yml feeds each alert the series a worker exports, and a standby's,
+    which must fire none."""
+    assert PROMTOOL is not None
+    for args in (
+        ["check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+        ["test", "rules", str(ROOT / "tests" / "alerts_test.yml")],
+    ):
+        proc = subprocess.run(
+            [PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "SUCCESS" in proc.stdout
+
+
+def test_the_alerts_name_only_metrics_a_worker_exports() -> None:
+    """An alert on a name no worker exports never fires, and says nothing of it."""
+    families = list(Metrics().registry.collect())
+    exported = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    named = set(re.findall(r"\battnlstm_\w+", (DEPLOY / "alerts.yml").read_text()))
+    assert named, "no attnlstm metric in the alerts"
+    assert named <= exported, sorted(named - exported)

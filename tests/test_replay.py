@@ -197,6 +197,8 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--seconds", "5"], "--seconds with --fast needs --points"),
         (["--fast", "--freq", "2", "1"], "freq range is empty"),
         (["--rate", "0"], "--rate: must be a positive number"),
+        # One point a series: "need at least one series of at least two points", no flag.
+        (["--fast", "--points", "1"], "argument --points: must be >= 2, got 1"),
         (["--fast", "--bad-rate", "2"], "argument --bad-rate: must be from 0 to 1, got 2.0"),
         (["--rate", "100", "--seconds", "0.004"], "--seconds 0.004 at --rate 100 is less than one"),
         (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),

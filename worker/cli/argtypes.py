@@ -36,6 +36,11 @@ def positive(text: str) -> int:
     return whole(text, 1)
 
 
+def two_or_more(text: str) -> int:
+    """A whole number >= 2: a series of points (one point is no sine)."""
+    return whole(text, 2)
+
+
 def at_most(most: int) -> Callable[[str], int]:
     """A type for a whole number from 1 to ``most``."""
 

@@ -29,6 +29,7 @@ from worker.cli.argtypes import (
     share,
     switch,
     threads,
+    two_or_more,
     whole,
 )
 from worker.tools import RUNS
@@ -327,9 +328,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     sines.add_argument("--series", type=positive, default=None, help="(default 50)")
     sines.add_argument(
         "--points",
-        type=positive,
+        type=two_or_more,
         default=None,
-        help="per series (default: enough for --seconds at --rate, else 1000)",
+        help="per series, at least 2 (default: enough for --seconds at --rate, else 1000)",
     )
     sines.add_argument(
         "--seed", type=seed, default=None, help="same seed, same entries (default 0)"
