@@ -106,6 +106,13 @@ def load_dataset(
 SEPARATORS = ((";", "semicolons"), ("\t", "tabs"))
 
 
+def separated(name: str) -> str:
+    """What a file whose header is the one column ``name`` is told: its columns are
+    separated by commas, and, where ``name`` holds another separator, that one."""
+    other = next((f" (are they {word}?)" for sep, word in SEPARATORS if sep in name), "")
+    return f"columns are separated by commas{other}"
+
+
 def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     """Value columns of a CSV file with a header row, each one series.
 
@@ -126,10 +133,9 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     header = rows[0][1]
     wanted = list(dict.fromkeys(columns)) or header[1:]  # a column asked for twice: once
     if not wanted:
-        other = next((f" (are they {name}?)" for sep, name in SEPARATORS if sep in header[0]), "")
         raise DataError(
             f"{path}: no column of values: the first, {header[0]!r}, is taken to be the time, "
-            f"and there is no other; columns are separated by commas{other}"
+            f"and there is no other; {separated(header[0])}"
         )
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -261,24 +267,28 @@ def unreadable(path: Path, e: OSError | UnicodeDecodeError) -> DataError:
 
 def _not_utf8_at(path: Path) -> tuple[int, int, int] | None:
     """The line, offset and value of the first byte of ``path`` that is no UTF-8; None
-    where it cannot be found (a pipe, read once already)."""
+    where it is no file to read again (a pipe: opened again, it waited for a writer)."""
+    if not path.is_file():
+        return None
     decoder = codecs.getincrementaldecoder("utf-8")()
     done = newlines = 0  # bytes handed to the decoder so far, and the line ends in them
     try:
         with path.open("rb") as f:
-            while block := f.read(1 << 16):
+            while True:
+                block = f.read(1 << 16)
                 held = decoder.getstate()[0]  # the start of a character cut by the block
                 try:
-                    decoder.decode(block)
+                    decoder.decode(block, final=not block)  # at the end: one cut short
                 except UnicodeDecodeError as e:
                     data = held + block
                     newlines += data[len(held) : max(e.start, len(held))].count(b"\n")
                     return newlines + 1, done - len(held) + e.start, data[e.start]
+                if not block:
+                    return None
                 done += len(block)
                 newlines += block.count(b"\n")
     except OSError:
         return None
-    return None
 
 
 def _lines(path: Path, f: TextIO) -> Iterator[str]:

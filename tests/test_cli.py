@@ -4,12 +4,15 @@ where what a test checks is the status and what is printed (the fixture `here`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,15 +60,32 @@ def here(
     """The command line run in this process, in ``tmp_path``, not in a process of its
     own (each paid 1-2 s of imports): the status main() returns is the one the
     `attnlstm` script exits with, and an exception that escaped it, the traceback a user
-    would see, fails the test."""
+    would see, fails the test. What the process would print besides goes to the stderr
+    returned too: the log lines (from INFO for the commands that set up logging, from
+    WARNING for the others, as Python's last-resort handler prints them), and warnings.
+    Here, pytest's handlers and its record of warnings took them."""
     monkeypatch.chdir(tmp_path)
     from worker.cli import main
 
     def run_here(*args: str) -> Ran:
+        root, stderr = logging.getLogger(), logging.StreamHandler(sys.stderr)  # capsys's
+        stderr.setLevel(logging.INFO if args[0] in ("worker", "demo", "bench") else logging.WARNING)
+        level = root.level
+        root.setLevel(min(level, stderr.level))  # (setLevel: loggers cache what it allows)
+        root.addHandler(stderr)
         try:
-            status: int | str | None = main(list(args))
-        except SystemExit as e:  # the parser's refusals
-            status = e.code
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                try:
+                    status: int | str | None = main(list(args))
+                except SystemExit as e:  # the parser's refusals
+                    status = e.code
+        finally:
+            root.removeHandler(stderr)
+            root.setLevel(level)
+        for w in caught:
+            print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno), end="",
+                  file=sys.stderr)  # fmt: skip
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 

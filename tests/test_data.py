@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +184,11 @@ def test_unreadable_files(tmp_path: Path) -> None:
     at = len(f"t,caf\u00e9\n{rows}".encode()) + len("20000,3")
     with pytest.raises(DataError, match=f"latin.csv:20002: not UTF-8 text \\(byte 0xe9, {at:,} "):
         load_csv(latin)
+    # A character cut short by the end of the file.
+    short = tmp_path / "short.csv"
+    short.write_bytes(b"t,v\n1,2\n2,\xc3")
+    with pytest.raises(DataError, match=r"short\.csv:3: not UTF-8 text \(byte 0xc3, 10 bytes"):
+        load_csv(short)
     # A character cut by the end of the 64 KiB block it is looked for in is no error.
     cut = tmp_path / "cut.csv"
     cut.write_bytes(b"t,vv\n" + "\u00e9".encode() * 40_000 + b"\n\xff\n")
@@ -190,6 +197,23 @@ def test_unreadable_files(tmp_path: Path) -> None:
     # No line end: read until memory ran out.
     with pytest.raises(DataError, match="/dev/zero:1: no line end in this line's first 16,777,216"):
         load_csv(Path("/dev/zero"))
+
+
+@pytest.mark.timeout(30)
+def test_a_pipe_that_is_no_utf8_is_an_error_not_a_wait(tmp_path: Path) -> None:
+    """Opened again to find the byte, a pipe whose writer had gone waited for ever."""
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with fifo.open("wb") as f:
+            f.write(b"t,v\n1,\xff\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with pytest.raises(DataError, match=r"cannot read .*pipe\.csv: not UTF-8 text \(invalid"):
+        load_csv(fifo)
+    writer.join()
 
 
 def test_the_daily_period_comes_from_the_times_in_the_first_column(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from tests.helpers import (
     worker_env,
 )
 from worker.cli import main
+from worker.contract import UNSERVED_KINDS
 from worker.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
@@ -644,6 +645,14 @@ def test_the_alerts_load_and_fire_on_the_series_they_are_for() -> None:
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "SUCCESS" in proc.stdout
+
+
+def test_the_alerts_tell_valid_entries_not_served_from_bad_input() -> None:
+    """By the worker's own reasons, listed again in the alerts: a new one left out
+    would page as a producer's bad input."""
+    text = (DEPLOY / "alerts.yml").read_text()
+    listed = {frozenset(m.split("|")) for m in re.findall(r'reason[=!]~"([^"]+)"', text)}
+    assert listed == {frozenset(UNSERVED_KINDS)}
 
 
 def test_the_alerts_name_only_metrics_a_worker_exports() -> None:

@@ -225,7 +225,10 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--csv", "wide.csv"], "wide.csv:3: field larger than field limit (131072)"),
         (["--fast", "--csv", "comma.csv"], "comma.csv:3: 3 cells where the header has 2"),
         # A file with no line end was read until memory ran out.
+        (["--fast", "--csv", "long.csv"], "long.csv:2: no line end in this line's first"),
+        # No file: read twice, a device or pipe was read until memory ran out, or empty.
         (["--fast", "--csv", "/dev/zero"], "--csv /dev/zero is no file: replay reads it twice"),
+        (["--fast", "--csv", "."], "--csv . is a folder, not a CSV file"),
         (
             ["--fast", "--csv", "quote.csv"],
             "quote.csv:2: a quote opened in this row is never closed",
@@ -256,6 +259,7 @@ def test_bad_arguments_are_one_line_errors(
     (tmp_path / "quote.csv").write_text('time,v\n1,"1\n2,2\n')  # a quote never closed
     (tmp_path / "ns.csv").write_text("time,v\n1,1\n100000000000000000000000,2\n")
     (tmp_path / "header.csv").write_text("time,v\n,\n")
+    (tmp_path / "long.csv").write_text("time,v\n1," + "1" * (1 << 24))
     (tmp_path / "latin.csv").write_bytes(b"time,v\n1,1\n2,\xe9\n")
     (tmp_path / "semi.csv").write_text("time;v\n1;1\n")
     (tmp_path / "trail.csv").write_text("time,a,\n1,1,\n")

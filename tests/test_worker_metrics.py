@@ -350,18 +350,27 @@ def test_every_label_of_a_counter_is_there_at_0_from_the_start() -> None:
 
 
 def test_a_partition_s_lag_is_set_in_place_and_removed_when_not_served() -> None:
+    """Set in place: the child a scrape reads is the same one before and after (cleared
+    and filled again, a scrape between the two found the partition missing)."""
     metrics = Metrics()
+    metrics.partitioned = True
+    metrics.serving(2, until=time.monotonic() + 60)
 
     def lags() -> dict[str, float]:
         family = next(f for f in metrics.registry.collect() if f.name == "attnlstm_partition_lag")
         return {s.labels["partition"]: s.value for s in family.samples}
 
-    metrics.partition_lags({0: 1.0, 1: 2.0})
-    metrics.partition_lags({1: 3.0})
+    metrics.served(lags={0: 1.0, 1: 2.0})
+    child = metrics.partition_lag.labels("1")
+    metrics.served(lags={1: 3.0}, series=4)
+    assert metrics.partition_lag.labels("1") is child
     assert lags() == {"1": 3.0}
-    metrics.partition_lost(1)
-    metrics.partition_lost(5)  # never shown: nothing to remove
+    assert metrics.registry.get_sample_value("attnlstm_group_lag") == 3.0
+    metrics.standby()
+    metrics.served(lags={1: 5.0}, series=4)  # counted before it was a standby: not shown
     assert lags() == {}
+    assert metrics.registry.get_sample_value("attnlstm_group_lag") == 0
+    assert metrics.registry.get_sample_value("attnlstm_series") == 0
 
 
 def test_a_worker_that_loses_its_lease_reports_none_of_what_it_served(

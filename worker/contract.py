@@ -453,7 +453,9 @@ _REASON_KINDS = (
 )
 
 
-# Every label reason_kind gives a reason the worker writes: the metric starts each at 0.
+# Every label reason_kind gives a reason the worker writes (the metric starts each at 0):
+# those of valid entries it could not serve, and those of bad input.
+UNSERVED_KINDS = ("series_limit", "crashed_handling", "forecast_not_finite", "partition")
 DEAD_KINDS = (
     "value",
     "series",
@@ -462,10 +464,7 @@ DEAD_KINDS = (
     "repeated_field",
     "missing_series",
     "missing_value",
-    "series_limit",
-    "crashed_handling",
-    "forecast_not_finite",
-    "partition",
+    *UNSERVED_KINDS,
 )
 
 

@@ -133,6 +133,8 @@ class Worker:
         settings = settings.on(client).model_copy(update={"max_batch": batch})
         self.settings, self.keys = settings, settings.keys
         self.metrics = metrics or Metrics()
+        self.metrics.partitioned = settings.partitions > 1
+        self.metrics.coverage_target.set(settings.coverage)
         self.burst = burst
         # One read blocks at most a third of a lease's life: the leases are renewed between
         # reads, and a quiet stream must not let them lapse (with a 1 s lease and the
@@ -308,25 +310,35 @@ class Worker:
     def _audit(self) -> None:
         """Every partition's: what is pending, idle series, and the lag gauges; and the
         entries of the unpartitioned stream."""
-        lags: dict[int, float] = {}
         self.metrics.series_maes(
             [(lane.state.names(), lane.scorer.series_mae) for lane in self.lanes.values()]
         )
-        for k, lane in self.lanes.items():
+        for lane in self.lanes.values():
             self._renew_leases()  # where due: each partition's audit takes round trips
             # Idle by the stream's clock: the newest entry read, whether or not its series
             # has a slot (by the newest value held, no slot was ever freed once every
             # slot's series had gone quiet, and every new series was refused for good).
             lane.scorer.forget(lane.state.sweep(entry_ms(lane.state.last_id)))
             lane.recovery.audit()
-            # None: Redis cannot count it (an entry deleted unread, until the group has
-            # read to the end): NaN, where the last count stayed while a backlog built.
-            lags[k] = math.nan if lane.recovery.lag is None else lane.recovery.lag
-        if self.settings.partitions > 1:  # those given back or lost go
-            self.metrics.partition_lags(lags)
-        if lags:
-            self.metrics.lag.set(sum(lags.values()))
+        self._report_served()
         self._report_strays(self.pool.strays())
+
+    def _report_served(self) -> None:
+        """The gauges of what this worker serves: at each audit, and at once when a
+        partition goes (given back, or found another's at a re-sync), when the next
+        batch's count of its series, which a quiet worker never had, and the next
+        audit's lags came too late: the pool's sums counted the partition twice. A lag
+        is its partition's at its last audit; None: Redis cannot count it (an entry
+        deleted unread, until the group has read to the end), or not audited yet: NaN,
+        where the last count stayed while a backlog built."""
+        lanes = self.lanes.values()
+        self.metrics.served(
+            series=sum(lane.state.series_count for lane in lanes),
+            lags={
+                lane.k: math.nan if lane.recovery.lag is None else lane.recovery.lag
+                for lane in lanes
+            },
+        )
 
     def _report_strays(self, strays: int) -> None:
         """Entries in the unpartitioned input stream, which no worker serves: the gauge
@@ -361,9 +373,7 @@ class Worker:
         share = self._share = self.pool.share()
         for k in list(self.lanes)[share:]:
             self._give_back(self.lanes.pop(k))
-            # The series it serves now: the next batch's count, which a quiet worker
-            # never had, and the pool's sum counted the partition's twice.
-            self.metrics.series.set(sum(lane.state.series_count for lane in self.lanes.values()))
+            self._report_served()
         taken = self._take(share)
         self.lanes |= {lane.k: lane for lane in taken}  # their leases kept while others re-sync
         for lane in taken:
@@ -434,7 +444,7 @@ class Worker:
                 self._prepare(self.lanes[k], read, pending, self.settings.max_series - series)
             )
             series += state.series_count - before
-        self.metrics.series.set(series)
+        self.metrics.served(series=series)
         windows = [part.windows for part in parts]
         yhat, attn = self._forecast(windows[0] if len(windows) == 1 else np.concatenate(windows))
         # One time for the whole batch: Overall weighs a batch by the time since the last
@@ -654,7 +664,8 @@ class Worker:
                 self.lanes[lane.k] = lane
             else:
                 log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
-                self.metrics.partition_lost(lane.k)
+        if len(self.lanes) < len(held):
+            self._report_served()
         # One partition at a start, none past those held at a re-sync: the rest of the
         # share at the first _balance, a third of a lease's life on, once every worker
         # alive has announced itself (each does every third). The first of workers

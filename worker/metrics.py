@@ -163,7 +163,11 @@ class Metrics:
         self.coverage = gauge(
             "attnlstm_interval_coverage",
             "Rolling share of values inside their one-step forecast's interval (the target "
-            "is the coverage setting)",
+            "is attnlstm_interval_coverage_target)",
+        )
+        self.coverage_target = gauge(
+            "attnlstm_interval_coverage_target",
+            "The coverage setting: the share of values the intervals are for (0: none)",
         )
         self.step_mae = gauge(
             "attnlstm_step_rolling_mae",
@@ -203,6 +207,7 @@ class Metrics:
         for outcome in FINETUNE_OUTCOMES:
             self.finetunes.labels(outcome)
         self._partitions_shown: set[str] = set()  # the partitions with a lag of their own
+        self.partitioned = False  # whether the input is (each partition's lag shown)
         self._unscored()
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
@@ -258,38 +263,48 @@ class Metrics:
         NaN: none yet): at most that many labels, whatever the partitions (100 a
         partition grew to 409,600 at P = 4,096). A series no longer among them (its slot
         freed when it went idle, or its partition given back) loses its gauge: slots are
-        reused, and the labels would grow with every name ever seen."""
+        reused, and the labels would grow with every name ever seen. Not on a standby:
+        what it served is another worker's to report."""
+        with self._owning:
+            if self.role != "standby":
+                self._series_maes(partitions)
+
+    def _series_maes(self, partitions: list[tuple[list[str | None], np.ndarray]]) -> None:
         shown: set[str] = set()
-        with self._owning:
-            for names, maes in partitions:
-                for name, mae in zip(names, maes, strict=False):
-                    if len(shown) == SERIES_GAUGES:
-                        break
-                    if name is not None and np.isfinite(mae):
-                        self.series_mae.labels(name).set(mae)
-                        shown.add(name)
-            for gone in self._series_shown - shown:
-                self.series_mae.remove(gone)
-            self._series_shown = shown
+        for names, maes in partitions:
+            for at in np.flatnonzero(np.isfinite(maes[: len(names)])):
+                if len(shown) == SERIES_GAUGES:
+                    break
+                if (name := names[at]) is not None:
+                    self.series_mae.labels(name).set(maes[at])
+                    shown.add(name)
+        for gone in self._series_shown - shown:
+            self.series_mae.remove(gone)
+        self._series_shown = shown
 
-    def partition_lags(self, lags: dict[int, float]) -> None:
-        """Each partition's lag, by partition served; the others' removed. Set in place,
-        not cleared and filled again: a scrape between the two found partitions missing
-        (27 scrapes in 24,231, two partitions, one Redis round trip each between)."""
+    def served(self, *, series: int | None = None, lags: dict[int, float] | None = None) -> None:
+        """What this worker serves now: its series with a slot, and each partition's
+        lag (NaN: Redis cannot count it, or not audited yet), their sum the group's lag.
+        Not on a standby (a scrape's expire() may have made it one since these were
+        counted): they are another worker's to report. Each partition's is set in
+        place, not cleared and filled again: a scrape between the two found partitions
+        missing (27 scrapes in 24,231, two partitions, a Redis round trip between)."""
         with self._owning:
-            shown = {str(k) for k in lags}
-            for k, lag in lags.items():
-                self.partition_lag.labels(str(k)).set(lag)
-            for gone in self._partitions_shown - shown:
-                self.partition_lag.remove(gone)
-            self._partitions_shown = shown
+            if self.role == "standby":
+                return
+            if series is not None:
+                self.series.set(series)
+            if lags is not None:
+                self._partition_lags(lags if self.partitioned else {})
+                self.lag.set(sum(lags.values()))
 
-    def partition_lost(self, k: int) -> None:
-        """Partition ``k``'s lag removed: its lease is another worker's now."""
-        with self._owning:
-            if (label := str(k)) in self._partitions_shown:
-                self.partition_lag.remove(label)
-                self._partitions_shown.discard(label)
+    def _partition_lags(self, lags: dict[int, float]) -> None:
+        shown = {str(k) for k in lags}
+        for k, lag in lags.items():
+            self.partition_lag.labels(str(k)).set(lag)
+        for gone in self._partitions_shown - shown:
+            self.partition_lag.remove(gone)
+        self._partitions_shown = shown
 
     def serving(self, partitions: int, *, until: float) -> None:
         """Active, serving ``partitions`` whose leases hold until ``until``
@@ -332,8 +347,8 @@ class Metrics:
         self.partitions.set(0)
         self.lag.set(0)
         self.series.set(0)
-        self.partition_lags({})
-        self.series_maes([])
+        self._partition_lags({})
+        self._series_maes([])
         self._unscored()
 
     def _unscored(self) -> None:

@@ -346,7 +346,8 @@ class Recovery:
             self._write(self.fence.publish(state={META: state.meta()}))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:
-            log.warning("could not save the window state at exit (%s); the last one stands", e)
+            log.warning("could not save the window state of %s (%s); the last one stands",
+                        self.keys.input, e)  # fmt: skip
             return
         log.info(  # at a stop, or a partition handed back to the pool
             "saved windows of %d series at entry %s of %s, and handed its lease back",

@@ -95,23 +95,7 @@ def _replay(args: argparse.Namespace) -> dict[str, Any]:
 def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int | None]:
     """The entries to write, and how many there are when that is known."""
     if args.csv is not None:
-        refuse_given(args, SINE_FLAGS, "for sines, not --csv")
-        if args.series_column is None and args.value_column is not None:  # it was ignored
-            raise UsageError("--value-column is for a long file, with --series-column")
-        if args.series_column is not None and args.column:  # so was this
-            raise UsageError("--column is for a wide file, not with --series-column")
-        if args.csv.exists() and not args.csv.is_file():  # read twice: a pipe, once only
-            raise UsageError(
-                f"--csv {args.csv} is no file: replay reads it twice (every row checked "
-                "before the first is sent); write it to a file first"
-            )
-        layout = CsvLayout(
-            time_column=args.time_column,
-            value_columns=tuple(args.column),
-            series_column=args.series_column,
-            value_column=args.value_column or CsvLayout.value_column,
-        )
-        return csv_entries(args.csv, layout), count_csv(args.csv, layout)  # all checked first
+        return _csv_source(args)
     refuse_given(args, CSV_FLAGS, "for --csv, not sines")
     if args.drift_at is None:  # they were ignored
         refuse_given(args, DRIFT_FLAGS, "for a drift: give --drift-at STEP")
@@ -151,6 +135,29 @@ def _replay_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int 
     except ValueError as e:
         raise UsageError(str(e)) from None
     return entries, None if bad_rate else spec.n_series * spec.n_points
+
+
+def _csv_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int]:
+    """The entries of ``--csv``, and how many: every row checked first."""
+    refuse_given(args, SINE_FLAGS, "for sines, not --csv")
+    if args.series_column is None and args.value_column is not None:  # it was ignored
+        raise UsageError("--value-column is for a long file, with --series-column")
+    if args.series_column is not None and args.column:  # so was this
+        raise UsageError("--column is for a wide file, not with --series-column")
+    if args.csv.is_dir():
+        raise UsageError(f"--csv {args.csv} is a folder, not a CSV file")
+    if args.csv.exists() and not args.csv.is_file():  # read twice: a pipe, once only
+        raise UsageError(
+            f"--csv {args.csv} is no file: replay reads it twice (every row checked "
+            "before the first is sent); write it to a file first"
+        )
+    layout = CsvLayout(
+        time_column=args.time_column,
+        value_columns=tuple(args.column),
+        series_column=args.series_column,
+        value_column=args.value_column or CsvLayout.value_column,
+    )
+    return csv_entries(args.csv, layout), count_csv(args.csv, layout)
 
 
 def _check_prefix(prefix: str, n_series: int) -> None:

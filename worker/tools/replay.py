@@ -22,11 +22,11 @@ import redis
 from tqdm import tqdm
 
 from attnlstm.data import (
-    SEPARATORS,
     VALUE_MAX,
     DataError,
     column_index,
     csv_rows,
+    separated,
     time_ms,
     unreadable,
 )
@@ -209,11 +209,7 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
         raise DataError(f"{path}: column {header[time_at]!r} is the time column, no series")
     positions = picked or [k for k in range(len(header)) if k != time_at]
     if not positions:
-        other = next((f" (are they {name}?)" for sep, name in SEPARATORS if sep in header[0]), "")
-        raise DataError(
-            f"{path}: no value columns besides the time column; columns are separated by "
-            f"commas{other}"
-        )
+        raise DataError(f"{path}: no value columns besides the time column; {separated(header[0])}")
     wide = _series_of(path, header, positions)
     return time_at, lambda row, line: wide
 
