@@ -255,7 +255,11 @@ class AttentionLSTM(nn.Module):
         z = z.to(dtype).mul_(inverse.to(dtype))  # (B, C)
         out, weights = self._forecast(z)
         scale = torch.where(flat, torch.zeros_like(std), std)
-        return (mean + out.double() * scale).to(x.dtype), weights
+        # A flat window's level is its last value, not the mean, which rounds: the mean
+        # of twenty 0.11s is 0.11000000000000001, and 0.11 then fell off the forecast of
+        # a zero-wide interval, an anomaly of score inf.
+        level = torch.where(flat, recent[:, -1:], mean)
+        return (level + out.double() * scale).to(x.dtype), weights
 
     def _forecast(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forecasts (B, horizon) and attention of values in the model's own units."""

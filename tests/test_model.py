@@ -197,6 +197,16 @@ def test_constant_window_forecasts_its_level_not_nan() -> None:
     torch.testing.assert_close(yhat, x[:, :2])
 
 
+@pytest.mark.parametrize("level", [0.11, 0.22, 0.42, 0.81, 0.1])
+def test_a_constant_window_forecasts_its_level_exactly(level: float) -> None:
+    """Its mean, which it forecast, rounds (twenty 0.11s: 0.11000000000000001), and a
+    value on the level then fell off its zero-wide interval: an anomaly of score inf."""
+    model = new_model(ModelConfig(window=20, horizon=2), seed=0).eval()
+    x = torch.full((1, 20), level, dtype=torch.float64)
+    yhat, _ = model(x)
+    assert yhat.tolist() == [[level, level]]
+
+
 def test_large_level_small_swing_keeps_its_signal(trained_sines: AttentionLSTM) -> None:
     # float32 statistics would cancel 1e6 + sin(t) down to noise.
     x = _sine_windows()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 from collections.abc import Callable
 
@@ -346,6 +347,37 @@ def test_a_value_whose_forecast_had_no_interval_is_not_judged() -> None:
     assert found.anomalies.size == 0
     np.testing.assert_array_equal(after.adaptive.multiplier(slots), [1.0, 1.0])
     assert np.isfinite(found.lo).all()  # the forecasts made now have their intervals
+    assert math.isnan(after.overall.coverage)  # nor counted inside: it was, at 1.0
+
+
+def test_a_flat_level_that_rounds_is_no_anomaly() -> None:
+    """The mean of twenty 0.11s is 0.11000000000000001: a forecast that far off a value
+    on the level, its interval zero wide, made the value an anomaly of score inf (at
+    0.11, 0.22, 0.42, 0.81, and about one two-decimal level in eight)."""
+    scorer = Scorer(Overall(halflife_s=10), half_width=np.array([1.0]), threshold=5.0)
+    rounded = np.full((1, 1), np.mean(np.full(20, 0.11)))
+    assert rounded[0, 0] != 0.11
+    for t in range(50):
+        found = scorer.update(np.array([0]), np.array([0.11]), rounded, np.zeros(1), t)
+        assert found.anomalies.size == 0
+    off = scorer.update(np.array([0]), np.array([0.1100001]), rounded, np.zeros(1), 50.0)
+    assert off.scores.tolist() == [np.inf]  # off the level by more than rounding
+
+
+def test_at_a_threshold_of_one_an_event_is_a_value_outside_its_interval() -> None:
+    """A value on a bound scored 1.000 by rounding (5,512 of 6,000 such cases): an event,
+    where the coverage counted it inside."""
+    scorer = Scorer(Overall(halflife_s=10), half_width=np.array([1.0]), threshold=1.0)
+    forecast = np.array([[0.3]])
+    scorer.update(np.array([0]), np.array([0.3]), forecast, np.array([0.7]), 0.0)
+    for t, bound in enumerate(["hi", "lo"], start=1):
+        value = scorer.saved(np.array([0]))[bound][0]  # the pending interval's
+        on = scorer.update(np.array([0]), np.array([value]), forecast, np.array([0.7]), t)
+        assert on.anomalies.size == 0, bound
+    hi = scorer.saved(np.array([0]))["hi"][0]
+    out = scorer.update(np.array([0]), np.array([np.nextafter(hi, np.inf)]), forecast,
+                        np.array([0.7]), 3.0)  # fmt: skip
+    assert out.anomalies.tolist() == [0]
 
 
 def test_a_series_that_starts_afresh_meets_no_forecast_from_before_its_gap() -> None:

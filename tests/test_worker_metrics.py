@@ -28,6 +28,7 @@ from tests.helpers import WorkerThread, drained, fill, new_worker, settings_for,
 from worker.batch import Receipt
 from worker.keys import Keys
 from worker.metrics import LATENCY_BUCKETS_S, BulkHistogram, Metrics, serve
+from worker.online.scoring import Overall
 from worker.pipeline import Pipeline
 
 NAME = "test_latency_seconds"
@@ -373,6 +374,28 @@ def test_a_partition_s_lag_is_set_in_place_and_removed_when_not_served() -> None
     assert metrics.registry.get_sample_value("attnlstm_series") == 0
 
 
+def test_the_scores_come_back_when_a_lapsed_worker_serves_again() -> None:
+    """A lapse made them NaN, and they stayed NaN until the next forecast met its value:
+    in a quiet hour, for the hour."""
+    metrics = Metrics()
+    sample = metrics.registry.get_sample_value
+    scores = Overall(halflife_s=30)
+    scores.add(np.array([0.5, 1.5]), np.array([2.0, 2.0]), np.array([False, True]), 100.0)
+    metrics.serving(1, until=time.monotonic() - 1)  # its lease's time already up
+    metrics.scores_now(scores)
+    assert sample("attnlstm_rolling_mae") == pytest.approx(scores.mae)
+    metrics.expire()  # lapsed: a standby, no figures
+    assert math.isnan(sample("attnlstm_rolling_mae") or 0.0)
+    metrics.scores_now(scores)  # scored before the lapse was seen: not shown
+    assert math.isnan(sample("attnlstm_rolling_mae") or 0.0)
+    metrics.renewed(time.monotonic() + 60)  # its leases renewed: the last figures again
+    assert sample("attnlstm_rolling_mae") == pytest.approx(scores.mae)
+    assert sample("attnlstm_interval_coverage") == pytest.approx(scores.coverage)
+    metrics.standby()
+    metrics.serving(2, until=time.monotonic() + 60)  # partitions taken again
+    assert sample("attnlstm_rolling_mae") == pytest.approx(scores.mae)
+
+
 def test_a_worker_that_loses_its_lease_reports_none_of_what_it_served(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
@@ -520,8 +543,10 @@ def test_entries_handled_again_after_a_publish_that_did_not_apply_count_once(
 ) -> None:
     """Counted as they were handled, the entries of a batch whose call never applied
     (its connection dropped) were counted again when the re-sync handled them: 55 read
-    of 45, 28 warming of 19, 10 series refused where 5 were dead-lettered."""
-    counted = ("entries_read", "entries_warming", "series_refused", "forecasts_published")
+    of 45, 28 warming of 19, 10 series refused where 5 were dead-lettered. The forecasts
+    scored are counted with the receipt too."""
+    counted = ("entries_read", "entries_warming", "series_refused", "forecasts_published",
+               "forecasts_scored")  # fmt: skip
     values = sine_steps(5, 30, seed=3)
 
     def drain(keys: Keys, metrics: Metrics) -> dict[str, float]:
@@ -548,4 +573,5 @@ def test_entries_handled_again_after_a_publish_that_did_not_apply_count_once(
     assert len(calls) > 5
     assert healthy["entries_read"] == values.size
     assert healthy["series_refused"] == healthy["dead_series_limit"] == 3 * 30
+    assert healthy["forecasts_scored"] > 0
     assert dropped == healthy

@@ -99,6 +99,7 @@ class Receipt:
     read: int = 0  # entries handled for the first time (not re-read after an ack)
     warming: int = 0  # entries kept in their windows, not forecast: a window not full yet
     refused: int = 0  # entries dead-lettered for the series limit
+    scored: int = 0  # forecasts whose actual value this batch brought
 
 
 def triage(

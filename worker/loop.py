@@ -532,7 +532,8 @@ class Worker:
             fresh=part.fresh,
             counted=None if part.publish.all() else part.publish,
         )
-        self.metrics.scored_forecasts(scored.count, self.scores)
+        if scored.count:
+            self.metrics.scores_now(self.scores)
         if id_key(entries[-1][0]) > id_key(state.last_id):
             state.last_id = entries[-1][0]
         version = self.engine.version.encode() if self.engine is not None else b""
@@ -577,7 +578,13 @@ class Worker:
             state=saved or None,
             handled=state.last_id,
         )
-        counted = replace(receipt, read=part.read, warming=part.warming, refused=part.refused)
+        counted = replace(
+            receipt,
+            read=part.read,
+            warming=part.warming,
+            refused=part.refused,
+            scored=scored.count,
+        )
         return call, counted
 
     def _stand_in(

@@ -208,6 +208,7 @@ class Metrics:
             self.finetunes.labels(outcome)
         self._partitions_shown: set[str] = set()  # the partitions with a lag of their own
         self.partitioned = False  # whether the input is (each partition's lag shown)
+        self._scores: Overall | None = None  # the last, shown while serving
         self._unscored()
         self.heartbeat = time.monotonic()  # the main loop's last turn
         self.connected = False  # whether the last Redis call succeeded
@@ -232,6 +233,7 @@ class Metrics:
         self.entries_read.inc(receipt.read)
         self.warming.inc(receipt.warming)
         self.series_refused.inc(receipt.refused)
+        self.scored.inc(receipt.scored)
         self.forecasts.inc(receipt.entered_ms.size)
         self.anomalies.inc(receipt.anomalies)
         for reason in receipt.dead_reasons:
@@ -240,22 +242,34 @@ class Metrics:
         # taking the sum down: none is counted below 0.
         self.latency.observe_many(np.maximum(sent_ms - receipt.entered_ms, 0.0) / 1000)
 
-    def scored_forecasts(self, scored: int, scores: Overall) -> None:
-        """``scored`` forecasts met their actual value; the averages now."""
-        if scored:
-            self.scored.inc(scored)
-            self.rolling_mae.set(scores.mae)
-            self.rolling_naive_mae.set(scores.naive_mae)
-            self.mae_level.set(scores.level)
-            if not math.isnan(scores.coverage):
-                self.coverage.set(scores.coverage)
-            for step, (mae, inside) in enumerate(
-                zip(scores.step_mae, scores.step_coverage, strict=True), start=1
-            ):
-                if not math.isnan(mae):
-                    self.step_mae.labels(str(step)).set(mae)
-                if not math.isnan(inside):
-                    self.step_coverage.labels(str(step)).set(inside)
+    def scores_now(self, scores: Overall) -> None:
+        """The averages after forecasts met their actual value, shown unless a standby
+        (a scrape's expire() may have made it one since they were scored). How many
+        were scored is counted with the batch's receipt, once its call applies."""
+        with self._owning:
+            self._scores = scores
+            if self.role != "standby":
+                self._show_scores()
+
+    def _show_scores(self) -> None:
+        """The scoring gauges from the last scores; shown again when a worker serves
+        again (its leases renewed after a lapse, a re-sync), where they read NaN until
+        the next forecast met its value, in a quiet hour none."""
+        scores = self._scores
+        if scores is None:
+            return
+        self.rolling_mae.set(scores.mae)
+        self.rolling_naive_mae.set(scores.naive_mae)
+        self.mae_level.set(scores.level)
+        if not math.isnan(scores.coverage):
+            self.coverage.set(scores.coverage)
+        for step, (mae, inside) in enumerate(
+            zip(scores.step_mae, scores.step_coverage, strict=True), start=1
+        ):
+            if not math.isnan(mae):
+                self.step_mae.labels(str(step)).set(mae)
+            if not math.isnan(inside):
+                self.step_coverage.labels(str(step)).set(inside)
 
     def series_maes(self, partitions: list[tuple[list[str | None], np.ndarray]]) -> None:
         """The rolling MAE of the first :data:`SERIES_GAUGES` series with one, partition
@@ -310,6 +324,8 @@ class Metrics:
         """Active, serving ``partitions`` whose leases hold until ``until``
         (time.monotonic()) at least, unless renewed (or later: renewed since)."""
         with self._owning:
+            if partitions and self.role != "active":
+                self._show_scores()
             self.role, self._held, self._lapsed = "active", partitions, False
             self.partitions.set(partitions)
             self._held_until = max(self._held_until, until)
@@ -322,6 +338,7 @@ class Metrics:
             if self._lapsed:
                 self.role, self._lapsed = "active", False
                 self.partitions.set(self._held)
+                self._show_scores()
 
     def expire(self) -> None:
         """A standby once its leases may have lapsed unrenewed (a worker cut off from

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from attnlstm.intervals import LOG_M_LIMIT, Adaptive
+from attnlstm.intervals import FLAT, LOG_M_LIMIT, Adaptive
 from worker.state import rounds
 
 STEP_SERIES = 128  # slots per partition whose forecasts are scored at every step ahead
@@ -271,15 +271,19 @@ class Scorer:
         wide = half > 0
         self.adaptive.update(slots[wide], miss[wide])
         # Off a zero-wide interval, any distance is infinitely many half-widths, and none
-        # is none; with no interval (NaN), no score, and no event.
-        score = np.divide(err, half, out=np.where(err > 0, np.inf, 0.0), where=wide)
+        # (or rounding's, FLAT of the level, as the window was flat by) is none; with no
+        # interval (NaN), no score, and no event.
+        off = err > FLAT * np.abs(self._forecast[slots])
+        score = np.divide(err, half, out=np.where(off, np.inf, 0.0), where=wide)
         score[np.isnan(half)] = np.nan
         # This value's place after each followed anomaly: 1 is the next value, whose
         # forecast read the anomaly as its newest value (reads[0]).
         after = self._since[slots] + 1
         past = self.reads.size + 1  # past the context: read by none
         judged = ~np.append(self.reads, False)[np.minimum(after, past) - 1].any(axis=1)
-        flag = (score >= self.threshold) & judged
+        # Outside the interval, too: at a threshold of 1 a value on a bound scored 1.000
+        # by rounding, and was an event the coverage counted inside.
+        flag = miss & (score >= self.threshold) & judged
         stood_in = flag & ~self._stood_in[slots] if standing else np.zeros_like(flag)
         self._since[slots] = np.minimum(after, NEVER)
         self._stood_in[slots] = stood_in
@@ -374,7 +378,10 @@ class Scorer:
                 if self.half_width is not None:
                     standing = stand_in is not None
                     miss, events, stood_in = self._judge(idx[ok], so, vo, err, standing)
-                    missed.append(miss[c[ok]])
+                    # Judged against an interval: one forecast with intervals off (NaN,
+                    # saved before a restart that turned them on) counted as inside.
+                    bounded = c[ok] & ~np.isnan(self._lo[so])
+                    missed.append(miss[bounded])
                     found.append(events)
                     if stand_in is not None and stood_in.any():
                         at = events[stood_in, 0].astype(np.int64)
