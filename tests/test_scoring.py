@@ -360,6 +360,7 @@ def test_a_flat_level_that_rounds_is_no_anomaly() -> None:
     for t in range(50):
         found = scorer.update(np.array([0]), np.array([0.11]), rounded, np.zeros(1), t)
         assert found.anomalies.size == 0
+    assert scorer.overall.coverage == 1.0  # on the level: inside its interval
     off = scorer.update(np.array([0]), np.array([0.1100001]), rounded, np.zeros(1), 50.0)
     assert off.scores.tolist() == [np.inf]  # off the level by more than rounding
 

@@ -262,18 +262,18 @@ class Scorer:
         events, rows of (batch position, score, yhat, lo, hi), and which events are stood
         in for (none unless ``standing``). The others are followed."""
         lo, hi = self._lo[slots], self._hi[slots]
-        miss = (values < lo) | (values > hi)
         half = (hi - lo) / 2
+        # Off a zero-wide interval, any distance is infinitely many half-widths, and none
+        # (or rounding's, FLAT of the level, as the window was flat by) is none, and
+        # inside; with no interval (NaN), no score, and no event.
+        off = err > FLAT * np.abs(self._forecast[slots])
+        miss = ((values < lo) | (values > hi)) & ((half > 0) | off)
         # Only an interval of some width teaches the multiplier: a flat window's is zero
         # wide whatever the multiplier (each value on the level a "hit" would shrink it to
         # its floor, and the intervals after the flat stretch with it), and one made with
         # intervals off (NaN, saved before a restart that turned them on) is none.
         wide = half > 0
         self.adaptive.update(slots[wide], miss[wide])
-        # Off a zero-wide interval, any distance is infinitely many half-widths, and none
-        # (or rounding's, FLAT of the level, as the window was flat by) is none; with no
-        # interval (NaN), no score, and no event.
-        off = err > FLAT * np.abs(self._forecast[slots])
         score = np.divide(err, half, out=np.where(off, np.inf, 0.0), where=wide)
         score[np.isnan(half)] = np.nan
         # This value's place after each followed anomaly: 1 is the next value, whose
