@@ -32,6 +32,7 @@ from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import article_sine
 from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
+from worker.cli.commands import _print_human
 from worker.cli.live import worker_settings
 from worker.cli.offline import _note_gaps
 from worker.cli.parser import MAX_POOL_WORKERS, build_parser
@@ -165,6 +166,27 @@ def test_human_output_without_json(small_model: dict[str, Any], workdir: Path) -
     assert proc.returncode == 0, proc.stderr
     assert "val_mse" in proc.stdout
     assert "{" not in proc.stdout
+    assert "note" not in proc.stderr  # the data it was trained on
+
+
+def test_a_report_row_of_figures_prints_as_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    """demo --csv's held-out tail printed as Python's dict without --json."""
+    _print_human({"held_out_v": {"points": 12, "mae": 0.123456789, "naive_mae": None}})
+    assert capsys.readouterr().out == "          held_out_v  points=12  mae=0.123457  naive_mae=-\n"
+
+
+def test_evaluate_on_other_data_than_the_model_was_trained_on_says_so(
+    small_model: dict[str, Any], workdir: Path, here: Callable[..., Ran]
+) -> None:
+    """A model trained on 50 sines, evaluated with no --data, was scored on the article's
+    sine without a word (as plot drew it)."""
+    model = str(workdir / "m.st")  # the article's sine
+    status, _, err = here("evaluate", "--model", model, "--data", "sines", "--series", "2")
+    assert status == 0, err
+    assert err == (
+        "attnlstm evaluate: note: no series of --data sines is one the model was trained on "
+        "(--data sine): its figures are of other data than it was held out from\n"
+    )
 
 
 def test_train_says_when_the_times_give_no_daily_period_it_can_take(tmp_path: Path) -> None:
@@ -469,6 +491,15 @@ BAD_RUNS = [
     (["bench", "--runs", "models,gpu"], 2, "--runs: expected some of drains,latency,models, got"),
     (["bench", "--workers", "1,2", "--runs", "models"], 2, "not of a pool (--workers) (see"),
     (["bench", "--workers", "1", "--runs", "models"], 2, "not of a pool (--workers) (see"),
+    # Flags the bench asked for would not use: they were dropped without a word.
+    (
+        ["bench", "--workers", "1", "--repeats", "9"],
+        2,
+        "--threads, --repeats are for the bench of one worker, not of a pool (--workers) (see",
+    ),
+    (["bench", "--partitions", "12"], 2, "--partitions is for a pool of workers (--workers) (see"),
+    (["bench", "--no-cluster"], 2, "--no-cluster is for a pool of workers (--workers) (see"),
+    (["bench", "--model", "m.st", "--runs", "models"], 2, "three models of its own: --model is"),
     # Usage errors found as the command runs: exit 2, as the parser's, not 1.
     (["train", "--data", "bogus"], 2, "argument --data: expected sine, sines or csv:PATH"),
     (["plot", "--series", "abc"], 2, "--series: expected a whole number, got 'abc' (a series"),
@@ -787,6 +818,7 @@ REPLAY_TWO = ["replay", "--fast", "--points", "2"]
         ),
         (REPLAY_TWO, "user", "no permissions to run", "users.acl.template"),
         (["models", "list"], "user", "no permissions to run", "users.acl.template"),
+        (["models", "list"], "password", "invalid username-password", "PASSWORD_FILE"),
         ([*REPLAY_TWO, "--stream", "{prefix}text"], "", "WRONGTYPE", "name other streams"),
     ],
 )
@@ -806,6 +838,7 @@ def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
     url = {
         "db": _with_db(redis_url, 9999),
         "user": _as_user(redis_url, user, "pw"),
+        "password": _as_user(redis_url, user, "not-pw"),
         "": redis_url,
     }[refusal]
     redis_client.set(f"{stream_prefix}text", "not a stream")

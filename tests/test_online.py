@@ -30,6 +30,7 @@ from tests.helpers import (
     events,
     fill,
     finetune_processes,
+    free_port,
     gone,
     new_worker,
     other_model,
@@ -38,6 +39,7 @@ from tests.helpers import (
     worker_env,
 )
 from worker.cli import main
+from worker.embedded import EmbeddedServer
 from worker.engine import check_fits
 from worker.keys import Keys
 from worker.lease import Lease, ensure_library
@@ -306,6 +308,66 @@ def test_one_worker_fine_tunes_at_a_time(
     assert redis_client.get(keys.finetune_lock) == second.lock.token.encode()
     second.close()  # the fine-tune in flight is dropped, and the lock with it
     assert redis_client.get(keys.finetune_lock) is None
+
+
+def test_a_worker_fenced_out_drops_its_fine_tune_and_the_lock(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Mid-fine-tune, another takes the worker's partition (it froze past its lease): as
+    a standby it stops its fine-tuning process and releases the lock, for the worker
+    that serves now. It used to keep both for up to ten minutes (the lock's TTL: no
+    other worker fine-tuned), and to promote, once it served again, a candidate trained
+    on values of long before."""
+    clock = FakeClock()
+    settings = settings_for(
+        redis_url, keys, finetune_interval_s=10, finetune_steps=10**9, lease_ttl_ms=3000,
+        drift_ratio=0, block_ms=100,
+    )  # fmt: skip
+    worker = new_worker(settings, trained_sines, finetune_clock=clock)
+    fill(redis_client, keys.input, sine_steps(20, 200, seed=8))
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: redis_client.xlen(keys.output) == 20 * 181)
+        clock.now += 10  # a fine-tune is due: it would run for hours
+        running.wait_for(lambda: worker.tuner.running and finetune_processes())
+        lock = worker.tuner.lock.token.encode()
+        assert redis_client.get(keys.finetune_lock) == lock
+        redis_client.set(keys.lease, "thief#0", px=120_000)  # the partition taken over
+        running.wait_for(lambda: redis_client.get(keys.finetune_lock) is None)
+        assert not worker.tuner.running
+        wait_for(lambda: not finetune_processes(), what="the fine-tuning process's end")
+        assert worker.lanes == {}  # a standby
+    assert "fine-tune dropped: this worker serves no partition now" in caplog.text
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+
+
+def test_a_worker_stopped_mid_fine_tune_while_redis_is_gone_stops_cleanly(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """The lock's release, as the worker stops, cannot reach Redis: the worker stops as
+    it does with no fine-tune in flight (the lock lapses on its own). The release's
+    ConnectionError used to end the run with "cannot reach Redis", exit 1 and no report."""
+    clock = FakeClock()
+    with EmbeddedServer(port=free_port()) as server:
+        client = redis.Redis.from_url(server.tcp_url)
+        settings = settings_for(
+            server.tcp_url, Keys(), finetune_interval_s=10, finetune_steps=10**9,
+            drift_ratio=0, block_ms=100,
+        )  # fmt: skip
+        worker = new_worker(settings, trained_sines, finetune_clock=clock)
+        fill(client, Keys().input, sine_steps(20, 200, seed=8))
+        running = WorkerThread(worker).start()
+        running.wait_for(lambda: client.xlen(Keys().output) == 20 * 181)
+        clock.now += 10
+        running.wait_for(lambda: worker.tuner.running and finetune_processes())
+        client.close()
+    running.wait_for(lambda: not worker.metrics.connected)  # the server is gone
+    running.stop()  # raises what the worker raised
+    assert running.report is not None
+    wait_for(lambda: not finetune_processes(), what="the fine-tuning process's end")
 
 
 @pytest.mark.parametrize("planted", ["lock", "fence"])

@@ -7,6 +7,7 @@ import logging
 import random
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -815,6 +816,41 @@ def test_redis_unreachable_at_start_is_waited_for(
             client.close()
     assert "Connection refused" in caplog.text
     assert "retrying in" in caplog.text
+
+
+def test_a_server_that_does_not_answer_at_start_is_waited_for(
+    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that takes the connection and says nothing (frozen, or behind a firewall
+    that drops): redis-py's TimeoutError, which is no ConnectionError, ended the worker as
+    it started, where a refused connection is waited for."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts, never answers
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        worker = new_worker(
+            settings_for(url, Keys(), block_ms=100, socket_timeout_s=0.5), trained_sines
+        )
+        errors = worker.metrics.registry
+        with WorkerThread(worker) as running:
+            running.wait_for(
+                lambda: (errors.get_sample_value("attnlstm_redis_errors_total") or 0) >= 2
+            )
+    assert "Timeout reading from" in caplog.text
+    assert "retrying in" in caplog.text
+
+
+def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: AttentionLSTM) -> None:
+    """A password missing or wrong (redis-py's AuthenticationError, a ConnectionError) was
+    retried for ever, the log saying nothing of the password."""
+    with EmbeddedServer(port=free_port()) as server:
+        url = server.tcp_url.replace("redis://", "redis://nobody:wrong@")
+        worker = new_worker(settings_for(url, Keys(), block_ms=100), trained_sines)
+        refused = (
+            r"Redis refused this worker \(invalid username-password pair.*\); give the URL's "
+            r"user and password \(redis://USER:PASSWORD@HOST:PORT/DB\), or the password in a "
+            r"file named by ATTNLSTM_REDIS_PASSWORD_FILE"
+        )
+        with pytest.raises(ValueError, match=refused):
+            worker.run()
 
 
 def test_a_lost_state_is_rebuilt_from_the_stream_without_publishing_again(

@@ -56,6 +56,7 @@ from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, META, NO_SLOT, WindowState
 from worker.streams import (
+    CREDENTIALS_FIX,
     REDIS_ERRORS,
     Command,
     Entry,
@@ -259,7 +260,7 @@ class Worker:
             for k, entries in read.entries.items():
                 self.lanes[k].recovery.delivered(len(entries))
             self._handle(read.entries, pending=None)
-        self._serve(self.tuner.tick(self._histories, self.scores))
+        self._serve(self.tuner.tick(self._histories, self.scores, start=not self._stopping))
         return not read.entries
 
     def _renew_leases(self) -> None:
@@ -681,6 +682,7 @@ class Worker:
         # (two workers on a backlog of 40 series, 25 each: 450 of 1,200 entries).
         self.lanes |= {lane.k: lane for lane in self._take(min(share, max(len(self.lanes), 1)))}
         if not self.lanes:
+            self.tuner.drop("this worker serves no partition now (a standby)")
             self.metrics.standby()
             self.metrics.unpartitioned.set(strays)  # (logged by the workers that serve)
             self.metrics.connected = True  # Redis answered: the library, the pool's share
@@ -788,7 +790,8 @@ class Worker:
 
     def _close(self, *, save: bool) -> None:
         self.pipeline.close()
-        self.tuner.close()
+        with contextlib.suppress(*REDIS_ERRORS):  # its process is stopped first: the lock
+            self.tuner.close()  # lapses on its own (a stop while Redis is unreachable)
         # A stop during one lane's re-sync leaves the lanes taken with it unrestored: their
         # empty windows saved over their checkpoints forgot them, and the entries put aside.
         if not save:
@@ -822,6 +825,8 @@ def _what_to_fix(e: Exception, clustered: bool) -> str | None:
             "which the worker took for one server (it did not answer when the worker "
             "started, or ATTNLSTM_CLUSTER is false): set ATTNLSTM_CLUSTER=true"
         )
+    if isinstance(e, redis.AuthenticationError):
+        return f"Redis refused this worker ({e}); {CREDENTIALS_FIX}"
     if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):
         return None
     if (fix := fix_for(e)) is None:

@@ -68,6 +68,12 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
         "its own token)",
     ),
 )
+# A password missing or refused (redis-py's AuthenticationError, a ConnectionError that
+# no retry mends: the worker retried it for ever, and said nothing of the password).
+CREDENTIALS_FIX = (
+    "give the URL's user and password (redis://USER:PASSWORD@HOST:PORT/DB), or the "
+    "password in a file named by ATTNLSTM_REDIS_PASSWORD_FILE"
+)
 # redis-py's words ahead of a pipeline's refusal: "Command # 1 (GET k) of pipeline caused
 # error: WRONGTYPE ...". A refusal of :data:`_FIXES` so prefixed was retried for ever.
 PIPELINE_ERROR = " of pipeline caused error: "
@@ -132,7 +138,7 @@ def _cluster_enabled(client: redis.Redis) -> bool:
     on a connection of its own (HELLO 2 sets the protocol it speaks), closed after."""
     try:
         reply = client.execute_command("HELLO", "2")  # type: ignore[no-untyped-call]
-    except redis.ConnectionError:
+    except (redis.ConnectionError, redis.TimeoutError):  # (a timeout is no ConnectionError)
         return False  # not up yet (the worker waits for it): one server, unless told
     except redis.ResponseError:
         return False  # no HELLO: older than Redis 6, so no cluster the worker could use

@@ -22,7 +22,7 @@ from attnlstm.errors import CheckpointError
 from worker.cli import EXIT_INTERRUPTED
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
-from worker.streams import fix_for
+from worker.streams import CREDENTIALS_FIX, fix_for
 from worker.usage import UsageError
 
 EXIT_FAILURE = 1
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
+        message = f"Redis refused: {e}; {CREDENTIALS_FIX}"
+        print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
         print(f"attnlstm {args.command}: error: cannot reach Redis: {e}", file=sys.stderr)
@@ -133,6 +137,13 @@ def _standard(value: Any) -> Any:
     return value
 
 
+def _figure(value: Any) -> str:
+    """A figure of a report's row as printed without --json: None (no figure) as -."""
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _print_human(report: dict[str, Any]) -> None:
     for key, value in report.items():
         if isinstance(value, float):
@@ -143,6 +154,8 @@ def _print_human(report: dict[str, Any]) -> None:
                 print(" " * 22 + "  ".join(f"{k}={v}" for k, v in row.items()))
         elif isinstance(value, list):
             print(f"{key:>20}  {', '.join(map(str, value))}")
+        elif isinstance(value, dict):  # demo --csv's held-out tail: it printed Python's dict
+            print(f"{key:>20}  " + "  ".join(f"{k}={_figure(v)}" for k, v in value.items()))
         elif isinstance(value, str) and "\n" in value:  # a table
             print(f"\n{value}")
         else:

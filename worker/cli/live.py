@@ -57,12 +57,11 @@ def _on_device(settings: Settings) -> Settings:
 
 def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level="INFO", format=LOG_FORMAT)
-    torch.set_num_threads(args.threads)
-    if args.workers and args.runs:
-        raise UsageError("--runs picks parts of the bench of one worker, not of a pool (--workers)")
+    _check_bench_flags(args)
+    torch.set_num_threads(args.threads or 1)
     flags = {**vars(args), "runs": args.runs or RUNS}  # named after the plan's fields
-    names = [f.name for f in dataclasses.fields(BenchPlan) if f.name in flags]
-    plan = BenchPlan(**{name: flags[name] for name in names})
+    given = [f.name for f in dataclasses.fields(BenchPlan) if flags.get(f.name) is not None]
+    plan = BenchPlan(**{name: flags[name] for name in given})
     model = open_checkpoint(args.model).model if args.model else None
     device = resolve_device(args.device)
     # SIGTERM and SIGHUP stop it as Ctrl-C does, its workers and servers with it: by
@@ -71,13 +70,44 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
         if args.workers:
             pool = PoolPlan(
                 workers=args.workers,
-                partitions=args.partitions,
+                partitions=args.partitions or PoolPlan.partitions,
                 entries=args.entries,
                 series=args.series,
                 cluster=not args.no_cluster,
             )
             return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
         return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
+
+
+# The flags of one worker's bench, and those of a pool's: each refused in the other.
+ONE_WORKER_FLAGS = (
+    "runs",
+    "threads",
+    "per_entry_entries",
+    "rate",
+    "scale_series",
+    "seconds",
+    "repeats",
+)
+POOL_FLAGS = ("partitions", "no_cluster")
+
+
+def _check_bench_flags(args: argparse.Namespace) -> None:
+    """Flags that the bench asked for would not use are refused: a pool's workers run
+    none of one worker's runs (and one torch thread each), one worker shares no
+    partitions, and the models run times three models of its own. They were dropped
+    without a word, and a long run was not the one asked for."""
+    if args.workers:
+        unused = [name for name in ONE_WORKER_FLAGS if getattr(args, name) is not None]
+        whose = "the bench of one worker, not of a pool (--workers)"
+    else:
+        unused = [name for name in POOL_FLAGS if getattr(args, name)]
+        whose = "a pool of workers (--workers)"
+    if unused:
+        named = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise UsageError(f"{named} {'is' if len(unused) == 1 else 'are'} for {whose}")
+    if args.model is not None and args.runs == ("models",):
+        raise UsageError("--runs models times three models of its own: --model is not used")
 
 
 def demo_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +139,8 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.json and sys.stderr.isatty()
     try:
         return run_demo(settings, plan, args.out, progress=progress)
+    except redis.AuthenticationError:  # no retry mends it: what to fix, from commands.run
+        raise
     except redis.ConnectionError as e:
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
 

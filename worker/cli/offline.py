@@ -179,6 +179,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             progress=not args.json and sys.stderr.isatty(),
         )
+    _note_other_data(args)
     return {
         **metrics,
         **_tables(comparison, args.json, horizon=checkpoint.config.horizon),
@@ -231,6 +232,7 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         written.append(plot_losses(*curves, args.out / "loss.png"))
+    _note_other_data(args)
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
 
 
@@ -324,7 +326,8 @@ def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) 
     fraction = float(args.val_fraction or trained or HELD_OUT)
     parts = meta.get("trained_values")
     if isinstance(parts, list):
-        _check_unseen(args, dataset, parts, fraction)
+        if not _check_unseen(args, dataset, parts, fraction):
+            args.other_data = meta.get("data", "?")  # said once the figures are out
         return fraction
     known = meta.get("data_fingerprints")
     if isinstance(known, list):
@@ -340,23 +343,40 @@ def _held_out(args: argparse.Namespace, meta: dict[str, Any], dataset: Dataset) 
     return fraction
 
 
+def _note_other_data(args: argparse.Namespace) -> None:
+    """A note where no series scored is one the model was trained on (:func:`_held_out`):
+    `evaluate` with no --data scored a model of other data on the article's sine, and
+    `plot` drew it, without a word."""
+    if trained_on := getattr(args, "other_data", None):
+        print(
+            f"attnlstm {args.command}: note: no series of --data {args.data} is one the "
+            f"model was trained on (--data {trained_on}): its figures are of other data "
+            "than it was held out from",
+            file=sys.stderr,
+        )
+
+
 def _check_unseen(
     args: argparse.Namespace, dataset: Dataset, parts: list[Any], fraction: float
-) -> None:
+) -> bool:
     """A ValueError where the tail of ``fraction`` of a series of ``dataset`` starts
-    before the end of a training part in ``parts`` ([values, fingerprint] pairs)."""
+    before the end of a training part in ``parts`` ([values, fingerprint] pairs); else
+    whether a series of ``dataset`` begins with one of them (was trained on)."""
     wanted: dict[int, set[str]] = {}
     for part in parts:
         if isinstance(part, list) and len(part) == 2 and isinstance(part[0], int):
             wanted.setdefault(part[0], set()).add(str(part[1]))
-    overlap = []
+    overlap, trained_on = [], False
     for name, values in zip(dataset.names, dataset.series, strict=True):
         cut = split_point(len(values), fraction)
-        ends = sorted(n for n in wanted if cut < n <= len(values))  # hashed in one pass
-        prints = prefix_fingerprints(values, ends)
-        overlap += [
-            (name, len(values), n) for n, p in zip(ends, prints, strict=True) if p in wanted[n]
+        ends = sorted(n for n in wanted if n <= len(values))  # hashed in one pass
+        seen = [
+            n
+            for n, p in zip(ends, prefix_fingerprints(values, ends), strict=True)
+            if p in wanted[n]
         ]
+        trained_on = trained_on or bool(seen)
+        overlap += [(name, len(values), n) for n in seen if n > cut]
     if overlap:
         name, length, n = overlap[0]
         most = math.floor(min((size - n) / size for _, size, n in overlap) * 1000) / 1000
@@ -367,6 +387,7 @@ def _check_unseen(
             f"{args.data}{more}: a held-out tail of {fraction:g} would score it on values it "
             f"trained on; {fix}"
         )
+    return trained_on
 
 
 def _check_sizes(args: argparse.Namespace) -> None:

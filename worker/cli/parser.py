@@ -205,20 +205,24 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (cpu)"
     )
-    bench.add_argument("--threads", type=threads, default=1, help="torch threads (default 1)")
+    bench.add_argument(
+        "--threads", type=threads, default=None, help="torch threads (default 1; a pool's: 1)"
+    )
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
     bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")
     bench.add_argument("--series", type=positive, default=1_000, help="(default 1000)")
-    bench.add_argument("--per-entry-entries", type=positive, default=20_000, help="(default 20000)")
-    bench.add_argument("--rate", type=positive, default=2_000, help="entries/s (default 2000)")
+    # The flags of one worker's bench default to None: given with --workers, they are
+    # refused (a pool's bench has none of these runs), not dropped without a word.
+    bench.add_argument("--per-entry-entries", type=positive, default=None, help="(default 20000)")
+    bench.add_argument("--rate", type=positive, default=None, help="entries/s (default 2000)")
     bench.add_argument(
-        "--scale-series", type=positive, default=100_000, help="series at scale (default 100000)"
+        "--scale-series", type=positive, default=None, help="series at scale (default 100000)"
     )
     bench.add_argument(
-        "--seconds", type=positive_number, default=20.0, help="latency run (default 20)"
+        "--seconds", type=positive_number, default=None, help="latency run (default 20)"
     )
     bench.add_argument(
-        "--repeats", type=positive, default=3, help="rounds of the fast drains (default 3)"
+        "--repeats", type=positive, default=None, help="rounds of the fast drains (default 3)"
     )
     bench.add_argument(
         "--runs",
@@ -235,7 +239,7 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
         f"{MAX_POOL_WORKERS} (4 a CPU core)",
     )
     pool.add_argument(
-        "--partitions", type=at_most(4096), default=12, help="partitions they share (default 12)"
+        "--partitions", type=at_most(4096), default=None, help="partitions they share (default 12)"
     )
     pool.add_argument(
         "--no-cluster",

@@ -20,7 +20,7 @@ from worker.cli.commands import refusal
 from worker.contract import parse
 from worker.settings import WORKER_ONLY, Settings, from_flags
 from worker.signals import handled
-from worker.streams import connect
+from worker.streams import CREDENTIALS_FIX, connect
 from worker.tools.replay import (
     MAX_SINE_VALUES,
     CsvLayout,
@@ -198,6 +198,9 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
             yield client, settings.on(client)
         finally:
             client.close()
+    except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
+        where = settings.url_for_logs()
+        raise ValueError(f"Redis at {where} refused: {e}; {CREDENTIALS_FIX}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
     except redis.ResponseError as e:

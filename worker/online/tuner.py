@@ -257,15 +257,18 @@ class Tuner:
 
     # -- fine-tuning ---------------------------------------------------------------
 
-    def tick(self, histories: Histories, scores: Overall) -> Checkpoint | None:
+    def tick(
+        self, histories: Histories, scores: Overall, *, start: bool = True
+    ) -> Checkpoint | None:
         """Collect a finished fine-tune (the candidate, when promoted), or start one
-        when it is due. ``histories()``: the recent values of every series served."""
+        when it is due and ``start`` (False as the worker stops: one started then was
+        killed at once). ``histories()``: the recent values of every series served."""
         if not self.enabled:
             return None
         now = self._clock()
         if self.running:
             return self._poll(now)
-        trigger = self._trigger(now, scores)
+        trigger = self._trigger(now, scores) if start else None
         if trigger is None:
             return None
         names, values = histories()
@@ -472,6 +475,17 @@ class Tuner:
         log.error("fine-tune failed: %s", reason)
         self.metrics.finetunes.labels("failed").inc()
         self.store.event(self.version or "", "failed", reason=reason)
+
+    def drop(self, why: str) -> None:
+        """The fine-tune in flight, if any, dropped where this worker stops serving
+        (``why``): its process stopped, and the lock released for the worker that serves
+        now. Left to run, it held the lock for up to ten minutes (no other worker could
+        fine-tune), past its timeout (checked only between batches), and its candidate,
+        trained on values of long before, was promoted when this worker served again."""
+        if self.running:
+            log.warning("fine-tune dropped: %s", why)
+            self.close()
+            self._due = self._clock() + self.settings.finetune_interval_s
 
     def close(self) -> None:
         if self._trainer is not None:  # a fine-tune in flight is dropped: it was not promoted
