@@ -193,6 +193,11 @@ class Lease:
     def release(self) -> None:
         self.client.fcall("attnlstm_release", 1, self.key, self.token)
 
+    def holder(self) -> str | None:
+        """Who holds the lease now (a token), or None: one read, nothing taken."""
+        held = self.client.get(self.key)
+        return None if held is None else as_str(held)
+
 
 def process_token(owner: str) -> str:
     """A token for this process: its name (a role) and a random part (not only its name)."""
