@@ -162,7 +162,7 @@ def test_a_bench_stopped_mid_latency_run_exits(signum: int, tmp_path: Path) -> N
     """Ctrl-C left the worker's thread retrying the embedded server gone with the bench,
     and the command never exited; SIGTERM killed it on the spot."""
     cmd = [*CLI, "bench", "--runs", "latency", "--rate", "100", "--seconds", "120",
-           "--series", "5", "--scale-series", "5", "--repeats", "1"]  # fmt: skip
+           "--series", "5", "--scale-series", "5"]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,

@@ -499,7 +499,14 @@ BAD_RUNS = [
     ),
     (["bench", "--partitions", "12"], 2, "--partitions is for a pool of workers (--workers) (see"),
     (["bench", "--no-cluster"], 2, "--no-cluster is for a pool of workers (--workers) (see"),
-    (["bench", "--model", "m.st", "--runs", "models"], 2, "three models of its own: --model is"),
+    (["bench", "--model", "m.st", "--runs", "models"], 2, "--model is not read by --runs models"),
+    (["bench", "--runs", "models", "--seconds", "5"], 2, "--seconds is not read by --runs models"),
+    (["bench", "--runs", "latency", "--repeats", "2"], 2, "--repeats is not read by --runs lat"),
+    (
+        ["bench", "--workers", "2", "--no-cluster", "--redis-url", "redis://h:1/0"],
+        2,
+        "--no-cluster is for the servers the bench starts, not --redis-url (see",
+    ),
     # Usage errors found as the command runs: exit 2, as the parser's, not 1.
     (["train", "--data", "bogus"], 2, "argument --data: expected sine, sines or csv:PATH"),
     (["plot", "--series", "abc"], 2, "--series: expected a whole number, got 'abc' (a series"),
@@ -866,18 +873,23 @@ def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
 
 @pytest.mark.parametrize(
     ("where", "said"),
-    [("unreachable", "error: cannot reach Redis: "), ("db", "error: Redis refused: DB index")],
+    [
+        ("unreachable", "error: cannot reach Redis: "),
+        ("db", "error: Redis refused: DB index"),
+        # The URL alone: bench reads no ATTNLSTM_REDIS_PASSWORD_FILE (it was named).
+        ("password", "invalid username-password pair or user is disabled.; give the URL's "),
+    ],
 )
 def test_bench_on_a_redis_it_cannot_use_ends_in_one_line(
     where: str, said: str, redis_url: str, tmp_path: Path
 ) -> None:
     """`bench --redis-url` (and demo's ATTNLSTM_REDIS_URL) go through no Redis helper of
     the other commands: a server that is not there, or refuses, ended in a traceback."""
-    url = (
-        f"redis://127.0.0.1:{free_port()}/0"
-        if where == "unreachable"
-        else _with_db(redis_url, 9999)
-    )
+    url = {
+        "unreachable": f"redis://127.0.0.1:{free_port()}/0",
+        "db": _with_db(redis_url, 9999),
+        "password": _as_user(redis_url, "nobody", "wrong"),
+    }[where]
     proc = subprocess.run(
         [*CLI, "bench", "--redis-url", url, "--runs", "models", "--entries", "100"],
         cwd=tmp_path,
@@ -890,6 +902,7 @@ def test_bench_on_a_redis_it_cannot_use_ends_in_one_line(
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert said in proc.stderr.strip().splitlines()[-1]
+    assert "ATTNLSTM_" not in proc.stderr
 
 
 def test_json_output_is_standard_json(small_model: dict[str, Any], workdir: Path) -> None:

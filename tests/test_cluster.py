@@ -19,8 +19,10 @@ from attnlstm.model import AttentionLSTM
 from tests.cluster import LocalCluster, keyslot, owner
 from tests.conftest import CLI
 from tests.helpers import engine_for, entries, settings_for, worker_cmd, worker_env
+from worker.app import run_service
 from worker.keys import Keys
 from worker.loop import Worker
+from worker.signals import StopRequest
 from worker.streams import Wires, cluster_of, connect, multi_exec, primaries, xadd
 from worker.tools.demo import DEMO_KEYS
 
@@ -53,6 +55,21 @@ def test_a_worker_that_took_a_cluster_node_for_one_server_exits_saying_so(
     worker = Worker(plain, engine=engine_for(trained_sines, settings), settings=settings)
     with pytest.raises(ValueError, match=r"node of a Redis Cluster, .*ATTNLSTM_CLUSTER=true$"):
         worker.run()
+
+
+def test_a_password_a_cluster_refuses_is_an_error_not_a_wait(
+    redis_cluster: LocalCluster, model_file: Path, stream_prefix: str
+) -> None:
+    """redis-py's cluster client says a refused password as a RedisClusterException, which
+    was taken for no node answering: the worker (ATTNLSTM_CLUSTER=true) retried it for
+    ever, and the commands said "cannot reach Redis"."""
+    url = redis_cluster.url.replace("redis://", "redis://nobody:wrong@")
+    with pytest.raises(redis.AuthenticationError, match="invalid username-password pair"):
+        connect(url, socket_timeout_s=5, client_name="test", cluster=True)
+    keys = Keys.prefixed(stream_prefix).clustered()
+    settings = settings_for(url, keys, cluster=True, model=model_file, block_ms=100)
+    with pytest.raises(redis.AuthenticationError):  # not waited for
+        run_service(settings, burst=True, stop=StopRequest())
 
 
 def test_replay_worker_plot_and_models_take_a_cluster_url(

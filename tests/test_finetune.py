@@ -39,7 +39,7 @@ def test_after_a_drift_the_candidate_wins_and_is_promoted(trained_sines: Attenti
     # The verdict gives the margin found, beside the one asked for (it gave only the
     # latter, as "beats ... by 2%").
     found = 1 - outcome.scores["mase"] / outcome.scores["serving_mase"]
-    assert f", {found:.0%} below the serving model's " in outcome.reason
+    assert f", {found:.1%} below the serving model's " in outcome.reason
     assert "(a candidate must be 2% below)" in outcome.reason
     candidate = loads(outcome.candidate)
     assert candidate.version == outcome.version

@@ -454,9 +454,14 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
         tuner.tick(state.histories, scores)
         assert tuner.running
 
+    def ended() -> float | None:
+        return metrics.registry.get_sample_value("attnlstm_finetune_last_end_timestamp_seconds")
+
     def outcome() -> str:
+        before = ended()
         wait_for(lambda: tuner.tick(state.histories, scores) or not tuner.running, what="its end")
         assert redis_client.get(keys.finetune_lock) is None  # released, whatever happened
+        assert (ended() or 0) > (before or 0)  # its end shows, for the stalled alert
         return events(redis_client, keys.models)[-1]["event"]
 
     try:
@@ -476,8 +481,10 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
 
         next_finetune()
         clock.now += JOB_TIMEOUT_S + 1  # hung: still running past the timeout
+        before = ended()
         tuner.tick(state.histories, scores)
         assert not tuner.running
+        assert (ended() or 0) > (before or 0)
         assert events(redis_client, keys.models)[-1]["reason"].startswith("still running")
         assert redis_client.get(keys.finetune_lock) is None
     finally:

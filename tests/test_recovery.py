@@ -44,6 +44,7 @@ from tests.helpers import (
     worker_env,
 )
 from worker import loop
+from worker.app import run_service
 from worker.batch import Batch, triage
 from worker.contract import entry_ms
 from worker.embedded import EmbeddedServer
@@ -52,6 +53,7 @@ from worker.lease import LIBRARY, VERSION
 from worker.metrics import Metrics
 from worker.recovery import Recovery
 from worker.settings import Settings
+from worker.signals import StopRequest
 from worker.streams import Command, Entry
 
 
@@ -819,23 +821,31 @@ def test_redis_unreachable_at_start_is_waited_for(
 
 
 def test_a_server_that_does_not_answer_at_start_is_waited_for(
-    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
+    model_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server that takes the connection and says nothing (frozen, or behind a firewall
     that drops): redis-py's TimeoutError, which is no ConnectionError, ended the worker as
-    it started, where a refused connection is waited for."""
+    it started (its question whether the server is a cluster's node timed out), where a
+    refused connection is waited for."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts, never answers
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        worker = new_worker(
-            settings_for(url, Keys(), block_ms=100, socket_timeout_s=0.5), trained_sines
-        )
-        errors = worker.metrics.registry
-        with WorkerThread(worker) as running:
-            running.wait_for(
-                lambda: (errors.get_sample_value("attnlstm_redis_errors_total") or 0) >= 2
-            )
-    assert "Timeout reading from" in caplog.text
-    assert "retrying in" in caplog.text
+        settings = settings_for(url, Keys(), model=model_file, block_ms=100, socket_timeout_s=0.5)
+        stop, outcome = StopRequest(), list[object]()
+
+        def serve() -> None:
+            try:
+                outcome.append(run_service(settings, burst=False, stop=stop))
+            except ValueError as e:  # what the command line says
+                outcome.append(str(e))
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        wait_for(lambda: caplog.text.count("retrying in") >= 2 or not thread.is_alive())
+        stop(signal.SIGTERM, None)
+        thread.join(timeout=60)
+    assert "Redis: Timeout reading from" in caplog.text
+    (said,) = outcome
+    assert str(said).startswith("stopped while waiting for the Redis: Timeout reading from")
 
 
 def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: AttentionLSTM) -> None:

@@ -52,7 +52,9 @@ def build_engine(settings: Settings) -> Engine | None:
 def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
     """A client for ``url``. A Redis Cluster (ATTNLSTM_CLUSTER=true) none of whose nodes
     answers yet is waited for, with backoff, as the loop waits for a server: its client
-    needs a node as it is made (it used to end the worker with a traceback)."""
+    needs a node as it is made (it used to end the worker with a traceback). So is a
+    server that takes the connection and does not answer the question whether it is a
+    cluster's node (a frozen server: redis-py's TimeoutError, which ended the worker)."""
     delay = 0.2
     while True:
         try:
@@ -62,12 +64,14 @@ def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
                 client_name=settings.consumer,
                 cluster=settings.cluster,
             )
-        except redis.ConnectionError as e:
-            if not settings.cluster:
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            frozen = isinstance(e, redis.TimeoutError)
+            if isinstance(e, redis.AuthenticationError) or not (settings.cluster or frozen):
                 raise
+            what = "Redis Cluster" if settings.cluster else "Redis"
             if stop.asked:
-                raise ValueError(f"stopped while waiting for the Redis Cluster: {e}") from None
-            log.warning("Redis Cluster: %s; retrying in %.1f s", e, delay)
+                raise ValueError(f"stopped while waiting for the {what}: {e}") from None
+            log.warning("%s: %s; retrying in %.1f s", what, e, delay)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 

@@ -195,6 +195,16 @@ class Metrics:
             "Fine-tunes finished, by outcome (promoted, rejected, failed, skipped)",
             ["outcome"],
         )
+        self.finetune_interval = gauge(
+            "attnlstm_finetune_interval_seconds",
+            "The fine-tunes' schedule, finetune_interval_s (0: fine-tuning off)",
+        )
+        self.finetune_ended = gauge(
+            "attnlstm_finetune_last_end_timestamp_seconds",
+            "When this worker's last fine-tune ended, whatever its outcome (Unix time; its "
+            "start, until one has): fine-tuning that stalls shows only in the log otherwise",
+        )
+        self.finetune_ended.set_to_current_time()
         self.model = gauge(
             "attnlstm_model", "1 for the model version this worker serves", ["version"]
         )

@@ -70,9 +70,10 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
 )
 # A password missing or refused (redis-py's AuthenticationError, a ConnectionError that
 # no retry mends: the worker retried it for ever, and said nothing of the password).
+# (`bench` reads no ATTNLSTM_* variable: the URL alone.)
+URL_CREDENTIALS = "give the URL's user and password (redis://USER:PASSWORD@HOST:PORT/DB)"
 CREDENTIALS_FIX = (
-    "give the URL's user and password (redis://USER:PASSWORD@HOST:PORT/DB), or the "
-    "password in a file named by ATTNLSTM_REDIS_PASSWORD_FILE"
+    f"{URL_CREDENTIALS}, or the password in a file named by ATTNLSTM_REDIS_PASSWORD_FILE"
 )
 # redis-py's words ahead of a pipeline's refusal: "Command # 1 (GET k) of pipeline caused
 # error: WRONGTYPE ...". A refusal of :data:`_FIXES` so prefixed was retried for ever.
@@ -129,6 +130,8 @@ def connect(
     try:
         nodes = RedisCluster.from_url(url, **options)
     except redis.exceptions.RedisClusterException as e:  # none of its nodes answered
+        if isinstance(e.__cause__, redis.AuthenticationError):  # no retry mends it
+            raise e.__cause__ from None
         raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
     return cast(redis.Redis, nodes)
 
@@ -138,7 +141,7 @@ def _cluster_enabled(client: redis.Redis) -> bool:
     on a connection of its own (HELLO 2 sets the protocol it speaks), closed after."""
     try:
         reply = client.execute_command("HELLO", "2")  # type: ignore[no-untyped-call]
-    except (redis.ConnectionError, redis.TimeoutError):  # (a timeout is no ConnectionError)
+    except redis.ConnectionError:
         return False  # not up yet (the worker waits for it): one server, unless told
     except redis.ResponseError:
         return False  # no HELLO: older than Redis 6, so no cluster the worker could use

@@ -22,7 +22,7 @@ from attnlstm.errors import CheckpointError
 from worker.cli import EXIT_INTERRUPTED
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
-from worker.streams import CREDENTIALS_FIX, fix_for
+from worker.streams import CREDENTIALS_FIX, URL_CREDENTIALS, fix_for
 from worker.usage import UsageError
 
 EXIT_FAILURE = 1
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
-        message = f"Redis refused: {e}; {CREDENTIALS_FIX}"
+        fix = URL_CREDENTIALS if args.command == "bench" else CREDENTIALS_FIX
+        message = f"Redis refused: {e}; {fix}"
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis

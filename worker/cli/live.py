@@ -71,8 +71,8 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
             pool = PoolPlan(
                 workers=args.workers,
                 partitions=args.partitions or PoolPlan.partitions,
-                entries=args.entries,
-                series=args.series,
+                entries=args.entries or PoolPlan.entries,
+                series=args.series or PoolPlan.series,
                 cluster=not args.no_cluster,
             )
             return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
@@ -90,24 +90,42 @@ ONE_WORKER_FLAGS = (
     "repeats",
 )
 POOL_FLAGS = ("partitions", "no_cluster")
+# The runs of one worker's bench that read each flag (worker.tools.bench); --series and
+# --threads, all of them.
+READ_BY = {
+    "model": ("drains", "latency"),  # the models run times three models of its own
+    "entries": ("drains", "models"),
+    "repeats": ("drains", "models"),
+    "per_entry_entries": ("drains",),
+    "rate": ("latency",),
+    "seconds": ("latency",),
+    "scale_series": ("latency",),
+}
 
 
 def _check_bench_flags(args: argparse.Namespace) -> None:
-    """Flags that the bench asked for would not use are refused: a pool's workers run
+    """Flags that the bench asked for would not read are refused: a pool's workers run
     none of one worker's runs (and one torch thread each), one worker shares no
-    partitions, and the models run times three models of its own. They were dropped
-    without a word, and a long run was not the one asked for."""
+    partitions, each run reads only some flags, and a --redis-url leaves no servers to
+    start. They were dropped without a word, and a long run was not the one asked for."""
     if args.workers:
+        if args.no_cluster and args.redis_url:
+            raise UsageError("--no-cluster is for the servers the bench starts, not --redis-url")
         unused = [name for name in ONE_WORKER_FLAGS if getattr(args, name) is not None]
-        whose = "the bench of one worker, not of a pool (--workers)"
-    else:
-        unused = [name for name in POOL_FLAGS if getattr(args, name)]
-        whose = "a pool of workers (--workers)"
-    if unused:
-        named = ", ".join("--" + name.replace("_", "-") for name in unused)
-        raise UsageError(f"{named} {'is' if len(unused) == 1 else 'are'} for {whose}")
-    if args.model is not None and args.runs == ("models",):
-        raise UsageError("--runs models times three models of its own: --model is not used")
+        _refuse(unused, "for the bench of one worker, not of a pool (--workers)")
+        return
+    _refuse(
+        [name for name in POOL_FLAGS if getattr(args, name)], "for a pool of workers (--workers)"
+    )
+    runs = set(args.runs or RUNS)
+    unread = [n for n, by in READ_BY.items() if getattr(args, n) is not None and not runs & set(by)]
+    _refuse(unread, f"not read by --runs {','.join(args.runs or RUNS)}")
+
+
+def _refuse(names: list[str], why: str) -> None:
+    if names:
+        flags = ", ".join("--" + name.replace("_", "-") for name in names)
+        raise UsageError(f"{flags} {'is' if len(names) == 1 else 'are'} {why}")
 
 
 def demo_command(args: argparse.Namespace) -> dict[str, Any]:

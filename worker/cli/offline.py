@@ -198,9 +198,9 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"cannot write the figures into {args.out}: it is not a folder")
     dataset, device = _prepare(plot_defaults(args))
     checkpoint = open_checkpoint(args.model)
-    args.val_fraction = _held_out(args, checkpoint.meta, dataset)
+    name, values = dataset.names[0], dataset.series[0]  # what it draws
+    args.val_fraction = _held_out(args, checkpoint.meta, Dataset([name], [values]))
     checkpoint.model.to(device)
-    name, values = dataset.names[0], dataset.series[0]
     config = checkpoint.config  # refused as evaluate refuses it: too short to plot
     split_dataset(
         Dataset([name], [values]), config.context, config.horizon, args.val_fraction, training=False
@@ -366,7 +366,9 @@ def _check_unseen(
     for part in parts:
         if isinstance(part, list) and len(part) == 2 and isinstance(part[0], int):
             wanted.setdefault(part[0], set()).add(str(part[1]))
-    overlap, trained_on = [], False
+    # A series shorter than a training part may be the start of one: not known for other
+    # data (a copy cut short was said to be, which it trained on).
+    overlap, trained_on = [], any(len(values) < max(wanted, default=0) for values in dataset.series)
     for name, values in zip(dataset.names, dataset.series, strict=True):
         cut = split_point(len(values), fraction)
         ends = sorted(n for n in wanted if n <= len(values))  # hashed in one pass

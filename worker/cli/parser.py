@@ -205,14 +205,12 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (cpu)"
     )
-    bench.add_argument(
-        "--threads", type=threads, default=None, help="torch threads (default 1; a pool's: 1)"
-    )
+    bench.add_argument("--threads", type=threads, default=None, help="torch threads (default 1)")
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
-    bench.add_argument("--entries", type=positive, default=100_000, help="(default 100000)")
-    bench.add_argument("--series", type=positive, default=1_000, help="(default 1000)")
-    # The flags of one worker's bench default to None: given with --workers, they are
-    # refused (a pool's bench has none of these runs), not dropped without a word.
+    bench.add_argument("--entries", type=positive, default=None, help="(default 100000)")
+    bench.add_argument("--series", type=positive, default=None, help="(default 1000)")
+    # The bench's flags default to None: one that the runs asked for would not read is
+    # refused (worker.cli.live), not dropped without a word.
     bench.add_argument("--per-entry-entries", type=positive, default=None, help="(default 20000)")
     bench.add_argument("--rate", type=positive, default=None, help="entries/s (default 2000)")
     bench.add_argument(

@@ -230,13 +230,13 @@ def _verdict(
 
 
 def _change(candidate: float, incumbent: float) -> str:
-    """How far ``candidate``'s MASE is from ``incumbent``'s, for the verdict: ", 82%
-    below", ", 3% above". The verdict said "beats ... by 2%", the margin asked for, which
+    """How far ``candidate``'s MASE is from ``incumbent``'s, for the verdict: ", 82.3%
+    below", ", 3.0% above". The verdict said "beats ... by 2%", the margin asked for, which
     read as the margin found."""
     if not (math.isfinite(candidate) and math.isfinite(incumbent)) or incumbent <= 0:
         return " against"
     change = candidate / incumbent - 1
-    return f", {abs(change):.0%} {'below' if change < 0 else 'above'}"
+    return f", {abs(change):.1%} {'below' if change < 0 else 'above'}"  # 1.9%, not 2%
 
 
 def _mase(gate: Windows, yhat: np.ndarray, scales: np.ndarray) -> float:

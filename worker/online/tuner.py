@@ -102,6 +102,7 @@ class Tuner:
         self._trainer: Trainer | None = None
         self._job: Job | None = None  # the fine-tune waiting for its process to start
         self._job_started: float | None = None  # a fine-tune is running
+        self._lock_owed = False  # its lock to release still (a release Redis did not take)
         self._parent: str | None = None  # the version it started from
         self._clock = clock
         self._due = clock() + settings.finetune_interval_s  # the next on the schedule
@@ -337,6 +338,7 @@ class Tuner:
         except redis.ResponseError as e:
             if not self._lock_refused(e):
                 raise
+        self._lock_owed = False
 
     @property
     def running(self) -> bool:
@@ -424,6 +426,7 @@ class Tuner:
         self._failed(reason)
         self.close()
         self._due = self._clock() + self.settings.finetune_interval_s
+        self.metrics.finetune_ended.set_to_current_time()
 
     def _collect(self) -> Checkpoint | None:
         assert self._trainer is not None
@@ -434,6 +437,7 @@ class Tuner:
             return self._settle(self._trainer)
         finally:
             self._release()  # after the promotion: the next fine-tune starts from it
+            self.metrics.finetune_ended.set_to_current_time()
 
     def _settle(self, trainer: Trainer) -> Checkpoint | None:
         """The finished fine-tune's candidate promoted (and stored) if it passed its
@@ -499,8 +503,8 @@ class Tuner:
         trained on values of long before, was promoted when this worker served again."""
         if self.running:
             log.warning("fine-tune dropped: %s", why)
-            self.close()
             self._due = self._clock() + self.settings.finetune_interval_s
+        self.close()  # (a release that failed is tried again, at the next drop)
 
     def close(self) -> None:
         if self._trainer is not None:  # a fine-tune in flight is dropped: it was not promoted
@@ -509,6 +513,8 @@ class Tuner:
         self._job = None
         if self._job_started is not None:
             self._job_started = None
+            self._lock_owed = True
+        if self._lock_owed:
             self._release()
 
 
