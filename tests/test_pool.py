@@ -691,6 +691,24 @@ def test_entries_written_to_the_unpartitioned_stream_mid_run_are_reported_not_fa
     assert redis_client.xlen(keys.input) == 1  # left for the operator to move
 
 
+def test_a_running_pool_marks_its_partitions_again_where_the_mark_is_gone(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """The mark deleted under a running pool: the next producer or worker with another P
+    took it for its own (its entries went to partitions no worker read, or valid ones
+    were dead-lettered), and the pool stopped at its next re-sync. Each audit marks it
+    again, so that P stays the pool's, and another is refused."""
+    settings = settings_for(redis_url, keys, partitions=2, lease_ttl_ms=1500, block_ms=100)
+    worker = new_worker(settings, trained_sines)
+    with WorkerThread(worker) as running:
+        running.wait_for(lambda: len(worker.lanes) == 2)
+        assert redis_client.get(keys.partitions) == b"2"
+        redis_client.delete(keys.partitions)
+        running.wait_for(lambda: redis_client.get(keys.partitions) == b"2")
+        with pytest.raises(PartitionsError, match="written in 2 partitions"):
+            _replay(redis_client, keys, sine_steps(3, 8), partitions=4)
+
+
 def test_entries_of_a_series_written_to_another_partition_are_dead_lettered(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:

@@ -323,7 +323,9 @@ class Worker:
             lane.scorer.forget(lane.state.sweep(entry_ms(lane.state.last_id)))
             lane.recovery.audit()
         self._report_served()
-        self._report_strays(self.pool.strays())
+        # The partitions mark set again where it is gone: deleted, a producer or worker
+        # with another P marked it its own, and the pool went down at its next re-sync.
+        self._report_strays(self.pool.check_partitions(running=True))
 
     def _report_served(self) -> None:
         """The gauges of what this worker serves: at each audit, and at once when a
