@@ -703,6 +703,7 @@ def test_a_running_pool_marks_its_partitions_again_where_the_mark_is_gone(
     with WorkerThread(worker) as running:
         running.wait_for(lambda: len(worker.lanes) == 2)
         assert redis_client.get(keys.partitions) == b"2"
+        assert worker.metrics.registry.get_sample_value("attnlstm_partitions") == 2  # (P)
         redis_client.delete(keys.partitions)
         running.wait_for(lambda: redis_client.get(keys.partitions) == b"2")
         with pytest.raises(PartitionsError, match="written in 2 partitions"):

@@ -137,6 +137,7 @@ class Worker:
         self.metrics.partitioned = settings.partitions > 1
         self.metrics.coverage_target.set(settings.coverage)
         self.metrics.finetune_interval.set(settings.finetune_interval_s)
+        self.metrics.partition_count.set(settings.partitions)
         self.burst = burst
         # One read blocks at most a third of a lease's life: the leases are renewed between
         # reads, and a quiet stream must not let them lapse (with a 1 s lease and the

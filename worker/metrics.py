@@ -131,6 +131,10 @@ class Metrics:
         self.partitions = gauge(
             "attnlstm_partitions_served", "Partitions of the input this worker serves"
         )
+        self.partition_count = gauge(
+            "attnlstm_partitions",
+            "P: the partitions the input is written in (a pool's served partitions add up to it)",
+        )
         self.partition_lag = gauge(
             "attnlstm_partition_lag",
             "Input entries not yet delivered to the group, per partition this worker serves "
