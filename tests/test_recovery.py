@@ -54,7 +54,7 @@ from worker.metrics import Metrics
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.signals import StopRequest
-from worker.streams import Command, Entry
+from worker.streams import Command, Entry, connect
 
 
 @pytest.fixture(autouse=True)
@@ -844,8 +844,10 @@ def test_a_server_that_does_not_answer_at_start_is_waited_for(
         stop(signal.SIGTERM, None)
         thread.join(timeout=60)
     assert "Redis: Timeout reading from" in caplog.text
-    (said,) = outcome
-    assert str(said).startswith("stopped while waiting for the Redis: Timeout reading from")
+    assert "stopped while waiting for the Redis: Timeout reading from" in caplog.text
+    (report,) = outcome  # a stop as any other (exit 0): it was an error (exit 1)
+    assert isinstance(report, dict)
+    assert report["read"] == report["forecasts"] == 0
 
 
 def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: AttentionLSTM) -> None:
@@ -861,6 +863,15 @@ def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: Attent
         )
         with pytest.raises(ValueError, match=refused):
             worker.run()
+
+
+def test_a_server_of_no_cluster_taken_for_one_is_an_error_not_a_wait() -> None:
+    """ATTNLSTM_CLUSTER=true against one server: redis-py's cluster client refuses it
+    (cluster mode not enabled), which was taken for no node answering, and the worker
+    waited for ever."""
+    refused = "Cluster mode is not enabled on this node: the"
+    with EmbeddedServer(port=free_port()) as server, pytest.raises(ValueError, match=refused):
+        connect(server.tcp_url, socket_timeout_s=5, client_name="test", cluster=True)
 
 
 def test_a_lost_state_is_rebuilt_from_the_stream_without_publishing_again(

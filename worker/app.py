@@ -49,12 +49,13 @@ def build_engine(settings: Settings) -> Engine | None:
     return engine
 
 
-def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
+def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis | None:
     """A client for ``url``. A Redis Cluster (ATTNLSTM_CLUSTER=true) none of whose nodes
     answers yet is waited for, with backoff, as the loop waits for a server: its client
     needs a node as it is made (it used to end the worker with a traceback). So is a
     server that takes the connection and does not answer the question whether it is a
-    cluster's node (a frozen server: redis-py's TimeoutError, which ended the worker)."""
+    cluster's node (a frozen server: redis-py's TimeoutError, which ended the worker).
+    None: stopped while it waited."""
     delay = 0.2
     while True:
         try:
@@ -69,8 +70,9 @@ def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis:
             if isinstance(e, redis.AuthenticationError) or not (settings.cluster or frozen):
                 raise
             what = "Redis Cluster" if settings.cluster else "Redis"
-            if stop.asked:
-                raise ValueError(f"stopped while waiting for the {what}: {e}") from None
+            if stop.asked:  # a stop as any other (exit 0): it was an error, exit 1
+                log.info("stopped while waiting for the %s: %s", what, e)
+                return None
             log.warning("%s: %s; retrying in %.1f s", what, e, delay)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
@@ -119,6 +121,8 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
     try:
         with url_or_embedded(settings.url()) as url:
             client = _connected(url, settings, stop)
+            if client is None:  # stopped before it had one
+                return metrics.totals(0.0)
             worker = Worker(client, engine=engine, settings=settings, metrics=metrics, burst=burst)
             stop.route(worker.stop)
             if (nodes := cluster_of(client)) is not None:

@@ -51,7 +51,7 @@ from worker.online.scoring import Overall, Scorer
 from worker.online.store import ModelStore
 from worker.online.tuner import COLD_START_MODEL, Tuner
 from worker.pipeline import Pipeline
-from worker.pool import Pool
+from worker.pool import PartitionsError, Pool
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, META, NO_SLOT, WindowState
@@ -182,6 +182,7 @@ class Worker:
         self._in_step = False  # the windows match the group (see the module docstring)
         self._running = False  # in step once: its partitions served
         self._strays_logged = -math.inf  # when strays (see _report_strays) were last logged
+        self._mark_logged: str | None = None  # the partitions mark's refusal last logged
         self._stopping = False
         self._next_audit = 0.0
         self._next_balance = 0.0
@@ -324,9 +325,22 @@ class Worker:
             lane.scorer.forget(lane.state.sweep(entry_ms(lane.state.last_id)))
             lane.recovery.audit()
         self._report_served()
-        # The partitions mark set again where it is gone: deleted, a producer or worker
-        # with another P marked it its own, and the pool went down at its next re-sync.
-        self._report_strays(self.pool.check_partitions(running=True))
+        self._report_strays(self.pool.strays())
+        self._check_mark()
+
+    def _check_mark(self) -> None:
+        """The partitions mark written again where it is gone: deleted under a running
+        pool, the next producer or worker with another P took it for its own, and the
+        pool went down at its next re-sync. One of another P is an error in the log (once
+        until it changes), not a stop: the pool serves on, as it did until a re-sync."""
+        try:
+            self.pool.check_mark()
+        except PartitionsError as e:
+            if str(e) != self._mark_logged:
+                log.error("%s", e)
+            self._mark_logged = str(e)
+        else:
+            self._mark_logged = None
 
     def _report_served(self) -> None:
         """The gauges of what this worker serves: at each audit, and at once when a

@@ -59,12 +59,18 @@ class Pool:
                 f"server; this worker reads {where}{count} partition(s) ({first} ..): P is "
                 f"fixed for a deployment's life. {_START_OVER}"
             )
+        self.check_mark()
+        return strays
+
+    def check_mark(self) -> None:
+        """PartitionsError unless the partitions mark says this worker's P; the mark is
+        written where it is gone (P > 1, or a Redis Cluster)."""
+        count = self.partitions
         mark = _count(
             self.keys, self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count)
         )
         if mark != count:
             raise _another(self.keys, mark, count, "this worker reads")
-        return strays
 
     def strays(self) -> int:
         """How many entries the unpartitioned input stream holds, which no worker reads

@@ -129,10 +129,18 @@ def connect(
         return redis.Redis.from_url(url, **options)
     try:
         nodes = RedisCluster.from_url(url, **options)
-    except redis.exceptions.RedisClusterException as e:  # none of its nodes answered
-        if isinstance(e.__cause__, redis.AuthenticationError):  # no retry mends it
-            raise e.__cause__ from None
-        raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
+    except redis.exceptions.RedisClusterException as e:
+        cause = e.__cause__
+        if isinstance(cause, redis.AuthenticationError):  # no retry mends it
+            raise cause from None
+        if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
+            raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
+        # A node of no cluster, or a user who may not ask for its slots: it was retried
+        # for ever, as if no node answered.
+        raise ValueError(
+            f"{e}: the URL's server is no node of a Redis Cluster (unset ATTNLSTM_CLUSTER "
+            "for one server), or the URL's user may not run CLUSTER SLOTS"
+        ) from None
     return cast(redis.Redis, nodes)
 
 

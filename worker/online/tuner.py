@@ -436,8 +436,8 @@ class Tuner:
         try:
             return self._settle(self._trainer)
         finally:
+            self.metrics.finetune_ended.set_to_current_time()  # (before what may raise)
             self._release()  # after the promotion: the next fine-tune starts from it
-            self.metrics.finetune_ended.set_to_current_time()
 
     def _settle(self, trainer: Trainer) -> Checkpoint | None:
         """The finished fine-tune's candidate promoted (and stored) if it passed its
