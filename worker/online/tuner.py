@@ -423,10 +423,10 @@ class Tuner:
     def _end(self, reason: str) -> None:
         """A fine-tune that failed before its result: its process stopped (the next
         fine-tune starts a new one), the lock released, the next one on the schedule."""
+        self.metrics.finetune_ended.set_to_current_time()  # (before what may raise)
         self._failed(reason)
         self.close()
         self._due = self._clock() + self.settings.finetune_interval_s
-        self.metrics.finetune_ended.set_to_current_time()
 
     def _collect(self) -> Checkpoint | None:
         assert self._trainer is not None
@@ -437,6 +437,7 @@ class Tuner:
             return self._settle(self._trainer)
         finally:
             self.metrics.finetune_ended.set_to_current_time()  # (before what may raise)
+            self._lock_owed = True  # until released: a failed release is tried again
             self._release()  # after the promotion: the next fine-tune starts from it
 
     def _settle(self, trainer: Trainer) -> Checkpoint | None:
