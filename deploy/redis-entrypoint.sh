@@ -13,12 +13,25 @@ loader_file=${LOADER_PASSWORD_FILE:-/run/secrets/redis_loader_password}
 reader_file=${READER_PASSWORD_FILE:-/run/secrets/redis_reader_password}
 
 # The SHA-256 of the password in file $1: its content without the trailing newlines.
+# One with a carriage return (a file saved with Windows line ends) or a line break within
+# is refused, as the worker refuses it (worker/settings.py): its hash had the carriage
+# return, the worker's password not, and Redis refused a worker its health check passed.
+cr=$(printf '\r')
+nl='
+'
 hash_of() {
     password=$(cat "$1")
     if [ -z "$password" ]; then
         echo "redis-entrypoint: $1 holds no password" >&2
         exit 1
     fi
+    case $password in
+    *"$cr"* | *"$nl"*)
+        echo "redis-entrypoint: $1 holds a carriage return or a line break within its" \
+            "password (a file saved with Windows line ends?): write it as one line" >&2
+        exit 1
+        ;;
+    esac
     printf %s "$password" | sha256sum | cut -d ' ' -f 1
 }
 

@@ -29,7 +29,7 @@ from attnlstm.checkpoint import Checkpoint, version_of
 from attnlstm.model import AttentionLSTM
 from attnlstm.train import predict
 from tests.conftest import CLI, ROOT
-from worker.embedded import EmbeddedServerError, find_server_binary
+from worker.embedded import EmbeddedServerError, find_server_binary, pdeathsig_preexec
 from worker.engine import Engine
 from worker.keys import Keys
 from worker.loop import Worker
@@ -369,7 +369,12 @@ class WorkerProcess:
 
     def __init__(self, cmd: list[str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
-            cmd, cwd=cwd, env=worker_env(), stderr=subprocess.PIPE, text=True
+            cmd,
+            cwd=cwd,
+            env=worker_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=pdeathsig_preexec(),  # gone with a test run killed -9
         )
         self.stderr = ""
         self.returncode: int | None = None
@@ -412,6 +417,7 @@ def burst_cli(cmd: list[str], cwd: Path, timeout: float = 120) -> dict[str, floa
         [*cmd, "--burst", "--json"],
         cwd=cwd,
         env=worker_env(),
+        preexec_fn=pdeathsig_preexec(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -3,8 +3,10 @@ this only checks that every run drained what it should and the report holds up."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
 from tests.conftest import CLI
+from tests.helpers import wait_for
 from worker.settings import Settings
 from worker.tools.bench import BenchPlan, _settings, format_report, run_bench, server_of
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
@@ -157,10 +160,15 @@ def test_the_bench_reads_no_attnlstm_variables_nor_a_dotenv(
     assert settings.device == "cpu"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_bench_stopped_mid_latency_run_exits(signum: int, tmp_path: Path) -> None:
+def test_a_bench_stopped_mid_latency_run_exits_with_every_process_it_started(
+    signum: int, tmp_path: Path
+) -> None:
     """Ctrl-C left the worker's thread retrying the embedded server gone with the bench,
-    and the command never exited; SIGTERM killed it on the spot."""
+    and the command never exited; SIGTERM killed it on the spot. Then the producer wrote
+    on for its whole run after the bench had exited (and deleted its keys), and Ctrl-C,
+    which a terminal sends to the whole process group, printed its traceback."""
     cmd = [*CLI, "bench", "--runs", "latency", "--rate", "100", "--seconds", "120",
            "--series", "5", "--scale-series", "5"]  # fmt: skip
     proc = subprocess.Popen(
@@ -169,21 +177,44 @@ def test_a_bench_stopped_mid_latency_run_exits(signum: int, tmp_path: Path) -> N
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        start_new_session=True,  # a group of its own, as a terminal's job: its pgid, its pid
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a shell has it
     )
     assert proc.stderr is not None
     try:
-        begun = False
-        for line in proc.stderr:  # until the latency run's worker serves
-            begun = begun or "latency: 100 entries/s for 120 s" in line
-            if begun and "took the lease" in line:
+        url = ""
+        for line in proc.stderr:  # until the producer runs
+            url = url or line.partition(" at unix://")[2].strip()
+            if "latency: warmed up; the producer runs" in line:
                 break
-        proc.send_signal(signum)
+        # and sends (imported torch: its Ctrl-C was a traceback), past the prefill
+        with contextlib.closing(redis.Redis.from_url(f"unix://{url}")) as client:
+            (stream,) = client.keys("*:latency:sensors")
+            wait_for(lambda: client.xlen(stream) > 5 * 20, what="the producer's entries")
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)  # Ctrl-C, as a terminal sends it
+        else:
+            proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
     assert err.strip().endswith("attnlstm bench: interrupted")
+    assert "Traceback" not in err
+    wait_for(lambda: not _in_group(proc.pid), timeout=10, what="the bench's processes to go")
+
+
+def _in_group(pgid: int) -> list[int]:
+    """The pids of the live processes of process group ``pgid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def test_a_bench_runs_something() -> None:

@@ -984,49 +984,69 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-# Ctrl-C, made to come while the CLI imports one module: the import's first look-up
-# raises SIGINT in the process itself.
-CTRL_C_DURING_IMPORT = """
+# A signal (Ctrl-C's, a stop's), made to come while the CLI imports one module: the
+# import's first look-up raises it in the process itself.
+SIGNAL_DURING_IMPORT = """
 import signal, sys
 
-class CtrlC:
+class Signal:
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:
             sys.meta_path.remove(self)
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.{sig})
         return None
 
-sys.meta_path.insert(0, CtrlC())
+sys.meta_path.insert(0, Signal())
 from worker.cli import main
 sys.exit(main({argv!r}))
 """
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "numpy",  # the parser's, as the arguments are read
-        "redis",  # the commands', once they are
-    ],
-)
-def test_ctrl_c_while_the_command_line_starts_is_one_line_and_exit_130(
-    module: str, redis_url: str, stream_prefix: str, tmp_path: Path
-) -> None:
-    """In its first 0.2-0.4 s any command ended in a KeyboardInterrupt traceback from
-    `import redis` (or numpy's): those imports ran before run()'s handler."""
-    argv = ["replay", "--fast", "--points", "2", "--redis-url", redis_url]
-    argv += ["--stream", f"{stream_prefix}in"]
-    proc = subprocess.run(
-        [CLI[0], "-c", CTRL_C_DURING_IMPORT.format(module=module, argv=argv)],
-        cwd=tmp_path,
-        env=worker_env(),
+def _signalled_during_import(
+    module: str, sig: str, argv: list[str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI[0], "-c", SIGNAL_DURING_IMPORT.format(module=module, sig=sig, argv=argv)],
+        cwd=cwd,
+        env={**worker_env(), "TMPDIR": str(cwd)},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         preexec_fn=_as_from_a_terminal,
     )
+
+
+@pytest.mark.parametrize(
+    ("module", "sig"),
+    [
+        ("numpy", "SIGINT"),  # the parser's, as the arguments are read
+        ("redis", "SIGINT"),  # the commands', once they are
+        ("numpy", "SIGTERM"),
+        ("numpy", "SIGHUP"),
+    ],
+)
+def test_a_signal_while_the_command_line_starts_is_one_line_and_exit_130(
+    module: str, sig: str, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """In its first 0.2-0.4 s any command ended in a KeyboardInterrupt traceback from
+    `import redis` (or numpy's): those imports ran before run()'s handler. A SIGTERM or
+    SIGHUP there killed it (exit 143, 129), and one to a container's PID 1 was lost."""
+    argv = ["replay", "--fast", "--points", "2", "--redis-url", redis_url]
+    argv += ["--stream", f"{stream_prefix}in"]
+    proc = _signalled_during_import(module, sig, argv, tmp_path)
     assert (proc.returncode, proc.stderr) == (130, "attnlstm replay: interrupted\n")
+
+
+def test_a_stop_signal_as_the_parser_is_imported_stops_the_worker_cleanly(
+    model_file: Path, tmp_path: Path
+) -> None:
+    """Before the worker's handler: it was set once the arguments were read (0.1 s)."""
+    argv = ["worker", "--model", str(model_file), "--metrics-port", "0", "--device", "cpu"]
+    proc = _signalled_during_import("numpy", "SIGTERM", argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping: finishing the batch in flight" in proc.stderr
+    assert not list(tmp_path.glob("attnlstm-redis-*"))
 
 
 @pytest.mark.parametrize(

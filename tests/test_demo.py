@@ -82,6 +82,19 @@ def test_an_out_that_is_a_file_stops_the_demo_before_it_trains(tmp_path: Path) -
     )
 
 
+def test_an_out_folder_the_demo_cannot_write_into_stops_it_before_it_trains(
+    tmp_path: Path,
+) -> None:
+    """One under a file, here (a read-only one alike): it trained, then failed writing
+    its model; with a model there already, it ran the whole replay, then failed drawing."""
+    (tmp_path / "t.csv").write_text("time,v\n")
+    proc = _run([*CLI, "demo", "--out", "t.csv/out"], tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "attnlstm demo: error: cannot write into --out t.csv/out: Not a directory"
+    )
+
+
 def test_sines_the_replay_would_refuse_stop_the_demo_before_it_trains(tmp_path: Path) -> None:
     """60 s at 500 entries/s over 50 series is 601 points a series: a drift at 5000 is
     refused in one line before a model is trained or a server started, not by the

@@ -53,6 +53,7 @@ from worker.lease import VERSION, Lease
 from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
+from worker.streams import TLS_VERIFY_FIX
 
 KEYS = Keys()  # the ACL file is written for the default names
 NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try again
@@ -295,6 +296,26 @@ def _render_acl(directory: Path, secrets: Path) -> Path:
     return acl_file
 
 
+def test_a_password_file_with_windows_line_ends_is_refused_by_the_server_s_entrypoint(
+    tmp_path: Path,
+) -> None:
+    """As the worker refuses it: the entrypoint hashed the carriage return into the
+    password, the worker did not send it, and Redis refused the worker."""
+    secrets = make_secrets(tmp_path)
+    (secrets / "redis-worker-password").write_bytes(b"secret\r\n")
+    env = _entrypoint_env(tmp_path / "users.acl", secrets)
+    done = subprocess.run(
+        ["sh", str(DEPLOY / "redis-entrypoint.sh"), "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "holds a carriage return or a line break within its password" in done.stderr
+    assert not (tmp_path / "users.acl").exists()
+
+
 @pytest.fixture(params=server_binaries())
 def acl_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AclServer]:
     """The ACL file rendered by the container's entrypoint script from the shipped
@@ -358,29 +379,51 @@ def _burst_as_worker(
     """``attnlstm worker --burst`` as the worker user, with its password file."""
     cmd = worker_cmd(model_file, acl_server.url("worker"), KEYS)
     pw = ["--redis-password-file", str(acl_server.password_file("worker"))]
+    return _cli([*cmd, *pw, "--burst"], tmp_path)
+
+
+def _cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``argv`` (an ``attnlstm`` command) run to its end, as a user runs it."""
     return subprocess.run(
-        [*cmd, *pw, "--burst"],
-        cwd=tmp_path,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        argv, cwd=cwd, env=worker_env(), capture_output=True, text=True, timeout=60, check=False
     )
 
 
-def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
-    acl_server: AclServer, model_file: Path, tmp_path: Path
-) -> None:
+def _take_away(acl_server: AclServer, user: str, right: str) -> None:
+    """``user``'s rules in the rendered ACL file, less ``+right`` wherever it is (a
+    selector's rights are its own: ``-right`` after them takes away none)."""
+    line = next(
+        x for x in acl_server.acl_file.read_text().splitlines() if x.startswith(f"user {user} ")
+    )
+    rules = re.findall(r"\([^)]*\)|\S+", line.removeprefix(f"user {user} "))
+    kept = [re.sub(rf"\s\+{right}(?=[\s)])", "", rule) for rule in rules if rule != f"+{right}"]
+    assert kept != rules, f"{user} has no +{right}"
     with contextlib.closing(acl_server.client("admin")) as admin:
-        admin.execute_command("ACL", "SETUSER", "worker", "-multi")  # type: ignore[no-untyped-call]
-    with contextlib.closing(acl_server.client("producer")) as producer:
-        fill(producer, KEYS.input, sine_steps(3, 30))
+        admin.execute_command("ACL", "SETUSER", user, "reset", *kept)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize(
+    ("right", "entries"),
+    [("multi", 30), ("hset", 30), ("hset", 0)],
+    ids=["a-command", "one-the-functions-run", "one-the-stop-s-save-runs"],
+)
+def test_a_worker_user_missing_a_right_is_a_one_line_error_not_a_hang(
+    acl_server: AclServer, model_file: Path, tmp_path: Path, right: str, entries: int
+) -> None:
+    """A right the worker's commands need, or one the attnlstm functions use (an ACL
+    file older than the functions: Redis's refusal inside a function is no NOPERM, and
+    was retried for ever), or one only the stop's save of the windows uses (a burst on
+    an empty stream exited 0, with a warning)."""
+    _take_away(acl_server, "worker", right)
+    if entries:
+        with contextlib.closing(acl_server.client("producer")) as producer:
+            fill(producer, KEYS.input, sine_steps(3, entries))
     done = _burst_as_worker(acl_server, model_file, tmp_path)
-    assert done.returncode != 0
+    assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "refused this worker's user a command" in last, last
-    assert "multi" in last, last
+    assert "deploy/users.acl.template lists what each command needs" in last, last
+    assert right in last or "The user executing the script can't run" in last, last  # 7.0
     assert "Traceback" not in done.stderr
 
 
@@ -551,6 +594,16 @@ def test_the_worker_connects_over_tls_only_with_the_ca(
             pytest.raises(redis.ConnectionError, match="certificate verify failed"),
         ):
             unverified.ping()
+
+        # Without the CA the worker exits, saying what to fix: no retry mends it (it
+        # retried for ever, as it does a server away); the commands say the same.
+        models = [*CLI, "models", "list", "--redis-url", url]
+        for argv in (worker_cmd(model_file, url, KEYS, "--burst"), models):
+            done = _cli(argv, tmp_path)
+            assert done.returncode == 1, done.stderr[-2000:]
+            last = done.stderr.strip().splitlines()[-1]
+            assert "CERTIFICATE_VERIFY_FAILED" in last, last
+            assert last.endswith(TLS_VERIFY_FIX), last
     finally:
         server.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import ROOT
-from tests.helpers import free_port, gone, large_requests_logged, wait_for
+from tests.conftest import CLI, ROOT
+from tests.helpers import free_port, gone, large_requests_logged, wait_for, worker_env
 from worker import embedded
 from worker.embedded import (
     QUIET_COMMAND_LOG,
@@ -270,3 +271,71 @@ def test_a_killed_owners_directory_goes_when_the_next_server_starts(
         with EmbeddedServer() as beside:
             assert live.data_dir.is_dir()  # its owner, this process, is alive
             assert beside.data_dir != live.data_dir
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_directory_whose_maker_holds_its_lock_stays_though_its_pid_is_not_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A maker in another PID namespace (a container sharing TMPDIR): its pid names no
+    process here. The lock it holds on its owner file says it lives: its live server's
+    directory, socket and all, was removed by the next server started."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    no_such_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    with EmbeddedServer() as live:
+        (live.data_dir / "owner.pid").write_text(f"{no_such_pid}\n")
+        with EmbeddedServer():
+            assert live.data_dir.is_dir()
+            assert _ping(live.url)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("stop", [False, True], ids=["killed", "shut-down"])
+def test_a_worker_whose_embedded_server_dies_exits_1_saying_so(
+    stop: bool, model_file: Path, tmp_path: Path
+) -> None:
+    """Nothing starts the server again and its streams went with it: the worker retried
+    its socket every 5 s for ever. A server shut down (by a stop signal sent to every
+    process of a service, as systemd's stop does by default) stops it as any stop does,
+    exit 0: it exited 1 where the server went before the worker."""
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--model", str(model_file), "--metrics-port", "0", "--device", "cpu"],
+        cwd=tmp_path,
+        env={**worker_env(), "TMPDIR": str(tmp_path)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        said = ""
+        while "consumer " not in said:  # (its log line once it serves)
+            line = worker.stderr.readline()
+            assert line, f"the worker exited with {worker.wait()}: {said}"
+            said += line
+        (server,) = _children(worker.pid)
+        os.kill(server, signal.SIGTERM if stop else signal.SIGKILL)
+        _, rest = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    if stop:
+        assert worker.returncode == 0, said + rest
+        assert "the embedded Redis server exited with status 0" in rest
+        return
+    assert worker.returncode == 1, said + rest
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith(
+        "attnlstm worker: error: the embedded Redis server was killed by signal 9, and the "
+        "worker stopped"
+    ), last
+    assert "Traceback" not in rest
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (every thread's)."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]

@@ -369,10 +369,12 @@ def test_a_ca_file_goes_to_redis_py_with_the_url(tmp_path: Path) -> None:
         (None, "ca.pem", None, "a CA file is for TLS"),
         ("rediss://h", "missing.pem", None, "no CA file at missing.pem"),
         ("rediss://h", "password", None, "password holds no usable CA certificate"),
+        ("rediss://h", "folder", None, "cannot read folder: Is a directory"),
         (None, None, "password", "a password file needs a redis_url"),
         ("redis://u:p@h", None, "password", "redis_url has a password already"),
         ("redis://u@h", None, "missing", "cannot read missing: No such file or directory"),
         ("redis://u@h", None, "empty", "empty holds no password"),
+        ("redis://u@h", None, "crlf", "crlf holds a carriage return or a line break within"),
     ],
 )
 def test_unusable_tls_and_password_files_are_one_line_errors(
@@ -387,6 +389,8 @@ def test_unusable_tls_and_password_files_are_one_line_errors(
     _ca_file(tmp_path)
     Path("password").write_text("secret\n")
     Path("empty").write_text("\n")
+    Path("crlf").write_bytes(b"secret\r\n")  # the server's entrypoint refuses it too
+    Path("folder").mkdir()
     with pytest.raises(ValueError, match="bad settings: ") as raised:
         from_flags(redis_url=url, redis_ca_file=ca, redis_password_file=password)
     assert message in str(raised.value)
@@ -399,6 +403,8 @@ def test_a_model_key_file_holds_the_key_and_a_short_one_is_a_one_line_error(
     key = tmp_path / "model-key"
     key.write_text("0123456789abcdef" * 4 + "\n")  # as make-secrets.sh writes it
     monkeypatch.setenv("ATTNLSTM_MODEL_KEY_FILE", str(key))
+    assert _settings().model_key() == b"0123456789abcdef" * 4
+    key.write_bytes(b"0123456789abcdef" * 4 + b"\r\n")  # only this program reads it
     assert _settings().model_key() == b"0123456789abcdef" * 4
     assert _settings(model_key_file=None).model_key() is None
     key.write_text("too short\n")

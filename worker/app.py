@@ -11,14 +11,14 @@ import torch
 
 from attnlstm.checkpoint import dumps, open_checkpoint
 from attnlstm.device import resolve_device
-from worker.embedded import url_or_embedded
+from worker.embedded import EmbeddedServerError, url_or_embedded
 from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
 from worker.online.store import FILE_BYTES_MAX, check_size
 from worker.settings import Settings
 from worker.signals import StopRequest
-from worker.streams import cluster_of, connect, primaries
+from worker.streams import cluster_of, connect, primaries, tls_fix
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -69,6 +69,8 @@ def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis |
             frozen = isinstance(e, redis.TimeoutError)
             if isinstance(e, redis.AuthenticationError) or not (settings.cluster or frozen):
                 raise
+            if tls_fix(e):  # no retry mends it (commands.run says what to fix)
+                raise
             what = "Redis Cluster" if settings.cluster else "Redis"
             if stop.asked:  # a stop as any other (exit 0): it was an error, exit 1
                 log.info("stopped while waiting for the %s: %s", what, e)
@@ -118,10 +120,23 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
         log.info("metrics on %s/metrics, health on %s/healthz", where, where)
     if settings.redis_url is not None:
         log.info("Redis at %s", settings.url_for_logs())
+    gone: list[str] = []  # why the embedded server failed under the worker
+
+    def server_gone(status: int, why: str) -> None:
+        # Shut down (a stop signal sent to every process of a service, systemd's by
+        # default, reaches the server too; or SHUTDOWN): a stop as any other, exit 0.
+        if status == 0:
+            log.warning("the embedded Redis server %s: stopping", why)
+        else:
+            log.error("the embedded Redis server %s: stopping", why)
+            gone.append(why)
+        stop.ask()
+
     try:
-        with url_or_embedded(settings.url()) as url:
+        with url_or_embedded(settings.url(), on_exit=server_gone) as url:
             client = _connected(url, settings, stop)
             if client is None:  # stopped before it had one
+                _check_server(gone)
                 return metrics.totals(0.0)
             worker = Worker(client, engine=engine, settings=settings, metrics=metrics, burst=burst)
             stop.route(worker.stop)
@@ -136,9 +151,21 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
                 settings.dead_stream,
             )
             try:
-                return worker.run()
+                totals = worker.run()
             finally:
                 client.close()
+            _check_server(gone)
+            return totals
     finally:
         if server is not None:
             server.shutdown()
+
+
+def _check_server(gone: list[str]) -> None:
+    """EmbeddedServerError where the embedded server failed under the worker (killed,
+    crashed): a stop, but no clean one (exit 1)."""
+    if gone:
+        raise EmbeddedServerError(
+            f"the embedded Redis server {gone[0]}, and the worker stopped: its streams "
+            "went with it (set ATTNLSTM_REDIS_URL to a Redis of your own to keep them)"
+        )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -185,24 +186,59 @@ def die_with_parent(parent: int) -> None:
         _die_with(prctl, parent)
 
 
+_held: dict[Path, int] = {}  # each directory made here: its owner file, locked while we live
+
+
 def _owned_dir(prefix: str, parent: Path | None = None) -> Path:
-    """A new temporary directory, with this process's pid in it (:func:`_sweep`)."""
+    """A new temporary directory, with this process's pid in it and a lock on the file
+    that holds it, for as long as the directory is ours (:func:`_sweep`)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    (path / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+    fd = os.open(path / _OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # The kernel lets it go when we die, even by kill -9. Where the file system takes no
+    # locks (NFS without its lock daemon), the pid alone says who made it, as before.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path] = fd
     return path
+
+
+def _let_go(path: Path) -> None:
+    """The directory removed, and its owner file's lock let go."""
+    shutil.rmtree(path, ignore_errors=True)
+    if (fd := _held.pop(path, None)) is not None:
+        os.close(fd)
 
 
 def _sweep(parent: Path, prefix: str) -> None:
     """Remove the directories made here whose maker is gone: killed, it removed none.
-    One with no pid in it is left alone: another user's, or one being made now."""
+    One with no pid in it is left alone: another user's, or one being made now. So is one
+    whose owner file is locked: its maker lives, though its pid names no process here (a
+    process of another PID namespace, a container's sharing TMPDIR: its live server's
+    directory was removed)."""
     for path in parent.glob(f"{prefix}*"):
         try:
             owner = int((path / _OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if owner > 0 and not _alive(owner):
+        if owner > 0 and not _locked(path / _OWNER_FILE) and not _alive(owner):
             log.info("removing %s, left by process %d, which is gone", path, owner)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _locked(owner_file: Path) -> bool:
+    """Whether a process holds the lock on ``owner_file`` (True where it cannot tell)."""
+    try:
+        fd = os.open(owner_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held
+        return True
+    finally:
+        os.close(fd)  # (and our lock with it)
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -283,6 +319,7 @@ class EmbeddedServer:
         self._owned_dirs: list[Path] = []  # temporary directories we created and must remove
         self._socket: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._stopped: set[int] = set()  # the pids of the servers stop() ended
         self._version: str | None = None
 
     # -- properties ---------------------------------------------------------------------
@@ -378,19 +415,43 @@ class EmbeddedServer:
             self.stop()
             raise
 
+    def watch(self, on_exit: Callable[[int, str], None]) -> None:
+        """``on_exit(status, why)`` called, from a thread of its own, should the running
+        server exit before :meth:`stop` ends it: shut down (status 0: a stop signal, or
+        SHUTDOWN), or killed, crashed, out of memory. Nothing starts it again, and what
+        it held went with it: a worker waited for it for ever."""
+        process = self._process
+        if process is None:
+            raise EmbeddedServerError("the embedded server has not been started")
+        log_path = self.log_path
+
+        def wait() -> None:
+            status = process.wait()
+            if process.pid in self._stopped:
+                return
+            if status < 0:
+                on_exit(status, f"was killed by signal {-status}")
+            else:  # its own exit: its log's last line says why
+                tail = log_tail(log_path, 1)
+                on_exit(status, f"exited with status {status}" + f" ({tail})" * bool(tail))
+
+        threading.Thread(target=wait, name="embedded-server-watch", daemon=True).start()
+
     def _prepare_dirs(self) -> None:
         if self._data_dir is None:
+            # What servers killed with their makers left, of both kinds: a socket's was
+            # swept only by a server whose socket needed one.
+            _sweep(Path(tempfile.gettempdir()), _DIR_PREFIX)
+            _sweep(_SHORT_DIR, _SOCKET_DIR_PREFIX)
             if self._given_data_dir is not None:
                 self._given_data_dir.mkdir(parents=True, exist_ok=True)
                 self._data_dir = self._given_data_dir
             else:
-                _sweep(Path(tempfile.gettempdir()), _DIR_PREFIX)
                 self._data_dir = _owned_dir(_DIR_PREFIX)
                 self._owned_dirs.append(self._data_dir)
         if self._socket is None:
             socket = self._data_dir / "redis.sock"
             if len(os.fsencode(socket)) > _MAX_SOCKET_PATH:
-                _sweep(_SHORT_DIR, _SOCKET_DIR_PREFIX)
                 try:
                     short = _owned_dir(_SOCKET_DIR_PREFIX, _SHORT_DIR)
                 except OSError as error:
@@ -449,6 +510,7 @@ class EmbeddedServer:
         process = self._process
         if process is None:
             return
+        self._stopped.add(process.pid)
         try:
             if process.poll() is None:
                 self._request_shutdown(process, self.socket_path)
@@ -480,7 +542,7 @@ class EmbeddedServer:
 
     def _cleanup_dirs(self) -> None:
         for directory in self._owned_dirs:
-            shutil.rmtree(directory, ignore_errors=True)
+            _let_go(directory)
         self._owned_dirs = []
         self._data_dir = None
         self._socket = None
@@ -518,12 +580,16 @@ class EmbeddedServer:
 
 
 @contextlib.contextmanager
-def url_or_embedded(url: str | None) -> Iterator[str]:
+def url_or_embedded(
+    url: str | None, on_exit: Callable[[int, str], None] | None = None
+) -> Iterator[str]:
     """``url``; or, when None, the URL of an embedded server started for as long as the
-    block runs."""
+    block runs (``on_exit``: see :meth:`EmbeddedServer.watch`)."""
     if url is not None:
         yield url
         return
     with EmbeddedServer() as server:
         log.info("no Redis URL set: started %s", server.describe())
+        if on_exit is not None:
+            server.watch(on_exit)
         yield server.url

@@ -56,14 +56,13 @@ from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.state import CHUNK, META, NO_SLOT, WindowState
 from worker.streams import (
-    CREDENTIALS_FIX,
     REDIS_ERRORS,
     Command,
     Entry,
     OutOfStepError,
     cluster_of,
-    fix_for,
     id_key,
+    what_to_fix,
 )
 
 log = logging.getLogger("attnlstm.worker")
@@ -227,7 +226,7 @@ class Worker:
                 self._in_step = False
                 self._sleep(resync_delay)
             except REDIS_ERRORS as e:
-                if fix := _what_to_fix(e, cluster_of(self.client) is not None):  # for good
+                if fix := what_to_fix(e, cluster_of(self.client) is not None):  # for good
                     self._in_step = False
                     self._close(save=False)
                     raise ValueError(fix) from None
@@ -814,44 +813,25 @@ class Worker:
         # empty windows saved over their checkpoints forgot them, and the entries put aside.
         if not save:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
+        refused: ValueError | None = None  # no retry mends it: raised once all is closed
         for lane in self.lanes.values():
             if save and lane.synced:
-                lane.recovery.save(lane.state, lane.scorer.saved)
+                try:
+                    lane.recovery.save(lane.state, lane.scorer.saved)
+                except ValueError as e:
+                    refused = refused or e
             else:  # a successor need not wait for its lease to lapse
                 with contextlib.suppress(*REDIS_ERRORS):
                     lane.recovery.lease.release()
         with contextlib.suppress(*REDIS_ERRORS):
             self.pool.leave()
+        if refused is not None:
+            raise refused
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self._stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
-
-
-def _what_to_fix(e: Exception, clustered: bool) -> str | None:
-    """What an operator must fix, for a refusal that no retry mends (worker.streams's
-    table: an ACL that lacks a right, a key of another type where a stream should be, a
-    database that does not exist; and a cluster's node served as one server, ``clustered``
-    False). None for the errors a retry may mend: a dropped connection, a server still
-    loading its data, a replica's READONLY in a failover."""
-    if not clustered and isinstance(
-        e, (redis.exceptions.MovedError, redis.exceptions.ClusterCrossSlotError)
-    ):  # retried every 5 s for ever: a worker started while its cluster was down
-        return (
-            f"Redis refused this worker ({e}): the server is a node of a Redis Cluster, "
-            "which the worker took for one server (it did not answer when the worker "
-            "started, or ATTNLSTM_CLUSTER is false): set ATTNLSTM_CLUSTER=true"
-        )
-    if isinstance(e, redis.AuthenticationError):
-        return f"Redis refused this worker ({e}); {CREDENTIALS_FIX}"
-    if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):
-        return None
-    if (fix := fix_for(e)) is None:
-        return None
-    denied = isinstance(e, redis.exceptions.NoPermissionError)
-    who = "this worker's user a command" if denied else "this worker"
-    return f"Redis refused {who} ({e}); {fix}"
 
 
 def _describe(e: Exception) -> str:

@@ -12,6 +12,7 @@ stop it saves the state, with each series' scoring, and hands the lease back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -30,12 +31,14 @@ from worker.streams import (
     Entry,
     OutOfStepError,
     as_str,
+    cluster_of,
     ensure_group,
     group_info,
     id_key,
     pages,
     round_trip,
     stream_info,
+    what_to_fix,
 )
 
 log = logging.getLogger("attnlstm.worker")
@@ -338,7 +341,9 @@ class Recovery:
 
     def save(self, state: WindowState, scoring: Scoring) -> None:
         """At a stop, in step: save the windows (a chunk per call: bounded), with
-        ``scoring``'s arrays for their series, and hand the lease back."""
+        ``scoring``'s arrays for their series, and hand the lease back. ValueError for a
+        refusal that no retry mends (an ACL without a right the save needs: a burst on an
+        empty stream exited 0 with a warning), its lease handed back."""
         try:
             while (k := state.due_chunk(time.monotonic(), 0)) is not None:
                 chunk = state.save_chunk(k, time.monotonic(), scoring)
@@ -346,6 +351,10 @@ class Recovery:
             self._write(self.fence.publish(state={META: state.meta()}))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:
+            if (fix := what_to_fix(e, cluster_of(self.client) is not None)) is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self.lease.release()
+                raise ValueError(fix) from None
             log.warning("could not save the window state of %s (%s); the last one stands",
                         self.keys.input, e)  # fmt: skip
             return

@@ -227,8 +227,10 @@ class Settings(BaseSettings):
                 ssl.create_default_context(cafile=value)
             except FileNotFoundError:
                 raise ValueError(f"no CA file at {value}") from None
-            except (OSError, ssl.SSLError) as e:
+            except ssl.SSLError as e:  # (an OSError)
                 raise ValueError(f"{value} holds no usable CA certificate: {e}") from None
+            except OSError as e:  # a folder, or a file this user may not read
+                raise ValueError(f"cannot read {value}: {e.strerror or e}") from None
         return value
 
     @field_validator("redis_password_file")
@@ -415,19 +417,28 @@ def _given_url(info: ValidationInfo) -> SplitResult | None:
     return None if url is None else urlsplit(url.get_secret_value())
 
 
-def _read_secret(path: Path, what: str) -> str:
-    """A secret file's text without the trailing newlines."""
+def _read_secret(path: Path, what: str, *, line_ends: str = "\n") -> str:
+    """A secret file's text without the trailing ``line_ends``; a carriage return or a
+    line break left within it is refused. A password's file as its bytes are: read as
+    text, a Windows line end came as a newline and was stripped, where the server's
+    entrypoint (deploy/redis-entrypoint.sh) hashed the carriage return into the password,
+    and Redis refused the worker a password its health check passed with."""
     try:
-        secret = path.read_text().rstrip("\n")
+        secret = path.read_bytes().decode().rstrip(line_ends)
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not secret:
         raise ValueError(f"{path} holds no {what}")
+    if "\r" in secret or "\n" in secret:
+        raise ValueError(
+            f"{path} holds a carriage return or a line break within its {what} (a file "
+            "saved with Windows line ends?): write it as one line"
+        )
     return secret
 
 
 def _read_model_key(path: Path) -> bytes:
-    key = _read_secret(path, "model key")
+    key = _read_secret(path, "model key", line_ends="\r\n")  # read by no one else
     if len(key) < MIN_MODEL_KEY_CHARS:
         raise ValueError(
             f"{path} holds a model key of {len(key)} characters; it needs at least "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ class StopRequest:
         self._stop: Callable[[], None] | None = None
 
     def __call__(self, signum: int, frame: object) -> None:
+        self.ask()
+
+    def ask(self) -> None:
+        """A stop, as a stop signal asks for one."""
         self.asked = True
         if self._stop is not None:
             self._stop()
@@ -58,3 +63,19 @@ def handled(signals: Sequence[int], handler: Handler) -> Iterator[None]:
     finally:
         for s, before in previous.items():
             signal.signal(s, before)
+
+
+@contextlib.contextmanager
+def deaf_children() -> Iterator[None]:
+    """The processes started in the block deaf to Ctrl-C: SIGINT ignored, which a
+    spawned process keeps across its exec (its mask it does not: multiprocessing resets
+    that). Ctrl-C in a terminal reaches the whole process group, and a child is its
+    parent's to stop; one that took it printed a traceback of what it was importing. A
+    Ctrl-C in the block (milliseconds) is lost to the parent too. Only the main thread
+    may set a handler: a child started from another thread (a worker's fine-tuning
+    process, in a thread of the demo or the bench) must ignore SIGINT itself, first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with handled((signal.SIGINT,), signal.SIG_IGN):
+        yield

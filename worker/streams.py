@@ -5,6 +5,7 @@ Reply shapes differ between RESP2 and RESP3; they are normalised here and nowher
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
@@ -36,6 +37,10 @@ REDIS_ERRORS: tuple[type[redis.RedisError], type[RedisClusterException]] = (
 WRONG_TYPE = "WRONGTYPE"
 NOT_A_COUNT = "value is not an integer or out of range"
 
+ACL_FIX = (
+    "give the URL's user that right in the server's ACL (deploy/users.acl.template lists "
+    "what each command needs)"
+)
 # What to fix when Redis refuses a command for a reason a user set: the kind of refusal,
 # the start of what Redis said, and the fix. No retry mends one, but a replica's
 # READONLY (a failover in progress) may.
@@ -52,12 +57,12 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
         "a key this command uses holds another type: name other streams (the command's "
         "flags, or ATTNLSTM_*_STREAM) or delete that key",
     ),
-    (
-        redis.exceptions.NoPermissionError,
-        "",
-        "give the URL's user that right in the server's ACL (deploy/users.acl.template "
-        "lists what each command needs)",
-    ),
+    (redis.exceptions.NoPermissionError, "", ACL_FIX),
+    # A command the attnlstm functions run, refused the URL's user (an ACL file older
+    # than the functions): Valkey's and Redis 7.2's words, then Redis 7.0's. Not NOPERM,
+    # it was retried for ever.
+    (redis.ResponseError, "ACL failure in script", ACL_FIX),
+    (redis.ResponseError, "The user executing the script can't run", ACL_FIX),
     (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
     (  # the lease's function, counting on a fence planted as text
         redis.ResponseError,
@@ -75,6 +80,69 @@ URL_CREDENTIALS = "give the URL's user and password (redis://USER:PASSWORD@HOST:
 CREDENTIALS_FIX = (
     f"{URL_CREDENTIALS}, or the password in a file named by ATTNLSTM_REDIS_PASSWORD_FILE"
 )
+# A TLS handshake that no retry mends (the worker retried it for ever): the server's
+# certificate not trusted (signed by a CA other than ATTNLSTM_REDIS_CA_FILE's, expired,
+# self-signed, issued for another host), or the client's refused or missing where the
+# server asks for one. A handshake cut short (an EOF: a server restarting) is retried.
+TLS_VERIFY_FIX = (
+    "the server's TLS certificate must be signed by the CA in ATTNLSTM_REDIS_CA_FILE, be "
+    "in date, and name the URL's host"
+)
+_CLIENT_CERT_REFUSALS = frozenset(
+    {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"}
+)
+CLIENT_CERT_FIX = (
+    "the server asks for a client certificate signed by a CA it trusts: give one in the "
+    "URL (rediss://...?ssl_certfile=CERT&ssl_keyfile=KEY)"
+)
+
+
+def tls_fix(e: BaseException) -> str | None:
+    """What to fix for a TLS handshake that no retry mends, behind redis-py's
+    ConnectionError; None for any other error."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return TLS_VERIFY_FIX
+        if isinstance(seen, ssl.SSLError) and seen.reason in _CLIENT_CERT_REFUSALS:
+            return CLIENT_CERT_FIX
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def unreachable(e: redis.RedisError) -> str:
+    """A connection error's words, and what to fix where it is a TLS refusal."""
+    fix = tls_fix(e)
+    return f"{e}; {fix}" if fix else str(e)
+
+
+def what_to_fix(e: Exception, clustered: bool) -> str | None:
+    """What an operator must fix, for a refusal that no retry mends: a password, a TLS
+    handshake (:func:`tls_fix`), those of :data:`_FIXES` (an ACL that lacks a right, a
+    key of another type where a stream should be, a database that does not exist), and
+    a cluster's node served as one server (``clustered`` False). None for the errors a
+    retry may mend: a dropped connection, a server still loading its data, a replica's
+    READONLY in a failover."""
+    if not clustered and isinstance(
+        e, (redis.exceptions.MovedError, redis.exceptions.ClusterCrossSlotError)
+    ):  # retried every 5 s for ever: a worker started while its cluster was down
+        return (
+            f"Redis refused this worker ({e}): the server is a node of a Redis Cluster, "
+            "which the worker took for one server (it did not answer when the worker "
+            "started, or ATTNLSTM_CLUSTER is false): set ATTNLSTM_CLUSTER=true"
+        )
+    if isinstance(e, redis.AuthenticationError):
+        return f"Redis refused this worker ({e}); {CREDENTIALS_FIX}"
+    if isinstance(e, redis.ConnectionError) and (fix := tls_fix(e)) is not None:
+        return f"no TLS connection to Redis ({e}): {fix}"
+    if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):
+        return None
+    if (fix := fix_for(e)) is None:
+        return None
+    who = "this worker's user a command" if fix == ACL_FIX else "this worker"
+    return f"Redis refused {who} ({e}); {fix}"
+
+
 # redis-py's words ahead of a pipeline's refusal: "Command # 1 (GET k) of pipeline caused
 # error: WRONGTYPE ...". A refusal of :data:`_FIXES` so prefixed was retried for ever.
 PIPELINE_ERROR = " of pipeline caused error: "
@@ -131,8 +199,8 @@ def connect(
         nodes = RedisCluster.from_url(url, **options)
     except redis.exceptions.RedisClusterException as e:
         cause = e.__cause__
-        if isinstance(cause, redis.AuthenticationError):  # no retry mends it
-            raise cause from None
+        if isinstance(cause, redis.AuthenticationError) or (cause and tls_fix(cause)):
+            raise cause from None  # no retry mends it
         if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
             raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
         # A node of no cluster, or a user who may not ask for its slots: it was retried

@@ -22,7 +22,7 @@ from attnlstm.errors import CheckpointError
 from worker.cli import EXIT_INTERRUPTED
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
-from worker.streams import CREDENTIALS_FIX, URL_CREDENTIALS, fix_for
+from worker.streams import CREDENTIALS_FIX, URL_CREDENTIALS, fix_for, unreachable
 from worker.usage import UsageError
 
 EXIT_FAILURE = 1
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
-        print(f"attnlstm {args.command}: error: cannot reach Redis: {e}", file=sys.stderr)
+        message = f"cannot reach Redis: {unreachable(e)}"
+        print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.ResponseError as e:
         print(f"attnlstm {args.command}: error: Redis refused: {refusal(e)}", file=sys.stderr)

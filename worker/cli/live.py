@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import FILE_BYTES_MAX, ModelStore
 from worker.settings import WORKER_ONLY, Settings, from_flags
-from worker.signals import handled
+from worker.streams import unreachable
 from worker.tools import RUNS
 from worker.tools.bench import BenchPlan, run_bench
 from worker.tools.demo import DemoPlan, run_demo
@@ -64,19 +64,16 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     plan = BenchPlan(**{name: flags[name] for name in given})
     model = open_checkpoint(args.model).model if args.model else None
     device = resolve_device(args.device)
-    # SIGTERM and SIGHUP stop it as Ctrl-C does, its workers and servers with it: by
-    # default the pool's worker processes were left behind, retrying a server gone.
-    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
-        if args.workers:
-            pool = PoolPlan(
-                workers=args.workers,
-                partitions=args.partitions or PoolPlan.partitions,
-                entries=args.entries or PoolPlan.entries,
-                series=args.series or PoolPlan.series,
-                cluster=not args.no_cluster,
-            )
-            return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
-        return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
+    if args.workers:
+        pool = PoolPlan(
+            workers=args.workers,
+            partitions=args.partitions or PoolPlan.partitions,
+            entries=args.entries or PoolPlan.entries,
+            series=args.series or PoolPlan.series,
+            cluster=not args.no_cluster,
+        )
+        return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
+    return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
 
 
 # The flags of one worker's bench, and those of a pool's: each refused in the other.
@@ -151,6 +148,12 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    try:  # a folder it cannot write into was found at the end, the whole run lost
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write into --out {args.out}: {e.strerror or e}") from None
     settings = _on_device(
         from_flags(device=args.device, finetune_interval_s=args.finetune_interval_s)
     )
@@ -160,7 +163,8 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
     except redis.AuthenticationError:  # no retry mends it: what to fix, from commands.run
         raise
     except redis.ConnectionError as e:
-        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+        where = settings.url_for_logs()
+        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e)}") from None
 
 
 def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import signal
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -19,8 +18,7 @@ from worker.cli.argtypes import refuse_given
 from worker.cli.commands import refusal
 from worker.contract import parse
 from worker.settings import WORKER_ONLY, Settings, from_flags
-from worker.signals import handled
-from worker.streams import CREDENTIALS_FIX, connect
+from worker.streams import CREDENTIALS_FIX, connect, unreachable
 from worker.tools.replay import (
     MAX_SINE_VALUES,
     CsvLayout,
@@ -60,13 +58,6 @@ CSV_FLAGS = (
 
 
 def replay_command(args: argparse.Namespace) -> dict[str, Any]:
-    # SIGTERM and SIGHUP (a timeout, systemd, a terminal closed) stop the replay as
-    # Ctrl-C does, with the report so far: by default they killed it, exit 143, no report.
-    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
-        return _replay(args)
-
-
-def _replay(args: argparse.Namespace) -> dict[str, Any]:
     if args.rate is not None and args.seconds is not None and args.seconds * args.rate <= 0.5:
         raise UsageError(
             f"--seconds {args.seconds:g} at --rate {args.rate:g} is less than one entry"
@@ -202,7 +193,8 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
         where = settings.url_for_logs()
         raise ValueError(f"Redis at {where} refused: {e}; {CREDENTIALS_FIX}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise ValueError(f"cannot reach Redis at {settings.url_for_logs()}: {e}") from None
+        where = settings.url_for_logs()
+        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e)}") from None
     except redis.ResponseError as e:
         raise ValueError(f"Redis at {settings.url_for_logs()} refused: {refusal(e)}") from None
     except redis.DataError:

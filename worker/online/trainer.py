@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 from multiprocessing import get_context
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from worker.embedded import die_with_parent
+from worker.signals import deaf_children
 
 if TYPE_CHECKING:  # not imported at the process's start: they import torch
     from worker.online.finetune import Job, Outcome
@@ -41,7 +43,8 @@ class Trainer:
                 name="attnlstm-finetune",
                 daemon=True,
             )
-            self._proc.start()
+            with deaf_children():
+                self._proc.start()
         except OSError:
             self._conn.close()
             raise
@@ -111,6 +114,7 @@ def serve(conn: Connection, threads: int, parent: int) -> None:
     """The process's life: below the serving path and tied to the worker's life (an
     orphan of a worker killed -9 ran its job on beside the next worker) before torch is
     imported, which took a second of CPU at the serving path's priority; then its jobs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see deaf_children: a thread may start it
     os.nice(NICE)
     die_with_parent(parent)
     from worker.online.finetune import init_process

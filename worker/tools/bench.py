@@ -44,13 +44,14 @@ from attnlstm.synthetic import SineSpec, make_sines, sine_steps
 from attnlstm.train import new_model
 from worker.attempts import Mark
 from worker.contract import BOUND_DIGITS, FORECAST_FIELDS, YHAT_DIGITS, decimal_rows, entry_ms
-from worker.embedded import url_or_embedded
+from worker.embedded import die_with_parent, url_or_embedded
 from worker.engine import Engine, batch_rows
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library
 from worker.loop import BURST_BLOCK_MS, Worker
 from worker.online.finetune import FinetuneConfig, Job, history_kept, init_process, run_job
 from worker.settings import Settings
+from worker.signals import deaf_children
 from worker.streams import (
     Command,
     Entry,
@@ -390,9 +391,13 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
     return median
 
 
-def _produce(url: str, stream: str, n_series: int, rate: int, seconds: float, first: int) -> None:
-    """A steady producer (its own process): entry k goes out at start + k / rate, the
-    sines going on from step ``first`` (the steps before were the prefill)."""
+def _produce(
+    url: str, stream: str, n_series: int, rate: int, seconds: float, first: int, parent: int
+) -> None:
+    """A steady producer (its own process, gone with ``parent``, the bench, even after
+    kill -9): entry k goes out at start + k / rate, the sines going on from step
+    ``first`` (the steps before were the prefill)."""
+    die_with_parent(parent)
     client = connect(url, socket_timeout_s=30, client_name="bench-producer")  # or a cluster
     total = int(rate * seconds)
     values = sine_steps(n_series, first + total // n_series + 1)
@@ -428,15 +433,18 @@ def latency_run(
     # embedded server gone with it, and the command never exited.
     served = Served(worker)
     served.thread.start()
+    producer = None
     try:
         warm = plan.series * (warm_steps - engine.context + 1)  # every prefilled full window
         _serving(lambda: client.xlen(keys.output) >= warm, served, "its warm-up")
         context = multiprocessing.get_context("spawn")
         producer = context.Process(
             target=_produce,
-            args=(url, keys.input, plan.series, plan.rate, plan.seconds, warm_steps),
+            args=(url, keys.input, plan.series, plan.rate, plan.seconds, warm_steps, os.getpid()),
         )
-        producer.start()
+        with deaf_children():
+            producer.start()
+        log.info("latency: warmed up; the producer runs")
         producer.join()
         if producer.exitcode != 0:
             raise ValueError(f"the bench's producer process failed (exit code {producer.exitcode})")
@@ -444,7 +452,10 @@ def latency_run(
         deadline = time.monotonic() + 30
         while client.xlen(keys.output) < expected and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
+    finally:  # Ctrl-C or a stop signal: it wrote on into the keys the bench then deleted
+        if producer is not None and producer.is_alive():
+            producer.terminate()
+            producer.join()
         worker.stop()
         served.thread.join(timeout=60)
     rows = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.output))[warm:]
@@ -680,7 +691,9 @@ def _finetune_cost(model: AttentionLSTM, n_series: int) -> dict[str, float]:
     # a fresh process for each, so that each peak is its own
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_process, initargs=(1,)) as pool:
-        seconds, before, after = pool.submit(_timed_job, job).result()
+        with deaf_children():  # its process starts with the first job
+            timed = pool.submit(_timed_job, job)
+        seconds, before, after = timed.result()
     return {
         "series": n_series,
         "values": length,

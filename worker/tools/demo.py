@@ -50,7 +50,7 @@ from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
 from worker.settings import Settings
-from worker.signals import STOP_SIGNALS, handled
+from worker.signals import STOP_SIGNALS, deaf_children, handled
 from worker.streams import connect, group_info
 from worker.tools.readback import SeriesView, Views, draw, errors_by_time, read_views, summary
 from worker.tools.replay import (
@@ -124,13 +124,8 @@ class DemoPlan:
 def run_demo(
     settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool
 ) -> dict[str, Any]:
-    # SIGTERM and SIGHUP stop the demo as Ctrl-C does: by default they killed it on the
-    # spot (exit 143), its replay and its embedded server's directory left behind.
-    with handled((signal.SIGTERM, signal.SIGHUP), signal.default_int_handler):
-        return _demo(settings, plan, out_dir, progress=progress)
-
-
-def _demo(settings: Settings, plan: DemoPlan, out_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """The demo; Ctrl-C stops it with the report so far (and SIGTERM and SIGHUP, where
+    they raise KeyboardInterrupt, as the command line makes them)."""
     settings = settings.with_keys(DEMO_KEYS).model_copy(
         update={"model": _model(out_dir, plan, progress), "metrics_port": 0}
     )
@@ -398,10 +393,8 @@ def _run(
     started = time.monotonic()
     interrupted = False
     thread.start()
-    # The replay's process inherits Ctrl-C ignored (not a handler of ours: exec resets
-    # those): it imports torch for 1-2 s before it runs a line of its own, and a Ctrl-C
-    # then was a traceback of that import.
-    with handled((signal.SIGINT,), signal.SIG_IGN):
+    # It imports torch for 1-2 s before it runs a line of its own: deaf to Ctrl-C first.
+    with deaf_children():
         producer.start()
     child_errors.close()  # the child's end: ours closed, its death reads as the end
     try:

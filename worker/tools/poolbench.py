@@ -46,6 +46,7 @@ from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library, process_token
 from worker.localcluster import NoClusterError, local_cluster
 from worker.pipeline import CLUSTER_POLL_S
+from worker.signals import deaf_children
 from worker.streams import (
     Wires,
     cluster_of,
@@ -187,8 +188,9 @@ def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[
         context.Process(target=_raw_client, args=(url, base, plan, share, stop), daemon=True)
         for share in shares
     ]
-    for p in procs:
-        p.start()
+    with deaf_children():
+        for p in procs:
+            p.start()
     try:
         yield [cast(int, p.pid) for p in procs]
     finally:
