@@ -920,6 +920,18 @@ def test_json_output_is_standard_json(small_model: dict[str, Any], workdir: Path
     assert rows["model"]["coverage"] > 0
 
 
+@pytest.mark.skipif(not available(), reason="needs statsforecast (the baselines extra)")
+def test_a_period_of_one_step_leaves_the_statistical_baselines_out(
+    small_model: dict[str, Any], workdir: Path
+) -> None:
+    """MSTL of seasons 1 and 7 died inside statsforecast: a traceback, after AutoETS ran."""
+    proc = run("evaluate", "--model", "m.st", "--baselines", "--period", "1", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "AutoETS, MSTL and AutoARIMA need a period of 2 steps or more" in proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["name"] for row in report["baselines"]} == {"model", "naive", "seasonal naive (1)"}
+
+
 def test_a_reader_gone_ends_the_command_quietly(small_model: dict[str, Any], workdir: Path) -> None:
     """`attnlstm evaluate | true`: writing the report fails (EPIPE), which was a traceback,
     and another as Python flushed stdout at exit."""

@@ -455,6 +455,12 @@ def _stat_models(period: int | None) -> tuple[str, ...]:
             file=sys.stderr,
         )
         return ()
+    if period < 2:  # a season of one step: MSTL died in statsforecast, a traceback
+        print(
+            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need a period of 2 steps or more",
+            file=sys.stderr,
+        )
+        return ()
     return baselines.STAT_MODELS
 
 

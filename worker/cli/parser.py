@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--period",
         type=positive,
         default=None,
-        help="season length for seasonal naive (default: the model's)",
+        help="the data's period (default: the model's): seasonal naive's season, the "
+        "statistical baselines' seasons and refits, and the day-ahead origins' spacing",
     )
     evaluate.add_argument(
         "--baselines",
