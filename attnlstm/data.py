@@ -52,6 +52,7 @@ class Dataset:
     series: list[np.ndarray]  # one 1-D float64 array per name
     step_s: float | None = None  # the usual time between values, when the data has times
     gaps: dict[str, Gaps] = field(default_factory=dict)  # the series whose times skip steps
+    repeats: dict[str, int] = field(default_factory=dict)  # times a series' time comes again
 
     @property
     def lengths(self) -> list[int]:
@@ -146,11 +147,13 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         raise DataError(f"{path}: column {header[0]!r} is the time column, no series")
     read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
     stamps = np.asarray(times, dtype=np.float64)
-    gaps = {}
+    gaps, repeats = {}, {}
     for name, (_, rows_kept) in zip(wanted, read, strict=True):
         if step and (found := _gaps(stamps[rows_kept], step)):
             gaps[name] = found
-    return Dataset(wanted, [values for values, _ in read], step, gaps)
+        if stamps.size and (again := int(np.count_nonzero(np.diff(stamps[rows_kept]) == 0))):
+            repeats[name] = again
+    return Dataset(wanted, [values for values, _ in read], step, gaps, repeats)
 
 
 def _gaps(times_ms: np.ndarray, step_s: float) -> Gaps | None:

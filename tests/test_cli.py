@@ -34,7 +34,7 @@ from tests.conftest import CLI, DATA
 from tests.helpers import free_port, wait_for, worker_env
 from worker.cli.commands import _print_human
 from worker.cli.live import worker_settings
-from worker.cli.offline import _note_gaps
+from worker.cli.offline import _note_gaps, _note_repeats
 from worker.cli.parser import MAX_POOL_WORKERS, build_parser
 
 REPORT_KEYS = {"val_mse", "val_mae", "naive_mse", "mase", "seconds", "params", "version"}
@@ -285,6 +285,21 @@ def test_the_gaps_note_names_three_series_and_counts_the_rest(
         "span more time than they say\n"
     )
     _note_gaps(Dataset(["a"], [np.zeros(3)], 3600.0))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_repeats_note_names_the_series_whose_times_come_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """55 repeated times passed train and evaluate without a word, where gaps get one."""
+    repeats = {"s0": 55, "s1": 1}
+    _note_repeats(Dataset(list(repeats), [np.zeros(3)] * 2, 3600.0, repeats=repeats))
+    assert capsys.readouterr().err == (
+        "attnlstm train: note: a time comes again in s0 (55 times); s1 (1 time): each "
+        "reading is taken as a step of its own, so there the window and the lags span less "
+        "time than they say\n"
+    )
+    _note_repeats(Dataset(["a"], [np.zeros(3)], 3600.0))
     assert capsys.readouterr().err == ""
 
 

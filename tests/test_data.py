@@ -90,6 +90,11 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
     assert flow.gaps == {"Water flow [l/s]": Gaps(10, 111, 31)}  # as data/README.md says
     sea = load_dataset(f"csv:{DATA / 'sea_surface_temperature.csv'}")
     assert sea.gaps == {"temperature": Gaps(2, 24, 23)}
+    # A time that comes again, counted per series: the sea temperature's one (as
+    # data/README.md says), and none where a series' cell at that time is empty.
+    assert (flow.repeats, sea.repeats) == ({}, {"temperature": 1})
+    again = load_csv(_csv(tmp_path, "t,a,b\n0,1,1\n0,2,\n3600,3,3\n3600,4,4\n7200,5,5\n"))
+    assert again.repeats == {"a": 2, "b": 1}
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,7 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     _note_short(dataset, model_config, args.val_fraction)
     _note_gaps(dataset)
+    _note_repeats(dataset)
     # Said before the training too, not only once it is spent:
     # untrained and with no figures, its checkpoint takes all but a few KB of train's.
     oversized = _note_over_cap(len(dumps(AttentionLSTM(model_config))[0]), "the model, untrained,")
@@ -253,6 +254,25 @@ def _note_gaps(dataset: Dataset, shown: int = 3) -> None:
         f"{f'; and {more:,} more series' if more else ''}: values are taken one step "
         "apart, as the worker takes a live series, so across a gap the window, the lags "
         "and the profile span more time than they say",
+        file=sys.stderr,
+    )
+
+
+def _note_repeats(dataset: Dataset, shown: int = 3) -> None:
+    """A note naming the series in which a time comes again (the first ``shown``): each
+    reading is kept as a step of its own, so there the window and the lags span less
+    time than they say. One is a reading kept as it came; 55 passed without a word."""
+    if not dataset.repeats:
+        return
+    named = [
+        f"{name} ({_counted(count, 'time')})"
+        for name, count in list(dataset.repeats.items())[:shown]
+    ]
+    more = len(dataset.repeats) - len(named)
+    print(
+        f"attnlstm train: note: a time comes again in {'; '.join(named)}"
+        f"{f'; and {more:,} more series' if more else ''}: each reading is taken as a step of "
+        "its own, so there the window and the lags span less time than they say",
         file=sys.stderr,
     )
 
