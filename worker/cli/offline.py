@@ -237,44 +237,44 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
 
 
-def _note_gaps(dataset: Dataset, shown: int = 3) -> None:
-    """A note naming the series whose times skip steps (the first ``shown``): the model
-    takes their values one step apart, so across a gap its window, lags and profile span
-    more time than they say."""
-    if not dataset.gaps:
-        return
-    named = [
-        f"{name} ({_counted(g.missing, 'step')} missing in {_counted(g.count, 'place')}, "
-        f"the longest {g.longest:,})"
-        for name, g in list(dataset.gaps.items())[:shown]
-    ]
-    more = len(dataset.gaps) - len(named)
-    print(
-        f"attnlstm train: note: the times skip steps in {'; '.join(named)}"
-        f"{f'; and {more:,} more series' if more else ''}: values are taken one step "
-        "apart, as the worker takes a live series, so across a gap the window, the lags "
-        "and the profile span more time than they say",
-        file=sys.stderr,
+def _note_gaps(dataset: Dataset) -> None:
+    """A note naming the series whose times skip steps: the model takes their values one
+    step apart, so across a gap its window, lags and profile span more time than they
+    say."""
+    named = {
+        name: f"{_counted(g.missing, 'step')} missing in {_counted(g.count, 'place')}, "
+        f"the longest {g.longest:,}"
+        for name, g in dataset.gaps.items()
+    }
+    _note_series(
+        "the times skip steps in",
+        named,
+        "values are taken one step apart, as the worker takes a live series, so across a "
+        "gap the window, the lags and the profile span more time than they say",
     )
 
 
-def _note_repeats(dataset: Dataset, shown: int = 3) -> None:
-    """A note naming the series in which a time comes again (the first ``shown``): each
-    reading is kept as a step of its own, so there the window and the lags span less
-    time than they say. One is a reading kept as it came; 55 passed without a word."""
-    if not dataset.repeats:
-        return
-    named = [
-        f"{name} ({_counted(count, 'time')})"
-        for name, count in list(dataset.repeats.items())[:shown]
-    ]
-    more = len(dataset.repeats) - len(named)
-    print(
-        f"attnlstm train: note: a time comes again in {'; '.join(named)}"
-        f"{f'; and {more:,} more series' if more else ''}: each reading is taken as a step of "
-        "its own, so there the window and the lags span less time than they say",
-        file=sys.stderr,
+def _note_repeats(dataset: Dataset) -> None:
+    """A note naming the series in which a time comes again: each reading is kept as a
+    step of its own, so there the window and the lags span less time than they say. One
+    is a reading kept as it came; 55 passed without a word."""
+    named = {name: _counted(count, "time") for name, count in dataset.repeats.items()}
+    _note_series(
+        "a time comes again in",
+        named,
+        "each reading is taken as a step of its own, so there the window and the lags span "
+        "less time than they say",
     )
+
+
+def _note_series(what: str, named: dict[str, str], why: str, shown: int = 3) -> None:
+    """``train``'s note of ``what`` in the series of ``named`` (each with its counts): the
+    first ``shown``, and how many more; nothing where there are none."""
+    if not named:
+        return
+    first = "; ".join(f"{name} ({counts})" for name, counts in list(named.items())[:shown])
+    more = f"; and {len(named) - shown:,} more series" if len(named) > shown else ""
+    print(f"attnlstm train: note: {what} {first}{more}: {why}", file=sys.stderr)
 
 
 def _counted(count: int, noun: str) -> str:
