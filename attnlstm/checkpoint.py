@@ -5,8 +5,9 @@ header metadata carries the format version, the model config, the training
 metadata and ``sha256``: a hash over everything else in the file (metadata and every
 tensor's name, dtype, shape and bytes). Loading recomputes it, so a flipped byte
 anywhere is refused. The model's version is a second hash, over the config and the
-weights only: the same model trained twice gets the same version, whatever its
-metadata (timings) says.
+weights only, as this release writes them: the same model trained twice gets the same
+version, whatever its metadata (timings) says, and so does a file of an older release
+(its config without the fields added since, which take their defaults) stored again.
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{source}: its meta is not a JSON object")
     model.eval()
-    return Checkpoint(model=model, version=_version(header["config"], tensors), meta=meta)
+    # The loaded model's version, as :func:`dumps` gives it: not one of the file's own
+    # config text and tensors. A file of an older release (its config without the fields
+    # added since) had a version that its bytes, stored again by a worker or `models
+    # promote`, did not: every worker then refused the store's model as not its version.
+    return Checkpoint(model=model, version=version_of(model), meta=meta)
 
 
 def load(path: str | Path, max_bytes: int | None = None) -> Checkpoint:

@@ -2,7 +2,8 @@
 # Loads attnlstm's functions (worker/functions.lua) into Redis as the `loader` user: the
 # one-shot `functions` service runs it once Redis is healthy, before the worker starts.
 # The worker's own user may call them (FCALL) but not load them. Extra arguments go to
-# the CLI: `--tls --cacert FILE` with TLS. Running it again replaces the library.
+# the CLI: `--tls --cacert FILE` with TLS. Running it again replaces the library, of any
+# version (a newer release's too: see deploy/README.md on upgrades).
 # From a checkout, for another server (each primary of a cluster):
 #   LOADER_PASSWORD_FILE=secrets/redis-loader-password FUNCTIONS_FILE=worker/functions.lua \
 #   REDIS_HOST=HOST REDIS_PORT=PORT deploy/load-functions.sh

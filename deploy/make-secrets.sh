@@ -30,7 +30,7 @@ if [ ! -s redis.crt ]; then
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out redis.key
     openssl req -new -key redis.key -subj "/CN=redis" -out redis.csr
     printf '%s\n' "subjectAltName=DNS:redis,DNS:localhost,IP:127.0.0.1" \
-        "extendedKeyUsage=serverAuth" "keyUsage=critical,digitalSignature" >redis.ext
+        "extendedKeyUsage=serverAuth,clientAuth" "keyUsage=critical,digitalSignature" >redis.ext
     openssl x509 -req -in redis.csr -CA redis-ca.crt -CAkey redis-ca.key -CAcreateserial \
         -sha256 -days 825 -extfile redis.ext -out redis.crt
     chmod 644 redis.key # read in its container by the server's own user

@@ -9,7 +9,7 @@ from attnlstm.partition import partition_of
 from worker.batch import Anomalies, Forecasts, batch_call, handled_before, triage
 from worker.contract import DEAD_KINDS, reason_kind
 from worker.keys import Keys
-from worker.lease import Fence
+from worker.lease import VERSION, Fence
 
 KEYS = Keys(input="in", output="out", dead="in:dead", anomalies="an", group="g", models="m")
 FENCE = Fence(KEYS, "w#1a2b3c4d", 7, 10_000)
@@ -70,7 +70,9 @@ def test_the_call_holds_the_forecasts_the_dead_letters_and_the_ack() -> None:
     assert call == (
         b"FCALL", b"attnlstm_publish", b"8",
         b"in:lease:g", b"in:fence:g", b"in", b"out", b"in:dead", b"in:windows:g",
-        b"in:handling:g", b"an", b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
+        b"in:handling:g", b"an",
+        VERSION.encode(),  # the functions' version it calls, refused by any other's
+        b"w#1a2b3c4d", b"7", b"10000", b"g", b"1000",
         b"1", b"1", b"3", b"0",  # forecasts, dead letters, acks, no state
         b"7-0 + 0 w#1a2b3c4d",  # handled up to 7-0, by this token: the handling mark
         b"1",  # an anomaly event
@@ -96,8 +98,8 @@ def test_anomalies_of_replayed_entries_are_not_published_again() -> None:
     )
     assert call is not None
     assert receipt.anomalies == 1  # 5-0 was acked before: its event, if any, went out then
-    assert call[21] == b"1"
-    assert call[22:24] == (b"s1", b"7-0")
+    assert call[22] == b"1"
+    assert call[23:25] == (b"s1", b"7-0")
 
 
 def test_the_state_rides_last_and_an_empty_batch_has_no_call() -> None:
@@ -130,11 +132,11 @@ def test_a_forecast_that_is_not_finite_is_dead_lettered_instead() -> None:
     )
     call, receipt = batch_call(batch, made, FENCE, maxlen=10, version=b"v", handled=b"7-0")
     assert call is not None
-    assert call[16:20] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
-    assert call[20] == b"7-0 + 0 " + FENCE.token.encode()  # handled up to 7-0: the mark moves
-    assert call[21] == b"0"  # no anomalies
-    assert call[22:24] == (b"s2", b"7-0")
-    dead = call[31 : 31 + int(call[30])]
+    assert call[17:21] == (b"1", b"1", b"2", b"0")  # a forecast, a dead letter, two acks
+    assert call[21] == b"7-0 + 0 " + FENCE.token.encode()  # handled up to 7-0: the mark moves
+    assert call[22] == b"0"  # no anomalies
+    assert call[23:25] == (b"s2", b"7-0")
+    dead = call[32 : 32 + int(call[31])]
     assert dead[dead.index(b"error") + 1] == b"the model's forecast is not finite"
     assert dead[dead.index(b"src") + 1] == b"5-0"
     assert call[-2:] == (b"5-0", b"7-0")

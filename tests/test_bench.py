@@ -19,7 +19,9 @@ from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
 from tests.conftest import CLI
 from tests.helpers import wait_for
+from worker.localcluster import LocalClusterError
 from worker.settings import Settings
+from worker.tools import poolbench
 from worker.tools.bench import BenchPlan, _settings, format_report, run_bench, server_of
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
@@ -222,6 +224,26 @@ def test_a_bench_runs_something() -> None:
         dataclasses.replace(PLAN, runs=())
     with pytest.raises(ValueError, match=r"got \['gpu'\]"):
         dataclasses.replace(PLAN, runs=("gpu",))
+
+
+def test_a_local_cluster_that_cannot_start_leaves_what_one_server_measured(
+    model_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no URL the pool bench runs on an embedded server, then on a local cluster.
+    A cluster that will not start (a node's port taken every time) is a warning with the
+    node's words, and the report keeps the one server's runs: before, a traceback."""
+
+    def failing(tmp_path: Path) -> None:
+        raise LocalClusterError("node 127.0.0.1:7 exited (1): Address already in use")
+
+    monkeypatch.setattr(poolbench, "local_cluster", failing)
+    caplog.set_level(logging.WARNING, logger="attnlstm.bench")
+    plan = PoolPlan(workers=(1,), partitions=1, entries=200, series=4)
+    report = run_pool_bench(plan=plan, device="cpu", url=None, model=load(model_file).model)
+    assert [t["redis"] for t in report["targets"]] == ["one server"]
+    assert report["targets"][0]["runs"][0]["pool"]["entries"] == 200
+    said = [r.getMessage() for r in caplog.records]
+    assert any("no local cluster could be started" in m and "Address already" in m for m in said)
 
 
 def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(

@@ -5,16 +5,27 @@ FCALL routed by its first key, the stream commands, and raw commands (worker/str
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from tests.cluster import LocalCluster, execute, keyslot, owner, primaries, transaction
+from tests.cluster import (
+    LocalCluster,
+    execute,
+    keyslot,
+    local_cluster,
+    owner,
+    primaries,
+    transaction,
+)
 from tests.helpers import large_requests_logged
+from worker import localcluster
 from worker.embedded import tuning_args
 from worker.keys import Keys
 from worker.lease import LIBRARY, VERSION, Fence, ensure_library
@@ -138,7 +149,9 @@ def test_fcall_goes_to_the_node_owning_its_first_key(
     for part in by_owner.values():
         home = owner(client, part.lease)
         before = {node.name: _fcalls(node) for node in primaries(client)}
-        fence, holder = client.fcall("attnlstm_lease", 2, part.lease, part.fence, "me#1", 5000)
+        fence, holder = client.fcall(
+            "attnlstm_lease", 2, part.lease, part.fence, VERSION, "me#1", 5000
+        )
         assert (fence, holder) == (1, b"me#1")
         for node in primaries(client):
             calls, rejected = _fcalls(node)
@@ -150,7 +163,7 @@ def test_fcall_goes_to_the_node_owning_its_first_key(
 def test_fcall_on_several_keys_of_one_slot_and_crossslot(
     client: RedisCluster, keys: Keys, prefix: str, loaded: None
 ) -> None:
-    fence, _ = client.fcall("attnlstm_lease", 2, keys.lease, keys.fence, "me#1", 5000)
+    fence, _ = client.fcall("attnlstm_lease", 2, keys.lease, keys.fence, VERSION, "me#1", 5000)
     command = Fence(keys, "me#1", int(fence), 5000).publish(
         forecasts=[(b"s1", b"1-0", b"1", b"0.5", b"[]", b"v1", b"", b"")],
         state={b"meta": b"{}"},
@@ -166,11 +179,11 @@ def test_fcall_on_several_keys_of_one_slot_and_crossslot(
     assert keyslot(client, other.fence) != keyslot(client, keys.lease)
     # Two slots: refused by redis-py before anything is sent ...
     with pytest.raises(redis.RedisClusterException, match="same key slot"):
-        client.fcall("attnlstm_lease", 2, keys.lease, other.fence, "me#1", 5000)
+        client.fcall("attnlstm_lease", 2, keys.lease, other.fence, VERSION, "me#1", 5000)
     # ... and by the server (CROSSSLOT, before it looks at who owns the slot).
     node = owner(client, keys.lease).redis_connection
     with pytest.raises(redis.exceptions.ClusterCrossSlotError, match="same slot"):
-        node.fcall("attnlstm_lease", 2, keys.lease, other.fence, "me#1", 5000)
+        node.fcall("attnlstm_lease", 2, keys.lease, other.fence, VERSION, "me#1", 5000)
 
 
 def test_stream_commands_through_the_cluster_client(client: RedisCluster, keys: Keys) -> None:
@@ -248,3 +261,46 @@ def test_transactions_must_stay_in_one_slot(client: RedisCluster, keys: Keys, pr
     with transaction(client, atomic=False) as pipe:  # no transaction: split by node
         pipe.set(keys.lease, b"z").incr(other.fence)
         assert pipe.execute() == [True, 1]
+
+
+@pytest.fixture
+def a_taken_port() -> Iterator[int]:
+    """A loopback port another process's socket listens on, for the test's length."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def test_a_node_whose_port_is_taken_starts_again_on_fresh_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, a_taken_port: int
+) -> None:
+    """A port taken between the probe that chose it and the server's bind (what another
+    program may do at any time) costs a restart of that node, not the cluster."""
+    chosen = localcluster._free_port
+    handed = iter([a_taken_port])  # the first node's client port
+
+    def taken_first(taken: set[int]) -> int:
+        return next(handed, None) or chosen(taken)
+
+    monkeypatch.setattr(localcluster, "_free_port", taken_first)
+    with local_cluster(tmp_path) as cluster:
+        assert a_taken_port not in cluster.ports
+        node = cluster.node_client(cluster.ports[0])
+        try:
+            assert node.execute_command("CLUSTER INFO")["cluster_state"] == "ok"  # type: ignore[no-untyped-call]
+        finally:
+            node.close()
+
+
+def test_a_node_that_cannot_start_is_one_error_naming_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, a_taken_port: int
+) -> None:
+    """Every port it is given taken: a LocalClusterError with the node's own words, which
+    `attnlstm bench --workers` reports beside what it measured on one server."""
+    monkeypatch.setattr(localcluster, "_free_port", lambda taken: a_taken_port)
+    with (
+        pytest.raises(localcluster.LocalClusterError, match=r"(?s)exited.*Address already"),
+        local_cluster(tmp_path),
+    ):
+        pass  # (never reached)

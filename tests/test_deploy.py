@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.helpers import (
     free_port,
     large_requests_logged,
     server_binaries,
+    wait_for,
     worker_cmd,
     worker_env,
 )
@@ -46,6 +48,7 @@ from worker.contract import UNSERVED_KINDS
 from worker.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
+    pdeathsig_preexec,
     tuning_args,
 )
 from worker.keys import Keys
@@ -53,7 +56,12 @@ from worker.lease import VERSION, Lease
 from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
-from worker.streams import TLS_VERIFY_FIX
+from worker.streams import (
+    PLAIN_TO_TLS_HINT,
+    TLS_TO_PLAIN_HINT,
+    TLS_VERIFY_FIX,
+    URL_TLS_VERIFY_FIX,
+)
 
 KEYS = Keys()  # the ACL file is written for the default names
 NO_RETRY = Retry(NoBackoff(), 0)  # a refusal is the answer, not a reason to try again
@@ -243,6 +251,20 @@ def test_make_secrets_writes_where_the_compose_files_read(tmp_path: Path) -> Non
     assert all((tmp_path / "elsewhere" / name).stat().st_size > 0 for name in read)
 
 
+def test_the_servers_certificate_serves_a_cluster_bus_too(tmp_path: Path) -> None:
+    """With TLS on a Redis Cluster's bus (--tls-cluster yes) each node presents its
+    certificate to the others as a client: one for servers only (as make-secrets.sh
+    made it) left `redis-cli --cluster create` waiting for the nodes to join for ever."""
+    secrets = make_secrets(tmp_path)
+    for purpose in ("sslserver", "sslclient"):
+        done = subprocess.run(
+            ["openssl", "verify", "-purpose", purpose, "-CAfile", str(secrets / "redis-ca.crt"),
+             str(secrets / "redis.crt")],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (purpose, done.stdout, done.stderr)
+
+
 @pytest.mark.parametrize("missing", ["cli", "password", "library"])
 def test_load_functions_says_in_one_line_what_it_lacks(missing: str, tmp_path: Path) -> None:
     """Run from a checkout on a cluster node, as deploy/README.md says, it printed `cat:
@@ -382,10 +404,17 @@ def _burst_as_worker(
     return _cli([*cmd, *pw, "--burst"], tmp_path)
 
 
-def _cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``argv`` (an ``attnlstm`` command) run to its end, as a user runs it."""
+def _cli(argv: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` (an ``attnlstm`` command) run to its end, as a user runs it, with ``env``
+    beside the tests' environment."""
     return subprocess.run(
-        argv, cwd=cwd, env=worker_env(), capture_output=True, text=True, timeout=60, check=False
+        argv,
+        cwd=cwd,
+        env=worker_env() | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -588,6 +617,15 @@ def test_the_worker_connects_over_tls_only_with_the_ca(
         plain = redis.Redis(port=port, socket_timeout=2, retry=NO_RETRY)
         with contextlib.closing(plain), pytest.raises(redis.ConnectionError):
             plain.ping()
+        # A redis:// URL for the TLS port: the server resets the connection, which the
+        # commands and the worker's retries took for a server away, naming no scheme.
+        wrong = f"redis://127.0.0.1:{port}/0"
+        done = _cli([*CLI, "models", "list", "--redis-url", wrong], tmp_path)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "Connection reset by peer" in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().endswith(PLAIN_TO_TLS_HINT), done.stderr[-2000:]
+        _warns(worker_cmd(model_file, wrong, KEYS), tmp_path, f"; {PLAIN_TO_TLS_HINT}; retrying")
+
         unverified = redis.Redis.from_url(url, socket_timeout=2, retry=NO_RETRY)
         with (
             contextlib.closing(unverified),
@@ -597,15 +635,63 @@ def test_the_worker_connects_over_tls_only_with_the_ca(
 
         # Without the CA the worker exits, saying what to fix: no retry mends it (it
         # retried for ever, as it does a server away); the commands say the same.
+        # So does the cluster client's start (ATTNLSTM_CLUSTER=true), which went round a
+        # loop of errors for ever, at full CPU, saying nothing.
         models = [*CLI, "models", "list", "--redis-url", url]
         for argv in (worker_cmd(model_file, url, KEYS, "--burst"), models):
-            done = _cli(argv, tmp_path)
-            assert done.returncode == 1, done.stderr[-2000:]
-            last = done.stderr.strip().splitlines()[-1]
-            assert "CERTIFICATE_VERIFY_FAILED" in last, last
-            assert last.endswith(TLS_VERIFY_FIX), last
+            for cluster in ({}, {"ATTNLSTM_CLUSTER": "true"}):
+                done = _cli(argv, tmp_path, **cluster)
+                assert done.returncode == 1, done.stderr[-2000:]
+                last = done.stderr.strip().splitlines()[-1]
+                assert "CERTIFICATE_VERIFY_FAILED" in last, last
+                assert last.endswith(TLS_VERIFY_FIX), last
+        # `bench` reads no ATTNLSTM_* variable: it named ATTNLSTM_REDIS_CA_FILE, to no avail.
+        done = _cli([*CLI, "bench", "--redis-url", url, "--runs", "drains"], tmp_path)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stderr.strip().endswith(URL_TLS_VERIFY_FIX), done.stderr[-2000:]
+        assert "ssl_ca_certs=CA_FILE" in URL_TLS_VERIFY_FIX
     finally:
         server.stop()
+
+
+def test_a_rediss_url_for_a_port_without_tls_hints_at_redis(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """A server without TLS never answers a TLS handshake (it reads the client's hello as
+    a command not yet ended; so does this listener): the handshake times out, and the
+    commands and the worker, which waits for it, say which scheme the port may want."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"rediss://127.0.0.1:{listener.getsockname()[1]}/0"
+        env = {**worker_env(), "ATTNLSTM_SOCKET_TIMEOUT_S": "1", "ATTNLSTM_BLOCK_MS": "200"}
+        done = subprocess.run(
+            [*CLI, "models", "list", "--redis-url", url],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert done.stderr.strip().endswith(TLS_TO_PLAIN_HINT), done.stderr[-2000:]
+        warning = f"Timeout connecting to server; {TLS_TO_PLAIN_HINT}; retrying"
+        _warns(worker_cmd(model_file, url, KEYS), tmp_path, warning, env)
+
+
+def _warns(cmd: list[str], cwd: Path, warning: str, env: dict[str, str] | None = None) -> None:
+    """The worker ``cmd`` logs ``warning`` (within 60 s), then stops at SIGTERM."""
+    log = cwd / "worker.log"
+    with log.open("w") as err:
+        worker = subprocess.Popen(
+            cmd, cwd=cwd, env=env or worker_env(), stderr=err, preexec_fn=pdeathsig_preexec()
+        )
+
+    def warned() -> bool:
+        assert worker.poll() is None, log.read_text()[-2000:]  # it exited
+        return warning in log.read_text()
+
+    try:
+        wait_for(warned, what=f"{warning!r} in the worker's log")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 # -- metrics --------------------------------------------------------------------------

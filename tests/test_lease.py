@@ -3,6 +3,8 @@ publish that writes nothing unless its process holds the lease at that fence."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import cast
 
 import pytest
@@ -12,7 +14,15 @@ from tests.helpers import entries, wait_for
 from worker.contract import ANOMALY_FIELDS, FORECAST_FIELDS
 from worker.embedded import EmbeddedServer
 from worker.keys import Keys
-from worker.lease import LIBRARY, VERSION, Fence, FencedError, Lease, ensure_library, fenced
+from worker.lease import (
+    LIBRARY,
+    VERSION,
+    Fence,
+    FencedError,
+    Lease,
+    ensure_library,
+    fenced,
+)
 from worker.streams import Command, ensure_group, entries_of, round_trip
 
 
@@ -193,15 +203,60 @@ def test_a_publish_acks_more_ids_than_one_command_takes(client: redis.Redis, key
 
 
 def test_the_library_is_loaded_once_and_replaced_when_its_version_differs(
-    redis_client: redis.Redis,
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An older version is replaced, with a warning for the workers of its release that
+    may still run: it was replaced without a word."""
+    caplog.set_level(logging.WARNING, logger="attnlstm.worker")
     ensure_library(redis_client)
     assert redis_client.fcall("attnlstm_version", 0) == VERSION.encode()
     older = LIBRARY.replace(f"local VERSION = '{VERSION}'", "local VERSION = '0'")
     redis_client.function_load(older, replace=True)
     assert redis_client.fcall("attnlstm_version", 0) == b"0"
+    assert not caplog.records
     ensure_library(redis_client)
     assert redis_client.fcall("attnlstm_version", 0) == VERSION.encode()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"loaded version {VERSION} of the attnlstm functions over version 0: workers of "
+        "that release still running are refused from their next call, and stop (workers "
+        "of a release before version 8 load theirs again: stop those first)"
+    ]
+
+
+def test_a_call_of_another_versions_worker_is_refused_before_anything_is_written(
+    client: redis.Redis, keys: Keys
+) -> None:
+    """Each call names its worker's version first: a call of another release's worker,
+    its arguments laid out for other functions (a rolling upgrade's older workers call
+    the newer library until they stop), is refused before it reads or writes a key."""
+    other = str(int(VERSION) - 1)
+    refused = f"^ATTNLSTM_VERSION Redis has version {VERSION} of the attnlstm functions"
+    with pytest.raises(
+        redis.ResponseError, match=f"{refused}, and this worker calls version {other}$"
+    ):
+        client.fcall("attnlstm_lease", 2, keys.lease, keys.fence, other, "t", 1000)
+    with pytest.raises(redis.ResponseError, match=f"{refused}, and this worker calls version t$"):
+        client.fcall("attnlstm_lease", 2, keys.lease, keys.fence, "t", 1000)  # none named
+    assert client.exists(keys.lease, keys.fence) == 0
+    # The two that every release calls alike: any worker may ask, and hand a lease back.
+    assert client.fcall("attnlstm_version", 0) == VERSION.encode()
+    assert client.fcall("attnlstm_release", 1, keys.lease, "t") == 0
+
+
+# worker/functions.lua's code (its comments and blank lines left out) for each VERSION.
+# Three libraries with different arguments were all version 10: a worker could call one
+# laid out for another, and the functions' version check cannot tell them apart.
+LIBRARY_CODE_SHA256 = {"12": "d56eb79600a7e4cd296f42fea5b8835d17b8b006f35dbf143da1add059438eca"}
+
+
+def test_a_changed_library_comes_with_a_new_version() -> None:
+    code = "\n".join(
+        line for line in LIBRARY.splitlines() if line.strip() and not line.strip().startswith("--")
+    )
+    assert LIBRARY_CODE_SHA256.get(VERSION) == hashlib.sha256(code.encode()).hexdigest(), (
+        "worker/functions.lua's code changed: raise VERSION there and in worker/lease.py, "
+        "and add the new version's hash to LIBRARY_CODE_SHA256"
+    )
 
 
 def test_a_newer_library_is_never_replaced(redis_client: redis.Redis) -> None:

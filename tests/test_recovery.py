@@ -615,43 +615,92 @@ def test_input_trimmed_past_the_saved_state_rebuilds_the_windows_not_joins_a_gap
     assert_forecasts(redis_client, keys.output, before | after)
 
 
+class _NewerFunctions:
+    """``worker`` run in a thread of its own while a newer release's functions are loaded
+    (:meth:`load`), for a ``with`` block; then this release's again, the worker stopped."""
+
+    def __init__(self, client: redis.Redis, worker: loop.Worker) -> None:
+        self.client, self.worker = client, worker
+        self.version = str(int(VERSION) + 1)
+        self.failed: list[ValueError] = []
+        self.running = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except ValueError as e:
+            self.failed.append(e)
+
+    def __enter__(self) -> _NewerFunctions:
+        self.running.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.function_load(LIBRARY, replace=True)
+        self.worker.stop()
+
+    def load(self) -> None:
+        newer = LIBRARY.replace(f"local VERSION = '{VERSION}'", f"local VERSION = '{self.version}'")
+        self.client.function_load(newer, replace=True)
+
+    def stopped_with(self) -> list[str]:
+        """What stopped the worker (it must stop within 60 s)."""
+        self.running.join(timeout=60)
+        assert not self.running.is_alive()
+        return [str(e) for e in self.failed]
+
+
 def test_a_worker_stopped_by_a_newer_library_hands_its_lease_back(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
     """A newer release's workers loaded their functions mid-run; this worker's re-sync
     found them and stopped (it may not call them), its lease held until it lapsed: the
     newer workers waited that long for its partitions."""
-    settings = settings_for(redis_url, keys, block_ms=100)
-    worker = new_worker(settings, trained_sines)
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run()
-        except ValueError as e:
-            failed.append(e)
-
-    running = threading.Thread(target=run, name="worker", daemon=True)
-    newer = str(int(VERSION) + 1)
-    try:
-        running.start()
+    worker = new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)
+    with _NewerFunctions(redis_client, worker) as newer:
         wait_for(lambda: redis_client.exists(keys.lease))
         wait_for(lambda: worker._in_step)
-        redis_client.function_load(
-            LIBRARY.replace(f"local VERSION = '{VERSION}'", f"local VERSION = '{newer}'"),
-            replace=True,
-        )
+        newer.load()
         kill_named(redis_client, "test-worker")  # a re-sync: the library checked again
-        running.join(timeout=60)
-        assert not running.is_alive()
-        assert [str(e) for e in failed] == [
-            f"Redis has version {newer} of the attnlstm functions, newer than this worker's "
-            f"{VERSION}: run this worker's newer release (its workers loaded them)"
+        assert newer.stopped_with() == [
+            f"Redis has version {newer.version} of the attnlstm functions, newer than this "
+            f"worker's {VERSION}: run this worker's newer release (its workers loaded them)"
         ]
         assert not redis_client.exists(keys.lease)
-    finally:
-        redis_client.function_load(LIBRARY, replace=True)
-        worker.stop()
+
+
+def test_a_worker_calling_a_newer_library_mid_run_writes_nothing_and_stops(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """A newer release's workers loaded their functions while this one ran. It checks the
+    version only at its start and re-syncs, so it went on calling them, with arguments
+    laid out for its own: where the layout had changed, a publish wrote a batch wrong or
+    half of it (what a rolling upgrade from before the functions checked versions did,
+    forecasts with a value for a src). Each call now names its version, and the newer
+    functions refuse it before writing anything: the worker stops, its lease handed
+    back, its batch left pending for the newer worker that follows."""
+    values = sine_steps(2, 30, seed=21)
+    worker = new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)
+    with _NewerFunctions(redis_client, worker) as newer:
+        fill(redis_client, keys.input, values[:10])
+        wait_for(lambda: drained(redis_client, keys))
+        published = redis_client.xlen(keys.output)
+        newer.load()
+        fill(redis_client, keys.input, values[10:])
+        [said] = newer.stopped_with()
+        assert (
+            f"ATTNLSTM_VERSION Redis has version {newer.version} of the attnlstm functions, "
+            f"and this worker calls version {VERSION}" in said
+        )
+        assert said.endswith(
+            "run one release on every worker (a worker loads its own at start over an older "
+            "release's, never over a newer one)"
+        )
+        assert redis_client.xlen(keys.output) == published  # not a forecast more
+        assert redis_client.xlen(keys.dead) == 0
+        assert not redis_client.exists(keys.lease)
+        pending = redis_client.xpending(keys.input, keys.group)["pending"]
+        assert 0 < pending <= 2 * 20  # read, not handled: the next worker's to forecast
 
 
 def test_connection_churn_never_dead_letters_valid_input(

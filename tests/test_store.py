@@ -13,13 +13,16 @@ from typing import cast
 
 import pytest
 import redis
+from safetensors.torch import save as st_save
 
-from attnlstm.checkpoint import CheckpointError, dumps, load, save, version_of
-from attnlstm.model import AttentionLSTM
+from attnlstm.checkpoint import CheckpointError, _digest, dumps, load, save, version_of
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
+from attnlstm.train import new_model
 from tests.conftest import CLI
 from tests.helpers import (
     WorkerThread,
+    burst_cli,
     entries,
     events,
     fill,
@@ -467,6 +470,56 @@ def test_a_worker_or_the_cli_without_the_key_refuses_a_signed_store(
     assert len(err) == 1
     assert "give it the key the other workers use" in err[0]
     assert redis_client.get(keys.serving) == version_of(trained_sines).encode()
+
+
+def _of_an_older_release(model: AttentionLSTM) -> bytes:
+    """``model`` as a checkpoint written before its config had the fields ``lags``,
+    ``linear``, ``period`` and ``profile_weeks`` (its own values are their defaults)."""
+    config = {
+        name: value
+        for name, value in model.config.to_dict().items()
+        if name not in ("lags", "linear", "period", "profile_weeks")
+    }
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    header = {
+        "format": "attnlstm-checkpoint",
+        "format_version": "1",
+        "config": json.dumps(config, sort_keys=True),
+        "meta": "{}",
+    }
+    return st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+
+
+def test_a_checkpoint_of_an_older_release_is_stored_as_the_version_it_loads_as(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    stream_prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file of an older release loads with its config's new fields at their defaults.
+    Its version was a hash of the file's own config text, which the bytes stored (this
+    release's) do not have: each worker refused the stored model as another's, and the
+    fleet stopped at the promoted file ("stored model A holds model B")."""
+    config = ModelConfig(window=8, lags=(), linear=False, hidden_size=4, attention_size=4)
+    model = new_model(config, seed=2)
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(_of_an_older_release(model))
+    version = load(path).version
+    assert version == version_of(model)  # as the model would be written now
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    assert main(["models", "promote", str(path), *flags]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["serving"] == version
+    stored = ModelStore(redis_client, keys, keep=5, source="test").get(version)
+    assert stored.version == version
+    # A worker's first start on an empty store stores its file as the promote does.
+    fresh = Keys.prefixed(f"{stream_prefix}fresh:")
+    fill(redis_client, fresh.input, sine_steps(2, 12, seed=4))
+    burst_cli(worker_cmd(path, redis_url, fresh), tmp_path)
+    assert redis_client.get(fresh.serving) == version.encode()
+    assert ModelStore(redis_client, fresh, keep=5, source="test").get(version).version == version
+    assert not [e for e in events(redis_client, fresh.models) if e["event"] == "refused"]
 
 
 def test_of_two_workers_starting_on_an_empty_store_one_promotes_its_file(

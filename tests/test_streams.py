@@ -27,6 +27,8 @@ from worker.streams import (
     read_group,
     round_trip,
     routing_key,
+    scheme_hint,
+    tls_fix,
     transaction,
 )
 
@@ -170,3 +172,17 @@ def test_a_read_is_routed_by_its_stream_whatever_its_group_and_consumer_are_name
     for consumer in ("STREAMS", "w"):
         assert routing_key(read_group(keys, consumer, 10, 100)) == b"in{3}"
     assert routing_key((b"XREAD", b"COUNT", b"5", b"STREAMS", b"s", b">")) == b"s"
+
+
+def test_an_error_chain_that_loops_is_read_once_through() -> None:
+    """An error raised again in a handler of an error it caused (the cluster client's
+    start did so) has a chain that loops: the TLS check went round it for ever."""
+    inner = redis.ConnectionError("reset")
+    outer = redis.exceptions.RedisClusterException("no node answered")
+    outer.__cause__ = inner
+    inner.__context__ = outer
+    assert tls_fix(inner) is None
+    assert scheme_hint(inner, "redis://127.0.0.1:6380") is None
+    inner.__context__ = ConnectionResetError(104, "Connection reset by peer")
+    inner.__context__.__context__ = outer
+    assert scheme_hint(outer, "redis://127.0.0.1:6380") is not None  # found in the loop

@@ -18,7 +18,7 @@ from worker.metrics import Metrics, serve
 from worker.online.store import FILE_BYTES_MAX, check_size
 from worker.settings import Settings
 from worker.signals import StopRequest
-from worker.streams import cluster_of, connect, primaries, tls_fix
+from worker.streams import cluster_of, connect, primaries, tls_fix, unreachable
 
 log = logging.getLogger("attnlstm.worker")
 
@@ -75,7 +75,7 @@ def _connected(url: str, settings: Settings, stop: StopRequest) -> redis.Redis |
             if stop.asked:  # a stop as any other (exit 0): it was an error, exit 1
                 log.info("stopped while waiting for the %s: %s", what, e)
                 return None
-            log.warning("%s: %s; retrying in %.1f s", what, e, delay)
+            log.warning("%s: %s; retrying in %.1f s", what, unreachable(e, url), delay)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 

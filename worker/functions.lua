@@ -4,9 +4,11 @@
 -- the model store's serving pointer, never left naming a version that is not stored.
 -- Loaded once per server (by the worker when its user may; otherwise beforehand, as
 -- docker-compose's `functions` service does with deploy/load-functions.sh); workers
--- only FCALL them. VERSION must match worker/lease.py.
+-- only FCALL them. VERSION must match worker/lease.py, and changes with the code. Each
+-- function's ARGV below is what follows its caller's version (of_this_version, at the
+-- end), but for attnlstm_version and attnlstm_release, which take none.
 
-local VERSION = '11'
+local VERSION = '12'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -267,6 +269,23 @@ local function drop(keys, args)
   return 1
 end
 
+-- Every function but attnlstm_version and attnlstm_release takes the caller's VERSION
+-- before its own ARGV, and refuses a worker of another release before it reads or writes
+-- anything: laid out for another library, its arguments could write a batch wrong, or
+-- half of it (a worker checks the version only as it starts and re-syncs, and in a
+-- rolling upgrade the older workers call the newer library until they stop). Those two
+-- keep their arguments in every release: any worker may ask, and hand its lease back.
+local function of_this_version(callback)
+  return function(keys, args)
+    if args[1] ~= VERSION then
+      return redis.error_reply('ATTNLSTM_VERSION Redis has version ' .. VERSION ..
+        ' of the attnlstm functions, and this worker calls version ' .. tostring(args[1]))
+    end
+    table.remove(args, 1)
+    return callback(keys, args)
+  end
+end
+
 -- With Redis full (maxmemory, noeviction), a function that may write is refused: the
 -- version check still answers (every start and re-sync asks it), and a lease can still
 -- be handed back (a DEL frees memory), not left to lapse.
@@ -275,13 +294,13 @@ redis.register_function{
   callback = function() return VERSION end,
   flags = {'no-writes'},
 }
-redis.register_function('attnlstm_promote', promote)
-redis.register_function('attnlstm_serve', serve)
-redis.register_function('attnlstm_drop', drop)
-redis.register_function('attnlstm_pool', pool)
-redis.register_function('attnlstm_partitions', partitions)
-redis.register_function('attnlstm_lease', lease)
+redis.register_function('attnlstm_promote', of_this_version(promote))
+redis.register_function('attnlstm_serve', of_this_version(serve))
+redis.register_function('attnlstm_drop', of_this_version(drop))
+redis.register_function('attnlstm_pool', of_this_version(pool))
+redis.register_function('attnlstm_partitions', of_this_version(partitions))
+redis.register_function('attnlstm_lease', of_this_version(lease))
 redis.register_function{function_name = 'attnlstm_release', callback = release, flags = {'allow-oom'}}
-redis.register_function('attnlstm_publish', publish)
-redis.register_function('attnlstm_skip', skip)
-redis.register_function('attnlstm_claim', claim)
+redis.register_function('attnlstm_publish', of_this_version(publish))
+redis.register_function('attnlstm_skip', of_this_version(skip))
+redis.register_function('attnlstm_claim', of_this_version(claim))

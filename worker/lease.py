@@ -15,6 +15,7 @@ beforehand (docker-compose's ``functions`` service runs ``deploy/load-functions.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,8 +28,11 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str, cluster_of
 
-VERSION = "11"  # the library's, in functions.lua
+VERSION = "12"  # the library's, in functions.lua: every call but two names it (below)
+_V = VERSION.encode()
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
+
+log = logging.getLogger("attnlstm.worker")
 
 
 class FencedError(OutOfStepError):
@@ -59,6 +63,8 @@ def ensure_library(client: redis.Redis) -> None:
         )
     try:
         client.function_load(LIBRARY, replace=True)
+        if older := sorted({v for v in loaded if v and v != VERSION}, key=_number):
+            _replaced(older)
     except redis.exceptions.NoPermissionError:
         raise ValueError(
             f"Redis lacks version {VERSION} of the attnlstm functions, and this user may not "
@@ -66,6 +72,24 @@ def ensure_library(client: redis.Redis) -> None:
             "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
             "docker-compose deployment, `docker compose up functions`)"
         ) from None
+
+
+def _replaced(older: list[str]) -> None:
+    """The warning for versions this one replaced: the workers of their release that
+    still run are refused from their next call (the functions check every caller's
+    version, from version 12), and stop; but a release before version 8 of the
+    functions loads its own over any other, this one included, at its next re-sync."""
+    log.warning(
+        "loaded version %s of the attnlstm functions over version %s: workers of that "
+        "release still running are refused from their next call, and stop (workers of a "
+        "release before version 8 load theirs again: stop those first)",
+        VERSION,
+        ", ".join(older),
+    )
+
+
+def _number(version: str) -> int:
+    return int(version) if version.isdigit() else -1
 
 
 def _versions(client: redis.Redis) -> set[str | None]:
@@ -125,7 +149,7 @@ class Fence:
         k = self.keys
         head = (b"FCALL", b"attnlstm_publish", b"8", k.lease.encode(), k.fence.encode(),
                 k.input.encode(), k.output.encode(), k.dead.encode(), k.state.encode(),
-                k.handling.encode(), k.anomalies.encode(), self.token.encode(),
+                k.handling.encode(), k.anomalies.encode(), _V, self.token.encode(),
                 b"%d" % self.number, b"%d" % self.ttl_ms, k.group.encode(), b"%d" % maxlen,
                 b"%d" % len(forecasts), b"%d" % len(dead), b"%d" % len(acks),
                 b"%d" % len(state or {}), mark.encode() if mark else b"",
@@ -144,9 +168,9 @@ class Fence:
         entry is ``last_delivered``; only while this lease holds."""
         k = self.keys
         return (b"FCALL", b"attnlstm_skip", b"4", k.lease.encode(), k.fence.encode(),
-                k.input.encode(), k.dead.encode(), self.token.encode(), b"%d" % self.number,
-                k.group.encode(), last_delivered, b"%d" % entries_read, b"%d" % maxlen,
-                *dead)  # fmt: skip
+                k.input.encode(), k.dead.encode(), _V, self.token.encode(),
+                b"%d" % self.number, k.group.encode(), last_delivered, b"%d" % entries_read,
+                b"%d" % maxlen, *dead)  # fmt: skip
 
     def claim(
         self, *, consumer: str, start: bytes, count: int, maxlen: int, reason: str, what: str
@@ -158,9 +182,9 @@ class Fence:
         XAUTOCLAIM's."""
         k = self.keys
         return (b"FCALL", b"attnlstm_claim", b"4", k.lease.encode(), k.fence.encode(),
-                k.input.encode(), k.dead.encode(), self.token.encode(), b"%d" % self.number,
-                k.group.encode(), consumer.encode(), start, b"%d" % count, b"%d" % maxlen,
-                reason.encode(), what.encode())  # fmt: skip
+                k.input.encode(), k.dead.encode(), _V, self.token.encode(),
+                b"%d" % self.number, k.group.encode(), consumer.encode(), start,
+                b"%d" % count, b"%d" % maxlen, reason.encode(), what.encode())  # fmt: skip
 
 
 class Lease:
@@ -186,7 +210,14 @@ class Lease:
         the fence number). Ours when the holder is ``self.token``. ``new_term``: a
         lease already ours gets a new fence number, which refuses every write sent
         before at the old one (one still on its way from a dropped connection)."""
-        args = (self.key, self.fence_key, self.token, self.ttl_ms, "1" if new_term else "0")
+        args = (
+            self.key,
+            self.fence_key,
+            VERSION,
+            self.token,
+            self.ttl_ms,
+            "1" if new_term else "0",
+        )
         fence, holder = self.client.fcall("attnlstm_lease", 2, *args)
         return as_str(holder), int(fence)
 

@@ -4,7 +4,7 @@
 
 The server is the one :func:`find_cluster_binaries` finds: the embedded server's own
 binary, else one on ``PATH``. Without a server and a cli, :func:`local_cluster` raises
-:class:`NoClusterError`.
+:class:`NoClusterError`; where one cannot be built, :class:`LocalClusterError`.
 
 Each node gets two free loopback ports, its client port and its cluster bus port
 (``cluster-port``): the default bus port, client port + 10000, is past 65535 for most
@@ -40,9 +40,16 @@ SLOTS = 16384
 _START_TIMEOUT = 10.0  # each node answering PING
 _JOIN_TIMEOUT = 30.0  # `--cluster create`, then every node at cluster_state:ok
 _STOP_TIMEOUT = 10.0
+# Starts of one node, each on fresh ports, while another process takes its port between
+# :func:`_free_port` asking and the server binding it.
+_PORT_TRIES = 3
 
 
-class NoClusterError(RuntimeError):
+class LocalClusterError(RuntimeError):
+    """No cluster could be built: a node that would not start, answer or join."""
+
+
+class NoClusterError(LocalClusterError):
     """No server binary and cli to build a cluster with."""
 
 
@@ -123,8 +130,10 @@ class _Node:
             "--save", "",
             *tuning,
         ]  # fmt: skip
-        # Errors from before the log file is open (a bad option) go to stdout/stderr.
-        with (self.directory / "server.out").open("ab") as out:
+        # Errors from before the log file is open (a bad option) go to stdout/stderr. Both
+        # begin empty at each start: what they say is this start's.
+        self.log.unlink(missing_ok=True)
+        with (self.directory / "server.out").open("wb") as out:
             self.process = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -133,6 +142,11 @@ class _Node:
                 start_new_session=True,  # not signalled by a Ctrl-C meant for pytest
                 preexec_fn=pdeathsig_preexec(),  # and gone with us, even after kill -9
             )
+
+    def lost_its_port(self) -> bool:
+        """Whether the server exited because its port or bus port was taken."""
+        said = f"{log_tail(self.directory / 'server.out')}\n{log_tail(self.log)}"
+        return "Address already in use" in said
 
     def problem(self, what: str) -> str:
         out, log = log_tail(self.directory / "server.out"), log_tail(self.log)
@@ -199,29 +213,43 @@ class LocalCluster:
         self._clients.clear()
 
 
-def _start_nodes(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
+def _start_nodes(binaries: ClusterBinaries, nodes: Sequence[_Node], taken: set[int]) -> None:
+    """Every node started and answering PING; a node whose port was taken after it was
+    chosen starts again on fresh ones."""
     tuning = tuning_args(server_version(binaries.server))
     for node in nodes:
         node.start(binaries.server, tuning)
     deadline = time.monotonic() + _START_TIMEOUT
     for node in nodes:
-        client = _node_client(node.port, timeout=1.0)
-        try:
-            while True:
-                assert node.process is not None
-                if node.process.poll() is not None:
-                    raise RuntimeError(node.problem(f"exited ({node.process.returncode})"))
-                try:
-                    if client.ping():
-                        break
-                except (redis.RedisError, OSError) as error:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            node.problem(f"did not answer PING in {_START_TIMEOUT:g} s: {error}")
-                        ) from None
-                time.sleep(0.02)
-        finally:
-            client.close()
+        tries = 1
+        while not _answered(node, deadline):
+            assert node.process is not None
+            if tries == _PORT_TRIES or not node.lost_its_port():
+                raise LocalClusterError(node.problem(f"exited ({node.process.returncode})"))
+            node.port, node.bus_port = _free_port(taken), _free_port(taken)
+            node.start(binaries.server, tuning)
+            tries += 1
+
+
+def _answered(node: _Node, deadline: float) -> bool:
+    """True once the node answers PING, False where its process exited first."""
+    client = _node_client(node.port, timeout=1.0)
+    try:
+        while True:
+            assert node.process is not None
+            if node.process.poll() is not None:
+                return False
+            try:
+                if client.ping():
+                    return True
+            except (redis.RedisError, OSError) as error:
+                if time.monotonic() > deadline:
+                    raise LocalClusterError(
+                        node.problem(f"did not answer PING in {_START_TIMEOUT:g} s: {error}")
+                    ) from None
+            time.sleep(0.02)
+    finally:
+        client.close()
 
 
 def _create(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
@@ -233,9 +261,9 @@ def _create(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
             args, capture_output=True, text=True, timeout=_JOIN_TIMEOUT, check=False
         )
     except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{' '.join(args)} took over {_JOIN_TIMEOUT:g} s") from error
+        raise LocalClusterError(f"{' '.join(args)} took over {_JOIN_TIMEOUT:g} s") from error
     if result.returncode != 0:
-        raise RuntimeError(
+        raise LocalClusterError(
             f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
 
@@ -252,7 +280,7 @@ def _wait_joined(nodes: Sequence[_Node], masters: int) -> None:
             except (redis.RedisError, OSError) as error:
                 last = error
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise LocalClusterError(
                     node.problem(f"not at cluster_state:ok in {_JOIN_TIMEOUT:g} s: {last}")
                 )
             time.sleep(0.05)
@@ -297,7 +325,7 @@ def local_cluster(tmp_path: Path, *, masters: int = 3) -> Iterator[LocalCluster]
     ]
     cluster = LocalCluster(binaries, nodes)
     try:
-        _start_nodes(binaries, nodes)
+        _start_nodes(binaries, nodes, taken)
         _create(binaries, nodes)
         _wait_joined(nodes, masters)
         yield cluster

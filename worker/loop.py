@@ -62,6 +62,7 @@ from worker.streams import (
     OutOfStepError,
     cluster_of,
     id_key,
+    scheme_hint,
     what_to_fix,
 )
 
@@ -235,7 +236,8 @@ class Worker:
                 self.metrics.redis_errors.inc()
                 self.metrics.expire()
                 delay = min(max(2 * delay, 0.2), 5.0)
-                log.warning("Redis: %s; retrying in %.1f s", _describe(e), delay)
+                said = _describe(e, self.settings.url_for_logs())
+                log.warning("Redis: %s; retrying in %.1f s", said, delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
             except ValueError:  # no retry mends it (a library of a newer version, the
                 self._in_step = False  # partitions' mark): its leases handed back now, not
@@ -834,6 +836,9 @@ class Worker:
             time.sleep(min(left, 0.1))
 
 
-def _describe(e: Exception) -> str:
+def _describe(e: Exception, url: str) -> str:
+    """An error of Redis's in words, with a hint where ``url``'s scheme may be wrong."""
     text = str(e) or type(e).__name__
-    return f"{type(e).__name__}: {text}" if isinstance(e, redis.ConnectionError) else text
+    text = f"{type(e).__name__}: {text}" if isinstance(e, redis.ConnectionError) else text
+    hint = scheme_hint(e, url)
+    return f"{text}; {hint}" if hint else text

@@ -21,6 +21,7 @@ from typing import cast
 import redis
 
 from worker.keys import Keys
+from worker.lease import VERSION
 from worker.streams import as_str, stream_info
 
 
@@ -67,7 +68,8 @@ class Pool:
         written where it is gone (P > 1, or a Redis Cluster)."""
         count = self.partitions
         mark = _count(
-            self.keys, self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, count)
+            self.keys,
+            self.client.fcall("attnlstm_partitions", 1, self.keys.partitions, VERSION, count),
         )
         if mark != count:
             raise _another(self.keys, mark, count, "this worker reads")
@@ -129,7 +131,7 @@ class Pool:
 
     def _call(self, ttl_ms: int) -> list[bytes | str]:
         reply: list[bytes | str] = self.client.fcall(
-            "attnlstm_pool", 1, self.keys.pool, self.token, ttl_ms
+            "attnlstm_pool", 1, self.keys.pool, VERSION, self.token, ttl_ms
         )
         return reply
 

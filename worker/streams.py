@@ -64,6 +64,12 @@ _FIXES: tuple[tuple[type[redis.ResponseError], str, str], ...] = (
     (redis.ResponseError, "ACL failure in script", ACL_FIX),
     (redis.ResponseError, "The user executing the script can't run", ACL_FIX),
     (redis.exceptions.ReadOnlyError, "", "this server is a replica: use its primary's URL"),
+    (  # a call of the attnlstm functions, refused as one of another release's worker
+        redis.ResponseError,
+        "ATTNLSTM_VERSION",
+        "the workers of another release loaded theirs: run one release on every worker (a "
+        "worker loads its own at start over an older release's, never over a newer one)",
+    ),
     (  # the lease's function, counting on a fence planted as text
         redis.ResponseError,
         NOT_A_COUNT,
@@ -88,6 +94,10 @@ TLS_VERIFY_FIX = (
     "the server's TLS certificate must be signed by the CA in ATTNLSTM_REDIS_CA_FILE, be "
     "in date, and name the URL's host"
 )
+# `bench` reads no ATTNLSTM_* variable: its CA goes in the URL.
+URL_TLS_VERIFY_FIX = TLS_VERIFY_FIX.replace(
+    "in ATTNLSTM_REDIS_CA_FILE", "the URL names (rediss://HOST:PORT/DB?ssl_ca_certs=CA_FILE)"
+)
 _CLIENT_CERT_REFUSALS = frozenset(
     {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA"}
 )
@@ -100,19 +110,50 @@ CLIENT_CERT_FIX = (
 def tls_fix(e: BaseException) -> str | None:
     """What to fix for a TLS handshake that no retry mends, behind redis-py's
     ConnectionError; None for any other error."""
-    seen: BaseException | None = e
-    while seen is not None:
+    for seen in _chain(e):
         if isinstance(seen, ssl.SSLCertVerificationError):
             return TLS_VERIFY_FIX
         if isinstance(seen, ssl.SSLError) and seen.reason in _CLIENT_CERT_REFUSALS:
             return CLIENT_CERT_FIX
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
-def unreachable(e: redis.RedisError) -> str:
-    """A connection error's words, and what to fix where it is a TLS refusal."""
-    fix = tls_fix(e)
+# A URL of the wrong scheme was retried as any lost connection is (the server may be
+# restarting), with nothing said of the scheme. A server with TLS on the port resets a
+# plain connection at its first command (Redis 7.0); one without it never answers a TLS
+# handshake, which times out (Redis 7.0, Valkey 8.1). Each has other causes: a hint.
+PLAIN_TO_TLS_HINT = "if the server takes TLS on this port, the URL must begin rediss://"
+TLS_TO_PLAIN_HINT = "if the server takes no TLS on this port, the URL must begin redis://"
+
+
+def scheme_hint(e: BaseException, url: str | None) -> str | None:
+    """The hint for an error that a URL of the wrong scheme gives (:data:`PLAIN_TO_TLS_HINT`,
+    :data:`TLS_TO_PLAIN_HINT`); None for any other error, or URL (None: the embedded
+    server's)."""
+    scheme = (url or "").partition("://")[0].lower()
+    for seen in _chain(e):
+        if scheme == "redis" and isinstance(seen, ConnectionResetError):
+            return PLAIN_TO_TLS_HINT
+        if scheme == "rediss" and isinstance(seen, TimeoutError) and "handshake" in str(seen):
+            return TLS_TO_PLAIN_HINT
+    return None
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """The error and those it was raised from or while handling, in turn, each once
+    (an error raised again in a handler of its own effect makes the chain a loop)."""
+    seen: set[int] = set()
+    at: BaseException | None = e
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        yield at
+        at = at.__cause__ or at.__context__
+
+
+def unreachable(e: redis.RedisError, url: str | None) -> str:
+    """A connection error's words, and what to fix where it is a TLS refusal, or a hint
+    where the URL's scheme may be the wrong one."""
+    fix = tls_fix(e) or scheme_hint(e, url)
     return f"{e}; {fix}" if fix else str(e)
 
 
@@ -196,20 +237,30 @@ def connect(
     if not cluster:
         return redis.Redis.from_url(url, **options)
     try:
-        nodes = RedisCluster.from_url(url, **options)
+        return cast(redis.Redis, RedisCluster.from_url(url, **options))
     except redis.exceptions.RedisClusterException as e:
-        cause = e.__cause__
-        if isinstance(cause, redis.AuthenticationError) or (cause and tls_fix(cause)):
-            raise cause from None  # no retry mends it
-        if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
-            raise redis.ConnectionError(f"no node of the Redis Cluster answered: {e}") from None
-        # A node of no cluster, or a user who may not ask for its slots: it was retried
-        # for ever, as if no node answered.
-        raise ValueError(
-            f"{e}: the URL's server is no node of a Redis Cluster (unset ATTNLSTM_CLUSTER "
-            "for one server), or the URL's user may not run CLUSTER SLOTS"
-        ) from None
-    return cast(redis.Redis, nodes)
+        failure = _cluster_failure(e)
+    # Raised here, not in the handler: there, the cause raised again took the handler's
+    # error for its context, whose cause it is, and lost the SSL error it came from. The
+    # TLS check went round that loop for ever, at full CPU (even SIGTERM did not end it).
+    raise failure
+
+
+def _cluster_failure(e: RedisClusterException) -> BaseException:
+    """What the cluster client's failure to start is raised as: its cause where no retry
+    mends that (a password, a TLS certificate), a ConnectionError where no node
+    answered, else a ValueError."""
+    cause = e.__cause__
+    if isinstance(cause, redis.AuthenticationError) or (cause and tls_fix(cause)):
+        return cause
+    if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return redis.ConnectionError(f"no node of the Redis Cluster answered: {e}")
+    # A node of no cluster, or a user who may not ask for its slots: it was retried for
+    # ever, as if no node answered.
+    return ValueError(
+        f"{e}: the URL's server is no node of a Redis Cluster (unset ATTNLSTM_CLUSTER "
+        "for one server), or the URL's user may not run CLUSTER SLOTS"
+    )
 
 
 def _cluster_enabled(client: redis.Redis) -> bool:

@@ -22,7 +22,14 @@ from attnlstm.errors import CheckpointError
 from worker.cli import EXIT_INTERRUPTED
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
-from worker.streams import CREDENTIALS_FIX, URL_CREDENTIALS, fix_for, unreachable
+from worker.streams import (
+    CREDENTIALS_FIX,
+    TLS_VERIFY_FIX,
+    URL_CREDENTIALS,
+    URL_TLS_VERIFY_FIX,
+    fix_for,
+    unreachable,
+)
 from worker.usage import UsageError
 
 EXIT_FAILURE = 1
@@ -45,6 +52,13 @@ def refusal(e: redis.ResponseError) -> str:
     """What Redis said, and what to fix where a setting is the obvious cause."""
     fix = fix_for(e)
     return f"{e}; {fix}" if fix else str(e)
+
+
+def _unreachable(args: argparse.Namespace, e: redis.RedisError) -> str:
+    """:func:`unreachable` for the command's URL; for ``bench``, which reads no
+    ATTNLSTM_* variable, with the CA named in the URL."""
+    said = unreachable(e, getattr(args, "redis_url", None))
+    return said.replace(TLS_VERIFY_FIX, URL_TLS_VERIFY_FIX) if args.command == "bench" else said
 
 
 def command_of(args: argparse.Namespace) -> Command:
@@ -72,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
-        message = f"cannot reach Redis: {unreachable(e)}"
-        print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
+        said = _unreachable(args, e)
+        print(f"attnlstm {args.command}: error: cannot reach Redis: {said}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.ResponseError as e:
         print(f"attnlstm {args.command}: error: Redis refused: {refusal(e)}", file=sys.stderr)

@@ -164,7 +164,7 @@ def demo_command(args: argparse.Namespace) -> dict[str, Any]:
         raise
     except redis.ConnectionError as e:
         where = settings.url_for_logs()
-        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e)}") from None
+        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e, where)}") from None
 
 
 def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:

@@ -194,7 +194,7 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
         raise ValueError(f"Redis at {where} refused: {e}; {CREDENTIALS_FIX}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         where = settings.url_for_logs()
-        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e)}") from None
+        raise ValueError(f"cannot reach Redis at {where}: {unreachable(e, where)}") from None
     except redis.ResponseError as e:
         raise ValueError(f"Redis at {settings.url_for_logs()} refused: {refusal(e)}") from None
     except redis.DataError:

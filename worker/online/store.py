@@ -31,6 +31,7 @@ import redis
 
 from attnlstm.checkpoint import Checkpoint, CheckpointError, loads
 from worker.keys import Keys
+from worker.lease import VERSION
 from worker.streams import (
     WRONG_TYPE,
     Command,
@@ -124,7 +125,7 @@ class ModelStore:
         that lands first keeps it)."""
         k = self.keys
         keys = (k.serving, k.versions, k.model(version), k.model_signature(version))
-        self.client.fcall("attnlstm_drop", len(keys), *keys, version)
+        self.client.fcall("attnlstm_drop", len(keys), *keys, VERSION, version)
 
     def get(self, version: str) -> Checkpoint:
         """The stored version, verified; CheckpointError when missing or not intact (its
@@ -234,7 +235,7 @@ class ModelStore:
         in one step on the server (``FCALL attnlstm_serve``); CheckpointError when it is
         not (a newer version pushed it out since it was read)."""
         keys = (self.keys.serving, self.keys.models, self.keys.model(version))
-        args = (version, EVENTS_MAXLEN, *self._fields(version, event, fields))
+        args = (VERSION, version, EVENTS_MAXLEN, *self._fields(version, event, fields))
         if not self.client.fcall("attnlstm_serve", len(keys), *keys, *args):
             raise CheckpointError(f"model {version} is not in the store")
 
@@ -246,7 +247,13 @@ class ModelStore:
         another version serves by now, and then it is not kept: what was not promoted
         takes no stored version's place."""
         new = self._store(data, version)
-        args = (version, parent or "", EVENTS_MAXLEN, *self._fields(version, event, fields))
+        args = (
+            VERSION,
+            version,
+            parent or "",
+            EVENTS_MAXLEN,
+            *self._fields(version, event, fields),
+        )
         keys = (self.keys.serving, self.keys.models, self.keys.model(version))
         if self.client.fcall("attnlstm_promote", len(keys), *keys, *args):
             self._prune()

@@ -218,7 +218,8 @@ class Tuner:
             checkpoint = self.store.get(version)
             self._fits(checkpoint)
         except (CheckpointError, ValueError) as e:
-            log.error("refused model %s: %s; serving %s unchanged", version, e, self.version)
+            unchanged = f"; serving {self.version} unchanged" if self.version else ""
+            log.error("refused model %s: %s%s", version, e, unchanged)
             self.store.event(version, "refused", reason=str(e))
             self._refused = version
             if self.version is not None and self.enabled:
