@@ -320,6 +320,32 @@ def test_plot_from_stream_skips_and_counts_entries_that_are_no_forecast(
     assert report["forecasts"] == 40 - trained_sines.config.window + 1
 
 
+def test_plot_from_stream_of_a_partitioned_stream_read_as_one_says_to_pass_partitions(
+    redis_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """A stream written in 4 partitions, drawn without --partitions: the series was "not
+    among the last entries" of the one stream read, and nothing said why."""
+    env = worker_env() | {
+        "ATTNLSTM_INPUT_STREAM": keys.input,
+        "ATTNLSTM_OUTPUT_STREAM": keys.output,
+    }
+    replay = [*CLI, "replay", "--redis-url", redis_url, "--fast", "--series", "4"]
+    done = subprocess.run(
+        [*replay, "--points", "5", "--partitions", "4"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plot = [*CLI, "plot", "--from-stream", "--redis-url", redis_url, "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*plot, "--series", "sine-3"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        f"{keys.partitions} says the stream is written in 4 partitions: pass --partitions 4"
+    ), done.stderr
+
+
 def test_a_forecast_an_hour_late_is_drawn_in_a_few_bins(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

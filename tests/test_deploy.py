@@ -742,10 +742,27 @@ def _a_pool_as_the_users(
             node.execute_command("ACL", "SETUSER", name, "reset", *rules)  # type: ignore[no-untyped-call]
     binaries = find_cluster_binaries()
     assert binaries is not None  # the fixture found them
+    url = f"redis://{{}}@127.0.0.1:{redis_cluster.ports[1]}/0"  # any node will do
+    # One primary without the functions: the worker may not load them, and says where
+    # they go (it gave the one-server line, which loads one node).
+    with contextlib.suppress(redis.ResponseError):  # loaded by an earlier test, or not
+        nodes[2].function_delete("attnlstm")
+    done = subprocess.run(
+        [*worker_cmd(model_file, url.format("worker"), KEYS, "--partitions", "4", "--burst"),
+         "--redis-password-file", str(secrets / "redis-worker-password")],
+        env=worker_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "load worker/functions.lua as an admin on every primary of the cluster "
+        "(deploy/load-functions.sh, with each one's REDIS_HOST and REDIS_PORT)"
+    ), last
+    for node in nodes:  # its FUNCTION LOAD, refused: the one denial expected of it
+        node.acl_log_reset()
     for port in redis_cluster.ports:  # load-functions.sh once per primary
         _load_functions(binaries.cli.parent, port, secrets / "redis-loader-password")
 
-    url = f"redis://{{}}@127.0.0.1:{redis_cluster.ports[1]}/0"  # any node will do
     env = worker_env() | {"ATTNLSTM_REDIS_PASSWORD_FILE": str(secrets / "redis-producer-password")}
     sines = ("--fast", "--series", "12", "--points", "40", "--partitions", "4", "--json")
     done = subprocess.run(

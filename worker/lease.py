@@ -66,11 +66,16 @@ def ensure_library(client: redis.Redis) -> None:
         if older := sorted({v for v in loaded if v and v != VERSION}, key=_number):
             _replaced(older)
     except redis.exceptions.NoPermissionError:
+        how = (  # on a cluster, the CLI's line loads one node
+            "on every primary of the cluster (deploy/load-functions.sh, with each one's "
+            "REDIS_HOST and REDIS_PORT)"
+            if cluster_of(client) is not None
+            else "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
+            "docker-compose deployment, `docker compose up functions`)"
+        )
         raise ValueError(
             f"Redis lacks version {VERSION} of the attnlstm functions, and this user may not "
-            "load them: load worker/functions.lua as an admin "
-            "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
-            "docker-compose deployment, `docker compose up functions`)"
+            f"load them: load worker/functions.lua as an admin {how}"
         ) from None
 
 

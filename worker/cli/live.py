@@ -181,11 +181,20 @@ def live_plot_command(args: argparse.Namespace) -> dict[str, Any]:
             series={args.series},
             newest=args.last,
         )
+        # The stream written in more partitions than read here: the series may be in another.
+        marked = None if args.series in views else client.get(settings.keys.partitions)
     if args.series not in views:
         k = partition_of(args.series, settings.partitions)
+        count = marked.decode(errors="replace") if isinstance(marked, bytes) else ""
+        hint = (
+            f"; {settings.keys.partitions} says the stream is written in {count} partitions: "
+            f"pass --partitions {count}"
+            if count and count != str(settings.partitions)
+            else ""
+        )
         raise ValueError(
             f"no forecast for series {args.series!r} among the last {args.last:,} entries "
-            f"of {settings.keys.partition(k, settings.partitions).output}"
+            f"of {settings.keys.partition(k, settings.partitions).output}{hint}"
         )
     written = draw(views, args.out, shown=[args.series], points=args.points, label=args.series)
     return summary(views) | {"series": args.series, "written": [str(w) for w in written]}
