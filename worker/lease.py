@@ -63,7 +63,7 @@ def ensure_library(client: redis.Redis) -> None:
         )
     try:
         client.function_load(LIBRARY, replace=True)
-        if older := sorted({v for v in loaded if v and v != VERSION}, key=_number):
+        if older := sorted({v for v in loaded if v and v != VERSION}):
             _replaced(older)
     except redis.exceptions.NoPermissionError:
         how = (  # on a cluster, the CLI's line loads one node
@@ -91,10 +91,6 @@ def _replaced(older: list[str]) -> None:
         VERSION,
         ", ".join(older),
     )
-
-
-def _number(version: str) -> int:
-    return int(version) if version.isdigit() else -1
 
 
 def _versions(client: redis.Redis) -> set[str | None]:
