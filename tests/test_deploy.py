@@ -664,23 +664,21 @@ def test_a_rediss_url_for_a_port_without_tls_hints_at_redis(
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         url = f"rediss://127.0.0.1:{listener.getsockname()[1]}/0"
-        env = {**worker_env(), "ATTNLSTM_SOCKET_TIMEOUT_S": "1", "ATTNLSTM_BLOCK_MS": "200"}
-        done = subprocess.run(
-            [*CLI, "models", "list", "--redis-url", url],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        quick = {"ATTNLSTM_SOCKET_TIMEOUT_S": "1", "ATTNLSTM_BLOCK_MS": "200"}
+        done = _cli([*CLI, "models", "list", "--redis-url", url], tmp_path, **quick)
         assert done.returncode == 1, done.stderr[-2000:]
         assert done.stderr.strip().endswith(TLS_TO_PLAIN_HINT), done.stderr[-2000:]
         warning = f"Timeout connecting to server; {TLS_TO_PLAIN_HINT}; retrying"
-        _warns(worker_cmd(model_file, url, KEYS), tmp_path, warning, env)
+        _warns(worker_cmd(model_file, url, KEYS), tmp_path, warning, **quick)
 
 
-def _warns(cmd: list[str], cwd: Path, warning: str, env: dict[str, str] | None = None) -> None:
-    """The worker ``cmd`` logs ``warning`` (within 60 s), then stops at SIGTERM."""
+def _warns(cmd: list[str], cwd: Path, warning: str, **env: str) -> None:
+    """The worker ``cmd`` (with ``env`` beside the tests' environment) logs ``warning``
+    within 60 s; then it is stopped with SIGTERM."""
     log = cwd / "worker.log"
     with log.open("w") as err:
         worker = subprocess.Popen(
-            cmd, cwd=cwd, env=env or worker_env(), stderr=err, preexec_fn=pdeathsig_preexec()
+            cmd, cwd=cwd, env=worker_env() | env, stderr=err, preexec_fn=pdeathsig_preexec()
         )
 
     def warned() -> bool:
