@@ -276,7 +276,7 @@ def test_the_gaps_note_names_three_series_and_counts_the_rest(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     gaps = {f"s{i}": Gaps(i + 1, 2 * i + 1, min(i + 1, 2)) for i in range(5)}
-    _note_gaps(Dataset(list(gaps), [np.zeros(3)] * 5, 3600.0, gaps))
+    _note_gaps(Dataset(list(gaps), [np.zeros(3)] * 5, 3600.0, gaps), "train")
     assert capsys.readouterr().err == (
         "attnlstm train: note: the times skip steps in s0 (1 step missing in 1 place, the "
         "longest 1); s1 (3 steps missing in 2 places, the longest 2); s2 (5 steps missing "
@@ -284,7 +284,7 @@ def test_the_gaps_note_names_three_series_and_counts_the_rest(
         "worker takes a live series, so across a gap the window, the lags and the profile "
         "span more time than they say\n"
     )
-    _note_gaps(Dataset(["a"], [np.zeros(3)], 3600.0))
+    _note_gaps(Dataset(["a"], [np.zeros(3)], 3600.0), "train")
     assert capsys.readouterr().err == ""
 
 
@@ -293,13 +293,13 @@ def test_the_repeats_note_names_the_series_whose_times_come_again(
 ) -> None:
     """55 repeated times passed train and evaluate without a word, where gaps get one."""
     repeats = {"s0": 55, "s1": 1}
-    _note_repeats(Dataset(list(repeats), [np.zeros(3)] * 2, 3600.0, repeats=repeats))
+    _note_repeats(Dataset(list(repeats), [np.zeros(3)] * 2, 3600.0, repeats=repeats), "evaluate")
     assert capsys.readouterr().err == (
-        "attnlstm train: note: a time comes again in s0 (55 times); s1 (1 time): each "
+        "attnlstm evaluate: note: a time comes again in s0 (55 times); s1 (1 time): each "
         "reading is taken as a step of its own, so there the window and the lags span less "
         "time than they say\n"
     )
-    _note_repeats(Dataset(["a"], [np.zeros(3)], 3600.0))
+    _note_repeats(Dataset(["a"], [np.zeros(3)], 3600.0), "train")
     assert capsys.readouterr().err == ""
 
 
@@ -417,7 +417,13 @@ def test_evaluate_with_baselines_scores_every_forecaster_on_the_same_points(
 ) -> None:
     data = f"csv:{DATA / 'water_flow.csv'}"
     last_json(run("train", "--data", data, "--epochs", "3", "--json", cwd=tmp_path))
-    report = last_json(run("evaluate", "--data", data, "--baselines", "--json", cwd=tmp_path))
+    evaluated = run("evaluate", "--data", data, "--baselines", "--json", cwd=tmp_path)
+    report = last_json(evaluated)
+    # Scored across the same gaps as trained across (train says so, and now evaluate).
+    assert (
+        "attnlstm evaluate: note: the times skip steps in Water flow [l/s] (111 steps "
+        "missing in 10 places, the longest 31): values are taken one step apart"
+    ) in evaluated.stderr
     rows = {row["name"]: row for row in report["baselines"]}
     # MSTL also with the daily season alone: the data is long enough for a weekly one
     stats = {"AutoETS", "MSTL", "MSTL (24)", "AutoARIMA"} if available() else set()

@@ -23,8 +23,9 @@ from worker.app import run_service
 from worker.keys import Keys
 from worker.loop import Worker
 from worker.signals import StopRequest
-from worker.streams import Wires, cluster_of, connect, multi_exec, primaries, xadd
+from worker.streams import Wires, cluster_of, connect, keys_on, multi_exec, primaries, xadd
 from worker.tools.demo import DEMO_KEYS
+from worker.tools.replay import replay
 
 
 @pytest.fixture
@@ -178,3 +179,31 @@ def test_wires_refresh_a_stale_slot_table_after_a_moved_reply(
         assert wires.receive()[1] == 1  # the first XADD was refused, not applied
     finally:
         wires.close()
+
+
+def test_replay_sends_what_a_moved_slot_refused_to_its_new_owner(
+    redis_cluster: LocalCluster, client: redis.Redis, stream_prefix: str
+) -> None:
+    """A failover or a resharding moves a partition's slot under a running replay: the
+    node asked answers MOVED and writes nothing. replay stopped there ("refused: 9842
+    127.0.0.1:7601", without the word MOVED); it sends those entries to the new owner,
+    each once and in order."""
+    nodes = cluster_of(client)
+    assert nodes is not None
+    stream = f"{stream_prefix}in"
+    keys = keys_on(client, Keys(input=stream))
+    moved = keys.partition(0, 2).input
+    slot = keyslot(redis_cluster.client(), moved)
+    right = nodes.nodes_manager.slots_cache[slot]
+    nodes.nodes_manager.slots_cache[slot] = [
+        next(n for n in primaries(nodes) if n.name != right[0].name)  # as before the move
+    ]
+    sent = [(b"series", b"s%d" % (i % 10), b"value", b"%d" % i) for i in range(200)]
+    report = replay(client, stream, iter(sent), rate=None, partitions=2)
+    assert report["entries"] == 200
+    written = [entries(client, keys.partition(k, 2).input) for k in range(2)]
+    assert sum(map(len, written)) == 200
+    assert written[0]  # the moved partition got its entries
+    for partition in written:  # each once, in the order sent
+        values = [int(fields[b"value"]) for _, fields in partition]
+        assert values == sorted(set(values))

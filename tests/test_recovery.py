@@ -20,6 +20,7 @@ import redis
 
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import sine_steps
+from tests.chaos.proxy import holding_proxy
 from tests.helpers import (
     WorkerProcess,
     WorkerThread,
@@ -54,7 +55,7 @@ from worker.metrics import Metrics
 from worker.recovery import Recovery
 from worker.settings import Settings
 from worker.signals import StopRequest
-from worker.streams import Command, Entry, connect
+from worker.streams import PLAIN_TO_TLS_HINT, Command, Entry, connect
 
 
 @pytest.fixture(autouse=True)
@@ -282,6 +283,28 @@ def test_entries_delivered_but_never_received_are_still_forecast(
     assert "never reached it" in caplog.text  # the gap was seen, not papered over
     # Equal to the offline model: the windows saw every value, in stream order.
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_a_connection_reset_once_redis_has_answered_hints_at_no_tls(
+    keys: Keys, trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server killed under load resets the worker's connections. Once Redis has
+    answered, the URL's scheme is right: the warning hinted at TLS on the port all the
+    same (a review's failovers logged it at each primary killed)."""
+    values = sine_steps(4, 60, seed=9)
+    with EmbeddedServer(port=free_port()) as server, holding_proxy(server.port) as proxy:
+        client = redis.Redis.from_url(server.url)
+        ids = fill(client, keys.input, values[:30])
+        with WorkerThread(new_worker(settings_for(proxy.url, keys), trained_sines)) as running:
+            running.wait_for(lambda: client.xlen(keys.output) >= 4 * 11)
+            proxy.reset()
+            ids += fill(client, keys.input, values[30:])
+            running.wait_for(lambda: client.xlen(keys.output) >= 4 * 41)
+        assert_forecasts(client, keys.output, expected(trained_sines, values, ids))
+        client.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "attnlstm.worker"]
+    assert any("Connection reset by peer'); retrying" in line for line in said), said
+    assert not any(PLAIN_TO_TLS_HINT in line for line in said), said
 
 
 def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(

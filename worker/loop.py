@@ -64,6 +64,7 @@ from worker.streams import (
     id_key,
     scheme_hint,
     what_to_fix,
+    words,
 )
 
 log = logging.getLogger("attnlstm.worker")
@@ -184,6 +185,7 @@ class Worker:
         self._strays_logged = -math.inf  # when strays (see _report_strays) were last logged
         self._mark_logged: str | None = None  # the partitions mark's refusal last logged
         self._stopping = False
+        self._answered = False  # Redis answered a step of the loop (see run)
         self._next_audit = 0.0
         self._next_balance = 0.0
         self._waiting_for: str | None = None  # the holder last logged, while on standby
@@ -209,7 +211,7 @@ class Worker:
                     # (drained once it serves its share: a start takes one partition)
                     log.info("stream drained (--burst)")
                     break
-                self.metrics.connected = True
+                self.metrics.connected = self._answered = True
                 delay = 0.0
             except OutOfStepError as e:
                 if self._stopping:  # a stop asked for mid re-sync: _resync_alive
@@ -236,7 +238,9 @@ class Worker:
                 self.metrics.redis_errors.inc()
                 self.metrics.expire()
                 delay = min(max(2 * delay, 0.2), 5.0)
-                said = _describe(e, self.settings.url_for_logs())
+                # Once Redis has answered, the URL's scheme is right: a reset is a
+                # server gone (a restart, a failover), and hinted at TLS on every one.
+                said = _describe(e, None if self._answered else self.settings.url_for_logs())
                 log.warning("Redis: %s; retrying in %.1f s", said, delay)
                 self._sleep(delay * random.uniform(0.8, 1.2))
             except ValueError:  # no retry mends it (a library of a newer version, the
@@ -733,6 +737,7 @@ class Worker:
         recovery = lane.recovery
         lane.synced = False
         recovery.ensure_group()
+        recovery.check_kept(lane.state.last_id)
         lane.state = recovery.restore(self._empty_state())
         lane.scorer = self._scorer()
         for slots, saved in lane.state.restored_scoring:
@@ -836,9 +841,10 @@ class Worker:
             time.sleep(min(left, 0.1))
 
 
-def _describe(e: Exception, url: str) -> str:
-    """An error of Redis's in words, with a hint where ``url``'s scheme may be wrong."""
-    text = str(e) or type(e).__name__
+def _describe(e: Exception, url: str | None) -> str:
+    """An error of Redis's in words, with a hint where ``url``'s scheme may be wrong
+    (None: no hint)."""
+    text = words(e) or type(e).__name__
     text = f"{type(e).__name__}: {text}" if isinstance(e, redis.ConnectionError) else text
     hint = scheme_hint(e, url)
     return f"{text}; {hint}" if hint else text

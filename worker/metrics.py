@@ -93,6 +93,12 @@ class Metrics:
             "handled them: while pending on it, or unread",
             ["reason"],
         )
+        self.rollbacks = counter(
+            "attnlstm_redis_rollbacks",
+            "Times a re-sync found Redis behind what this worker had read: writes it had "
+            "acknowledged were lost (a failover to a replica behind, a restart that lost "
+            "data)",
+        )
         self.warming = counter(
             "attnlstm_entries_warming",
             "Valid entries kept but not forecast: their series' window is not full yet, or "

@@ -131,6 +131,39 @@ class Recovery:
             log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
         self._had_group = True
 
+    def check_kept(self, handled: bytes) -> None:
+        """An error logged, and counted, where Redis no longer holds what this worker
+        read: its group's last delivered entry is before ``handled`` (the last entry in
+        this worker's windows), which a server that kept every write it acknowledged
+        cannot show. It went back to an earlier moment (a failover to a replica that had
+        not received the last writes, a restart that lost the end of its data, an older
+        snapshot loaded) and took with it, in this partition's slot, everything written
+        since: the forecasts and their acks, the saved windows, the lease's fence number
+        and, where ``handled`` is gone from the stream, input. The re-sync that
+        follows serves what Redis holds: the entries it still has whose forecasts went
+        are forecast again (a consumer may have read the first ones)."""
+        if id_key(handled) == (0, 0):
+            return
+        delivered = as_str(group_info(self.client, self.keys)["last-delivered-id"]).encode()
+        if id_key(delivered) >= id_key(handled):
+            return
+        kept = self.client.xrange(self.keys.input, min=handled, max=handled, count=1)
+        gone = "" if kept else f"; so is input ({handled.decode()} among it)"
+        self.metrics.rollbacks.inc()
+        log.error(
+            "Redis lost writes it had acknowledged on %s: its group last delivered %s, "
+            "%.1f s of entries before %s, which this worker had read (a failover to a "
+            "replica that had not received them, a restart that lost the end of its data, "
+            "or the group created again or set back). The forecasts published from there, "
+            "and their acks, are gone%s; the entries Redis still holds are forecast again, "
+            "and a consumer may have read their first forecasts",
+            self.keys.input,
+            delivered.decode(),
+            (id_key(handled)[0] - id_key(delivered)[0]) / 1000,
+            handled.decode(),
+            gone,
+        )
+
     def restore(self, empty: WindowState) -> WindowState:
         """The saved windows (:mod:`worker.state`), reshaped like ``empty``; ``empty``
         when there are none, or they are refused (logged)."""

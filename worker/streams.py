@@ -546,7 +546,7 @@ class Wires:
         except BaseException:
             self.drop()
             raise
-        if any(_moved(reply) for reply in replies):
+        if any(redirected(reply) for reply in replies):
             self._refresh()
         return replies
 
@@ -604,9 +604,18 @@ class Wires:
         self._cluster.nodes_manager.initialize()
 
 
-def _moved(reply: Any) -> bool:
-    """A MOVED or ASK reply (redis-py's MovedError is an AskError)."""
+def redirected(reply: Any) -> bool:
+    """A MOVED or ASK reply (redis-py's MovedError is an AskError): a cluster's node
+    that does not hold the key's slot (now: a failover, a resharding) ran nothing."""
     return isinstance(reply, redis.exceptions.AskError)
+
+
+def words(e: Exception) -> str:
+    """An error's text, a cluster's redirect named: redis-py leaves ``MOVED`` or ``ASK``
+    out of it (``1584 127.0.0.1:7604``)."""
+    if redirected(e):
+        return f"{'MOVED' if isinstance(e, redis.exceptions.MovedError) else 'ASK'} {e}"
+    return str(e)
 
 
 def exchange(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:

@@ -3,11 +3,13 @@ write: what the connections open at :meth:`HoldingProxy.hold` send from then on 
 in the proxy, and their server side stays open after the client gave up on them; at
 :meth:`HoldingProxy.release` it reaches the server, late, on those same connections,
 as a server that stalled (a fork, an fsync, a paused VM) reads its buffers once it
-runs again. Connections made after :meth:`hold` pass freely."""
+runs again. Connections made after :meth:`hold` pass freely. :meth:`HoldingProxy.reset`
+resets the connections open, as a server killed under load does."""
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -18,6 +20,7 @@ CHUNK = 65_536
 
 @dataclass
 class _Pair:
+    client: socket.socket
     upstream: socket.socket
     held: bytearray | None = None  # None: passing; else what the client sent since hold()
     client_gone: bool = False
@@ -78,6 +81,18 @@ class HoldingProxy:
             pairs = [p for p in self._pairs if p.client_gone]
         return all(p.done.wait(timeout) for p in pairs)
 
+    def reset(self) -> None:
+        """Close every connection open now with a TCP reset on the client's side (as a
+        server killed with bytes unread sends one): its next read or write fails with
+        ConnectionResetError."""
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            with suppress(OSError):  # closed already
+                pair.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                pair.client.shutdown(socket.SHUT_RD)  # _up's read returns
+                pair.client.close()  # with SO_LINGER 0: a reset
+
     def close(self) -> None:
         self._closed = True
         self._listener.close()
@@ -92,7 +107,7 @@ class HoldingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self._server)
-            pair = _Pair(upstream)
+            pair = _Pair(client, upstream)
             with self._lock:
                 self._pairs.append(pair)
             threading.Thread(target=self._up, args=(client, pair), daemon=True).start()

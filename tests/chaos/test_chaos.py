@@ -291,6 +291,10 @@ def test_redis_restarted_mid_drain(aof: bool, trained_sines: AttentionLSTM, judg
             client = redis.Redis.from_url(server.url)
             after = fill(client, keys.input, values[50:])
             running.wait_for(lambda: drained(client, keys), timeout=120)
+            rollbacks = running.worker.metrics.registry.get_sample_value(
+                "attnlstm_redis_rollbacks_total"
+            )
+            assert rollbacks == (0 if aof else 1)  # without persistence, all was lost
         if aof:
             want = expected(trained_sines, values, before + after)
         else:  # only what came after exists, and the windows start again
@@ -303,6 +307,46 @@ def test_redis_restarted_mid_drain(aof: bool, trained_sines: AttentionLSTM, judg
             scenario=f"Redis restarted, {how}",
             does=f"the server restarted ({how}) after 2,000 of 15,000 forecasts; 15,000 more "
             "entries after",
+        )
+        client.close()
+
+
+def test_redis_gone_back_to_an_older_snapshot(
+    trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture, judged: Judged
+) -> None:
+    """What a failover to a replica that had not received the last writes does, or a
+    server restarted from an older snapshot: Redis forgets the last seconds, for the
+    partition's slot as a whole (forecasts, acks, saved windows, lease). The worker
+    went on from them without a word; it now says so (an error, counted), and serves
+    what Redis holds: one forecast for each input in what is left."""
+    keys, values = Keys(), sine_steps(300, 100, seed=28)
+    with EmbeddedServer() as server:
+        client = redis.Redis.from_url(server.url)
+        before = fill(client, keys.input, values[:50])
+        settings = settings_for(server.url, keys, max_batch=50)
+        with WorkerThread(new_worker(settings, trained_sines)) as running:
+            running.wait_for(lambda: client.xlen(keys.output) >= 2000)
+            client.save()  # the replica's copy, as it was
+            running.wait_for(lambda: client.xlen(keys.output) >= 5000)
+            published = client.xlen(keys.output)
+            client.close()
+            server.restart()  # from the snapshot: the worker read past it
+            client = redis.Redis.from_url(server.url)
+            assert client.xlen(keys.output) < published
+            after = fill(client, keys.input, values[50:])
+            running.wait_for(lambda: drained(client, keys), timeout=120)
+            metrics = running.worker.metrics.registry
+            assert metrics.get_sample_value("attnlstm_redis_rollbacks_total") == 1
+        assert "Redis lost writes it had acknowledged on sensors: its group" in caplog.text
+        assert "so is input" not in caplog.text  # the snapshot holds every input
+        judged(
+            client,
+            keys,
+            expected(trained_sines, values, before + after),
+            scenario="Redis gone back to an older snapshot",
+            does="the server restarted from a snapshot taken 3,000 or more forecasts before "
+            "(as a failover to a replica behind): an error logged and counted, what it "
+            "forgot forecast again; 15,000 more entries after",
         )
         client.close()
 

@@ -107,8 +107,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
             "or --period N (0: none)"
         ) from None
     _note_short(dataset, model_config, args.val_fraction)
-    _note_gaps(dataset)
-    _note_repeats(dataset)
+    _note_gaps(dataset, "train")
+    _note_repeats(dataset, "train")
     # Said before the training too, not only once it is spent:
     # untrained and with no figures, its checkpoint takes all but a few KB of train's.
     oversized = _note_over_cap(len(dumps(AttentionLSTM(model_config))[0]), "the model, untrained,")
@@ -162,6 +162,8 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     dataset, device = _prepare(args)
     checkpoint = open_checkpoint(args.model)
     args.val_fraction = _held_out(args, checkpoint.meta, dataset)
+    _note_gaps(dataset, "evaluate")
+    _note_repeats(dataset, "evaluate")
     checkpoint.model.to(device)
     period = args.period or checkpoint.config.period or None
     metrics = evaluate_model(
@@ -237,16 +239,17 @@ def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"written": [str(p) for p in written], "series": name, "version": checkpoint.version}
 
 
-def _note_gaps(dataset: Dataset) -> None:
-    """A note naming the series whose times skip steps: the model takes their values one
-    step apart, so across a gap its window, lags and profile span more time than they
-    say."""
+def _note_gaps(dataset: Dataset, command: str) -> None:
+    """``command``'s note naming the series whose times skip steps: the model takes their
+    values one step apart, so across a gap its window, lags and profile span more time
+    than they say (in training, and in the forecasts evaluate scores)."""
     named = {
         name: f"{_counted(g.missing, 'step')} missing in {_counted(g.count, 'place')}, "
         f"the longest {g.longest:,}"
         for name, g in dataset.gaps.items()
     }
     _note_series(
+        command,
         "the times skip steps in",
         named,
         "values are taken one step apart, as the worker takes a live series, so across a "
@@ -254,12 +257,13 @@ def _note_gaps(dataset: Dataset) -> None:
     )
 
 
-def _note_repeats(dataset: Dataset) -> None:
-    """A note naming the series in which a time comes again: each reading is kept as a
-    step of its own, so there the window and the lags span less time than they say. One
-    is a reading kept as it came; 55 passed without a word."""
+def _note_repeats(dataset: Dataset, command: str) -> None:
+    """``command``'s note naming the series in which a time comes again: each reading is
+    kept as a step of its own, so there the window and the lags span less time than they
+    say. One is a reading kept as it came; 55 passed without a word."""
     named = {name: _counted(count, "time") for name, count in dataset.repeats.items()}
     _note_series(
+        command,
         "a time comes again in",
         named,
         "each reading is taken as a step of its own, so there the window and the lags span "
@@ -267,14 +271,14 @@ def _note_repeats(dataset: Dataset) -> None:
     )
 
 
-def _note_series(what: str, named: dict[str, str], why: str, shown: int = 3) -> None:
-    """``train``'s note of ``what`` in the series of ``named`` (each with its counts): the
+def _note_series(command: str, what: str, named: dict[str, str], why: str, shown: int = 3) -> None:
+    """``command``'s note of ``what`` in the series of ``named`` (each with its counts): the
     first ``shown``, and how many more; nothing where there are none."""
     if not named:
         return
     first = "; ".join(f"{name} ({counts})" for name, counts in list(named.items())[:shown])
     more = f"; and {len(named) - shown:,} more series" if len(named) > shown else ""
-    print(f"attnlstm train: note: {what} {first}{more}: {why}", file=sys.stderr)
+    print(f"attnlstm {command}: note: {what} {first}{more}: {why}", file=sys.stderr)
 
 
 def _counted(count: int, noun: str) -> str:

@@ -36,7 +36,7 @@ from worker.contract import parse
 from worker.keys import Keys
 from worker.pool import mark_partitions
 from worker.signals import STOP_SIGNALS, handled
-from worker.streams import keys_on, round_trip, xadd
+from worker.streams import exchange, keys_on, raise_first_error, redirected, words, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
 
@@ -57,6 +57,10 @@ MALFORMED: tuple[FlatFields, ...] = (
 )
 
 _SEND_MAX = 5_000  # entries per round trip, at most
+# The waits before each send of a round trip's entries: the first, then those a Redis
+# Cluster redirected (MOVED, ASK: a failover or a resharding moved their slot, and the
+# node asked wrote none of them) to the slot's new owner.
+_REDIRECT_WAITS_S = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _TICK_S = 0.001  # a paced replay sends what is due about this often
 _NAP_MAX_S = 1.0  # longest sleep between sends: a rate of 1e-300 waits, and never overflows
 # Sines are drawn whole before the first entry goes out, at about 50 bytes a value while
@@ -357,14 +361,30 @@ def replay(
 
 
 def _send(client: redis.Redis, batch: list[FlatFields], written: int) -> None:
-    """One round trip. A Redis error raised says how many entries were written before
-    it (the command line words the error by its type: the count goes in its message)."""
+    """One round trip, then one for the entries a Redis Cluster redirected, as often as
+    :data:`_REDIRECT_WAITS_S` allows (the worker follows a failover; replay stopped at
+    the first MOVED). A Redis error raised says how many entries were written before it
+    (the command line words the error by its type: the count goes in its message)."""
     try:
-        round_trip(client, batch)
+        for wait in _REDIRECT_WAITS_S:
+            time.sleep(wait)
+            replies = exchange(client, batch)
+            raise_first_error([reply for reply in replies if not redirected(reply)])
+            again = [
+                entry for entry, reply in zip(batch, replies, strict=True) if redirected(reply)
+            ]
+            if not again:
+                return
+            written += len(batch) - len(again)
+            batch, refused = again, next(filter(redirected, replies))
+        raise redis.ResponseError(
+            f"the cluster still redirected {len(batch):,} entries after "
+            f"{len(_REDIRECT_WAITS_S)} sends in {sum(_REDIRECT_WAITS_S):g} s: {words(refused)}"
+        )
     except redis.RedisError as e:
         e.args = (
-            f"{e} ({written:,} entries were written before it, and up to {len(batch):,} "
-            "more may have been)",
+            f"{words(e)} ({written:,} entries were written before it, and up to "
+            f"{len(batch):,} more may have been)",
         )
         raise
 
