@@ -52,7 +52,7 @@ from worker.embedded import (
     tuning_args,
 )
 from worker.keys import Keys
-from worker.lease import VERSION, Lease
+from worker.lease import LIBRARY, VERSION, Lease
 from worker.localcluster import find_cluster_binaries
 from worker.metrics import Metrics
 from worker.online.store import ModelStore
@@ -743,6 +743,8 @@ def _a_pool_as_the_users(
     url = f"redis://{{}}@127.0.0.1:{redis_cluster.ports[1]}/0"  # any node will do
     # One primary without the functions: the worker may not load them, and says where
     # they go (it gave the one-server line, which loads one node).
+    for node in nodes[:2]:
+        node.function_load(LIBRARY, replace=True)
     with contextlib.suppress(redis.ResponseError):  # loaded by an earlier test, or not
         nodes[2].function_delete("attnlstm")
     done = subprocess.run(
@@ -756,6 +758,9 @@ def _a_pool_as_the_users(
         "load worker/functions.lua as an admin on every primary of the cluster "
         "(deploy/load-functions.sh, with each one's REDIS_HOST and REDIS_PORT)"
     ), last
+    # ... and which primary lacks them (all were named alike).
+    lacking = f"of the attnlstm functions (127.0.0.1:{redis_cluster.ports[2]} has none)"
+    assert lacking in last, last
     for node in nodes:  # its FUNCTION LOAD, refused: the one denial expected of it
         node.acl_log_reset()
     for port in redis_cluster.ports:  # load-functions.sh once per primary

@@ -307,6 +307,62 @@ def test_a_connection_reset_once_redis_has_answered_hints_at_no_tls(
     assert not any(PLAIN_TO_TLS_HINT in line for line in said), said
 
 
+def test_a_group_destroyed_by_hand_is_not_taken_for_redis_gone_back(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator's XGROUP DESTROY: the worker creates the group again, with an error
+    that says it vanished, and loses nothing. A review found it counted as Redis gone
+    back four times, one for each re-sync until the group passed the saved windows, each
+    saying that forecasts were gone."""
+    values = sine_steps(4, 60, seed=10)
+    ids = fill(redis_client, keys.input, values[:30])
+    settings = settings_for(redis_url, keys, block_ms=100, checkpoint_interval_s=0.05)
+    with WorkerThread(new_worker(settings, trained_sines)) as running:
+        running.wait_for(lambda: redis_client.xlen(keys.output) >= 4 * 11)
+        wait_for(lambda: redis_client.exists(keys.state) == 1, what="saved windows")
+        redis_client.xgroup_destroy(keys.input, keys.group)
+        ids += fill(redis_client, keys.input, values[30:])
+        running.wait_for(lambda: drained(redis_client, keys))
+        counted = running.worker.metrics.registry.get_sample_value("attnlstm_redis_rollbacks_total")
+    assert "had vanished" in caplog.text
+    assert "Redis went back" not in caplog.text
+    assert counted == 0
+    assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
+
+
+def test_a_snapshot_that_brings_back_anothers_lease_is_found_by_the_worker_that_took_it(
+    keys: Keys, trained_sines: AttentionLSTM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis gone back to before a takeover: the lease is the first worker's again, and
+    the worker that took it over finds the partition no longer its own. It dropped the
+    partition without a look at the group, and the forecasts it had published since,
+    lost with their acks, went unsaid (a review)."""
+    values = sine_steps(4, 80, seed=11)
+    with EmbeddedServer() as server:
+        client = redis.Redis.from_url(server.url)
+        ids = fill(client, keys.input, values[:30])
+        first = settings_for(server.url, keys, consumer="first", block_ms=100)
+        with WorkerThread(new_worker(first, trained_sines)):
+            wait_for(lambda: client.xlen(keys.output) >= 4 * 11, what="the first's forecasts")
+            client.save()  # the first's lease in it, for its 10 s
+        second = settings_for(server.url, keys, consumer="second", block_ms=100)
+        with WorkerThread(new_worker(second, trained_sines)) as running:
+            ids += fill(client, keys.input, values[30:50])
+            running.wait_for(lambda: client.xlen(keys.output) >= 4 * 31)
+            client.close()
+            server.restart()  # from the snapshot: the first's lease, its forecasts only
+            running.wait_for(lambda: "is no longer ours" in caplog.text)
+            counted = running.worker.metrics.registry.get_sample_value(
+                "attnlstm_redis_rollbacks_total"
+            )
+    assert counted == 1
+    assert "Redis went back on" in caplog.text
+
+
 def test_a_dead_consumers_entries_are_claimed_once_its_lease_expires(
     redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from importlib.resources import files
 
 import redis
-from redis.cluster import RedisCluster
 
 from worker.attempts import Mark
 from worker.keys import Keys
-from worker.streams import Command, OutOfStepError, as_str, cluster_of
+from worker.streams import Command, OutOfStepError, as_str, cluster_of, primaries
 
 VERSION = "12"  # the library's, in functions.lua: every call but two names it (below)
 _V = VERSION.encode()
@@ -47,13 +46,14 @@ def ensure_library(client: redis.Redis) -> None:
     that loaded it call its functions as they are, and an older layout under their calls
     could write a batch wrong, or half of it."""
     try:
-        loaded = _versions(client)
+        on_nodes = _versions(client)
     except redis.ResponseError as e:
         if "unknown command" not in str(e).lower():
             raise  # a refusal (NOPERM) says what is missing itself
         raise ValueError(
             f"this Redis has no functions ({e}): the worker needs Redis 7.0 or newer, or Valkey"
         ) from None
+    loaded = set(on_nodes.values())
     if loaded == {VERSION}:
         return
     if newer := sorted(v for v in loaded if v and v.isdigit() and int(v) > int(VERSION)):
@@ -66,17 +66,25 @@ def ensure_library(client: redis.Redis) -> None:
         if older := sorted({v for v in loaded if v and v != VERSION}):
             _replaced(older)
     except redis.exceptions.NoPermissionError:
+        clustered = cluster_of(client) is not None
         how = (  # on a cluster, the CLI's line loads one node
             "on every primary of the cluster (deploy/load-functions.sh, with each one's "
             "REDIS_HOST and REDIS_PORT)"
-            if cluster_of(client) is not None
+            if clustered
             else "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
             "docker-compose deployment, `docker compose up functions`)"
         )
+        lacking = ", ".join(_holds(node, v) for node, v in on_nodes.items() if v != VERSION)
+        where = f" ({lacking})" if clustered else ""  # which of the primaries
         raise ValueError(
-            f"Redis lacks version {VERSION} of the attnlstm functions, and this user may not "
-            f"load them: load worker/functions.lua as an admin {how}"
+            f"Redis lacks version {VERSION} of the attnlstm functions{where}, and this user "
+            f"may not load them: load worker/functions.lua as an admin {how}"
         ) from None
+
+
+def _holds(node: str, version: str | None) -> str:
+    """What a primary holds of the library, in words."""
+    return f"{node} has {'none' if version is None else 'version ' + version}"
 
 
 def _replaced(older: list[str]) -> None:
@@ -93,19 +101,20 @@ def _replaced(older: list[str]) -> None:
     )
 
 
-def _versions(client: redis.Redis) -> set[str | None]:
-    """The library's version on the server, or on each primary of a cluster (where a
-    keyless FCALL goes to any one node); None where it has none."""
+def _versions(client: redis.Redis) -> dict[str, str | None]:
+    """The library's version on the server (named ""), or on each primary of a cluster
+    by its address (a keyless FCALL goes to any one node); None where it has none."""
+    if (cluster := cluster_of(client)) is None:
+        return {"": _version(client)}
+    return {node.name: _version(cluster.get_redis_connection(node)) for node in primaries(cluster)}
+
+
+def _version(client: redis.Redis) -> str | None:
     try:
-        if (cluster := cluster_of(client)) is None:
-            return {_text(client.fcall("attnlstm_version", 0))}
-        replies = cluster.execute_command(  # type: ignore[no-untyped-call]
-            "FCALL", "attnlstm_version", 0, target_nodes=RedisCluster.PRIMARIES
-        )
-        return {_text(v) for v in (replies.values() if isinstance(replies, dict) else [replies])}
+        return _text(client.fcall("attnlstm_version", 0))
     except redis.ResponseError as e:
         if "function not found" in str(e).lower():
-            return {None}  # on some primary at least
+            return None
         raise
 
 

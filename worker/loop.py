@@ -693,7 +693,8 @@ class Worker:
         for lane in held.values():
             if lane.recovery.take_lease() == self.token:
                 self.lanes[lane.k] = lane
-            else:
+            else:  # another's, or another's again: Redis gone back to before we took it
+                lane.recovery.check_kept(lane.state.last_id)
                 log.warning("partition %d (%s) is no longer ours", lane.k, lane.keys.input)
         if len(self.lanes) < len(held):
             self._report_served()
@@ -736,8 +737,8 @@ class Worker:
         self._resync_alive()
         recovery = lane.recovery
         lane.synced = False
-        recovery.ensure_group()
-        recovery.check_kept(lane.state.last_id)
+        created = recovery.ensure_group()
+        recovery.check_kept(lane.state.last_id, group_created=created)
         lane.state = recovery.restore(self._empty_state())
         lane.scorer = self._scorer()
         for slots, saved in lane.state.restored_scoring:

@@ -95,9 +95,9 @@ class Metrics:
         )
         self.rollbacks = counter(
             "attnlstm_redis_rollbacks",
-            "Times a re-sync found Redis behind what this worker had read: writes it had "
-            "acknowledged were lost (a failover to a replica behind, a restart that lost "
-            "data)",
+            "Partitions whose group a re-sync found behind what this worker had read, once "
+            "each time: Redis lost writes it had acknowledged (a failover to a replica "
+            "behind, a restart that lost data), or the group was set back",
         )
         self.warming = counter(
             "attnlstm_entries_warming",

@@ -78,6 +78,7 @@ class Recovery:
         self.fence = Fence(keys, self.lease.token, 0, self.lease.ttl_ms)
         self._renew_at = 0.0
         self._had_group = False
+        self._found_behind = b"0-0"  # the last entry read that check_kept found lost
         self.lag: int | None = None  # the group's, at the last audit
         # How many entries the group has read, as far as this worker knows (the
         # logical number of its last delivered entry); None: unknown.
@@ -117,8 +118,9 @@ class Recovery:
         """A third of the lease's life from now: two renewals may fail before it ends."""
         self._renew_at = time.monotonic() + self.lease.ttl_ms / 3000
 
-    def ensure_group(self) -> None:
-        """Create the group if missing: loudly when it was there before."""
+    def ensure_group(self) -> bool:
+        """Create the group if missing: loudly when it was there before. True when it
+        was created."""
         created = ensure_group(self.client, self.keys)
         if created and self._had_group:
             log.error(
@@ -130,36 +132,47 @@ class Recovery:
         elif created:
             log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
         self._had_group = True
+        return created
 
-    def check_kept(self, handled: bytes) -> None:
-        """An error logged, and counted, where Redis no longer holds what this worker
-        read: its group's last delivered entry is before ``handled`` (the last entry in
-        this worker's windows), which a server that kept every write it acknowledged
-        cannot show. It went back to an earlier moment (a failover to a replica that had
-        not received the last writes, a restart that lost the end of its data, an older
-        snapshot loaded) and took with it, in this partition's slot, everything written
-        since: the forecasts and their acks, the saved windows, the lease's fence number
-        and, where ``handled`` is gone from the stream, input. The re-sync that
-        follows serves what Redis holds: the entries it still has whose forecasts went
-        are forecast again (a consumer may have read the first ones)."""
-        if id_key(handled) == (0, 0):
+    def check_kept(self, handled: bytes, *, group_created: bool = False) -> None:
+        """An error logged, and counted, where the group is behind what this worker read:
+        its last delivered entry is before ``handled`` (the last entry in this worker's
+        windows), which a server that kept every write it acknowledged cannot show. Redis
+        went back to an earlier moment (a failover to a replica that had not received the
+        last writes, a restart that lost the end of its data, an older snapshot loaded)
+        and took with it, in this partition's slot, what was written since: forecasts and
+        their acks, the saved windows, the lease's fence number and, where ``handled`` is
+        gone from the stream, input; or the group was set back by hand. Once for each
+        going back: not again for the entries already found behind, nor for a group
+        ``group_created`` again (:meth:`ensure_group` says so), nor where there is no
+        group (its next holder creates it)."""
+        if id_key(handled) <= id_key(self._found_behind):
             return
-        delivered = as_str(group_info(self.client, self.keys)["last-delivered-id"]).encode()
+        if group_created:
+            self._found_behind = handled
+            return
+        try:
+            delivered = as_str(group_info(self.client, self.keys)["last-delivered-id"]).encode()
+        except redis.ResponseError as e:
+            if "nogroup" in str(e).lower() or "no such key" in str(e).lower():
+                return
+            raise
         if id_key(delivered) >= id_key(handled):
             return
+        self._found_behind = handled
         kept = self.client.xrange(self.keys.input, min=handled, max=handled, count=1)
-        gone = "" if kept else f"; so is input ({handled.decode()} among it)"
+        gone = "" if kept else f"; input is gone too ({handled.decode()} among it)"
+        behind = id_key(handled)[0] - id_key(delivered)[0]
         self.metrics.rollbacks.inc()
         log.error(
-            "Redis lost writes it had acknowledged on %s: its group last delivered %s, "
-            "%.1f s of entries before %s, which this worker had read (a failover to a "
-            "replica that had not received them, a restart that lost the end of its data, "
-            "or the group created again or set back). The forecasts published from there, "
-            "and their acks, are gone%s; the entries Redis still holds are forecast again, "
-            "and a consumer may have read their first forecasts",
+            "Redis went back on %s: its group last delivered %s, %s %s, which this worker "
+            "had read. Redis lost writes it had acknowledged (a failover to a replica that "
+            "had not received them, a restart that lost the end of its data), or the group "
+            "was set back by hand: forecasts published from there may be gone, and are "
+            "published again from what Redis holds (a consumer may read them twice)%s",
             self.keys.input,
             delivered.decode(),
-            (id_key(handled)[0] - id_key(delivered)[0]) / 1000,
+            f"{behind / 1000:.1f} s of entries before" if id_key(delivered) > (0, 0) else "before",
             handled.decode(),
             gone,
         )
