@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import os
 import signal
@@ -140,7 +141,8 @@ def test_the_bench_of_one_worker_runs_on_a_cluster(
     assert report["worker"]["forecasts"] == 600
     assert report["latency"]["forecasts"] == 500
     client = redis.RedisCluster.from_url(redis_cluster.url)
-    assert not list(client.scan_iter(match="bench-*"))  # it cleans up after itself
+    # It cleans up after itself: the model stores' keys too, their tag first ({bench-...)
+    assert not list(client.scan_iter(match="*bench-*"))
 
 
 def test_the_bench_reads_no_attnlstm_variables_nor_a_dotenv(
@@ -294,3 +296,49 @@ def test_a_small_pool_bench_drains_everything_beside_as_many_raw_clients(
     assert not list(redis_client.scan_iter(match="bench-pool-*"))  # the bench's keys are gone
     # On the cluster too, the model store's tagged first ({bench-pool-...:pool1:models}...)
     assert not list(redis_cluster.client().scan_iter(match="*bench-pool-*"))
+
+
+@pytest.mark.parametrize(
+    ("refused", "last_line"),
+    [
+        # The pool's worker: it says why and exits; the bench waited 600 s for its share.
+        (
+            "-zadd",
+            "attnlstm bench: error: the bench's worker bench0 (pid *) stopped before every "
+            "process to hold its share (exit code 1)",
+        ),
+        # A raw client: a traceback of a TypeError (the refusal read as entries), then
+        # the bench waited for the drain.
+        (
+            "-xreadgroup",
+            "attnlstm bench: error: a raw client of the bench stopped: Redis: User "
+            "bench-xreadgroup has no permissions to run the 'xreadgroup' command; run "
+            "`attnlstm bench` as a user with every right (`user admin on #SHA256 ~* &* "
+            "+@all`, deploy/README.md), not as one of the services' users",
+        ),
+    ],
+)
+def test_a_pool_bench_whose_process_is_refused_a_right_stops_saying_so(
+    refused: str, last_line: str, redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """A user without one right: the bench stops at once, with one line of its own (and
+    the worker's), and leaves no key behind."""
+    if "@" in redis_url.partition("://")[2]:
+        pytest.skip("REDIS_URL names a user: this test gives its own")
+    user, password = f"bench-{refused[1:]}", "bench-test-password"
+    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", refused]
+    redis_client.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    try:
+        url = redis_url.replace("://", f"://{user}:{password}@", 1)
+        done = subprocess.run(
+            [*CLI, "bench", "--workers", "1", "--partitions", "2", "--entries", "200",
+             "--series", "4", "--redis-url", url],
+            cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+    finally:
+        redis_client.acl_deluser(user)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert fnmatch.fnmatchcase(done.stderr.strip().splitlines()[-1], last_line), done.stderr
+    for pattern in ("bench-pool-*", "{bench-pool-*"):
+        assert not list(redis_client.scan_iter(match=pattern))

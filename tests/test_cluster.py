@@ -7,6 +7,7 @@ tests/test_cluster_basics.py.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from worker.app import run_service
 from worker.keys import Keys
 from worker.loop import Worker
 from worker.signals import StopRequest
-from worker.streams import Wires, cluster_of, connect, keys_on, multi_exec, primaries, xadd
+from worker.streams import (
+    ACL_FIX,
+    Wires,
+    cluster_of,
+    connect,
+    keys_on,
+    multi_exec,
+    primaries,
+    xadd,
+)
 from worker.tools.demo import DEMO_KEYS
 from worker.tools.replay import replay
 
@@ -207,3 +217,24 @@ def test_replay_sends_what_a_moved_slot_refused_to_its_new_owner(
     for partition in written:  # each once, in the order sent
         values = [int(fields[b"value"]) for _, fields in partition]
         assert values == sorted(set(values))
+
+
+def test_a_user_who_may_not_ask_for_the_slots_is_told_so(redis_cluster: LocalCluster) -> None:
+    """redis-py says "Cluster mode is not enabled on this node" of a user refused
+    CLUSTER SLOTS too: the error named an ATTNLSTM_CLUSTER that nobody had set first."""
+    user, password = "no-slots", "no-slots-password"
+    nodes = [redis_cluster.node_client(port) for port in redis_cluster.ports]
+    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", "-cluster|slots"]
+    for node in nodes:
+        node.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    try:
+        url = redis_cluster.url.replace("://", f"://{user}:{password}@", 1)
+        for cluster in (None, True):  # found out by HELLO, or told
+            with pytest.raises(
+                ValueError,
+                match=re.escape(f"Redis refused the URL's user CLUSTER SLOTS; {ACL_FIX}"),
+            ):
+                connect(url, socket_timeout_s=10, client_name="test", cluster=cluster)
+    finally:
+        for node in nodes:
+            node.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]

@@ -510,8 +510,10 @@ def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:
             first.forecasting(server.url)
             assert 0 < client.pttl("demo:lock") <= 30_000  # renewed while it runs
             firsts = [client.xrange(key, count=1) for key in (DEMO_KEYS.input, DEMO_KEYS.output)]
+            # Its own folder: no model there. It trained one (15 s) before it was refused.
+            out = demo_dir / "second"
             second = _run(
-                [*CLI, "demo", "--seconds", "5", "--series", "10", "--out", str(demo_dir)],
+                [*CLI, "demo", "--seconds", "5", "--series", "10", "--out", str(out)],
                 demo_dir,
                 env=env,
                 timeout=120,
@@ -527,6 +529,8 @@ def test_a_second_demo_on_one_redis_is_refused(demo_dir: Path) -> None:
         assert not client.exists("demo:lock")
     assert second.returncode == 1
     assert "Traceback" not in second.stderr
+    assert "training a model" not in second.stderr
+    assert not (out / "model.safetensors").exists()
     assert second.stderr.strip().splitlines()[-1] == (  # after the log's lines
         "attnlstm demo: error: another demo is running on this Redis: it holds 'demo:lock' "
         "(a demo killed lets go of it within 30 s); wait for it to end, or "
@@ -682,3 +686,19 @@ def test_demo_help_names_every_stream_the_readme_says_it_empties(
         build_parser().parse_args(["demo", "--help"])
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
     assert [s for s in streams if s not in re.findall(r"demo:[a-z:]+\b", shown)] == []
+
+
+def test_a_demo_with_no_redis_at_its_url_says_so_before_it_trains(tmp_path: Path) -> None:
+    """It trained its model (15 s) first, and only then found no Redis to run on."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = _run(
+        [*CLI, "demo", "--out", str(tmp_path / "out")],
+        tmp_path,
+        env=_env(tmp_path / "tmp", REDIS_URL=url),
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "training a model" not in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("attnlstm demo: error: cannot reach Redis")
+    )
+    assert not (tmp_path / "out" / "model.safetensors").exists()

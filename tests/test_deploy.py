@@ -650,6 +650,15 @@ def test_the_worker_connects_over_tls_only_with_the_ca(
         assert done.returncode == 1, done.stderr[-2000:]
         assert done.stderr.strip().endswith(URL_TLS_VERIFY_FIX), done.stderr[-2000:]
         assert "ssl_ca_certs=CA_FILE" in URL_TLS_VERIFY_FIX
+
+        # A server that asks for a client certificate: a client that writes first (its
+        # name, here) reads no alert but an EOF, which the commands said no more of.
+        with contextlib.closing(redis.Redis.from_url(server.url)) as local:
+            local.config_set("tls-auth-clients", "yes")
+        done = _cli(models, tmp_path, ATTNLSTM_REDIS_CA_FILE=str(ca))
+        assert done.returncode == 1, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert "?ssl_certfile=CERT&ssl_keyfile=KEY)" in last, last
     finally:
         server.stop()
 

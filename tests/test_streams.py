@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from typing import cast
 
@@ -14,6 +15,7 @@ from tests.helpers import wait_for
 from worker.contract import Repeated, dead_fields, parse
 from worker.keys import Keys
 from worker.streams import (
+    CLIENT_CERT_HINT,
     Wire,
     _pack,
     connect,
@@ -25,6 +27,7 @@ from worker.streams import (
     primaries,
     read_entries,
     read_group,
+    read_streams,
     round_trip,
     routing_key,
     scheme_hint,
@@ -186,3 +189,20 @@ def test_an_error_chain_that_loops_is_read_once_through() -> None:
     inner.__context__ = ConnectionResetError(104, "Connection reset by peer")
     inner.__context__.__context__ = outer
     assert scheme_hint(outer, "redis://127.0.0.1:6380") is not None  # found in the loop
+
+
+def test_a_refusal_in_a_read_s_place_is_raised_not_read_as_entries() -> None:
+    """The bench's raw reads took a NOPERM reply for entries: a TypeError's traceback."""
+    refused = redis.exceptions.NoPermissionError("User u has no permissions to run 'xreadgroup'")
+    for read in (read_entries, read_streams):
+        with pytest.raises(redis.exceptions.NoPermissionError, match="no permissions"):
+            read(refused)
+
+
+def test_an_eof_in_a_tls_handshake_hints_at_a_client_certificate() -> None:
+    """A server that asks for a client certificate refuses one without by an alert that
+    a client writing first never reads: redis-py's error is an EOF, which said no more."""
+    error = redis.ConnectionError("Error 8 while writing to socket.")
+    error.__context__ = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert scheme_hint(error, "rediss://127.0.0.1:6380/0") == CLIENT_CERT_HINT
+    assert scheme_hint(error, "redis://127.0.0.1:6380/0") is None  # no TLS asked for

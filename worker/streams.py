@@ -92,7 +92,8 @@ CREDENTIALS_FIX = (
 # server asks for one. A handshake cut short (an EOF: a server restarting) is retried.
 TLS_VERIFY_FIX = (
     "the server's TLS certificate must be signed by the CA in ATTNLSTM_REDIS_CA_FILE, be "
-    "in date, and name the URL's host"
+    "in date, and name the URL's host (on a Redis Cluster, each address its nodes "
+    "announce too)"
 )
 # `bench` reads no ATTNLSTM_* variable: its CA goes in the URL.
 URL_TLS_VERIFY_FIX = TLS_VERIFY_FIX.replace(
@@ -124,18 +125,27 @@ def tls_fix(e: BaseException) -> str | None:
 # handshake, which times out (Redis 7.0, Valkey 8.1). Each has other causes: a hint.
 PLAIN_TO_TLS_HINT = "if the server takes TLS on this port, the URL must begin rediss://"
 TLS_TO_PLAIN_HINT = "if the server takes no TLS on this port, the URL must begin redis://"
+# A server that asks for a client certificate refuses a client without one by an alert
+# that a client writing first (AUTH, with a password) never reads: it sees an EOF, as
+# from a server restarting mid-handshake.
+CLIENT_CERT_HINT = (
+    "if the server asks for a client certificate (tls-auth-clients), give one in the URL "
+    "(rediss://...?ssl_certfile=CERT&ssl_keyfile=KEY)"
+)
 
 
 def scheme_hint(e: BaseException, url: str | None) -> str | None:
     """The hint for an error that a URL of the wrong scheme gives (:data:`PLAIN_TO_TLS_HINT`,
-    :data:`TLS_TO_PLAIN_HINT`); None for any other error, or URL (None: the embedded
-    server's)."""
+    :data:`TLS_TO_PLAIN_HINT`), or a client certificate missing (:data:`CLIENT_CERT_HINT`);
+    None for any other error, or URL (None: the embedded server's)."""
     scheme = (url or "").partition("://")[0].lower()
     for seen in _chain(e):
         if scheme == "redis" and isinstance(seen, ConnectionResetError):
             return PLAIN_TO_TLS_HINT
         if scheme == "rediss" and isinstance(seen, TimeoutError) and "handshake" in str(seen):
             return TLS_TO_PLAIN_HINT
+        if scheme == "rediss" and isinstance(seen, ssl.SSLEOFError):
+            return CLIENT_CERT_HINT
     return None
 
 
@@ -255,11 +265,13 @@ def _cluster_failure(e: RedisClusterException) -> BaseException:
         return cause
     if cause is None or isinstance(cause, (redis.ConnectionError, redis.TimeoutError, OSError)):
         return redis.ConnectionError(f"no node of the Redis Cluster answered: {e}")
-    # A node of no cluster, or a user who may not ask for its slots: it was retried for
-    # ever, as if no node answered.
+    # A user who may not ask for the slots, or a node of no cluster: it was retried for
+    # ever, as if no node answered. redis-py says "Cluster mode is not enabled" of both.
+    if any(isinstance(seen, redis.exceptions.NoPermissionError) for seen in _chain(e)):
+        return ValueError(f"Redis refused the URL's user CLUSTER SLOTS; {ACL_FIX}")
     return ValueError(
         f"{e}: the URL's server is no node of a Redis Cluster (unset ATTNLSTM_CLUSTER "
-        "for one server), or the URL's user may not run CLUSTER SLOTS"
+        "for one server)"
     )
 
 
@@ -351,7 +363,9 @@ def range_entries(reply: Any) -> list[Entry]:
 
 def read_entries(reply: Any) -> list[Entry]:
     """The entries of an XREADGROUP reply for one stream read straight off a connection:
-    ``[[stream, entries]]`` in RESP2, ``{stream: entries}`` in RESP3, nil when none came."""
+    ``[[stream, entries]]`` in RESP2, ``{stream: entries}`` in RESP3, nil when none came;
+    an error reply (a refusal: a right the user lacks) raised."""
+    raise_first_error([reply])
     if not reply:
         return []
     (raw,) = reply.values() if isinstance(reply, dict) else (reply[0][1],)
@@ -360,7 +374,8 @@ def read_entries(reply: Any) -> list[Entry]:
 
 def read_streams(reply: Any) -> dict[bytes, list[Entry]]:
     """The entries of an XREADGROUP reply for several streams read straight off a
-    connection, by stream name: only the streams that had some."""
+    connection, by stream name: only the streams that had some; an error reply raised."""
+    raise_first_error([reply])
     if not reply:
         return {}
     pairs = reply.items() if isinstance(reply, dict) else reply

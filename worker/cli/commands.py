@@ -23,6 +23,7 @@ from worker.cli import EXIT_INTERRUPTED
 from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
 from worker.streams import (
+    ACL_FIX,
     CREDENTIALS_FIX,
     TLS_VERIFY_FIX,
     URL_CREDENTIALS,
@@ -54,11 +55,23 @@ def refusal(e: redis.ResponseError) -> str:
     return f"{e}; {fix}" if fix else str(e)
 
 
-def _unreachable(args: argparse.Namespace, e: redis.RedisError) -> str:
-    """:func:`unreachable` for the command's URL; for ``bench``, which reads no
-    ATTNLSTM_* variable, with the CA named in the URL."""
-    said = unreachable(e, getattr(args, "redis_url", None))
-    return said.replace(TLS_VERIFY_FIX, URL_TLS_VERIFY_FIX) if args.command == "bench" else said
+# `bench` and `demo` make, scan and delete keys of their own, and load the functions:
+# none of the services' users may run them, and the ACL template lists no right for them.
+ADMIN_FIX = (
+    "run `attnlstm {command}` as a user with every right (`user admin on #SHA256 ~* &* "
+    "+@all`, deploy/README.md), not as one of the services' users"
+)
+
+
+def _said(args: argparse.Namespace, message: str) -> str:
+    """``message`` with its fixes as they hold for the command: for ``bench``, which reads
+    no ATTNLSTM_* variable, the CA named in the URL; for ``bench`` and ``demo``, a user
+    with every right, not one the ACL template lists."""
+    if args.command == "bench":
+        message = message.replace(TLS_VERIFY_FIX, URL_TLS_VERIFY_FIX)
+    if args.command in ("bench", "demo"):
+        message = message.replace(ACL_FIX, ADMIN_FIX.format(command=args.command))
+    return message
 
 
 def command_of(args: argparse.Namespace) -> Command:
@@ -78,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {e} (see {prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     except (DataError, CheckpointError, EmbeddedServerError, ValueError) as e:
-        print(f"attnlstm {args.command}: error: {e}", file=sys.stderr)
+        print(f"attnlstm {args.command}: error: {_said(args, str(e))}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
         fix = URL_CREDENTIALS if args.command == "bench" else CREDENTIALS_FIX
@@ -86,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
-        said = _unreachable(args, e)
+        said = _said(args, unreachable(e, getattr(args, "redis_url", None)))
         print(f"attnlstm {args.command}: error: cannot reach Redis: {said}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.ResponseError as e:
-        print(f"attnlstm {args.command}: error: Redis refused: {refusal(e)}", file=sys.stderr)
+        said = _said(args, refusal(e))
+        print(f"attnlstm {args.command}: error: Redis refused: {said}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.DataError:  # a value of ours the client refused to send: a bug here
         raise

@@ -53,13 +53,16 @@ from worker.online.finetune import FinetuneConfig, Job, history_kept, init_proce
 from worker.settings import Settings
 from worker.signals import deaf_children
 from worker.streams import (
+    REDIS_ERRORS,
     Command,
     Entry,
     Wires,
+    cluster_of,
     connect,
     ensure_group,
     entries_of,
     keys_on,
+    primaries,
     raise_first_error,
     read_entries,
     read_group,
@@ -497,6 +500,22 @@ def _serving(
         time.sleep(0.05)
 
 
+def delete_run_keys(client: redis.Redis, run_id: str) -> None:
+    """Every key of the run deleted, node by node on a cluster, where the model store's
+    keys carry their tag first (``{<run_id>:...:models}``: left behind, 12 a run, while
+    only ``<run_id>*`` was scanned). A node that fails is named in a warning, and the
+    others cleaned all the same: the run's own error, if any, says why it failed."""
+    nodes = cluster_of(client)
+    servers = [node.redis_connection for node in primaries(nodes)] if nodes else [client]
+    for server in servers:
+        try:
+            for pattern in (f"{run_id}*", f"{{{run_id}*"):
+                for key in server.scan_iter(match=pattern, count=1000):
+                    server.delete(key)
+        except REDIS_ERRORS as e:
+            log.warning("the bench's keys %s* may be left on a server (%s): delete them", run_id, e)
+
+
 def run_bench(
     *, plan: BenchPlan, device: str, url: str | None, model: AttentionLSTM | None
 ) -> dict[str, Any]:
@@ -515,8 +534,7 @@ def run_bench(
         try:
             report.update(_runs(client, server_url, run_id, checkpoint, plan, device))
         finally:
-            for key in client.scan_iter(match=f"{run_id}*"):
-                client.delete(key)
+            delete_run_keys(client, run_id)
             client.close()
     report["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report

@@ -126,12 +126,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """The demo; Ctrl-C stops it with the report so far (and SIGTERM and SIGHUP, where
     they raise KeyboardInterrupt, as the command line makes them)."""
-    settings = settings.with_keys(DEMO_KEYS).model_copy(
-        update={"model": _model(out_dir, plan, progress), "metrics_port": 0}
-    )
-    engine = build_engine(settings)
-    assert engine is not None  # the demo always has its model file
-    first_version = engine.version
+    settings = settings.with_keys(DEMO_KEYS).model_copy(update={"metrics_port": 0})
     with url_or_embedded(settings.url()) as url:
         client = connect(
             url,
@@ -140,7 +135,14 @@ def run_demo(
             cluster=settings.cluster,
         )
         try:
+            # Redis reached and the lock held before the model trains (15 s): a demo
+            # refused, or with no Redis to run on, said so only after it.
             with _only_demo(client):
+                model = _model(out_dir, plan, progress)
+                settings = settings.model_copy(update={"model": model})
+                engine = build_engine(settings)
+                assert engine is not None  # the demo always has its model file
+                first_version = engine.version
                 report, views, events, worker = _live(client, url, engine, settings, plan, progress)
         finally:
             client.close()

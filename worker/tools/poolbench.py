@@ -20,6 +20,7 @@ pool's first rebalancing stay off the clock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -29,8 +30,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,16 +50,25 @@ from worker.localcluster import LocalClusterError, local_cluster
 from worker.pipeline import CLUSTER_POLL_S
 from worker.signals import deaf_children
 from worker.streams import (
+    REDIS_ERRORS,
     Wires,
     cluster_of,
     connect,
+    fix_for,
     keys_on,
     primaries,
     raise_first_error,
     read_groups,
     read_streams,
 )
-from worker.tools.bench import machine, proc_status_mb, raw_call, raw_forecasts, server_of
+from worker.tools.bench import (
+    delete_run_keys,
+    machine,
+    proc_status_mb,
+    raw_call,
+    raw_forecasts,
+    server_of,
+)
 
 log = logging.getLogger("attnlstm.bench")
 
@@ -75,6 +86,16 @@ class PoolPlan:
     series: int = 1_000
     max_batch: int = 1024
     cluster: bool = True  # with no URL given, a local 3-master cluster after one server
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process the bench started: what it is, its pid, and its exit code once it has
+    exited (None before), so that no wait outlives it."""
+
+    name: str
+    pid: int
+    exitcode: Callable[[], int | None]
 
 
 def run_pool_bench(
@@ -131,10 +152,7 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
                 f"{raw['entries_per_s']:,.0f}",
             )
     finally:
-        # On a cluster the model store's keys carry their tag first: {<run_id>:pool1:models}...
-        for pattern in (f"{run_id}*", f"{{{run_id}*"):
-            for key in client.scan_iter(match=pattern):
-                client.delete(key)
+        delete_run_keys(client, run_id)
         client.close()
     one = runs[0]["pool"]["entries_per_s"]
     for run in runs:
@@ -146,11 +164,13 @@ def _runs(url: str, plan: PoolPlan, model_file: Path, device: str) -> dict[str, 
 @contextlib.contextmanager
 def _workers(
     url: str, base: Keys, plan: PoolPlan, n: int, model_file: Path, device: str
-) -> Iterator[list[int]]:
-    """N ``attnlstm worker`` processes on ``base``'s partitions: their pids."""
+) -> Iterator[list[Child]]:
+    """N ``attnlstm worker`` processes on ``base``'s partitions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
+    # The URL, with any password in it, where only this user may read it: not in `ps`.
+    env["ATTNLSTM_REDIS_URL"] = url
     flags = [
-        "--redis-url", url, "--model", str(model_file), "--device", device,
+        "--model", str(model_file), "--device", device,
         "--threads", "1", "--metrics-port", "0", "--finetune-interval-s", "0",
         "--partitions", str(plan.partitions), "--max-batch", str(plan.max_batch),
         "--max-series", str(plan.series), "--lease-ttl-ms", str(LEASE_TTL_MS),
@@ -170,7 +190,7 @@ def _workers(
         for i in range(n)
     ]
     try:
-        yield [p.pid for p in procs]
+        yield [Child(f"worker bench{i}", p.pid, p.poll) for i, p in enumerate(procs)]
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -179,27 +199,57 @@ def _workers(
 
 
 @contextlib.contextmanager
-def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[int]]:
-    """N raw client processes, each on its share of ``base``'s partitions: their pids."""
+def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[Child]]:
+    """N raw client processes, each on its share of ``base``'s partitions."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     shares = [list(range(i, plan.partitions, n)) for i in range(n)]
+    pipes = [context.Pipe(duplex=False) for _ in shares]
     procs = [
-        context.Process(target=_raw_client, args=(url, base, plan, share, stop), daemon=True)
-        for share in shares
+        context.Process(target=_raw_client, args=(url, base, plan, share, stop, said), daemon=True)
+        for share, (_, said) in zip(shares, pipes, strict=True)
     ]
     with deaf_children():
         for p in procs:
             p.start()
     try:
-        yield [cast(int, p.pid) for p in procs]
+        yield [
+            Child(f"raw client {i}", cast(int, p.pid), _exit_of(p, heard))
+            for i, (p, (heard, _)) in enumerate(zip(procs, pipes, strict=True))
+        ]
     finally:
         stop.set()
         for p in procs:
             p.join(timeout=60)
 
 
-def _raw_client(url: str, base: Keys, plan: PoolPlan, share: list[int], stop: Any) -> None:
+def _exit_of(process: Any, heard: Connection) -> Callable[[], int | None]:
+    """The raw client's exit code, None while it runs; a ValueError with what it said
+    where it stopped on an error (one line, as the bench's own)."""
+
+    def exitcode() -> int | None:
+        if heard.poll():
+            raise ValueError(f"a raw client of the bench stopped: {heard.recv()}")
+        code: int | None = process.exitcode
+        return code
+
+    return exitcode
+
+
+def _raw_client(
+    url: str, base: Keys, plan: PoolPlan, share: list[int], stop: Any, said: Connection
+) -> None:
+    """:func:`_serve_raw` until ``stop`` is set; a Redis error told the bench through
+    ``said`` (a traceback of the child's said nothing more, and left the bench waiting)."""
+    try:
+        _serve_raw(url, base, plan, share, stop)
+    except REDIS_ERRORS as e:
+        fix = fix_for(e) if isinstance(e, redis.ResponseError) else None
+        said.send(f"Redis: {e}; {fix}" if fix else f"Redis: {e}")
+        raise SystemExit(1) from None
+
+
+def _serve_raw(url: str, base: Keys, plan: PoolPlan, share: list[int], stop: Any) -> None:
     """Read the partitions of ``share`` together and publish each one's part through
     its fenced call, until ``stop`` is set."""
     client = connect(url, socket_timeout_s=30, client_name="bench-raw")
@@ -248,24 +298,28 @@ def _timed(
     client: redis.Redis,
     base: Keys,
     plan: PoolPlan,
-    processes: contextlib.AbstractContextManager[list[int]],
+    processes: contextlib.AbstractContextManager[list[Child]],
 ) -> dict[str, Any]:
     """Start ``processes`` on empty partitions, write the entries once every partition
     is held, release them all at once and time the drain."""
     parts = [base.partition(k, plan.partitions) for k in range(plan.partitions)]
     for keys in parts:
         client.xgroup_create(keys.input, keys.group, id=PAST_EVERY_ENTRY, mkstream=True)
-    with processes as pids:
-        _wait(lambda: _balanced(client, parts, len(pids)), "every process to hold its share")
+    # One pipeline for every poll: a cluster's, dropped 50 times a second, swallowed a
+    # Ctrl-C that came in its __del__ ("Exception ignored"), and the bench waited on.
+    pipe = client.pipeline(transaction=False)
+    with processes as children:
+        balanced = functools.partial(_balanced, pipe, parts, len(children))
+        _wait(balanced, "every process to hold its share", children)
         _fill(client, parts, plan)
         started = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
         for keys in parts:
             pipe.xgroup_setid(keys.input, keys.group, id="0", entries_read=0)
         pipe.execute()
-        _wait(lambda: _drained(client, parts), "the drain", poll_s=0.02)
+        drained = functools.partial(_drained, pipe, parts)
+        _wait(drained, "the drain", children, poll_s=0.02)
         seconds = time.perf_counter() - started
-        rss = [proc_status_mb(pid, "VmRSS") for pid in pids]
+        rss = [proc_status_mb(child.pid, "VmRSS") for child in children]
     return {
         "entries": plan.entries,
         "seconds": round(seconds, 3),
@@ -274,9 +328,8 @@ def _timed(
     }
 
 
-def _balanced(client: redis.Redis, parts: list[Keys], n: int) -> bool:
+def _balanced(pipe: redis.client.Pipeline, parts: list[Keys], n: int) -> bool:
     """Every partition held, and the holders' shares those of a balanced pool of ``n``."""
-    pipe = client.pipeline(transaction=False)
     for keys in parts:
         pipe.get(keys.lease)
     holders = cast(list[bytes | None], pipe.execute())
@@ -299,10 +352,9 @@ def _fill(client: redis.Redis, parts: list[Keys], plan: PoolPlan) -> None:
         pipe.execute()
 
 
-def _drained(client: redis.Redis, parts: list[Keys]) -> bool:
+def _drained(pipe: redis.client.Pipeline, parts: list[Keys]) -> bool:
     """Every group has read and acked every entry: one round trip, so that watching
     the drain takes little from the processes timed."""
-    pipe = client.pipeline(transaction=False)
     for keys in parts:
         pipe.xinfo_groups(keys.input)
     for groups in pipe.execute():
@@ -312,9 +364,24 @@ def _drained(client: redis.Redis, parts: list[Keys]) -> bool:
     return True
 
 
-def _wait(condition: Any, what: str, *, poll_s: float = 0.05, timeout_s: float = 600) -> None:
+def _wait(
+    condition: Callable[[], bool],
+    what: str,
+    children: list[Child],
+    *,
+    poll_s: float = 0.05,
+    timeout_s: float = 600,
+) -> None:
+    """Until ``condition()``; a ValueError once one of ``children`` has exited (a worker
+    refused a right, killed: the bench waited out the timeout) or after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not condition():
+        for child in children:
+            if (code := child.exitcode()) is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                raise ValueError(
+                    f"the bench's {child.name} (pid {child.pid}) stopped before {what} ({how})"
+                )
         if time.monotonic() > deadline:
             raise ValueError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
