@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -23,7 +24,14 @@ from tests.helpers import wait_for
 from worker.localcluster import LocalClusterError
 from worker.settings import Settings
 from worker.tools import poolbench
-from worker.tools.bench import BenchPlan, _settings, format_report, run_bench, server_of
+from worker.tools.bench import (
+    BenchPlan,
+    _settings,
+    delete_run_keys,
+    format_report,
+    run_bench,
+    server_of,
+)
 from worker.tools.poolbench import PoolPlan, format_pool_report, run_pool_bench
 
 PLAN = BenchPlan(
@@ -342,3 +350,37 @@ def test_a_pool_bench_whose_process_is_refused_a_right_stops_saying_so(
     assert fnmatch.fnmatchcase(done.stderr.strip().splitlines()[-1], last_line), done.stderr
     for pattern in ("bench-pool-*", "{bench-pool-*"):
         assert not list(redis_client.scan_iter(match=pattern))
+
+
+def test_the_pool_s_workers_find_the_files_a_url_names_from_the_bench_s_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The workers run in another folder: a CA named relative to the bench's was not
+    found there, and they retried it for ever (the bench waited 600 s)."""
+    monkeypatch.chdir(tmp_path)
+    url = "rediss://u:p%40ss@h:1/0?ssl_ca_certs=ca.crt&ssl_certfile=/etc/c.crt&db=0"
+    assert poolbench._absolute(url) == (
+        f"rediss://u:p%40ss@h:1/0?ssl_ca_certs={quote(str(tmp_path / 'ca.crt'), safe='')}"
+        "&ssl_certfile=%2Fetc%2Fc.crt&db=0"
+    )
+    assert poolbench._absolute("unix:///run/r.sock?db=1") == "unix:///run/r.sock?db=1"
+
+
+def test_a_cleanup_refused_is_an_error_not_a_warning(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A user without SCAN: its keys left, a warning, exit 0."""
+    if "@" in redis_url.partition("://")[2]:
+        pytest.skip("REDIS_URL names a user: this test gives its own")
+    user, password = "bench-no-scan", "bench-test-password"
+    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", "-scan"]
+    redis_client.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    url = redis_url.replace("://", f"://{user}:{password}@", 1)
+    try:
+        with contextlib.closing(redis.Redis.from_url(url)) as client:
+            client.set("bench-0-0:x", "1")
+            with pytest.raises(redis.exceptions.NoPermissionError, match="'scan'"):
+                delete_run_keys(client, "bench-0-0")
+    finally:
+        redis_client.acl_deluser(user)
+        redis_client.delete("bench-0-0:x")

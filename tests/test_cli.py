@@ -528,6 +528,12 @@ BAD_RUNS = [
         2,
         "--no-cluster is for the servers the bench starts, not --redis-url (see",
     ),
+    # A URL the pool's workers refused, after the raw clients had run on database 0.
+    (
+        ["bench", "--workers", "1", "--redis-url", "redis://h:1/l"],
+        2,
+        "--redis-url: what follows the host must be a database number (/0) (see",
+    ),
     # Usage errors found as the command runs: exit 2, as the parser's, not 1.
     (["train", "--data", "bogus"], 2, "argument --data: expected sine, sines or csv:PATH"),
     (["plot", "--series", "abc"], 2, "--series: expected a whole number, got 'abc' (a series"),

@@ -310,6 +310,38 @@ def test_one_worker_fine_tunes_at_a_time(
     assert redis_client.get(keys.finetune_lock) is None
 
 
+def test_a_fine_tune_put_off_for_series_too_short_says_so(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Series that never hold the values a fine-tune needs (sensors replaced every few
+    minutes): every fine-tune was put off, and nothing said so (a soak ran 8.6 min, a
+    fine-tune due every 15 s, with none). Then a series long enough: it starts."""
+    clock = FakeClock()
+    tuner = _tuner(redis_client, redis_url, keys, trained_sines, clock, finetune_interval_s=10)
+    assert tuner.start(loads(dumps(trained_sines)[0])) is not None
+    state = WindowState(window=20, length=200, max_series=10)
+    slots = np.repeat(state.slots_for(["s0", "s1"]), 30)
+    state.push(slots, np.sin(np.arange(60.0)), gather=False)  # 30 values each
+    clock.now += 10  # a fine-tune is due
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert not tuner.running
+    put_off = "fine-tune put off: none of the 2 series served holds the "
+    assert caplog.text.count(put_off) == 1
+    clock.now += 5  # not tried again (nor said again) before the next on the schedule
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert caplog.text.count(put_off) == 1
+    slots = np.repeat(state.slots_for(["s2"]), 200)
+    state.push(slots, np.sin(np.arange(200.0)), gather=False)
+    clock.now += 5
+    assert tuner.tick(state.histories, Overall(halflife_s=30)) is None
+    assert tuner.running
+    tuner.close()
+
+
 def test_a_worker_fenced_out_drops_its_fine_tune_and_the_lock(
     redis_client: redis.Redis,
     redis_url: str,

@@ -175,23 +175,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        """A URL redis-py reads as it is written: it reads a database that is not a
-        number (redis://redis:6379/l) as none, and used database 0. The message never
-        holds the URL (its password)."""
-        if value is None:
-            return value
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in URL_SCHEMES:
-            raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
-        try:
-            parts.port  # noqa: B018 (it parses the port)
-        except ValueError:
-            raise ValueError("its port must be a number from 0 to 65535") from None
-        if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
-            raise ValueError("what follows the host must be a database number (/0)")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        if any(key == "db" and not value.isdigit() for key, value in query):
-            raise ValueError("its db= must be a database number")
+        if value is not None:
+            check_url(value.get_secret_value())
         return value
 
     @field_validator("coverage")
@@ -409,6 +394,24 @@ def _flagged(err: ErrorDetails, given: dict[str, Any]) -> bool:
     clash = err.get("ctx", {}).get("error")
     named = clash.fields if isinstance(clash, ClashError) else err["loc"][:1]
     return any(name in given for name in named)
+
+
+def check_url(url: str) -> None:
+    """A ValueError unless redis-py reads ``url`` as it is written: it reads a database
+    that is not a number (redis://redis:6379/l) as none, and used database 0. The message
+    never holds the URL (its password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
+    try:
+        parts.port  # noqa: B018 (it parses the port)
+    except ValueError:
+        raise ValueError("its port must be a number from 0 to 65535") from None
+    if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
+        raise ValueError("what follows the host must be a database number (/0)")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "db" and not value.isdigit() for key, value in query):
+        raise ValueError("its db= must be a database number")
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:

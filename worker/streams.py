@@ -129,8 +129,8 @@ TLS_TO_PLAIN_HINT = "if the server takes no TLS on this port, the URL must begin
 # that a client writing first (AUTH, with a password) never reads: it sees an EOF, as
 # from a server restarting mid-handshake.
 CLIENT_CERT_HINT = (
-    "if the server asks for a client certificate (tls-auth-clients), give one in the URL "
-    "(rediss://...?ssl_certfile=CERT&ssl_keyfile=KEY)"
+    "if the server asks for a client certificate (tls-auth-clients), give one signed by a "
+    "CA it trusts in the URL (rediss://...?ssl_certfile=CERT&ssl_keyfile=KEY)"
 )
 
 
@@ -164,7 +164,7 @@ def unreachable(e: redis.RedisError, url: str | None) -> str:
     """A connection error's words, and what to fix where it is a TLS refusal, or a hint
     where the URL's scheme may be the wrong one."""
     fix = tls_fix(e) or scheme_hint(e, url)
-    return f"{e}; {fix}" if fix else str(e)
+    return f"{str(e).removesuffix('.')}; {fix}" if fix else str(e)
 
 
 def what_to_fix(e: Exception, clustered: bool) -> str | None:

@@ -26,7 +26,7 @@ from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import FILE_BYTES_MAX, ModelStore
-from worker.settings import WORKER_ONLY, Settings, from_flags
+from worker.settings import WORKER_ONLY, Settings, check_url, from_flags
 from worker.streams import unreachable
 from worker.tools import RUNS
 from worker.tools.bench import BenchPlan, run_bench
@@ -104,7 +104,14 @@ def _check_bench_flags(args: argparse.Namespace) -> None:
     """Flags that the bench asked for would not read are refused: a pool's workers run
     none of one worker's runs (and one torch thread each), one worker shares no
     partitions, each run reads only some flags, and a --redis-url leaves no servers to
-    start. They were dropped without a word, and a long run was not the one asked for."""
+    start. They were dropped without a word, and a long run was not the one asked for.
+    A URL the worker's settings refuse is refused first: the pool's workers refused it
+    after the raw clients' runs."""
+    if args.redis_url is not None:
+        try:
+            check_url(args.redis_url)
+        except ValueError as e:
+            raise UsageError(f"--redis-url: {e}") from None
     if args.workers:
         if args.no_cluster and args.redis_url:
             raise UsageError("--no-cluster is for the servers the bench starts, not --redis-url")

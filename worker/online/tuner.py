@@ -278,8 +278,19 @@ class Tuner:
             return None
         names, values = histories()
         usable = _usable_values(values, self._min_points())
-        if usable < (COLD_START_VALUES if trigger == "cold" else 1) or not self._take_lock():
-            self._put_off(trigger, now)  # too little history yet, or another's turn
+        if usable < (COLD_START_VALUES if trigger == "cold" else 1):
+            if trigger != "cold":  # (a cold start waits for its values, as it says at start)
+                # Said, or fine-tunes that never ran (series that live shorter) said nothing.
+                log.info(
+                    "fine-tune put off: none of the %d series served holds the %d values a "
+                    "fine-tune needs",
+                    len(names),
+                    self._min_points(),
+                )
+            self._put_off(trigger, now)
+            return None
+        if not self._take_lock():
+            self._put_off(trigger, now)  # another's turn
             return None
         if trigger == "drift":
             log.info(

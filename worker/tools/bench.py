@@ -53,7 +53,6 @@ from worker.online.finetune import FinetuneConfig, Job, history_kept, init_proce
 from worker.settings import Settings
 from worker.signals import deaf_children
 from worker.streams import (
-    REDIS_ERRORS,
     Command,
     Entry,
     Wires,
@@ -503,17 +502,21 @@ def _serving(
 def delete_run_keys(client: redis.Redis, run_id: str) -> None:
     """Every key of the run deleted, node by node on a cluster, where the model store's
     keys carry their tag first (``{<run_id>:...:models}``: left behind, 12 a run, while
-    only ``<run_id>*`` was scanned). A node that fails is named in a warning, and the
-    others cleaned all the same: the run's own error, if any, says why it failed."""
+    only ``<run_id>*`` was scanned). A node that does not answer is named in a warning,
+    and the others cleaned all the same (the run's own error, if any, says why it
+    failed); a refusal (no right to SCAN) is raised: a warning and exit 0 left them."""
     nodes = cluster_of(client)
     servers = [node.redis_connection for node in primaries(nodes)] if nodes else [client]
+    patterns = (f"{run_id}*", f"{{{run_id}*")
     for server in servers:
         try:
-            for pattern in (f"{run_id}*", f"{{{run_id}*"):
+            for pattern in patterns:
                 for key in server.scan_iter(match=pattern, count=1000):
                     server.delete(key)
-        except REDIS_ERRORS as e:
-            log.warning("the bench's keys %s* may be left on a server (%s): delete them", run_id, e)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning(
+                "the bench's keys %s may be left on a server (%s)", " and ".join(patterns), e
+            )
 
 
 def run_bench(

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -43,7 +44,7 @@ from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
-from worker.embedded import pdeathsig_preexec, url_or_embedded
+from worker.embedded import die_with_parent, pdeathsig_preexec, url_or_embedded
 from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library, process_token
 from worker.localcluster import LocalClusterError, local_cluster
@@ -167,8 +168,9 @@ def _workers(
 ) -> Iterator[list[Child]]:
     """N ``attnlstm worker`` processes on ``base``'s partitions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
-    # The URL, with any password in it, where only this user may read it: not in `ps`.
-    env["ATTNLSTM_REDIS_URL"] = url
+    # The URL, with any password in it, where only this user may read it: not in `ps`;
+    # its files named from here, as the workers run elsewhere.
+    env["ATTNLSTM_REDIS_URL"] = _absolute(url)
     flags = [
         "--model", str(model_file), "--device", device,
         "--threads", "1", "--metrics-port", "0", "--finetune-interval-s", "0",
@@ -198,6 +200,22 @@ def _workers(
             p.wait(timeout=60)
 
 
+# What a URL's query may name a file with, for redis-py: a relative one was looked for
+# in the workers' folder, and they retried it for ever.
+URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
+def _absolute(url: str) -> str:
+    """``url`` with the files its query names (:data:`URL_FILES`) made absolute, from
+    this process's folder. (A unix:// socket's path is one already, to redis-py.)"""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key in URL_FILES for key, _ in query):
+        return url
+    absolute = [(k, os.path.abspath(v) if k in URL_FILES else v) for k, v in query]
+    return urlunsplit(parts._replace(query=urlencode(absolute)))
+
+
 @contextlib.contextmanager
 def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[Child]]:
     """N raw client processes, each on its share of ``base``'s partitions."""
@@ -206,7 +224,11 @@ def _raw_clients(url: str, base: Keys, plan: PoolPlan, n: int) -> Iterator[list[
     shares = [list(range(i, plan.partitions, n)) for i in range(n)]
     pipes = [context.Pipe(duplex=False) for _ in shares]
     procs = [
-        context.Process(target=_raw_client, args=(url, base, plan, share, stop, said), daemon=True)
+        context.Process(
+            target=_raw_client,
+            args=(url, base, plan, share, stop, said, os.getpid()),
+            daemon=True,
+        )
         for share, (_, said) in zip(shares, pipes, strict=True)
     ]
     with deaf_children():
@@ -237,10 +259,18 @@ def _exit_of(process: Any, heard: Connection) -> Callable[[], int | None]:
 
 
 def _raw_client(
-    url: str, base: Keys, plan: PoolPlan, share: list[int], stop: Any, said: Connection
+    url: str,
+    base: Keys,
+    plan: PoolPlan,
+    share: list[int],
+    stop: Any,
+    said: Connection,
+    parent: int,
 ) -> None:
     """:func:`_serve_raw` until ``stop`` is set; a Redis error told the bench through
-    ``said`` (a traceback of the child's said nothing more, and left the bench waiting)."""
+    ``said`` (a traceback of the child's said nothing more, and left the bench waiting).
+    Gone with the bench, even after its kill -9 (it read on, an orphan)."""
+    die_with_parent(parent)
     try:
         _serve_raw(url, base, plan, share, stop)
     except REDIS_ERRORS as e:
