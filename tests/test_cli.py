@@ -528,6 +528,18 @@ BAD_RUNS = [
         2,
         "--no-cluster is for the servers the bench starts, not --redis-url (see",
     ),
+    # A file named in the URL that is not there: a connection lost, retried for ever.
+    (
+        ["worker", "--redis-url", "rediss://h:1/0?ssl_ca_certs=absent.crt"],
+        2,
+        "bad settings: redis_url: Value error, its ssl_ca_certs= names absent.crt, which does "
+        "not exist (see",
+    ),
+    (
+        ["bench", "--redis-url", "rediss://h:1/0?ssl_certfile=c.crt&ssl_keyfile=absent.key"],
+        2,
+        "--redis-url: its ssl_certfile= names c.crt, which does not exist (see",
+    ),
     # A URL the pool's workers refused, after the raw clients had run on database 0.
     (
         ["bench", "--workers", "1", "--redis-url", "redis://h:1/l"],

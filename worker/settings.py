@@ -396,10 +396,14 @@ def _flagged(err: ErrorDetails, given: dict[str, Any]) -> bool:
     return any(name in given for name in named)
 
 
+# What a URL's query names a file (or, the last, a folder) with, for redis-py.
+URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
 def check_url(url: str) -> None:
-    """A ValueError unless redis-py reads ``url`` as it is written: it reads a database
-    that is not a number (redis://redis:6379/l) as none, and used database 0. The message
-    never holds the URL (its password)."""
+    """A ValueError unless redis-py reads ``url`` as it is written (it reads a database
+    that is not a number, redis://redis:6379/l, as none, and used database 0), and the
+    files it names exist. The message never holds the URL (its password)."""
     parts = urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
         raise ValueError(f"must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}")
@@ -412,6 +416,10 @@ def check_url(url: str) -> None:
     query = parse_qsl(parts.query, keep_blank_values=True)
     if any(key == "db" and not value.isdigit() for key, value in query):
         raise ValueError("its db= must be a database number")
+    # A file that is not there was a lost connection to retry, for ever.
+    for key, value in query:
+        if key in URL_FILES and not Path(value).exists():
+            raise ValueError(f"its {key}= names {value}, which does not exist")
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:

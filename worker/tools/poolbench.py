@@ -49,6 +49,7 @@ from worker.keys import Keys
 from worker.lease import Fence, Lease, ensure_library, process_token
 from worker.localcluster import LocalClusterError, local_cluster
 from worker.pipeline import CLUSTER_POLL_S
+from worker.settings import URL_FILES
 from worker.signals import deaf_children
 from worker.streams import (
     REDIS_ERRORS,
@@ -200,14 +201,10 @@ def _workers(
             p.wait(timeout=60)
 
 
-# What a URL's query may name a file with, for redis-py: a relative one was looked for
-# in the workers' folder, and they retried it for ever.
-URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
-
-
 def _absolute(url: str) -> str:
     """``url`` with the files its query names (:data:`URL_FILES`) made absolute, from
-    this process's folder. (A unix:// socket's path is one already, to redis-py.)"""
+    this process's folder: a relative one was looked for in the workers' folder. (A
+    unix:// socket's path is one already, to redis-py.)"""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     if not any(key in URL_FILES for key, _ in query):
