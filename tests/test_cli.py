@@ -540,6 +540,12 @@ BAD_RUNS = [
         2,
         "--redis-url: its ssl_certfile= names c.crt, which does not exist (see",
     ),
+    (["bench", "--redis-password-file", "pw"], 2, "--redis-password-file is for the user of"),
+    (
+        ["bench", "--redis-url", "redis://u:p@h:1/0", "--redis-password-file", "pw"],
+        2,
+        "--redis-url has a password already: keep one of the two (see",
+    ),
     # A URL the pool's workers refused, after the raw clients had run on database 0.
     (
         ["bench", "--workers", "1", "--redis-url", "redis://h:1/l"],

@@ -339,11 +339,9 @@ class Settings(BaseSettings):
         url = self.redis_url.get_secret_value()
         if self.redis_password_file is None and self.redis_ca_file is None:
             return url
-        parts = urlsplit(url)
         if self.redis_password_file is not None:
-            user, _, host = parts.netloc.rpartition("@")
-            password = quote(_read_secret(self.redis_password_file, "password"), safe="")
-            parts = parts._replace(netloc=f"{user}:{password}@{host}")
+            url = with_password(url, self.redis_password_file)
+        parts = urlsplit(url)
         if self.redis_ca_file is not None:
             query = [
                 *parse_qsl(parts.query, keep_blank_values=True),
@@ -426,6 +424,14 @@ def _given_url(info: ValidationInfo) -> SplitResult | None:
     """The redis_url validated before the field at hand, split into its parts."""
     url: SecretStr | None = info.data.get("redis_url")
     return None if url is None else urlsplit(url.get_secret_value())
+
+
+def with_password(url: str, password_file: Path) -> str:
+    """``url`` with the password in ``password_file`` put in, beside the URL's user."""
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    password = quote(_read_secret(password_file, "password"), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
 
 
 def _read_secret(path: Path, what: str, *, line_ends: str = "\n") -> str:

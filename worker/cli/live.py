@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import torch
@@ -26,7 +27,7 @@ from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
 from worker.online.store import FILE_BYTES_MAX, ModelStore
-from worker.settings import WORKER_ONLY, Settings, check_url, from_flags
+from worker.settings import WORKER_ONLY, Settings, check_url, from_flags, with_password
 from worker.streams import unreachable
 from worker.tools import RUNS
 from worker.tools.bench import BenchPlan, run_bench
@@ -64,6 +65,9 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
     plan = BenchPlan(**{name: flags[name] for name in given})
     model = open_checkpoint(args.model).model if args.model else None
     device = resolve_device(args.device)
+    url = args.redis_url
+    if url is not None and args.redis_password_file is not None:
+        url = with_password(url, args.redis_password_file)  # (out of `ps`)
     if args.workers:
         pool = PoolPlan(
             workers=args.workers,
@@ -72,8 +76,8 @@ def bench_command(args: argparse.Namespace) -> dict[str, Any]:
             series=args.series or PoolPlan.series,
             cluster=not args.no_cluster,
         )
-        return run_pool_bench(plan=pool, device=device, url=args.redis_url, model=model)
-    return run_bench(plan=plan, device=device, url=args.redis_url, model=model)
+        return run_pool_bench(plan=pool, device=device, url=url, model=model)
+    return run_bench(plan=plan, device=device, url=url, model=model)
 
 
 # The flags of one worker's bench, and those of a pool's: each refused in the other.
@@ -107,6 +111,11 @@ def _check_bench_flags(args: argparse.Namespace) -> None:
     start. They were dropped without a word, and a long run was not the one asked for.
     A URL the worker's settings refuse is refused first: the pool's workers refused it
     after the raw clients' runs."""
+    if args.redis_password_file is not None:
+        if args.redis_url is None:
+            raise UsageError("--redis-password-file is for the user of --redis-url")
+        if urlsplit(args.redis_url).password is not None:
+            raise UsageError("--redis-url has a password already: keep one of the two")
     if args.redis_url is not None:
         try:
             check_url(args.redis_url)

@@ -208,6 +208,12 @@ def _bench_args(bench: argparse.ArgumentParser) -> None:
     )
     bench.add_argument("--threads", type=threads, default=None, help="torch threads (default 1)")
     bench.add_argument("--redis-url", default=None, help="(default: an embedded server)")
+    bench.add_argument(
+        "--redis-password-file",
+        type=Path,
+        default=None,
+        help="the URL user's password, read from this file: not on the command line",
+    )
     bench.add_argument("--entries", type=positive, default=None, help="(default 100000)")
     bench.add_argument("--series", type=positive, default=None, help="(default 1000)")
     # The bench's flags default to None: one that the runs asked for would not read is
