@@ -15,9 +15,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -44,6 +45,29 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def as_user(url: str, user: str, password: str | None = None) -> str:
+    """``url`` as ``user`` (with ``password`` where given), whoever it named before."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    login = user if password is None else f"{user}:{password}"
+    return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
+
+
+@contextlib.contextmanager
+def user_without(nodes: Sequence[redis.Redis], user: str, rule: str) -> Iterator[str]:
+    """A throwaway ACL user with every right but what ``rule`` takes away (``-scan``,
+    ``-cluster|slots``), made on each of ``nodes`` and deleted after; yields its password."""
+    password = f"{user}-password"
+    for node in nodes:
+        rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", rule]
+        node.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    try:
+        yield password
+    finally:
+        for node in nodes:
+            node.acl_deluser(user)
 
 
 def large_requests_logged(client: redis.Redis, key: str) -> int | None:

@@ -20,7 +20,7 @@ import torch
 from attnlstm.checkpoint import load
 from tests.cluster import LocalCluster
 from tests.conftest import CLI
-from tests.helpers import wait_for
+from tests.helpers import as_user, user_without, wait_for
 from worker.localcluster import LocalClusterError
 from worker.settings import Settings
 from worker.tools import poolbench
@@ -334,19 +334,15 @@ def test_a_pool_bench_whose_process_is_refused_a_right_stops_saying_so(
     raw clients and the pool's workers reach Redis with it, and are refused the right.)"""
     if "@" in redis_url.partition("://")[2]:
         pytest.skip("REDIS_URL names a user: this test gives its own")
-    user, password = f"bench-{refused[1:]}", "bench-test-password"
-    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", refused]
-    redis_client.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
-    (tmp_path / "password").write_text(password + "\n")
-    try:
-        url = redis_url.replace("://", f"://{user}@", 1)
+    user = f"bench-{refused[1:]}"
+    with user_without([redis_client], user, refused) as password:
+        (tmp_path / "password").write_text(password + "\n")
         done = subprocess.run(
             [*CLI, "bench", "--workers", "1", "--partitions", "2", "--entries", "200",
-             "--series", "4", "--redis-url", url, "--redis-password-file", "password"],
+             "--series", "4", "--redis-url", as_user(redis_url, user),
+             "--redis-password-file", "password"],
             cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
-    finally:
-        redis_client.acl_deluser(user)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert fnmatch.fnmatchcase(done.stderr.strip().splitlines()[-1], last_line), done.stderr
@@ -374,15 +370,12 @@ def test_a_cleanup_refused_is_an_error_not_a_warning(
     """A user without SCAN: its keys left, a warning, exit 0."""
     if "@" in redis_url.partition("://")[2]:
         pytest.skip("REDIS_URL names a user: this test gives its own")
-    user, password = "bench-no-scan", "bench-test-password"
-    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", "-scan"]
-    redis_client.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
-    url = redis_url.replace("://", f"://{user}:{password}@", 1)
     try:
-        with contextlib.closing(redis.Redis.from_url(url)) as client:
-            client.set("bench-0-0:x", "1")
-            with pytest.raises(redis.exceptions.NoPermissionError, match="'scan'"):
-                delete_run_keys(client, "bench-0-0")
+        with user_without([redis_client], "bench-no-scan", "-scan") as password:
+            url = as_user(redis_url, "bench-no-scan", password)
+            with contextlib.closing(redis.Redis.from_url(url)) as client:
+                client.set("bench-0-0:x", "1")
+                with pytest.raises(redis.exceptions.NoPermissionError, match="'scan'"):
+                    delete_run_keys(client, "bench-0-0")
     finally:
-        redis_client.acl_deluser(user)
         redis_client.delete("bench-0-0:x")

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ from attnlstm.device import resolve_device
 from attnlstm.model import AttentionLSTM
 from attnlstm.synthetic import article_sine
 from tests.conftest import CLI, DATA
-from tests.helpers import free_port, wait_for, worker_env
+from tests.helpers import as_user, free_port, wait_for, worker_env
 from worker.cli.commands import _print_human
 from worker.cli.live import worker_settings
 from worker.cli.offline import _note_gaps, _note_repeats
@@ -498,6 +497,18 @@ BAD_RUNS = [
     (["worker", "--model", "absent.st"], 1, "no model at absent.st: train one with"),
     (["worker", "--max-batch", "0"], 2, "argument --max-batch: must be >= 1, got 0"),
     (["models", "list", "--events", "10001"], 2, "argument --events: must be at most 10,000"),
+    # A flag the command does not know: the error named no command, and its --help none of
+    # the command's flags.
+    (
+        ["worker", "--bogus"],
+        2,
+        "attnlstm worker: error: unrecognized arguments: --bogus (see attnlstm worker --help)",
+    ),
+    (
+        ["models", "list", "--bogus", "x"],
+        2,
+        "attnlstm models list: error: unrecognized arguments: --bogus x",
+    ),
     # 999,999,999 partitions ran until killed.
     (["bench", "--partitions", "5000"], 2, "argument --partitions: must be at most 4,096, got"),
     (["worker", "--redis-url", "http://h"], 2, "bad settings: redis_url: Value error, must start"),
@@ -686,10 +697,12 @@ def test_a_metrics_host_that_is_no_address_here_names_the_host(
 def test_a_worker_with_no_model_anywhere_and_no_fine_tuning_says_what_to_do(
     tmp_path: Path,
 ) -> None:
-    """On the embedded server: nothing in its store, so nothing to serve."""
+    """On the embedded server: nothing in its store, so nothing to serve (and no word of
+    a Redis out of step: it said "stopped (not in step with Redis ...)" first)."""
     proc = run("worker", "--finetune-interval-s", "0", "--metrics-port", "0", cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
+    assert "not in step" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "attnlstm worker: error: no model: none in the store (models), none given; pass "
         "--model PATH (train one with: attnlstm train), or set a finetune interval for a "
@@ -848,12 +861,6 @@ def _with_db(url: str, db: int) -> str:
     return f"{url}{'&' if '?' in url else '?'}db={db}"
 
 
-def _as_user(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
-
-
 REPLAY_TWO = ["replay", "--fast", "--points", "2"]
 
 
@@ -889,8 +896,8 @@ def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
     user = stream_prefix.rstrip(":") + "-reader"  # an ACL user of this test's own
     url = {
         "db": _with_db(redis_url, 9999),
-        "user": _as_user(redis_url, user, "pw"),
-        "password": _as_user(redis_url, user, "not-pw"),
+        "user": as_user(redis_url, user, "pw"),
+        "password": as_user(redis_url, user, "not-pw"),
         "": redis_url,
     }[refusal]
     redis_client.set(f"{stream_prefix}text", "not a stream")
@@ -933,7 +940,7 @@ def test_bench_on_a_redis_it_cannot_use_ends_in_one_line(
     url = {
         "unreachable": f"redis://127.0.0.1:{free_port()}/0",
         "db": _with_db(redis_url, 9999),
-        "password": _as_user(redis_url, "nobody", "wrong"),
+        "password": as_user(redis_url, "nobody", "wrong"),
     }[where]
     proc = subprocess.run(
         [*CLI, "bench", "--redis-url", url, "--runs", "models", "--entries", "100"],

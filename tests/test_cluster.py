@@ -19,7 +19,15 @@ from attnlstm.checkpoint import save
 from attnlstm.model import AttentionLSTM
 from tests.cluster import LocalCluster, keyslot, owner
 from tests.conftest import CLI
-from tests.helpers import engine_for, entries, settings_for, worker_cmd, worker_env
+from tests.helpers import (
+    as_user,
+    engine_for,
+    entries,
+    settings_for,
+    user_without,
+    worker_cmd,
+    worker_env,
+)
 from worker.app import run_service
 from worker.keys import Keys
 from worker.loop import Worker
@@ -222,19 +230,12 @@ def test_replay_sends_what_a_moved_slot_refused_to_its_new_owner(
 def test_a_user_who_may_not_ask_for_the_slots_is_told_so(redis_cluster: LocalCluster) -> None:
     """redis-py says "Cluster mode is not enabled on this node" of a user refused
     CLUSTER SLOTS too: the error named an ATTNLSTM_CLUSTER that nobody had set first."""
-    user, password = "no-slots", "no-slots-password"
     nodes = [redis_cluster.node_client(port) for port in redis_cluster.ports]
-    rules = ["reset", "on", f">{password}", "~*", "&*", "+@all", "-cluster|slots"]
-    for node in nodes:
-        node.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
-    try:
-        url = redis_cluster.url.replace("://", f"://{user}:{password}@", 1)
+    with user_without(nodes, "no-slots", "-cluster|slots") as password:
+        url = as_user(redis_cluster.url, "no-slots", password)
         for cluster in (None, True):  # found out by HELLO, or told
             with pytest.raises(
                 ValueError,
                 match=re.escape(f"Redis refused the URL's user CLUSTER SLOTS; {ACL_FIX}"),
             ):
                 connect(url, socket_timeout_s=10, client_name="test", cluster=cluster)
-    finally:
-        for node in nodes:
-            node.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]

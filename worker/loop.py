@@ -247,7 +247,10 @@ class Worker:
                 self._in_step = False  # partitions' mark): its leases handed back now, not
                 self._close(save=False)  # held until they lapse, for whoever comes next
                 raise
-        self._close(save=self._in_step and self._finish())
+        in_step = self._in_step and self._finish()
+        if not in_step:  # (not said of a stop for an error: its own line says why)
+            log.info("stopped (not in step with Redis; the last checkpoint stands)")
+        self._close(save=in_step)
         return self.metrics.totals(time.monotonic() - self._started)
 
     def _handle_next_batch(self) -> bool:
@@ -819,8 +822,6 @@ class Worker:
             self.tuner.close()  # lapses on its own (a stop while Redis is unreachable)
         # A stop during one lane's re-sync leaves the lanes taken with it unrestored: their
         # empty windows saved over their checkpoints forgot them, and the entries put aside.
-        if not save:
-            log.info("stopped (not in step with Redis; the last checkpoint stands)")
         refused: ValueError | None = None  # no retry mends it: raised once all is closed
         for lane in self.lanes.values():
             if save and lane.synced:

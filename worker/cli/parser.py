@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -51,6 +52,19 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, as for every other user error, pointing at --help.
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_Parser):
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # A command refuses the flags it does not know itself: argparse hands them up to
+        # the top parser, whose error named no command and sent to `attnlstm --help`,
+        # which lists none of the command's flags.
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool = False) -> None:
@@ -101,7 +115,7 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attnlstm", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     _train_args(sub.add_parser("train", help="train a model offline and save a checkpoint"))
     evaluate = sub.add_parser("evaluate", help="score a checkpoint against naive baselines")
     _data_args(evaluate)
