@@ -16,8 +16,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,11 @@ class Checkpoint:
 
 
 def dumps(model: AttentionLSTM, meta: dict[str, Any] | None = None) -> tuple[bytes, str]:
-    """The checkpoint as bytes, and its version."""
+    """The checkpoint as bytes, and its version. Refused (CheckpointError, TypeError):
+    a model that :func:`loads` would refuse, and metadata that is no dict."""
+    check_config(model.config, "cannot save the model")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     tensors, config = _tensors(model), _config_json(model)
     header = {
         "format": FORMAT,
@@ -87,7 +91,7 @@ def save(path: str | Path, model: AttentionLSTM, meta: dict[str, Any] | None = N
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -99,6 +103,19 @@ def save(path: str | Path, model: AttentionLSTM, meta: dict[str, Any] | None = N
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return version
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` for writing, and its name: created as open() creates
+    one, its mode 0666 less the umask. mkstemp's 0600 made every checkpoint unreadable to
+    any other user, such as a worker's container, which reads one copied into its volume
+    as its own user (`cannot read checkpoint ...: Permission denied`)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:

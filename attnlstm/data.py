@@ -95,7 +95,7 @@ def load_dataset(
         return Dataset(["sine"], [article_sine()])
     if spec == "sines":
         if n_series < 1:
-            raise DataError(f"--series must be >= 1, got {n_series}")
+            raise DataError(f"n_series must be >= 1, got {n_series}")
         sines = make_sines(SineSpec(n_series=n_series), seed=seed)
         return Dataset([f"sine-{i}" for i in range(n_series)], list(sines.values))
     if spec.startswith("csv:") and len(spec) > 4:

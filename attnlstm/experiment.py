@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from attnlstm.checkpoint import CONFIG_BOUNDS
+from attnlstm.checkpoint import CONFIG_BOUNDS, check_config
 from attnlstm.data import Dataset, fingerprint
 from attnlstm.metrics import score
 from attnlstm.model import AttentionLSTM, ModelConfig
@@ -179,7 +179,9 @@ def train_model(
 ) -> tuple[AttentionLSTM, TrainResult, dict[str, float]]:
     """Train a new model on the part of each series before its held-out tail, stopping
     early on that part's own last ``val_fraction``; score it on the tail, which no step
-    of the training has seen."""
+    of the training has seen. A config that no checkpoint would load is refused first
+    (CheckpointError), not once the model is trained and saved."""
+    check_config(model_config, "the model")
     context, horizon = model_config.context, model_config.horizon
     early = Dataset(
         dataset.names,

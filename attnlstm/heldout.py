@@ -131,7 +131,8 @@ def compare(
     if short:
         raise ValueError(
             f"series {short[0]!r} has fewer values before its held-out tail than the model "
-            f"reads ({model.config.context}): lower --val-fraction or use longer data"
+            f"reads ({model.config.context}): lower val_fraction (--val-fraction) or use "
+            "longer data"
         )
     forecasters: list[tuple[str, Forecaster]] = [
         ("model", lambda y, c: _model(model, spread, level, y, c, step, device)),

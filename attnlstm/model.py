@@ -66,9 +66,8 @@ class ModelConfig:
     scaling: Scaling = "window"  # per-window standardisation, or none
 
     def __post_init__(self) -> None:
-        for name in ("window", "horizon", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_sizes()
+        object.__setattr__(self, "lags", tuple(self.lags))  # a list given: still hashable
         if any(type(lag) is not int or lag < 1 for lag in self.lags):
             raise ValueError(f"lags must be whole numbers >= 1, got {list(self.lags)}")
         for name in ("period", "profile_weeks"):
@@ -85,6 +84,16 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scaling not in ("window", "none"):
             raise ValueError(f"scaling must be 'window' or 'none', got {self.scaling!r}")
+
+    def _check_sizes(self) -> None:
+        sizes = ("window", "horizon", "hidden_size", "num_layers", "attention_size")
+        for name in (*sizes, "period", "profile_weeks"):
+            # A float window (20.5) was a torch error at the model's build; a bool is 0 or 1.
+            if type(getattr(self, name)) is not int:
+                raise TypeError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def input_size(self) -> int:
@@ -231,6 +240,8 @@ class AttentionLSTM(nn.Module):
         context = self.config.context
         if x.dim() != 2 or x.shape[1] != context:
             raise ValueError(f"expected windows of shape (B, {context}), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # forecasts come back in x's dtype: ints truncated them
+            raise TypeError(f"expected windows of floating-point values, got {x.dtype}")
         if self.config.scaling == "none":
             out, weights = self._forecast(x.to(self.head.weight.dtype))
             return out.to(x.dtype), weights

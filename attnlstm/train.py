@@ -30,19 +30,27 @@ class TrainConfig:
     epochs: int | None = None  # None: enough for about 3,000 optimiser steps (3 to 300)
     batch_size: int = 64
     lr: float = 1e-2  # peak Adam learning rate, decayed by a cosine to lr * 1e-2
-    weight_decay: float = 0.0  # Adam's L2 penalty (SEASONAL_WEIGHT_DECAY with a period)
+    # Adam's L2 penalty. `attnlstm train` and the demo give a model with a period
+    # attnlstm.experiment.SEASONAL_WEIGHT_DECAY; train_model takes what is given here.
+    weight_decay: float = 0.0
     patience: int = 40  # epochs without a better validation loss before stopping
     clip_norm: float = 1.0  # max global gradient norm
     seed: int = 0
     blend: bool = True  # shrink toward naive forecasts where validation says so (attnlstm.blend)
 
     def __post_init__(self) -> None:
+        counts = ("batch_size", "patience", "seed") + ("epochs",) * (self.epochs is not None)
+        for name in counts:  # a float batch size was a TypeError deep in the training
+            if type(getattr(self, name)) is not int:
+                raise TypeError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.patience < 1:
             raise ValueError("patience must be >= 1")
-        if not self.lr > 0 or not self.clip_norm > 0:
-            raise ValueError("lr and clip_norm must be > 0")
+        if not 0 < self.lr < math.inf or not 0 < self.clip_norm < math.inf:
+            raise ValueError("lr and clip_norm must be > 0 and finite")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
 
 
 HUBER_DELTA = 1.0  # the loss is quadratic within this many window deviations, then linear
@@ -124,7 +132,13 @@ def predict(
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context), or
-    for unbuilt windows, built a batch at a time."""
+    for unbuilt windows, built a batch at a time. A value that is not finite is refused
+    (ValueError): it made NaN forecasts, without a word."""
+    if not isinstance(x, SeriesWindows):  # (series_windows checked its values)
+        x = np.asarray(x, dtype=np.float64)
+        if x.size and not np.isfinite(x).all():
+            row, col = np.argwhere(~np.isfinite(x))[0]
+            raise ValueError(f"window {row} has a value that is not finite at {col}: {x[row, col]}")
     model.eval()
     ys, attns = [], []
     with torch.inference_mode():
@@ -144,7 +158,7 @@ def predict(
 def fit(
     model: AttentionLSTM,
     train: Windows | SeriesWindows,
-    val: Windows,
+    val: Windows | SeriesWindows,
     config: TrainConfig,
     *,
     device: str = "cpu",
@@ -153,7 +167,9 @@ def fit(
     """Train ``model`` in place; on return it holds the best validation weights.
 
     ``train`` as :class:`SeriesWindows` is gathered a batch at a time (the same values,
-    so the same model, as its built windows give)."""
+    so the same model, as its built windows give); ``val`` as one is built whole."""
+    if isinstance(val, SeriesWindows):  # as split_windows gives it
+        val = val.build()
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"need training and validation windows, got {len(train)} and {len(val)}: "

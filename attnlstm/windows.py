@@ -83,9 +83,12 @@ def series_windows(series: Sequence[np.ndarray], window: int, horizon: int) -> S
     if not series:
         raise ValueError("no series given")
     arrays = [np.asarray(s, dtype=np.float64) for s in series]
-    for a in arrays:
+    for i, a in enumerate(arrays):
         if a.ndim != 1:
             raise ValueError(f"expected a 1-D series, got shape {a.shape}")
+        if not np.isfinite(a).all():  # (training diverged on it; forecasts were NaN)
+            at = int(np.argmin(np.isfinite(a)))
+            raise ValueError(f"series {i} has a value that is not finite at {at}: {a[at]}")
     offsets = np.cumsum([0] + [a.size for a in arrays[:-1]])
     starts = [np.arange(window, a.size - horizon + 1, dtype=np.int64) for a in arrays]
     start = np.concatenate(starts)
@@ -200,6 +203,10 @@ def time_split(
     the forecaster would have had). Windows whose targets straddle the cut are
     dropped, so no target value is in both sets.
     """
+    if len(windows) and windows.series.max() >= len(lengths):
+        raise ValueError(
+            f"windows of {windows.series.max() + 1} series, but {len(lengths)} lengths"
+        )
     cuts = np.array([split_point(n, val_fraction) for n in lengths], dtype=np.int64)
     cut = cuts[windows.series]  # (N,)
     horizon = windows.y.shape[1]

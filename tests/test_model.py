@@ -40,6 +40,16 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
             model(torch.randn(*shape))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_windows_that_are_not_floating_point_are_refused(dtype: torch.dtype) -> None:
+    """Forecasts come back in the input's dtype: integer windows were forecast, then
+    truncated to whole numbers (68 for 68.79), without a word."""
+    for scaling in ("window", "none"):
+        model = new_model(ModelConfig(window=12, horizon=3, scaling=scaling), seed=1)
+        with pytest.raises(TypeError, match=f"floating-point values, got {dtype}"):
+            model(torch.ones(2, 12, dtype=dtype))
+
+
 def test_a_lag_feature_is_the_value_that_many_steps_before() -> None:
     # Weights that forecast the last step's lag feature alone: x[t - 3], for window 4.
     model = new_model(ModelConfig(window=4, lags=(3,), hidden_size=4, attention_size=4), seed=0)
@@ -317,6 +327,27 @@ def test_config_rejects_nonsense(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**{field: value, **other})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("window", 20.5), ("horizon", 2.0), ("period", 1.5), ("profile_weeks", True),
+     ("hidden_size", "32"), ("attention_size", None)],
+)  # fmt: skip
+def test_config_sizes_must_be_whole_numbers(field: str, value: object) -> None:
+    """A float window was a torch error at the model's build, a float period taken."""
+    with pytest.raises(TypeError, match=f"{field} must be a whole number, got {value!r}"):
+        ModelConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_an_attention_of_no_width_is_refused_and_lags_are_kept_as_a_tuple() -> None:
+    """Width 0 trained, and no checkpoint of it loaded; -1 was a torch error."""
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f"attention_size must be >= 1, got {size}"):
+            ModelConfig(attention_size=size)
+    config = ModelConfig(lags=[3, 6])  # type: ignore[arg-type]
+    assert config.lags == (3, 6)
+    assert hash(config) == hash(ModelConfig(lags=(3, 6)))  # it was unhashable
 
 
 def test_config_round_trips_through_a_dict() -> None:

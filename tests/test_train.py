@@ -102,6 +102,53 @@ def test_unbuilt_windows_train_the_model_built_ones_do() -> None:
     )
 
 
+def test_values_that_are_not_finite_are_refused_not_forecast_as_nan() -> None:
+    """A NaN in a series made the training "diverge", an inf in the tail a NaN score,
+    and predict forecast NaN around one: each is now said where it is."""
+    series = [np.sin(np.arange(300) * 0.2), np.sin(np.arange(300) * 0.3)]
+    series[1][100] = np.nan
+    with pytest.raises(ValueError, match="series 1 has a value that is not finite at 100: nan"):
+        split_windows(series, 20, 3, 0.2)
+    with pytest.raises(ValueError, match="series 1 has a value that is not finite at 100"):
+        train_model(Dataset(["a", "b"], series), ModelConfig(window=20), TrainConfig(epochs=1))
+    model = new_model(ModelConfig(window=20, hidden_size=4, attention_size=4), seed=0)
+    windows = np.tile(np.linspace(0.0, 1.0, 20), (3, 1))
+    windows[2, 5] = np.inf
+    with pytest.raises(ValueError, match="window 2 has a value that is not finite at 5: inf"):
+        predict(model, windows)
+
+
+def test_fit_takes_the_validation_windows_split_windows_gives() -> None:
+    """Unbuilt, as split_windows returns them: an AttributeError ('no attribute x')."""
+    train, val = split_windows([np.sin(np.arange(300) * 0.2)], 20, 3, 0.2)
+    config = TrainConfig(epochs=1, blend=False)
+    lazy = fit(new_model(ModelConfig(window=20, horizon=3), seed=0), train, val, config)
+    built = fit(new_model(ModelConfig(window=20, horizon=3), seed=0), train, val.build(), config)
+    assert lazy.val_loss == built.val_loss
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"batch_size": 2.5}, TypeError, "batch_size must be a whole number, got 2.5"),
+        ({"epochs": 1.5}, TypeError, "epochs must be a whole number, got 1.5"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay must be >= 0 and finite, got -1.0"),
+        ({"lr": float("inf")}, ValueError, "lr and clip_norm must be > 0 and finite"),
+    ],
+)
+def test_train_config_refuses_what_the_training_would_fail_on(
+    fields: dict[str, float], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        TrainConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_time_split_refuses_fewer_lengths_than_series() -> None:
+    windows = sliding_windows_many([np.arange(10.0), np.arange(10.0)], 3)
+    with pytest.raises(ValueError, match="windows of 2 series, but 1 lengths"):
+        time_split(windows, [10], 0.2)
+
+
 def test_best_weights_are_kept_and_patience_stops_early() -> None:
     train, val = _small_split()
     model = new_model(ModelConfig(hidden_size=8, attention_size=8), seed=0)

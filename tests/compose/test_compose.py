@@ -32,6 +32,7 @@ from tests.conftest import CLI, ROOT
 from tests.deployment import compose_tool, make_secrets, wrong_acl_lines
 from tests.helpers import entries, forecasts_by_src, free_port, wait_for
 from worker.keys import Keys
+from worker.lease import VERSION
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -328,7 +329,7 @@ def test_each_user_can_do_what_deploy_readme_says_and_nothing_else(plain: Deploy
 
 
 def test_up_serves_forecasts_from_a_non_root_worker_its_checks_call_healthy(
-    plain: Deployment, tmp_path: Path
+    plain: Deployment, tmp_path: Path, model_file: Path
 ) -> None:
     started = time.monotonic()
     plain.compose("up", "-d")
@@ -366,6 +367,23 @@ def test_up_serves_forecasts_from_a_non_root_worker_its_checks_call_healthy(
         env=plain.login("reader"),
     )  # fmt: skip
     assert json.loads(plot.strip().splitlines()[-1])["written"]
+
+    # The model store as deploy/README.md says to handle it: `attnlstm models` in the
+    # worker's container, which has the URL, the password and the model key.
+    sh("docker", "cp", str(model_file), f"{worker}:/models/model.safetensors")
+    models = ("exec", "-T", "worker", "attnlstm", "models")
+    promote = plain.compose(*models, "promote", "/models/model.safetensors", "--json")
+    version = json.loads(promote.strip().splitlines()[-1])["serving"]
+    assert re.search(rf"^ *serving +{version}$", plain.compose(*models, "list"), re.MULTILINE)
+    wait_for(
+        lambda: json.loads(plain.endpoint(worker, "/healthz"))["model"] == version,
+        timeout=60,
+        what="the promoted model served",
+    )
+    # ... and the functions' version, as the upgrade's paragraph asks for it.
+    fcall = "valkey-cli --user worker FCALL attnlstm_version 0"
+    auth = 'REDISCLI_AUTH="$(cat /run/secrets/redis_worker_password)"'
+    assert plain.compose("exec", "-T", "redis", "sh", "-c", f"{auth} {fcall}").strip() == VERSION
 
 
 def test_a_killed_worker_loses_and_repeats_nothing(plain: Deployment) -> None:
