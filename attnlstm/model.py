@@ -37,8 +37,9 @@ ahead 0.038), the model alone 0.204 (0.042).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -49,6 +50,17 @@ from attnlstm.intervals import FLAT
 
 Scaling = Literal["window", "none"]
 CLIP = 5.0  # standardised inputs are clipped to +- this many window deviations
+
+
+def _integral(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def whole(value: object, name: str) -> int:
+    """``value`` as an int: a Python or numpy integer (a bool is none); else TypeError."""
+    if not _integral(value):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    return int(cast(numbers.Integral, value))
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._check_sizes()
-        object.__setattr__(self, "lags", tuple(self.lags))  # a list given: still hashable
-        if any(type(lag) is not int or lag < 1 for lag in self.lags):
-            raise ValueError(f"lags must be whole numbers >= 1, got {list(self.lags)}")
+        lags = list(self.lags)
+        if any(not _integral(lag) or lag < 1 for lag in lags):
+            raise ValueError(f"lags must be whole numbers >= 1, got {lags}")
+        # Kept as a tuple of ints: a list given made the frozen config unhashable.
+        object.__setattr__(self, "lags", tuple(int(lag) for lag in lags))
         for name in ("period", "profile_weeks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -88,9 +102,8 @@ class ModelConfig:
     def _check_sizes(self) -> None:
         sizes = ("window", "horizon", "hidden_size", "num_layers", "attention_size")
         for name in (*sizes, "period", "profile_weeks"):
-            # A float window (20.5) was a torch error at the model's build; a bool is 0 or 1.
-            if type(getattr(self, name)) is not int:
-                raise TypeError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+            # A float window (20.5) was a torch error at the model's build.
+            object.__setattr__(self, name, whole(getattr(self, name), name))
         for name in sizes:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

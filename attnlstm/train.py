@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from attnlstm.blend import Blend, fit_blend, fold
 from attnlstm.intervals import FLAT, Spread, calibrate, window_scale
-from attnlstm.model import AttentionLSTM, ModelConfig
+from attnlstm.model import AttentionLSTM, ModelConfig, whole
 from attnlstm.windows import SeriesWindows, Windows
 
 
@@ -41,8 +41,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         counts = ("batch_size", "patience", "seed") + ("epochs",) * (self.epochs is not None)
         for name in counts:  # a float batch size was a TypeError deep in the training
-            if type(getattr(self, name)) is not int:
-                raise TypeError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, whole(getattr(self, name), name))
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.patience < 1:
@@ -126,19 +125,15 @@ def lead_weights(windows: Windows | SeriesWindows, window: int) -> np.ndarray:
 
 def predict(
     model: AttentionLSTM,
-    x: np.ndarray | SeriesWindows,
+    x: np.ndarray | torch.Tensor | SeriesWindows,
     *,
     batch_size: int = 4096,
     device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context), or
-    for unbuilt windows, built a batch at a time. A value that is not finite is refused
-    (ValueError): it made NaN forecasts, without a word."""
-    if not isinstance(x, SeriesWindows):  # (series_windows checked its values)
-        x = np.asarray(x, dtype=np.float64)
-        if x.size and not np.isfinite(x).all():
-            row, col = np.argwhere(~np.isfinite(x))[0]
-            raise ValueError(f"window {row} has a value that is not finite at {col}: {x[row, col]}")
+    """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context), an
+    array or a tensor, or for unbuilt windows, built a batch at a time. A value that is
+    not finite is refused (ValueError): it made NaN forecasts, without a word."""
+    refuse_non_finite(x)
     model.eval()
     ys, attns = [], []
     with torch.inference_mode():
@@ -153,6 +148,36 @@ def predict(
     if not ys:
         return np.empty((0, horizon)), np.empty((0, window))
     return np.concatenate(ys), np.concatenate(attns)
+
+
+def refuse_non_finite(x: np.ndarray | torch.Tensor | Windows | SeriesWindows) -> None:
+    """ValueError, saying where, unless every value of ``x`` is finite: raw windows
+    (N, context), built windows (their inputs and targets) or unbuilt ones (the values
+    they are cut from)."""
+    if isinstance(x, SeriesWindows):
+        if found := _non_finite(x.values):
+            (i,), value = found
+            raise ValueError(f"the series hold a value that is not finite at {i}: {value}")
+        return
+    arrays = [("value", x.x), ("target", x.y)] if isinstance(x, Windows) else [("value", x)]
+    for what, values in arrays:
+        if found := _non_finite(values):
+            at, value = found
+            where = (
+                f"window {at[0]} has a {what} that is not finite at {at[1]}"
+                if len(at) == 2
+                else (f"a {what} at {at} is not finite")
+            )
+            raise ValueError(f"{where}: {value}")
+
+
+def _non_finite(values: np.ndarray | torch.Tensor) -> tuple[list[int], float] | None:
+    """Where the first value that is not finite is, and it; None where all are."""
+    t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    at = (~torch.isfinite(t)).nonzero()[0].tolist()
+    return at, float(t[tuple(at)].item())
 
 
 def fit(
@@ -170,6 +195,8 @@ def fit(
     so the same model, as its built windows give); ``val`` as one is built whole."""
     if isinstance(val, SeriesWindows):  # as split_windows gives it
         val = val.build()
+    refuse_non_finite(train)  # (a NaN was "training diverged")
+    refuse_non_finite(val)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"need training and validation windows, got {len(train)} and {len(val)}: "

@@ -30,6 +30,7 @@ from attnlstm.train import (
     scaled_loss,
 )
 from attnlstm.windows import (
+    SeriesWindows,
     Windows,
     sliding_windows,
     sliding_windows_many,
@@ -116,6 +117,38 @@ def test_values_that_are_not_finite_are_refused_not_forecast_as_nan() -> None:
     windows[2, 5] = np.inf
     with pytest.raises(ValueError, match="window 2 has a value that is not finite at 5: inf"):
         predict(model, windows)
+    # ... however the windows come: unbuilt ones made directly (as heldout makes them),
+    # built ones given to fit (whose NaN was "training diverged"), a tensor.
+    values = np.sin(np.arange(60) * 0.2)
+    values[30] = np.nan
+    points = np.arange(40, 60)
+    unbuilt = SeriesWindows(values, points, points, np.zeros_like(points), 20, 1)
+    with pytest.raises(ValueError, match="the series hold a value that is not finite at 30"):
+        predict(model, unbuilt)
+    train, val = split_windows([np.sin(np.arange(300) * 0.2)], 20, 1, 0.2)
+    built = train.build()
+    built.y[7, 0] = -np.inf
+    with pytest.raises(ValueError, match="window 7 has a target that is not finite at 0: -inf"):
+        fit(model, built, val, TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="window 2 has a value that is not finite at 5: inf"):
+        predict(model, torch.as_tensor(windows))
+
+
+def test_predict_takes_a_tensor_that_requires_grad() -> None:
+    """The finite check read it through numpy, which refuses such a tensor."""
+    model = new_model(ModelConfig(window=20, hidden_size=4, attention_size=4), seed=0)
+    x = torch.linspace(0.0, 1.0, 40, dtype=torch.float64).reshape(2, 20).requires_grad_()
+    assert predict(model, x)[0].shape == (2, 1)
+
+
+def test_configs_take_numpy_integers_as_the_whole_numbers_they_are() -> None:
+    """`for seed in np.arange(5)` and sizes read from an array: refused by a type check
+    that took only Python's int."""
+    config = ModelConfig(window=np.int64(20), horizon=np.int32(3), lags=np.arange(1, 3))  # type: ignore[arg-type]
+    assert (config.window, config.horizon, config.lags) == (20, 3, (1, 2))
+    assert type(config.window) is int
+    assert all(type(lag) is int for lag in config.lags)
+    assert type(TrainConfig(epochs=np.int64(2), seed=np.int64(4)).seed) is int  # type: ignore[arg-type]
 
 
 def test_fit_takes_the_validation_windows_split_windows_gives() -> None:
