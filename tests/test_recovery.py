@@ -744,7 +744,9 @@ def test_a_worker_stopped_by_a_newer_library_hands_its_lease_back(
         kill_named(redis_client, "test-worker")  # a re-sync: the library checked again
         assert newer.stopped_with() == [
             f"Redis has version {newer.version} of the attnlstm functions, newer than this "
-            f"worker's {VERSION}: run this worker's newer release (its workers loaded them)"
+            f"worker's {VERSION}: run this worker's newer release (its workers loaded them; "
+            "in the docker-compose deployment, `docker compose up -d --build` builds the "
+            "image of the checkout whose functions were loaded)"
         ]
         assert not redis_client.exists(keys.lease)
 

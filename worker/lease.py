@@ -59,7 +59,9 @@ def ensure_library(client: redis.Redis) -> None:
     if newer := sorted(v for v in loaded if v and v.isdigit() and int(v) > int(VERSION)):
         raise ValueError(
             f"Redis has version {newer[-1]} of the attnlstm functions, newer than this "
-            f"worker's {VERSION}: run this worker's newer release (its workers loaded them)"
+            f"worker's {VERSION}: run this worker's newer release (its workers loaded them; "
+            "in the docker-compose deployment, `docker compose up -d --build` builds the "
+            "image of the checkout whose functions were loaded)"
         )
     try:
         client.function_load(LIBRARY, replace=True)
