@@ -707,7 +707,7 @@ def _warns(cmd: list[str], cwd: Path, warning: str, **env: str) -> None:
 def test_the_readme_names_every_metric_the_worker_exports() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("\n## Metrics and health\n", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"`(attnlstm_\w+)", section))
+    documented = set(re.findall(r"`((?:attnlstm|process)_\w+)", section))
     exported = {
         family.name + ("_total" if family.type == "counter" else "")
         for family in Metrics().registry.collect()

@@ -327,10 +327,12 @@ def test_a_group_destroyed_by_hand_is_not_taken_for_redis_gone_back(
         redis_client.xgroup_destroy(keys.input, keys.group)
         ids += fill(redis_client, keys.input, values[30:])
         running.wait_for(lambda: drained(redis_client, keys))
-        counted = running.worker.metrics.registry.get_sample_value("attnlstm_redis_rollbacks_total")
+        sample = running.worker.metrics.registry.get_sample_value
+        counted = sample("attnlstm_redis_rollbacks_total")
+        recreated = sample("attnlstm_groups_recreated_total")
     assert "had vanished" in caplog.text
     assert "Redis went back" not in caplog.text
-    assert counted == 0
+    assert (counted, recreated) == (0, 1)  # its own counter, which pages
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 
 
@@ -826,6 +828,9 @@ def test_a_vanished_group_is_recreated_loudly(
         ids = fill(redis_client, keys.input, values)
         running.wait_for(lambda: drained(redis_client, keys))
     assert "had vanished" in caplog.text
+    # Counted, for an alert: only the log said so, and the input unread then was gone
+    # without a count (a review).
+    assert worker.metrics.registry.get_sample_value("attnlstm_groups_recreated_total") == 1
     # A fresh start on the new stream: each of its entries forecast once, from its values.
     assert_forecasts(redis_client, keys.output, expected(trained_sines, values, ids))
 

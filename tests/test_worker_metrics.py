@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
+import signal
 import socket
+import struct
 import threading
 import time
 import urllib.error
@@ -26,6 +29,7 @@ from attnlstm.partition import partition_of
 from attnlstm.synthetic import sine_steps
 from tests.helpers import WorkerThread, drained, fill, new_worker, settings_for, wait_for
 from worker.batch import Receipt
+from worker.embedded import EmbeddedServer
 from worker.keys import Keys
 from worker.metrics import LATENCY_BUCKETS_S, BulkHistogram, Metrics, serve
 from worker.online.scoring import Overall
@@ -134,6 +138,9 @@ def test_metrics_endpoint(served: tuple[Metrics, str]) -> None:
     text = body.decode()
     assert "attnlstm_entries_read_total 7.0" in text
     assert 'attnlstm_end_to_end_latency_seconds_bucket{le="0.005"} 2.0' in text
+    # The process's own, for restarts and memory: the worker's registry had none.
+    for name in ("process_start_time_seconds", "process_resident_memory_bytes"):
+        assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
 
 
 def test_healthz_follows_the_connection(served: tuple[Metrics, str]) -> None:
@@ -296,6 +303,70 @@ def test_clients_that_reconnect_as_soon_as_they_are_cut_leave_healthz_answered()
         server.server_close()
         for holder in holders:
             holder.join(timeout=10)
+
+
+def test_a_client_that_gives_up_before_its_answer_leaves_no_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A health check's timeout (docker's, 5 s) while the worker was stopped: the answer
+    went to a closed connection, and a BrokenPipeError's traceback to the worker's log."""
+    metrics, closed = Metrics(), threading.Event()
+    health, answered = metrics.health, threading.Event()
+
+    def slow(stale_after_s: float) -> tuple[bool, dict[str, Any]]:
+        closed.wait(timeout=30)  # the client gone by the time the answer is written
+        try:
+            return health(stale_after_s)
+        finally:
+            answered.set()
+
+    metrics.health = slow  # type: ignore[method-assign]
+    server = serve(metrics, port=0, stale_after_s=60)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1])) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            # Reset, not a polite close: the server's writes fail at once.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        closed.set()
+        assert answered.wait(timeout=30)
+        assert _get(f"http://127.0.0.1:{server.server_address[1]}/metrics")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_worker_cut_off_from_redis_reports_its_lag_unknown(
+    trained_sines: AttentionLSTM,
+) -> None:
+    """A worker that has not reached Redis yet, or a standby that lost it while others
+    serve its partitions, reported a lag of 0: no alert saw a worker that could serve
+    nothing (a review). Its lag is NaN until Redis answers, and 0 again as a standby."""
+    sample = Metrics().registry.get_sample_value
+    assert math.isnan(sample("attnlstm_group_lag") or 0.0)  # not known before Redis answers
+    keys = Keys()
+    with EmbeddedServer() as server:
+        settings = settings_for(
+            server.url, keys, block_ms=100, lease_ttl_ms=1500, socket_timeout_s=1.0
+        )
+        first, second = (
+            new_worker(settings.model_copy(update={"consumer": c}), trained_sines) for c in "ab"
+        )
+        lag = second.metrics.registry.get_sample_value
+        assert server.pid is not None
+        with WorkerThread(first) as running:
+            running.wait_for(lambda: first.metrics.role == "active")
+            with WorkerThread(second):
+                running.wait_for(
+                    lambda: second.metrics.role == "standby" and lag("attnlstm_group_lag") == 0
+                )
+                os.kill(server.pid, signal.SIGSTOP)  # Redis frozen: every call times out
+                try:
+                    running.wait_for(lambda: math.isnan(lag("attnlstm_group_lag") or 0.0))
+                    assert not second.metrics.connected
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                running.wait_for(lambda: lag("attnlstm_group_lag") == 0)
 
 
 def _status(url: str) -> int:

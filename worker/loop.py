@@ -234,7 +234,7 @@ class Worker:
                     self._close(save=False)
                     raise ValueError(fix) from None
                 self._in_step = False
-                self.metrics.connected = False
+                self.metrics.cut_off()
                 self.metrics.redis_errors.inc()
                 self.metrics.expire()
                 delay = min(max(2 * delay, 0.2), 5.0)

@@ -26,6 +26,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import HistogramMetricFamily
@@ -82,6 +83,9 @@ class BulkHistogram(Collector):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # The process's own, as the default registry has them: its start (restarts), CPU
+        # time, resident memory and open files (Linux; nothing elsewhere).
+        ProcessCollector(registry=r)
         counter, gauge = partial(Counter, registry=r), partial(Gauge, registry=r)
         # What the worker did:
         self.entries_read = counter("attnlstm_entries_read", "Input entries read from the stream")
@@ -98,6 +102,12 @@ class Metrics:
             "Partitions whose group a re-sync found behind what this worker had read, once "
             "each time: Redis lost writes it had acknowledged (a failover to a replica "
             "behind, a restart that lost data), or the group was set back",
+        )
+        self.groups_recreated = counter(
+            "attnlstm_groups_recreated",
+            "Consumer groups this worker found gone and created again from the start of "
+            "the stream: Redis restarted without its data, or the stream or group was "
+            "deleted",
         )
         self.warming = counter(
             "attnlstm_entries_warming",
@@ -134,6 +144,8 @@ class Metrics:
         )
         self.checkpoint_longest_s = 0.0  # the longest of them (the bench reports it)
         self.lag = gauge("attnlstm_group_lag", "Input entries not yet delivered to the group")
+        self.lag.set(math.nan)  # not known until Redis answers (at 0, no alert saw a start
+        # that never reached Redis)
         self.partitions = gauge(
             "attnlstm_partitions_served", "Partitions of the input this worker serves"
         )
@@ -360,6 +372,16 @@ class Metrics:
                 self.partitions.set(self._held)
                 self._show_scores()
 
+    def cut_off(self) -> None:
+        """The last Redis call failed: the lag is not known until Redis answers again, on
+        a standby too (it went on reporting 0, and a worker that no longer reached Redis,
+        whose partitions others served, was seen by no alert)."""
+        with self._owning:
+            self.connected = False
+            self.lag.set(math.nan)
+            for k in self._partitions_shown:
+                self.partition_lag.labels(k).set(math.nan)
+
     def expire(self) -> None:
         """A standby once its leases may have lapsed unrenewed (a worker cut off from
         Redis, or stuck): another worker may serve its partitions now. Each scrape and
@@ -487,12 +509,15 @@ def serve(
                 self._send(404, "text/plain", b"try /metrics or /healthz\n", with_body)
 
         def _send(self, status: int, content_type: str, body: bytes, with_body: bool) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if with_body:
-                self.wfile.write(body)
+            # A client that gave up (a health check's timeout while the worker was
+            # stopped) is no error: it put a traceback in the worker's log.
+            with contextlib.suppress(OSError):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
             pass

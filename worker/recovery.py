@@ -129,6 +129,7 @@ class Recovery:
                 self.keys.group,
                 self.keys.input,
             )
+            self.metrics.groups_recreated.inc()
         elif created:
             log.info("created consumer group %r on %r", self.keys.group, self.keys.input)
         self._had_group = True
