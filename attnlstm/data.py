@@ -132,6 +132,7 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     if not rows or not body:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
+    refuse_data_as_header(path, rows[0][0], header)
     wanted = list(dict.fromkeys(columns)) or header[1:]  # a column asked for twice: once
     if not wanted:
         raise DataError(
@@ -208,6 +209,25 @@ def time_ms(text: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def refuse_data_as_header(path: Path, line: int, header: Sequence[str]) -> None:
+    """A DataError where the header row's first cell reads as a time (ISO 8601, or a
+    count of seconds from 10^9 on: 2001): the file has no header row, and its first row
+    of data named the series (``1`` and ``2`` for the values 1 and 2), its values lost.
+    A smaller whole number is let be: a name as likely as a time."""
+    cell = header[0] if header else ""
+    try:
+        time_ms(cell)
+    except ValueError:
+        return
+    whole = cell.partition(".")[0]
+    if _digits(whole) and int(whole) < FRACTION_FROM:
+        return
+    raise DataError(
+        f"{path}:{line}: the first row begins with a time ({cell!r}), not a column name: the "
+        "file needs a header row naming its columns (time,<series>,...)"
+    )
 
 
 def _digits(text: str) -> bool:

@@ -130,6 +130,14 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
         ("t,a,a\n1,1,10\n", (), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\); name"),
         ("t,a,a\n1,1,10\n", ("a",), r"d\.csv: 2 columns are named 'a' \(columns 2, 3\)"),
         ("t,a,t\n1,1,10\n", (), r"d\.csv: 2 columns are named 't' \(columns 1, 3\)"),
+        # No header row: the first row's values were taken for the series' names.
+        (
+            "2024-01-01T00:00:00,1,2\n2024-01-01T01:00:00,3,4\n",
+            (),
+            r"d\.csv:1: the first row begins with a time \('2024-01-01T00:00:00'\), not a "
+            r"column name: the file needs a header row",
+        ),
+        ("\n1700000000,1\n1700003600,2\n", (), r"d\.csv:2: the first row begins with a time"),
         # Rows newest first, or shuffled: a model trained on time run backwards.
         ("t,a\n3,1\n2,2\n1,3\n", (), r"d\.csv:3: time '2' is before the row before's"),
         ("t,a\n1,1\n3,2\n2,3\n", (), r"d\.csv:4: time '2' is before the row before's"),

@@ -38,6 +38,7 @@ from tests.helpers import (
     wait_for,
     worker_env,
 )
+from worker.app import run_service
 from worker.cli import main
 from worker.embedded import EmbeddedServer
 from worker.engine import check_fits
@@ -50,6 +51,7 @@ from worker.online.scoring import Overall
 from worker.online.store import ModelStore
 from worker.online.trainer import Trainer, run_jobs
 from worker.online.tuner import COLD_START_MODEL, DRIFT_RETRY_S, JOB_TIMEOUT_S, Tuner
+from worker.signals import StopRequest
 from worker.state import WindowState
 from worker.streams import Entry, range_entries, round_trip
 from worker.tools.readback import read_views
@@ -738,14 +740,17 @@ def test_a_rejected_first_model_is_trained_again_on_the_schedule(
 def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve(
     redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The store serves a model that reads 30 values, and this worker keeps 20: it
-    cannot serve it, and a first model trained here would never be promoted (only while
-    none serves). It trains none, and says why, in its log and its /healthz (which had
-    answered 200 while it forecast nothing); it used to train one after another, each
-    rejected as overtaken by a version that had served before it began."""
+    """The store serves a damaged model: this worker cannot serve it, and a first model
+    trained here would never be promoted (only while none serves). It trains none, and
+    says why, in its log and its /healthz (which had answered 200 while it forecast
+    nothing); it used to train one after another, each rejected as overtaken by a
+    version that had served before it began. (A model of another shape it takes:
+    test_a_worker_with_no_model_takes_the_shape_of_the_one_the_store_serves.)"""
     store = ModelStore(redis_client, keys, keep=5, source="another-worker")
-    blob, wider = dumps(AttentionLSTM(replace(COLD_START_MODEL, window=30)))
-    store.put(blob, wider)
+    blob, wider = dumps(AttentionLSTM(COLD_START_MODEL))
+    tampered = bytearray(blob)
+    tampered[-7] ^= 0x01  # one bit of one weight
+    store.put(bytes(tampered), wider)
     store.set_serving(wider, "promoted")
     clock = FakeClock()
     cold = AttentionLSTM(COLD_START_MODEL)
@@ -766,6 +771,116 @@ def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve
         tuner.close()
     # Its refusal at start, and nothing trained.
     assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted", "refused"]
+
+
+def test_with_fine_tuning_off_the_error_names_the_stored_model_it_refused(
+    redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """It said "no model: none in the store" a line after refusing the one it serves."""
+    blob, version = dumps(AttentionLSTM(COLD_START_MODEL))
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    store.put(blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:], version)  # one bit off
+    store.set_serving(version, "promoted")
+    cold = AttentionLSTM(COLD_START_MODEL)
+    tuner = _tuner(redis_client, redis_url, keys, cold, FakeClock(), finetune_interval_s=0)
+    with pytest.raises(ValueError, match=f"^no model: the store serves model {version}, refused"):
+        tuner.start(None)
+
+
+def test_a_worker_with_no_model_takes_the_shape_of_the_one_the_store_serves(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The docker-compose default (no ATTNLSTM_MODEL) after a model of another window was
+    promoted: the worker, started with the cold start's shape, refused it for good,
+    acked every input as warming (none forecast, ever) and answered /healthz 503 (a
+    review). It now takes the stored model's shape, as a worker given its file would:
+    a value past the first window of each series is forecast by it."""
+    wider = AttentionLSTM(replace(COLD_START_MODEL, window=COLD_START_MODEL.window + 10))
+    blob, version = dumps(wider)
+    store = ModelStore(redis_client, keys, keep=5, source="operator")
+    store.put(blob, version)
+    store.set_serving(version, "promoted")
+    series, points = 4, 60
+    ids = fill(redis_client, keys.input, sine_steps(series, points, seed=13))
+    settings = settings_for(redis_url, keys, block_ms=100, finetune_interval_s=0)
+    totals = run_service(settings, burst=True, stop=StopRequest())
+    context = wider.config.context
+    assert totals["forecasts"] == series * (points - context + 1)
+    assert set(forecast_versions(redis_client, keys).values()) == {version}
+    assert len(forecast_versions(redis_client, keys)) == series * (points - context + 1)
+    assert redis_client.xpending(keys.input, keys.group)["pending"] == 0
+    assert "the worker takes its shape" in caplog.text
+    assert not [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
+    assert len(ids) == series * points
+
+
+def test_a_worker_made_again_with_the_stores_shape_takes_another_again(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made again with the store's model (no file of its own), where the store serves a
+    third shape by its start: it takes that one too. It refused it, fine-tuned no more,
+    and warned of a `--model` never given (a review)."""
+    made_with = AttentionLSTM(replace(COLD_START_MODEL, window=COLD_START_MODEL.window + 10))
+    third = AttentionLSTM(replace(COLD_START_MODEL, window=COLD_START_MODEL.window + 20))
+    blob, version = dumps(third)
+    store = ModelStore(redis_client, keys, keep=5, source="operator")
+    store.put(blob, version)
+    store.set_serving(version, "promoted")
+    tuner = _tuner(redis_client, redis_url, keys, made_with, FakeClock(), finetune_interval_s=0)
+    tuner.from_store = True  # as worker.app makes it
+    assert tuner.start(loads(dumps(made_with)[0])) is None
+    assert tuner.reshape is not None
+    assert tuner.reshape.version == version
+    assert "--model" not in caplog.text
+    assert not [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
+
+
+def test_a_cold_worker_takes_the_shape_of_a_model_promoted_while_it_runs(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker keeping values for a cold start, when a model of another shape is
+    promoted: it stops as a restart would (the batch it read left pending), and a worker
+    of the model's shape serves on. Every input read once: kept (warming) before,
+    forecast by the promoted model after, none twice, none pending."""
+    settings = settings_for(redis_url, keys, block_ms=100, finetune_interval_s=3600)
+    stop, outcome = StopRequest(), []
+    service = threading.Thread(
+        target=lambda: outcome.append(run_service(settings, burst=False, stop=stop))
+    )
+    series = 4
+    values = sine_steps(series, 60, seed=14)
+    first = fill(redis_client, keys.input, values[:40])
+    service.start()
+    try:
+        wait_for(lambda: _group_read(redis_client, keys) == len(first), what="the values kept")
+        wider = AttentionLSTM(replace(COLD_START_MODEL, window=COLD_START_MODEL.window + 10))
+        blob, version = dumps(wider)
+        store = ModelStore(redis_client, keys, keep=5, source="operator")
+        store.put(blob, version)
+        store.set_serving(version, "promoted")
+        after = fill(redis_client, keys.input, values[40:])
+        wait_for(lambda: redis_client.xlen(keys.output) >= len(after), what="the forecasts")
+    finally:
+        stop.ask()
+        service.join(timeout=60)
+    (totals,) = outcome
+    versions = forecast_versions(redis_client, keys)
+    assert set(versions) == set(after)  # each input after the promotion, once
+    assert set(versions.values()) == {version}
+    assert redis_client.xlen(keys.output) == len(after)
+    assert (totals["warming"], totals["forecasts"]) == (len(first), len(after))
+    assert redis_client.xpending(keys.input, keys.group)["pending"] == 0
+    # The batch left pending at the stop is no input lost (it was counted so, a review):
+    assert (totals["lost"], redis_client.xlen(keys.dead)) == (0, 0)
+    assert "the worker takes its shape" in caplog.text
+
+
+def _group_read(client: redis.Redis, keys: Keys) -> int:
+    """Entries the group has read and acked (its entries-read, less those pending)."""
+    groups = client.xinfo_groups(keys.input)
+    if not groups:
+        return 0
+    return int(groups[0]["entries-read"] or 0) - int(groups[0]["pending"])
 
 
 def test_the_first_fine_tune_does_not_wait_for_its_process_to_start(
@@ -983,14 +1098,17 @@ def _lose_the_store(client: redis.Redis, keys: Keys) -> None:
 def test_a_refusal_is_looked_at_afresh_when_the_worker_re_syncs(
     own: bool, redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
-    """The store serves a model this worker cannot serve (another shape), then loses its
-    models keys; the worker re-syncs (``start`` again, as after a reconnect). The
-    refusal used to stay: with a model, no fine-tune ever again; with none, no cold
-    start and /healthz 503 for good, against a store that served nothing."""
+    """The store serves a model this worker cannot serve (with a model: another shape;
+    with none, which would take another shape, a damaged one), then loses its models
+    keys; the worker re-syncs (``start`` again, as after a reconnect). The refusal used
+    to stay: with a model, no fine-tune ever again; with none, no cold start and
+    /healthz 503 for good, against a store that served nothing."""
     model = trained_sines if own else AttentionLSTM(COLD_START_MODEL)
     wider = AttentionLSTM(replace(model.config, window=model.config.window + 10))
     store = ModelStore(redis_client, keys, keep=5, source="another-worker")
-    blob, version = dumps(wider)
+    blob, version = dumps(wider if own else model)
+    if not own:
+        blob = blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:]  # one bit of one weight
     store.put(blob, version)
     store.set_serving(version, "promoted")
     clock = FakeClock()

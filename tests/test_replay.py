@@ -20,7 +20,7 @@ from attnlstm.data import DataError
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
-from tests.helpers import entries, wait_for
+from tests.helpers import entries, free_port, wait_for
 from worker.contract import Reading, parse
 from worker.embedded import EmbeddedServer
 from worker.tools.replay import MALFORMED, CsvLayout, count_csv, csv_entries, series_id
@@ -418,6 +418,26 @@ def test_a_bom_is_no_part_of_the_first_column_name(tmp_path: Path) -> None:
     ]
 
 
+def test_a_file_with_no_header_row_is_refused_not_named_after_its_first_values(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
+) -> None:
+    """Its first row was taken for the header: its values lost, and the series named
+    `1` and `2` after them (a review). Refused, nothing written. A header whose first
+    cell is a small whole number is a name still (a file with no time column)."""
+    path = tmp_path / "noheader.csv"
+    path.write_text("2024-01-01T00:00:00,1,2\n2024-01-01T01:00:00,3,4\n")
+    proc = _replay_cli(redis_url, f"{stream_prefix}in", "--fast", "--csv", str(path))
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"attnlstm replay: error: {path}:1: the first row begins with a time "
+        "('2024-01-01T00:00:00'), not a column name: the file needs a header row naming "
+        "its columns (time,<series>,...)\n"
+    )
+    assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
+    path.write_text("7,a\n1700000000,1\n")
+    assert list(csv_entries(path)) == [(b"series", b"a", b"value", b"1", b"ts", b"1700000000000")]
+
+
 def test_a_bad_row_deep_in_a_file_is_found_before_anything_is_written(
     redis_client: redis.Redis, redis_url: str, stream_prefix: str, tmp_path: Path
 ) -> None:
@@ -438,9 +458,9 @@ def test_a_server_gone_mid_run_is_one_line_that_says_what_was_written(tmp_path: 
     """Its own server, stopped under the replay, then started again on its AOF: the
     stream holds at least what the error says was written, and at most one round trip
     more."""
-    server = EmbeddedServer(appendonly=True, data_dir=tmp_path / "server")
+    server = EmbeddedServer(appendonly=True, data_dir=tmp_path / "server", port=free_port())
     server.start()
-    url = server.url
+    url = server.tcp_url  # redis://: a reset there was hinted at TLS, after 3,728 entries
     try:
         cmd = [*CLI, "replay", "--redis-url", url, "--stream", "in", "--rate", "2000"]
         proc = subprocess.Popen(
@@ -468,6 +488,20 @@ def test_a_server_gone_mid_run_is_one_line_that_says_what_was_written(tmp_path: 
     assert found, err
     written, in_flight = (int(n.replace(",", "")) for n in found.groups())
     assert written <= held <= written + in_flight
+    assert "rediss://" not in err  # Redis took entries over this URL: its scheme is right
+
+
+def test_entries_redis_refuses_are_counted_exactly(
+    redis_client: redis.Redis, redis_url: str, stream_prefix: str
+) -> None:
+    """Every reply read, the count is known: it said "0 entries were written before it,
+    and up to 10 more may have been" where Redis had refused all 10."""
+    stream = f"{stream_prefix}in"
+    redis_client.set(stream, "a string")
+    proc = _replay_cli(redis_url, stream, "--fast", "--series", "2", "--points", "5")
+    assert proc.returncode == 1
+    assert "WRONGTYPE" in proc.stderr
+    assert "(0 entries were written, 10 refused)" in proc.stderr, proc.stderr
 
 
 def _as_from_a_terminal() -> None:
@@ -513,7 +547,7 @@ def test_ctrl_c_during_a_round_trip_reports_what_the_stream_holds(
                 held = client.xlen("in")
         finally:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert (proc.returncode, err) == (130, "attnlstm replay: interrupted\n")
     report = json.loads(out.strip().splitlines()[-1])
     assert report["interrupted"] is True
     assert report["entries"] == held
@@ -542,7 +576,8 @@ def _stopped_after_one(
     redis_client: redis.Redis, redis_url: str, stream_prefix: str, stop: signal.Signals
 ) -> dict[str, Any]:
     """`replay --rate 1e-300` (its first entry at once, the next never) sent ``stop``
-    once that entry is in: its report, after an exit 0. Ctrl-C as from a terminal."""
+    once that entry is in: its report, then exit 130 (it was 0: `replay ... && next`
+    went on after a replay cut short). Ctrl-C as from a terminal."""
     stream = f"{stream_prefix}in"
     cmd = [*CLI, "replay", "--redis-url", redis_url, "--stream", stream, "--rate", "1e-300"]
     proc = subprocess.Popen(
@@ -559,7 +594,7 @@ def _stopped_after_one(
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
+    assert (proc.returncode, err) == (130, "attnlstm replay: interrupted\n")
     report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return report
 

@@ -395,8 +395,8 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Window 10 and 3 steps where 20 and 1 serve: promoted without a word, while every
-    worker refused it and stopped fine-tuning."""
+    """Window 10 and 3 steps where 20 and 1 serve: promoted (or rolled back to) without a
+    word, while every worker refused it and stopped fine-tuning."""
     flags = ["--redis-url", redis_url, "--models-stream", keys.models]
     same, other = tmp_path / "same.safetensors", tmp_path / "other.safetensors"
     save(same, other_model(trained_sines, 0.05))
@@ -412,9 +412,18 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
         f"attnlstm models: note: model {other_version} reads 10 values (window 10) and "
         f"forecasts 3, where {served}, serving before, read 20 (window 20) and forecast 1: "
         f"workers that run {served}'s shape refuse it (a `refused` event) and serve on with "
-        "theirs"
+        "theirs; restart them to serve it (those with a model file of their own: without it)"
     )
     assert redis_client.get(keys.serving) == other_version.encode()  # noted, not refused
+    assert main(["models", "rollback", served, *flags]) == 0  # and back: noted too
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            f"attnlstm models: note: model {served} reads 20 values (window 20) and forecasts 1, "
+            f"where {other_version}, serving before, read 10 (window 10) and forecast 3: "
+        )
+    )
 
 
 def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(

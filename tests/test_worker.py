@@ -441,9 +441,16 @@ def test_a_worker_that_keeps_falling_out_of_step_spaces_its_re_syncs_out(
     def intruded_often() -> bool:
         nonlocal n
         n += 1
-        redis_client.xadd(keys.input, {"series": f"s{n % 5}", "value": "1.0"})
+        # One transaction: the intruder takes the first of two entries before the worker,
+        # blocked on its read, is served the second. Apart, the worker mostly was served
+        # first, and the test waited for a theft 20-30 s at a time (a time-out, one run
+        # in three).
+        theft = redis_client.pipeline(transaction=True)
+        for k in (n, n + 1):
+            theft.xadd(keys.input, {"series": f"s{k % 5}", "value": "1.0"})
+        theft.xreadgroup(keys.group, "intruder", {keys.input: ">"}, count=1)
         with contextlib.suppress(redis.ResponseError):  # no group yet
-            redis_client.xreadgroup(keys.group, "intruder", {keys.input: ">"}, count=1)
+            theft.execute()
         return len(_resync_waits(caplog)) >= 5
 
     settings = settings_for(redis_url, keys, lease_ttl_ms=4000, block_ms=50)

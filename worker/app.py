@@ -9,7 +9,7 @@ import time
 import redis
 import torch
 
-from attnlstm.checkpoint import dumps, open_checkpoint
+from attnlstm.checkpoint import Checkpoint, dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from worker.embedded import EmbeddedServerError, url_or_embedded
 from worker.engine import Engine, batch_rows
@@ -34,6 +34,10 @@ def build_engine(settings: Settings) -> Engine | None:
     checkpoint = open_checkpoint(settings.model, FILE_BYTES_MAX)
     blob, _ = dumps(checkpoint.model, checkpoint.meta)  # as the store would hold it
     check_size(len(blob), f"model {checkpoint.version} ({settings.model})")
+    return _engine(checkpoint, settings, str(settings.model))
+
+
+def _engine(checkpoint: Checkpoint, settings: Settings, source: str) -> Engine:
     device = resolve_device(settings.device)
     batch = batch_rows(settings.max_batch, settings.batch_values, checkpoint.config.context)
     engine = Engine(checkpoint, device=device, max_batch=batch)
@@ -43,7 +47,7 @@ def build_engine(settings: Settings) -> Engine | None:
         engine.context,
         engine.window,
         engine.horizon,
-        settings.model,
+        source,
         device,
     )
     return engine
@@ -150,8 +154,25 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
                 settings.output_stream,
                 settings.dead_stream,
             )
+            started = time.monotonic()
             try:
                 totals = worker.run()
+                # With no model of its own, the store's of another shape: made again with
+                # its shape, as a restart would be (its leases handed back, its windows
+                # saved, what it read and did not handle pending for the next).
+                while (checkpoint := worker.reshaped) is not None and not stop.asked:
+                    engine = _engine(checkpoint, settings, "the model store")
+                    worker = Worker(
+                        client,
+                        engine=engine,
+                        settings=settings,
+                        metrics=metrics,
+                        burst=burst,
+                        engine_from_store=True,
+                    )
+                    stop.route(worker.stop)
+                    worker.run()
+                    totals = metrics.totals(time.monotonic() - started)  # every worker's run
             finally:
                 client.close()
             _check_server(gone)

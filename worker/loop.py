@@ -116,10 +116,13 @@ class Worker:
         metrics: Metrics | None = None,
         burst: bool = False,
         finetune_clock: Callable[[], float] = time.monotonic,
+        engine_from_store: bool = False,
     ) -> None:
         """``engine`` None: no model yet; the worker keeps values and trains a first one
         (a cold start) once it has enough. ``burst``: stop once the stream is drained.
-        ``finetune_clock`` times the fine-tune schedule (tests move it by hand)."""
+        ``finetune_clock`` times the fine-tune schedule (tests move it by hand).
+        ``engine_from_store``: the engine's model is the store's (a worker made again with
+        its shape, :attr:`reshaped`), not a model file's."""
         self.client = client
         self.engine = engine
         config = engine.checkpoint.config if engine is not None else COLD_START_MODEL
@@ -173,6 +176,7 @@ class Worker:
             ),
             clock=finetune_clock,
         )
+        self.tuner.from_store = engine_from_store
         self.pipeline = Pipeline(
             client,
             settings=settings,
@@ -190,6 +194,12 @@ class Worker:
         self._next_balance = 0.0
         self._waiting_for: str | None = None  # the holder last logged, while on standby
         self._started = time.monotonic()
+
+    @property
+    def reshaped(self) -> Checkpoint | None:
+        """The store's model of another shape that stopped this worker, with no model of
+        its own: a worker made with an engine of it serves on (worker.app)."""
+        return self.tuner.reshape
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish the batch in flight and exit (a signal handler)."""
@@ -248,7 +258,8 @@ class Worker:
                 self._close(save=False)  # held until they lapse, for whoever comes next
                 raise
         in_step = self._in_step and self._finish()
-        if not in_step:  # (not said of a stop for an error: its own line says why)
+        if not in_step and self.reshaped is None:  # (not said of a stop for an error, or to
+            # be made again: their own lines say why)
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
         self._close(save=in_step)
         return self.metrics.totals(time.monotonic() - self._started)
@@ -261,15 +272,20 @@ class Worker:
         handled = {k: lane.state.last_id for k, lane in self.lanes.items()}
         read = self.pipeline.next_batch(handled, block_ms=self._block_ms)
         self.metrics.beat()
+        # Delivered, handled below or left pending: counted only as handled, a batch left
+        # pending at a reshape was counted as lost input at the stop (a review).
+        for k, entries in read.entries.items():
+            self.lanes[k].recovery.delivered(len(entries))
         self._serve(self.tuner.sync(read.events))
+        if self.tuner.reshape is not None:  # left pending: the worker made again takes them
+            self._stopping = True
+            return False
         if read.entries:
             if not self._stopping and time.monotonic() < self._quiet_due:
                 # Redis answers the next read while this batch is forecast. Not when the
                 # audit or the pool's turn is due: that must find nothing pending.
                 self.pipeline.read_ahead(read.last(handled))
             self.metrics.batch_size.observe(read.count)
-            for k, entries in read.entries.items():
-                self.lanes[k].recovery.delivered(len(entries))
             self._handle(read.entries, pending=None)
         self._serve(self.tuner.tick(self._histories, self.scores, start=not self._stopping))
         return not read.entries
@@ -719,6 +735,9 @@ class Worker:
         self._waiting_for = None
         try:
             self._serve(self.tuner.start(self.engine.checkpoint if self.engine else None))
+            if self.tuner.reshape is not None:  # (its leases handed back as it stops)
+                self._stopping = True
+                return False
         except ValueError:  # no model, and none to come: the leases are not ours to keep
             for lane in self.lanes.values():
                 lane.recovery.lease.release()

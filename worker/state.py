@@ -486,7 +486,10 @@ class WindowState:
         slots: list[int] = (k * CHUNK + pos).tolist()
         while self._ring.shape[0] <= max(slots, default=-1):
             if self._ring.shape[0] == self.max_series:
-                raise ValueError(f"slot {max(slots)} is past max_series ({self.max_series})")
+                raise ValueError(
+                    f"slot {max(slots)} is past max_series ({self.max_series}): saved with "
+                    "more series than max_series now allows (lowered since?)"
+                )
             self._grow()
         while len(self._names) <= max(slots, default=-1):
             self._names.append(None)

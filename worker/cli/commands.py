@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reported(args: argparse.Namespace, report: dict[str, Any]) -> int:
-    """``report`` printed; the exit status: 1 where stdout would not take it all."""
+    """``report`` printed; the exit status: 1 where stdout would not take it all, 130
+    where a stop signal cut the command short (a replay or a demo, with its report so
+    far: `replay ... && next` went on after a replay cut short, exit 0)."""
     try:
         _print_report(args, report)
         sys.stdout.flush()
@@ -134,6 +136,9 @@ def _reported(args: argparse.Namespace, report: dict[str, Any]) -> int:
         message = f"cannot write the report: {e.strerror or e}"
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
+    if report.get("interrupted"):  # cut short: a script must not take it for done
+        print(f"attnlstm {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

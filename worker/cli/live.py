@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import redis
 import torch
 
-from attnlstm.checkpoint import CheckpointError, dumps, open_checkpoint
+from attnlstm.checkpoint import Checkpoint, CheckpointError, dumps, open_checkpoint
 from attnlstm.device import resolve_device
 from attnlstm.partition import partition_of
 from worker.app import run_service
@@ -233,7 +233,9 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "rollback":
             checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()
+            shape = _shape(store, before)
             store.set_serving(checkpoint.version, "rolled_back", previous=before)
+            _note_shape(checkpoint, before, shape)  # (a rollback said nothing: a review)
             return {"serving": checkpoint.version, "previous": before}
         if args.action == "promote":
             return _promote(store, args.path, into_unsigned=args.sign_into_unsigned_store)
@@ -268,18 +270,26 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
     shape = _shape(store, before)  # read first: a failure here promotes nothing
     store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
     store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
+    _note_shape(checkpoint, before, shape)
+    return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
+
+
+def _note_shape(
+    checkpoint: Checkpoint, before: str | None, shape: tuple[int, int, int] | None
+) -> None:
+    """A note where ``checkpoint``, now served, has another shape than ``before`` (which
+    read ``shape``): served without a word before, while the workers refused it and
+    stopped fine-tuning."""
     config = checkpoint.config
     if shape is not None and shape != (config.context, config.window, config.horizon):
-        # Promoted without a word before, while the workers refused it and stopped
-        # fine-tuning.
         print(
             f"attnlstm models: note: model {checkpoint.version} reads {config.context} values "
             f"(window {config.window}) and forecasts {config.horizon}, where {before}, serving "
             f"before, read {shape[0]} (window {shape[1]}) and forecast {shape[2]}: workers "
-            f"that run {before}'s shape refuse it (a `refused` event) and serve on with theirs",
+            f"that run {before}'s shape refuse it (a `refused` event) and serve on with theirs; "
+            "restart them to serve it (those with a model file of their own: without it)",
             file=sys.stderr,
         )
-    return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
 
 
 def _shape(store: ModelStore, version: str | None) -> tuple[int, int, int] | None:

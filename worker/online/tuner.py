@@ -57,6 +57,13 @@ Trigger = Literal["cold", "drift", "schedule"]
 Histories = Callable[[], tuple[list[str], list[np.ndarray]]]
 
 
+# What a worker with no model, and no cold start, is told to do.
+NO_MODEL_FIX = (
+    "pass --model PATH (train one with: attnlstm train), or set a finetune interval for a "
+    "cold start"
+)
+
+
 class Tuner:
     def __init__(
         self,
@@ -98,6 +105,11 @@ class Tuner:
         self.context, self.horizon = COLD_START_MODEL.context, COLD_START_MODEL.horizon  # serving
         self._serving: bytes | None = None  # its checkpoint bytes, for the fine-tune job
         self._refused: str | None = None  # the store's serving version, not served here
+        # The store's serving model, of another shape than this worker's, where it has no
+        # model of its own: served by a worker made again with its shape (worker.app).
+        self.reshape: Checkpoint | None = None
+        # Whether the model given at start is the store's, not a file's (that worker).
+        self.from_store = False
         self._seen = b"0-0"  # the last models event looked at
         self._trainer: Trainer | None = None
         self._job: Job | None = None  # the fine-tune waiting for its process to start
@@ -144,27 +156,18 @@ class Tuner:
                 return self._adopt(file_model, blob)
             serving = self.store.serving()  # another worker's file, promoted first
         if serving is not None and serving != self.version:
-            if file_model is not None and self.version is None and file_model.version != serving:
-                path = self.settings.model or "PATH"
-                log.warning(
-                    "--model %s (model %s) is not served: the store serves %s, promoted "
-                    "before this start; to serve the file on every worker: attnlstm models "
-                    "promote %s",
-                    path,
-                    file_model.version,
-                    serving,
-                    path,
-                )
-            if (checkpoint := self._switch(serving)) is not None:
+            self._file_not_served(file_model, serving)
+            # A model of the store's (a worker made again with its shape) is no file: it
+            # takes another shape again, should one serve by now.
+            own_file = file_model is not None and not self.from_store
+            if (checkpoint := self._switch(serving, reshape=not own_file)) is not None:
                 return checkpoint
+            if self.reshape is not None:
+                return None
         if file_model is not None and self.version is None:
             return self._adopt(file_model)
         if self.version is None and not self.enabled:
-            raise ValueError(
-                f"no model: none in the store ({self.store.keys.models}), none given; pass "
-                "--model PATH (train one with: attnlstm train), or set a finetune interval "
-                "for a cold start"
-            )
+            raise ValueError(f"no model: {self._store_holds()}, none given; {NO_MODEL_FIX}")
         if self.version is None and self._refused is not None:
             self._no_cold_start()
         elif self.version is None:
@@ -173,6 +176,29 @@ class Tuner:
                 "enough (cold start)"
             )
         return None
+
+    def _store_holds(self) -> str:
+        """What the store holds for a worker with no model: said wrong, "none in the
+        store", where it served one this worker had just refused (a review)."""
+        if self._refused is None:
+            return f"none in the store ({self.store.keys.models})"
+        return f"the store serves model {self._refused}, refused above"
+
+    def _file_not_served(self, file_model: Checkpoint | None, serving: str) -> None:
+        """A warning where this worker's model file, at its start, is not what serves."""
+        if file_model is None or self.version is not None or file_model.version == serving:
+            return
+        if self.from_store:  # the store's: a worker made again with its shape
+            return
+        path = self.settings.model or "PATH"
+        log.warning(
+            "--model %s (model %s) is not served: the store serves %s, promoted before this "
+            "start; to serve the file on every worker: attnlstm models promote %s",
+            path,
+            file_model.version,
+            serving,
+            path,
+        )
 
     def events_query(self, after: bytes | None = None) -> Command:
         """The read of the models events after ``after`` (None: those not seen yet),
@@ -203,20 +229,31 @@ class Tuner:
         if version is None or version == self.version:  # nothing refused now
             self._refused = None
             return None
-        checkpoint = self._switch(version)
+        checkpoint = self._switch(version, reshape=True)
         if checkpoint is not None:
             log.info("switched to model %s (%s)", version, event)
-        elif self.version is None:
+        elif self.version is None and self.reshape is None:
             self._no_cold_start()
         return checkpoint
 
-    def _switch(self, version: str) -> Checkpoint | None:
+    def _switch(self, version: str, *, reshape: bool = False) -> Checkpoint | None:
         """The store's serving ``version``, served from now on; None where it is refused
         (missing, damaged, forged, or it does not fit this worker), which serves what it
-        served, with a `refused` event (without one, `models list` showed it serving)."""
+        served, with a `refused` event (without one, `models list` showed it serving).
+        Of another shape, where this worker serves no model and has no file (``reshape``),
+        it is :attr:`reshape`: a worker with no model of its own, started with the cold
+        start's shape, refused every other shape for good (the docker-compose default,
+        after a model of another window was promoted), and acked its input unforecast."""
         try:
             checkpoint = self.store.get(version)
-            self._fits(checkpoint)
+            try:
+                self._fits(checkpoint)
+            except ValueError as e:
+                if not (reshape and self.version is None):
+                    raise
+                log.info("the store serves %s; the worker takes its shape", e)
+                self.reshape = checkpoint
+                return None
         except (CheckpointError, ValueError) as e:
             unchanged = f"; serving {self.version} unchanged" if self.version else ""
             log.error("refused model %s: %s%s", version, e, unchanged)

@@ -26,6 +26,7 @@ from attnlstm.data import (
     DataError,
     column_index,
     csv_rows,
+    refuse_data_as_header,
     separated,
     time_ms,
     unreadable,
@@ -36,7 +37,7 @@ from worker.contract import parse
 from worker.keys import Keys
 from worker.pool import mark_partitions
 from worker.signals import STOP_SIGNALS, handled
-from worker.streams import exchange, keys_on, raise_first_error, redirected, words, xadd
+from worker.streams import exchange, keys_on, redirected, words, xadd
 
 FlatFields = tuple[bytes, ...]  # an entry's fields as XADD takes them: field, value, ...
 
@@ -165,9 +166,11 @@ def _rows(
     path: Path, rows: Iterator[tuple[int, list[str]]], layout: CsvLayout
 ) -> Iterator[FlatFields]:
     """The entries of :func:`attnlstm.data.csv_rows`'s rows."""
-    _, header = next(rows, (0, []))
+    line, header = next(rows, (0, []))
     if not header:
         raise DataError(f"{path}: no header row (the file is empty, or blank)")
+    if not layout.time_column:  # (one named is looked for by name in the header)
+        refuse_data_as_header(path, line, header)
     time_at, picks = _columns(path, header, layout)
     for line, row in rows:
         if not any(cell.strip() for cell in row):
@@ -363,30 +366,41 @@ def replay(
 def _send(client: redis.Redis, batch: list[FlatFields], written: int) -> None:
     """One round trip, then one for the entries a Redis Cluster redirected, as often as
     :data:`_REDIRECT_WAITS_S` allows (the worker follows a failover; replay stopped at
-    the first MOVED). A Redis error raised says how many entries were written before it
-    (the command line words the error by its type: the count goes in its message)."""
-    try:
-        for wait in _REDIRECT_WAITS_S:
-            time.sleep(wait)
+    the first MOVED). A Redis error raised says how many entries were written (the
+    command line words the error by its type: the count goes in its message): exactly,
+    where Redis refused entries (every reply read), or up to a round trip more, where a
+    reply was lost."""
+    for wait in _REDIRECT_WAITS_S:
+        time.sleep(wait)
+        try:
             replies = exchange(client, batch)
-            raise_first_error([reply for reply in replies if not redirected(reply)])
-            again = [
-                entry for entry, reply in zip(batch, replies, strict=True) if redirected(reply)
-            ]
-            if not again:
-                return
-            written += len(batch) - len(again)
-            batch, refused = again, next(filter(redirected, replies))
-        raise redis.ResponseError(
-            f"the cluster still redirected {len(batch):,} entries after "
-            f"{len(_REDIRECT_WAITS_S)} sends in {sum(_REDIRECT_WAITS_S):g} s: {words(refused)}"
-        )
-    except redis.RedisError as e:
-        e.args = (
-            f"{words(e)} ({written:,} entries were written before it, and up to "
-            f"{len(batch):,} more may have been)",
-        )
-        raise
+        except redis.RedisError as e:
+            if written:  # Redis took entries over this URL: no hint at its scheme (TLS)
+                e.__cause__ = e.__context__ = None
+            e.args = (
+                f"{words(e)} ({written:,} entries were written before it, and up to "
+                f"{len(batch):,} more may have been)",
+            )
+            raise
+        refusals = [r for r in replies if isinstance(r, redis.ResponseError) and not redirected(r)]
+        if refusals:  # the others of the round trip were written: "up to" was a guess
+            took = sum(not isinstance(reply, redis.ResponseError) for reply in replies)
+            first = refusals[0]
+            first.args = (
+                f"{words(first)} ({written + took:,} entries were written, "
+                f"{len(refusals):,} refused)",
+            )
+            raise first
+        again = [entry for entry, reply in zip(batch, replies, strict=True) if redirected(reply)]
+        if not again:
+            return
+        written += len(batch) - len(again)
+        batch, moved = again, next(filter(redirected, replies))
+    raise redis.ResponseError(
+        f"the cluster still redirected {len(batch):,} entries after {len(_REDIRECT_WAITS_S)} "
+        f"sends in {sum(_REDIRECT_WAITS_S):g} s: {words(moved)} ({written:,} entries were "
+        "written)"
+    )
 
 
 @contextlib.contextmanager
