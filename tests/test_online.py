@@ -84,6 +84,7 @@ def _tuner(
     *,
     consumer: str = "w",
     metrics: Metrics | None = None,
+    from_store: bool = False,
     **overrides: Any,
 ) -> Tuner:
     """A tuner as a worker serving ``model``'s shape makes one, on a clock the test moves
@@ -97,6 +98,7 @@ def _tuner(
         metrics=metrics or Metrics(),
         fits=_fits(model),
         clock=clock,
+        from_store=from_store,
     )
 
 
@@ -826,8 +828,15 @@ def test_a_worker_made_again_with_the_stores_shape_takes_another_again(
     store = ModelStore(redis_client, keys, keep=5, source="operator")
     store.put(blob, version)
     store.set_serving(version, "promoted")
-    tuner = _tuner(redis_client, redis_url, keys, made_with, FakeClock(), finetune_interval_s=0)
-    tuner.from_store = True  # as worker.app makes it
+    tuner = _tuner(  # as worker.app makes it
+        redis_client,
+        redis_url,
+        keys,
+        made_with,
+        FakeClock(),
+        from_store=True,
+        finetune_interval_s=0,
+    )
     assert tuner.start(loads(dumps(made_with)[0])) is None
     assert tuner.reshape is not None
     assert tuner.reshape.version == version

@@ -175,8 +175,8 @@ class Worker:
                 check_fits, context=self.context, window=self.window, horizon=self.horizon
             ),
             clock=finetune_clock,
+            from_store=engine_from_store,
         )
-        self.tuner.from_store = engine_from_store
         self.pipeline = Pipeline(
             client,
             settings=settings,
@@ -277,7 +277,7 @@ class Worker:
         for k, entries in read.entries.items():
             self.lanes[k].recovery.delivered(len(entries))
         self._serve(self.tuner.sync(read.events))
-        if self.tuner.reshape is not None:  # left pending: the worker made again takes them
+        if self.reshaped is not None:  # left pending: the worker made again takes them
             self._stopping = True
             return False
         if read.entries:
@@ -735,7 +735,7 @@ class Worker:
         self._waiting_for = None
         try:
             self._serve(self.tuner.start(self.engine.checkpoint if self.engine else None))
-            if self.tuner.reshape is not None:  # (its leases handed back as it stops)
+            if self.reshaped is not None:  # (its leases handed back as it stops)
                 self._stopping = True
                 return False
         except ValueError:  # no model, and none to come: the leases are not ours to keep

@@ -74,10 +74,13 @@ class Tuner:
         metrics: Metrics,
         fits: Callable[[Checkpoint], None],
         clock: Callable[[], float] = time.monotonic,
+        from_store: bool = False,
     ) -> None:
         """``fits`` raises ValueError for a model the worker cannot serve (it reads or
         forecasts another number of values: :func:`worker.engine.check_fits`); ``clock``
-        times the schedule: when fine-tunes are due, and how long one runs."""
+        times the schedule: when fine-tunes are due, and how long one runs;
+        ``from_store``: the model given at start is the store's (a worker made again with
+        its shape), not a file's."""
         self.settings = settings
         self._fits = fits
         self.metrics = metrics
@@ -108,8 +111,7 @@ class Tuner:
         # The store's serving model, of another shape than this worker's, where it has no
         # model of its own: served by a worker made again with its shape (worker.app).
         self.reshape: Checkpoint | None = None
-        # Whether the model given at start is the store's, not a file's (that worker).
-        self.from_store = False
+        self.from_store = from_store
         self._seen = b"0-0"  # the last models event looked at
         self._trainer: Trainer | None = None
         self._job: Job | None = None  # the fine-tune waiting for its process to start
