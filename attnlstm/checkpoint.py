@@ -12,11 +12,13 @@ version, whatever its metadata (timings) says, and so does a file of an older re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import secrets
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from attnlstm.errors import CheckpointError as CheckpointError
+from attnlstm.files import open_file
 from attnlstm.model import AttentionLSTM, ModelConfig
 
 FORMAT = "attnlstm-checkpoint"
+HEADER_BYTES_MAX = 100_000_000  # what safetensors reads of a header, at most
 FORMAT_VERSION = 1
 VERSION_HEX = 16  # hex digits of the content hash used as the model version
 # Bounds on a stored config: the upper ones far above what this project trains (hidden
@@ -85,11 +89,17 @@ def version_of(model: AttentionLSTM) -> str:
 
 
 def save(path: str | Path, model: AttentionLSTM, meta: dict[str, Any] | None = None) -> str:
-    """Write atomically (temp file in the same folder, fsync, rename); return the version."""
+    """Write atomically (temp file in the same folder, fsync, rename); return the version.
+
+    Anything at ``path`` but a regular file is refused, not renamed over: a device
+    (``/dev/null`` became a file), a pipe, a folder, or a link (``/dev/stdout``; and a
+    link written through would write where whoever made it chose)."""
     data, version = dumps(model, meta)
     path = Path(path)
     tmp: str | None = None
     try:
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise OSError(errno.EINVAL, "it is no regular file (a link, device or pipe)")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_beside(path)
         with os.fdopen(fd, "wb") as f:
@@ -164,13 +174,30 @@ def load(path: str | Path, max_bytes: int | None = None) -> Checkpoint:
     and a larger file is refused."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        with open_file(path) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     if max_bytes is not None and len(data) > max_bytes:
         raise CheckpointError(f"checkpoint {path} is larger than {max_bytes:,} bytes: not read")
     return loads(data, source=str(path))
+
+
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether the file at ``path`` begins as a checkpoint of ours does (a safetensors
+    header that names :data:`FORMAT`; its tensors may be cut short): what ``attnlstm
+    train --out`` may write over (it wrote over the CSV it trained on, and would over
+    another library's ``model.safetensors``). OSError as :func:`open_file`."""
+    with open_file(path) as f:
+        head = f.read(8)
+        if len(head) < 8 or (size := struct.unpack("<Q", head)[0]) > HEADER_BYTES_MAX:
+            return False
+        header = f.read(size)
+    try:
+        meta = json.loads(header)["__metadata__"]
+    except (ValueError, RecursionError, TypeError, KeyError):  # not JSON, or none of ours
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def open_checkpoint(path: str | Path, max_bytes: int | None = None) -> Checkpoint:

@@ -89,11 +89,16 @@ def sine_steps(n_series: int, n_points: int, seed: int = 0) -> np.ndarray:
 def _validate(spec: SineSpec) -> None:
     if spec.n_series < 1 or spec.n_points < 2:
         raise ValueError("need at least one series of at least two points")
+    # Each field named with the flag of `attnlstm replay` and `demo` that sets it.
     for name in ("freq", "amplitude", "offset", "drift_factor"):
         lo, hi = getattr(spec, name)
         if lo > hi:
-            raise ValueError(f"{name} range is empty: ({lo}, {hi})")
+            flag = name.replace("_", "-")
+            raise ValueError(f"{name} (--{flag} LO HI) range is empty: ({lo}, {hi})")
     if spec.noise < 0 or not 0.0 <= spec.anomaly_rate <= 1.0:
-        raise ValueError("noise must be >= 0 and anomaly_rate in [0, 1]")
+        raise ValueError("noise (--noise) must be >= 0 and anomaly_rate (--anomaly-rate) in [0, 1]")
     if spec.drift_at is not None and not 0 < spec.drift_at < spec.n_points:
-        raise ValueError(f"drift_at must lie inside the series, got {spec.drift_at}")
+        raise ValueError(
+            f"drift_at (--drift-at) must lie inside the series' {spec.n_points:,} points "
+            f"(1 to {spec.n_points - 1:,}), got {spec.drift_at}"
+        )

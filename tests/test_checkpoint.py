@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from attnlstm.checkpoint import (
     _digest,
     check_config,
     dumps,
+    holds_checkpoint,
     load,
     loads,
     save,
@@ -152,6 +154,76 @@ def test_truncated_empty_and_missing_files_are_refused(tmp_path: Path) -> None:
             loads(bad)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load(tmp_path / "absent.safetensors")
+
+
+def test_a_device_is_not_read_and_a_pipe_with_no_writer_is_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    """``/dev/zero`` was read until memory ran out, and a named pipe held the reader
+    until something wrote to it. (``/dev/null`` stands in for a device here: read, it
+    would only be empty.) A pipe that a checkpoint is written into is read."""
+    with pytest.raises(CheckpointError, match="cannot read checkpoint /dev/null: it is no reg"):
+        load("/dev/null")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*: it is a folder"):
+        load(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(CheckpointError, match=r"pipe: not a safetensors checkpoint \(too short"):
+        load(tmp_path / "pipe")  # no writer: empty
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    data, version = dumps(model)
+    read, write = os.pipe()  # `--model <(cat m.st)`: /dev/fd/63
+    try:
+        os.write(write, data)  # (less than a pipe's buffer)
+        os.close(write)
+        assert load(f"/dev/fd/{read}").version == version
+    finally:
+        os.close(read)
+
+
+def test_nothing_but_a_regular_file_is_saved_over(tmp_path: Path) -> None:
+    """A save renamed its file over whatever was there: a device (``/dev/null`` became a
+    file), or a link (``/dev/stdout``), which written through instead would write where
+    whoever made it chose. A pipe stands in for a device here, which nothing is lost by."""
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "v1.st").write_bytes(b"kept")
+    (tmp_path / "link.st").symlink_to("v1.st")
+    (tmp_path / "dangling.st").symlink_to("absent/v2.st")
+    for name in ("pipe", "folder", "link.st", "dangling.st"):
+        with pytest.raises(CheckpointError, match=f"cannot write checkpoint .*{name}: it is no"):
+            save(tmp_path / name, model)
+    assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode)
+    assert (tmp_path / "link.st").readlink() == Path("v1.st")
+    assert (tmp_path / "v1.st").read_bytes() == b"kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dangling.st", "folder", "link.st", "pipe", "v1.st"
+    ]  # fmt: skip
+
+
+def test_holds_checkpoint_knows_ours_from_other_files(tmp_path: Path) -> None:
+    """What `train --out` may write over: a checkpoint of ours, even cut short; not
+    another library's safetensors file, nor a CSV (it wrote over both)."""
+    data, _ = dumps(new_model(ModelConfig(hidden_size=4, attention_size=4)))
+    (tmp_path / "other.safetensors").write_bytes(st_save({"w": torch.zeros(2)}, {"a": "b"}))
+    files = {
+        "ours.st": data,
+        "cut.st": data[:-100],  # its tensors cut short
+        "nine.st": b"\x01" + b"\x00" * 7 + b"{",
+        "data.csv": b"t,a\n1,2\n",
+        "short.st": b"\x00" * 3,
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    held = {p.name: holds_checkpoint(p) for p in sorted(tmp_path.iterdir())}
+    assert held == {
+        "cut.st": True,
+        "data.csv": False,
+        "nine.st": False,
+        "other.safetensors": False,
+        "ours.st": True,
+        "short.st": False,
+    }
 
 
 @pytest.mark.parametrize("failing", ["fsync", "replace"])

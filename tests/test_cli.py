@@ -3,6 +3,7 @@ where what a test checks is the status and what is printed (the fixture `here`).
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import math
@@ -10,8 +11,10 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -185,6 +188,18 @@ def test_evaluate_on_other_data_than_the_model_was_trained_on_says_so(
     assert err == (
         "attnlstm evaluate: note: no series of --data sines is one the model was trained on "
         "(--data sine): its figures are of other data than it was held out from\n"
+    )
+    # The same spec, read with other flags: the note named it twice, as if in conflict.
+    trained = ("--data", "sines", "--series", "2", "--epochs", "1", "--out", "s.st")
+    assert here("train", *trained)[0] == 0
+    status, _, err = here("evaluate", "--model", "s.st", "--data", "sines", "--series", "2")
+    assert (status, err) == (0, "")
+    status, _, err = here("evaluate", "--model", "s.st", "--data", "sines", "--seed", "1")
+    assert status == 0, err
+    assert err == (
+        "attnlstm evaluate: note: no series of --data sines is one the model was trained on "
+        "(--data sines too, but with another --series or --seed): its figures are of other "
+        "data than it was held out from\n"
     )
 
 
@@ -512,6 +527,11 @@ BAD_RUNS = [
     # 999,999,999 partitions ran until killed.
     (["bench", "--partitions", "5000"], 2, "argument --partitions: must be at most 4,096, got"),
     (["worker", "--redis-url", "http://h"], 2, "bad settings: redis_url: Value error, must start"),
+    # redis-py took a URL with no host for localhost:6379, a server no one named.
+    (["worker", "--redis-url", "redis:///0"], 2, "redis_url: Value error, it names no host (redis"),
+    (["worker", "--redis-url", "redis://:pw@"], 2, "redis_url: Value error, it names no host ("),
+    (["worker", "--redis-url", "unix://"], 2, "Value error, it names no socket (unix://"),
+    (["bench", "--redis-url", "redis://"], 2, "--redis-url: it names no host (redis://HOST:PORT)"),
     # A setting refused as a flag: a usage error, as the parser's refusals are (it was 1).
     (["worker", "--coverage", "1"], 2, "bad settings: coverage: Input should be less than 1 (see"),
     # ... and one that clashes with another setting (it was 1, too).
@@ -592,6 +612,52 @@ def test_user_errors_are_one_line_and_a_nonzero_exit(
     assert message in lines[0]
 
 
+def test_train_writes_over_a_checkpoint_and_nothing_else(
+    here: Callable[..., Ran], tmp_path: Path
+) -> None:
+    """`--out` was renamed onto whatever was there: the CSV trained on (its data lost),
+    another library's model.safetensors, a device (`/dev/null` became a file), a link
+    (`/dev/stdout`)."""
+    rows = "".join(f"{t},{math.sin(t / 5):.4f}\n" for t in range(200))
+    (tmp_path / "d.csv").write_text("t,a\n" + rows)
+    data = (tmp_path / "d.csv").read_bytes()
+    status, _, err = here("train", "--data", "csv:d.csv", "--epochs", "1", "--out", "d.csv")
+    assert (status, err.strip()) == (
+        1,
+        "attnlstm train: error: --out d.csv holds something other than a checkpoint of "
+        "attnlstm: not written over (remove it, or pass another --out)",
+    )
+    assert (tmp_path / "d.csv").read_bytes() == data
+    os.mkfifo(tmp_path / "pipe")  # a device's stand-in that nothing is lost by
+    status, _, err = here("train", "--data", "csv:d.csv", "--epochs", "1", "--out", "pipe")
+    assert (status, err.strip()) == (
+        1,
+        "attnlstm train: error: cannot write checkpoint pipe: it is no regular file (a "
+        "device, pipe or socket)",
+    )
+    assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode)
+    (tmp_path / "link.st").symlink_to("d.csv")
+    status, _, err = here("train", "--data", "csv:d.csv", "--epochs", "1", "--out", "link.st")
+    assert (status, err.strip()) == (
+        1,
+        "attnlstm train: error: --out link.st is a link: pass the path of the file it names, "
+        "or another --out",
+    )
+    assert (tmp_path / "link.st").is_symlink()
+    for seed in ("0", "1"):  # a new file, then one written over
+        args = ("--data", "csv:d.csv", "--epochs", "1", "--seed", seed, "--out", "m/m.st")
+        status, out, err = here("train", *args, "--json")
+        assert status == 0, err
+        version = json.loads(out.splitlines()[-1])["version"]
+        assert load(tmp_path / "m" / "m.st").version == version
+    # The figures' --out, a file: "File exists" from a stream (from a checkpoint, said).
+    status, _, err = here("plot", "--from-stream", "--series", "a", "--out", "d.csv")
+    assert (status, err.strip()) == (
+        1,
+        "attnlstm plot: error: cannot write the figures into d.csv: it is not a folder",
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -628,6 +694,32 @@ def test_a_url_option_the_redis_client_refuses_is_one_line(tmp_path: Path) -> No
         1,
         f"attnlstm replay: error: Redis at {url}: Invalid SSL Certificate Requirements Flag: no\n",
     )
+
+
+def test_a_server_that_is_not_redis_is_named_as_the_suspect(here: Callable[..., Ran]) -> None:
+    """An HTTP server at the URL's port: redis-py's "Protocol error, got "<" as reply type
+    byte" was all the command said."""
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # (on stderr, the command's)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"redis://127.0.0.1:{server.server_address[1]}/0"
+    try:
+        for argv in (["models", "list"], ["bench", "--runs", "drains"]):
+            status, _, err = here(*argv, "--redis-url", url)
+            assert status == 1, err
+            assert err.startswith(f"attnlstm {argv[0]}: error: "), err
+            assert err.endswith(
+                ': Protocol error, got "<" as reply type byte: is the server at the URL\'s '
+                "host and port a Redis?\n"
+            ), err
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_worker_settings_come_from_the_environment_and_flags_win(tmp_path: Path) -> None:
@@ -878,6 +970,13 @@ REPLAY_TWO = ["replay", "--fast", "--points", "2"]
         (REPLAY_TWO, "user", "no permissions to run", "users.acl.template"),
         (["models", "list"], "user", "no permissions to run", "users.acl.template"),
         (["models", "list"], "password", "invalid username-password", "PASSWORD_FILE"),
+        # The password from a file: it said to give one in the URL, or in a file.
+        (
+            ["plot", "--from-stream", "--series", "s0"],
+            "password file",
+            "invalid username-password",
+            "; the password in pw.txt is not the one of the URL's user: check both",
+        ),
         ([*REPLAY_TWO, "--stream", "{prefix}text"], "", "WRONGTYPE", "name other streams"),
     ],
 )
@@ -898,15 +997,20 @@ def test_a_command_redis_refuses_is_one_line_with_what_to_fix(
         "db": _with_db(redis_url, 9999),
         "user": as_user(redis_url, user, "pw"),
         "password": as_user(redis_url, user, "not-pw"),
+        "password file": as_user(redis_url, user),
         "": redis_url,
     }[refusal]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")}
+    if refusal == "password file":
+        (tmp_path / "pw.txt").write_text("not-pw\n")
+        env["ATTNLSTM_REDIS_PASSWORD_FILE"] = "pw.txt"
     redis_client.set(f"{stream_prefix}text", "not a stream")
     redis_client.acl_setuser(user, enabled=True, passwords=["+pw"], categories=["+@connection"])
     try:
         proc = subprocess.run(
             [*CLI, *(arg.format(prefix=stream_prefix) for arg in argv), "--redis-url", url],
             cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if not k.startswith("ATTNLSTM_")},
+            env=env,
             capture_output=True,
             text=True,
             timeout=60,

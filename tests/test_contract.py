@@ -333,7 +333,11 @@ def test_reason_kind_of_an_empty_reason() -> None:
 @pytest.mark.parametrize(
     ("reason", "kind"),
     [
-        ("series limit reached (max_series=100000)", "series_limit"),
+        (
+            "series limit reached (max_series=100000): raise max_series, or free the slots "
+            "of series gone quiet sooner (series_idle_s)",
+            "series_limit",
+        ),
         ("the worker stopped while handling it, 3 times", "crashed_handling"),
         ("the model's forecast is not finite", "forecast_not_finite"),
     ],

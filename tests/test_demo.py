@@ -103,7 +103,8 @@ def test_sines_the_replay_would_refuse_stop_the_demo_before_it_trains(tmp_path: 
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "attnlstm demo: error: the sines to replay (601 points a series: --seconds x rate / "
-        "--series): drift_at must lie inside the series, got 5000 (see attnlstm demo --help)"
+        "--series): drift_at (--drift-at) must lie inside the series' 601 points (1 to 600), "
+        "got 5000 (see attnlstm demo --help)"
     )
     assert list(tmp_path.iterdir()) == []
 

@@ -286,7 +286,11 @@ def test_after_a_drift_fine_tuning_brings_the_error_back_and_without_it_it_stays
 
 
 def test_one_worker_fine_tunes_at_a_time(
-    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While another worker holds the fine-tune lock, a due fine-tune is skipped; once
     the lock is free, the next due one starts."""
@@ -310,6 +314,27 @@ def test_one_worker_fine_tunes_at_a_time(
     assert second.tick(state.histories, Overall(halflife_s=30)) is None
     assert second.running  # its turn: started
     assert redis_client.get(keys.finetune_lock) == second.lock.token.encode()
+    # Its lock lives a minute (a worker killed here held it for ten, and fine-tuning with
+    # it), renewed while the fine-tune runs: every 20 s, a lapse 1 s off is put back.
+    assert 0 < redis_client.pttl(keys.finetune_lock) <= 60_000
+    redis_client.pexpire(keys.finetune_lock, 1_000)
+    clock.now += 19
+    second.keep_lock()
+    assert redis_client.pttl(keys.finetune_lock) <= 1_000  # not yet due
+    clock.now += 1
+    second.keep_lock()
+    assert 59_000 < redis_client.pttl(keys.finetune_lock) <= 60_000
+    # Lapsed, and taken by another: the fine-tune goes on, and the log says so, once.
+    redis_client.set(keys.finetune_lock, first.lock.token)
+    with caplog.at_level(logging.WARNING, logger="attnlstm.worker"):
+        for _ in range(2):
+            clock.now += 20
+            second.keep_lock()
+    lapsed = [r.getMessage() for r in caplog.records if "lock lapsed" in r.getMessage()]
+    assert len(lapsed) == 1, lapsed
+    assert redis_client.get(keys.finetune_lock) == first.lock.token.encode()
+    assert second.running
+    redis_client.delete(keys.finetune_lock)
     second.close()  # the fine-tune in flight is dropped, and the lock with it
     assert redis_client.get(keys.finetune_lock) is None
 

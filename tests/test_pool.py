@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import subprocess
 import threading
@@ -274,11 +275,17 @@ def test_partitions_re_synced_one_after_another_keep_their_leases(
 
 
 def test_max_series_bounds_a_worker_across_its_partitions(
-    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One worker serving three partitions keeps windows for at most ``max_series``
-    series in all; the series past it go to the dead stream. Before, each partition
-    kept ``max_series`` of its own: three times the memory the setting bounds."""
+    series in all; the series past it go to the dead stream, and the log says so, at
+    most once a minute (it said nothing). Before, each partition kept ``max_series`` of
+    its own: three times the memory the setting bounds."""
+    caplog.set_level(logging.WARNING, logger="attnlstm.worker")
     partitions, limit = 3, 5
     names = _replay(redis_client, keys, sine_steps(12, 30, seed=4), partitions)
     assert len({partition_of(name, partitions) for name in names}) == partitions
@@ -290,12 +297,26 @@ def test_max_series_bounds_a_worker_across_its_partitions(
         part = keys.partition(k, partitions)
         served |= {f[b"series"] for _, f in entries(redis_client, part.output)}
         for _, f in entries(redis_client, part.dead):
-            assert f[b"error"] == f"series limit reached (max_series={limit})".encode()
+            assert (
+                f[b"error"]
+                == (
+                    f"series limit reached (max_series={limit}): raise max_series, or free "
+                    "the slots of series gone quiet sooner (series_idle_s)"
+                ).encode()
+            )
             refused.add(f[b"series"])
     assert len(served) == limit
     assert len(refused) == len(names) - limit
     assert served.isdisjoint(refused)
     assert report["dead"] == (30 * (len(names) - limit))
+    said = [r.getMessage() for r in caplog.records if "entries of new series" in r.getMessage()]
+    assert len(said) == 1, said  # the first refusals: the next ones within the minute
+    assert re.fullmatch(
+        r"\d+ entries of new series dead-lettered since the last such line: this worker "
+        r"holds max_series=5 series already; raise max_series, or free the slots of "
+        r"series gone quiet sooner \(series_idle_s, now 604800 s\)",
+        said[0],
+    )
 
 
 def _streams(keys: Keys) -> dict[str, str]:

@@ -986,7 +986,9 @@ def test_a_server_that_does_not_answer_at_start_is_waited_for(
     assert report["read"] == report["forecasts"] == 0
 
 
-def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: AttentionLSTM) -> None:
+def test_credentials_redis_refuses_are_an_error_not_a_wait(
+    trained_sines: AttentionLSTM, tmp_path: Path
+) -> None:
     """A password missing or wrong (redis-py's AuthenticationError, a ConnectionError) was
     retried for ever, the log saying nothing of the password."""
     with EmbeddedServer(port=free_port()) as server:
@@ -999,6 +1001,17 @@ def test_credentials_redis_refuses_are_an_error_not_a_wait(trained_sines: Attent
         )
         with pytest.raises(ValueError, match=refused):
             worker.run()
+        # A password from a file: that file's is the one to check.
+        password_file = tmp_path / "pw"
+        password_file.write_text("wrong\n")
+        user_only = server.tcp_url.replace("redis://", "redis://nobody@")
+        settings = settings_for(user_only, Keys(), block_ms=100, redis_password_file=password_file)
+        refused = (
+            r"Redis refused this worker \(invalid username-password pair.*\); the password in "
+            f"{password_file} is not the one of the URL's user: check both$"
+        )
+        with pytest.raises(ValueError, match=refused):
+            new_worker(settings, trained_sines).run()
 
 
 def test_a_server_of_no_cluster_taken_for_one_is_an_error_not_a_wait() -> None:

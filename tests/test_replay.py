@@ -195,13 +195,13 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--csv", "bad.csv"], "bad.csv:2: time 'noon' is neither ISO 8601"),
         (["--fast", "--csv", "bad.csv", "--column", "nope"], "no column 'nope'"),
         (["--fast", "--seconds", "5"], "--seconds with --fast needs --points"),
-        (["--fast", "--freq", "2", "1"], "freq range is empty"),
+        (["--fast", "--freq", "2", "1"], "freq (--freq LO HI) range is empty"),
         (["--rate", "0"], "--rate: must be a positive number"),
         # One point a series: "need at least one series of at least two points", no flag.
         (["--fast", "--points", "1"], "argument --points: must be >= 2, got 1"),
         (["--fast", "--bad-rate", "2"], "argument --bad-rate: must be from 0 to 1, got 2.0"),
         (["--rate", "100", "--seconds", "0.004"], "--seconds 0.004 at --rate 100 is less than one"),
-        (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
+        (["--fast", "--points", "50", "--drift-at", "50"], "(--drift-at) must lie inside the"),
         (["--series", "3"], "one of the arguments --rate --fast is required"),
         # Ids the worker refuses: every entry was written, and dead-lettered.
         (["--fast", "--prefix", "bad id"], "--prefix: series id 'bad id49' is refused by the"),
@@ -291,7 +291,8 @@ def test_sines_it_refuses_are_refused_before_anything_is_written(
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "attnlstm replay: error: drift_at must lie inside the series, got 50 "
+        "attnlstm replay: error: drift_at (--drift-at) must lie inside the series' 50 points "
+        "(1 to 49), got 50 "
         "(see attnlstm replay --help)"
     )
     assert list(redis_client.scan_iter(match=f"{stream_prefix}*")) == []
@@ -620,8 +621,8 @@ def test_a_csv_replayed_at_rates_past_the_floats_range(
         (["--rate", "1", "--seconds", "0.1"], "--seconds 0.1 at --rate 1 is less than one entry"),
         (["--rate", "1e9", "--seconds", "60"], "is 6e+10 entries, more than the 10,000,000"),
         # Sines the flags ask for that cannot be drawn: they exited 1.
-        (["--fast", "--points", "50", "--drift-at", "50"], "drift_at must lie inside the series"),
-        (["--fast", "--freq", "2", "1"], "freq range is empty: (2.0, 1.0)"),
+        (["--fast", "--points", "50", "--drift-at", "50"], "(--drift-at) must lie inside the"),
+        (["--fast", "--freq", "2", "1"], "freq (--freq LO HI) range is empty: (2.0, 1.0)"),
         (["--fast", "--series", "100000", "--points", "1000"], "is 100,000,000 values, more"),
         # Flags of the other source: they were ignored.
         (

@@ -369,12 +369,18 @@ def test_a_ca_file_goes_to_redis_py_with_the_url(tmp_path: Path) -> None:
         (None, "ca.pem", None, "a CA file is for TLS"),
         ("rediss://h", "missing.pem", None, "no CA file at missing.pem"),
         ("rediss://h", "password", None, "password holds no usable CA certificate"),
-        ("rediss://h", "folder", None, "cannot read folder: Is a directory"),
+        ("rediss://h", "folder", None, "cannot read folder: it is a folder"),
         (None, None, "password", "a password file needs a redis_url"),
         ("redis://u:p@h", None, "password", "redis_url has a password already"),
         ("redis://u@h", None, "missing", "cannot read missing: No such file or directory"),
         ("redis://u@h", None, "empty", "empty holds no password"),
         ("redis://u@h", None, "crlf", "crlf holds a carriage return or a line break within"),
+        # A pipe held the command until something wrote to it; /dev/zero, until memory ran
+        # out (/dev/null stands in for it: read, it would only be empty).
+        ("redis://u@h", None, "pipe", "pipe holds no password"),
+        ("redis://u@h", None, "/dev/null", "cannot read /dev/null: it is no regular file (a"),
+        ("redis://u@h", None, "long", "long is over 4,096 bytes: not a password"),
+        ("rediss://h", "pipe", None, "cannot read pipe: it is no regular file (a device,"),
     ],
 )
 def test_unusable_tls_and_password_files_are_one_line_errors(
@@ -391,10 +397,19 @@ def test_unusable_tls_and_password_files_are_one_line_errors(
     Path("empty").write_text("\n")
     Path("crlf").write_bytes(b"secret\r\n")  # the server's entrypoint refuses it too
     Path("folder").mkdir()
+    os.mkfifo("pipe")
+    Path("long").write_text("x" * 4097 + "\n")
     with pytest.raises(ValueError, match="bad settings: ") as raised:
         from_flags(redis_url=url, redis_ca_file=ca, redis_password_file=password)
     assert message in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_a_password_of_4096_bytes_is_read_with_its_line_end(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p" * 4096 + "\n")
+    s = _settings(redis_url="redis://worker@redis:6379/0", redis_password_file=secret)
+    assert s.url() == f"redis://worker:{'p' * 4096}@redis:6379/0"
 
 
 def test_a_model_key_file_holds_the_key_and_a_short_one_is_a_one_line_error(

@@ -94,9 +94,15 @@ def test_noise_scales_with_amplitude() -> None:
     ("spec", "message"),
     [
         (SineSpec(n_series=0), "at least one series"),
-        (SineSpec(amplitude=(5.0, 1.0)), r"amplitude range is empty: \(5.0, 1.0\)"),
-        (SineSpec(noise=-1.0), "noise must be >= 0"),
-        (SineSpec(n_points=100, drift_at=100), "drift_at must lie inside the series"),
+        (
+            SineSpec(amplitude=(5.0, 1.0)),
+            r"amplitude \(--amplitude LO HI\) range is empty: \(5.0, 1.0\)",
+        ),
+        (SineSpec(noise=-1.0), r"noise \(--noise\) must be >= 0"),
+        (
+            SineSpec(n_points=100, drift_at=100),
+            r"drift_at \(--drift-at\) must lie inside the series' 100 points \(1 to 99\)",
+        ),
     ],
 )
 def test_bad_specs_are_refused(spec: SineSpec, message: str) -> None:

@@ -71,6 +71,12 @@ log = logging.getLogger("attnlstm.worker")
 
 AUDIT_INTERVAL_S = 2.0  # pending-entry audit, lag and per-series gauges
 STRAYS_LOG_S = 60.0  # entries left in the unpartitioned stream: logged this often
+REFUSALS_LOG_S = 60.0  # entries refused at the series limit: logged this often
+# A dead letter's error for an entry of a new series past the limit, and what to change.
+SERIES_LIMIT = (
+    "series limit reached (max_series={}): raise max_series, or free the slots of series "
+    "gone quiet sooner (series_idle_s)"
+)
 RESYNC_CALM_S = 30.0  # out of step again within this: the next re-sync waits, longer each time
 BURST_BLOCK_MS = 200  # in --burst mode, an empty read this long means drained
 
@@ -187,6 +193,8 @@ class Worker:
         self._in_step = False  # the windows match the group (see the module docstring)
         self._running = False  # in step once: its partitions served
         self._strays_logged = -math.inf  # when strays (see _report_strays) were last logged
+        self._refused_logged = -math.inf  # when the series limit's refusals were last logged
+        self._refused_unlogged = 0  # entries it refused since
         self._mark_logged: str | None = None  # the partitions mark's refusal last logged
         self._stopping = False
         self._answered = False  # Redis answered a step of the loop (see run)
@@ -239,7 +247,8 @@ class Worker:
                 self._in_step = False
                 self._sleep(resync_delay)
             except REDIS_ERRORS as e:
-                if fix := what_to_fix(e, cluster_of(self.client) is not None):  # for good
+                clustered = cluster_of(self.client) is not None
+                if fix := what_to_fix(e, clustered, self.settings.redis_password_file):  # for good
                     self._in_step = False
                     self._close(save=False)
                     raise ValueError(fix) from None
@@ -297,6 +306,7 @@ class Worker:
         started = time.monotonic()
         for lane in self.lanes.values():
             lane.recovery.renew_lease()
+        self.tuner.keep_lock()
         self.pool.stay()
         self.metrics.beat()
         self.metrics.renewed(self._held_until(started))
@@ -517,7 +527,8 @@ class Worker:
         slots = state.slots_for(batch.names, room)
         publish = np.asarray(batch.publish, dtype=bool)
         refused = np.flatnonzero((slots == NO_SLOT) & publish)
-        batch.reject(refused, f"series limit reached (max_series={state.max_series})")
+        batch.reject(refused, SERIES_LIMIT.format(state.max_series))
+        self._log_refused(refused.size)
         # After a restore, entries the saved windows already hold are only acked.
         kept = (slots != NO_SLOT) & ~state.holds(slots, batch.ids)
         values = np.asarray(batch.values, dtype=np.float64)[kept]
@@ -629,6 +640,24 @@ class Worker:
             scored=scored.count,
         )
         return call, counted
+
+    def _log_refused(self, refused: int) -> None:
+        """The entries of new series refused (dead-lettered) at the series limit, counted
+        in the log at most once a minute: it said nothing of them, where they may be a
+        third of the input and crowd other dead letters out of the capped dead stream."""
+        self._refused_unlogged += refused
+        now = time.monotonic()
+        if self._refused_unlogged and now - self._refused_logged >= REFUSALS_LOG_S:
+            idle = self.settings.series_idle_s
+            log.warning(
+                "%d entries of new series dead-lettered since the last such line: this "
+                "worker holds max_series=%d series already; raise max_series, or free the "
+                "slots of series gone quiet sooner (series_idle_s, now %s)",
+                self._refused_unlogged,
+                self.settings.max_series,
+                f"{idle:g} s" if idle else "0: never",
+            )
+            self._refused_logged, self._refused_unlogged = now, 0
 
     def _stand_in(
         self,

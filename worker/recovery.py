@@ -398,7 +398,8 @@ class Recovery:
             self._write(self.fence.publish(state={META: state.meta()}))
             self.lease.release()
         except (FencedError, redis.RedisError) as e:
-            if (fix := what_to_fix(e, cluster_of(self.client) is not None)) is not None:
+            clustered = cluster_of(self.client) is not None
+            if (fix := what_to_fix(e, clustered, self.settings.redis_password_file)) is not None:
                 with contextlib.suppress(redis.RedisError):
                     self.lease.release()
                 raise ValueError(fix) from None

@@ -28,6 +28,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
+from attnlstm.files import check_regular, open_file
 from attnlstm.intervals import LEVELS
 from worker.keys import Keys
 from worker.streams import cluster_of
@@ -56,6 +57,7 @@ STREAM_SETTINGS = (
     "models_stream",
 )
 MIN_MODEL_KEY_CHARS = 32  # deploy/make-secrets.sh writes 64 hex digits (32 random bytes)
+SECRET_BYTES_MAX = 4096  # a password's or a model key's, at most (its file's line end aside)
 # Past it, a number sent to Redis's functions (Lua, in doubles) is no longer exact, and
 # one past 2^63 is refused by Redis at every try: the worker retried for ever.
 MAX_REDIS_INT = 2**53
@@ -209,6 +211,7 @@ class Settings(BaseSettings):
             if url is None or url.scheme != "rediss":
                 raise ValueError("a CA file is for TLS: set a rediss:// redis_url")
             try:
+                check_regular(os.stat(value).st_mode)  # (a pipe held it for good)
                 ssl.create_default_context(cafile=value)
             except FileNotFoundError:
                 raise ValueError(f"no CA file at {value}") from None
@@ -409,6 +412,11 @@ def check_url(url: str) -> None:
         parts.port  # noqa: B018 (it parses the port)
     except ValueError:
         raise ValueError("its port must be a number from 0 to 65535") from None
+    # redis-py takes redis:// with no host for localhost:6379: a server no one named.
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"it names no host ({parts.scheme}://HOST:PORT)")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("it names no socket (unix:///PATH/TO/redis.sock)")
     if parts.scheme != "unix" and not re.fullmatch(r"/?|/\d+", parts.path):
         raise ValueError("what follows the host must be a database number (/0)")
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -418,6 +426,8 @@ def check_url(url: str) -> None:
     for key, value in query:
         if key in URL_FILES and not Path(value).exists():
             raise ValueError(f"its {key}= names {value}, which does not exist")
+        if key in URL_FILES and key != "ssl_ca_path" and not Path(value).is_file():  # a pipe
+            raise ValueError(f"its {key}= names {value}, which is no regular file")
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:
@@ -441,7 +451,11 @@ def _read_secret(path: Path, what: str, *, line_ends: str = "\n") -> str:
     entrypoint (deploy/redis-entrypoint.sh) hashed the carriage return into the password,
     and Redis refused the worker a password its health check passed with."""
     try:
-        secret = path.read_bytes().decode().rstrip(line_ends)
+        with open_file(path) as f:  # not /dev/zero, read until memory ran out
+            data = f.read(SECRET_BYTES_MAX + 3)  # and a line end
+        secret = data.decode().rstrip(line_ends)
+        if len(secret.encode()) > SECRET_BYTES_MAX:
+            raise ValueError(f"{path} is over {SECRET_BYTES_MAX:,} bytes: not a {what}")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if not secret:

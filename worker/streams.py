@@ -8,6 +8,7 @@ from __future__ import annotations
 import ssl
 from collections import deque
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -86,6 +87,20 @@ URL_CREDENTIALS = "give the URL's user and password (redis://USER:PASSWORD@HOST:
 CREDENTIALS_FIX = (
     f"{URL_CREDENTIALS}, or the password in a file named by ATTNLSTM_REDIS_PASSWORD_FILE"
 )
+
+
+def credentials_fix(password_file: Path | str | None, *, fix: str = CREDENTIALS_FIX) -> str:
+    """What to fix where Redis refused the password: the one in ``password_file`` when a
+    password came from one (it said to give one in the URL, beside a file that held one);
+    else ``fix``."""
+    if password_file:
+        return f"the password in {password_file} is not the one of the URL's user: check both"
+    return fix
+
+
+# Something other than Redis answered (an HTTP server's "<" or "H"): redis-py's
+# InvalidResponse, "Protocol error, got ... as reply type byte", says no more.
+NOT_REDIS_HINT = "is the server at the URL's host and port a Redis?"
 # A TLS handshake that no retry mends (the worker retried it for ever): the server's
 # certificate not trusted (signed by a CA other than ATTNLSTM_REDIS_CA_FILE's, expired,
 # self-signed, issued for another host), or the client's refused or missing where the
@@ -167,8 +182,9 @@ def unreachable(e: redis.RedisError, url: str | None) -> str:
     return f"{str(e).removesuffix('.')}; {fix}" if fix else str(e)
 
 
-def what_to_fix(e: Exception, clustered: bool) -> str | None:
-    """What an operator must fix, for a refusal that no retry mends: a password, a TLS
+def what_to_fix(e: Exception, clustered: bool, password_file: Path | None) -> str | None:
+    """What an operator must fix, for a refusal that no retry mends: a password (the one
+    in ``password_file``, where the worker read it from one), a TLS
     handshake (:func:`tls_fix`), those of :data:`_FIXES` (an ACL that lacks a right, a
     key of another type where a stream should be, a database that does not exist), and
     a cluster's node served as one server (``clustered`` False). None for the errors a
@@ -183,7 +199,7 @@ def what_to_fix(e: Exception, clustered: bool) -> str | None:
             "started, or ATTNLSTM_CLUSTER is false): set ATTNLSTM_CLUSTER=true"
         )
     if isinstance(e, redis.AuthenticationError):
-        return f"Redis refused this worker ({e}); {CREDENTIALS_FIX}"
+        return f"Redis refused this worker ({e}); {credentials_fix(password_file)}"
     if isinstance(e, redis.ConnectionError) and (fix := tls_fix(e)) is not None:
         return f"no TLS connection to Redis ({e}): {fix}"
     if not isinstance(e, redis.ResponseError) or isinstance(e, redis.exceptions.ReadOnlyError):

@@ -24,10 +24,11 @@ from worker.cli.parser import EXIT_USAGE
 from worker.embedded import EmbeddedServerError
 from worker.streams import (
     ACL_FIX,
-    CREDENTIALS_FIX,
+    NOT_REDIS_HINT,
     TLS_VERIFY_FIX,
     URL_CREDENTIALS,
     URL_TLS_VERIFY_FIX,
+    credentials_fix,
     fix_for,
     unreachable,
 )
@@ -74,6 +75,14 @@ def _said(args: argparse.Namespace, message: str) -> str:
     return message
 
 
+def _credentials_fix(args: argparse.Namespace) -> str:
+    """What to fix where Redis refused the password, the file's given one."""
+    if args.command == "bench":  # which reads no ATTNLSTM_* variable
+        return credentials_fix(getattr(args, "redis_password_file", None), fix=URL_CREDENTIALS)
+    named = getattr(args, "redis_password_file", None)
+    return credentials_fix(named or os.environ.get("ATTNLSTM_REDIS_PASSWORD_FILE"))
+
+
 def command_of(args: argparse.Namespace) -> Command:
     """The parsed command's function, its module imported now."""
     module, name = COMMANDS[args.command]
@@ -94,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"attnlstm {args.command}: error: {_said(args, str(e))}", file=sys.stderr)
         return EXIT_FAILURE
     except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
-        fix = URL_CREDENTIALS if args.command == "bench" else CREDENTIALS_FIX
-        message = f"Redis refused: {e}; {fix}"
+        message = f"Redis refused: {e}; {_credentials_fix(args)}"
         print(f"attnlstm {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     except (redis.ConnectionError, redis.TimeoutError) as e:  # bench's or demo's Redis
@@ -109,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     except redis.DataError:  # a value of ours the client refused to send: a bug here
         raise
     except (redis.RedisError, RedisClusterException) as e:  # ssl_cert_reqs=bogus; a cluster's
-        print(f"attnlstm {args.command}: error: Redis: {e}", file=sys.stderr)
+        # (InvalidResponse: another server answered, as HTTP's "<" or "H")
+        hint = f": {NOT_REDIS_HINT}" if isinstance(e, redis.InvalidResponse) else ""
+        print(f"attnlstm {args.command}: error: Redis: {e}{hint}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # writing a checkpoint or a plot
         where = f" {e.filename}:" if e.filename else ""

@@ -20,6 +20,7 @@ from attnlstm.checkpoint import (
     CheckpointError,
     check_config,
     dumps,
+    holds_checkpoint,
     open_checkpoint,
     save,
 )
@@ -197,8 +198,6 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 def plot_command(args: argparse.Namespace) -> dict[str, Any]:
     """The article's figures for the data's first series, and the loss curves."""
     refuse_given(args, PLOT_STREAM_FLAGS, "for --from-stream")
-    if args.out.exists() and not args.out.is_dir():  # was "error: m.st File exists"
-        raise ValueError(f"cannot write the figures into {args.out}: it is not a folder")
     dataset, device = _prepare(plot_defaults(args))
     checkpoint = open_checkpoint(args.model)
     name, values = dataset.names[0], dataset.series[0]  # what it draws
@@ -374,10 +373,24 @@ def _note_other_data(args: argparse.Namespace) -> None:
     if trained_on := getattr(args, "other_data", None):
         print(
             f"attnlstm {args.command}: note: no series of --data {args.data} is one the "
-            f"model was trained on (--data {trained_on}): its figures are of other data "
-            "than it was held out from",
+            f"model was trained on ({_trained_on(args.data, trained_on)}): its figures are "
+            "of other data than it was held out from",
             file=sys.stderr,
         )
+
+
+def _trained_on(data: str, trained_on: str) -> str:
+    """The data the model was trained on, as the note names it: a spec as the one given
+    ("no series of --data sines ... (--data sines)") was read with other flags, or from a
+    file changed since."""
+    if trained_on != data:
+        return f"--data {trained_on}"
+    if data.startswith("csv:"):
+        return (
+            f"--data {trained_on} too, but other columns of it (--column), or the file "
+            "changed since"
+        )
+    return f"--data {trained_on} too, but with another --series or --seed"
 
 
 def _check_unseen(
@@ -435,9 +448,32 @@ def _check_sizes(args: argparse.Namespace) -> None:
 
 def _check_out(path: Path) -> None:
     """An --out that save cannot write (a folder, a path under a file, a folder that takes
-    no file), refused before the training rather than after it."""
+    no file, a device, a pipe, a link), refused before the training rather than after it;
+    and a file that is not a checkpoint, which the training would replace (the CSV it
+    read, or another library's model.safetensors)."""
+    if path.is_symlink():  # renamed over (`/dev/stdout`), or written through: neither asked
+        raise ValueError(
+            f"--out {path} is a link: pass the path of the file it names, or another --out"
+        )
     if path.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: it is a folder")
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"cannot write checkpoint {path}: it is no regular file (a device, pipe or socket)"
+        )
+    if path.exists():
+        try:
+            ours = holds_checkpoint(path)
+        except OSError as e:
+            raise ValueError(
+                f"--out {path}: cannot read it to see that it is a checkpoint "
+                f"({e.strerror or e}): remove it, or pass another --out"
+            ) from None
+        if not ours and path.stat().st_size:
+            raise ValueError(
+                f"--out {path} holds something other than a checkpoint of attnlstm: not "
+                "written over (remove it, or pass another --out)"
+            )
     folder = next((p for p in path.parents if p.exists()), None)
     if folder is not None and not folder.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: {folder} is not a folder")
@@ -468,20 +504,21 @@ def _stat_models(period: int | None) -> tuple[str, ...]:
     """The statistical baselines to run: all of them, given statsforecast and a period."""
     if not baselines.available():
         print(
-            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need: "
+            "attnlstm evaluate: note: AutoETS, MSTL and AutoARIMA need: "
             "pip install 'attnlstm[baselines]'",
             file=sys.stderr,
         )
         return ()
     if not period:
         print(
-            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need the data's period: pass --period",
+            "attnlstm evaluate: note: AutoETS, MSTL and AutoARIMA need the data's period: "
+            "pass --period",
             file=sys.stderr,
         )
         return ()
     if period < 2:  # a season of one step: MSTL died in statsforecast, a traceback
         print(
-            "attnlstm evaluate: AutoETS, MSTL and AutoARIMA need a period of 2 steps or more",
+            "attnlstm evaluate: note: AutoETS, MSTL and AutoARIMA need a period of 2 steps or more",
             file=sys.stderr,
         )
         return ()

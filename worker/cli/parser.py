@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(sub.add_parser("train", help="train a model offline and save a checkpoint"))
     evaluate = sub.add_parser("evaluate", help="score a checkpoint against naive baselines")
     _data_args(evaluate)
-    evaluate.add_argument("--model", type=Path, default=Path("model.safetensors"))
+    evaluate.add_argument(
+        "--model",
+        type=Path,
+        default=Path("model.safetensors"),
+        help="checkpoint from attnlstm train (default model.safetensors)",
+    )
     evaluate.add_argument(
         "--period",
         type=positive,
@@ -141,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _data_args(plot, live=True)
     plot.add_argument("--model", type=Path, default=None, help="(default model.safetensors)")
-    plot.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNGs")
+    plot.add_argument(
+        "--out", type=Path, default=Path("plots"), help="folder for the PNGs (default plots)"
+    )
     _live_plot_args(plot)
     _demo_args(
         sub.add_parser(
@@ -211,7 +218,10 @@ def _train_args(train: argparse.ArgumentParser) -> None:
         "--lr", type=learning_rate, default=1e-2, help="peak learning rate, at most 1 (1e-2)"
     )
     train.add_argument(
-        "--out", type=Path, default=Path("model.safetensors"), help="checkpoint path"
+        "--out",
+        type=Path,
+        default=Path("model.safetensors"),
+        help="checkpoint to write, or write over (default model.safetensors)",
     )
 
 
@@ -474,7 +484,10 @@ PLOT_DEFAULTS = {
 
 
 def plot_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` with each of plot's flags that was not given at its default."""
+    """``args`` with each of plot's flags that was not given at its default; a ValueError
+    where its --out is a file (from a checkpoint or a stream alike: "File exists")."""
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"cannot write the figures into {args.out}: it is not a folder")
     for name, value in PLOT_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -18,7 +18,7 @@ from worker.cli.argtypes import refuse_given
 from worker.cli.commands import refusal
 from worker.contract import parse
 from worker.settings import WORKER_ONLY, Settings, from_flags
-from worker.streams import CREDENTIALS_FIX, connect, unreachable
+from worker.streams import NOT_REDIS_HINT, connect, credentials_fix, unreachable
 from worker.tools.replay import (
     MAX_SINE_VALUES,
     CsvLayout,
@@ -191,7 +191,8 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
             client.close()
     except redis.AuthenticationError as e:  # (a ConnectionError, that no retry mends)
         where = settings.url_for_logs()
-        raise ValueError(f"Redis at {where} refused: {e}; {CREDENTIALS_FIX}") from None
+        fix = credentials_fix(settings.redis_password_file)
+        raise ValueError(f"Redis at {where} refused: {e}; {fix}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         where = settings.url_for_logs()
         raise ValueError(f"cannot reach Redis at {where}: {unreachable(e, where)}") from None
@@ -199,5 +200,7 @@ def redis_for(settings: Settings, command: str) -> Iterator[tuple[redis.Redis, S
         raise ValueError(f"Redis at {settings.url_for_logs()} refused: {refusal(e)}") from None
     except redis.DataError:
         raise
+    except redis.InvalidResponse as e:
+        raise ValueError(f"Redis at {settings.url_for_logs()}: {e}: {NOT_REDIS_HINT}") from None
     except redis.RedisError as e:
         raise ValueError(f"Redis at {settings.url_for_logs()}: {e}") from None

@@ -36,7 +36,10 @@ from worker.streams import NOT_A_COUNT, WRONG_TYPE, Command, Entry, refused_for
 
 log = logging.getLogger("attnlstm.worker")
 
-LOCK_TTL_MS = 600_000  # the fine-tune lock's time to live
+# The fine-tune lock's time to live (or the stream leases', when longer), renewed with
+# them while its fine-tune runs: a worker killed mid-fine-tune held it for the ten
+# minutes it lived, and no worker fine-tuned until then, without a word.
+LOCK_TTL_MS = 60_000
 JOB_TIMEOUT_S = 300.0  # a fine-tune with no result after this is stopped (a hung child)
 COLD_START_VALUES = 2_000  # values in long-enough series before a first model is trained
 COLD_START_MODEL = ModelConfig()  # what a cold start trains, and the windows it keeps
@@ -102,7 +105,7 @@ class Tuner:
             key=settings.keys.finetune_lock,
             fence_key=settings.keys.finetune_fence,
             owner=settings.consumer,
-            ttl_ms=LOCK_TTL_MS,
+            ttl_ms=max(LOCK_TTL_MS, settings.lease_ttl_ms),
         )
         self.version: str | None = None  # what this worker serves
         self.context, self.horizon = COLD_START_MODEL.context, COLD_START_MODEL.horizon  # serving
@@ -116,6 +119,8 @@ class Tuner:
         self._trainer: Trainer | None = None
         self._job: Job | None = None  # the fine-tune waiting for its process to start
         self._job_started: float | None = None  # a fine-tune is running
+        self._lock_renewed = 0.0  # when its lock was last taken or renewed
+        self._lock_lost = False  # and found another's since
         self._lock_owed = False  # its lock to release still (a release Redis did not take)
         self._parent: str | None = None  # the version it started from
         self._clock = clock
@@ -342,6 +347,24 @@ class Tuner:
         self._submit(names, values, trigger)
         return None
 
+    def keep_lock(self) -> None:
+        """The fine-tune lock renewed while a fine-tune runs, a third of its life after
+        the last time: wherever the worker renews its leases, through a long re-sync too.
+        Where another worker holds it by then (this one frozen, or cut off from Redis,
+        past its life), the fine-tune goes on, as a warning says: its candidate is
+        promoted only over the version it started from, whichever finishes first."""
+        now = self._clock()
+        if not self.running or now - self._lock_renewed < self.lock.ttl_ms / 3000:
+            return
+        self._lock_renewed = now
+        if not self._take_lock() and not self._lock_lost:
+            self._lock_lost = True
+            log.warning(
+                "the fine-tune lock lapsed, and another holds it: this fine-tune goes on "
+                "beside that one, and the first to finish is promoted over the version both "
+                "started from (if they did), the other rejected"
+            )
+
     def _lock_free(self) -> bool:
         """Whether the fine-tune lock is free or this worker's, read before the histories
         are copied (0.15 s for 10,000 series, on the serving thread): a drift while another
@@ -426,7 +449,8 @@ class Tuner:
         none, and the job handed to it once it has (:meth:`_hand_over`)."""
         self._tried = True
         self._parent = self.version
-        self._job_started = self._clock()
+        self._job_started = self._lock_renewed = self._clock()
+        self._lock_lost = False
         what = "training a first model (cold start)" if trigger == "cold" else "fine-tuning"
         log.info("%s on the recent history of %d series", what, len(names))
         if self._trainer is not None and not self._trainer.alive:
