@@ -67,8 +67,11 @@ class Checkpoint:
 
 
 def dumps(model: AttentionLSTM, meta: dict[str, Any] | None = None) -> tuple[bytes, str]:
-    """The checkpoint as bytes, and its version. Refused (CheckpointError, TypeError):
-    a model that :func:`loads` would refuse, and metadata that is no dict."""
+    """The checkpoint as bytes, and its version: the weights as float32, the dtype every
+    loaded model runs in, so that the version is the one :func:`load` gives the file.
+    Refused (CheckpointError, TypeError): what :func:`loads` would refuse (a weight that is
+    not finite, weights not of the shapes the model's config names; both were saved, then
+    refused at load), and metadata that is no dict."""
     check_config(model.config, "cannot save the model")
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
@@ -80,11 +83,11 @@ def dumps(model: AttentionLSTM, meta: dict[str, Any] | None = None) -> tuple[byt
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
     data = st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
-    return data, _version(config, tensors)
+    return data, loads(data, source="cannot save the model").version
 
 
 def version_of(model: AttentionLSTM) -> str:
-    """The model's version: a hash of its config and weights, nothing else."""
+    """The model's version: a hash of its config and weights (as float32), nothing else."""
     return _version(_config_json(model), _tensors(model))
 
 
@@ -297,7 +300,10 @@ def _version(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _tensors(model: AttentionLSTM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    """The weights as stored: float32 (a float64 model's were stored as such, loaded into
+    float32 and given another version; a bfloat16 model's could not be stored)."""
+    state = model.state_dict().items()
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state}
 
 
 def _digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:

@@ -43,9 +43,14 @@ class Spread:
     q: np.ndarray
 
     def at(self, coverage: float) -> np.ndarray:
-        """The scaled half-width per step ahead at ``coverage``, interpolated (horizon,)."""
-        if not 0.0 < coverage < 1.0:
-            raise ValueError(f"coverage must be in (0, 1), got {coverage}")
+        """The scaled half-width per step ahead at ``coverage``, interpolated (horizon,)
+        between the :data:`LEVELS` it was measured at; a coverage outside them is refused
+        (ValueError): it was given their end's width, 99.99% the width of 99%."""
+        if not LEVELS[0] <= coverage <= LEVELS[-1]:
+            raise ValueError(
+                f"coverage must be from {LEVELS[0]} to {LEVELS[-1]}, the levels a spread is "
+                f"measured at; got {coverage}"
+            )
         return np.array([np.interp(coverage, LEVELS, col) for col in self.q.T])
 
     def to_meta(self) -> dict[str, Any]:
@@ -85,7 +90,14 @@ def window_scale(windows: np.ndarray, window: int) -> np.ndarray:
 def calibrate(y: np.ndarray, yhat: np.ndarray, scale: np.ndarray) -> Spread | None:
     """The spread of forecasts ``yhat`` (N, horizon) of ``y``, from windows of deviation
     ``scale`` (N,); flat windows (deviation 0) carry no information and are left out.
-    None when every window is flat."""
+    None when every window is flat. ValueError when the shapes differ: a ``y`` of (N, 1, 1)
+    against a ``yhat`` of (N, 1) broadcast to a spread of another shape, without a word."""
+    y, yhat, scale = np.asarray(y), np.asarray(yhat), np.asarray(scale)
+    if yhat.ndim != 2 or y.shape != yhat.shape or scale.shape != yhat.shape[:1]:
+        raise ValueError(
+            f"need y and yhat of one shape (N, horizon) and scale (N,); got y {y.shape}, "
+            f"yhat {yhat.shape}, scale {scale.shape}"
+        )
     ok = scale > 0
     if not ok.any():
         return None
@@ -136,7 +148,13 @@ def adapted(
     """Intervals ``centre`` +- ``half`` of one series, their width adapted online value by
     value as the worker adapts its own: (lo, hi, the multiplier of each, as it stood
     before its value arrived). Any forecaster's intervals can be put through it, so that
-    their coverage is compared with the model's on the same terms."""
+    their coverage is compared with the model's on the same terms. ValueError unless all
+    three have one length (a shorter ``y`` left the last bounds as uninitialised memory)."""
+    if not len(y) == len(centre) == len(half):
+        raise ValueError(
+            f"need one value, centre and half-width for each step; got {len(y)} values, "
+            f"{len(centre)} centres and {len(half)} half-widths"
+        )
     adaptive = Adaptive(coverage)
     slot = np.zeros(1, dtype=np.int64)
     lo, hi, m = np.empty_like(centre), np.empty_like(centre), np.empty_like(centre)

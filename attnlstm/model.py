@@ -98,6 +98,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.scaling not in ("window", "none"):
             raise ValueError(f"scaling must be 'window' or 'none', got {self.scaling!r}")
+        if not isinstance(self.linear, bool):  # "no" was a linear map, 0 another version
+            raise TypeError(f"linear must be True or False, got {self.linear!r}")
 
     def _check_sizes(self) -> None:
         sizes = ("window", "horizon", "hidden_size", "num_layers", "attention_size")

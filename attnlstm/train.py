@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attnlstm.blend import Blend, fit_blend, fold
+from attnlstm.data import VALUE_MAX
 from attnlstm.intervals import FLAT, Spread, calibrate, window_scale
 from attnlstm.model import AttentionLSTM, ModelConfig, whole
 from attnlstm.windows import SeriesWindows, Windows
@@ -50,6 +51,8 @@ class TrainConfig:
             raise ValueError("lr and clip_norm must be > 0 and finite")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if not isinstance(self.blend, bool):  # ("no" blended)
+            raise TypeError(f"blend must be True or False, got {self.blend!r}")
 
 
 HUBER_DELTA = 1.0  # the loss is quadratic within this many window deviations, then linear
@@ -125,15 +128,25 @@ def lead_weights(windows: Windows | SeriesWindows, window: int) -> np.ndarray:
 
 def predict(
     model: AttentionLSTM,
-    x: np.ndarray | torch.Tensor | SeriesWindows,
+    x: np.ndarray | torch.Tensor | Windows | SeriesWindows,
     *,
     batch_size: int = 4096,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Forecasts (N, horizon) and attention (N, window) for raw windows (N, context), an
-    array or a tensor, or for unbuilt windows, built a batch at a time. A value that is
-    not finite is refused (ValueError): it made NaN forecasts, without a word."""
+    array or a tensor, or for windows built (their inputs) or unbuilt (built a batch at a
+    time), on ``device`` (by default the model's own). A value that is not finite, or
+    beyond +-:data:`attnlstm.data.VALUE_MAX`, is refused (ValueError): it made NaN
+    forecasts, without a word."""
+    batch_size = whole(batch_size, "batch_size")
+    if batch_size < 1:  # (-1 gave no forecasts, and no error)
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(x, Windows):
+        x = x.x
     refuse_non_finite(x)
+    if device is None:
+        device = str(next(model.parameters()).device)
+    model.to(device)
     model.eval()
     ys, attns = [], []
     with torch.inference_mode():
@@ -151,32 +164,40 @@ def predict(
 
 
 def refuse_non_finite(x: np.ndarray | torch.Tensor | Windows | SeriesWindows) -> None:
-    """ValueError, saying where, unless every value of ``x`` is finite: raw windows
-    (N, context), built windows (their inputs and targets) or unbuilt ones (the values
-    they are cut from)."""
+    """ValueError, saying where, unless every value of ``x`` is finite and within
+    +-:data:`attnlstm.data.VALUE_MAX` (1e160 overflowed the model's deviation, to NaN
+    forecasts): raw windows (N, context), built windows (their inputs and targets) or
+    unbuilt ones (the values they are cut from)."""
     if isinstance(x, SeriesWindows):
         if found := _non_finite(x.values):
             (i,), value = found
-            raise ValueError(f"the series hold a value that is not finite at {i}: {value}")
+            raise ValueError(f"the series hold a value {_UNFIT} at {i}: {value}")
         return
     arrays = [("value", x.x), ("target", x.y)] if isinstance(x, Windows) else [("value", x)]
     for what, values in arrays:
         if found := _non_finite(values):
             at, value = found
             where = (
-                f"window {at[0]} has a {what} that is not finite at {at[1]}"
+                f"window {at[0]} has a {what} {_UNFIT} at {at[1]}"
                 if len(at) == 2
-                else (f"a {what} at {at} is not finite")
+                else (f"a {what} at {at} is {_UNFIT.removeprefix('that is ')}")
             )
             raise ValueError(f"{where}: {value}")
 
 
+_UNFIT = f"that is not finite or beyond +-{VALUE_MAX:g}"
+
+
 def _non_finite(values: np.ndarray | torch.Tensor) -> tuple[list[int], float] | None:
-    """Where the first value that is not finite is, and it; None where all are."""
+    """Where the first value that is not finite or beyond VALUE_MAX is, and it; None
+    where there is none."""
     t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+    if not t.is_floating_point():
         return None
-    at = (~torch.isfinite(t)).nonzero()[0].tolist()
+    bad = ~(t.abs() <= VALUE_MAX)  # NaN compares false
+    if not bool(bad.any()):
+        return None
+    at = bad.nonzero()[0].tolist()
     return at, float(t[tuple(at)].item())
 
 
@@ -197,6 +218,13 @@ def fit(
         val = val.build()
     refuse_non_finite(train)  # (a NaN was "training diverged")
     refuse_non_finite(val)
+    for what, given in (("training", train), ("validation", val)):
+        width = given.window if isinstance(given, SeriesWindows) else given.x.shape[1]
+        if width != model.config.context:  # (a narrower one: "window must be in [1, 3]")
+            raise ValueError(
+                f"the {what} windows hold {width} values each, and the model reads "
+                f"{model.config.context} (its config's context): cut them to that width"
+            )
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"need training and validation windows, got {len(train)} and {len(val)}: "

@@ -80,7 +80,7 @@ def series_windows(series: Sequence[np.ndarray], window: int, horizon: int) -> S
     """
     if window < 1 or horizon < 1:
         raise ValueError(f"window and horizon must be >= 1, got {window} and {horizon}")
-    if not series:
+    if len(series) == 0:  # (`not` on a 2-D array of series was numpy's ValueError)
         raise ValueError("no series given")
     arrays = [np.asarray(s, dtype=np.float64) for s in series]
     for i, a in enumerate(arrays):
@@ -207,9 +207,17 @@ def time_split(
         raise ValueError(
             f"windows of {windows.series.max() + 1} series, but {len(lengths)} lengths"
         )
+    horizon = windows.y.shape[1]
+    ends = np.asarray(lengths, dtype=np.int64)[windows.series]
+    if (past := windows.start + horizon > ends).any():  # the lengths of other series
+        i = int(np.argmax(past))
+        raise ValueError(
+            f"window {i} of series {windows.series[i]} has targets up to "
+            f"{windows.start[i] + horizon}, past that series' length {ends[i]}: lengths "
+            "must be those of the series the windows were cut from"
+        )
     cuts = np.array([split_point(n, val_fraction) for n in lengths], dtype=np.int64)
     cut = cuts[windows.series]  # (N,)
-    horizon = windows.y.shape[1]
     train = windows.start + horizon <= cut
     val = windows.start >= cut
     return windows.take(train), windows.take(val)

@@ -476,7 +476,38 @@ def test_weights_that_are_not_finite_are_refused(weight: float) -> None:
     with pytest.raises(
         CheckpointError, match=r"^checkpoint: tensor head\.bias holds NaN or infinite weights$"
     ):
-        loads(dumps(model)[0])
+        loads(_signed(dict(model.state_dict()), json.dumps(model.config.to_dict())))
+    # Nor is it saved: save() wrote it, and only the next load refused it.
+    with pytest.raises(
+        CheckpointError,
+        match=r"^cannot save the model: tensor head\.bias holds NaN or infinite weights$",
+    ):
+        dumps(model)
+
+
+def test_weights_not_of_the_configs_shapes_are_not_saved(tmp_path: Path) -> None:
+    """A model whose config was replaced after it was built: saved, then refused at load
+    (`tensor linear.weight is F32 [1, 20]; its config needs [1, 21]`)."""
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4))
+    model.config = ModelConfig(window=21, hidden_size=4, attention_size=4)
+    with pytest.raises(CheckpointError, match=r"^cannot save the model: tensor \S+ is F32 "):
+        save(tmp_path / "m.safetensors", model)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_of_another_dtype_is_saved_as_it_loads(dtype: torch.dtype, tmp_path: Path) -> None:
+    """Every loaded model runs in float32. A float64 or float16 model was stored in its own
+    dtype under a version that its loaded self did not have (a store holding "model A"
+    served model B); a bfloat16 one raised numpy's TypeError."""
+    model = new_model(ModelConfig(hidden_size=4, attention_size=4)).to(dtype)
+    path = tmp_path / "m.safetensors"
+    version = save(path, model)
+    loaded = load(path)
+    assert version == loaded.version == version_of(model) == version_of(loaded.model)
+    assert {t.dtype for t in loaded.model.state_dict().values()} == {torch.float32}
+    as_float32 = {k: v.float() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, as_float32[k]) for k, v in loaded.model.state_dict().items())
 
 
 def test_float64_weights_past_float32s_range_are_refused() -> None:

@@ -29,8 +29,37 @@ def test_the_spread_is_the_quantiles_of_the_scaled_error_per_step() -> None:
     # |N(0, s)| has its 90% quantile at 1.645 s: per step, whatever each window's scale.
     np.testing.assert_allclose(spread.at(0.9), [1.645, 3 * 1.645], rtol=0.03)
     assert spread.at(0.85) == pytest.approx((spread.at(0.8) + spread.at(0.9)) / 2)
-    with pytest.raises(ValueError, match="coverage must be in"):
-        spread.at(1.0)
+    # Outside the levels measured, no width is known: 99.99% was given 99%'s, 30% 50%'s.
+    for coverage in (1.0, 0.9999, 0.3):
+        with pytest.raises(ValueError, match=r"coverage must be from 0\.5 to 0\.99, the levels"):
+            spread.at(coverage)
+    assert spread.at(0.99) == pytest.approx(spread.q[-1])
+
+
+@pytest.mark.parametrize(
+    ("y", "yhat", "scale"),
+    [
+        (np.ones((4, 1, 1)), np.ones((4, 1)), np.ones(4)),  # the article's targets
+        (np.ones((4, 1)), np.ones(4), np.ones(4)),
+        (np.ones((4, 2)), np.ones((4, 2)), np.ones(3)),
+    ],
+    ids=["targets-n-1-1", "forecasts-1d", "scales-short"],
+)
+def test_calibrate_refuses_shapes_that_would_broadcast(
+    y: np.ndarray, yhat: np.ndarray, scale: np.ndarray
+) -> None:
+    """Targets of (N, 1, 1) against forecasts of (N, 1) gave a spread of (6, 4, 1), all
+    zeros at the first step, without a word: the broadcast of the article's bug."""
+    with pytest.raises(ValueError, match=r"need y and yhat of one shape \(N, horizon\)"):
+        calibrate(y, yhat, scale)
+
+
+def test_adapted_refuses_values_and_forecasts_of_other_lengths() -> None:
+    """Three values for six forecasts left the last three bounds as uninitialised memory."""
+    with pytest.raises(ValueError, match="got 3 values, 6 centres and 6 half-widths"):
+        adapted(np.zeros(3), np.zeros(6), np.ones(6), 0.9)
+    with pytest.raises(ValueError, match="got 6 values, 3 centres and 6 half-widths"):
+        adapted(np.zeros(6), np.zeros(3), np.ones(6), 0.9)
 
 
 def test_flat_windows_are_left_out_and_all_flat_is_no_spread() -> None:

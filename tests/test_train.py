@@ -115,7 +115,9 @@ def test_values_that_are_not_finite_are_refused_not_forecast_as_nan() -> None:
     model = new_model(ModelConfig(window=20, hidden_size=4, attention_size=4), seed=0)
     windows = np.tile(np.linspace(0.0, 1.0, 20), (3, 1))
     windows[2, 5] = np.inf
-    with pytest.raises(ValueError, match="window 2 has a value that is not finite at 5: inf"):
+    with pytest.raises(
+        ValueError, match=r"window 2 has a value that is not finite or beyond \+-1e\+30 at 5: inf"
+    ):
         predict(model, windows)
     # ... however the windows come: unbuilt ones made directly (as heldout makes them),
     # built ones given to fit (whose NaN was "training diverged"), a tensor.
@@ -123,15 +125,67 @@ def test_values_that_are_not_finite_are_refused_not_forecast_as_nan() -> None:
     values[30] = np.nan
     points = np.arange(40, 60)
     unbuilt = SeriesWindows(values, points, points, np.zeros_like(points), 20, 1)
-    with pytest.raises(ValueError, match="the series hold a value that is not finite at 30"):
+    with pytest.raises(
+        ValueError, match=r"the series hold a value that is not finite or beyond \+-1e\+30 at 30"
+    ):
         predict(model, unbuilt)
     train, val = split_windows([np.sin(np.arange(300) * 0.2)], 20, 1, 0.2)
     built = train.build()
     built.y[7, 0] = -np.inf
-    with pytest.raises(ValueError, match="window 7 has a target that is not finite at 0: -inf"):
+    with pytest.raises(
+        ValueError,
+        match=r"window 7 has a target that is not finite or beyond \+-1e\+30 at 0: -inf",
+    ):
         fit(model, built, val, TrainConfig(epochs=1))
-    with pytest.raises(ValueError, match="window 2 has a value that is not finite at 5: inf"):
+    with pytest.raises(
+        ValueError, match=r"window 2 has a value that is not finite or beyond \+-1e\+30 at 5: inf"
+    ):
         predict(model, torch.as_tensor(windows))
+
+
+def test_values_past_value_max_are_refused_not_forecast_as_nan() -> None:
+    """1e160 is finite, and its square in the model's deviation is not: predict gave NaN
+    forecasts, and training said it diverged."""
+    model = new_model(ModelConfig(window=5, hidden_size=4, attention_size=4), seed=0)
+    with pytest.raises(ValueError, match=r"window 0 has a value .* beyond \+-1e\+30 at 0: 1e\+160"):
+        predict(model, np.array([[1e160, -1e160, 1e160, 1.0, 0.0]]))
+    series = np.sin(np.arange(200) * 0.3) * 1e160
+    with pytest.raises(ValueError, match=r"the series hold a value .* beyond \+-1e\+30 at 1:"):
+        train_model(Dataset(["a"], [series]), ModelConfig(window=5), TrainConfig(epochs=1))
+    assert np.isfinite(predict(model, np.array([[1e30, -1e30, 1e30, 1.0, 0.0]]))[0]).all()
+
+
+def test_predict_takes_built_windows_and_refuses_a_batch_size_below_one() -> None:
+    """Built windows were "not subscriptable"; -1 gave no forecasts, and 0 range()'s error."""
+    model = new_model(ModelConfig(window=5, hidden_size=4, attention_size=4), seed=0)
+    windows = sliding_windows(np.sin(np.arange(40) * 0.3), 5)
+    np.testing.assert_array_equal(predict(model, windows)[0], predict(model, windows.x)[0])
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {size}"):
+            predict(model, windows, batch_size=size)
+
+
+def test_predict_runs_where_the_model_is_unless_told() -> None:
+    """It ran on "cpu" whatever the model's device: after fit(device="cuda"), predict
+    failed on torch's "Input and parameter tensors are not at the same device". A model
+    on the meta device stands in for one on a GPU: predict goes there, and fails there."""
+    model = new_model(ModelConfig(window=5, hidden_size=4, attention_size=4), seed=0)
+    x = np.tile(np.linspace(0.0, 1.0, 5), (2, 1))
+    assert predict(model, x)[0].shape == (2, 1)
+    model.to("meta")
+    with pytest.raises(NotImplementedError, match="meta"):  # its forecasts are on meta
+        predict(model, x)
+
+
+def test_fit_refuses_windows_of_another_width_than_the_model_reads() -> None:
+    """Windows narrower than the model's context failed in the step weights, on "window
+    must be in [1, 3]", which named neither the windows nor the model."""
+    model = new_model(ModelConfig(window=5, hidden_size=4, attention_size=4), seed=0)
+    train, val = split_windows([np.sin(np.arange(200) * 0.3)], 3, 1, 0.2)
+    with pytest.raises(
+        ValueError, match="the training windows hold 3 values each, and the model reads 5"
+    ):
+        fit(model, train, val, TrainConfig(epochs=1))
 
 
 def test_predict_takes_a_tensor_that_requires_grad() -> None:
@@ -180,6 +234,20 @@ def test_time_split_refuses_fewer_lengths_than_series() -> None:
     windows = sliding_windows_many([np.arange(10.0), np.arange(10.0)], 3)
     with pytest.raises(ValueError, match="windows of 2 series, but 1 lengths"):
         time_split(windows, [10], 0.2)
+    # Lengths of other series: 276 of 295 windows were "validation", without a word.
+    windows = sliding_windows(np.sin(np.linspace(0, 50, 300)), 5)
+    with pytest.raises(ValueError, match="window 25 of series 0 has targets up to 31, past"):
+        time_split(windows, [30], 0.2)
+
+
+def test_a_flag_that_is_no_bool_is_refused() -> None:
+    """linear="no" and blend="no" were taken as true; linear=0 was another version."""
+    with pytest.raises(TypeError, match="linear must be True or False, got 'no'"):
+        ModelConfig(linear="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="linear must be True or False, got 0"):
+        ModelConfig(linear=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="blend must be True or False, got 'no'"):
+        TrainConfig(blend="no")  # type: ignore[arg-type]
 
 
 def test_best_weights_are_kept_and_patience_stops_early() -> None:

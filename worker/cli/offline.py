@@ -457,11 +457,11 @@ def _check_out(path: Path) -> None:
         )
     if path.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: it is a folder")
-    if path.exists() and not path.is_file():
-        raise ValueError(
-            f"cannot write checkpoint {path}: it is no regular file (a device, pipe or socket)"
-        )
     if path.exists():
+        if not path.is_file():
+            raise ValueError(
+                f"cannot write checkpoint {path}: it is no regular file (a device, pipe or socket)"
+            )
         try:
             ours = holds_checkpoint(path)
         except OSError as e:
