@@ -60,6 +60,10 @@ class Checkpoint:
     model: AttentionLSTM
     version: str  # content hash prefix; names the model in every forecast
     meta: dict[str, Any] = field(default_factory=dict)  # training metadata
+    # The version releases before 2026-12-06 gave the same bytes (a hash of the file's own
+    # config text, which lacks the fields added since): a model store that such a release
+    # filled names the model by it. None where it is ``version``.
+    former_version: str | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -168,7 +172,8 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     # config text and tensors. A file of an older release (its config without the fields
     # added since) had a version that its bytes, stored again by a worker or `models
     # promote`, did not: every worker then refused the store's model as not its version.
-    return Checkpoint(model=model, version=version_of(model), meta=meta)
+    version, former = version_of(model), _version(header["config"], tensors)
+    return Checkpoint(model, version, meta, None if former == version else former)
 
 
 def load(path: str | Path, max_bytes: int | None = None) -> Checkpoint:

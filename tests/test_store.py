@@ -13,9 +13,20 @@ from typing import cast
 
 import pytest
 import redis
+import torch
 from safetensors.torch import save as st_save
 
-from attnlstm.checkpoint import CheckpointError, _digest, dumps, load, save, version_of
+from attnlstm.checkpoint import (
+    VERSION_HEX,
+    Checkpoint,
+    CheckpointError,
+    _digest,
+    dumps,
+    load,
+    loads,
+    save,
+    version_of,
+)
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import sine_steps
 from attnlstm.train import new_model
@@ -36,8 +47,10 @@ from tests.helpers import (
 from worker.cli import main, offline
 from worker.keys import Keys
 from worker.lease import ensure_library
+from worker.metrics import Metrics
 from worker.online import store as store_module
 from worker.online.store import MODEL_BYTES_MAX, ModelStore
+from worker.online.tuner import Tuner
 
 UNAUTHENTICATED = "the model store is unauthenticated"
 
@@ -485,19 +498,26 @@ def test_a_worker_or_the_cli_without_the_key_refuses_a_signed_store(
 def _of_an_older_release(model: AttentionLSTM) -> bytes:
     """``model`` as a checkpoint written before its config had the fields ``lags``,
     ``linear``, ``period`` and ``profile_weeks`` (its own values are their defaults)."""
-    config = {
-        name: value
-        for name, value in model.config.to_dict().items()
-        if name not in ("lags", "linear", "period", "profile_weeks")
-    }
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     header = {
         "format": "attnlstm-checkpoint",
         "format_version": "1",
-        "config": json.dumps(config, sort_keys=True),
+        "config": _older_config(model),
         "meta": "{}",
     }
-    return st_save(tensors, metadata={**header, "sha256": _digest(header, tensors)})
+    return st_save(_weights(model), metadata={**header, "sha256": _digest(header, _weights(model))})
+
+
+def _older_config(model: AttentionLSTM) -> str:
+    """The config text of :func:`_of_an_older_release`'s checkpoint."""
+    config = model.config.to_dict()
+    gone = ("lags", "linear", "period", "profile_weeks")
+    return json.dumps(
+        {name: value for name, value in config.items() if name not in gone}, sort_keys=True
+    )
+
+
+def _weights(model: AttentionLSTM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
 def test_a_checkpoint_of_an_older_release_is_stored_as_the_version_it_loads_as(
@@ -530,6 +550,53 @@ def test_a_checkpoint_of_an_older_release_is_stored_as_the_version_it_loads_as(
     assert redis_client.get(fresh.serving) == version.encode()
     assert ModelStore(redis_client, fresh, keep=5, source="test").get(version).version == version
     assert not [e for e in events(redis_client, fresh.models) if e["event"] == "refused"]
+
+
+def test_a_model_an_older_release_stored_serves_under_the_version_it_was_stored_as(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Releases before 2026-12-06 named a stored model by a hash of its file's own config
+    text; this one names a loaded model by its config with the fields added since. A
+    store an older release filled was "stored model A holds model B" to every upgraded
+    worker: with fine-tuning on, one with no model file then acked 2,000 entries of a
+    review's upgrade as warming, and forecast none."""
+    model = new_model(ModelConfig(window=20, linear=False, hidden_size=4, attention_size=4))
+    old = _of_an_older_release(model)
+    # As those releases computed it: the file's own config text, and its tensors.
+    former = _digest({"config": _older_config(model)}, _weights(model))[:VERSION_HEX]
+    assert former != version_of(model)
+    store = ModelStore(redis_client, keys, keep=5, source="an older release")
+    store.put(old, former)
+    store.set_serving(former, "promoted", reason="model file")
+    fill(redis_client, keys.input, sine_steps(2, 40, seed=4))
+    store_settings = settings_for(redis_url, keys)
+    totals = new_worker(store_settings, None, burst=True).run()
+    assert (totals["forecasts"], totals["warming"]) == (2 * (40 - 19), 2 * 19)
+    assert set(forecast_versions(redis_client, keys).values()) == {former}
+    assert "refused" not in caplog.text
+    # A fine-tune's parent, a rollback's target: the store's name for it goes on.
+    served = store.get(former)
+    assert (served.version, redis_client.get(keys.serving)) == (former, former.encode())
+    # A worker given the older release's file as its model serves the store's name for it,
+    # without a warning that its file is not what serves.
+    tuner = Tuner(
+        redis_client, settings=store_settings, store=store, metrics=Metrics(), fits=lambda _: None
+    )
+    file_model = loads(old)
+    assert (file_model.version, file_model.former_version) == (version_of(model), former)
+    assert cast(Checkpoint, tuner.start(file_model)).version == former
+    assert "is not served" not in caplog.text
+    # Served here as the store loses its keys (a Redis restarted without persistence), it
+    # is stored again under the version of the bytes stored: under the former one, which
+    # this release's bytes do not have, no worker would load it.
+    redis_client.delete(keys.serving, keys.versions, keys.model(former))
+    tuner = Tuner(
+        redis_client, settings=store_settings, store=store, metrics=Metrics(), fits=lambda _: None
+    )
+    assert tuner.start(served) is not None
+    assert tuner.version == version_of(model)
+    assert redis_client.get(keys.serving) == version_of(model).encode()
+    assert store.get(version_of(model)).version == version_of(model)
 
 
 def test_of_two_workers_starting_on_an_empty_store_one_promotes_its_file(

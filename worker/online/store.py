@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import time
+from dataclasses import replace
 from typing import cast
 
 import redis
@@ -131,7 +132,9 @@ class ModelStore:
         """The stored version, verified; CheckpointError when missing or not intact (its
         key, or its signature's, holds another type of value: anyone who can write to
         the store can make it so), over :data:`MODEL_BYTES_MAX` (no more is fetched),
-        or (with a key) unsigned or signed with another key."""
+        or (with a key) unsigned or signed with another key. A model that an older release
+        stored, under the version it gave it (:attr:`Checkpoint.former_version`), comes
+        back under that version: the one the store's serving key and events name."""
         k = self.keys
         model = k.model(version).encode()
         try:
@@ -153,6 +156,8 @@ class ModelStore:
             raise CheckpointError(f"model {version} is not in the store (or empty)")
         self._verify(version, data, signature)
         checkpoint = loads(data, source=f"stored model {version}")
+        if version == checkpoint.former_version:  # stored by an older release, served on
+            return replace(checkpoint, version=version)  # by its name there
         if checkpoint.version != version:
             raise CheckpointError(f"stored model {version} holds model {checkpoint.version}")
         return checkpoint

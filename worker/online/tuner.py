@@ -18,6 +18,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -153,7 +154,10 @@ class Tuner:
         self._seen = self.store.last_event_id()
         serving = self.store.serving()
         if serving is None and file_model is not None:
-            blob, _ = dumps(file_model.model, file_model.meta)
+            # Stored under the version of its bytes, which is not the one served here for
+            # a model that an older release stored (Checkpoint.former_version).
+            blob, version = dumps(file_model.model, file_model.meta)
+            file_model = replace(file_model, version=version)
             # At a re-sync, the model this worker serves (its file, or a version it switched
             # to since), on a store that lost its keys: the fleet goes on with it.
             reason = "model file" if self.version is None else "served here; the store had none"
@@ -193,8 +197,10 @@ class Tuner:
 
     def _file_not_served(self, file_model: Checkpoint | None, serving: str) -> None:
         """A warning where this worker's model file, at its start, is not what serves."""
-        if file_model is None or self.version is not None or file_model.version == serving:
+        if file_model is None or self.version is not None:
             return
+        if serving in (file_model.version, file_model.former_version):  # (the file, stored
+            return  # by an older release under the version it gave it)
         if self.from_store:  # the store's: a worker made again with its shape
             return
         path = self.settings.model or "PATH"
