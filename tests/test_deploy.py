@@ -557,9 +557,10 @@ def test_a_worker_whose_server_lacks_the_functions_says_who_must_load_them(
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         f"attnlstm worker: error: Redis lacks version {VERSION} of the attnlstm functions, "
-        "and this user may not load them: load worker/functions.lua as an admin "
-        "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the docker-compose "
-        "deployment, `docker compose up functions`)"
+        "and this user may not load them: load worker/functions.lua as a user that may (the "
+        "`loader` of deploy/users.acl.template) (deploy/load-functions.sh, or redis-cli -x "
+        "FUNCTION LOAD REPLACE < worker/functions.lua; in the docker-compose deployment, "
+        "`docker compose up functions`)"
     )
     acl_server.load_functions()  # what the deployment does: deploy/load-functions.sh
     assert _burst_as_worker(acl_server, model_file, tmp_path).returncode == 0
@@ -764,7 +765,8 @@ def _a_pool_as_the_users(
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.endswith(
-        "load worker/functions.lua as an admin on every primary of the cluster "
+        "load worker/functions.lua as a user that may (the `loader` of "
+        "deploy/users.acl.template) on every primary of the cluster "
         "(deploy/load-functions.sh, with each one's REDIS_HOST and REDIS_PORT)"
     ), last
     # ... and which primary lacks them (all were named alike).

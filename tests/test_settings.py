@@ -3,7 +3,9 @@ and a Redis URL that never reaches the logs with its password."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +15,7 @@ from urllib.parse import quote
 import pytest
 from pydantic import ValidationError
 
+from worker.app import _say_where
 from worker.settings import WORKER_ONLY, Settings, from_flags, redact
 from worker.usage import UsageError
 
@@ -442,3 +445,87 @@ def _ca_file(directory: Path) -> Path:
         capture_output=True,
     )  # fmt: skip
     return ca
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("ssl_ca_cert=ca.pem",
+         "its ssl_ca_cert= is no option of redis-py's: did you mean ssl_ca_certs=?"),
+        ("foo=bar", "its foo= is no option of redis-py's"),
+        ("ssl_cert_reqs=bogus",
+         "redis-py refuses its query: Invalid SSL Certificate Requirements Flag: bogus"),
+    ],
+)  # fmt: skip
+def test_an_option_redis_py_does_not_take_is_one_line_without_the_password(
+    query: str, said: str
+) -> None:
+    """A typo (ssl_ca_cert for ssl_ca_certs) was redis-py's TypeError at the first
+    connection: a traceback of 57 lines, from every command."""
+    with pytest.raises(ValueError, match=re.escape(said) + "$") as refused:
+        from_flags(redis_url=f"rediss://u:secret@h:1/0?{query}")
+    assert "secret" not in str(refused.value)
+
+
+def test_a_client_certificate_that_would_not_load_is_refused_before_any_connection(
+    tmp_path: Path,
+) -> None:
+    """A key of another certificate, or a certificate that is not PEM, was a connection
+    error retried for ever; an encrypted key asked for its passphrase on the terminal,
+    and waited; a key with no certificate was a traceback."""
+    cert, key = _ca_file(tmp_path), tmp_path / "ca.key"
+    (tmp_path / "other").mkdir()
+    other = _ca_file(tmp_path / "other").with_name("ca.key")
+    locked = tmp_path / "locked.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:abcd",
+         "-out", str(locked)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    base = "rediss://u:secret@h:1/0?"
+    refusals = {
+        f"ssl_certfile={cert}&ssl_keyfile={other}": "does not load: KEY_VALUES_MISMATCH",
+        f"ssl_certfile={key}": "does not load: [SSL] PEM lib",
+        f"ssl_certfile={cert}&ssl_keyfile={locked}": f"its ssl_keyfile= ({locked}) is encrypted: "
+        "give its passphrase as ssl_password=",
+        f"ssl_certfile={cert}&ssl_keyfile={locked}&ssl_password=wrong": "does not load",
+        f"ssl_keyfile={key}": "its ssl_keyfile= needs the certificate of that key",
+    }
+    for query, said in refusals.items():
+        with pytest.raises(ValueError, match=re.escape(said)) as refused:
+            from_flags(redis_url=base + query)
+        assert "secret" not in str(refused.value)
+    for query in (
+        f"ssl_certfile={cert}&ssl_keyfile={key}",
+        f"ssl_certfile={cert}&ssl_keyfile={locked}&ssl_password=abcd",
+    ):
+        settings = from_flags(redis_url=base + query)
+        assert "abcd" not in settings.url_for_logs()
+
+
+def test_a_ca_file_beside_a_urls_own_ca_is_refused(tmp_path: Path) -> None:
+    """redis-py took the URL's CA, and a failure then named the CA file as the one that
+    failed. A URL refused for itself is the only error (not "a CA file is for TLS")."""
+    ca = _ca_file(tmp_path)
+    with pytest.raises(ValueError, match=r"names a CA too \(ssl_ca_certs=\): keep one"):
+        from_flags(redis_url=f"rediss://h:1/0?ssl_ca_certs={ca}", redis_ca_file=ca)
+    with pytest.raises(ValueError, match="database number") as refused:
+        from_flags(redis_url="rediss://h:1/0/x", redis_ca_file=ca)
+    assert "a CA file is for TLS" not in str(refused.value)
+
+
+def test_a_url_that_turns_off_the_certificate_check_is_said_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ssl_cert_reqs=none connected to a self-signed server, and gave it the worker's
+    password, without a word."""
+    url = "rediss://u:secret@h:1/0?ssl_cert_reqs=none&ssl_check_hostname=False"
+    settings = _settings(redis_url=url)
+    assert settings.unverified() == ["ssl_cert_reqs=none", "ssl_check_hostname=False"]
+    with caplog.at_level(logging.WARNING, logger="attnlstm"):
+        _say_where(settings)
+    assert "ssl_cert_reqs=none and ssl_check_hostname=False turns off a check" in caplog.text
+    assert "secret" not in caplog.text
+    for url in ("rediss://h:1/0?ssl_cert_reqs=required", "rediss://h:1/0", "redis://h:1/0"):
+        assert _settings(redis_url=url).unverified() == []

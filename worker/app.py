@@ -37,6 +37,19 @@ def build_engine(settings: Settings) -> Engine | None:
     return _engine(checkpoint, settings, str(settings.model))
 
 
+def _say_where(settings: Settings) -> None:
+    """The log's line of the Redis the worker uses, and a warning where its URL turns off
+    a check of the server's certificate."""
+    if settings.redis_url is not None:
+        log.info("Redis at %s", settings.url_for_logs())
+    if off := settings.unverified():
+        log.warning(
+            "the Redis URL's %s turns off a check of the server's TLS certificate: any "
+            "server on that address may pose as Redis, and is given the password",
+            " and ".join(off),
+        )
+
+
 def _engine(checkpoint: Checkpoint, settings: Settings, source: str) -> Engine:
     device = resolve_device(settings.device)
     batch = batch_rows(settings.max_batch, settings.batch_values, checkpoint.config.context)
@@ -122,8 +135,7 @@ def run_service(settings: Settings, *, burst: bool, stop: StopRequest) -> dict[s
             raise ValueError(_unservable(settings, e)) from None
         where = _address(settings)
         log.info("metrics on %s/metrics, health on %s/healthz", where, where)
-    if settings.redis_url is not None:
-        log.info("Redis at %s", settings.url_for_logs())
+    _say_where(settings)
     gone: list[str] = []  # why the embedded server failed under the worker
 
     def server_gone(status: int, why: str) -> None:

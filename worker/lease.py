@@ -73,14 +73,16 @@ def ensure_library(client: redis.Redis) -> None:
             "on every primary of the cluster (deploy/load-functions.sh, with each one's "
             "REDIS_HOST and REDIS_PORT)"
             if clustered
-            else "(redis-cli -x FUNCTION LOAD REPLACE < worker/functions.lua; in the "
-            "docker-compose deployment, `docker compose up functions`)"
+            else "(deploy/load-functions.sh, or redis-cli -x FUNCTION LOAD REPLACE < "
+            "worker/functions.lua; in the docker-compose deployment, `docker compose up "
+            "functions`)"
         )
         lacking = ", ".join(_holds(node, v) for node, v in on_nodes.items() if v != VERSION)
         where = f" ({lacking})" if clustered else ""  # which of the primaries
         raise ValueError(
             f"Redis lacks version {VERSION} of the attnlstm functions{where}, and this user "
-            f"may not load them: load worker/functions.lua as an admin {how}"
+            f"may not load them: load worker/functions.lua as a user that may (the `loader` "
+            f"of deploy/users.acl.template) {how}"
         ) from None
 
 

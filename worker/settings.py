@@ -6,6 +6,8 @@ a ``.env`` file in the working directory, the defaults below.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import re
 import socket
@@ -26,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import FALSE_STRINGS
 
 from attnlstm.device import DEVICE_PATTERN, MAX_THREADS
 from attnlstm.files import check_regular, open_file
@@ -206,10 +209,14 @@ class Settings(BaseSettings):
     @field_validator("redis_ca_file")
     @classmethod
     def _usable_ca_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is not None:
+        if value is not None and "redis_url" in info.data:  # (else the URL's error alone)
             url = _given_url(info)
             if url is None or url.scheme != "rediss":
                 raise ValueError("a CA file is for TLS: set a rediss:// redis_url")
+            if any(key == "ssl_ca_certs" for key, _ in parse_qsl(url.query)):
+                raise ValueError(  # redis-py took the URL's, and this one was said to fail
+                    "the redis_url names a CA too (ssl_ca_certs=): keep one of the two"
+                )
             try:
                 check_regular(os.stat(value).st_mode)  # (a pipe held it for good)
                 ssl.create_default_context(cafile=value)
@@ -353,6 +360,16 @@ class Settings(BaseSettings):
             parts = parts._replace(query=urlencode(query))
         return urlunsplit(parts)
 
+    def unverified(self) -> list[str]:
+        """The options of ``redis_url`` that turn off a check of the server's certificate
+        (``ssl_cert_reqs=none``, ``ssl_check_hostname=false``): said in a warning, since
+        any server on that address may then pose as Redis, and be given the password."""
+        if self.redis_url is None:
+            return []
+        query = parse_qsl(urlsplit(self.redis_url.get_secret_value()).query)
+        off = {"ssl_cert_reqs": ("NONE", "OPTIONAL"), "ssl_check_hostname": FALSE_STRINGS}
+        return [f"{key}={value}" for key, value in query if value.upper() in off.get(key, ())]
+
     def url_for_logs(self) -> str:
         return "(embedded)" if self.redis_url is None else redact(self.redis_url.get_secret_value())
 
@@ -397,6 +414,8 @@ def _flagged(err: ErrorDetails, given: dict[str, Any]) -> bool:
     return any(name in given for name in named)
 
 
+# The options of a URL's query that hold a secret, hidden in logs.
+SECRET_OPTIONS = ("password", "ssl_password")
 # What a URL's query names a file (or, the last, a folder) with, for redis-py.
 URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 
@@ -422,12 +441,79 @@ def check_url(url: str) -> None:
     query = parse_qsl(parts.query, keep_blank_values=True)
     if any(key == "db" and not value.isdigit() for key, value in query):
         raise ValueError("its db= must be a database number")
-    # A file that is not there was a lost connection to retry, for ever.
+    _check_files(query)
+    _check_options(url)
+    options = dict(query)
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:  # (a traceback)
+        raise ValueError("its ssl_keyfile= needs the certificate of that key, as ssl_certfile=")
+    if "ssl_certfile" in options:
+        _check_client_certificate(options)
+
+
+def _check_files(query: list[tuple[str, str]]) -> None:
+    """A ValueError unless each file the query names is there: one that is not was a
+    lost connection to retry, for ever."""
     for key, value in query:
         if key in URL_FILES and not Path(value).exists():
             raise ValueError(f"its {key}= names {value}, which does not exist")
         if key in URL_FILES and key != "ssl_ca_path" and not Path(value).is_file():  # a pipe
             raise ValueError(f"its {key}= names {value}, which is no regular file")
+
+
+def _check_options(url: str) -> None:
+    """A ValueError where redis-py would refuse the URL's query at the first connection:
+    an option it does not take (``ssl_ca_cert`` for ``ssl_ca_certs``: a traceback from
+    every command), or a value it cannot read. A connection is made, not opened."""
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except TypeError as e:  # "__init__() got an unexpected keyword argument 'NAME'"
+        found = re.search(r"argument '(\w+)'", str(e))
+        name = found.group(1) if found else "an option"
+        near = difflib.get_close_matches(name, _connection_options(), n=1)
+        hint = f": did you mean {near[0]}=?" if near else ""
+        raise ValueError(f"its {name}= is no option of redis-py's{hint}") from None
+    except (ValueError, redis.RedisError) as e:  # a value it cannot read (its message
+        raise ValueError(f"redis-py refuses its query: {e}") from None  # holds no password)
+
+
+def _connection_options() -> list[str]:
+    """The options redis-py's connections take, by name: what a URL's query may set."""
+    classes = (
+        redis.connection.AbstractConnection,
+        redis.connection.Connection,
+        redis.connection.SSLConnection,
+        redis.connection.UnixDomainSocketConnection,
+    )
+    return sorted({name for c in classes for name in inspect.signature(c.__init__).parameters})
+
+
+def _check_client_certificate(options: dict[str, str]) -> None:
+    """A ValueError unless the URL's client certificate and key load, as the first TLS
+    connection loads them: a key of another certificate, or a file that is not PEM, was a
+    lost connection retried for ever; an encrypted key without its ``ssl_password=``
+    asked for a passphrase on the terminal, and waited."""
+
+    def no_passphrase() -> str:
+        raise ValueError(
+            f"its ssl_keyfile= ({options.get('ssl_keyfile', options['ssl_certfile'])}) is "
+            "encrypted: give its passphrase as ssl_password=, or a key without one"
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(
+            options["ssl_certfile"],
+            options.get("ssl_keyfile"),
+            password=options.get("ssl_password") or no_passphrase,
+        )
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"its client certificate (ssl_certfile={options['ssl_certfile']}, ssl_keyfile="
+            f"{options.get('ssl_keyfile', 'none')}) does not load: {e.reason or e} (both "
+            "PEM, the key that of the certificate; its passphrase, if any, as ssl_password=)"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"cannot read its client certificate: {e.strerror or e}") from None
 
 
 def _given_url(info: ValidationInfo) -> SplitResult | None:
@@ -479,15 +565,16 @@ def _read_model_key(path: Path) -> bytes:
 
 
 def redact(url: str) -> str:
-    """The URL with its password (in the user part or the query) replaced, for logs."""
+    """The URL with its passwords (in the user part or the query: the client key's
+    ``ssl_password`` too) replaced, for logs."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    if parts.password is None and all(key != "password" for key, _ in query):
+    if parts.password is None and all(key not in SECRET_OPTIONS for key, _ in query):
         return url  # urlunsplit would also turn unix:///path into unix:/path
     if parts.password is not None:
         user = f"{parts.username}:***@" if parts.username else ":***@"
         parts = parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1])
-    if any(key == "password" for key, _ in query):
-        hidden = [(key, "***" if key == "password" else value) for key, value in query]
+    if any(key in SECRET_OPTIONS for key, _ in query):
+        hidden = [(key, "***" if key in SECRET_OPTIONS else value) for key, value in query]
         parts = parts._replace(query=urlencode(hidden, safe="*"))
     return urlunsplit(parts)
