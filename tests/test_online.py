@@ -15,15 +15,16 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import redis
 
 from attnlstm.checkpoint import Checkpoint, dumps, loads, version_of
-from attnlstm.model import AttentionLSTM
+from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import SineSpec, make_sines, sine_steps
+from attnlstm.train import new_model
 from tests.helpers import (
     WorkerThread,
     entries,
@@ -798,6 +799,51 @@ def test_a_worker_with_no_model_trains_none_against_a_stored_one_it_cannot_serve
         tuner.close()
     # Its refusal at start, and nothing trained.
     assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted", "refused"]
+
+
+def test_a_worker_with_no_model_leaves_the_input_unread_until_a_model_serves(
+    redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """With no model, and the store serving one it refused (no cold start, then), the
+    worker acked every entry as warming: a review's upgrade lost 2,000 forecasts so, with
+    full windows. It leaves them unread, and forecasts each once a model serves."""
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    blob, damaged = dumps(new_model(COLD_START_MODEL, seed=1))
+    store.put(blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:], damaged)  # one bit off
+    store.set_serving(damaged, "promoted")
+    fill(redis_client, keys.input, sine_steps(2, 40, seed=1))
+    worker = new_worker(settings_for(redis_url, keys, finetune_interval_s=3600), None)
+    with WorkerThread(worker) as running:
+        wait_for(lambda: worker.tuner.metrics.no_model is not None, what="the refusal")
+        for _ in range(3):  # the loop turns, and reads nothing
+            turned = worker.metrics.heartbeat
+            wait_for(lambda: worker.metrics.heartbeat > turned, what="a turn")  # noqa: B023
+        (group,) = redis_client.xinfo_groups(keys.input)
+        assert (group["last-delivered-id"], group["pending"]) == (b"0-0", 0)
+        good, version = dumps(new_model(COLD_START_MODEL, seed=2))
+        store.put(good, version)
+        store.set_serving(version, "promoted")
+        wait_for(lambda: redis_client.xlen(keys.output) == 2 * (40 - 19), what="the forecasts")
+    assert running.report is not None
+    assert (running.report["forecasts"], running.report["warming"]) == (42, 2 * 19)
+    assert {f[b"model"] for _, f in entries(redis_client, keys.output)} == {version.encode()}
+    assert worker.tuner.metrics.no_model is None
+    # One of another shape, promoted while a worker waits so: it stops to be made again
+    # with that shape (worker.app), the input still unread.
+    keys = Keys.prefixed(f"{keys.input}-reshaped:")
+    store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+    store.put(blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:], damaged)
+    store.set_serving(damaged, "promoted")
+    fill(redis_client, keys.input, sine_steps(2, 40, seed=1))
+    worker = new_worker(settings_for(redis_url, keys, finetune_interval_s=3600), None)
+    with WorkerThread(worker):
+        wait_for(lambda: worker.tuner.metrics.no_model is not None, what="the refusal")
+        narrow, version = dumps(new_model(ModelConfig(window=8, hidden_size=4, attention_size=4)))
+        store.put(narrow, version)
+        store.set_serving(version, "promoted")
+        wait_for(lambda: worker.reshaped is not None, what="the reshape")
+    assert cast(Checkpoint, worker.reshaped).version == version
+    assert redis_client.xinfo_groups(keys.input)[0]["last-delivered-id"] == b"0-0"
 
 
 def test_with_fine_tuning_off_the_error_names_the_stored_model_it_refused(

@@ -278,6 +278,9 @@ class Worker:
         self._housekeeping()
         if not self._in_step:  # gave back every partition it served
             return False
+        if self.engine is None and self.tuner.metrics.no_model and not self.pipeline.holds_next:
+            self._wait_for_a_model()
+            return False
         handled = {k: lane.state.last_id for k, lane in self.lanes.items()}
         read = self.pipeline.next_batch(handled, block_ms=self._block_ms)
         self.metrics.beat()
@@ -298,6 +301,22 @@ class Worker:
             self._handle(read.entries, pending=None)
         self._serve(self.tuner.tick(self._histories, self.scores, start=not self._stopping))
         return not read.entries
+
+    def _wait_for_a_model(self) -> None:
+        """No model, and none comes without an operator (the store serves one that this
+        worker refused, so no cold start): the input is left unread, to be forecast once a
+        model serves, and the models events are read for one. Read, every entry was acked
+        as warming, and none of them was forecast once a model came. In burst mode, an
+        error: nothing would end the wait."""
+        if self.burst:
+            raise ValueError(f"no model: {self.tuner.metrics.no_model}; the input is left unread")
+        self.pipeline.drain()
+        self.metrics.beat()
+        self._serve(self.tuner.sync(self.tuner.new_events()))
+        if self.reshaped is not None:  # one of another shape serves: made again with it
+            self._stopping = True
+        elif self.engine is None:
+            self._sleep(self._block_ms / 1000)
 
     def _renew_leases(self) -> None:
         """Every partition's lease, where due: FencedError for one no longer ours; and

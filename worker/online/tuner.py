@@ -218,6 +218,11 @@ class Tuner:
         sent with every read of the input; the events go to :meth:`sync`."""
         return self.store.events_query(after=after or self._seen)
 
+    def new_events(self) -> list[Entry]:
+        """The models events not seen yet, read now: for a worker that reads no input,
+        whose reads bring them (:meth:`events_query`)."""
+        return self.store.events(after=self._seen)
+
     def sync(self, events: list[Entry]) -> Checkpoint | None:
         """A model to switch to, when one of ``events`` (read by :meth:`events_query`)
         promoted or rolled back to another."""
