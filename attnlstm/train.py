@@ -194,7 +194,7 @@ def _non_finite(values: np.ndarray | torch.Tensor) -> tuple[list[int], float] | 
     t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values)
     if not t.is_floating_point():
         return None
-    bad = ~(t.abs() <= VALUE_MAX)  # NaN compares false
+    bad = ~torch.isfinite(t) | (t.abs() > VALUE_MAX)  # (float16's inf is not above 1e30 in it)
     if not bool(bad.any()):
         return None
     at = bad.nonzero()[0].tolist()

@@ -592,8 +592,9 @@ BAD_RUNS = [
     (["evaluate", "--series", "4"], 2, "--series: for --data sines, not --data sine"),
     (
         ["bench", "--redis-url", "rediss://h:1/0?ssl_cert_reqs=no", "--runs", "models"],
-        1,
-        "attnlstm bench: error: Redis: Invalid SSL Certificate Requirements Flag: no",
+        2,
+        "attnlstm bench: error: --redis-url: redis-py refuses its query: Invalid SSL "
+        "Certificate Requirements Flag: no",
     ),
 ]
 
@@ -680,7 +681,8 @@ def test_a_models_command_s_usage_error_names_its_action(
 
 def test_a_url_option_the_redis_client_refuses_is_one_line(tmp_path: Path) -> None:
     """redis-py refuses it as it builds the connection, with a RedisError that no clause
-    caught: a traceback. (No server is asked: the client refuses before it connects.)"""
+    caught: a traceback. (No server is asked: the settings' check makes a connection of
+    the URL, without opening it.)"""
     url = "rediss://h:1/0?ssl_cert_reqs=no"
     proc = subprocess.run(
         [*CLI, "replay", "--fast", "--points", "2", "--redis-url", url],
@@ -691,8 +693,9 @@ def test_a_url_option_the_redis_client_refuses_is_one_line(tmp_path: Path) -> No
         check=False,
     )
     assert (proc.returncode, proc.stderr) == (
-        1,
-        f"attnlstm replay: error: Redis at {url}: Invalid SSL Certificate Requirements Flag: no\n",
+        2,
+        "attnlstm replay: error: bad settings: redis_url: Value error, redis-py refuses its "
+        "query: Invalid SSL Certificate Requirements Flag: no (see attnlstm replay --help)\n",
     )
 
 

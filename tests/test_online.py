@@ -810,6 +810,8 @@ def test_a_worker_with_no_model_leaves_the_input_unread_until_a_model_serves(
     store = ModelStore(redis_client, keys, keep=5, source="another-worker")
     blob, damaged = dumps(new_model(COLD_START_MODEL, seed=1))
     store.put(blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:], damaged)  # one bit off
+    good, version = dumps(new_model(COLD_START_MODEL, seed=2))
+    store.put(good, version)
     store.set_serving(damaged, "promoted")
     fill(redis_client, keys.input, sine_steps(2, 40, seed=1))
     worker = new_worker(settings_for(redis_url, keys, finetune_interval_s=3600), None)
@@ -820,9 +822,8 @@ def test_a_worker_with_no_model_leaves_the_input_unread_until_a_model_serves(
             wait_for(lambda: worker.metrics.heartbeat > turned, what="a turn")  # noqa: B023
         (group,) = redis_client.xinfo_groups(keys.input)
         assert (group["last-delivered-id"], group["pending"]) == (b"0-0", 0)
-        good, version = dumps(new_model(COLD_START_MODEL, seed=2))
-        store.put(good, version)
-        store.set_serving(version, "promoted")
+        # The pointer set by hand, with no event: looked at on the next turn.
+        redis_client.set(keys.serving, version)
         wait_for(lambda: redis_client.xlen(keys.output) == 2 * (40 - 19), what="the forecasts")
     assert running.report is not None
     assert (running.report["forecasts"], running.report["warming"]) == (42, 2 * 19)
@@ -844,6 +845,30 @@ def test_a_worker_with_no_model_leaves_the_input_unread_until_a_model_serves(
         wait_for(lambda: worker.reshaped is not None, what="the reshape")
     assert cast(Checkpoint, worker.reshaped).version == version
     assert redis_client.xinfo_groups(keys.input)[0]["last-delivered-id"] == b"0-0"
+
+
+def test_a_first_models_training_is_collected_as_a_refused_model_comes(
+    redis_client: redis.Redis, redis_url: str, keys: Keys
+) -> None:
+    """A cold start's training under way as the store comes to serve a model this worker
+    refuses: waiting, the worker collected nothing, and held the fleet's fine-tune lock
+    for as long as it waited. Its candidate is rejected (a first model is promoted only
+    while none serves), the lock given back, and no other training begun."""
+    fill(redis_client, keys.input, sine_steps(10, 210, seed=1))
+    settings = settings_for(redis_url, keys, finetune_interval_s=3600, finetune_steps=50)
+    worker = new_worker(settings, None)
+    with WorkerThread(worker):
+        wait_for(lambda: worker.tuner.running, timeout=120, what="the cold start")
+        blob, damaged = dumps(new_model(COLD_START_MODEL, seed=1))
+        store = ModelStore(redis_client, keys, keep=5, source="another-worker")
+        store.put(blob[:-7] + bytes([blob[-7] ^ 0x01]) + blob[-6:], damaged)
+        store.set_serving(damaged, "promoted")
+        fill(redis_client, keys.input, sine_steps(10, 1, seed=2))  # a batch brings the event
+        wait_for(lambda: worker.tuner.metrics.no_model is not None, what="the refusal")
+        wait_for(lambda: not worker.tuner.running, timeout=120, what="the training collected")
+        wait_for(lambda: not redis_client.exists(keys.finetune_lock), what="the lock given back")
+        assert not worker.tuner.running  # and none begun since
+    assert [e["event"] for e in events(redis_client, keys.models)][-2:] == ["trained", "rejected"]
 
 
 def test_with_fine_tuning_off_the_error_names_the_stored_model_it_refused(

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -453,6 +454,8 @@ def _ca_file(directory: Path) -> Path:
         ("ssl_ca_cert=ca.pem",
          "its ssl_ca_cert= is no option of redis-py's: did you mean ssl_ca_certs=?"),
         ("foo=bar", "its foo= is no option of redis-py's"),
+        ("cache_config=x",
+         "redis-py refuses its query: 'str' object has no attribute 'get_cache_class'"),
         ("ssl_cert_reqs=bogus",
          "redis-py refuses its query: Invalid SSL Certificate Requirements Flag: bogus"),
     ],
@@ -465,6 +468,13 @@ def test_an_option_redis_py_does_not_take_is_one_line_without_the_password(
     with pytest.raises(ValueError, match=re.escape(said) + "$") as refused:
         from_flags(redis_url=f"rediss://u:secret@h:1/0?{query}")
     assert "secret" not in str(refused.value)
+
+
+def test_an_option_of_another_scheme_is_named_as_such(tmp_path: Path) -> None:
+    """Not "did you mean" the very option given: ssl_ca_certs= with redis:// (the s of
+    rediss:// forgotten)."""
+    with pytest.raises(ValueError, match=r"its ssl_ca_certs= is no option of a redis:// URL$"):
+        from_flags(redis_url=f"redis://h:1/0?ssl_ca_certs={_ca_file(tmp_path)}")
 
 
 def test_a_client_certificate_that_would_not_load_is_refused_before_any_connection(
@@ -490,6 +500,10 @@ def test_a_client_certificate_that_would_not_load_is_refused_before_any_connecti
         f"ssl_certfile={cert}&ssl_keyfile={locked}": f"its ssl_keyfile= ({locked}) is encrypted: "
         "give its passphrase as ssl_password=",
         f"ssl_certfile={cert}&ssl_keyfile={locked}&ssl_password=wrong": "does not load",
+        # redis-py reads the first of a key given twice, and so does the check
+        f"ssl_certfile={cert}&ssl_keyfile={locked}&ssl_password=wrong&ssl_password=abcd": (
+            "does not load"
+        ),
         f"ssl_keyfile={key}": "its ssl_keyfile= needs the certificate of that key",
     }
     for query, said in refusals.items():
@@ -527,5 +541,24 @@ def test_a_url_that_turns_off_the_certificate_check_is_said_in_a_warning(
         _say_where(settings)
     assert "ssl_cert_reqs=none and ssl_check_hostname=False turns off a check" in caplog.text
     assert "secret" not in caplog.text
-    for url in ("rediss://h:1/0?ssl_cert_reqs=required", "rediss://h:1/0", "redis://h:1/0"):
+    # (optional verifies a server's certificate as required does, on a client's socket)
+    for url in ("rediss://h:1/0?ssl_cert_reqs=optional", "rediss://h:1/0", "redis://h:1/0"):
         assert _settings(redis_url=url).unverified() == []
+
+
+def test_a_password_on_the_command_line_is_said_in_a_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process list shows a worker's arguments to every user of the machine, and the
+    README's "never appears in logs" did not say so of --redis-url redis://u:PASSWORD@."""
+    url = "redis://u:hunter2@h:1/0"
+    monkeypatch.setattr(sys, "argv", ["attnlstm", "worker", f"--redis-url={url}"])
+    with caplog.at_level(logging.WARNING, logger="attnlstm"):
+        _say_where(_settings(redis_url=url))  # as the flag gives it
+        assert "the password in --redis-url shows in the process list" in caplog.text
+        caplog.clear()
+        _say_where(_settings(redis_url="redis://u@h:1/0"))  # a file holds it
+        monkeypatch.setattr(sys, "argv", ["attnlstm", "worker"])
+        _say_where(_settings(redis_url=url))  # ATTNLSTM_REDIS_URL gives it
+    assert "process list" not in caplog.text
+    assert "hunter2" not in caplog.text

@@ -153,6 +153,9 @@ def test_values_past_value_max_are_refused_not_forecast_as_nan() -> None:
     with pytest.raises(ValueError, match=r"the series hold a value .* beyond \+-1e\+30 at 1:"):
         train_model(Dataset(["a"], [series]), ModelConfig(window=5), TrainConfig(epochs=1))
     assert np.isfinite(predict(model, np.array([[1e30, -1e30, 1e30, 1.0, 0.0]]))[0]).all()
+    # In float16, 1e30 is inf: the bound alone let its inf through.
+    with pytest.raises(ValueError, match=r"window 0 has a value .* at 1: inf"):
+        predict(model, torch.tensor([[1.0, float("inf"), 0.0, 1.0, 0.0]], dtype=torch.float16))
 
 
 def test_predict_takes_built_windows_and_refuses_a_batch_size_below_one() -> None:

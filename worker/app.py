@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import time
 
 import redis
@@ -16,7 +17,7 @@ from worker.engine import Engine, batch_rows
 from worker.loop import Worker
 from worker.metrics import Metrics, serve
 from worker.online.store import FILE_BYTES_MAX, check_size
-from worker.settings import Settings
+from worker.settings import Settings, redact
 from worker.signals import StopRequest
 from worker.streams import cluster_of, connect, primaries, tls_fix, unreachable
 
@@ -38,10 +39,19 @@ def build_engine(settings: Settings) -> Engine | None:
 
 
 def _say_where(settings: Settings) -> None:
-    """The log's line of the Redis the worker uses, and a warning where its URL turns off
-    a check of the server's certificate."""
+    """The log's line of the Redis the worker uses; a warning where its URL, holding a
+    password, is on the command line (the process list shows it to every user of the
+    machine: redis-cli warns of its -a alike), and one where it turns off a check of the
+    server's certificate."""
     if settings.redis_url is not None:
         log.info("Redis at %s", settings.url_for_logs())
+        url = settings.redis_url.get_secret_value()
+        if redact(url) != url and any(url in arg for arg in sys.argv):
+            log.warning(
+                "the password in --redis-url shows in the process list (ps) to every user "
+                "of this machine: give it in a file (--redis-password-file), or the URL in "
+                "ATTNLSTM_REDIS_URL"
+            )
     if off := settings.unverified():
         log.warning(
             "the Redis URL's %s turns off a check of the server's TLS certificate: any "

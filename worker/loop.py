@@ -306,13 +306,17 @@ class Worker:
         """No model, and none comes without an operator (the store serves one that this
         worker refused, so no cold start): the input is left unread, to be forecast once a
         model serves, and the models events are read for one. Read, every entry was acked
-        as warming, and none of them was forecast once a model came. In burst mode, an
-        error: nothing would end the wait."""
+        as warming, and none of them was forecast once a model came. A first model's
+        training begun before the refusal is collected (its lock given back), and none is
+        begun. In burst mode, an error: nothing would end the wait."""
         if self.burst:
             raise ValueError(f"no model: {self.tuner.metrics.no_model}; the input is left unread")
         self.pipeline.drain()
         self.metrics.beat()
         self._serve(self.tuner.sync(self.tuner.new_events()))
+        if self.engine is None and self.reshaped is None:  # a pointer changed with no event
+            self._serve(self.tuner.recheck())
+        self._serve(self.tuner.tick(self._histories, self.scores, start=False))
         if self.reshaped is not None:  # one of another shape serves: made again with it
             self._stopping = True
         elif self.engine is None:

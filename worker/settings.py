@@ -367,7 +367,7 @@ class Settings(BaseSettings):
         if self.redis_url is None:
             return []
         query = parse_qsl(urlsplit(self.redis_url.get_secret_value()).query)
-        off = {"ssl_cert_reqs": ("NONE", "OPTIONAL"), "ssl_check_hostname": FALSE_STRINGS}
+        off = {"ssl_cert_reqs": ("NONE",), "ssl_check_hostname": FALSE_STRINGS}
         return [f"{key}={value}" for key, value in query if value.upper() in off.get(key, ())]
 
     def url_for_logs(self) -> str:
@@ -443,7 +443,9 @@ def check_url(url: str) -> None:
         raise ValueError("its db= must be a database number")
     _check_files(query)
     _check_options(url)
-    options = dict(query)
+    options: dict[str, str] = {}
+    for key, value in query:  # the first of a key given twice, as redis-py reads them
+        options.setdefault(key, value)
     if "ssl_keyfile" in options and "ssl_certfile" not in options:  # (a traceback)
         raise ValueError("its ssl_keyfile= needs the certificate of that key, as ssl_certfile=")
     if "ssl_certfile" in options:
@@ -467,13 +469,17 @@ def _check_options(url: str) -> None:
     try:
         redis.ConnectionPool.from_url(url).make_connection()
     except TypeError as e:  # "__init__() got an unexpected keyword argument 'NAME'"
-        found = re.search(r"argument '(\w+)'", str(e))
-        name = found.group(1) if found else "an option"
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if found is None:  # (connection_class=x)
+            raise ValueError(f"redis-py refuses its query: {e}") from None
+        name, scheme = found.group(1), urlsplit(url).scheme
+        if name in _connection_options():  # (ssl_ca_certs in a redis:// URL)
+            raise ValueError(f"its {name}= is no option of a {scheme}:// URL") from None
         near = difflib.get_close_matches(name, _connection_options(), n=1)
         hint = f": did you mean {near[0]}=?" if near else ""
         raise ValueError(f"its {name}= is no option of redis-py's{hint}") from None
-    except (ValueError, redis.RedisError) as e:  # a value it cannot read (its message
-        raise ValueError(f"redis-py refuses its query: {e}") from None  # holds no password)
+    except Exception as e:  # a value it cannot read, or takes for an object (cache_config):
+        raise ValueError(f"redis-py refuses its query: {e}") from None  # (no password)
 
 
 def _connection_options() -> list[str]:

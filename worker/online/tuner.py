@@ -218,6 +218,14 @@ class Tuner:
         sent with every read of the input; the events go to :meth:`sync`."""
         return self.store.events_query(after=after or self._seen)
 
+    def recheck(self) -> Checkpoint | None:
+        """For a worker that waits with no model: the store looked at again, as at a start,
+        once it serves another version than the one refused (its pointer changed with no
+        event: deleted, or set by hand), and nothing while it serves that one."""
+        if self.store.serving() == self._refused:
+            return None
+        return self.start(None)
+
     def new_events(self) -> list[Entry]:
         """The models events not seen yet, read now: for a worker that reads no input,
         whose reads bring them (:meth:`events_query`)."""
