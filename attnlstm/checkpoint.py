@@ -172,7 +172,12 @@ def loads(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
     # config text and tensors. A file of an older release (its config without the fields
     # added since) had a version that its bytes, stored again by a worker or `models
     # promote`, did not: every worker then refused the store's model as not its version.
-    version, former = version_of(model), _version(header["config"], tensors)
+    # The former version is hashed only where the file is not as this release writes it:
+    # its config text another (an older release's), or a tensor not float32.
+    version, stored = version_of(model), tensors.values()
+    if header["config"] == _config_json(model) and all(t.dtype == torch.float32 for t in stored):
+        return Checkpoint(model, version, meta)
+    former = _version(header["config"], tensors)
     return Checkpoint(model, version, meta, None if former == version else former)
 
 

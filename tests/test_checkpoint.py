@@ -508,6 +508,15 @@ def test_a_model_of_another_dtype_is_saved_as_it_loads(dtype: torch.dtype, tmp_p
     assert {t.dtype for t in loaded.model.state_dict().values()} == {torch.float32}
     as_float32 = {k: v.float() for k, v in model.state_dict().items()}
     assert all(torch.equal(v, as_float32[k]) for k, v in loaded.model.state_dict().items())
+    assert loaded.former_version is None  # (as this release writes it)
+    # Stored in its own dtype, as before: loaded as float32, and named too by the version
+    # that release gave it, which a store it filled holds it under.
+    if dtype != torch.bfloat16:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        config = json.dumps(model.config.to_dict(), sort_keys=True)
+        before = loads(_signed(tensors, config))
+        assert before.version == version
+        assert before.former_version == _digest({"config": config}, tensors)[:16]
 
 
 def test_float64_weights_past_float32s_range_are_refused() -> None:

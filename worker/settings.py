@@ -490,7 +490,8 @@ def _connection_options() -> list[str]:
         redis.connection.SSLConnection,
         redis.connection.UnixDomainSocketConnection,
     )
-    return sorted({name for c in classes for name in inspect.signature(c.__init__).parameters})
+    names = {name for c in classes for name in inspect.signature(c.__init__).parameters}
+    return sorted(names - {"self", "args", "kwargs"})
 
 
 def _check_client_certificate(options: dict[str, str]) -> None:
