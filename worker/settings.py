@@ -472,10 +472,10 @@ def _check_options(url: str) -> None:
         found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if found is None:  # (connection_class=x)
             raise ValueError(f"redis-py refuses its query: {e}") from None
-        name, scheme = found.group(1), urlsplit(url).scheme
-        if name in _connection_options():  # (ssl_ca_certs in a redis:// URL)
+        name, scheme, known = found.group(1), urlsplit(url).scheme, _connection_options()
+        if name in known:  # (ssl_ca_certs in a redis:// URL)
             raise ValueError(f"its {name}= is no option of a {scheme}:// URL") from None
-        near = difflib.get_close_matches(name, _connection_options(), n=1)
+        near = difflib.get_close_matches(name, known, n=1)
         hint = f": did you mean {near[0]}=?" if near else ""
         raise ValueError(f"its {name}= is no option of redis-py's{hint}") from None
     except Exception as e:  # a value it cannot read, or takes for an object (cache_config):
