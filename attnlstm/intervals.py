@@ -133,6 +133,11 @@ class Adaptive:
     def forget(self, slots: np.ndarray) -> None:
         self.log_m[slots[slots < self.log_m.size]] = 0.0
 
+    def reset(self) -> None:
+        """Every multiplier back to 1: for another model, whose spread fits the series
+        otherwise."""
+        self.log_m[:] = 0.0
+
 
 def online_intervals(
     y: np.ndarray, one_step: np.ndarray, scale: np.ndarray, spread: Spread, coverage: float

@@ -29,10 +29,10 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def local_cluster(tmp_path: Path, *, masters: int = 3) -> Iterator[LocalCluster]:
+def local_cluster(tmp_path: Path, *, masters: int = 3, replicas: int = 0) -> Iterator[LocalCluster]:
     """:func:`worker.localcluster.local_cluster`, or a skip when none can be built."""
     try:
-        with _local_cluster(tmp_path, masters=masters) as cluster:
+        with _local_cluster(tmp_path, masters=masters, replicas=replicas) as cluster:
             yield cluster
     except NoClusterError as e:
         pytest.skip(str(e))

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from attnlstm.checkpoint import Checkpoint, dumps, loads, version_of
+from attnlstm.intervals import LEVELS
 from attnlstm.model import AttentionLSTM, ModelConfig
 from attnlstm.synthetic import SineSpec, make_sines, sine_steps
 from attnlstm.train import new_model
@@ -42,9 +43,10 @@ from tests.helpers import (
 from worker.app import run_service
 from worker.cli import main
 from worker.embedded import EmbeddedServer
-from worker.engine import check_fits
+from worker.engine import Engine, check_fits
 from worker.keys import Keys
 from worker.lease import Lease, ensure_library
+from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.online import store as store_module
 from worker.online.finetune import FinetuneConfig, Job
@@ -54,7 +56,7 @@ from worker.online.trainer import Trainer, run_jobs
 from worker.online.tuner import COLD_START_MODEL, DRIFT_RETRY_S, JOB_TIMEOUT_S, Tuner
 from worker.signals import StopRequest
 from worker.state import WindowState
-from worker.streams import Entry, range_entries, round_trip
+from worker.streams import Entry, connect, range_entries, round_trip
 from worker.tools.readback import read_views
 
 
@@ -177,6 +179,86 @@ def test_rollback_takes_effect_on_the_next_batch(
     assert [e["event"] for e in report["events"]] == ["promoted", "rolled_back"]  # oldest first
 
 
+def _narrow_then_fitting(
+    client: redis.Redis, redis_url: str, keys: Keys, model: AttentionLSTM
+) -> tuple[Worker, str]:
+    """A worker serving ``model`` with a spread 10,000x too narrow (every value falls
+    outside: the multipliers grow), and the version of a twin with the default spread,
+    stored to switch to."""
+    narrow = np.tile(np.array(LEVELS)[:, None] * 1e-4, (1, model.config.horizon))
+    meta = {"spread": {"levels": list(LEVELS), "q": narrow.tolist()}}
+    served = Checkpoint(model=model, version=version_of(model), meta=meta)
+    blob, fitting = dumps(other_model(model, 1e-4))
+    ModelStore(client, keys, keep=5, source="test").put(blob, fitting)
+    settings = settings_for(redis_url, keys, block_ms=100)
+    engine = Engine(served, device="cpu", max_batch=settings.max_batch)
+    own = connect(redis_url, socket_timeout_s=settings.socket_timeout_s, client_name="test-worker")
+    return Worker(own, engine=engine, settings=settings), fitting
+
+
+def _multipliers(worker: Worker) -> np.ndarray:
+    """The log-multipliers of the first five series' slots."""
+    return np.concatenate([lane.scorer.adaptive.log_m[:5] for lane in worker.lanes.values()])
+
+
+def test_a_switch_starts_each_series_multiplier_from_the_new_model_s_spread(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each series' interval multiplier learns how the served model's spread fits it; a
+    model switched to comes with a spread of its own. Kept, a multiplier learned against
+    a spread 33x too narrow made a promoted model's intervals 33x too wide until
+    unlearned (a review: 15 s of every value inside, no anomaly found, after each
+    promotion)."""
+    worker, fitting = _narrow_then_fitting(redis_client, redis_url, keys, trained_sines)
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    with WorkerThread(worker) as running:
+        fill(redis_client, keys.input, sine_steps(5, 60, seed=7))
+        running.wait_for(lambda: redis_client.xlen(keys.output) == 5 * 41)
+        assert _multipliers(worker).min() > 1  # nearly every value outside: e and wider
+        assert main(["models", "rollback", fitting, *flags]) == 0
+        running.wait_for(lambda: worker.engine is not None and worker.engine.version == fitting)
+        assert (_multipliers(worker) == 0).all()
+
+
+def test_a_restart_on_another_model_starts_each_multiplier_again(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The multipliers are saved with the windows, and with them the model they were
+    learned against: a worker restarted on the same model goes on with them, one on
+    another (a rollback while it was down) starts them at 1 again. It restored them
+    whatever it served: 36x too wide after such a restart (a review)."""
+    worker, fitting = _narrow_then_fitting(redis_client, redis_url, keys, trained_sines)
+    with WorkerThread(worker) as running:
+        fill(redis_client, keys.input, sine_steps(5, 60, seed=7))
+        running.wait_for(lambda: redis_client.xlen(keys.output) == 5 * 41)
+    learned = _multipliers(worker)
+    assert learned.min() > 1
+
+    def restarted() -> Worker:  # on the store's model, its windows and scoring restored
+        again = new_worker(settings_for(redis_url, keys, block_ms=100), None)
+        with WorkerThread(again) as running:
+            running.wait_for(
+                lambda: bool(again.lanes) and all(lane.synced for lane in again.lanes.values())
+            )
+        return again
+
+    assert (_multipliers(restarted()) == learned).all()  # the same model: went on
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models, "--json"]
+    assert main(["models", "rollback", fitting, *flags]) == 0
+    other = restarted()
+    assert other.engine is not None
+    assert other.engine.version == fitting
+    assert (_multipliers(other) == 0).all()
+
+
 def test_a_tampered_stored_model_is_refused_and_the_serving_one_stays(
     redis_client: redis.Redis,
     redis_url: str,
@@ -284,6 +366,37 @@ def test_after_a_drift_fine_tuning_brings_the_error_back_and_without_it_it_stays
     else:
         assert len(promoted) == 1  # the model file only
         assert last > 1.5 * before, (before, worst, last)
+
+
+def test_no_fine_tune_starts_while_no_value_came_since_the_last(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same values give the same candidate: an idle worker promoted four versions
+    from one history, each pushing out a stored version a rollback goes back to, then
+    trained one and rejected it at every turn, for ever (a review)."""
+    settings = settings_for(redis_url, keys, finetune_interval_s=10, drift_ratio=0, block_ms=100)
+    clock = FakeClock()
+    worker = new_worker(settings, trained_sines, finetune_clock=clock)
+    values = sine_steps(5, 200, seed=9)
+    with caplog.at_level(logging.INFO, logger="attnlstm.worker"), WorkerThread(worker) as running:
+        fill(redis_client, keys.input, values[:150])
+        running.wait_for(lambda: redis_client.xlen(keys.output) == 5 * 131)
+        clock.now += 10
+        running.wait_for(lambda: worker.tuner.cycles == 1, timeout=120)
+        clock.now += 10  # due again, and nothing new
+        said = "fine-tune put off: no value has been scored since the last one"
+        running.wait_for(lambda: said in caplog.text)
+        assert worker.tuner.cycles == 1
+        assert not worker.tuner.running
+        fill(redis_client, keys.input, values[150:])
+        running.wait_for(lambda: redis_client.xlen(keys.output) == 5 * 181)
+        clock.now += 10
+        running.wait_for(lambda: worker.tuner.cycles == 2, timeout=120)
+    assert caplog.text.count(said) == 1
 
 
 def test_one_worker_fine_tunes_at_a_time(
@@ -513,6 +626,7 @@ def test_a_dead_or_hung_fine_tuning_process_never_takes_the_worker_down(
 
     def next_finetune() -> None:
         clock.now += 10
+        scores.scored += 1  # a value came since the last (none: none starts)
         tuner.tick(state.histories, scores)
         assert tuner.running
 

@@ -94,6 +94,17 @@ def test_a_coverage_no_spread_is_measured_at_is_refused(coverage: float) -> None
         _settings(coverage=coverage)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_a_drift_ratio_that_is_no_rise_is_refused(ratio: float) -> None:
+    """The level settles on the rolling MAE after a drift fine-tune: at 1 or less, every
+    batch was a drift, and fine-tunes ran back to back for ever (a review: ten a minute,
+    on after the input stopped)."""
+    for fine in (0, 1.01, 1.5):
+        assert _settings(drift_ratio=fine).drift_ratio == fine
+    with pytest.raises(ValidationError, match=r"must be 0 \(never\) or above 1"):
+        _settings(drift_ratio=ratio)
+
+
 @pytest.mark.parametrize(
     "url",
     [

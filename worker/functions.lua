@@ -8,7 +8,7 @@
 -- function's ARGV below is what follows its caller's version (of_this_version, at the
 -- end), but for attnlstm_version and attnlstm_release, which take none.
 
-local VERSION = '12'
+local VERSION = '13'
 
 -- KEYS: lease, fence. ARGV: token, ttl_ms, and '1' for a new term.
 -- A free lease goes to the token, and the fence number grows by one: a new holder. The
@@ -139,12 +139,14 @@ local function publish(keys, args)
 end
 
 -- KEYS: lease, fence, input, dead. ARGV: token, fence number, group, last delivered id,
--- entries read, maxlen, then the dead letter's fields and values. Entries lost unread
--- (worker/recovery.py): the dead letter that records them, and in the same step the
--- group's read counter set to count them as read, so that they are counted once (a
+-- entries read, maxlen, then the dead letter's fields and values, if any. Entries lost
+-- unread (worker/recovery.py): the dead letter that records them, and in the same step
+-- the group's read counter set to count them as read, so that they are counted once (a
 -- worker killed between the two, on a server whose counter had not counted them, left
 -- them to be recorded again) and Redis's lag stays true; the counter only while the
--- group's last delivered entry is still that id.
+-- group's last delivered entry is still that id. With no dead letter, the counter
+-- alone, set right where nothing was lost (a replica of Redis 7.0, promoted, counts
+-- thousands short).
 -- Reply: 1 when the counter was set, 0 when the group had moved on.
 local function skip(keys, args)
   local refused = refusal(keys, args) or not_streams({{keys[4], 1}})
@@ -162,7 +164,9 @@ local function skip(keys, args)
       set = 1
     end
   end
-  redis.call('XADD', keys[4], 'MAXLEN', '~', args[6], '*', unpack(args, 7))
+  if #args > 6 then
+    redis.call('XADD', keys[4], 'MAXLEN', '~', args[6], '*', unpack(args, 7))
+  end
   return set
 end
 
@@ -278,8 +282,12 @@ end
 local function of_this_version(callback)
   return function(keys, args)
     if args[1] ~= VERSION then
+      local theirs = 'version ' .. tostring(args[1])
+      if not string.match(tostring(args[1]), '^%d+$') then
+        theirs = 'none (a release before version 12: its first argument is no version)'
+      end
       return redis.error_reply('ATTNLSTM_VERSION Redis has version ' .. VERSION ..
-        ' of the attnlstm functions, and this worker calls version ' .. tostring(args[1]))
+        ' of the attnlstm functions, and this worker calls ' .. theirs)
     end
     table.remove(args, 1)
     return callback(keys, args)

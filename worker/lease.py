@@ -27,7 +27,7 @@ from worker.attempts import Mark
 from worker.keys import Keys
 from worker.streams import Command, OutOfStepError, as_str, cluster_of, primaries
 
-VERSION = "12"  # the library's, in functions.lua: every call but two names it (below)
+VERSION = "13"  # the library's, in functions.lua: every call but two names it (below)
 _V = VERSION.encode()
 LIBRARY = files("worker").joinpath("functions.lua").read_text()
 
@@ -177,9 +177,10 @@ class Fence:
         self, *, last_delivered: bytes, entries_read: int, dead: Sequence[bytes], maxlen: int
     ) -> Command:
         """``FCALL attnlstm_skip``: the dead letter ``dead`` (its fields and values)
-        that records entries lost unread, in a dead stream capped at about ``maxlen``,
-        and the group's read counter set to ``entries_read`` while its last delivered
-        entry is ``last_delivered``; only while this lease holds."""
+        that records entries lost unread, in a dead stream capped at about ``maxlen``
+        (none, where ``dead`` is empty), and the group's read counter set to
+        ``entries_read`` while its last delivered entry is ``last_delivered``; only
+        while this lease holds."""
         k = self.keys
         return (b"FCALL", b"attnlstm_skip", b"4", k.lease.encode(), k.fence.encode(),
                 k.input.encode(), k.dead.encode(), _V, self.token.encode(),

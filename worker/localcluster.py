@@ -1,6 +1,6 @@
 """A real Redis Cluster on loopback, for the tests and ``attnlstm bench --workers``:
-``masters`` server processes with ``cluster-enabled yes``, joined by
-``redis-cli --cluster create`` (no replicas), each in its own directory.
+``masters`` server processes with ``cluster-enabled yes``, and ``replicas`` more for
+each, joined by ``redis-cli --cluster create``, each in its own directory.
 
 The server is the one :func:`find_cluster_binaries` finds: the embedded server's own
 binary, else one on ``PATH``. Without a server and a cli, :func:`local_cluster` raises
@@ -165,14 +165,24 @@ def _cluster_info(port: int) -> dict[str, str]:
     return {str(name): str(value) for name, value in info.items()}
 
 
-def _joined(port: int, masters: int) -> bool:
+def _joined(port: int, nodes: int) -> bool:
     info = _cluster_info(port)
     return (
         info.get("cluster_state") == "ok"
         and info.get("cluster_slots_assigned") == str(SLOTS)
         and info.get("cluster_slots_ok") == str(SLOTS)
-        and info.get("cluster_known_nodes") == str(masters)
+        and info.get("cluster_known_nodes") == str(nodes)
     )
+
+
+def _in_sync(port: int) -> bool:
+    """A primary, or a replica whose link to its primary is up."""
+    client = _node_client(port)
+    try:
+        info = client.info("replication")
+    finally:
+        client.close()
+    return info.get("role") == "master" or info.get("master_link_status") == "up"
 
 
 @dataclass
@@ -213,10 +223,15 @@ class LocalCluster:
         self._clients.clear()
 
 
-def _start_nodes(binaries: ClusterBinaries, nodes: Sequence[_Node], taken: set[int]) -> None:
+def _start_nodes(
+    binaries: ClusterBinaries, nodes: Sequence[_Node], taken: set[int], *, failover: bool
+) -> None:
     """Every node started and answering PING; a node whose port was taken after it was
-    chosen starts again on fresh ones."""
+    chosen starts again on fresh ones. ``failover``: a node unreachable for 2 s is
+    failing, and its replica takes over (the default, 15 s, keeps a test waiting)."""
     tuning = tuning_args(server_version(binaries.server))
+    if failover:
+        tuning = (*tuning, "--cluster-node-timeout", "2000")
     for node in nodes:
         node.start(binaries.server, tuning)
     deadline = time.monotonic() + _START_TIMEOUT
@@ -252,10 +267,10 @@ def _answered(node: _Node, deadline: float) -> bool:
         client.close()
 
 
-def _create(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
+def _create(binaries: ClusterBinaries, nodes: Sequence[_Node], replicas: int) -> None:
     args = [str(binaries.cli), "--cluster", "create"]
     args += [f"127.0.0.1:{node.port}" for node in nodes]
-    args += ["--cluster-replicas", "0", "--cluster-yes"]
+    args += ["--cluster-replicas", str(replicas), "--cluster-yes"]
     try:
         result = subprocess.run(
             args, capture_output=True, text=True, timeout=_JOIN_TIMEOUT, check=False
@@ -268,13 +283,14 @@ def _create(binaries: ClusterBinaries, nodes: Sequence[_Node]) -> None:
         )
 
 
-def _wait_joined(nodes: Sequence[_Node], masters: int) -> None:
+def _wait_joined(nodes: Sequence[_Node]) -> None:
+    """Every node at cluster_state:ok, knowing every other, and each replica in sync."""
     deadline = time.monotonic() + _JOIN_TIMEOUT
     for node in nodes:
         last: object = None
         while True:
             try:
-                if _joined(node.port, masters):
+                if _joined(node.port, len(nodes)) and _in_sync(node.port):
                     break
                 last = _cluster_info(node.port)
             except (redis.RedisError, OSError) as error:
@@ -305,10 +321,12 @@ def _stop(nodes: Sequence[_Node]) -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(tmp_path: Path, *, masters: int = 3) -> Iterator[LocalCluster]:
-    """A cluster of ``masters`` primaries on 127.0.0.1, for as long as the block runs;
+def local_cluster(tmp_path: Path, *, masters: int = 3, replicas: int = 0) -> Iterator[LocalCluster]:
+    """A cluster of ``masters`` primaries on 127.0.0.1, each with ``replicas`` replicas
+    (which take over a primary unreachable for 2 s), for as long as the block runs;
     every node's process is stopped and reaped after it. NoClusterError when there is
-    no server binary and cli to build one with."""
+    no server binary and cli to build one with. The primaries are the first ``masters``
+    of :attr:`LocalCluster.ports`."""
     if masters < 3:
         raise ValueError(f"redis-cli --cluster create needs 3 masters or more, not {masters}")
     binaries = find_cluster_binaries()
@@ -321,13 +339,13 @@ def local_cluster(tmp_path: Path, *, masters: int = 3) -> Iterator[LocalCluster]
     taken: set[int] = set()
     nodes = [
         _Node(_free_port(taken), _free_port(taken), tmp_path / f"node-{index}")
-        for index in range(masters)
+        for index in range(masters * (1 + replicas))
     ]
     cluster = LocalCluster(binaries, nodes)
     try:
-        _start_nodes(binaries, nodes, taken)
-        _create(binaries, nodes)
-        _wait_joined(nodes, masters)
+        _start_nodes(binaries, nodes, taken, failover=replicas > 0)
+        _create(binaries, nodes, replicas)
+        _wait_joined(nodes)
         yield cluster
     finally:
         cluster.close_clients()

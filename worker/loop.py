@@ -60,6 +60,7 @@ from worker.streams import (
     Command,
     Entry,
     OutOfStepError,
+    ask_for_slots,
     cluster_of,
     id_key,
     scheme_hint,
@@ -252,6 +253,7 @@ class Worker:
                     self._in_step = False
                     self._close(save=False)
                     raise ValueError(fix) from None
+                self._follow_a_failover(e)
                 self._in_step = False
                 self.metrics.cut_off()
                 self.metrics.redis_errors.inc()
@@ -272,6 +274,17 @@ class Worker:
             log.info("stopped (not in step with Redis; the last checkpoint stands)")
         self._close(save=in_step)
         return self.metrics.totals(time.monotonic() - self._started)
+
+    def _follow_a_failover(self, e: Exception) -> None:
+        """A cluster's node lost, maybe for good, its replica promoted in its place:
+        the slot table asked for again. The worker's own connections (Wires, the
+        library's check on every primary) go around redis-py's own asking, and the table
+        kept a killed primary until it came back: no partition served meanwhile, even
+        those on healthy nodes (a review)."""
+        cluster = cluster_of(self.client)
+        if cluster is not None and isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            with contextlib.suppress(*REDIS_ERRORS):
+                ask_for_slots(cluster)
 
     def _handle_next_batch(self) -> bool:
         """Read one batch, forecast it, publish it. True when the streams had nothing new."""
@@ -739,6 +752,7 @@ class Worker:
         """Forecast with ``checkpoint`` from the next batch on (None: no change)."""
         if checkpoint is None:
             return
+        switched = self.engine is not None
         if self.engine is None:
             device = resolve_device(self.settings.device)
             self.engine = Engine(checkpoint, device=device, max_batch=self.settings.max_batch)
@@ -748,6 +762,12 @@ class Worker:
         for lane in self.lanes.values():  # each model its own spread, and what it reads
             lane.scorer.half_width = self._half_width
             lane.scorer.reads = self._reads
+            lane.scorer.model = checkpoint.version
+            if switched:  # and each series' multiplier, learned against the one before,
+                # from 1 again: kept, one learned against a spread 33x too narrow made
+                # the next model's intervals 33x too wide for the 15 s it took to
+                # unlearn (every value inside, no anomaly), at every promotion (a review)
+                lane.scorer.adaptive.reset()
         self.metrics.model_version(checkpoint.version)
 
     def _get_in_step(self) -> bool:
@@ -845,6 +865,7 @@ class Worker:
             coverage=self.settings.coverage or 0.5,  # any: with coverage 0 nothing adapts
             threshold=self.settings.anomaly_threshold,
             reads=self._reads,
+            model=self.engine.version if self.engine is not None else None,
         )
 
     @property

@@ -196,6 +196,18 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("drift_ratio")
+    @classmethod
+    def _a_rise(cls, value: float) -> float:
+        # The level settles on the rolling MAE after each drift fine-tune: at a ratio of 1
+        # or less the MAE is always "over" it, and fine-tunes ran back to back for ever.
+        if 0 < value <= 1:
+            raise ValueError(
+                f"must be 0 (never) or above 1 (how many times its usual level the rolling "
+                f"MAE must reach), got {value}"
+            )
+        return value
+
     @field_validator("consumer")
     @classmethod
     def _client_name(cls, value: str) -> str:

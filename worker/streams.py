@@ -632,7 +632,13 @@ class Wires:
 
     def _refresh(self) -> None:
         assert self._cluster is not None
-        self._cluster.nodes_manager.initialize()
+        ask_for_slots(self._cluster)
+
+
+def ask_for_slots(cluster: RedisCluster) -> None:
+    """Ask the cluster for its slot table again (from any node that answers): after a
+    MOVED reply, or a node lost, whose replica may have taken its place."""
+    cluster.nodes_manager.initialize()
 
 
 def redirected(reply: Any) -> bool:

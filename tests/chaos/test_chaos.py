@@ -520,7 +520,11 @@ def test_the_fine_tune_child_killed_idle_and_mid_job(
         after_idle = len(outcomes())
         running.wait_for(lambda: len(outcomes()) > after_idle, timeout=120)
         assert outcomes()[after_idle] == "rejected"  # the next one, in a new process
+        fed = 100
         for _ in range(5):  # a job can end between the look and the kill: look again
+            # Values not fine-tuned on yet, each time: none, and none starts.
+            ids += fill(redis_client, keys.input, values[fed : fed + 8])
+            fed += 8
             before = len(outcomes())
             running.wait_for(
                 lambda: redis_client.get(keys.finetune_lock) is not None and _finetune_child(),
@@ -534,7 +538,7 @@ def test_the_fine_tune_child_killed_idle_and_mid_job(
                 break
         assert outcomes()[-1] == "failed"
         after_kill = len(outcomes())
-        ids += fill(redis_client, keys.input, values[100:])
+        ids += fill(redis_client, keys.input, values[fed:])
         running.wait_for(lambda: "rejected" in outcomes()[after_kill:], timeout=120)
         running.wait_for(lambda: drained(redis_client, keys), timeout=120)
     assert [e["event"] for e in events(redis_client, keys.models)].count("promoted") == 1

@@ -150,9 +150,23 @@ class Scored:
 # What a series' scoring holds that a window checkpoint (worker.state) saves with its
 # window, so that a restart goes on where the last save was: the pending one-step forecast
 # and its interval, the last value, the error averages, how many values ago its last
-# anomalies came, whether its last value was stood in for, and the interval multiplier's
-# logarithm. Not the Steps sample: metrics alone.
-SAVED = ("forecast", "lo", "hi", "last", "mae", "naive_mae", "since", "stood_in", "log_m")
+# anomalies came, whether its last value was stood in for, the interval multiplier's
+# logarithm, and the model it was learned against (its version's 8 bytes; zeros: not
+# known). Not the Steps sample: metrics alone.
+SAVED = (
+    "forecast", "lo", "hi", "last", "mae", "naive_mae", "since", "stood_in", "log_m", "model"
+)  # fmt: skip
+MODEL_BYTES = 8
+
+
+def model_bytes(version: str | None) -> np.ndarray:
+    """A model version (16 hex digits) as the 8 bytes a saved scoring holds; zeros for
+    none, or anything else."""
+    try:
+        raw = bytes.fromhex(version or "")
+    except ValueError:
+        raw = b""
+    return np.frombuffer(raw if len(raw) == MODEL_BYTES else bytes(MODEL_BYTES), np.uint8)
 
 
 # Puts the stand-in (second) in the place of the value at each batch position (first) in
@@ -188,11 +202,14 @@ class Scorer:
         coverage: float = 0.9,
         threshold: float = math.inf,
         reads: np.ndarray | None = None,
+        model: str | None = None,
     ) -> None:
         """``half_width``: the spread at ``coverage`` per step ahead, in window deviations;
-        None: no intervals. ``reads``: None, a forecast reads no value before it."""
+        None: no intervals. ``reads``: None, a forecast reads no value before it.
+        ``model``: the version whose spread that is, saved with the multipliers."""
         self.overall = overall
         self.half_width = half_width
+        self.model = model
         self.adaptive = Adaptive(coverage)
         self.threshold = threshold
         self.reads = np.zeros(0, dtype=bool) if reads is None else reads
@@ -224,20 +241,20 @@ class Scorer:
     def saved(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """What these slots' scoring holds (SAVED), to save with their windows."""
         self._fit(int(slots.max(initial=-1)) + 1)
-        return {name: array[slots] for name, array in self._arrays().items()}
+        model = np.tile(model_bytes(self.model), (slots.size, 1))
+        return {name: array[slots] for name, array in self._arrays().items()} | {"model": model}
 
     def restore(self, slots: np.ndarray, saved: dict[str, np.ndarray]) -> None:
         """These slots' scoring as :meth:`saved` gave it; ValueError, and nothing
         changed, when it is not that."""
-        if "quiet" in saved and "since" not in saved:  # saved before 2026-12-03
-            saved = _since_from_quiet(saved, self.reads.size)
-        if "stood_in" not in saved and "since" in saved:  # saved before anomalies stood in
-            saved = saved | {"stood_in": np.zeros(saved["since"].shape[0], dtype=bool)}
+        saved = _of_this_release(saved, self.reads.size)
         if set(saved) != set(SAVED):
             raise ValueError(f"saved scoring holds {sorted(saved)}, not {sorted(SAVED)}")
-        arrays = self._arrays()
+        arrays = self._arrays() | {"model": np.zeros((0, MODEL_BYTES), np.uint8)}
         if any(a.shape != (slots.size, *arrays[n].shape[1:]) for n, a in saved.items()):
             raise ValueError("saved scoring arrays do not match the series")
+        if saved["model"].dtype != np.uint8:
+            raise ValueError("saved model versions that are not bytes")
         since = saved["since"]
         if not (np.abs(saved["log_m"]) <= LOG_M_LIMIT).all():
             raise ValueError(f"saved interval multipliers past e^+-{LOG_M_LIMIT:g}")
@@ -248,6 +265,11 @@ class Scorer:
         self._fit(int(slots.max(initial=-1)) + 1)
         for name, array in self._arrays().items():
             array[slots] = saved[name]
+        # Learned against another model's spread (a switch while this worker was down,
+        # or before the save): from 1 again, as at a switch seen live (Worker._serve).
+        learned = saved["model"]
+        other = learned.any(axis=1) & (learned != model_bytes(self.model)).any(axis=1)
+        self.adaptive.log_m[slots[other]] = 0.0
 
     def _judge(
         self,
@@ -415,6 +437,17 @@ class Scorer:
                 ),
             )
         return Scored(count, lo, hi, events[:, 0].astype(np.int64), events[:, 2:], events[:, 1])
+
+
+def _of_this_release(saved: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:
+    """A saved scoring of an earlier release, with what this one saves beside."""
+    if "quiet" in saved and "since" not in saved:  # saved before 2026-12-03
+        saved = _since_from_quiet(saved, context)
+    if "stood_in" not in saved and "since" in saved:  # saved before anomalies stood in
+        saved = saved | {"stood_in": np.zeros(saved["since"].shape[0], dtype=bool)}
+    if "model" not in saved and "log_m" in saved:  # saved before 2026-12-07: not known
+        saved = saved | {"model": np.zeros((saved["log_m"].shape[0], MODEL_BYTES), np.uint8)}
+    return saved
 
 
 def _since_from_quiet(saved: dict[str, np.ndarray], context: int) -> dict[str, np.ndarray]:

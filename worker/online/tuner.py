@@ -129,6 +129,8 @@ class Tuner:
         self._tried = False  # a fine-tune has started: a cold start keeps the schedule since
         self._cold_at = 0.0  # when a cold start is tried again
         self._drift_at = 0.0  # when a drift fine-tune is tried again
+        self._scored_at: int | None = None  # values scored as the last fine-tune began
+        self._idle_said = False  # and that none came since, logged
         self._lock_logged: str | None = None  # the refusal of the lock last logged
         self.cycles = 0  # fine-tunes finished
         self.busy_s = 0.0  # their training time, summed
@@ -336,6 +338,8 @@ class Tuner:
         trigger = self._trigger(now, scores) if start else None
         if trigger is None:
             return None
+        if self._nothing_new(trigger, scores, now):
+            return None
         if not self._lock_free():
             self._put_off(trigger, now)  # another's turn: no histories copied for nothing
             return None
@@ -363,8 +367,23 @@ class Tuner:
                 scores.level,
             )
             scores.settle()
+        self._scored_at, self._idle_said = scores.scored, False
         self._submit(names, values, trigger)
         return None
+
+    def _nothing_new(self, trigger: Trigger, scores: Overall, now: float) -> bool:
+        """True, and the fine-tune put off, where no value was scored since the last one
+        began: the same values, the same candidate. An idle worker promoted four versions
+        from one history (each pushed a stored version a rollback goes back to out), then
+        trained one and rejected it at every turn, for ever; and undid a rollback by hand
+        within seconds (a review)."""
+        if trigger == "cold" or scores.scored != self._scored_at:
+            return False
+        if not self._idle_said:
+            log.info("fine-tune put off: no value has been scored since the last one")
+            self._idle_said = True
+        self._put_off(trigger, now)
+        return True
 
     def keep_lock(self) -> None:
         """The fine-tune lock renewed while a fine-tune runs, a third of its life after
@@ -587,6 +606,7 @@ class Tuner:
     def _failed(self, reason: str) -> None:
         """A fine-tune that failed: logged, counted, and an event on the models stream."""
         log.error("fine-tune failed: %s", reason)
+        self._scored_at = None  # no candidate came of it: the next may take the same values
         self.metrics.finetunes.labels("failed").inc()
         self.store.event(self.version or "", "failed", reason=reason)
 
@@ -599,6 +619,7 @@ class Tuner:
         if self.running:
             log.warning("fine-tune dropped: %s", why)
             self._due = self._clock() + self.settings.finetune_interval_s
+            self._scored_at = None  # (nor of this one)
         self.close()  # (a release that failed is tried again, at the next drop)
 
     def close(self) -> None:
