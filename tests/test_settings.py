@@ -179,7 +179,7 @@ def test_a_command_leaves_the_settings_it_does_not_read_at_their_defaults(
         "ATTNLSTM_PARTITIONS=4\n"
     )
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"consumer.*model_key_file: Value error, cannot read"):
+    with pytest.raises(ValueError, match=r"consumer.*model_key_file: cannot read"):
         from_flags()
     settings = from_flags(unused=WORKER_ONLY)  # a bad coverage or max_batch stopped replay
     assert (settings.model_key_file, settings.input_stream) == (None, "plant:in")

@@ -389,6 +389,14 @@ class Settings(BaseSettings):
 WORKER_ONLY = tuple(name for name in Settings.model_fields if name not in STREAM_SETTINGS)
 
 
+def _problem(error: ErrorDetails) -> str:
+    """One of pydantic's refusals, as a user reads it: the setting, and what is wrong
+    (pydantic's own "Value error, " left out; none named where the settings clash)."""
+    where = ".".join(map(str, error["loc"]))
+    said = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {said}" if where else said
+
+
 def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
     """Settings from the environment and .env, with the given (not None) values on top;
     a ValueError with every problem in one line when they do not validate (a UsageError
@@ -408,9 +416,7 @@ def from_flags(*, unused: tuple[str, ...] = (), **given: Any) -> Settings:
             f"cannot read {Path('.env').resolve()}: not UTF-8 text (byte {e.start})"
         ) from None
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(map(_problem, e.errors()))
         # Each refused value given (a flag), or clashing with one: a usage error, as the
         # parser's refusals are.
         flagged = all(_flagged(err, given) for err in e.errors())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -113,8 +114,17 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
+def _installed() -> str:
+    """This package's version, as installed (``unknown`` run from a bare checkout)."""
+    try:
+        return metadata.version("attnlstm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attnlstm", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"attnlstm {_installed()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     _train_args(sub.add_parser("train", help="train a model offline and save a checkpoint"))
     evaluate = sub.add_parser("evaluate", help="score a checkpoint against naive baselines")
