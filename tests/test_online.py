@@ -202,11 +202,7 @@ def _multipliers(worker: Worker) -> np.ndarray:
 
 
 def test_a_switch_starts_each_series_multiplier_from_the_new_model_s_spread(
-    redis_client: redis.Redis,
-    redis_url: str,
-    keys: Keys,
-    trained_sines: AttentionLSTM,
-    capsys: pytest.CaptureFixture[str],
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
     """Each series' interval multiplier learns how the served model's spread fits it; a
     model switched to comes with a spread of its own. Kept, a multiplier learned against
@@ -225,11 +221,7 @@ def test_a_switch_starts_each_series_multiplier_from_the_new_model_s_spread(
 
 
 def test_a_restart_on_another_model_starts_each_multiplier_again(
-    redis_client: redis.Redis,
-    redis_url: str,
-    keys: Keys,
-    trained_sines: AttentionLSTM,
-    capsys: pytest.CaptureFixture[str],
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
 ) -> None:
     """The multipliers are saved with the windows, and with them the model they were
     learned against: a worker restarted on the same model goes on with them, one on
