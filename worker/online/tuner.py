@@ -338,7 +338,7 @@ class Tuner:
         trigger = self._trigger(now, scores) if start else None
         if trigger is None:
             return None
-        if self._nothing_new(trigger, scores, now):
+        if self._nothing_new(trigger, scores):
             return None
         if not self._lock_free():
             self._put_off(trigger, now)  # another's turn: no histories copied for nothing
@@ -371,18 +371,18 @@ class Tuner:
         self._submit(names, values, trigger)
         return None
 
-    def _nothing_new(self, trigger: Trigger, scores: Overall, now: float) -> bool:
-        """True, and the fine-tune put off, where no value was scored since the last one
-        began: the same values, the same candidate. An idle worker promoted four versions
-        from one history (each pushed a stored version a rollback goes back to out), then
-        trained one and rejected it at every turn, for ever; and undid a rollback by hand
-        within seconds (a review)."""
+    def _nothing_new(self, trigger: Trigger, scores: Overall) -> bool:
+        """True, and the fine-tune held until a value is scored, where none was since the
+        last one began: the same values, the same candidate. An idle worker promoted four
+        versions from one history (each pushed a stored version a rollback goes back to
+        out), then trained one and rejected it at every turn, for ever; and undid a
+        rollback by hand within seconds (a review). Held, not put off to the next turn:
+        it starts with the first value scored, not up to an interval after."""
         if trigger == "cold" or scores.scored != self._scored_at:
             return False
         if not self._idle_said:
             log.info("fine-tune put off: no value has been scored since the last one")
             self._idle_said = True
-        self._put_off(trigger, now)
         return True
 
     def keep_lock(self) -> None:
