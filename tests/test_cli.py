@@ -1100,6 +1100,20 @@ def test_a_period_of_one_step_leaves_the_statistical_baselines_out(
     assert {row["name"] for row in report["baselines"]} == {"model", "naive", "seasonal naive (1)"}
 
 
+def test_a_period_of_zero_is_none_for_evaluate_as_for_train(
+    small_model: dict[str, Any], workdir: Path
+) -> None:
+    """`train --period 0` takes none; evaluate refused 0 (must be >= 1)."""
+    proc = run("evaluate", "--model", "m.st", "--baselines", "--period", "0", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    if available():
+        assert "AutoETS, MSTL and AutoARIMA need the data's period: --period 0 leaves them out" in (
+            proc.stderr
+        )
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {row["name"] for row in report["baselines"]} == {"model", "naive"}
+
+
 def test_a_reader_gone_ends_the_command_quietly(small_model: dict[str, Any], workdir: Path) -> None:
     """`attnlstm evaluate | true`: writing the report fails (EPIPE), which was a traceback,
     and another as Python flushed stdout at exit."""

@@ -4,6 +4,7 @@ forecast entry's fields."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Literal
 
@@ -12,16 +13,19 @@ import pytest
 
 from worker.contract import (
     ANOMALY_FIELDS,
+    BOUND_DIGITS,
     DEAD_KINDS,
     DEAD_MAX_BYTES,
     DEAD_MAX_FIELDS,
     DEAD_MAX_TOTAL,
     FORECAST_FIELDS,
+    YHAT_DIGITS,
     Reading,
     anomaly_values,
     dead_fields,
     decimal_rows,
     entry_ms,
+    expected_numbers,
     forecast_values,
     fraction_rows,
     parse,
@@ -286,17 +290,51 @@ def test_forecast_values_are_the_eight_fields_in_order() -> None:
 
 
 def test_anomaly_values_are_its_fields_in_order() -> None:
-    values = anomaly_values("s1", b"17-0", 1_700, b"9.5", [1.25, 1.0, 1.5], 33.0, b"m1")
+    [expected] = expected_numbers(np.array([[1.25, 1.0, 1.5]]))
+    values = anomaly_values("s1", b"17-0", 1_700, b"9.5", expected, 33.0, b"m1")
     assert dict(zip(ANOMALY_FIELDS, values, strict=True)) == {
         b"series": b"s1",
         b"src": b"17-0",
         b"ts": b"1700",
         b"value": b"9.5",  # as it came
-        b"yhat": b"1.25",
-        b"lo": b"1.0",
-        b"hi": b"1.5",
+        b"yhat": b"1.250000000000e+00",
+        b"lo": b"1.000000e+00",
+        b"hi": b"1.500000e+00",
         b"score": b"33.000",
         b"model": b"m1",
+    }
+
+
+def test_an_events_forecast_and_bounds_are_its_forecast_entrys_first_step() -> None:
+    # Written as Python writes a float, the event's lo was 8.39007888291692 where the
+    # forecast entry carried 8.390078e+00: a value between them was an event outside
+    # an interval that the forecast gave as holding it.
+    yhat = np.array([[8.4, 9.0], [-1.234567890123456e-5, 1.0], [3.0e120, 1.0]])
+    lo, hi = yhat - 0.0099211170830798, yhat + 0.0099211170830798
+    expected = expected_numbers(np.c_[yhat[:, 0], lo[:, 0], hi[:, 0]])
+    published = zip(
+        decimal_rows(yhat, YHAT_DIGITS),
+        decimal_rows(lo, BOUND_DIGITS, "down"),
+        decimal_rows(hi, BOUND_DIGITS, "up"),
+        strict=True,
+    )
+    for numbers, row in zip(expected, published, strict=True):
+        assert [float(x) for x in numbers] == [json.loads(x)[0] for x in row]
+    assert expected[0] == (b"8.400000000000e+00", b"8.390078e+00", b"8.409922e+00")
+
+
+def test_a_score_is_never_written_under_the_threshold_it_passed() -> None:
+    [expected] = expected_numbers(np.array([[1.25, 1.0, 1.5]]))
+    score = {
+        x: anomaly_values("s", b"1-0", 1, b"9", expected, x, b"m")[ANOMALY_FIELDS.index(b"score")]
+        for x in (5.0004, 5.0005, 5.0, 1e20, math.inf)
+    }
+    assert score == {
+        5.0004: b"5.001",  # not 5.000, under a threshold of 5.0004
+        5.0005: b"5.001",
+        5.0: b"5.000",
+        1e20: b"100000000000000000000.000",
+        math.inf: b"inf",
     }
 
 

@@ -440,6 +440,30 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
     )
 
 
+def test_promoting_or_rolling_back_to_the_serving_model_writes_no_event(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The version that serves, promoted or rolled back to again: each wrote a `promoted`
+    (or `rolled_back`) event, read in the log as a change that was none."""
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    path = tmp_path / "model.safetensors"
+    version = save(path, trained_sines)
+    assert main(["models", "promote", str(path), *flags]) == 0
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+    capsys.readouterr()
+    assert main(["models", "promote", str(path), *flags]) == 0
+    assert main(["models", "rollback", version, *flags]) == 0
+    note = f"attnlstm models: note: model {version} serves already: no event written"
+    assert capsys.readouterr().err.splitlines() == [note, note]
+    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+    assert redis_client.get(keys.serving) == version.encode()
+
+
 def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(
     redis_client: redis.Redis,
     redis_url: str,

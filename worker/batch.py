@@ -24,6 +24,7 @@ from worker.contract import (
     dead_fields,
     decimal_rows,
     entry_ms,
+    expected_numbers,
     forecast_values,
     fraction_rows,
     parse,
@@ -261,7 +262,7 @@ def _events(batch: Batch, anomalies: Anomalies, version: bytes) -> list[tuple[by
         )
         for i, e, score in zip(
             anomalies.rows.tolist(),
-            anomalies.expected.tolist(),
+            expected_numbers(anomalies.expected),
             anomalies.scores.tolist(),
             strict=True,
         )

@@ -433,14 +433,35 @@ def anomaly_values(
     src: bytes,
     ts: int,
     value: bytes,
-    expected: list[float],
+    expected: tuple[bytes, bytes, bytes],
     score: float,
     model: bytes,
 ) -> tuple[bytes, ...]:
     """An anomaly event's values, in the order of ANOMALY_FIELDS: the value as it came,
-    the one-step forecast and interval (``expected``) it fell outside, and its score."""
-    yhat, lo, hi = (repr(x).encode() for x in expected)
-    return (series.encode(), src, b"%d" % ts, value, yhat, lo, hi, b"%.3f" % score, model)
+    the one-step forecast and interval it fell outside (``expected``, from
+    :func:`expected_numbers`), and its score, with 3 decimals, rounded up: rounded to
+    the nearest, a score of 5.0004 at a threshold of 5.0004 read 5.000, under it."""
+    text = b"%.3f" % score
+    if float(text) < score:
+        text = b"%.3f" % (score + 0.0005)
+    return (series.encode(), src, b"%d" % ts, value, *expected, text, model)
+
+
+def expected_numbers(expected: np.ndarray) -> list[tuple[bytes, bytes, bytes]]:
+    """Each row of (one-step forecast, lo, hi) as the forecast entry that made them
+    carries its first step: the forecast to YHAT_DIGITS, the bounds to BOUND_DIGITS,
+    rounded outward. As Python writes each float, an event's bounds were not its
+    forecast's, and a value between the two was an event outside an interval that
+    the forecast entry gave as holding it."""
+    columns = (
+        decimal_rows(expected[:, :1], YHAT_DIGITS),
+        decimal_rows(expected[:, 1:2], BOUND_DIGITS, "down"),
+        decimal_rows(expected[:, 2:3], BOUND_DIGITS, "up"),
+    )
+    return [
+        (yhat.strip(b"[ ]"), lo.strip(b"[ ]"), hi.strip(b"[ ]"))
+        for yhat, lo, hi in zip(*columns, strict=True)
+    ]
 
 
 # A dead-letter reason's label for the metrics, by how the reason starts: the first

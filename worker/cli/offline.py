@@ -166,13 +166,13 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     _note_gaps(dataset, "evaluate")
     _note_repeats(dataset, "evaluate")
     checkpoint.model.to(device)
-    period = args.period or checkpoint.config.period or None
+    period = (checkpoint.config.period if args.period is None else args.period) or None
     metrics = evaluate_model(
         checkpoint.model, dataset, val_fraction=args.val_fraction, period=period, device=device
     )
     comparison = None
     if args.baselines:
-        stat_models = _stat_models(period)
+        stat_models = _stat_models(period, none_asked=args.period == 0)
         comparison = compare(
             checkpoint.model,
             dataset,
@@ -500,8 +500,9 @@ def _tables(comparison: Comparison | None, as_json: bool, *, horizon: int) -> di
     }
 
 
-def _stat_models(period: int | None) -> tuple[str, ...]:
-    """The statistical baselines to run: all of them, given statsforecast and a period."""
+def _stat_models(period: int | None, *, none_asked: bool) -> tuple[str, ...]:
+    """The statistical baselines to run: all of them, given statsforecast and a period
+    (``none_asked``: --period 0 took the model's away)."""
     if not baselines.available():
         print(
             "attnlstm evaluate: note: AutoETS, MSTL and AutoARIMA need: "
@@ -512,7 +513,7 @@ def _stat_models(period: int | None) -> tuple[str, ...]:
     if not period:
         print(
             "attnlstm evaluate: note: AutoETS, MSTL and AutoARIMA need the data's period: "
-            "pass --period",
+            + ("--period 0 leaves them out" if none_asked else "pass --period"),
             file=sys.stderr,
         )
         return ()

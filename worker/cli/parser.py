@@ -137,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--period",
-        type=positive,
+        type=whole,
         default=None,
-        help="the data's period (default: the model's): seasonal naive's season, the "
-        "statistical baselines' seasons and refits, and the day-ahead origins' spacing",
+        help="the data's period, 0 for none (default: the model's): seasonal naive's "
+        "season, the statistical baselines' seasons and refits, and the day-ahead origins' "
+        "spacing",
     )
     evaluate.add_argument(
         "--baselines",
