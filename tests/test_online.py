@@ -384,8 +384,12 @@ def test_no_fine_tune_starts_while_no_value_came_since_the_last(
         running.wait_for(lambda: said in caplog.text)
         assert worker.tuner.cycles == 1
         assert not worker.tuner.running
+        # Not a stall, for the alert (which fired on a stream idle for 45 minutes).
+        waiting = "attnlstm_finetune_waiting_for_input"
+        assert worker.metrics.registry.get_sample_value(waiting) == 1
         fill(redis_client, keys.input, values[150:])  # the next starts with them: due
         running.wait_for(lambda: worker.tuner.cycles == 2, timeout=120)
+        assert worker.metrics.registry.get_sample_value(waiting) == 0
     assert caplog.text.count(said) == 1
 
 

@@ -143,17 +143,24 @@ def test_metrics_endpoint(served: tuple[Metrics, str]) -> None:
         assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
 
 
-def test_healthz_follows_the_connection(served: tuple[Metrics, str]) -> None:
+def test_healthz_and_a_gauge_follow_the_connection(served: tuple[Metrics, str]) -> None:
+    """The gauge too: only the log, /healthz and a lag unknown said Redis was out of reach
+    (a review)."""
     metrics, base = served
+    connected = "attnlstm_redis_connected"
     metrics.connected = False
     status, content_type, body = _get(base + "/healthz")
     assert (status, content_type) == (503, "application/json")
     assert json.loads(body)["redis"] is False
+    assert metrics.registry.get_sample_value(connected) == 0
     metrics.connected = True
     metrics.beat()
     status, _, body = _get(base + "/healthz")
     assert status == 200
     assert json.loads(body)["ok"] is True
+    assert metrics.registry.get_sample_value(connected) == 1
+    metrics.cut_off()  # a Redis call failed
+    assert metrics.registry.get_sample_value(connected) == 0
 
 
 def test_head_and_a_query_get_what_get_does(served: tuple[Metrics, str]) -> None:

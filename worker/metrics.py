@@ -118,6 +118,12 @@ class Metrics:
             "attnlstm_recoveries", "Restores of the window state and re-syncs"
         )
         self.redis_errors = counter("attnlstm_redis_errors", "Redis errors the worker waited out")
+        gauge(
+            "attnlstm_redis_connected",
+            "1 while the worker's last Redis call succeeded; 0 from a failed one (or the "
+            "start) until Redis answers, as /healthz's redis: only the log and a lag unknown "
+            "said so",
+        ).set_function(lambda: float(self.connected))
         # How fast:
         self.batch_size = Histogram(
             "attnlstm_batch_size", "Entries per batch", buckets=BATCH_BUCKETS, registry=r
@@ -227,6 +233,11 @@ class Metrics:
             "start, until one has): fine-tuning that stalls shows only in the log otherwise",
         )
         self.finetune_ended.set_to_current_time()
+        self.finetune_waiting = gauge(
+            "attnlstm_finetune_waiting_for_input",
+            "1 while this worker's next fine-tune, due, waits for a value to be scored (none "
+            "was since the last one began): no stall, however long no fine-tune ends",
+        )
         self.model = gauge(
             "attnlstm_model", "1 for the model version this worker serves", ["version"]
         )

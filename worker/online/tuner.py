@@ -378,12 +378,12 @@ class Tuner:
         out), then trained one and rejected it at every turn, for ever; and undid a
         rollback by hand within seconds (a review). Held, not put off to the next turn:
         it starts with the first value scored, not up to an interval after."""
-        if trigger == "cold" or scores.scored != self._scored_at:
-            return False
-        if not self._idle_said:
+        waiting = trigger != "cold" and scores.scored == self._scored_at
+        self.metrics.finetune_waiting.set(waiting)  # (the stalled alert fired on an idle
+        if waiting and not self._idle_said:  # stream, at 45 minutes: a review)
             log.info("fine-tune put off: no value has been scored since the last one")
             self._idle_said = True
-        return True
+        return waiting
 
     def keep_lock(self) -> None:
         """The fine-tune lock renewed while a fine-tune runs, a third of its life after
