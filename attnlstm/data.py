@@ -133,7 +133,11 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
     refuse_data_as_header(path, rows[0][0], header)
-    wanted = list(dict.fromkeys(columns)) or header[1:]  # a column asked for twice: once
+    for line, row in body:
+        refuse_unnamed_values(path, line, header, row)
+    # A column asked for twice: once. One the header leaves unnamed holds no value (as
+    # a spreadsheet's trailing comma makes: `time,a,`), and is none.
+    wanted = list(dict.fromkeys(columns)) or [name for name in header[1:] if name]
     if not wanted:
         raise DataError(
             f"{path}: no column of values: the first, {header[0]!r}, is taken to be the time, "
@@ -211,6 +215,50 @@ def time_ms(text: str) -> int:
     return (moment - EPOCH) // timedelta(milliseconds=1)
 
 
+# Times as spreadsheets and loggers write them, which time_ms does not read: a first
+# column of them was taken for no time at all, and a model trained with no period.
+FOREIGN_TIMES = tuple(
+    f"{date}{time}"
+    for date in ("%d/%m/%Y", "%m/%d/%Y", "%Y/%m/%d", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y")
+    for time in ("", " %H:%M", " %H:%M:%S", " %I:%M %p", " %I:%M:%S %p")
+)
+
+
+def unread_time(path: Path, line: int, text: str) -> DataError:
+    """The error for a time :func:`time_ms` does not read, with the form to write it
+    in where it is a time in another (:func:`foreign_time`)."""
+    hint = (
+        ": write times as ISO 8601 (2022-03-20T11:00:00, with +01:00 or Z for the zone; "
+        "the first column is taken to be the time)"
+        if foreign_time(text)
+        else ""
+    )
+    return DataError(
+        f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch{hint}"
+    )
+
+
+def foreign_time(text: str) -> bool:
+    """Whether ``text`` is a time in a form :func:`time_ms` does not read: a date with
+    slashes or dots, day or month first, or ISO 8601 with a zone name (`` UTC``) or a
+    lower-case ``z``."""
+    iso = text.removesuffix(" UTC").removesuffix(" GMT").removesuffix("z")
+    if iso != text:
+        try:
+            datetime.fromisoformat(iso)
+        except ValueError:
+            pass
+        else:
+            return True
+    for form in FOREIGN_TIMES:
+        try:
+            datetime.strptime(text, form)
+        except ValueError:
+            continue
+        return True
+    return False
+
+
 def refuse_data_as_header(path: Path, line: int, header: Sequence[str]) -> None:
     """A DataError where the header row's first cell reads as a time (ISO 8601, or a
     count of seconds from 10^9 on: 2001): the file has no header row, and its first row
@@ -228,6 +276,29 @@ def refuse_data_as_header(path: Path, line: int, header: Sequence[str]) -> None:
         f"{path}:{line}: the first row begins with a time ({cell!r}), not a column name: the "
         "file needs a header row naming its columns (time,<series>,...)"
     )
+
+
+def refuse_unnamed_values(path: Path, line: int, header: Sequence[str], row: Sequence[str]) -> None:
+    """A DataError where ``row`` holds digits in a column past the first that the header
+    leaves unnamed, right after a number: a decimal comma, unquoted, in a file whose
+    header has a spare column (``time,flow,`` as a spreadsheet may end it: 100,59 read as
+    flow 100 and 59 in the unnamed column), the decimals silently lost. Anything else
+    there (notes) is let be: such a column is no series."""
+    for k in range(2, min(len(header), len(row))):
+        if not header[k] and _digits(cell := row[k].strip()) and _number(row[k - 1]):
+            raise DataError(
+                f"{path}:{line}: {row[k - 1].strip()},{cell} is a number and digits in a column "
+                "the header leaves unnamed: an unquoted decimal comma? Quote a cell that "
+                "holds a comma, or name the column"
+            )
+
+
+def _number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def _digits(text: str) -> bool:
@@ -249,6 +320,7 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
     are gaps."""
     rows = csv.reader(_lines(path, f), strict=True)
     width = start = 0  # start: the first line of the row being read
+    fix = ""  # what a row wider than the header is told
     try:
         for row in rows:
             if not width:
@@ -256,10 +328,12 @@ def csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, list[str]]]:
                     continue  # a blank line before the header: the header is what follows
                 width = len(row)
                 row = [cell.strip() for cell in row]  # as the cells are read: ` a` is `a`
+                # One column named `time;flow`: semicolons, with decimal commas (a
+                # European spreadsheet's) were told to quote a comma.
+                fix = separated(row[0]) if width == 1 else "quote a cell that holds a comma"
             elif len(row) > width:
                 raise DataError(
-                    f"{path}:{rows.line_num}: {len(row)} cells where the header has {width}; "
-                    "quote a cell that holds a comma"
+                    f"{path}:{rows.line_num}: {len(row)} cells where the header has {width}; {fix}"
                 )
             yield rows.line_num, row
             start = rows.line_num
@@ -328,13 +402,14 @@ def _lines(path: Path, f: TextIO) -> Iterator[str]:
 def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | None, list[int]]:
     """The median step of the first column in seconds, when it holds times as
     :func:`time_ms` reads them (as ``replay`` does), and each row's time in ms; None and
-    no times where the first row's is no time (a file with no time column). Past that
-    first row, a time that cannot be read, or that comes before the row before's, is a
-    DataError naming its line: the rows of a file newest first, or sorted by another
-    column, would train a model on time run backwards or shuffled. A time twice is a
-    reading kept as it came (the sea temperature in ``data/`` has one), but not on most
-    rows: a step of 0 is no time step, and the model would take two readings an hour for
-    one series."""
+    no times where the first row's is no time (a file with no time column), unless it is
+    a time in a form not read (:func:`foreign_time`: taken for none, such a file trained
+    a model with no period). Past that first row, a time that cannot be read, or that
+    comes before the row before's, is a DataError naming its line: the rows of a file
+    newest first, or sorted by another column, would train a model on time run
+    backwards or shuffled. A time twice is a reading kept as it came (the sea temperature
+    in ``data/`` has one), but not on most rows: a step of 0 is no time step, and the
+    model would take two readings an hour for one series."""
     times: list[int] = []
     repeat = 0  # the first line whose time is the row before's
     again = before = ""  # that line's time as written, and the row before's
@@ -343,11 +418,9 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | N
         try:
             ms = time_ms(text)
         except ValueError:
-            if not times:
+            if not times and not foreign_time(text):
                 return None, []
-            raise DataError(
-                f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
-            ) from None
+            raise unread_time(path, line, text) from None
         if abs(ms) > TIME_MS_MAX:
             raise DataError(
                 f"{path}:{line}: time {text!r} is out of range: at most {TIME_MS_MAX + 1:.0e} "

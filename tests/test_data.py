@@ -114,6 +114,22 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
         ("t\ta\n1\t2\n", (), r"the first, 't\\ta', .* \(are they tabs\?\)"),
         # A decimal comma: the value was read as 12, the 5 dropped.
         ("t,a\n1,2\n2,12,5\n", (), r"d\.csv:3: 3 cells where the header has 2; quote"),
+        # ... where a trailing comma left the header a spare column: 12, without a word,
+        # asked for by name or not.
+        ("t,a,\n1,2,\n2,12,5\n", (), r"d\.csv:3: 12,5 is a number and digits in a column"),
+        ("t,a,\n1,2,\n2,12,5\n", ("a",), r"d\.csv:3: 12,5 is a number and digits in a"),
+        # Semicolons and decimal commas, a European spreadsheet's: told to quote a comma.
+        ("t;a\n1;2,5\n", (), r"d\.csv:2: 2 cells where the header has 1; columns are .*semi"),
+        # Times as spreadsheets write them: taken for no time, a model with no period.
+        (
+            "t,a\n20/03/2022 11:00,1\n",
+            (),
+            r"d\.csv:2: time '20/03/2022 11:00' is neither .*: "
+            r"write times as ISO 8601 \(2022-03-20T11:00:00",
+        ),
+        ("t,a\n2022-03-20 10:00:00 UTC,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
+        ("t,a\n03/20/2022 1:00 PM,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
+        ("t,a\n20.03.2022,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
         # An unclosed quote: the rest of the file was one cell, read as no value. Its
         # row is named, not the file's last line.
         ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:2: a quote opened in this row is never closed"),
@@ -169,6 +185,16 @@ def test_blank_lines_before_the_header_and_spaces_around_names_are_read_past(
     its cells are read without their spaces. A column asked for twice is one series."""
     data = load_csv(_csv(tmp_path, "\n \n t , a \n1,2\n2,3\n"), ("a", "a"))
     assert (data.names, data.series[0].tolist(), data.step_s) == (["a"], [2.0, 3.0], 1.0)
+
+
+def test_a_column_a_trailing_comma_leaves_unnamed_is_no_series(tmp_path: Path) -> None:
+    """`time,a,` on every line, as a spreadsheet may write it: refused ("column '' has no
+    values")."""
+    data = load_csv(_csv(tmp_path, "t,a,\n1,2,\n2,3,\n"))
+    assert (data.names, data.series[0].tolist()) == (["a"], [2.0, 3.0])
+    # Notes there are let be; digits after a number are a decimal comma (refused, above).
+    notes = load_csv(_csv(tmp_path, "t,a,\n1,2,ok\n2,3,7 l/s\n"))
+    assert (notes.names, notes.series[0].tolist()) == (["a"], [2.0, 3.0])
 
 
 def test_rows_of_empty_cells_are_no_rows_and_a_time_twice_is_kept(tmp_path: Path) -> None:

@@ -768,9 +768,9 @@ def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
     one this worker refused: a fine-tune here could never be promoted. None starts until
     the store serves this worker's version again; one used to start on every interval,
     trained for nothing, and was rejected as overtaken."""
-    clock = FakeClock()
+    clock, metrics = FakeClock(), Metrics()
     tuner = _tuner(
-        redis_client, redis_url, keys, trained_sines, clock,
+        redis_client, redis_url, keys, trained_sines, clock, metrics=metrics,
         finetune_interval_s=10, finetune_steps=5,
     )  # fmt: skip
     served = tuner.start(loads(dumps(trained_sines)[0]))
@@ -782,11 +782,15 @@ def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
     assert tuner.sync(tuner.store.events(after=b"-")) is None
     assert f"no fine-tunes while the store serves {wider}" in caplog.text
     histories, scores = sines(20, 200), Overall(halflife_s=30)
+    # A wait for input begun while the stream was idle: left at 1, it hid this stall
+    # from the alert (which leaves out the workers that wait for input).
+    metrics.finetune_waiting.set(1)
     try:
         for _ in range(3):
             clock.now += 10
             tuner.tick(histories, scores)
             assert not tuner.running
+        assert metrics.registry.get_sample_value("attnlstm_finetune_waiting_for_input") == 0
         store.set_serving(served.version, "rolled_back", previous=wider)
         assert tuner.sync(store.events(after=b"-")) is None  # it serves that one already
         tuner.tick(histories, scores)

@@ -21,9 +21,17 @@ from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
 from tests.conftest import CLI, DATA
 from tests.helpers import entries, free_port, wait_for
+from worker.cli import main
 from worker.contract import Reading, parse
 from worker.embedded import EmbeddedServer
-from worker.tools.replay import MALFORMED, CsvLayout, count_csv, csv_entries, series_id
+from worker.tools.replay import (
+    MALFORMED,
+    CsvCount,
+    CsvLayout,
+    count_csv,
+    csv_entries,
+    series_id,
+)
 
 
 def replay(redis_url: str, stream: str, *args: str) -> dict[str, object]:
@@ -107,6 +115,39 @@ def test_csv_is_replayed_as_written_gaps_and_repeated_times_kept(
     ]
 
 
+def test_values_the_worker_refuses_are_counted_and_said_before_the_replay(
+    redis_client: redis.Redis,
+    redis_url: str,
+    stream_prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each went out without a word, and the worker dead-lettered it: "1,5" quoted in a
+    European export, "NA", "-". All of them: refused (tested with the bad arguments)."""
+    path = tmp_path / "some.csv"
+    path.write_text('time,a\n1,1.5\n2,"2,5"\n3,NA\n4,4\n')
+    count = count_csv(path)
+    assert count == CsvCount(4, 2, "3: value is not a decimal number: '2,5'")
+    flags = ["--redis-url", redis_url, "--stream", f"{stream_prefix}in", "--fast"]
+    assert main(["replay", "--csv", str(path), *flags]) == 0
+    assert capsys.readouterr().err == (
+        "attnlstm replay: note: the worker refuses 2 of the 4 values, each dead-lettered "
+        f"(the first, {path}:3: value is not a decimal number: '2,5')\n"
+    )
+    assert redis_client.xlen(f"{stream_prefix}in") == 4  # sent as written, all the same
+
+
+def test_a_column_a_trailing_comma_leaves_unnamed_is_no_series(tmp_path: Path) -> None:
+    """`time,a,` on every line, as a spreadsheet may write it: refused, column 3 having
+    "no characters a series id can use"."""
+    path = tmp_path / "trail.csv"
+    path.write_text("time,a,\n1,1.5,\n2,2.5,\n")
+    assert [fields[:4] for fields in csv_entries(path)] == [
+        (b"series", b"a", b"value", b"1.5"),
+        (b"series", b"a", b"value", b"2.5"),
+    ]
+
+
 def test_long_format_csv_names_its_series_in_a_column(tmp_path: Path) -> None:
     path = tmp_path / "long.csv"
     path.write_text("ts,sensor,reading\n1000,a,1\n1000,b,2\n2000,a,3\n")  # seconds
@@ -125,7 +166,15 @@ def test_long_format_series_cells_are_cleaned_as_column_names_are(tmp_path: Path
     layout = CsvLayout(series_column="sensor", value_column="reading")
     path.write_text(f"ts,sensor,reading\n1000,Flow [l/s],1\n1000,{'y' * 200},2\n2000,b,\n")
     assert [fields[1] for fields in csv_entries(path, layout)] == [b"Flow_l/s", b"y" * 128]
+    # Each series' time runs forward, whatever the rows of others do.
+    path.write_text("ts,sensor,reading\n1000,a,1\n2000,b,2\n1500,a,3\n")
+    assert count_csv(path, layout).total == 3
     for body, message in [
+        (
+            "1000,a,1\n2000,b,2\n1500,b,3\n",
+            r"long\.csv:4: time '1500' is before '2000', "
+            r"series b's time before: the rows must run forward",
+        ),
         ("1000,a,1\n2000,,2\n", r"long\.csv:3: series '' has no characters a series id can"),
         ("1000,[],1\n", r"long\.csv:2: series '\[\]' has no characters"),
         ("1000,a_b,1\n2000,a b,2\n", r"long\.csv:3: series 'a b' and 'a_b' would both be"),
@@ -217,8 +266,16 @@ def test_with_partitions_each_entry_goes_to_its_series_partition(
         (["--fast", "--csv", "header.csv"], "header.csv: no value to replay (a header row and"),
         (["--fast", "--csv", "latin.csv"], "latin.csv:3: not UTF-8 text (byte 0xe9, 13 bytes in)"),
         (["--fast", "--csv", "semi.csv"], "columns are separated by commas (are they semicolons?)"),
-        # A spreadsheet's trailing comma: the empty name, with neither file nor column.
-        (["--fast", "--csv", "trail.csv"], "trail.csv: column 3: column '' has no characters"),
+        # A decimal comma where a spreadsheet's trailing comma left a spare column: 100.
+        (["--fast", "--csv", "trail.csv"], "trail.csv:2: 100,59 is a number and digits in"),
+        # Rows newest first: forecast from time run backwards, as `train` refuses them.
+        (["--fast", "--csv", "back.csv"], "back.csv:3: time '1' is before '2', the row before's"),
+        (["--fast", "--csv", "quoted.csv"], "quoted.csv:2: value is not a decimal number: '1,5'"),
+        (
+            ["--fast", "--csv", "eu.csv"],
+            "time '20/03/2022 11:00' is neither ISO 8601 nor a count "
+            "since the epoch: write times as ISO 8601",
+        ),
         # Past what Redis takes: its refusal came back with a fence's fix.
         (["--fast", "--maxlen", "99999999999999999999"], "argument --maxlen: must be at most"),
         (["--fast", "--csv", "sup.csv"], "sup.csv:2: time '²' is neither ISO 8601"),
@@ -262,7 +319,10 @@ def test_bad_arguments_are_one_line_errors(
     (tmp_path / "long.csv").write_text("time,v\n1," + "1" * (1 << 24))
     (tmp_path / "latin.csv").write_bytes(b"time,v\n1,1\n2,\xe9\n")
     (tmp_path / "semi.csv").write_text("time;v\n1;1\n")
-    (tmp_path / "trail.csv").write_text("time,a,\n1,1,\n")
+    (tmp_path / "trail.csv").write_text("time,a,\n1,100,59\n")
+    (tmp_path / "back.csv").write_text("time,v\n2,1\n1,2\n")
+    (tmp_path / "quoted.csv").write_text('time,v\n1,"1,5"\n2,"2,5"\n')
+    (tmp_path / "eu.csv").write_text("time,v\n20/03/2022 11:00,1\n")
     proc = subprocess.run(
         [*CLI, "replay", "--redis-url", redis_url, "--stream", f"{stream_prefix}in", *args],
         capture_output=True,
@@ -403,11 +463,11 @@ def test_epoch_seconds_with_a_fraction_are_ms_to_the_ms(tmp_path: Path) -> None:
     """As loggers write them (time.time()): the file was refused, each of its times
     "neither ISO 8601 nor a count since the epoch"."""
     path = tmp_path / "frac.csv"
-    path.write_text("time,a\n1700000000.25,1\n1700000000.0019,2\n1700000000123.9,3\n")
+    path.write_text("time,a\n1700000000.0019,2\n1700000000123.9,3\n1700000000.25,1\n")
     assert [fields[5] for fields in csv_entries(path)] == [
-        b"1700000000250",
         b"1700000000001",
         b"1700000000123",
+        b"1700000000250",
     ]
 
 

@@ -440,7 +440,7 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
     )
 
 
-def test_promoting_or_rolling_back_to_the_serving_model_writes_no_event(
+def test_promoting_the_serving_model_again_says_so_and_mends_it_for_the_workers(
     redis_client: redis.Redis,
     redis_url: str,
     keys: Keys,
@@ -448,20 +448,29 @@ def test_promoting_or_rolling_back_to_the_serving_model_writes_no_event(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The version that serves, promoted or rolled back to again: each wrote a `promoted`
-    (or `rolled_back`) event, read in the log as a change that was none."""
+    """Promoted (or rolled back to) again, the serving version gets its event still: the
+    event makes the workers load it again, which mends one they refused, stored damaged
+    (dropping the event left them serving the version before: a review). The note says
+    it served already, which the report alone did not."""
     flags = ["--redis-url", redis_url, "--models-stream", keys.models]
     path = tmp_path / "model.safetensors"
     version = save(path, trained_sines)
     assert main(["models", "promote", str(path), *flags]) == 0
-    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
+    redis_client.set(keys.model(version), b"damaged")  # the workers refuse it
     capsys.readouterr()
     assert main(["models", "promote", str(path), *flags]) == 0
     assert main(["models", "rollback", version, *flags]) == 0
-    note = f"attnlstm models: note: model {version} serves already: no event written"
+    note = (
+        f"attnlstm models: note: model {version} served already: each worker loads it "
+        "again (one that refused it serves it now, if it is whole)"
+    )
     assert capsys.readouterr().err.splitlines() == [note, note]
-    assert [e["event"] for e in events(redis_client, keys.models)] == ["promoted"]
-    assert redis_client.get(keys.serving) == version.encode()
+    assert [e["event"] for e in events(redis_client, keys.models)] == [
+        "promoted",
+        "promoted",
+        "rolled_back",
+    ]
+    assert ModelStore(redis_client, keys, keep=5, source="t").get(version).version == version
 
 
 def test_the_models_cli_promotes_a_file_signed_and_rolls_back_only_to_signed_ones(

@@ -93,6 +93,12 @@ def parse(
     return Reading(name, number, int(ts))
 
 
+def value_refused(value: bytes) -> str | None:
+    """Why the worker refuses an entry for its ``value`` alone (dead-letters it), or None."""
+    number = _number(value)
+    return number if isinstance(number, str) else None
+
+
 def _number(value: bytes | None) -> float | str:
     """The value, a decimal number within +-VALUE_MAX; or why it is not one."""
     if value is None:

@@ -234,9 +234,9 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
             checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()
             shape = _shape(store, before)
-            if not _serves_already(checkpoint.version, before):
-                store.set_serving(checkpoint.version, "rolled_back", previous=before)
-                _note_shape(checkpoint, before, shape)  # (a rollback said nothing: a review)
+            store.set_serving(checkpoint.version, "rolled_back", previous=before)
+            _note_again(checkpoint.version, before)
+            _note_shape(checkpoint, before, shape)  # (a rollback said nothing: a review)
             return {"serving": checkpoint.version, "previous": before}
         if args.action == "promote":
             return _promote(store, args.path, into_unsigned=args.sign_into_unsigned_store)
@@ -270,23 +270,23 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
     before = store.serving()
     shape = _shape(store, before)  # read first: a failure here promotes nothing
     store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
-    if not _serves_already(checkpoint.version, before):
-        store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
-        _note_shape(checkpoint, before, shape)
+    store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
+    _note_again(checkpoint.version, before)
+    _note_shape(checkpoint, before, shape)
     return {"serving": checkpoint.version, "previous": before, "signed": bool(store.key)}
 
 
-def _serves_already(version: str, before: str | None) -> bool:
-    """True, with a note, where ``version`` serves already: no event then, since the
-    workers serve on as they were (one said "promoted by hand", or "rolled_back", for
-    the model that served on)."""
-    if version != before:
-        return False
-    print(
-        f"attnlstm models: note: model {version} serves already: no event written",
-        file=sys.stderr,
-    )
-    return True
+def _note_again(version: str, before: str | None) -> None:
+    """A note where ``version`` served already: its event said nothing of that. The
+    event stays: it is what makes the workers load the version again, which mends one
+    they refused (stored damaged, or unsigned where they have a key) and is now stored
+    whole; without it, they served on with the one before (a review)."""
+    if version == before:
+        print(
+            f"attnlstm models: note: model {version} served already: each worker loads it "
+            "again (one that refused it serves it now, if it is whole)",
+            file=sys.stderr,
+        )
 
 
 def _note_shape(

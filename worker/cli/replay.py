@@ -148,7 +148,15 @@ def _csv_source(args: argparse.Namespace) -> tuple[Iterable[FlatFields], int]:
         series_column=args.series_column,
         value_column=args.value_column or CsvLayout.value_column,
     )
-    return csv_entries(args.csv, layout), count_csv(args.csv, layout)
+    count = count_csv(args.csv, layout)
+    if count.refused:
+        print(
+            f"attnlstm replay: note: the worker refuses {count.refused:,} of the "
+            f"{count.total:,} values, each dead-lettered (the first, {args.csv}:"
+            f"{count.first_refused})",
+            file=sys.stderr,
+        )
+    return csv_entries(args.csv, layout), count.total
 
 
 def _check_prefix(prefix: str, n_series: int) -> None:

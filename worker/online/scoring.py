@@ -192,8 +192,7 @@ class Scorer:
     read one of its series' last MARKS such anomalies (``reads``, from
     :func:`attnlstm.model.one_step_reads`: which of the values before a forecast it reads,
     newest first), since that forecast would miss for the anomaly alone, and a spike
-    would bring a flag for each forecast that reads it. A glitch among the values not
-    judged is followed too (:meth:`_follow_unjudged`), without an event."""
+    would bring a flag for each forecast that reads it."""
 
     def __init__(
         self,
@@ -306,31 +305,13 @@ class Scorer:
         judged = ~np.append(self.reads, False)[np.minimum(after, past) - 1].any(axis=1)
         # Outside the interval, too: at a threshold of 1 a value on a bound scored 1.000
         # by rounding, and was an event the coverage counted inside.
-        far = miss & (score >= self.threshold)
-        flag = far & judged
+        flag = miss & (score >= self.threshold) & judged
         stood_in = flag & ~self._stood_in[slots] if standing else np.zeros_like(flag)
         self._since[slots] = np.minimum(after, NEVER)
         self._stood_in[slots] = stood_in
         marked = slots[flag & ~stood_in]  # each replaces its slot's oldest followed anomaly
         self._since[marked, self._since[marked].argmax(axis=1)] = 0
-        self._follow_unjudged(slots[far & ~judged], values[far & ~judged])
         return miss, np.c_[idx, score, self._forecast[slots], lo, hi][flag], stood_in[flag]
-
-    def _follow_unjudged(self, slots: np.ndarray, values: np.ndarray) -> None:
-        """Followed too, in a mark no forecast reads any more: a value not judged (its
-        forecast read a kept anomaly) that fell ``threshold`` half-widths outside it and
-        moved ``threshold`` times its series' usual change (the naive forecast's mean
-        error) from the value before. Another glitch, likely, that no event reports; left
-        unfollowed, the forecasts that read it were judged, and each missed for it alone
-        (a glitch 9 values after two in a row: events 12 and 13 values after it). Moved
-        by no more, it is a value that a forecast reading the anomaly missed, and following
-        it would hide the values after it for nothing; nor does it take the mark of an
-        anomaly still read, which the lags would read again."""
-        jump = np.abs(values - self._last[slots]) >= self.threshold * self.series_naive_mae[slots]
-        slots = slots[jump]
-        oldest = self._since[slots].argmax(axis=1)
-        free = self._since[slots, oldest] >= self.reads.size
-        self._since[slots[free], oldest[free]] = 0
 
     def _stand_ins(self, slots: np.ndarray, broken: np.ndarray) -> np.ndarray:
         """What stands in for an anomaly: the forecast it ``broke``, held within STAND_IN_REACH

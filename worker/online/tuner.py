@@ -336,7 +336,10 @@ class Tuner:
         if self.running:
             return self._poll(now)
         trigger = self._trigger(now, scores) if start else None
-        if trigger is None:
+        if trigger is None:  # not due, or no fine-tune while the store serves a model this
+            # worker refused: no wait for input (left at 1, the gauge hid that stall from
+            # the alert once the stream had been idle: a review)
+            self.metrics.finetune_waiting.set(0)
             return None
         if self._nothing_new(trigger, scores):
             return None

@@ -27,13 +27,15 @@ from attnlstm.data import (
     column_index,
     csv_rows,
     refuse_data_as_header,
+    refuse_unnamed_values,
     separated,
     time_ms,
+    unread_time,
     unreadable,
 )
 from attnlstm.partition import partition_of
 from attnlstm.synthetic import SineSpec, make_sines
-from worker.contract import parse
+from worker.contract import parse, value_refused
 from worker.keys import Keys
 from worker.pool import mark_partitions
 from worker.signals import STOP_SIGNALS, handled
@@ -145,6 +147,11 @@ def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFie
     passed on as written, so the worker judges it like any producer's. A row it cannot
     replay is a DataError naming the file and line: :func:`count_csv` finds it before
     anything is written."""
+    return (fields for _, fields in _lines_of(path, layout))
+
+
+def _lines_of(path: Path, layout: CsvLayout) -> Iterator[tuple[int, FlatFields]]:
+    """:func:`csv_entries`'s entries, each with its line."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             yield from _rows(path, csv_rows(path, f), layout)
@@ -152,34 +159,85 @@ def csv_entries(path: Path, layout: CsvLayout = CsvLayout()) -> Iterator[FlatFie
         raise unreadable(path, e) from None
 
 
-def count_csv(path: Path, layout: CsvLayout = CsvLayout()) -> int:
-    """How many entries :func:`csv_entries` gives, the whole file read: a check that
-    finds a row it cannot replay before the first entry is written (a stream half
-    written is worse than none). A DataError where it gives none (a header alone, or
-    empty value cells): a replay of nothing exited 0."""
-    if (total := sum(1 for _ in csv_entries(path, layout))) == 0:
+@dataclass(frozen=True)
+class CsvCount:
+    """What :func:`count_csv` found: the entries, how many of them the worker refuses
+    (dead-letters), and the first of those, as ``LINE: reason``."""
+
+    total: int
+    refused: int = 0
+    first_refused: str = ""
+
+
+def count_csv(path: Path, layout: CsvLayout = CsvLayout()) -> CsvCount:
+    """The entries :func:`csv_entries` gives, the whole file read: a check that finds a
+    row it cannot replay before the first entry is written (a stream half written is
+    worse than none), and counts the values the worker refuses. A DataError where it
+    gives none (a header alone, or empty value cells: a replay of nothing exited 0), or
+    where the worker refuses every value (``"100,59"``, quoted, in each row: a replay
+    that exited 0 and every entry dead-lettered)."""
+    total = refused = 0
+    first = ""
+    for line, fields in _lines_of(path, layout):
+        total += 1
+        # Its series is a cleaned name, and its ts one the worker takes (_ts): the value.
+        if (reason := value_refused(fields[3])) is not None:
+            refused += 1
+            first = first or f"{line}: {reason}"
+    if total == 0:
         raise DataError(f"{path}: no value to replay (a header row and no data row with one)")
-    return total
+    if refused == total:
+        raise DataError(
+            f"{path}:{first} (the worker refuses each of the {total:,} values, as it does "
+            "that one): nothing to replay"
+        )
+    return CsvCount(total, refused, first)
 
 
 def _rows(
     path: Path, rows: Iterator[tuple[int, list[str]]], layout: CsvLayout
-) -> Iterator[FlatFields]:
-    """The entries of :func:`attnlstm.data.csv_rows`'s rows."""
+) -> Iterator[tuple[int, FlatFields]]:
+    """The entries of :func:`attnlstm.data.csv_rows`'s rows, each with its line."""
     line, header = next(rows, (0, []))
     if not header:
         raise DataError(f"{path}: no header row (the file is empty, or blank)")
     if not layout.time_column:  # (one named is looked for by name in the header)
         refuse_data_as_header(path, line, header)
     time_at, picks = _columns(path, header, layout)
+    last: dict[bytes, tuple[int, str]] = {}  # each series' last time, and as written
     for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
-        ts = _ts(path, line, _cell(row, time_at))
+        if layout.series_column is None:
+            refuse_unnamed_values(path, line, header, row)
+        text = _cell(row, time_at)
+        ts = _ts(path, line, text)
+        wide = layout.series_column is None
+        if wide:  # every series of the row at its time
+            _forward(path, line, b"", (int(ts), text), last)
         for series, at in picks(row, line):
             value = _cell(row, at)
             if value:
-                yield (b"series", series, b"value", value.encode(), b"ts", ts)
+                if not wide:
+                    _forward(path, line, series, (int(ts), text), last)
+                yield line, (b"series", series, b"value", value.encode(), b"ts", ts)
+
+
+def _forward(
+    path: Path, line: int, series: bytes, now: tuple[int, str], last: dict[bytes, tuple[int, str]]
+) -> None:
+    """A DataError where time runs back, in a wide file's rows (``series`` empty) or a
+    long file's series (`train` refuses such a file): the rows of a file newest first,
+    or sorted by another column, went out as they came, and the worker forecast from
+    time run backwards."""
+    before = last.get(series)
+    if before is not None and now[0] < before[0]:
+        whose = f"series {series.decode()}'s time before" if series else "the row before's"
+        raise DataError(
+            f"{path}:{line}: time {now[1]!r} is before {before[1]!r}, {whose}: the rows must "
+            "run forward in time"
+        )
+    last[series] = now
 
 
 def _cell(row: Sequence[str], at: int) -> str:
@@ -214,7 +272,8 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
     picked = [index(name) for name in dict.fromkeys(layout.value_columns)]
     if time_at in picked:
         raise DataError(f"{path}: column {header[time_at]!r} is the time column, no series")
-    positions = picked or [k for k in range(len(header)) if k != time_at]
+    # A column the header leaves unnamed holds no value (`time,a,`: refuse_unnamed_values).
+    positions = picked or [k for k in range(len(header)) if k != time_at and header[k]]
     if not positions:
         raise DataError(f"{path}: no value columns besides the time column; {separated(header[0])}")
     wide = _series_of(path, header, positions)
@@ -276,9 +335,7 @@ def _ts(path: Path, line: int, text: str) -> bytes:
     try:
         ms = time_ms(text)
     except ValueError:
-        raise DataError(
-            f"{path}:{line}: time {text!r} is neither ISO 8601 nor a count since the epoch"
-        ) from None
+        raise unread_time(path, line, text) from None
     if ms < 0:
         raise DataError(f"{path}:{line}: time {text!r} is before 1970")
     ts = b"%d" % ms
