@@ -133,8 +133,9 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
         raise DataError(f"{path}: needs a header row and at least one data row")
     header = rows[0][1]
     refuse_data_as_header(path, rows[0][0], header)
+    unnamed = unnamed_columns(header)
     for line, row in body:
-        refuse_unnamed_values(path, line, header, row)
+        refuse_unnamed_values(path, line, row, unnamed)
     # A column asked for twice: once. One the header leaves unnamed holds no value (as
     # a spreadsheet's trailing comma makes: `time,a,`), and is none.
     wanted = list(dict.fromkeys(columns)) or [name for name in header[1:] if name]
@@ -219,8 +220,17 @@ def time_ms(text: str) -> int:
 # column of them was taken for no time at all, and a model trained with no period.
 FOREIGN_TIMES = tuple(
     f"{date}{time}"
-    for date in ("%d/%m/%Y", "%m/%d/%Y", "%Y/%m/%d", "%d.%m.%Y", "%d-%m-%Y", "%m-%d-%Y")
-    for time in ("", " %H:%M", " %H:%M:%S", " %I:%M %p", " %I:%M:%S %p")
+    for date in (
+        *(f"%{a}{sep}%{b}{sep}%{y}" for a, b in ("dm", "md") for sep in "/.-" for y in "Yy"),
+        "%Y/%m/%d",
+        "%d-%b-%Y",
+        "%d %b %Y",
+        "%b %d %Y",
+    )
+    for time in (
+        *("", " %H:%M", " %H:%M:%S", " %H:%M:%S.%f", " %I:%M %p", " %I:%M:%S %p"),
+        *(" %I:%M%p", "T%H:%M", "T%H:%M:%S"),
+    )
 )
 
 
@@ -240,19 +250,21 @@ def unread_time(path: Path, line: int, text: str) -> DataError:
 
 def foreign_time(text: str) -> bool:
     """Whether ``text`` is a time in a form :func:`time_ms` does not read: a date with
-    slashes or dots, day or month first, or ISO 8601 with a zone name (`` UTC``) or a
-    lower-case ``z``."""
-    iso = text.removesuffix(" UTC").removesuffix(" GMT").removesuffix("z")
-    if iso != text:
+    slashes, dots or a month's name, day or month first, a two-digit year; or ISO 8601
+    with a zone's name (`` UTC``, `` CET``) or a lower-case ``z``."""
+    head, _, zone = text.rpartition(" ")
+    bare = head if head and zone.isalpha() and zone.isupper() and len(zone) <= 5 else text
+    bare = bare.removesuffix("z")
+    if bare != text:
         try:
-            datetime.fromisoformat(iso)
+            datetime.fromisoformat(bare)
         except ValueError:
             pass
         else:
             return True
     for form in FOREIGN_TIMES:
         try:
-            datetime.strptime(text, form)
+            datetime.strptime(bare, form)
         except ValueError:
             continue
         return True
@@ -278,18 +290,24 @@ def refuse_data_as_header(path: Path, line: int, header: Sequence[str]) -> None:
     )
 
 
-def refuse_unnamed_values(path: Path, line: int, header: Sequence[str], row: Sequence[str]) -> None:
-    """A DataError where ``row`` holds digits in a column past the first that the header
-    leaves unnamed, right after a number: a decimal comma, unquoted, in a file whose
-    header has a spare column (``time,flow,`` as a spreadsheet may end it: 100,59 read as
-    flow 100 and 59 in the unnamed column), the decimals silently lost. Anything else
-    there (notes) is let be: such a column is no series."""
-    for k in range(2, min(len(header), len(row))):
-        if not header[k] and _digits(cell := row[k].strip()) and _number(row[k - 1]):
+def unnamed_columns(header: Sequence[str]) -> list[int]:
+    """The columns past the second that ``header`` leaves unnamed, for
+    :func:`refuse_unnamed_values`."""
+    return [k for k in range(2, len(header)) if not header[k]]
+
+
+def refuse_unnamed_values(path: Path, line: int, row: Sequence[str], unnamed: list[int]) -> None:
+    """A DataError where ``row`` holds digits in a column the header leaves unnamed
+    (``unnamed``, from :func:`unnamed_columns`), right after a number: a decimal comma,
+    unquoted, in a file whose header has a spare column (``time,flow,`` as a spreadsheet
+    may end it: 100,59 read as flow 100 and 59 in the unnamed column), the decimals
+    silently lost. Anything else there (notes) is let be: such a column is no series."""
+    for k in unnamed:
+        if k < len(row) and _digits(cell := row[k].strip()) and _number(row[k - 1]):
             raise DataError(
                 f"{path}:{line}: {row[k - 1].strip()},{cell} is a number and digits in a column "
                 "the header leaves unnamed: an unquoted decimal comma? Quote a cell that "
-                "holds a comma, or name the column"
+                "holds a comma, or give the column a name (--column then picks the series)"
             )
 
 

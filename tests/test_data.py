@@ -130,6 +130,9 @@ def test_the_steps_a_series_times_skip_are_counted_column_by_column(tmp_path: Pa
         ("t,a\n2022-03-20 10:00:00 UTC,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
         ("t,a\n03/20/2022 1:00 PM,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
         ("t,a\n20.03.2022,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
+        ("t,a\n3/20/22 0:00,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
+        ("t,a\n20-Mar-2022 00:00,1\n", (), r"d\.csv:2: time .* write times as ISO 8601"),
+        ("t,a\n2022-03-20T00:00:00 CET,1\n", (), r"d\.csv:2: time .* write times as ISO"),
         # An unclosed quote: the rest of the file was one cell, read as no value. Its
         # row is named, not the file's last line.
         ('t,a\n1,"2\n2,3\n3,4\n', (), r"d\.csv:2: a quote opened in this row is never closed"),

@@ -757,6 +757,38 @@ def test_a_model_of_another_shape_is_not_adopted(
     assert "(window 30)" in refused["reason"]
 
 
+def test_a_worker_up_before_its_producers_waits_for_input_and_short_series_do_not(
+    redis_client: redis.Redis, redis_url: str, keys: Keys, trained_sines: AttentionLSTM
+) -> None:
+    """No series yet, nothing scored since the start: a wait for input, which the stalled
+    alert leaves out (it fired 45 minutes after a deploy up before its producers: a
+    review). Values scored, and still no series long enough: a stall, for the alert."""
+    clock, metrics = FakeClock(), Metrics()
+    tuner = _tuner(
+        redis_client, redis_url, keys, trained_sines, clock, metrics=metrics,
+        finetune_interval_s=10,
+    )  # fmt: skip
+    tuner.start(loads(dumps(trained_sines)[0]))
+    state = WindowState(window=20, length=200, max_series=10)  # no series at all
+    scores = Overall(halflife_s=30)
+    waiting = "attnlstm_finetune_waiting_for_input"
+    try:
+        clock.now += 10
+        tuner.tick(state.histories, scores)
+        assert not tuner.running
+        assert metrics.registry.get_sample_value(waiting) == 1
+        clock.now += 5  # not due: as it was
+        tuner.tick(state.histories, scores)
+        assert metrics.registry.get_sample_value(waiting) == 1
+        scores.scored += 1  # input came, and no series holds enough of it
+        clock.now += 5
+        tuner.tick(state.histories, scores)
+        assert not tuner.running
+        assert metrics.registry.get_sample_value(waiting) == 0
+    finally:
+        tuner.close()
+
+
 def test_no_fine_tunes_while_the_store_serves_a_version_this_worker_refused(
     redis_client: redis.Redis,
     redis_url: str,

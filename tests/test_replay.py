@@ -191,6 +191,10 @@ def test_long_format_series_cells_are_cleaned_as_column_names_are(tmp_path: Path
             count_csv(path, same)
     with pytest.raises(DataError, match="column 'ts' is the time column, no series"):
         count_csv(path, CsvLayout(value_columns=("ts",)))
+    # A decimal comma where a trailing comma left the header a spare column: 100.
+    path.write_text("ts,sensor,reading,\n1000,a,100,59\n")
+    with pytest.raises(DataError, match=r"long\.csv:2: 100,59 is a number and digits"):
+        count_csv(path, layout)
 
 
 def test_the_sea_temperature_file_replays_every_point(tmp_path: Path) -> None:

@@ -461,8 +461,8 @@ def test_promoting_the_serving_model_again_says_so_and_mends_it_for_the_workers(
     assert main(["models", "promote", str(path), *flags]) == 0
     assert main(["models", "rollback", version, *flags]) == 0
     note = (
-        f"attnlstm models: note: model {version} served already: each worker loads it "
-        "again (one that refused it serves it now, if it is whole)"
+        f"attnlstm models: note: model {version} served already: the workers that serve "
+        "it serve on, and those that refused it try it again"
     )
     assert capsys.readouterr().err.splitlines() == [note, note]
     assert [e["event"] for e in events(redis_client, keys.models)] == [

@@ -236,7 +236,8 @@ class Metrics:
         self.finetune_waiting = gauge(
             "attnlstm_finetune_waiting_for_input",
             "1 while this worker's next fine-tune, due, waits for a value to be scored (none "
-            "was since the last one began): no stall, however long no fine-tune ends",
+            "was since the last one began, or since the start with no series long enough): "
+            "no stall, however long no fine-tune ends",
         )
         self.model = gauge(
             "attnlstm_model", "1 for the model version this worker serves", ["version"]

@@ -278,13 +278,13 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
 
 def _note_again(version: str, before: str | None) -> None:
     """A note where ``version`` served already: its event said nothing of that. The
-    event stays: it is what makes the workers load the version again, which mends one
-    they refused (stored damaged, or unsigned where they have a key) and is now stored
-    whole; without it, they served on with the one before (a review)."""
+    event stays: it is what makes the workers that refused the version try it again,
+    which mends their refusal where it was stored damaged and is now stored whole;
+    without it, they served on with the one before (a review)."""
     if version == before:
         print(
-            f"attnlstm models: note: model {version} served already: each worker loads it "
-            "again (one that refused it serves it now, if it is whole)",
+            f"attnlstm models: note: model {version} served already: the workers that serve "
+            "it serve on, and those that refused it try it again",
             file=sys.stderr,
         )
 

@@ -336,10 +336,8 @@ class Tuner:
         if self.running:
             return self._poll(now)
         trigger = self._trigger(now, scores) if start else None
-        if trigger is None:  # not due, or no fine-tune while the store serves a model this
-            # worker refused: no wait for input (left at 1, the gauge hid that stall from
-            # the alert once the stream had been idle: a review)
-            self.metrics.finetune_waiting.set(0)
+        if trigger is None:
+            self._not_due()
             return None
         if self._nothing_new(trigger, scores):
             return None
@@ -357,6 +355,10 @@ class Tuner:
                     len(names),
                     self._min_points(),
                 )
+                # Nothing scored since the start: a wait for input (a worker up before its
+                # producers fired the stalled alert 45 minutes on: a review). Values
+                # scored, and series that never hold enough: a stall, for the alert.
+                self.metrics.finetune_waiting.set(scores.scored == 0)
             self._put_off(trigger, now)
             return None
         if not self._take_lock():
@@ -373,6 +375,13 @@ class Tuner:
         self._scored_at, self._idle_said = scores.scored, False
         self._submit(names, values, trigger)
         return None
+
+    def _not_due(self) -> None:
+        """No fine-tune starts now. Where that is for a model the store serves and this
+        worker refused, it is a stall, not a wait for input: left at 1 from an idle
+        stream, the gauge hid it from the stalled alert (a review)."""
+        if self._refused is not None:
+            self.metrics.finetune_waiting.set(0)
 
     def _nothing_new(self, trigger: Trigger, scores: Overall) -> bool:
         """True, and the fine-tune held until a value is scored, where none was since the

@@ -30,6 +30,7 @@ from attnlstm.data import (
     refuse_unnamed_values,
     separated,
     time_ms,
+    unnamed_columns,
     unread_time,
     unreadable,
 )
@@ -205,11 +206,11 @@ def _rows(
         refuse_data_as_header(path, line, header)
     time_at, picks = _columns(path, header, layout)
     last: dict[bytes, tuple[int, str]] = {}  # each series' last time, and as written
+    unnamed = unnamed_columns(header)
     for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
-        if layout.series_column is None:
-            refuse_unnamed_values(path, line, header, row)
+        refuse_unnamed_values(path, line, row, unnamed)
         text = _cell(row, time_at)
         ts = _ts(path, line, text)
         wide = layout.series_column is None
