@@ -89,7 +89,12 @@ def prefix_fingerprints(values: np.ndarray, ends: Sequence[int]) -> list[str]:
 
 
 def load_dataset(
-    spec: str, *, n_series: int = 50, columns: Sequence[str] = (), seed: int = 0
+    spec: str,
+    *,
+    n_series: int = 50,
+    columns: Sequence[str] = (),
+    seed: int = 0,
+    layout: Layout | None = None,
 ) -> Dataset:
     if spec == "sine":
         return Dataset(["sine"], [article_sine()])
@@ -99,7 +104,7 @@ def load_dataset(
         sines = make_sines(SineSpec(n_series=n_series), seed=seed)
         return Dataset([f"sine-{i}" for i in range(n_series)], list(sines.values))
     if spec.startswith("csv:") and len(spec) > 4:
-        return load_csv(Path(spec[4:]), columns)
+        return load_csv(Path(spec[4:]), columns, layout=layout)
     raise DataError(f"unknown data {spec!r}: use sine, sines or csv:PATH")
 
 
@@ -114,15 +119,27 @@ def separated(name: str) -> str:
     return f"columns are separated by commas{other}"
 
 
-def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
-    """Value columns of a CSV file with a header row, each one series.
+@dataclass(frozen=True)
+class Layout:
+    """Which columns of a CSV file hold the time and, in a long file (one row per
+    reading, its series named in a column), the series and the value."""
 
-    Without ``columns``, every column but the first (taken to be the time) is used.
-    Empty cells are gaps and are skipped, and so is a row of them (``,``, as a
-    spreadsheet may end a file); anything else that is not a finite number, a time
-    :func:`_time_step` refuses, and a row :func:`csv_rows` refuses, is an error naming
-    its line.
+    time_column: str | None = None  # default: the first column
+    series_column: str | None = None  # a long file
+    value_column: str = "value"  # a long file's
+
+
+def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None = None) -> Dataset:
+    """Value columns of a CSV file with a header row, each one series; or, in a long
+    file (``layout.series_column``), each series its rows.
+
+    Without ``columns``, every column but the time (the first, unless ``layout`` names
+    another) is used. Empty cells are gaps and are skipped, and so is a row of them
+    (``,``, as a spreadsheet may end a file); anything else that is not a finite number,
+    a time :func:`_time_step` refuses, and a row :func:`csv_rows` refuses, is an error
+    naming its line.
     """
+    layout = layout or Layout()
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is no name
             rows = list(csv_rows(path, f))
@@ -136,30 +153,103 @@ def load_csv(path: Path, columns: Sequence[str] = ()) -> Dataset:
     unnamed = unnamed_columns(header)
     for line, row in body:
         refuse_unnamed_values(path, line, row, unnamed)
+    clock = _Clock(path, header, layout.time_column, long=layout.series_column is not None)
+    if layout.series_column is not None:
+        if columns:
+            raise DataError(f"{path}: value columns are for a wide file, not a long one")
+        return _load_long(path, header, body, clock, layout)
     # A column asked for twice: once. One the header leaves unnamed holds no value (as
     # a spreadsheet's trailing comma makes: `time,a,`), and is none.
-    wanted = list(dict.fromkeys(columns)) or [name for name in header[1:] if name]
+    wanted = list(dict.fromkeys(columns)) or [
+        name for k, name in enumerate(header) if name and k != clock.at
+    ]
     if not wanted:
         raise DataError(
-            f"{path}: no column of values: the first, {header[0]!r}, is taken to be the time, "
-            f"and there is no other; {separated(header[0])}"
+            f"{path}: no column of values: {clock.named} is taken to be the time, and there "
+            f"is no other; {separated(header[0])}"
         )
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(f"{path}: no column {', '.join(missing)}; it has {header}")
     at = [column_index(path, header, name) for name in wanted]
-    step, times = _time_step(path, body)
-    if times and 0 in at:  # trained on as values, as `replay` refuses it
-        raise DataError(f"{path}: column {header[0]!r} is the time column, no series")
-    read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
+    step, times = clock.read(body)
+    if times and clock.at in at:  # trained on as values, as `replay` refuses it
+        raise DataError(f"{path}: column {header[clock.at]!r} is the time column, no series")
+    try:
+        read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
+    except DataError as e:  # a long file read as a wide one: "ts='2026-...' is not a number"
+        long = "" if times or layout.time_column else LONG_HINT
+        raise DataError(f"{e}{long}") from None
     stamps = np.asarray(times, dtype=np.float64)
+    parts = [(values, stamps[kept] if stamps.size else stamps) for values, kept in read]
+    return _dataset(wanted, parts, step)
+
+
+# Where a file with no time in its first column holds a value that is no number.
+LONG_HINT = (
+    " (a long file, a row per reading? --series-column NAME reads each row's series from "
+    "column NAME, --value-column its value, --time-column its time)"
+)
+
+
+def _dataset(
+    names: list[str], parts: list[tuple[np.ndarray, np.ndarray]], step: float | None
+) -> Dataset:
+    """The series ``names``, each from its values and their times (ms; none known: empty),
+    with where their times skip steps of ``step`` and where they come again."""
     gaps, repeats = {}, {}
-    for name, (_, rows_kept) in zip(wanted, read, strict=True):
-        if step and (found := _gaps(stamps[rows_kept], step)):
+    for name, (_, stamps) in zip(names, parts, strict=True):
+        if step and (found := _gaps(stamps, step)):
             gaps[name] = found
-        if stamps.size and (again := int(np.count_nonzero(np.diff(stamps[rows_kept]) == 0))):
+        if stamps.size and (again := int(np.count_nonzero(np.diff(stamps) == 0))):
             repeats[name] = again
-    return Dataset(wanted, [values for values, _ in read], step, gaps, repeats)
+    return Dataset(names, [values for values, _ in parts], step, gaps, repeats)
+
+
+def _load_long(
+    path: Path, header: list[str], body: list[tuple[int, list[str]]], clock: _Clock, layout: Layout
+) -> Dataset:
+    """A long file's series, as `replay` reads it: each the rows that name it in the
+    series column, in file order, its values from the value column and its times from
+    the time column (run forward within each series). A row with no value is skipped;
+    one with a value and no series is an error. The time step is the lower median of
+    the series' own."""
+    assert layout.series_column is not None
+    series_at = column_index(path, header, layout.series_column)
+    value_at = column_index(path, header, layout.value_column)
+    if len({clock.at, series_at, value_at}) < 3:
+        raise DataError(
+            f"{path}: the time ({header[clock.at]!r}), series ({header[series_at]!r}) and "
+            f"value ({header[value_at]!r}) columns must be three columns"
+        )
+    rows_of: dict[str, list[tuple[int, list[str]]]] = {}
+    for line, row in body:
+        value, name = _cell(row, value_at), _cell(row, series_at)
+        if value and not name:
+            raise DataError(f"{path}:{line}: a value and no series ({header[series_at]!r})")
+        if value:  # a row with none is a gap, as `replay` skips it
+            rows_of.setdefault(name, []).append((line, [_cell(row, clock.at), value]))
+    if not rows_of:
+        raise DataError(f"{path}: column {layout.value_column!r} has no values")
+    # Whether the file has times, by its first reading's: then every series' rows must
+    # each have one (a series whose first time was unread had none, and went unchecked).
+    first = next(iter(rows_of.values()))[:1]
+    timed = bool(clock.read(first, at=0)[1])
+    parts, steps = [], []
+    for name, rows in rows_of.items():
+        times = clock.read(rows, at=0, series=name, required=True)[1] if timed else []
+        values, _ = _column(path, rows, 1, layout.value_column)
+        stamps = np.asarray(times, dtype=np.float64)
+        parts.append((values, stamps))
+        steps.append(np.diff(stamps) / 1000)
+    # The lower median: a series read hourly beside one read every two hours is hourly.
+    step = np.concatenate(steps)
+    median = float(np.percentile(step, 50, method="lower")) if step.size else None
+    return _dataset(list(rows_of), parts, median)
+
+
+def _cell(row: Sequence[str], at: int) -> str:
+    return row[at].strip() if at < len(row) else ""
 
 
 def _gaps(times_ms: np.ndarray, step_s: float) -> Gaps | None:
@@ -417,26 +507,73 @@ def _lines(path: Path, f: TextIO) -> Iterator[str]:
         yield line
 
 
-def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | None, list[int]]:
-    """The median step of the first column in seconds, when it holds times as
+class _Clock:
+    """A file's time column: the first, or the one ``name``d (whose rows must each hold a
+    time: a first one that is none is an error, not a file without times)."""
+
+    def __init__(self, path: Path, header: Sequence[str], name: str | None, *, long: bool) -> None:
+        self.path, self.given, self.long = path, name is not None, long
+        self.at = column_index(path, header, name) if name is not None else 0
+        self.named = f"column {header[self.at]!r}" if self.given else f"the first, {header[0]!r},"
+        self.hint = f" (column {header[self.at]!r} is the time)" if self.given else FIRST_IS_TIME
+
+    def read(
+        self,
+        rows: list[tuple[int, list[str]]],
+        *,
+        at: int | None = None,
+        series: str = "",
+        required: bool = False,
+    ) -> tuple[float | None, list[int]]:
+        """:func:`_time_step` of ``rows``, their times at ``at`` (default: the column's);
+        those of a long file's ``series``, said so where they run back."""
+        return _time_step(
+            self.path,
+            rows,
+            at=self.at if at is None else at,
+            whose=f"series {series!r}'s time before" if series else "",
+            hint=self.hint,
+            # A time on most rows: a long file read as a wide one, maybe.
+            again_hint=self.hint if self.long else self.hint + LONG_HINT,
+            required=self.given or required,
+        )
+
+
+FIRST_IS_TIME = " (the first column is the time)"
+
+
+def _time_step(
+    path: Path,
+    rows: list[tuple[int, list[str]]],
+    *,
+    at: int = 0,
+    whose: str = "",
+    hint: str = FIRST_IS_TIME,
+    again_hint: str = FIRST_IS_TIME,
+    required: bool = False,
+) -> tuple[float | None, list[int]]:
+    """The median step of column ``at`` in seconds, when it holds times as
     :func:`time_ms` reads them (as ``replay`` does), and each row's time in ms; None and
     no times where the first row's is no time (a file with no time column), unless it is
     a time in a form not read (:func:`foreign_time`: taken for none, such a file trained
-    a model with no period). Past that first row, a time that cannot be read, or that
-    comes before the row before's, is a DataError naming its line: the rows of a file
+    a model with no period) or the time is ``required``. Past that first row, a time that
+    cannot be read, or that comes before the row before's (``whose``: a long file's
+    series' time before), is a DataError naming its line: the rows of a file
     newest first, or sorted by another column, would train a model on time run
     backwards or shuffled. A time twice is a reading kept as it came (the sea temperature
     in ``data/`` has one), but not on most rows: a step of 0 is no time step, and the
-    model would take two readings an hour for one series."""
+    model would take two readings an hour for one series. ``hint`` ends the errors of a
+    time run back and ``again_hint`` that of a time on most rows."""
     times: list[int] = []
     repeat = 0  # the first line whose time is the row before's
     again = before = ""  # that line's time as written, and the row before's
+    last = ""  # the time of the row before, as written
     for line, row in rows:
-        text = row[0].strip() if row else ""
+        text = row[at].strip() if at < len(row) else ""
         try:
             ms = time_ms(text)
         except ValueError:
-            if not times and not foreign_time(text):
+            if not times and not foreign_time(text) and not required:
                 return None, []
             raise unread_time(path, line, text) from None
         if abs(ms) > TIME_MS_MAX:
@@ -445,13 +582,15 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | N
                 "ms from the epoch, as the worker takes a ts"
             )
         if times and ms < times[-1]:
+            after = f"{last!r}, {whose}" if whose else "the row before's"
             raise DataError(
-                f"{path}:{line}: time {text!r} is before the row before's: the rows must "
-                "run forward in time (the first column is the time)"
+                f"{path}:{line}: time {text!r} is before {after}: the rows must run forward "
+                f"in time{hint}"
             )
         if not repeat and times and ms == times[-1]:
             repeat, again = line, text
         before = before if repeat else text
+        last = text
         times.append(ms)
     steps = [(b - a) / 1000 for a, b in itertools.pairwise(times)]  # ints: no overflow
     step = float(np.median(steps)) if steps else None
@@ -464,7 +603,7 @@ def _time_step(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[float | N
     if step == 0:
         raise DataError(
             f"{path}:{repeat}: the time of the row before, as on most rows: a series needs "
-            "one row a time (the first column is the time)"
+            f"one row a time{again_hint}"
         )
     return step, times
 

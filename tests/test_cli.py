@@ -235,6 +235,28 @@ def test_train_says_when_the_first_column_holds_no_times(tmp_path: Path) -> None
     assert "--column NAME reads a column as a series" in proc.stderr
 
 
+def test_train_and_evaluate_read_a_long_file_as_replay_does(tmp_path: Path) -> None:
+    """A row per reading, its series in a column: `replay --series-column` read it, but
+    `train` took the series names for times and trained on the time column as a series
+    (`sensor,time,reading`), or stopped at a time it took for a value."""
+    hours = range(24 * 20)
+    rows = [
+        f"{name},{1_700_000_000 + 3600 * h},{offset + math.sin(2 * math.pi * h / 24):.4f}"
+        for h in hours
+        for name, offset in (("a", 0.0), ("b", 5.0))
+    ]
+    (tmp_path / "long.csv").write_text("sensor,time,reading\n" + "\n".join(rows) + "\n")
+    flags = ["--data", "csv:long.csv", "--series-column", "sensor", "--time-column", "time"]
+    flags += ["--value-column", "reading"]
+    trained = run("train", *flags, "--epochs", "1", "--json", "--out", "m.st", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert last_json(trained)["period"] == 24  # a day of hourly readings, from the times
+    scored = run("evaluate", *flags, "--model", "m.st", "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert "note" not in scored.stderr  # the series it was trained on, held out as then
+    assert last_json(scored)["mase"] < 1.0
+
+
 def test_one_row_with_a_time_is_too_little_data_not_a_file_with_no_time(tmp_path: Path) -> None:
     """Its first row's time was read, but one row has no step: the note said the first
     column held no time there, before the error that mattered."""
@@ -588,7 +610,27 @@ BAD_RUNS = [
     (["train", "--data", "bogus"], 2, "argument --data: expected sine, sines or csv:PATH"),
     (["plot", "--series", "abc"], 2, "--series: expected a whole number, got 'abc' (a series"),
     # Flags of other data, refused rather than ignored.
-    (["train", "--data", "sines", "--column", "x"], 2, "--column: for --data csv:PATH, not"),
+    (["train", "--data", "sines", "--column", "x"], 2, "--column is for --data csv:PATH, not"),
+    (
+        ["evaluate", "--series-column", "s", "--time-column", "t"],
+        2,
+        "--time-column, --series-column are for --data csv:PATH, not --data sine",
+    ),
+    (
+        ["train", "--data", "csv:minutes.csv", "--value-column", "v"],
+        2,
+        "--value-column is for a long file, with --series-column",
+    ),
+    (
+        ["plot", "--data", "csv:minutes.csv", "--series-column", "s", "--column", "x"],
+        2,
+        "--column is for a wide file, not with --series-column",
+    ),
+    (
+        ["train", "--data", "csv:minutes.csv", "--time-column", "when"],
+        1,
+        "minutes.csv: no column 'when'; it has ['time', 'value']",
+    ),
     (["train", "--data", "sine", "--series", "4"], 2, "--series: for --data sines, not --data"),
     (["evaluate", "--series", "4"], 2, "--series: for --data sines, not --data sine"),
     (

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnlstm.data import DataError, Gaps, load_csv, load_dataset, time_ms
+from attnlstm.data import DataError, Gaps, Layout, load_csv, load_dataset, time_ms
 from tests.conftest import DATA
 
 
@@ -179,6 +179,84 @@ def test_bad_csv_says_where_and_why(
 ) -> None:
     with pytest.raises(DataError, match=message):
         load_csv(_csv(tmp_path, text), columns)
+
+
+def test_a_long_file_is_read_series_by_series(tmp_path: Path) -> None:
+    """A row per reading, its series named in a column (as `replay --series-column`
+    reads it): `train` read the series names as times and the time column as values."""
+    text = (
+        "sensor,time,reading\n"
+        "a,0,1.5\nb,0,10\n"
+        "a,3600,2.5\nb,3600,\n"  # b's empty cell: a gap
+        "b,7200,30\na,7200,3.5\n"  # the series in any order within a time
+        "b,14400,40\n"  # b skips a step
+    )
+    layout = Layout(time_column="time", series_column="sensor", value_column="reading")
+    data = load_csv(_csv(tmp_path, text), layout=layout)
+    assert data.names == ["a", "b"]
+    assert [s.tolist() for s in data.series] == [[1.5, 2.5, 3.5], [10.0, 30.0, 40.0]]
+    assert data.step_s == 3600  # the lower median of the series' steps: a's
+    assert data.gaps == {"b": Gaps(2, 2, 1)}  # b's values are 7,200 s apart, twice
+    assert data.repeats == {}
+    spec = load_dataset(f"csv:{tmp_path / 'd.csv'}", layout=layout)
+    assert [s.tolist() for s in spec.series] == [s.tolist() for s in data.series]
+
+
+@pytest.mark.parametrize(
+    ("text", "layout", "message"),
+    [
+        # Time runs back within a series (it may across series).
+        (
+            "s,t,value\na,2,1\nb,1,1\na,1,2\n",
+            Layout(time_column="t", series_column="s"),
+            r"d\.csv:4: time '1' is before '2', series 'a''s time before: the rows must run "
+            r"forward in time \(column 't' is the time\)",
+        ),
+        # A series whose first time cannot be read, in a file with times (it was taken
+        # for a series without any, and its times went unchecked).
+        (
+            "t,s,value\n1,a,1\n2,a,2\nnoon,b,1\n3,b,2\n",
+            Layout(series_column="s"),
+            r"d\.csv:4: time 'noon' is neither ISO 8601",
+        ),
+        # A long file read as a wide one, its times on most rows twice.
+        ("t,s,v\n1,a,1\n1,b,2\n2,a,3\n2,b,4\n", None, r"one row a time .* --series-column"),
+        (
+            "s,t,value\na,1,1\n,2,2\n",
+            Layout(time_column="t", series_column="s"),
+            r"d\.csv:3: a value and no series \('s'\)",
+        ),
+        ("t,s,value\n1,a,1\n", Layout(series_column="value"), r"must be three columns"),
+        ("t,s,v\n1,a,1\n", Layout(series_column="s"), r"d\.csv: no column 'value'"),
+        ("t,s,value\n1,a,\n", Layout(series_column="s"), r"column 'value' has no values"),
+        # A time column named: its first row must hold a time, read as replay reads it.
+        ("a,t\n1,noon\n", Layout(time_column="t"), r"d\.csv:2: time 'noon' is neither"),
+        ("a,t\n1,1\n2,0\n", Layout(time_column="t"), r"\(column 't' is the time\)"),
+        # A long file read as a wide one: said what would read it.
+        ("sensor,time,reading\na,2026-01-01,1\n", None, r"--series-column NAME reads"),
+    ],
+)
+def test_a_csv_files_layout_is_checked(
+    tmp_path: Path, text: str, layout: Layout | None, message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        load_csv(_csv(tmp_path, text), layout=layout)
+
+
+def test_a_long_files_rows_without_a_value_are_skipped_as_replay_skips_them(
+    tmp_path: Path,
+) -> None:
+    """Its time too: an empty reading's time before its series' last is no error, as in
+    `replay`, and a series of empty readings alone is none."""
+    text = "t,s,value\n1,a,1\n2,a,2\n1,a,\n3,a,3\n4,c,\n"
+    data = load_csv(_csv(tmp_path, text), layout=Layout(series_column="s"))
+    assert (data.names, data.series[0].tolist()) == (["a"], [1.0, 2.0, 3.0])
+
+
+def test_a_time_column_other_than_the_first_is_read_as_the_time(tmp_path: Path) -> None:
+    data = load_csv(_csv(tmp_path, "a,t,b\n1,0,4\n2,60,5\n3,120,6\n4,240,7\n"), layout=Layout("t"))
+    assert (data.names, data.step_s) == (["a", "b"], 60.0)
+    assert data.gaps == {"a": Gaps(1, 1, 1), "b": Gaps(1, 1, 1)}
 
 
 def test_blank_lines_before_the_header_and_spaces_around_names_are_read_past(

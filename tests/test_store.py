@@ -424,9 +424,10 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
     assert main(["models", "promote", str(other), *flags]) == 0
     assert capsys.readouterr().err.strip() == (
         f"attnlstm models: note: model {other_version} reads 10 values (window 10) and "
-        f"forecasts 3, where {served}, serving before, read 20 (window 20) and forecast 1: "
-        f"workers that run {served}'s shape refuse it (a `refused` event) and serve on with "
-        "theirs; restart them to serve it (those with a model file of their own: without it)"
+        f"forecasts 3, where {served}, serving before, reads 20 values (window 20) and "
+        "forecasts 1: workers that run another shape refuse it (a `refused` event) and serve "
+        "on with theirs; restart them to serve it (those with a model file of their own: "
+        "without it)"
     )
     assert redis_client.get(keys.serving) == other_version.encode()  # noted, not refused
     assert main(["models", "rollback", served, *flags]) == 0  # and back: noted too
@@ -435,9 +436,98 @@ def test_promoting_a_model_of_another_shape_says_the_workers_refuse_it(
         .err.strip()
         .startswith(
             f"attnlstm models: note: model {served} reads 20 values (window 20) and forecasts 1, "
-            f"where {other_version}, serving before, read 10 (window 10) and forecast 3: "
+            f"where {other_version}, serving before, reads 10 values (window 10) and forecasts 3: "
         )
     )
+
+
+def test_after_a_refusal_the_shape_note_goes_by_what_the_refusing_workers_run(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A running worker refuses a model of another shape, its `refused` event saying the
+    shape it runs. A second model of the refused one's shape was promoted without a note
+    (the shape of the one serving before was the same), and the rollback to the served
+    one told the operator to restart workers that served on with it (a review)."""
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    shape = dataclasses.replace(trained_sines.config, window=10, horizon=3)
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    first_version = save(first, AttentionLSTM(shape))
+    second_version = save(second, other_model(AttentionLSTM(shape), 0.05))
+    served = version_of(trained_sines)
+    with WorkerThread(new_worker(settings_for(redis_url, keys, block_ms=100), trained_sines)):
+        wait_for(lambda: redis_client.get(keys.serving) == served.encode())
+        assert main(["models", "promote", str(first), *flags]) == 0
+        wait_for(lambda: [e for e in events(redis_client, keys.models) if e["event"] == "refused"])
+        refused = [e for e in events(redis_client, keys.models) if e["event"] == "refused"]
+        assert [(e["version"], e["runs"]) for e in refused] == [(first_version, "[20, 20, 1]")]
+        capsys.readouterr()
+        assert main(["models", "promote", str(second), *flags]) == 0
+        assert capsys.readouterr().err.strip() == (
+            f"attnlstm models: note: model {second_version} reads 10 values (window 10) and "
+            f"forecasts 3, where the workers that refused {first_version} run models that "
+            "read 20 values (window 20) and forecast 1: workers that run another shape refuse "
+            "it (a `refused` event) and serve on with theirs; restart them to serve it (those "
+            "with a model file of their own: without it)"
+        )
+        wait_for(lambda: len(events(redis_client, keys.models)) == 5)  # its refusal too
+        # Back to the shape the refusing workers run: the note names only the shape of
+        # the one serving before, which workers started since would run.
+        assert main(["models", "rollback", served, *flags]) == 0
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .startswith(
+                f"attnlstm models: note: model {served} reads 20 values (window 20) and forecasts "
+                f"1, where {second_version}, serving before, reads 10 values (window 10) and "
+                "forecasts 3: workers that run another shape refuse it"
+            )
+        )
+    # A `refused` event's `runs` that is no shape, or nested past what json reads (it was
+    # a RecursionError, and the command a traceback), is passed over.
+    for runs in ("[" * 100_000 + "]" * 100_000, "[1, 2]", "nope", '["1", 2, 3]'):
+        store = ModelStore(redis_client, keys, keep=5, source="test")
+        store.event(served, "refused", reason="planted", runs=runs)
+        assert main(["models", "rollback", served, *flags]) == 0
+    assert "refuse it" not in capsys.readouterr().err  # (each says it served already)
+
+
+def test_a_worker_whose_file_serves_alone_at_its_start_says_so(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Started with its own file while the store serves a version it refuses, a worker
+    serves its file: the log said the file was "not served" and never that fine-tunes
+    stop (a review)."""
+    caplog.set_level(logging.WARNING, logger="attnlstm.worker")
+    store = ModelStore(redis_client, keys, keep=5, source="test")
+    other = AttentionLSTM(dataclasses.replace(trained_sines.config, window=10, horizon=3))
+    blob, version = dumps(other, {})
+    store.put(blob, version)
+    store.set_serving(version, "promoted", reason="by hand")
+
+    def fits(checkpoint: Checkpoint) -> None:
+        if checkpoint.config.window != trained_sines.config.window:
+            raise ValueError("the worker runs 20 (window 20) and 1")
+
+    settings = settings_for(redis_url, keys, finetune_interval_s=60.0)
+    tuner = Tuner(redis_client, settings=settings, store=store, metrics=Metrics(), fits=fits)
+    file_model = loads(dumps(trained_sines, {})[0])
+    assert cast(Checkpoint, tuner.start(file_model)).version == file_model.version
+    assert "is not served" not in caplog.text
+    said = [r.getMessage() for r in caplog.records if "here alone" in r.getMessage()]
+    assert said == [
+        f"serving --model PATH (model {file_model.version}) here alone: the store serves "
+        f"{version}, refused above; no fine-tunes while it does. Serve one this worker can: "
+        "attnlstm models rollback VERSION, or attnlstm models promote PATH"
+    ]
 
 
 def test_promoting_the_serving_model_again_says_so_and_mends_it_for_the_workers(

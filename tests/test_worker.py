@@ -423,6 +423,33 @@ def test_slots_of_series_gone_quiet_go_to_new_series_when_only_new_ones_send(
     assert report["warming"] == len(old + new) - len(refused)
 
 
+def test_a_backlog_of_series_that_take_turns_is_read_without_refusals(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+) -> None:
+    """Eight groups of three series take turns, 5 s of entry time apart: never more than
+    three live at once, with max_series 3 and series_idle_s 1. Read as a backlog, with no
+    audit between batches, a batch that would not fit frees the slots idle by its first
+    entry's time first. Before, every group after the first was refused (21 series, 42
+    values dead-lettered) where the same entries paced lost none (a review)."""
+    monkeypatch.setattr(worker_loop, "AUDIT_INTERVAL_S", 3600.0)  # no audit while it reads
+    t0 = 1_700_000_000_000
+    for group in range(8):
+        for t in range(2):
+            for i in range(3):
+                entry_id = f"{t0 + 5_000 * group + t}-{i}"
+                redis_client.xadd(
+                    keys.input, {"series": f"g{group}-{i}", "value": "1.5"}, id=entry_id
+                )
+    settings = settings_for(redis_url, keys, max_series=3, series_idle_s=1.0, max_batch=3)
+    report = drain(settings, trained_sines)
+    assert redis_client.xlen(keys.dead) == 0, by_src(redis_client, keys.dead)
+    assert report["warming"] == 48
+
+
 def test_a_worker_that_keeps_falling_out_of_step_spaces_its_re_syncs_out(
     caplog: pytest.LogCaptureFixture,
     redis_client: redis.Redis,

@@ -39,16 +39,26 @@ def batch_rows(max_batch: int, batch_values: int, context: int) -> int:
     return min(max_batch, max(PAD_ROWS, batch_values // context // PAD_ROWS * PAD_ROWS))
 
 
+class ShapeError(ValueError):
+    """A model of another shape than the worker's, which :attr:`runs`: the values it
+    reads, its window and its horizon."""
+
+    def __init__(self, message: str, runs: tuple[int, int, int]) -> None:
+        super().__init__(message)
+        self.runs = runs
+
+
 def check_fits(checkpoint: Checkpoint, *, context: int, window: int, horizon: int) -> None:
-    """ValueError unless the checkpoint's model reads ``context`` values, weighs
+    """ShapeError unless the checkpoint's model reads ``context`` values, weighs
     ``window`` steps and forecasts ``horizon``: the values the worker keeps per series, and
     the forecasts it publishes."""
     config = checkpoint.config
     if (config.context, config.window, config.horizon) != (context, window, horizon):
-        raise ValueError(
+        raise ShapeError(
             f"model {checkpoint.version} reads {config.context} values (window "
             f"{config.window}) and forecasts {config.horizon}; the worker runs {context} "
-            f"(window {window}) and {horizon}"
+            f"(window {window}) and {horizon}",
+            (context, window, horizon),
         )
 
 

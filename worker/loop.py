@@ -545,6 +545,21 @@ class Worker:
             start = end
         self.pipeline.publish(calls)
 
+    def _make_room(self, lane: Lane, entries: list[Entry], names: int, room: int) -> int:
+        """``room`` for a batch of ``names`` values, and the slots of series idle by the
+        clock at the batch's first entry, where the batch may not fit: freed now, as the
+        next audit would free them. Before, a backlog read faster than the audits ran
+        turned new series away with slots of series long idle by the entries' own times:
+        3,000 series one second apart, 60-160 of them live at once, with a limit of 200,
+        lost 2,800 of their values read as a backlog and none paced (a review)."""
+        if names <= room or not entries:
+            return room
+        state = lane.state
+        now_ms = max(entry_ms(entries[0][0]), entry_ms(state.last_id))
+        freed = state.sweep(now_ms)
+        lane.scorer.forget(freed)
+        return room + freed.size
+
     def _prepare(
         self, lane: Lane, entries: list[Entry], pending: dict[bytes, int] | None, room: int
     ) -> _Part:
@@ -560,7 +575,7 @@ class Worker:
             put_aside=state.put_aside,
             partition=(lane.k, self.settings.partitions),
         )
-        slots = state.slots_for(batch.names, room)
+        slots = state.slots_for(batch.names, self._make_room(lane, entries, len(batch.names), room))
         publish = np.asarray(batch.publish, dtype=bool)
         refused = np.flatnonzero((slots == NO_SLOT) & publish)
         batch.reject(refused, SERIES_LIMIT.format(state.max_series))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from worker.cli.argtypes import refuse_given
 from worker.cli.parser import PLOT_FILE_FLAGS, WORKER_FLAGS, plot_defaults
 from worker.cli.replay import redis_for
 from worker.lease import ensure_library
-from worker.online.store import FILE_BYTES_MAX, ModelStore
+from worker.online.store import FILE_BYTES_MAX, SWITCHES, ModelStore
 from worker.settings import WORKER_ONLY, Settings, check_url, from_flags, with_password
 from worker.streams import unreachable
 from worker.tools import RUNS
@@ -233,7 +234,7 @@ def models_command(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "rollback":
             checkpoint = store.get(args.version)  # refuses a missing, damaged or forged version
             before = store.serving()
-            shape = _shape(store, before)
+            shape = _running(store, before)
             store.set_serving(checkpoint.version, "rolled_back", previous=before)
             _note_again(checkpoint.version, before)
             _note_shape(checkpoint, before, shape)  # (a rollback said nothing: a review)
@@ -268,7 +269,7 @@ def _promote(store: ModelStore, path: Path, *, into_unsigned: bool) -> dict[str,
             )
     checkpoint = open_checkpoint(path, FILE_BYTES_MAX)
     before = store.serving()
-    shape = _shape(store, before)  # read first: a failure here promotes nothing
+    shape = _running(store, before)  # read first: a failure here promotes nothing
     store.put(dumps(checkpoint.model, checkpoint.meta)[0], checkpoint.version)
     store.set_serving(checkpoint.version, "promoted", reason="promoted by hand")
     _note_again(checkpoint.version, before)
@@ -289,29 +290,89 @@ def _note_again(version: str, before: str | None) -> None:
         )
 
 
-def _note_shape(
-    checkpoint: Checkpoint, before: str | None, shape: tuple[int, int, int] | None
-) -> None:
-    """A note where ``checkpoint``, now served, has another shape than ``before`` (which
-    read ``shape``): served without a word before, while the workers refused it and
+# Shapes: the values a model reads, its window and its horizon.
+Shape = tuple[int, int, int]
+# The newest events read for the refusals of the version serving (``_running``).
+REFUSALS_READ = 1000
+
+
+def _note_shape(checkpoint: Checkpoint, before: str | None, running: _Running | None) -> None:
+    """A note where ``checkpoint``, now served, has another shape than workers may run
+    (``running``): served without a word before, while the workers refused it and
     stopped fine-tuning."""
     config = checkpoint.config
-    if shape is not None and shape != (config.context, config.window, config.horizon):
+    new = (config.context, config.window, config.horizon)
+    if running is None:
+        return
+    whose = []
+    if running.own is not None and running.own != new:
+        whose.append(f"{before}, serving before, reads {_read(running.own, 'forecasts')}")
+    if refusing := [s for s in running.refusing if s != new]:
+        read = " or ".join(_read(s, "forecast") for s in refusing)
+        whose.append(f"the workers that refused {before} run models that read {read}")
+    if whose:
         print(
-            f"attnlstm models: note: model {checkpoint.version} reads {config.context} values "
-            f"(window {config.window}) and forecasts {config.horizon}, where {before}, serving "
-            f"before, read {shape[0]} (window {shape[1]}) and forecast {shape[2]}: workers "
-            f"that run {before}'s shape refuse it (a `refused` event) and serve on with theirs; "
-            "restart them to serve it (those with a model file of their own: without it)",
+            f"attnlstm models: note: model {checkpoint.version} reads "
+            f"{_read(new, 'forecasts')}, where {', and '.join(whose)}: workers that run "
+            "another shape refuse it (a `refused` event) and serve on with theirs; restart "
+            "them to serve it (those with a model file of their own: without it)",
             file=sys.stderr,
         )
 
 
-def _shape(store: ModelStore, version: str | None) -> tuple[int, int, int] | None:
-    """The values the stored ``version`` reads, its window and its horizon; None where
-    there is none to read (none serves, or it is damaged)."""
+def _read(shape: Shape, forecast: str) -> str:
+    return f"{shape[0]} values (window {shape[1]}) and {forecast} {shape[2]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Running:
+    """The shapes workers may run, as the store tells them: the version serving's own
+    (None: damaged), and those in its `refused` events since it last began to serve
+    (workers started since, or with no model file, run its own)."""
+
+    own: Shape | None
+    refusing: list[Shape]
+
+
+def _running(store: ModelStore, version: str | None) -> _Running | None:
+    """What workers may run before ``version`` is replaced; None where none serves. By
+    its shape alone, a second model of a refused one's shape was promoted without a note
+    while the workers refused it too (a review)."""
     if version is None:
         return None
+    refusing: list[Shape] = []
+    for _, fields in store.recent_events(REFUSALS_READ):
+        if fields is None or fields.get(b"version") != version.encode():
+            continue
+        if fields.get(b"event") in SWITCHES:
+            break
+        if fields.get(b"event") == b"refused" and (runs := _runs(fields.get(b"runs"))):
+            refusing += [runs] if runs not in refusing else []
+    return _Running(_shape(store, version), refusing)
+
+
+# A `refused` event's ``runs`` is three counts: one longer is none (nested a hundred
+# thousand deep, json.loads raised RecursionError, and the command a traceback).
+RUNS_BYTES_MAX = 64
+
+
+def _runs(text: bytes | None) -> Shape | None:
+    """A `refused` event's ``runs`` (a JSON list of three counts); None where it has
+    none (an older release's event) or it is not that."""
+    if not text or len(text) > RUNS_BYTES_MAX:
+        return None
+    try:
+        runs = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(runs, list) and len(runs) == 3 and all(type(n) is int for n in runs):
+        return runs[0], runs[1], runs[2]
+    return None
+
+
+def _shape(store: ModelStore, version: str) -> Shape | None:
+    """The values the stored ``version`` reads, its window and its horizon; None where
+    it is damaged."""
     try:
         config = store.get(version).config
     except CheckpointError:

@@ -24,7 +24,7 @@ from attnlstm.checkpoint import (
     open_checkpoint,
     save,
 )
-from attnlstm.data import DAY_S, Dataset, fingerprint, load_dataset, prefix_fingerprints
+from attnlstm.data import DAY_S, Dataset, Layout, fingerprint, load_dataset, prefix_fingerprints
 from attnlstm.device import resolve_device
 from attnlstm.experiment import (
     SEASONAL_WEIGHT_DECAY,
@@ -67,26 +67,8 @@ def train_command(args: argparse.Namespace) -> dict[str, Any]:
     _check_out(args.out)
     dataset, device = _prepare(args)
     period = dataset.daily_period() if args.period is None else args.period
-    if args.period is None and not period and dataset.step_s:
-        print(
-            f"attnlstm train: note: values {dataset.step_s:g} s apart (the first column's "
-            f"median step) make a day of {DAY_S / dataset.step_s:,.6g} steps, no daily period "
-            "a model can take (a whole number from 4 to "
-            f"{CONFIG_BOUNDS['period'][1]:,}): trained with none; --period N sets one",
-            file=sys.stderr,
-        )
-    elif (
-        args.period is None
-        and dataset.step_s is None
-        and args.data.startswith("csv:")
-        and max(dataset.lengths) > 1  # one row has no step, and the error follows
-    ):
-        print(
-            "attnlstm train: note: the first column, taken to be the time, holds no time "
-            "at its first row (ISO 8601 or a count since the epoch): trained with no daily "
-            "period; --period N sets one, --column NAME reads a column as a series",
-            file=sys.stderr,
-        )
+    if args.period is None:
+        _note_no_period(args, dataset, period)
     given = {
         "window": args.window,
         "horizon": args.horizon,
@@ -526,6 +508,36 @@ def _stat_models(period: int | None, *, none_asked: bool) -> tuple[str, ...]:
     return baselines.STAT_MODELS
 
 
+def _note_no_period(args: argparse.Namespace, dataset: Dataset, period: int) -> None:
+    """A note where no daily period was found for ``train`` (none given): the times make
+    no whole day of steps, or the file has none."""
+    if not period and dataset.step_s:
+        print(
+            f"attnlstm train: note: values {dataset.step_s:g} s apart (the time column's "
+            f"median step) make a day of {DAY_S / dataset.step_s:,.6g} steps, no daily period "
+            "a model can take (a whole number from 4 to "
+            f"{CONFIG_BOUNDS['period'][1]:,}): trained with none; --period N sets one",
+            file=sys.stderr,
+        )
+    elif (
+        dataset.step_s is None
+        and args.data.startswith("csv:")
+        and max(dataset.lengths) > 1  # one row has no step, and the error follows
+    ):
+        other = (
+            ""
+            if args.series_column
+            else ", --column NAME reads a column as a series, and --series-column NAME a "
+            "long file (a row per reading, its series named in column NAME)"
+        )
+        print(
+            "attnlstm train: note: the first column, taken to be the time, holds no time "
+            "at its first row (ISO 8601 or a count since the epoch): trained with no daily "
+            f"period; --period N sets one, --time-column NAME names the time column{other}",
+            file=sys.stderr,
+        )
+
+
 def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     """The data the flags name, and the device; torch's threads set."""
     if args.threads:
@@ -534,15 +546,41 @@ def _prepare(args: argparse.Namespace) -> tuple[Dataset, str]:
     n_series = _series_count(args.series)
     if args.series is not None and args.data != "sines":
         raise UsageError(f"argument --series: for --data sines, not --data {args.data}")
-    if args.column and not args.data.startswith("csv:"):
-        raise UsageError(f"argument --column: for --data csv:PATH, not --data {args.data}")
+    layout = _layout(args)
     points = SineSpec().n_points
     if args.data == "sines" and n_series * points > MAX_SINE_VALUES:  # 30,000,000: MemoryError
         raise UsageError(
             f"argument --series: {n_series:,} sines of {points:,} points are more than "
             f"the {MAX_SINE_VALUES:,} values drawn at once"
         )
-    return load_dataset(args.data, n_series=n_series, columns=args.column, seed=args.seed), device
+    dataset = load_dataset(
+        args.data, n_series=n_series, columns=args.column, seed=args.seed, layout=layout
+    )
+    return dataset, device
+
+
+CSV_FLAGS = (
+    ("--column", "column"),
+    ("--time-column", "time_column"),
+    ("--series-column", "series_column"),
+    ("--value-column", "value_column"),
+)
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    """The CSV file's columns, as the flags name them; a UsageError for a flag of no use
+    with the data or the others (it was ignored, as replay refuses it)."""
+    if not args.data.startswith("csv:"):
+        refuse_given(args, CSV_FLAGS, f"for --data csv:PATH, not --data {args.data}")
+    if args.series_column is None and args.value_column is not None:
+        raise UsageError("--value-column is for a long file, with --series-column")
+    if args.series_column is not None and args.column:
+        raise UsageError("--column is for a wide file, not with --series-column")
+    return Layout(
+        time_column=args.time_column,
+        series_column=args.series_column,
+        value_column=args.value_column or Layout.value_column,
+    )
 
 
 def _series_count(given: int | str | None) -> int:

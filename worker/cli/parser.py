@@ -89,7 +89,16 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
         "--column",
         action="append",
         default=[],
-        help="CSV value column (repeatable; default: every column but the first)",
+        help="CSV value column (repeatable; default: every column but the time)",
+    )
+    p.add_argument("--time-column", default=None, help="CSV time column (default: the first)")
+    p.add_argument(
+        "--series-column",
+        default=None,
+        help="a long CSV file (a row per reading): the column naming each row's series",
+    )
+    p.add_argument(
+        "--value-column", default=None, help="a long CSV file's value column (default value)"
     )
     seeded = "the sines and the training" if trains else "the sines"
     p.add_argument(
@@ -473,6 +482,9 @@ PLOT_FILE_FLAGS = (
     ("--data", "data"),
     ("--model", "model"),
     ("--column", "column"),
+    ("--time-column", "time_column"),
+    ("--series-column", "series_column"),
+    ("--value-column", "value_column"),
     ("--seed", "seed"),
     ("--val-fraction", "val_fraction"),
     ("--device", "device"),

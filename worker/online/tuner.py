@@ -13,6 +13,7 @@ batches). One worker fine-tunes at a time: a lock with a TTL in Redis.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -26,6 +27,7 @@ import redis
 
 from attnlstm.checkpoint import VERSION_HEX, Checkpoint, CheckpointError, dumps, loads
 from attnlstm.model import ModelConfig
+from worker.engine import ShapeError
 from worker.lease import Lease
 from worker.metrics import Metrics
 from worker.online.finetune import FinetuneConfig, Job, NotEnoughDataError, min_points
@@ -169,15 +171,17 @@ class Tuner:
                 return self._adopt(file_model, blob)
             serving = self.store.serving()  # another worker's file, promoted first
         if serving is not None and serving != self.version:
-            self._file_not_served(file_model, serving)
             # A model of the store's (a worker made again with its shape) is no file: it
             # takes another shape again, should one serve by now.
             own_file = file_model is not None and not self.from_store
+            starting = self.version is None
             if (checkpoint := self._switch(serving, reshape=not own_file)) is not None:
+                self._file_not_served(file_model, serving, starting=starting)
                 return checkpoint
             if self.reshape is not None:
                 return None
         if file_model is not None and self.version is None:
+            self._file_alone(file_model)
             return self._adopt(file_model)
         if self.version is None and not self.enabled:
             raise ValueError(f"no model: {self._store_holds()}, none given; {NO_MODEL_FIX}")
@@ -197,9 +201,12 @@ class Tuner:
             return f"none in the store ({self.store.keys.models})"
         return f"the store serves model {self._refused}, refused above"
 
-    def _file_not_served(self, file_model: Checkpoint | None, serving: str) -> None:
-        """A warning where this worker's model file, at its start, is not what serves."""
-        if file_model is None or self.version is not None:
+    def _file_not_served(
+        self, file_model: Checkpoint | None, serving: str, *, starting: bool
+    ) -> None:
+        """A warning where this worker's model file, at its start, is not what serves:
+        the store's version, served instead."""
+        if file_model is None or not starting:
             return
         if serving in (file_model.version, file_model.former_version):  # (the file, stored
             return  # by an older release under the version it gave it)
@@ -213,6 +220,23 @@ class Tuner:
             file_model.version,
             serving,
             path,
+        )
+
+    def _file_alone(self, file_model: Checkpoint) -> None:
+        """A warning where this worker serves its model file because the store's version
+        was refused at its start: the log said the file was "not served" (the warning
+        for a file the store's version replaces), then forecast with it, and never said
+        that fine-tunes stop (a review)."""
+        if self._refused is None:
+            return
+        log.warning(
+            "serving --model %s (model %s) here alone: the store serves %s, refused above%s. "
+            "Serve one this worker can: attnlstm models rollback VERSION, or attnlstm models "
+            "promote PATH",
+            self.settings.model or "PATH",
+            file_model.version,
+            self._refused,
+            "; no fine-tunes while it does" if self.enabled else "",
         )
 
     def events_query(self, after: bytes | None = None) -> Command:
@@ -285,7 +309,9 @@ class Tuner:
         except (CheckpointError, ValueError) as e:
             unchanged = f"; serving {self.version} unchanged" if self.version else ""
             log.error("refused model %s: %s%s", version, e, unchanged)
-            self.store.event(version, "refused", reason=str(e))
+            # The shape this worker runs, for `models promote` to compare the next with.
+            runs = {"runs": json.dumps(list(e.runs))} if isinstance(e, ShapeError) else {}
+            self.store.event(version, "refused", reason=str(e), **runs)
             self._refused = version
             if self.version is not None and self.enabled:
                 log.warning(

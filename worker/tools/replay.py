@@ -24,6 +24,7 @@ from tqdm import tqdm
 from attnlstm.data import (
     VALUE_MAX,
     DataError,
+    Layout,
     column_index,
     csv_rows,
     refuse_data_as_header,
@@ -114,18 +115,15 @@ def _steps(values: np.ndarray, *, seed: int, bad_rate: float, prefix: str) -> It
 
 
 @dataclass(frozen=True)
-class CsvLayout:
-    """Which columns of a CSV file hold what.
+class CsvLayout(Layout):
+    """Which columns of a CSV file hold what, as :class:`attnlstm.data.Layout` says.
 
     Wide (no ``series_column``): every value column is a series named after it.
     Long: each row names its series in ``series_column`` and its value in
     ``value_column``.
     """
 
-    time_column: str | None = None  # default: the first column
     value_columns: tuple[str, ...] = ()  # wide; default: every column but the time
-    series_column: str | None = None  # long
-    value_column: str = "value"  # long
 
 
 _NOT_IN_IDS = r"[^A-Za-z0-9_.:/-]+"  # what the contract's series ids have no place for
