@@ -133,11 +133,11 @@ def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None =
     """Value columns of a CSV file with a header row, each one series; or, in a long
     file (``layout.series_column``), each series its rows.
 
-    Without ``columns``, every column but the time (the first, unless ``layout`` names
-    another) is used. Empty cells are gaps and are skipped, and so is a row of them
-    (``,``, as a spreadsheet may end a file); anything else that is not a finite number,
-    a time :func:`_time_step` refuses, and a row :func:`csv_rows` refuses, is an error
-    naming its line.
+    Without ``columns`` (in a long file, the series wanted), every column but the time
+    (the first, unless ``layout`` names another) is used. Empty cells are gaps and are
+    skipped, and so is a row of them (``,``, as a spreadsheet may end a file); anything
+    else that is not a finite number, a time :func:`_time_step` refuses, and a row
+    :func:`csv_rows` refuses, is an error naming its line.
     """
     layout = layout or Layout()
     try:
@@ -153,11 +153,9 @@ def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None =
     unnamed = unnamed_columns(header)
     for line, row in body:
         refuse_unnamed_values(path, line, row, unnamed)
-    clock = _Clock(path, header, layout.time_column, long=layout.series_column is not None)
-    if layout.series_column is not None:
-        if columns:
-            raise DataError(f"{path}: value columns are for a wide file, not a long one")
-        return _load_long(path, header, body, clock, layout)
+    clock = _Clock(path, header, layout.time_column)
+    if layout.series_column is not None:  # ``columns``: the series wanted
+        return _load_long(path, header, body, clock, layout, list(dict.fromkeys(columns)))
     # A column asked for twice: once. One the header leaves unnamed holds no value (as
     # a spreadsheet's trailing comma makes: `time,a,`), and is none.
     wanted = list(dict.fromkeys(columns)) or [
@@ -175,14 +173,29 @@ def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None =
     step, times = clock.read(body)
     if times and clock.at in at:  # trained on as values, as `replay` refuses it
         raise DataError(f"{path}: column {header[clock.at]!r} is the time column, no series")
-    try:
-        read = [_column(path, body, k, name) for k, name in zip(at, wanted, strict=True)]
-    except DataError as e:  # a long file read as a wide one: "ts='2026-...' is not a number"
-        long = "" if times or layout.time_column else LONG_HINT
-        raise DataError(f"{e}{long}") from None
+    read = []
+    for k, name in zip(at, wanted, strict=True):
+        try:
+            read.append(_column(path, body, k, name))
+        except DataError as e:  # "ts='2026-...' is not a number": what would read it
+            raise DataError(f"{e}{_layout_hint(body, k, name, bool(times), layout)}") from None
     stamps = np.asarray(times, dtype=np.float64)
     parts = [(values, stamps[kept] if stamps.size else stamps) for values, kept in read]
     return _dataset(wanted, parts, step)
+
+
+def _layout_hint(
+    body: list[tuple[int, list[str]]], at: int, name: str, timed: bool, layout: Layout
+) -> str:
+    """What may read a wide file's column ``name`` (at ``at``) that holds no numbers: a
+    time column other than the first, or the file as a long one."""
+    if layout.time_column:
+        return ""
+    if not timed:
+        return LONG_HINT
+    if body and _is_time(_cell(body[0][1], at)):
+        return f" (the time? --time-column {name} reads it as the file's times)"
+    return ""
 
 
 # Where a file with no time in its first column holds a value that is no number.
@@ -207,11 +220,18 @@ def _dataset(
 
 
 def _load_long(
-    path: Path, header: list[str], body: list[tuple[int, list[str]]], clock: _Clock, layout: Layout
+    path: Path,
+    header: list[str],
+    body: list[tuple[int, list[str]]],
+    clock: _Clock,
+    layout: Layout,
+    series: Sequence[str] = (),
 ) -> Dataset:
-    """A long file's series, as `replay` reads it: each the rows that name it in the
-    series column, in file order, its values from the value column and its times from
-    the time column (run forward within each series). A row with no value is skipped;
+    """A long file's series (those named in ``series``, or every one), as `replay`
+    reads it: each the rows that name it in the series column, in file order, its values
+    from the value column and its times from the time column (run forward within each
+    series). A row with no value is skipped, but for its time, which must read as one
+    where the file has times (where any row's does: every row's must, as in `replay`);
     one with a value and no series is an error. The time step is the lower median of
     the series' own."""
     assert layout.series_column is not None
@@ -222,19 +242,28 @@ def _load_long(
             f"{path}: the time ({header[clock.at]!r}), series ({header[series_at]!r}) and "
             f"value ({header[value_at]!r}) columns must be three columns"
         )
-    rows_of: dict[str, list[tuple[int, list[str]]]] = {}
+    # (A time in a form not read, `20/03/2022 11:00`, is one, refused below as unread.)
+    timed = clock.given or any(
+        _is_time(text) or foreign_time(text) for _, row in body if (text := _cell(row, clock.at))
+    )
+    rows_of: dict[str, list[tuple[int, list[str]]]] = {name: [] for name in series}
     for line, row in body:
-        value, name = _cell(row, value_at), _cell(row, series_at)
+        value, name, time = _cell(row, value_at), _cell(row, series_at), _cell(row, clock.at)
         if value and not name:
             raise DataError(f"{path}:{line}: a value and no series ({header[series_at]!r})")
-        if value:  # a row with none is a gap, as `replay` skips it
-            rows_of.setdefault(name, []).append((line, [_cell(row, clock.at), value]))
+        if timed and not _is_time(time):
+            raise unread_time(path, line, time)
+        if value and (name in rows_of or not series):
+            rows_of.setdefault(name, []).append((line, [time, value]))
+    if missing := [name for name, rows in rows_of.items() if not rows]:
+        named = [name for name in dict.fromkeys(_cell(row, series_at) for _, row in body) if name]
+        raise DataError(
+            f"{path}: no value of series {', '.join(map(repr, missing))} in column "
+            f"{header[series_at]!r}; it names {', '.join(named[:10])}"
+            + (f" and {len(named) - 10:,} more" if len(named) > 10 else "")
+        )
     if not rows_of:
         raise DataError(f"{path}: column {layout.value_column!r} has no values")
-    # Whether the file has times, by its first reading's: then every series' rows must
-    # each have one (a series whose first time was unread had none, and went unchecked).
-    first = next(iter(rows_of.values()))[:1]
-    timed = bool(clock.read(first, at=0)[1])
     parts, steps = [], []
     for name, rows in rows_of.items():
         times = clock.read(rows, at=0, series=name, required=True)[1] if timed else []
@@ -242,10 +271,20 @@ def _load_long(
         stamps = np.asarray(times, dtype=np.float64)
         parts.append((values, stamps))
         steps.append(np.diff(stamps) / 1000)
-    # The lower median: a series read hourly beside one read every two hours is hourly.
+    # The lower median of the steps that are steps (a time twice is none: it is counted
+    # as a repeat): a series read hourly beside one read every two hours is hourly.
     step = np.concatenate(steps)
+    step = step[step > 0]
     median = float(np.percentile(step, 50, method="lower")) if step.size else None
     return _dataset(list(rows_of), parts, median)
+
+
+def _is_time(text: str) -> bool:
+    try:
+        time_ms(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _cell(row: Sequence[str], at: int) -> str:
@@ -511,8 +550,8 @@ class _Clock:
     """A file's time column: the first, or the one ``name``d (whose rows must each hold a
     time: a first one that is none is an error, not a file without times)."""
 
-    def __init__(self, path: Path, header: Sequence[str], name: str | None, *, long: bool) -> None:
-        self.path, self.given, self.long = path, name is not None, long
+    def __init__(self, path: Path, header: Sequence[str], name: str | None) -> None:
+        self.path, self.given = path, name is not None
         self.at = column_index(path, header, name) if name is not None else 0
         self.named = f"column {header[self.at]!r}" if self.given else f"the first, {header[0]!r},"
         self.hint = f" (column {header[self.at]!r} is the time)" if self.given else FIRST_IS_TIME
@@ -531,10 +570,10 @@ class _Clock:
             self.path,
             rows,
             at=self.at if at is None else at,
-            whose=f"series {series!r}'s time before" if series else "",
+            whose=f"series {series}'s time before" if series else "",
             hint=self.hint,
             # A time on most rows: a long file read as a wide one, maybe.
-            again_hint=self.hint if self.long else self.hint + LONG_HINT,
+            again_hint=f" (series {series})" if series else self.hint + LONG_HINT,
             required=self.given or required,
         )
 

@@ -622,11 +622,6 @@ BAD_RUNS = [
         "--value-column is for a long file, with --series-column",
     ),
     (
-        ["plot", "--data", "csv:minutes.csv", "--series-column", "s", "--column", "x"],
-        2,
-        "--column is for a wide file, not with --series-column",
-    ),
-    (
         ["train", "--data", "csv:minutes.csv", "--time-column", "when"],
         1,
         "minutes.csv: no column 'when'; it has ['time', 'value']",

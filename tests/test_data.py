@@ -209,7 +209,7 @@ def test_a_long_file_is_read_series_by_series(tmp_path: Path) -> None:
         (
             "s,t,value\na,2,1\nb,1,1\na,1,2\n",
             Layout(time_column="t", series_column="s"),
-            r"d\.csv:4: time '1' is before '2', series 'a''s time before: the rows must run "
+            r"d\.csv:4: time '1' is before '2', series a's time before: the rows must run "
             r"forward in time \(column 't' is the time\)",
         ),
         # A series whose first time cannot be read, in a file with times (it was taken
@@ -219,6 +219,12 @@ def test_a_long_file_is_read_series_by_series(tmp_path: Path) -> None:
             Layout(series_column="s"),
             r"d\.csv:4: time 'noon' is neither ISO 8601",
         ),
+        # A file with times: every row's time must read, a skipped row's too, and the
+        # first reading's (it was taken for a file without times, and none was checked).
+        ("t,s,value\n,a,1\n1,a,2\n2,a,3\n", Layout(series_column="s"), r"d\.csv:2: time ''"),
+        ("t,s,value\n1,a,1\nx,a,\n2,a,3\n", Layout(series_column="s"), r"d\.csv:3: time 'x'"),
+        # A column of times that is not the first: said what reads it.
+        ("a,t\n1,2024-01-01T00:00\n", None, r"t='2024-01-01T00:00' is not a number \(the time\? "),
         # A long file read as a wide one, its times on most rows twice.
         ("t,s,v\n1,a,1\n1,b,2\n2,a,3\n2,b,4\n", None, r"one row a time .* --series-column"),
         (
@@ -251,6 +257,22 @@ def test_a_long_files_rows_without_a_value_are_skipped_as_replay_skips_them(
     text = "t,s,value\n1,a,1\n2,a,2\n1,a,\n3,a,3\n4,c,\n"
     data = load_csv(_csv(tmp_path, text), layout=Layout(series_column="s"))
     assert (data.names, data.series[0].tolist()) == (["a"], [1.0, 2.0, 3.0])
+
+
+def test_a_long_files_series_are_picked_by_name_and_its_step_is_a_step(tmp_path: Path) -> None:
+    """`--column` names the series of a long file to read (`plot` drew its first one
+    alone), and a time written twice is no step of 0: each series' every reading twice
+    gave half of all steps 0, and a step of 0, no period."""
+    rows = [f"{3600 * (h // 2)},{name},{h}" for h in range(9) for name in "ab"]
+    path = _csv(tmp_path, "t,s,value\n" + "\n".join(rows) + "\n")
+    layout = Layout(series_column="s")
+    data = load_csv(path, layout=layout)
+    assert (data.names, data.step_s, data.repeats) == (["a", "b"], 3600.0, {"a": 4, "b": 4})
+    assert load_csv(path, ["b"], layout=layout).names == ["b"]
+    with pytest.raises(
+        DataError, match=r"d\.csv: no value of series 'c' in column 's'; it names a, b$"
+    ):
+        load_csv(path, ["b", "c"], layout=layout)
 
 
 def test_a_time_column_other_than_the_first_is_read_as_the_time(tmp_path: Path) -> None:

@@ -489,11 +489,51 @@ def test_after_a_refusal_the_shape_note_goes_by_what_the_refusing_workers_run(
         )
     # A `refused` event's `runs` that is no shape, or nested past what json reads (it was
     # a RecursionError, and the command a traceback), is passed over.
-    for runs in ("[" * 100_000 + "]" * 100_000, "[1, 2]", "nope", '["1", 2, 3]'):
-        store = ModelStore(redis_client, keys, keep=5, source="test")
+    planted = [
+        "[" * 100_000 + "]" * 100_000,
+        "[1, 2]",
+        "nope",
+        '["1", 2, 3]',
+        "[-1, 0, 0]",
+        "[99999999999, 1, 1]",
+        "[1, 20, 1]",  # a window longer than the values read
+        "[10, 10, 3]".encode("utf-16"),  # json.loads reads UTF-16 bytes
+    ]
+    store = ModelStore(redis_client, keys, keep=5, source="test")
+    for runs in planted:
         store.event(served, "refused", reason="planted", runs=runs)
         assert main(["models", "rollback", served, *flags]) == 0
     assert "refuse it" not in capsys.readouterr().err  # (each says it served already)
+
+
+def test_a_refusal_a_thousand_events_back_still_counts_in_the_shape_note(
+    redis_client: redis.Redis,
+    redis_url: str,
+    keys: Keys,
+    trained_sines: AttentionLSTM,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The events are read back to the serving version's switch: the newest 1,000 alone
+    missed a refusal that the fine-tunes' `trained` and `rejected` events had pushed
+    further back."""
+    flags = ["--redis-url", redis_url, "--models-stream", keys.models]
+    served = save(tmp_path / "served.safetensors", trained_sines)
+    assert main(["models", "promote", str(tmp_path / "served.safetensors"), *flags]) == 0
+    store = ModelStore(redis_client, keys, keep=5, source="test")
+    store.event(served, "refused", reason="planted", runs="[10, 10, 3]")
+    pipe = redis_client.pipeline(transaction=False)
+    for _ in range(2_500):
+        pipe.xadd(keys.models, {"version": "0" * 16, "event": "trained", "by": "w", "ts": "1"})
+    pipe.execute()
+    other = tmp_path / "other.safetensors"
+    save(other, other_model(trained_sines, 0.05))
+    capsys.readouterr()
+    assert main(["models", "promote", str(other), *flags]) == 0
+    assert (
+        f"where the workers that refused {served} run models that read 10 values (window 10) "
+        "and forecast 3: " in capsys.readouterr().err
+    )
 
 
 def test_a_worker_whose_file_serves_alone_at_its_start_says_so(

@@ -292,7 +292,7 @@ def _note_again(version: str, before: str | None) -> None:
 
 # Shapes: the values a model reads, its window and its horizon.
 Shape = tuple[int, int, int]
-# The newest events read for the refusals of the version serving (``_running``).
+# Events read at a time for the refusals of the version serving (``_refusals``).
 REFUSALS_READ = 1000
 
 
@@ -340,32 +340,45 @@ def _running(store: ModelStore, version: str | None) -> _Running | None:
     while the workers refused it too (a review)."""
     if version is None:
         return None
+    return _Running(_shape(store, version), _refusals(store, version.encode()))
+
+
+def _refusals(store: ModelStore, version: bytes) -> list[Shape]:
+    """The shapes in the `refused` events of ``version`` since it last began to serve,
+    read back page by page to its switch (the fine-tunes' `trained` and `rejected`
+    events had put refusals out of a first page's reach)."""
     refusing: list[Shape] = []
-    for _, fields in store.recent_events(REFUSALS_READ):
-        if fields is None or fields.get(b"version") != version.encode():
-            continue
-        if fields.get(b"event") in SWITCHES:
-            break
-        if fields.get(b"event") == b"refused" and (runs := _runs(fields.get(b"runs"))):
-            refusing += [runs] if runs not in refusing else []
-    return _Running(_shape(store, version), refusing)
+    before = None
+    while page := store.recent_events(REFUSALS_READ, before):
+        for _, fields in page:
+            if fields is None or fields.get(b"version") != version:
+                continue
+            if fields.get(b"event") in SWITCHES:
+                return refusing
+            if fields.get(b"event") == b"refused" and (runs := _runs(fields.get(b"runs"))):
+                refusing += [runs] if runs not in refusing else []
+        before = page[-1][0]
+    return refusing
 
 
 # A `refused` event's ``runs`` is three counts: one longer is none (nested a hundred
 # thousand deep, json.loads raised RecursionError, and the command a traceback).
 RUNS_BYTES_MAX = 64
+RUNS_MAX = 10**9  # no count of a shape is near it; one past it is no shape
 
 
 def _runs(text: bytes | None) -> Shape | None:
     """A `refused` event's ``runs`` (a JSON list of three counts); None where it has
     none (an older release's event) or it is not that."""
-    if not text or len(text) > RUNS_BYTES_MAX:
+    if not text or len(text) > RUNS_BYTES_MAX or not text.isascii():  # (json reads UTF-16)
         return None
     try:
         runs = json.loads(text)
     except ValueError:
         return None
-    if isinstance(runs, list) and len(runs) == 3 and all(type(n) is int for n in runs):
+    if not (isinstance(runs, list) and len(runs) == 3):
+        return None
+    if all(type(n) is int and 0 < n <= RUNS_MAX for n in runs) and runs[1] <= runs[0]:
         return runs[0], runs[1], runs[2]
     return None
 

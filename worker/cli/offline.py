@@ -574,10 +574,8 @@ def _layout(args: argparse.Namespace) -> Layout:
         refuse_given(args, CSV_FLAGS, f"for --data csv:PATH, not --data {args.data}")
     if args.series_column is None and args.value_column is not None:
         raise UsageError("--value-column is for a long file, with --series-column")
-    if args.series_column is not None and args.column:
-        raise UsageError("--column is for a wide file, not with --series-column")
     return Layout(
-        time_column=args.time_column,
+        time_column=args.time_column or None,  # "": the first, as replay takes it
         series_column=args.series_column,
         value_column=args.value_column or Layout.value_column,
     )

@@ -89,7 +89,8 @@ def _data_args(p: argparse.ArgumentParser, *, live: bool = False, trains: bool =
         "--column",
         action="append",
         default=[],
-        help="CSV value column (repeatable; default: every column but the time)",
+        help="CSV value column, or a long file's series (repeatable; default: every column "
+        "but the time, or every series)",
     )
     p.add_argument("--time-column", default=None, help="CSV time column (default: the first)")
     p.add_argument(

@@ -297,9 +297,10 @@ class ModelStore:
             round_trip(self.client, [self.events_query(after=after, count=count)])[0]
         )
 
-    def recent_events(self, count: int) -> list[Entry]:
-        """The newest ``count`` events, newest first."""
-        return cast(list[Entry], self.client.xrevrange(self.keys.models, count=count))
+    def recent_events(self, count: int, before: bytes | None = None) -> list[Entry]:
+        """The newest ``count`` events (before the event ``before``), newest first."""
+        newest = b"(" + before if before else "+"
+        return cast(list[Entry], self.client.xrevrange(self.keys.models, newest, count=count))
 
     def last_event_id(self) -> bytes:
         last = cast(list[Entry], self.client.xrevrange(self.keys.models, count=1))
