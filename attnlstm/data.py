@@ -26,6 +26,14 @@ class DataError(Exception):
     """Data that cannot be read or used, with a message that says where and why."""
 
 
+class NotANumberError(DataError):
+    """A value cell that holds no number: ``cell``."""
+
+    def __init__(self, message: str, cell: str) -> None:
+        super().__init__(message)
+        self.cell = cell
+
+
 DAY_S = 86_400
 # The largest magnitude a value may have, in training as in the worker's input. A
 # window's deviation is taken in float64, whose squares overflow past about 1e154 (the
@@ -177,32 +185,30 @@ def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None =
     for k, name in zip(at, wanted, strict=True):
         try:
             read.append(_column(path, body, k, name))
-        except DataError as e:  # "ts='2026-...' is not a number": what would read it
-            raise DataError(f"{e}{_layout_hint(body, k, name, bool(times), layout)}") from None
+        except NotANumberError as e:  # "ts='2026-...' is not a number": what would read it
+            raise DataError(f"{e}{_layout_hint(e.cell, name, bool(times), layout)}") from None
     stamps = np.asarray(times, dtype=np.float64)
     parts = [(values, stamps[kept] if stamps.size else stamps) for values, kept in read]
     return _dataset(wanted, parts, step)
 
 
-def _layout_hint(
-    body: list[tuple[int, list[str]]], at: int, name: str, timed: bool, layout: Layout
-) -> str:
-    """What may read a wide file's column ``name`` (at ``at``) that holds no numbers: a
-    time column other than the first, or the file as a long one."""
+def _layout_hint(text: str, name: str, timed: bool, layout: Layout) -> str:
+    """What may read a wide file's column ``name``, whose cell ``text`` is no number:
+    where it is a time, as the column of times; where the first column holds none, the
+    file as a long one (a row per reading)."""
     if layout.time_column:
         return ""
-    if not timed:
-        return LONG_HINT
-    if body and _is_time(_cell(body[0][1], at)):
-        return f" (the time? --time-column {name} reads it as the file's times)"
-    return ""
+    hints = [f"--time-column {name} reads it as the file's times"] * _is_time(text)
+    hints += [LONG_FILE] * (not timed)
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
-# Where a file with no time in its first column holds a value that is no number.
-LONG_HINT = (
-    " (a long file, a row per reading? --series-column NAME reads each row's series from "
-    "column NAME, --value-column its value, --time-column its time)"
+# What reads a long file, for a file read as a wide one that may be one.
+LONG_FILE = (
+    "a long file, a row per reading? --series-column NAME reads each row's series from "
+    "column NAME, --value-column its value, --time-column its time"
 )
+LONG_HINT = f" ({LONG_FILE})"
 
 
 def _dataset(
@@ -242,21 +248,23 @@ def _load_long(
             f"{path}: the time ({header[clock.at]!r}), series ({header[series_at]!r}) and "
             f"value ({header[value_at]!r}) columns must be three columns"
         )
-    # (A time in a form not read, `20/03/2022 11:00`, is one, refused below as unread.)
-    timed = clock.given or any(
-        _is_time(text) or foreign_time(text) for _, row in body if (text := _cell(row, clock.at))
+    # (A first time in a form not read, `20/03/2022 11:00`, is one, refused below as
+    # unread; foreign_time tries 144 forms, 2.4 ms a cell: on the first alone.)
+    first = next((text for _, row in body if (text := cell(row, clock.at))), "")
+    timed = (
+        clock.given or foreign_time(first) or any(_is_time(cell(row, clock.at)) for _, row in body)
     )
     rows_of: dict[str, list[tuple[int, list[str]]]] = {name: [] for name in series}
     for line, row in body:
-        value, name, time = _cell(row, value_at), _cell(row, series_at), _cell(row, clock.at)
+        value, name, time = cell(row, value_at), cell(row, series_at), cell(row, clock.at)
         if value and not name:
             raise DataError(f"{path}:{line}: a value and no series ({header[series_at]!r})")
-        if timed and not _is_time(time):
-            raise unread_time(path, line, time)
+        if timed and not value:  # skipped, but for its time (the others': clock.read)
+            _time_of(path, line, time)
         if value and (name in rows_of or not series):
             rows_of.setdefault(name, []).append((line, [time, value]))
     if missing := [name for name, rows in rows_of.items() if not rows]:
-        named = [name for name in dict.fromkeys(_cell(row, series_at) for _, row in body) if name]
+        named = [name for name in dict.fromkeys(cell(row, series_at) for _, row in body) if name]
         raise DataError(
             f"{path}: no value of series {', '.join(map(repr, missing))} in column "
             f"{header[series_at]!r}; it names {', '.join(named[:10])}"
@@ -279,6 +287,17 @@ def _load_long(
     return _dataset(list(rows_of), parts, median)
 
 
+def _time_of(path: Path, line: int, text: str) -> int:
+    """The time ``text`` in ms; a DataError naming ``line`` where it is none, or out of
+    the worker's range."""
+    try:
+        ms = time_ms(text)
+    except ValueError:
+        raise unread_time(path, line, text) from None
+    _in_range(path, line, text, ms)
+    return ms
+
+
 def _is_time(text: str) -> bool:
     try:
         time_ms(text)
@@ -287,7 +306,8 @@ def _is_time(text: str) -> bool:
     return True
 
 
-def _cell(row: Sequence[str], at: int) -> str:
+def cell(row: Sequence[str], at: int) -> str:
+    """A row's cell at ``at``, stripped; empty past the row's end."""
     return row[at].strip() if at < len(row) else ""
 
 
@@ -581,6 +601,14 @@ class _Clock:
 FIRST_IS_TIME = " (the first column is the time)"
 
 
+def _in_range(path: Path, line: int, text: str, ms: int) -> None:
+    if abs(ms) > TIME_MS_MAX:
+        raise DataError(
+            f"{path}:{line}: time {text!r} is out of range: at most {TIME_MS_MAX + 1:.0e} "
+            "ms from the epoch, as the worker takes a ts"
+        )
+
+
 def _time_step(
     path: Path,
     rows: list[tuple[int, list[str]]],
@@ -615,11 +643,7 @@ def _time_step(
             if not times and not foreign_time(text) and not required:
                 return None, []
             raise unread_time(path, line, text) from None
-        if abs(ms) > TIME_MS_MAX:
-            raise DataError(
-                f"{path}:{line}: time {text!r} is out of range: at most {TIME_MS_MAX + 1:.0e} "
-                "ms from the epoch, as the worker takes a ts"
-            )
+        _in_range(path, line, text, ms)
         if times and ms < times[-1]:
             after = f"{last!r}, {whose}" if whose else "the row before's"
             raise DataError(
@@ -665,7 +689,7 @@ def _column(
                 raise ValueError(cell)
             value = float(cell)
         except ValueError:
-            raise DataError(f"{path}:{line}: {name}={cell!r} is not a number") from None
+            raise NotANumberError(f"{path}:{line}: {name}={cell!r} is not a number", cell) from None
         if not math.isfinite(value):
             raise DataError(f"{path}:{line}: {name}={cell!r} is not finite")
         if abs(value) > VALUE_MAX:  # a model trained on it learned nothing, in NaNs

@@ -223,8 +223,26 @@ def test_a_long_file_is_read_series_by_series(tmp_path: Path) -> None:
         # first reading's (it was taken for a file without times, and none was checked).
         ("t,s,value\n,a,1\n1,a,2\n2,a,3\n", Layout(series_column="s"), r"d\.csv:2: time ''"),
         ("t,s,value\n1,a,1\nx,a,\n2,a,3\n", Layout(series_column="s"), r"d\.csv:3: time 'x'"),
-        # A column of times that is not the first: said what reads it.
-        ("a,t\n1,2024-01-01T00:00\n", None, r"t='2024-01-01T00:00' is not a number \(the time\? "),
+        # A column of times that is not the first: said what reads it; with no time in
+        # the first, a long file may too. A typo in a column of numbers is no time.
+        (
+            "a,t\n1,2024-01-01T00:00\n",
+            None,
+            r"t='2024-01-01T00:00' is not a number \(--time-column t reads it as the file's "
+            r"times\)$",
+        ),
+        (
+            "a,t\n1.5,2024-01-01T00:00\n",
+            None,
+            r"\(--time-column t reads it as the file's times; a long file, a row per reading\? ",
+        ),
+        ("t,b\n2024-01-01,5\n2024-01-02,abc\n", None, r"d\.csv:3: b='abc' is not a number$"),
+        # A skipped row's time out of the worker's range, as replay refuses it.
+        (
+            "t,s,value\n" + "9" * 30 + ",a,\n1,a,1\n",
+            Layout(series_column="s"),
+            r"d\.csv:2: time '9+' is out of range",
+        ),
         # A long file read as a wide one, its times on most rows twice.
         ("t,s,v\n1,a,1\n1,b,2\n2,a,3\n2,b,4\n", None, r"one row a time .* --series-column"),
         (

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from attnlstm.data import (
     VALUE_MAX,
     DataError,
     Layout,
+    cell,
     column_index,
     csv_rows,
     refuse_data_as_header,
@@ -209,13 +210,13 @@ def _rows(
         if not any(cell.strip() for cell in row):
             continue
         refuse_unnamed_values(path, line, row, unnamed)
-        text = _cell(row, time_at)
+        text = cell(row, time_at)
         ts = _ts(path, line, text)
         wide = layout.series_column is None
         if wide:  # every series of the row at its time
             _forward(path, line, b"", (int(ts), text), last)
         for series, at in picks(row, line):
-            value = _cell(row, at)
+            value = cell(row, at)
             if value:
                 if not wide:
                     _forward(path, line, series, (int(ts), text), last)
@@ -237,10 +238,6 @@ def _forward(
             "run forward in time"
         )
     last[series] = now
-
-
-def _cell(row: Sequence[str], at: int) -> str:
-    return row[at].strip() if at < len(row) else ""
 
 
 # A row's (series id, column index) pairs, from the row and its line.
@@ -265,7 +262,7 @@ def _columns(path: Path, header: list[str], layout: CsvLayout) -> tuple[int, _Pi
         ids = _LongIds(path)
 
         def long(row: list[str], line: int) -> list[tuple[bytes, int]]:
-            return [(ids.of(_cell(row, series_at), line), value_at)] if _cell(row, value_at) else []
+            return [(ids.of(cell(row, series_at), line), value_at)] if cell(row, value_at) else []
 
         return time_at, long
     picked = [index(name) for name in dict.fromkeys(layout.value_columns)]
