@@ -11,7 +11,7 @@ import csv
 import hashlib
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,11 +27,12 @@ class DataError(Exception):
 
 
 class NotANumberError(DataError):
-    """A value cell that holds no number: ``cell``."""
+    """A value cell that holds no number: ``cell``, the first of its column's (``first``)
+    or not."""
 
-    def __init__(self, message: str, cell: str) -> None:
+    def __init__(self, message: str, cell: str, *, first: bool) -> None:
         super().__init__(message)
-        self.cell = cell
+        self.cell, self.first = cell, first
 
 
 DAY_S = 86_400
@@ -186,20 +187,22 @@ def load_csv(path: Path, columns: Sequence[str] = (), *, layout: Layout | None =
         try:
             read.append(_column(path, body, k, name))
         except NotANumberError as e:  # "ts='2026-...' is not a number": what would read it
-            raise DataError(f"{e}{_layout_hint(e.cell, name, bool(times), layout)}") from None
+            raise DataError(f"{e}{_layout_hint(e, name, bool(times), layout)}") from None
     stamps = np.asarray(times, dtype=np.float64)
     parts = [(values, stamps[kept] if stamps.size else stamps) for values, kept in read]
     return _dataset(wanted, parts, step)
 
 
-def _layout_hint(text: str, name: str, timed: bool, layout: Layout) -> str:
-    """What may read a wide file's column ``name``, whose cell ``text`` is no number:
-    where it is a time, as the column of times; where the first column holds none, the
-    file as a long one (a row per reading)."""
-    if layout.time_column:
+def _layout_hint(error: NotANumberError, name: str, timed: bool, layout: Layout) -> str:
+    """What may read a wide file's column ``name``, whose first cell is no number (one
+    further down is a typo): where the first column holds no time, or a time column is
+    named, the file as a long one (a row per reading); where the cell is a time, as the
+    column of times."""
+    if not error.first:
         return ""
-    hints = [f"--time-column {name} reads it as the file's times"] * _is_time(text)
-    hints += [LONG_FILE] * (not timed)
+    hints = [LONG_FILE] * (not timed or layout.time_column is not None)
+    if layout.time_column is None and _is_time(error.cell):
+        hints.append(f"--time-column {name} reads it as the file's times")
     return f" ({'; '.join(hints)})" if hints else ""
 
 
@@ -248,12 +251,7 @@ def _load_long(
             f"{path}: the time ({header[clock.at]!r}), series ({header[series_at]!r}) and "
             f"value ({header[value_at]!r}) columns must be three columns"
         )
-    # (A first time in a form not read, `20/03/2022 11:00`, is one, refused below as
-    # unread; foreign_time tries 144 forms, 2.4 ms a cell: on the first alone.)
-    first = next((text for _, row in body if (text := cell(row, clock.at))), "")
-    timed = (
-        clock.given or foreign_time(first) or any(_is_time(cell(row, clock.at)) for _, row in body)
-    )
+    timed = clock.given or _has_times(cell(row, clock.at) for _, row in body)
     rows_of: dict[str, list[tuple[int, list[str]]]] = {name: [] for name in series}
     for line, row in body:
         value, name, time = cell(row, value_at), cell(row, series_at), cell(row, clock.at)
@@ -285,6 +283,26 @@ def _load_long(
     step = step[step > 0]
     median = float(np.percentile(step, 50, method="lower")) if step.size else None
     return _dataset(list(rows_of), parts, median)
+
+
+# Time cells looked at for a time in a form not read (foreign_time tries 144 forms, 2.4
+# ms a cell: on every cell of a file without times, 36 s for 20,000 rows).
+FOREIGN_LOOKS = 100
+
+
+def _has_times(texts: Iterable[str]) -> bool:
+    """Whether a column of ``texts`` holds a time: one :func:`time_ms` reads, or among
+    its first non-empty cells one in a form not read (`20/03/2022 11:00`: a time, to be
+    refused as unread, not a file without times)."""
+    looks = 0
+    for text in texts:
+        if _is_time(text):
+            return True
+        if text and looks < FOREIGN_LOOKS:
+            looks += 1
+            if foreign_time(text):
+                return True
+    return False
 
 
 def _time_of(path: Path, line: int, text: str) -> int:
@@ -689,7 +707,9 @@ def _column(
                 raise ValueError(cell)
             value = float(cell)
         except ValueError:
-            raise NotANumberError(f"{path}:{line}: {name}={cell!r} is not a number", cell) from None
+            raise NotANumberError(
+                f"{path}:{line}: {name}={cell!r} is not a number", cell, first=not values
+            ) from None
         if not math.isfinite(value):
             raise DataError(f"{path}:{line}: {name}={cell!r} is not finite")
         if abs(value) > VALUE_MAX:  # a model trained on it learned nothing, in NaNs

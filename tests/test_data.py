@@ -234,9 +234,24 @@ def test_a_long_file_is_read_series_by_series(tmp_path: Path) -> None:
         (
             "a,t\n1.5,2024-01-01T00:00\n",
             None,
-            r"\(--time-column t reads it as the file's times; a long file, a row per reading\? ",
+            r"\(a long file, a row per reading\? .*; --time-column t reads it as the file's "
+            r"times\)$",
         ),
         ("t,b\n2024-01-01,5\n2024-01-02,abc\n", None, r"d\.csv:3: b='abc' is not a number$"),
+        ("t,b\n2024-01-01,5\n2024-01-02,2024-01-02\n", None, r"is not a number$"),  # a typo
+        # A time column named, and a column of labels: the long file's flags.
+        (
+            "sensor,time,reading\na,2024-01-01T00:00,1\n",
+            Layout(time_column="time"),
+            r"sensor='a' is not a number \(a long file, a row per reading\? ",
+        ),
+        # A time in a form not read past the first row, in a long file: refused, not
+        # taken for a file without times.
+        (
+            "t,s,value\nx,a,1\n20/03/2022 11:00,a,2\n",
+            Layout(series_column="s"),
+            r"d\.csv:2: time 'x' is neither ISO 8601",
+        ),
         # A skipped row's time out of the worker's range, as replay refuses it.
         (
             "t,s,value\n" + "9" * 30 + ",a,\n1,a,1\n",
